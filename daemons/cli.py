@@ -1,0 +1,24 @@
+"""The ``p2pimage`` command line: one entry point, a subcommand per tool or daemon.
+
+Exit codes a script can rely on: 0 success, 1 the operation failed, 2 bad usage or
+configuration (click's own convention).
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="p2pimage")
+def main() -> None:
+    """p2pimage: peer-to-peer distribution of container image layers."""
+
+
+def _register() -> None:
+    from daemons import torrent_cmd
+
+    main.add_command(torrent_cmd.torrent)
+
+
+_register()

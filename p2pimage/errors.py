@@ -1,0 +1,58 @@
+"""The project's error types.
+
+Two families say whose fault it was, as in h11: :class:`LocalProtocolError` means our
+caller misused us; :class:`RemoteProtocolError` means the other side (a peer, a torrent
+file, a tracker, a token) sent something malformed or unacceptable. A decoder fed garbage
+never raises anything but a :class:`RemoteProtocolError`.
+"""
+
+from __future__ import annotations
+
+
+class P2PImageError(Exception):
+    """Base class of every error p2pimage raises on purpose."""
+
+
+class LocalProtocolError(P2PImageError):
+    """Our caller asked for something the protocol does not allow."""
+
+
+class RemoteProtocolError(P2PImageError):
+    """The remote side sent something malformed or not allowed."""
+
+
+class BencodeError(RemoteProtocolError):
+    """Bytes that are not canonical, bounded bencoding."""
+
+
+class MetainfoError(RemoteProtocolError):
+    """A torrent that is not a valid p2pimage/BEP 3 single-file torrent."""
+
+
+class AuthError(RemoteProtocolError):
+    """A token, key or signature that does not verify.
+
+    ``reason`` is a short machine-readable code (``expired``, ``bad_signature``,
+    ``wrong_cluster``, ``unknown_kid``...) suitable for logs and metrics labels.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class StorageError(P2PImageError):
+    """The piece store could not read or write its files (disk full, I/O error...)."""
+
+
+class PieceHashError(RemoteProtocolError):
+    """A piece whose bytes do not match the hash in the metainfo."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(f"piece {index} failed its hash check")
+        self.index = index
+
+
+class DigestMismatchError(RemoteProtocolError):
+    """A whole blob whose SHA-256 does not match its OCI digest."""
