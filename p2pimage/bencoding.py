@@ -15,7 +15,7 @@ responses, BEP 10 handshakes) pass tighter ones.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import TypeAlias
 
 import bencodepy
 
@@ -37,9 +37,13 @@ MAX_DEPTH = 100
 # libtorrent load_torrent_limits::max_decode_tokens.
 MAX_TOKENS = 3_000_000
 
-Bencodable = Union[int, bytes, list["Bencodable"], dict[bytes, "Bencodable"]]
+Bencodable: TypeAlias = int | bytes | list["Bencodable"] | dict[bytes, "Bencodable"]
 
 _DIGITS = frozenset(b"0123456789")
+# Integers are signed 64-bit, libtorrent's range: both directions enforce it, so whatever
+# bencode() writes, bdecode() reads back.
+_INT_MIN = -(2**63)
+_INT_MAX = 2**63 - 1
 
 
 def bencode(value: Bencodable) -> bytes:
@@ -66,6 +70,8 @@ def _check_encodable(value: object, depth: int) -> None:
             if not isinstance(key, bytes):
                 raise LocalProtocolError(f"dictionary key must be bytes, not {type(key).__name__}")
             _check_encodable(item, depth + 1)
+    elif isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX:
+        raise LocalProtocolError("integer outside the signed 64-bit range")
 
 
 def bdecode(
@@ -133,6 +139,8 @@ def _scan_canonical(data: bytes, max_depth: int, max_tokens: int) -> None:
                 # 20 characters hold any signed 64-bit integer, libtorrent's range too.
                 if len(digits) > 20 or not _canonical_int(digits):
                     raise BencodeError(f"non-canonical integer at offset {pos}")
+                if not _INT_MIN <= int(digits) <= _INT_MAX:
+                    raise BencodeError(f"integer out of 64-bit range at offset {pos}")
                 pos = end + 1
                 value_done = True
             elif c in _DIGITS:
