@@ -1,0 +1,69 @@
+"""Token buckets: the pure policy and the trio limiter (virtual time, so no wall clock)."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pimage.errors import LocalProtocolError
+from p2pimage.ratelimit import RateLimiter, TokenBucket
+
+
+def test_bucket_allows_burst_then_paces() -> None:
+    bucket = TokenBucket(1000, burst=500, now=0.0)
+    assert bucket.reserve(500, 0.0) == 0.0
+    assert bucket.reserve(250, 0.0) == pytest.approx(0.25)
+    # After the debt is paid off by time, the bucket refills up to the burst only.
+    assert bucket.available(10.0) == pytest.approx(500)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=100_000), min_size=1, max_size=50))
+def test_bucket_long_run_rate_never_exceeds_rate(sizes: list[int]) -> None:
+    rate, burst = 10_000.0, 20_000.0
+    bucket = TokenBucket(rate, burst=burst, now=0.0)
+    now = 0.0
+    for size in sizes:
+        now += bucket.reserve(size, now)
+    # Everything sent by `now` fits in burst + rate * elapsed.
+    assert sum(sizes) <= burst + rate * now + 1e-6
+
+
+def test_bad_rate_is_callers_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        TokenBucket(0)
+    with pytest.raises(LocalProtocolError):
+        RateLimiter(-1)
+
+
+async def _drain(limiter: RateLimiter, total: int, chunk: int) -> None:
+    sent = 0
+    while sent < total:
+        await limiter.acquire(chunk)
+        sent += chunk
+
+
+def test_limiter_shared_by_tasks_holds_aggregate_rate() -> None:
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def main() -> float:
+        limiter = RateLimiter(1_000_000, burst=64 * 1024)
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            for _ in range(4):
+                nursery.start_soon(_drain, limiter, 1_000_000, 16 * 1024)
+        return trio.current_time() - start
+
+    elapsed = trio.run(main, clock=clock)
+    # 4 MB at 1 MB/s with a 64 KiB burst: just under 4 virtual seconds.
+    assert 3.8 <= elapsed <= 4.2
+
+
+async def test_unlimited_limiter_never_waits() -> None:
+    limiter = RateLimiter(None)
+    with trio.fail_after(1):
+        for _ in range(1000):
+            await limiter.acquire(1 << 20)
+    assert limiter.total == 1000 << 20
