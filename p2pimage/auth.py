@@ -41,6 +41,7 @@ __all__ = [
     "TokenIssuer",
     "TokenVerifier",
     "jwk_thumbprint",
+    "local_authenticator",
     "verify_jwk_signature",
 ]
 
@@ -530,3 +531,39 @@ class PeerAuthenticator:
         )
         verify_jwk_signature(verified.cnf_jwk, signature, transcript)
         return verified
+
+
+def local_authenticator(
+    issuer: TokenIssuer,
+    *,
+    subject: str,
+    cluster: str,
+    node_key: NodeKey | None = None,
+    clock: Callable[[], float] = time.time,
+) -> PeerAuthenticator:
+    """An authenticator whose tokens come straight from ``issuer`` (no sidecar round trip).
+
+    For programs that hold the issuer themselves: the local demo cluster, tests and
+    benchmarks. Tokens are re-issued when less than a third of their lifetime remains.
+    """
+    key = node_key or NodeKey.generate()
+    cache: dict[str, tuple[str, float]] = {}
+
+    def token() -> str:
+        now = clock()
+        current = cache.get("token")
+        if current is None or now > current[1] - issuer.lifetime_s / 3:
+            issued = issuer.issue(
+                subject=subject, cluster=cluster, node_jwk=key.public_jwk(), now=now
+            )
+            cache["token"] = (issued, now + issuer.lifetime_s)
+            return issued
+        return current[0]
+
+    return PeerAuthenticator(
+        node_key=key,
+        token=token,
+        verifier=TokenVerifier(issuer.key_set(), issuer=issuer.issuer),
+        cluster=cluster,
+        clock=clock,
+    )
