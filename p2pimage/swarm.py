@@ -96,6 +96,7 @@ class SwarmStats:
     peers_banned: int = 0
     started_at: float = 0.0
     first_piece_at: float | None = None
+    last_piece_at: float | None = None  # every piece verified (before the whole-blob check)
     completed_at: float | None = None
 
 
@@ -416,6 +417,8 @@ class Swarm:
         self._send_cancels(self.picker.we_have(index))
         if self.stats.first_piece_at is None:
             self.stats.first_piece_at = trio.current_time()
+        if self.storage.all_pieces_verified:
+            self.stats.last_piece_at = trio.current_time()
         for other in self.peers.values():
             other.session.send(Have(index))
             if other.am_interested and not self._peer_has_something_we_need(other):

@@ -1,0 +1,146 @@
+"""Pair throughput: our seeder → our leecher (auth on) against libtorrent → libtorrent.
+
+Both run on loopback in the same invocation, each timed from the first connection
+attempt to the verified last byte. Our seeder runs in a child process and our leecher in
+this one, so the pair uses both cores, as libtorrent's threads do.
+
+    python -m benchmarks.pair [--size-mib 256] [--runs 3] [--quick] [--json PATH]
+
+JSON keys: ours_mib_s, libtorrent_mib_s, ratio (medians over the runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from p2pimage.auth import SigningKey, TokenIssuer, local_authenticator
+from p2pimage.client import open_peer_node
+from p2pimage.metainfo import Metainfo, create_metainfo_from_file
+from p2pimage.storage import PieceStorage
+
+from ._libtorrent import pair_transfer
+from ._util import write_random_file
+
+MIB = 1024 * 1024
+ISSUER = "benchmark-sidecar"
+
+
+async def _serve_seed(torrent: Path, blob: Path, key_pem: Path) -> None:
+    meta = Metainfo.from_bytes(torrent.read_bytes())
+    issuer = TokenIssuer([SigningKey.from_pem(key_pem.read_bytes())], issuer=ISSUER)
+    auth = local_authenticator(issuer, subject="seeder", cluster="bench")
+    async with open_peer_node(authenticator=auth) as node:
+        await node.add_swarm(meta, blob.parent, storage=PieceStorage.open_complete(blob, meta))
+        print(node.listen_address[1], flush=True)
+        # Serve until the parent closes our stdin.
+        await trio.to_thread.run_sync(sys.stdin.read)
+
+
+async def _leech(meta: Metainfo, issuer: TokenIssuer, port: int, directory: Path) -> float:
+    auth = local_authenticator(issuer, subject="leecher", cluster="bench")
+    async with open_peer_node(authenticator=auth) as node:
+        swarm = await node.add_swarm(meta, directory)
+        start = trio.current_time()
+        swarm.connect([("127.0.0.1", port)])
+        with trio.fail_after(600):
+            await swarm.complete.wait()
+        assert swarm.stats.last_piece_at is not None
+        return swarm.stats.last_piece_at - start
+
+
+def run_ours(meta: Metainfo, torrent: Path, blob: Path, key: SigningKey, tmp: Path) -> float:
+    key_pem = tmp / "issuer.pem"
+    key_pem.write_bytes(key.to_pem())
+    child = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.pair", "--serve-seed", str(torrent), str(blob),
+         str(key_pem)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        issuer = TokenIssuer([key], issuer=ISSUER)
+        out = tmp / f"leech-{time.monotonic_ns()}"
+        seconds = trio.run(_leech, meta, issuer, port, out)
+    finally:
+        if child.stdin:
+            child.stdin.close()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+    got = out / meta.digest_hex
+    if not got.exists():
+        raise RuntimeError("leecher finished without a complete blob")
+    got.unlink()
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="64 MiB, one run")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--serve-seed", nargs=3, metavar=("TORRENT", "BLOB", "KEY"))
+    args = parser.parse_args(argv)
+    if args.serve_seed:
+        torrent, blob, key = (Path(p) for p in args.serve_seed)
+        trio.run(_serve_seed, torrent, blob, key)
+        return 0
+    size = (64 if args.quick else args.size_mib) * MIB
+    runs = 1 if args.quick else args.runs
+    with tempfile.TemporaryDirectory(prefix="p2pimage-pair-") as tmpdir:
+        tmp = Path(tmpdir)
+        blob = tmp / "blob.bin"
+        write_random_file(blob, size)
+        meta = create_metainfo_from_file(blob, name="blob.bin")
+        torrent = tmp / "blob.torrent"
+        torrent.write_bytes(meta.to_bytes())
+        key = SigningKey.generate()
+        ours: list[float] = []
+        theirs: list[float] = []
+        for _ in range(runs):  # interleaved, so drift hits both alike
+            ours.append(run_ours(meta, torrent, blob, key, tmp))
+            result = pair_transfer(meta.to_bytes(), blob)
+            if not result.ok:
+                raise RuntimeError("libtorrent transfer did not complete")
+            theirs.append(result.seconds)
+    size_mib = size / MIB
+    ours_rate = size_mib / statistics.median(ours)
+    lt_rate = size_mib / statistics.median(theirs)
+    report = {
+        "size_mib": size_mib,
+        "runs": runs,
+        "ours_mib_s": round(ours_rate, 1),
+        "libtorrent_mib_s": round(lt_rate, 1),
+        "ratio": round(ours_rate / lt_rate, 3),
+    }
+    table = Table(title=f"pair transfer, {size_mib:.0f} MiB over loopback, {runs} run(s)")
+    table.add_column("client")
+    table.add_column("seconds (each run)")
+    table.add_column("MiB/s (median)", justify="right")
+    table.add_row("p2pimage (auth on)", ", ".join(f"{s:.2f}" for s in ours), f"{ours_rate:.1f}")
+    table.add_row("libtorrent 2.1 (TCP)", ", ".join(f"{s:.2f}" for s in theirs), f"{lt_rate:.1f}")
+    Console().print(table)
+    print(f"ratio ours/libtorrent: {report['ratio']}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
