@@ -173,6 +173,12 @@ class PeerSession:
         """Queue ``message``; the writer task sends it. Never blocks."""
         if self._closed is not None:
             return
+        if not self.conn.is_open:
+            # The protocol closed the connection (an error on the read side); the session
+            # is being torn down and whatever we meant to say no longer matters.
+            self._closed = "connection closed"
+            self._wakeup.set()
+            return
         if isinstance(message, Piece):
             pending = self.conn.data_to_send()
             if pending:

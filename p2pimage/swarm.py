@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -266,11 +266,21 @@ class Swarm:
                     for message in info.messages:
                         self._handle(peer, message)
                     await self._reader(peer)
-        except PeerClosed as exc:
-            reason = exc.reason
-        except (StorageError, DigestMismatchError) as exc:
-            reason = f"storage: {exc}"
-            log.error("swarm %s: %s", self.info_hash.hex()[:12], exc)
+        except* PeerClosed as group:
+            reason = "; ".join(_reasons(group))
+        except* (StorageError, DigestMismatchError) as group:
+            reason = f"storage: {group.exceptions[0]}"
+            log.error("swarm %s: %s", self.info_hash.hex()[:12], reason)
+        except* Exception as group:
+            # A bug while serving one peer must not take the node down: drop that peer.
+            reason = f"internal error: {group.exceptions[0]!r}"
+            log.error(
+                "swarm %s: peer %s: %s",
+                self.info_hash.hex()[:12],
+                session.address,
+                reason,
+                exc_info=group,
+            )
         finally:
             if self.peers.get(key) is peer:
                 del self.peers[key]
@@ -592,5 +602,29 @@ class Swarm:
         )
         self._refill_all()
 
+    async def stream(
+        self, start: int = 0, end: int | None = None, chunk_size: int = 1024 * 1024
+    ) -> AsyncIterator[bytes]:
+        """Yield the blob ``[start, end)`` in order while it downloads, steering the picker:
+        the piece under the read position is urgent, the window after it has deadlines."""
+        position = start
+        self.set_read_cursor(position)
+        async for chunk in self.storage.stream(start, end, chunk_size):
+            yield chunk
+            position += len(chunk)
+            if position < self.metainfo.length:
+                self.set_read_cursor(position)
+        self.picker.set_blocked(None)
+
     async def wait_changed(self) -> None:
         await self._changed.wait()
+
+
+def _reasons(group: BaseExceptionGroup[PeerClosed]) -> list[str]:
+    out: list[str] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_reasons(exc))
+        else:
+            out.append(exc.reason)
+    return out

@@ -1,0 +1,159 @@
+"""Swarms of real nodes on loopback: origin range reads from the real registry, peer
+exchange, streaming in order while the layer downloads."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from p2pimage.auth import SigningKey, TokenIssuer, local_authenticator
+from p2pimage.client import PeerNode, open_peer_node
+from p2pimage.oci import RegistryClient
+from p2pimage.origin import OriginReader
+from p2pimage.storage import PieceStorage
+from p2pimage.swarm import Swarm
+
+from .test_transfer import make_blob, sha256_file
+
+MIB = 1024 * 1024
+
+
+@asynccontextmanager
+async def nodes(count: int, issuer: TokenIssuer, **kwargs: Any) -> AsyncIterator[list[PeerNode]]:
+    async with AsyncExitStack() as stack:
+        started = []
+        for i in range(count):
+            auth = local_authenticator(issuer, subject=f"node-{i}", cluster="prod")
+            started.append(
+                await stack.enter_async_context(open_peer_node(authenticator=auth, **kwargs))
+            )
+        yield started
+
+
+async def push(registry: Any, blob: Path, repository: str = "test/layer") -> str:
+    async with RegistryClient(registry.url) as client:
+        digest = await client.push_blob(repository, blob.read_bytes())
+    return f"{registry.url}/v2/{repository}/blobs/{digest}"
+
+
+def mesh(swarms: list[Swarm], node_list: list[PeerNode]) -> None:
+    for swarm in swarms:
+        swarm.connect([n.listen_address for n in node_list])
+
+
+@pytest.mark.parametrize("fetchers", [1, 2])
+async def test_eight_nodes_registry_sends_one_copy(
+    tmp_path: Path, registry: Any, fetchers: int
+) -> None:
+    blob, meta = make_blob(tmp_path, 32 * MIB)
+    url = await push(registry, blob)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(8, issuer) as node_list, httpx.AsyncClient() as http:
+        swarms = [
+            await node.add_swarm(meta, tmp_path / f"node{i}") for i, node in enumerate(node_list)
+        ]
+        mesh(swarms, node_list)
+        # Disjoint ranges that cover the layer once, as the tracker assigns them.
+        bounds = [meta.num_pieces * k // fetchers for k in range(fetchers + 1)]
+        readers = [
+            OriginReader(swarms[k], url, bounds[k], bounds[k + 1], client=http)
+            for k in range(fetchers)
+        ]
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                for reader in readers:
+                    nursery.start_soon(reader.run)
+                for swarm in swarms:
+                    await swarm.complete.wait()
+        assert all(r.failed is None for r in readers)
+        registry_bytes = sum(r.bytes_read for r in readers)
+        assert registry_bytes == meta.length  # exactly one copy from the registry
+        from_peers = sum(s.stats.downloaded_from_peers for s in swarms)
+        assert from_peers >= 7 * meta.length - fetchers * meta.length
+        assert sum(s.stats.hash_failures for s in swarms) == 0
+    for swarm in swarms:
+        assert sha256_file(swarm.storage.path) == meta.sha256
+
+
+async def test_origin_failure_hands_pieces_back_to_peers(tmp_path: Path, registry: Any) -> None:
+    """A fetcher whose registry URL is wrong fails; its range returns to peer picking and
+    a seeder elsewhere in the swarm supplies it."""
+    blob, meta = make_blob(tmp_path, 4 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer) as (seeder, leecher), httpx.AsyncClient() as http:
+        await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
+        reader = OriginReader(
+            swarm, f"{registry.url}/v2/none/blobs/{meta.sha256}", 0, meta.num_pieces, client=http
+        )
+        with trio.fail_after(60):
+            await reader.run()
+            assert reader.failed is not None
+            swarm.connect([seeder.listen_address])
+            await swarm.complete.wait()
+    assert sha256_file(swarm.storage.path) == meta.sha256
+
+
+async def test_stream_in_order_first_bytes_before_ten_percent(tmp_path: Path) -> None:
+    blob, meta = make_blob(tmp_path, 16 * MIB)
+    assert meta.num_pieces >= 100
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    seed_auth = local_authenticator(issuer, subject="seeder", cluster="prod")
+    leech_auth = local_authenticator(issuer, subject="leecher", cluster="prod")
+    async with (
+        open_peer_node(authenticator=seed_auth) as seeder,
+        # A 4 MiB/s download cap makes the layer take ~4 s, so "early" is measurable.
+        open_peer_node(authenticator=leech_auth, download_rate=4 * MIB) as leecher,
+    ):
+        await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
+        swarm.connect([seeder.listen_address])
+        digest = hashlib.sha256()
+        have_at_first_byte: int | None = None
+        received = 0
+        with trio.fail_after(60):
+            async for chunk in swarm.stream():
+                if have_at_first_byte is None:
+                    have_at_first_byte = swarm.storage.num_have
+                digest.update(chunk)
+                received += len(chunk)
+            await swarm.complete.wait()
+    assert received == meta.length
+    assert "sha256:" + digest.hexdigest() == meta.sha256
+    assert have_at_first_byte is not None
+    assert have_at_first_byte < meta.num_pieces // 10
+
+
+async def test_peer_sending_bad_data_is_banned(tmp_path: Path) -> None:
+    """A peer that serves corrupted bytes fails the piece hash, gets banned, and the
+    leecher completes from an honest peer."""
+    blob, meta = make_blob(tmp_path, 2 * MIB)
+    bad_blob = tmp_path / "bad"
+    data = bytearray(blob.read_bytes())
+    for i in range(0, len(data), 4096):
+        data[i] ^= 0xFF
+    bad_blob.write_bytes(bytes(data))
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(3, issuer) as (liar, honest, leecher):
+        # The liar's store claims every piece (verify=False) but holds the wrong bytes.
+        liar_storage = PieceStorage.open_complete(bad_blob, meta, verify=False)
+        await liar.add_swarm(meta, tmp_path / "liar", storage=liar_storage)
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
+        swarm.connect([liar.listen_address])
+        with trio.fail_after(30):
+            while not swarm.banned:
+                await trio.sleep(0.05)
+        await honest.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+        swarm.connect([honest.listen_address, liar.listen_address])
+        with trio.fail_after(60):
+            await swarm.complete.wait()
+        assert swarm.stats.hash_failures >= 1
+        assert liar.peer_id in swarm.banned
+    assert sha256_file(swarm.storage.path) == meta.sha256
