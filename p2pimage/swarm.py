@@ -162,6 +162,9 @@ class Swarm:
         self.complete = trio.Event()
         self._finalizing = False
         self.failed: str | None = None
+        self.released = False  # the tracker ordered this swarm to stop seeding
+        # Set (and replaced) at each milestone: completion, close. The announcer waits on it.
+        self.milestone = trio.Event()
         self.closed = trio.Event()
         self._changed = trio.Event()
         if storage.complete:
@@ -186,6 +189,7 @@ class Swarm:
 
     def close(self) -> None:
         self.closed.set()
+        self.milestone.set()
 
     @property
     def is_seeding(self) -> bool:
@@ -457,6 +461,8 @@ class Swarm:
             self._finalizing = False
         self.stats.completed_at = trio.current_time()
         self.complete.set()
+        self.milestone.set()
+        self.milestone = trio.Event()
         for peer in self.peers.values():
             if peer.am_interested:
                 peer.am_interested = False

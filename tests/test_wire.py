@@ -610,11 +610,11 @@ def test_bad_frames_are_remote_errors(frame: bytes) -> None:
         drain(conn)
 
 
-def test_bitfield_after_have_is_refused() -> None:
+def test_late_bitfield_tolerated_from_stock_clients() -> None:
+    """aria2 sends its bitfield after its first haves; open mode accepts it as an update."""
     a, b = open_pair()
-    b.receive_data(a.send(Have(1)) + encode_message(Bitfield(b"\x80")))
-    with pytest.raises(RemoteProtocolError):
-        drain(b)
+    b.receive_data(a.send(Have(1)) + encode_message(Bitfield(b"\xc0")))
+    assert [e for e in drain(b) if isinstance(e, Have | Bitfield)] == [Have(1), Bitfield(b"\xc0")]
 
 
 def test_receive_buffer_is_bounded() -> None:
@@ -644,3 +644,10 @@ def test_transcript_layout() -> None:
             initiator_nonce=NONCE_I,
             responder_nonce=NONCE_R,
         )
+
+
+def test_late_bitfield_refused_between_p2pimage_peers() -> None:
+    a, b = open_pair(auth=True)
+    b.receive_data(a.send(Have(1)) + encode_message(Bitfield(b"\xc0")))
+    with pytest.raises(RemoteProtocolError):
+        drain(b)

@@ -542,7 +542,11 @@ class PeerConnection:
                 else Cancel(index, begin, block)
             )
         if msg_id == c.MSG_BITFIELD:
-            if self._received_have_info:
+            # BEP 3 puts the bitfield first, but aria2 sends one late (after its first
+            # haves) when it started with nothing: tolerated from stock clients (open
+            # mode), where the newer bitfield replaces what we knew; p2pimage peers
+            # never do it, so authenticated connections stay strict.
+            if self._received_have_info and self._auth is not None:
                 raise RemoteProtocolError("bitfield after a bitfield or have")
             bits = bytes(buf[start:end])
             if self._num_pieces is not None:
