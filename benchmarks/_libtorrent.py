@@ -41,8 +41,12 @@ def make_session(
     return ses
 
 
-def add(ses: Any, torrent: bytes, save_path: Path, *, seed: bool) -> Any:
+def add(
+    ses: Any, torrent: bytes, save_path: Path, *, seed: bool, trackers: list[str] | None = None
+) -> Any:
     params = lt.add_torrent_params()
+    if trackers:
+        params.trackers = trackers
     params.ti = lt.torrent_info(lt.bdecode(torrent))
     params.save_path = str(save_path)
     if seed:

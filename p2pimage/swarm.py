@@ -79,6 +79,9 @@ class SwarmSettings:
     stream_window: int = 16
     # Upload queue cap per peer (bytes) before the uploader waits for the writer.
     upload_queue_bytes: int = 1 << 20
+    # Reveal each origin-read piece to one peer first (see Swarm.piece_from_origin).
+    reveal_origin_pieces: bool = True
+    reveal_timeout_s: float = 2.0
     # Block size of our requests: 16 KiB, the only size stock clients serve (BEP 3).
     block_size: int = 16 * 1024
     # Expected streaming rate (bytes/s) for deadline spacing in the streaming window.
@@ -111,6 +114,7 @@ class _Peer:
     am_interested: bool = False
     outstanding: dict[tuple[int, int], tuple[BlockRequest, float]] = field(default_factory=dict)
     uploads: deque[Request] = field(default_factory=deque)
+    revealed: set[int] = field(default_factory=set)  # origin pieces shown to this peer only
     upload_wakeup: trio.Event = field(default_factory=trio.Event)
     last_data_at: float = 0.0
     last_sent_at: float = 0.0
@@ -155,6 +159,7 @@ class Swarm:
         )
         self.stats = SwarmStats()
         self.peers: dict[bytes, _Peer] = {}
+        self._hidden: dict[int, float] = {}  # origin pieces revealed to one peer, and when
         self.banned: set[bytes] = set()
         self._banned_addresses: set[tuple[str, int]] = set()
         self._dialing: set[tuple[str, int]] = set()
@@ -305,7 +310,13 @@ class Swarm:
 
     def _greet(self, peer: _Peer) -> None:
         if self.storage.num_have:
-            peer.session.send(Bitfield(self.storage.have))
+            have = self.storage.have
+            if self._hidden:
+                bits = bytearray(have)
+                for index in self._hidden:
+                    bits[index >> 3] &= ~(0x80 >> (index & 7))
+                have = bytes(bits)
+            peer.session.send(Bitfield(have))
         if self.settings.upload_slots == 0:
             # Cooperative mode: everyone is unchoked from the start, no rechoke delay.
             peer.am_choking = False
@@ -329,6 +340,8 @@ class Swarm:
             if message.index >= self.metainfo.num_pieces:
                 raise PeerClosed(f"have for piece {message.index} out of range")
             self.picker.peer_have(peer.key, message.index)
+            if message.index in self._hidden:
+                self._unhide(message.index)  # an origin piece we revealed is out: show all
             self._update_interest(peer)
         elif isinstance(message, Bitfield):
             try:
@@ -424,24 +437,59 @@ class Swarm:
             peer.scope.cancel()
 
     def piece_from_origin(self, index: int) -> None:
-        """Called by the origin reader after it stored a verified piece."""
-        self._piece_verified(index)
+        """Called by the origin reader after it stored a verified piece.
+
+        The piece is revealed (``have``) to one peer only, the one with the fewest
+        revealed pieces it has not yet passed on: that peer fetches it and relays it,
+        so this node's uplink carries the first copy of each origin piece and not seven
+        copies of the newest one (the rarest piece, which every peer would ask for).
+        Like BEP 16 super-seeding, but only for the pieces this node alone holds. A
+        piece is shown to everyone once another peer announces it, or after
+        ``reveal_timeout_s``.
+        """
+        self._record_verified(index)
+        candidates = [p for p in self.peers.values() if not self.picker.peer_has(p.key, index)]
+        if not candidates or not self.settings.reveal_origin_pieces:
+            self._announce(index)
+            return
+        target = min(candidates, key=lambda p: (len(p.revealed), self._rng.random()))
+        target.revealed.add(index)
+        target.session.send(Have(index))
+        self._hidden[index] = trio.current_time()
+
+    def _unhide(self, index: int) -> None:
+        if self._hidden.pop(index, None) is not None:
+            for peer in self.peers.values():
+                if index in peer.revealed:
+                    peer.revealed.discard(index)
+                elif not self.picker.peer_has(peer.key, index):
+                    peer.session.send(Have(index))
 
     def _piece_verified(self, index: int) -> None:
+        self._record_verified(index)
+        self._announce(index)
+
+    def _record_verified(self, index: int) -> None:
         self._send_cancels(self.picker.we_have(index))
+        now = trio.current_time()
         if self.stats.first_piece_at is None:
-            self.stats.first_piece_at = trio.current_time()
+            self.stats.first_piece_at = now
         if self.storage.all_pieces_verified:
-            self.stats.last_piece_at = trio.current_time()
-        for other in self.peers.values():
-            other.session.send(Have(index))
-            if other.am_interested and not self._peer_has_something_we_need(other):
-                other.am_interested = False
-                other.session.send(NotInterested())
+            self.stats.last_piece_at = now
+        for peer in self.peers.values():
+            if peer.am_interested and not self._peer_has_something_we_need(peer):
+                peer.am_interested = False
+                peer.session.send(NotInterested())
         for callback in self.on_piece:
             callback(index)
         self._changed.set()
         self._changed = trio.Event()
+
+    def _announce(self, index: int) -> None:
+        for peer in self.peers.values():
+            # A peer that announced the piece itself does not need to hear it back.
+            if not self.picker.peer_has(peer.key, index):
+                peer.session.send(Have(index))
 
     async def finalize_if_done(self) -> None:
         """Once every piece is verified: check the whole SHA-256 and complete the blob."""
@@ -544,6 +592,9 @@ class Swarm:
             last_tick = now
             for peer in list(self.peers.values()):
                 self._tick_peer(peer, now, elapsed)
+            for index, since in list(self._hidden.items()):
+                if now - since > self.settings.reveal_timeout_s:
+                    self._unhide(index)
             if (
                 self.settings.upload_slots
                 and now - last_rechoke >= self.settings.rechoke_interval_s

@@ -1,0 +1,349 @@
+"""Swarm distribution against the Kumar–Ross bound, with libtorrent as the reference.
+
+N p2pimage nodes (auth on) spread over a few worker processes on loopback fetch one layer
+of F bytes. Each node has upload/download caps U/D; the real registry sits behind one
+shared egress cap R (a throttling TCP relay, not a per-reader limit). k = ceil(0.1·N)
+nodes are origin fetchers with disjoint piece ranges covering the layer once, as the
+tracker assigns them; the others start from nothing. Every node knows every other node.
+
+The same configuration then runs with libtorrent 2.1 (a seed capped at R standing in for
+the registry, N leechers capped at U/D, opentracker, peer classes mapped so the caps
+apply on loopback) in the same invocation.
+
+    python -m benchmarks.swarm [--nodes 16] [--size-mib 32] [--origin-mib-s 8]
+        [--node-up-mib-s 4] [--node-down-mib-s 4] [--workers 2] [--quick] [--json PATH]
+
+JSON keys: nodes, t_all_s, t_bound_s, ratio_to_bound, t_direct_s, registry_copies, cpu_s,
+libtorrent_t_all_s, libtorrent_ratio_to_bound, libtorrent_registry_copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from daemons.registry_process import start_registry
+from daemons.throttle_proxy import ThrottleProxy
+from p2pimage.auth import SigningKey, TokenIssuer, local_authenticator
+from p2pimage.client import open_peer_node
+from p2pimage.metainfo import Metainfo, create_metainfo_from_file
+from p2pimage.oci import RegistryClient
+from p2pimage.origin import OriginReader
+
+from ._util import MIB, write_random_file
+
+ISSUER = "benchmark-sidecar"
+REPOSITORY = "bench/layer"
+
+
+def kumar_ross_bound(size: float, nodes: int, origin: float, up: float, down: float) -> float:
+    """T_min = max(F/u_s, F/d_min, N·F/(u_s + Σu_i)) for N nodes with equal links."""
+    return max(size / origin, size / down, nodes * size / (origin + nodes * up))
+
+
+def origin_plan(num_pieces: int, nodes: int, ratio: float = 0.1) -> list[tuple[int, int, int]]:
+    """(node, first, end) for k = ceil(ratio·N) fetchers with disjoint, covering ranges."""
+    k = max(1, min(nodes, math.ceil(ratio * nodes)))
+    bounds = [num_pieces * i // k for i in range(k + 1)]
+    # Spread fetchers over the node list so each worker process gets some.
+    step = nodes / k
+    return [(int(i * step), bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+async def _worker(spec: dict[str, Any]) -> None:
+    meta = Metainfo.from_bytes(Path(spec["torrent"]).read_bytes())
+    issuer = TokenIssuer(
+        [SigningKey.from_pem(Path(spec["key"]).read_bytes())], issuer=ISSUER, lifetime_s=3600
+    )
+    up, down = spec["up"], spec["down"]
+    stdin = trio.lowlevel.FdStream(0)
+    lines = _lines(stdin)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=60) as http:
+        nodes = []
+        for index in spec["indices"]:
+            auth = local_authenticator(issuer, subject=f"node-{index}", cluster="bench")
+            node = await _start_node(nursery, auth, up, down)
+            nodes.append((index, node))
+        print(json.dumps({"ports": {i: n.port for i, n in nodes}}), flush=True)
+        go = json.loads(await lines.__anext__())
+        peers = [("127.0.0.1", p) for p in go["ports"]]
+        start = time.time()
+        t_start = trio.current_time()
+        swarms = {}
+        for index, node in nodes:
+            swarm = await node.add_swarm(meta, Path(spec["dir"]) / f"node{index}")
+            swarms[index] = swarm
+        for index, swarm in swarms.items():
+            others = [p for p in peers if p[1] != dict(nodes)[index].port]
+            random.shuffle(others)
+            swarm.connect(others)
+        readers = []
+        for index, first, end in go["plan"]:
+            if index in swarms:
+                reader = OriginReader(swarms[index], spec["origin_url"], first, end, client=http)
+                readers.append(reader)
+                nursery.start_soon(reader.run)
+        for swarm in swarms.values():
+            await swarm.complete.wait()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        report = {
+            "start": start,
+            # trio's clock is monotonic: convert each completion to wall time via `start`.
+            "completed": {
+                i: start + (s.stats.completed_at or 0.0) - t_start for i, s in swarms.items()
+            },
+            "registry_bytes": sum(r.bytes_read for r in readers),
+            "origin_failures": [r.failed for r in readers if r.failed],
+            "cpu_s": usage.ru_utime + usage.ru_stime,
+            "hash_failures": sum(s.stats.hash_failures for s in swarms.values()),
+        }
+        print(json.dumps(report), flush=True)
+        nursery.cancel_scope.cancel()
+
+
+async def _start_node(nursery: trio.Nursery, auth: Any, up: float, down: float) -> Any:
+    holder: list[Any] = []
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with open_peer_node(
+            authenticator=auth, upload_rate=up, download_rate=down, handshake_timeout_s=30
+        ) as node:
+            holder.append(node)
+            task_status.started()
+            await trio.sleep_forever()
+
+    await nursery.start(run)
+    return holder[0]
+
+
+async def _lines(stream: trio.abc.ReceiveStream) -> Any:
+    buffer = b""
+    while True:
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line.decode()
+        data = await stream.receive_some(65536)
+        if not data:
+            return
+        buffer += data
+
+
+# --------------------------------------------------------------------------- main side
+
+
+async def run_ours(
+    meta: Metainfo,
+    blob: Path,
+    tmp: Path,
+    nodes: int,
+    workers: int,
+    origin_rate: float,
+    up: float,
+    down: float,
+) -> dict[str, Any]:
+    key = SigningKey.generate()
+    (tmp / "issuer.pem").write_bytes(key.to_pem())
+    torrent = tmp / "layer.torrent"
+    torrent.write_bytes(meta.to_bytes())
+    async with start_registry() as registry:
+        async with RegistryClient(registry.url) as client:
+            digest = await client.push_blob(REPOSITORY, blob.read_bytes())
+        host, port = registry.url.removeprefix("http://").split(":")
+        proxy = ThrottleProxy((host, int(port)), origin_rate)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.run)
+            origin_url = f"{proxy.url}/v2/{REPOSITORY}/blobs/{digest}"
+            groups = [list(range(nodes))[w::workers] for w in range(workers)]
+            procs = []
+            for group in groups:
+                spec = {
+                    "torrent": str(torrent),
+                    "key": str(tmp / "issuer.pem"),
+                    "indices": group,
+                    "up": up,
+                    "down": down,
+                    "dir": str(tmp / "nodes"),
+                    "origin_url": origin_url,
+                }
+                proc = await trio.lowlevel.open_process(
+                    [sys.executable, "-m", "benchmarks.swarm", "--worker", json.dumps(spec)],
+                    stdin=-1,
+                    stdout=-1,
+                )
+                procs.append(proc)
+            readers = [_lines(p.stdout) for p in procs]  # type: ignore[arg-type]
+            ports: list[int] = []
+            for lines in readers:
+                ports += json.loads(await lines.__anext__())["ports"].values()
+            plan = origin_plan(meta.num_pieces, nodes)
+            t0 = time.time()
+            go = (json.dumps({"ports": ports, "plan": plan}) + "\n").encode()
+            for proc in procs:
+                assert proc.stdin is not None
+                await proc.stdin.send_all(go)
+            reports = []
+            with trio.fail_after(600):
+                for lines in readers:
+                    reports.append(json.loads(await lines.__anext__()))
+            for proc in procs:
+                with trio.move_on_after(5):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+            nursery.cancel_scope.cancel()
+    completions = [t for r in reports for t in r["completed"].values()]
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "t_all_s": max(completions) - t0,
+        "t_first_s": min(completions) - t0,
+        "registry_bytes": proxy.bytes_down,
+        "registry_payload_bytes": sum(r["registry_bytes"] for r in reports),
+        "cpu_s": sum(r["cpu_s"] for r in reports) + own.ru_utime + own.ru_stime,
+        "hash_failures": sum(r["hash_failures"] for r in reports),
+        "origin_failures": [f for r in reports for f in r["origin_failures"]],
+    }
+
+
+def run_libtorrent(
+    meta: Metainfo, blob: Path, tmp: Path, nodes: int, origin_rate: float, up: float, down: float
+) -> dict[str, Any]:
+    from daemons.opentracker_process import run_opentracker
+
+    from ._libtorrent import add, make_session
+
+    with run_opentracker([meta.info_hash]) as tracker:
+        seed = make_session(upload_rate=int(origin_rate), throttle_local=True)
+        seed_handle = add(
+            seed, meta.to_bytes(), blob.parent, seed=True, trackers=[tracker.announce_url]
+        )
+        leechers = []
+        for i in range(nodes):
+            ses = make_session(upload_rate=int(up), download_rate=int(down), throttle_local=True)
+            out = tmp / f"lt{i}"
+            out.mkdir()
+            leechers.append(
+                (ses, add(ses, meta.to_bytes(), out, seed=False, trackers=[tracker.announce_url]))
+            )
+        t0 = time.monotonic()
+        done: dict[int, float] = {}
+        while len(done) < nodes and time.monotonic() - t0 < 600:
+            for i, (_, handle) in enumerate(leechers):
+                if i not in done and handle.status().is_seeding:
+                    done[i] = time.monotonic() - t0
+            time.sleep(0.02)
+        sent = seed_handle.status().all_time_upload
+        for ses, handle in leechers:
+            ses.remove_torrent(handle)
+        seed.remove_torrent(seed_handle)
+    if len(done) < nodes:
+        raise RuntimeError(f"libtorrent: only {len(done)} of {nodes} finished")
+    return {"t_all_s": max(done.values()), "registry_bytes": sent}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=16)
+    parser.add_argument("--size-mib", type=float, default=32)
+    parser.add_argument("--origin-mib-s", type=float, default=8)
+    parser.add_argument("--node-up-mib-s", type=float, default=4)
+    parser.add_argument("--node-down-mib-s", type=float, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--no-libtorrent", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="8 nodes, 8 MiB")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        trio.run(_worker, json.loads(args.worker))
+        return 0
+    if args.quick:
+        args.nodes, args.size_mib = 8, 8
+    size = int(args.size_mib * MIB)
+    origin, up, down = (
+        args.origin_mib_s * MIB,
+        args.node_up_mib_s * MIB,
+        args.node_down_mib_s * MIB,
+    )
+    with tempfile.TemporaryDirectory(prefix="p2pimage-swarm-") as tmpdir:
+        tmp = Path(tmpdir)
+        blob = tmp / "layer.bin"
+        write_random_file(blob, size)
+        meta = create_metainfo_from_file(blob)
+        ours = trio.run(run_ours, meta, blob, tmp, args.nodes, args.workers, origin, up, down)
+        lt = (
+            None
+            if args.no_libtorrent
+            else run_libtorrent(meta, blob, tmp, args.nodes, origin, up, down)
+        )
+    bound = kumar_ross_bound(size, args.nodes, origin, up, down)
+    report: dict[str, Any] = {
+        "nodes": args.nodes,
+        "size_mib": args.size_mib,
+        "t_all_s": round(ours["t_all_s"], 2),
+        "t_bound_s": round(bound, 2),
+        "ratio_to_bound": round(ours["t_all_s"] / bound, 3),
+        "t_direct_s": round(args.nodes * size / origin, 2),
+        "registry_copies": round(ours["registry_bytes"] / size, 3),
+        "cpu_s": round(ours["cpu_s"], 1),
+    }
+    if lt is not None:
+        report["libtorrent_t_all_s"] = round(lt["t_all_s"], 2)
+        report["libtorrent_ratio_to_bound"] = round(lt["t_all_s"] / bound, 3)
+        report["libtorrent_registry_copies"] = round(lt["registry_bytes"] / size, 3)
+    table = Table(
+        title=(
+            f"{args.nodes} nodes, {args.size_mib:g} MiB layer, "
+            f"registry {args.origin_mib_s:g} MiB/s, "
+            f"nodes {args.node_up_mib_s:g}/{args.node_down_mib_s:g} MiB/s up/down"
+        )
+    )
+    for col in ("", "all done (s)", "× bound", "registry copies"):
+        table.add_column(col, justify="right")
+    table.add_row("Kumar–Ross bound", f"{bound:.2f}", "1.00", "")
+    table.add_row(
+        "p2pimage",
+        f"{ours['t_all_s']:.2f}",
+        f"{report['ratio_to_bound']:.2f}",
+        f"{report['registry_copies']:.2f}",
+    )
+    if lt is not None:
+        table.add_row(
+            "libtorrent 2.1",
+            f"{lt['t_all_s']:.2f}",
+            f"{report['libtorrent_ratio_to_bound']:.2f}",
+            f"{report['libtorrent_registry_copies']:.2f}",
+        )
+    table.add_row(
+        "direct pulls (N·F/R)",
+        f"{report['t_direct_s']:.2f}",
+        f"{report['t_direct_s'] / bound:.2f}",
+        f"{args.nodes}",
+    )
+    Console().print(table)
+    print(
+        f"p2pimage CPU: {report['cpu_s']} s; hash failures: {ours['hash_failures']}; "
+        f"origin failures: {ours['origin_failures'] or 'none'}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
