@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
 
+from .announce import AnnounceSettings, TrackerClient, run_announcer
 from .auth import PeerAuthenticator
 from .errors import LocalProtocolError
 from .metainfo import Metainfo
@@ -92,8 +93,20 @@ class PeerNode:
         *,
         settings: SwarmSettings | None = None,
         storage: PieceStorage | None = None,
+        tracker: TrackerClient | None = None,
+        repository: str | None = None,
+        origin_headers: Mapping[str, str] | None = None,
+        origin_limiter: RateLimiter | None = None,
+        announce_settings: AnnounceSettings | None = None,
     ) -> Swarm:
-        """Open (or resume) the blob's storage under ``directory`` and start its swarm."""
+        """Open (or resume) the blob's storage under ``directory`` and start its swarm.
+
+        With ``tracker``, the swarm announces itself and connects to the peers the tracker
+        names; with ``repository`` too, the tracker may make this node an origin fetcher,
+        reading its range from the registry with ``origin_headers`` (the pulling client's
+        credentials) through ``origin_limiter``. The swarm stops on :meth:`Swarm.close`,
+        :meth:`remove_swarm`, a tracker release order, or when the node stops.
+        """
         nursery = self._require_running()
         if metainfo.info_hash in self.swarms:
             return self.swarms[metainfo.info_hash]
@@ -102,6 +115,19 @@ class PeerNode:
         swarm = Swarm(metainfo, storage, node=self, settings=settings)
         self.swarms[metainfo.info_hash] = swarm
         await nursery.start(self._run_swarm, swarm)
+        if tracker is not None:
+            swarm.start_soon(
+                functools.partial(
+                    run_announcer,
+                    swarm,
+                    tracker,
+                    repository=repository,
+                    origin_http=tracker.http,
+                    origin_headers=origin_headers,
+                    origin_limiter=origin_limiter,
+                    settings=announce_settings,
+                )
+            )
         return swarm
 
     async def _run_swarm(
@@ -110,7 +136,9 @@ class PeerNode:
         try:
             await swarm.run(task_status=task_status)
         finally:
-            self.swarms.pop(swarm.info_hash, None)
+            if self.swarms.get(swarm.info_hash) is swarm:
+                del self.swarms[swarm.info_hash]
+            swarm.storage.close()
 
     def remove_swarm(self, info_hash: bytes) -> None:
         swarm = self.swarms.pop(info_hash, None)

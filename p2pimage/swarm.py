@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -191,6 +191,12 @@ class Swarm:
         finally:
             self._nursery = None
             self.closed.set()
+
+    def start_soon(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Run ``fn`` inside this swarm's task tree (it ends when the swarm closes)."""
+        if self._nursery is None:
+            raise LocalProtocolError("the swarm is not running")
+        self._nursery.start_soon(fn)
 
     def close(self) -> None:
         self.closed.set()
