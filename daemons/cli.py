@@ -20,5 +20,22 @@ def _register() -> None:
 
     main.add_command(torrent_cmd.torrent)
 
+    from daemons import keys_cmd, sidecar
+
+    main.add_command(keys_cmd.keys)
+    main.add_command(sidecar.sidecar)
+
+    from daemons import tracker
+
+    main.add_command(tracker.tracker)
+
+    from daemons import node
+
+    main.add_command(node.node)
+
+    from daemons import containerd_cmd
+
+    main.add_command(containerd_cmd.containerd)
+
 
 _register()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -667,7 +667,7 @@ class Swarm:
 
     async def stream(
         self, start: int = 0, end: int | None = None, chunk_size: int = 1024 * 1024
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Yield the blob ``[start, end)`` in order while it downloads, steering the picker:
         the piece under the read position is urgent, the window after it has deadlines."""
         position = start

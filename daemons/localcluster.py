@@ -1,0 +1,197 @@
+"""A whole p2pimage cluster on loopback: the real registry, sidecar, tracker and N nodes.
+
+Used by the ``p2pimage cluster`` demo, the end-to-end tests and the cluster benchmark.
+Everything runs in this trio loop except the registry (the Debian ``docker-registry``
+binary, a child process). The nodes and the tracker read the registry through a
+:class:`~daemons.throttle_proxy.ThrottleProxy`, which both counts the registry's egress
+and, when asked, caps it; the sidecar, which sits beside the registry, reads it directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from daemons.node import NodeDaemon, NodeSettings, run_node
+from daemons.registry_process import RegistryProcess, start_registry
+from daemons.sidecar import SidecarSettings, run_sidecar
+from daemons.throttle_proxy import ThrottleProxy
+from daemons.tracker import TrackerSettings, run_tracker
+from p2pimage.auth import SigningKey
+from p2pimage.join import generate_credential, hash_credential
+
+__all__ = ["ClusterNode", "LocalCluster", "local_cluster"]
+
+log = logging.getLogger("p2pimage.cluster")
+
+CLUSTER = "local"
+
+
+@dataclass
+class ClusterNode:
+    name: str
+    mirror_url: str
+    settings: NodeSettings
+    daemon: NodeDaemon | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def mirror_host(self) -> str:
+        return self.mirror_url.removeprefix("http://")
+
+    def stop(self) -> None:
+        """Kill this node (fault injection): its mirror and peer stop at once."""
+        self.scope.cancel()
+
+
+@dataclass
+class LocalCluster:
+    workdir: Path
+    registry: RegistryProcess
+    proxy: ThrottleProxy
+    sidecar_url: str
+    tracker_url: str
+    nodes: list[ClusterNode]
+    credential: str
+    sidecar_scope: trio.CancelScope
+    tracker_scope: trio.CancelScope
+
+    @property
+    def registry_host(self) -> str:
+        """``host:port`` of the registry, as clients name it (and containerd's ``ns=``)."""
+        return self.registry.url.removeprefix("http://")
+
+    @property
+    def registry_egress(self) -> int:
+        """Bytes the registry sent to nodes and tracker-assigned origin readers."""
+        return self.proxy.bytes_down
+
+
+@contextlib.asynccontextmanager
+async def local_cluster(
+    workdir: Path,
+    *,
+    nodes: int = 3,
+    registry_rate: float | None = None,
+    node_upload_rate: float | None = None,
+    node_download_rate: float | None = None,
+    swarm_threshold_bytes: int = 1024 * 1024,
+    stall_timeout_s: float = 15.0,
+    htpasswd: tuple[str, str] | None = None,
+    notifications: bool = True,
+) -> AsyncIterator[LocalCluster]:
+    """Start everything; stop everything (and leave no process behind) on exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    key_path = workdir / "sidecar-key.pem"
+    key_path.write_bytes(SigningKey.generate().to_pem())
+    key_path.chmod(0o600)
+    credential = generate_credential()
+    async with trio.open_nursery() as nursery:
+        sidecar_port = _free_port()
+        sidecar_url = f"http://127.0.0.1:{sidecar_port}"
+        async with start_registry(
+            notifications_url=f"{sidecar_url}/events" if notifications else None,
+            htpasswd=htpasswd,
+            workdir=workdir / "registry",
+        ) as registry:
+            host, port = registry.url.removeprefix("http://").split(":")
+            proxy = ThrottleProxy((host, int(port)), registry_rate)
+            await nursery.start(proxy.run)
+            sidecar_scope = trio.CancelScope()
+            sidecar_settings = SidecarSettings(
+                listen=f"127.0.0.1:{sidecar_port}",
+                registry_url=registry.url,
+                registry_username=htpasswd[0] if htpasswd else None,
+                registry_password=htpasswd[1] if htpasswd else None,
+                store_dir=workdir / "torrents",
+                signing_keys=[key_path],
+                clusters={CLUSTER: [hash_credential(credential)]},
+                log_json=True,
+            )
+            await nursery.start(_scoped, sidecar_scope, run_sidecar, sidecar_settings)
+            tracker_scope = trio.CancelScope()
+            tracker_settings = TrackerSettings(
+                listen="127.0.0.1:0",
+                sidecar_url=sidecar_url,
+                registry_url=proxy.url,
+                interval_s=10,
+                min_interval_s=1,
+                fetcher_interval_s=1,
+                log_json=True,
+            )
+            tracker_base = await nursery.start(
+                _scoped, tracker_scope, run_tracker, tracker_settings
+            )
+            cluster_nodes = []
+            for i in range(nodes):
+                name = f"node-{i}"
+                settings = NodeSettings(
+                    listen="127.0.0.1:0",
+                    node_name=name,
+                    peer_host="127.0.0.1",
+                    peer_port=0,
+                    sidecar_url=sidecar_url,
+                    tracker_url=f"{tracker_base}/announce",
+                    credential=credential,
+                    upstreams={registry.url.removeprefix("http://"): proxy.url},
+                    default_upstream=proxy.url,
+                    cache_dir=workdir / name / "cache",
+                    upload_rate=node_upload_rate,
+                    download_rate=node_download_rate,
+                    swarm_threshold_bytes=swarm_threshold_bytes,
+                    stall_timeout_s=stall_timeout_s,
+                    log_json=True,
+                )
+                node = ClusterNode(name, "", settings)
+                node.mirror_url = await nursery.start(_run_cluster_node, node)
+                cluster_nodes.append(node)
+            cluster = LocalCluster(
+                workdir=workdir,
+                registry=registry,
+                proxy=proxy,
+                sidecar_url=sidecar_url,
+                tracker_url=f"{tracker_base}/announce",
+                nodes=cluster_nodes,
+                credential=credential,
+                sidecar_scope=sidecar_scope,
+                tracker_scope=tracker_scope,
+            )
+            try:
+                yield cluster
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def _scoped(
+    scope: trio.CancelScope,
+    fn: object,
+    settings: object,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await fn(settings, task_status=task_status)  # type: ignore[operator]
+
+
+async def _run_cluster_node(
+    node: ClusterNode, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with node.scope:
+        await run_node(
+            node.settings,
+            task_status=task_status,
+            daemon_ready=lambda d: setattr(node, "daemon", d),
+        )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,477 @@
+"""The node peer daemon: a registry mirror for the runtime, and the node's swarm peer.
+
+Wiring only: configuration in, library objects constructed, endpoints mounted.
+
+- ``/v2/`` and manifests pass through to the upstream registry with the client's headers
+  (every repeated header kept), so the token flow and private repositories behave as
+  without p2pimage.
+- Blob ``GET`` goes through :class:`~p2pimage.layers.LayerService` (access check as the
+  client, cache, swarm, registry fallback); blob ``HEAD`` passes through.
+- The upstream comes from containerd's ``ns=`` query parameter, else the default.
+- The node's identity (key, token, JWKS) comes from the sidecar; until it has one, and
+  whenever p2p cannot serve, pulls go straight to the registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import re
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, Field, SecretStr
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from daemons._config import ConfigError, dump_settings, load_settings
+from p2pimage.announce import TrackerClient
+from p2pimage.auth import NodeKey
+from p2pimage.cache import BlobCache
+from p2pimage.client import open_peer_node
+from p2pimage.errors import LocalProtocolError
+from p2pimage.layers import LayerService, LayerSettings
+from p2pimage.ratelimit import RateLimiter
+from p2pimage.sidecar_client import SidecarClient, TokenKeeper
+
+__all__ = ["NodeSettings", "create_app", "run_node"]
+
+log = logging.getLogger("p2pimage.node")
+
+_PATH = re.compile(
+    r"^/v2/(?P<name>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"/(?P<kind>manifests|blobs)/(?P<ref>[A-Za-z0-9_.:+=-]{1,128})$"
+)
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+# Hop-by-hop headers (RFC 9110 §7.6.1) and ones the proxy sets itself.
+_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+
+
+class NodeSettings(BaseModel):
+    """Configuration of the node peer (TOML file and ``P2PIMAGE_NODE_*`` environment)."""
+
+    listen: str = Field("127.0.0.1:65001", description="host:port of the registry mirror")
+    node_name: str = Field(default_factory=socket.gethostname, description="this node's name")
+    zone: str | None = Field(None, description="topology label for peer preference")
+    peer_host: str = Field("0.0.0.0", description="address peers connect to us on")
+    peer_port: int = Field(6881, ge=0, le=65535, description="peer port (0: any free)")
+    sidecar_url: str | None = Field(None, description="sidecar base URL (none: p2p off)")
+    tracker_url: str | None = Field(None, description="tracker announce URL (none: p2p off)")
+    credential: SecretStr | None = Field(None, description="the cluster's join credential")
+    credential_file: Path | None = Field(None, description="file holding the credential")
+    node_key_file: Path | None = Field(None, description="node Ed25519 key (PEM); generated")
+    default_upstream: str = Field(
+        "https://registry-1.docker.io", description="upstream when the client names none"
+    )
+    upstreams: dict[str, str] = Field(
+        default_factory=dict,
+        description='ns → base URL, e.g. {"127.0.0.1:5000" = "http://127.0.0.1:5000"}',
+    )
+    cache_dir: Path = Field(Path("/var/lib/p2pimage/cache"), description="layer cache")
+    cache_quota_bytes: int = Field(20 * 1024**3, gt=0, description="cache size limit")
+    upload_rate: float | None = Field(None, gt=0, description="peer upload cap, bytes/s")
+    download_rate: float | None = Field(None, gt=0, description="peer download cap, bytes/s")
+    origin_rate: float | None = Field(None, gt=0, description="registry read cap, bytes/s")
+    swarm_threshold_bytes: int = Field(1024 * 1024, ge=0, description="smaller blobs: direct")
+    stall_timeout_s: float = Field(15.0, gt=0, description="no swarm progress → registry")
+    setup_timeout_s: float = Field(10.0, gt=0, description="torrent+swarm start limit")
+    log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+    log_json: bool | None = Field(None, description="JSON lines (default: unless a TTY)")
+
+    def credential_value(self) -> str | None:
+        if self.credential is not None:
+            return self.credential.get_secret_value()
+        if self.credential_file is not None:
+            try:
+                return self.credential_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"config key 'credential_file': {exc.strerror}") from None
+        return None
+
+    def upstream_for(self, ns: str | None) -> str:
+        if not ns:
+            return self.default_upstream.rstrip("/")
+        if ns in self.upstreams:
+            return self.upstreams[ns].rstrip("/")
+        if ns in ("docker.io", "index.docker.io"):
+            return "https://registry-1.docker.io"
+        return f"https://{ns}"
+
+
+class NodeMetrics:
+    """Prometheus view of the node, read from the library's counters at scrape time."""
+
+    def __init__(self, node: NodeDaemon) -> None:
+        self.node = node
+        self.registry = CollectorRegistry()
+        self.registry.register(self)
+
+    def collect(self) -> Iterable[Any]:
+        layers = self.node.layers
+        served = CounterMetricFamily(
+            "p2pimage_node_bytes_served",
+            "Blob bytes served to the runtime by source",
+            labels=["source"],
+        )
+        for source in ("cache", "swarm", "registry"):
+            served.add_metric([source], layers.stats.bytes_served[source])
+        yield served
+        fetched = CounterMetricFamily(
+            "p2pimage_node_bytes_fetched",
+            "Layer bytes this node fetched, by source",
+            labels=["source"],
+        )
+        fetched.add_metric(["peer"], layers.peer_bytes())
+        fetched.add_metric(["origin"], layers.origin_bytes())
+        fetched.add_metric(["registry_fallback"], layers.stats.bytes_served["registry"])
+        yield fetched
+        pulls = CounterMetricFamily(
+            "p2pimage_node_blob_pulls", "Blob GETs by result", labels=["result"]
+        )
+        for result, n in sorted(layers.stats.pulls.items()):
+            pulls.add_metric([result], n)
+        yield pulls
+        fallbacks = CounterMetricFamily(
+            "p2pimage_node_fallbacks",
+            "Reads that went to the registry, by reason",
+            labels=["reason"],
+        )
+        for reason, n in sorted(layers.stats.fallbacks.items()):
+            fallbacks.add_metric([reason], n)
+        yield fallbacks
+        peers = GaugeMetricFamily("p2pimage_node_connected_peers", "Peer connections")
+        swarms = GaugeMetricFamily("p2pimage_node_swarms", "Live swarms")
+        failures = CounterMetricFamily(
+            "p2pimage_node_piece_failures", "Pieces that failed their hash (live swarms)"
+        )
+        node = layers.node
+        peers.add_metric([], sum(len(s.peers) for s in node.swarms.values()) if node else 0)
+        swarms.add_metric([], len(node.swarms) if node else 0)
+        failures.add_metric(
+            [], sum(s.stats.hash_failures for s in node.swarms.values()) if node else 0
+        )
+        yield peers
+        yield swarms
+        yield failures
+        cache = GaugeMetricFamily("p2pimage_node_cache_bytes", "Bytes held in the layer cache")
+        cache.add_metric([], layers.cache.used_bytes)
+        yield cache
+
+
+class NodeDaemon:
+    def __init__(self, settings: NodeSettings, http: httpx.AsyncClient, layers: LayerService):
+        self.settings = settings
+        self.http = http
+        self.layers = layers
+        self.metrics = NodeMetrics(self)
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def _forward_headers(request: Request) -> list[tuple[str, str]]:
+    # Raw pairs keep every repeated header (skopeo sends several Accept headers).
+    return [
+        (k.decode("latin-1"), v.decode("latin-1"))
+        for k, v in request.headers.raw
+        if k.decode("latin-1").lower() not in _HOP
+    ]
+
+
+def _response_headers(headers: httpx.Headers) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers.multi_items() if k.lower() not in _HOP]
+
+
+async def _proxy(daemon: NodeDaemon, request: Request, upstream: str, path: str) -> Response:
+    """Relay one request to the upstream registry as is, streaming the answer."""
+    url = f"{upstream}{path}"
+    req = daemon.http.build_request(request.method, url, headers=_forward_headers(request))
+    try:
+        response = await daemon.http.send(req, stream=True)
+    except httpx.HTTPError as exc:
+        return JSONResponse(
+            {"errors": [{"code": "UNAVAILABLE", "message": f"upstream unreachable: {exc}"}]},
+            status_code=502,
+        )
+    headers = _response_headers(response.headers)
+    if request.method == "HEAD":
+        await response.aclose()
+        length = response.headers.get("content-length")
+        resp = Response(status_code=response.status_code, headers=dict(headers))
+        if length is not None:
+            resp.headers["content-length"] = length
+        return resp
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        finally:
+            await response.aclose()
+
+    resp = StreamingResponse(body(), status_code=response.status_code)
+    resp.raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers]
+    length = response.headers.get("content-length")
+    if length is not None and "content-encoding" not in response.headers:
+        resp.raw_headers.append((b"content-length", length.encode()))
+    return resp
+
+
+def _registry_error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"errors": [{"code": code, "message": message}]}, status_code=status)
+
+
+async def _blob_get(
+    daemon: NodeDaemon, request: Request, upstream: str, name: str, digest: str
+) -> Response:
+    if not _DIGEST.match(digest):
+        # Not a digest we can verify: let the registry answer it.
+        return await _proxy(daemon, request, upstream, f"/v2/{name}/blobs/{digest}")
+    authorization = request.headers.get("authorization")
+    layers = daemon.layers
+    access = await layers.check_access(upstream, name, digest, authorization)
+    if access.status != 200 or access.size is None:
+        layers.stats.pulls["denied" if access.status in (401, 403) else "upstream_error"] += 1
+        return Response(access.body, status_code=access.status, headers=access.headers)
+    size = access.size
+    start, end, status = 0, size, 200
+    header = request.headers.get("range")
+    if header:
+        m = _RANGE.match(header.strip())
+        if m:
+            start = int(m.group(1))
+            end = min(int(m.group(2)) + 1, size) if m.group(2) else size
+            if start >= size or start >= end:
+                return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+            status = 206
+    headers = {
+        "Content-Length": str(end - start),
+        "Content-Type": "application/octet-stream",
+        "Docker-Content-Digest": digest,
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{digest}"',
+    }
+    if status == 206:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    started = time.monotonic()
+
+    async def body() -> AsyncIterator[bytes]:
+        first: float | None = None
+        sent = 0
+        try:
+            async for chunk in layers.read(upstream, name, digest, size, authorization, start, end):
+                if first is None:
+                    first = time.monotonic() - started
+                sent += len(chunk)
+                yield chunk
+        finally:
+            log.info(
+                "blob served",
+                extra={
+                    "fields": {
+                        "digest": digest,
+                        "repository": name,
+                        "bytes": sent,
+                        "seconds": round(time.monotonic() - started, 3),
+                        "ttfb_s": round(first, 3) if first is not None else None,
+                        "complete": sent == end - start,
+                    }
+                },
+            )
+
+    return StreamingResponse(body(), status_code=status, headers=headers)
+
+
+def create_app(daemon: NodeDaemon) -> Starlette:
+    settings = daemon.settings
+
+    async def v2_root(request: Request) -> Response:
+        upstream = settings.upstream_for(request.query_params.get("ns"))
+        return await _proxy(daemon, request, upstream, "/v2/")
+
+    async def v2(request: Request) -> Response:
+        m = _PATH.match(request.url.path)
+        if m is None:
+            return _registry_error(404, "NAME_UNKNOWN", "not a registry path this mirror serves")
+        upstream = settings.upstream_for(request.query_params.get("ns"))
+        name, kind, ref = m.group("name"), m.group("kind"), m.group("ref")
+        if kind == "blobs" and request.method == "GET":
+            return await _blob_get(daemon, request, upstream, name, ref)
+        return await _proxy(daemon, request, upstream, f"/v2/{name}/{kind}/{ref}")
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse(
+            {
+                "status": "ok",
+                "p2p": daemon.layers.node is not None,
+                "swarms": len(daemon.layers.node.swarms) if daemon.layers.node else 0,
+            }
+        )
+
+    async def metrics(request: Request) -> Response:
+        return Response(
+            generate_latest(daemon.metrics.registry), media_type="text/plain; version=0.0.4"
+        )
+
+    return Starlette(
+        routes=[
+            Route("/v2/", v2_root, methods=["GET", "HEAD"]),
+            Route("/v2/{rest:path}", v2, methods=["GET", "HEAD"]),
+            Route("/healthz", healthz),
+            Route("/metrics", metrics),
+        ]
+    )
+
+
+# --------------------------------------------------------------------------- running
+
+
+async def _p2p(daemon: NodeDaemon, settings: NodeSettings, keeper: TokenKeeper) -> None:
+    """Once the node has a token, start its peer and hand it to the layer service."""
+    await keeper.ready.wait()
+    async with open_peer_node(
+        authenticator=keeper.authenticator(),
+        host=settings.peer_host,
+        port=settings.peer_port,
+        upload_rate=settings.upload_rate,
+        download_rate=settings.download_rate,
+    ) as peer:
+        daemon.layers.node = peer
+        log.info("p2p ready", extra={"fields": {"cluster": keeper.cluster, "peer_port": peer.port}})
+        await daemon.layers.resume_seeding()
+        await trio.sleep_forever()
+
+
+async def run_node(
+    settings: NodeSettings,
+    *,
+    daemon_ready: Callable[[NodeDaemon], object] | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the node until cancelled; reports the mirror's base URL through ``task_status``
+    (and the daemon object to ``daemon_ready``, for in-process tests and the demo)."""
+    from daemons._http import serve_app
+
+    credential = settings.credential_value()
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0), limits=limits) as http:
+        cache = BlobCache(settings.cache_dir, settings.cache_quota_bytes)
+        sidecar = SidecarClient(settings.sidecar_url, http=http) if settings.sidecar_url else None
+        keeper: TokenKeeper | None = None
+        tracker: TrackerClient | None = None
+        if sidecar is not None and settings.tracker_url and credential:
+            node_key = None
+            if settings.node_key_file is not None:
+                node_key = _load_or_create_key(settings.node_key_file)
+            keeper = TokenKeeper(
+                sidecar,
+                node=settings.node_name,
+                credential=credential,
+                zone=settings.zone,
+                node_key=node_key,
+            )
+            k = keeper
+            tracker = TrackerClient(settings.tracker_url, http=http, token=lambda: k.token)
+        layers = LayerService(
+            node=None,
+            cache=cache,
+            http=http,
+            sidecar=sidecar,
+            tracker=tracker,
+            settings=LayerSettings(
+                swarm_threshold_bytes=settings.swarm_threshold_bytes,
+                stall_timeout_s=settings.stall_timeout_s,
+                setup_timeout_s=settings.setup_timeout_s,
+            ),
+            origin_limiter=RateLimiter(settings.origin_rate),
+        )
+        daemon = NodeDaemon(settings, http, layers)
+        if daemon_ready is not None:
+            daemon_ready(daemon)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(layers.run)
+            if keeper is not None:
+                nursery.start_soon(keeper.run)
+                nursery.start_soon(_p2p, daemon, settings, keeper)
+            else:
+                log.warning(
+                    "p2p is off (needs sidecar_url, tracker_url and a credential); "
+                    "every pull goes to the registry"
+                )
+            url = await nursery.start(
+                functools.partial(serve_app, keep_alive_max_requests=100_000),
+                create_app(daemon),
+                settings.listen,
+            )
+            log.info("mirror serving", extra={"fields": {"url": url, "node": settings.node_name}})
+            task_status.started(url)
+
+
+def _load_or_create_key(path: Path) -> NodeKey:
+    try:
+        return NodeKey.from_pem(path.read_bytes())
+    except FileNotFoundError:
+        key = NodeKey.generate()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(key.to_pem())
+        path.chmod(0o600)
+        return key
+    except (OSError, LocalProtocolError) as exc:
+        raise ConfigError(f"config key 'node_key_file': {exc}") from None
+
+
+@click.command("node")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="TOML config file (env P2PIMAGE_NODE_<KEY> overrides it)",
+)
+@click.option("--print-config", is_flag=True, help="print the effective config and exit")
+def node(config_path: Path | None, print_config: bool) -> None:
+    """Run the node peer: registry mirror for the runtime, and swarm peer."""
+    from daemons._logging import setup_logging
+
+    try:
+        settings = load_settings(NodeSettings, path=config_path, env_prefix="P2PIMAGE_NODE_")
+        settings.credential_value()
+    except ConfigError as exc:
+        click.echo(f"p2pimage node: {exc}", err=True)
+        sys.exit(2)
+    if print_config:
+        click.echo(dump_settings(settings), nl=False)
+        return
+    setup_logging(settings.log_level, json_lines=settings.log_json)
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(run_node, settings)
+
+
+if __name__ == "__main__":
+    node()
