@@ -33,6 +33,10 @@ def _register() -> None:
 
     main.add_command(node.node)
 
+    from daemons import cluster_cmd
+
+    main.add_command(cluster_cmd.cluster)
+
     from daemons import containerd_cmd
 
     main.add_command(containerd_cmd.containerd)

@@ -10,13 +10,17 @@ and, when asked, caps it; the sidecar, which sits beside the registry, reads it 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import trio
 
+from daemons._config import dump_settings
 from daemons.node import NodeDaemon, NodeSettings, run_node
 from daemons.registry_process import RegistryProcess, start_registry
 from daemons.sidecar import SidecarSettings, run_sidecar
@@ -37,7 +41,8 @@ class ClusterNode:
     name: str
     mirror_url: str
     settings: NodeSettings
-    daemon: NodeDaemon | None = None
+    daemon: NodeDaemon | None = None  # in-process nodes only
+    process: trio.Process | None = None  # nodes run as their own OS process
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     @property
@@ -84,8 +89,14 @@ async def local_cluster(
     stall_timeout_s: float = 15.0,
     htpasswd: tuple[str, str] | None = None,
     notifications: bool = True,
+    node_processes: bool = False,
 ) -> AsyncIterator[LocalCluster]:
-    """Start everything; stop everything (and leave no process behind) on exit."""
+    """Start everything; stop everything (and leave no process behind) on exit.
+
+    With ``node_processes``, each node runs as its own ``p2pimage node`` process (as on a
+    real cluster, and using every core); otherwise all nodes share this trio loop, which
+    is faster to start and lets tests reach into each node's daemon object.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     key_path = workdir / "sidecar-key.pem"
     key_path.write_bytes(SigningKey.generate().to_pem())
@@ -148,8 +159,18 @@ async def local_cluster(
                     log_json=True,
                 )
                 node = ClusterNode(name, "", settings)
-                node.mirror_url = await nursery.start(_run_cluster_node, node)
                 cluster_nodes.append(node)
+                if node_processes:
+                    node.settings = settings.model_copy(
+                        update={"listen": f"127.0.0.1:{_free_port()}"}
+                    )
+                    await nursery.start(_run_node_process, node, workdir / name)
+                else:
+                    node.mirror_url = await nursery.start(_run_cluster_node, node)
+            if node_processes:
+                with trio.fail_after(30):
+                    for node in cluster_nodes:
+                        await _wait_healthy(node.mirror_url)
             cluster = LocalCluster(
                 workdir=workdir,
                 registry=registry,
@@ -187,6 +208,45 @@ async def _run_cluster_node(
             task_status=task_status,
             daemon_ready=lambda d: setattr(node, "daemon", d),
         )
+
+
+async def _run_node_process(
+    node: ClusterNode,
+    directory: Path,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "node.toml"
+    config.write_text(dump_settings(node.settings, secrets=True))
+    node.mirror_url = "http://" + node.settings.listen
+    log_file = (directory / "node.log").open("ab")
+    try:
+        with node.scope:
+            async with trio.open_nursery() as nursery:
+                node.process = await nursery.start(
+                    functools.partial(
+                        trio.run_process,
+                        [sys.executable, "-m", "daemons.node", "--config", str(config)],
+                        stdout=log_file,
+                        stderr=log_file,
+                        check=False,
+                    )
+                )
+                task_status.started()
+    finally:
+        log_file.close()
+
+
+async def _wait_healthy(url: str) -> None:
+    async with httpx.AsyncClient(timeout=2) as http:
+        while True:
+            try:
+                if (await http.get(f"{url}/healthz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await trio.sleep(0.1)
 
 
 def _free_port() -> int:

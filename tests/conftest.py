@@ -12,3 +12,87 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+# --- Real registry (CNCF distribution, Debian docker-registry): tests/test_oci.py,
+# tests/test_sidecar.py and anyone who needs a registry. ---------------------------------
+import shutil as _shutil  # noqa: E402
+from collections.abc import AsyncIterator as _AsyncIterator  # noqa: E402
+
+import pytest as _pytest  # noqa: E402
+
+requires_registry = _pytest.mark.skipif(
+    _shutil.which("docker-registry") is None,
+    reason="docker-registry (CNCF distribution, Debian package docker-registry) is not installed",
+)
+
+
+@_pytest.fixture
+async def registry() -> _AsyncIterator[object]:
+    """A running registry on a free loopback port, no auth, no notifications.
+    Yields a daemons.registry_process.RegistryProcess (``.url``, ``.blob_path(digest)``)."""
+    if _shutil.which("docker-registry") is None:
+        _pytest.skip("docker-registry (Debian package docker-registry) is not installed")
+    from daemons.registry_process import start_registry
+
+    async with start_registry() as reg:
+        yield reg
+
+
+# --- Real container runtimes as registry/mirror clients (tests/runtimes.py): containerd,
+# skopeo, podman, and a logging reverse proxy standing in for a mirror. ------------------
+from collections.abc import Callable as _Callable  # noqa: E402
+from collections.abc import Iterator as _Iterator  # noqa: E402
+
+from tests import runtimes as _runtimes  # noqa: E402
+
+
+@_pytest.fixture
+async def containerd() -> _AsyncIterator[_runtimes.ContainerdProcess]:
+    """A private containerd (own root/state/socket under a temp dir, CRI disabled,
+    overlayfs or native snapshotter), stopped by PID and unmounted/removed afterwards.
+    Skips when not root or containerd/ctr are missing. Pull with
+    ``await tests.runtimes.actr_pull(containerd, ref, hosts_dir=...)``."""
+    reason = _runtimes.containerd_skip_reason()
+    if reason is not None:
+        _pytest.skip(reason)
+    async with _runtimes.start_containerd() as ctrd:
+        yield ctrd
+
+
+@_pytest.fixture
+def skopeo_available() -> None:
+    """Skips the test when skopeo is not installed."""
+    reason = _runtimes.skopeo_skip_reason()
+    if reason is not None:
+        _pytest.skip(reason)
+
+
+@_pytest.fixture(scope="session")
+def _podman_skip_reason() -> str | None:
+    return _runtimes.podman_skip_reason()  # runs `podman info` once per session
+
+
+@_pytest.fixture
+def podman_available(_podman_skip_reason: str | None) -> None:
+    """Skips the test when podman is missing or cannot run here (checked once)."""
+    if _podman_skip_reason is not None:
+        _pytest.skip(_podman_skip_reason)
+
+
+@_pytest.fixture
+def logging_proxy() -> _Iterator[_Callable[[str], _runtimes.LoggingProxy]]:
+    """Factory: ``proxy = logging_proxy(registry.url)`` starts a threaded reverse proxy in
+    front of an http registry (``proxy.url``, ``proxy.host``, ``proxy.requests``,
+    ``proxy.blob_digests()``, ``proxy.fail_status``); all are stopped at teardown."""
+    proxies: list[_runtimes.LoggingProxy] = []
+
+    def make(upstream: str) -> _runtimes.LoggingProxy:
+        proxy = _runtimes.LoggingProxy(upstream)
+        proxy.start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()

@@ -1,0 +1,98 @@
+"""Daemon configuration: a pydantic model filled from a TOML file and the environment.
+
+Precedence: defaults < TOML file < environment (``<PREFIX><KEY>``, e.g.
+``P2PIMAGE_TRACKER_INTERVAL_S=10``). Environment values that are JSON arrays or objects
+(``[...]``, ``{...}``) are parsed as JSON; every other value is a string that pydantic
+converts. Any problem raises :class:`ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, SecretStr, ValidationError
+
+__all__ = ["ConfigError", "dump_settings", "load_settings"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used; ``str()`` is one line naming the key."""
+
+
+def load_settings(
+    model: type[M],
+    *,
+    path: Path | None = None,
+    env_prefix: str,
+    environ: Mapping[str, str] | None = None,
+) -> M:
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    environ = os.environ if environ is None else environ
+    fields = set(model.model_fields)
+    for name, value in environ.items():
+        if not name.startswith(env_prefix):
+            continue
+        key = name[len(env_prefix) :].lower()
+        if key not in fields:
+            raise ConfigError(f"environment {name}: unknown setting {key!r}")
+        if value.lstrip().startswith(("[", "{")):
+            try:
+                data[key] = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"environment {name}: not valid JSON") from None
+        else:
+            data[key] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        raise ConfigError(f"config key {key!r}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    return json.dumps(str(value))
+
+
+def dump_settings(settings: BaseModel, *, secrets: bool = False) -> str:
+    """The effective settings as TOML (unset optional values as comments).
+
+    Secrets print as ``**********`` unless ``secrets`` (writing a config file for a
+    child process).
+    """
+    lines = []
+    data = settings.model_dump(mode="json")
+    if secrets:
+        for key in data:
+            value = getattr(settings, key)
+            if isinstance(value, SecretStr):
+                data[key] = value.get_secret_value()
+    for key, value in data.items():
+        if value is None:
+            lines.append(f"# {key} = (unset)")
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
