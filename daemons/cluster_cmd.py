@@ -29,6 +29,7 @@ from rich.live import Live
 from rich.table import Table
 
 from daemons.localcluster import LocalCluster, local_cluster
+from p2pimage.mirror_config import write_registries_conf
 from p2pimage.oci import RegistryClient
 from p2pimage.oci_image import BuiltImage, build_image, push_image
 
@@ -66,14 +67,6 @@ class NodeResult:
 
 
 # --------------------------------------------------------------------------- clients
-
-
-def write_registries_conf(path: Path, registry: str, mirror: str | None) -> None:
-    """containers-registries.conf(5): plain-HTTP ``registry``, optionally via ``mirror``."""
-    lines = ["[[registry]]", f'location = "{registry}"', "insecure = true"]
-    if mirror:
-        lines += ["", "[[registry.mirror]]", f'location = "{mirror}"', "insecure = true"]
-    path.write_text("\n".join(lines) + "\n")
 
 
 async def skopeo_pull(ref: str, dest: Path, registries_conf: Path) -> str:
@@ -164,13 +157,9 @@ async def _pull_all(
         try:
             if use_skopeo:
                 conf = tmp / f"registries-{i}-{via_mirror}.conf"
-                write_registries_conf(
-                    conf, cluster.registry_host, node.mirror_host if via_mirror else None
-                )
-                if not via_mirror:  # direct pulls go through the capped registry link too
-                    write_registries_conf(
-                        conf, cluster.registry_host, cluster.proxy.url.removeprefix("http://")
-                    )
+                # Direct pulls cross the same capped registry link (the proxy).
+                mirror = node.mirror_host if via_mirror else cluster.proxy.url
+                write_registries_conf(conf, cluster.registry_host, mirror)
                 result.digest = await skopeo_pull(image_ref, tmp / f"pull-{i}-{via_mirror}", conf)
             else:
                 base = node.mirror_url if via_mirror else cluster.proxy.url

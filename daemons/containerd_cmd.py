@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from p2pimage.containerd_hosts import (
+from p2pimage.mirror_config import (
     DEFAULT_MIRROR,
     HostsConfigError,
     check_mirror,

@@ -47,6 +47,8 @@ from typing import Literal
 
 import trio
 
+from p2pimage.mirror_config import write_registries_conf
+
 # --------------------------------------------------------------------------------------
 # Running commands
 # --------------------------------------------------------------------------------------
@@ -458,53 +460,6 @@ def ctr_remove_image(
 # --------------------------------------------------------------------------------------
 
 
-def _hostport(url_or_host: str) -> str:
-    text = url_or_host.strip().rstrip("/")
-    if "://" in text:
-        return urllib.parse.urlsplit(text).netloc
-    return text
-
-
-def write_registries_conf(
-    path: str | os.PathLike[str],
-    upstream: str,
-    mirror: str | None = None,
-    *,
-    mirror_insecure: bool = True,
-    upstream_insecure: bool = True,
-) -> Path:
-    """Write a v2 ``registries.conf`` for ``upstream`` (``HOST:PORT`` or a URL), declared
-    insecure (plain HTTP allowed), with ``mirror`` (``HOST:PORT`` or URL) as an insecure
-    ``[[registry.mirror]]``. ``mirror-by-digest-only = false`` (the default, written out)
-    makes containers/image use the mirror for pulls by tag as well as by digest. (The
-    newer per-mirror ``pull-from-mirror`` key is not understood by skopeo 1.9 / podman 4.3,
-    so it is not written.) A failing mirror is skipped silently: as with containerd, only
-    the mirror's own log proves where the bytes came from."""
-    up = _hostport(upstream)
-    q = json.dumps
-    lines = [
-        "# Written by tests/runtimes.py",
-        "unqualified-search-registries = []",
-        'short-name-mode = "disabled"',
-        "",
-        "[[registry]]",
-        f"prefix = {q(up)}",
-        f"location = {q(up)}",
-        f"insecure = {'true' if upstream_insecure else 'false'}",
-        "blocked = false",
-        "mirror-by-digest-only = false",
-    ]
-    if mirror is not None:
-        lines += [
-            "",
-            "[[registry.mirror]]",
-            f"location = {q(_hostport(mirror))}",
-            f"insecure = {'true' if mirror_insecure else 'false'}",
-        ]
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    return out
 
 
 def _conf_env(registries_conf: str | os.PathLike[str] | None) -> dict[str, str]:

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from daemons.cli import main
 from daemons.registry_process import RegistryProcess
-from p2pimage.containerd_hosts import (
+from p2pimage.mirror_config import (
     HostsConfigError,
     hosts_toml,
     parse_upstream,

@@ -1,4 +1,6 @@
-"""containerd ``hosts.toml`` files that put the p2pimage node mirror in front of registries.
+"""Client-side mirror configuration: containerd ``hosts.toml`` files, and the
+``registries.conf`` of Podman, CRI-O and skopeo, that put the p2pimage node mirror in front
+of registries.
 
 containerd (1.5+) reads a ``certs.d``-style *hosts directory*: for a pull of
 ``HOST[:PORT]/repo:tag`` it looks for ``DIR/HOST[:PORT]/hosts.toml`` and, when there is
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,4 +166,57 @@ __all__ = [
     "hosts_toml",
     "parse_upstream",
     "write_hosts_dir",
+    "write_registries_conf",
 ]
+
+
+# --- containers-registries.conf(5): Podman, CRI-O, skopeo --------------------------
+
+
+def _hostport(url_or_host: str) -> str:
+    text = url_or_host.strip().rstrip("/")
+    if "://" in text:
+        return urllib.parse.urlsplit(text).netloc
+    return text
+
+
+def write_registries_conf(
+    path: str | os.PathLike[str],
+    upstream: str,
+    mirror: str | None = None,
+    *,
+    mirror_insecure: bool = True,
+    upstream_insecure: bool = True,
+) -> Path:
+    """Write a v2 ``registries.conf`` for ``upstream`` (``HOST:PORT`` or a URL), declared
+    insecure (plain HTTP allowed), with ``mirror`` (``HOST:PORT`` or URL) as an insecure
+    ``[[registry.mirror]]``. ``mirror-by-digest-only = false`` (the default, written out)
+    makes containers/image use the mirror for pulls by tag as well as by digest. (The
+    newer per-mirror ``pull-from-mirror`` key is not understood by skopeo 1.9 / podman 4.3,
+    so it is not written.) A failing mirror is skipped silently: as with containerd, only
+    the mirror's own log proves where the bytes came from."""
+    up = _hostport(upstream)
+    q = json.dumps
+    lines = [
+        "# Written by p2pimage",
+        "unqualified-search-registries = []",
+        'short-name-mode = "disabled"',
+        "",
+        "[[registry]]",
+        f"prefix = {q(up)}",
+        f"location = {q(up)}",
+        f"insecure = {'true' if upstream_insecure else 'false'}",
+        "blocked = false",
+        "mirror-by-digest-only = false",
+    ]
+    if mirror is not None:
+        lines += [
+            "",
+            "[[registry.mirror]]",
+            f"location = {q(_hostport(mirror))}",
+            f"insecure = {'true' if mirror_insecure else 'false'}",
+        ]
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
