@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -251,3 +252,57 @@ async def test_podman_pulls_through_the_mirror(tmp_path: Path, podman_available:
             digest = await apodman_pull(f"{cluster.registry_host}/demo/app:v1", conf)
         assert digest == pushed
         assert mirror_blob_bytes(cluster, 0) >= 3 * MIB
+
+
+# --- the cluster command ------------------------------------------------------------------
+
+
+def test_cluster_command_three_nodes(tmp_path: Path) -> None:
+    """`p2pimage cluster` at N=3 with a small image: every node's image digest matches and
+    the printed registry egress is about one copy."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemons.cli",
+            "cluster",
+            "--nodes",
+            "3",
+            "--layers",
+            "2,1",
+            "--registry-mib-s",
+            "16",
+            "--node-up-mib-s",
+            "32",
+            "--node-down-mib-s",
+            "32",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    report = json.loads(out.read_text())
+    assert report["digests_ok"] is True
+    assert report["nodes"] == 3
+    assert report["registry_copies"] <= 1.2
+    for key in (
+        "t_all_s",
+        "t_bound_s",
+        "ratio_to_bound",
+        "t_direct_s",
+        "speedup_vs_direct",
+        "cpu_s",
+    ):
+        assert isinstance(report[key], int | float)
+    printed = re.search(r"registry egress\s*│\s*([0-9.]+) image copies", proc.stdout)
+    assert printed is not None
+    assert abs(float(printed.group(1)) - report["registry_copies"]) < 0.006
