@@ -154,7 +154,7 @@ async def run_announcer(
                     completed_sent = True
                 event = Event.NONE
                 swarm.connect(response.peers)
-                if response.origin is not None and origin_http is not None:
+                if origin_http is not None:
                     _apply_origin(
                         swarm,
                         response,
@@ -195,14 +195,28 @@ def _apply_origin(
     headers: Mapping[str, str] | None,
     limiter: RateLimiter | None,
 ) -> None:
+    """Follow the tracker's origin assignment.
+
+    The tracker names our unfetched remainder ``[first, end)`` on every answer while we
+    are a fetcher. Inside the current reader's range: the tail was stolen, shrink. No
+    assignment: stop reading (the range went elsewhere). A range elsewhere: stop the
+    current reader and read the new one.
+    """
     origin = response.origin
-    assert origin is not None
     current = readers[-1] if readers and not readers[-1].finished.is_set() else None
-    if current is not None and current.url == origin.url and current.first <= origin.first_piece:
-        current.shrink(origin.end_piece)  # work stealing took the tail of our range
+    if origin is None:
+        if current is not None:
+            current.shrink(current.next_index)
         return
     if current is not None:
-        return  # still reading an earlier assignment; the tracker will catch up
+        if (
+            current.url == origin.url
+            and current.first <= origin.first_piece
+            and origin.end_piece <= current.end
+        ):
+            current.shrink(origin.end_piece)
+            return
+        current.shrink(current.next_index)
     reader = OriginReader(
         swarm,
         origin.url,

@@ -1,0 +1,314 @@
+"""Tracker announces per second: our tracker (memory and Redis backends, auth on) against
+opentracker, on the same machine in the same run.
+
+Each tracker runs in its own process pinned to CPU 0; the load generator runs in a second
+process pinned to CPU 1: a raw-socket HTTP/1.1 client over a few keep-alive connections
+(reconnecting when a server closes, as opentracker does after every answer), replaying
+announces for S swarms x P peers. A first, untimed round (``event=started``) fills the
+swarms; the timed rounds are regular re-announces. Our tracker sees a real node token
+(one per node, as in a cluster) in ``Authorization: Bearer``; ``memory_open`` repeats the
+memory run with auth off to show what token checks cost.
+
+    python -m benchmarks.tracker [--quick] [--swarms 100] [--peers 100] [--rounds 3]
+                                 [--connections 8] [--json PATH]
+
+JSON keys: memory_announces_s, redis_announces_s, opentracker_announces_s,
+memory_open_announces_s (and *_errors counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import selectors
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from daemons.opentracker_process import opentracker_binary, run_opentracker
+from daemons.redis_process import redis_binary, run_redis
+from p2pimage.auth import NodeKey, SigningKey, TokenIssuer
+from p2pimage.tracker import AnnounceRequest, Event
+
+ISSUER = "benchmark-sidecar"
+SERVER_CPU, LOAD_CPU = 0, 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _pin(pid: int, cpu: int) -> None:
+    """Pin every thread of ``pid`` to ``cpu`` (no-op where affinity is unavailable)."""
+    if not hasattr(os, "sched_setaffinity") or cpu >= (os.cpu_count() or 1):
+        return
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), {cpu})
+
+
+# ---------------------------------------------------------------------- load generator
+
+
+def _requests(
+    swarms: int, peers: int, event: Event, tokens: list[str] | None, port: int
+) -> list[bytes]:
+    out = []
+    # Node-major order: consecutive announces go to different swarms, as a cluster's
+    # nodes re-announcing their layers do.
+    for p in range(peers):
+        for s in range(swarms):
+            info_hash = s.to_bytes(4, "big") * 5
+            req = AnnounceRequest(
+                info_hash=info_hash,
+                peer_id=b"-BM0001-" + s.to_bytes(6, "big") + p.to_bytes(6, "big"),
+                port=10000 + p,
+                left=0 if p % 10 == 0 else 1_000_000,
+                event=event,
+            )
+            head = f"GET /announce?{req.to_query().decode()} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            if tokens is not None:
+                head += f"Authorization: Bearer {tokens[p % len(tokens)]}\r\n"
+            out.append((head + "\r\n").encode())
+    return out
+
+
+def _replay(port: int, requests: list[bytes], connections: int) -> tuple[float, int, int]:
+    """Send every request once over ``connections`` keep-alive sockets; returns
+    (seconds, answered with 200, other answers or failures).
+
+    A server that closes an idle keep-alive connection (opentracker closes after every
+    answer without saying so) costs a reconnect and a resend, not an error.
+    """
+    sel = selectors.DefaultSelector()
+    todo = iter(requests)
+    ok = bad = 0
+    # socket -> [receive buffer, request in flight, sent on a fresh connection]
+    state: dict[socket.socket, list[object]] = {}
+
+    def close(sock: socket.socket) -> None:
+        sel.unregister(sock)
+        del state[sock]
+        sock.close()
+
+    def send(req: bytes | None, sock: socket.socket | None = None) -> None:
+        if req is None:
+            return
+        fresh = sock is None
+        if sock is None:
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sel.register(sock, selectors.EVENT_READ)
+        state[sock] = [bytearray(), req, fresh]
+        with contextlib.suppress(OSError):  # a dead connection shows up as EOF
+            sock.sendall(req)
+
+    started = time.perf_counter()
+    for _ in range(connections):
+        send(next(todo, None))
+    while state:
+        for key, _ in sel.select(timeout=10):
+            sock = key.fileobj
+            assert isinstance(sock, socket.socket)
+            buf, req, fresh = state[sock]
+            assert isinstance(buf, bytearray) and isinstance(req, bytes)
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            buf += data
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if not data:
+                    close(sock)
+                    if buf or fresh:
+                        bad += 1
+                        send(next(todo, None))
+                    else:
+                        send(req)  # the server had closed this connection: resend
+                continue
+            head = bytes(buf[:end]).lower()
+            length = -1
+            for line in head.split(b"\r\n")[1:]:
+                if line.startswith(b"content-length:"):
+                    length = int(line[15:])
+            if data and (length < 0 or len(buf) < end + 4 + length):
+                continue  # more to come (or a body that runs until close)
+            if head.startswith((b"http/1.1 200", b"http/1.0 200")):
+                ok += 1
+            else:
+                bad += 1
+            if not data or length < 0 or b"connection: close" in head:
+                close(sock)
+                send(next(todo, None))
+            else:
+                nxt = next(todo, None)
+                if nxt is None:
+                    close(sock)
+                else:
+                    send(nxt, sock)
+    return time.perf_counter() - started, ok, bad
+
+
+def _load_main(
+    port: int, warmup: list[bytes], timed: list[bytes], connections: int, out: object
+) -> None:
+    _pin(os.getpid(), LOAD_CPU)
+    _replay(port, warmup, connections)
+    seconds, ok, bad = _replay(port, timed, connections)
+    out.put((seconds, ok, bad))  # type: ignore[attr-defined]
+
+
+def measure(
+    port: int, warmup: list[bytes], timed: list[bytes], connections: int
+) -> dict[str, float]:
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_load_main, args=(port, warmup, timed, connections, queue))
+    proc.start()
+    seconds, ok, bad = queue.get(timeout=600)
+    proc.join()
+    return {"announces_s": ok / seconds, "errors": bad, "seconds": seconds, "announces": ok}
+
+
+# ---------------------------------------------------------------------- the trackers
+
+
+@contextlib.contextmanager
+def our_tracker(tmp: Path, **settings: object) -> Iterator[int]:
+    port = _free_port()
+    lines = [f'listen = "127.0.0.1:{port}"', 'log_level = "warning"']
+    for key, value in settings.items():
+        text = json.dumps(str(value)) if isinstance(value, str | Path) else str(value).lower()
+        lines.append(f"{key} = {text}")
+    config = tmp / f"tracker-{port}.toml"
+    config.write_text("\n".join(lines) + "\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemons.tracker", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"tracker exited: {err.strip()}")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1),
+            ):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("tracker did not start")
+            time.sleep(0.1)
+        _pin(proc.pid, SERVER_CPU)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tracker", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="20 swarms x 50 peers, 1 round")
+    parser.add_argument("--swarms", type=int, default=100)
+    parser.add_argument("--peers", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3, help="timed announce rounds")
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.swarms, args.peers, args.rounds = 20, 50, 1
+
+    issuer = TokenIssuer([SigningKey.generate()], issuer=ISSUER, lifetime_s=3600)
+    now = time.time()
+    tokens = [
+        issuer.issue(
+            subject=f"node-{i}", cluster="bench", node_jwk=NodeKey.generate().public_jwk(), now=now
+        )
+        for i in range(args.peers)
+    ]
+    results: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
+
+    def run(name: str, port: int, auth: bool) -> None:
+        toks = tokens if auth else None
+        warm = _requests(args.swarms, args.peers, Event.STARTED, toks, port)
+        timed = _requests(args.swarms, args.peers, Event.NONE, toks, port) * args.rounds
+        results[name] = measure(port, warm, timed, args.connections)
+
+    with tempfile.TemporaryDirectory(prefix="bench-tracker-") as tmpdir:
+        tmp = Path(tmpdir)
+        jwks = tmp / "jwks.json"
+        jwks.write_text(json.dumps(issuer.jwks()))
+        auth = {"jwks_file": jwks, "issuer": ISSUER, "peer_timeout_s": 3600.0}
+        with our_tracker(tmp, **auth) as port:
+            run("memory", port, auth=True)
+        with our_tracker(tmp, open_mode=True, peer_timeout_s=3600.0) as port:
+            run("memory_open", port, auth=False)
+        if redis_binary() is None:
+            skipped["redis"] = "redis-server not installed"
+        else:
+            with run_redis() as redis_port:
+                redis_url = f"redis://127.0.0.1:{redis_port}/0"
+                with our_tracker(tmp, backend="redis", redis_url=redis_url, **auth) as port:
+                    run("redis", port, auth=True)
+        if opentracker_binary() is None:
+            skipped["opentracker"] = "opentracker not installed"
+        else:
+            hashes = [s.to_bytes(4, "big") * 5 for s in range(args.swarms)]
+            with run_opentracker(hashes) as ot:
+                _pin(ot.process.pid, SERVER_CPU)
+                run("opentracker", ot.port, auth=False)
+
+    table = Table(title=f"tracker announces/s: {args.swarms} swarms x {args.peers} peers, "
+                  f"{args.rounds} timed round(s), {args.connections} connections")  # fmt: skip
+    for col in ("tracker", "announces/s", "announces", "errors", "seconds"):
+        table.add_column(col, justify="right" if col != "tracker" else "left")
+    labels = {
+        "memory": "ours, memory, auth on",
+        "memory_open": "ours, memory, open mode",
+        "redis": "ours, redis, auth on",
+        "opentracker": "opentracker",
+    }
+    flat: dict[str, object] = {}
+    for name, r in results.items():
+        table.add_row(
+            labels[name],
+            f"{r['announces_s']:,.0f}",
+            f"{int(r['announces']):,}",
+            str(int(r["errors"])),
+            f"{r['seconds']:.2f}",
+        )
+        flat[f"{name}_announces_s"] = round(r["announces_s"], 1)
+        flat[f"{name}_errors"] = int(r["errors"])
+    for name, why in skipped.items():
+        table.add_row(labels[name], "skipped", "", "", why)
+        flat[f"{name}_announces_s"] = None
+    Console().print(table)
+    flat.update({"swarms": args.swarms, "peers": args.peers, "rounds": args.rounds})
+    if args.json is not None:
+        args.json.write_text(json.dumps(flat, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,555 @@
+"""The tracker daemon: wiring only.
+
+Config in (TOML ``--config`` + ``P2PIMAGE_TRACKER_*``), library objects constructed
+(:class:`~p2pimage.tracker.TrackerPolicy`, a state backend, a
+:class:`~p2pimage.auth.TokenVerifier` fed from the sidecar's JWKS), endpoints mounted:
+
+- ``GET /announce``: BEP 3 announce, compact peers (BEP 23), p2pimage extras;
+- ``GET /scrape``: BEP 48 scrape of the caller's own cluster;
+- ``GET /healthz``, ``GET /metrics`` (Prometheus).
+
+Every swarm is keyed by (cluster from the verified ``Authorization: Bearer`` token,
+info-hash). Missing or unusable tokens get a bencoded ``failure reason`` with HTTP 401
+(authentication failed) or 403 (valid token, not allowed here); malformed queries get
+HTTP 400 with a failure reason. ``open_mode`` switches auth off for interop tests with
+stock clients (every peer is in cluster ``open``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import json
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import click
+import httpx
+import trio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from daemons._config import ConfigError, dump_settings, load_settings
+from p2pimage.auth import KeySet, NodeToken, TokenVerifier
+from p2pimage.errors import AuthError, P2PImageError
+from p2pimage.tracker import (
+    AnnounceResponse,
+    MemoryState,
+    PolicyConfig,
+    RedisState,
+    ScrapeStats,
+    StateUnavailableError,
+    SwarmKey,
+    TrackerPolicy,
+    TrackerRequestError,
+    TrackerState,
+    encode_announce_response,
+    encode_failure,
+    encode_scrape_response,
+    parse_announce,
+    parse_scrape,
+)
+
+log = logging.getLogger("p2pimage.tracker")
+
+OPEN_CLUSTER = "open"
+_BENCODE_TYPE = "text/plain"
+# Authorization failures (a valid token that may not do this) are 403; everything else
+# about a token is an authentication failure, 401.
+_FORBIDDEN_REASONS = frozenset({"wrong_audience", "wrong_issuer", "wrong_cluster", "out_of_scope"})
+# Verified tokens cached by raw string; at 600 s lifetimes and one token per node this
+# holds ~10 renewals of a 5,000-node cluster. Beyond it the cache is emptied, not grown.
+_TOKEN_CACHE_MAX = 100_000
+_JWKS_MAX_BYTES = 1 << 20
+
+
+class TrackerSettings(BaseModel):
+    """Tracker configuration (TOML keys; env ``P2PIMAGE_TRACKER_<KEY>``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = Field(default="127.0.0.1:6969", description="host:port to serve on")
+    open_mode: bool = Field(
+        default=False, description="auth off, one cluster 'open' (interop tests)"
+    )
+    sidecar_url: str | None = Field(default=None, description="sidecar base URL; JWKS from there")
+    jwks_file: Path | None = Field(default=None, description="JWKS file (instead of sidecar_url)")
+    issuer: str | None = Field(default=None, description="required token 'iss' (None: any)")
+    jwks_refresh_s: float = Field(default=300.0, gt=0, description="periodic JWKS refresh")
+    jwks_min_refresh_s: float = Field(default=10.0, ge=0, description="rate limit on unknown kid")
+    registry_url: str | None = Field(default=None, description="registry base URL for origin reads")
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "p2pimage:tracker:"
+    trust_query_ip: bool = Field(default=False, description="use the announce 'ip' parameter")
+    interval_s: int = Field(default=30, ge=1, le=86400)
+    min_interval_s: int = Field(default=5, ge=1, le=86400)
+    fetcher_interval_s: int = Field(default=5, ge=1, le=86400)
+    peer_timeout_s: float = Field(default=60.0, gt=0)
+    origin_ratio: float = Field(default=0.1, gt=0, le=1)
+    max_origin_fetchers: int = Field(default=16, ge=1, le=10_000)
+    origin_stall_s: float = Field(default=20.0, gt=0)
+    release_min_seeders: int = Field(default=2, ge=0)
+    release_seeder_ratio: float = Field(default=0.25, ge=0)
+    linger_s: float = Field(default=300.0, ge=0)
+    sweep_interval_s: float = Field(default=30.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool | None = Field(default=None, description="JSON lines (default: unless a TTY)")
+
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(
+            interval_s=self.interval_s,
+            min_interval_s=self.min_interval_s,
+            fetcher_interval_s=self.fetcher_interval_s,
+            peer_timeout_s=self.peer_timeout_s,
+            origin_ratio=self.origin_ratio,
+            max_origin_fetchers=self.max_origin_fetchers,
+            origin_stall_s=self.origin_stall_s,
+            release_min_seeders=self.release_min_seeders,
+            release_seeder_ratio=self.release_seeder_ratio,
+            linger_s=self.linger_s,
+        )
+
+
+def check_settings(settings: TrackerSettings) -> None:
+    """Cross-field checks pydantic cannot name a key for."""
+    if not settings.open_mode and settings.sidecar_url is None and settings.jwks_file is None:
+        raise ConfigError("config key 'sidecar_url': set sidecar_url or jwks_file (or open_mode)")
+    if settings.peer_timeout_s <= settings.interval_s:
+        raise ConfigError(
+            "config key 'peer_timeout_s': must exceed interval_s (a peer gets one missed "
+            "announce before it expires)"
+        )
+    if settings.jwks_file is not None and not settings.jwks_file.is_file():
+        raise ConfigError(f"config key 'jwks_file': no such file {str(settings.jwks_file)!r}")
+
+
+# ------------------------------------------------------------------------- token checks
+
+
+class JwksSource:
+    """The verifier's keys, from a file or the sidecar's JWKS URL.
+
+    Refreshed every ``refresh_s`` and, on a token with an unknown ``kid`` (key rotation),
+    at most once per ``min_refresh_s``.
+    """
+
+    def __init__(
+        self,
+        *,
+        url: str | None,
+        file: Path | None,
+        refresh_s: float,
+        min_refresh_s: float,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.url = url
+        self.file = file
+        self.refresh_s = refresh_s
+        self.min_refresh_s = min_refresh_s
+        self.http = http
+        self.keys = KeySet()
+        self.generation = 0
+        self._last_attempt = -float("inf")
+
+    async def refresh(self) -> bool:
+        """Reload the key set; True when it changed. Failures are logged, not raised."""
+        self._last_attempt = time.monotonic()
+        try:
+            if self.file is not None:
+                doc = json.loads(await trio.Path(self.file).read_bytes())
+            else:
+                assert self.url is not None and self.http is not None
+                response = await self.http.get(self.url, timeout=10.0)
+                response.raise_for_status()
+                if len(response.content) > _JWKS_MAX_BYTES:
+                    raise AuthError("malformed", "JWKS document too large")
+                doc = json.loads(response.content)
+            keys = KeySet.from_jwks(doc)
+        except (OSError, ValueError, httpx.HTTPError, P2PImageError) as exc:
+            log.warning("jwks refresh failed", extra={"fields": {"error": str(exc)}})
+            return False
+        changed = keys.to_jwks() != self.keys.to_jwks()
+        if changed:
+            self.keys = keys
+            self.generation += 1
+            log.info("jwks loaded", extra={"fields": {"kids": keys.kids}})
+        return changed
+
+    async def refresh_for_unknown_kid(self) -> bool:
+        if time.monotonic() - self._last_attempt < self.min_refresh_s:
+            return False
+        return await self.refresh()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.refresh()
+        task_status.started()
+        while True:
+            await trio.sleep(self.refresh_s)
+            await self.refresh()
+
+
+@dataclass
+class TokenGate:
+    """Verifies bearer tokens, caching verified ones by raw string until they expire.
+
+    Verification costs ~0.1 ms (an Ed25519 check); a node re-announces with the same token
+    for its whole lifetime, so the cache turns nearly every announce into a dict lookup.
+    The cache is dropped whenever the key set changes (rotation, revocation).
+    """
+
+    jwks: JwksSource
+    issuer: str | None
+    leeway_s: float = 30.0
+    _cache: dict[str, NodeToken] = field(default_factory=dict)
+    _generation: int = -1
+    _verifier: TokenVerifier | None = None
+
+    def _current(self) -> TokenVerifier:
+        if self._verifier is None or self._generation != self.jwks.generation:
+            self._verifier = TokenVerifier(
+                self.jwks.keys, issuer=self.issuer, leeway_s=self.leeway_s
+            )
+            self._generation = self.jwks.generation
+            self._cache.clear()
+        return self._verifier
+
+    async def check(self, raw: str, now: float) -> NodeToken:
+        verifier = self._current()
+        token = self._cache.get(raw)
+        if token is not None:
+            if token.not_before - self.leeway_s <= now <= token.expires_at + self.leeway_s:
+                return token
+            del self._cache[raw]
+        try:
+            token = verifier.verify(raw, now=now)
+        except AuthError as exc:
+            if exc.reason != "unknown_kid" or not await self.jwks.refresh_for_unknown_kid():
+                raise
+            token = self._current().verify(raw, now=now)
+        if len(self._cache) >= _TOKEN_CACHE_MAX:
+            self._cache.clear()
+        self._cache[raw] = token
+        return token
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+class TrackerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.announces = Counter(
+            "p2pimage_tracker_announces", "Announces by result", ["result"], registry=r
+        )
+        self.scrapes = Counter(
+            "p2pimage_tracker_scrapes", "Scrapes by result", ["result"], registry=r
+        )
+        self.auth_failures = Counter(
+            "p2pimage_tracker_auth_failures", "Token rejections by reason", ["reason"], registry=r
+        )
+        self.origin_assignments = Counter(
+            "p2pimage_tracker_origin_assignments",
+            "Announce responses carrying an origin range",
+            registry=r,
+        )
+        self.release_orders = Counter(
+            "p2pimage_tracker_release_orders",
+            "Announce responses carrying a release order",
+            registry=r,
+        )
+        self.announce_seconds = Histogram(
+            "p2pimage_tracker_announce_duration_seconds",
+            "Time to answer an announce",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5),
+            registry=r,
+        )
+        self.swarms = Gauge("p2pimage_tracker_swarms", "Live swarms", registry=r)
+        self.peers = Gauge("p2pimage_tracker_peers", "Live peers by state", ["state"], registry=r)
+        self.largest_swarm = Gauge(
+            "p2pimage_tracker_largest_swarm_peers", "Peers in the largest live swarm", registry=r
+        )
+
+
+# ------------------------------------------------------------------------------ the app
+
+
+@dataclass
+class Tracker:
+    settings: TrackerSettings
+    policy: TrackerPolicy
+    state: TrackerState
+    gate: TokenGate | None
+    metrics: TrackerMetrics = field(default_factory=TrackerMetrics)
+    clock: Callable[[], float] = time.time
+
+
+def _bencoded(status: int, body: bytes, **headers: str) -> Response:
+    return Response(body, status_code=status, media_type=_BENCODE_TYPE, headers=headers or None)
+
+
+class _Refused(Exception):
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+async def _authenticate(tracker: Tracker, request: Request, now: float) -> NodeToken | None:
+    if tracker.gate is None:
+        return None
+    header = request.headers.get("authorization", "")
+    scheme, _, raw = header.partition(" ")
+    if scheme.lower() != "bearer" or not raw.strip():
+        tracker.metrics.auth_failures.labels("missing").inc()
+        raise _Refused(
+            _bencoded(
+                401,
+                encode_failure("missing bearer token", "missing"),
+                **{"WWW-Authenticate": 'Bearer realm="p2pimage"'},
+            )
+        )
+    try:
+        return await tracker.gate.check(raw.strip(), now)
+    except AuthError as exc:
+        tracker.metrics.auth_failures.labels(exc.reason).inc()
+        log.info(
+            "token rejected",
+            extra={"fields": {"reason": exc.reason, "remote": _remote(request)}},
+        )
+        status = 403 if exc.reason in _FORBIDDEN_REASONS else 401
+        raise _Refused(
+            _bencoded(status, encode_failure(f"token rejected: {exc.reason}", exc.reason))
+        ) from None
+
+
+def _remote(request: Request) -> str:
+    return request.client.host if request.client is not None else "0.0.0.0"
+
+
+def _scope_check(token: NodeToken | None, info_hash: bytes) -> None:
+    if token is not None and not token.covers(info_hash):
+        raise _Refused(
+            _bencoded(403, encode_failure("token rejected: out_of_scope", "out_of_scope"))
+        )
+
+
+def create_app(tracker: Tracker) -> Starlette:
+    metrics = tracker.metrics
+    settings = tracker.settings
+
+    async def announce(request: Request) -> Response:
+        started = time.perf_counter()
+        now = tracker.clock()
+        try:
+            token = await _authenticate(tracker, request, now)
+            try:
+                req = parse_announce(request.scope["query_string"])
+            except TrackerRequestError as exc:
+                metrics.announces.labels("bad_request").inc()
+                return _bencoded(400, encode_failure(str(exc), "bad_request"))
+            _scope_check(token, req.info_hash)
+        except _Refused as refused:
+            metrics.announces.labels(
+                "forbidden" if refused.response.status_code == 403 else "unauthorized"
+            ).inc()
+            return refused.response
+        cluster = token.cluster if token is not None else OPEN_CLUSTER
+        host = req.ip if settings.trust_query_ip and req.ip else _remote(request)
+        decide = functools.partial(
+            tracker.policy.announce,
+            req=req,
+            host=host,
+            now=now,
+            zone=token.zone if token is not None else None,
+            registry_url=settings.registry_url,
+        )
+        try:
+            outcome = await tracker.state.update(SwarmKey(cluster, req.info_hash), decide)
+        except (StateUnavailableError, OSError, trio.TooSlowError) as exc:
+            metrics.announces.labels("unavailable").inc()
+            log.warning("state unavailable", extra={"fields": {"error": str(exc)}})
+            return _bencoded(503, encode_failure("tracker state unavailable", "unavailable"))
+        if outcome.origin is not None:
+            metrics.origin_assignments.inc()
+        if outcome.release:
+            metrics.release_orders.inc()
+        body = encode_announce_response(
+            AnnounceResponse(
+                interval=outcome.interval,
+                min_interval=outcome.min_interval,
+                complete=outcome.complete,
+                incomplete=outcome.incomplete,
+                peers=outcome.peers,
+                origin=outcome.origin,
+                release=outcome.release,
+            )
+        )
+        metrics.announces.labels("ok").inc()
+        metrics.announce_seconds.observe(time.perf_counter() - started)
+        return _bencoded(200, body)
+
+    async def scrape(request: Request) -> Response:
+        now = tracker.clock()
+        try:
+            token = await _authenticate(tracker, request, now)
+            try:
+                req = parse_scrape(request.scope["query_string"])
+            except TrackerRequestError as exc:
+                metrics.scrapes.labels("bad_request").inc()
+                return _bencoded(400, encode_failure(str(exc), "bad_request"))
+            for info_hash in req.info_hashes:
+                _scope_check(token, info_hash)
+        except _Refused as refused:
+            metrics.scrapes.labels("refused").inc()
+            return refused.response
+        cluster = token.cluster if token is not None else OPEN_CLUSTER
+        try:
+            swarms = await tracker.state.read(SwarmKey(cluster, h) for h in req.info_hashes)
+        except StateUnavailableError:
+            metrics.scrapes.labels("unavailable").inc()
+            return _bencoded(503, encode_failure("tracker state unavailable", "unavailable"))
+        files: dict[bytes, ScrapeStats] = {
+            h: tracker.policy.scrape(s, now) for h, s in zip(req.info_hashes, swarms, strict=True)
+        }
+        metrics.scrapes.labels("ok").inc()
+        return _bencoded(200, encode_scrape_response(files))
+
+    async def healthz(request: Request) -> Response:
+        return Response(b"ok\n", media_type="text/plain")
+
+    async def prometheus(request: Request) -> Response:
+        with contextlib.suppress(StateUnavailableError):
+            stats = await tracker.state.stats(tracker.clock(), settings.peer_timeout_s)
+            metrics.swarms.set(stats.swarms)
+            metrics.peers.labels("seeder").set(stats.seeders)
+            metrics.peers.labels("leecher").set(stats.leechers)
+            metrics.largest_swarm.set(stats.largest_swarm)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/announce", announce),
+            Route("/scrape", scrape),
+            Route("/healthz", healthz),
+            Route("/metrics", prometheus),
+        ]
+    )
+
+
+async def _sweep(tracker: Tracker) -> None:
+    while True:
+        await trio.sleep(tracker.settings.sweep_interval_s)
+        await tracker.state.sweep(tracker.clock(), tracker.settings.peer_timeout_s)
+
+
+async def run_tracker(
+    settings: TrackerSettings,
+    *,
+    rng: random.Random | None = None,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run until cancelled; reports the bound base URL through ``task_status``."""
+    from daemons._http import serve_app
+
+    async with contextlib.AsyncExitStack() as stack:
+        state: TrackerState
+        if settings.backend == "redis":
+            import coredis
+
+            client = coredis.Redis.from_url(settings.redis_url, decode_responses=False)
+            await stack.enter_async_context(client)
+            state = RedisState(
+                client, prefix=settings.redis_prefix, ttl_s=2 * settings.peer_timeout_s
+            )
+        else:
+            state = MemoryState()
+        gate = jwks = None
+        if not settings.open_mode:
+            http = None
+            url = None
+            if settings.jwks_file is None:
+                assert settings.sidecar_url is not None
+                url = settings.sidecar_url.rstrip("/") + "/.well-known/jwks.json"
+                http = await stack.enter_async_context(httpx.AsyncClient())
+            jwks = JwksSource(
+                url=url,
+                file=settings.jwks_file,
+                refresh_s=settings.jwks_refresh_s,
+                min_refresh_s=settings.jwks_min_refresh_s,
+                http=http,
+            )
+            gate = TokenGate(jwks, settings.issuer)
+        tracker = Tracker(settings, TrackerPolicy(settings.policy_config(), rng=rng), state, gate)
+        async with trio.open_nursery() as nursery:
+            if jwks is not None:
+                await nursery.start(jwks.run)
+            nursery.start_soon(_sweep, tracker)
+            url = await nursery.start(
+                functools.partial(serve_app, keep_alive_max_requests=100_000),
+                create_app(tracker),
+                settings.listen,
+            )
+            log.info(
+                "tracker serving",
+                extra={
+                    "fields": {
+                        "url": url,
+                        "backend": settings.backend,
+                        "open_mode": settings.open_mode,
+                    }
+                },
+            )
+            task_status.started(url)
+
+
+@click.command("tracker")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="TOML config file (env P2PIMAGE_TRACKER_<KEY> overrides it)",
+)
+@click.option("--print-config", is_flag=True, help="print the effective config and exit")
+def tracker(config_path: Path | None, print_config: bool) -> None:
+    """Run the cluster-aware BitTorrent tracker."""
+    from daemons._logging import setup_logging
+
+    try:
+        settings = load_settings(TrackerSettings, path=config_path, env_prefix="P2PIMAGE_TRACKER_")
+        check_settings(settings)
+    except ConfigError as exc:
+        click.echo(f"p2pimage tracker: {exc}", err=True)
+        sys.exit(2)
+    if print_config:
+        click.echo(dump_settings(settings), nl=False)
+        return
+    setup_logging(settings.log_level, json_lines=settings.log_json)
+    # Swarms are many small long-lived objects; the default thresholds (700 allocations)
+    # run young-generation collections every few announces. Collect less often.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(run_tracker, settings)
+
+
+if __name__ == "__main__":
+    tracker()

@@ -1,0 +1,432 @@
+"""Tracker policy: who is in a swarm, whom a peer is told about, who reads the registry,
+who may stop seeding. Pure: no I/O, no clock (callers pass ``now``), randomness from an
+injected :class:`random.Random`, so the daemon, the tests and the simulator run the same
+code.
+
+One :class:`Swarm` object holds the state of one (cluster, info-hash) swarm. The state
+backends (:mod:`._state`) hand the policy a swarm to mutate; the memory backend gives the
+live object, the Redis backend a decoded snapshot that it writes back atomically.
+
+Per-announce cost is O(numwant log numwant + peers) for peer selection; expiry, counts
+and origin bookkeeping are amortised O(1) (peers are kept in last-seen order, counts are
+maintained incrementally, the fetcher table holds at most ``max_origin_fetchers``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from ._protocol import AnnounceRequest, Event, OriginAssignment, ScrapeStats
+
+__all__ = [
+    "AnnounceOutcome",
+    "FetcherRange",
+    "PeerRecord",
+    "PolicyConfig",
+    "Swarm",
+    "TrackerPolicy",
+    "origin_blob_url",
+]
+
+
+def origin_blob_url(registry_url: str, repo: str, digest: str) -> str:
+    """The OCI distribution blob URL an origin fetcher reads with Range requests."""
+    return f"{registry_url.rstrip('/')}/v2/{repo}/blobs/{digest}"
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Tracker policy settings, with their defaults.
+
+    * ``interval_s``: announce interval for ordinary peers; ``fetcher_interval_s`` is the
+      (shorter) interval told to origin fetchers so progress and re-splits flow quickly.
+    * ``peer_timeout_s``: a peer not heard from for this long is dropped (two intervals:
+      one missed announce is tolerated).
+    * ``origin_ratio`` / ``max_origin_fetchers``: k = clamp(ceil(ratio * swarm size), 1,
+      max) peers read disjoint piece ranges from the registry.
+    * ``origin_stall_s``: a fetcher whose reported progress does not move for this long
+      loses its remaining range to the next fetcher.
+    * ``release_min_seeders`` / ``release_seeder_ratio``: finished peers beyond
+      max(M, ceil(ratio * active leechers)) are told to release.
+    * ``linger_s``: once every peer has finished and no leecher has been seen for this
+      long, every peer is told to release.
+    * ``well_supplied_fraction``: a leecher with at most this fraction of the largest
+      ``left`` seen in the swarm counts as well-supplied for peer selection.
+    * ``zone_share``: the share of a response reserved for same-zone peers.
+    """
+
+    interval_s: int = 30
+    min_interval_s: int = 5
+    fetcher_interval_s: int = 5
+    peer_timeout_s: float = 60.0
+    origin_ratio: float = 0.1
+    max_origin_fetchers: int = 16
+    origin_stall_s: float = 20.0
+    release_min_seeders: int = 2
+    release_seeder_ratio: float = 0.25
+    linger_s: float = 300.0
+    well_supplied_fraction: float = 0.5
+    zone_share: float = 0.75
+
+
+@dataclass(slots=True)
+class PeerRecord:
+    peer_id: bytes
+    host: str
+    port: int
+    left: int
+    last_seen: float
+    zone: str | None = None
+    # When the peer was first seen with left == 0 (None while it is leeching).
+    finished_at: float | None = None
+    released: bool = False
+
+
+@dataclass(slots=True)
+class FetcherRange:
+    """A fetcher's unfetched remainder ``[next, end)`` of its assigned origin range."""
+
+    peer_id: bytes
+    next: int
+    end: int
+    last_progress: float
+
+
+@dataclass(slots=True)
+class Swarm:
+    """The state of one swarm. ``peers`` is kept in last-seen order (oldest first)."""
+
+    peers: dict[bytes, PeerRecord] = field(default_factory=dict)
+    pieces: int | None = None
+    fetchers: dict[bytes, FetcherRange] = field(default_factory=dict)
+    # Piece ranges not yet read from the origin and owned by no fetcher.
+    unassigned: list[tuple[int, int]] = field(default_factory=list)
+    # True once the whole layer is in the swarm (a seeder appeared): no more origin reads.
+    origin_done: bool = False
+    downloads: int = 0
+    largest_left: int = 0
+    # Last time a leecher was present (for the linger rule).
+    leecher_seen_at: float = 0.0
+    # Fetchers that stalled: never named again while they stay in the swarm.
+    stalled: set[bytes] = field(default_factory=set)
+    seeders: int = 0
+    released: int = 0
+
+    @property
+    def leechers(self) -> int:
+        return len(self.peers) - self.seeders
+
+    def add(self, rec: PeerRecord) -> None:
+        self.peers[rec.peer_id] = rec
+        if rec.left == 0:
+            self.seeders += 1
+        if rec.released:
+            self.released += 1
+
+    def remove(self, peer_id: bytes) -> PeerRecord | None:
+        rec = self.peers.pop(peer_id, None)
+        if rec is not None:
+            if rec.left == 0:
+                self.seeders -= 1
+            if rec.released:
+                self.released -= 1
+        return rec
+
+    def expire(self, now: float, timeout_s: float) -> int:
+        """Drop peers not seen for ``timeout_s``; amortised O(expired)."""
+        cutoff = now - timeout_s
+        dropped = [pid for pid, rec in _take_while_old(self.peers, cutoff)]
+        for pid in dropped:
+            self.remove(pid)
+            self.stalled.discard(pid)
+        return len(dropped)
+
+    def stats(self) -> ScrapeStats:
+        return ScrapeStats(self.seeders, self.leechers, self.downloads)
+
+
+def _take_while_old(
+    peers: dict[bytes, PeerRecord], cutoff: float
+) -> list[tuple[bytes, PeerRecord]]:
+    out = []
+    for pid, rec in peers.items():
+        if rec.last_seen >= cutoff:
+            break
+        out.append((pid, rec))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceOutcome:
+    """The policy's answer to one announce (the daemon encodes it)."""
+
+    peers: list[tuple[str, int]]
+    complete: int
+    incomplete: int
+    interval: int
+    min_interval: int
+    origin: OriginAssignment | None = None
+    release: bool = False
+
+
+class TrackerPolicy:
+    """The tracker's rules, applied to one swarm per call."""
+
+    def __init__(self, config: PolicyConfig | None = None, *, rng: random.Random | None = None):
+        self.config = config or PolicyConfig()
+        self.rng = rng or random.Random()
+
+    # ------------------------------------------------------------------ announce
+
+    def announce(
+        self,
+        swarm: Swarm,
+        req: AnnounceRequest,
+        *,
+        host: str,
+        now: float,
+        zone: str | None = None,
+        registry_url: str | None = None,
+    ) -> AnnounceOutcome:
+        """Apply one announce from ``host`` (the peer's address) to ``swarm``.
+
+        ``registry_url`` (the tracker's configured registry) together with the request's
+        ``repo`` and ``digest`` makes the origin URL; without all three the asker is never
+        named an origin fetcher.
+        """
+        cfg = self.config
+        swarm.expire(now, cfg.peer_timeout_s)
+        old = swarm.remove(req.peer_id)
+        if (old is None and not swarm.peers) or (old is not None and old.left > 0):
+            # A new (or emptied) swarm, or a leecher until this moment: the linger clock
+            # (time since a leecher was last present) restarts now.
+            swarm.leecher_seen_at = now
+        if req.event is Event.STOPPED:
+            self._forget_fetcher(swarm, req.peer_id)
+            swarm.stalled.discard(req.peer_id)
+            return AnnounceOutcome(
+                [], swarm.seeders, swarm.leechers, cfg.interval_s, cfg.min_interval_s
+            )
+        if swarm.pieces is None and req.pieces is not None:
+            swarm.pieces = req.pieces
+            if not swarm.origin_done and not swarm.fetchers:
+                swarm.unassigned = [(0, req.pieces)]
+        finished_at = old.finished_at if old is not None else None
+        if req.left == 0 and finished_at is None:
+            finished_at = now
+            if (old is not None and old.left > 0) or req.event is Event.COMPLETED:
+                swarm.downloads += 1
+        rec = PeerRecord(
+            peer_id=req.peer_id,
+            host=host,
+            port=req.port,
+            left=req.left,
+            last_seen=now,
+            zone=zone,
+            finished_at=finished_at if req.left == 0 else None,
+            released=old.released if old is not None else False,
+        )
+        swarm.add(rec)
+        swarm.largest_left = max(swarm.largest_left, req.left)
+        if req.left > 0:
+            swarm.leecher_seen_at = now
+        elif not swarm.origin_done:
+            # A seeder holds every piece: the swarm no longer needs the registry.
+            swarm.origin_done = True
+            swarm.fetchers.clear()
+            swarm.unassigned.clear()
+
+        origin = None
+        if not swarm.origin_done:
+            origin = self._origin(swarm, req, rec, now, registry_url)
+        release = rec.left == 0 and self._should_release(swarm, rec, now)
+        if release and not rec.released:
+            rec.released = True
+            swarm.released += 1
+        peers = [] if release else self._select(swarm, rec, req.numwant)
+        interval = cfg.fetcher_interval_s if origin is not None else cfg.interval_s
+        return AnnounceOutcome(
+            peers,
+            swarm.seeders,
+            swarm.leechers,
+            interval,
+            min(cfg.min_interval_s, interval),
+            origin,
+            release,
+        )
+
+    def scrape(self, swarm: Swarm | None, now: float) -> ScrapeStats:
+        if swarm is None:
+            return ScrapeStats(0, 0, 0)
+        swarm.expire(now, self.config.peer_timeout_s)
+        return swarm.stats()
+
+    # ------------------------------------------------------------------ origin ranges
+
+    def target_fetchers(self, swarm_size: int) -> int:
+        cfg = self.config
+        return max(1, min(cfg.max_origin_fetchers, math.ceil(cfg.origin_ratio * swarm_size)))
+
+    def _forget_fetcher(self, swarm: Swarm, peer_id: bytes) -> None:
+        f = swarm.fetchers.pop(peer_id, None)
+        if f is not None and f.next < f.end:
+            swarm.unassigned.append((f.next, f.end))
+
+    def _reclaim(self, swarm: Swarm, now: float) -> None:
+        stall = self.config.origin_stall_s
+        for pid in list(swarm.fetchers):
+            f = swarm.fetchers[pid]
+            if pid not in swarm.peers:
+                self._forget_fetcher(swarm, pid)
+            elif now - f.last_progress > stall:
+                self._forget_fetcher(swarm, pid)
+                swarm.stalled.add(pid)
+
+    def _origin(
+        self,
+        swarm: Swarm,
+        req: AnnounceRequest,
+        rec: PeerRecord,
+        now: float,
+        registry_url: str | None,
+    ) -> OriginAssignment | None:
+        mine = swarm.fetchers.get(rec.peer_id)
+        if mine is not None and req.origin_next is not None:
+            progressed = min(max(req.origin_next, mine.next), mine.end)
+            if progressed > mine.next:
+                mine.next = progressed
+                mine.last_progress = now
+        if mine is not None and mine.next >= mine.end:
+            del swarm.fetchers[rec.peer_id]
+            mine = None
+        self._reclaim(swarm, now)
+        mine = swarm.fetchers.get(rec.peer_id)
+        if registry_url is None or req.repo is None or req.digest is None or not swarm.pieces:
+            return None
+        url = origin_blob_url(registry_url, req.repo, req.digest)
+        if mine is not None:
+            return OriginAssignment(url, mine.next, mine.end)
+        if rec.peer_id in swarm.stalled:
+            return None
+        if len(swarm.fetchers) >= self.target_fetchers(len(swarm.peers)):
+            return None
+        got = self._take_work(swarm)
+        if got is None:
+            return None
+        first, end = got
+        swarm.fetchers[rec.peer_id] = FetcherRange(rec.peer_id, first, end, now)
+        return OriginAssignment(url, first, end)
+
+    def _take_work(self, swarm: Swarm) -> tuple[int, int] | None:
+        """An unowned remainder whole (largest first), else the tail half of the largest
+        remainder a fetcher still holds (work stealing)."""
+        if swarm.unassigned:
+            best = max(range(len(swarm.unassigned)), key=lambda i: _span(swarm.unassigned[i]))
+            return swarm.unassigned.pop(best)
+        victim = max(swarm.fetchers.values(), key=lambda f: f.end - f.next, default=None)
+        if victim is None or victim.end - victim.next < 2:
+            return None
+        mid = victim.next + (victim.end - victim.next + 1) // 2
+        stolen = (mid, victim.end)
+        victim.end = mid
+        return stolen
+
+    # ------------------------------------------------------------------ release
+
+    def _should_release(self, swarm: Swarm, rec: PeerRecord, now: float) -> bool:
+        if rec.released:
+            return True
+        cfg = self.config
+        leechers = swarm.leechers
+        if leechers == 0 and now - swarm.leecher_seen_at >= cfg.linger_s:
+            return True
+        active_seeders = swarm.seeders - swarm.released
+        keep = max(cfg.release_min_seeders, math.ceil(cfg.release_seeder_ratio * leechers))
+        surplus = active_seeders - keep
+        if surplus <= 0:
+            return False
+        # Rank the active seeders by how little the swarm needs them: zones with the most
+        # seeders per leecher first, then the longest-finished (it has served its share).
+        zone_seeders: dict[str | None, int] = {}
+        zone_leechers: dict[str | None, int] = {}
+        for p in swarm.peers.values():
+            if p.left > 0:
+                zone_leechers[p.zone] = zone_leechers.get(p.zone, 0) + 1
+            elif not p.released:
+                zone_seeders[p.zone] = zone_seeders.get(p.zone, 0) + 1
+
+        def need(p: PeerRecord) -> tuple[float, float, bytes]:
+            spare = zone_seeders.get(p.zone, 0) / (zone_leechers.get(p.zone, 0) + 1)
+            return (-spare, p.finished_at or 0.0, p.peer_id)
+
+        mine = need(rec)
+        ahead = sum(
+            1 for p in swarm.peers.values() if p.left == 0 and not p.released and need(p) < mine
+        )
+        return ahead < surplus
+
+    # ------------------------------------------------------------------ peer selection
+
+    def _select(self, swarm: Swarm, asker: PeerRecord, numwant: int) -> list[tuple[str, int]]:
+        """Up to ``numwant`` peers, never the asker nor released peers.
+
+        For a leecher: seeders, then origin fetchers and well-supplied leechers, then the
+        rest; random within a tier. A seeder gets leechers only, at random. Same-zone peers
+        fill up to ``zone_share`` of the answer first. O(peers + numwant).
+        """
+        if numwant <= 0:
+            return []
+        leecher = asker.left > 0
+        well = swarm.largest_left * self.config.well_supplied_fraction
+        fetchers = swarm.fetchers
+        zone = asker.zone
+        # tiers[same_zone][tier]
+        tiers: tuple[list[list[PeerRecord]], list[list[PeerRecord]]] = (
+            [[], [], []],
+            [[], [], []],
+        )
+        for p in swarm.peers.values():
+            if p.released or p is asker:
+                continue
+            if p.left == 0:
+                if not leecher:
+                    continue
+                tier = 0
+            elif leecher and (p.left <= well or p.peer_id in fetchers):
+                tier = 1
+            else:
+                tier = 2
+            tiers[zone is not None and p.zone == zone][tier].append(p)
+        if zone is None:
+            chosen = self._take(tiers[0], numwant)
+        else:
+            quota = max(1, math.ceil(numwant * self.config.zone_share))
+            chosen = self._take(tiers[1], quota)
+            chosen += self._take(tiers[0], numwant - len(chosen))
+            chosen += self._take(tiers[1], numwant - len(chosen))
+        return [(p.host, p.port) for p in chosen]
+
+    def _take(self, tiers: list[list[PeerRecord]], k: int) -> list[PeerRecord]:
+        """Up to ``k`` peers, best tier first, a random subset of the last tier needed.
+        Taken peers are removed from ``tiers``."""
+        out: list[PeerRecord] = []
+        for group in tiers:
+            if k <= len(out):
+                break
+            need = k - len(out)
+            if len(group) <= need:
+                out += group
+                group.clear()
+            else:
+                picked = self.rng.sample(range(len(group)), need)
+                out += [group[i] for i in picked]
+                for i in sorted(picked, reverse=True):
+                    group[i] = group[-1]
+                    group.pop()
+        return out
+
+
+def _span(r: tuple[int, int]) -> int:
+    return r[1] - r[0]

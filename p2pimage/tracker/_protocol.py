@@ -1,0 +1,476 @@
+"""Tracker messages, sans-I/O: announce/scrape query parsing, bencoded responses.
+
+Requests arrive as the raw query string of ``GET /announce?...`` (bytes, before any
+decoding), because ``info_hash`` and ``peer_id`` are percent-encoded raw 20-byte strings
+that no text decoding may touch. Anything malformed raises :class:`TrackerRequestError`
+(a :class:`~p2pimage.errors.RemoteProtocolError`) whose message is the ``failure reason``
+to send back; garbage never raises anything else.
+
+Responses are always compact (BEP 23): ``peers`` holds 6 bytes per IPv4 peer, ``peers6``
+18 bytes per IPv6 peer. p2pimage's own keys sit under one namespaced key, ``p2pimage``
+(see docs/protocol.md and :func:`encode_announce_response`).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import unquote_to_bytes
+
+from ..bencoding import Bencodable, bdecode, bencode
+from ..errors import BencodeError, LocalProtocolError, RemoteProtocolError
+
+__all__ = [
+    "DEFAULT_NUMWANT",
+    "MAX_NUMWANT",
+    "MAX_PIECES",
+    "MAX_QUERY_BYTES",
+    "MAX_SCRAPE_HASHES",
+    "AnnounceRequest",
+    "AnnounceResponse",
+    "Event",
+    "OriginAssignment",
+    "ScrapeRequest",
+    "ScrapeStats",
+    "TrackerRequestError",
+    "encode_announce_response",
+    "encode_failure",
+    "encode_scrape_response",
+    "parse_announce",
+    "parse_announce_response",
+    "parse_scrape",
+]
+
+# A real announce is ~300 bytes; libtorrent's longest (with key, trackerid, ipv6) stays
+# under 1 KiB. 4 KiB leaves room for p2pimage's extras and refuses nothing legitimate.
+MAX_QUERY_BYTES = 4096
+# The BitTorrent spec wiki's customary default when a client sends no numwant.
+DEFAULT_NUMWANT = 50
+# Our cap (clamped, not refused): 200 compact peers are 1.2 KB, and more peers than a
+# client's connection limit (libtorrent's default connections_limit is 200) is wasted work.
+MAX_NUMWANT = 200
+# Scrapes with more hashes are refused: a node scrapes the few layers it is pulling.
+MAX_SCRAPE_HASHES = 64
+# A 1 TiB layer in 64 KiB pieces; anything above is a bug or an attack.
+MAX_PIECES = 2**24
+# bencode's (and libtorrent's) integer range: whatever we accept we can write back.
+_MAX_INT = 2**63 - 1
+_MAX_INT_DIGITS = len(str(_MAX_INT))
+# Tracker responses we parse as a client: a 200-peer compact response is ~1.5 KB; a
+# non-compact one ~15 KB. 256 KiB refuses nothing real and bounds a hostile tracker.
+_MAX_RESPONSE_BYTES = 256 * 1024
+
+_DIGEST_RE = re.compile(rb"sha256:[0-9a-f]{64}\Z")
+# OCI distribution spec repository name grammar, with its 255-character limit.
+_REPO_RE = re.compile(
+    rb"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*\Z"
+)
+_MAX_REPO_BYTES = 255
+
+
+class TrackerRequestError(RemoteProtocolError):
+    """A request the tracker refuses; ``str(error)`` is the ``failure reason`` to send."""
+
+
+class Event(enum.Enum):
+    """The announce ``event`` parameter. ``paused`` (BEP 21) behaves like no event."""
+
+    NONE = b""
+    STARTED = b"started"
+    COMPLETED = b"completed"
+    STOPPED = b"stopped"
+    PAUSED = b"paused"
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceRequest:
+    """A validated announce.
+
+    p2pimage extras (all optional; stock clients send none of them):
+
+    * ``pieces`` (``p2pimage_pieces``): the layer's piece count, from the torrent.
+    * ``digest`` / ``repo`` (``p2pimage_digest``, ``p2pimage_repo``): the layer's OCI
+      digest and the repository the peer's client pulls it from; with the tracker's
+      registry URL they make the origin blob URL. A peer that sends all three may be named
+      an origin fetcher.
+    * ``origin_next`` (``p2pimage_origin_next``): origin progress of a fetcher: every
+      piece of its assigned range below this index has been read from the registry.
+    """
+
+    info_hash: bytes
+    peer_id: bytes
+    port: int
+    uploaded: int = 0
+    downloaded: int = 0
+    left: int = 0
+    event: Event = Event.NONE
+    numwant: int = DEFAULT_NUMWANT
+    ip: str | None = None
+    key: bytes | None = None
+    pieces: int | None = None
+    digest: str | None = None
+    repo: str | None = None
+    origin_next: int | None = None
+
+    def to_query(self) -> bytes:
+        """The query string a client sends for this request (the inverse of parsing)."""
+        parts = [
+            b"info_hash=" + _quote(self.info_hash),
+            b"peer_id=" + _quote(self.peer_id),
+            b"port=%d" % self.port,
+            b"uploaded=%d" % self.uploaded,
+            b"downloaded=%d" % self.downloaded,
+            b"left=%d" % self.left,
+            b"compact=1",
+            b"numwant=%d" % self.numwant,
+        ]
+        if self.event is not Event.NONE:
+            parts.append(b"event=" + self.event.value)
+        if self.ip is not None:
+            parts.append(b"ip=" + _quote(self.ip.encode()))
+        if self.key is not None:
+            parts.append(b"key=" + _quote(self.key))
+        if self.pieces is not None:
+            parts.append(b"p2pimage_pieces=%d" % self.pieces)
+        if self.digest is not None:
+            parts.append(b"p2pimage_digest=" + _quote(self.digest.encode()))
+        if self.repo is not None:
+            parts.append(b"p2pimage_repo=" + _quote(self.repo.encode()))
+        if self.origin_next is not None:
+            parts.append(b"p2pimage_origin_next=%d" % self.origin_next)
+        return b"&".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapeRequest:
+    info_hashes: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ScrapeStats:
+    complete: int
+    incomplete: int
+    downloaded: int
+
+
+@dataclass(frozen=True, slots=True)
+class OriginAssignment:
+    """Read pieces ``[first_piece, end_piece)`` of the layer from ``url`` (HTTP Range)."""
+
+    url: str
+    first_piece: int
+    end_piece: int
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceResponse:
+    """What a tracker told us (client side), or what we tell a peer (server side)."""
+
+    interval: int = 0
+    min_interval: int | None = None
+    complete: int = 0
+    incomplete: int = 0
+    peers: Sequence[tuple[str, int]] = field(default_factory=tuple)
+    origin: OriginAssignment | None = None
+    release: bool = False
+    failure: str | None = None
+    # Machine-readable failure code under p2pimage.error (e.g. an AuthError reason).
+    error: str | None = None
+
+
+_QUOTE_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _quote(raw: bytes) -> bytes:
+    return b"".join(bytes([c]) if c in _QUOTE_SAFE else b"%%%02X" % c for c in raw)
+
+
+def _pairs(query: bytes, repeatable: frozenset[bytes]) -> dict[bytes, list[bytes]]:
+    if not isinstance(query, bytes | bytearray):
+        raise TrackerRequestError("query must be bytes")
+    if len(query) > MAX_QUERY_BYTES:
+        raise TrackerRequestError(f"query longer than {MAX_QUERY_BYTES} bytes")
+    out: dict[bytes, list[bytes]] = {}
+    for part in bytes(query).split(b"&"):
+        if not part:
+            continue
+        name, _, value = part.partition(b"=")
+        key = unquote_to_bytes(name)
+        values = out.setdefault(key, [])
+        if values and key not in repeatable:
+            raise TrackerRequestError(f"repeated parameter {key.decode('latin-1')!r}")
+        values.append(unquote_to_bytes(value))
+    return out
+
+
+def _one(pairs: dict[bytes, list[bytes]], name: bytes) -> bytes | None:
+    values = pairs.get(name)
+    return values[0] if values else None
+
+
+def _uint(pairs: dict[bytes, list[bytes]], name: bytes, *, default: int | None = None) -> int:
+    raw = _one(pairs, name)
+    if raw is None:
+        if default is None:
+            raise TrackerRequestError(f"missing {name.decode()}")
+        return default
+    if not raw.isdigit() or not raw.isascii() or len(raw) > _MAX_INT_DIGITS:
+        raise TrackerRequestError(f"invalid {name.decode()}")
+    value = int(raw)
+    if value > _MAX_INT:
+        raise TrackerRequestError(f"invalid {name.decode()}")
+    return value
+
+
+def _hash20(raw: bytes | None, name: str) -> bytes:
+    if raw is None:
+        raise TrackerRequestError(f"missing {name}")
+    if len(raw) != 20:
+        raise TrackerRequestError(f"invalid {name}: {len(raw)} bytes, expected 20")
+    return raw
+
+
+def _ip(raw: bytes | None) -> str | None:
+    if raw is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(raw.decode("ascii")))
+    except (UnicodeDecodeError, ValueError):
+        raise TrackerRequestError("invalid ip: an IP literal is required") from None
+
+
+def parse_announce(query: bytes) -> AnnounceRequest:
+    """Parse the raw query string of an announce; raise :class:`TrackerRequestError`."""
+    pairs = _pairs(query, frozenset())
+    port = _uint(pairs, b"port")
+    if not 1 <= port <= 65535:
+        raise TrackerRequestError("invalid port")
+    raw_event = _one(pairs, b"event") or b""
+    try:
+        event = Event(raw_event)
+    except ValueError:
+        raise TrackerRequestError("unknown event") from None
+    pieces: int | None = None
+    if b"p2pimage_pieces" in pairs:
+        pieces = _uint(pairs, b"p2pimage_pieces")
+        if not 1 <= pieces <= MAX_PIECES:
+            raise TrackerRequestError("invalid p2pimage_pieces")
+    digest = _one(pairs, b"p2pimage_digest")
+    if digest is not None and not _DIGEST_RE.match(digest):
+        raise TrackerRequestError("invalid p2pimage_digest")
+    repo = _one(pairs, b"p2pimage_repo")
+    if repo is not None and (len(repo) > _MAX_REPO_BYTES or not _REPO_RE.match(repo)):
+        raise TrackerRequestError("invalid p2pimage_repo")
+    origin_next = None
+    if b"p2pimage_origin_next" in pairs:
+        origin_next = _uint(pairs, b"p2pimage_origin_next")
+        if origin_next > MAX_PIECES:
+            raise TrackerRequestError("invalid p2pimage_origin_next")
+    key = _one(pairs, b"key")
+    if key is not None and len(key) > 64:
+        raise TrackerRequestError("invalid key")
+    return AnnounceRequest(
+        info_hash=_hash20(_one(pairs, b"info_hash"), "info_hash"),
+        peer_id=_hash20(_one(pairs, b"peer_id"), "peer_id"),
+        port=port,
+        uploaded=_uint(pairs, b"uploaded", default=0),
+        downloaded=_uint(pairs, b"downloaded", default=0),
+        left=_uint(pairs, b"left", default=0),
+        event=event,
+        numwant=min(_uint(pairs, b"numwant", default=DEFAULT_NUMWANT), MAX_NUMWANT),
+        ip=_ip(_one(pairs, b"ip")),
+        key=key,
+        pieces=pieces,
+        digest=digest.decode("ascii") if digest is not None else None,
+        repo=repo.decode("ascii") if repo is not None else None,
+        origin_next=origin_next,
+    )
+
+
+def parse_scrape(query: bytes) -> ScrapeRequest:
+    """Parse a scrape query: one or more ``info_hash`` (repeatable); no full scrapes."""
+    pairs = _pairs(query, frozenset({b"info_hash"}))
+    hashes = pairs.get(b"info_hash", [])
+    if not hashes:
+        raise TrackerRequestError("full scrape not supported: give info_hash")
+    if len(hashes) > MAX_SCRAPE_HASHES:
+        raise TrackerRequestError(f"more than {MAX_SCRAPE_HASHES} info_hash values")
+    return ScrapeRequest(tuple(dict.fromkeys(_hash20(h, "info_hash") for h in hashes)))
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _pack_host(host: str) -> bytes:
+    """4 or 16 address bytes (IPv4-mapped IPv6 as IPv4). inet_pton is a pure conversion,
+    ~20x faster than ipaddress for the hot path of every response."""
+    try:
+        return socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        pass
+    try:
+        raw = socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        raise LocalProtocolError(f"peer host {host!r} is not an IP literal") from None
+    return raw[12:] if raw.startswith(_V4_MAPPED) else raw
+
+
+def _compact(peers: Iterable[tuple[str, int]]) -> tuple[bytes, bytes]:
+    v4: list[bytes] = []
+    v6: list[bytes] = []
+    for host, port in peers:
+        raw = _pack_host(host)
+        (v4 if len(raw) == 4 else v6).append(raw + port.to_bytes(2, "big"))
+    return b"".join(v4), b"".join(v6)
+
+
+def encode_announce_response(response: AnnounceResponse) -> bytes:
+    """Bencode an announce response (compact peers; the ``p2pimage`` dict when needed).
+
+    ``p2pimage`` holds ``origin`` (``{url, first_piece, end_piece}``) for an origin
+    fetcher and ``release: 1`` for a peer that should stop seeding; it is left out when
+    neither applies, so stock clients see a plain BEP 3/23 response.
+    """
+    if response.failure is not None:
+        return encode_failure(response.failure, response.error)
+    peers, peers6 = _compact(response.peers)
+    out: dict[bytes, Bencodable] = {
+        b"complete": response.complete,
+        b"incomplete": response.incomplete,
+        b"interval": response.interval,
+        b"peers": peers,
+    }
+    if response.min_interval is not None:
+        out[b"min interval"] = response.min_interval
+    if peers6:
+        out[b"peers6"] = peers6
+    extras: dict[bytes, Bencodable] = {}
+    if response.origin is not None:
+        extras[b"origin"] = {
+            b"end_piece": response.origin.end_piece,
+            b"first_piece": response.origin.first_piece,
+            b"url": response.origin.url.encode(),
+        }
+    if response.release:
+        extras[b"release"] = 1
+    if extras:
+        out[b"p2pimage"] = extras
+    return bencode(out)
+
+
+def encode_failure(reason: str, error: str | None = None) -> bytes:
+    out: dict[bytes, Bencodable] = {b"failure reason": reason.encode()}
+    if error is not None:
+        out[b"p2pimage"] = {b"error": error.encode()}
+    return bencode(out)
+
+
+def encode_scrape_response(files: dict[bytes, ScrapeStats]) -> bytes:
+    return bencode(
+        {
+            b"files": {
+                h: {
+                    b"complete": s.complete,
+                    b"downloaded": s.downloaded,
+                    b"incomplete": s.incomplete,
+                }
+                for h, s in files.items()
+            }
+        }
+    )
+
+
+def _int(d: dict[bytes, Bencodable], key: bytes, default: int | None = None) -> int:
+    value = d.get(key, default)
+    if not isinstance(value, int) or value < 0:
+        raise TrackerRequestError(f"tracker response: bad {key.decode()}")
+    return value
+
+
+def _unpack(blob: bytes, size: int) -> list[tuple[str, int]]:
+    if len(blob) % size:
+        raise TrackerRequestError("tracker response: truncated compact peers")
+    out = []
+    for i in range(0, len(blob), size):
+        addr = ipaddress.ip_address(blob[i : i + size - 2])
+        out.append((str(addr), int.from_bytes(blob[i + size - 2 : i + size], "big")))
+    return out
+
+
+def parse_announce_response(data: bytes) -> AnnounceResponse:
+    """Parse a tracker's announce response (client side).
+
+    Accepts compact and dictionary-model peer lists, so stock trackers work too; raises
+    :class:`TrackerRequestError` for anything malformed. A ``failure reason`` is returned
+    as ``AnnounceResponse(failure=...)``, not raised.
+    """
+    try:
+        value = bdecode(data, max_size=_MAX_RESPONSE_BYTES, max_depth=8, max_tokens=20_000)
+    except BencodeError as exc:
+        raise TrackerRequestError(f"tracker response: {exc}") from None
+    if not isinstance(value, dict):
+        raise TrackerRequestError("tracker response is not a dictionary")
+    extras = value.get(b"p2pimage", {})
+    if not isinstance(extras, dict):
+        raise TrackerRequestError("tracker response: bad p2pimage")
+    failure = value.get(b"failure reason")
+    if failure is not None:
+        if not isinstance(failure, bytes):
+            raise TrackerRequestError("tracker response: bad failure reason")
+        error = extras.get(b"error")
+        return AnnounceResponse(
+            failure=failure.decode("utf-8", "replace"),
+            error=error.decode("ascii", "replace") if isinstance(error, bytes) else None,
+        )
+    peers: list[tuple[str, int]] = []
+    raw = value.get(b"peers", b"")
+    if isinstance(raw, bytes):
+        peers += _unpack(raw, 6)
+    elif isinstance(raw, list):
+        for entry in raw:
+            if not isinstance(entry, dict):
+                raise TrackerRequestError("tracker response: bad peer entry")
+            ip, port = entry.get(b"ip"), entry.get(b"port")
+            if not isinstance(ip, bytes) or not isinstance(port, int) or not 0 < port < 65536:
+                raise TrackerRequestError("tracker response: bad peer entry")
+            try:
+                peers.append((str(ipaddress.ip_address(ip.decode("ascii"))), port))
+            except (UnicodeDecodeError, ValueError):
+                continue  # hostnames: BEP 3 allows them, p2pimage never sends them
+    else:
+        raise TrackerRequestError("tracker response: bad peers")
+    raw6 = value.get(b"peers6", b"")
+    if not isinstance(raw6, bytes):
+        raise TrackerRequestError("tracker response: bad peers6")
+    peers += _unpack(raw6, 18)
+    origin = None
+    raw_origin = extras.get(b"origin")
+    if raw_origin is not None:
+        if not isinstance(raw_origin, dict) or not isinstance(raw_origin.get(b"url"), bytes):
+            raise TrackerRequestError("tracker response: bad origin")
+        url = raw_origin[b"url"]
+        assert isinstance(url, bytes)
+        first, end = _int(raw_origin, b"first_piece"), _int(raw_origin, b"end_piece")
+        if first >= end:
+            raise TrackerRequestError("tracker response: empty origin range")
+        origin = OriginAssignment(url.decode("utf-8", "replace"), first, end)
+    release = extras.get(b"release", 0)
+    if not isinstance(release, int):
+        raise TrackerRequestError("tracker response: bad release")
+    min_interval = value.get(b"min interval")
+    return AnnounceResponse(
+        interval=_int(value, b"interval"),
+        min_interval=_int(value, b"min interval") if min_interval is not None else None,
+        complete=_int(value, b"complete", 0),
+        incomplete=_int(value, b"incomplete", 0),
+        peers=peers,
+        origin=origin,
+        release=bool(release),
+    )

@@ -1,0 +1,321 @@
+"""Where swarms live: in this process (default) or in Redis, shared by tracker replicas.
+
+Both backends expose the same small async interface, :class:`TrackerState`. The policy is
+a pure function of one :class:`~._policy.Swarm`; a backend's job is to run it atomically:
+
+* :class:`MemoryState` passes the live swarm object (no ``await`` between read and
+  write, so under trio the call is atomic) and drops swarms that emptied.
+* :class:`RedisState` stores one JSON document per swarm, reads it, runs the function on
+  the decoded swarm, and writes it back with a compare-and-set Lua script on a version
+  stamp; on a lost race it re-reads and re-runs (optimistic concurrency, like WATCH/MULTI
+  but in one round trip). Swarm documents carry a TTL of twice the peer timeout, so
+  abandoned swarms vanish without a sweeper. The document grows with the swarm (≈60
+  bytes per peer): fine for hundreds of peers per swarm, the case it is built for.
+
+A swarm is keyed by ``(cluster, info_hash)``; the cluster always comes from the verified
+token, never from the request.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+import trio
+
+from ._policy import FetcherRange, PeerRecord, Swarm
+
+__all__ = [
+    "MemoryState",
+    "RedisState",
+    "StateConflictError",
+    "StateStats",
+    "StateUnavailableError",
+    "SwarmKey",
+    "TrackerState",
+    "swarm_from_json",
+    "swarm_to_json",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class SwarmKey:
+    cluster: str
+    info_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StateStats:
+    swarms: int
+    seeders: int
+    leechers: int
+    largest_swarm: int = 0
+
+
+class TrackerState(Protocol):
+    async def update(self, key: SwarmKey, fn: Callable[[Swarm], T]) -> T:
+        """Run ``fn`` on the swarm ``key`` (created empty if absent) and persist it.
+
+        ``fn`` may run more than once (Redis retries); it must touch nothing but the swarm.
+        """
+        ...
+
+    async def read(self, keys: Iterable[SwarmKey]) -> list[Swarm | None]:
+        """Snapshots of the given swarms (``None`` when absent). Read-only."""
+        ...
+
+    async def stats(self, now: float, timeout_s: float) -> StateStats:
+        """Live swarms and peers (silent peers not counted)."""
+        ...
+
+    async def sweep(self, now: float, timeout_s: float) -> None:
+        """Expire silent peers in every swarm and drop empty swarms."""
+        ...
+
+
+class MemoryState:
+    """Swarms in a dict; the default, for one tracker replica."""
+
+    def __init__(self) -> None:
+        self.swarms: dict[SwarmKey, Swarm] = {}
+
+    async def update(self, key: SwarmKey, fn: Callable[[Swarm], T]) -> T:
+        swarm = self.swarms.get(key)
+        if swarm is None:
+            swarm = self.swarms[key] = Swarm()
+        result = fn(swarm)
+        if not swarm.peers:
+            del self.swarms[key]
+        return result
+
+    async def read(self, keys: Iterable[SwarmKey]) -> list[Swarm | None]:
+        return [self.swarms.get(k) for k in keys]
+
+    async def stats(self, now: float, timeout_s: float) -> StateStats:
+        await self.sweep(now, timeout_s)
+        seeders = sum(s.seeders for s in self.swarms.values())
+        peers = sum(len(s.peers) for s in self.swarms.values())
+        largest = max((len(s.peers) for s in self.swarms.values()), default=0)
+        return StateStats(len(self.swarms), seeders, peers - seeders, largest)
+
+    async def sweep(self, now: float, timeout_s: float) -> None:
+        for key in list(self.swarms):
+            swarm = self.swarms[key]
+            swarm.expire(now, timeout_s)
+            if not swarm.peers:
+                del self.swarms[key]
+
+
+# ------------------------------------------------------------------------------ Redis
+
+_VERSION_LEN = 16
+# KEYS[1] swarm key, KEYS[2] index set; ARGV[1] expected version ('' = absent),
+# ARGV[2] new document ('' = delete), ARGV[3] TTL in ms. Returns 1 when written, else the
+# current document ('' when absent), so a lost race costs no extra round trip.
+_CAS_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+local ver = ''
+if cur then ver = string.sub(cur, 1, 16) end
+if ver ~= ARGV[1] then return cur or '' end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+  redis.call('SREM', KEYS[2], KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('SADD', KEYS[2], KEYS[1])
+end
+return 1
+"""
+# Retries after lost compare-and-set races before giving up (each one means another
+# replica wrote the same swarm in the ~0.3 ms window; 50 in a row means something is wrong).
+_MAX_CAS_RETRIES = 50
+# Swarms whose last write this replica remembers (a cache, bounded; ~6 KB per 100 peers).
+_CACHE_MAX_SWARMS = 10_000
+
+
+class StateUnavailableError(Exception):
+    """The shared state could not be read or written (Redis down, timeouts)."""
+
+
+class StateConflictError(StateUnavailableError):
+    """The Redis compare-and-set kept losing; the announce is answered with a failure."""
+
+
+def _unavailable(exc: Exception) -> StateUnavailableError:
+    return StateUnavailableError(f"redis: {type(exc).__name__}: {exc}")
+
+
+def swarm_to_json(swarm: Swarm) -> bytes:
+    doc = {
+        "pieces": swarm.pieces,
+        "origin_done": swarm.origin_done,
+        "downloads": swarm.downloads,
+        "largest_left": swarm.largest_left,
+        "leecher_seen_at": swarm.leecher_seen_at,
+        "unassigned": swarm.unassigned,
+        "stalled": [p.hex() for p in swarm.stalled],
+        "fetchers": [
+            [f.peer_id.hex(), f.next, f.end, f.last_progress] for f in swarm.fetchers.values()
+        ],
+        "peers": [
+            [
+                p.peer_id.hex(),
+                p.host,
+                p.port,
+                p.left,
+                p.last_seen,
+                p.zone,
+                p.finished_at,
+                p.released,
+            ]
+            for p in swarm.peers.values()
+        ],
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def swarm_from_json(data: bytes) -> Swarm:
+    doc: dict[str, Any] = json.loads(data)
+    swarm = Swarm(
+        pieces=doc["pieces"],
+        origin_done=doc["origin_done"],
+        downloads=doc["downloads"],
+        largest_left=doc["largest_left"],
+        leecher_seen_at=doc["leecher_seen_at"],
+        unassigned=[(a, b) for a, b in doc["unassigned"]],
+        stalled={bytes.fromhex(p) for p in doc["stalled"]},
+    )
+    for pid, nxt, end, progress in doc["fetchers"]:
+        raw = bytes.fromhex(pid)
+        swarm.fetchers[raw] = FetcherRange(raw, nxt, end, progress)
+    for pid, host, port, left, seen, zone, finished, released in doc["peers"]:
+        swarm.add(PeerRecord(bytes.fromhex(pid), host, port, left, seen, zone, finished, released))
+    return swarm
+
+
+class RedisState:
+    """Swarms in Redis (one JSON document per swarm), shared by tracker replicas.
+
+    ``client`` is a connected ``coredis.Redis`` (``decode_responses=False``) whose
+    lifetime the caller owns (``async with client:``).
+    """
+
+    def __init__(self, client: Any, *, prefix: str = "p2pimage:tracker:", ttl_s: float = 120.0):
+        self.client = client
+        self.prefix = prefix
+        self.ttl_ms = int(ttl_s * 1000)
+        self._index = prefix + "swarms"
+        self._cas = client.register_script(_CAS_SCRIPT)
+        self._locks: dict[SwarmKey, list[Any]] = {}
+        # Our last write of each swarm (version, swarm), least recently used first.
+        self._cache: dict[SwarmKey, tuple[str, Swarm]] = {}
+        from coredis.exceptions import RedisError
+
+        self._errors = RedisError
+
+    def _key(self, key: SwarmKey) -> str:
+        # Cluster names are free text: hex keeps the Redis key unambiguous.
+        return f"{self.prefix}swarm:{key.cluster.encode().hex()}:{key.info_hash.hex()}"
+
+    @staticmethod
+    def _decode(raw: bytes | None) -> tuple[str, Swarm | None]:
+        if not raw:
+            return "", None
+        return raw[:_VERSION_LEN].decode(), swarm_from_json(raw[_VERSION_LEN:])
+
+    async def update(self, key: SwarmKey, fn: Callable[[Swarm], T]) -> T:
+        # Announces for one swarm queue here, so this replica never races itself; the
+        # compare-and-set only has to settle races between replicas.
+        entry = self._locks.get(key)
+        if entry is None:
+            entry = self._locks[key] = [trio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                return await self._update(key, fn)
+        except (self._errors, OSError) as exc:
+            raise _unavailable(exc) from None
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[key]
+
+    async def _update(self, key: SwarmKey, fn: Callable[[Swarm], T]) -> T:
+        rkey = self._key(key)
+        # Optimistic: start from our own last write of this swarm, if any. When no other
+        # replica wrote since, the compare-and-set succeeds and the announce costs one
+        # round trip and no decoding; otherwise the script hands back the current document.
+        cached = self._cache.pop(key, None)
+        if cached is None:
+            version, swarm = self._decode(await self.client.get(rkey))
+        else:
+            version, swarm = cached
+        for _ in range(_MAX_CAS_RETRIES):
+            if swarm is None:
+                swarm = Swarm()
+            result = fn(swarm)
+            new_version = secrets.token_hex(_VERSION_LEN // 2) if swarm.peers else ""
+            doc = new_version.encode() + swarm_to_json(swarm) if swarm.peers else b""
+            reply = await self._cas(keys=[rkey, self._index], args=[version, doc, str(self.ttl_ms)])
+            if reply == 1:
+                if swarm.peers:
+                    if len(self._cache) >= _CACHE_MAX_SWARMS:
+                        del self._cache[next(iter(self._cache))]
+                    self._cache[key] = (new_version, swarm)
+                return result
+            version, swarm = self._decode(reply)
+        raise StateConflictError(f"swarm {key.info_hash.hex()} kept changing under us")
+
+    async def read(self, keys: Iterable[SwarmKey]) -> list[Swarm | None]:
+        rkeys = [self._key(k) for k in keys]
+        if not rkeys:
+            return []
+        try:
+            raws = await self.client.mget(rkeys)
+        except (self._errors, OSError) as exc:
+            raise _unavailable(exc) from None
+        return [None if r is None else swarm_from_json(r[_VERSION_LEN:]) for r in raws]
+
+    async def stats(self, now: float, timeout_s: float) -> StateStats:
+        try:
+            return await self._stats(now, timeout_s)
+        except (self._errors, OSError) as exc:
+            raise _unavailable(exc) from None
+
+    async def _stats(self, now: float, timeout_s: float) -> StateStats:
+        members = sorted(await self.client.smembers(self._index))
+        swarms = seeders = leechers = largest = 0
+        gone = []
+        for start in range(0, len(members), 500):
+            chunk = members[start : start + 500]
+            for rkey, raw in zip(chunk, await self.client.mget(chunk), strict=True):
+                if raw is None:
+                    gone.append(rkey)
+                    continue
+                swarm = swarm_from_json(raw[_VERSION_LEN:])
+                swarm.expire(now, timeout_s)
+                if not swarm.peers:
+                    continue
+                swarms += 1
+                seeders += swarm.seeders
+                leechers += swarm.leechers
+                largest = max(largest, len(swarm.peers))
+        if gone:
+            await self.client.srem(self._index, gone)
+        return StateStats(swarms, seeders, leechers, largest)
+
+    async def sweep(self, now: float, timeout_s: float) -> None:
+        # Swarm documents expire by TTL; peers inside one expire at its next announce.
+        return None
+
+    async def clear(self) -> None:
+        """Delete every key under the prefix (tests and benchmarks)."""
+        members = list(await self.client.smembers(self._index))
+        if members:
+            await self.client.delete(members)
+        await self.client.delete([self._index])

@@ -1,0 +1,241 @@
+"""Tracker messages: query parsing (garbage raises only TrackerRequestError), round trips."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pimage.bencoding import bdecode, bencode
+from p2pimage.errors import RemoteProtocolError
+from p2pimage.tracker import (
+    MAX_NUMWANT,
+    AnnounceRequest,
+    AnnounceResponse,
+    Event,
+    OriginAssignment,
+    ScrapeStats,
+    TrackerRequestError,
+    encode_announce_response,
+    encode_failure,
+    encode_scrape_response,
+    parse_announce,
+    parse_announce_response,
+    parse_scrape,
+)
+
+IH = b"\x00\x01%&=+ \xff" + bytes(range(12))
+PEER = b"-PI0001-" + b"\x80" * 12
+BASE = AnnounceRequest(info_hash=IH, peer_id=PEER, port=6881, left=10)
+
+
+def q(**overrides: str) -> bytes:
+    params = {
+        "info_hash": "%00%01%25%26%3D%2B%20%FF" + "".join(f"%{i:02X}" for i in range(12)),
+        "peer_id": "-PI0001-" + "%80" * 12,
+        "port": "6881",
+        "left": "10",
+    }
+    params.update(overrides)
+    return "&".join(f"{k}={v}" for k, v in params.items() if v is not None).encode()
+
+
+def test_parses_a_stock_announce() -> None:
+    req = parse_announce(q(event="started", compact="1", numwant="30", key="abc"))
+    assert req.info_hash == IH and req.peer_id == PEER
+    assert (req.port, req.left, req.event, req.numwant, req.key) == (
+        6881, 10, Event.STARTED, 30, b"abc",
+    )  # fmt: skip
+
+
+def test_plus_is_not_a_space_in_binary_values() -> None:
+    raw = parse_announce(q(info_hash="+" * 20)).info_hash
+    assert raw == b"+" * 20
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"info_hash": "abc"}, "info_hash"),
+        ({"info_hash": None}, "missing info_hash"),
+        ({"peer_id": "x" * 21}, "peer_id"),
+        ({"port": "0"}, "port"),
+        ({"port": "65536"}, "port"),
+        ({"port": "-1"}, "port"),
+        ({"port": "80x"}, "port"),
+        ({"left": "-5"}, "left"),
+        ({"uploaded": "9" * 30}, "uploaded"),
+        ({"downloaded": str(2**63)}, "downloaded"),
+        ({"event": "exploded"}, "event"),
+        ({"ip": "example.com"}, "ip"),
+        ({"p2pimage_pieces": "0"}, "p2pimage_pieces"),
+        ({"p2pimage_digest": "sha256:xyz"}, "p2pimage_digest"),
+        ({"p2pimage_repo": "../etc"}, "p2pimage_repo"),
+        ({"p2pimage_origin_next": "-1"}, "p2pimage_origin_next"),
+        ({"numwant": "lots"}, "numwant"),
+    ],
+)
+def test_bad_announces_get_a_reason(overrides: dict[str, str], reason: str) -> None:
+    with pytest.raises(TrackerRequestError, match=reason):
+        parse_announce(q(**overrides))
+
+
+def test_repeated_keys_rejected() -> None:
+    with pytest.raises(TrackerRequestError, match="repeated"):
+        parse_announce(q() + b"&port=1")
+    with pytest.raises(TrackerRequestError, match="repeated"):
+        parse_announce(q() + b"&x=1&x=2")
+
+
+def test_huge_numwant_is_clamped() -> None:
+    assert parse_announce(q(numwant="100000")).numwant == MAX_NUMWANT
+
+
+def test_oversized_query_rejected() -> None:
+    with pytest.raises(TrackerRequestError, match="longer"):
+        parse_announce(q(junk="a" * 5000))
+
+
+def test_scrape_takes_repeated_info_hashes() -> None:
+    req = parse_scrape(b"info_hash=" + b"a" * 20 + b"&info_hash=" + b"b" * 20)
+    assert req.info_hashes == (b"a" * 20, b"b" * 20)
+    with pytest.raises(TrackerRequestError, match="full scrape"):
+        parse_scrape(b"")
+    with pytest.raises(TrackerRequestError, match="repeated"):
+        parse_scrape(b"info_hash=" + b"a" * 20 + b"&x=1&x=1")
+
+
+requests = st.builds(
+    AnnounceRequest,
+    info_hash=st.binary(min_size=20, max_size=20),
+    peer_id=st.binary(min_size=20, max_size=20),
+    port=st.integers(1, 65535),
+    uploaded=st.integers(0, 2**63 - 1),
+    downloaded=st.integers(0, 2**63 - 1),
+    left=st.integers(0, 2**63 - 1),
+    event=st.sampled_from(list(Event)),
+    numwant=st.integers(0, MAX_NUMWANT),
+    ip=st.one_of(st.none(), st.ip_addresses().map(str)),
+    key=st.one_of(st.none(), st.binary(max_size=16)),
+    pieces=st.one_of(st.none(), st.integers(1, 2**24)),
+    digest=st.one_of(st.none(), st.from_regex(r"sha256:[0-9a-f]{64}", fullmatch=True)),
+    repo=st.one_of(
+        st.none(), st.from_regex(r"[a-z0-9]{1,10}(/[a-z0-9]{1,10}){0,2}", fullmatch=True)
+    ),
+    origin_next=st.one_of(st.none(), st.integers(0, 2**24)),
+)
+
+
+@given(requests)
+def test_announce_round_trip(req: AnnounceRequest) -> None:
+    assert parse_announce(req.to_query()) == req
+
+
+_query_alphabet = st.sampled_from(
+    [b"&", b"=", b"%", b"%zz", b"%00", b"+", b"info_hash", b"peer_id", b"port", b"event",
+     b"left", b"numwant", b"ip", b"p2pimage_pieces", b"p2pimage_digest", b"p2pimage_repo",
+     b"p2pimage_origin_next", b"1", b"-", b"65535", b"x" * 20, b"started", b"\xff", b"sha256:"]
+)  # fmt: skip
+
+
+@settings(max_examples=400)
+@given(st.one_of(st.binary(max_size=300), st.lists(_query_alphabet, max_size=40).map(b"".join)))
+def test_garbage_query_raises_only_our_error(query: bytes) -> None:
+    for parse in (parse_announce, parse_scrape):
+        with contextlib.suppress(TrackerRequestError):
+            parse(query)
+
+
+@settings(max_examples=200)
+@given(requests, st.binary(max_size=6))
+def test_mutated_valid_query_raises_only_our_error(req: AnnounceRequest, junk: bytes) -> None:
+    query = req.to_query()
+    for cut in (len(query) // 3, len(query) // 2):
+        with contextlib.suppress(TrackerRequestError):
+            parse_announce(query[:cut] + junk + query[cut:])
+
+
+peers = st.lists(
+    st.tuples(st.ip_addresses().map(str), st.integers(1, 65535)), max_size=30, unique=True
+)
+
+
+@given(
+    peers,
+    st.integers(0, 10**6),
+    st.booleans(),
+    st.one_of(
+        st.none(),
+        st.builds(OriginAssignment, st.just("http://r:5000/v2/a/blobs/sha256:00"),
+                  st.integers(0, 100), st.integers(101, 200)),
+    ),
+)  # fmt: skip
+def test_announce_response_round_trip(
+    peer_list: list[tuple[str, int]], interval: int, release: bool, origin: OriginAssignment | None
+) -> None:
+    resp = AnnounceResponse(
+        interval=interval, min_interval=5, complete=3, incomplete=4, peers=peer_list,
+        origin=origin, release=release,
+    )  # fmt: skip
+    back = parse_announce_response(encode_announce_response(resp))
+    assert sorted(back.peers) == sorted(_normalise(p) for p in peer_list)
+    assert (back.interval, back.min_interval, back.complete, back.incomplete) == (interval, 5, 3, 4)
+    assert (back.origin, back.release) == (origin, release)
+
+
+def _normalise(peer: tuple[str, int]) -> tuple[str, int]:
+    import ipaddress
+
+    addr = ipaddress.ip_address(peer[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return (str(addr.ipv4_mapped), peer[1])
+    return peer
+
+
+def test_response_layout_is_plain_bep23_without_extras() -> None:
+    body = encode_announce_response(
+        AnnounceResponse(interval=30, peers=[("127.0.0.1", 6881), ("::1", 6882)])
+    )
+    doc = bdecode(body)
+    assert isinstance(doc, dict)
+    assert doc[b"peers"] == bytes([127, 0, 0, 1, 0x1A, 0xE1])
+    assert doc[b"peers6"] == bytes(15) + b"\x01" + (6882).to_bytes(2, "big")
+    assert b"p2pimage" not in doc
+
+
+def test_extras_layout() -> None:
+    body = encode_announce_response(
+        AnnounceResponse(interval=5, origin=OriginAssignment("http://r/x", 3, 9), release=True)
+    )
+    doc = bdecode(body)
+    assert isinstance(doc, dict)
+    assert doc[b"p2pimage"] == {
+        b"origin": {b"url": b"http://r/x", b"first_piece": 3, b"end_piece": 9},
+        b"release": 1,
+    }
+
+
+def test_failure_round_trip() -> None:
+    back = parse_announce_response(encode_failure("token rejected: expired", "expired"))
+    assert (back.failure, back.error) == ("token rejected: expired", "expired")
+
+
+def test_parses_stock_dictionary_peers() -> None:
+    body = bencode(
+        {b"interval": 1800, b"peers": [{b"ip": b"10.0.0.1", b"peer id": b"x" * 20, b"port": 1}]}
+    )
+    assert parse_announce_response(body).peers == [("10.0.0.1", 1)]
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=200))
+def test_garbage_response_raises_only_remote_errors(data: bytes) -> None:
+    with contextlib.suppress(RemoteProtocolError):
+        parse_announce_response(data)
+
+
+def test_scrape_response_layout() -> None:
+    doc = bdecode(encode_scrape_response({b"a" * 20: ScrapeStats(1, 2, 3)}))
+    assert doc == {b"files": {b"a" * 20: {b"complete": 1, b"incomplete": 2, b"downloaded": 3}}}
