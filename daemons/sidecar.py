@@ -1,0 +1,477 @@
+"""The registry sidecar daemon: wiring only.
+
+Config in (TOML ``--config`` + ``P2PIMAGE_SIDECAR_*``), library objects constructed
+(:class:`~p2pimage.oci.RegistryClient`, :class:`~p2pimage.torrents.TorrentStore`,
+:class:`~p2pimage.torrents.Indexer`, :class:`~p2pimage.auth.TokenIssuer`,
+:class:`~p2pimage.join.JoinCredentials`), endpoints mounted. The HTTP API is documented
+in docs/protocol.md ("Sidecar API"):
+
+- ``POST /events``: the registry's notification webhook;
+- ``GET /torrents/{digest}?repository=<name>``: the torrent, generated on demand;
+- ``POST /token``: a node token for a join credential and a node public key;
+- ``GET /.well-known/jwks.json``, ``GET /healthz``, ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hmac
+import json
+import logging
+import re
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+import click
+import trio
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from daemons._config import ConfigError, dump_settings, load_settings
+from p2pimage.auth import SigningKey, TokenIssuer
+from p2pimage.errors import AuthError, DigestMismatchError, LocalProtocolError, P2PImageError
+from p2pimage.join import JoinCredentials
+from p2pimage.notifications import MAX_ENVELOPE_SIZE, NotificationError, parse_envelope
+from p2pimage.oci import RegistryClient, RegistryError, is_digest, is_repository
+from p2pimage.torrents import (
+    BlobUnavailableError,
+    Indexer,
+    IndexerHooks,
+    RetryPolicy,
+    TorrentStore,
+)
+
+log = logging.getLogger("p2pimage.sidecar")
+
+TORRENT_MEDIA_TYPE: Final = "application/x-bittorrent"
+#: Largest /token body: a JWK, a name and a credential fit in 4 KiB many times over.
+MAX_TOKEN_REQUEST: Final = 16 * 1024
+# RFC 1123 subdomain, as Kubernetes node names are.
+_NODE_RE: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_ZONE_RE: Final = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+class SidecarSettings(BaseModel):
+    """Sidecar configuration (TOML keys; env ``P2PIMAGE_SIDECAR_<KEY>``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    listen: str = Field("127.0.0.1:8090", description="host:port to serve the HTTP API on")
+    registry_url: str = Field("http://127.0.0.1:5000", description="registry base URL")
+    registry_username: str | None = Field(None, description="registry user (basic or token)")
+    registry_password: SecretStr | None = Field(None, description="registry password")
+    registry_password_file: Path | None = Field(
+        None, description="file holding the password (a mounted Secret); wins over the value"
+    )
+    registry_tls_verify: bool = Field(True, description="verify the registry's certificate")
+    registry_ca_file: Path | None = Field(None, description="CA bundle for a private CA")
+    store_dir: Path = Field(Path("/var/lib/p2pimage/torrents"), description="torrent store")
+    issuer: str = Field("p2pimage-sidecar", description="token 'iss' claim")
+    signing_keys: list[Path] = Field(
+        default_factory=list, description="PEM private keys; the first signs, all published"
+    )
+    token_lifetime_s: int = Field(600, gt=0, le=86400)
+    clusters: dict[str, list[str]] = Field(
+        default_factory=dict, description="cluster -> join credential hashes (sha256$/scrypt$)"
+    )
+    webhook_token: SecretStr | None = Field(
+        None, description="if set, POST /events needs 'Authorization: Bearer <token>'"
+    )
+    manifest_workers: int = Field(2, ge=1, le=64)
+    blob_workers: int = Field(4, ge=1, le=256)
+    max_generations: int = Field(2, ge=1, le=64, description="blobs hashed at once")
+    queue_size: int = Field(1024, ge=1)
+    retry_initial_s: float = Field(0.5, gt=0)
+    retry_max_s: float = Field(30.0, gt=0)
+    backfill_on_start: bool = Field(False, description="walk _catalog and tags at start")
+    piece_length: int | None = Field(None, description="fixed piece length (default: auto)")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool | None = Field(None, description="JSON lines (default: unless a TTY)")
+
+
+# Metrics -------------------------------------------------------------------------------
+
+
+@dataclass
+class SidecarMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        p = "p2pimage_sidecar_"
+        self.torrents_generated = Counter(
+            p + "torrents_generated", "Torrents generated", registry=r
+        )
+        self.generated_bytes = Counter(p + "generated_bytes", "Blob bytes hashed", registry=r)
+        self.generation_seconds = Histogram(
+            p + "generation_seconds",
+            "Time to stream, hash and store one torrent",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.digest_mismatches = Counter(
+            p + "digest_mismatches", "Blobs whose bytes do not match their digest", registry=r
+        )
+        self.tokens = Counter(p + "tokens", "Token requests by result", ["result"], registry=r)
+        self.webhook_events = Counter(
+            p + "webhook_events", "Webhook events by result", ["result"], registry=r
+        )
+        self.index_failures = Counter(
+            p + "index_failures", "Work given up", ["kind", "reason"], registry=r
+        )
+        self.index_retries = Counter(p + "index_retries", "Work retried", ["kind"], registry=r)
+        self.queue_depth = Gauge(p + "queue_depth", "Work items waiting", registry=r)
+        self.in_flight = Gauge(
+            p + "generations_in_flight", "Torrent generations running or waiting", registry=r
+        )
+
+    def hooks(self) -> IndexerHooks:
+        def generated(digest: str, size: int, seconds: float) -> None:
+            self.torrents_generated.inc()
+            self.generated_bytes.inc(size)
+            self.generation_seconds.observe(seconds)
+
+        return IndexerHooks(
+            generated=generated,
+            mismatch=lambda repository, digest: self.digest_mismatches.inc(),
+            failed=lambda kind, reason: self.index_failures.labels(kind, reason).inc(),
+            retried=lambda kind: self.index_retries.labels(kind).inc(),
+        )
+
+    def value(self, name: str, **labels: str) -> float:
+        """A sample's current value (for tests and the health endpoint)."""
+        v = self.registry.get_sample_value(name, labels or None)
+        return v or 0.0
+
+
+# The application -----------------------------------------------------------------------
+
+
+@dataclass
+class Sidecar:
+    indexer: Indexer
+    store: TorrentStore
+    issuer: TokenIssuer
+    credentials: JoinCredentials
+    metrics: SidecarMetrics
+    webhook_token: str | None = None
+    clock: Callable[[], float] = time.time
+
+
+def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status, headers=headers or None)
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or ``None`` when it exceeds ``limit`` (read no further than that)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def create_app(sidecar: Sidecar) -> Starlette:
+    m = sidecar.metrics
+
+    async def events(request: Request) -> Response:
+        if sidecar.webhook_token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {sidecar.webhook_token}".encode()):
+                m.webhook_events.labels("unauthorized").inc()
+                return _error(401, "unauthorized", "webhook token required")
+        body = await _read_body(request, MAX_ENVELOPE_SIZE)
+        if body is None:
+            m.webhook_events.labels("malformed").inc()
+            # The registry retries a refused envelope and holds later events behind it.
+            log.warning("webhook envelope over %d bytes refused", MAX_ENVELOPE_SIZE)
+            return _error(413, "too_large", f"envelope exceeds {MAX_ENVELOPE_SIZE} bytes")
+        try:
+            parsed = parse_envelope(body, request.headers.get("content-type"))
+        except NotificationError as exc:
+            m.webhook_events.labels("malformed").inc()
+            log.warning("malformed webhook body: %s", exc)
+            return _error(400, "malformed", str(exc))
+        counts = {"queued": 0, "ignored": 0, "invalid": 0}
+        for ev in parsed:
+            if not ev.valid:
+                counts["invalid"] += 1
+                log.warning("invalid event %s: %s", ev.id, ev.problem)
+            elif not ev.is_manifest_push:
+                counts["ignored"] += 1
+            elif sidecar.indexer.submit_event(ev):
+                counts["queued"] += 1
+            else:
+                # Queue full: refuse the whole envelope; the registry re-sends it later.
+                m.webhook_events.labels("rejected_full").inc()
+                m.queue_depth.set(sidecar.indexer.queued)
+                return _error(503, "busy", "work queue full", **{"Retry-After": "5"})
+        for result, n in counts.items():
+            if n:
+                m.webhook_events.labels(result).inc(n)
+        m.queue_depth.set(sidecar.indexer.queued)
+        return JSONResponse(counts, 202)
+
+    async def torrent(request: Request) -> Response:
+        digest = request.path_params["digest"]
+        if not is_digest(digest):
+            return _error(400, "bad_digest", "digest must be sha256:<64 lowercase hex>")
+        repository = request.query_params.get("repository")
+        data = sidecar.store.load(digest)
+        if data is None:
+            if repository is None:
+                return _error(404, "unknown", "not indexed; pass ?repository=<name> to generate")
+            if not is_repository(repository):
+                return _error(400, "bad_repository", "not a repository name")
+            try:
+                data = await sidecar.indexer.torrent(repository, digest)
+            except DigestMismatchError:
+                return _error(502, "digest_mismatch", "registry blob does not match its digest")
+            except RegistryError as exc:
+                if exc.status == 404:
+                    return _error(404, "blob_unknown", f"registry has no {digest} in {repository}")
+                if exc.transient:
+                    return _error(503, "registry_unavailable", str(exc), **{"Retry-After": "5"})
+                return _error(502, "registry_error", str(exc))
+            except BlobUnavailableError as exc:
+                return _error(422, "not_shareable", str(exc))
+        return Response(
+            data,
+            media_type=TORRENT_MEDIA_TYPE,
+            headers={"ETag": f'"{digest}"', "Cache-Control": "public, max-age=31536000, immutable"},
+        )
+
+    async def token(request: Request) -> Response:
+        body = await _read_body(request, MAX_TOKEN_REQUEST)
+        try:
+            doc = json.loads(body) if body is not None else None
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            m.tokens.labels("bad_request").inc()
+            return _error(400, "bad_request", "body must be a JSON object under 16 KiB")
+        node, jwk, credential, zone = (doc.get(k) for k in ("node", "jwk", "credential", "zone"))
+        problem = None
+        if not isinstance(node, str) or len(node) > 253 or not _NODE_RE.match(node):
+            problem = "node must be a DNS-1123 name"
+        elif not isinstance(jwk, dict):
+            problem = "jwk must be a JWK object"
+        elif "d" in jwk:
+            problem = "jwk must be a public key (it carries a private part)"
+        elif not isinstance(credential, str):
+            problem = "credential must be a string"
+        elif zone is not None and (not isinstance(zone, str) or not _ZONE_RE.match(zone)):
+            problem = "zone must be a label of at most 63 characters"
+        if problem is not None:
+            m.tokens.labels("bad_request").inc()
+            return _error(400, "bad_request", problem)
+        assert isinstance(credential, str) and isinstance(node, str) and isinstance(jwk, dict)
+        cluster = await trio.to_thread.run_sync(sidecar.credentials.cluster_for, credential)
+        if cluster is None:
+            m.tokens.labels("bad_credential").inc()
+            log.warning("token refused for node %s: bad credential", node)
+            return _error(401, "unauthorized", "invalid join credential")
+        now = sidecar.clock()
+        try:
+            jwt = sidecar.issuer.issue(
+                subject=node, cluster=cluster, node_jwk=jwk, now=now, zone=zone
+            )
+        except (AuthError, LocalProtocolError) as exc:
+            m.tokens.labels("bad_request").inc()
+            return _error(400, "bad_key", str(exc))
+        m.tokens.labels("issued").inc()
+        log.info("token issued: node %s cluster %s", node, cluster)
+        return JSONResponse(
+            {
+                "token": jwt,
+                "expires_at": int(now) + sidecar.issuer.lifetime_s,
+                "kid": sidecar.issuer.active_key.kid,
+            },
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def jwks(request: Request) -> Response:
+        return JSONResponse(sidecar.issuer.jwks(), headers={"Cache-Control": "max-age=60"})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "queued": sidecar.indexer.queued})
+
+    async def metrics(request: Request) -> Response:
+        m.queue_depth.set(sidecar.indexer.queued)
+        m.in_flight.set(sidecar.indexer.in_flight)
+        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/events", events, methods=["POST"]),
+            Route("/torrents/{digest}", torrent, methods=["GET"]),
+            Route("/token", token, methods=["POST"]),
+            Route("/.well-known/jwks.json", jwks, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ]
+    )
+
+
+# Wiring --------------------------------------------------------------------------------
+
+
+def load_signing_keys(paths: list[Path]) -> list[SigningKey]:
+    if not paths:
+        raise ValueError("signing_keys: at least one PEM private key file is needed")
+    return [SigningKey.from_pem(p.read_bytes()) for p in paths]
+
+
+def build_sidecar(settings: SidecarSettings, client: RegistryClient) -> Sidecar:
+    keys = load_signing_keys(settings.signing_keys)
+    credentials = JoinCredentials(
+        (cluster, h) for cluster, hashes in settings.clusters.items() for h in hashes
+    )
+    metrics = SidecarMetrics()
+    store = TorrentStore(settings.store_dir)
+    indexer = Indexer(
+        client,
+        store,
+        manifest_workers=settings.manifest_workers,
+        blob_workers=settings.blob_workers,
+        max_generations=settings.max_generations,
+        queue_size=settings.queue_size,
+        retry=RetryPolicy(initial_s=settings.retry_initial_s, max_s=settings.retry_max_s),
+        hooks=metrics.hooks(),
+        piece_length=settings.piece_length,
+    )
+    issuer = TokenIssuer(keys, issuer=settings.issuer, lifetime_s=settings.token_lifetime_s)
+    token = settings.webhook_token.get_secret_value() if settings.webhook_token else None
+    return Sidecar(indexer, store, issuer, credentials, metrics, token)
+
+
+def registry_client(settings: SidecarSettings) -> RegistryClient:
+    password = settings.registry_password.get_secret_value() if settings.registry_password else None
+    if settings.registry_password_file is not None:
+        password = settings.registry_password_file.read_text().strip()
+    verify: bool | ssl.SSLContext = settings.registry_tls_verify
+    if verify and settings.registry_ca_file is not None:
+        verify = ssl.create_default_context(cafile=str(settings.registry_ca_file))
+    return RegistryClient(
+        settings.registry_url,
+        username=settings.registry_username,
+        password=password,
+        verify=verify,
+    )
+
+
+async def run_sidecar(
+    settings: SidecarSettings, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run until cancelled; reports the bound base URL through ``task_status``."""
+    from daemons._http import serve_app
+
+    async with registry_client(settings) as client:
+        sidecar = build_sidecar(settings, client)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sidecar.indexer.run)
+            if settings.backfill_on_start:
+                nursery.start_soon(_backfill, sidecar.indexer)
+            url = await nursery.start(
+                functools.partial(serve_app, create_app(sidecar), settings.listen)
+            )
+            log.info(
+                "sidecar serving on %s (registry %s, store %s, signing kid %s)",
+                url,
+                settings.registry_url,
+                settings.store_dir,
+                sidecar.issuer.active_key.kid,
+            )
+            task_status.started(url)
+
+
+async def _backfill(indexer: Indexer) -> None:
+    delay = 1.0
+    while True:
+        try:
+            await indexer.backfill()
+            return
+        except RegistryError as exc:
+            log.warning("backfill: registry unavailable (%s); retrying in %.0fs", exc, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, 60.0)
+
+
+def check_settings(settings: SidecarSettings) -> None:
+    """Load what the settings point at now, so a bad key file or credential hash is a
+    configuration error (exit 2) rather than a crash later."""
+    try:
+        load_signing_keys(settings.signing_keys)
+    except OSError as exc:
+        raise ConfigError(f"config key 'signing_keys': {exc}") from None
+    except (ValueError, TypeError, P2PImageError) as exc:
+        raise ConfigError(f"config key 'signing_keys': {exc}") from None
+    try:
+        JoinCredentials((c, h) for c, hashes in settings.clusters.items() for h in hashes)
+    except LocalProtocolError as exc:
+        raise ConfigError(f"config key 'clusters': {exc}") from None
+    if not settings.clusters:
+        raise ConfigError(
+            "config key 'clusters': no cluster can join (see p2pimage keys join-credential)"
+        )
+    if (
+        settings.registry_password_file is not None
+        and not settings.registry_password_file.is_file()
+    ):
+        raise ConfigError(
+            f"config key 'registry_password_file': {settings.registry_password_file} is not a file"
+        )
+
+
+@click.command("sidecar")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="TOML config file (env P2PIMAGE_SIDECAR_<KEY> overrides it)",
+)
+@click.option("--print-config", is_flag=True, help="print the effective config and exit")
+def sidecar(config_path: Path | None, print_config: bool) -> None:
+    """Run the registry sidecar: torrents per layer, node tokens, JWKS."""
+    from daemons._logging import setup_logging
+
+    try:
+        settings = load_settings(SidecarSettings, path=config_path, env_prefix="P2PIMAGE_SIDECAR_")
+        check_settings(settings)
+    except ConfigError as exc:
+        click.echo(f"p2pimage sidecar: {exc}", err=True)
+        sys.exit(2)
+    if print_config:
+        click.echo(dump_settings(settings), nl=False)
+        return
+    setup_logging(settings.log_level, json_lines=settings.log_json)
+    # httpx logs every request at INFO: one line per blob read is noise here.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(run_sidecar, settings)
+
+
+if __name__ == "__main__":
+    sidecar()
