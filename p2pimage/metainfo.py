@@ -305,11 +305,17 @@ class MetainfoBuilder:
 
         Raises :class:`LocalProtocolError` if this would exceed the declared size.
         """
-        view = self._accept(chunk)
-        self._sha256.update(view)
-        self._hash_pieces(view)
+        view = self.accept(chunk)
+        self.update_sha256(view)
+        self.update_pieces(view)
 
-    def _accept(self, chunk: bytes | bytearray | memoryview) -> memoryview:
+    # The three steps of update(), public so a caller can run the two hashes on two
+    # threads: accept() every chunk in order, then feed the returned views, in the same
+    # order, to update_sha256() on one thread and update_pieces() on another (hashlib
+    # releases the GIL, so the hashes overlap on two cores).
+
+    def accept(self, chunk: bytes | bytearray | memoryview) -> memoryview:
+        """Count the next chunk against the declared size; returns it as a byte view."""
         if self._finished:
             raise LocalProtocolError("builder already finished")
         view = memoryview(chunk).cast("B")
@@ -320,7 +326,12 @@ class MetainfoBuilder:
         self._received += len(view)
         return view
 
-    def _hash_pieces(self, view: memoryview) -> None:
+    def update_sha256(self, view: memoryview) -> None:
+        """Feed an accepted view to the whole-blob SHA-256."""
+        self._sha256.update(view)
+
+    def update_pieces(self, view: memoryview) -> None:
+        """Feed an accepted view to the piece SHA-1s."""
         n = len(view)
         pos = 0
         piece_length = self.piece_length
@@ -395,7 +406,7 @@ def create_metainfo_from_file(
                 pending = None
             if not n:
                 break
-            view = builder._accept(memoryview(buf)[:n])
-            pending = pool.submit(builder._sha256.update, view)
-            builder._hash_pieces(view)
+            view = builder.accept(memoryview(buf)[:n])
+            pending = pool.submit(builder.update_sha256, view)
+            builder.update_pieces(view)
     return builder.finish(expected_digest, announce=announce)

@@ -139,12 +139,12 @@ class TorrentStore:
 
 def _sha256_all(builder: MetainfoBuilder, views: list[memoryview]) -> None:
     for view in views:
-        builder._sha256.update(view)
+        builder.update_sha256(view)
 
 
 def _pieces_all(builder: MetainfoBuilder, views: list[memoryview]) -> None:
     for view in views:
-        builder._hash_pieces(view)
+        builder.update_pieces(view)
 
 
 async def _hash_batch(builder: MetainfoBuilder, views: list[memoryview]) -> None:
@@ -216,7 +216,7 @@ async def generate_metainfo(
                 batched = 0
                 async for data in blob.chunks():
                     try:
-                        batch.append(builder._accept(data))
+                        batch.append(builder.accept(data))
                     except LocalProtocolError as exc:
                         raise RegistryError(f"registry sent more than {blob.size} bytes") from exc
                     batched += len(data)
