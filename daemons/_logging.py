@@ -54,3 +54,6 @@ def setup_logging(level: str = "info", *, json_lines: bool | None = None) -> Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # httpx logs every request at INFO (each announce, each range read): noise at scale.
+    for chatty in ("httpx", "httpcore", "hpack"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
