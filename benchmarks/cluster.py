@@ -66,6 +66,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sizes = sorted({r["size_mib"] for r in runs})
     fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
@@ -91,6 +92,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(n, [str(v) for v in n])
         ax.set_xlabel("nodes pulling at once")
         ax.set_ylabel("seconds until every node has the image")
