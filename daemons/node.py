@@ -129,13 +129,25 @@ class NodeMetrics:
 
     def __init__(self, node: NodeDaemon) -> None:
         self.node = node
+        # A counter must not go down when a swarm closes: remember each swarm's last
+        # count and keep it after the swarm is gone.
+        self._failures_seen: dict[Any, int] = {}  # swarm object (not id(): ids are reused)
+        self._failures_closed = 0
         self.registry = CollectorRegistry()
         self.registry.register(self)
+
+    def _hash_failures(self, live: Iterable[Any]) -> int:
+        current = {s: s.stats.hash_failures for s in live}
+        for swarm, n in self._failures_seen.items():
+            if swarm not in current:
+                self._failures_closed += n
+        self._failures_seen = current
+        return self._failures_closed + sum(current.values())
 
     def collect(self) -> Iterable[Any]:
         layers = self.node.layers
         served = CounterMetricFamily(
-            "p2pimage_node_bytes_served",
+            "p2pimage_node_served_bytes",
             "Blob bytes served to the runtime by source",
             labels=["source"],
         )
@@ -143,7 +155,7 @@ class NodeMetrics:
             served.add_metric([source], layers.stats.bytes_served[source])
         yield served
         fetched = CounterMetricFamily(
-            "p2pimage_node_bytes_fetched",
+            "p2pimage_node_fetched_bytes",
             "Layer bytes this node fetched, by source",
             labels=["source"],
         )
@@ -168,14 +180,12 @@ class NodeMetrics:
         peers = GaugeMetricFamily("p2pimage_node_connected_peers", "Peer connections")
         swarms = GaugeMetricFamily("p2pimage_node_swarms", "Live swarms")
         failures = CounterMetricFamily(
-            "p2pimage_node_piece_failures", "Pieces that failed their hash (live swarms)"
+            "p2pimage_node_piece_hash_failures", "Pieces that failed their hash check"
         )
         node = layers.node
         peers.add_metric([], sum(len(s.peers) for s in node.swarms.values()) if node else 0)
         swarms.add_metric([], len(node.swarms) if node else 0)
-        failures.add_metric(
-            [], sum(s.stats.hash_failures for s in node.swarms.values()) if node else 0
-        )
+        failures.add_metric([], self._hash_failures(node.swarms.values() if node else ()))
         yield peers
         yield swarms
         yield failures
@@ -353,19 +363,35 @@ def create_app(daemon: NodeDaemon) -> Starlette:
 
 
 async def _p2p(daemon: NodeDaemon, settings: NodeSettings, keeper: TokenKeeper) -> None:
-    """Once the node has a token, start its peer and hand it to the layer service."""
+    """Once the node has a token, start its peer and hand it to the layer service.
+
+    If the peer cannot listen (port taken, address missing), the mirror keeps serving
+    every pull from the registry and says so in its logs and ``/healthz``.
+    """
     await keeper.ready.wait()
-    async with open_peer_node(
-        authenticator=keeper.authenticator(),
-        host=settings.peer_host,
-        port=settings.peer_port,
-        upload_rate=settings.upload_rate,
-        download_rate=settings.download_rate,
-    ) as peer:
-        daemon.layers.node = peer
-        log.info("p2p ready", extra={"fields": {"cluster": keeper.cluster, "peer_port": peer.port}})
-        await daemon.layers.resume_seeding()
-        await trio.sleep_forever()
+    try:
+        async with open_peer_node(
+            authenticator=keeper.authenticator(),
+            host=settings.peer_host,
+            port=settings.peer_port,
+            upload_rate=settings.upload_rate,
+            download_rate=settings.download_rate,
+        ) as peer:
+            daemon.layers.node = peer
+            log.info(
+                "p2p ready",
+                extra={"fields": {"cluster": keeper.cluster, "peer_port": peer.port}},
+            )
+            await daemon.layers.resume_seeding()
+            await trio.sleep_forever()
+    except* OSError as group:
+        daemon.layers.node = None
+        log.error(
+            "p2p disabled: cannot listen for peers on %s:%d (%s); every pull goes to the registry",
+            settings.peer_host,
+            settings.peer_port,
+            group.exceptions[0],
+        )
 
 
 async def run_node(
