@@ -14,7 +14,6 @@ Wiring only: configuration in, library objects constructed, endpoints mounted.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import re
@@ -37,6 +36,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from daemons._config import ConfigError, dump_settings, load_settings
+from daemons._run import run_until_signalled
 from p2pimage.announce import TrackerClient
 from p2pimage.auth import NodeKey
 from p2pimage.cache import BlobCache
@@ -495,8 +495,7 @@ def node(config_path: Path | None, print_config: bool) -> None:
         click.echo(dump_settings(settings), nl=False)
         return
     setup_logging(settings.log_level, json_lines=settings.log_json)
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run_node, settings)
+    run_until_signalled(run_node, settings)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, dump_settings, load_settings
+from daemons._run import run_until_signalled
 from p2pimage.auth import SigningKey, TokenIssuer
 from p2pimage.errors import AuthError, DigestMismatchError, LocalProtocolError, P2PImageError
 from p2pimage.join import JoinCredentials
@@ -470,7 +471,7 @@ def sidecar(config_path: Path | None, print_config: bool) -> None:
     # httpx logs every request at INFO: one line per blob read is noise here.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run_sidecar, settings)
+        run_until_signalled(run_sidecar, settings)
 
 
 if __name__ == "__main__":

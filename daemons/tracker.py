@@ -48,6 +48,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, dump_settings, load_settings
+from daemons._run import run_until_signalled
 from p2pimage.auth import KeySet, NodeToken, TokenVerifier
 from p2pimage.errors import AuthError, P2PImageError
 from p2pimage.tracker import (
@@ -548,7 +549,7 @@ def tracker(config_path: Path | None, print_config: bool) -> None:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run_tracker, settings)
+        run_until_signalled(run_tracker, settings)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""Running a daemon (or the demo) until it finishes or is told to stop.
+
+Kubernetes stops a pod with SIGTERM and a terminal sends SIGINT: either cancels the whole
+task tree, so every ``finally`` runs (swarms announce ``stopped``, child processes are
+terminated, temporary directories removed) before the process exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import trio
+
+__all__ = ["run_until_signalled"]
+
+log = logging.getLogger("p2pimage")
+
+T = TypeVar("T")
+
+
+def run_until_signalled(async_fn: Callable[..., Awaitable[T]], *args: Any) -> T | None:
+    """``trio.run(async_fn, *args)``, cancelled cleanly by SIGTERM or SIGINT.
+
+    Returns the function's result, or None when a signal stopped it.
+    """
+
+    async def main() -> T | None:
+        result: list[T] = []
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for signum in signals:
+                        log.info("stopping on %s", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        return
+
+            async def work() -> None:
+                result.append(await async_fn(*args))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_signals)
+            nursery.start_soon(work)
+        return result[0] if result else None
+
+    return trio.run(main)
