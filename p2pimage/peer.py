@@ -82,6 +82,7 @@ class PeerSession:
         self._outbox: deque[bytes | bytearray | memoryview] = deque()
         self._outbox_bytes = 0
         self._wakeup = trio.Event()
+        self._drained = trio.Event()
         self._closed: str | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -178,6 +179,7 @@ class PeerSession:
             # is being torn down and whatever we meant to say no longer matters.
             self._closed = "connection closed"
             self._wakeup.set()
+            self._drained.set()
             return
         if isinstance(message, Piece):
             pending = self.conn.data_to_send()
@@ -198,6 +200,13 @@ class PeerSession:
     def queued_bytes(self) -> int:
         return self._outbox_bytes
 
+    async def wait_queue_below(self, limit: int) -> None:
+        """Return once at most ``limit`` bytes wait to be written (back-pressure for
+        uploaders); returns at once if the session has closed."""
+        while self._outbox_bytes > limit and self._closed is None:
+            self._drained = trio.Event()
+            await self._drained.wait()
+
     async def run_writer(self) -> None:
         """Write queued messages in batches until the session closes."""
         while True:
@@ -214,6 +223,7 @@ class PeerSession:
                 batch.append(chunk)
                 size += len(chunk)
             self._outbox_bytes -= size
+            self._drained.set()
             await self._upload.acquire(size)
             try:
                 await self.stream.send_all(b"".join(batch))
@@ -225,6 +235,7 @@ class PeerSession:
         if self._closed is None:
             self._closed = reason
         self._wakeup.set()
+        self._drained.set()
         with contextlib.suppress(LocalProtocolError):
             self.conn.close()
         with trio.move_on_after(1) as scope:

@@ -577,8 +577,7 @@ class Swarm:
                 peer.upload_wakeup = trio.Event()
                 await peer.upload_wakeup.wait()
                 continue
-            while session.queued_bytes > self.settings.upload_queue_bytes:
-                await trio.sleep(0.001)
+            await session.wait_queue_below(self.settings.upload_queue_bytes)
             request = peer.uploads.popleft()
             data = self.storage.read_block(request.index, request.begin, request.length)
             session.send(Piece(request.index, request.begin, data))
