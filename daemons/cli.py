@@ -41,6 +41,12 @@ def _register() -> None:
 
     main.add_command(containerd_cmd.containerd)
 
+    from daemons import fetch_cmd, status_cmd, token_cmd
+
+    main.add_command(token_cmd.token)
+    main.add_command(fetch_cmd.fetch)
+    main.add_command(status_cmd.status)
+
 
 _register()
 
