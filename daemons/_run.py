@@ -46,4 +46,22 @@ def run_until_signalled(async_fn: Callable[..., Awaitable[T]], *args: Any) -> T 
             nursery.start_soon(work)
         return result[0] if result else None
 
-    return trio.run(main)
+    try:
+        return trio.run(main)
+    except BaseExceptionGroup as group:
+        # One failure inside the task tree: re-raise it as itself, so callers (and click)
+        # see the ClickException or error they would see without the signal watcher.
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(_leaves(exc))
+        else:
+            out.append(exc)
+    return out

@@ -17,9 +17,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 import httpx
@@ -28,6 +29,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from daemons import netns as _netns
+from daemons._run import run_until_signalled
 from daemons.localcluster import LocalCluster, local_cluster
 from p2pimage.mirror_config import write_registries_conf
 from p2pimage.oci import RegistryClient
@@ -55,6 +58,13 @@ class ClusterParams:
     client: str = "auto"  # skopeo | oci | auto
     direct: bool = True
     workdir: Path | None = None
+    network: Literal["loopback", "netns"] = "loopback"
+
+
+class NetnsNotPermitted(click.ClickException):
+    """``--network netns`` where namespaces, veth or tc are not permitted (exit code 2)."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -66,14 +76,28 @@ class NodeResult:
     error: str | None = None
 
 
+def check_netns() -> None:
+    """Raise :class:`NetnsNotPermitted` (exit code 2) unless namespace mode can run here."""
+    problem = _netns.permission_problem()
+    if problem is not None:
+        raise NetnsNotPermitted(
+            f"--network netns is not available here: {problem}. "
+            "Run as root on Linux with iproute2, or use --network loopback."
+        )
+
+
 # --------------------------------------------------------------------------- clients
 
 
-async def skopeo_pull(ref: str, dest: Path, registries_conf: Path) -> str:
-    """``skopeo copy docker://REF oci:DEST``; returns the pulled manifest digest."""
+async def skopeo_pull(
+    ref: str, dest: Path, registries_conf: Path, prefix: Sequence[str] = ()
+) -> str:
+    """``skopeo copy docker://REF oci:DEST``; returns the pulled manifest digest.
+    ``prefix`` (e.g. ``ip netns exec NS``) runs it on another host (namespace)."""
     dest.mkdir(parents=True, exist_ok=True)
     proc = await trio.run_process(
         [
+            *prefix,
             "skopeo",
             "--registries-conf",
             str(registries_conf),
@@ -98,11 +122,30 @@ async def oci_pull(base_url: str, repository: str, tag: str) -> str:
     """Pull manifest, config and layers with the project's own client, verifying digests."""
     async with RegistryClient(base_url, timeout=600) as client:
         manifest = await client.get_manifest(repository, tag)
-        for blob in manifest.blobs:
+        for blob in manifest.blobs():
             async with client.open_blob(repository, blob.digest) as stream:
                 async for _ in stream.chunks():
                     pass
         return manifest.digest
+
+
+async def oci_pull_in(prefix: Sequence[str], base_url: str, repository: str, tag: str) -> str:
+    """:func:`oci_pull` in a child process started with ``prefix`` (a node's namespace)."""
+    code = (
+        "import sys, trio\n"
+        "from daemons.cluster_cmd import oci_pull\n"
+        "print(trio.run(oci_pull, *sys.argv[1:]))"
+    )
+    proc = await trio.run_process(
+        [*prefix, sys.executable, "-c", code, base_url, repository, tag],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        lines = proc.stderr.decode(errors="replace").strip().splitlines() or ["(no output)"]
+        raise RuntimeError(f"oci pull: {lines[-1][-280:]}")
+    return proc.stdout.decode().strip().splitlines()[-1]
 
 
 # --------------------------------------------------------------------------- the run
@@ -160,10 +203,15 @@ async def _pull_all(
                 # Direct pulls cross the same capped registry link (the proxy).
                 mirror = node.mirror_host if via_mirror else cluster.proxy.url
                 write_registries_conf(conf, cluster.registry_host, mirror)
-                result.digest = await skopeo_pull(image_ref, tmp / f"pull-{i}-{via_mirror}", conf)
+                result.digest = await skopeo_pull(
+                    image_ref, tmp / f"pull-{i}-{via_mirror}", conf, node.exec_prefix()
+                )
             else:
                 base = node.mirror_url if via_mirror else cluster.proxy.url
-                result.digest = await oci_pull(base, REPOSITORY, TAG)
+                if node.netns:  # the client runs on the node's host, as skopeo does
+                    result.digest = await oci_pull_in(node.exec_prefix(), base, REPOSITORY, TAG)
+                else:
+                    result.digest = await oci_pull(base, REPOSITORY, TAG)
         except Exception as exc:  # a failed pull is a result to report, not a crash
             result.error = str(exc)[:300]
         result.seconds = trio.current_time() - t0
@@ -176,6 +224,8 @@ async def _pull_all(
 
 async def run_cluster(params: ClusterParams, console: Console | None = None) -> dict[str, Any]:
     console = console or Console(stderr=True)
+    if params.network == "netns":
+        await trio.to_thread.run_sync(check_netns)
     use_skopeo = params.client == "skopeo" or (
         params.client == "auto" and shutil.which("skopeo") is not None
     )
@@ -202,11 +252,13 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
             node_upload_rate=up,
             node_download_rate=down,
             node_processes=True,
+            network=params.network,
         ) as cluster:
             pushed = await _push(cluster, image)
             ref = f"{cluster.registry_host}/{REPOSITORY}:{TAG}"
             results = [NodeResult(n.name) for n in cluster.nodes]
             egress0 = cluster.registry_egress
+            link0 = cluster.topology.registry_link_bytes() if cluster.topology else 0
             async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
                 done = trio.Event()
                 nursery.start_soon(_progress, console, cluster, http, results, image_bytes, done)
@@ -214,6 +266,8 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
                 done.set()
                 metrics = [await _scrape(http, n.mirror_url) for n in cluster.nodes]
             p2p_egress = cluster.registry_egress - egress0
+            # netns: what tc let through the registry's capped link (frames, headers too)
+            link_bytes = cluster.topology.registry_link_bytes() - link0 if cluster.topology else 0
             for node, result in zip(cluster.nodes, results, strict=True):
                 result.ttfb_s = _ttfb_from_log(tmp / "cluster" / node.name / "node.log")
             direct_results = [NodeResult(n.name) for n in cluster.nodes]
@@ -224,10 +278,10 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
                 )
                 t_direct = await _pull_all(cluster, ref, use_skopeo, False, tmp, direct_results)
     peer_bytes = sum(
-        m.get('p2pimage_node_bytes_fetched_total{source="peer"}', 0.0) for m in metrics
+        m.get('p2pimage_node_fetched_bytes_total{source="peer"}', 0.0) for m in metrics
     )
     fallback = sum(
-        m.get('p2pimage_node_bytes_fetched_total{source="registry_fallback"}', 0.0) for m in metrics
+        m.get('p2pimage_node_fetched_bytes_total{source="registry_fallback"}', 0.0) for m in metrics
     )
     bound = kumar_ross_bound(image_bytes, params.nodes, origin, up, down)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -235,12 +289,14 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
     digests_ok = all(r.digest == pushed and r.error is None for r in results)
     report: dict[str, Any] = {
         "nodes": params.nodes,
+        "network": params.network,
         "image_mib": round(image_bytes / MIB, 2),
         "client": "skopeo" if use_skopeo else "p2pimage-oci",
         "t_all_s": round(t_all, 2),
         "t_bound_s": round(bound, 2),
         "ratio_to_bound": round(t_all / bound, 3),
         "registry_copies": round(p2p_egress / image_bytes, 3),
+        "registry_link_copies": round(link_bytes / image_bytes, 3) if link_bytes else None,
         "peer_mib": round(peer_bytes / MIB, 1),
         "fallback_mib": round(fallback / MIB, 1),
         "t_direct_s": round(t_direct, 2),
@@ -283,10 +339,10 @@ async def _progress(
             t.add_column(col, justify="right")
         for node, m, r in zip(cluster.nodes, metrics, results, strict=True):
             served = sum(
-                v for k, v in m.items() if k.startswith("p2pimage_node_bytes_served_total")
+                v for k, v in m.items() if k.startswith("p2pimage_node_served_bytes_total")
             )
-            peer = m.get('p2pimage_node_bytes_fetched_total{source="peer"}', 0.0)
-            origin = m.get('p2pimage_node_bytes_fetched_total{source="origin"}', 0.0)
+            peer = m.get('p2pimage_node_fetched_bytes_total{source="peer"}', 0.0)
+            origin = m.get('p2pimage_node_fetched_bytes_total{source="origin"}', 0.0)
             status = (
                 "[red]failed"
                 if r.error
@@ -317,7 +373,7 @@ async def _progress(
 def print_report(report: dict[str, Any], console: Console) -> None:
     table = Table(
         title=f"{report['nodes']} nodes pulled a {report['image_mib']} MiB image "
-        f"({report['client']})"
+        f"({report['client']}, {report.get('network', 'loopback')})"
     )
     table.add_column("node")
     table.add_column("done after (s)", justify="right")
@@ -339,6 +395,10 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     summary.add_row("Kumar–Ross lower bound", f"{report['t_bound_s']:.2f} s")
     summary.add_row("ratio to bound", f"{report['ratio_to_bound']:.2f}")
     summary.add_row("registry egress", f"{report['registry_copies']:.2f} image copies")
+    if report.get("registry_link_copies") is not None:
+        summary.add_row(
+            "registry link (tc, with headers)", f"{report['registry_link_copies']:.2f} image copies"
+        )
     summary.add_row("bytes between peers", f"{report['peer_mib']:.1f} MiB")
     summary.add_row("read directly after fallback", f"{report['fallback_mib']:.1f} MiB")
     if report["speedup_vs_direct"] is not None:
@@ -398,6 +458,14 @@ def _layer_list(value: str) -> list[float]:
 )
 @click.option("--no-direct", is_flag=True, help="skip the direct-pull comparison")
 @click.option(
+    "--network",
+    type=click.Choice(["loopback", "netns"]),
+    default="loopback",
+    show_default=True,
+    help="loopback with token-bucket caps, or one network namespace per node with tc-shaped "
+    "veth links (root only)",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -411,6 +479,7 @@ def cluster(
     node_down_mib_s: float,
     client: str,
     no_direct: bool,
+    network: Literal["loopback", "netns"],
     json_path: Path | None,
 ) -> None:
     """Run a local cluster (registry, sidecar, tracker, N nodes) and pull an image on
@@ -423,11 +492,13 @@ def cluster(
         node_down_mib_s=node_down_mib_s,
         client=client,
         direct=not no_direct,
+        network=network,
     )
+    if network == "netns":
+        check_netns()  # here, so click reports it (exit code 2) before anything starts
     console = Console()
-    try:
-        report = trio.run(run_cluster, params, console)
-    except KeyboardInterrupt:
+    report = run_until_signalled(run_cluster, params, console)
+    if report is None:
         console.print("[yellow]interrupted: everything stopped[/]")
         sys.exit(130)
     print_report(report, console)

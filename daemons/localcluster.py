@@ -16,10 +16,12 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import trio
 
+from daemons import netns as _netns
 from daemons._config import dump_settings
 from daemons.node import NodeDaemon, NodeSettings, run_node
 from daemons.registry_process import RegistryProcess, start_registry
@@ -44,6 +46,11 @@ class ClusterNode:
     daemon: NodeDaemon | None = None  # in-process nodes only
     process: trio.Process | None = None  # nodes run as their own OS process
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    netns: str | None = None  # network-namespace mode: the node's own namespace
+
+    def exec_prefix(self) -> list[str]:
+        """Prefix for a command that must run on this node's host (its namespace)."""
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
 
     @property
     def mirror_host(self) -> str:
@@ -65,6 +72,8 @@ class LocalCluster:
     credential: str
     sidecar_scope: trio.CancelScope
     tracker_scope: trio.CancelScope
+    network: Literal["loopback", "netns"] = "loopback"
+    topology: _netns.Topology | None = None  # network-namespace mode only
 
     @property
     def registry_host(self) -> str:
@@ -90,32 +99,92 @@ async def local_cluster(
     htpasswd: tuple[str, str] | None = None,
     notifications: bool = True,
     node_processes: bool = False,
+    network: Literal["loopback", "netns"] = "loopback",
 ) -> AsyncIterator[LocalCluster]:
     """Start everything; stop everything (and leave no process behind) on exit.
 
     With ``node_processes``, each node runs as its own ``p2pimage node`` process (as on a
     real cluster, and using every core); otherwise all nodes share this trio loop, which
     is faster to start and lets tests reach into each node's daemon object.
+
+    With ``network="netns"`` (root only, see :mod:`daemons.netns`), each node is its own
+    host: its process runs in its own network namespace with its own address, the rates
+    are enforced by ``tc`` on its veth link instead of token buckets, and the registry's
+    relay, the sidecar and the tracker listen on the bridge's core addresses (the relay
+    behind the capped registry link). Implies ``node_processes``.
     """
+    if network == "netns":
+        node_processes = True
+    with contextlib.ExitStack() as stack:
+        topo = None
+        if network == "netns":
+            topo = stack.enter_context(
+                _netns.topology(
+                    nodes,
+                    up=node_upload_rate,
+                    down=node_download_rate,
+                    registry_rate=registry_rate,
+                )
+            )
+        async with _local_cluster(
+            workdir,
+            nodes=nodes,
+            registry_rate=registry_rate,
+            node_upload_rate=node_upload_rate,
+            node_download_rate=node_download_rate,
+            swarm_threshold_bytes=swarm_threshold_bytes,
+            stall_timeout_s=stall_timeout_s,
+            htpasswd=htpasswd,
+            notifications=notifications,
+            node_processes=node_processes,
+            topo=topo,
+        ) as cluster:
+            yield cluster
+
+
+@contextlib.asynccontextmanager
+async def _local_cluster(
+    workdir: Path,
+    *,
+    nodes: int,
+    registry_rate: float | None,
+    node_upload_rate: float | None,
+    node_download_rate: float | None,
+    swarm_threshold_bytes: int,
+    stall_timeout_s: float,
+    htpasswd: tuple[str, str] | None,
+    notifications: bool,
+    node_processes: bool,
+    topo: _netns.Topology | None,
+) -> AsyncIterator[LocalCluster]:
+    # Loopback: everything on 127.0.0.1, rates by token buckets. Namespaces: services on
+    # the core addresses, nodes on their own, rates by tc (so no token buckets here).
+    core_host = topo.core_address if topo else "127.0.0.1"
+    if topo is not None:
+        registry_rate = node_upload_rate = node_download_rate = None
     workdir.mkdir(parents=True, exist_ok=True)
     key_path = workdir / "sidecar-key.pem"
     key_path.write_bytes(SigningKey.generate().to_pem())
     key_path.chmod(0o600)
     credential = generate_credential()
     async with trio.open_nursery() as nursery:
-        sidecar_port = _free_port()
-        sidecar_url = f"http://127.0.0.1:{sidecar_port}"
+        sidecar_port = _free_port(core_host)
+        sidecar_url = f"http://{core_host}:{sidecar_port}"
         async with start_registry(
             notifications_url=f"{sidecar_url}/events" if notifications else None,
             htpasswd=htpasswd,
             workdir=workdir / "registry",
         ) as registry:
             host, port = registry.url.removeprefix("http://").split(":")
-            proxy = ThrottleProxy((host, int(port)), registry_rate)
+            proxy = ThrottleProxy(
+                (host, int(port)),
+                registry_rate,
+                host=topo.registry_address if topo else "127.0.0.1",
+            )
             await nursery.start(proxy.run)
             sidecar_scope = trio.CancelScope()
             sidecar_settings = SidecarSettings(
-                listen=f"127.0.0.1:{sidecar_port}",
+                listen=f"{core_host}:{sidecar_port}",
                 registry_url=registry.url,
                 registry_username=htpasswd[0] if htpasswd else None,
                 registry_password=htpasswd[1] if htpasswd else None,
@@ -127,7 +196,7 @@ async def local_cluster(
             await nursery.start(_scoped, sidecar_scope, run_sidecar, sidecar_settings)
             tracker_scope = trio.CancelScope()
             tracker_settings = TrackerSettings(
-                listen="127.0.0.1:0",
+                listen=f"{core_host}:0",
                 sidecar_url=sidecar_url,
                 registry_url=proxy.url,
                 interval_s=10,
@@ -160,7 +229,19 @@ async def local_cluster(
                 )
                 node = ClusterNode(name, "", settings)
                 cluster_nodes.append(node)
-                if node_processes:
+                if topo is not None:
+                    # Its own host: fixed ports on its own address.
+                    link = topo.nodes[i]
+                    node.netns = link.netns
+                    node.settings = settings.model_copy(
+                        update={
+                            "listen": f"{link.address}:5000",
+                            "peer_host": link.address,
+                            "peer_port": 6881,
+                        }
+                    )
+                    await nursery.start(_run_node_process, node, workdir / name)
+                elif node_processes:
                     node.settings = settings.model_copy(
                         update={"listen": f"127.0.0.1:{_free_port()}"}
                     )
@@ -181,6 +262,8 @@ async def local_cluster(
                 credential=credential,
                 sidecar_scope=sidecar_scope,
                 tracker_scope=tracker_scope,
+                network="netns" if topo else "loopback",
+                topology=topo,
             )
             try:
                 yield cluster
@@ -227,7 +310,14 @@ async def _run_node_process(
                 node.process = await nursery.start(
                     functools.partial(
                         trio.run_process,
-                        [sys.executable, "-m", "daemons.node", "--config", str(config)],
+                        [
+                            *node.exec_prefix(),
+                            sys.executable,
+                            "-m",
+                            "daemons.node",
+                            "--config",
+                            str(config),
+                        ],
                         stdout=log_file,
                         stderr=log_file,
                         check=False,
@@ -249,9 +339,9 @@ async def _wait_healthy(url: str) -> None:
             await trio.sleep(0.1)
 
 
-def _free_port() -> int:
+def _free_port(host: str = "127.0.0.1") -> int:
     import socket
 
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
