@@ -1,0 +1,269 @@
+"""The node's layer cache: quota, LRU order (kept across a restart), pins; and end to end,
+a node whose cache cannot hold a layer still serves it, and a full cache evicts the least
+recently used blob the swarm has released."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from daemons.localcluster import local_cluster
+from daemons.tracker import TrackerSettings, run_tracker
+from p2pimage.cache import BlobCache
+from p2pimage.errors import LocalProtocolError
+from p2pimage.oci_image import build_image
+from tests.test_node_restart import node_settings, pull_blob, push, start_node
+
+MIB = 1024 * 1024
+T0 = time.time() - 10_000  # a past "now": LRU times are mtimes, and mtimes must be sane
+
+requires_registry = pytest.mark.skipif(
+    shutil.which("docker-registry") is None,
+    reason="docker-registry (Debian package docker-registry) is not installed",
+)
+
+
+def hexof(name: str) -> str:
+    return (name * 64)[:64]
+
+
+A, B, C, D = (hexof(c) for c in "abcd")
+
+
+def put_complete(cache: BlobCache, hex_: str, size: int, now: float) -> None:
+    """A blob as a finished download leaves it: reserved, written, marked complete."""
+    assert cache.reserve(hex_, size, now)
+    cache.blob_path(hex_).write_bytes(b"x" * size)
+    cache.mark_complete(hex_, size, now)
+    cache.touch(hex_, now)  # the file's mtime carries its recency
+
+
+def on_disk(cache: BlobCache) -> set[str]:
+    return {p.name for p in cache.root.iterdir()}
+
+
+# --- unit -------------------------------------------------------------------------------
+
+
+def test_quota_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(LocalProtocolError):
+        BlobCache(tmp_path, 0)
+
+
+def test_quota_is_respected(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 1000)
+    assert not cache.reserve(A, 1001, T0)  # never fits: refused, nothing recorded
+    assert cache.entry(A) is None
+    for i, hex_ in enumerate((A, B, C, D)):
+        put_complete(cache, hex_, 300, T0 + i)
+        assert cache.used_bytes <= cache.quota_bytes
+    assert cache.used_bytes == 900  # D took A's place: three of 300 fit in 1000
+    assert cache.entry(A) is None and cache.evictions == 1
+    assert on_disk(cache) == {B, C, D}
+
+
+def test_reserving_again_does_not_count_twice(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 1000)
+    assert cache.reserve(A, 600, T0)
+    assert cache.reserve(A, 600, T0 + 1)  # a second pull of the same blob
+    assert cache.used_bytes == 600
+    assert cache.reserve(B, 600, T0 + 2)  # A, not pinned, makes room
+    assert cache.entry(A) is None and cache.used_bytes == 600
+
+
+def test_lru_order_and_touch(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 1000)
+    put_complete(cache, A, 300, T0)
+    put_complete(cache, B, 300, T0 + 1)
+    put_complete(cache, C, 300, T0 + 2)
+    cache.touch(A, T0 + 3)  # A served again: B is now the least recently used
+    assert cache.reserve(D, 300, T0 + 4)
+    assert cache.entry(B) is None and B not in on_disk(cache)
+    assert all(cache.entry(h) is not None for h in (A, C, D))
+    assert cache.evictions == 1
+
+
+def test_lru_order_survives_a_restart(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 1000)
+    put_complete(cache, A, 300, T0)
+    put_complete(cache, B, 300, T0 + 1)
+    put_complete(cache, C, 300, T0 + 2)
+    cache.touch(A, T0 + 3)
+    del cache
+    restarted = BlobCache(tmp_path, 1000)  # the index is rebuilt from the directory
+    assert restarted.used_bytes == 900
+    assert all(restarted.is_complete(h) for h in (A, B, C))
+    assert restarted.reserve(D, 300, T0 + 4)
+    assert restarted.entry(B) is None and B not in on_disk(restarted)
+    assert restarted.entry(A) is not None and restarted.entry(C) is not None
+
+
+def test_partial_blobs_count_and_are_evictable(tmp_path: Path) -> None:
+    (tmp_path / f"{A}.partial").write_bytes(b"\0" * 400)
+    (tmp_path / f"{A}.state").write_bytes(b"d")
+    (tmp_path / f"{A}.torrent").write_bytes(b"d")
+    cache = BlobCache(tmp_path, 1000)
+    entry = cache.entry(A)
+    assert entry is not None and not entry.complete and entry.size == 400
+    assert not cache.is_complete(A)
+    assert cache.reserve(B, 700, T0 + 10**6)  # evicts the partial A with all its files
+    assert on_disk(cache) == set()
+
+
+def test_pinned_blob_is_never_evicted(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 1000)
+    put_complete(cache, A, 300, T0)  # oldest, but pinned (being served)
+    put_complete(cache, B, 300, T0 + 1)
+    put_complete(cache, C, 300, T0 + 2)
+    cache.pin(A)
+    assert cache.reserve(D, 300, T0 + 3)
+    assert cache.entry(A) is not None and A in on_disk(cache)
+    assert cache.entry(B) is None
+    # Pins count: two pins need two unpins.
+    cache.pin(A)
+    cache.unpin(A)
+    assert cache.is_pinned(A)
+    cache.unpin(A)
+    assert not cache.is_pinned(A)
+
+
+def test_reserve_refuses_when_only_pinned_blobs_could_make_room(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 1000)
+    put_complete(cache, A, 400, T0)
+    put_complete(cache, B, 400, T0 + 1)
+    put_complete(cache, C, 100, T0 + 2)
+    cache.pin(A)
+    cache.pin(B)
+    # 500 needed: C's 100 is all an eviction could free. Refuse, and evict nothing.
+    assert not cache.reserve(D, 500, T0 + 3)
+    assert cache.evictions == 0
+    assert on_disk(cache) == {A, B, C}
+    assert cache.entry(D) is None
+    cache.unpin(B)
+    assert cache.reserve(D, 500, T0 + 4)  # B is free to go now
+    assert cache.entry(B) is None and cache.entry(A) is not None
+
+
+def test_evicting_a_pinned_blob_raises(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path, 1000)
+    put_complete(cache, A, 300, T0)
+    cache.pin(A)
+    with pytest.raises(LocalProtocolError):
+        cache.evict(A)
+    assert cache.is_complete(A) and A in on_disk(cache)
+
+
+def test_scan_ignores_foreign_files(tmp_path: Path) -> None:
+    foreign = {
+        "notes.txt": 5000,
+        "ABC" + A[3:]: 5000,  # upper case: not one of ours
+        A[:63]: 5000,  # 63 hex digits
+        f"{A}.tmp": 5000,
+        f"{A}.torrent.tmp": 5000,
+        f"{B}.partial.old": 5000,
+    }
+    for name, size in foreign.items():
+        (tmp_path / name).write_bytes(b"y" * size)
+    (tmp_path / "subdir").mkdir()
+    (tmp_path / C).write_bytes(b"z" * 100)
+    cache = BlobCache(tmp_path, 1000)
+    assert cache.used_bytes == 100
+    assert cache.entry(A) is None and cache.entry(B) is None
+    assert cache.is_complete(C)
+    cache.evict(C)
+    assert on_disk(cache) == {*foreign, "subdir"}  # evicting ours leaves theirs alone
+
+
+# --- end to end ---------------------------------------------------------------------------
+
+
+@requires_registry
+async def test_layer_larger_than_the_quota_is_served_from_the_registry(tmp_path: Path) -> None:
+    image = build_image([4 * MIB], seed=31)
+    layer = image.layers[0]
+    async with local_cluster(tmp_path, nodes=0) as cluster, trio.open_nursery() as nursery:
+        await push(cluster, image)
+        node = await start_node(nursery, node_settings(cluster, "small", cache_quota_bytes=1 * MIB))
+        await node.wait_p2p()  # p2p is on: only the cache stands in the way
+        with trio.fail_after(60):
+            status, body = await pull_blob(node, cluster, layer.digest)
+        assert status == 200 and body == layer.data
+        stats = node.daemon.layers.stats
+        assert stats.fallbacks == {"cache_full": 1}
+        assert stats.bytes_served["registry"] == len(layer.data)
+        assert stats.bytes_served["swarm"] == 0
+        cache = node.daemon.layers.cache
+        assert cache.used_bytes == 0 and not list(cache.root.iterdir())
+        nursery.cancel_scope.cancel()
+
+
+@requires_registry
+async def test_full_cache_evicts_the_least_recently_used_released_layer(
+    tmp_path: Path,
+) -> None:
+    image = build_image([3 * MIB, 3 * MIB, 3 * MIB], seed=32)
+    first, second, third = image.layers
+    size = max(len(layer.data) for layer in image.layers)
+    quota = 2 * size + 256 * 1024  # two layers, not three
+    async with local_cluster(tmp_path, nodes=0) as cluster, trio.open_nursery() as nursery:
+        # A tracker that releases a seeder as soon as nobody needs it (the cluster's keeps
+        # two seeders per swarm), so finished layers become unpinned and evictable.
+        tracker_url = await nursery.start(
+            functools.partial(
+                run_tracker,
+                TrackerSettings(
+                    listen="127.0.0.1:0",
+                    sidecar_url=cluster.sidecar_url,
+                    registry_url=cluster.proxy.url,
+                    interval_s=10,
+                    min_interval_s=1,
+                    fetcher_interval_s=1,
+                    release_min_seeders=0,
+                    log_json=True,
+                ),
+            )
+        )
+        await push(cluster, image)
+        node = await start_node(
+            nursery,
+            node_settings(
+                cluster,
+                "node-q",
+                tracker_url=f"{tracker_url}/announce",
+                cache_quota_bytes=quota,
+            ),
+        )
+        await node.wait_p2p()
+        layers = node.daemon.layers
+        cache = layers.cache
+
+        async def pull_and_release(digest: str, expect: bytes) -> None:
+            with trio.fail_after(60):
+                status, body = await pull_blob(node, cluster, digest)
+                assert status == 200 and body == expect
+                hex_ = digest.removeprefix("sha256:")
+                while not cache.is_complete(hex_) or cache.is_pinned(hex_):
+                    await trio.sleep(0.05)  # complete, and the tracker released it
+
+        await pull_and_release(first.digest, first.data)
+        await pull_and_release(second.digest, second.data)
+        # The first layer is read again (from the cache): now the second is the LRU one.
+        status, body = await pull_blob(node, cluster, first.digest)
+        assert status == 200 and body == first.data
+        assert layers.stats.pulls["cache"] == 1
+        await pull_and_release(third.digest, third.data)
+
+        hexes = [layer.digest.removeprefix("sha256:") for layer in image.layers]
+        assert cache.evictions == 1
+        assert cache.is_complete(hexes[0]) and cache.is_complete(hexes[2])
+        assert cache.entry(hexes[1]) is None
+        assert not any(p.name.startswith(hexes[1]) for p in cache.root.iterdir())
+        assert cache.used_bytes <= quota
+        assert not layers.stats.fallbacks  # every layer came through the swarm
+        assert layers.stats.bytes_served["swarm"] == sum(len(x.data) for x in image.layers)
+        nursery.cancel_scope.cancel()
