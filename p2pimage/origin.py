@@ -29,7 +29,7 @@ log = logging.getLogger("p2pimage.origin")
 
 # One HTTP request covers up to this many bytes of consecutive missing pieces: long enough
 # that request overhead vanishes, short enough that a steal or a failure wastes little.
-MAX_REQUEST_BYTES = 16 * 1024 * 1024
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
 # Read granularity from the response body (and the limiter's unit).
 CHUNK_BYTES = 256 * 1024
 
@@ -82,6 +82,8 @@ class OriginReader:
                 while index < self.end and self.swarm.storage.has_piece(index):
                     index += 1
                 self.next_index = index
+                if index < self.end and self._taken(index):
+                    self.shrink(index)
                 if index >= self.end:
                     break
                 stop = index + 1
@@ -89,6 +91,7 @@ class OriginReader:
                 while (
                     stop < self.end
                     and not self.swarm.storage.has_piece(stop)
+                    and not self._taken(stop)
                     and span + mi.piece_size(stop) <= MAX_REQUEST_BYTES
                 ):
                     span += mi.piece_size(stop)
@@ -104,6 +107,12 @@ class OriginReader:
                 # Whatever we did not read goes back to the peers.
                 picker.set_range_priority(self.next_index, self.end, 1)
             self.finished.set()
+
+    def _taken(self, index: int) -> bool:
+        """A peer already has this piece of our range: another fetcher was given the
+        rest of the range (work stealing) and we have not heard yet. Stop here instead of
+        reading the registry twice; the peers supply the rest."""
+        return self.swarm.picker.availability(index) > 0
 
     async def _read_run(self, start: int, stop: int) -> None:
         mi = self.swarm.metainfo
@@ -129,6 +138,9 @@ class OriginReader:
                     del buffer[:size]
                     if index >= self.end:
                         return  # stolen while in flight
+                    if self._taken(index) and not self.swarm.storage.has_piece(index):
+                        self.shrink(index)
+                        return
                     if not self.swarm.storage.has_piece(index):
                         self.swarm.storage.write_piece(index, piece)
                         self.swarm.stats.downloaded_from_origin += size

@@ -62,6 +62,12 @@ class SwarmSettings:
     # gains little past ~30 neighbours (libtorrent's default connections_limit is 200
     # per session, its per-torrent default is 100).
     max_peers: int = 40
+    # Dial new peers only while we have fewer than this; accept up to max_peers. If every
+    # node dialled up to the accept limit, the first max_peers+1 nodes of a cold start
+    # would fill each other up as a clique and refuse everyone after them, cutting the
+    # swarm in two (the simulator in benchmarks/_sim.py shows it at 200 nodes). Half,
+    # like libtorrent keeping slots free for incoming connections.
+    dial_target: int = 20
     # Upload slots for the choker; 0 unchokes every interested peer. Inside one cluster
     # all nodes cooperate, so tit-for-tat only slows the swarm down: 0 is the default.
     upload_slots: int = 0
@@ -213,7 +219,7 @@ class Swarm:
     # --- peers --------------------------------------------------------------------------
 
     def want_more_peers(self) -> bool:
-        return len(self.peers) + len(self._dialing) < self.settings.max_peers
+        return len(self.peers) + len(self._dialing) < self.settings.dial_target
 
     def connect(self, addresses: Iterable[tuple[str, int]]) -> None:
         """Dial peers (tracker results, or a static list) that we are not connected to."""

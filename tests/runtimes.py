@@ -460,8 +460,6 @@ def ctr_remove_image(
 # --------------------------------------------------------------------------------------
 
 
-
-
 def _conf_env(registries_conf: str | os.PathLike[str] | None) -> dict[str, str]:
     return {} if registries_conf is None else {"CONTAINERS_REGISTRIES_CONF": str(registries_conf)}
 

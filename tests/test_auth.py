@@ -67,8 +67,10 @@ def test_issue_and_verify_round_trip(issuer: TokenIssuer, node_key: NodeKey) -> 
         (lambda v, t: v.verify(t, now=NOW + 10_000), "expired"),
         (lambda v, t: v.verify(t, now=NOW - 10_000), "not_yet_valid"),
         (lambda v, t: v.verify(t, now=NOW, cluster="other"), "wrong_cluster"),
-        (lambda v, t: v.verify(t[:-4] + ("AAAA" if t[-4:] != "AAAA" else "BBBB"), now=NOW),
-         "bad_signature"),
+        (
+            lambda v, t: v.verify(t[:-4] + ("AAAA" if t[-4:] != "AAAA" else "BBBB"), now=NOW),
+            "bad_signature",
+        ),
         (lambda v, t: v.verify("not-a-token", now=NOW), "malformed"),
         (lambda v, t: v.verify(b"\xff\xfe.a.b", now=NOW), "malformed"),
     ],
@@ -87,9 +89,7 @@ def test_leeway_accepts_small_skew(issuer: TokenIssuer, node_key: NodeKey) -> No
 
 
 def _forge(header: dict[str, Any], claims: dict[str, Any], sign: Any) -> str:
-    signing_input = (
-        b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
-    )
+    signing_input = b64url(json.dumps(header).encode()) + "." + b64url(json.dumps(claims).encode())
     return signing_input + "." + b64url(sign(signing_input.encode()))
 
 
@@ -161,7 +161,10 @@ def test_wrong_audience_and_issuer_refused(node_key: NodeKey) -> None:
 def test_scope_must_cover_info_hash(node_key: NodeKey) -> None:
     issuer = TokenIssuer([SigningKey.generate()], issuer="sidecar-test")
     token = issuer.issue(
-        subject="n", cluster="prod", node_jwk=node_key.public_jwk(), now=NOW,
+        subject="n",
+        cluster="prod",
+        node_jwk=node_key.public_jwk(),
+        now=NOW,
         scope=[INFO_HASH.hex()],
     )
     verifier = verifier_for(issuer)
@@ -235,8 +238,10 @@ def test_garbage_tokens_raise_only_auth_error(data: bytes | str) -> None:
 
 
 @settings(max_examples=300)
-@given(st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef0123456789-_", max_size=80),
-       st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef0123456789-_", max_size=80))
+@given(
+    st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef0123456789-_", max_size=80),
+    st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef0123456789-_", max_size=80),
+)
 def test_three_part_garbage_raises_only_auth_error(a: str, b: str) -> None:
     issuer = TokenIssuer([SigningKey(_FIXED_KEY._key)], issuer="sidecar-test")
     with pytest.raises(AuthError):
