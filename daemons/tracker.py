@@ -111,6 +111,9 @@ class TrackerSettings(BaseModel):
     release_min_seeders: int = Field(default=2, ge=0)
     release_seeder_ratio: float = Field(default=0.25, ge=0)
     linger_s: float = Field(default=300.0, ge=0)
+    origin_lease_pieces: int | None = Field(
+        default=None, ge=0, description="pieces read per origin lease (none: pieces/32; 0: off)"
+    )
     sweep_interval_s: float = Field(default=30.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_json: bool | None = Field(default=None, description="JSON lines (default: unless a TTY)")
@@ -127,6 +130,7 @@ class TrackerSettings(BaseModel):
             release_min_seeders=self.release_min_seeders,
             release_seeder_ratio=self.release_seeder_ratio,
             linger_s=self.linger_s,
+            origin_lease_pieces=self.origin_lease_pieces,
         )
 
 

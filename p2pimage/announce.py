@@ -12,6 +12,7 @@ closes the swarm.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -96,6 +97,7 @@ class AnnounceSettings:
     retry_s: float = 1.0
     retry_max_s: float = 30.0
     stop_timeout_s: float = 2.0
+    min_gap_s: float = 0.1
 
 
 async def run_announcer(
@@ -119,9 +121,12 @@ async def run_announcer(
     event = Event.STARTED
     completed_sent = swarm.complete.is_set()
     retry = cfg.retry_s
+    last_announce = -math.inf
 
     def request(ev: Event) -> AnnounceRequest:
-        reader = readers[-1] if readers and not readers[-1].finished.is_set() else None
+        # Progress of our latest origin range, finished or not: the tracker moves its
+        # record (and our lease) forward only on what we report.
+        reader = readers[-1] if readers else None
         stats = swarm.stats
         return AnnounceRequest(
             info_hash=swarm.info_hash,
@@ -141,6 +146,11 @@ async def run_announcer(
     try:
         async with trio.open_nursery() as nursery:
             while not swarm.closed.is_set():
+                # Never faster than min_gap_s, whatever wakes us (a lease that ends at once
+                # must not turn into a tight loop against the tracker).
+                await trio.sleep_until(last_announce + cfg.min_gap_s)
+                last_announce = trio.current_time()
+                swarm.announce_pending = False
                 try:
                     response = await tracker.announce(request(event))
                 except TrackerError as exc:
@@ -172,8 +182,9 @@ async def run_announcer(
                 interval = float(max(response.interval, 1))
                 if not swarm.complete.is_set() and len(swarm.peers) < cfg.want_peers:
                     interval = max(cfg.hungry_interval_s, float(response.min_interval or 0))
-                with trio.move_on_after(interval):
-                    await swarm.milestone.wait()  # completed or closed: announce now
+                if not swarm.announce_pending:
+                    with trio.move_on_after(interval):
+                        await swarm.milestone.wait()  # completed, closed, or news: now
                 if swarm.complete.is_set() and not completed_sent:
                     event = Event.COMPLETED
             nursery.cancel_scope.cancel()
@@ -208,23 +219,35 @@ def _apply_origin(
         if current is not None:
             current.shrink(current.next_index)
         return
+    read_end = origin.read_end  # within the lease, when the tracker gives one
     if current is not None:
         if (
             current.url == origin.url
             and current.first <= origin.first_piece
-            and origin.end_piece <= current.end
+            and read_end <= current.end
         ):
-            current.shrink(origin.end_piece)
+            current.shrink(read_end)
+            return
+        if current.url == origin.url and origin.first_piece <= current.next_index < read_end:
+            current.extend(read_end)  # a new lease on the range we are reading
             return
         current.shrink(current.next_index)
     reader = OriginReader(
         swarm,
         origin.url,
         origin.first_piece,
-        origin.end_piece,
+        read_end,
         client=http,
         headers=headers,
         limiter=limiter,
     )
-    readers.append(reader)
+    readers[:] = [reader]  # only the latest range matters for progress reports
     nursery.start_soon(reader.run)
+
+    async def report_when_done() -> None:
+        # A finished range (or lease) is reported at once: the tracker extends the lease
+        # or hands out more work without waiting for the announce interval.
+        await reader.finished.wait()
+        swarm.announce_soon()
+
+    nursery.start_soon(report_when_done)

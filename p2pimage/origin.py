@@ -64,12 +64,22 @@ class OriginReader:
         self.bytes_read = 0
         self.failed: str | None = None
         self.finished = trio.Event()
+        # Ask the tracker to renew a lease halfway through it, so the renewal arrives
+        # before the reader reaches the end and reading never pauses.
+        self._renew_at = first + (end - first) // 2
 
     def shrink(self, end: int) -> None:
         """The tracker gave ``[end, old end)`` to another fetcher."""
         if end < self.end:
             self.swarm.picker.set_range_priority(max(end, self.next_index), self.end, 1)
             self.end = max(end, self.next_index)
+
+    def extend(self, end: int) -> None:
+        """The tracker renewed our lease up to ``end``: read on (if still running)."""
+        if end > self.end and not self.finished.is_set():
+            self.swarm.picker.set_range_priority(self.end, end, 0)
+            self.end = end
+            self._renew_at = self.next_index + (end - self.next_index) // 2
 
     async def run(self) -> None:
         """Read the range; on failure, hand the unread pieces back to the swarm."""
@@ -148,6 +158,9 @@ class OriginReader:
                     self.pieces_done += 1
                     index += 1
                     self.next_index = index
+                    if index >= self._renew_at:
+                        self._renew_at = self.end + 1  # once per lease
+                        self.swarm.announce_soon()  # report progress, renew the lease
                 if index >= stop:
                     break
             if index < stop:

@@ -174,6 +174,7 @@ class Swarm:
         self._finalizing = False
         self.failed: str | None = None
         self.released = False  # the tracker ordered this swarm to stop seeding
+        self.announce_pending = False  # something to tell the tracker before the interval
         # Set (and replaced) at each milestone: completion, close. The announcer waits on it.
         self.milestone = trio.Event()
         self.closed = trio.Event()
@@ -203,6 +204,12 @@ class Swarm:
         if self._nursery is None:
             raise LocalProtocolError("the swarm is not running")
         self._nursery.start_soon(fn)
+
+    def announce_soon(self) -> None:
+        """Wake the announcer now (a milestone: progress worth telling the tracker)."""
+        self.announce_pending = True
+        self.milestone.set()
+        self.milestone = trio.Event()
 
     def close(self) -> None:
         self.closed.set()
@@ -521,8 +528,7 @@ class Swarm:
             self._finalizing = False
         self.stats.completed_at = trio.current_time()
         self.complete.set()
-        self.milestone.set()
-        self.milestone = trio.Event()
+        self.announce_soon()
         for peer in self.peers.values():
             if peer.am_interested:
                 peer.am_interested = False

@@ -85,6 +85,7 @@ class Harness:
 
 
 def harness(state: TrackerState, **config: object) -> Harness:
+    config.setdefault("origin_lease_pieces", 0)  # leases have their own tests below
     return Harness(state, TrackerPolicy(PolicyConfig(**config), rng=random.Random(7)))  # type: ignore[arg-type]
 
 
@@ -494,3 +495,53 @@ async def test_two_redis_replicas_interleave_without_losing_announces(redis_port
 @given(_steps)
 def test_origin_ranges_invariant_soak(steps: list[tuple[int, str, int]]) -> None:
     test_origin_ranges_stay_disjoint_and_within_the_layer.hypothesis.inner_test(steps)  # type: ignore[attr-defined]
+
+
+# --- origin leases --------------------------------------------------------------------
+
+
+async def test_fetcher_reads_under_a_lease_and_extends_it_by_announcing(
+    state: TrackerState,
+) -> None:
+    h = harness(state, origin_lease_pieces=10)
+    out = await h.announce(0, 0, pieces=100)
+    assert out.origin is not None
+    assert (out.origin.first_piece, out.origin.end_piece, out.origin.lease_end) == (0, 100, 10)
+    out = await h.announce(0, 1, pieces=100, origin_next=10)  # lease used up: report
+    assert out.origin is not None
+    assert (out.origin.first_piece, out.origin.lease_end) == (10, 20)
+    out = await h.announce(0, 2, pieces=100, origin_next=95)
+    assert out.origin is not None and out.origin.lease_end is None  # the tail: no lease
+
+
+async def test_steals_never_take_leased_pieces(state: TrackerState) -> None:
+    """A fetcher that has not heard of a steal reads on up to its lease end: whatever a
+    thief is given must start at or after it, so no piece is read from the registry
+    twice."""
+    h = harness(state, origin_ratio=1.0, max_origin_fetchers=4, origin_lease_pieces=10)
+    await h.announce(0, 0, pieces=100)  # [0, 100), lease to 10
+    await h.announce(0, 1, pieces=100, origin_next=30)  # progress: lease to 40
+    out = await h.announce(1, 2, pieces=100)
+    assert out.origin is not None
+    assert out.origin.first_piece >= 40  # 30 + lease
+    assert (out.origin.first_piece, out.origin.end_piece) == (70, 100)
+    swarm = await h.swarm()
+    assert swarm is not None
+    _assert_cover(swarm, 30, 100)
+    # A remainder no longer than the lease cannot be stolen at all.
+    h2 = harness(
+        state,
+        origin_ratio=1.0,
+        max_origin_fetchers=4,
+        origin_lease_pieces=10,
+    )
+    await h2.announce(0, 0, pieces=100, info_hash=b"\x02" * 20)
+    await h2.announce(0, 1, pieces=100, origin_next=91, info_hash=b"\x02" * 20)
+    assert (await h2.announce(1, 2, pieces=100, info_hash=b"\x02" * 20)).origin is None
+
+
+def test_default_lease_scales_with_the_layer() -> None:
+    config = PolicyConfig()
+    assert config.lease(16) == 4
+    assert config.lease(1024) == 128
+    assert PolicyConfig(origin_lease_pieces=0).lease(1024) == 0

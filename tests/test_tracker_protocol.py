@@ -239,3 +239,25 @@ def test_garbage_response_raises_only_remote_errors(data: bytes) -> None:
 def test_scrape_response_layout() -> None:
     doc = bdecode(encode_scrape_response({b"a" * 20: ScrapeStats(1, 2, 3)}))
     assert doc == {b"files": {b"a" * 20: {b"complete": 1, b"incomplete": 2, b"downloaded": 3}}}
+
+
+def test_origin_lease_round_trips_and_is_checked() -> None:
+    from p2pimage.tracker import (
+        AnnounceResponse,
+        OriginAssignment,
+        TrackerRequestError,
+        encode_announce_response,
+        parse_announce_response,
+    )
+
+    sent = AnnounceResponse(interval=5, origin=OriginAssignment("http://r/x", 3, 90, 20))
+    got = parse_announce_response(encode_announce_response(sent))
+    assert got.origin == OriginAssignment("http://r/x", 3, 90, 20)
+    assert got.origin.read_end == 20
+    bad = encode_announce_response(
+        AnnounceResponse(interval=5, origin=OriginAssignment("http://r/x", 3, 90, 95))
+    )
+    import pytest
+
+    with pytest.raises(TrackerRequestError):
+        parse_announce_response(bad)

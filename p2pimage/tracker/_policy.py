@@ -69,6 +69,17 @@ class PolicyConfig:
     linger_s: float = 300.0
     well_supplied_fraction: float = 0.5
     zone_share: float = 0.75
+    # Pieces a fetcher may read past its last reported progress before it must announce
+    # again (its lease); None: max(4, pieces / 8); 0: no leases. Steals never take leased
+    # pieces, so a fetcher that has not heard of a steal yet cannot read a stolen piece.
+    # Fetchers renew halfway through a lease, so its size only sets how finely the tail
+    # can be stolen, not how often a fetcher waits.
+    origin_lease_pieces: int | None = None
+
+    def lease(self, pieces: int) -> int:
+        if self.origin_lease_pieces is not None:
+            return self.origin_lease_pieces
+        return max(4, math.ceil(pieces / 8))
 
 
 @dataclass(slots=True)
@@ -307,7 +318,7 @@ class TrackerPolicy:
             return None
         url = origin_blob_url(registry_url, req.repo, req.digest)
         if mine is not None:
-            return OriginAssignment(url, mine.next, mine.end)
+            return self._assignment(url, mine.next, mine.end, swarm.pieces)
         if rec.peer_id in swarm.stalled:
             return None
         if len(swarm.fetchers) >= self.target_fetchers(len(swarm.peers)):
@@ -317,18 +328,30 @@ class TrackerPolicy:
             return None
         first, end = got
         swarm.fetchers[rec.peer_id] = FetcherRange(rec.peer_id, first, end, now)
-        return OriginAssignment(url, first, end)
+        return self._assignment(url, first, end, swarm.pieces)
+
+    def _assignment(self, url: str, first: int, end: int, pieces: int) -> OriginAssignment:
+        lease = self.config.lease(pieces)
+        if lease <= 0 or first + lease >= end:
+            return OriginAssignment(url, first, end)
+        return OriginAssignment(url, first, end, first + lease)
 
     def _take_work(self, swarm: Swarm) -> tuple[int, int] | None:
         """An unowned remainder whole (largest first), else the tail half of the largest
-        remainder a fetcher still holds (work stealing)."""
+        unleased remainder a fetcher still holds (work stealing)."""
         if swarm.unassigned:
             best = max(range(len(swarm.unassigned)), key=lambda i: _span(swarm.unassigned[i]))
             return swarm.unassigned.pop(best)
-        victim = max(swarm.fetchers.values(), key=lambda f: f.end - f.next, default=None)
-        if victim is None or victim.end - victim.next < 2:
+        lease = self.config.lease(swarm.pieces or 0)
+
+        def stealable(f: FetcherRange) -> int:
+            return f.end - min(f.end, f.next + lease)
+
+        victim = max(swarm.fetchers.values(), key=stealable, default=None)
+        if victim is None or stealable(victim) < 2:
             return None
-        mid = victim.next + (victim.end - victim.next + 1) // 2
+        start = victim.next + lease
+        mid = start + (victim.end - start + 1) // 2
         stolen = (mid, victim.end)
         victim.end = mid
         return stolen

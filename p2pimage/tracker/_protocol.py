@@ -159,11 +159,23 @@ class ScrapeStats:
 
 @dataclass(frozen=True, slots=True)
 class OriginAssignment:
-    """Read pieces ``[first_piece, end_piece)`` of the layer from ``url`` (HTTP Range)."""
+    """Read pieces ``[first_piece, end_piece)`` of the layer from ``url`` (HTTP Range).
+
+    ``lease_end`` (when set, ``first_piece < lease_end <= end_piece``): the fetcher may
+    read only up to it, then must announce its progress to extend the lease. The tracker
+    never steals leased pieces, so a fetcher that has not yet heard of a steal never reads
+    a piece someone else was given.
+    """
 
     url: str
     first_piece: int
     end_piece: int
+    lease_end: int | None = None
+
+    @property
+    def read_end(self) -> int:
+        """Where the fetcher may read up to now."""
+        return self.end_piece if self.lease_end is None else self.lease_end
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,11 +365,14 @@ def encode_announce_response(response: AnnounceResponse) -> bytes:
         out[b"peers6"] = peers6
     extras: dict[bytes, Bencodable] = {}
     if response.origin is not None:
-        extras[b"origin"] = {
+        origin: dict[bytes, Bencodable] = {
             b"end_piece": response.origin.end_piece,
             b"first_piece": response.origin.first_piece,
             b"url": response.origin.url.encode(),
         }
+        if response.origin.lease_end is not None:
+            origin[b"lease_end"] = response.origin.lease_end
+        extras[b"origin"] = origin
     if response.release:
         extras[b"release"] = 1
     if extras:
@@ -460,7 +475,12 @@ def parse_announce_response(data: bytes) -> AnnounceResponse:
         first, end = _int(raw_origin, b"first_piece"), _int(raw_origin, b"end_piece")
         if first >= end:
             raise TrackerRequestError("tracker response: empty origin range")
-        origin = OriginAssignment(url.decode("utf-8", "replace"), first, end)
+        lease_end: int | None = None
+        if b"lease_end" in raw_origin:
+            lease_end = _int(raw_origin, b"lease_end")
+            if not first < lease_end <= end:
+                raise TrackerRequestError("tracker response: lease outside the origin range")
+        origin = OriginAssignment(url.decode("utf-8", "replace"), first, end, lease_end)
     release = extras.get(b"release", 0)
     if not isinstance(release, int):
         raise TrackerRequestError("tracker response: bad release")
