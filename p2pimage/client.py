@@ -138,7 +138,7 @@ class PeerNode:
         finally:
             if self.swarms.get(swarm.info_hash) is swarm:
                 del self.swarms[swarm.info_hash]
-            swarm.storage.close()
+            swarm.release_storage()
 
     def remove_swarm(self, info_hash: bytes) -> None:
         swarm = self.swarms.pop(info_hash, None)

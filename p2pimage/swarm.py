@@ -175,6 +175,8 @@ class Swarm:
         self.failed: str | None = None
         self.released = False  # the tracker ordered this swarm to stop seeding
         self.announce_pending = False  # something to tell the tracker before the interval
+        self._streams = 0  # readers inside stream()
+        self._close_storage_when_idle = False
         # Set (and replaced) at each milestone: completion, close. The announcer waits on it.
         self.milestone = trio.Event()
         self.closed = trio.Event()
@@ -682,13 +684,31 @@ class Swarm:
         """Yield the blob ``[start, end)`` in order while it downloads, steering the picker:
         the piece under the read position is urgent, the window after it has deadlines."""
         position = start
-        self.set_read_cursor(position)
-        async for chunk in self.storage.stream(start, end, chunk_size):
-            yield chunk
-            position += len(chunk)
-            if position < self.metainfo.length:
+        self._streams += 1
+        try:
+            if not self.closed.is_set():
                 self.set_read_cursor(position)
-        self.picker.set_blocked(None)
+            async for chunk in self.storage.stream(start, end, chunk_size):
+                yield chunk
+                position += len(chunk)
+                if position < self.metainfo.length and not self.closed.is_set():
+                    self.set_read_cursor(position)
+            self.picker.set_blocked(None)
+        finally:
+            self._streams -= 1
+            if self._streams == 0 and self._close_storage_when_idle:
+                self.storage.close()
+
+    def release_storage(self) -> None:
+        """The swarm has ended: close its store now, or when the last reader finishes.
+
+        A release order (or the tracker's linger rule) can end a swarm while the runtime
+        is still reading the complete blob through :meth:`stream`; the file must stay
+        open for that reader."""
+        if self._streams == 0:
+            self.storage.close()
+        else:
+            self._close_storage_when_idle = True
 
     async def wait_changed(self) -> None:
         await self._changed.wait()

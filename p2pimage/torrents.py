@@ -147,13 +147,18 @@ def _pieces_all(builder: MetainfoBuilder, views: list[memoryview]) -> None:
         builder.update_pieces(view)
 
 
-async def _hash_batch(builder: MetainfoBuilder, views: list[memoryview]) -> None:
-    # The builder's two hashes are independent objects: SHA-256 on one worker thread,
-    # piece SHA-1s on another. hashlib drops the GIL for buffers over 2 KiB, so with a
-    # free core they overlap. (Same split as metainfo.create_metainfo_from_file.)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.to_thread.run_sync, _sha256_all, builder, views)
-        await trio.to_thread.run_sync(_pieces_all, builder, views)
+# Batches queued per hash lane; with HASH_CHUNK batches this bounds the memory held.
+LANE_DEPTH: Final = 4
+
+
+async def _lane(
+    fn: Callable[[MetainfoBuilder, list[memoryview]], None],
+    builder: MetainfoBuilder,
+    receive: trio.MemoryReceiveChannel[list[memoryview]],
+) -> None:
+    async with receive:
+        async for views in receive:
+            await trio.to_thread.run_sync(fn, builder, views)
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -195,37 +200,36 @@ async def generate_metainfo(
         builder = MetainfoBuilder(blob.size, digest[7:], piece_length)
         try:
             async with trio.open_nursery() as nursery:
-                # Batches of received chunks (no copy) go to the hashing threads while the
-                # loop reads the next batch; batch k+1 starts hashing once k is done.
-                hashing = trio.Event()
-                hashing.set()
-
-                async def hash_batch(views: list[memoryview], done: trio.Event) -> None:
-                    try:
-                        await _hash_batch(builder, views)
-                    finally:
-                        done.set()
-
-                async def flush(views: list[memoryview]) -> None:
-                    nonlocal hashing
-                    await hashing.wait()
-                    hashing = trio.Event()
-                    nursery.start_soon(hash_batch, views, hashing)
+                # Two lanes, one per hash, each a thread working through the batches in
+                # order: SHA-256 of the whole blob in one, the piece SHA-1s in the other.
+                # They run independently (the faster never waits for the slower batch by
+                # batch), while this task reads the next batches from the network.
+                # Bounded channels are the back-pressure: at most LANE_DEPTH batches in
+                # flight per lane.
+                lanes = []
+                for fn in (_sha256_all, _pieces_all):
+                    send, receive = trio.open_memory_channel[list[memoryview]](LANE_DEPTH)
+                    lanes.append(send)
+                    nursery.start_soon(_lane, fn, builder, receive)
 
                 batch: list[memoryview] = []
                 batched = 0
-                async for data in blob.chunks():
-                    try:
-                        batch.append(builder.accept(data))
-                    except LocalProtocolError as exc:
-                        raise RegistryError(f"registry sent more than {blob.size} bytes") from exc
-                    batched += len(data)
-                    if batched >= chunk_size:
-                        await flush(batch)
-                        batch, batched = [], 0
-                if batch:
-                    await flush(batch)
-                await hashing.wait()
+                async with lanes[0], lanes[1]:
+                    async for data in blob.chunks():
+                        try:
+                            batch.append(builder.accept(data))
+                        except LocalProtocolError as exc:
+                            raise RegistryError(
+                                f"registry sent more than {blob.size} bytes"
+                            ) from exc
+                        batched += len(data)
+                        if batched >= chunk_size:
+                            for lane in lanes:
+                                await lane.send(batch)
+                            batch, batched = [], 0
+                    if batch:
+                        for lane in lanes:
+                            await lane.send(batch)
         except BaseExceptionGroup as group:
             # Report what went wrong (a registry error, a cancellation), not the group the
             # hashing nursery wraps it in.

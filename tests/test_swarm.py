@@ -15,6 +15,7 @@ import trio
 
 from p2pimage.auth import SigningKey, TokenIssuer, local_authenticator
 from p2pimage.client import PeerNode, open_peer_node
+from p2pimage.errors import StorageError
 from p2pimage.oci import RegistryClient
 from p2pimage.origin import OriginReader
 from p2pimage.storage import PieceStorage
@@ -157,3 +158,28 @@ async def test_peer_sending_bad_data_is_banned(tmp_path: Path) -> None:
         assert swarm.stats.hash_failures >= 1
         assert liar.peer_id in swarm.banned
     assert sha256_file(swarm.storage.path) == meta.sha256
+
+
+async def test_release_while_the_runtime_still_reads_keeps_the_blob_readable(
+    tmp_path: Path,
+) -> None:
+    """A release order can end a swarm while its reader is behind (the layer is complete
+    on disk): the reader must still get every byte, and the store closes after it."""
+    blob, meta = make_blob(tmp_path, 4 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer) as (seeder, leecher):
+        await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
+        swarm.connect([seeder.listen_address])
+        received = bytearray()
+        with trio.fail_after(30):
+            async for chunk in swarm.stream(chunk_size=256 * 1024):
+                received += chunk
+                if len(received) == 256 * 1024:
+                    await swarm.complete.wait()
+                    swarm.close()  # as the announcer does on a release order
+                    while leecher.swarms:
+                        await trio.sleep(0.01)  # the swarm's task tree has ended
+    assert bytes(received) == blob.read_bytes()
+    with pytest.raises(StorageError):
+        swarm.storage.read_block(0, 0, 16)  # closed once the reader finished
