@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=_ints, default=[4, 8, 16, 32])
     parser.add_argument("--sizes", type=_ints, default=[16, 128], help="layer sizes, MiB")
-    parser.add_argument("--aggregate-mib-s", type=float, default=128.0)
+    parser.add_argument("--aggregate-mib-s", type=float, default=64.0)
     parser.add_argument("--max-link-mib-s", type=float, default=16.0)
     parser.add_argument("--direct-max-s", type=float, default=90.0)
     parser.add_argument("--quick", action="store_true", help="N = 4, 8 with a 16 MiB layer")

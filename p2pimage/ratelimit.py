@@ -73,10 +73,24 @@ class RateLimiter:
     def limited(self) -> bool:
         return self.rate is not None
 
-    async def acquire(self, amount: int) -> None:
-        """Wait until ``amount`` bytes may pass."""
+    async def acquire(self, amount: int, *, priority: bool = False) -> None:
+        """Wait until ``amount`` bytes may pass.
+
+        ``priority`` bytes skip the queue: they are charged to the bucket at once (the
+        debt delays everyone queued behind) and wait only for their own share. A node's
+        origin reads use it: registry bytes are the swarm's scarcest resource, and a
+        fetcher's downlink must not starve them behind twenty peer connections.
+        """
         self.total += amount
         if self.rate is None:
+            return
+        if priority:
+            now = trio.current_time()
+            if self._bucket is None:
+                self._bucket = TokenBucket(self.rate, self._burst, now=now)
+            wait = self._bucket.reserve(amount, now)
+            if wait > 0 and math.isfinite(wait):
+                await trio.sleep(wait)
             return
         async with self._lock:
             now = trio.current_time()

@@ -81,8 +81,14 @@ class SwarmSettings:
     keepalive_s: float = 90.0
     rechoke_interval_s: float = 10.0
     tick_s: float = 0.5
-    # Pieces ahead of the read cursor given deadlines (streaming window).
-    stream_window: int = 16
+    # Pieces ahead of the read cursor given deadlines (streaming window). Kept short on
+    # purpose: in a cold start every node reads the same layer from the same offset, and
+    # a long window makes them all chase the same few frontier pieces (a convoy on the
+    # one peer that holds them) instead of trading rarest-first. Measured with the local
+    # cluster (16 nodes, 32 MiB, 2 MiB/s links): window 16 -> 1.95x the bound, 4 -> 1.32x,
+    # 0 -> 1.25x; the piece the reader is blocked on keeps strict priority either way
+    # (time to first byte stayed ~0.4 s).
+    stream_window: int = 4
     # Upload queue cap per peer (bytes) before the uploader waits for the writer.
     upload_queue_bytes: int = 1 << 20
     # Reveal each origin-read piece to one peer first (see Swarm.piece_from_origin).

@@ -67,3 +67,32 @@ async def test_unlimited_limiter_never_waits() -> None:
         for _ in range(1000):
             await limiter.acquire(1 << 20)
     assert limiter.total == 1000 << 20
+
+
+def test_priority_bytes_skip_the_queue_but_still_count() -> None:
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    finished: dict[str, float] = {}
+
+    async def main() -> None:
+        limiter = RateLimiter(1_000_000, burst=64 * 1024)
+        start = trio.current_time()
+
+        async def bulk() -> None:
+            for _ in range(4):  # 4 x 500 kB in the FIFO queue: ~2 s
+                await limiter.acquire(500_000)
+            finished["bulk"] = trio.current_time() - start
+
+        async def origin() -> None:
+            await trio.sleep(0.1)
+            await limiter.acquire(100_000, priority=True)
+            finished["origin"] = trio.current_time() - start
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bulk)
+            nursery.start_soon(origin)
+
+    trio.run(main, clock=clock)
+    # The priority read did not wait behind the 2 MB queued before it...
+    assert finished["origin"] < 1.0
+    # ...but its bytes were charged: the bulk transfer ends ~0.1 s later than alone.
+    assert finished["bulk"] >= 2.0
