@@ -31,6 +31,8 @@ def make_session(
         "upload_rate_limit": upload_rate,
         "download_rate_limit": download_rate,
         "alert_mask": 0,
+        "announce_to_all_tiers": True,
+        "stop_tracker_timeout": 1,
     }
     ses = lt.session(settings)
     if throttle_local:

@@ -6,7 +6,7 @@ straight from the registry through the same capped link. Caps scale with N so th
 machine's two cores are not the bottleneck: every link (registry egress and each node's
 up/down) gets ``--aggregate-mib-s / N`` MiB/s, at most ``--max-link-mib-s``.
 
-    python -m benchmarks.cluster [--nodes 4,8,16,32] [--sizes 16,128] [--quick]
+    python -m benchmarks.cluster [--nodes 4,8,16,32] [--sizes 16,64] [--quick]
         [--json PATH] [--plot PATH]
 
 Direct pulls are measured when they would take at most ``--direct-max-s`` seconds;
@@ -110,8 +110,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=_ints, default=[4, 8, 16, 32])
-    parser.add_argument("--sizes", type=_ints, default=[16, 128], help="layer sizes, MiB")
-    parser.add_argument("--aggregate-mib-s", type=float, default=64.0)
+    parser.add_argument("--sizes", type=_ints, default=[16, 64], help="layer sizes, MiB")
+    parser.add_argument("--aggregate-mib-s", type=float, default=32.0)
     parser.add_argument("--max-link-mib-s", type=float, default=16.0)
     parser.add_argument("--direct-max-s", type=float, default=90.0)
     parser.add_argument("--quick", action="store_true", help="N = 4, 8 with a 16 MiB layer")

@@ -32,11 +32,11 @@ import trio
 from .announce import TrackerClient
 from .cache import BlobCache
 from .client import PeerNode
-from .errors import DigestMismatchError, P2PImageError, StorageError
+from .errors import DigestMismatchError, LocalProtocolError, P2PImageError, StorageError
 from .metainfo import Metainfo
 from .ratelimit import RateLimiter
 from .sidecar_client import SidecarClient, SidecarError
-from .swarm import Swarm
+from .swarm import Swarm, SwarmStalled
 
 __all__ = ["AccessAnswer", "LayerService", "LayerSettings", "LayerStats"]
 
@@ -195,20 +195,19 @@ class LayerService:
                 source = "swarm"
                 self.cache.pin(hex_)
                 try:
-                    async with aclosing(swarm.stream(start, end, CHUNK)) as chunks:
-                        while position < end:
-                            chunk = b""
-                            with trio.move_on_after(self.settings.stall_timeout_s):
-                                chunk = await chunks.__anext__()
-                            if not chunk:
-                                self._fallback("stalled", digest, position)
-                                break
+                    stream = swarm.stream(
+                        start, end, CHUNK, stall_timeout_s=self.settings.stall_timeout_s
+                    )
+                    async with aclosing(stream) as chunks:
+                        async for chunk in chunks:
                             if hasher is not None:
                                 hasher.update(chunk)
                             position += len(chunk)
                             self.stats.bytes_served["swarm"] += len(chunk)
                             yield chunk
-                except (StopAsyncIteration, StorageError, DigestMismatchError) as exc:
+                except SwarmStalled:
+                    self._fallback("stalled", digest, position)
+                except (StorageError, DigestMismatchError, LocalProtocolError) as exc:
                     if position < end:
                         self._fallback(type(exc).__name__, digest, position)
                 finally:

@@ -23,6 +23,7 @@ from .choker import Choker, PeerStats
 from .errors import (
     DigestMismatchError,
     LocalProtocolError,
+    P2PImageError,
     PieceHashError,
     RemoteProtocolError,
     StorageError,
@@ -49,9 +50,13 @@ from .wire import (
 if TYPE_CHECKING:
     from .client import PeerNode
 
-__all__ = ["Swarm", "SwarmSettings", "SwarmStats"]
+__all__ = ["Swarm", "SwarmSettings", "SwarmStalled", "SwarmStats"]
 
 log = logging.getLogger("p2pimage.swarm")
+
+
+class SwarmStalled(P2PImageError):
+    """The swarm verified no piece for the reader's stall timeout."""
 
 
 @dataclass
@@ -112,6 +117,7 @@ class SwarmStats:
     started_at: float = 0.0
     first_piece_at: float | None = None
     last_piece_at: float | None = None  # every piece verified (before the whole-blob check)
+    last_progress_at: float | None = None  # the latest piece verified, from anywhere
     completed_at: float | None = None
 
 
@@ -499,6 +505,7 @@ class Swarm:
     def _record_verified(self, index: int) -> None:
         self._send_cancels(self.picker.we_have(index))
         now = trio.current_time()
+        self.stats.last_progress_at = now
         if self.stats.first_piece_at is None:
             self.stats.first_piece_at = now
         if self.storage.all_pieces_verified:
@@ -685,25 +692,73 @@ class Swarm:
         self._refill_all()
 
     async def stream(
-        self, start: int = 0, end: int | None = None, chunk_size: int = 1024 * 1024
+        self,
+        start: int = 0,
+        end: int | None = None,
+        chunk_size: int = 1024 * 1024,
+        *,
+        stall_timeout_s: float | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Yield the blob ``[start, end)`` in order while it downloads, steering the picker:
-        the piece under the read position is urgent, the window after it has deadlines."""
+        the piece under the read position is urgent, the window after it has deadlines.
+
+        With ``stall_timeout_s``, raises :class:`SwarmStalled` when the swarm as a whole
+        has verified no piece for that long while the reader waits. A reader that merely
+        waits for the swarm's frontier (in a cold start the registry sends the layer
+        piece by piece) is not stalled as long as pieces keep arriving.
+        """
+        length = self.metainfo.length
+        end = length if end is None else end
+        if not 0 <= start <= end <= length or chunk_size <= 0:
+            raise LocalProtocolError(f"bad range {start}..{end} of {length} bytes")
+        piece_length = self.metainfo.piece_length
+        storage = self.storage
         position = start
         self._streams += 1
         try:
+            while position < end:
+                index = position // piece_length
+                if not storage.has_piece(index):
+                    if not self.closed.is_set():
+                        self.set_read_cursor(position)
+                    await self._wait_piece(index, stall_timeout_s)
+                chunk = bytearray()
+                while position < end and len(chunk) < chunk_size:
+                    index = position // piece_length
+                    if not storage.has_piece(index):
+                        break
+                    begin = position - index * piece_length
+                    take = min(
+                        self.metainfo.piece_size(index) - begin,
+                        end - position,
+                        chunk_size - len(chunk),
+                    )
+                    chunk += storage.read_block(index, begin, take)
+                    position += take
+                if chunk:
+                    yield bytes(chunk)
+                    await trio.lowlevel.checkpoint()
             if not self.closed.is_set():
-                self.set_read_cursor(position)
-            async for chunk in self.storage.stream(start, end, chunk_size):
-                yield chunk
-                position += len(chunk)
-                if position < self.metainfo.length and not self.closed.is_set():
-                    self.set_read_cursor(position)
-            self.picker.set_blocked(None)
+                self.picker.set_blocked(None)
         finally:
             self._streams -= 1
             if self._streams == 0 and self._close_storage_when_idle:
                 self.storage.close()
+
+    async def _wait_piece(self, index: int, stall_timeout_s: float | None) -> None:
+        if stall_timeout_s is None:
+            await self.storage.wait_piece(index)
+            return
+        waiting_since = trio.current_time()
+        while True:
+            with trio.move_on_after(stall_timeout_s):
+                await self.storage.wait_piece(index)
+                return
+            last = max(waiting_since, self.stats.last_progress_at or 0.0)
+            if trio.current_time() - last >= stall_timeout_s:
+                raise SwarmStalled(
+                    f"no piece of {self.metainfo.sha256} verified for {stall_timeout_s:g} s"
+                )
 
     def release_storage(self) -> None:
         """The swarm has ended: close its store now, or when the last reader finishes.

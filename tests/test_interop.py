@@ -10,11 +10,13 @@ import dataclasses
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
 
+from benchmarks._libtorrent import make_session
 from daemons.opentracker_process import OpenTracker, opentracker_binary, run_opentracker
 from daemons.registry_process import free_port
 from p2pimage.announce import AnnounceSettings, TrackerClient, run_announcer
@@ -34,21 +36,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def lt_session() -> object:
-    return lt.session(
-        {
-            "listen_interfaces": "127.0.0.1:0",
-            "enable_outgoing_utp": False,
-            "enable_incoming_utp": False,
-            "enable_dht": False,
-            "enable_lsd": False,
-            "enable_upnp": False,
-            "enable_natpmp": False,
-            "allow_multiple_connections_per_ip": True,
-            "announce_to_all_tiers": True,
-            "alert_mask": 0,
-        }
-    )
+def lt_session() -> Any:
+    """A TCP-only libtorrent session on loopback (the benchmarks' settings)."""
+    return make_session()
 
 
 def lt_add(ses: object, meta: Metainfo, save: Path, tracker: str, *, seed: bool) -> object:

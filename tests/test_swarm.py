@@ -183,3 +183,40 @@ async def test_release_while_the_runtime_still_reads_keeps_the_blob_readable(
     assert bytes(received) == blob.read_bytes()
     with pytest.raises(StorageError):
         swarm.storage.read_block(0, 0, 16)  # closed once the reader finished
+
+
+async def test_reader_waiting_for_the_frontier_is_not_stalled_while_pieces_arrive(
+    tmp_path: Path,
+) -> None:
+    """Stall means the swarm verified nothing for the timeout, not that the reader's next
+    piece is late: in a cold start the registry sends a layer piece by piece and every
+    reader waits at the frontier while other pieces keep arriving."""
+    from p2pimage.swarm import SwarmStalled
+
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    data = blob.read_bytes()
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(1, issuer) as (node,):
+        swarm = await node.add_swarm(meta, tmp_path / "node")
+
+        async def feed_backwards() -> None:
+            for index in reversed(range(meta.num_pieces)):
+                await trio.sleep(0.01)
+                offset = meta.piece_offset(index)
+                swarm.storage.write_piece(index, data[offset : offset + meta.piece_size(index)])
+                swarm.piece_from_origin(index)
+
+        received = bytearray()
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(feed_backwards)
+                # Piece 0 comes last (after ~num_pieces * 10 ms, far past the timeout).
+                async for chunk in swarm.stream(stall_timeout_s=0.2):
+                    received += chunk
+        assert bytes(received) == data
+
+    async with nodes(1, issuer) as (node,):
+        swarm = await node.add_swarm(meta, tmp_path / "empty")
+        with trio.fail_after(5), pytest.raises(SwarmStalled):
+            async for _ in swarm.stream(stall_timeout_s=0.2):
+                pass

@@ -11,6 +11,7 @@ import httpx
 import pytest
 import trio
 
+from benchmarks._libtorrent import make_session
 from daemons.tracker import TrackerSettings, run_tracker
 from p2pimage.bencoding import bdecode
 from p2pimage.tracker import AnnounceRequest, parse_announce_response
@@ -21,20 +22,8 @@ SIZE = 4 * 1024 * 1024 + 12345
 
 
 def _session() -> Any:
-    return lt.session(
-        {
-            "listen_interfaces": "127.0.0.1:0",
-            "enable_outgoing_utp": False,
-            "enable_incoming_utp": False,
-            "enable_dht": False,
-            "enable_lsd": False,
-            "enable_upnp": False,
-            "enable_natpmp": False,
-            "allow_multiple_connections_per_ip": True,
-            "alert_mask": 0,
-            "stop_tracker_timeout": 1,
-        }
-    )
+    """A TCP-only libtorrent session on loopback (the benchmarks' settings)."""
+    return make_session()
 
 
 def _torrent(path: Path, announce: str) -> Any:
