@@ -222,7 +222,15 @@ async def _pull_all(
     return trio.current_time() - t0
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (node processes, skopeo...)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 async def run_cluster(params: ClusterParams, console: Console | None = None) -> dict[str, Any]:
+    cpu_before = _cpu_seconds()
     console = console or Console(stderr=True)
     if params.network == "netns":
         await trio.to_thread.run_sync(check_netns)
@@ -284,8 +292,7 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
         m.get('p2pimage_node_fetched_bytes_total{source="registry_fallback"}', 0.0) for m in metrics
     )
     bound = kumar_ross_bound(image_bytes, params.nodes, origin, up, down)
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    own = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_used = _cpu_seconds() - cpu_before
     digests_ok = all(r.digest == pushed and r.error is None for r in results)
     report: dict[str, Any] = {
         "nodes": params.nodes,
@@ -301,7 +308,7 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
         "fallback_mib": round(fallback / MIB, 1),
         "t_direct_s": round(t_direct, 2),
         "speedup_vs_direct": round(t_direct / t_all, 2) if params.direct else None,
-        "cpu_s": round(usage.ru_utime + usage.ru_stime + own.ru_utime + own.ru_stime, 1),
+        "cpu_s": round(cpu_used, 1),
         "digests_ok": digests_ok,
         "per_node": [
             {
