@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -228,10 +229,10 @@ async def open_peer_node(
     *,
     authenticator: PeerAuthenticator | None,
     open_mode: bool = False,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> AsyncIterator[PeerNode]:
     """Start a :class:`PeerNode` in its own nursery; stop everything on exit."""
-    node = PeerNode(authenticator=authenticator, open_mode=open_mode, **kwargs)  # type: ignore[arg-type]
+    node = PeerNode(authenticator=authenticator, open_mode=open_mode, **kwargs)
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         try:

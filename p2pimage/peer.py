@@ -22,6 +22,7 @@ from .auth import NodeToken, PeerAuthenticator
 from .errors import AuthError, LocalProtocolError, RemoteProtocolError
 from .ratelimit import RateLimiter
 from .wire import (
+    BLOCK_LENGTH,
     NEED_DATA,
     ConnectionClosed,
     ExtendedHandshake,
@@ -257,9 +258,7 @@ def make_connection(
     max_block_length: int | None = None,
 ) -> PeerConnection:
     """A :class:`PeerConnection` with a fresh nonce; open mode when no authenticator."""
-    kwargs: dict[str, object] = {}
-    if max_block_length is not None:
-        kwargs["max_block_length"] = max_block_length
+    block = BLOCK_LENGTH if max_block_length is None else max_block_length
     if authenticator is None:
         return PeerConnection(
             role=role,
@@ -267,7 +266,7 @@ def make_connection(
             peer_id=peer_id,
             authenticator=None,
             open_mode=True,
-            **kwargs,  # type: ignore[arg-type]
+            max_block_length=block,
         )
     return PeerConnection(
         role=role,
@@ -275,5 +274,5 @@ def make_connection(
         peer_id=peer_id,
         authenticator=authenticator,
         nonce=os.urandom(32),
-        **kwargs,  # type: ignore[arg-type]
+        max_block_length=block,
     )
