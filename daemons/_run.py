@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import trio
 
+from p2pimage.errors import leaf_exceptions
+
 __all__ = ["run_until_signalled"]
 
 log = logging.getLogger("p2pimage")
@@ -51,17 +53,7 @@ def run_until_signalled(async_fn: Callable[..., Awaitable[T]], *args: Any) -> T 
     except BaseExceptionGroup as group:
         # One failure inside the task tree: re-raise it as itself, so callers (and click)
         # see the ClickException or error they would see without the signal watcher.
-        leaves = _leaves(group)
+        leaves = leaf_exceptions(group)
         if len(leaves) == 1:
             raise leaves[0] from None
         raise
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            out.extend(_leaves(exc))
-        else:
-            out.append(exc)
-    return out

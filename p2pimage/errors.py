@@ -56,3 +56,17 @@ class PieceHashError(RemoteProtocolError):
 
 class DigestMismatchError(RemoteProtocolError):
     """A whole blob whose SHA-256 does not match its OCI digest."""
+
+
+def leaf_exceptions(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    """The exceptions inside a (possibly nested) exception group, in order.
+
+    trio nurseries wrap failures in groups; callers report the failures themselves.
+    """
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            out.extend(leaf_exceptions(exc))
+        else:
+            out.append(exc)
+    return out

@@ -27,6 +27,7 @@ from .errors import (
     PieceHashError,
     RemoteProtocolError,
     StorageError,
+    leaf_exceptions,
 )
 from .metainfo import Metainfo
 from .peer import PeerClosed, PeerSession, SessionInfo
@@ -309,7 +310,7 @@ class Swarm:
                         self._handle(peer, message)
                     await self._reader(peer)
         except* PeerClosed as group:
-            reason = "; ".join(_reasons(group))
+            reason = "; ".join(str(exc) for exc in leaf_exceptions(group))
         except* (StorageError, DigestMismatchError) as group:
             reason = f"storage: {group.exceptions[0]}"
             log.error("swarm %s: %s", self.info_hash.hex()[:12], reason)
@@ -773,13 +774,3 @@ class Swarm:
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
-
-
-def _reasons(group: BaseExceptionGroup[PeerClosed]) -> list[str]:
-    out: list[str] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            out.extend(_reasons(exc))
-        else:
-            out.append(exc.reason)
-    return out

@@ -32,7 +32,13 @@ from typing import Final, Literal
 
 import trio
 
-from .errors import DigestMismatchError, LocalProtocolError, MetainfoError, P2PImageError
+from .errors import (
+    DigestMismatchError,
+    LocalProtocolError,
+    MetainfoError,
+    P2PImageError,
+    leaf_exceptions,
+)
 from .metainfo import Metainfo, MetainfoBuilder
 from .notifications import RegistryEvent
 from .oci import (
@@ -162,16 +168,8 @@ async def _lane(
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for e in exc.exceptions:
-                walk(e)
-        else:
-            leaves.append(exc)
-
-    walk(group)
+    """The failure worth reporting from the hashing nursery: not a mere cancellation."""
+    leaves = leaf_exceptions(group)
     real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
     return (real or leaves)[0]
 
