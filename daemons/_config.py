@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import click
 from pydantic import BaseModel, SecretStr, ValidationError
 
-__all__ = ["ConfigError", "dump_settings", "load_settings"]
+__all__ = ["ConfigError", "dump_settings", "load_settings", "settings_for_command"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -96,3 +98,28 @@ def dump_settings(settings: BaseModel, *, secrets: bool = False) -> str:
         else:
             lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def settings_for_command(
+    model: type[M],
+    *,
+    daemon: str,
+    config_path: Path | None,
+    print_config: bool,
+    check: Callable[[M], object] | None = None,
+) -> M | None:
+    """What every daemon command does first: load its settings (``--config`` file, then
+    ``P2PIMAGE_<DAEMON>_*``), run its cross-field ``check``, exit 2 with a one-line error
+    naming the key, or print the effective settings and return None for
+    ``--print-config``."""
+    try:
+        settings = load_settings(model, path=config_path, env_prefix=f"P2PIMAGE_{daemon.upper()}_")
+        if check is not None:
+            check(settings)
+    except ConfigError as exc:
+        click.echo(f"p2pimage {daemon}: {exc}", err=True)
+        sys.exit(2)
+    if print_config:
+        click.echo(dump_settings(settings), nl=False)
+        return None
+    return settings

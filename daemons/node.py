@@ -18,7 +18,6 @@ import functools
 import logging
 import re
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
@@ -35,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from daemons._config import ConfigError, dump_settings, load_settings
+from daemons._config import ConfigError, settings_for_command
 from daemons._run import run_until_signalled
 from p2pimage.announce import TrackerClient
 from p2pimage.auth import NodeKey
@@ -485,14 +484,14 @@ def node(config_path: Path | None, print_config: bool) -> None:
     """Run the node peer: registry mirror for the runtime, and swarm peer."""
     from daemons._logging import setup_logging
 
-    try:
-        settings = load_settings(NodeSettings, path=config_path, env_prefix="P2PIMAGE_NODE_")
-        settings.credential_value()
-    except ConfigError as exc:
-        click.echo(f"p2pimage node: {exc}", err=True)
-        sys.exit(2)
-    if print_config:
-        click.echo(dump_settings(settings), nl=False)
+    settings = settings_for_command(
+        NodeSettings,
+        daemon="node",
+        config_path=config_path,
+        print_config=print_config,
+        check=NodeSettings.credential_value,
+    )
+    if settings is None:
         return
     setup_logging(settings.log_level, json_lines=settings.log_json)
     run_until_signalled(run_node, settings)

@@ -14,14 +14,12 @@ in docs/protocol.md ("Sidecar API"):
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hmac
 import json
 import logging
 import re
 import ssl
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from daemons._config import ConfigError, dump_settings, load_settings
+from daemons._config import ConfigError, settings_for_command
 from daemons._run import run_until_signalled
 from p2pimage.auth import SigningKey, TokenIssuer
 from p2pimage.errors import AuthError, DigestMismatchError, LocalProtocolError, P2PImageError
@@ -458,20 +456,17 @@ def sidecar(config_path: Path | None, print_config: bool) -> None:
     """Run the registry sidecar: torrents per layer, node tokens, JWKS."""
     from daemons._logging import setup_logging
 
-    try:
-        settings = load_settings(SidecarSettings, path=config_path, env_prefix="P2PIMAGE_SIDECAR_")
-        check_settings(settings)
-    except ConfigError as exc:
-        click.echo(f"p2pimage sidecar: {exc}", err=True)
-        sys.exit(2)
-    if print_config:
-        click.echo(dump_settings(settings), nl=False)
+    settings = settings_for_command(
+        SidecarSettings,
+        daemon="sidecar",
+        config_path=config_path,
+        print_config=print_config,
+        check=check_settings,
+    )
+    if settings is None:
         return
     setup_logging(settings.log_level, json_lines=settings.log_json)
-    # httpx logs every request at INFO: one line per blob read is noise here.
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
-    with contextlib.suppress(KeyboardInterrupt):
-        run_until_signalled(run_sidecar, settings)
+    run_until_signalled(run_sidecar, settings)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import gc
 import json
 import logging
 import random
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from daemons._config import ConfigError, dump_settings, load_settings
+from daemons._config import ConfigError, settings_for_command
 from daemons._run import run_until_signalled
 from p2pimage.auth import KeySet, NodeToken, TokenVerifier
 from p2pimage.errors import AuthError, P2PImageError
@@ -538,22 +537,21 @@ def tracker(config_path: Path | None, print_config: bool) -> None:
     """Run the cluster-aware BitTorrent tracker."""
     from daemons._logging import setup_logging
 
-    try:
-        settings = load_settings(TrackerSettings, path=config_path, env_prefix="P2PIMAGE_TRACKER_")
-        check_settings(settings)
-    except ConfigError as exc:
-        click.echo(f"p2pimage tracker: {exc}", err=True)
-        sys.exit(2)
-    if print_config:
-        click.echo(dump_settings(settings), nl=False)
+    settings = settings_for_command(
+        TrackerSettings,
+        daemon="tracker",
+        config_path=config_path,
+        print_config=print_config,
+        check=check_settings,
+    )
+    if settings is None:
         return
     setup_logging(settings.log_level, json_lines=settings.log_json)
     # Swarms are many small long-lived objects; the default thresholds (700 allocations)
     # run young-generation collections every few announces. Collect less often.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    with contextlib.suppress(KeyboardInterrupt):
-        run_until_signalled(run_tracker, settings)
+    run_until_signalled(run_tracker, settings)
 
 
 if __name__ == "__main__":
