@@ -85,17 +85,16 @@ class RateLimiter:
         if self.rate is None:
             return
         if priority:
-            now = trio.current_time()
-            if self._bucket is None:
-                self._bucket = TokenBucket(self.rate, self._burst, now=now)
-            wait = self._bucket.reserve(amount, now)
-            if wait > 0 and math.isfinite(wait):
-                await trio.sleep(wait)
+            await self._take(amount)
             return
         async with self._lock:
-            now = trio.current_time()
-            if self._bucket is None:
-                self._bucket = TokenBucket(self.rate, self._burst, now=now)
-            wait = self._bucket.reserve(amount, now)
-            if wait > 0 and math.isfinite(wait):
-                await trio.sleep(wait)
+            await self._take(amount)
+
+    async def _take(self, amount: int) -> None:
+        assert self.rate is not None
+        now = trio.current_time()
+        if self._bucket is None:
+            self._bucket = TokenBucket(self.rate, self._burst, now=now)
+        wait = self._bucket.reserve(amount, now)
+        if wait > 0 and math.isfinite(wait):
+            await trio.sleep(wait)

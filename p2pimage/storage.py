@@ -496,6 +496,23 @@ class PieceStorage:
             raise LocalProtocolError(f"piece {index} is not verified")
         return self._pread(self.metainfo.piece_offset(index) + begin, length)
 
+    def read_verified(self, offset: int, max_bytes: int) -> bytes:
+        """Bytes from ``offset`` over the run of verified pieces that starts there, at
+        most ``max_bytes``, in one read. The piece under ``offset`` must be verified
+        (else :class:`LocalProtocolError`)."""
+        length = self.metainfo.length
+        if not 0 <= offset < length or max_bytes <= 0:
+            raise LocalProtocolError(f"bad read at {offset} of {length} bytes")
+        piece_length = self.metainfo.piece_length
+        if not self.has_piece(offset // piece_length):
+            raise LocalProtocolError(f"piece {offset // piece_length} is not verified")
+        stop = min(length, offset + max_bytes)
+        limit = (offset // piece_length + 1) * piece_length
+        while limit < stop and self.has_piece(limit // piece_length):
+            limit += piece_length
+        stop = min(stop, limit)
+        return self._pread(offset, stop - offset)
+
     def _pread(self, offset: int, length: int) -> bytes:
         fd = self._check_open()
         path = self._final_path if self._complete else self._partial_path
@@ -559,16 +576,10 @@ class PieceStorage:
             await self._wait(index, generation)
             if self._generation != generation:
                 raise DigestMismatchError("blob failed its digest check while streaming")
-            # Extend over the following verified pieces, up to chunk_size.
-            stop = min(end, pos + chunk_size)
-            limit = (index + 1) * piece_length
-            while limit < stop and self.has_piece(limit // piece_length):
-                limit += piece_length
-            stop = min(stop, limit)
-            data = self._pread(pos, stop - pos)
+            data = self.read_verified(pos, min(end - pos, chunk_size))
             if self._generation != generation:
                 raise DigestMismatchError("blob failed its digest check while streaming")
-            pos = stop
+            pos += len(data)
             yield data
 
     def _notify(self) -> None:

@@ -723,22 +723,10 @@ class Swarm:
                     if not self.closed.is_set():
                         self.set_read_cursor(position)
                     await self._wait_piece(index, stall_timeout_s)
-                chunk = bytearray()
-                while position < end and len(chunk) < chunk_size:
-                    index = position // piece_length
-                    if not storage.has_piece(index):
-                        break
-                    begin = position - index * piece_length
-                    take = min(
-                        self.metainfo.piece_size(index) - begin,
-                        end - position,
-                        chunk_size - len(chunk),
-                    )
-                    chunk += storage.read_block(index, begin, take)
-                    position += take
-                if chunk:
-                    yield bytes(chunk)
-                    await trio.lowlevel.checkpoint()
+                chunk = storage.read_verified(position, min(end - position, chunk_size))
+                position += len(chunk)
+                yield chunk
+                await trio.lowlevel.checkpoint()
             if not self.closed.is_set():
                 self.picker.set_blocked(None)
         finally:
