@@ -4,9 +4,10 @@
   and ``os.replace``, so a crash never leaves a half-written torrent under a served name;
   a file that does not parse or does not match its name is treated as absent.
 - :func:`generate_metainfo`: streams a blob from the registry exactly once, computing piece
-  SHA-1s and the blob's SHA-256 in the same pass, off the event loop (SHA-256 and SHA-1 on
-  two worker threads while the loop reads the next chunk), and checks the SHA-256 against
-  the digest (:class:`~p2pimage.errors.DigestMismatchError`: no torrent).
+  SHA-1s and the blob's SHA-256 in the same pass, off the event loop (one worker thread
+  reads the socket straight into a pool of buffers and computes the SHA-256, a second
+  computes the piece SHA-1s), and checks the SHA-256 against the digest
+  (:class:`~p2pimage.errors.DigestMismatchError`: no torrent).
 - :class:`Indexer`: what to index and when. Manifest pushes (from the webhook or a catalog
   backfill) go through a bounded queue to manifest workers, which expand indexes into
   their platform manifests and queue every config and layer blob not yet indexed to blob
@@ -23,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,12 +40,12 @@ from .errors import (
     LocalProtocolError,
     MetainfoError,
     P2PImageError,
-    leaf_exceptions,
 )
 from .metainfo import Metainfo, MetainfoBuilder
 from .notifications import RegistryEvent
 from .oci import (
     MANIFEST_TYPES,
+    BlobReader,
     ManifestError,
     RegistryClient,
     RegistryError,
@@ -52,11 +55,11 @@ from .oci import (
 
 log = logging.getLogger("p2pimage.torrents")
 
-#: Bytes handed to the hashing threads at once. Measured on the 2-vCPU CI machine (512 MiB
-#: blob, batches of 0.5-8 MiB): 2 MiB was fastest (~920 MiB/s against ~840 at 1 MiB and
-#: ~760 at 4 MiB): big enough that thread hand-offs (~50 us) vanish against ~2 ms of
-#: hashing, small enough that both hashes find the batch still in cache.
-HASH_CHUNK: Final = 2 * 1024 * 1024
+#: Size of each read buffer handed between the hashing threads. Measured on the 2-vCPU CI
+#: machine (512 MiB blob from a loopback registry, pools of 16-32 MiB): 4 MiB buffers
+#: ~1,240 MiB/s, 2 MiB ~1,150, 1 MiB ~1,180, 8 MiB ~1,200: big enough that thread
+#: hand-offs vanish against ~2.5 ms of hashing each.
+HASH_CHUNK: Final = 4 * 1024 * 1024
 #: Torrent files larger than this are not ours: 16 MiB pieces of 20 bytes each would
 #: describe a 800 GiB blob in 1 MiB.
 MAX_TORRENT_SIZE: Final = 8 * 1024 * 1024
@@ -143,35 +146,50 @@ class TorrentStore:
 # Generation ----------------------------------------------------------------------------
 
 
-def _sha256_all(builder: MetainfoBuilder, views: list[memoryview]) -> None:
-    for view in views:
-        builder.update_sha256(view)
+#: Buffers the reader fills while the SHA-1 thread catches up (memory: DEPTH x CHUNK).
+HASH_DEPTH: Final = 6
 
 
-def _pieces_all(builder: MetainfoBuilder, views: list[memoryview]) -> None:
-    for view in views:
-        builder.update_pieces(view)
+def _hash_blob(reader: BlobReader, builder: MetainfoBuilder, chunk_size: int, depth: int) -> None:
+    """Worker thread: fill buffers from ``reader`` and feed ``builder``. This thread reads
+    and computes the SHA-256; a second thread computes the piece SHA-1s of each buffer
+    handed to it. hashlib and ``recv_into`` release the GIL, so the two hashes run on two
+    cores; a pool of ``depth`` buffers bounds memory and is the back-pressure."""
+    free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(depth):
+        free.put(bytearray(chunk_size))
+    filled: queue.SimpleQueue[tuple[bytearray, memoryview] | None] = queue.SimpleQueue()
 
+    def pieces() -> None:
+        while (item := filled.get()) is not None:
+            buffer, view = item
+            builder.update_pieces(view)
+            del view
+            free.put(buffer)
 
-# Batches queued per hash lane; with HASH_CHUNK batches this bounds the memory held.
-LANE_DEPTH: Final = 4
-
-
-async def _lane(
-    fn: Callable[[MetainfoBuilder, list[memoryview]], None],
-    builder: MetainfoBuilder,
-    receive: trio.MemoryReceiveChannel[list[memoryview]],
-) -> None:
-    async with receive:
-        async for views in receive:
-            await trio.to_thread.run_sync(fn, builder, views)
-
-
-def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The failure worth reporting from the hashing nursery: not a mere cancellation."""
-    leaves = leaf_exceptions(group)
-    real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-    return (real or leaves)[0]
+    sha1 = threading.Thread(target=pieces, name="p2pimage-sha1", daemon=True)
+    sha1.start()
+    try:
+        while True:
+            buffer = free.get()
+            whole = memoryview(buffer)
+            n = 0
+            while n < chunk_size and (got := reader.readinto(whole[n:])):
+                n += got
+            if n == 0:
+                break
+            try:
+                view = builder.accept(whole[:n])
+            except LocalProtocolError as exc:
+                raise RegistryError(f"registry sent more than {builder.size} bytes") from exc
+            filled.put((buffer, view))
+            builder.update_sha256(view)
+            del view, whole
+            if n < chunk_size:
+                break
+    finally:
+        filled.put(None)
+        sha1.join()
 
 
 async def generate_metainfo(
@@ -187,51 +205,22 @@ async def generate_metainfo(
     Raises :class:`DigestMismatchError` when the bytes do not hash to ``digest``,
     :class:`RegistryError` when the registry fails (``transient`` says whether to retry),
     :class:`BlobUnavailableError` for blobs that cannot be torrents (empty, no length).
-    Memory: about two batches of ``chunk_size`` bytes, whatever the blob's size.
+    The bytes never cross the event loop: a worker thread reads them straight into a pool
+    of :data:`HASH_DEPTH` buffers of ``chunk_size`` (the memory held, whatever the blob's
+    size) and hashes them with a second thread (:func:`_hash_blob`).
     """
     check_digest(digest)
-    async with client.open_blob(repository, digest) as blob:
-        if blob.size is None:
+    async with client.open_blob_reader(repository, digest) as reader:
+        if reader.size is None:
             raise BlobUnavailableError(f"registry sent {digest} without a Content-Length")
-        if blob.size == 0:
+        if reader.size == 0:
             raise BlobUnavailableError(f"{digest} is empty: nothing to share")
-        builder = MetainfoBuilder(blob.size, digest[7:], piece_length)
-        try:
-            async with trio.open_nursery() as nursery:
-                # Two lanes, one per hash, each a thread working through the batches in
-                # order: SHA-256 of the whole blob in one, the piece SHA-1s in the other.
-                # They run independently (the faster never waits for the slower batch by
-                # batch), while this task reads the next batches from the network.
-                # Bounded channels are the back-pressure: at most LANE_DEPTH batches in
-                # flight per lane.
-                lanes = []
-                for fn in (_sha256_all, _pieces_all):
-                    send, receive = trio.open_memory_channel[list[memoryview]](LANE_DEPTH)
-                    lanes.append(send)
-                    nursery.start_soon(_lane, fn, builder, receive)
-
-                batch: list[memoryview] = []
-                batched = 0
-                async with lanes[0], lanes[1]:
-                    async for data in blob.chunks():
-                        try:
-                            batch.append(builder.accept(data))
-                        except LocalProtocolError as exc:
-                            raise RegistryError(
-                                f"registry sent more than {blob.size} bytes"
-                            ) from exc
-                        batched += len(data)
-                        if batched >= chunk_size:
-                            for lane in lanes:
-                                await lane.send(batch)
-                            batch, batched = [], 0
-                    if batch:
-                        for lane in lanes:
-                            await lane.send(batch)
-        except BaseExceptionGroup as group:
-            # Report what went wrong (a registry error, a cancellation), not the group the
-            # hashing nursery wraps it in.
-            raise _leaf(group) from None
+        builder = MetainfoBuilder(reader.size, digest[7:], piece_length)
+        # Cancellation abandons the thread; leaving the reader's context then shuts its
+        # socket down, so the thread's read fails and it exits.
+        await trio.to_thread.run_sync(
+            _hash_blob, reader, builder, chunk_size, HASH_DEPTH, abandon_on_cancel=True
+        )
     if builder.received != builder.size:
         raise RegistryError(f"registry sent {builder.received} of {builder.size} bytes of {digest}")
     return builder.finish(expected_digest=digest)

@@ -29,6 +29,7 @@ from p2pimage.oci import (
     sha256_digest,
 )
 from p2pimage.oci_image import build_image, build_index, push_image, push_index
+from p2pimage.torrents import generate_metainfo
 
 D1 = "sha256:" + "a" * 64
 D2 = "sha256:" + "b" * 64
@@ -404,6 +405,10 @@ async def test_token_auth_flow_against_real_registry(tmp_path: Path) -> None:
                 m = await c.get_manifest("secure/app", "v1")
                 assert m.digest == img.digest
                 assert await c.get_blob("secure/app", img.config.digest) == img.config.data
+                # The sidecar's bulk read (its own blocking GET) carries the same token.
+                layer = img.layers[1]
+                meta = await generate_metainfo(c, "secure/app", layer.digest)
+                assert meta.sha256 == layer.digest and meta.length == len(layer.data)
                 assert await c.catalog() == ["secure/app"]
             # One token per scope, then the cache serves every later request.
             assert sorted(set(realm.requests)) == sorted(realm.requests)

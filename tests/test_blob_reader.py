@@ -1,0 +1,191 @@
+"""The bulk blob path of torrent generation: ``RegistryClient.open_blob_reader`` (a blocking
+``http.client`` GET read from a worker thread) under auth, redirects, failures and
+cancellation, against small HTTP servers on loopback."""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from p2pimage.metainfo import MetainfoBuilder
+from p2pimage.oci import RegistryClient, RegistryError, sha256_digest
+from p2pimage.torrents import generate_metainfo
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+BLOB = bytes(range(256)) * 12_289  # ~3 MiB: several buffers when read in 1 MiB chunks
+DIGEST = sha256_digest(BLOB)
+BLOB_PATH = f"/v2/team/app/blobs/{DIGEST}"
+BASIC = "Basic " + base64.b64encode(b"alice:pw").decode()
+
+
+@asynccontextmanager
+async def serving(app: App) -> AsyncIterator[str]:
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+        elif scope["type"] == "http":
+            await app(scope, receive, send)
+
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            lambda task_status: serve(asgi, config, task_status=task_status)  # type: ignore[arg-type]
+        )
+        yield urls[0] if isinstance(urls, list) else urls
+        nursery.cancel_scope.cancel()
+
+
+async def respond(send: Send, status: int, headers: dict[str, str], body: bytes = b"") -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def header(scope: Scope, name: str) -> str | None:
+    for k, v in scope["headers"]:
+        if k.decode().lower() == name:
+            return str(v.decode())
+    return None
+
+
+async def test_auth_then_cross_origin_redirect_drops_credentials() -> None:
+    """Like a registry on S3: the blob GET (authenticated) redirects to storage, which
+    must never see the registry's credentials."""
+    storage_saw: list[str | None] = []
+
+    async def storage(scope: Scope, receive: Receive, send: Send) -> None:
+        storage_saw.append(header(scope, "authorization"))
+        assert scope["query_string"] == b"sig=abc"
+        await respond(send, 200, {"content-length": str(len(BLOB))}, BLOB)
+
+    async with serving(storage) as storage_url:
+        registry_saw: list[tuple[str, str | None]] = []
+
+        async def registry(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                return
+            auth = header(scope, "authorization")
+            registry_saw.append((scope["method"], auth))
+            if auth != BASIC:
+                await respond(send, 401, {"www-authenticate": 'Basic realm="r"'})
+            elif scope["method"] == "HEAD":
+                await respond(send, 200, {"content-length": str(len(BLOB))})
+            else:
+                await respond(send, 307, {"location": f"{storage_url}/blob?sig=abc"})
+
+        async with (
+            serving(registry) as registry_url,
+            RegistryClient(registry_url, username="alice", password="pw") as client,
+        ):
+            meta = await generate_metainfo(client, "team/app", DIGEST, chunk_size=1 << 20)
+    expected = MetainfoBuilder(len(BLOB), DIGEST[7:])
+    expected.update(BLOB)
+    assert meta.info_hash == expected.finish(expected_digest=DIGEST).info_hash
+    assert registry_saw == [("HEAD", None), ("HEAD", BASIC), ("GET", BASIC)]
+    assert storage_saw == [None]
+
+
+@pytest.mark.parametrize(
+    "status, transient", [(404, False), (403, False), (503, True)], ids=["404", "403", "503"]
+)
+async def test_error_status_on_get_is_a_registry_error(status: int, transient: bool) -> None:
+    async def registry(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "HEAD":
+            await respond(send, 200, {"content-length": str(len(BLOB))})
+        else:
+            await respond(send, status, {"content-type": "text/plain"}, b"no blob for you")
+
+    async with serving(registry) as url, RegistryClient(url) as client:
+        with pytest.raises(RegistryError, match=f"HTTP {status} no blob for you") as err:
+            await generate_metainfo(client, "team/app", DIGEST)
+    assert err.value.status == status and err.value.transient is transient
+
+
+async def test_redirect_loop_is_refused() -> None:
+    async def registry(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "HEAD":
+            await respond(send, 200, {"content-length": str(len(BLOB))})
+        else:
+            await respond(send, 302, {"location": scope["path"]})
+
+    async with serving(registry) as url, RegistryClient(url) as client:
+        with pytest.raises(RegistryError, match="redirects"):
+            await generate_metainfo(client, "team/app", DIGEST)
+
+
+async def test_connection_cut_mid_blob_is_a_transient_error() -> None:
+    async def registry(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {"content-length": str(len(BLOB))}
+        if scope["method"] == "HEAD":
+            await respond(send, 200, headers)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", str(len(BLOB)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": BLOB[:100_000], "more_body": True})
+        raise RuntimeError("registry died mid-blob")
+
+    async with serving(registry) as url, RegistryClient(url) as client:
+        with pytest.raises(RegistryError) as err:
+            await generate_metainfo(client, "team/app", DIGEST)
+    assert err.value.transient
+
+
+async def test_cancel_mid_blob_stops_the_reading_threads_promptly() -> None:
+    sent = trio.Event()
+
+    async def registry(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "HEAD":
+            await respond(send, 200, {"content-length": str(len(BLOB))})
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", str(len(BLOB)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": BLOB[:1000], "more_body": True})
+        sent.set()
+        await trio.sleep_forever()  # a registry that stalls mid-blob
+
+    async with serving(registry) as url, RegistryClient(url, timeout=60) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(generate_metainfo, client, "team/app", DIGEST)
+            await sent.wait()
+            await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+            cancelled_at = trio.current_time()
+        assert trio.current_time() - cancelled_at < 5  # far below the 60 s read timeout
+        # The abandoned reader thread saw its socket shut down and left _hash_blob, which
+        # stops the SHA-1 thread on its way out (trio caches idle workers: hence the name).
+        with trio.fail_after(5):
+            while any(t.name == "p2pimage-sha1" for t in threading.enumerate()):
+                await trio.sleep(0.02)
