@@ -162,6 +162,11 @@ class NodeMetrics:
         fetched.add_metric(["origin"], layers.origin_bytes())
         fetched.add_metric(["registry_fallback"], layers.stats.bytes_served["registry"])
         yield fetched
+        uploaded = CounterMetricFamily(
+            "p2pimage_node_uploaded_bytes", "Layer bytes this node uploaded to peers"
+        )
+        uploaded.add_metric([], layers.uploaded_bytes())
+        yield uploaded
         pulls = CounterMetricFamily(
             "p2pimage_node_blob_pulls", "Blob GETs by result", labels=["result"]
         )

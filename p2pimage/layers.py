@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 import httpx
 import trio
@@ -66,8 +67,11 @@ class LayerStats:
     bytes_served: Counter[str] = field(default_factory=Counter)  # cache, swarm, registry
     pulls: Counter[str] = field(default_factory=Counter)  # result
     fallbacks: Counter[str] = field(default_factory=Counter)  # reason
-    closed_swarm_peer_bytes: int = 0
-    closed_swarm_origin_bytes: int = 0
+    # Swarm byte counts (SwarmStats field -> bytes) of swarms already closed.
+    closed_swarms: Counter[str] = field(default_factory=Counter)
+
+
+_SWARM_BYTES: Final = ("downloaded_from_peers", "downloaded_from_origin", "uploaded")
 
 
 @dataclass(frozen=True)
@@ -369,25 +373,25 @@ class LayerService:
                 await swarm.closed.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            self.stats.closed_swarm_peer_bytes += swarm.stats.downloaded_from_peers
-            self.stats.closed_swarm_origin_bytes += swarm.stats.downloaded_from_origin
+            for name in _SWARM_BYTES:
+                self.stats.closed_swarms[name] += getattr(swarm.stats, name)
             self.cache.unpin(hex_)
 
+    def _swarm_bytes(self, name: str) -> int:
+        live = sum(getattr(s.stats, name) for s in self.node.swarms.values()) if self.node else 0
+        return int(self.stats.closed_swarms[name] + live)
+
     def peer_bytes(self) -> int:
-        live = (
-            sum(s.stats.downloaded_from_peers for s in self.node.swarms.values())
-            if self.node
-            else 0
-        )
-        return self.stats.closed_swarm_peer_bytes + live
+        """Layer bytes downloaded from peers, over this service's life."""
+        return self._swarm_bytes("downloaded_from_peers")
 
     def origin_bytes(self) -> int:
-        live = (
-            sum(s.stats.downloaded_from_origin for s in self.node.swarms.values())
-            if self.node
-            else 0
-        )
-        return self.stats.closed_swarm_origin_bytes + live
+        """Layer bytes this node read from the registry as a tracker-named origin."""
+        return self._swarm_bytes("downloaded_from_origin")
+
+    def uploaded_bytes(self) -> int:
+        """Layer bytes uploaded to peers."""
+        return self._swarm_bytes("uploaded")
 
 
 class _CacheFull(P2PImageError):
