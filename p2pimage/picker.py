@@ -65,7 +65,8 @@ class BlockRequest:
 
 @dataclass(frozen=True, slots=True)
 class PickerSettings:
-    """Tunables of :class:`PiecePicker`, with libtorrent's choices as defaults."""
+    """Tunables of :class:`PiecePicker`: libtorrent's choices, except the request queue,
+    which is sized for a cluster network rather than the internet."""
 
     #: Pick uniformly random pieces until we hold this many, so that a newcomer soon has
     #: something to trade (libtorrent: ``initial_picker_threshold`` = 4).
@@ -73,10 +74,18 @@ class PickerSettings:
     #: At most this many *extra* peers may be asked for one block (endgame and
     #: time-critical duplicates); a block is never outstanding at more than 1 + this.
     max_duplicates: int = 2
-    #: Seconds of data to keep queued at a peer (libtorrent: ``request_queue_time`` = 3).
-    request_queue_time: float = 3.0
+    #: Seconds of data to keep requested from a peer (libtorrent: ``request_queue_time``
+    #: = 3, for internet round trips). Inside a cluster the round trip is a millisecond, so
+    #: anything queued beyond a fraction of a second is latency, not throughput: every
+    #: block waits behind the whole queue at its uploader, and a fresh piece crosses the
+    #: swarm in about log2(N) such hops. Measured with the local cluster (16 nodes, 64 MiB,
+    #: 2 MiB/s links, four runs each): 3 s -> 1.81-1.86x the bound, 1 s -> 1.43-1.50x.
+    #: Fast links are unaffected: their depth is capped by ``max_pipeline`` either way.
+    request_queue_time: float = 1.0
     #: Pipeline depth for a peer whose rate is unknown or tiny (libtorrent starts a new
-    #: peer at 4 outstanding requests and grows it; 8 keeps a LAN link busy sooner).
+    #: peer at 4 outstanding requests and grows it; 8 keeps a LAN link busy sooner: with 4
+    #: a 64 MiB loopback transfer measured ~210 MiB/s against ~260 with 8, while the
+    #: cluster runs above were within noise of each other, 1.34-1.46x against 1.43-1.50x).
     min_pipeline: int = 8
     #: Upper bound on the pipeline (libtorrent: ``max_out_request_queue`` = 500).
     max_pipeline: int = 500

@@ -31,7 +31,7 @@ from .errors import (
 )
 from .metainfo import Metainfo
 from .peer import PeerClosed, PeerSession, SessionInfo
-from .picker import BlockRequest, PiecePicker
+from .picker import BlockRequest, PickerSettings, PiecePicker
 from .storage import PieceStorage
 from .wire import (
     Bitfield,
@@ -104,6 +104,8 @@ class SwarmSettings:
     block_size: int = 16 * 1024
     # Expected streaming rate (bytes/s) for deadline spacing in the streaming window.
     stream_rate: float = 50 * 1024 * 1024
+    # The piece picker's tunables (request queue depth, endgame duplicates, ...).
+    picker: PickerSettings = field(default_factory=PickerSettings)
 
 
 @dataclass
@@ -169,6 +171,7 @@ class Swarm:
             total_length=metainfo.length,
             block_size=self.settings.block_size,
             rng=self._rng,
+            settings=self.settings.picker,
         )
         for index in range(metainfo.num_pieces):
             if storage.has_piece(index):

@@ -307,8 +307,8 @@ def test_peer_is_interesting() -> None:
 def test_pipeline_depth_from_rate() -> None:
     pp = make()
     assert pp.pipeline_depth("new") == 8
-    pp.update_rate("p", 1_000_000)  # 3 s of 1 MB/s = 184 blocks
-    assert pp.pipeline_depth("p") == 184
+    pp.update_rate("p", 1_000_000)  # 1 s of 1 MB/s = 62 blocks
+    assert pp.pipeline_depth("p") == 62
     pp.update_rate("p", 10e9)
     assert pp.pipeline_depth("p") == 500
     pp.update_rate("p", 100)

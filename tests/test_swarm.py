@@ -18,8 +18,9 @@ from p2pimage.client import PeerNode, open_peer_node
 from p2pimage.errors import StorageError
 from p2pimage.oci import RegistryClient
 from p2pimage.origin import OriginReader
+from p2pimage.picker import PickerSettings
 from p2pimage.storage import PieceStorage
-from p2pimage.swarm import Swarm
+from p2pimage.swarm import Swarm, SwarmSettings
 
 from .test_transfer import make_blob, sha256_file
 
@@ -220,3 +221,29 @@ async def test_reader_waiting_for_the_frontier_is_not_stalled_while_pieces_arriv
         with trio.fail_after(5), pytest.raises(SwarmStalled):
             async for _ in swarm.stream(stall_timeout_s=0.2):
                 pass
+
+
+async def test_request_queue_follows_the_swarm_picker_settings(tmp_path: Path) -> None:
+    """SwarmSettings.picker reaches the wire: a leecher on a 1 MiB/s link asked for 0.05 s
+    of data (4 blocks) keeps at most 4 requests outstanding, where the default floor
+    alone would put 8 on the wire."""
+    blob, meta = make_blob(tmp_path, 2 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(picker=PickerSettings(request_queue_time=0.05, min_pipeline=2))
+    async with (
+        open_peer_node(authenticator=local_authenticator(issuer, subject="s", cluster="c")) as s,
+        open_peer_node(
+            authenticator=local_authenticator(issuer, subject="l", cluster="c"),
+            download_rate=1 * MIB,
+        ) as leecher,
+    ):
+        await s.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
+        swarm.connect([s.listen_address])
+        most = 0
+        with trio.fail_after(30):
+            while not swarm.complete.is_set():
+                most = max([most, *(len(p.outstanding) for p in swarm.peers.values())])
+                await trio.sleep(0.005)
+    assert 2 <= most <= 4
+    assert PickerSettings().min_pipeline == 8  # the default this test stays under
