@@ -285,6 +285,8 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
                     f"[bold]now the same {params.nodes} pulls straight from the registry…[/]"
                 )
                 t_direct = await _pull_all(cluster, ref, use_skopeo, False, tmp, direct_results)
+    # Uploaded but not counted by any receiver: duplicates and cancelled blocks in flight.
+    uploaded = sum(m.get("p2pimage_node_uploaded_bytes_total", 0.0) for m in metrics)
     peer_bytes = sum(
         m.get('p2pimage_node_fetched_bytes_total{source="peer"}', 0.0) for m in metrics
     )
@@ -305,6 +307,7 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
         "registry_copies": round(p2p_egress / image_bytes, 3),
         "registry_link_copies": round(link_bytes / image_bytes, 3) if link_bytes else None,
         "peer_mib": round(peer_bytes / MIB, 1),
+        "peer_wasted_mib": round(max(uploaded - peer_bytes, 0.0) / MIB, 1),
         "fallback_mib": round(fallback / MIB, 1),
         "t_direct_s": round(t_direct, 2),
         "speedup_vs_direct": round(t_direct / t_all, 2) if params.direct else None,
@@ -407,6 +410,7 @@ def print_report(report: dict[str, Any], console: Console) -> None:
             "registry link (tc, with headers)", f"{report['registry_link_copies']:.2f} image copies"
         )
     summary.add_row("bytes between peers", f"{report['peer_mib']:.1f} MiB")
+    summary.add_row("uploaded in vain (duplicates)", f"{report['peer_wasted_mib']:.1f} MiB")
     summary.add_row("read directly after fallback", f"{report['fallback_mib']:.1f} MiB")
     if report["speedup_vs_direct"] is not None:
         summary.add_row("same pulls straight from the registry", f"{report['t_direct_s']:.2f} s")

@@ -235,14 +235,15 @@ def test_endgame_duplicates_cancelled_on_receipt() -> None:
     pp.peer_have_all("c")
     a = drain(pp, "a")
     assert len(a) == 4 and pp.is_endgame
-    b = drain(pp, "b")
-    assert sorted(b) == sorted(a)  # every block once more
-    assert drain(pp, "c") == []  # max_duplicates=1: at most 2 requesters per block
+    assert drain(pp, "b") == []  # nothing is late yet: no duplicates
+    b = drain(pp, "b", now=100.0)
+    assert sorted(b) == sorted(a)  # late: every block once more
+    assert drain(pp, "c", now=100.0) == []  # max_duplicates=1: at most 2 requesters
     cancels = pp.block_received("b", a[0].index, a[0].begin)
     assert cancels == [("a", a[0])]
     assert a[0] not in pp.outstanding("a") and a[0] not in pp.outstanding("b")
     assert pp.block_received("a", a[0].index, a[0].begin) == []  # late duplicate
-    assert drain(pp, "c") == []
+    assert drain(pp, "c", now=100.0) == []
     pp.check_invariants()
 
 
@@ -257,7 +258,8 @@ def test_endgame_only_once_every_wanted_block_is_requested() -> None:
     assert not pp.is_endgame  # piece 3: nobody has it yet
     assert drain(pp, "b") == []
     pp.peer_have("b", 3)
-    assert {r.index for r in drain(pp, "b")} == {0, 1, 3}  # endgame: 0 and 1 duplicated
+    assert {r.index for r in drain(pp, "b")} == {3}  # endgame, but a is not late yet
+    assert {r.index for r in drain(pp, "b", 100.0)} == {0, 1}  # late at a: duplicated
     assert pp.is_endgame
 
 
@@ -328,10 +330,16 @@ def test_urgent_pieces_prefer_fast_peers() -> None:
     # slow cannot meet 0.1..0.3 s; piece 4 (due now) is fair game for anyone
     assert [b.index for b in slow[:4]] == [4] * 4
     assert {b.index for b in slow[4:]} & {5, 6, 7} == set()
-    fast = pp.pick("fast", 16, 0.0)
-    # piece 4 is overdue and fast would deliver sooner: time-critical duplicates
-    assert fast[:4] == slow[:4]
-    assert [b.index for b in fast[4:]] == [5] * 4 + [6] * 4 + [7] * 4
+    fast = pp.pick("fast", 12, 0.0)
+    # piece 4 is due, but not late at slow yet: no duplicates, fast takes the window
+    assert [b.index for b in fast] == [5] * 4 + [6] * 4 + [7] * 4
+    for b in fast:
+        pp.block_received("fast", b.index, b.begin)
+    # 1.5 s on, slow's first blocks of piece 4 are late (expected twice 0.33 s per block
+    # behind its queue): an idle fast peer duplicates those, not the ones still on time
+    dup = [b for b in pp.pick("fast", 8, 1.5) if b.index == 4]
+    assert dup and dup == slow[: len(dup)] and len(dup) < 4
+    pp.check_invariants()
 
 
 def test_time_critical_duplicate_of_late_block() -> None:
@@ -349,6 +357,29 @@ def test_time_critical_duplicate_of_late_block() -> None:
     assert dup[0] == got[0] and all(b.index != 5 for b in dup[1:])
     assert sorted(pp.requesters(got[0])) == ["a", "b"]
     assert pp.block_received("b", got[0].index, got[0].begin) == [("a", got[0])]
+    pp.check_invariants()
+
+
+def test_no_time_critical_duplicates_from_a_peer_with_a_full_queue() -> None:
+    """Lateness while every queue is full is congestion: duplicating only adds to it."""
+    pp = make(num_pieces=10, blocks_per_piece=2, min_pipeline=4)
+    pp.peer_have_all("a")
+    pp.peer_have_all("b")
+    pp.update_rate("a", 16 * 1024)
+    pp.update_rate("b", 16 * 1024)
+    pp.set_blocked(5)
+    late = pp.pick("a", 2, 0.0)  # piece 5, late after 2 s and 4 s
+    busy = pp.pick("b", 4, 0.5)  # b's queue is full with other pieces
+    assert {r.index for r in late} == {5} and all(r.index != 5 for r in busy)
+    # Both of a's blocks are late by now, but b's queue is full: free blocks only.
+    more = pp.pick("b", 2, 5.0)
+    assert more and all(r.index != 5 for r in more)
+    assert pp.requesters(late[0]) == ["a"] and pp.requesters(late[1]) == ["a"]
+    queued = busy + more
+    for r in queued[:-3]:  # b delivers all but three: room for one duplicate
+        pp.block_received("b", r.index, r.begin)
+    dup = [r for r in pp.pick("b", 4, 5.0) if r.index == 5]
+    assert len(dup) == 1 and sorted(pp.requesters(dup[0])) == ["a", "b"]
     pp.check_invariants()
 
 
@@ -592,7 +623,7 @@ def test_larger_download_completes_with_endgame(seed: int) -> None:
     cancelled = 0
     for rnd in range(2_000):
         for p in peers:
-            pp.pick(p, pp.pipeline_depth(p) - len(pp.outstanding(p)), rnd * 0.1)
+            pp.pick(p, pp.pipeline_depth(p) - len(pp.outstanding(p)), float(rnd))
             out = pp.outstanding(p)
             for b in out[: rng.randint(0, 6)]:
                 cancelled += len(pp.block_received(p, b.index, b.begin))
