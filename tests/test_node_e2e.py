@@ -303,6 +303,10 @@ def test_cluster_command_three_nodes(tmp_path: Path) -> None:
         "cpu_s",
     ):
         assert isinstance(report[key], int | float)
+    # The registry sent one copy; the other two nodes' layers came from peers (the config
+    # blob is too small for a swarm), and duplicates, if any, are reported, not hidden.
+    assert report["peer_mib"] >= 2 * (report["image_mib"] - 0.1)
+    assert 0 <= report["peer_wasted_mib"] < report["peer_mib"]
     printed = re.search(r"registry egress\s*│\s*([0-9.]+) image copies", proc.stdout)
     assert printed is not None
     assert abs(float(printed.group(1)) - report["registry_copies"]) < 0.006
