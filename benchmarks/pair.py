@@ -63,8 +63,15 @@ def run_ours(meta: Metainfo, torrent: Path, blob: Path, key: SigningKey, tmp: Pa
     key_pem = tmp / "issuer.pem"
     key_pem.write_bytes(key.to_pem())
     child = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.pair", "--serve-seed", str(torrent), str(blob),
-         str(key_pem)],
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.pair",
+            "--serve-seed",
+            str(torrent),
+            str(blob),
+            str(key_pem),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
