@@ -652,8 +652,10 @@ class RegistryClient:
 
         Auth is settled first with a ``HEAD`` (answering any challenge), then the ``GET``
         runs on its own connection with the resulting header, following redirects (without
-        the registry's credentials when they leave its origin). With a custom
-        ``transport`` the reader bridges to :meth:`open_blob` instead."""
+        the registry's credentials when they leave its origin). This connection is made
+        directly: ``HTTP(S)_PROXY`` variables are not honoured here (the sidecar reads
+        the registry beside it). With a custom ``transport`` (a proxy, a test double)
+        the reader bridges to :meth:`open_blob` instead."""
         check_repository(repository)
         check_digest(digest)
         if self.transport is not None:

@@ -627,9 +627,9 @@ class PiecePicker(Generic[P]):
         beat), and only from a peer with room, at most ``min_pipeline`` requests
         outstanding at it, as in endgame. Measured with the local cluster (16 nodes,
         64 MiB, 2 MiB/s links, every node streaming the same frontier): duplicating on a
-        missed deadline and into full queues uploaded 53-59 MiB in vain (6% of all peer
-        traffic) and the swarm finished at 1.43-1.50x the bound; late-only, 13-24 MiB and
-        1.39-1.41x."""
+        missed deadline uploaded 53-61 MiB per run in vain (about 6% of all peer
+        traffic) and the swarm finished at 1.43-1.50x the bound; duplicating only late
+        blocks (here and in endgame), 13-24 MiB and 1.39-1.45x (five runs each)."""
         want = min(want, self.settings.min_pipeline - len(ps.requests))
         dl = self._pieces.get(index)
         if want <= 0 or dl is None or not dl.requests:
@@ -652,11 +652,11 @@ class PiecePicker(Generic[P]):
     ) -> None:
         """Duplicate late outstanding blocks the peer has, least-duplicated first.
 
-        Only late blocks (outstanding past their ``expected_by``): in a cluster swarm
-        every node ends at about the same moment, and duplicating every outstanding block
-        (libtorrent's endgame) spent ~3.5 MiB of uploads per node in vain at 16 nodes,
-        64 MiB and 2 MiB/s links (6% of all peer traffic), slowing the others' tails. A
-        block held by a slow or dead peer still turns late and is duplicated then.
+        Only late blocks (outstanding past their ``expected_by``), by the same rule as
+        time-critical duplicates (see :meth:`_take_late` for the measurement): in a
+        cluster swarm every node ends at about the same moment, and duplicating every
+        outstanding block, as libtorrent's endgame does, spends uploads the others' tails
+        need. A block held by a slow or dead peer still turns late and is duplicated.
 
         The scan stops as soon as it has ``want`` blocks with a single requester (the
         best possible), so a pick costs O(want) plus the already-duplicated blocks it
