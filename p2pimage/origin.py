@@ -139,7 +139,7 @@ class OriginReader:
             async for chunk in response.aiter_bytes(CHUNK_BYTES):
                 # The registry's egress cap, then this node's own download link.
                 await self.limiter.acquire(len(chunk))
-                await self.swarm.node.download_limiter.acquire(len(chunk), priority=True)
+                await self.swarm.node.download_limiter.acquire(len(chunk))
                 self.bytes_read += len(chunk)
                 buffer += chunk
                 while index < stop and len(buffer) >= mi.piece_size(index):

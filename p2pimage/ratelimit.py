@@ -73,28 +73,22 @@ class RateLimiter:
     def limited(self) -> bool:
         return self.rate is not None
 
-    async def acquire(self, amount: int, *, priority: bool = False) -> None:
-        """Wait until ``amount`` bytes may pass.
+    async def acquire(self, amount: int) -> None:
+        """Wait until ``amount`` bytes may pass; callers are served in arrival order.
 
-        ``priority`` bytes skip the queue: they are charged to the bucket at once (the
-        debt delays everyone queued behind) and wait only for their own share. A node's
-        origin reads use it: registry bytes are the swarm's scarcest resource, and a
-        fetcher's downlink must not starve them behind twenty peer connections.
+        Origin reads share a fetcher's downlink with its peers in this same order. (They
+        once skipped the queue: with 3 s request queues twenty peer connections could
+        starve them. With 1 s queues the skip only cost: the swarm benchmark, 16 nodes,
+        took 1.41-1.46x the bound with it and 1.10-1.11x without; the local cluster, 16
+        nodes and 64 MiB, 1.39-1.45x with it and 1.33-1.41x without.)
         """
         self.total += amount
         if self.rate is None:
             return
-        if priority:
-            await self._take(amount)
-            return
         async with self._lock:
-            await self._take(amount)
-
-    async def _take(self, amount: int) -> None:
-        assert self.rate is not None
-        now = trio.current_time()
-        if self._bucket is None:
-            self._bucket = TokenBucket(self.rate, self._burst, now=now)
-        wait = self._bucket.reserve(amount, now)
-        if wait > 0 and math.isfinite(wait):
-            await trio.sleep(wait)
+            now = trio.current_time()
+            if self._bucket is None:
+                self._bucket = TokenBucket(self.rate, self._burst, now=now)
+            wait = self._bucket.reserve(amount, now)
+            if wait > 0 and math.isfinite(wait):
+                await trio.sleep(wait)
