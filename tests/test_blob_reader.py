@@ -64,6 +64,23 @@ async def respond(send: Send, status: int, headers: dict[str, str], body: bytes 
     await send({"type": "http.response.body", "body": body})
 
 
+async def send_part_of_blob(scope: Scope, send: Send, length: int) -> bool:
+    """Answer HEAD whole (True), or start a 200 GET and send only ``length`` bytes."""
+    if scope["method"] == "HEAD":
+        await respond(send, 200, {"content-length": str(len(BLOB))})
+        return True
+    start = {"content-length": str(len(BLOB))}
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(k.encode(), v.encode()) for k, v in start.items()],
+        }
+    )
+    await send({"type": "http.response.body", "body": BLOB[:length], "more_body": True})
+    return False
+
+
 def header(scope: Scope, name: str) -> str | None:
     for k, v in scope["headers"]:
         if k.decode().lower() == name:
@@ -138,19 +155,8 @@ async def test_redirect_loop_is_refused() -> None:
 
 async def test_connection_cut_mid_blob_is_a_transient_error() -> None:
     async def registry(scope: Scope, receive: Receive, send: Send) -> None:
-        headers = {"content-length": str(len(BLOB))}
-        if scope["method"] == "HEAD":
-            await respond(send, 200, headers)
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-length", str(len(BLOB)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": BLOB[:100_000], "more_body": True})
-        raise RuntimeError("registry died mid-blob")
+        if not await send_part_of_blob(scope, send, 100_000):
+            raise RuntimeError("registry died mid-blob")
 
     async with serving(registry) as url, RegistryClient(url) as client:
         with pytest.raises(RegistryError) as err:
@@ -162,19 +168,9 @@ async def test_cancel_mid_blob_stops_the_reading_threads_promptly() -> None:
     sent = trio.Event()
 
     async def registry(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] == "HEAD":
-            await respond(send, 200, {"content-length": str(len(BLOB))})
-            return
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-length", str(len(BLOB)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": BLOB[:1000], "more_body": True})
-        sent.set()
-        await trio.sleep_forever()  # a registry that stalls mid-blob
+        if not await send_part_of_blob(scope, send, 1000):
+            sent.set()
+            await trio.sleep_forever()  # a registry that stalls mid-blob
 
     async with serving(registry) as url, RegistryClient(url, timeout=60) as client:
         async with trio.open_nursery() as nursery:
