@@ -23,6 +23,7 @@ import trio
 
 from daemons import netns as _netns
 from daemons._config import dump_settings
+from daemons._process import free_port
 from daemons.node import NodeDaemon, NodeSettings, run_node
 from daemons.registry_process import RegistryProcess, start_registry
 from daemons.sidecar import SidecarSettings, run_sidecar
@@ -168,7 +169,7 @@ async def _local_cluster(
     key_path.chmod(0o600)
     credential = generate_credential()
     async with trio.open_nursery() as nursery:
-        sidecar_port = _free_port(core_host)
+        sidecar_port = free_port(core_host)
         sidecar_url = f"http://{core_host}:{sidecar_port}"
         async with start_registry(
             notifications_url=f"{sidecar_url}/events" if notifications else None,
@@ -243,7 +244,7 @@ async def _local_cluster(
                     await nursery.start(_run_node_process, node, workdir / name)
                 elif node_processes:
                     node.settings = settings.model_copy(
-                        update={"listen": f"127.0.0.1:{_free_port()}"}
+                        update={"listen": f"127.0.0.1:{free_port()}"}
                     )
                     await nursery.start(_run_node_process, node, workdir / name)
                 else:
@@ -337,11 +338,3 @@ async def _wait_healthy(url: str) -> None:
             except httpx.HTTPError:
                 pass
             await trio.sleep(0.1)
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])

@@ -8,7 +8,6 @@ relative to the ``-d`` directory it chroots into.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,17 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemons._process import free_port
+
 __all__ = ["OpenTracker", "opentracker_binary", "run_opentracker"]
 
 
 def opentracker_binary() -> str | None:
     return shutil.which("opentracker")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -54,7 +49,7 @@ def run_opentracker(info_hashes: Iterable[bytes]) -> Iterator[OpenTracker]:
         root.chmod(0o755)
         hashes = list(info_hashes)
         (root / "whitelist").write_text("".join(h.hex() + "\n" for h in hashes))
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [
                 binary,

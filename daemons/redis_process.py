@@ -9,17 +9,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from daemons._process import free_port
+
 __all__ = ["redis_binary", "run_redis"]
 
 
 def redis_binary() -> str | None:
     return shutil.which("redis-server")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -28,7 +24,7 @@ def run_redis() -> Iterator[int]:
     binary = redis_binary()
     if binary is None:
         raise FileNotFoundError("redis-server is not installed (Debian package redis-server)")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,

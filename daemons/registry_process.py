@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
 import urllib.error
 import urllib.request
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-import trio
+from daemons._process import ManagedProcess, free_port
 
 BINARY = "docker-registry"
 
@@ -34,13 +31,6 @@ BINARY = "docker-registry"
 def registry_binary() -> str | None:
     """Path of the registry binary, or ``None`` when it is not installed."""
     return shutil.which(BINARY)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def bcrypt_hash(password: str) -> str:
@@ -65,9 +55,11 @@ class TokenAuth:
 
 
 @dataclass
-class RegistryProcess:
+class RegistryProcess(ManagedProcess):
     """One registry process. ``url`` is ``http://127.0.0.1:<port>``; ``storage`` is the
     filesystem driver's root (blobs under ``docker/registry/v2/blobs/sha256/``)."""
+
+    name: ClassVar[str] = BINARY
 
     notifications_url: str | None = None
     notification_timeout: str = "2s"
@@ -93,10 +85,6 @@ class RegistryProcess:
         if not self.port:
             self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
 
     def blob_path(self, digest: str) -> Path:
         """Where the filesystem driver keeps a blob's bytes (for tamper tests)."""
@@ -156,14 +144,7 @@ class RegistryProcess:
         config_path = self.workdir / "config.yml"
         # JSON is YAML: no YAML library needed.
         config_path.write_text(json.dumps(self.config(), indent=2))
-        with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                [binary, "serve", str(config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._popen([binary, "serve", str(config_path)])
 
     def _ready(self) -> bool:
         try:
@@ -174,53 +155,11 @@ class RegistryProcess:
         except OSError:
             return False
 
-    def _check_alive(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"docker-registry exited with {self._proc.returncode}:\n{tail}")
-
-    def start_sync(self, timeout: float = 15.0) -> None:
-        self._spawn()
-        deadline = time.monotonic() + timeout
-        while not self._ready():
-            self._check_alive()
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"registry at {self.url} did not answer within {timeout}s")
-            time.sleep(0.05)
-
-    async def start(self, timeout: float = 15.0) -> None:
-        self._spawn()
-        with trio.move_on_after(timeout) as scope:
-            while not await trio.to_thread.run_sync(self._ready):
-                self._check_alive()
-                await trio.sleep(0.05)
-        if scope.cancelled_caught:
-            self.stop()
-            raise TimeoutError(f"registry at {self.url} did not answer within {timeout}s")
-
-    def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-
     def cleanup(self) -> None:
         self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @contextlib.asynccontextmanager

@@ -33,20 +33,19 @@ import http.server
 import json
 import os
 import shutil
-import signal
 import socketserver
 import subprocess
 import tempfile
 import threading
-import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import trio
 
+from daemons._process import ManagedProcess
 from p2pimage.mirror_config import write_registries_conf
 
 # --------------------------------------------------------------------------------------
@@ -184,11 +183,16 @@ _CONTAINERD_DISABLED = [
 
 
 @dataclass
-class ContainerdProcess:
+class ContainerdProcess(ManagedProcess):
     """One private containerd. ``address`` is its grpc socket; ``snapshotter`` is
     ``overlayfs`` when that plugin loaded, else ``native``; ``namespace`` the ctr namespace
     the helpers use by default. Everything lives under ``workdir`` (a fresh temp dir unless
     given) and is unmounted and deleted by :meth:`cleanup`."""
+
+    name: ClassVar[str] = "containerd"
+    poll_s: ClassVar[float] = 0.03
+    start_timeout_s: ClassVar[float] = 20.0
+    stop_grace_s: ClassVar[float] = 10.0
 
     workdir: Path | None = None
     namespace: str = "test"
@@ -213,10 +217,6 @@ class ContainerdProcess:
         self.address = str(self.workdir / "containerd.sock")
         self.config_path = self.workdir / "config.toml"
         self.log_path = self.workdir / "containerd.log"
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
 
     def ctr(self, *args: str, namespace: str | None = None) -> list[str]:
         """A ``ctr`` command line talking to this containerd in ``namespace``."""
@@ -255,14 +255,7 @@ class ContainerdProcess:
         assert self.workdir is not None
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config())
-        with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                ["containerd", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self._popen(["containerd", "--config", str(self.config_path)])
 
     def _ready(self) -> bool:
         try:
@@ -276,13 +269,8 @@ class ContainerdProcess:
             return False
         return True
 
-    def _check_alive(self) -> None:
-        if self._proc is not None and self._proc.poll() is not None:
-            raise RuntimeError(
-                f"containerd exited with {self._proc.returncode}:\n{self.log_text()[-3000:]}"
-            )
-
-    def _pick_snapshotter(self) -> None:
+    def _started(self) -> None:
+        """Pick the snapshotter the helpers use: the preferred one if it loaded."""
         out = _run(self.ctr("plugins", "ls"), timeout=10)
         ok = {
             cols[1]
@@ -295,43 +283,6 @@ class ContainerdProcess:
                 return
         raise RuntimeError(f"containerd loaded no usable snapshotter (ok: {sorted(ok)})")
 
-    def start_sync(self, timeout: float = 20.0) -> None:
-        self._spawn()
-        deadline = time.monotonic() + timeout
-        while not self._ready():
-            self._check_alive()
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"containerd did not answer on {self.address} in {timeout}s")
-            time.sleep(0.03)
-        self._pick_snapshotter()
-
-    async def start(self, timeout: float = 20.0) -> None:
-        self._spawn()
-        with trio.move_on_after(timeout) as scope:
-            while not await trio.to_thread.run_sync(self._ready):
-                self._check_alive()
-                await trio.sleep(0.03)
-        if scope.cancelled_caught:
-            self.stop()
-            raise TimeoutError(f"containerd did not answer on {self.address} in {timeout}s")
-        await trio.to_thread.run_sync(self._pick_snapshotter)
-
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-
     def cleanup(self) -> None:
         """Stop, unmount everything below the workdir, delete it if we created it."""
         self.stop()
@@ -339,9 +290,6 @@ class ContainerdProcess:
             umount_under(self.workdir)
             if self._own_workdir:
                 shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from benchmarks._libtorrent import make_session
+from daemons._process import free_port
 from daemons.tracker import TrackerSettings, run_tracker
 from p2pimage.bencoding import bdecode
 from p2pimage.tracker import AnnounceRequest, parse_announce_response
@@ -95,7 +96,7 @@ async def test_aria2c_downloads_from_libtorrent_via_our_tracker(tmp_path: Path) 
         seeder.add_torrent(
             {"ti": info, "save_path": str(seed_dir), "flags": lt.torrent_flags.seed_mode}
         )
-        port = _free_port()
+        port = free_port()
         with trio.fail_after(60):
             done = await trio.run_process(
                 [
@@ -122,11 +123,3 @@ async def test_aria2c_downloads_from_libtorrent_via_our_tracker(tmp_path: Path) 
         del seeder
         await trio.to_thread.run_sync(sessions.clear)
         nursery.cancel_scope.cancel()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -1,0 +1,116 @@
+"""Helper processes the local cluster, the benchmarks and the tests start (the registry,
+containerd): one spawn / wait-until-ready / stop life cycle, and free loopback ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import trio
+
+__all__ = ["ManagedProcess", "free_port"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` right now (bind to port 0, read it back)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ManagedProcess:
+    """The life cycle shared by the process wrappers (dataclasses that declare
+    ``log_path`` and ``_proc`` as fields): a subclass writes its configuration and calls
+    :meth:`_popen` in ``_spawn``, answers ``_ready`` with one probe, and may finish
+    setting up in ``_started`` once the process answers."""
+
+    name: ClassVar[str]
+    poll_s: ClassVar[float] = 0.05
+    start_timeout_s: ClassVar[float] = 15.0
+    stop_grace_s: ClassVar[float] = 5.0
+    log_path: Path
+    _proc: subprocess.Popen[bytes] | None
+
+    def _spawn(self) -> None:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _started(self) -> None:
+        """Blocking set-up after the process answers (runs in a thread under trio)."""
+
+    def _popen(self, argv: Sequence[str]) -> None:
+        """Start ``argv`` in its own session, output appended to ``log_path``."""
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def _check_alive(self) -> None:
+        if self._proc is not None and self._proc.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} exited with {self._proc.returncode}:\n{self.log_text()[-3000:]}"
+            )
+
+    def _timed_out(self, timeout: float) -> TimeoutError:
+        self.stop()
+        return TimeoutError(f"{self.name} did not answer within {timeout}s")
+
+    def start_sync(self, timeout: float | None = None) -> None:
+        """Spawn and wait until ready (``timeout`` defaults to ``start_timeout_s``)."""
+        timeout = self.start_timeout_s if timeout is None else timeout
+        self._spawn()
+        deadline = time.monotonic() + timeout
+        while not self._ready():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise self._timed_out(timeout)
+            time.sleep(self.poll_s)
+        self._started()
+
+    async def start(self, timeout: float | None = None) -> None:
+        """:meth:`start_sync` for trio: the probes run in a thread."""
+        timeout = self.start_timeout_s if timeout is None else timeout
+        self._spawn()
+        with trio.move_on_after(timeout) as scope:
+            while not await trio.to_thread.run_sync(self._ready):
+                self._check_alive()
+                await trio.sleep(self.poll_s)
+        if scope.cancelled_caught:
+            raise self._timed_out(timeout)
+        await trio.to_thread.run_sync(self._started)
+
+    def stop(self, grace: float | None = None) -> None:
+        """SIGTERM, wait up to ``grace`` seconds (``stop_grace_s``), then SIGKILL.
+        Idempotent."""
+        grace = self.stop_grace_s if grace is None else grace
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
