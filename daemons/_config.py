@@ -19,9 +19,16 @@ from typing import Any, TypeVar
 import click
 from pydantic import BaseModel, SecretStr, ValidationError
 
-__all__ = ["ConfigError", "dump_settings", "load_settings", "settings_for_command"]
+__all__ = [
+    "ConfigError",
+    "config_options",
+    "dump_settings",
+    "load_settings",
+    "settings_for_command",
+]
 
 M = TypeVar("M", bound=BaseModel)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ConfigError(Exception):
@@ -98,6 +105,25 @@ def dump_settings(settings: BaseModel, *, secrets: bool = False) -> str:
         else:
             lines.append(f"{key} = {_toml_value(value)}")
     return "\n".join(lines) + "\n"
+
+
+def config_options(daemon: str) -> Callable[[F], F]:
+    """The options every daemon command takes: ``--config PATH`` (passed on as
+    ``config_path``) and ``--print-config``; see :func:`settings_for_command`."""
+
+    def wrap(command: F) -> F:
+        command = click.option(
+            "--print-config", is_flag=True, help="print the effective config and exit"
+        )(command)
+        return click.option(
+            "--config",
+            "config_path",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help=f"TOML config file (env P2PIMAGE_{daemon.upper()}_<KEY> overrides it)",
+        )(command)
+
+    return wrap
 
 
 def settings_for_command(

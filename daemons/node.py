@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from daemons._config import ConfigError, settings_for_command
+from daemons._config import ConfigError, config_options, settings_for_command
 from daemons._run import run_until_signalled
 from p2pimage.announce import TrackerClient
 from p2pimage.auth import NodeKey
@@ -477,14 +477,7 @@ def _load_or_create_key(path: Path) -> NodeKey:
 
 
 @click.command("node")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="TOML config file (env P2PIMAGE_NODE_<KEY> overrides it)",
-)
-@click.option("--print-config", is_flag=True, help="print the effective config and exit")
+@config_options("node")
 def node(config_path: Path | None, print_config: bool) -> None:
     """Run the node peer: registry mirror for the runtime, and swarm peer."""
     from daemons._logging import setup_logging

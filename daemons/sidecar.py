@@ -42,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from daemons._config import ConfigError, settings_for_command
+from daemons._config import ConfigError, config_options, settings_for_command
 from daemons._run import run_until_signalled
 from p2pimage.auth import SigningKey, TokenIssuer
 from p2pimage.errors import AuthError, DigestMismatchError, LocalProtocolError, P2PImageError
@@ -444,14 +444,7 @@ def check_settings(settings: SidecarSettings) -> None:
 
 
 @click.command("sidecar")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="TOML config file (env P2PIMAGE_SIDECAR_<KEY> overrides it)",
-)
-@click.option("--print-config", is_flag=True, help="print the effective config and exit")
+@config_options("sidecar")
 def sidecar(config_path: Path | None, print_config: bool) -> None:
     """Run the registry sidecar: torrents per layer, node tokens, JWKS."""
     from daemons._logging import setup_logging

@@ -46,7 +46,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from daemons._config import ConfigError, settings_for_command
+from daemons._config import ConfigError, config_options, settings_for_command
 from daemons._run import run_until_signalled
 from p2pimage.auth import KeySet, NodeToken, TokenVerifier
 from p2pimage.errors import AuthError, P2PImageError
@@ -525,14 +525,7 @@ async def run_tracker(
 
 
 @click.command("tracker")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="TOML config file (env P2PIMAGE_TRACKER_<KEY> overrides it)",
-)
-@click.option("--print-config", is_flag=True, help="print the effective config and exit")
+@config_options("tracker")
 def tracker(config_path: Path | None, print_config: bool) -> None:
     """Run the cluster-aware BitTorrent tracker."""
     from daemons._logging import setup_logging
