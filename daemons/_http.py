@@ -5,9 +5,33 @@ from __future__ import annotations
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
-from starlette.types import ASGIApp
+from starlette.responses import StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["serve_app"]
+__all__ = ["ClosingStreamingResponse", "serve_app"]
+
+# How long a cancelled response may spend in its body generator's clean-up.
+_ACLOSE_GRACE_S = 5.0
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """A :class:`StreamingResponse` that always closes its body generator.
+
+    Starlette iterates the body and stops when the client goes or the server is
+    cancelled, but does not ``aclose()`` it: a generator suspended at ``yield`` runs its
+    ``finally`` blocks only when garbage-collected, which may be after the daemon has
+    stopped. Ours hold files, pins and swarm readers, so they are closed here, shielded
+    for a bounded grace.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                with trio.move_on_after(_ACLOSE_GRACE_S, shield=True):
+                    await aclose()
 
 
 async def serve_app(

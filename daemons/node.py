@@ -20,6 +20,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +32,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, Field, SecretStr
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
+from daemons._http import ClosingStreamingResponse, serve_app
 from daemons._run import run_until_signalled
 from p2pimage.announce import TrackerClient
 from p2pimage.auth import NodeKey
@@ -249,7 +251,7 @@ async def _proxy(daemon: NodeDaemon, request: Request, upstream: str, path: str)
         finally:
             await response.aclose()
 
-    resp = StreamingResponse(body(), status_code=response.status_code)
+    resp = ClosingStreamingResponse(body(), status_code=response.status_code)
     resp.raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers]
     length = response.headers.get("content-length")
     if length is not None and "content-encoding" not in response.headers:
@@ -299,11 +301,13 @@ async def _blob_get(
         first: float | None = None
         sent = 0
         try:
-            async for chunk in layers.read(upstream, name, digest, size, authorization, start, end):
-                if first is None:
-                    first = time.monotonic() - started
-                sent += len(chunk)
-                yield chunk
+            chunks = layers.read(upstream, name, digest, size, authorization, start, end)
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    if first is None:
+                        first = time.monotonic() - started
+                    sent += len(chunk)
+                    yield chunk
         finally:
             log.info(
                 "blob served",
@@ -319,7 +323,7 @@ async def _blob_get(
                 },
             )
 
-    return StreamingResponse(body(), status_code=status, headers=headers)
+    return ClosingStreamingResponse(body(), status_code=status, headers=headers)
 
 
 def create_app(daemon: NodeDaemon) -> Starlette:
@@ -406,8 +410,6 @@ async def run_node(
 ) -> None:
     """Run the node until cancelled; reports the mirror's base URL through ``task_status``
     (and the daemon object to ``daemon_ready``, for in-process tests and the demo)."""
-    from daemons._http import serve_app
-
     credential = settings.credential_value()
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0), limits=limits) as http:

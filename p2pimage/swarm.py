@@ -761,7 +761,10 @@ class Swarm:
         if self._streams == 0:
             self.storage.close()
         else:
+            # Persist the verified pieces now: the reader may be abandoned rather than
+            # closed (its node stopping), and a restart must still find them.
             self._close_storage_when_idle = True
+            self.storage.flush()
 
     async def wait_changed(self) -> None:
         await self._changed.wait()

@@ -186,6 +186,31 @@ async def test_release_while_the_runtime_still_reads_keeps_the_blob_readable(
         swarm.storage.read_block(0, 0, 16)  # closed once the reader finished
 
 
+async def test_node_stopping_under_an_abandoned_reader_keeps_its_verified_pieces(
+    tmp_path: Path,
+) -> None:
+    """A reader suspended at a ``yield`` and never closed (its HTTP response cancelled
+    with the node) still holds the store open. The node's stop must persist the verified
+    pieces anyway, or a restart fetches them all again."""
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    data = blob.read_bytes()
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    half = meta.num_pieces // 2
+    async with nodes(1, issuer) as (node,):
+        swarm = await node.add_swarm(meta, tmp_path / "node")
+        for index in range(half):
+            offset = meta.piece_offset(index)
+            swarm.storage.write_piece(index, data[offset : offset + meta.piece_size(index)])
+        reader = swarm.stream()
+        assert await reader.__anext__()  # suspended at its yield, not closed
+    state = PieceStorage.open(tmp_path / "node", meta)
+    try:
+        assert state.num_have == half
+    finally:
+        state.close()
+        await reader.aclose()
+
+
 async def test_reader_waiting_for_the_frontier_is_not_stalled_while_pieces_arrive(
     tmp_path: Path,
 ) -> None:
