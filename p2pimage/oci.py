@@ -308,12 +308,23 @@ class _SocketBlobReader:
     def __init__(
         self, url: str, headers: Mapping[str, str], timeout: float, context: ssl.SSLContext
     ) -> None:
+        self._url = url
+        self._headers = dict(headers)
+        self._timeout = timeout
+        self._context = context
         self._lock = threading.Lock()
         self._aborted = False
         self._conn: http.client.HTTPConnection | None = None
-        self._response = self._get(url, dict(headers), timeout, context)
+        self._response: http.client.HTTPResponse | None = None
+        self.size: int | None = None
+
+    def open(self) -> None:
+        """Blocking: send the GET and read the response head (following redirects).
+        :meth:`abort` from another thread makes it fail at once, except while a TCP
+        connect is in progress: that one ends by itself within the timeout."""
+        self._response = self._get(self._url, self._headers, self._timeout, self._context)
         length = self._response.getheader("content-length")
-        self.size: int | None = int(length) if length and length.isdigit() else None
+        self.size = int(length) if length and length.isdigit() else None
 
     def _get(
         self, url: str, headers: dict[str, str], timeout: float, context: ssl.SSLContext
@@ -336,6 +347,13 @@ class _SocketBlobReader:
                     raise RegistryError(f"GET {url}: aborted")
                 self._conn = conn
             try:
+                conn.connect()
+                with self._lock:
+                    # An abort during the connect found no socket to shut down.
+                    aborted = self._aborted
+                if aborted:
+                    self.close()
+                    raise RegistryError(f"GET {url}: aborted")
                 conn.request("GET", target or "/", headers=headers)
                 response = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
@@ -362,6 +380,8 @@ class _SocketBlobReader:
         raise RegistryError(f"GET {url}: more than {MAX_REDIRECTS} redirects")
 
     def readinto(self, buffer: memoryview) -> int:
+        if self._response is None:
+            raise RegistryError("blob read before the GET was opened")
         try:
             return self._response.readinto(buffer)
         except (OSError, http.client.HTTPException) as exc:
@@ -655,7 +675,8 @@ class RegistryClient:
         the registry's credentials when they leave its origin). This connection is made
         directly: ``HTTP(S)_PROXY`` variables are not honoured here (the sidecar reads
         the registry beside it). With a custom ``transport`` (a proxy, a test double)
-        the reader bridges to :meth:`open_blob` instead."""
+        the reader bridges to :meth:`open_blob` instead. Cancelled while the ``GET`` waits
+        for its response head, it returns at once and the thread follows."""
         check_repository(repository)
         check_digest(digest)
         if self.transport is not None:
@@ -668,10 +689,12 @@ class RegistryClient:
         if r.status_code != 200:
             raise self._fail(r, f"HEAD blob {repository}@{digest}")
         context = httpx.create_ssl_context(verify=self.verify)
-        reader = await trio.to_thread.run_sync(
-            _SocketBlobReader, self.base_url + path, self._auth_header(scope), self.timeout, context
+        reader = _SocketBlobReader(
+            self.base_url + path, self._auth_header(scope), self.timeout, context
         )
         try:
+            # Abandoned on cancel; the finally below then wakes the thread's blocked recv.
+            await trio.to_thread.run_sync(reader.open, abandon_on_cancel=True)
             yield reader
         finally:
             reader.abort()  # first: close() waits for a read in progress to return

@@ -185,3 +185,30 @@ async def test_cancel_mid_blob_stops_the_reading_threads_promptly() -> None:
         with trio.fail_after(5):
             while any(t.name == "p2pimage-sha1" for t in threading.enumerate()):
                 await trio.sleep(0.02)
+
+
+async def test_cancel_while_the_get_waits_for_its_response_head() -> None:
+    """A registry that takes the GET and never answers: a cancelled generation returns at
+    once, and the abandoned thread's connection is shut down (the registry sees it go)."""
+    asked = trio.Event()
+    gone = trio.Event()
+
+    async def registry(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] == "HEAD":
+            await respond(send, 200, {"content-length": str(len(BLOB))})
+            return
+        asked.set()
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    async with serving(registry) as url, RegistryClient(url, timeout=60) as client:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(generate_metainfo, client, "team/app", DIGEST)
+            await asked.wait()
+            await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+            cancelled_at = trio.current_time()
+        assert trio.current_time() - cancelled_at < 5  # far below the 60 s timeout
+        with trio.fail_after(5):
+            await gone.wait()
