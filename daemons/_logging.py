@@ -10,9 +10,16 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Annotated, Any, Literal
 
-__all__ = ["JsonFormatter", "setup_logging"]
+from pydantic import Field
+
+__all__ = ["JsonFormatter", "LogJson", "LogLevel", "setup_logging"]
+
+# The two logging settings every daemon's settings model declares (same names, same
+# meaning): ``log_level: LogLevel = "info"`` and ``log_json: LogJson = None``.
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogJson = Annotated[bool | None, Field(description="JSON lines (default: unless a TTY)")]
 
 
 class JsonFormatter(logging.Formatter):

@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
 from daemons._http import ClosingStreamingResponse, serve_app
+from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.announce import TrackerClient
 from p2pimage.auth import NodeKey
@@ -102,8 +103,8 @@ class NodeSettings(BaseModel):
     swarm_threshold_bytes: int = Field(1024 * 1024, ge=0, description="smaller blobs: direct")
     stall_timeout_s: float = Field(15.0, gt=0, description="no swarm progress → registry")
     setup_timeout_s: float = Field(10.0, gt=0, description="torrent+swarm start limit")
-    log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
-    log_json: bool | None = Field(None, description="JSON lines (default: unless a TTY)")
+    log_level: LogLevel = "info"
+    log_json: LogJson = None
 
     def credential_value(self) -> str | None:
         if self.credential is not None:
@@ -482,7 +483,6 @@ def _load_or_create_key(path: Path) -> NodeKey:
 @config_options("node")
 def node(config_path: Path | None, print_config: bool) -> None:
     """Run the node peer: registry mirror for the runtime, and swarm peer."""
-    from daemons._logging import setup_logging
 
     settings = settings_for_command(
         NodeSettings,

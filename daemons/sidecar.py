@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final
 
 import click
 import trio
@@ -43,6 +43,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
+from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth import SigningKey, TokenIssuer
 from p2pimage.errors import AuthError, DigestMismatchError, LocalProtocolError, P2PImageError
@@ -101,8 +102,8 @@ class SidecarSettings(BaseModel):
     retry_max_s: float = Field(30.0, gt=0)
     backfill_on_start: bool = Field(False, description="walk _catalog and tags at start")
     piece_length: int | None = Field(None, description="fixed piece length (default: auto)")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_json: bool | None = Field(None, description="JSON lines (default: unless a TTY)")
+    log_level: LogLevel = "info"
+    log_json: LogJson = None
 
 
 # Metrics -------------------------------------------------------------------------------
@@ -447,7 +448,6 @@ def check_settings(settings: SidecarSettings) -> None:
 @config_options("sidecar")
 def sidecar(config_path: Path | None, print_config: bool) -> None:
     """Run the registry sidecar: torrents per layer, node tokens, JWKS."""
-    from daemons._logging import setup_logging
 
     settings = settings_for_command(
         SidecarSettings,

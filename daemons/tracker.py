@@ -47,6 +47,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
+from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth import KeySet, NodeToken, TokenVerifier
 from p2pimage.errors import AuthError, P2PImageError
@@ -114,8 +115,8 @@ class TrackerSettings(BaseModel):
         default=None, ge=0, description="pieces read per origin lease (none: pieces/32; 0: off)"
     )
     sweep_interval_s: float = Field(default=30.0, gt=0)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_json: bool | None = Field(default=None, description="JSON lines (default: unless a TTY)")
+    log_level: LogLevel = "info"
+    log_json: LogJson = None
 
     def policy_config(self) -> PolicyConfig:
         return PolicyConfig(
@@ -528,7 +529,6 @@ async def run_tracker(
 @config_options("tracker")
 def tracker(config_path: Path | None, print_config: bool) -> None:
     """Run the cluster-aware BitTorrent tracker."""
-    from daemons._logging import setup_logging
 
     settings = settings_for_command(
         TrackerSettings,

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,7 +175,7 @@ class LayerService:
         authorization: str | None,
         start: int = 0,
         end: int | None = None,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Yield bytes ``[start, end)`` of the blob; the caller has checked access."""
         end = size if end is None else end
         hex_ = digest.removeprefix("sha256:")
