@@ -14,6 +14,7 @@ Wiring only: configuration in, library objects constructed, endpoints mounted.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -353,6 +354,14 @@ def create_app(daemon: NodeDaemon) -> Starlette:
             }
         )
 
+    async def swarms(request: Request) -> Response:
+        """One object per swarm this node runs (``SwarmSummary``), newest first."""
+        node = daemon.layers.node
+        now = trio.current_time()
+        summaries = [swarm.summary(now) for swarm in (node.swarms.values() if node else ())]
+        summaries.sort(key=lambda s: s.age_s)
+        return JSONResponse({"swarms": [dataclasses.asdict(s) for s in summaries]})
+
     async def metrics(request: Request) -> Response:
         return Response(
             generate_latest(daemon.metrics.registry), media_type="text/plain; version=0.0.4"
@@ -363,6 +372,7 @@ def create_app(daemon: NodeDaemon) -> Starlette:
             Route("/v2/", v2_root, methods=["GET", "HEAD"]),
             Route("/v2/{rest:path}", v2, methods=["GET", "HEAD"]),
             Route("/healthz", healthz),
+            Route("/swarms", swarms),
             Route("/metrics", metrics),
         ]
     )

@@ -1,7 +1,8 @@
 """``p2pimage status``: what a node peer or a tracker is doing, from its own endpoints.
 
-A node is read from ``/healthz`` (is p2p up, how many swarms) and ``/metrics`` (peers,
-bytes by source, pulls by result, fallbacks by reason); a tracker from ``/metrics``
+A node is read from ``/healthz`` (is p2p up, how many swarms), ``/metrics`` (peers,
+bytes by source, pulls by result, fallbacks by reason) and ``/swarms`` (each layer's
+state, progress and traffic); a tracker from ``/metrics``
 (swarms, seeders and leechers, announces by result, token rejections). A human table by
 default, ``--json`` for scripts.
 
@@ -56,7 +57,10 @@ def _num(value: float) -> int | float:
     return int(value) if value == int(value) else value
 
 
-def node_status(health: dict[str, Any], samples: Samples) -> dict[str, Any]:
+def node_status(
+    health: dict[str, Any], samples: Samples, swarms: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """``swarms``: the node's ``/swarms`` list (None: a node without that endpoint)."""
     return {
         "kind": "node",
         "p2p": bool(health.get("p2p")),
@@ -78,7 +82,28 @@ def node_status(health: dict[str, Any], samples: Samples) -> dict[str, Any]:
             k: _num(v) for k, v in _by(samples, "p2pimage_node_fallbacks_total", "reason").items()
         },
         "piece_hash_failures": _num(_total(samples, "p2pimage_node_piece_hash_failures_total")),
+        "layers": swarms if swarms is not None else [],
     }
+
+
+def _node_swarms(http: httpx.Client, base: str) -> list[dict[str, Any]] | None:
+    url = f"{base}/swarms"
+    try:
+        response = http.get(url)
+    except httpx.HTTPError as exc:
+        _fail(f"{url} unreachable: {exc}")
+    if response.status_code == 404:
+        return None  # a node from before the endpoint
+    if response.status_code != 200:
+        _fail(f"{url}: HTTP {response.status_code}")
+    try:
+        body = response.json()
+    except ValueError:
+        _fail(f"{url}: not JSON")
+    swarms = body.get("swarms") if isinstance(body, dict) else None
+    if not isinstance(swarms, list) or not all(isinstance(s, dict) for s in swarms):
+        _fail(f"{url}: not a list of swarms")
+    return swarms
 
 
 def tracker_status(samples: Samples) -> dict[str, Any]:
@@ -165,7 +190,32 @@ def _print_table(report: dict[str, Any], url: str) -> None:
         ]
     for key, value in rows:
         table.add_row(key, value)
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    if report.get("layers"):
+        console.print(_layers_table(report["layers"]))
+
+
+def _layers_table(layers: list[dict[str, Any]]) -> Table:
+    table = Table(title="layers (swarms on this node)")
+    for name in ("layer", "state", "have", "peers", "from peers", "from registry", "uploaded"):
+        table.add_column(name, justify="left" if name in ("layer", "state") else "right")
+    table.add_column("done in", justify="right")
+    for layer in layers:
+        size = layer.get("size") or 0
+        have = layer.get("have_bytes", 0)
+        done = layer.get("completed_in_s")
+        table.add_row(
+            str(layer.get("digest", "?"))[:19],
+            str(layer.get("state", "?")),
+            f"{100 * have / size:.0f}% of {_bytes(size)}" if size else "-",
+            str(layer.get("peers", 0)),
+            _bytes(layer.get("downloaded_from_peers", 0)),
+            _bytes(layer.get("downloaded_from_origin", 0)),
+            _bytes(layer.get("uploaded", 0)),
+            f"{done:.1f} s" if isinstance(done, int | float) else "-",
+        )
+    return table
 
 
 @click.command("status")
@@ -188,7 +238,8 @@ def status(node_url: str | None, tracker_url: str | None, as_json: bool, timeout
                 _fail(f"{url}/healthz: not JSON; is this a p2pimage node?")
             if not isinstance(health, dict):
                 _fail(f"{url}/healthz: not a JSON object; is this a p2pimage node?")
-            report = node_status(health, _scrape(http, url, "p2pimage_node_"))
+            samples = _scrape(http, url, "p2pimage_node_")
+            report = node_status(health, samples, _node_swarms(http, url))
         else:
             report = tracker_status(_scrape(http, url, "p2pimage_tracker_"))
     if as_json:

@@ -51,7 +51,7 @@ from .wire import (
 if TYPE_CHECKING:
     from .client import PeerNode
 
-__all__ = ["Swarm", "SwarmSettings", "SwarmStalled", "SwarmStats"]
+__all__ = ["Swarm", "SwarmSettings", "SwarmStalled", "SwarmStats", "SwarmSummary"]
 
 log = logging.getLogger("p2pimage.swarm")
 
@@ -122,6 +122,30 @@ class SwarmStats:
     last_piece_at: float | None = None  # every piece verified (before the whole-blob check)
     last_progress_at: float | None = None  # the latest piece verified, from anywhere
     completed_at: float | None = None
+
+
+@dataclass(frozen=True)
+class SwarmSummary:
+    """What one swarm is doing, for status pages (:meth:`Swarm.summary`); plain values,
+    so ``dataclasses.asdict`` gives its JSON form."""
+
+    digest: str
+    info_hash: str  # hex
+    size: int
+    have_bytes: int
+    pieces: int
+    pieces_have: int
+    state: str  # downloading | seeding | released | failed | closed
+    peers: int
+    readers: int  # runtime pulls reading through the swarm now
+    downloaded_from_peers: int
+    downloaded_from_origin: int
+    uploaded: int
+    wasted: int
+    hash_failures: int
+    peers_banned: int
+    age_s: float
+    completed_in_s: float | None  # from the swarm's start to its verified blob
 
 
 @dataclass(eq=False)
@@ -232,6 +256,43 @@ class Swarm:
     def close(self) -> None:
         self.closed.set()
         self.milestone.set()
+
+    def summary(self, now: float | None = None) -> SwarmSummary:
+        """A snapshot of this swarm (``now`` on the trio clock; default: the current time)."""
+        now = trio.current_time() if now is None else now
+        stats = self.stats
+        if self.failed is not None:
+            state = "failed"
+        elif self.released:
+            state = "released"
+        elif self.complete.is_set():
+            state = "seeding"
+        elif self.closed.is_set():
+            state = "closed"
+        else:
+            state = "downloading"
+        completed_in = (
+            stats.completed_at - stats.started_at if stats.completed_at is not None else None
+        )
+        return SwarmSummary(
+            digest=self.metainfo.sha256,
+            info_hash=self.info_hash.hex(),
+            size=self.metainfo.length,
+            have_bytes=self.storage.bytes_have,
+            pieces=self.metainfo.num_pieces,
+            pieces_have=self.storage.num_have,
+            state=state,
+            peers=len(self.peers),
+            readers=self._streams,
+            downloaded_from_peers=stats.downloaded_from_peers,
+            downloaded_from_origin=stats.downloaded_from_origin,
+            uploaded=stats.uploaded,
+            wasted=stats.wasted,
+            hash_failures=stats.hash_failures,
+            peers_banned=len(self.banned),
+            age_s=round(max(0.0, now - stats.started_at), 3),
+            completed_in_s=round(completed_in, 3) if completed_in is not None else None,
+        )
 
     @property
     def is_seeding(self) -> bool:

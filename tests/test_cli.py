@@ -411,10 +411,19 @@ async def test_fetch_and_status_against_a_live_cluster(tmp_path: Path) -> None:
         assert report["served_bytes"]["swarm"] == len(layer.data)
         assert report["pulls"]["swarm"] == 1
         assert report["fallbacks"] == {}
+        # Per layer (/swarms): complete here, every byte from the swarm or its origin range.
+        (row,) = report["layers"]
+        assert row["digest"] == layer.digest and row["size"] == len(layer.data)
+        assert row["state"] in ("seeding", "released")
+        assert row["have_bytes"] == len(layer.data) and row["pieces_have"] == row["pieces"]
+        assert row["downloaded_from_peers"] + row["downloaded_from_origin"] == len(layer.data)
+        assert row["uploaded"] >= len(layer.data)  # the fetch above read it from this node
+        assert row["completed_in_s"] is not None and row["completed_in_s"] <= row["age_s"]
         proc = await cli("status", "--node", node_url)
         assert proc.returncode == 0
         text = proc.stdout.decode()
         assert "swarms" in text and "connected peers" in text and "3.0 MiB" in text
+        assert layer.digest[:19] in text and "100% of 3.0 MiB" in text
 
         # status of the tracker: one swarm, announces counted.
         proc = await cli("status", "--tracker", cluster.tracker_url, "--json")

@@ -203,6 +203,11 @@ async def test_node_stopping_under_an_abandoned_reader_keeps_its_verified_pieces
             swarm.storage.write_piece(index, data[offset : offset + meta.piece_size(index)])
         reader = swarm.stream()
         assert await reader.__anext__()  # suspended at its yield, not closed
+        summary = swarm.summary()
+        assert (summary.state, summary.pieces_have, summary.readers) == ("downloading", half, 1)
+        assert summary.have_bytes == half * meta.piece_length and summary.size == meta.length
+        assert summary.completed_in_s is None
+    assert swarm.summary().state == "closed"
     state = PieceStorage.open(tmp_path / "node", meta)
     try:
         assert state.num_have == half
