@@ -6,6 +6,12 @@ layer's torrent from the sidecar, announces to the tracker (which may make it an
 fetcher for a range, read from the registry) and streams the blob in order while later
 pieces still download. A rich progress bar on stderr shows bytes, rate, pieces and peers.
 
+Pieces go to a temporary directory, or to ``--work-dir``, which a later run resumes
+from: the verified pieces of an interrupted fetch are not fetched again, and a blob
+already complete there is written out (and seeded) at once. ``--seed-for S`` keeps the
+command in the swarm for S seconds after the output is in place, serving the layer to
+other nodes, until then or until the tracker releases it.
+
 Exit codes a script can rely on (the error is one line on stderr):
 
 - 0: the blob was written and its SHA-256 matches the digest;
@@ -27,7 +33,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, NoReturn
 
@@ -49,6 +55,7 @@ from p2pimage.announce import TrackerClient
 from p2pimage.client import open_peer_node
 from p2pimage.errors import AuthError, DigestMismatchError, StorageError
 from p2pimage.sidecar_client import SidecarClient, SidecarError, TokenKeeper
+from p2pimage.storage import PieceStorage
 from p2pimage.swarm import Swarm
 
 __all__ = ["EXIT_FAILED", "EXIT_STALLED", "FetchFailed", "fetch"]
@@ -132,10 +139,16 @@ async def run_fetch(
     stall_timeout_s: float,
     registry_authorization: str | None,
     progress: Progress | None,
+    seed_for_s: float = 0.0,
+    on_written: Callable[[], None] | None = None,
 ) -> dict[str, int]:
-    """Fetch ``digest`` into ``out``; returns the byte counts by source.
+    """Fetch ``digest`` into ``out``; returns the byte counts by source and the bytes
+    uploaded to peers.
 
-    Raises :class:`FetchFailed` (with the exit code) on any failure.
+    Once the bytes are written and verified, ``on_written`` runs (the caller puts the
+    output in place), then the node seeds for ``seed_for_s`` seconds or until the
+    tracker releases the swarm. Raises :class:`FetchFailed` (with the exit code) on any
+    failure.
     """
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0)) as http:
         sidecar = SidecarClient(sidecar_url, http=http)
@@ -148,6 +161,11 @@ async def run_fetch(
         except AuthError as exc:
             raise FetchFailed(f"the sidecar's token does not verify: {exc}") from None
         tracker = TrackerClient(tracker_url, http=http, token=lambda: keeper.token)
+        try:
+            # Resumes from the verified pieces a previous run left in ``workdir``.
+            storage = await trio.to_thread.run_sync(PieceStorage.open, workdir, meta)
+        except StorageError as exc:
+            raise FetchFailed(f"work dir {workdir}: {exc}") from None
         hasher = hashlib.sha256()
         async with (
             trio.open_nursery() as nursery,
@@ -157,18 +175,30 @@ async def run_fetch(
             swarm = await node.add_swarm(
                 meta,
                 workdir,
+                storage=storage,
                 tracker=tracker,
                 repository=repository,
                 origin_headers=(
                     {"Authorization": registry_authorization} if registry_authorization else None
                 ),
             )
+            resumed = swarm.storage.bytes_have  # verified pieces found in the work dir
             if progress is not None:
                 task = progress.add_task(
                     digest[:19], total=meta.length, pieces="", peers=0, start=True
                 )
                 nursery.start_soon(_progress, swarm, progress, task)
             written, failure = await _stream(swarm, out, hasher, stall_timeout_s)
+            if failure is None and "sha256:" + hasher.hexdigest() != digest:
+                failure = FetchFailed(f"the bytes received do not match {digest}")
+            if failure is None and on_written is not None:
+                try:
+                    on_written()
+                except OSError as exc:
+                    failure = FetchFailed(f"cannot write the output: {exc.strerror or exc}")
+            if failure is None and seed_for_s > 0:
+                with trio.move_on_after(seed_for_s):
+                    await swarm.closed.wait()  # a release order ends it early
             if progress is not None:
                 progress.update(
                     task,
@@ -178,37 +208,69 @@ async def run_fetch(
                 )
             counts = {
                 "bytes": written,
+                "resumed": resumed,
                 "from_peers": swarm.stats.downloaded_from_peers,
                 "from_origin": swarm.stats.downloaded_from_origin,
+                "uploaded": swarm.stats.uploaded,
             }
             nursery.cancel_scope.cancel()
     # Raised here, outside the nurseries, so it is not wrapped in an exception group.
     if failure is not None:
         raise failure
-    if "sha256:" + hasher.hexdigest() != digest:
-        raise FetchFailed(f"the bytes received do not match {digest}")
     return counts
 
 
+class _Output:
+    """stdout, or a temporary file beside the target, renamed into place by
+    :meth:`commit` (once the bytes are verified) and removed otherwise."""
+
+    def __init__(self, path: str) -> None:
+        self._target: Path | None = None
+        self._tmp: str | None = None
+        if path == "-":
+            self.file: IO[bytes] = sys.stdout.buffer
+            return
+        self._target = Path(path)
+        try:
+            fd, self._tmp = tempfile.mkstemp(
+                prefix=f".{self._target.name}.", dir=self._target.parent or Path(".")
+            )
+        except OSError as exc:
+            _fail(f"cannot write {self._target}: {exc.strerror or exc}")
+        self.file = os.fdopen(fd, "wb")
+
+    def commit(self) -> None:
+        self.file.flush()
+        if self._target is not None and self._tmp is not None:
+            self.file.close()
+            os.replace(self._tmp, self._target)
+            self._tmp = None
+
+    def discard(self) -> None:
+        if self._tmp is not None:
+            self.file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._tmp)
+            self._tmp = None
+
+
 @contextlib.contextmanager
-def _output(path: str) -> Iterator[IO[bytes]]:
-    """stdout, or a temporary file beside ``path`` renamed into place on success."""
-    if path == "-":
-        yield sys.stdout.buffer
-        sys.stdout.buffer.flush()
-        return
-    target = Path(path)
+def _output(path: str) -> Iterator[_Output]:
+    output = _Output(path)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or Path("."))
-    except OSError as exc:
-        _fail(f"cannot write {target}: {exc.strerror or exc}")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, target)
+        yield output
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        output.discard()
+
+
+@contextlib.contextmanager
+def _work_dir(path: Path | None) -> Iterator[Path]:
+    """``path`` (kept, for resuming), or a temporary directory removed afterwards."""
+    if path is not None:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="p2pimage-fetch-") as work:
+        yield Path(work)
 
 
 @click.command("fetch")
@@ -253,6 +315,19 @@ def _output(path: str) -> Iterator[IO[bytes]]:
     help="Authorization header for origin reads if the tracker makes us a fetcher "
     "(env P2PIMAGE_FETCH_REGISTRY_AUTHORIZATION).",
 )
+@click.option(
+    "--work-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep the pieces here; a later fetch of the same blob resumes from them "
+    "[default: a temporary directory].",
+)
+@click.option(
+    "--seed-for",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Seconds to keep serving the blob to peers after writing it.",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def fetch(
     digest: str,
@@ -265,6 +340,8 @@ def fetch(
     peer_host: str,
     stall_timeout: float,
     registry_authorization: str | None,
+    work_dir: Path | None,
+    seed_for: float,
     quiet: bool,
 ) -> None:
     """Pull blob DIGEST through the cluster's swarm, to a file or stdout.
@@ -297,7 +374,7 @@ def fetch(
         transient=False,
     )
     started = time.monotonic()
-    with _output(output) as out, tempfile.TemporaryDirectory(prefix="p2pimage-fetch-") as work:
+    with _output(output) as out, _work_dir(work_dir) as work:
         try:
             with progress:
                 counts = trio.run(
@@ -308,12 +385,14 @@ def fetch(
                         tracker_url=tracker_url,
                         credential=credential,
                         node_name=node_name,
-                        out=out,
-                        workdir=Path(work),
+                        out=out.file,
+                        workdir=work,
                         peer_host=peer_host,
                         stall_timeout_s=stall_timeout,
                         registry_authorization=registry_authorization,
                         progress=progress,
+                        seed_for_s=seed_for,
+                        on_written=out.commit,
                     )
                 )
         except FetchFailed as exc:
@@ -323,7 +402,9 @@ def fetch(
     if not quiet:
         seconds = time.monotonic() - started
         click.echo(
-            f"{digest}: {counts['bytes']} bytes in {seconds:.1f} s "
-            f"({counts['from_peers']} from peers, {counts['from_origin']} from the registry)",
+            f"{digest}: {counts['bytes']} bytes in {seconds:.1f} s ("
+            + (f"{counts['resumed']} from the work dir, " if counts["resumed"] else "")
+            + f"{counts['from_peers']} from peers, {counts['from_origin']} from the registry"
+            + (f"; {counts['uploaded']} uploaded to peers)" if counts["uploaded"] else ")"),
             err=True,
         )

@@ -443,3 +443,104 @@ async def test_fetch_and_status_against_a_live_cluster(tmp_path: Path) -> None:
         assert one_line_error(proc.stderr.decode()).startswith("error: ")
         proc = await cli("status")
         assert proc.returncode == 2
+
+
+@pytest.mark.skipif(
+    shutil.which("docker-registry") is None,
+    reason="docker-registry (Debian package docker-registry) is not installed",
+)
+async def test_fetch_resumes_from_its_work_dir_and_seeds(tmp_path: Path) -> None:
+    """``--work-dir`` keeps verified pieces for the next run; ``--seed-for`` keeps the
+    command serving the layer after its output is in place."""
+    from p2pimage.storage import PieceStorage
+
+    image = build_image([4 * MIB], seed=78)
+    layer = image.layers[0]
+    async with local_cluster(tmp_path / "cluster", nodes=0) as cluster:
+        async with RegistryClient(cluster.registry.url) as client:
+            await push_image(client, "demo/cli", "v1", image)
+        import httpx
+
+        async with httpx.AsyncClient(timeout=60) as http:
+            r = await http.get(
+                f"{cluster.sidecar_url}/torrents/{layer.digest}", params={"repository": "demo/cli"}
+            )
+            assert r.status_code == 200
+        meta = Metainfo.from_bytes(r.content)
+        cred = tmp_path / "join"
+        cred.write_text(cluster.credential)
+
+        def common(name: str, work: Path) -> list[str]:
+            return [
+                "--repository",
+                "demo/cli",
+                "--sidecar",
+                cluster.sidecar_url,
+                "--tracker",
+                cluster.tracker_url,
+                "--credential-file",
+                str(cred),
+                "--peer-host",
+                "127.0.0.1",
+                "--node-name",
+                name,
+                "--work-dir",
+                str(work),
+            ]
+
+        # An interrupted fetch left the first half of the pieces verified in its work dir.
+        work_a = tmp_path / "work-a"
+        half = meta.num_pieces // 2
+        with PieceStorage.open(work_a, meta) as store:
+            for index in range(half):
+                offset = meta.piece_offset(index)
+                store.write_piece(index, layer.data[offset : offset + meta.piece_size(index)])
+        out_a = tmp_path / "a.bin"
+        egress_before = cluster.registry_egress
+        proc = await cli("fetch", layer.digest, *common("fetch-a", work_a), "-o", str(out_a))
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert out_a.read_bytes() == layer.data
+        resumed = half * meta.piece_length
+        rest = len(layer.data) - resumed
+        # Only the missing half came from the registry (the tracker made "a" the fetcher).
+        summary = proc.stderr.decode()
+        assert f"({resumed} from the work dir, 0 from peers, {rest} from the registry)" in summary
+        assert cluster.registry_egress - egress_before <= rest + 64 * 1024  # and HEADs
+        assert (work_a / meta.digest_hex).is_file()  # the complete blob stays for next time
+
+        # "a" again, now seeding from its complete work dir; "b" gets it from "a" alone
+        # (a seeder was seen, so the tracker names no origin fetcher).
+        out_a.unlink()
+        seeding = trio.Event()
+        results: dict[str, subprocess.CompletedProcess[bytes]] = {}
+
+        async def seeder() -> None:
+            args = common("fetch-a", work_a)
+            results["a"] = await cli(
+                "fetch", layer.digest, *args, "-o", str(out_a), "--seed-for", "10"
+            )
+            seeding.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(seeder)
+            with trio.fail_after(30):
+                while not out_a.exists():  # in place before the seeding starts
+                    await trio.sleep(0.05)
+            egress_before = cluster.registry_egress
+            out_b = tmp_path / "b.bin"
+            proc = await cli(
+                "fetch", layer.digest, *common("fetch-b", tmp_path / "work-b"), "-o", str(out_b)
+            )
+            assert proc.returncode == 0, proc.stderr.decode()
+            assert out_b.read_bytes() == layer.data
+            assert f"{len(layer.data)} from peers, 0 from the registry" in proc.stderr.decode()
+            assert cluster.registry_egress - egress_before < 64 * 1024  # HEADs only
+            assert not seeding.is_set()  # "a" is still there, seeding
+        proc = results["a"]
+        assert proc.returncode == 0, proc.stderr.decode()
+        summary = proc.stderr.decode()
+        assert (
+            f"({len(layer.data)} from the work dir, 0 from peers, 0 from the registry;" in summary
+        )
+        uploaded = int(summary.split("; ")[1].split()[0])
+        assert uploaded >= len(layer.data)
