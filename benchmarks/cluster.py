@@ -29,6 +29,7 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks._util import print_table
 from daemons.cluster_cmd import ClusterParams, kumar_ross_bound, run_cluster
 
 MIB = 1024 * 1024
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "ok" if r["digests_ok"] else "BAD",
             f"{r['cpu_s']:.0f}",
         )
-    Console().print(table)
+    print_table(table)
     print("* direct pulls not measured (over --direct-max-s): N·F/R")
     largest = max(runs, key=lambda r: (r["nodes"], r["size_mib"]))
     if args.json:

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import trio
-from rich.console import Console
 from rich.table import Table
 
 from p2pimage.auth import SigningKey, TokenIssuer, local_authenticator
@@ -30,7 +29,7 @@ from p2pimage.metainfo import Metainfo, create_metainfo_from_file
 from p2pimage.storage import PieceStorage
 
 from ._libtorrent import pair_transfer
-from ._util import write_random_file
+from ._util import print_table, write_random_file
 
 MIB = 1024 * 1024
 ISSUER = "benchmark-sidecar"
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     table.add_column("MiB/s (median)", justify="right")
     table.add_row("p2pimage (auth on)", ", ".join(f"{s:.2f}" for s in ours), f"{ours_rate:.1f}")
     table.add_row("libtorrent 2.1 (TCP)", ", ".join(f"{s:.2f}" for s in theirs), f"{lt_rate:.1f}")
-    Console().print(table)
+    print_table(table)
     print(f"ratio ours/libtorrent: {report['ratio']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -18,8 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
+
+from benchmarks._util import print_table
 
 from ._sim import SimParams, simulate
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['registry_copies']:.2f}",
             str(r["fetchers"]),
         )
-    Console().print(table)
+    print_table(table)
     if args.json:
         largest = max(runs, key=lambda r: r["nodes"])
         keys = (

@@ -32,7 +32,6 @@ from typing import Any
 
 import httpx
 import trio
-from rich.console import Console
 from rich.table import Table
 
 from daemons.registry_process import start_registry
@@ -43,7 +42,7 @@ from p2pimage.metainfo import Metainfo, create_metainfo_from_file
 from p2pimage.oci import RegistryClient
 from p2pimage.origin import OriginReader
 
-from ._util import MIB, write_random_file
+from ._util import MIB, print_table, write_random_file
 
 ISSUER = "benchmark-sidecar"
 REPOSITORY = "bench/layer"
@@ -335,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{report['t_direct_s'] / bound:.2f}",
         f"{args.nodes}",
     )
-    Console().print(table)
+    print_table(table)
     print(
         f"p2pimage CPU: {report['cpu_s']} s; hash failures: {ours['hash_failures']}; "
         f"origin failures: {ours['origin_failures'] or 'none'}"

@@ -33,9 +33,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from benchmarks._util import print_table
 from daemons.opentracker_process import opentracker_binary, run_opentracker
 from daemons.redis_process import redis_binary, run_redis
 from p2pimage.auth import NodeKey, SigningKey, TokenIssuer
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in skipped.items():
         table.add_row(labels[name], "skipped", "", "", why)
         flat[f"{name}_announces_s"] = None
-    Console().print(table)
+    print_table(table)
     flat.update({"swarms": args.swarms, "peers": args.peers, "rounds": args.rounds})
     if args.json is not None:
         args.json.write_text(json.dumps(flat, indent=2) + "\n")
