@@ -80,6 +80,9 @@ class NodeSettings(BaseModel):
     """Configuration of the node peer (TOML file and ``P2PIMAGE_NODE_*`` environment)."""
 
     listen: str = Field("127.0.0.1:65001", description="host:port of the registry mirror")
+    metrics_listen: str | None = Field(
+        None, description="host:port serving /metrics, /healthz and /swarms alone"
+    )
     node_name: str = Field(default_factory=socket.gethostname, description="this node's name")
     zone: str | None = Field(None, description="topology label for peer preference")
     peer_host: str = Field("0.0.0.0", description="address peers connect to us on")
@@ -208,6 +211,7 @@ class NodeDaemon:
         self.http = http
         self.layers = layers
         self.metrics = NodeMetrics(self)
+        self.status_url: str | None = None  # the metrics_listen server's base URL, if any
 
 
 # --------------------------------------------------------------------------- the app
@@ -345,6 +349,24 @@ def create_app(daemon: NodeDaemon) -> Starlette:
             return await _blob_get(daemon, request, upstream, name, ref)
         return await _proxy(daemon, request, upstream, f"/v2/{name}/{kind}/{ref}")
 
+    return Starlette(
+        routes=[
+            Route("/v2/", v2_root, methods=["GET", "HEAD"]),
+            Route("/v2/{rest:path}", v2, methods=["GET", "HEAD"]),
+            *_status_routes(daemon),
+        ]
+    )
+
+
+def create_status_app(daemon: NodeDaemon) -> Starlette:
+    """The status endpoints alone, for ``metrics_listen``."""
+    return Starlette(routes=_status_routes(daemon))
+
+
+def _status_routes(daemon: NodeDaemon) -> list[Route]:
+    """``/healthz``, ``/swarms`` and ``/metrics``: on the mirror's listener, and on
+    ``metrics_listen`` when set."""
+
     async def healthz(request: Request) -> Response:
         return JSONResponse(
             {
@@ -367,15 +389,7 @@ def create_app(daemon: NodeDaemon) -> Starlette:
             generate_latest(daemon.metrics.registry), media_type="text/plain; version=0.0.4"
         )
 
-    return Starlette(
-        routes=[
-            Route("/v2/", v2_root, methods=["GET", "HEAD"]),
-            Route("/v2/{rest:path}", v2, methods=["GET", "HEAD"]),
-            Route("/healthz", healthz),
-            Route("/swarms", swarms),
-            Route("/metrics", metrics),
-        ]
-    )
+    return [Route("/healthz", healthz), Route("/swarms", swarms), Route("/metrics", metrics)]
 
 
 # --------------------------------------------------------------------------- running
@@ -473,6 +487,11 @@ async def run_node(
                 settings.listen,
             )
             log.info("mirror serving", extra={"fields": {"url": url, "node": settings.node_name}})
+            if settings.metrics_listen is not None:
+                daemon.status_url = await nursery.start(
+                    serve_app, create_status_app(daemon), settings.metrics_listen
+                )
+                log.info("status serving", extra={"fields": {"url": daemon.status_url}})
             task_status.started(url)
 
 

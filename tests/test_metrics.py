@@ -157,3 +157,46 @@ def test_dashboard_has_the_panels_operators_need() -> None:
     for panel in dashboard["panels"]:
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24
+
+
+@pytest.mark.skipif(
+    shutil.which("docker-registry") is None,
+    reason="docker-registry (Debian package docker-registry) is not installed",
+)
+async def test_metrics_listen_serves_the_status_endpoints_and_not_the_mirror(
+    tmp_path: Path,
+) -> None:
+    """``metrics_listen``: Prometheus can scrape the node on an address of its own while
+    the mirror stays on loopback; that listener answers no registry path."""
+    from tests.test_node_restart import node_settings, pull_blob, push, start_node
+
+    image = build_image([2 * MIB], seed=41)
+    layer = image.layers[0]
+    async with local_cluster(tmp_path, nodes=0) as cluster, trio.open_nursery() as nursery:
+        await push(cluster, image)
+        node = await start_node(
+            nursery, node_settings(cluster, "node-m", metrics_listen="127.0.0.1:0")
+        )
+        await node.wait_p2p()
+        status_url = node.daemon.status_url
+        assert status_url is not None and status_url != node.mirror_url
+        with trio.fail_after(60):
+            status, body = await pull_blob(node, cluster, layer.digest)
+        assert status == 200 and body == layer.data
+        async with httpx.AsyncClient(timeout=10) as http:
+            metrics = await http.get(f"{status_url}/metrics")
+            swarms = await http.get(f"{status_url}/swarms")
+            health = await http.get(f"{status_url}/healthz")
+            mirror = await http.get(f"{status_url}/v2/", params={"ns": cluster.registry_host})
+        assert metrics.status_code == 200
+        served = {
+            s.labels["source"]: s.value
+            for f in text_string_to_metric_families(metrics.text)
+            for s in f.samples
+            if s.name == "p2pimage_node_served_bytes_total"
+        }
+        assert served["swarm"] == len(layer.data)
+        assert [s["digest"] for s in swarms.json()["swarms"]] == [layer.digest]
+        assert health.json()["p2p"] is True
+        assert mirror.status_code == 404
+        nursery.cancel_scope.cancel()
