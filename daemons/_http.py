@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import click
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["ClosingStreamingResponse", "serve_app"]
+from p2pimage.errors import leaf_exceptions
+
+__all__ = ["ClosingStreamingResponse", "ListenError", "serve_app"]
 
 # How long a cancelled response may spend in its body generator's clean-up.
 _ACLOSE_GRACE_S = 5.0
+
+
+class ListenError(click.ClickException):
+    """A listener could not be opened (address in use, not an address of this host,
+    a privileged port): one line and exit code 1 from the daemon's command."""
+
+
+class _Started:
+    """Passes ``started`` on, remembering that it happened."""
+
+    def __init__(self, inner: trio.TaskStatus[list[str]]) -> None:
+        self.inner = inner
+        self.done = False
+
+    def started(self, value: Any = None) -> None:
+        self.done = True
+        self.inner.started(value)
 
 
 class ClosingStreamingResponse(StreamingResponse):
@@ -43,7 +65,8 @@ async def serve_app(
 ) -> None:
     """Serve ``app`` on ``listen`` (``host:port``; port 0 picks a free one) until cancelled.
 
-    Reports the bound base URL (``http://host:port``) through ``task_status``.
+    Reports the bound base URL (``http://host:port``) through ``task_status``; raises
+    :class:`ListenError` when the address cannot be bound.
     Access logs are off: daemons log the events that matter themselves.
     """
     config = Config()
@@ -53,7 +76,17 @@ async def serve_app(
     config.keep_alive_max_requests = keep_alive_max_requests
 
     async def _serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+        status = _Started(task_status)
+        try:
+            await serve(app, config, task_status=status)  # type: ignore[arg-type]
+        except (OSError, BaseExceptionGroup) as exc:
+            # hypercorn binds inside a nursery of its own: the error may come grouped.
+            leaves = leaf_exceptions(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+            if status.done or not all(isinstance(e, OSError) for e in leaves):
+                raise
+            error = leaves[0]
+            assert isinstance(error, OSError)
+            raise ListenError(f"cannot listen on {listen}: {error.strerror or error}") from None
 
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(_serve)

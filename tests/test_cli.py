@@ -544,3 +544,40 @@ async def test_fetch_resumes_from_its_work_dir_and_seeds(tmp_path: Path) -> None
         )
         uploaded = int(summary.split("; ")[1].split()[0])
         assert uploaded >= len(layer.data)
+
+
+@pytest.mark.parametrize(
+    ("daemon", "env"),
+    [
+        ("tracker", {"P2PIMAGE_TRACKER_OPEN_MODE": "true"}),
+        ("node", {"P2PIMAGE_NODE_LISTEN": "127.0.0.1:0"}),  # the busy one: metrics_listen
+    ],
+)
+async def test_a_daemon_on_a_busy_port_says_so_in_one_line(
+    tmp_path: Path, daemon: str, env: dict[str, str]
+) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        key = "P2PIMAGE_TRACKER_LISTEN" if daemon == "tracker" else "P2PIMAGE_NODE_METRICS_LISTEN"
+        environ = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("P2PIMAGE_")},
+            **env,
+            key: address,
+            "P2PIMAGE_NODE_CACHE_DIR": str(tmp_path / "cache"),
+        }
+        with trio.fail_after(30):
+            proc = await trio.run_process(
+                [sys.executable, "-m", "daemons.cli", daemon],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=environ,
+            )
+    assert proc.returncode == 1
+    stderr = proc.stderr.decode()
+    assert "Traceback" not in stderr
+    assert f"Error: cannot listen on {address}: Address already in use" in stderr
