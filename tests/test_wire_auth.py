@@ -501,6 +501,8 @@ def test_transcript_binds_each_field() -> None:
         "responder_peer_id": ID_I,
         "initiator_nonce": NONCE_R,
         "responder_nonce": NONCE_I,
+        "initiator_kx": b"\x11" * 32,
+        "responder_kx": b"\x22" * 32,
     }
     seen = {auth_transcript(**base)}
     for name, value in variants.items():

@@ -56,11 +56,15 @@ EXT_HANDSHAKE_ID: Final = 0  # BEP 10: extended message id 0 is the extended han
 AUTH_EXTENSION: Final = b"p2pimage_auth"  # name in "m"; the auth message goes to its id
 NONCE_KEY: Final = b"p2pimage_nonce"  # extended-handshake key carrying the 32-byte nonce
 NONCE_LENGTH: Final = 32
+KX_LENGTH: Final = 32
+# Extended-handshake key carrying the sender's ephemeral X25519 public key (32 bytes):
+# offered by a side that encrypts (see _crypto.py), required by it from the peer.
+KX_KEY: Final = b"p2pimage_kx"
 # The id we ask peers to send our auth message with. Any of 1..255 would do (BEP 10 ids are
 # chosen by the receiver); callers' own extensions must not reuse it.
 LOCAL_AUTH_ID: Final = 1
 # Transcript label: protocol name and version, NUL-terminated so no prefix collides.
-TRANSCRIPT_LABEL: Final = b"p2pimage-peer-auth/1\x00"
+TRANSCRIPT_LABEL: Final = b"p2pimage-peer-auth/2\x00"
 _ROLE_TAG: Final = {Role.INITIATOR: b"I", Role.RESPONDER: b"R"}
 
 # --- bounds -----------------------------------------------------------------------------
@@ -143,13 +147,19 @@ def auth_transcript(
     responder_peer_id: bytes,
     initiator_nonce: bytes,
     responder_nonce: bytes,
+    initiator_kx: bytes = b"",
+    responder_kx: bytes = b"",
 ) -> bytes:
     """The bytes a side signs in its auth message.
 
     ``TRANSCRIPT_LABEL || role tag (b"I" or b"R", the signer) || info_hash (20) ||
     initiator peer id (20) || responder peer id (20) || initiator nonce (32) ||
-    responder nonce (32)``. Every field has a fixed length, so the concatenation is
-    unambiguous; the role tag means a signature cannot be reflected back to its signer.
+    responder nonce (32) || len(initiator kx) (1) || initiator kx || len(responder kx)
+    (1) || responder kx``, where a kx is a side's X25519 key-exchange key (32 bytes) or
+    empty when it offered none. Every field has a fixed length or a length prefix, so
+    the concatenation is unambiguous; the role tag means a signature cannot be reflected
+    back to its signer; the kx fields mean the key exchange cannot be altered or stripped
+    without breaking both signatures.
     """
     if signer not in _ROLE_TAG:
         raise LocalProtocolError("signer must be a Role")
@@ -158,6 +168,9 @@ def auth_transcript(
     check_id("responder_peer_id", responder_peer_id)
     check_id("initiator_nonce", initiator_nonce, NONCE_LENGTH)
     check_id("responder_nonce", responder_nonce, NONCE_LENGTH)
+    for name, kx in (("initiator_kx", initiator_kx), ("responder_kx", responder_kx)):
+        if not isinstance(kx, bytes) or len(kx) not in (0, KX_LENGTH):
+            raise LocalProtocolError(f"{name} must be empty or {KX_LENGTH} bytes")
     return b"".join(
         (
             TRANSCRIPT_LABEL,
@@ -167,6 +180,10 @@ def auth_transcript(
             responder_peer_id,
             initiator_nonce,
             responder_nonce,
+            bytes((len(initiator_kx),)),
+            initiator_kx,
+            bytes((len(responder_kx),)),
+            responder_kx,
         )
     )
 
@@ -185,6 +202,7 @@ def build_extended_handshake(
     client: bytes | None,
     reqq: int | None,
     nonce: bytes | None,
+    kx: bytes | None = None,
 ) -> bytes:
     payload: dict[bytes, Bencodable] = {b"m": dict(extensions)}
     if client is not None:
@@ -193,6 +211,8 @@ def build_extended_handshake(
         payload[b"reqq"] = reqq
     if nonce is not None:
         payload[NONCE_KEY] = nonce
+    if kx is not None:
+        payload[KX_KEY] = kx
     return build_extended(EXT_HANDSHAKE_ID, bencode(payload))
 
 

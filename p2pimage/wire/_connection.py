@@ -1,10 +1,12 @@
 """The peer wire connection: one object owns a connection's protocol state (sans-I/O).
 
-No sockets, no clock, no randomness: the caller passes the nonce and peer ids, feeds
-received bytes to :meth:`PeerConnection.receive_data`, pulls events from
-:meth:`PeerConnection.next_event`, writes what :meth:`PeerConnection.send` returns and,
-after every event, what :meth:`PeerConnection.data_to_send` returns (bytes the protocol
-itself emits: handshake, extended handshake, auth message).
+No sockets, no clock, no randomness: the caller passes the nonce, the key-exchange key
+and peer ids, feeds received bytes to :meth:`PeerConnection.receive_data`, pulls events
+from :meth:`PeerConnection.next_event`, writes what :meth:`PeerConnection.send` returns
+and, after every event, what :meth:`PeerConnection.data_to_send` returns (bytes the
+protocol itself emits: handshake, extended handshake, auth message). On an encrypted
+connection everything written after the handshake goes through
+:meth:`PeerConnection.seal` first (a no-op on a connection that does not encrypt).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from ..bencoding import bdecode
 from ..errors import LocalProtocolError, RemoteProtocolError
 from . import _codec as c
+from ._crypto import RecordReader, RecordWriter, derive_keys, kx_public_key
 from ._events import (
     NEED_DATA,
     Bitfield,
@@ -92,6 +95,14 @@ class PeerConnection:
     Before OPEN, ``send()`` raises :class:`LocalProtocolError` and any received message
     other than the next expected handshake step raises :class:`RemoteProtocolError`.
 
+    Encryption (authenticated mode with ``kx_key=``, 32 random bytes): the extended
+    handshake also carries our ephemeral X25519 key, the peer must send one too (else
+    :class:`RemoteProtocolError`), both are signed in the transcript, and every byte
+    after a side's auth message travels in AES-GCM records (``wire/_crypto.py``). The
+    caller passes every write after the handshake through :meth:`seal`; decryption of
+    received bytes is internal. Without ``kx_key`` the connection is not encrypted, and
+    a peer that requires encryption refuses it.
+
     Open mode (``authenticator=None, open_mode=True``) is for stock clients only: the
     connection is OPEN right after the 68-byte handshakes; extended handshakes are optional.
 
@@ -107,6 +118,7 @@ class PeerConnection:
         peer_id: bytes,
         authenticator: Authenticator | None,
         nonce: bytes | None = None,
+        kx_key: bytes | None = None,
         open_mode: bool = False,
         info_hash: bytes | None = None,
         num_pieces: int | None = None,
@@ -126,8 +138,8 @@ class PeerConnection:
                     "authenticator is required; pass open_mode=True only to talk to stock "
                     "BitTorrent clients"
                 )
-            if nonce is not None:
-                raise LocalProtocolError("open mode does not use a nonce")
+            if nonce is not None or kx_key is not None:
+                raise LocalProtocolError("open mode does not use a nonce or a key exchange")
         else:
             if open_mode:
                 raise LocalProtocolError("open_mode=True and an authenticator exclude each other")
@@ -165,6 +177,13 @@ class PeerConnection:
         self.max_receive_buffer: Final = max(max_receive_buffer, 2 * c.MAX_BITFIELD_LENGTH)
         self._auth = authenticator
         self._nonce = nonce
+        self._kx_key = kx_key
+        self._kx_public = kx_public_key(kx_key) if kx_key is not None else None
+        self._peer_kx: bytes | None = None
+        self._writer: RecordWriter | None = None  # set once our auth message is queued
+        self._reader: RecordReader | None = None  # set once the peer's auth message is read
+        self._send_key: bytes | None = None
+        self._receive_key: bytes | None = None
         self._client = client
         self._reqq = reqq
         self._local_ext = local_ext
@@ -229,6 +248,12 @@ class PeerConnection:
     @property
     def authenticated(self) -> bool:
         return self._auth is not None
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether this connection encrypts (known once the peer's extended handshake is
+        read: then :meth:`seal` must wrap every write after the handshake)."""
+        return self._send_key is not None
 
     @property
     def info_hash(self) -> bytes | None:
@@ -316,10 +341,21 @@ class PeerConnection:
     # --- output ---------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        """Bytes the protocol itself must write (handshakes, auth); check after each event."""
+        """Bytes the protocol itself must write (handshakes, auth); check after each event.
+        Written as they are: on an encrypted connection the protocol emits nothing after
+        its auth message."""
         out = bytes(self._outbox)
         self._outbox.clear()
         return out
+
+    def seal(self, data: bytes | bytearray | memoryview) -> bytes:
+        """What to write for ``data`` (any run of :meth:`send` results, in order, and the
+        block bytes after each :meth:`piece_header`): encrypted records on an encrypted
+        connection, ``data`` itself otherwise. Allowed once OPEN."""
+        self._check_open("seal")
+        if self._writer is None:
+            return bytes(data)
+        return self._writer.seal(data)
 
     def send(self, message: Message) -> bytes:
         """Encode a caller-initiated message; allowed only when OPEN.
@@ -397,7 +433,11 @@ class PeerConnection:
 
     def _extended_handshake(self) -> bytes:
         return c.build_extended_handshake(
-            self._local_ext, client=self._client, reqq=self._reqq, nonce=self._nonce
+            self._local_ext,
+            client=self._client,
+            reqq=self._reqq,
+            nonce=self._nonce,
+            kx=self._kx_public,
         )
 
     # --- input ----------------------------------------------------------------------------
@@ -411,6 +451,19 @@ class PeerConnection:
         if not data:
             self._eof = True
             return
+        if self._reader is not None:
+            if self._reader.pending + len(data) > self.max_receive_buffer:
+                raise LocalProtocolError(
+                    "receive buffer full: drain next_event() until NEED_DATA before feeding more"
+                )
+            try:
+                data = self._reader.feed(data)
+            except RemoteProtocolError as exc:
+                self._error = exc
+                self._state = _S.CLOSED
+                raise
+            if not data:
+                return
         buf = self._buf
         pos = self._pos
         if pos:
@@ -442,7 +495,7 @@ class PeerConnection:
         try:
             event = self._readers[state]()
             if event is NEED_DATA and self._eof:
-                if self._pos != len(self._buf):
+                if self._pos != len(self._buf) or (self._reader and self._reader.pending):
                     raise RemoteProtocolError("connection closed in the middle of a message")
                 self._state = _S.CLOSED
                 self._closed_by_peer = True
@@ -587,12 +640,35 @@ class PeerConnection:
             raise RemoteProtocolError("peer's extended handshake lacks a 32-byte nonce")
         if nonce == self._nonce:
             raise RemoteProtocolError("peer echoed our nonce")
+        peer_kx = event.payload.get(c.KX_KEY)
+        if peer_kx is not None and (not isinstance(peer_kx, bytes) or len(peer_kx) != c.KX_LENGTH):
+            raise RemoteProtocolError("peer's key-exchange key is not 32 bytes")
+        if self._kx_key is not None and peer_kx is None:
+            raise RemoteProtocolError("peer does not offer encryption, which we require")
         self._peer_nonce = nonce
         self._peer_auth_id = auth_id
+        self._peer_kx = peer_kx
+        if self._kx_key is not None:
+            assert peer_kx is not None and self._info_hash is not None
+            assert self._nonce is not None
+            initiator, responder = self._by_role(self._nonce, nonce)
+            initiator_kx, responder_kx = self._kx_pair()
+            self._send_key, self._receive_key = derive_keys(
+                our_role=self.our_role,
+                private=self._kx_key,
+                peer_public=peer_kx,
+                info_hash=self._info_hash,
+                initiator_nonce=initiator,
+                responder_nonce=responder,
+                initiator_kx=initiator_kx,
+                responder_kx=responder_kx,
+            )
         # We now know both nonces: sign our side of the transcript and queue the auth message.
         assert self._auth is not None
         token, signature = self._auth.credentials(self._transcript(self.our_role))
         self._outbox += c.build_auth(auth_id, token, signature)
+        if self._send_key is not None:
+            self._writer = RecordWriter(self._send_key)  # every later byte we send
         self._state = _S.AWAIT_AUTH
         return event
 
@@ -616,6 +692,13 @@ class PeerConnection:
         )
         self._peer_token = verified
         self._state = _S.OPEN
+        if self._receive_key is not None:
+            # Every byte after the peer's auth message is a record: open what is buffered.
+            self._reader = RecordReader(self._receive_key)
+            rest = bytes(self._buf[self._pos :])
+            del self._buf[self._pos :]
+            if rest:
+                self._buf += self._reader.feed(rest)
         return PeerAuthenticated(verified)
 
     def _on_extended_open(self, ext_id: int, start: int, end: int) -> Event:
@@ -663,15 +746,19 @@ class PeerConnection:
             self._peer_reqq = event.reqq
         return event
 
+    def _by_role(self, ours: bytes, theirs: bytes) -> tuple[bytes, bytes]:
+        """(initiator's, responder's) of a pair of values, one of them ours."""
+        return (ours, theirs) if self.our_role is Role.INITIATOR else (theirs, ours)
+
+    def _kx_pair(self) -> tuple[bytes, bytes]:
+        return self._by_role(self._kx_public or b"", self._peer_kx or b"")
+
     def _transcript(self, signer: Role) -> bytes:
         assert self._nonce is not None and self._peer_nonce is not None
         assert self._info_hash is not None and self._remote_peer_id is not None
-        if self.our_role is Role.INITIATOR:
-            ids = (self.our_peer_id, self._remote_peer_id)
-            nonces = (self._nonce, self._peer_nonce)
-        else:
-            ids = (self._remote_peer_id, self.our_peer_id)
-            nonces = (self._peer_nonce, self._nonce)
+        ids = self._by_role(self.our_peer_id, self._remote_peer_id)
+        nonces = self._by_role(self._nonce, self._peer_nonce)
+        initiator_kx, responder_kx = self._kx_pair()
         return c.auth_transcript(
             signer=signer,
             info_hash=self._info_hash,
@@ -679,4 +766,6 @@ class PeerConnection:
             responder_peer_id=ids[1],
             initiator_nonce=nonces[0],
             responder_nonce=nonces[1],
+            initiator_kx=initiator_kx,
+            responder_kx=responder_kx,
         )

@@ -1,0 +1,155 @@
+"""Encryption of an authenticated peer connection (sans-I/O): key agreement and records.
+
+Each side offers an ephemeral X25519 public key in its extended handshake
+(``p2pimage_kx``); both keys are in the auth transcript, so the signatures that
+authenticate the peers also authenticate the key exchange, and a man in the middle can
+neither swap the keys nor strip them. The shared secret goes through HKDF-SHA256 into
+one AES-256-GCM key per direction. Every byte a side sends after its own auth message
+is then framed in records::
+
+    record = length (4 bytes, big-endian: ciphertext + 16-byte tag) || AES-GCM(plaintext)
+
+with the 4-byte length as associated data and a 96-bit nonce that counts the direction's
+records from 0 (4 zero bytes, then a 64-bit counter). A record holds at most
+:data:`MAX_RECORD_PLAINTEXT` bytes; a reordered, replayed, truncated or altered record
+fails its tag.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from ..errors import LocalProtocolError, RemoteProtocolError
+from ._codec import KX_LENGTH
+from ._events import Role
+
+__all__ = [
+    "KX_LENGTH",
+    "MAX_RECORD_PLAINTEXT",
+    "RECORD_OVERHEAD",
+    "RecordReader",
+    "RecordWriter",
+    "derive_keys",
+    "kx_public_key",
+]
+
+# Large enough that sealing a 512 KiB write batch costs two AEAD calls, small enough
+# that a record plus a socket read fits the connection's receive buffer (1 MiB).
+MAX_RECORD_PLAINTEXT: Final = 256 * 1024
+TAG_LENGTH: Final = 16
+RECORD_OVERHEAD: Final = 4 + TAG_LENGTH
+_KDF_INFO: Final = b"p2pimage-peer-enc/1\x00"
+_LEN: Final = struct.Struct(">I")
+_NONCE: Final = struct.Struct(">4xQ")
+
+
+def kx_public_key(private: bytes) -> bytes:
+    """The X25519 public key of a 32-byte private key (from a CSPRNG, one per connection)."""
+    if not isinstance(private, bytes) or len(private) != KX_LENGTH:
+        raise LocalProtocolError("the key-exchange key must be 32 random bytes")
+    return (
+        X25519PrivateKey.from_private_bytes(private)
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw)
+    )
+
+
+def derive_keys(
+    *,
+    our_role: Role,
+    private: bytes,
+    peer_public: bytes,
+    info_hash: bytes,
+    initiator_nonce: bytes,
+    responder_nonce: bytes,
+    initiator_kx: bytes,
+    responder_kx: bytes,
+) -> tuple[bytes, bytes]:
+    """(send key, receive key) for ``our_role``. A peer key of low order (an all-zero
+    shared secret) raises :class:`RemoteProtocolError`."""
+    try:
+        shared = X25519PrivateKey.from_private_bytes(private).exchange(
+            X25519PublicKey.from_public_bytes(peer_public)
+        )
+    except ValueError:
+        raise RemoteProtocolError("peer's key-exchange key is invalid") from None
+    if shared == bytes(len(shared)):
+        raise RemoteProtocolError("peer's key-exchange key is invalid")
+    okm = HKDF(
+        algorithm=hashes.SHA256(),
+        length=64,
+        salt=initiator_nonce + responder_nonce,
+        info=_KDF_INFO + info_hash + initiator_kx + responder_kx,
+    ).derive(shared)
+    initiator_to_responder, responder_to_initiator = okm[:32], okm[32:]
+    if our_role is Role.INITIATOR:
+        return initiator_to_responder, responder_to_initiator
+    return responder_to_initiator, initiator_to_responder
+
+
+class RecordWriter:
+    """Seals one direction's bytes into records."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+        self._counter = 0
+
+    def seal(self, data: bytes | bytearray | memoryview) -> bytes:
+        view = memoryview(data)
+        out: list[bytes] = []
+        for start in range(0, len(view), MAX_RECORD_PLAINTEXT):
+            chunk = view[start : start + MAX_RECORD_PLAINTEXT]
+            header = _LEN.pack(len(chunk) + TAG_LENGTH)
+            out.append(header)
+            out.append(self._aead.encrypt(_NONCE.pack(self._counter), chunk, header))
+            self._counter += 1
+        return b"".join(out)
+
+
+class RecordReader:
+    """Opens the other direction's records as their bytes arrive."""
+
+    def __init__(self, key: bytes) -> None:
+        self._aead = AESGCM(key)
+        self._counter = 0
+        self._raw = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Received bytes not yet opened (an incomplete record)."""
+        return len(self._raw)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Add received bytes; return the plaintext of every record now complete."""
+        raw = self._raw
+        raw += data
+        out: list[bytes] = []
+        pos = 0
+        while len(raw) - pos >= 4:
+            length = _LEN.unpack_from(raw, pos)[0]
+            if not TAG_LENGTH < length <= MAX_RECORD_PLAINTEXT + TAG_LENGTH:
+                raise RemoteProtocolError(f"encrypted record of {length} bytes")
+            end = pos + 4 + length
+            if len(raw) < end:
+                break
+            with memoryview(raw) as view:
+                try:
+                    out.append(
+                        self._aead.decrypt(
+                            _NONCE.pack(self._counter), view[pos + 4 : end], view[pos : pos + 4]
+                        )
+                    )
+                except InvalidTag:
+                    raise RemoteProtocolError("encrypted record failed authentication") from None
+            self._counter += 1
+            pos = end
+        del raw[:pos]
+        return b"".join(out)

@@ -1,0 +1,320 @@
+"""Encrypted peer connections (``p2pimage_kx``, AES-GCM records) between two in-memory
+PeerConnections with the real p2pimage.auth: what arrives, what an observer sees on the
+wire, and what a man in the middle can do (nothing but break the connection)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pimage.auth import NodeKey
+from p2pimage.bencoding import bdecode, bencode
+from p2pimage.errors import AuthError, LocalProtocolError, RemoteProtocolError
+from p2pimage.wire import (
+    NEED_DATA,
+    Bitfield,
+    ConnectionClosed,
+    Have,
+    PeerAuthenticated,
+    PeerConnection,
+    Piece,
+    Request,
+    Role,
+)
+from p2pimage.wire._codec import build_extended
+
+from .test_wire_auth import (
+    BITFIELD,
+    ID_I,
+    ID_R,
+    INFO_HASH,
+    NONCE_I,
+    NONCE_R,
+    NUM_PIECES,
+    honest_authenticator,
+    issue,
+)
+
+KX_I = bytes(range(100, 132))
+KX_R = bytes(range(140, 172))
+SECRET = b"secret layer bytes " * 100
+
+
+def connection(role: Role, *, kx: bytes | None) -> PeerConnection:
+    key = NodeKey.generate()
+    auth = honest_authenticator(key, issue(key))
+    if role is Role.INITIATOR:
+        return PeerConnection(
+            role, peer_id=ID_I, authenticator=auth, nonce=NONCE_I, kx_key=kx, info_hash=INFO_HASH
+        )
+    return PeerConnection(role, peer_id=ID_R, authenticator=auth, nonce=NONCE_R, kx_key=kx)
+
+
+@dataclass
+class Side:
+    """Drives one connection: flushes protocol output, then sends ``payload`` (sealed)
+    once open, and records every event."""
+
+    conn: PeerConnection
+    payload: list[Any]
+    wire: bytearray = field(default_factory=bytearray)
+    events: list[Any] = field(default_factory=list)
+    sent: bool = False
+
+    def step(self, incoming: bytes) -> None:
+        if incoming:
+            self.conn.receive_data(incoming)
+        while True:
+            self.wire += self.conn.data_to_send()
+            if self.conn.is_open and not self.sent:
+                self.conn.num_pieces = NUM_PIECES
+                plain = b"".join(self.conn.send(m) for m in self.payload)
+                self.wire += self.conn.seal(plain)
+                self.sent = True
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                self.wire += self.conn.data_to_send()
+                return
+            self.events.append(event)
+            if self.conn.our_role is Role.RESPONDER and self.conn.state.name == "AWAIT_ACCEPT":
+                self.conn.accept(num_pieces=NUM_PIECES)
+
+    def take(self) -> bytes:
+        out = bytes(self.wire)
+        self.wire.clear()
+        return out
+
+
+PAYLOAD = [Bitfield(BITFIELD), Piece(0, 0, SECRET), Have(3), Request(1, 0, 16384)]
+
+
+def run(
+    a: PeerConnection, b: PeerConnection, *, tamper: Any = None
+) -> tuple[Side, Side, bytes, bytes]:
+    """Pipe bytes both ways until quiet; ``tamper(direction, chunk)`` may rewrite them."""
+    sa, sb = Side(a, list(PAYLOAD)), Side(b, list(PAYLOAD))
+    all_a, all_b = bytearray(), bytearray()
+    sa.step(b"")
+    for _ in range(8):
+        out = sa.take()
+        out = tamper("a->b", out) if tamper else out
+        all_a += out
+        sb.step(out)
+        out = sb.take()
+        out = tamper("b->a", out) if tamper else out
+        all_b += out
+        sa.step(out)
+    return sa, sb, bytes(all_a), bytes(all_b)
+
+
+def test_encrypted_connection_delivers_and_hides_the_payload() -> None:
+    a = connection(Role.INITIATOR, kx=KX_I)
+    b = connection(Role.RESPONDER, kx=KX_R)
+    sa, sb, wire_a, wire_b = run(a, b)
+    assert a.is_open and b.is_open and a.encrypted and b.encrypted
+    for side in (sa, sb):
+        assert [e for e in side.events if not isinstance(e, PeerAuthenticated)][-4:] == PAYLOAD
+    # An observer sees the handshakes, not the layer bytes nor the message framing.
+    for wire in (wire_a, wire_b):
+        assert b"secret layer bytes" not in wire
+        assert struct.pack(">IB", 9 + len(SECRET), 7) not in wire
+
+
+def test_unencrypted_peers_still_talk_in_the_clear() -> None:
+    a = connection(Role.INITIATOR, kx=None)
+    b = connection(Role.RESPONDER, kx=None)
+    _, sb, wire_a, _ = run(a, b)
+    assert a.is_open and b.is_open and not a.encrypted
+    assert Piece(0, 0, SECRET) in sb.events
+    assert SECRET in wire_a
+
+
+@pytest.mark.parametrize("requires", [Role.INITIATOR, Role.RESPONDER])
+def test_a_side_requiring_encryption_refuses_a_peer_without(requires: Role) -> None:
+    a = connection(Role.INITIATOR, kx=KX_I if requires is Role.INITIATOR else None)
+    b = connection(Role.RESPONDER, kx=KX_R if requires is Role.RESPONDER else None)
+    with pytest.raises(RemoteProtocolError, match="does not offer encryption"):
+        run(a, b)
+    assert not (a.is_open and b.is_open)
+
+
+def _rewrite_ext_handshake(chunk: bytes, edit: Any) -> bytes:
+    """Rewrite the first extended handshake in ``chunk`` (after the 68-byte handshake)."""
+    pos = 68
+    (length,) = struct.unpack_from(">I", chunk, pos)
+    assert chunk[pos + 4] == 20 and chunk[pos + 5] == 0
+    payload = bdecode(chunk[pos + 6 : pos + 4 + length])
+    edit(payload)
+    return chunk[:pos] + build_extended(0, bencode(payload)) + chunk[pos + 4 + length :]
+
+
+def test_stripping_the_key_exchange_is_refused() -> None:
+    def strip(direction: str, chunk: bytes) -> bytes:
+        if direction == "a->b" and len(chunk) > 68 and chunk[:1] == b"\x13":
+            return _rewrite_ext_handshake(chunk, lambda d: d.pop(b"p2pimage_kx"))
+        return chunk
+
+    a = connection(Role.INITIATOR, kx=KX_I)
+    b = connection(Role.RESPONDER, kx=KX_R)
+    with pytest.raises(RemoteProtocolError, match="does not offer encryption"):
+        run(a, b, tamper=strip)
+    assert not b.is_open
+
+
+def test_swapping_the_key_exchange_breaks_the_signature() -> None:
+    """A man in the middle who puts its own X25519 key in a's extended handshake (to read
+    the traffic) changes the transcript b verifies a's signature over."""
+    mitm = bytes(32 * [7])
+
+    def swap(direction: str, chunk: bytes) -> bytes:
+        if direction == "a->b" and len(chunk) > 68 and chunk[:1] == b"\x13":
+            from p2pimage.wire._crypto import kx_public_key
+
+            return _rewrite_ext_handshake(
+                chunk, lambda d: d.__setitem__(b"p2pimage_kx", kx_public_key(mitm))
+            )
+        return chunk
+
+    a = connection(Role.INITIATOR, kx=KX_I)
+    b = connection(Role.RESPONDER, kx=KX_R)
+    with pytest.raises(AuthError, match="signature"):
+        run(a, b, tamper=swap)
+    assert not b.is_open
+
+
+def _open_pair() -> tuple[Side, Side]:
+    a = connection(Role.INITIATOR, kx=KX_I)
+    b = connection(Role.RESPONDER, kx=KX_R)
+    sa, sb = Side(a, []), Side(b, [])
+    sa.step(b"")
+    for _ in range(4):
+        sb.step(sa.take())
+        sa.step(sb.take())
+    assert a.is_open and b.is_open
+    return sa, sb
+
+
+@pytest.mark.parametrize("where", ["length", "ciphertext", "tag"])
+def test_an_altered_record_closes_the_connection(where: str) -> None:
+    sa, sb = _open_pair()
+    record = bytearray(sa.conn.seal(sa.conn.send(Piece(0, 0, SECRET))))
+    index = {"length": 3, "ciphertext": 40, "tag": len(record) - 1}[where]
+    record[index] ^= 0x01
+    with pytest.raises(RemoteProtocolError, match="record"):
+        sb.conn.receive_data(bytes(record))
+        while sb.conn.next_event() is not NEED_DATA:
+            pass
+    with pytest.raises(RemoteProtocolError):
+        sb.conn.next_event()  # stays failed
+
+
+def test_replayed_and_reordered_records_fail() -> None:
+    sa, sb = _open_pair()
+    first = sa.conn.seal(sa.conn.send(Have(1)))
+    sb.conn.receive_data(first)
+    assert sb.conn.next_event() == Have(1)
+    with pytest.raises(RemoteProtocolError, match="authentication"):
+        sb.conn.receive_data(first)  # replayed
+    sa, sb = _open_pair()
+    first = sa.conn.seal(sa.conn.send(Have(1)))
+    second = sa.conn.seal(sa.conn.send(Have(2)))
+    with pytest.raises(RemoteProtocolError, match="authentication"):
+        sb.conn.receive_data(second)  # before the first
+
+
+def test_a_record_cut_by_eof_is_an_error() -> None:
+    sa, sb = _open_pair()
+    record = sa.conn.seal(sa.conn.send(Have(1)))
+    sb.conn.receive_data(record[:-3])
+    assert sb.conn.next_event() is NEED_DATA
+    sb.conn.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="middle"):
+        sb.conn.next_event()
+
+
+def test_eof_between_records_is_a_clean_close() -> None:
+    sa, sb = _open_pair()
+    sb.conn.receive_data(sa.conn.seal(sa.conn.send(Have(1))))
+    assert sb.conn.next_event() == Have(1)
+    sb.conn.receive_data(b"")
+    assert isinstance(sb.conn.next_event(), ConnectionClosed)
+
+
+def test_a_low_order_key_exchange_key_is_refused() -> None:
+    def zero(direction: str, chunk: bytes) -> bytes:
+        if direction == "a->b" and len(chunk) > 68 and chunk[:1] == b"\x13":
+            return _rewrite_ext_handshake(chunk, lambda d: d.__setitem__(b"p2pimage_kx", bytes(32)))
+        return chunk
+
+    a = connection(Role.INITIATOR, kx=KX_I)
+    b = connection(Role.RESPONDER, kx=KX_R)
+    with pytest.raises(RemoteProtocolError, match="key-exchange key is invalid"):
+        run(a, b, tamper=zero)
+
+
+def test_seal_is_refused_before_the_connection_is_open() -> None:
+    a = connection(Role.INITIATOR, kx=KX_I)
+    with pytest.raises(LocalProtocolError):
+        a.seal(b"x")
+    with pytest.raises(LocalProtocolError, match="open mode"):
+        PeerConnection(
+            Role.INITIATOR,
+            peer_id=ID_I,
+            authenticator=None,
+            open_mode=True,
+            kx_key=KX_I,
+            info_hash=INFO_HASH,
+        )
+
+
+messages = st.lists(
+    st.one_of(
+        st.builds(Have, st.integers(0, NUM_PIECES - 1)),
+        st.builds(
+            Piece,
+            st.integers(0, NUM_PIECES - 1),
+            st.integers(0, 1 << 20),
+            st.binary(min_size=1, max_size=16384),
+        ),
+        st.builds(
+            Request,
+            st.integers(0, NUM_PIECES - 1),
+            st.integers(0, 1 << 20),
+            st.integers(1, 16384),
+        ),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batches=st.lists(messages, min_size=1, max_size=5),
+    cuts=st.lists(st.integers(1, 70_000), max_size=40),
+)
+def test_any_batching_and_any_split_delivers_the_same_messages(
+    batches: list[list[Any]], cuts: list[int]
+) -> None:
+    """However the sender groups messages into sealed writes, and however TCP splits the
+    bytes, the receiver gets exactly the messages, in order."""
+    sa, sb = _open_pair()
+    stream = b"".join(
+        sa.conn.seal(b"".join(sa.conn.send(m) for m in batch)) for batch in batches if batch
+    )
+    received: list[Any] = []
+    pos = 0
+    for cut in [*cuts, len(stream)]:
+        chunk = stream[pos : pos + cut]
+        pos += len(chunk)
+        if chunk:
+            sb.conn.receive_data(chunk)
+        while (event := sb.conn.next_event()) is not NEED_DATA:
+            received.append(event)
+        if pos >= len(stream):
+            break
+    assert received == [m for batch in batches for m in batch]
