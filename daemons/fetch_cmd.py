@@ -141,6 +141,7 @@ async def run_fetch(
     progress: Progress | None,
     seed_for_s: float = 0.0,
     on_written: Callable[[], None] | None = None,
+    encrypt: bool = True,
 ) -> dict[str, int]:
     """Fetch ``digest`` into ``out``; returns the byte counts by source and the bytes
     uploaded to peers.
@@ -169,7 +170,9 @@ async def run_fetch(
         hasher = hashlib.sha256()
         async with (
             trio.open_nursery() as nursery,
-            open_peer_node(authenticator=keeper.authenticator(), host=peer_host) as node,
+            open_peer_node(
+                authenticator=keeper.authenticator(), host=peer_host, encrypt=encrypt
+            ) as node,
         ):
             nursery.start_soon(keeper.run)  # long downloads outlive a token
             swarm = await node.add_swarm(
@@ -328,6 +331,12 @@ def _work_dir(path: Path | None) -> Iterator[Path]:
     type=click.FloatRange(min=0),
     help="Seconds to keep serving the blob to peers after writing it.",
 )
+@click.option(
+    "--encryption/--no-encryption",
+    default=True,
+    show_default=True,
+    help="Encrypt peer traffic (as the cluster's nodes do: their peer_encryption).",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 def fetch(
     digest: str,
@@ -342,6 +351,7 @@ def fetch(
     registry_authorization: str | None,
     work_dir: Path | None,
     seed_for: float,
+    encryption: bool,
     quiet: bool,
 ) -> None:
     """Pull blob DIGEST through the cluster's swarm, to a file or stdout.
@@ -393,6 +403,7 @@ def fetch(
                         progress=progress,
                         seed_for_s=seed_for,
                         on_written=out.commit,
+                        encrypt=encryption,
                     )
                 )
         except FetchFailed as exc:

@@ -87,6 +87,9 @@ class NodeSettings(BaseModel):
     zone: str | None = Field(None, description="topology label for peer preference")
     peer_host: str = Field("0.0.0.0", description="address peers connect to us on")
     peer_port: int = Field(6881, ge=0, le=65535, description="peer port (0: any free)")
+    peer_encryption: bool = Field(
+        True, description="encrypt peer traffic and refuse peers that do not (cluster-wide)"
+    )
     sidecar_url: str | None = Field(None, description="sidecar base URL (none: p2p off)")
     tracker_url: str | None = Field(None, description="tracker announce URL (none: p2p off)")
     credential: SecretStr | None = Field(None, description="the cluster's join credential")
@@ -409,6 +412,7 @@ async def _p2p(daemon: NodeDaemon, settings: NodeSettings, keeper: TokenKeeper) 
             port=settings.peer_port,
             upload_rate=settings.upload_rate,
             download_rate=settings.download_rate,
+            encrypt=settings.peer_encryption,
         ) as peer:
             daemon.layers.node = peer
             log.info(

@@ -50,7 +50,10 @@ class PeerNode:
         peer_id: bytes | None = None,
         handshake_timeout_s: float = 10.0,
         max_block_length: int | None = None,
+        encrypt: bool = True,
     ) -> None:
+        """``encrypt`` (authenticated nodes): every peer connection is encrypted, and a
+        peer that does not offer encryption is refused; all nodes of a cluster must agree."""
         if authenticator is None and not open_mode:
             raise LocalProtocolError("an authenticator is required unless open_mode=True")
         if authenticator is not None and open_mode:
@@ -64,6 +67,7 @@ class PeerNode:
         self.max_connections = max_connections
         self.handshake_timeout_s = handshake_timeout_s
         self.max_block_length = max_block_length
+        self.encrypt = encrypt and authenticator is not None
         self.swarms: dict[bytes, Swarm] = {}
         self.connections = 0
         self.listen_address: tuple[str, int] = (host, port)
@@ -161,6 +165,7 @@ class PeerNode:
             info_hash=info_hash,
             authenticator=self.authenticator,
             max_block_length=self.max_block_length,
+            encrypt=self.encrypt,
         )
         return PeerSession(
             stream,

@@ -3,6 +3,7 @@ exchange, streaming in order while the layer downloads."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -277,3 +278,62 @@ async def test_request_queue_follows_the_swarm_picker_settings(tmp_path: Path) -
                 await trio.sleep(0.005)
     assert 2 <= most <= 4
     assert PickerSettings().min_pipeline == 8  # the default this test stays under
+
+
+async def _relay(listener: trio.SocketListener, target: tuple[str, int], seen: bytearray) -> None:
+    """Forward one connection to ``target`` and record every byte both ways: what
+    someone on the node network would see."""
+    client = await listener.accept()
+    server = await trio.open_tcp_stream(*target)
+
+    async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while data := await src.receive_some(65536):
+                seen.extend(data)
+                await dst.send_all(data)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await dst.send_eof()
+
+    async with client, server, trio.open_nursery() as nursery:
+        nursery.start_soon(pump, client, server)
+        nursery.start_soon(pump, server, client)
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+async def test_peer_traffic_is_encrypted_on_the_wire(tmp_path: Path, encrypt: bool) -> None:
+    """Between authenticated nodes the layer's bytes do not appear on the network (and,
+    as a control, they do with encryption switched off on both sides)."""
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    data = blob.read_bytes()
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    seen = bytearray()
+    async with nodes(2, issuer, encrypt=encrypt) as (seeder, leecher):
+        await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
+        async with trio.open_nursery() as nursery:
+            (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            nursery.start_soon(_relay, listener, seeder.listen_address, seen)
+            swarm.connect([listener.socket.getsockname()[:2]])
+            with trio.fail_after(30):
+                await swarm.complete.wait()
+            nursery.cancel_scope.cancel()
+    assert sha256_file(swarm.storage.path) == meta.sha256
+    assert len(seen) > len(data)  # the whole layer went through the relay
+    samples = [data[i : i + 64] for i in range(0, len(data), len(data) // 16)]
+    leaked = sum(sample in seen for sample in samples)
+    assert leaked == (0 if encrypt else len(samples))
+
+
+async def test_a_node_requiring_encryption_refuses_one_without(tmp_path: Path) -> None:
+    blob, meta = make_blob(tmp_path, 256 * 1024)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    auth = [local_authenticator(issuer, subject=f"node-{i}", cluster="prod") for i in range(2)]
+    async with (
+        open_peer_node(authenticator=auth[0], encrypt=False) as seeder,
+        open_peer_node(authenticator=auth[1], encrypt=True) as leecher,
+    ):
+        await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
+        with pytest.raises(Exception, match="does not offer encryption"):
+            await leecher.dial(seeder.listen_address, meta.info_hash)
+        assert not swarm.peers and swarm.storage.num_have == 0
