@@ -1,12 +1,15 @@
 """Pair throughput: our seeder → our leecher (auth on) against libtorrent → libtorrent.
 
-Both run on loopback in the same invocation, each timed from the first connection
+All run on loopback in the same invocation, each timed from the first connection
 attempt to the verified last byte. Our seeder runs in a child process and our leecher in
-this one, so the pair uses both cores, as libtorrent's threads do.
+this one, so the pair uses both cores, as libtorrent's threads do. Ours runs as nodes
+do by default (encrypted) and, for the cost of encryption, with it switched off.
 
     python -m benchmarks.pair [--size-mib 256] [--runs 3] [--quick] [--json PATH]
 
-JSON keys: ours_mib_s, libtorrent_mib_s, ratio (medians over the runs).
+JSON keys: ours_mib_s (encrypted, the default), libtorrent_mib_s, ratio (the two
+before), ours_plain_mib_s (encryption off), encryption_cost (1 - encrypted / plain);
+medians over the runs.
 """
 
 from __future__ import annotations
@@ -35,20 +38,22 @@ MIB = 1024 * 1024
 ISSUER = "benchmark-sidecar"
 
 
-async def _serve_seed(torrent: Path, blob: Path, key_pem: Path) -> None:
+async def _serve_seed(torrent: Path, blob: Path, key_pem: Path, encrypt: bool) -> None:
     meta = Metainfo.from_bytes(torrent.read_bytes())
     issuer = TokenIssuer([SigningKey.from_pem(key_pem.read_bytes())], issuer=ISSUER)
     auth = local_authenticator(issuer, subject="seeder", cluster="bench")
-    async with open_peer_node(authenticator=auth) as node:
+    async with open_peer_node(authenticator=auth, encrypt=encrypt) as node:
         await node.add_swarm(meta, blob.parent, storage=PieceStorage.open_complete(blob, meta))
         print(node.listen_address[1], flush=True)
         # Serve until the parent closes our stdin.
         await trio.to_thread.run_sync(sys.stdin.read)
 
 
-async def _leech(meta: Metainfo, issuer: TokenIssuer, port: int, directory: Path) -> float:
+async def _leech(
+    meta: Metainfo, issuer: TokenIssuer, port: int, directory: Path, encrypt: bool
+) -> float:
     auth = local_authenticator(issuer, subject="leecher", cluster="bench")
-    async with open_peer_node(authenticator=auth) as node:
+    async with open_peer_node(authenticator=auth, encrypt=encrypt) as node:
         swarm = await node.add_swarm(meta, directory)
         start = trio.current_time()
         swarm.connect([("127.0.0.1", port)])
@@ -58,7 +63,9 @@ async def _leech(meta: Metainfo, issuer: TokenIssuer, port: int, directory: Path
         return swarm.stats.last_piece_at - start
 
 
-def run_ours(meta: Metainfo, torrent: Path, blob: Path, key: SigningKey, tmp: Path) -> float:
+def run_ours(
+    meta: Metainfo, torrent: Path, blob: Path, key: SigningKey, tmp: Path, *, encrypt: bool
+) -> float:
     key_pem = tmp / "issuer.pem"
     key_pem.write_bytes(key.to_pem())
     child = subprocess.Popen(
@@ -70,6 +77,7 @@ def run_ours(meta: Metainfo, torrent: Path, blob: Path, key: SigningKey, tmp: Pa
             str(torrent),
             str(blob),
             str(key_pem),
+            *([] if encrypt else ["--no-encryption"]),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -80,7 +88,7 @@ def run_ours(meta: Metainfo, torrent: Path, blob: Path, key: SigningKey, tmp: Pa
         port = int(child.stdout.readline())
         issuer = TokenIssuer([key], issuer=ISSUER)
         out = tmp / f"leech-{time.monotonic_ns()}"
-        seconds = trio.run(_leech, meta, issuer, port, out)
+        seconds = trio.run(_leech, meta, issuer, port, out, encrypt)
     finally:
         if child.stdin:
             child.stdin.close()
@@ -102,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="64 MiB, one run")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--serve-seed", nargs=3, metavar=("TORRENT", "BLOB", "KEY"))
+    parser.add_argument("--no-encryption", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_seed:
         torrent, blob, key = (Path(p) for p in args.serve_seed)
-        trio.run(_serve_seed, torrent, blob, key)
+        trio.run(_serve_seed, torrent, blob, key, not args.no_encryption)
         return 0
     size = (64 if args.quick else args.size_mib) * MIB
     runs = 1 if args.quick else args.runs
@@ -118,15 +127,18 @@ def main(argv: list[str] | None = None) -> int:
         torrent.write_bytes(meta.to_bytes())
         key = SigningKey.generate()
         ours: list[float] = []
+        plain: list[float] = []
         theirs: list[float] = []
-        for _ in range(runs):  # interleaved, so drift hits both alike
-            ours.append(run_ours(meta, torrent, blob, key, tmp))
+        for _ in range(runs):  # interleaved, so drift hits all alike
+            ours.append(run_ours(meta, torrent, blob, key, tmp, encrypt=True))
+            plain.append(run_ours(meta, torrent, blob, key, tmp, encrypt=False))
             result = pair_transfer(meta.to_bytes(), blob)
             if not result.ok:
                 raise RuntimeError("libtorrent transfer did not complete")
             theirs.append(result.seconds)
     size_mib = size / MIB
     ours_rate = size_mib / statistics.median(ours)
+    plain_rate = size_mib / statistics.median(plain)
     lt_rate = size_mib / statistics.median(theirs)
     report = {
         "size_mib": size_mib,
@@ -134,15 +146,23 @@ def main(argv: list[str] | None = None) -> int:
         "ours_mib_s": round(ours_rate, 1),
         "libtorrent_mib_s": round(lt_rate, 1),
         "ratio": round(ours_rate / lt_rate, 3),
+        "ours_plain_mib_s": round(plain_rate, 1),
+        "encryption_cost": round(1 - ours_rate / plain_rate, 3),
     }
     table = Table(title=f"pair transfer, {size_mib:.0f} MiB over loopback, {runs} run(s)")
     table.add_column("client")
     table.add_column("seconds (each run)")
     table.add_column("MiB/s (median)", justify="right")
-    table.add_row("p2pimage (auth on)", ", ".join(f"{s:.2f}" for s in ours), f"{ours_rate:.1f}")
+    table.add_row(
+        "p2pimage (auth, encrypted)", ", ".join(f"{s:.2f}" for s in ours), f"{ours_rate:.1f}"
+    )
+    table.add_row(
+        "p2pimage (auth, plaintext)", ", ".join(f"{s:.2f}" for s in plain), f"{plain_rate:.1f}"
+    )
     table.add_row("libtorrent 2.1 (TCP)", ", ".join(f"{s:.2f}" for s in theirs), f"{lt_rate:.1f}")
     print_table(table)
     print(f"ratio ours/libtorrent: {report['ratio']}")
+    print(f"encryption cost: {100 * report['encryption_cost']:.1f}% of plaintext throughput")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
