@@ -88,14 +88,9 @@ def node_status(
 
 def _node_swarms(http: httpx.Client, base: str) -> list[dict[str, Any]] | None:
     url = f"{base}/swarms"
-    try:
-        response = http.get(url)
-    except httpx.HTTPError as exc:
-        _fail(f"{url} unreachable: {exc}")
+    response = _get(http, url, missing_ok=True)
     if response.status_code == 404:
         return None  # a node from before the endpoint
-    if response.status_code != 200:
-        _fail(f"{url}: HTTP {response.status_code}")
     try:
         body = response.json()
     except ValueError:
@@ -127,12 +122,13 @@ def tracker_status(samples: Samples) -> dict[str, Any]:
     }
 
 
-def _get(http: httpx.Client, url: str) -> httpx.Response:
+def _get(http: httpx.Client, url: str, *, missing_ok: bool = False) -> httpx.Response:
+    """GET ``url``; exits with one line unless 200 (or, with ``missing_ok``, 404)."""
     try:
         response = http.get(url)
     except httpx.HTTPError as exc:
         _fail(f"{url} unreachable: {exc}")
-    if response.status_code != 200:
+    if response.status_code != 200 and not (missing_ok and response.status_code == 404):
         _fail(f"{url}: HTTP {response.status_code}")
     return response
 

@@ -22,7 +22,7 @@ import trio
 from click.testing import CliRunner
 
 from daemons.cli import main
-from daemons.localcluster import local_cluster
+from daemons.localcluster import LocalCluster, local_cluster
 from p2pimage.auth import NodeKey, SigningKey, TokenIssuer, TokenVerifier
 from p2pimage.metainfo import Metainfo
 from p2pimage.oci import RegistryClient
@@ -341,6 +341,24 @@ async def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[by
         )
 
 
+def fetch_args(cluster: LocalCluster, credential_file: Path, name: str) -> list[str]:
+    """``p2pimage fetch`` options joining ``cluster`` as node ``name`` (after the digest)."""
+    return [
+        "--repository",
+        "demo/cli",
+        "--sidecar",
+        cluster.sidecar_url,
+        "--tracker",
+        cluster.tracker_url,
+        "--credential-file",
+        str(credential_file),
+        "--peer-host",
+        "127.0.0.1",
+        "--node-name",
+        name,
+    ]
+
+
 @pytest.mark.skipif(
     shutil.which("docker-registry") is None,
     reason="docker-registry (Debian package docker-registry) is not installed",
@@ -362,20 +380,7 @@ async def test_fetch_and_status_against_a_live_cluster(tmp_path: Path) -> None:
             assert r.status_code == 200 and r.content == layer.data
         cred = tmp_path / "join"
         cred.write_text(cluster.credential + "\n")
-        common = [
-            "--repository",
-            "demo/cli",
-            "--sidecar",
-            cluster.sidecar_url,
-            "--tracker",
-            cluster.tracker_url,
-            "--credential-file",
-            str(cred),
-            "--peer-host",
-            "127.0.0.1",
-            "--node-name",
-            "fetch-test",
-        ]
+        common = fetch_args(cluster, cred, "fetch-test")
         out = tmp_path / "layer.bin"
         proc = await cli("fetch", layer.digest, *common, "-o", str(out))
         assert proc.returncode == 0, proc.stderr.decode()
@@ -471,22 +476,7 @@ async def test_fetch_resumes_from_its_work_dir_and_seeds(tmp_path: Path) -> None
         cred.write_text(cluster.credential)
 
         def common(name: str, work: Path) -> list[str]:
-            return [
-                "--repository",
-                "demo/cli",
-                "--sidecar",
-                cluster.sidecar_url,
-                "--tracker",
-                cluster.tracker_url,
-                "--credential-file",
-                str(cred),
-                "--peer-host",
-                "127.0.0.1",
-                "--node-name",
-                name,
-                "--work-dir",
-                str(work),
-            ]
+            return [*fetch_args(cluster, cred, name), "--work-dir", str(work)]
 
         # An interrupted fetch left the first half of the pieces verified in its work dir.
         work_a = tmp_path / "work-a"

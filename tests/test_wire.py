@@ -626,47 +626,23 @@ def test_receive_buffer_is_bounded() -> None:
 
 
 def test_transcript_layout() -> None:
-    t = auth_transcript(
-        signer=Role.RESPONDER,
-        info_hash=INFO_HASH,
-        initiator_peer_id=ID_I,
-        responder_peer_id=ID_R,
-        initiator_nonce=NONCE_I,
-        responder_nonce=NONCE_R,
-    )
+    base: dict[str, Any] = {
+        "signer": Role.RESPONDER,
+        "info_hash": INFO_HASH,
+        "initiator_peer_id": ID_I,
+        "responder_peer_id": ID_R,
+        "initiator_nonce": NONCE_I,
+        "responder_nonce": NONCE_R,
+    }
     fixed = b"p2pimage-peer-auth/2\x00R" + INFO_HASH + ID_I + ID_R + NONCE_I + NONCE_R
-    assert t == fixed + b"\x00\x00"  # no key exchange on either side
+    assert auth_transcript(**base) == fixed + b"\x00\x00"  # no key exchange on either side
     kx_i, kx_r = b"\x11" * 32, b"\x22" * 32
-    t = auth_transcript(
-        signer=Role.RESPONDER,
-        info_hash=INFO_HASH,
-        initiator_peer_id=ID_I,
-        responder_peer_id=ID_R,
-        initiator_nonce=NONCE_I,
-        responder_nonce=NONCE_R,
-        initiator_kx=kx_i,
-        responder_kx=kx_r,
-    )
-    assert t == fixed + b"\x20" + kx_i + b"\x20" + kx_r
-    with pytest.raises(LocalProtocolError):  # a key exchange key is 32 bytes or absent
-        auth_transcript(
-            signer=Role.RESPONDER,
-            info_hash=INFO_HASH,
-            initiator_peer_id=ID_I,
-            responder_peer_id=ID_R,
-            initiator_nonce=NONCE_I,
-            responder_nonce=NONCE_R,
-            initiator_kx=kx_i[:31],
-        )
+    with_kx = auth_transcript(**base, initiator_kx=kx_i, responder_kx=kx_r)
+    assert with_kx == fixed + b"\x20" + kx_i + b"\x20" + kx_r
     with pytest.raises(LocalProtocolError):
-        auth_transcript(
-            signer=Role.RESPONDER,
-            info_hash=INFO_HASH[:19],
-            initiator_peer_id=ID_I,
-            responder_peer_id=ID_R,
-            initiator_nonce=NONCE_I,
-            responder_nonce=NONCE_R,
-        )
+        auth_transcript(**(base | {"info_hash": INFO_HASH[:19]}))
+    with pytest.raises(LocalProtocolError):  # a key-exchange key is 32 bytes or absent
+        auth_transcript(**base, initiator_kx=kx_i[:31])
 
 
 def test_late_bitfield_refused_between_p2pimage_peers() -> None:

@@ -27,6 +27,7 @@ from p2pimage.wire import (
     Role,
 )
 from p2pimage.wire._codec import build_extended
+from p2pimage.wire._crypto import kx_public_key
 
 from .test_wire_auth import (
     BITFIELD,
@@ -153,37 +154,37 @@ def _rewrite_ext_handshake(chunk: bytes, edit: Any) -> bytes:
     return chunk[:pos] + build_extended(0, bencode(payload)) + chunk[pos + 4 + length :]
 
 
-def test_stripping_the_key_exchange_is_refused() -> None:
-    def strip(direction: str, chunk: bytes) -> bytes:
+def _mitm_on_initiators_kx(kx: bytes | None) -> tuple[PeerConnection, Any]:
+    """A responder, and a man in the middle (``run``'s ``tamper``) who replaces the key in
+    the initiator's extended handshake with ``kx`` (None: removes it)."""
+
+    def edit(payload: dict[bytes, Any]) -> None:
+        if kx is None:
+            del payload[b"p2pimage_kx"]
+        else:
+            payload[b"p2pimage_kx"] = kx
+
+    def tamper(direction: str, chunk: bytes) -> bytes:
         if direction == "a->b" and len(chunk) > 68 and chunk[:1] == b"\x13":
-            return _rewrite_ext_handshake(chunk, lambda d: d.pop(b"p2pimage_kx"))
+            return _rewrite_ext_handshake(chunk, edit)
         return chunk
 
-    a = connection(Role.INITIATOR, kx=KX_I)
-    b = connection(Role.RESPONDER, kx=KX_R)
+    return connection(Role.RESPONDER, kx=KX_R), tamper
+
+
+def test_stripping_the_key_exchange_is_refused() -> None:
+    b, strip = _mitm_on_initiators_kx(None)
     with pytest.raises(RemoteProtocolError, match="does not offer encryption"):
-        run(a, b, tamper=strip)
+        run(connection(Role.INITIATOR, kx=KX_I), b, tamper=strip)
     assert not b.is_open
 
 
 def test_swapping_the_key_exchange_breaks_the_signature() -> None:
     """A man in the middle who puts its own X25519 key in a's extended handshake (to read
     the traffic) changes the transcript b verifies a's signature over."""
-    mitm = bytes(32 * [7])
-
-    def swap(direction: str, chunk: bytes) -> bytes:
-        if direction == "a->b" and len(chunk) > 68 and chunk[:1] == b"\x13":
-            from p2pimage.wire._crypto import kx_public_key
-
-            return _rewrite_ext_handshake(
-                chunk, lambda d: d.__setitem__(b"p2pimage_kx", kx_public_key(mitm))
-            )
-        return chunk
-
-    a = connection(Role.INITIATOR, kx=KX_I)
-    b = connection(Role.RESPONDER, kx=KX_R)
+    b, swap = _mitm_on_initiators_kx(kx_public_key(bytes(32 * [7])))
     with pytest.raises(AuthError, match="signature"):
-        run(a, b, tamper=swap)
+        run(connection(Role.INITIATOR, kx=KX_I), b, tamper=swap)
     assert not b.is_open
 
 
@@ -246,15 +247,9 @@ def test_eof_between_records_is_a_clean_close() -> None:
 
 
 def test_a_low_order_key_exchange_key_is_refused() -> None:
-    def zero(direction: str, chunk: bytes) -> bytes:
-        if direction == "a->b" and len(chunk) > 68 and chunk[:1] == b"\x13":
-            return _rewrite_ext_handshake(chunk, lambda d: d.__setitem__(b"p2pimage_kx", bytes(32)))
-        return chunk
-
-    a = connection(Role.INITIATOR, kx=KX_I)
-    b = connection(Role.RESPONDER, kx=KX_R)
+    b, zero = _mitm_on_initiators_kx(bytes(32))
     with pytest.raises(RemoteProtocolError, match="key-exchange key is invalid"):
-        run(a, b, tamper=zero)
+        run(connection(Role.INITIATOR, kx=KX_I), b, tamper=zero)
 
 
 def test_seal_is_refused_before_the_connection_is_open() -> None:
