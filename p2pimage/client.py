@@ -225,6 +225,11 @@ class PeerNode:
                 await session.aclose("swarm gone")
                 return
             await swarm.adopt(session, info)
+        except Exception:
+            # The listener's boundary: whatever one connection does (or whatever bug it
+            # hits), it must not escape into serve_tcp and stop the node with it.
+            log.exception("inbound connection from %s failed", address)
+            await session.aclose("internal error")
         finally:
             self.connections -= 1
 

@@ -139,7 +139,10 @@ class PeerSession:
     async def _flush_protocol_output(self) -> None:
         data = self.conn.data_to_send()
         if data:
-            await self.stream.send_all(data)
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise PeerClosed(f"connection lost: {exc}") from None
 
     async def _receive_into_conn(self) -> None:
         try:

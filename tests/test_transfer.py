@@ -92,3 +92,33 @@ async def test_open_mode_requires_explicit_opt_in() -> None:
     with pytest.raises(LocalProtocolError):
         async with open_peer_node(authenticator=None):
             pass
+
+
+async def test_a_peer_gone_while_we_answer_its_handshake_is_a_clean_close(
+    issuer: TokenIssuer,
+) -> None:
+    """The dialer sends its handshake and leaves before our answer: writing the answer
+    fails, and that must be a PeerClosed for this one connection, not an error that
+    escapes (it used to propagate out of the listener and stop the node)."""
+    import trio.testing
+
+    from p2pimage.peer import PeerClosed, PeerSession, make_connection, new_peer_id
+    from p2pimage.wire import Role
+
+    info_hash = hashlib.sha1(b"layer").digest()
+    auth = local_authenticator(issuer, subject="node-r", cluster="prod")
+    dialer = make_connection(
+        Role.INITIATOR,
+        peer_id=new_peer_id(),
+        info_hash=info_hash,
+        authenticator=local_authenticator(issuer, subject="node-i", cluster="prod"),
+    )
+    ours, theirs = trio.testing.memory_stream_pair()
+    await theirs.send_all(dialer.data_to_send())
+    await theirs.aclose()
+    conn = make_connection(
+        Role.RESPONDER, peer_id=new_peer_id(), info_hash=None, authenticator=auth
+    )
+    session = PeerSession(ours, conn, address=("127.0.0.1", 1))  # type: ignore[arg-type]
+    with pytest.raises(PeerClosed, match="connection lost"):
+        await session.handshake(accept=lambda ih: ih == info_hash)
