@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -48,6 +49,7 @@ class ClusterNode:
     process: trio.Process | None = None  # nodes run as their own OS process
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     netns: str | None = None  # network-namespace mode: the node's own namespace
+    log_start: int = 0  # node processes: where this run's lines begin in node.log
 
     def exec_prefix(self) -> list[str]:
         """Prefix for a command that must run on this node's host (its namespace)."""
@@ -243,16 +245,15 @@ async def _local_cluster(
                     )
                     await nursery.start(_run_node_process, node, workdir / name)
                 elif node_processes:
-                    node.settings = settings.model_copy(
-                        update={"listen": f"127.0.0.1:{free_port()}"}
-                    )
+                    # Port 0: the node binds a free port itself and logs its URL (a port
+                    # picked here could be taken by another connection before it binds).
                     await nursery.start(_run_node_process, node, workdir / name)
                 else:
                     node.mirror_url = await nursery.start(_run_cluster_node, node)
             if node_processes:
                 with trio.fail_after(30):
                     for node in cluster_nodes:
-                        await _wait_healthy(node.mirror_url)
+                        await _wait_healthy(node, workdir / node.name / "node.log")
             cluster = LocalCluster(
                 workdir=workdir,
                 registry=registry,
@@ -303,8 +304,11 @@ async def _run_node_process(
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "node.toml"
     config.write_text(dump_settings(node.settings, secrets=True))
-    node.mirror_url = "http://" + node.settings.listen
+    # With port 0 the URL comes from the node's "mirror serving" log line (_wait_healthy).
+    listen = node.settings.listen
+    node.mirror_url = "" if listen.endswith(":0") else "http://" + listen
     log_file = (directory / "node.log").open("ab")
+    node.log_start = log_file.tell()
     try:
         with node.scope:
             async with trio.open_nursery() as nursery:
@@ -329,12 +333,36 @@ async def _run_node_process(
         log_file.close()
 
 
-async def _wait_healthy(url: str) -> None:
+def _logged_mirror_url(log_path: Path, start: int) -> str:
+    """The URL in a node's JSON ``mirror serving`` log line after byte ``start``, or ""
+    before it is written."""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(start)
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return ""
+    for line in lines:
+        if '"mirror serving"' in line:
+            with contextlib.suppress(ValueError):
+                return str(json.loads(line).get("url", ""))
+    return ""
+
+
+async def _wait_healthy(node: ClusterNode, log_path: Path) -> None:
+    """Until the node process answers ``/healthz``; a node that exits first is an error
+    that quotes its log."""
     async with httpx.AsyncClient(timeout=2) as http:
         while True:
-            try:
-                if (await http.get(f"{url}/healthz")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+            if node.process is not None and node.process.returncode is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(
+                    f"{node.name} exited ({node.process.returncode}) before it was ready:\n{tail}"
+                )
+            if not node.mirror_url:
+                node.mirror_url = _logged_mirror_url(log_path, node.log_start)
+            if node.mirror_url:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"{node.mirror_url}/healthz")).status_code == 200:
+                        return
             await trio.sleep(0.1)
