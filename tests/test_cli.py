@@ -341,6 +341,18 @@ async def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[by
         )
 
 
+async def tracker_seeders(tracker_url: str) -> float:
+    """Seeders the tracker knows, from its metrics."""
+    import httpx
+
+    from daemons.status_cmd import parse_metrics
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(tracker_url.removesuffix("/announce") + "/metrics")).text
+    samples = parse_metrics(text).get("p2pimage_tracker_peers", [])
+    return sum(value for labels, value in samples if labels.get("state") == "seeder")
+
+
 def fetch_args(cluster: LocalCluster, credential_file: Path, name: str) -> list[str]:
     """``p2pimage fetch`` options joining ``cluster`` as node ``name`` (after the digest)."""
     return [
@@ -515,6 +527,8 @@ async def test_fetch_resumes_from_its_work_dir_and_seeds(tmp_path: Path) -> None
             nursery.start_soon(seeder)
             with trio.fail_after(30):
                 while not out_a.exists():  # in place before the seeding starts
+                    await trio.sleep(0.05)
+                while await tracker_seeders(cluster.tracker_url) < 1:  # "a" announced
                     await trio.sleep(0.05)
             egress_before = cluster.registry_egress
             out_b = tmp_path / "b.bin"
