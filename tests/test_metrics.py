@@ -120,8 +120,11 @@ async def test_counters_move_after_a_pull_and_the_dashboard_matches(tmp_path: Pa
     assert value(first, "p2pimage_node_fetched_bytes_total", source="origin") == big_bytes
     # Node 1 found a peer holding everything.
     assert value(second, "p2pimage_node_fetched_bytes_total", source="peer") == big_bytes
-    # ...and node 0 uploaded it: every byte node 1 got from a peer came from node 0.
-    assert value(first, "p2pimage_node_uploaded_bytes_total") == big_bytes
+    # ...and node 0 uploaded it: every byte node 1 got from a peer came from node 0, plus
+    # at most a few blocks node 1 cancelled after they were sent (under load a block can
+    # turn late and be asked again; a run beside a CPU hog saw 8 such 16 KiB blocks).
+    uploaded = value(first, "p2pimage_node_uploaded_bytes_total")
+    assert big_bytes <= uploaded <= 1.1 * big_bytes
     assert value(second, "p2pimage_node_uploaded_bytes_total") == 0
     assert value(second, "p2pimage_node_connected_peers") >= 1
 
