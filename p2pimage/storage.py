@@ -31,9 +31,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
+import functools
 import hashlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -48,6 +49,9 @@ from .errors import (
     StorageError,
 )
 from .metainfo import Metainfo
+
+#: ``PieceStorage.stream``'s hook: ``(offset, wait) -> None``, awaiting ``wait()``.
+WaitMissing = Callable[[int, Callable[[], Awaitable[None]]], Awaitable[None]]
 
 __all__ = [
     "DEFAULT_FLUSH_EVERY_BYTES",
@@ -555,13 +559,22 @@ class PieceStorage:
             await changed.wait()
 
     async def stream(
-        self, start: int = 0, end: int | None = None, chunk_size: int = 1024 * 1024
-    ) -> AsyncIterator[bytes]:
+        self,
+        start: int = 0,
+        end: int | None = None,
+        chunk_size: int = 1024 * 1024,
+        *,
+        wait_missing: WaitMissing | None = None,
+    ) -> AsyncGenerator[bytes, None]:
         """Yield the blob's bytes ``[start, end)`` in order, each as soon as it verifies.
 
         Chunks are at most ``chunk_size`` bytes. Any number of readers may stream at
         once. Raises :class:`DigestMismatchError` if, mid-stream, finalize found the
         whole blob bad and reset the store.
+
+        ``wait_missing(offset, wait)`` is called when the piece under ``offset`` is not
+        verified yet, with ``wait`` the store's own wait for it; the caller's policy goes
+        around that wait (the swarm steers its picker and enforces a stall timeout).
         """
         length = self.metainfo.length
         if end is None:
@@ -573,7 +586,9 @@ class PieceStorage:
         pos = start
         while pos < end:
             index = pos // piece_length
-            await self._wait(index, generation)
+            if wait_missing is not None and not self.has_piece(index):
+                await wait_missing(pos, functools.partial(self._wait, index, generation))
+            await self._wait(index, generation)  # a checkpoint once the piece is there
             if self._generation != generation:
                 raise DigestMismatchError("blob failed its digest check while streaming")
             data = self.read_verified(pos, min(end - pos, chunk_size))

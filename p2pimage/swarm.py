@@ -14,6 +14,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,7 +33,7 @@ from .errors import (
 from .metainfo import Metainfo
 from .peer import PeerClosed, PeerSession, SessionInfo
 from .picker import BlockRequest, PickerSettings, PiecePicker
-from .storage import PieceStorage
+from .storage import PieceStorage, WaitMissing
 from .wire import (
     Bitfield,
     Cancel,
@@ -772,25 +773,14 @@ class Swarm:
         waits for the swarm's frontier (in a cold start the registry sends the layer
         piece by piece) is not stalled as long as pieces keep arriving.
         """
-        length = self.metainfo.length
-        end = length if end is None else end
-        if not 0 <= start <= end <= length or chunk_size <= 0:
-            raise LocalProtocolError(f"bad range {start}..{end} of {length} bytes")
-        piece_length = self.metainfo.piece_length
-        storage = self.storage
-        position = start
         self._streams += 1
         try:
-            while position < end:
-                index = position // piece_length
-                if not storage.has_piece(index):
-                    if not self.closed.is_set():
-                        self.set_read_cursor(position)
-                    await self._wait_piece(index, stall_timeout_s)
-                chunk = storage.read_verified(position, min(end - position, chunk_size))
-                position += len(chunk)
-                yield chunk
-                await trio.lowlevel.checkpoint()
+            chunks = self.storage.stream(
+                start, end, chunk_size, wait_missing=self._reader_waits(stall_timeout_s)
+            )
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    yield chunk
             if not self.closed.is_set():
                 self.picker.set_blocked(None)
         finally:
@@ -798,20 +788,29 @@ class Swarm:
             if self._streams == 0 and self._close_storage_when_idle:
                 self.storage.close()
 
-    async def _wait_piece(self, index: int, stall_timeout_s: float | None) -> None:
-        if stall_timeout_s is None:
-            await self.storage.wait_piece(index)
-            return
-        waiting_since = trio.current_time()
-        while True:
-            with trio.move_on_after(stall_timeout_s):
-                await self.storage.wait_piece(index)
+    def _reader_waits(self, stall_timeout_s: float | None) -> WaitMissing:
+        """The reader's policy while the piece under its position is missing: make that
+        piece urgent, and give up with :class:`SwarmStalled` once the swarm as a whole has
+        verified nothing for ``stall_timeout_s``."""
+
+        async def wait_missing(offset: int, wait: Callable[[], Awaitable[None]]) -> None:
+            if not self.closed.is_set():
+                self.set_read_cursor(offset)
+            if stall_timeout_s is None:
+                await wait()
                 return
-            last = max(waiting_since, self.stats.last_progress_at or 0.0)
-            if trio.current_time() - last >= stall_timeout_s:
-                raise SwarmStalled(
-                    f"no piece of {self.metainfo.sha256} verified for {stall_timeout_s:g} s"
-                )
+            waiting_since = trio.current_time()
+            while True:
+                with trio.move_on_after(stall_timeout_s):
+                    await wait()
+                    return
+                last = max(waiting_since, self.stats.last_progress_at or 0.0)
+                if trio.current_time() - last >= stall_timeout_s:
+                    raise SwarmStalled(
+                        f"no piece of {self.metainfo.sha256} verified for {stall_timeout_s:g} s"
+                    )
+
+        return wait_missing
 
     def release_storage(self) -> None:
         """The swarm has ended: close its store now, or when the last reader finishes.

@@ -217,6 +217,35 @@ async def test_node_stopping_under_an_abandoned_reader_keeps_its_verified_pieces
         await reader.aclose()
 
 
+async def test_a_reader_learns_that_the_blob_failed_its_digest_instead_of_mixing(
+    tmp_path: Path,
+) -> None:
+    """Every piece verifies but the whole blob does not (a wrong torrent): the store
+    resets, and a reader already past the first piece gets DigestMismatchError rather
+    than waiting on (or reading) the pieces of a second attempt."""
+    from p2pimage.errors import DigestMismatchError
+    from p2pimage.metainfo import Metainfo
+
+    blob, good = make_blob(tmp_path, 1 * MIB)
+    data = blob.read_bytes()
+    meta = Metainfo(good.name, good.length, good.piece_length, good.pieces, "sha256:" + "0" * 64)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(1, issuer) as (node,):
+        swarm = await node.add_swarm(meta, tmp_path / "node")
+        storage = swarm.storage
+        storage.write_piece(0, data[: meta.piece_size(0)])
+        reader = swarm.stream(chunk_size=meta.piece_length)
+        assert await reader.__anext__() == data[: meta.piece_size(0)]
+        for index in range(1, meta.num_pieces):
+            offset = meta.piece_offset(index)
+            storage.write_piece(index, data[offset : offset + meta.piece_size(index)])
+        with pytest.raises(DigestMismatchError):
+            storage.finalize_sync()
+        with trio.fail_after(5), pytest.raises(DigestMismatchError):
+            await reader.__anext__()
+        await reader.aclose()
+
+
 async def test_reader_waiting_for_the_frontier_is_not_stalled_while_pieces_arrive(
     tmp_path: Path,
 ) -> None:
