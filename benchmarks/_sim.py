@@ -1,5 +1,5 @@
 """A discrete-event model of one layer spreading through a cluster, driven by the real
-policies: every node's requests come from its own :class:`~p2pimage.picker.PiecePicker`,
+policies: every node's requests come from its own :class:`~p2pimage.swarm.picker.PiecePicker`,
 and peer lists, origin ranges and their work stealing come from the real
 :class:`~p2pimage.tracker.TrackerPolicy`. Only the network is modelled.
 
@@ -18,9 +18,9 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
-from p2pimage.picker import PiecePicker
+from p2pimage.swarm.picker import PiecePicker
 from p2pimage.tracker import AnnounceRequest, Event, PolicyConfig, TrackerPolicy
-from p2pimage.tracker import Swarm as TrackerSwarm
+from p2pimage.tracker import SwarmRecord as TrackerSwarm
 
 __all__ = ["SimParams", "SimResult", "simulate"]
 

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks._util import print_table
-from daemons.cluster_cmd import ClusterParams, kumar_ross_bound, run_cluster
+from daemons.cli.cluster import ClusterParams, kumar_ross_bound, run_cluster
 
 MIB = 1024 * 1024
 

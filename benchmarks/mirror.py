@@ -1,6 +1,6 @@
 """The node mirror as the runtime sees it: time to first byte, and memory while serving.
 
-Two measures, each on a fresh :func:`~daemons.localcluster.local_cluster` whose nodes run
+Two measures, each on a fresh :func:`~daemons.testbed.localcluster.local_cluster` whose nodes run
 as their own ``p2pimage node`` processes (the real registry, sidecar and tracker beside):
 
 - **ttfb**: a random layer (``--ttfb-mib``, default 256; ``--quick`` 64) is pushed, its
@@ -35,8 +35,8 @@ import httpx
 import trio
 
 from benchmarks._util import MIB, write_random_file
-from daemons.localcluster import ClusterNode, LocalCluster, local_cluster
-from p2pimage.oci import RegistryClient
+from daemons.testbed.localcluster import ClusterNode, LocalCluster, local_cluster
+from p2pimage.oci.registry import RegistryClient
 
 REPO = "bench/mirror"
 # Peer links of every node, and the registry's egress, in the ttfb run: the registry needs

@@ -26,10 +26,10 @@ from pathlib import Path
 import trio
 from rich.table import Table
 
-from p2pimage.auth import SigningKey, TokenIssuer, local_authenticator
-from p2pimage.client import open_peer_node
-from p2pimage.metainfo import Metainfo, create_metainfo_from_file
-from p2pimage.storage import PieceStorage
+from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
+from p2pimage.metainfo.torrent import Metainfo, create_metainfo_from_file
+from p2pimage.storage.pieces import PieceStorage
+from p2pimage.swarm.node import open_peer_node
 
 from ._libtorrent import pair_transfer
 from ._util import print_table, write_random_file

@@ -4,9 +4,9 @@ One run: a random blob (``--size-mib``, default 1024; ``--quick`` = 64) is writt
 local file and pushed to a real registry (Debian ``docker-registry``) on loopback. Then,
 best of ``--repeat`` runs each:
 
-- ``generate``: :func:`p2pimage.torrents.generate_metainfo` streams the blob from the
+- ``generate``: :func:`p2pimage.sidecar.indexer.generate_metainfo` streams the blob from the
   registry once, computes piece SHA-1s and the SHA-256 in that pass, checks the digest,
-  and the torrent is written to a :class:`~p2pimage.torrents.TorrentStore` (fsync);
+  and the torrent is written to a :class:`~p2pimage.sidecar.indexer.TorrentStore` (fsync);
 - ``openssl sha256``: ``openssl dgst -sha256`` of the same bytes from the local file (in
   the page cache), the reference;
 - two context rows: ``openssl sha1 + sha256`` (both hashes one after the other: what one
@@ -33,9 +33,9 @@ from pathlib import Path
 import trio
 
 from benchmarks._util import MIB, write_random_file
-from daemons.registry_process import start_registry
-from p2pimage.oci import RegistryClient
-from p2pimage.torrents import TorrentStore, generate_metainfo
+from daemons.testbed.registry import start_registry
+from p2pimage.oci.registry import RegistryClient
+from p2pimage.sidecar.indexer import TorrentStore, generate_metainfo
 
 REPO = "bench/blob"
 

@@ -34,13 +34,13 @@ import httpx
 import trio
 from rich.table import Table
 
-from daemons.registry_process import start_registry
-from daemons.throttle_proxy import ThrottleProxy
-from p2pimage.auth import SigningKey, TokenIssuer, local_authenticator
-from p2pimage.client import open_peer_node
-from p2pimage.metainfo import Metainfo, create_metainfo_from_file
-from p2pimage.oci import RegistryClient
-from p2pimage.origin import OriginReader
+from daemons.testbed.registry import start_registry
+from daemons.testbed.throttle_proxy import ThrottleProxy
+from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
+from p2pimage.metainfo.torrent import Metainfo, create_metainfo_from_file
+from p2pimage.oci.registry import RegistryClient
+from p2pimage.swarm.node import open_peer_node
+from p2pimage.swarm.origin import OriginReader
 
 from ._util import MIB, print_table, write_random_file
 
@@ -222,7 +222,7 @@ async def run_ours(
 def run_libtorrent(
     meta: Metainfo, blob: Path, tmp: Path, nodes: int, origin_rate: float, up: float, down: float
 ) -> dict[str, Any]:
-    from daemons.opentracker_process import run_opentracker
+    from daemons.testbed.opentracker import run_opentracker
 
     from ._libtorrent import add, make_session
 

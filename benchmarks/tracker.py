@@ -36,9 +36,9 @@ from pathlib import Path
 from rich.table import Table
 
 from benchmarks._util import print_table
-from daemons.opentracker_process import opentracker_binary, run_opentracker
-from daemons.redis_process import redis_binary, run_redis
-from p2pimage.auth import NodeKey, SigningKey, TokenIssuer
+from daemons.testbed.opentracker import opentracker_binary, run_opentracker
+from daemons.testbed.redis import redis_binary, run_redis
+from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer
 from p2pimage.tracker import AnnounceRequest, Event
 
 ISSUER = "benchmark-sidecar"

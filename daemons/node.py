@@ -5,7 +5,7 @@ Wiring only: configuration in, library objects constructed, endpoints mounted.
 - ``/v2/`` and manifests pass through to the upstream registry with the client's headers
   (every repeated header kept), so the token flow and private repositories behave as
   without p2pimage.
-- Blob ``GET`` goes through :class:`~p2pimage.layers.LayerService` (access check as the
+- Blob ``GET`` goes through :class:`~p2pimage.mirror.blobs.LayerService` (access check as the
   client, cache, swarm, registry fallback); blob ``HEAD`` passes through.
 - The upstream comes from containerd's ``ns=`` query parameter, else the default.
 - The node's identity (key, token, JWKS) comes from the sidecar; until it has one, and
@@ -40,14 +40,14 @@ from daemons._config import ConfigError, config_options, settings_for_command
 from daemons._http import ClosingStreamingResponse, serve_app
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
-from p2pimage.announce import TrackerClient
-from p2pimage.auth import NodeKey
-from p2pimage.cache import BlobCache
-from p2pimage.client import open_peer_node
+from p2pimage.auth.tokens import NodeKey
 from p2pimage.errors import LocalProtocolError
-from p2pimage.layers import LayerService, LayerSettings
-from p2pimage.ratelimit import RateLimiter
-from p2pimage.sidecar_client import SidecarClient, TokenKeeper
+from p2pimage.mirror.blobs import LayerService, LayerSettings
+from p2pimage.sidecar.client import SidecarClient, TokenKeeper
+from p2pimage.storage.cache import BlobCache
+from p2pimage.swarm.node import open_peer_node
+from p2pimage.swarm.ratelimit import RateLimiter
+from p2pimage.tracker.client import TrackerClient
 
 __all__ = ["NodeSettings", "create_app", "run_node"]
 

@@ -1,9 +1,9 @@
 """The registry sidecar daemon: wiring only.
 
 Config in (TOML ``--config`` + ``P2PIMAGE_SIDECAR_*``), library objects constructed
-(:class:`~p2pimage.oci.RegistryClient`, :class:`~p2pimage.torrents.TorrentStore`,
-:class:`~p2pimage.torrents.Indexer`, :class:`~p2pimage.auth.TokenIssuer`,
-:class:`~p2pimage.join.JoinCredentials`), endpoints mounted. The HTTP API is documented
+(:class:`~p2pimage.oci.registry.RegistryClient`, :class:`~p2pimage.sidecar.indexer.TorrentStore`,
+:class:`~p2pimage.sidecar.indexer.Indexer`, :class:`~p2pimage.auth.tokens.TokenIssuer`,
+:class:`~p2pimage.auth.join.JoinCredentials`), endpoints mounted. The HTTP API is documented
 in docs/protocol.md ("Sidecar API"):
 
 - ``POST /events``: the registry's notification webhook;
@@ -45,12 +45,12 @@ from starlette.routing import Route
 from daemons._config import ConfigError, config_options, settings_for_command
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
-from p2pimage.auth import SigningKey, TokenIssuer
+from p2pimage.auth.join import JoinCredentials
+from p2pimage.auth.tokens import SigningKey, TokenIssuer
 from p2pimage.errors import AuthError, DigestMismatchError, LocalProtocolError, P2PImageError
-from p2pimage.join import JoinCredentials
-from p2pimage.notifications import MAX_ENVELOPE_SIZE, NotificationError, parse_envelope
-from p2pimage.oci import RegistryClient, RegistryError, is_digest, is_repository
-from p2pimage.torrents import (
+from p2pimage.oci.notifications import MAX_ENVELOPE_SIZE, NotificationError, parse_envelope
+from p2pimage.oci.registry import RegistryClient, RegistryError, is_digest, is_repository
+from p2pimage.sidecar.indexer import (
     BlobUnavailableError,
     Indexer,
     IndexerHooks,

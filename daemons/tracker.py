@@ -2,7 +2,7 @@
 
 Config in (TOML ``--config`` + ``P2PIMAGE_TRACKER_*``), library objects constructed
 (:class:`~p2pimage.tracker.TrackerPolicy`, a state backend, a
-:class:`~p2pimage.auth.TokenVerifier` fed from the sidecar's JWKS), endpoints mounted:
+:class:`~p2pimage.auth.tokens.TokenVerifier` fed from the sidecar's JWKS), endpoints mounted:
 
 - ``GET /announce``: BEP 3 announce, compact peers (BEP 23), p2pimage extras;
 - ``GET /scrape``: BEP 48 scrape of the caller's own cluster;
@@ -49,7 +49,7 @@ from starlette.routing import Route
 from daemons._config import ConfigError, config_options, settings_for_command
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
-from p2pimage.auth import KeySet, NodeToken, TokenVerifier
+from p2pimage.auth.tokens import KeySet, NodeToken, TokenVerifier
 from p2pimage.errors import AuthError, P2PImageError
 from p2pimage.tracker import (
     AnnounceResponse,

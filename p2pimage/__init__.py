@@ -6,8 +6,7 @@ layer drives it.
 
 from __future__ import annotations
 
-from .announce import AnnounceSettings, TrackerClient, TrackerError
-from .auth import (
+from p2pimage.auth.tokens import (
     KeySet,
     NodeKey,
     NodeToken,
@@ -17,8 +16,7 @@ from .auth import (
     TokenVerifier,
     local_authenticator,
 )
-from .client import PeerNode, open_peer_node
-from .errors import (
+from p2pimage.errors import (
     AuthError,
     BencodeError,
     DigestMismatchError,
@@ -29,11 +27,13 @@ from .errors import (
     RemoteProtocolError,
     StorageError,
 )
-from .metainfo import Metainfo, MetainfoBuilder, create_metainfo_from_file
-from .origin import OriginReader
-from .ratelimit import RateLimiter
-from .storage import PieceStorage
-from .swarm import Swarm, SwarmSettings
+from p2pimage.metainfo.torrent import Metainfo, MetainfoBuilder, create_metainfo_from_file
+from p2pimage.storage.pieces import PieceStorage
+from p2pimage.swarm.engine import Swarm, SwarmSettings
+from p2pimage.swarm.node import PeerNode, open_peer_node
+from p2pimage.swarm.origin import OriginReader
+from p2pimage.swarm.ratelimit import RateLimiter
+from p2pimage.tracker.client import AnnounceSettings, TrackerClient, TrackerError
 
 __all__ = [
     "AnnounceSettings",

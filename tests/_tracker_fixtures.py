@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from daemons.redis_process import redis_binary, run_redis
+from daemons.testbed.redis import redis_binary, run_redis
 from p2pimage.tracker import MemoryState, RedisState, TrackerState
 
 

@@ -30,10 +30,10 @@ requires_registry = _pytest.mark.skipif(
 @_pytest.fixture
 async def registry() -> _AsyncIterator[object]:
     """A running registry on a free loopback port, no auth, no notifications.
-    Yields a daemons.registry_process.RegistryProcess (``.url``, ``.blob_path(digest)``)."""
+    Yields a daemons.testbed.registry.RegistryProcess (``.url``, ``.blob_path(digest)``)."""
     if _shutil.which("docker-registry") is None:
         _pytest.skip("docker-registry (Debian package docker-registry) is not installed")
-    from daemons.registry_process import start_registry
+    from daemons.testbed.registry import start_registry
 
     async with start_registry() as reg:
         yield reg

@@ -45,8 +45,8 @@ from typing import ClassVar, Literal
 
 import trio
 
-from daemons._process import ManagedProcess
-from p2pimage.mirror_config import write_registries_conf
+from daemons.testbed.process import ManagedProcess
+from p2pimage.mirror.runtime_config import write_registries_conf
 
 # --------------------------------------------------------------------------------------
 # Running commands

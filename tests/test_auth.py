@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pimage.auth import (
+from p2pimage.auth.tokens import (
     AUDIENCE,
     KeySet,
     NodeKey,

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pimage.bencoding import MAX_DEPTH, Bencodable, bdecode, bencode
 from p2pimage.errors import BencodeError, LocalProtocolError
+from p2pimage.metainfo.bencoding import MAX_DEPTH, Bencodable, bdecode, bencode
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 

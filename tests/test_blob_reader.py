@@ -15,9 +15,9 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from p2pimage.metainfo import MetainfoBuilder
-from p2pimage.oci import RegistryClient, RegistryError, sha256_digest
-from p2pimage.torrents import generate_metainfo
+from p2pimage.metainfo.torrent import MetainfoBuilder
+from p2pimage.oci.registry import RegistryClient, RegistryError, sha256_digest
+from p2pimage.sidecar.indexer import generate_metainfo
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemons.localcluster import local_cluster
+from daemons.testbed.localcluster import local_cluster
 from daemons.tracker import TrackerSettings, run_tracker
-from p2pimage.cache import BlobCache
 from p2pimage.errors import LocalProtocolError
-from p2pimage.oci_image import build_image
+from p2pimage.oci.image import build_image
+from p2pimage.storage.cache import BlobCache
 from tests.test_node_restart import node_settings, pull_blob, push, start_node
 
 MIB = 1024 * 1024

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pimage.choker import Choker, PeerStats
 from p2pimage.errors import LocalProtocolError
+from p2pimage.swarm.choker import Choker, PeerStats
 
 
 def stats(n: int, interested: bool = True, **kw: float) -> list[PeerStats[str]]:
@@ -200,7 +200,7 @@ def test_decisions_do_not_depend_on_hash_seed() -> None:
     code = textwrap.dedent(
         """
         import random
-        from p2pimage.choker import Choker, PeerStats
+        from p2pimage.swarm.choker import Choker, PeerStats
         ch = Choker(upload_slots=3, optimistic_slots=2, rng=random.Random(5))
         peers = [PeerStats(f"peer-{i}", True, float(i % 3)) for i in range(20)]
         for t in range(0, 200, 10):

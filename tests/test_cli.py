@@ -22,11 +22,11 @@ import trio
 from click.testing import CliRunner
 
 from daemons.cli import main
-from daemons.localcluster import LocalCluster, local_cluster
-from p2pimage.auth import NodeKey, SigningKey, TokenIssuer, TokenVerifier
-from p2pimage.metainfo import Metainfo
-from p2pimage.oci import RegistryClient
-from p2pimage.oci_image import build_image, push_image
+from daemons.testbed.localcluster import LocalCluster, local_cluster
+from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer, TokenVerifier
+from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.oci.image import build_image, push_image
+from p2pimage.oci.registry import RegistryClient
 
 MIB = 1024 * 1024
 
@@ -141,7 +141,7 @@ def test_token_issue_then_inspect_verifies(runner: CliRunner, token_files: dict[
     assert code == 0
     jwt = stdout.strip()
     jwks = json.loads(token_files["jwks"].read_text())
-    from p2pimage.auth import KeySet
+    from p2pimage.auth.tokens import KeySet
 
     claims = TokenVerifier(KeySet.from_jwks(jwks)).verify(jwt, now=time.time(), cluster="prod")
     assert (claims.subject, claims.zone, claims.issuer) == ("node-1", "eu-1a", "p2pimage-sidecar")
@@ -345,7 +345,7 @@ async def tracker_seeders(tracker_url: str) -> float:
     """Seeders the tracker knows, from its metrics."""
     import httpx
 
-    from daemons.status_cmd import parse_metrics
+    from daemons.cli.status import parse_metrics
 
     async with httpx.AsyncClient(timeout=10) as http:
         text = (await http.get(tracker_url.removesuffix("/announce") + "/metrics")).text
@@ -469,7 +469,7 @@ async def test_fetch_and_status_against_a_live_cluster(tmp_path: Path) -> None:
 async def test_fetch_resumes_from_its_work_dir_and_seeds(tmp_path: Path) -> None:
     """``--work-dir`` keeps verified pieces for the next run; ``--seed-for`` keeps the
     command serving the layer after its output is in place."""
-    from p2pimage.storage import PieceStorage
+    from p2pimage.storage.pieces import PieceStorage
 
     image = build_image([4 * MIB], seed=78)
     layer = image.layers[0]

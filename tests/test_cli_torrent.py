@@ -9,7 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from daemons.cli import main
-from p2pimage.metainfo import Metainfo
+from p2pimage.metainfo.torrent import Metainfo
 
 
 def test_create_then_inspect_json(tmp_path: Path) -> None:

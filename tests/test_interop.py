@@ -17,12 +17,12 @@ import pytest
 import trio
 
 from benchmarks._libtorrent import make_session
-from daemons.opentracker_process import OpenTracker, opentracker_binary, run_opentracker
-from daemons.registry_process import free_port
-from p2pimage.announce import AnnounceSettings, TrackerClient, run_announcer
-from p2pimage.client import open_peer_node
-from p2pimage.metainfo import Metainfo
-from p2pimage.storage import PieceStorage
+from daemons.testbed.opentracker import OpenTracker, opentracker_binary, run_opentracker
+from daemons.testbed.registry import free_port
+from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.storage.pieces import PieceStorage
+from p2pimage.swarm.node import open_peer_node
+from p2pimage.tracker.client import AnnounceSettings, TrackerClient, run_announcer
 
 from .test_transfer import make_blob, sha256_file
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 
 from daemons.tracker import TrackerSettings, run_tracker
-from p2pimage.auth import NodeKey, SigningKey, TokenIssuer
+from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer
 
 from .test_transfer import make_blob, sha256_file
 

@@ -1,4 +1,4 @@
-"""Helpers of the local cluster (``daemons/localcluster.py``) that the cluster tests and
+"""Helpers of the local cluster (``daemons/testbed/localcluster.py``) that the cluster tests and
 benchmarks rely on without exercising their failure paths."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from daemons.localcluster import ClusterNode, _logged_mirror_url, _wait_healthy
 from daemons.node import NodeSettings
+from daemons.testbed.localcluster import ClusterNode, _logged_mirror_url, _wait_healthy
 
 
 def test_the_mirror_url_comes_from_this_runs_log_lines(tmp_path: Path) -> None:

@@ -11,14 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pimage.bencoding import bdecode, bencode
 from p2pimage.errors import (
     DigestMismatchError,
     LocalProtocolError,
     MetainfoError,
     RemoteProtocolError,
 )
-from p2pimage.metainfo import (
+from p2pimage.metainfo.bencoding import bdecode, bencode
+from p2pimage.metainfo.torrent import (
     MAX_PIECE_LENGTH,
     MIN_PIECE_LENGTH,
     Metainfo,

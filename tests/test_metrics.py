@@ -18,9 +18,9 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemons.localcluster import LocalCluster, local_cluster
-from p2pimage.oci import RegistryClient
-from p2pimage.oci_image import build_image, push_image
+from daemons.testbed.localcluster import LocalCluster, local_cluster
+from p2pimage.oci.image import build_image, push_image
+from p2pimage.oci.registry import RegistryClient
 
 MIB = 1024 * 1024
 DASHBOARD = (

@@ -1,8 +1,8 @@
-"""Network-namespace mode (daemons/netns.py): topology up/down leaves nothing behind, the
+"""Network-namespace mode (daemons/testbed/netns.py): topology up/down leaves nothing behind, the
 tc caps hold, and a small cluster pulls an image with each node on its own host.
 
 Root only: every test that touches namespaces skips with the reason
-:func:`daemons.netns.permission_problem` gives (not root, no iproute2, namespaces or tc
+:func:`daemons.testbed.netns.permission_problem` gives (not root, no iproute2, namespaces or tc
 not permitted). Only 10.77.0.0/16 addresses inside the test's own namespaces are used.
 """
 
@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from daemons import netns
+from daemons.testbed import netns
 
 MIB = 1024 * 1024
 
@@ -118,7 +118,7 @@ def test_error_inside_and_during_setup_tears_down(
 
 _HOLDER = """
 import sys, time
-from daemons.netns import topology
+from daemons.testbed.netns import topology
 with topology(2, up=1e6, down=1e6, registry_rate=1e6) as t:
     print(t.tag, flush=True)
     time.sleep(120)
@@ -229,7 +229,7 @@ def test_tc_caps_hold(netns_ok: None) -> None:
 
 @pytest.mark.skipif(shutil.which("docker-registry") is None, reason="docker-registry missing")
 async def test_cluster_pull_in_netns_mode(netns_ok: None, tmp_path: Path) -> None:
-    from daemons.cluster_cmd import ClusterParams, run_cluster
+    from daemons.cli.cluster import ClusterParams, run_cluster
 
     params = ClusterParams(
         nodes=3,
@@ -253,7 +253,7 @@ async def test_cluster_pull_in_netns_mode(netns_ok: None, tmp_path: Path) -> Non
 
 def test_cluster_command_exits_2_when_not_permitted(monkeypatch: pytest.MonkeyPatch) -> None:
     """Runs anywhere: the command refuses netns mode with a clear message, exit code 2."""
-    from daemons import cluster_cmd
+    from daemons.cli import cluster as cluster_cmd
 
     monkeypatch.setattr(netns, "permission_problem", lambda: "needs root (test)")
     result = CliRunner().invoke(

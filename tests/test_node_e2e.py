@@ -14,9 +14,9 @@ import httpx
 import pytest
 import trio
 
-from daemons.localcluster import LocalCluster, local_cluster
-from p2pimage.oci import RegistryClient
-from p2pimage.oci_image import BuiltImage, build_image, push_image
+from daemons.testbed.localcluster import LocalCluster, local_cluster
+from p2pimage.oci.image import BuiltImage, build_image, push_image
+from p2pimage.oci.registry import RegistryClient
 
 MIB = 1024 * 1024
 
@@ -185,7 +185,7 @@ def mirror_blob_bytes(cluster: LocalCluster, index: int) -> int:
 async def test_skopeo_pulls_multi_layer_image_through_three_mirrors(
     tmp_path: Path, skopeo_available: None
 ) -> None:
-    from p2pimage.mirror_config import write_registries_conf
+    from p2pimage.mirror.runtime_config import write_registries_conf
     from tests.runtimes import askopeo_copy
 
     image = build_image([6 * MIB, 3 * MIB, 2 * MIB, 500], seed=6)
@@ -215,7 +215,7 @@ async def test_skopeo_pulls_multi_layer_image_through_three_mirrors(
 
 
 async def test_containerd_pulls_through_the_mirror(tmp_path: Path, containerd: Any) -> None:
-    from p2pimage.mirror_config import write_hosts_dir
+    from p2pimage.mirror.runtime_config import write_hosts_dir
     from tests.runtimes import actr_pull
 
     image = build_image([4 * MIB, 1 * MIB, 300], seed=7)
@@ -239,7 +239,7 @@ async def test_containerd_pulls_through_the_mirror(tmp_path: Path, containerd: A
 
 
 async def test_podman_pulls_through_the_mirror(tmp_path: Path, podman_available: None) -> None:
-    from p2pimage.mirror_config import write_registries_conf
+    from p2pimage.mirror.runtime_config import write_registries_conf
     from tests.runtimes import apodman_pull
 
     image = build_image([3 * MIB, 200], seed=8)

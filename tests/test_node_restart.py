@@ -1,7 +1,7 @@
 """A restarted node: resumes a partial layer (verified pieces are not fetched again) and
 keeps seeding the complete ones it kept.
 
-The registry, sidecar and tracker come from :func:`daemons.localcluster.local_cluster`;
+The registry, sidecar and tracker come from :func:`daemons.testbed.localcluster.local_cluster`;
 the nodes under test are started here (:func:`start_node`) so a test can stop one and
 start it again on the same cache directory, as a node restarting after a crash or an
 upgrade does. :func:`node_settings`, :func:`start_node` and :func:`pull_blob` are also
@@ -21,10 +21,10 @@ import httpx
 import pytest
 import trio
 
-from daemons.localcluster import LocalCluster, local_cluster
 from daemons.node import NodeDaemon, NodeSettings, run_node
-from p2pimage.oci import RegistryClient
-from p2pimage.oci_image import BuiltImage, build_image, push_image
+from daemons.testbed.localcluster import LocalCluster, local_cluster
+from p2pimage.oci.image import BuiltImage, build_image, push_image
+from p2pimage.oci.registry import RegistryClient
 
 MIB = 1024 * 1024
 REPO = "demo/app"

@@ -14,8 +14,9 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemons.registry_process import RegistryProcess, start_registry
-from p2pimage.oci import (
+from daemons.testbed.registry import RegistryProcess, start_registry
+from p2pimage.oci.image import build_image, build_index, push_image, push_index
+from p2pimage.oci.registry import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     MAX_MANIFEST_SIZE,
@@ -28,8 +29,7 @@ from p2pimage.oci import (
     parse_manifest,
     sha256_digest,
 )
-from p2pimage.oci_image import build_image, build_index, push_image, push_index
-from p2pimage.torrents import generate_metainfo
+from p2pimage.sidecar.indexer import generate_metainfo
 
 D1 = "sha256:" + "a" * 64
 D2 = "sha256:" + "b" * 64
@@ -383,7 +383,7 @@ async def test_token_auth_flow_against_real_registry(tmp_path: Path) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
-    from daemons.registry_process import TokenAuth
+    from daemons.testbed.registry import TokenAuth
 
     realm = TokenRealm(tmp_path, {"bob": "pw"})
     config = Config()
@@ -426,7 +426,7 @@ def test_sync_registry_process_starts_and_stops_by_pid() -> None:
     import os
     import urllib.request
 
-    from daemons.registry_process import run_registry
+    from daemons.testbed.registry import run_registry
 
     with run_registry() as reg:
         with urllib.request.urlopen(f"{reg.url}/v2/", timeout=5) as r:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pimage.errors import LocalProtocolError, RemoteProtocolError
-from p2pimage.picker import BlockRequest, PickerSettings, PiecePicker
+from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
 
 BS = 16 * 1024
 

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pimage.errors import LocalProtocolError
-from p2pimage.ratelimit import RateLimiter, TokenBucket
+from p2pimage.swarm.ratelimit import RateLimiter, TokenBucket
 
 
 def test_bucket_allows_burst_then_paces() -> None:

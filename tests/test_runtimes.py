@@ -18,16 +18,16 @@ import pytest
 from click.testing import CliRunner
 
 from daemons.cli import main
-from daemons.registry_process import RegistryProcess
-from p2pimage.mirror_config import (
+from daemons.testbed.registry import RegistryProcess
+from p2pimage.mirror.runtime_config import (
     HostsConfigError,
     hosts_toml,
     parse_upstream,
     write_hosts_dir,
 )
-from p2pimage.oci import RegistryClient
-from p2pimage.oci_image import BuiltImage, BuiltIndex, build_image, build_index, push_image
-from p2pimage.oci_image import push_index as push_index_
+from p2pimage.oci.image import BuiltImage, BuiltIndex, build_image, build_index, push_image
+from p2pimage.oci.image import push_index as push_index_
+from p2pimage.oci.registry import RegistryClient
 from tests import runtimes
 from tests.runtimes import (
     ContainerdProcess,

@@ -24,7 +24,6 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from daemons.registry_process import RegistryProcess, free_port, start_registry
 from daemons.sidecar import (
     Sidecar,
     SidecarSettings,
@@ -32,25 +31,26 @@ from daemons.sidecar import (
     create_app,
     registry_client,
 )
-from p2pimage.auth import KeySet, NodeKey, SigningKey, TokenVerifier
+from daemons.testbed.registry import RegistryProcess, free_port, start_registry
+from p2pimage.auth.join import JoinCredentials, generate_credential, hash_credential
+from p2pimage.auth.tokens import KeySet, NodeKey, SigningKey, TokenVerifier
 from p2pimage.errors import AuthError
-from p2pimage.join import JoinCredentials, generate_credential, hash_credential
-from p2pimage.metainfo import Metainfo
-from p2pimage.notifications import (
+from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.oci.image import build_image, build_index, push_image, push_index
+from p2pimage.oci.notifications import (
     EVENTS_MEDIA_TYPE,
     MAX_ENVELOPE_SIZE,
     NotificationError,
     parse_envelope,
 )
-from p2pimage.oci import (
+from p2pimage.oci.registry import (
     MAX_MANIFEST_SIZE,
     OCI_MANIFEST,
     RegistryClient,
     RegistryError,
     sha256_digest,
 )
-from p2pimage.oci_image import build_image, build_index, push_image, push_index
-from p2pimage.torrents import Indexer, TorrentStore
+from p2pimage.sidecar.indexer import Indexer, TorrentStore
 
 pytestmark = pytest.mark.skipif(
     shutil.which("docker-registry") is None,
@@ -586,7 +586,7 @@ async def test_oversized_manifest_is_refused_without_harm(tmp_path: Path) -> Non
 
     failures: list[tuple[str, str]] = []
     async with RegistryClient("http://mock.test", transport=httpx.MockTransport(handler)) as c:
-        from p2pimage.torrents import IndexerHooks
+        from p2pimage.sidecar.indexer import IndexerHooks
 
         hooks = IndexerHooks(failed=lambda kind, reason: failures.append((kind, reason)))
         indexer = Indexer(c, TorrentStore(tmp_path / "t"), hooks=hooks)

@@ -20,8 +20,8 @@ from p2pimage.errors import (
     PieceHashError,
     StorageError,
 )
-from p2pimage.metainfo import MIN_PIECE_LENGTH, Metainfo, MetainfoBuilder
-from p2pimage.storage import PieceStorage
+from p2pimage.metainfo.torrent import MIN_PIECE_LENGTH, Metainfo, MetainfoBuilder
+from p2pimage.storage.pieces import PieceStorage
 
 PL = MIN_PIECE_LENGTH
 BLOCK = 4096

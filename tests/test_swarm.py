@@ -14,14 +14,14 @@ import httpx
 import pytest
 import trio
 
-from p2pimage.auth import SigningKey, TokenIssuer, local_authenticator
-from p2pimage.client import PeerNode, open_peer_node
+from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
 from p2pimage.errors import StorageError
-from p2pimage.oci import RegistryClient
-from p2pimage.origin import OriginReader
-from p2pimage.picker import PickerSettings
-from p2pimage.storage import PieceStorage
-from p2pimage.swarm import Swarm, SwarmSettings
+from p2pimage.oci.registry import RegistryClient
+from p2pimage.storage.pieces import PieceStorage
+from p2pimage.swarm.engine import Swarm, SwarmSettings
+from p2pimage.swarm.node import PeerNode, open_peer_node
+from p2pimage.swarm.origin import OriginReader
+from p2pimage.swarm.picker import PickerSettings
 
 from .test_transfer import make_blob, sha256_file
 
@@ -224,7 +224,7 @@ async def test_a_reader_learns_that_the_blob_failed_its_digest_instead_of_mixing
     resets, and a reader already past the first piece gets DigestMismatchError rather
     than waiting on (or reading) the pieces of a second attempt."""
     from p2pimage.errors import DigestMismatchError
-    from p2pimage.metainfo import Metainfo
+    from p2pimage.metainfo.torrent import Metainfo
 
     blob, good = make_blob(tmp_path, 1 * MIB)
     data = blob.read_bytes()
@@ -252,7 +252,7 @@ async def test_reader_waiting_for_the_frontier_is_not_stalled_while_pieces_arriv
     """Stall means the swarm verified nothing for the timeout, not that the reader's next
     piece is late: in a cold start the registry sends a layer piece by piece and every
     reader waits at the frontier while other pieces keep arriving."""
-    from p2pimage.swarm import SwarmStalled
+    from p2pimage.swarm.engine import SwarmStalled
 
     blob, meta = make_blob(tmp_path, 1 * MIB)
     data = blob.read_bytes()

@@ -2,8 +2,8 @@
 off while the sidecar is down; and a node with a wrong credential serves pulls straight
 from the registry.
 
-The timing tests run :class:`~p2pimage.sidecar_client.TokenKeeper` against an in-memory
-sidecar (the real :class:`~p2pimage.auth.TokenIssuer` behind the client's two calls) on
+The timing tests run :class:`~p2pimage.sidecar.client.TokenKeeper` against an in-memory
+sidecar (the real :class:`~p2pimage.auth.tokens.TokenIssuer` behind the client's two calls) on
 trio's autojump clock, so hours of token life pass in milliseconds and the schedule can
 be checked to the second. Rotation and the wrong credential use the real sidecar.
 """
@@ -24,13 +24,13 @@ import pytest
 import trio
 import trio.testing
 
-from daemons.localcluster import local_cluster
-from daemons.registry_process import free_port
 from daemons.sidecar import SidecarSettings, run_sidecar
-from p2pimage.auth import KeySet, SigningKey, TokenIssuer, TokenVerifier
-from p2pimage.join import generate_credential, hash_credential
-from p2pimage.oci_image import build_image
-from p2pimage.sidecar_client import IssuedToken, SidecarClient, SidecarError, TokenKeeper
+from daemons.testbed.localcluster import local_cluster
+from daemons.testbed.registry import free_port
+from p2pimage.auth.join import generate_credential, hash_credential
+from p2pimage.auth.tokens import KeySet, SigningKey, TokenIssuer, TokenVerifier
+from p2pimage.oci.image import build_image
+from p2pimage.sidecar.client import IssuedToken, SidecarClient, SidecarError, TokenKeeper
 from tests.test_node_restart import node_settings, pull_blob, push, start_node
 
 MIB = 1024 * 1024

@@ -20,8 +20,8 @@ from starlette.routing import Route
 
 from daemons._http import serve_app
 from daemons.tracker import TrackerSettings, run_tracker, tracker
-from p2pimage.auth import NodeKey, SigningKey, TokenIssuer
-from p2pimage.bencoding import bdecode
+from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer
+from p2pimage.metainfo.bencoding import bdecode
 from p2pimage.tracker import AnnounceRequest, Event, parse_announce_response
 from tests._tracker_fixtures import redis_port
 

@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from benchmarks._libtorrent import make_session
-from daemons._process import free_port
+from daemons.testbed.process import free_port
 from daemons.tracker import TrackerSettings, run_tracker
-from p2pimage.bencoding import bdecode
+from p2pimage.metainfo.bencoding import bdecode
 from p2pimage.tracker import AnnounceRequest, parse_announce_response
 
 lt = pytest.importorskip("libtorrent")

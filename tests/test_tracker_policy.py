@@ -16,8 +16,8 @@ from p2pimage.tracker import (
     Event,
     MemoryState,
     PolicyConfig,
-    Swarm,
     SwarmKey,
+    SwarmRecord,
     TrackerPolicy,
     TrackerState,
 )
@@ -73,14 +73,14 @@ class Harness:
             origin_next=origin_next,
         )
 
-        def decide(swarm: Swarm) -> AnnounceOutcome:
+        def decide(swarm: SwarmRecord) -> AnnounceOutcome:
             return self.policy.announce(
                 swarm, req, host=host, now=now, zone=zone, registry_url=registry
             )
 
         return await self.state.update(SwarmKey(cluster, info_hash), decide)
 
-    async def swarm(self, cluster: str = "c1", info_hash: bytes = IH) -> Swarm | None:
+    async def swarm(self, cluster: str = "c1", info_hash: bytes = IH) -> SwarmRecord | None:
         return (await self.state.read([SwarmKey(cluster, info_hash)]))[0]
 
 
@@ -258,11 +258,11 @@ async def test_new_leecher_resets_linger(state: TrackerState) -> None:
 # ---------------------------------------------------------------------- origin fetchers
 
 
-def _ranges(swarm: Swarm) -> list[tuple[int, int]]:
+def _ranges(swarm: SwarmRecord) -> list[tuple[int, int]]:
     return sorted([(f.next, f.end) for f in swarm.fetchers.values()] + swarm.unassigned)
 
 
-def _assert_cover(swarm: Swarm, first: int, end: int) -> None:
+def _assert_cover(swarm: SwarmRecord, first: int, end: int) -> None:
     ranges = _ranges(swarm)
     pos = first
     for a, b in ranges:
@@ -409,7 +409,7 @@ def test_origin_ranges_stay_disjoint_and_within_the_layer(
     policy = TrackerPolicy(
         PolicyConfig(origin_ratio=0.3, max_origin_fetchers=4), rng=random.Random(1)
     )
-    swarm = Swarm()
+    swarm = SwarmRecord()
     now = 0.0
     nexts: dict[int, int] = {}
     for peer, action, amount in steps:

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pimage.bencoding import bdecode, bencode
 from p2pimage.errors import RemoteProtocolError
+from p2pimage.metainfo.bencoding import bdecode, bencode
 from p2pimage.tracker import (
     MAX_NUMWANT,
     AnnounceRequest,

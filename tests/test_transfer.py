@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pimage.auth import SigningKey, TokenIssuer, local_authenticator
-from p2pimage.client import open_peer_node
-from p2pimage.metainfo import Metainfo, create_metainfo_from_file
-from p2pimage.storage import PieceStorage
+from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
+from p2pimage.metainfo.torrent import Metainfo, create_metainfo_from_file
+from p2pimage.storage.pieces import PieceStorage
+from p2pimage.swarm.node import open_peer_node
 
 MIB = 1024 * 1024
 
@@ -102,7 +102,7 @@ async def test_a_peer_gone_while_we_answer_its_handshake_is_a_clean_close(
     escapes (it used to propagate out of the listener and stop the node)."""
     import trio.testing
 
-    from p2pimage.peer import PeerClosed, PeerSession, make_connection, new_peer_id
+    from p2pimage.swarm.session import PeerClosed, PeerSession, make_connection, new_peer_id
     from p2pimage.wire import Role
 
     info_hash = hashlib.sha1(b"layer").digest()

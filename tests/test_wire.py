@@ -11,9 +11,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from p2pimage.auth import KeySet, NodeKey, PeerAuthenticator, SigningKey, TokenIssuer, TokenVerifier
-from p2pimage.bencoding import bencode
+from p2pimage.auth.tokens import (
+    KeySet,
+    NodeKey,
+    PeerAuthenticator,
+    SigningKey,
+    TokenIssuer,
+    TokenVerifier,
+)
 from p2pimage.errors import LocalProtocolError, RemoteProtocolError
+from p2pimage.metainfo.bencoding import bencode
 from p2pimage.wire import (
     NEED_DATA,
     Bitfield,

@@ -1,4 +1,5 @@
-"""Authenticated handshakes between two in-memory PeerConnections, with the real p2pimage.auth.
+"""Authenticated handshakes between two in-memory PeerConnections, with the real
+p2pimage.auth.tokens.
 
 Every attack below must end with the honest side raising a clear AuthError or
 RemoteProtocolError, and with ZERO bitfield/have/piece bytes written by the honest side
@@ -19,9 +20,16 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from p2pimage.auth import KeySet, NodeKey, PeerAuthenticator, SigningKey, TokenIssuer, TokenVerifier
-from p2pimage.bencoding import bdecode, bencode
+from p2pimage.auth.tokens import (
+    KeySet,
+    NodeKey,
+    PeerAuthenticator,
+    SigningKey,
+    TokenIssuer,
+    TokenVerifier,
+)
 from p2pimage.errors import AuthError, LocalProtocolError, RemoteProtocolError
+from p2pimage.metainfo.bencoding import bdecode, bencode
 from p2pimage.wire import (
     NEED_DATA,
     Bitfield,

@@ -1,5 +1,5 @@
 """Encrypted peer connections (``p2pimage_kx``, AES-GCM records) between two in-memory
-PeerConnections with the real p2pimage.auth: what arrives, what an observer sees on the
+PeerConnections with the real p2pimage.auth.tokens: what arrives, what an observer sees on the
 wire, and what a man in the middle can do (nothing but break the connection)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pimage.auth import NodeKey
-from p2pimage.bencoding import bdecode, bencode
+from p2pimage.auth.tokens import NodeKey
 from p2pimage.errors import AuthError, LocalProtocolError, RemoteProtocolError
+from p2pimage.metainfo.bencoding import bdecode, bencode
 from p2pimage.wire import (
     NEED_DATA,
     Bitfield,

@@ -11,7 +11,7 @@ from ._policy import (
     FetcherRange,
     PeerRecord,
     PolicyConfig,
-    Swarm,
+    SwarmRecord,
     TrackerPolicy,
     origin_blob_url,
 )
@@ -66,7 +66,7 @@ __all__ = [
     "StateConflictError",
     "StateStats",
     "StateUnavailableError",
-    "Swarm",
+    "SwarmRecord",
     "SwarmKey",
     "TrackerPolicy",
     "TrackerRequestError",

@@ -3,7 +3,7 @@ who may stop seeding. Pure: no I/O, no clock (callers pass ``now``), randomness 
 injected :class:`random.Random`, so the daemon, the tests and the simulator run the same
 code.
 
-One :class:`Swarm` object holds the state of one (cluster, info-hash) swarm. The state
+One :class:`SwarmRecord` object holds the state of one (cluster, info-hash) swarm. The state
 backends (:mod:`._state`) hand the policy a swarm to mutate; the memory backend gives the
 live object, the Redis backend a decoded snapshot that it writes back atomically.
 
@@ -25,7 +25,7 @@ __all__ = [
     "FetcherRange",
     "PeerRecord",
     "PolicyConfig",
-    "Swarm",
+    "SwarmRecord",
     "TrackerPolicy",
     "origin_blob_url",
 ]
@@ -106,7 +106,7 @@ class FetcherRange:
 
 
 @dataclass(slots=True)
-class Swarm:
+class SwarmRecord:
     """The state of one swarm. ``peers`` is kept in last-seen order (oldest first)."""
 
     peers: dict[bytes, PeerRecord] = field(default_factory=dict)
@@ -193,7 +193,7 @@ class TrackerPolicy:
 
     def announce(
         self,
-        swarm: Swarm,
+        swarm: SwarmRecord,
         req: AnnounceRequest,
         *,
         host: str,
@@ -268,7 +268,7 @@ class TrackerPolicy:
             release,
         )
 
-    def scrape(self, swarm: Swarm | None, now: float) -> ScrapeStats:
+    def scrape(self, swarm: SwarmRecord | None, now: float) -> ScrapeStats:
         if swarm is None:
             return ScrapeStats(0, 0, 0)
         swarm.expire(now, self.config.peer_timeout_s)
@@ -280,12 +280,12 @@ class TrackerPolicy:
         cfg = self.config
         return max(1, min(cfg.max_origin_fetchers, math.ceil(cfg.origin_ratio * swarm_size)))
 
-    def _forget_fetcher(self, swarm: Swarm, peer_id: bytes) -> None:
+    def _forget_fetcher(self, swarm: SwarmRecord, peer_id: bytes) -> None:
         f = swarm.fetchers.pop(peer_id, None)
         if f is not None and f.next < f.end:
             swarm.unassigned.append((f.next, f.end))
 
-    def _reclaim(self, swarm: Swarm, now: float) -> None:
+    def _reclaim(self, swarm: SwarmRecord, now: float) -> None:
         stall = self.config.origin_stall_s
         for pid in list(swarm.fetchers):
             f = swarm.fetchers[pid]
@@ -297,7 +297,7 @@ class TrackerPolicy:
 
     def _origin(
         self,
-        swarm: Swarm,
+        swarm: SwarmRecord,
         req: AnnounceRequest,
         rec: PeerRecord,
         now: float,
@@ -336,7 +336,7 @@ class TrackerPolicy:
             return OriginAssignment(url, first, end)
         return OriginAssignment(url, first, end, first + lease)
 
-    def _take_work(self, swarm: Swarm) -> tuple[int, int] | None:
+    def _take_work(self, swarm: SwarmRecord) -> tuple[int, int] | None:
         """An unowned remainder whole (largest first), else the tail half of the largest
         unleased remainder a fetcher still holds (work stealing)."""
         if swarm.unassigned:
@@ -358,7 +358,7 @@ class TrackerPolicy:
 
     # ------------------------------------------------------------------ release
 
-    def _should_release(self, swarm: Swarm, rec: PeerRecord, now: float) -> bool:
+    def _should_release(self, swarm: SwarmRecord, rec: PeerRecord, now: float) -> bool:
         if rec.released:
             return True
         cfg = self.config
@@ -392,7 +392,7 @@ class TrackerPolicy:
 
     # ------------------------------------------------------------------ peer selection
 
-    def _select(self, swarm: Swarm, asker: PeerRecord, numwant: int) -> list[tuple[str, int]]:
+    def _select(self, swarm: SwarmRecord, asker: PeerRecord, numwant: int) -> list[tuple[str, int]]:
         """Up to ``numwant`` peers, never the asker nor released peers.
 
         For a leecher: seeders, then origin fetchers and well-supplied leechers, then the

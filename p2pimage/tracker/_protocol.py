@@ -21,8 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
-from ..bencoding import Bencodable, bdecode, bencode
-from ..errors import BencodeError, LocalProtocolError, RemoteProtocolError
+from p2pimage.errors import BencodeError, LocalProtocolError, RemoteProtocolError
+from p2pimage.metainfo.bencoding import Bencodable, bdecode, bencode
 
 __all__ = [
     "DEFAULT_NUMWANT",

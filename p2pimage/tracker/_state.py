@@ -1,14 +1,14 @@
 """Where swarms live: in this process (default) or in Redis, shared by tracker replicas.
 
 Both backends expose the same small async interface, :class:`TrackerState`. The policy is
-a pure function of one :class:`~._policy.Swarm`; a backend's job is to run it atomically:
+a pure function of one :class:`~._policy.SwarmRecord`; a backend's job is to run it atomically:
 
 * :class:`MemoryState` passes the live swarm object (no ``await`` between read and
   write, so under trio the call is atomic) and drops swarms that emptied.
 * :class:`RedisState` stores one JSON document per swarm, reads it, runs the function on
   the decoded swarm, and writes it back with a compare-and-set Lua script on a version
   stamp; on a lost race it re-reads and re-runs (optimistic concurrency, like WATCH/MULTI
-  but in one round trip). Swarm documents carry a TTL of twice the peer timeout, so
+  but in one round trip). SwarmRecord documents carry a TTL of twice the peer timeout, so
   abandoned swarms vanish without a sweeper. The document grows with the swarm (≈60
   bytes per peer): fine for hundreds of peers per swarm, the case it is built for.
 
@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from ._policy import FetcherRange, PeerRecord, Swarm
+from ._policy import FetcherRange, PeerRecord, SwarmRecord
 
 __all__ = [
     "MemoryState",
@@ -58,14 +58,14 @@ class StateStats:
 
 
 class TrackerState(Protocol):
-    async def update(self, key: SwarmKey, fn: Callable[[Swarm], T]) -> T:
+    async def update(self, key: SwarmKey, fn: Callable[[SwarmRecord], T]) -> T:
         """Run ``fn`` on the swarm ``key`` (created empty if absent) and persist it.
 
         ``fn`` may run more than once (Redis retries); it must touch nothing but the swarm.
         """
         ...
 
-    async def read(self, keys: Iterable[SwarmKey]) -> list[Swarm | None]:
+    async def read(self, keys: Iterable[SwarmKey]) -> list[SwarmRecord | None]:
         """Snapshots of the given swarms (``None`` when absent). Read-only."""
         ...
 
@@ -82,18 +82,18 @@ class MemoryState:
     """Swarms in a dict; the default, for one tracker replica."""
 
     def __init__(self) -> None:
-        self.swarms: dict[SwarmKey, Swarm] = {}
+        self.swarms: dict[SwarmKey, SwarmRecord] = {}
 
-    async def update(self, key: SwarmKey, fn: Callable[[Swarm], T]) -> T:
+    async def update(self, key: SwarmKey, fn: Callable[[SwarmRecord], T]) -> T:
         swarm = self.swarms.get(key)
         if swarm is None:
-            swarm = self.swarms[key] = Swarm()
+            swarm = self.swarms[key] = SwarmRecord()
         result = fn(swarm)
         if not swarm.peers:
             del self.swarms[key]
         return result
 
-    async def read(self, keys: Iterable[SwarmKey]) -> list[Swarm | None]:
+    async def read(self, keys: Iterable[SwarmKey]) -> list[SwarmRecord | None]:
         return [self.swarms.get(k) for k in keys]
 
     async def stats(self, now: float, timeout_s: float) -> StateStats:
@@ -150,7 +150,7 @@ def _unavailable(exc: Exception) -> StateUnavailableError:
     return StateUnavailableError(f"redis: {type(exc).__name__}: {exc}")
 
 
-def swarm_to_json(swarm: Swarm) -> bytes:
+def swarm_to_json(swarm: SwarmRecord) -> bytes:
     doc = {
         "pieces": swarm.pieces,
         "origin_done": swarm.origin_done,
@@ -179,9 +179,9 @@ def swarm_to_json(swarm: Swarm) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def swarm_from_json(data: bytes) -> Swarm:
+def swarm_from_json(data: bytes) -> SwarmRecord:
     doc: dict[str, Any] = json.loads(data)
-    swarm = Swarm(
+    swarm = SwarmRecord(
         pieces=doc["pieces"],
         origin_done=doc["origin_done"],
         downloads=doc["downloads"],
@@ -213,7 +213,7 @@ class RedisState:
         self._cas = client.register_script(_CAS_SCRIPT)
         self._locks: dict[SwarmKey, list[Any]] = {}
         # Our last write of each swarm (version, swarm), least recently used first.
-        self._cache: dict[SwarmKey, tuple[str, Swarm]] = {}
+        self._cache: dict[SwarmKey, tuple[str, SwarmRecord]] = {}
         from coredis.exceptions import RedisError
 
         self._errors = RedisError
@@ -223,12 +223,12 @@ class RedisState:
         return f"{self.prefix}swarm:{key.cluster.encode().hex()}:{key.info_hash.hex()}"
 
     @staticmethod
-    def _decode(raw: bytes | None) -> tuple[str, Swarm | None]:
+    def _decode(raw: bytes | None) -> tuple[str, SwarmRecord | None]:
         if not raw:
             return "", None
         return raw[:_VERSION_LEN].decode(), swarm_from_json(raw[_VERSION_LEN:])
 
-    async def update(self, key: SwarmKey, fn: Callable[[Swarm], T]) -> T:
+    async def update(self, key: SwarmKey, fn: Callable[[SwarmRecord], T]) -> T:
         # Announces for one swarm queue here, so this replica never races itself; the
         # compare-and-set only has to settle races between replicas.
         entry = self._locks.get(key)
@@ -245,7 +245,7 @@ class RedisState:
             if entry[1] == 0:
                 del self._locks[key]
 
-    async def _update(self, key: SwarmKey, fn: Callable[[Swarm], T]) -> T:
+    async def _update(self, key: SwarmKey, fn: Callable[[SwarmRecord], T]) -> T:
         rkey = self._key(key)
         # Optimistic: start from our own last write of this swarm, if any. When no other
         # replica wrote since, the compare-and-set succeeds and the announce costs one
@@ -257,7 +257,7 @@ class RedisState:
             version, swarm = cached
         for _ in range(_MAX_CAS_RETRIES):
             if swarm is None:
-                swarm = Swarm()
+                swarm = SwarmRecord()
             result = fn(swarm)
             new_version = secrets.token_hex(_VERSION_LEN // 2) if swarm.peers else ""
             doc = new_version.encode() + swarm_to_json(swarm) if swarm.peers else b""
@@ -271,7 +271,7 @@ class RedisState:
             version, swarm = self._decode(reply)
         raise StateConflictError(f"swarm {key.info_hash.hex()} kept changing under us")
 
-    async def read(self, keys: Iterable[SwarmKey]) -> list[Swarm | None]:
+    async def read(self, keys: Iterable[SwarmKey]) -> list[SwarmRecord | None]:
         rkeys = [self._key(k) for k in keys]
         if not rkeys:
             return []
@@ -310,7 +310,7 @@ class RedisState:
         return StateStats(swarms, seeders, leechers, largest)
 
     async def sweep(self, now: float, timeout_s: float) -> None:
-        # Swarm documents expire by TTL; peers inside one expire at its next announce.
+        # SwarmRecord documents expire by TTL; peers inside one expire at its next announce.
         return None
 
     async def clear(self) -> None:

@@ -8,8 +8,9 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from ..bencoding import Bencodable, bencode
-from ..errors import LocalProtocolError
+from p2pimage.errors import LocalProtocolError
+from p2pimage.metainfo.bencoding import Bencodable, bencode
+
 from ._events import (
     Bitfield,
     Cancel,

@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ..bencoding import bdecode
-from ..errors import LocalProtocolError, RemoteProtocolError
+from p2pimage.errors import LocalProtocolError, RemoteProtocolError
+from p2pimage.metainfo.bencoding import bdecode
+
 from . import _codec as c
 from ._crypto import RecordReader, RecordWriter, derive_keys, kx_public_key
 from ._events import (
@@ -44,7 +45,7 @@ from ._events import (
 )
 
 if TYPE_CHECKING:
-    from ..auth import NodeToken
+    from p2pimage.auth.tokens import NodeToken
 
 __all__ = ["Authenticator", "PeerConnection"]
 
@@ -75,7 +76,7 @@ _MESSAGE_NAMES: Final = {
 
 
 class Authenticator(Protocol):
-    """What the connection needs from :class:`p2pimage.auth.PeerAuthenticator`."""
+    """What the connection needs from :class:`p2pimage.auth.tokens.PeerAuthenticator`."""
 
     def credentials(self, transcript: bytes) -> tuple[bytes, bytes]: ...
 

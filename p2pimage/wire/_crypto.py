@@ -27,7 +27,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from ..errors import LocalProtocolError, RemoteProtocolError
+from p2pimage.errors import LocalProtocolError, RemoteProtocolError
+
 from ._codec import KX_LENGTH
 from ._events import Role
 

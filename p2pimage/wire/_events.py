@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
-    from ..auth import NodeToken
+    from p2pimage.auth.tokens import NodeToken
 
 __all__ = [
     "NEED_DATA",

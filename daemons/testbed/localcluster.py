@@ -1,0 +1,368 @@
+"""A whole p2pimage cluster on loopback: the real registry, sidecar, tracker and N nodes.
+
+Used by the ``p2pimage cluster`` demo, the end-to-end tests and the cluster benchmark.
+Everything runs in this trio loop except the registry (the Debian ``docker-registry``
+binary, a child process). The nodes and the tracker read the registry through a
+:class:`~daemons.testbed.throttle_proxy.ThrottleProxy`, which both counts the registry's egress
+and, when asked, caps it; the sidecar, which sits beside the registry, reads it directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import httpx
+import trio
+
+from daemons._config import dump_settings
+from daemons.node import NodeDaemon, NodeSettings, run_node
+from daemons.sidecar import SidecarSettings, run_sidecar
+from daemons.testbed import netns as _netns
+from daemons.testbed.process import free_port
+from daemons.testbed.registry import RegistryProcess, start_registry
+from daemons.testbed.throttle_proxy import ThrottleProxy
+from daemons.tracker import TrackerSettings, run_tracker
+from p2pimage.auth.join import generate_credential, hash_credential
+from p2pimage.auth.tokens import SigningKey
+
+__all__ = ["ClusterNode", "LocalCluster", "local_cluster"]
+
+log = logging.getLogger("p2pimage.cluster")
+
+CLUSTER = "local"
+
+
+@dataclass
+class ClusterNode:
+    name: str
+    mirror_url: str
+    settings: NodeSettings
+    daemon: NodeDaemon | None = None  # in-process nodes only
+    process: trio.Process | None = None  # nodes run as their own OS process
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    netns: str | None = None  # network-namespace mode: the node's own namespace
+    log_start: int = 0  # node processes: where this run's lines begin in node.log
+
+    def exec_prefix(self) -> list[str]:
+        """Prefix for a command that must run on this node's host (its namespace)."""
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
+
+    @property
+    def mirror_host(self) -> str:
+        return self.mirror_url.removeprefix("http://")
+
+    def stop(self) -> None:
+        """Kill this node (fault injection): its mirror and peer stop at once."""
+        self.scope.cancel()
+
+
+@dataclass
+class LocalCluster:
+    workdir: Path
+    registry: RegistryProcess
+    proxy: ThrottleProxy
+    sidecar_url: str
+    tracker_url: str
+    nodes: list[ClusterNode]
+    credential: str
+    sidecar_scope: trio.CancelScope
+    tracker_scope: trio.CancelScope
+    network: Literal["loopback", "netns"] = "loopback"
+    topology: _netns.Topology | None = None  # network-namespace mode only
+
+    @property
+    def registry_host(self) -> str:
+        """``host:port`` of the registry, as clients name it (and containerd's ``ns=``)."""
+        return self.registry.url.removeprefix("http://")
+
+    @property
+    def registry_egress(self) -> int:
+        """Bytes the registry sent to nodes and tracker-assigned origin readers."""
+        return self.proxy.bytes_down
+
+
+@contextlib.asynccontextmanager
+async def local_cluster(
+    workdir: Path,
+    *,
+    nodes: int = 3,
+    registry_rate: float | None = None,
+    node_upload_rate: float | None = None,
+    node_download_rate: float | None = None,
+    swarm_threshold_bytes: int = 1024 * 1024,
+    stall_timeout_s: float = 15.0,
+    htpasswd: tuple[str, str] | None = None,
+    notifications: bool = True,
+    node_processes: bool = False,
+    network: Literal["loopback", "netns"] = "loopback",
+) -> AsyncIterator[LocalCluster]:
+    """Start everything; stop everything (and leave no process behind) on exit.
+
+    With ``node_processes``, each node runs as its own ``p2pimage node`` process (as on a
+    real cluster, and using every core); otherwise all nodes share this trio loop, which
+    is faster to start and lets tests reach into each node's daemon object.
+
+    With ``network="netns"`` (root only, see :mod:`daemons.testbed.netns`), each node is its own
+    host: its process runs in its own network namespace with its own address, the rates
+    are enforced by ``tc`` on its veth link instead of token buckets, and the registry's
+    relay, the sidecar and the tracker listen on the bridge's core addresses (the relay
+    behind the capped registry link). Implies ``node_processes``.
+    """
+    if network == "netns":
+        node_processes = True
+    with contextlib.ExitStack() as stack:
+        topo = None
+        if network == "netns":
+            topo = stack.enter_context(
+                _netns.topology(
+                    nodes,
+                    up=node_upload_rate,
+                    down=node_download_rate,
+                    registry_rate=registry_rate,
+                )
+            )
+        async with _local_cluster(
+            workdir,
+            nodes=nodes,
+            registry_rate=registry_rate,
+            node_upload_rate=node_upload_rate,
+            node_download_rate=node_download_rate,
+            swarm_threshold_bytes=swarm_threshold_bytes,
+            stall_timeout_s=stall_timeout_s,
+            htpasswd=htpasswd,
+            notifications=notifications,
+            node_processes=node_processes,
+            topo=topo,
+        ) as cluster:
+            yield cluster
+
+
+@contextlib.asynccontextmanager
+async def _local_cluster(
+    workdir: Path,
+    *,
+    nodes: int,
+    registry_rate: float | None,
+    node_upload_rate: float | None,
+    node_download_rate: float | None,
+    swarm_threshold_bytes: int,
+    stall_timeout_s: float,
+    htpasswd: tuple[str, str] | None,
+    notifications: bool,
+    node_processes: bool,
+    topo: _netns.Topology | None,
+) -> AsyncIterator[LocalCluster]:
+    # Loopback: everything on 127.0.0.1, rates by token buckets. Namespaces: services on
+    # the core addresses, nodes on their own, rates by tc (so no token buckets here).
+    core_host = topo.core_address if topo else "127.0.0.1"
+    if topo is not None:
+        registry_rate = node_upload_rate = node_download_rate = None
+    workdir.mkdir(parents=True, exist_ok=True)
+    key_path = workdir / "sidecar-key.pem"
+    key_path.write_bytes(SigningKey.generate().to_pem())
+    key_path.chmod(0o600)
+    credential = generate_credential()
+    async with trio.open_nursery() as nursery:
+        sidecar_port = free_port(core_host)
+        sidecar_url = f"http://{core_host}:{sidecar_port}"
+        async with start_registry(
+            notifications_url=f"{sidecar_url}/events" if notifications else None,
+            htpasswd=htpasswd,
+            workdir=workdir / "registry",
+        ) as registry:
+            host, port = registry.url.removeprefix("http://").split(":")
+            proxy = ThrottleProxy(
+                (host, int(port)),
+                registry_rate,
+                host=topo.registry_address if topo else "127.0.0.1",
+            )
+            await nursery.start(proxy.run)
+            sidecar_scope = trio.CancelScope()
+            sidecar_settings = SidecarSettings(
+                listen=f"{core_host}:{sidecar_port}",
+                registry_url=registry.url,
+                registry_username=htpasswd[0] if htpasswd else None,
+                registry_password=htpasswd[1] if htpasswd else None,
+                store_dir=workdir / "torrents",
+                signing_keys=[key_path],
+                clusters={CLUSTER: [hash_credential(credential)]},
+                log_json=True,
+            )
+            await nursery.start(_scoped, sidecar_scope, run_sidecar, sidecar_settings)
+            tracker_scope = trio.CancelScope()
+            tracker_settings = TrackerSettings(
+                listen=f"{core_host}:0",
+                sidecar_url=sidecar_url,
+                registry_url=proxy.url,
+                interval_s=10,
+                min_interval_s=1,
+                fetcher_interval_s=1,
+                log_json=True,
+            )
+            tracker_base = await nursery.start(
+                _scoped, tracker_scope, run_tracker, tracker_settings
+            )
+            cluster_nodes = []
+            for i in range(nodes):
+                name = f"node-{i}"
+                settings = NodeSettings(
+                    listen="127.0.0.1:0",
+                    node_name=name,
+                    peer_host="127.0.0.1",
+                    peer_port=0,
+                    sidecar_url=sidecar_url,
+                    tracker_url=f"{tracker_base}/announce",
+                    credential=credential,
+                    upstreams={registry.url.removeprefix("http://"): proxy.url},
+                    default_upstream=proxy.url,
+                    cache_dir=workdir / name / "cache",
+                    upload_rate=node_upload_rate,
+                    download_rate=node_download_rate,
+                    swarm_threshold_bytes=swarm_threshold_bytes,
+                    stall_timeout_s=stall_timeout_s,
+                    log_json=True,
+                )
+                node = ClusterNode(name, "", settings)
+                cluster_nodes.append(node)
+                if topo is not None:
+                    # Its own host: fixed ports on its own address.
+                    link = topo.nodes[i]
+                    node.netns = link.netns
+                    node.settings = settings.model_copy(
+                        update={
+                            "listen": f"{link.address}:5000",
+                            "peer_host": link.address,
+                            "peer_port": 6881,
+                        }
+                    )
+                    await nursery.start(_run_node_process, node, workdir / name)
+                elif node_processes:
+                    # Port 0: the node binds a free port itself and logs its URL (a port
+                    # picked here could be taken by another connection before it binds).
+                    await nursery.start(_run_node_process, node, workdir / name)
+                else:
+                    node.mirror_url = await nursery.start(_run_cluster_node, node)
+            if node_processes:
+                with trio.fail_after(30):
+                    for node in cluster_nodes:
+                        await _wait_healthy(node, workdir / node.name / "node.log")
+            cluster = LocalCluster(
+                workdir=workdir,
+                registry=registry,
+                proxy=proxy,
+                sidecar_url=sidecar_url,
+                tracker_url=f"{tracker_base}/announce",
+                nodes=cluster_nodes,
+                credential=credential,
+                sidecar_scope=sidecar_scope,
+                tracker_scope=tracker_scope,
+                network="netns" if topo else "loopback",
+                topology=topo,
+            )
+            try:
+                yield cluster
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+async def _scoped(
+    scope: trio.CancelScope,
+    fn: object,
+    settings: object,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with scope:
+        await fn(settings, task_status=task_status)  # type: ignore[operator]
+
+
+async def _run_cluster_node(
+    node: ClusterNode, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    with node.scope:
+        await run_node(
+            node.settings,
+            task_status=task_status,
+            daemon_ready=lambda d: setattr(node, "daemon", d),
+        )
+
+
+async def _run_node_process(
+    node: ClusterNode,
+    directory: Path,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "node.toml"
+    config.write_text(dump_settings(node.settings, secrets=True))
+    # With port 0 the URL comes from the node's "mirror serving" log line (_wait_healthy).
+    listen = node.settings.listen
+    node.mirror_url = "" if listen.endswith(":0") else "http://" + listen
+    log_file = (directory / "node.log").open("ab")
+    node.log_start = log_file.tell()
+    try:
+        with node.scope:
+            async with trio.open_nursery() as nursery:
+                node.process = await nursery.start(
+                    functools.partial(
+                        trio.run_process,
+                        [
+                            *node.exec_prefix(),
+                            sys.executable,
+                            "-m",
+                            "daemons.node",
+                            "--config",
+                            str(config),
+                        ],
+                        stdout=log_file,
+                        stderr=log_file,
+                        check=False,
+                    )
+                )
+                task_status.started()
+    finally:
+        log_file.close()
+
+
+def _logged_mirror_url(log_path: Path, start: int) -> str:
+    """The URL in a node's JSON ``mirror serving`` log line after byte ``start``, or ""
+    before it is written."""
+    try:
+        with log_path.open("rb") as f:
+            f.seek(start)
+            lines = f.read().decode(errors="replace").splitlines()
+    except FileNotFoundError:
+        return ""
+    for line in lines:
+        if '"mirror serving"' in line:
+            with contextlib.suppress(ValueError):
+                return str(json.loads(line).get("url", ""))
+    return ""
+
+
+async def _wait_healthy(node: ClusterNode, log_path: Path) -> None:
+    """Until the node process answers ``/healthz``; a node that exits first is an error
+    that quotes its log."""
+    async with httpx.AsyncClient(timeout=2) as http:
+        while True:
+            if node.process is not None and node.process.returncode is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(
+                    f"{node.name} exited ({node.process.returncode}) before it was ready:\n{tail}"
+                )
+            if not node.mirror_url:
+                node.mirror_url = _logged_mirror_url(log_path, node.log_start)
+            if node.mirror_url:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"{node.mirror_url}/healthz")).status_code == 200:
+                        return
+            await trio.sleep(0.1)

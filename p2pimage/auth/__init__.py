@@ -1,0 +1,1 @@
+"""Identity: node tokens (JWT with proof of possession), key sets, join credentials."""

@@ -1,0 +1,569 @@
+"""Node tokens and proof of possession.
+
+A *node token* is a JWT the sidecar signs with the registry's private key (EdDSA/Ed25519
+by default, ES256 supported). Its claims: ``iss``, ``aud`` = ``"p2pimage"``, ``sub`` (node
+name), ``cluster``, ``iat``/``nbf``/``exp`` (minutes), ``jti``, ``cnf.jwk`` (the node's own
+Ed25519 public key, RFC 7800 proof of possession), optionally ``zone`` and ``scope`` (a
+list of hex info-hashes the token is limited to).
+
+Verifiers allow-list algorithms (``alg: none`` and HS256-with-a-public-key are refused
+before any key is touched), look keys up by ``kid`` in a JWKS document, and check expiry
+with a small leeway. Nothing here reads the clock: callers pass ``now``, except
+:class:`PeerAuthenticator`, which is handed a clock so the wire protocol stays pure.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from p2pimage.errors import AuthError, LocalProtocolError
+
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "AUDIENCE",
+    "KeySet",
+    "NodeKey",
+    "NodeToken",
+    "PeerAuthenticator",
+    "SigningKey",
+    "TokenIssuer",
+    "TokenVerifier",
+    "jwk_thumbprint",
+    "local_authenticator",
+    "verify_jwk_signature",
+]
+
+AUDIENCE = "p2pimage"
+ALLOWED_ALGORITHMS = ("EdDSA", "ES256")
+# A JWT larger than this is not one of ours (ours are ~600 bytes); it bounds parsing work.
+MAX_TOKEN_BYTES = 8192
+# Default clock-skew allowance for exp/nbf checks: nodes run NTP, a minute of skew is rare.
+DEFAULT_LEEWAY_S = 30.0
+
+_PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+_PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    if not isinstance(text, str) or len(text) > 4 * MAX_TOKEN_BYTES:
+        raise AuthError("malformed", "bad base64url value")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError):
+        raise AuthError("malformed", "bad base64url value") from None
+
+
+def _public_jwk(key: _PublicKey) -> dict[str, Any]:
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"kty": "OKP", "crv": "Ed25519", "x": _b64url(raw)}
+    if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+        nums = key.public_numbers()
+        return {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": _b64url(nums.x.to_bytes(32, "big")),
+            "y": _b64url(nums.y.to_bytes(32, "big")),
+        }
+    raise LocalProtocolError("only Ed25519 and P-256 keys are supported")
+
+
+def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
+    """RFC 7638 SHA-256 thumbprint of a public JWK, base64url."""
+    kty = jwk.get("kty")
+    if kty == "OKP":
+        members = {"crv": jwk.get("crv"), "kty": kty, "x": jwk.get("x")}
+    elif kty == "EC":
+        members = {"crv": jwk.get("crv"), "kty": kty, "x": jwk.get("x"), "y": jwk.get("y")}
+    else:
+        raise AuthError("malformed", f"unsupported key type {kty!r}")
+    if not all(isinstance(v, str) for v in members.values()):
+        raise AuthError("malformed", "JWK members must be strings")
+    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode()
+    return _b64url(hashlib.sha256(canonical).digest())
+
+
+def _key_from_jwk(jwk: Mapping[str, Any]) -> tuple[_PublicKey, str]:
+    """Return the public key and the one algorithm it may be used with."""
+    if not isinstance(jwk, Mapping):
+        raise AuthError("malformed", "JWK is not an object")
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    try:
+        if kty == "OKP" and crv == "Ed25519":
+            raw = _b64url_decode(jwk.get("x", ""))
+            if len(raw) != 32:
+                raise AuthError("malformed", "Ed25519 key must be 32 bytes")
+            return ed25519.Ed25519PublicKey.from_public_bytes(raw), "EdDSA"
+        if kty == "EC" and crv == "P-256":
+            x = _b64url_decode(jwk.get("x", ""))
+            y = _b64url_decode(jwk.get("y", ""))
+            if len(x) != 32 or len(y) != 32:
+                raise AuthError("malformed", "P-256 coordinates must be 32 bytes")
+            nums = ec.EllipticCurvePublicNumbers(
+                int.from_bytes(x, "big"), int.from_bytes(y, "big"), ec.SECP256R1()
+            )
+            return nums.public_key(), "ES256"
+    except AuthError:
+        raise
+    except (ValueError, TypeError):
+        raise AuthError("malformed", "invalid public key") from None
+    raise AuthError("malformed", f"unsupported key kty={kty!r} crv={crv!r}")
+
+
+def verify_jwk_signature(jwk: Mapping[str, Any], signature: bytes, data: bytes) -> None:
+    """Check ``signature`` over ``data`` by the public key ``jwk`` (Ed25519 or P-256).
+
+    P-256 signatures are the 64-byte ``r || s`` form, as in JWS.
+    """
+    key, _ = _key_from_jwk(jwk)
+    try:
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, data)
+        else:
+            from cryptography.hazmat.primitives import hashes
+            from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+            if len(signature) != 64:
+                raise AuthError("bad_signature", "P-256 signature must be 64 bytes")
+            der = encode_dss_signature(
+                int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+            )
+            key.verify(der, data, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise AuthError("bad_signature", "signature does not verify") from None
+
+
+class SigningKey:
+    """The issuer's (the sidecar's) private signing key, identified by ``kid``."""
+
+    def __init__(self, private_key: _PrivateKey, kid: str | None = None) -> None:
+        if isinstance(private_key, ed25519.Ed25519PrivateKey):
+            self.alg = "EdDSA"
+        elif isinstance(private_key, ec.EllipticCurvePrivateKey) and isinstance(
+            private_key.curve, ec.SECP256R1
+        ):
+            self.alg = "ES256"
+        else:
+            raise LocalProtocolError("signing keys must be Ed25519 or P-256")
+        self._key = private_key
+        self._public = _public_jwk(private_key.public_key())
+        self.kid = kid or jwk_thumbprint(self._public)
+
+    @classmethod
+    def generate(cls, alg: str = "EdDSA", kid: str | None = None) -> SigningKey:
+        if alg == "EdDSA":
+            return cls(ed25519.Ed25519PrivateKey.generate(), kid)
+        if alg == "ES256":
+            return cls(ec.generate_private_key(ec.SECP256R1()), kid)
+        raise LocalProtocolError(f"unsupported algorithm {alg!r}; use one of {ALLOWED_ALGORITHMS}")
+
+    @classmethod
+    def from_pem(cls, pem: bytes, kid: str | None = None) -> SigningKey:
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise LocalProtocolError(f"cannot load private key: {exc}") from None
+        if not isinstance(key, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
+            raise LocalProtocolError("signing keys must be Ed25519 or P-256")
+        return cls(key, kid)
+
+    def to_pem(self) -> bytes:
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def public_jwk(self) -> dict[str, Any]:
+        return {**self._public, "kid": self.kid, "alg": self.alg, "use": "sig"}
+
+    def sign_jwt(self, claims: Mapping[str, Any]) -> str:
+        return jwt.encode(dict(claims), self._key, algorithm=self.alg, headers={"kid": self.kid})
+
+
+class NodeKey:
+    """A node's own Ed25519 key pair; its public half is bound into the token (``cnf.jwk``)."""
+
+    def __init__(self, private_key: ed25519.Ed25519PrivateKey) -> None:
+        self._key = private_key
+        self._jwk = _public_jwk(private_key.public_key())
+
+    @classmethod
+    def generate(cls) -> NodeKey:
+        return cls(ed25519.Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> NodeKey:
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise LocalProtocolError(f"cannot load node key: {exc}") from None
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise LocalProtocolError("node keys must be Ed25519")
+        return cls(key)
+
+    def to_pem(self) -> bytes:
+        return self._key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def public_jwk(self) -> dict[str, Any]:
+        return dict(self._jwk)
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+
+class KeySet:
+    """Public verification keys by ``kid``: the content of a JWKS document."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, tuple[_PublicKey, str, dict[str, Any]]] = {}
+
+    @classmethod
+    def from_jwks(cls, doc: Mapping[str, Any]) -> KeySet:
+        keys = doc.get("keys") if isinstance(doc, Mapping) else None
+        if not isinstance(keys, list):
+            raise AuthError("malformed", "JWKS document has no 'keys' list")
+        ks = cls()
+        for jwk in keys:
+            ks.add(jwk)
+        return ks
+
+    def add(self, jwk: Mapping[str, Any]) -> None:
+        key, alg = _key_from_jwk(jwk)
+        kid = jwk.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise AuthError("malformed", "JWKS key without kid")
+        declared = jwk.get("alg")
+        if declared is not None and declared != alg:
+            raise AuthError("bad_algorithm", f"key {kid} declares alg {declared!r}")
+        self._keys[kid] = (key, alg, dict(jwk))
+
+    @property
+    def kids(self) -> list[str]:
+        return list(self._keys)
+
+    def lookup(self, kid: str) -> tuple[_PublicKey, str]:
+        try:
+            key, alg, _ = self._keys[kid]
+        except KeyError:
+            raise AuthError("unknown_kid", f"no key with kid {kid!r}") from None
+        return key, alg
+
+    def to_jwks(self) -> dict[str, Any]:
+        return {"keys": [jwk for _, _, jwk in self._keys.values()]}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeToken:
+    """The verified claims of a node token."""
+
+    raw: str
+    issuer: str
+    subject: str
+    cluster: str
+    issued_at: int
+    not_before: int
+    expires_at: int
+    jti: str
+    cnf_jwk: dict[str, Any]
+    zone: str | None = None
+    scope: frozenset[str] | None = None
+
+    def covers(self, info_hash: bytes) -> bool:
+        """Whether the token may be used for the swarm ``info_hash``."""
+        return self.scope is None or info_hash.hex() in self.scope
+
+
+class TokenIssuer:
+    """Signs node tokens with ``keys[0]``; publishes every key in ``keys`` (rotation)."""
+
+    def __init__(self, keys: Sequence[SigningKey], *, issuer: str, lifetime_s: int = 600) -> None:
+        if not keys:
+            raise LocalProtocolError("TokenIssuer needs at least one signing key")
+        if lifetime_s <= 0:
+            raise LocalProtocolError("token lifetime must be positive")
+        self._keys = list(keys)
+        self.issuer = issuer
+        self.lifetime_s = lifetime_s
+
+    @property
+    def active_key(self) -> SigningKey:
+        return self._keys[0]
+
+    def issue(
+        self,
+        *,
+        subject: str,
+        cluster: str,
+        node_jwk: Mapping[str, Any],
+        now: float,
+        zone: str | None = None,
+        scope: Iterable[str] | None = None,
+    ) -> str:
+        node_key, node_alg = _key_from_jwk(node_jwk)
+        if node_alg != "EdDSA":
+            raise AuthError("malformed", "node keys must be Ed25519")
+        if not subject or not cluster:
+            raise LocalProtocolError("subject and cluster must be non-empty")
+        iat = int(now)
+        claims: dict[str, Any] = {
+            "iss": self.issuer,
+            "aud": AUDIENCE,
+            "sub": subject,
+            "cluster": cluster,
+            "iat": iat,
+            "nbf": iat,
+            "exp": iat + self.lifetime_s,
+            "jti": secrets.token_urlsafe(16),
+            "cnf": {"jwk": _public_jwk(node_key)},
+        }
+        if zone:
+            claims["zone"] = zone
+        if scope is not None:
+            claims["scope"] = sorted(scope)
+        return self.active_key.sign_jwt(claims)
+
+    def key_set(self) -> KeySet:
+        ks = KeySet()
+        for key in self._keys:
+            ks.add(key.public_jwk())
+        return ks
+
+    def jwks(self) -> dict[str, Any]:
+        return self.key_set().to_jwks()
+
+
+class TokenVerifier:
+    """Verifies node tokens against a :class:`KeySet`.
+
+    Raises :class:`AuthError` with a ``reason`` naming the first check that failed.
+    """
+
+    def __init__(
+        self,
+        keys: KeySet,
+        *,
+        issuer: str | None = None,
+        audience: str = AUDIENCE,
+        leeway_s: float = DEFAULT_LEEWAY_S,
+    ) -> None:
+        self.keys = keys
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway_s = leeway_s
+
+    def verify(
+        self,
+        token: str | bytes,
+        *,
+        now: float,
+        cluster: str | None = None,
+        info_hash: bytes | None = None,
+    ) -> NodeToken:
+        if isinstance(token, bytes | bytearray):
+            try:
+                token = bytes(token).decode("ascii")
+            except UnicodeDecodeError:
+                raise AuthError("malformed", "token is not ASCII") from None
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
+            raise AuthError("malformed", "not a compact JWS")
+        header = self._header(token)
+        alg = header.get("alg")
+        if alg not in ALLOWED_ALGORITHMS:
+            raise AuthError("bad_algorithm", f"algorithm {alg!r} not allowed")
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise AuthError("unknown_kid", "token header has no kid")
+        key, key_alg = self.keys.lookup(kid)
+        if alg != key_alg:
+            raise AuthError("bad_algorithm", f"key {kid} is {key_alg}, token says {alg}")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[key_alg],
+                options={
+                    "verify_signature": True,
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                    "verify_aud": False,
+                    "verify_iss": False,
+                },
+            )
+        except jwt.InvalidSignatureError:
+            raise AuthError("bad_signature", "token signature does not verify") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError("malformed", str(exc)) from None
+        return self._check_claims(token, claims, now=now, cluster=cluster, info_hash=info_hash)
+
+    @staticmethod
+    def _header(token: str) -> dict[str, Any]:
+        try:
+            header = json.loads(_b64url_decode(token.split(".", 1)[0]))
+        except (ValueError, UnicodeDecodeError):
+            raise AuthError("malformed", "token header is not JSON") from None
+        if not isinstance(header, dict):
+            raise AuthError("malformed", "token header is not an object")
+        return header
+
+    def _check_claims(
+        self,
+        raw: str,
+        claims: dict[str, Any],
+        *,
+        now: float,
+        cluster: str | None,
+        info_hash: bytes | None,
+    ) -> NodeToken:
+        def need(name: str, kind: type) -> Any:
+            value = claims.get(name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise AuthError("missing_claim", f"claim {name!r} missing or not {kind.__name__}")
+            return value
+
+        if claims.get("aud") != self.audience:
+            aud = claims.get("aud")
+            if not (isinstance(aud, list) and self.audience in aud):
+                raise AuthError("wrong_audience", f"audience {aud!r}")
+        iss = need("iss", str)
+        if self.issuer is not None and iss != self.issuer:
+            raise AuthError("wrong_issuer", f"issuer {iss!r}")
+        exp, nbf, iat = need("exp", int), need("nbf", int), need("iat", int)
+        if now > exp + self.leeway_s:
+            raise AuthError("expired", f"token expired at {exp}")
+        if now < nbf - self.leeway_s:
+            raise AuthError("not_yet_valid", f"token valid from {nbf}")
+        sub, token_cluster, jti = need("sub", str), need("cluster", str), need("jti", str)
+        cnf = claims.get("cnf")
+        jwk = cnf.get("jwk") if isinstance(cnf, dict) else None
+        if not isinstance(jwk, dict):
+            raise AuthError("missing_cnf", "token has no cnf.jwk key binding")
+        _, node_alg = _key_from_jwk(jwk)
+        if node_alg != "EdDSA":
+            raise AuthError("missing_cnf", "cnf.jwk must be an Ed25519 key")
+        if cluster is not None and token_cluster != cluster:
+            raise AuthError("wrong_cluster", f"token is for cluster {token_cluster!r}")
+        zone = claims.get("zone")
+        if zone is not None and not isinstance(zone, str):
+            raise AuthError("missing_claim", "zone must be a string")
+        scope_claim = claims.get("scope")
+        scope: frozenset[str] | None = None
+        if scope_claim is not None:
+            if not isinstance(scope_claim, list) or not all(
+                isinstance(s, str) for s in scope_claim
+            ):
+                raise AuthError("malformed", "scope must be a list of hex info-hashes")
+            scope = frozenset(s.lower() for s in scope_claim)
+        token = NodeToken(
+            raw=raw,
+            issuer=iss,
+            subject=sub,
+            cluster=token_cluster,
+            issued_at=iat,
+            not_before=nbf,
+            expires_at=exp,
+            jti=jti,
+            cnf_jwk=jwk,
+            zone=zone,
+            scope=scope,
+        )
+        if info_hash is not None and not token.covers(info_hash):
+            raise AuthError("out_of_scope", f"token does not cover {info_hash.hex()}")
+        return token
+
+
+class PeerAuthenticator:
+    """Proof of possession on the peer wire; the object a wire connection calls.
+
+    ``credentials`` returns our token and our node key's signature over a transcript;
+    ``verify_peer`` checks the peer's token (same cluster, not expired, scope covers the
+    swarm) and then its signature by the key the token binds (``cnf.jwk``), so a token
+    copied off the wire is useless without the node's private key.
+    """
+
+    def __init__(
+        self,
+        *,
+        node_key: NodeKey,
+        token: str | Callable[[], str],
+        verifier: TokenVerifier,
+        cluster: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.node_key = node_key
+        self._token = token
+        self.verifier = verifier
+        self.cluster = cluster
+        self._clock = clock
+
+    def current_token(self) -> str:
+        return self._token() if callable(self._token) else self._token
+
+    def credentials(self, transcript: bytes) -> tuple[bytes, bytes]:
+        return self.current_token().encode("ascii"), self.node_key.sign(transcript)
+
+    def verify_peer(
+        self, token: bytes, signature: bytes, transcript: bytes, info_hash: bytes
+    ) -> NodeToken:
+        verified = self.verifier.verify(
+            token, now=self._clock(), cluster=self.cluster, info_hash=info_hash
+        )
+        verify_jwk_signature(verified.cnf_jwk, signature, transcript)
+        return verified
+
+
+def local_authenticator(
+    issuer: TokenIssuer,
+    *,
+    subject: str,
+    cluster: str,
+    node_key: NodeKey | None = None,
+    clock: Callable[[], float] = time.time,
+) -> PeerAuthenticator:
+    """An authenticator whose tokens come straight from ``issuer`` (no sidecar round trip).
+
+    For programs that hold the issuer themselves: the local demo cluster, tests and
+    benchmarks. Tokens are re-issued when less than a third of their lifetime remains.
+    """
+    key = node_key or NodeKey.generate()
+    cache: dict[str, tuple[str, float]] = {}
+
+    def token() -> str:
+        now = clock()
+        current = cache.get("token")
+        if current is None or now > current[1] - issuer.lifetime_s / 3:
+            issued = issuer.issue(
+                subject=subject, cluster=cluster, node_jwk=key.public_jwk(), now=now
+            )
+            cache["token"] = (issued, now + issuer.lifetime_s)
+            return issued
+        return current[0]
+
+    return PeerAuthenticator(
+        node_key=key,
+        token=token,
+        verifier=TokenVerifier(issuer.key_set(), issuer=issuer.issuer),
+        cluster=cluster,
+        clock=clock,
+    )

@@ -1,0 +1,1 @@
+"""Torrent metainfo and its bencoding (sans-I/O codecs)."""

@@ -1,0 +1,1 @@
+"""Serving the runtime: the mirror's blob service and runtime mirror configuration."""

@@ -1,0 +1,398 @@
+"""Serving layer blobs to a container runtime: cache, swarm, or registry, never a failed pull.
+
+:class:`LayerService` is what the node's registry mirror calls for a blob ``GET``:
+
+1. **Access check** (private-image isolation): an authorized ``HEAD`` of the blob at the
+   upstream registry with the client's own ``Authorization``; anything but 200 is relayed
+   to the client as the registry said it, and no swarm byte is served. Successes are
+   cached briefly per (credential, upstream, repository, digest).
+2. **Cache**: a complete, verified blob on disk is served from disk.
+3. **Swarm**: blobs above a size threshold come through the swarm (torrent from the
+   sidecar, peers from the tracker), streamed in order while later pieces still download;
+   the whole-blob SHA-256 is checked as it streams.
+4. **Fallback**: when the sidecar, tracker or swarm cannot serve (unreachable, cache full,
+   no progress for ``stall_timeout_s``), the rest of the blob is read directly from the
+   registry with the client's credentials, from the byte the client has reached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import httpx
+import trio
+
+from p2pimage.errors import DigestMismatchError, LocalProtocolError, P2PImageError, StorageError
+from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.sidecar.client import SidecarClient, SidecarError
+from p2pimage.storage.cache import BlobCache
+from p2pimage.swarm.engine import Swarm, SwarmStalled
+from p2pimage.swarm.node import PeerNode
+from p2pimage.swarm.ratelimit import RateLimiter
+from p2pimage.tracker.client import TrackerClient
+
+__all__ = ["AccessAnswer", "LayerService", "LayerSettings", "LayerStats"]
+
+log = logging.getLogger("p2pimage.mirror.blobs")
+
+# Bytes per chunk handed to the HTTP layer (and read from disk or the registry).
+CHUNK = 1024 * 1024
+# Response headers worth relaying from a refused upstream answer (the token challenge).
+_RELAY_HEADERS = ("www-authenticate", "docker-distribution-api-version", "content-type")
+
+
+@dataclass
+class LayerSettings:
+    # Blobs smaller than this (configs, tiny layers) pass straight through: a swarm costs
+    # a torrent fetch and an announce, more than the bytes are worth.
+    swarm_threshold_bytes: int = 1024 * 1024
+    # No new byte from the swarm for this long: read the rest from the registry.
+    stall_timeout_s: float = 15.0
+    # Getting a swarm going (torrent + storage) may take this long before we fall back.
+    setup_timeout_s: float = 10.0
+    # How long a successful access check stands for one credential and blob.
+    access_cache_s: float = 30.0
+
+
+@dataclass
+class LayerStats:
+    bytes_served: Counter[str] = field(default_factory=Counter)  # cache, swarm, registry
+    pulls: Counter[str] = field(default_factory=Counter)  # result
+    fallbacks: Counter[str] = field(default_factory=Counter)  # reason
+    # Swarm byte counts (SwarmStats field -> bytes) of swarms already closed.
+    closed_swarms: Counter[str] = field(default_factory=Counter)
+
+
+_SWARM_BYTES: Final = ("downloaded_from_peers", "downloaded_from_origin", "uploaded")
+
+
+@dataclass(frozen=True)
+class AccessAnswer:
+    status: int
+    headers: dict[str, str]
+    size: int | None
+    body: bytes = b""
+
+
+class LayerService:
+    """Blob reads for the mirror, owning the node's swarms for layers."""
+
+    def __init__(
+        self,
+        *,
+        node: PeerNode | None,
+        cache: BlobCache,
+        http: httpx.AsyncClient,
+        sidecar: SidecarClient | None,
+        tracker: TrackerClient | None,
+        settings: LayerSettings | None = None,
+        origin_limiter: RateLimiter | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.node = node
+        self.cache = cache
+        self.http = http
+        self.sidecar = sidecar
+        self.tracker = tracker
+        self.settings = settings or LayerSettings()
+        self.origin_limiter = origin_limiter
+        self.clock = clock
+        self.stats = LayerStats()
+        self._access: dict[tuple[str, str, str, str], tuple[float, AccessAnswer]] = {}
+        self._starting: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the watcher tasks of swarms; resume seeding cached blobs. Runs until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self.resume_seeding()
+            await trio.sleep_forever()
+
+    async def resume_seeding(self) -> None:
+        """A restarted node seeds the complete blobs it kept until the tracker releases them."""
+        if self.node is None or self.tracker is None:
+            return
+        for meta in self.cache.complete_with_torrents():
+            if meta.info_hash in self.node.swarms:
+                continue
+            try:
+                await self._start_swarm(meta, repository=None, authorization=None)
+            except (StorageError, P2PImageError) as exc:
+                log.warning("cannot resume seeding %s: %s", meta.sha256, exc)
+
+    # --- access -------------------------------------------------------------------------
+
+    async def check_access(
+        self, upstream: str, repository: str, digest: str, authorization: str | None
+    ) -> AccessAnswer:
+        """HEAD the blob upstream as the client; cache successes briefly."""
+        cred = hashlib.sha256((authorization or "").encode()).hexdigest()
+        key = (cred, upstream, repository, digest)
+        now = self.clock()
+        cached = self._access.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        headers = {"Authorization": authorization} if authorization else {}
+        url = f"{upstream}/v2/{repository}/blobs/{digest}"
+        try:
+            response = await self.http.head(url, headers=headers, follow_redirects=True)
+        except httpx.HTTPError as exc:
+            return AccessAnswer(502, {}, None, f"registry unreachable: {exc}".encode())
+        relay = {k: v for k, v in response.headers.items() if k.lower() in _RELAY_HEADERS}
+        size: int | None = None
+        if response.status_code == 200:
+            try:
+                size = int(response.headers.get("content-length", ""))
+            except ValueError:
+                size = None
+        answer = AccessAnswer(response.status_code, relay, size)
+        if response.status_code == 200 and size is not None:
+            if len(self._access) > 10_000:
+                self._access.clear()  # bound the cache; rebuilding costs one HEAD per blob
+            self._access[key] = (now + self.settings.access_cache_s, answer)
+        return answer
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def read(
+        self,
+        upstream: str,
+        repository: str,
+        digest: str,
+        size: int,
+        authorization: str | None,
+        start: int = 0,
+        end: int | None = None,
+    ) -> AsyncGenerator[bytes, None]:
+        """Yield bytes ``[start, end)`` of the blob; the caller has checked access."""
+        end = size if end is None else end
+        hex_ = digest.removeprefix("sha256:")
+        whole = start == 0 and end == size
+        hasher = hashlib.sha256() if whole else None
+        position = start
+        source = "registry"
+        try:
+            if self.cache.is_complete(hex_):
+                source = "cache"
+                self.stats.pulls["cache"] += 1
+                async for chunk in self._read_file(self.cache.blob_path(hex_), start, end, hex_):
+                    position += len(chunk)
+                    self.stats.bytes_served["cache"] += len(chunk)
+                    yield chunk
+                return
+            swarm: Swarm | None = None
+            if size >= self.settings.swarm_threshold_bytes:
+                swarm = await self._swarm_or_none(upstream, repository, digest, size, authorization)
+            if swarm is not None:
+                source = "swarm"
+                self.cache.pin(hex_)
+                try:
+                    stream = swarm.stream(
+                        start, end, CHUNK, stall_timeout_s=self.settings.stall_timeout_s
+                    )
+                    async with aclosing(stream) as chunks:
+                        async for chunk in chunks:
+                            if hasher is not None:
+                                hasher.update(chunk)
+                            position += len(chunk)
+                            self.stats.bytes_served["swarm"] += len(chunk)
+                            yield chunk
+                except SwarmStalled:
+                    self._fallback("stalled", digest, position)
+                except (StorageError, DigestMismatchError, LocalProtocolError) as exc:
+                    if position < end:
+                        self._fallback(type(exc).__name__, digest, position)
+                finally:
+                    self.cache.unpin(hex_)
+            elif size >= self.settings.swarm_threshold_bytes:
+                source = "fallback"
+            if position < end:
+                async for chunk in self._read_registry(
+                    upstream, repository, digest, authorization, position, end
+                ):
+                    if hasher is not None:
+                        hasher.update(chunk)
+                    position += len(chunk)
+                    self.stats.bytes_served["registry"] += len(chunk)
+                    yield chunk
+                if source == "swarm":
+                    source = "fallback"
+            if hasher is not None and "sha256:" + hasher.hexdigest() != digest:
+                self.stats.pulls["digest_mismatch"] += 1
+                raise DigestMismatchError(f"blob {digest} did not match its digest")
+            self.stats.pulls[source if source != "registry" else "direct"] += 1
+        except BaseException:
+            if position < end:
+                self.stats.pulls["error"] += 1
+            raise
+
+    def _fallback(self, reason: str, digest: str, position: int) -> None:
+        self.stats.fallbacks[reason] += 1
+        log.warning("falling back to the registry for %s at byte %d: %s", digest, position, reason)
+
+    async def _read_file(self, path: Path, start: int, end: int, hex_: str) -> AsyncIterator[bytes]:
+        self.cache.pin(hex_)
+        self.cache.touch(hex_, self.clock())
+        try:
+            f = await trio.open_file(path, "rb")
+        except OSError as exc:
+            self.cache.unpin(hex_)
+            raise StorageError(f"cannot open cached blob {path}: {exc.strerror}") from None
+        try:
+            await f.seek(start)
+            remaining = end - start
+            while remaining > 0:
+                data = await f.read(min(CHUNK, remaining))
+                if not data:
+                    raise StorageError(f"cached blob {path} is shorter than expected")
+                remaining -= len(data)
+                yield data
+        finally:
+            await f.aclose()
+            self.cache.unpin(hex_)
+
+    async def _read_registry(
+        self,
+        upstream: str,
+        repository: str,
+        digest: str,
+        authorization: str | None,
+        start: int,
+        end: int,
+    ) -> AsyncIterator[bytes]:
+        headers = {"Authorization": authorization} if authorization else {}
+        headers["Range"] = f"bytes={start}-{end - 1}"
+        url = f"{upstream}/v2/{repository}/blobs/{digest}"
+        async with self.http.stream("GET", url, headers=headers, follow_redirects=True) as r:
+            if r.status_code == 206:
+                skip = 0
+            elif r.status_code == 200:
+                skip = start  # a registry that ignores Range: discard the prefix
+            else:
+                raise P2PImageError(f"registry answered {r.status_code} for {digest}")
+            remaining = end - start
+            async for chunk in r.aiter_bytes(CHUNK):
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                    if not chunk:
+                        continue
+                chunk = chunk[:remaining]
+                remaining -= len(chunk)
+                yield chunk
+                if remaining <= 0:
+                    break
+            if remaining > 0:
+                raise P2PImageError(f"registry sent a short body for {digest}")
+
+    # --- swarms -------------------------------------------------------------------------
+
+    async def _swarm_or_none(
+        self, upstream: str, repository: str, digest: str, size: int, authorization: str | None
+    ) -> Swarm | None:
+        if self.node is None or self.sidecar is None or self.tracker is None:
+            self._fallback("p2p_disabled", digest, 0)
+            return None
+        try:
+            with trio.fail_after(self.settings.setup_timeout_s):
+                return await self._swarm_for(repository, digest, size, authorization)
+        except trio.TooSlowError:
+            self._fallback("setup_timeout", digest, 0)
+        except SidecarError as exc:
+            self._fallback("sidecar", digest, 0)
+            log.info("sidecar could not serve %s: %s", digest, exc)
+        except _CacheFull:
+            self._fallback("cache_full", digest, 0)
+        except StorageError as exc:
+            self._fallback("storage", digest, 0)
+            log.error("storage: %s", exc)
+        return None
+
+    async def _swarm_for(
+        self, repository: str, digest: str, size: int, authorization: str | None
+    ) -> Swarm:
+        assert self.node is not None and self.sidecar is not None
+        hex_ = digest.removeprefix("sha256:")
+        while hex_ in self._starting:  # single flight: one torrent fetch per blob
+            await self._starting[hex_].wait()
+        for swarm in self.node.swarms.values():
+            if swarm.metainfo.sha256 == digest and not swarm.closed.is_set():
+                return swarm
+        done = self._starting[hex_] = trio.Event()
+        try:
+            meta = await self.sidecar.torrent(digest, repository)
+            if meta.length != size:
+                raise SidecarError(f"torrent says {meta.length} bytes, registry says {size}")
+            if not self.cache.reserve(hex_, size, self.clock()):
+                raise _CacheFull(digest)
+            self.cache.save_torrent(meta)
+            return await self._start_swarm(meta, repository, authorization)
+        finally:
+            del self._starting[hex_]
+            done.set()
+
+    async def _start_swarm(
+        self, meta: Metainfo, repository: str | None, authorization: str | None
+    ) -> Swarm:
+        assert self.node is not None
+        swarm = await self.node.add_swarm(
+            meta,
+            self.cache.root,
+            tracker=self.tracker,
+            repository=repository,
+            origin_headers={"Authorization": authorization} if authorization else None,
+            origin_limiter=self.origin_limiter,
+        )
+        hex_ = meta.digest_hex
+        self.cache.pin(hex_)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._watch, swarm, hex_)
+        return swarm
+
+    async def _watch(self, swarm: Swarm, hex_: str) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def on_complete() -> None:
+                    await swarm.complete.wait()
+                    self.cache.mark_complete(hex_, swarm.metainfo.length, self.clock())
+
+                nursery.start_soon(on_complete)
+                await swarm.closed.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            for name in _SWARM_BYTES:
+                self.stats.closed_swarms[name] += getattr(swarm.stats, name)
+            self.cache.unpin(hex_)
+
+    def _swarm_bytes(self, name: str) -> int:
+        live = sum(getattr(s.stats, name) for s in self.node.swarms.values()) if self.node else 0
+        return int(self.stats.closed_swarms[name] + live)
+
+    def peer_bytes(self) -> int:
+        """Layer bytes downloaded from peers, over this service's life."""
+        return self._swarm_bytes("downloaded_from_peers")
+
+    def origin_bytes(self) -> int:
+        """Layer bytes this node read from the registry as a tracker-named origin."""
+        return self._swarm_bytes("downloaded_from_origin")
+
+    def uploaded_bytes(self) -> int:
+        """Layer bytes uploaded to peers."""
+        return self._swarm_bytes("uploaded")
+
+
+class _CacheFull(P2PImageError):
+    pass

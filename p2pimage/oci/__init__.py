@@ -1,0 +1,1 @@
+"""The registry side: an OCI distribution client, image building, registry notifications."""

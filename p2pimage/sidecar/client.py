@@ -1,0 +1,203 @@
+"""A node's view of the sidecar: its token, the cluster's keys, and layer torrents.
+
+:class:`SidecarClient` speaks the sidecar's HTTP API (docs/protocol.md):
+``POST /token``, ``GET /.well-known/jwks.json``, ``GET /torrents/{digest}``.
+:class:`TokenKeeper` holds the node's key and keeps a fresh token (re-issued when a third
+of its lifetime remains) and a fresh key set, so the tracker client and the peer
+authenticator always have valid credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import trio
+
+from p2pimage.auth.tokens import KeySet, NodeKey, PeerAuthenticator, TokenVerifier
+from p2pimage.errors import AuthError, MetainfoError, P2PImageError
+from p2pimage.metainfo.torrent import Metainfo
+
+__all__ = ["SidecarClient", "SidecarError", "TokenKeeper"]
+
+log = logging.getLogger("p2pimage.sidecar.client")
+
+# Torrents of real layers are tens of KiB (20 bytes per piece, at most ~2,000 pieces);
+# 1 MiB refuses nothing legitimate and bounds what a broken sidecar can make us buffer.
+MAX_TORRENT_BYTES = 1 << 20
+
+
+class SidecarError(P2PImageError):
+    """The sidecar is unreachable or refused; ``status`` is its HTTP status if any."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str
+    expires_at: float
+
+
+class SidecarClient:
+    """HTTP client of one sidecar base URL."""
+
+    def __init__(self, base_url: str, *, http: httpx.AsyncClient, timeout_s: float = 10.0):
+        self.base_url = base_url.rstrip("/")
+        self.http = http
+        self.timeout_s = timeout_s
+
+    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return await self.http.request(
+                method, self.base_url + path, timeout=self.timeout_s, **kwargs
+            )
+        except httpx.HTTPError as exc:
+            raise SidecarError(f"sidecar {self.base_url} unreachable: {exc}") from None
+
+    async def issue_token(
+        self, *, node: str, jwk: dict[str, Any], credential: str, zone: str | None = None
+    ) -> IssuedToken:
+        body: dict[str, Any] = {"node": node, "jwk": jwk, "credential": credential}
+        if zone:
+            body["zone"] = zone
+        response = await self._request("POST", "/token", json=body)
+        if response.status_code != 200:
+            raise SidecarError(
+                f"token request refused: HTTP {response.status_code} {response.text[:200]}",
+                status=response.status_code,
+            )
+        try:
+            doc = response.json()
+            return IssuedToken(str(doc["token"]), float(doc["expires_at"]))
+        except (ValueError, KeyError, TypeError):
+            raise SidecarError("token response is not the expected JSON") from None
+
+    async def jwks(self) -> KeySet:
+        response = await self._request("GET", "/.well-known/jwks.json")
+        if response.status_code != 200:
+            raise SidecarError(f"JWKS: HTTP {response.status_code}", status=response.status_code)
+        try:
+            return KeySet.from_jwks(response.json())
+        except (ValueError, AuthError) as exc:
+            raise SidecarError(f"JWKS document is invalid: {exc}") from None
+
+    async def torrent(self, digest: str, repository: str) -> Metainfo:
+        """The layer's torrent (generated on demand by the sidecar if needed)."""
+        response = await self._request(
+            "GET", f"/torrents/{digest}", params={"repository": repository}
+        )
+        if response.status_code != 200:
+            raise SidecarError(
+                f"torrent for {digest}: HTTP {response.status_code}", status=response.status_code
+            )
+        if len(response.content) > MAX_TORRENT_BYTES:
+            raise SidecarError("torrent larger than MAX_TORRENT_BYTES")
+        try:
+            meta = Metainfo.from_bytes(response.content)
+        except MetainfoError as exc:
+            raise SidecarError(f"sidecar sent an invalid torrent: {exc}") from None
+        if meta.sha256 != digest:
+            raise SidecarError(f"sidecar sent the torrent of {meta.sha256} for {digest}")
+        return meta
+
+
+class TokenKeeper:
+    """The node's identity: key pair, current token, and the cluster's verification keys.
+
+    ``run()`` keeps both fresh; ``authenticator()`` (after ``ready``) gives the peer
+    authenticator that always signs with the current token and verifies peers against the
+    current key set, so key rotation at the sidecar reaches running swarms.
+    """
+
+    def __init__(
+        self,
+        sidecar: SidecarClient,
+        *,
+        node: str,
+        credential: str,
+        zone: str | None = None,
+        node_key: NodeKey | None = None,
+        jwks_refresh_s: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.sidecar = sidecar
+        self.node = node
+        self.credential = credential
+        self.zone = zone
+        self.node_key = node_key or NodeKey.generate()
+        self.jwks_refresh_s = jwks_refresh_s
+        self.clock = clock
+        self.verifier = TokenVerifier(KeySet())
+        self._token: IssuedToken | None = None
+        self._issued_at = 0.0
+        self._keys_at = 0.0
+        self._cluster: str | None = None
+        self.ready = trio.Event()
+
+    @property
+    def token(self) -> str:
+        if self._token is None:
+            raise SidecarError("no token yet")
+        return self._token.token
+
+    @property
+    def cluster(self) -> str:
+        if self._cluster is None:
+            raise SidecarError("no token yet")
+        return self._cluster
+
+    def _token_due(self, now: float) -> bool:
+        if self._token is None:
+            return True
+        # Renew once two thirds of the lifetime have passed.
+        return now >= self._issued_at + (self._token.expires_at - self._issued_at) * 2 / 3
+
+    async def refresh(self) -> None:
+        now = self.clock()
+        keys = await self.sidecar.jwks()
+        if self._token_due(now):
+            issued = await self.sidecar.issue_token(
+                node=self.node,
+                jwk=self.node_key.public_jwk(),
+                credential=self.credential,
+                zone=self.zone,
+            )
+            # Our own token tells us our cluster; verifying it proves the JWKS matches.
+            claims = TokenVerifier(keys).verify(issued.token, now=now)
+            self._token, self._issued_at, self._cluster = issued, now, claims.cluster
+        self.verifier.keys = keys
+        self._keys_at = now
+        self.ready.set()
+
+    async def run(self) -> None:
+        """Keep the token and keys fresh until cancelled; retry with backoff on failure."""
+        backoff = 1.0
+        while True:
+            now = self.clock()
+            if self._token_due(now) or now - self._keys_at >= self.jwks_refresh_s:
+                try:
+                    await self.refresh()
+                    backoff = 1.0
+                except (SidecarError, AuthError) as exc:
+                    log.warning("token refresh failed (retrying in %.0f s): %s", backoff, exc)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 60.0)
+                    continue
+            await trio.sleep(1.0)
+
+    def authenticator(self) -> PeerAuthenticator:
+        """The peer authenticator for this node (call after ``ready`` is set)."""
+        return PeerAuthenticator(
+            node_key=self.node_key,
+            token=lambda: self.token,
+            verifier=self.verifier,
+            cluster=self.cluster,
+            clock=self.clock,
+        )

@@ -1,0 +1,257 @@
+"""A node's peer engine: the TCP listener, outgoing dials, and the swarms it runs.
+
+:class:`PeerNode` owns one nursery (the node's), in which the listener, every accepted
+connection and every :class:`~p2pimage.swarm.engine.Swarm` run. Bandwidth caps are node-wide:
+one upload and one download limiter shared by every peer session of every swarm.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pimage.auth.tokens import PeerAuthenticator
+from p2pimage.errors import LocalProtocolError
+from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.storage.pieces import PieceStorage
+from p2pimage.swarm.engine import Swarm, SwarmSettings
+from p2pimage.swarm.ratelimit import RateLimiter
+from p2pimage.swarm.session import (
+    PeerClosed,
+    PeerSession,
+    SessionInfo,
+    make_connection,
+    new_peer_id,
+)
+from p2pimage.tracker.client import AnnounceSettings, TrackerClient, run_announcer
+from p2pimage.wire import Role
+
+__all__ = ["PeerNode", "open_peer_node"]
+
+log = logging.getLogger("p2pimage.swarm.node")
+
+# Total connections a node keeps across all swarms (libtorrent's connections_limit: 200).
+DEFAULT_MAX_CONNECTIONS = 200
+
+
+class PeerNode:
+    """The peer side of one node: listens, dials, and runs swarms."""
+
+    def __init__(
+        self,
+        *,
+        authenticator: PeerAuthenticator | None,
+        open_mode: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        upload_rate: float | None = None,
+        download_rate: float | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        peer_id: bytes | None = None,
+        handshake_timeout_s: float = 10.0,
+        max_block_length: int | None = None,
+        encrypt: bool = True,
+    ) -> None:
+        """``encrypt`` (authenticated nodes): every peer connection is encrypted, and a
+        peer that does not offer encryption is refused; all nodes of a cluster must agree."""
+        if authenticator is None and not open_mode:
+            raise LocalProtocolError("an authenticator is required unless open_mode=True")
+        if authenticator is not None and open_mode:
+            raise LocalProtocolError("open_mode and an authenticator exclude each other")
+        self.authenticator = authenticator
+        self.host = host
+        self.port = port
+        self.peer_id = peer_id or new_peer_id()
+        self.upload_limiter = RateLimiter(upload_rate)
+        self.download_limiter = RateLimiter(download_rate)
+        self.max_connections = max_connections
+        self.handshake_timeout_s = handshake_timeout_s
+        self.max_block_length = max_block_length
+        self.encrypt = encrypt and authenticator is not None
+        self.swarms: dict[bytes, Swarm] = {}
+        self.connections = 0
+        self.listen_address: tuple[str, int] = (host, port)
+        self._nursery: trio.Nursery | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, self._accept, self.port, host=self.host)
+            )
+            sockname = listeners[0].socket.getsockname()
+            self.listen_address = (self.host, sockname[1])
+            self.port = sockname[1]
+            task_status.started()
+
+    def _require_running(self) -> trio.Nursery:
+        if self._nursery is None:
+            raise LocalProtocolError("the node is not running; use open_peer_node()")
+        return self._nursery
+
+    async def add_swarm(
+        self,
+        metainfo: Metainfo,
+        directory: Path | str,
+        *,
+        settings: SwarmSettings | None = None,
+        storage: PieceStorage | None = None,
+        tracker: TrackerClient | None = None,
+        repository: str | None = None,
+        origin_headers: Mapping[str, str] | None = None,
+        origin_limiter: RateLimiter | None = None,
+        announce_settings: AnnounceSettings | None = None,
+    ) -> Swarm:
+        """Open (or resume) the blob's storage under ``directory`` and start its swarm.
+
+        With ``tracker``, the swarm announces itself and connects to the peers the tracker
+        names; with ``repository`` too, the tracker may make this node an origin fetcher,
+        reading its range from the registry with ``origin_headers`` (the pulling client's
+        credentials) through ``origin_limiter``. The swarm stops on :meth:`Swarm.close`,
+        :meth:`remove_swarm`, a tracker release order, or when the node stops.
+        """
+        nursery = self._require_running()
+        if metainfo.info_hash in self.swarms:
+            return self.swarms[metainfo.info_hash]
+        if storage is None:
+            storage = await trio.to_thread.run_sync(PieceStorage.open, Path(directory), metainfo)
+        swarm = Swarm(metainfo, storage, node=self, settings=settings)
+        self.swarms[metainfo.info_hash] = swarm
+        await nursery.start(self._run_swarm, swarm)
+        if tracker is not None:
+            swarm.start_soon(
+                functools.partial(
+                    run_announcer,
+                    swarm,
+                    tracker,
+                    repository=repository,
+                    origin_http=tracker.http,
+                    origin_headers=origin_headers,
+                    origin_limiter=origin_limiter,
+                    settings=announce_settings,
+                )
+            )
+        return swarm
+
+    async def _run_swarm(
+        self, swarm: Swarm, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            await swarm.run(task_status=task_status)
+        finally:
+            if self.swarms.get(swarm.info_hash) is swarm:
+                del self.swarms[swarm.info_hash]
+            swarm.release_storage()
+
+    def remove_swarm(self, info_hash: bytes) -> None:
+        swarm = self.swarms.pop(info_hash, None)
+        if swarm is not None:
+            swarm.close()
+
+    # --- connections --------------------------------------------------------------------
+
+    def _session(
+        self,
+        stream: trio.SocketStream,
+        role: Role,
+        info_hash: bytes | None,
+        address: tuple[str, int],
+    ) -> PeerSession:
+        conn = make_connection(
+            role,
+            peer_id=self.peer_id,
+            info_hash=info_hash,
+            authenticator=self.authenticator,
+            max_block_length=self.max_block_length,
+            encrypt=self.encrypt,
+        )
+        return PeerSession(
+            stream,
+            conn,
+            address=address,
+            upload=self.upload_limiter,
+            download=self.download_limiter,
+        )
+
+    async def dial(
+        self, address: tuple[str, int], info_hash: bytes
+    ) -> tuple[PeerSession, SessionInfo]:
+        """Connect to ``address`` and run the handshake for ``info_hash``."""
+        if self.connections >= self.max_connections:
+            raise PeerClosed("node connection limit reached")
+        try:
+            stream = await trio.open_tcp_stream(*address)
+        except OSError as exc:
+            raise PeerClosed(f"connect failed: {exc}") from None
+        self.connections += 1
+        session = self._session(stream, Role.INITIATOR, info_hash, address)
+        try:
+            with trio.fail_after(self.handshake_timeout_s):
+                info = await session.handshake()
+        except BaseException:
+            self.connections -= 1
+            await session.aclose("handshake failed")
+            raise
+        return session, info
+
+    def release_connection(self) -> None:
+        """A dialed session from :meth:`dial` has ended."""
+        self.connections -= 1
+
+    async def _accept(self, stream: trio.SocketStream) -> None:
+        try:
+            peer = stream.socket.getpeername()
+            address = (str(peer[0]), int(peer[1]))
+        except OSError:
+            await stream.aclose()
+            return
+        if self.connections >= self.max_connections:
+            await stream.aclose()
+            return
+        self.connections += 1
+        session = self._session(stream, Role.RESPONDER, None, address)
+        try:
+            try:
+                with trio.fail_after(self.handshake_timeout_s):
+                    info = await session.handshake(accept=lambda ih: ih in self.swarms)
+            except (PeerClosed, trio.TooSlowError) as exc:
+                log.debug("inbound handshake from %s failed: %s", address, exc)
+                await session.aclose("handshake failed")
+                return
+            swarm = self.swarms.get(info.info_hash)
+            if swarm is None:
+                await session.aclose("swarm gone")
+                return
+            await swarm.adopt(session, info)
+        except Exception:
+            # The listener's boundary: whatever one connection does (or whatever bug it
+            # hits), it must not escape into serve_tcp and stop the node with it.
+            log.exception("inbound connection from %s failed", address)
+            await session.aclose("internal error")
+        finally:
+            self.connections -= 1
+
+
+@asynccontextmanager
+async def open_peer_node(
+    *,
+    authenticator: PeerAuthenticator | None,
+    open_mode: bool = False,
+    **kwargs: Any,
+) -> AsyncIterator[PeerNode]:
+    """Start a :class:`PeerNode` in its own nursery; stop everything on exit."""
+    node = PeerNode(authenticator=authenticator, open_mode=open_mode, **kwargs)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        try:
+            yield node
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,168 @@
+"""Origin range reads: fetch an assigned range of pieces from the registry.
+
+The tracker names a few peers of a swarm as *origin fetchers* and gives each a disjoint
+piece range; together the ranges cover the layer once, so the registry sends about one
+copy per cluster. An :class:`OriginReader` reads its range with HTTP ``Range`` requests,
+verifies every piece against the torrent, stores it and announces it to the swarm at
+once (``have``), so origin data spreads while it still arrives. The tracker may shrink
+the range at any time (work stealing): the reader stops at the current end.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import httpx
+import trio
+
+from p2pimage.errors import PieceHashError, RemoteProtocolError
+from p2pimage.swarm.ratelimit import RateLimiter
+
+if TYPE_CHECKING:
+    from p2pimage.swarm.engine import Swarm
+
+__all__ = ["OriginError", "OriginReader"]
+
+log = logging.getLogger("p2pimage.swarm.origin")
+
+# One HTTP request covers up to this many bytes of consecutive missing pieces: long enough
+# that request overhead vanishes, short enough that a steal or a failure wastes little.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+# Read granularity from the response body (and the limiter's unit).
+CHUNK_BYTES = 256 * 1024
+
+
+class OriginError(RemoteProtocolError):
+    """The registry could not serve the range (status, short body, bad bytes)."""
+
+
+class OriginReader:
+    """Reads pieces ``[first, end)`` of one blob from ``url`` into a swarm."""
+
+    def __init__(
+        self,
+        swarm: Swarm,
+        url: str,
+        first: int,
+        end: int,
+        *,
+        client: httpx.AsyncClient,
+        headers: Mapping[str, str] | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self.swarm = swarm
+        self.url = url
+        self.first = first
+        self.end = end
+        self.client = client
+        self.headers = dict(headers or {})
+        self.limiter = limiter or RateLimiter(None)
+        self.next_index = first
+        self.pieces_done = 0
+        self.bytes_read = 0
+        self.failed: str | None = None
+        self.finished = trio.Event()
+        # Ask the tracker to renew a lease halfway through it, so the renewal arrives
+        # before the reader reaches the end and reading never pauses.
+        self._renew_at = first + (end - first) // 2
+
+    def shrink(self, end: int) -> None:
+        """The tracker gave ``[end, old end)`` to another fetcher."""
+        if end < self.end:
+            self.swarm.picker.set_range_priority(max(end, self.next_index), self.end, 1)
+            self.end = max(end, self.next_index)
+
+    def extend(self, end: int) -> None:
+        """The tracker renewed our lease up to ``end``: read on (if still running)."""
+        if end > self.end and not self.finished.is_set():
+            self.swarm.picker.set_range_priority(self.end, end, 0)
+            self.end = end
+            self._renew_at = self.next_index + (end - self.next_index) // 2
+
+    async def run(self) -> None:
+        """Read the range; on failure, hand the unread pieces back to the swarm."""
+        mi = self.swarm.metainfo
+        picker = self.swarm.picker
+        picker.set_range_priority(self.first, self.end, 0)
+        try:
+            while True:
+                index = self.next_index
+                while index < self.end and self.swarm.storage.has_piece(index):
+                    index += 1
+                self.next_index = index
+                if index < self.end and self._taken(index):
+                    self.shrink(index)
+                if index >= self.end:
+                    break
+                stop = index + 1
+                span = mi.piece_size(index)
+                while (
+                    stop < self.end
+                    and not self.swarm.storage.has_piece(stop)
+                    and not self._taken(stop)
+                    and span + mi.piece_size(stop) <= MAX_REQUEST_BYTES
+                ):
+                    span += mi.piece_size(stop)
+                    stop += 1
+                await self._read_run(index, stop)
+        except (OriginError, httpx.HTTPError, PieceHashError, OSError) as exc:
+            self.failed = str(exc) or type(exc).__name__
+            log.warning(
+                "origin read of %s failed at piece %d: %s", self.url, self.next_index, self.failed
+            )
+        finally:
+            if self.next_index < self.end:
+                # Whatever we did not read goes back to the peers.
+                picker.set_range_priority(self.next_index, self.end, 1)
+            self.finished.set()
+
+    def _taken(self, index: int) -> bool:
+        """A peer already has this piece of our range: another fetcher was given the
+        rest of the range (work stealing) and we have not heard yet. Stop here instead of
+        reading the registry twice; the peers supply the rest."""
+        return self.swarm.picker.availability(index) > 0
+
+    async def _read_run(self, start: int, stop: int) -> None:
+        mi = self.swarm.metainfo
+        begin = mi.piece_offset(start)
+        last = mi.piece_offset(stop - 1) + mi.piece_size(stop - 1) - 1
+        headers = {**self.headers, "Range": f"bytes={begin}-{last}"}
+        async with self.client.stream("GET", self.url, headers=headers) as response:
+            if response.status_code == 200 and begin == 0 and last == mi.length - 1:
+                pass  # a registry that ignores Range but sends the whole blob is fine here
+            elif response.status_code != 206:
+                raise OriginError(f"registry answered {response.status_code} to a range read")
+            index = start
+            buffer = bytearray()
+            async for chunk in response.aiter_bytes(CHUNK_BYTES):
+                # The registry's egress cap, then this node's own download link.
+                await self.limiter.acquire(len(chunk))
+                await self.swarm.node.download_limiter.acquire(len(chunk))
+                self.bytes_read += len(chunk)
+                buffer += chunk
+                while index < stop and len(buffer) >= mi.piece_size(index):
+                    size = mi.piece_size(index)
+                    piece = bytes(buffer[:size])
+                    del buffer[:size]
+                    if index >= self.end:
+                        return  # stolen while in flight
+                    if self._taken(index) and not self.swarm.storage.has_piece(index):
+                        self.shrink(index)
+                        return
+                    if not self.swarm.storage.has_piece(index):
+                        self.swarm.storage.write_piece(index, piece)
+                        self.swarm.stats.downloaded_from_origin += size
+                        self.swarm.piece_from_origin(index)
+                    self.pieces_done += 1
+                    index += 1
+                    self.next_index = index
+                    if index >= self._renew_at:
+                        self._renew_at = self.end + 1  # once per lease
+                        self.swarm.announce_soon()  # report progress, renew the lease
+                if index >= stop:
+                    break
+            if index < stop:
+                raise OriginError(f"registry sent a short body (stopped at piece {index})")
+            await self.swarm.finalize_if_done()

@@ -1,0 +1,291 @@
+"""The trio layer around :class:`~p2pimage.wire.PeerConnection`: one TCP peer session.
+
+Short and boring on purpose. A :class:`PeerSession` owns a stream and a protocol object;
+:meth:`PeerSession.handshake` runs the (authenticated) handshake; afterwards
+:meth:`PeerSession.receive` returns messages and :meth:`PeerSession.send` queues them.
+Queued messages are written by one writer task in batches (one ``send_all`` per batch,
+not per 16 KiB block: measured on loopback, batching is worth 2-3x), with piece bytes
+paced by the upload limiter. On an encrypted connection each batch is sealed as a whole
+(``PeerConnection.seal``), so encryption costs one AEAD call per batch, not per block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pimage.auth.tokens import NodeToken, PeerAuthenticator
+from p2pimage.errors import AuthError, LocalProtocolError, RemoteProtocolError
+from p2pimage.swarm.ratelimit import RateLimiter
+from p2pimage.wire import (
+    BLOCK_LENGTH,
+    NEED_DATA,
+    ConnectionClosed,
+    ExtendedHandshake,
+    HandshakeReceived,
+    Message,
+    PeerAuthenticated,
+    PeerConnection,
+    Piece,
+    Role,
+    piece_header,
+)
+
+__all__ = ["PeerSession", "SessionInfo", "PeerClosed"]
+
+# Bytes asked of the socket per receive: enough for several 16 KiB blocks per wakeup.
+RECEIVE_SIZE = 256 * 1024
+# Flush a write batch once it holds this much; larger batches add latency, smaller ones
+# cost a system call per block (one send_all per block halves loopback throughput).
+WRITE_BATCH_BYTES = 512 * 1024
+
+
+class PeerClosed(Exception):
+    """The session ended: EOF, a protocol error, or we closed it (``reason`` says which)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class SessionInfo:
+    """What the handshake established about the peer."""
+
+    peer_id: bytes
+    info_hash: bytes
+    token: NodeToken | None = None
+    extended: ExtendedHandshake | None = None
+    messages: list[Message] = field(default_factory=list)  # arrived with the handshake
+
+
+class PeerSession:
+    """A peer connection driven over a trio stream."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        conn: PeerConnection,
+        *,
+        address: tuple[str, int],
+        upload: RateLimiter | None = None,
+        download: RateLimiter | None = None,
+    ) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.address = address
+        self._upload = upload or RateLimiter(None)
+        self._download = download or RateLimiter(None)
+        self._outbox: deque[bytes | bytearray | memoryview] = deque()
+        self._outbox_bytes = 0
+        self._wakeup = trio.Event()
+        self._drained = trio.Event()
+        self._closed: str | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.payload_sent = 0
+
+    # --- handshake ----------------------------------------------------------------------
+
+    async def handshake(self, *, accept: Callable[[bytes], bool] | None = None) -> SessionInfo:
+        """Run the handshake until the connection is open (and, unless open mode, the peer
+        is authenticated). ``accept`` decides, for a responder, whether the info-hash the
+        peer asked for is one we serve. Callers bound the time with a cancel scope.
+        """
+        await self._flush_protocol_output()
+        info: SessionInfo | None = None
+        extended: ExtendedHandshake | None = None
+        token: NodeToken | None = None
+        early: list[Message] = []
+        while True:
+            try:
+                event = self.conn.next_event()
+            except AuthError as exc:
+                # Tell the peer nothing beyond closing; log the reason on our side.
+                raise PeerClosed(f"authentication failed: {exc}") from None
+            except RemoteProtocolError as exc:
+                raise PeerClosed(f"protocol error: {exc}") from None
+            if event is NEED_DATA:
+                if self.conn.is_open and info is not None:
+                    info.extended, info.token = extended, token
+                    info.messages = early
+                    return info
+                await self._receive_into_conn()
+                continue
+            if isinstance(event, HandshakeReceived):
+                info = SessionInfo(peer_id=event.peer_id, info_hash=event.info_hash)
+                if self.conn.our_role is Role.RESPONDER:
+                    if accept is None or not accept(event.info_hash):
+                        self.conn.reject()
+                        raise PeerClosed("unknown info-hash")
+                    self.conn.accept()
+                await self._flush_protocol_output()
+            elif isinstance(event, ExtendedHandshake):
+                extended = event
+                await self._flush_protocol_output()
+            elif isinstance(event, PeerAuthenticated):
+                token = event.token
+                await self._flush_protocol_output()
+            elif isinstance(event, ConnectionClosed):
+                raise PeerClosed("closed during handshake")
+            else:
+                early.append(event)
+
+    async def _flush_protocol_output(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise PeerClosed(f"connection lost: {exc}") from None
+
+    async def _receive_into_conn(self) -> None:
+        try:
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise PeerClosed(f"connection lost: {exc}") from None
+        if data:
+            await self._download.acquire(len(data))
+            self.bytes_received += len(data)
+        try:
+            self.conn.receive_data(bytes(data))
+        except RemoteProtocolError as exc:
+            raise PeerClosed(f"protocol error: {exc}") from None
+
+    # --- after the handshake ------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        """The next message from the peer; raises :class:`PeerClosed` at the end."""
+        while True:
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                raise PeerClosed(f"protocol error: {exc}") from None
+            if event is NEED_DATA:
+                await self._receive_into_conn()
+                continue
+            if isinstance(event, ConnectionClosed):
+                raise PeerClosed("peer closed the connection")
+            if isinstance(event, HandshakeReceived | ExtendedHandshake | PeerAuthenticated):
+                continue
+            return event
+
+    def send(self, message: Message) -> None:
+        """Queue ``message``; the writer task sends it. Never blocks."""
+        if self._closed is not None:
+            return
+        if not self.conn.is_open:
+            # The protocol closed the connection (an error on the read side); the session
+            # is being torn down and whatever we meant to say no longer matters.
+            self._closed = "connection closed"
+            self._wakeup.set()
+            self._drained.set()
+            return
+        if isinstance(message, Piece):
+            pending = self.conn.data_to_send()
+            if pending:
+                self._outbox.append(pending)
+                self._outbox_bytes += len(pending)
+            self._outbox.append(piece_header(message.index, message.begin, len(message.data)))
+            self._outbox.append(message.data)
+            self._outbox_bytes += 13 + len(message.data)
+            self.payload_sent += len(message.data)
+        else:
+            data = self.conn.send(message)
+            self._outbox.append(data)
+            self._outbox_bytes += len(data)
+        self._wakeup.set()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._outbox_bytes
+
+    async def wait_queue_below(self, limit: int) -> None:
+        """Return once at most ``limit`` bytes wait to be written (back-pressure for
+        uploaders); returns at once if the session has closed."""
+        while self._outbox_bytes > limit and self._closed is None:
+            self._drained = trio.Event()
+            await self._drained.wait()
+
+    async def run_writer(self) -> None:
+        """Write queued messages in batches until the session closes."""
+        while True:
+            if not self._outbox:
+                if self._closed is not None:
+                    return
+                self._wakeup = trio.Event()
+                await self._wakeup.wait()
+                continue
+            batch: list[bytes | bytearray | memoryview] = []
+            size = 0
+            while self._outbox and size < WRITE_BATCH_BYTES:
+                chunk = self._outbox.popleft()
+                batch.append(chunk)
+                size += len(chunk)
+            self._outbox_bytes -= size
+            self._drained.set()
+            try:
+                # One AEAD pass per batch on an encrypted connection; as is otherwise.
+                data = self.conn.seal(b"".join(batch))
+            except LocalProtocolError:
+                raise PeerClosed("connection closed") from None
+            await self._upload.acquire(len(data))
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise PeerClosed(f"connection lost: {exc}") from None
+            self.bytes_sent += len(data)
+
+    async def aclose(self, reason: str = "closed") -> None:
+        if self._closed is None:
+            self._closed = reason
+        self._wakeup.set()
+        self._drained.set()
+        with contextlib.suppress(LocalProtocolError):
+            self.conn.close()
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await self.stream.aclose()
+
+
+def new_peer_id(prefix: bytes = b"-PI0100-") -> bytes:
+    """A 20-byte peer id in the Azureus style (client and version, then random bytes)."""
+    return prefix + os.urandom(20 - len(prefix))
+
+
+def make_connection(
+    role: Role,
+    *,
+    peer_id: bytes,
+    info_hash: bytes | None,
+    authenticator: PeerAuthenticator | None,
+    max_block_length: int | None = None,
+    encrypt: bool = True,
+) -> PeerConnection:
+    """A :class:`PeerConnection` with a fresh nonce (and, with ``encrypt``, a fresh
+    key-exchange key: the connection encrypts and requires the peer to); open mode when
+    no authenticator."""
+    block = BLOCK_LENGTH if max_block_length is None else max_block_length
+    if authenticator is None:
+        return PeerConnection(
+            role=role,
+            info_hash=info_hash,
+            peer_id=peer_id,
+            authenticator=None,
+            open_mode=True,
+            max_block_length=block,
+        )
+    return PeerConnection(
+        role=role,
+        info_hash=info_hash,
+        peer_id=peer_id,
+        authenticator=authenticator,
+        nonce=os.urandom(32),
+        kx_key=os.urandom(32) if encrypt else None,
+        max_block_length=block,
+    )

@@ -1,0 +1,253 @@
+"""Talking to the tracker: the HTTP announce client and a swarm's announce loop.
+
+:class:`TrackerClient` sends BEP 3 announces (compact peers, BEP 23) with the node token
+as ``Authorization: Bearer``, and works against stock trackers (opentracker) too.
+:func:`run_announcer` keeps a swarm announced: ``started`` at once, re-announces quickly
+while the swarm is short of peers, ``completed`` the moment the blob completes, and
+``stopped`` on the way out. It acts on the tracker's p2pimage extras: an origin
+assignment starts (or shrinks) an :class:`~p2pimage.swarm.origin.OriginReader`; a release order
+closes the swarm.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import httpx
+import trio
+
+from p2pimage.errors import P2PImageError
+from p2pimage.swarm.origin import OriginReader
+from p2pimage.swarm.ratelimit import RateLimiter
+from p2pimage.tracker import AnnounceRequest, AnnounceResponse, Event, parse_announce_response
+
+if TYPE_CHECKING:
+    from p2pimage.swarm.engine import Swarm
+
+__all__ = ["AnnounceSettings", "TrackerClient", "TrackerError", "run_announcer"]
+
+log = logging.getLogger("p2pimage.tracker.client")
+
+
+class TrackerError(P2PImageError):
+    """The tracker could not be reached, refused us, or answered garbage."""
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TrackerClient:
+    """Announces to one tracker URL over a shared ``httpx.AsyncClient``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        http: httpx.AsyncClient,
+        token: str | Callable[[], str] | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.http = http
+        self._token = token
+        self.timeout_s = timeout_s
+
+    def _headers(self) -> dict[str, str]:
+        if self._token is None:
+            return {}
+        token = self._token() if callable(self._token) else self._token
+        return {"Authorization": f"Bearer {token}"}
+
+    async def announce(self, request: AnnounceRequest) -> AnnounceResponse:
+        sep = "&" if "?" in self.url else "?"
+        url = self.url + sep + request.to_query().decode("ascii")
+        try:
+            response = await self.http.get(url, headers=self._headers(), timeout=self.timeout_s)
+        except httpx.HTTPError as exc:
+            raise TrackerError(f"tracker {self.url} unreachable: {exc}") from None
+        try:
+            parsed = parse_announce_response(response.content)
+        except P2PImageError as exc:
+            raise TrackerError(
+                f"tracker answered HTTP {response.status_code} with garbage: {exc}"
+            ) from None
+        if parsed.failure is not None:
+            raise TrackerError(f"tracker refused: {parsed.failure}", reason=parsed.error)
+        if response.status_code != 200:
+            raise TrackerError(f"tracker answered HTTP {response.status_code}")
+        return parsed
+
+
+@dataclass
+class AnnounceSettings:
+    """How a swarm announces."""
+
+    numwant: int = 50
+    # Re-announce this soon while the swarm has fewer than ``want_peers`` peers (a cold
+    # start: the first nodes to announce find nobody). The tracker's ``min interval``
+    # takes precedence when larger.
+    hungry_interval_s: float = 1.0
+    want_peers: int = 8
+    # After a failed announce, wait this long (doubling up to the maximum).
+    retry_s: float = 1.0
+    retry_max_s: float = 30.0
+    stop_timeout_s: float = 2.0
+    min_gap_s: float = 0.1
+
+
+async def run_announcer(
+    swarm: Swarm,
+    tracker: TrackerClient,
+    *,
+    repository: str | None = None,
+    origin_http: httpx.AsyncClient | None = None,
+    origin_headers: Mapping[str, str] | None = None,
+    origin_limiter: RateLimiter | None = None,
+    settings: AnnounceSettings | None = None,
+) -> None:
+    """Keep ``swarm`` announced until it closes; act on origin assignments and releases.
+
+    ``repository`` (with the layer digest from the torrent) lets the tracker name this
+    node an origin fetcher; origin reads use ``origin_headers`` (the credentials of the
+    client whose pull this is) through ``origin_limiter``.
+    """
+    cfg = settings or AnnounceSettings()
+    readers: list[OriginReader] = []
+    event = Event.STARTED
+    completed_sent = swarm.complete.is_set()
+    retry = cfg.retry_s
+    last_announce = -math.inf
+
+    def request(ev: Event) -> AnnounceRequest:
+        # Progress of our latest origin range, finished or not: the tracker moves its
+        # record (and our lease) forward only on what we report.
+        reader = readers[-1] if readers else None
+        stats = swarm.stats
+        return AnnounceRequest(
+            info_hash=swarm.info_hash,
+            peer_id=swarm.node.peer_id,
+            port=swarm.node.port,
+            uploaded=stats.uploaded,
+            downloaded=stats.downloaded_from_peers + stats.downloaded_from_origin,
+            left=swarm.left,
+            event=ev,
+            numwant=cfg.numwant,
+            pieces=swarm.metainfo.num_pieces if repository else None,
+            digest=swarm.metainfo.sha256 if repository else None,
+            repo=repository,
+            origin_next=reader.next_index if reader is not None else None,
+        )
+
+    try:
+        async with trio.open_nursery() as nursery:
+            while not swarm.closed.is_set():
+                # Never faster than min_gap_s, whatever wakes us (a lease that ends at once
+                # must not turn into a tight loop against the tracker).
+                await trio.sleep_until(last_announce + cfg.min_gap_s)
+                last_announce = trio.current_time()
+                swarm.announce_pending = False
+                try:
+                    response = await tracker.announce(request(event))
+                except TrackerError as exc:
+                    log.warning("announce %s: %s", swarm.metainfo.sha256[:19], exc)
+                    with trio.move_on_after(retry):
+                        await swarm.closed.wait()
+                    retry = min(retry * 2, cfg.retry_max_s)
+                    continue
+                retry = cfg.retry_s
+                if event is Event.COMPLETED:
+                    completed_sent = True
+                event = Event.NONE
+                swarm.connect(response.peers)
+                if origin_http is not None:
+                    _apply_origin(
+                        swarm,
+                        response,
+                        readers,
+                        nursery,
+                        origin_http,
+                        origin_headers,
+                        origin_limiter,
+                    )
+                if response.release and swarm.complete.is_set():
+                    log.info("tracker released %s", swarm.metainfo.sha256[:19])
+                    swarm.released = True
+                    swarm.close()
+                    break
+                interval = float(max(response.interval, 1))
+                if not swarm.complete.is_set() and len(swarm.peers) < cfg.want_peers:
+                    interval = max(cfg.hungry_interval_s, float(response.min_interval or 0))
+                if not swarm.announce_pending:
+                    with trio.move_on_after(interval):
+                        await swarm.milestone.wait()  # completed, closed, or news: now
+                if swarm.complete.is_set() and not completed_sent:
+                    event = Event.COMPLETED
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.move_on_after(cfg.stop_timeout_s) as scope:
+            scope.shield = True
+            try:
+                await tracker.announce(request(Event.STOPPED))
+            except TrackerError as exc:
+                log.debug("stopped announce failed: %s", exc)
+
+
+def _apply_origin(
+    swarm: Swarm,
+    response: AnnounceResponse,
+    readers: list[OriginReader],
+    nursery: trio.Nursery,
+    http: httpx.AsyncClient,
+    headers: Mapping[str, str] | None,
+    limiter: RateLimiter | None,
+) -> None:
+    """Follow the tracker's origin assignment.
+
+    The tracker names our unfetched remainder ``[first, end)`` on every answer while we
+    are a fetcher. Inside the current reader's range: the tail was stolen, shrink. No
+    assignment: stop reading (the range went elsewhere). A range elsewhere: stop the
+    current reader and read the new one.
+    """
+    origin = response.origin
+    current = readers[-1] if readers and not readers[-1].finished.is_set() else None
+    if origin is None:
+        if current is not None:
+            current.shrink(current.next_index)
+        return
+    read_end = origin.read_end  # within the lease, when the tracker gives one
+    if current is not None:
+        if (
+            current.url == origin.url
+            and current.first <= origin.first_piece
+            and read_end <= current.end
+        ):
+            current.shrink(read_end)
+            return
+        if current.url == origin.url and origin.first_piece <= current.next_index < read_end:
+            current.extend(read_end)  # a new lease on the range we are reading
+            return
+        current.shrink(current.next_index)
+    reader = OriginReader(
+        swarm,
+        origin.url,
+        origin.first_piece,
+        read_end,
+        client=http,
+        headers=headers,
+        limiter=limiter,
+    )
+    readers[:] = [reader]  # only the latest range matters for progress reports
+    nursery.start_soon(reader.run)
+
+    async def report_when_done() -> None:
+        # A finished range (or lease) is reported at once: the tracker extends the lease
+        # or hands out more work without waiting for the announce interval.
+        await reader.finished.wait()
+        swarm.announce_soon()
+
+    nursery.start_soon(report_when_done)
