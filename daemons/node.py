@@ -146,7 +146,7 @@ class NodeMetrics:
         self.registry.register(self)
 
     def _hash_failures(self, live: Iterable[Any]) -> int:
-        current = {s: s.stats.hash_failures for s in live}
+        current: dict[Any, int] = {s: s.stats.hash_failures for s in live}
         for swarm, n in self._failures_seen.items():
             if swarm not in current:
                 self._failures_closed += n
