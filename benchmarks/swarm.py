@@ -37,6 +37,7 @@ from rich.table import Table
 from daemons.testbed.registry import start_registry
 from daemons.testbed.throttle_proxy import ThrottleProxy
 from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
+from p2pimage.bound import direct_pull_time, kumar_ross_bound
 from p2pimage.metainfo.torrent import Metainfo, create_metainfo_from_file
 from p2pimage.oci.registry import RegistryClient
 from p2pimage.swarm.node import open_peer_node
@@ -46,11 +47,6 @@ from ._util import MIB, print_table, write_random_file
 
 ISSUER = "benchmark-sidecar"
 REPOSITORY = "bench/layer"
-
-
-def kumar_ross_bound(size: float, nodes: int, origin: float, up: float, down: float) -> float:
-    """T_min = max(F/u_s, F/d_min, N·F/(u_s + Σu_i)) for N nodes with equal links."""
-    return max(size / origin, size / down, nodes * size / (origin + nodes * up))
 
 
 def origin_plan(num_pieces: int, nodes: int, ratio: float = 0.1) -> list[tuple[int, int, int]]:
@@ -297,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "t_all_s": round(ours["t_all_s"], 2),
         "t_bound_s": round(bound, 2),
         "ratio_to_bound": round(ours["t_all_s"] / bound, 3),
-        "t_direct_s": round(args.nodes * size / origin, 2),
+        "t_direct_s": round(direct_pull_time(size, args.nodes, origin), 2),
         "registry_copies": round(ours["registry_bytes"] / size, 3),
         "cpu_s": round(ours["cpu_s"], 1),
     }
