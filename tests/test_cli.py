@@ -17,11 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 import trio
 from click.testing import CliRunner
 
 from daemons.cli import main
+from daemons.cli.fetch import EXIT_STALLED, FetchFailed
 from daemons.testbed.localcluster import LocalCluster, local_cluster
 from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer, TokenVerifier
 from p2pimage.metainfo.torrent import Metainfo
@@ -69,7 +71,18 @@ def test_torrent_create_inspect_and_garbage(runner: CliRunner, tmp_path: Path) -
     garbage.write_bytes(b"not bencode")
     code, _, stderr = invoke(runner, "torrent", "inspect", str(garbage))
     assert code == 1
-    assert one_line_error(stderr).startswith("error: ")
+    assert one_line_error(stderr).startswith("Error: ")
+
+
+def test_a_fetch_failure_keeps_its_exit_code(runner: CliRunner) -> None:
+    # fetch's failures are click exceptions carrying the documented exit codes (3: stalled).
+    @click.command()
+    def stalls() -> None:
+        raise FetchFailed("no byte for 15 s", EXIT_STALLED)
+
+    result = runner.invoke(stalls, [])
+    assert result.exit_code == EXIT_STALLED == 3
+    assert one_line_error(result.stderr) == "Error: no byte for 15 s"
 
 
 # --- keys -------------------------------------------------------------------------------
@@ -413,7 +426,7 @@ async def test_fetch_and_status_against_a_live_cluster(tmp_path: Path) -> None:
         proc = await cli("fetch", layer.digest, *args, "-o", str(tmp_path / "nope"))
         assert proc.returncode == 1
         line = one_line_error(proc.stderr.decode())
-        assert line.startswith("error: ") and "401" in line
+        assert line.startswith("Error: ") and "401" in line
         assert not (tmp_path / "nope").exists()
         proc = await cli("fetch", "sha256:xyz", *common)
         assert proc.returncode == 2
@@ -457,7 +470,7 @@ async def test_fetch_and_status_against_a_live_cluster(tmp_path: Path) -> None:
         assert "unreachable" in one_line_error(proc.stderr.decode())
         proc = await cli("status", "--node", cluster.sidecar_url)
         assert proc.returncode == 1
-        assert one_line_error(proc.stderr.decode()).startswith("error: ")
+        assert one_line_error(proc.stderr.decode()).startswith("Error: ")
         proc = await cli("status")
         assert proc.returncode == 2
 

@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import IO
 
 import click
 import httpx
@@ -67,15 +67,12 @@ _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 CHUNK = 1024 * 1024
 
 
-class FetchFailed(Exception):
+class FetchFailed(click.ClickException):
+    """The fetch failed; click prints the message and exits with ``exit_code``."""
+
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
-        self.code = code
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    raise SystemExit(code)
+        self.exit_code = code
 
 
 def _default_node_name() -> str:
@@ -239,7 +236,7 @@ class _Output:
                 prefix=f".{self._target.name}.", dir=self._target.parent or Path(".")
             )
         except OSError as exc:
-            _fail(f"cannot write {self._target}: {exc.strerror or exc}")
+            raise FetchFailed(f"cannot write {self._target}: {exc.strerror or exc}") from None
         self.file = os.fdopen(fd, "wb")
 
     def commit(self) -> None:
@@ -406,10 +403,8 @@ def fetch(
                         encrypt=encryption,
                     )
                 )
-        except FetchFailed as exc:
-            _fail(str(exc), exc.code)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            raise FetchFailed("interrupted", 130) from None
     if not quiet:
         seconds = time.monotonic() - started
         click.echo(

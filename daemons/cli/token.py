@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import httpx
@@ -39,11 +39,6 @@ __all__ = ["decode_unverified", "token"]
 # configured with the defaults.
 DEFAULT_ISSUER = "p2pimage-sidecar"
 _TIME_CLAIMS = ("iat", "nbf", "exp")
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    raise SystemExit(1)
 
 
 @click.group()
@@ -93,21 +88,23 @@ def issue(
     try:
         signing = SigningKey.from_pem(key_path.read_bytes())
     except (OSError, P2PImageError) as exc:
-        _fail(f"{key_path}: not a usable signing key ({exc})")
+        raise click.ClickException(f"{key_path}: not a usable signing key ({exc})") from None
     node_jwk: dict[str, Any]
     if node_key_path is not None:
         try:
             node_jwk = NodeKey.from_pem(node_key_path.read_bytes()).public_jwk()
         except (OSError, P2PImageError) as exc:
-            _fail(f"{node_key_path}: not a usable node key ({exc})")
+            raise click.ClickException(f"{node_key_path}: not a usable node key ({exc})") from None
     else:
         assert jwk_file is not None
         try:
             loaded = json.loads(jwk_file.read_text())
         except (OSError, ValueError) as exc:
-            _fail(f"{jwk_file}: not a JSON JWK ({exc})")
+            raise click.ClickException(f"{jwk_file}: not a JSON JWK ({exc})") from None
         if not isinstance(loaded, dict) or "d" in loaded:
-            _fail(f"{jwk_file}: must be a public JWK object (no private 'd' member)")
+            raise click.ClickException(
+                f"{jwk_file}: must be a public JWK object (no private 'd' member)"
+            )
         node_jwk = loaded
     issuer_ = TokenIssuer([signing], issuer=issuer, lifetime_s=lifetime)
     try:
@@ -115,7 +112,7 @@ def issue(
             subject=node, cluster=cluster, node_jwk=node_jwk, now=time.time(), zone=zone
         )
     except P2PImageError as exc:
-        _fail(f"cannot issue: {exc}")
+        raise click.ClickException(f"cannot issue: {exc}") from None
     click.echo(jwt)
 
 
@@ -143,7 +140,7 @@ def _load_keys(jwks_file: Path | None, sidecar: str | None) -> KeySet:
         try:
             doc = json.loads(jwks_file.read_text())
         except (OSError, ValueError) as exc:
-            _fail(f"{jwks_file}: not a JSON JWKS document ({exc})")
+            raise click.ClickException(f"{jwks_file}: not a JSON JWKS document ({exc})") from None
         source = str(jwks_file)
     else:
         assert sidecar is not None
@@ -151,18 +148,18 @@ def _load_keys(jwks_file: Path | None, sidecar: str | None) -> KeySet:
         try:
             response = httpx.get(url, timeout=10.0)
         except httpx.HTTPError as exc:
-            _fail(f"sidecar {sidecar} unreachable: {exc}")
+            raise click.ClickException(f"sidecar {sidecar} unreachable: {exc}") from None
         if response.status_code != 200:
-            _fail(f"{url}: HTTP {response.status_code}")
+            raise click.ClickException(f"{url}: HTTP {response.status_code}")
         try:
             doc = response.json()
         except ValueError:
-            _fail(f"{url}: not JSON")
+            raise click.ClickException(f"{url}: not JSON") from None
         source = url
     try:
         return KeySet.from_jwks(doc)
     except AuthError as exc:
-        _fail(f"{source}: invalid JWKS ({exc})")
+        raise click.ClickException(f"{source}: invalid JWKS ({exc})") from None
 
 
 def _when(value: Any, now: float) -> str:
@@ -208,7 +205,7 @@ def inspect(
     try:
         header, claims = decode_unverified(raw)
     except AuthError as exc:
-        _fail(str(exc))
+        raise click.ClickException(str(exc)) from None
     now = time.time()
     verification: dict[str, Any] | None = None
     if jwks_file is not None or sidecar is not None:
