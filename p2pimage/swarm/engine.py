@@ -35,6 +35,7 @@ from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
 from p2pimage.swarm.session import PeerClosed, PeerSession, SessionInfo
 from p2pimage.wire import (
+    BLOCK_LENGTH,
     Bitfield,
     Cancel,
     Choke,
@@ -101,8 +102,8 @@ class SwarmSettings:
     # Reveal each origin-read piece to one peer first (see Swarm.piece_from_origin).
     reveal_origin_pieces: bool = True
     reveal_timeout_s: float = 2.0
-    # Block size of our requests: 16 KiB, the only size stock clients serve (BEP 3).
-    block_size: int = 16 * 1024
+    # Block size of our requests: the only size stock clients serve (BEP 3).
+    block_size: int = BLOCK_LENGTH
     # Expected streaming rate (bytes/s) for deadline spacing in the streaming window.
     stream_rate: float = 50 * 1024 * 1024
     # The piece picker's tunables (request queue depth, endgame duplicates, ...).

@@ -38,12 +38,9 @@ from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 from p2pimage.errors import LocalProtocolError, RemoteProtocolError
+from p2pimage.wire import BLOCK_LENGTH
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "BlockRequest", "PickerSettings", "PiecePicker"]
-
-#: BEP 3 block size: 16 KiB is what every stock client serves (larger requests are
-#: commonly refused), so it is the default for the wire.
-DEFAULT_BLOCK_SIZE: Final = 16 * 1024
+__all__ = ["BlockRequest", "PickerSettings", "PiecePicker"]
 
 P = TypeVar("P", bound=Hashable)
 
@@ -157,7 +154,7 @@ class PiecePicker(Generic[P]):
         num_pieces: int,
         piece_length: int,
         total_length: int,
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_size: int = BLOCK_LENGTH,
         rng: random.Random | None = None,
         settings: PickerSettings | None = None,
     ) -> None:
