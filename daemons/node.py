@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import click
 import httpx
@@ -76,6 +76,10 @@ _HOP = frozenset(
 )
 
 
+# The library's defaults, which the settings below take as theirs.
+_LAYERS: Final = LayerSettings()
+
+
 class NodeSettings(BaseModel):
     """Configuration of the node peer (TOML file and ``P2PIMAGE_NODE_*`` environment)."""
 
@@ -107,9 +111,15 @@ class NodeSettings(BaseModel):
     upload_rate: float | None = Field(None, gt=0, description="peer upload cap, bytes/s")
     download_rate: float | None = Field(None, gt=0, description="peer download cap, bytes/s")
     origin_rate: float | None = Field(None, gt=0, description="registry read cap, bytes/s")
-    swarm_threshold_bytes: int = Field(1024 * 1024, ge=0, description="smaller blobs: direct")
-    stall_timeout_s: float = Field(15.0, gt=0, description="no swarm progress → registry")
-    setup_timeout_s: float = Field(10.0, gt=0, description="torrent+swarm start limit")
+    swarm_threshold_bytes: int = Field(
+        _LAYERS.swarm_threshold_bytes, ge=0, description="smaller blobs: direct"
+    )
+    stall_timeout_s: float = Field(
+        _LAYERS.stall_timeout_s, gt=0, description="no swarm progress → registry"
+    )
+    setup_timeout_s: float = Field(
+        _LAYERS.setup_timeout_s, gt=0, description="torrent+swarm start limit"
+    )
     log_level: LogLevel = "info"
     log_json: LogJson = None
 

@@ -28,7 +28,14 @@ from daemons.sidecar import SidecarSettings, run_sidecar
 from daemons.testbed.localcluster import local_cluster
 from daemons.testbed.registry import free_port
 from p2pimage.auth.join import generate_credential, hash_credential
-from p2pimage.auth.tokens import KeySet, SigningKey, TokenIssuer, TokenVerifier
+from p2pimage.auth.tokens import (
+    KeySet,
+    SigningKey,
+    TokenIssuer,
+    TokenVerifier,
+    local_authenticator,
+    renewal_due,
+)
 from p2pimage.oci.image import build_image
 from p2pimage.sidecar.client import IssuedToken, SidecarClient, SidecarError, TokenKeeper
 from tests.test_node_restart import node_settings, pull_blob, push, start_node
@@ -90,6 +97,31 @@ def fake_keeper(sidecar: FakeSidecar, credential: str = CREDENTIAL) -> TokenKeep
         jwks_refresh_s=3600,
         clock=fake_clock,
     )
+
+
+# --- the renewal rule -------------------------------------------------------------------
+
+
+def test_a_token_is_due_for_renewal_at_two_thirds_of_its_life() -> None:
+    assert not renewal_due(1000.0, 1600.0, 1000.0)
+    assert not renewal_due(1000.0, 1600.0, 1399.9)
+    assert renewal_due(1000.0, 1600.0, 1400.0)
+    assert renewal_due(1000.0, 1600.0, 1700.0)  # expired: certainly
+
+
+def test_local_authenticator_renews_by_the_same_rule() -> None:
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test", lifetime_s=600)
+    now = [EPOCH]
+    auth = local_authenticator(issuer, subject="n", cluster=CLUSTER, clock=lambda: now[0])
+    first = auth.current_token()
+    now[0] = EPOCH + 399
+    assert auth.current_token() == first
+    now[0] = EPOCH + 400
+    second = auth.current_token()
+    assert second != first
+    assert strict(issuer.key_set()).verify(second, now=now[0]).issued_at == int(EPOCH + 400)
+    now[0] = EPOCH + 799
+    assert auth.current_token() == second
 
 
 # --- fake clock -------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pimage.auth.tokens import (
+    DEFAULT_ISSUER,
+    DEFAULT_TOKEN_LIFETIME_S,
     MAX_TOKEN_BYTES,
     KeySet,
     NodeKey,
@@ -35,9 +37,6 @@ from p2pimage.errors import AuthError, P2PImageError
 
 __all__ = ["decode_unverified", "token"]
 
-# The sidecar's default ``issuer`` setting, so tokens issued here verify against a tracker
-# configured with the defaults.
-DEFAULT_ISSUER = "p2pimage-sidecar"
 _TIME_CLAIMS = ("iat", "nbf", "exp")
 
 
@@ -69,7 +68,11 @@ def token() -> None:
 )
 @click.option("--zone", help="Topology zone claim.")
 @click.option(
-    "--lifetime", default=600, show_default=True, type=click.IntRange(1, 86400), help="Seconds."
+    "--lifetime",
+    default=DEFAULT_TOKEN_LIFETIME_S,
+    show_default=True,
+    type=click.IntRange(1, 86400),
+    help="Seconds.",
 )
 @click.option("--issuer", default=DEFAULT_ISSUER, show_default=True, help="The 'iss' claim.")
 def issue(

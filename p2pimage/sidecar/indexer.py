@@ -251,6 +251,23 @@ class RetryPolicy:
         return float(min(self.max_s, self.initial_s * self.factor ** max(0, attempt - 1)))
 
 
+@dataclass(frozen=True)
+class IndexerSettings:
+    """How much the indexer does at once, with its defaults (the sidecar's settings of the
+    same names take theirs from here)."""
+
+    #: Tasks fetching manifests (indexes fan out to one manifest per platform).
+    manifest_workers: int = 2
+    #: Tasks turning blobs into torrents (each mostly waits on the registry).
+    blob_workers: int = 4
+    #: Blobs streamed and hashed at once: each holds a thread busy on SHA-256 and SHA-1.
+    max_generations: int = 2
+    #: Work items waiting per queue (manifests, blobs); a webhook beyond it is refused.
+    queue_size: int = 1024
+    #: Fixed piece length for new torrents; None picks one from the blob's size.
+    piece_length: int | None = None
+
+
 @dataclass
 class IndexerHooks:
     """Callbacks for metrics; all optional."""
@@ -286,22 +303,20 @@ class Indexer:
         client: RegistryClient,
         store: TorrentStore,
         *,
-        manifest_workers: int = 2,
-        blob_workers: int = 4,
-        max_generations: int = 2,
-        queue_size: int = 1024,
+        settings: IndexerSettings | None = None,
         retry: RetryPolicy | None = None,
         hooks: IndexerHooks | None = None,
-        piece_length: int | None = None,
     ) -> None:
+        settings = settings or IndexerSettings()
         self.client = client
         self.store = store
         self.retry = retry or RetryPolicy()
         self.hooks = hooks or IndexerHooks()
-        self.piece_length = piece_length
-        self._manifest_workers = manifest_workers
-        self._blob_workers = blob_workers
-        self._generations = trio.CapacityLimiter(max_generations)
+        self.piece_length = settings.piece_length
+        self._manifest_workers = settings.manifest_workers
+        self._blob_workers = settings.blob_workers
+        self._generations = trio.CapacityLimiter(settings.max_generations)
+        queue_size = settings.queue_size
         self._manifest_send, self._manifest_recv = trio.open_memory_channel[WorkItem](queue_size)
         self._blob_send, self._blob_recv = trio.open_memory_channel[WorkItem](queue_size)
         self._queue_size = queue_size
@@ -581,6 +596,7 @@ __all__ = [
     "BlobUnavailableError",
     "Indexer",
     "IndexerHooks",
+    "IndexerSettings",
     "RetryPolicy",
     "TorrentStore",
     "WorkItem",
