@@ -55,10 +55,9 @@ from p2pimage.oci.registry import (
 
 log = logging.getLogger("p2pimage.sidecar.indexer")
 
-#: Size of each read buffer handed between the hashing threads. Measured on the 2-vCPU CI
-#: machine (512 MiB blob from a loopback registry, pools of 16-32 MiB): 4 MiB buffers
-#: ~1,240 MiB/s, 2 MiB ~1,150, 1 MiB ~1,180, 8 MiB ~1,200: big enough that thread
-#: hand-offs vanish against ~2.5 ms of hashing each.
+#: Size of each read buffer handed between the hashing threads: big enough that thread
+#: hand-offs vanish against ~2.5 ms of hashing each (docs/benchmarks.md, "Tuned
+#: defaults").
 HASH_CHUNK: Final = 4 * 1024 * 1024
 #: Torrent files larger than this are not ours: 16 MiB pieces of 20 bytes each would
 #: describe a 800 GiB blob in 1 MiB.

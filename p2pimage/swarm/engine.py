@@ -92,10 +92,9 @@ class SwarmSettings:
     # Pieces ahead of the read cursor given deadlines (streaming window). Kept short on
     # purpose: in a cold start every node reads the same layer from the same offset, and
     # a long window makes them all chase the same few frontier pieces (a convoy on the
-    # one peer that holds them) instead of trading rarest-first. Measured with the local
-    # cluster (16 nodes, 32 MiB, 2 MiB/s links): window 16 -> 1.95x the bound, 4 -> 1.32x,
-    # 0 -> 1.25x; the piece the reader is blocked on keeps strict priority either way
-    # (time to first byte stayed ~0.4 s).
+    # one peer that holds them) instead of trading rarest-first; the piece the reader is
+    # blocked on keeps strict priority either way. Measurements: docs/benchmarks.md,
+    # "Tuned defaults".
     stream_window: int = 4
     # Upload queue cap per peer (bytes) before the uploader waits for the writer.
     upload_queue_bytes: int = 1 << 20
