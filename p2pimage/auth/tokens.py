@@ -65,6 +65,13 @@ _PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 _PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
 
 
+def _private_pem(key: _PrivateKey) -> bytes:
+    """The unencrypted PKCS#8 PEM of a private key, as key files hold them."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -193,11 +200,7 @@ class SigningKey:
         return cls(key, kid)
 
     def to_pem(self) -> bytes:
-        return self._key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return _private_pem(self._key)
 
     def public_jwk(self) -> dict[str, Any]:
         return {**self._public, "kid": self.kid, "alg": self.alg, "use": "sig"}
@@ -228,11 +231,7 @@ class NodeKey:
         return cls(key)
 
     def to_pem(self) -> bytes:
-        return self._key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return _private_pem(self._key)
 
     def public_jwk(self) -> dict[str, Any]:
         return dict(self._jwk)
