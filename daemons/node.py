@@ -42,6 +42,7 @@ from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.tokens import NodeKey
 from p2pimage.errors import LocalProtocolError
+from p2pimage.metainfo.torrent import is_digest
 from p2pimage.mirror.blobs import LayerService, LayerSettings
 from p2pimage.sidecar.client import SidecarClient, TokenKeeper
 from p2pimage.storage.cache import BlobCache
@@ -57,7 +58,6 @@ _PATH = re.compile(
     r"^/v2/(?P<name>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
     r"/(?P<kind>manifests|blobs)/(?P<ref>[A-Za-z0-9_.:+=-]{1,128})$"
 )
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 # Hop-by-hop headers (RFC 9110 §7.6.1) and ones the proxy sets itself.
 _HOP = frozenset(
@@ -285,7 +285,7 @@ def _registry_error(status: int, code: str, message: str) -> JSONResponse:
 async def _blob_get(
     daemon: NodeDaemon, request: Request, upstream: str, name: str, digest: str
 ) -> Response:
-    if not _DIGEST.match(digest):
+    if not is_digest(digest):
         # Not a digest we can verify: let the registry answer it.
         return await _proxy(daemon, request, upstream, f"/v2/{name}/blobs/{digest}")
     authorization = request.headers.get("authorization")

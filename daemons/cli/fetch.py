@@ -52,6 +52,8 @@ from rich.progress import (
 )
 
 from p2pimage.errors import AuthError, DigestMismatchError, StorageError
+from p2pimage.metainfo.torrent import is_digest
+from p2pimage.mirror.blobs import CHUNK
 from p2pimage.sidecar.client import SidecarClient, SidecarError, TokenKeeper
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm
@@ -62,9 +64,6 @@ __all__ = ["EXIT_FAILED", "EXIT_STALLED", "FetchFailed", "fetch"]
 
 EXIT_FAILED = 1
 EXIT_STALLED = 3
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-# Chunks handed from the swarm to the output (the node mirror uses the same size).
-CHUNK = 1024 * 1024
 
 
 class FetchFailed(click.ClickException):
@@ -355,7 +354,7 @@ def fetch(
 
     Exit codes: 0 written and verified, 1 failed, 2 bad usage, 3 the swarm stalled.
     """
-    if not _DIGEST.match(digest):
+    if not is_digest(digest):
         raise click.BadParameter("must be sha256:<64 lowercase hex>", param_hint="DIGEST")
     try:
         credential = credential_file.read_text().strip()

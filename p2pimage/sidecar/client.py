@@ -25,7 +25,7 @@ import trio
 
 from p2pimage.auth.tokens import KeySet, NodeKey, PeerAuthenticator, TokenVerifier, renewal_due
 from p2pimage.errors import AuthError, MetainfoError, P2PImageError
-from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.metainfo.torrent import MAX_TORRENT_BYTES, Metainfo
 
 __all__ = [
     "DEFAULT_JWKS_MIN_REFRESH_S",
@@ -39,9 +39,6 @@ __all__ = [
 
 log = logging.getLogger("p2pimage.sidecar.client")
 
-# Torrents of real layers are tens of KiB (20 bytes per piece, at most ~2,000 pieces);
-# 1 MiB refuses nothing legitimate and bounds what a broken sidecar can make us buffer.
-MAX_TORRENT_BYTES = 1 << 20
 # A JWKS document holds a handful of public keys (~200 bytes each); 1 MiB is thousands.
 MAX_JWKS_BYTES = 1 << 20
 #: How often a verifier reloads the cluster's keys: a rotation publishes the next key at

@@ -41,7 +41,7 @@ from p2pimage.errors import (
     MetainfoError,
     P2PImageError,
 )
-from p2pimage.metainfo.torrent import Metainfo, MetainfoBuilder
+from p2pimage.metainfo.torrent import MAX_TORRENT_BYTES, Metainfo, MetainfoBuilder
 from p2pimage.oci.notifications import RegistryEvent
 from p2pimage.oci.registry import (
     MANIFEST_TYPES,
@@ -59,9 +59,6 @@ log = logging.getLogger("p2pimage.sidecar.indexer")
 #: hand-offs vanish against ~2.5 ms of hashing each (docs/benchmarks.md, "Tuned
 #: defaults").
 HASH_CHUNK: Final = 4 * 1024 * 1024
-#: Torrent files larger than this are not ours: 16 MiB pieces of 20 bytes each would
-#: describe a 800 GiB blob in 1 MiB.
-MAX_TORRENT_SIZE: Final = 8 * 1024 * 1024
 _TMP_PREFIX: Final = ".tmp-"
 
 
@@ -97,13 +94,13 @@ class TorrentStore:
         path = self.path(digest)
         try:
             with path.open("rb") as f:
-                data = f.read(MAX_TORRENT_SIZE + 1)
+                data = f.read(MAX_TORRENT_BYTES + 1)
         except FileNotFoundError:
             return None
         if digest in self._verified:
             return data
         try:
-            if len(data) > MAX_TORRENT_SIZE:
+            if len(data) > MAX_TORRENT_BYTES:
                 raise MetainfoError("torrent file too large")
             meta = Metainfo.from_bytes(data)
             if meta.sha256 != digest:
