@@ -21,7 +21,12 @@ import click
 import pytest
 import trio
 from click.testing import CliRunner
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
+from daemons._http import serve_app
 from daemons.cli import main
 from daemons.cli.fetch import EXIT_STALLED, FetchFailed
 from daemons.testbed.localcluster import LocalCluster, local_cluster
@@ -352,6 +357,33 @@ async def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[by
             check=False,
             env=env,
         )
+
+
+async def test_token_inspect_verifies_against_a_sidecar_jwks(
+    token_files: dict[str, Path],
+) -> None:
+    signing = SigningKey.from_pem(token_files["key"].read_bytes())
+    jwt = TokenIssuer([signing], issuer="p2pimage-sidecar").issue(
+        subject="node-1", cluster="prod", node_jwk=NodeKey.generate().public_jwk(), now=time.time()
+    )
+
+    async def jwks(request: Request) -> JSONResponse:
+        return JSONResponse({"keys": [signing.public_jwk()]})
+
+    app = Starlette(routes=[Route("/.well-known/jwks.json", jwks)])
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_app, app, "127.0.0.1:0")
+        proc = await cli("token", "inspect", jwt, "--sidecar", url, "--json")
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert json.loads(proc.stdout)["verification"]["valid"] is True
+        # Main errors: a URL that serves no JWKS, a sidecar that is not there (1).
+        proc = await cli("token", "inspect", jwt, "--sidecar", url + "/elsewhere")
+        assert proc.returncode == 1
+        assert one_line_error(proc.stderr.decode()) == "Error: JWKS: HTTP 404"
+        nursery.cancel_scope.cancel()
+    proc = await cli("token", "inspect", jwt, "--sidecar", "http://127.0.0.1:9")
+    assert proc.returncode == 1
+    assert "unreachable" in one_line_error(proc.stderr.decode())
 
 
 async def tracker_seeders(tracker_url: str) -> float:

@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 import httpx
+import trio
 from rich.console import Console
 from rich.table import Table
 
@@ -34,6 +35,7 @@ from p2pimage.auth.tokens import (
     TokenVerifier,
 )
 from p2pimage.errors import AuthError, P2PImageError
+from p2pimage.sidecar.client import SidecarClient, SidecarError, load_jwks_file
 
 __all__ = ["decode_unverified", "token"]
 
@@ -139,30 +141,25 @@ def decode_unverified(raw: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _load_keys(jwks_file: Path | None, sidecar: str | None) -> KeySet:
-    if jwks_file is not None:
-        try:
-            doc = json.loads(jwks_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise click.ClickException(f"{jwks_file}: not a JSON JWKS document ({exc})") from None
-        source = str(jwks_file)
-    else:
+    """The key set from a JWKS file or the sidecar, read as the tracker reads it."""
+
+    async def load() -> KeySet:
+        if jwks_file is not None:
+            return await load_jwks_file(jwks_file)
         assert sidecar is not None
-        url = sidecar.rstrip("/") + "/.well-known/jwks.json"
-        try:
-            response = httpx.get(url, timeout=10.0)
-        except httpx.HTTPError as exc:
-            raise click.ClickException(f"sidecar {sidecar} unreachable: {exc}") from None
-        if response.status_code != 200:
-            raise click.ClickException(f"{url}: HTTP {response.status_code}")
-        try:
-            doc = response.json()
-        except ValueError:
-            raise click.ClickException(f"{url}: not JSON") from None
-        source = url
+        async with httpx.AsyncClient() as http:
+            return await SidecarClient(sidecar, http=http).jwks()
+
     try:
-        return KeySet.from_jwks(doc)
+        return trio.run(load)
+    except SidecarError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{jwks_file}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise click.ClickException(f"{jwks_file}: not a JSON JWKS document ({exc})") from None
     except AuthError as exc:
-        raise click.ClickException(f"{source}: invalid JWKS ({exc})") from None
+        raise click.ClickException(f"{jwks_file}: invalid JWKS ({exc})") from None
 
 
 def _when(value: Any, now: float) -> str:
