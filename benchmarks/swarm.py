@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import resource
 import sys
@@ -42,6 +41,7 @@ from p2pimage.metainfo.torrent import Metainfo, create_metainfo_from_file
 from p2pimage.oci.registry import RegistryClient
 from p2pimage.swarm.node import open_peer_node
 from p2pimage.swarm.origin import OriginReader
+from p2pimage.tracker import TrackerPolicy
 
 from ._util import MIB, print_table, write_random_file
 
@@ -49,9 +49,10 @@ ISSUER = "benchmark-sidecar"
 REPOSITORY = "bench/layer"
 
 
-def origin_plan(num_pieces: int, nodes: int, ratio: float = 0.1) -> list[tuple[int, int, int]]:
-    """(node, first, end) for k = ceil(ratio·N) fetchers with disjoint, covering ranges."""
-    k = max(1, min(nodes, math.ceil(ratio * nodes)))
+def origin_plan(num_pieces: int, nodes: int) -> list[tuple[int, int, int]]:
+    """(node, first, end) for as many fetchers as the tracker's default policy names for
+    ``nodes`` peers, with disjoint, covering ranges."""
+    k = min(nodes, TrackerPolicy().target_fetchers(nodes))
     bounds = [num_pieces * i // k for i in range(k + 1)]
     # Spread fetchers over the node list so each worker process gets some.
     step = nodes / k
