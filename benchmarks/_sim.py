@@ -18,6 +18,7 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
+from p2pimage.bound import direct_pull_time, kumar_ross_bound
 from p2pimage.swarm.picker import PiecePicker
 from p2pimage.tracker import AnnounceRequest, Event, PolicyConfig, TrackerPolicy
 from p2pimage.tracker import SwarmRecord as TrackerSwarm
@@ -87,10 +88,6 @@ class _Node:
     hidden: dict[int, tuple[int, float]] = field(default_factory=dict)  # piece -> (to, at)
     reveals: dict[int, int] = field(default_factory=dict)  # neighbour -> pending reveals
     known_to: dict[int, set[int]] = field(default_factory=dict)  # piece -> who was told
-
-
-def kumar_ross_bound(size: float, nodes: int, origin: float, up: float, down: float) -> float:
-    return max(size / origin, size / down, nodes * size / (origin + nodes * up))
 
 
 def simulate(p: SimParams) -> SimResult:
@@ -331,7 +328,7 @@ def simulate(p: SimParams) -> SimResult:
         t_all_s=times[-1],
         t_median_s=times[len(times) // 2],
         t_bound_s=kumar_ross_bound(p.size, p.nodes, p.origin_rate, p.up, p.down),
-        t_direct_s=p.nodes * p.size / p.origin_rate,
+        t_direct_s=direct_pull_time(p.size, p.nodes, p.origin_rate),
         registry_copies=registry_bytes / p.size,
         fetchers=fetchers,
         events=events,

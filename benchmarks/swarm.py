@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import resource
 import sys
@@ -37,10 +36,12 @@ from rich.table import Table
 from daemons.testbed.registry import start_registry
 from daemons.testbed.throttle_proxy import ThrottleProxy
 from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
+from p2pimage.bound import direct_pull_time, kumar_ross_bound
 from p2pimage.metainfo.torrent import Metainfo, create_metainfo_from_file
 from p2pimage.oci.registry import RegistryClient
 from p2pimage.swarm.node import open_peer_node
 from p2pimage.swarm.origin import OriginReader
+from p2pimage.tracker import TrackerPolicy
 
 from ._util import MIB, print_table, write_random_file
 
@@ -48,14 +49,10 @@ ISSUER = "benchmark-sidecar"
 REPOSITORY = "bench/layer"
 
 
-def kumar_ross_bound(size: float, nodes: int, origin: float, up: float, down: float) -> float:
-    """T_min = max(F/u_s, F/d_min, N·F/(u_s + Σu_i)) for N nodes with equal links."""
-    return max(size / origin, size / down, nodes * size / (origin + nodes * up))
-
-
-def origin_plan(num_pieces: int, nodes: int, ratio: float = 0.1) -> list[tuple[int, int, int]]:
-    """(node, first, end) for k = ceil(ratio·N) fetchers with disjoint, covering ranges."""
-    k = max(1, min(nodes, math.ceil(ratio * nodes)))
+def origin_plan(num_pieces: int, nodes: int) -> list[tuple[int, int, int]]:
+    """(node, first, end) for as many fetchers as the tracker's default policy names for
+    ``nodes`` peers, with disjoint, covering ranges."""
+    k = min(nodes, TrackerPolicy().target_fetchers(nodes))
     bounds = [num_pieces * i // k for i in range(k + 1)]
     # Spread fetchers over the node list so each worker process gets some.
     step = nodes / k
@@ -297,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         "t_all_s": round(ours["t_all_s"], 2),
         "t_bound_s": round(bound, 2),
         "ratio_to_bound": round(ours["t_all_s"] / bound, 3),
-        "t_direct_s": round(args.nodes * size / origin, 2),
+        "t_direct_s": round(direct_pull_time(size, args.nodes, origin), 2),
         "registry_copies": round(ours["registry_bytes"] / size, 3),
         "cpu_s": round(ours["cpu_s"], 1),
     }

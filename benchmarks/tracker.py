@@ -37,18 +37,13 @@ from rich.table import Table
 
 from benchmarks._util import print_table
 from daemons.testbed.opentracker import opentracker_binary, run_opentracker
+from daemons.testbed.process import free_port, stop_process
 from daemons.testbed.redis import redis_binary, run_redis
 from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer
 from p2pimage.tracker import AnnounceRequest, Event
 
 ISSUER = "benchmark-sidecar"
 SERVER_CPU, LOAD_CPU = 0, 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pin(pid: int, cpu: int) -> None:
@@ -189,7 +184,7 @@ def measure(
 
 @contextlib.contextmanager
 def our_tracker(tmp: Path, **settings: object) -> Iterator[int]:
-    port = _free_port()
+    port = free_port()
     lines = [f'listen = "127.0.0.1:{port}"', 'log_level = "warning"']
     for key, value in settings.items():
         text = json.dumps(str(value)) if isinstance(value, str | Path) else str(value).lower()
@@ -218,12 +213,7 @@ def our_tracker(tmp: Path, **settings: object) -> Iterator[int]:
         _pin(proc.pid, SERVER_CPU)
         yield port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, grace=10)
 
 
 def main(argv: list[str] | None = None) -> int:

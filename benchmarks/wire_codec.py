@@ -11,9 +11,9 @@ import argparse
 import json
 import time
 
+from p2pimage.wire import BLOCK_LENGTH as BLOCK
 from p2pimage.wire import NEED_DATA, PeerConnection, Piece, Role
 
-BLOCK = 16 * 1024
 READ_SIZE = 256 * 1024
 
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import click
 import httpx
@@ -42,6 +42,7 @@ from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.tokens import NodeKey
 from p2pimage.errors import LocalProtocolError
+from p2pimage.metainfo.torrent import is_digest
 from p2pimage.mirror.blobs import LayerService, LayerSettings
 from p2pimage.sidecar.client import SidecarClient, TokenKeeper
 from p2pimage.storage.cache import BlobCache
@@ -57,7 +58,6 @@ _PATH = re.compile(
     r"^/v2/(?P<name>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
     r"/(?P<kind>manifests|blobs)/(?P<ref>[A-Za-z0-9_.:+=-]{1,128})$"
 )
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 # Hop-by-hop headers (RFC 9110 §7.6.1) and ones the proxy sets itself.
 _HOP = frozenset(
@@ -74,6 +74,10 @@ _HOP = frozenset(
         "content-length",
     }
 )
+
+
+# The library's defaults, which the settings below take as theirs.
+_LAYERS: Final = LayerSettings()
 
 
 class NodeSettings(BaseModel):
@@ -107,9 +111,15 @@ class NodeSettings(BaseModel):
     upload_rate: float | None = Field(None, gt=0, description="peer upload cap, bytes/s")
     download_rate: float | None = Field(None, gt=0, description="peer download cap, bytes/s")
     origin_rate: float | None = Field(None, gt=0, description="registry read cap, bytes/s")
-    swarm_threshold_bytes: int = Field(1024 * 1024, ge=0, description="smaller blobs: direct")
-    stall_timeout_s: float = Field(15.0, gt=0, description="no swarm progress → registry")
-    setup_timeout_s: float = Field(10.0, gt=0, description="torrent+swarm start limit")
+    swarm_threshold_bytes: int = Field(
+        _LAYERS.swarm_threshold_bytes, ge=0, description="smaller blobs: direct"
+    )
+    stall_timeout_s: float = Field(
+        _LAYERS.stall_timeout_s, gt=0, description="no swarm progress → registry"
+    )
+    setup_timeout_s: float = Field(
+        _LAYERS.setup_timeout_s, gt=0, description="torrent+swarm start limit"
+    )
     log_level: LogLevel = "info"
     log_json: LogJson = None
 
@@ -146,7 +156,7 @@ class NodeMetrics:
         self.registry.register(self)
 
     def _hash_failures(self, live: Iterable[Any]) -> int:
-        current = {s: s.stats.hash_failures for s in live}
+        current: dict[Any, int] = {s: s.stats.hash_failures for s in live}
         for swarm, n in self._failures_seen.items():
             if swarm not in current:
                 self._failures_closed += n
@@ -275,7 +285,7 @@ def _registry_error(status: int, code: str, message: str) -> JSONResponse:
 async def _blob_get(
     daemon: NodeDaemon, request: Request, upstream: str, name: str, digest: str
 ) -> Response:
-    if not _DIGEST.match(digest):
+    if not is_digest(digest):
         # Not a digest we can verify: let the registry answer it.
         return await _proxy(daemon, request, upstream, f"/v2/{name}/blobs/{digest}")
     authorization = request.headers.get("authorization")

@@ -46,7 +46,12 @@ from daemons._config import ConfigError, config_options, settings_for_command
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.join import JoinCredentials
-from p2pimage.auth.tokens import SigningKey, TokenIssuer
+from p2pimage.auth.tokens import (
+    DEFAULT_ISSUER,
+    DEFAULT_TOKEN_LIFETIME_S,
+    SigningKey,
+    TokenIssuer,
+)
 from p2pimage.errors import AuthError, DigestMismatchError, LocalProtocolError, P2PImageError
 from p2pimage.oci.notifications import MAX_ENVELOPE_SIZE, NotificationError, parse_envelope
 from p2pimage.oci.registry import RegistryClient, RegistryError, is_digest, is_repository
@@ -54,6 +59,7 @@ from p2pimage.sidecar.indexer import (
     BlobUnavailableError,
     Indexer,
     IndexerHooks,
+    IndexerSettings,
     RetryPolicy,
     TorrentStore,
 )
@@ -66,6 +72,11 @@ MAX_TOKEN_REQUEST: Final = 16 * 1024
 # RFC 1123 subdomain, as Kubernetes node names are.
 _NODE_RE: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _ZONE_RE: Final = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+# The library's defaults, which the settings below take as theirs.
+_INDEXER: Final = IndexerSettings()
+_RETRY: Final = RetryPolicy()
 
 
 class SidecarSettings(BaseModel):
@@ -83,27 +94,40 @@ class SidecarSettings(BaseModel):
     registry_tls_verify: bool = Field(True, description="verify the registry's certificate")
     registry_ca_file: Path | None = Field(None, description="CA bundle for a private CA")
     store_dir: Path = Field(Path("/var/lib/p2pimage/torrents"), description="torrent store")
-    issuer: str = Field("p2pimage-sidecar", description="token 'iss' claim")
+    issuer: str = Field(DEFAULT_ISSUER, description="token 'iss' claim")
     signing_keys: list[Path] = Field(
         default_factory=list, description="PEM private keys; the first signs, all published"
     )
-    token_lifetime_s: int = Field(600, gt=0, le=86400)
+    token_lifetime_s: int = Field(DEFAULT_TOKEN_LIFETIME_S, gt=0, le=86400)
     clusters: dict[str, list[str]] = Field(
         default_factory=dict, description="cluster -> join credential hashes (sha256$/scrypt$)"
     )
     webhook_token: SecretStr | None = Field(
         None, description="if set, POST /events needs 'Authorization: Bearer <token>'"
     )
-    manifest_workers: int = Field(2, ge=1, le=64)
-    blob_workers: int = Field(4, ge=1, le=256)
-    max_generations: int = Field(2, ge=1, le=64, description="blobs hashed at once")
-    queue_size: int = Field(1024, ge=1)
-    retry_initial_s: float = Field(0.5, gt=0)
-    retry_max_s: float = Field(30.0, gt=0)
+    manifest_workers: int = Field(_INDEXER.manifest_workers, ge=1, le=64)
+    blob_workers: int = Field(_INDEXER.blob_workers, ge=1, le=256)
+    max_generations: int = Field(
+        _INDEXER.max_generations, ge=1, le=64, description="blobs hashed at once"
+    )
+    queue_size: int = Field(_INDEXER.queue_size, ge=1)
+    retry_initial_s: float = Field(_RETRY.initial_s, gt=0)
+    retry_max_s: float = Field(_RETRY.max_s, gt=0)
     backfill_on_start: bool = Field(False, description="walk _catalog and tags at start")
-    piece_length: int | None = Field(None, description="fixed piece length (default: auto)")
+    piece_length: int | None = Field(
+        _INDEXER.piece_length, description="fixed piece length (default: auto)"
+    )
     log_level: LogLevel = "info"
     log_json: LogJson = None
+
+    def indexer_settings(self) -> IndexerSettings:
+        return IndexerSettings(
+            manifest_workers=self.manifest_workers,
+            blob_workers=self.blob_workers,
+            max_generations=self.max_generations,
+            queue_size=self.queue_size,
+            piece_length=self.piece_length,
+        )
 
 
 # Metrics -------------------------------------------------------------------------------
@@ -353,13 +377,9 @@ def build_sidecar(settings: SidecarSettings, client: RegistryClient) -> Sidecar:
     indexer = Indexer(
         client,
         store,
-        manifest_workers=settings.manifest_workers,
-        blob_workers=settings.blob_workers,
-        max_generations=settings.max_generations,
-        queue_size=settings.queue_size,
+        settings=settings.indexer_settings(),
         retry=RetryPolicy(initial_s=settings.retry_initial_s, max_s=settings.retry_max_s),
         hooks=metrics.hooks(),
-        piece_length=settings.piece_length,
     )
     issuer = TokenIssuer(keys, issuer=settings.issuer, lifetime_s=settings.token_lifetime_s)
     token = settings.webhook_token.get_secret_value() if settings.webhook_token else None

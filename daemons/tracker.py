@@ -20,14 +20,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import json
 import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import click
 import httpx
@@ -49,8 +48,15 @@ from starlette.routing import Route
 from daemons._config import ConfigError, config_options, settings_for_command
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
-from p2pimage.auth.tokens import KeySet, NodeToken, TokenVerifier
-from p2pimage.errors import AuthError, P2PImageError
+from p2pimage.auth.tokens import DEFAULT_LEEWAY_S, NodeToken, TokenVerifier
+from p2pimage.errors import AuthError
+from p2pimage.sidecar.client import (
+    DEFAULT_JWKS_MIN_REFRESH_S,
+    DEFAULT_JWKS_REFRESH_S,
+    JwksSource,
+    SidecarClient,
+    load_jwks_file,
+)
 from p2pimage.tracker import (
     AnnounceResponse,
     MemoryState,
@@ -79,7 +85,8 @@ _FORBIDDEN_REASONS = frozenset({"wrong_audience", "wrong_issuer", "wrong_cluster
 # Verified tokens cached by raw string; at 600 s lifetimes and one token per node this
 # holds ~10 renewals of a 5,000-node cluster. Beyond it the cache is emptied, not grown.
 _TOKEN_CACHE_MAX = 100_000
-_JWKS_MAX_BYTES = 1 << 20
+# The library's defaults, which the settings below take as theirs.
+_POLICY: Final = PolicyConfig()
 
 
 class TrackerSettings(BaseModel):
@@ -94,25 +101,31 @@ class TrackerSettings(BaseModel):
     sidecar_url: str | None = Field(default=None, description="sidecar base URL; JWKS from there")
     jwks_file: Path | None = Field(default=None, description="JWKS file (instead of sidecar_url)")
     issuer: str | None = Field(default=None, description="required token 'iss' (None: any)")
-    jwks_refresh_s: float = Field(default=300.0, gt=0, description="periodic JWKS refresh")
-    jwks_min_refresh_s: float = Field(default=10.0, ge=0, description="rate limit on unknown kid")
+    jwks_refresh_s: float = Field(
+        default=DEFAULT_JWKS_REFRESH_S, gt=0, description="periodic JWKS refresh"
+    )
+    jwks_min_refresh_s: float = Field(
+        default=DEFAULT_JWKS_MIN_REFRESH_S, ge=0, description="rate limit on unknown kid"
+    )
     registry_url: str | None = Field(default=None, description="registry base URL for origin reads")
     backend: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "p2pimage:tracker:"
     trust_query_ip: bool = Field(default=False, description="use the announce 'ip' parameter")
-    interval_s: int = Field(default=30, ge=1, le=86400)
-    min_interval_s: int = Field(default=5, ge=1, le=86400)
-    fetcher_interval_s: int = Field(default=5, ge=1, le=86400)
-    peer_timeout_s: float = Field(default=60.0, gt=0)
-    origin_ratio: float = Field(default=0.1, gt=0, le=1)
-    max_origin_fetchers: int = Field(default=16, ge=1, le=10_000)
-    origin_stall_s: float = Field(default=20.0, gt=0)
-    release_min_seeders: int = Field(default=2, ge=0)
-    release_seeder_ratio: float = Field(default=0.25, ge=0)
-    linger_s: float = Field(default=300.0, ge=0)
+    interval_s: int = Field(default=_POLICY.interval_s, ge=1, le=86400)
+    min_interval_s: int = Field(default=_POLICY.min_interval_s, ge=1, le=86400)
+    fetcher_interval_s: int = Field(default=_POLICY.fetcher_interval_s, ge=1, le=86400)
+    peer_timeout_s: float = Field(default=_POLICY.peer_timeout_s, gt=0)
+    origin_ratio: float = Field(default=_POLICY.origin_ratio, gt=0, le=1)
+    max_origin_fetchers: int = Field(default=_POLICY.max_origin_fetchers, ge=1, le=10_000)
+    origin_stall_s: float = Field(default=_POLICY.origin_stall_s, gt=0)
+    release_min_seeders: int = Field(default=_POLICY.release_min_seeders, ge=0)
+    release_seeder_ratio: float = Field(default=_POLICY.release_seeder_ratio, ge=0)
+    linger_s: float = Field(default=_POLICY.linger_s, ge=0)
     origin_lease_pieces: int | None = Field(
-        default=None, ge=0, description="pieces read per origin lease (none: pieces/32; 0: off)"
+        default=_POLICY.origin_lease_pieces,
+        ge=0,
+        description="pieces read per origin lease (none: max(4, pieces/8); 0: off)",
     )
     sweep_interval_s: float = Field(default=30.0, gt=0)
     log_level: LogLevel = "info"
@@ -150,68 +163,6 @@ def check_settings(settings: TrackerSettings) -> None:
 # ------------------------------------------------------------------------- token checks
 
 
-class JwksSource:
-    """The verifier's keys, from a file or the sidecar's JWKS URL.
-
-    Refreshed every ``refresh_s`` and, on a token with an unknown ``kid`` (key rotation),
-    at most once per ``min_refresh_s``.
-    """
-
-    def __init__(
-        self,
-        *,
-        url: str | None,
-        file: Path | None,
-        refresh_s: float,
-        min_refresh_s: float,
-        http: httpx.AsyncClient | None = None,
-    ) -> None:
-        self.url = url
-        self.file = file
-        self.refresh_s = refresh_s
-        self.min_refresh_s = min_refresh_s
-        self.http = http
-        self.keys = KeySet()
-        self.generation = 0
-        self._last_attempt = -float("inf")
-
-    async def refresh(self) -> bool:
-        """Reload the key set; True when it changed. Failures are logged, not raised."""
-        self._last_attempt = time.monotonic()
-        try:
-            if self.file is not None:
-                doc = json.loads(await trio.Path(self.file).read_bytes())
-            else:
-                assert self.url is not None and self.http is not None
-                response = await self.http.get(self.url, timeout=10.0)
-                response.raise_for_status()
-                if len(response.content) > _JWKS_MAX_BYTES:
-                    raise AuthError("malformed", "JWKS document too large")
-                doc = json.loads(response.content)
-            keys = KeySet.from_jwks(doc)
-        except (OSError, ValueError, httpx.HTTPError, P2PImageError) as exc:
-            log.warning("jwks refresh failed", extra={"fields": {"error": str(exc)}})
-            return False
-        changed = keys.to_jwks() != self.keys.to_jwks()
-        if changed:
-            self.keys = keys
-            self.generation += 1
-            log.info("jwks loaded", extra={"fields": {"kids": keys.kids}})
-        return changed
-
-    async def refresh_for_unknown_kid(self) -> bool:
-        if time.monotonic() - self._last_attempt < self.min_refresh_s:
-            return False
-        return await self.refresh()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.refresh()
-        task_status.started()
-        while True:
-            await trio.sleep(self.refresh_s)
-            await self.refresh()
-
-
 @dataclass
 class TokenGate:
     """Verifies bearer tokens, caching verified ones by raw string until they expire.
@@ -223,7 +174,7 @@ class TokenGate:
 
     jwks: JwksSource
     issuer: str | None
-    leeway_s: float = 30.0
+    leeway_s: float = DEFAULT_LEEWAY_S
     _cache: dict[str, NodeToken] = field(default_factory=dict)
     _generation: int = -1
     _verifier: TokenVerifier | None = None
@@ -488,18 +439,17 @@ async def run_tracker(
             state = MemoryState()
         gate = jwks = None
         if not settings.open_mode:
-            http = None
-            url = None
-            if settings.jwks_file is None:
+            jwks_file = settings.jwks_file
+            if jwks_file is None:
                 assert settings.sidecar_url is not None
-                url = settings.sidecar_url.rstrip("/") + "/.well-known/jwks.json"
                 http = await stack.enter_async_context(httpx.AsyncClient())
+                load = SidecarClient(settings.sidecar_url, http=http).jwks
+            else:
+                load = functools.partial(load_jwks_file, jwks_file)
             jwks = JwksSource(
-                url=url,
-                file=settings.jwks_file,
+                load,
                 refresh_s=settings.jwks_refresh_s,
                 min_refresh_s=settings.jwks_min_refresh_s,
-                http=http,
             )
             gate = TokenGate(jwks, settings.issuer)
         tracker = Tracker(settings, TrackerPolicy(settings.policy_config(), rng=rng), state, gate)

@@ -17,11 +17,18 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import pytest
 import trio
 from click.testing import CliRunner
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
+from daemons._http import serve_app
 from daemons.cli import main
+from daemons.cli.fetch import EXIT_STALLED, FetchFailed
 from daemons.testbed.localcluster import LocalCluster, local_cluster
 from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer, TokenVerifier
 from p2pimage.metainfo.torrent import Metainfo
@@ -69,7 +76,18 @@ def test_torrent_create_inspect_and_garbage(runner: CliRunner, tmp_path: Path) -
     garbage.write_bytes(b"not bencode")
     code, _, stderr = invoke(runner, "torrent", "inspect", str(garbage))
     assert code == 1
-    assert one_line_error(stderr).startswith("error: ")
+    assert one_line_error(stderr).startswith("Error: ")
+
+
+def test_a_fetch_failure_keeps_its_exit_code(runner: CliRunner) -> None:
+    # fetch's failures are click exceptions carrying the documented exit codes (3: stalled).
+    @click.command()
+    def stalls() -> None:
+        raise FetchFailed("no byte for 15 s", EXIT_STALLED)
+
+    result = runner.invoke(stalls, [])
+    assert result.exit_code == EXIT_STALLED == 3
+    assert one_line_error(result.stderr) == "Error: no byte for 15 s"
 
 
 # --- keys -------------------------------------------------------------------------------
@@ -341,6 +359,33 @@ async def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[by
         )
 
 
+async def test_token_inspect_verifies_against_a_sidecar_jwks(
+    token_files: dict[str, Path],
+) -> None:
+    signing = SigningKey.from_pem(token_files["key"].read_bytes())
+    jwt = TokenIssuer([signing], issuer="p2pimage-sidecar").issue(
+        subject="node-1", cluster="prod", node_jwk=NodeKey.generate().public_jwk(), now=time.time()
+    )
+
+    async def jwks(request: Request) -> JSONResponse:
+        return JSONResponse({"keys": [signing.public_jwk()]})
+
+    app = Starlette(routes=[Route("/.well-known/jwks.json", jwks)])
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_app, app, "127.0.0.1:0")
+        proc = await cli("token", "inspect", jwt, "--sidecar", url, "--json")
+        assert proc.returncode == 0, proc.stderr.decode()
+        assert json.loads(proc.stdout)["verification"]["valid"] is True
+        # Main errors: a URL that serves no JWKS, a sidecar that is not there (1).
+        proc = await cli("token", "inspect", jwt, "--sidecar", url + "/elsewhere")
+        assert proc.returncode == 1
+        assert one_line_error(proc.stderr.decode()) == "Error: JWKS: HTTP 404"
+        nursery.cancel_scope.cancel()
+    proc = await cli("token", "inspect", jwt, "--sidecar", "http://127.0.0.1:9")
+    assert proc.returncode == 1
+    assert "unreachable" in one_line_error(proc.stderr.decode())
+
+
 async def tracker_seeders(tracker_url: str) -> float:
     """Seeders the tracker knows, from its metrics."""
     import httpx
@@ -413,7 +458,7 @@ async def test_fetch_and_status_against_a_live_cluster(tmp_path: Path) -> None:
         proc = await cli("fetch", layer.digest, *args, "-o", str(tmp_path / "nope"))
         assert proc.returncode == 1
         line = one_line_error(proc.stderr.decode())
-        assert line.startswith("error: ") and "401" in line
+        assert line.startswith("Error: ") and "401" in line
         assert not (tmp_path / "nope").exists()
         proc = await cli("fetch", "sha256:xyz", *common)
         assert proc.returncode == 2
@@ -457,7 +502,7 @@ async def test_fetch_and_status_against_a_live_cluster(tmp_path: Path) -> None:
         assert "unreachable" in one_line_error(proc.stderr.decode())
         proc = await cli("status", "--node", cluster.sidecar_url)
         assert proc.returncode == 1
-        assert one_line_error(proc.stderr.decode()).startswith("error: ")
+        assert one_line_error(proc.stderr.decode()).startswith("Error: ")
         proc = await cli("status")
         assert proc.returncode == 2
 

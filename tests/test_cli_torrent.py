@@ -60,7 +60,7 @@ def test_garbage_torrent_exits_1(tmp_path: Path) -> None:
     bad.write_bytes(b"d4:infod5:filesleee")
     result = CliRunner().invoke(main, ["torrent", "inspect", str(bad)])
     assert result.exit_code == 1
-    assert result.stderr.count("\n") == 1 and "error:" in result.stderr
+    assert result.stderr.count("\n") == 1 and "Error:" in result.stderr
     assert "Traceback" not in result.output
 
 

@@ -25,7 +25,9 @@ from p2pimage.metainfo.torrent import (
     MetainfoBuilder,
     choose_piece_length,
     create_metainfo_from_file,
+    is_digest,
 )
+from p2pimage.oci.registry import is_digest as registry_is_digest
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -310,3 +312,20 @@ def test_direct_construction_validates() -> None:
         Metainfo("a", 10, MIN_PIECE_LENGTH, (), "sha256:" + "00" * 32)
     with pytest.raises(LocalProtocolError):
         Metainfo("a", 10, MIN_PIECE_LENGTH, (b"\x00" * 20,), "sha256:XYZ")
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        ("sha256:" + "0a" * 32, True),
+        ("sha256:" + "0a" * 32 + "\n", False),  # `$` would let this one through
+        ("sha256:" + "0A" * 32, False),
+        ("sha512:" + "0a" * 64, False),
+        ("sha256:" + "0a" * 31, False),
+        (b"sha256:" + b"0a" * 32, False),
+        (None, False),
+    ],
+)
+def test_is_digest_accepts_only_the_canonical_form(text: object, valid: bool) -> None:
+    assert is_digest(text) is valid
+    assert registry_is_digest(text) is valid  # the OCI client's check is this one

@@ -28,9 +28,24 @@ from daemons.sidecar import SidecarSettings, run_sidecar
 from daemons.testbed.localcluster import local_cluster
 from daemons.testbed.registry import free_port
 from p2pimage.auth.join import generate_credential, hash_credential
-from p2pimage.auth.tokens import KeySet, SigningKey, TokenIssuer, TokenVerifier
+from p2pimage.auth.tokens import (
+    KeySet,
+    SigningKey,
+    TokenIssuer,
+    TokenVerifier,
+    local_authenticator,
+    renewal_due,
+)
+from p2pimage.errors import AuthError
 from p2pimage.oci.image import build_image
-from p2pimage.sidecar.client import IssuedToken, SidecarClient, SidecarError, TokenKeeper
+from p2pimage.sidecar.client import (
+    IssuedToken,
+    JwksSource,
+    SidecarClient,
+    SidecarError,
+    TokenKeeper,
+    load_jwks_file,
+)
 from tests.test_node_restart import node_settings, pull_blob, push, start_node
 
 MIB = 1024 * 1024
@@ -90,6 +105,81 @@ def fake_keeper(sidecar: FakeSidecar, credential: str = CREDENTIAL) -> TokenKeep
         jwks_refresh_s=3600,
         clock=fake_clock,
     )
+
+
+# --- the renewal rule -------------------------------------------------------------------
+
+
+def test_a_token_is_due_for_renewal_at_two_thirds_of_its_life() -> None:
+    assert not renewal_due(1000.0, 1600.0, 1000.0)
+    assert not renewal_due(1000.0, 1600.0, 1399.9)
+    assert renewal_due(1000.0, 1600.0, 1400.0)
+    assert renewal_due(1000.0, 1600.0, 1700.0)  # expired: certainly
+
+
+def test_local_authenticator_renews_by_the_same_rule() -> None:
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test", lifetime_s=600)
+    now = [EPOCH]
+    auth = local_authenticator(issuer, subject="n", cluster=CLUSTER, clock=lambda: now[0])
+    first = auth.current_token()
+    now[0] = EPOCH + 399
+    assert auth.current_token() == first
+    now[0] = EPOCH + 400
+    second = auth.current_token()
+    assert second != first
+    assert strict(issuer.key_set()).verify(second, now=now[0]).issued_at == int(EPOCH + 400)
+    now[0] = EPOCH + 799
+    assert auth.current_token() == second
+
+
+# --- the key set ------------------------------------------------------------------------
+
+
+async def test_jwks_source_reloads_on_schedule_and_rate_limits_unknown_kids() -> None:
+    first, second = SigningKey.generate(), SigningKey.generate()
+    published = [first]
+    now = [0.0]
+    loads: list[float] = []
+
+    async def load() -> KeySet:
+        loads.append(now[0])
+        if not published:
+            raise SidecarError("sidecar unreachable (test)")
+        return TokenIssuer(published, issuer="test").key_set()
+
+    source = JwksSource(load, refresh_s=300, min_refresh_s=10, clock=lambda: now[0])
+    assert source.stale() and source.generation == 0
+    assert await source.refresh() is True
+    assert source.keys.kids == [first.kid] and source.generation == 1 and not source.stale()
+    assert await source.refresh() is False and source.generation == 1  # same keys
+    # A rotation: an unknown kid reloads at once, then not again within min_refresh_s.
+    published[:] = [second, first]
+    now[0] = 5.0
+    assert await source.refresh_for_unknown_kid() is False and loads[-1] == 0.0
+    now[0] = 10.0
+    assert await source.refresh_for_unknown_kid() is True
+    assert set(source.keys.kids) == {first.kid, second.kid} and source.generation == 2
+    # The sidecar away: refresh keeps the keys in hand, reload says why.
+    published.clear()
+    now[0] = 400.0
+    assert source.stale()
+    assert await source.refresh() is False
+    assert set(source.keys.kids) == {first.kid, second.kid} and source.stale()
+    with pytest.raises(SidecarError):
+        await source.reload()
+
+
+async def test_jwks_file_loads_and_refuses_garbage(tmp_path: Path) -> None:
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    good, bad = tmp_path / "jwks.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(issuer.jwks()))
+    bad.write_text("{not json")
+    assert (await load_jwks_file(good)).kids == issuer.key_set().kids
+    with pytest.raises(ValueError):
+        await load_jwks_file(bad)
+    bad.write_text('{"keys": "none"}')
+    with pytest.raises(AuthError):
+        await load_jwks_file(bad)
 
 
 # --- fake clock -------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The ``p2pimage`` command line: one entry point, a subcommand per tool or daemon.
 
 Exit codes a script can rely on: 0 success, 1 the operation failed, 2 bad usage or
-configuration (click's own convention).
+configuration (click's own convention). Failures are :class:`click.ClickException`s,
+printed by click as one line, `Error: ...`, on stderr.
 """
 
 from __future__ import annotations
@@ -50,4 +51,3 @@ def _register() -> None:
 
 
 _register()
-

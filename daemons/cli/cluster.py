@@ -32,20 +32,16 @@ from rich.table import Table
 from daemons._run import run_until_signalled
 from daemons.testbed import netns as _netns
 from daemons.testbed.localcluster import LocalCluster, local_cluster
+from p2pimage.bound import kumar_ross_bound
 from p2pimage.mirror.runtime_config import write_registries_conf
 from p2pimage.oci.image import BuiltImage, build_image, push_image
 from p2pimage.oci.registry import RegistryClient
 
-__all__ = ["ClusterParams", "cluster", "kumar_ross_bound", "run_cluster"]
+__all__ = ["ClusterParams", "cluster", "run_cluster"]
 
 MIB = 1024 * 1024
 REPOSITORY = "p2pimage/demo"
 TAG = "v1"
-
-
-def kumar_ross_bound(size: float, nodes: int, origin: float, up: float, down: float) -> float:
-    """T_min = max(F/u_s, F/d_min, N·F/(u_s + Σu_i)) for N nodes with equal links."""
-    return max(size / origin, size / down, nodes * size / (origin + nodes * up))
 
 
 @dataclass

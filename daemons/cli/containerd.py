@@ -91,7 +91,8 @@ def configure(
             skip_verify=skip_verify,
         )
     except OSError as exc:
-        click.echo(f"error: cannot write under {hosts_dir}: {exc.strerror or exc}", err=True)
-        raise SystemExit(1) from None
+        raise click.ClickException(
+            f"cannot write under {hosts_dir}: {exc.strerror or exc}"
+        ) from None
     for path in paths:
         click.echo(str(path))

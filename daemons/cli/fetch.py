@@ -35,7 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, NoReturn
+from typing import IO
 
 import click
 import httpx
@@ -52,6 +52,8 @@ from rich.progress import (
 )
 
 from p2pimage.errors import AuthError, DigestMismatchError, StorageError
+from p2pimage.metainfo.torrent import is_digest
+from p2pimage.mirror.blobs import CHUNK
 from p2pimage.sidecar.client import SidecarClient, SidecarError, TokenKeeper
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm
@@ -62,20 +64,14 @@ __all__ = ["EXIT_FAILED", "EXIT_STALLED", "FetchFailed", "fetch"]
 
 EXIT_FAILED = 1
 EXIT_STALLED = 3
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
-# Chunks handed from the swarm to the output (the node mirror uses the same size).
-CHUNK = 1024 * 1024
 
 
-class FetchFailed(Exception):
+class FetchFailed(click.ClickException):
+    """The fetch failed; click prints the message and exits with ``exit_code``."""
+
     def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
         super().__init__(message)
-        self.code = code
-
-
-def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    raise SystemExit(code)
+        self.exit_code = code
 
 
 def _default_node_name() -> str:
@@ -239,7 +235,7 @@ class _Output:
                 prefix=f".{self._target.name}.", dir=self._target.parent or Path(".")
             )
         except OSError as exc:
-            _fail(f"cannot write {self._target}: {exc.strerror or exc}")
+            raise FetchFailed(f"cannot write {self._target}: {exc.strerror or exc}") from None
         self.file = os.fdopen(fd, "wb")
 
     def commit(self) -> None:
@@ -358,7 +354,7 @@ def fetch(
 
     Exit codes: 0 written and verified, 1 failed, 2 bad usage, 3 the swarm stalled.
     """
-    if not _DIGEST.match(digest):
+    if not is_digest(digest):
         raise click.BadParameter("must be sha256:<64 lowercase hex>", param_hint="DIGEST")
     try:
         credential = credential_file.read_text().strip()
@@ -406,10 +402,8 @@ def fetch(
                         encrypt=encryption,
                     )
                 )
-        except FetchFailed as exc:
-            _fail(str(exc), exc.code)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            raise FetchFailed("interrupted", 130) from None
     if not quiet:
         seconds = time.monotonic() - started
         click.echo(

@@ -16,11 +16,6 @@ from p2pimage.auth.tokens import ALLOWED_ALGORITHMS, SigningKey
 from p2pimage.errors import P2PImageError
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    raise SystemExit(1)
-
-
 @click.group()
 def keys() -> None:
     """Token signing keys (PEM, for Kubernetes Secrets) and join credentials."""
@@ -50,10 +45,10 @@ def generate(alg: str, out: Path, force: bool) -> None:
     try:
         fd = os.open(out, flags, 0o600)
     except FileExistsError:
-        _fail(f"{out} exists (use --force to overwrite)")
+        raise click.ClickException(f"{out} exists (use --force to overwrite)") from None
         return
     except OSError as exc:
-        _fail(f"cannot write {out}: {exc.strerror}")
+        raise click.ClickException(f"cannot write {out}: {exc.strerror}") from None
         return
     with os.fdopen(fd, "wb") as f:
         f.write(key.to_pem())
@@ -74,7 +69,7 @@ def jwks(pem_files: tuple[Path, ...]) -> None:
         try:
             published.append(SigningKey.from_pem(path.read_bytes()).public_jwk())
         except (P2PImageError, ValueError, TypeError) as exc:
-            _fail(f"{path}: not a supported private key ({exc})")
+            raise click.ClickException(f"{path}: not a supported private key ({exc})") from None
     click.echo(json.dumps({"keys": published}, indent=2))
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import httpx
@@ -25,11 +25,6 @@ from rich.table import Table
 __all__ = ["node_status", "parse_metrics", "status", "tracker_status"]
 
 Samples = dict[str, list[tuple[dict[str, str], float]]]
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    raise SystemExit(1)
 
 
 def parse_metrics(text: str) -> Samples:
@@ -94,10 +89,10 @@ def _node_swarms(http: httpx.Client, base: str) -> list[dict[str, Any]] | None:
     try:
         body = response.json()
     except ValueError:
-        _fail(f"{url}: not JSON")
+        raise click.ClickException(f"{url}: not JSON") from None
     swarms = body.get("swarms") if isinstance(body, dict) else None
     if not isinstance(swarms, list) or not all(isinstance(s, dict) for s in swarms):
-        _fail(f"{url}: not a list of swarms")
+        raise click.ClickException(f"{url}: not a list of swarms")
     return swarms
 
 
@@ -127,9 +122,9 @@ def _get(http: httpx.Client, url: str, *, missing_ok: bool = False) -> httpx.Res
     try:
         response = http.get(url)
     except httpx.HTTPError as exc:
-        _fail(f"{url} unreachable: {exc}")
+        raise click.ClickException(f"{url} unreachable: {exc}") from None
     if response.status_code != 200 and not (missing_ok and response.status_code == 404):
-        _fail(f"{url}: HTTP {response.status_code}")
+        raise click.ClickException(f"{url}: HTTP {response.status_code}")
     return response
 
 
@@ -138,9 +133,9 @@ def _scrape(http: httpx.Client, base: str, prefix: str) -> Samples:
     try:
         samples = parse_metrics(_get(http, url).text)
     except ValueError as exc:
-        _fail(f"{url}: not Prometheus text ({exc})")
+        raise click.ClickException(f"{url}: not Prometheus text ({exc})") from None
     if not any(name.startswith(prefix) for name in samples):
-        _fail(f"{url}: no {prefix}* metrics; is this the right daemon?")
+        raise click.ClickException(f"{url}: no {prefix}* metrics; is this the right daemon?")
     return samples
 
 
@@ -231,9 +226,13 @@ def status(node_url: str | None, tracker_url: str | None, as_json: bool, timeout
             try:
                 health = _get(http, f"{url}/healthz").json()
             except ValueError:
-                _fail(f"{url}/healthz: not JSON; is this a p2pimage node?")
+                raise click.ClickException(
+                    f"{url}/healthz: not JSON; is this a p2pimage node?"
+                ) from None
             if not isinstance(health, dict):
-                _fail(f"{url}/healthz: not a JSON object; is this a p2pimage node?")
+                raise click.ClickException(
+                    f"{url}/healthz: not a JSON object; is this a p2pimage node?"
+                )
             samples = _scrape(http, url, "p2pimage_node_")
             report = node_status(health, samples, _node_swarms(http, url))
         else:

@@ -16,14 +16,17 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import httpx
+import trio
 from rich.console import Console
 from rich.table import Table
 
 from p2pimage.auth.tokens import (
+    DEFAULT_ISSUER,
+    DEFAULT_TOKEN_LIFETIME_S,
     MAX_TOKEN_BYTES,
     KeySet,
     NodeKey,
@@ -32,18 +35,11 @@ from p2pimage.auth.tokens import (
     TokenVerifier,
 )
 from p2pimage.errors import AuthError, P2PImageError
+from p2pimage.sidecar.client import SidecarClient, SidecarError, load_jwks_file
 
 __all__ = ["decode_unverified", "token"]
 
-# The sidecar's default ``issuer`` setting, so tokens issued here verify against a tracker
-# configured with the defaults.
-DEFAULT_ISSUER = "p2pimage-sidecar"
 _TIME_CLAIMS = ("iat", "nbf", "exp")
-
-
-def _fail(message: str) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
-    raise SystemExit(1)
 
 
 @click.group()
@@ -74,7 +70,11 @@ def token() -> None:
 )
 @click.option("--zone", help="Topology zone claim.")
 @click.option(
-    "--lifetime", default=600, show_default=True, type=click.IntRange(1, 86400), help="Seconds."
+    "--lifetime",
+    default=DEFAULT_TOKEN_LIFETIME_S,
+    show_default=True,
+    type=click.IntRange(1, 86400),
+    help="Seconds.",
 )
 @click.option("--issuer", default=DEFAULT_ISSUER, show_default=True, help="The 'iss' claim.")
 def issue(
@@ -93,21 +93,23 @@ def issue(
     try:
         signing = SigningKey.from_pem(key_path.read_bytes())
     except (OSError, P2PImageError) as exc:
-        _fail(f"{key_path}: not a usable signing key ({exc})")
+        raise click.ClickException(f"{key_path}: not a usable signing key ({exc})") from None
     node_jwk: dict[str, Any]
     if node_key_path is not None:
         try:
             node_jwk = NodeKey.from_pem(node_key_path.read_bytes()).public_jwk()
         except (OSError, P2PImageError) as exc:
-            _fail(f"{node_key_path}: not a usable node key ({exc})")
+            raise click.ClickException(f"{node_key_path}: not a usable node key ({exc})") from None
     else:
         assert jwk_file is not None
         try:
             loaded = json.loads(jwk_file.read_text())
         except (OSError, ValueError) as exc:
-            _fail(f"{jwk_file}: not a JSON JWK ({exc})")
+            raise click.ClickException(f"{jwk_file}: not a JSON JWK ({exc})") from None
         if not isinstance(loaded, dict) or "d" in loaded:
-            _fail(f"{jwk_file}: must be a public JWK object (no private 'd' member)")
+            raise click.ClickException(
+                f"{jwk_file}: must be a public JWK object (no private 'd' member)"
+            )
         node_jwk = loaded
     issuer_ = TokenIssuer([signing], issuer=issuer, lifetime_s=lifetime)
     try:
@@ -115,7 +117,7 @@ def issue(
             subject=node, cluster=cluster, node_jwk=node_jwk, now=time.time(), zone=zone
         )
     except P2PImageError as exc:
-        _fail(f"cannot issue: {exc}")
+        raise click.ClickException(f"cannot issue: {exc}") from None
     click.echo(jwt)
 
 
@@ -139,30 +141,25 @@ def decode_unverified(raw: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _load_keys(jwks_file: Path | None, sidecar: str | None) -> KeySet:
-    if jwks_file is not None:
-        try:
-            doc = json.loads(jwks_file.read_text())
-        except (OSError, ValueError) as exc:
-            _fail(f"{jwks_file}: not a JSON JWKS document ({exc})")
-        source = str(jwks_file)
-    else:
+    """The key set from a JWKS file or the sidecar, read as the tracker reads it."""
+
+    async def load() -> KeySet:
+        if jwks_file is not None:
+            return await load_jwks_file(jwks_file)
         assert sidecar is not None
-        url = sidecar.rstrip("/") + "/.well-known/jwks.json"
-        try:
-            response = httpx.get(url, timeout=10.0)
-        except httpx.HTTPError as exc:
-            _fail(f"sidecar {sidecar} unreachable: {exc}")
-        if response.status_code != 200:
-            _fail(f"{url}: HTTP {response.status_code}")
-        try:
-            doc = response.json()
-        except ValueError:
-            _fail(f"{url}: not JSON")
-        source = url
+        async with httpx.AsyncClient() as http:
+            return await SidecarClient(sidecar, http=http).jwks()
+
     try:
-        return KeySet.from_jwks(doc)
+        return trio.run(load)
+    except SidecarError as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"{jwks_file}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise click.ClickException(f"{jwks_file}: not a JSON JWKS document ({exc})") from None
     except AuthError as exc:
-        _fail(f"{source}: invalid JWKS ({exc})")
+        raise click.ClickException(f"{jwks_file}: invalid JWKS ({exc})") from None
 
 
 def _when(value: Any, now: float) -> str:
@@ -208,7 +205,7 @@ def inspect(
     try:
         header, claims = decode_unverified(raw)
     except AuthError as exc:
-        _fail(str(exc))
+        raise click.ClickException(str(exc)) from None
     now = time.time()
     verification: dict[str, Any] | None = None
     if jwks_file is not None or sidecar is not None:

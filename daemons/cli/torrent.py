@@ -18,11 +18,6 @@ from p2pimage.errors import P2PImageError
 from p2pimage.metainfo.torrent import Metainfo, create_metainfo_from_file
 
 
-def _fail(message: str) -> None:
-    click.echo(f"error: {message}", err=True)
-    raise SystemExit(1)
-
-
 @click.group()
 def torrent() -> None:
     """Create and inspect single-file torrents for blobs."""
@@ -52,17 +47,17 @@ def create(
     try:
         meta = create_metainfo_from_file(file, name, piece_length=piece_length, announce=announce)
     except P2PImageError as exc:
-        _fail(str(exc))
+        raise click.ClickException(str(exc)) from None
         return
     except OSError as exc:
-        _fail(f"cannot read {file}: {exc.strerror}")
+        raise click.ClickException(f"cannot read {file}: {exc.strerror}") from None
         return
     tmp = out.with_name(out.name + ".tmp")
     try:
         tmp.write_bytes(meta.to_bytes())
         os.replace(tmp, out)
     except OSError as exc:
-        _fail(f"cannot write {out}: {exc.strerror}")
+        raise click.ClickException(f"cannot write {out}: {exc.strerror}") from None
     click.echo(meta.info_hash.hex())
 
 
@@ -74,10 +69,10 @@ def inspect(file: Path, as_json: bool) -> None:
     try:
         meta = Metainfo.from_bytes(file.read_bytes())
     except P2PImageError as exc:
-        _fail(f"{file}: {exc}")
+        raise click.ClickException(f"{file}: {exc}") from None
         return
     except OSError as exc:
-        _fail(f"cannot read {file}: {exc.strerror}")
+        raise click.ClickException(f"cannot read {file}: {exc.strerror}") from None
         return
     fields: dict[str, str | int | None] = {
         "info_hash": meta.info_hash.hex(),

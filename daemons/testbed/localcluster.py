@@ -21,6 +21,7 @@ from typing import Literal
 
 import httpx
 import trio
+from pydantic import SecretStr
 
 from daemons._config import dump_settings
 from daemons.node import NodeDaemon, NodeSettings, run_node
@@ -190,7 +191,7 @@ async def _local_cluster(
                 listen=f"{core_host}:{sidecar_port}",
                 registry_url=registry.url,
                 registry_username=htpasswd[0] if htpasswd else None,
-                registry_password=htpasswd[1] if htpasswd else None,
+                registry_password=SecretStr(htpasswd[1]) if htpasswd else None,
                 store_dir=workdir / "torrents",
                 signing_keys=[key_path],
                 clusters={CLUSTER: [hash_credential(credential)]},
@@ -220,7 +221,7 @@ async def _local_cluster(
                     peer_port=0,
                     sidecar_url=sidecar_url,
                     tracker_url=f"{tracker_base}/announce",
-                    credential=credential,
+                    credential=SecretStr(credential),
                     upstreams={registry.url.removeprefix("http://"): proxy.url},
                     default_upstream=proxy.url,
                     cache_dir=workdir / name / "cache",

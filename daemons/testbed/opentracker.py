@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemons.testbed.process import free_port
+from daemons.testbed.process import free_port, stop_process
 
 __all__ = ["OpenTracker", "opentracker_binary", "run_opentracker"]
 
@@ -71,12 +71,7 @@ def run_opentracker(info_hashes: Iterable[bytes]) -> Iterator[OpenTracker]:
             _wait_ready(proc, port, hashes[0] if hashes else None)
             yield OpenTracker(port, proc)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, grace=5)
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], port: int, probe: bytes | None) -> None:

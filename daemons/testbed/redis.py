@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from daemons.testbed.process import free_port
+from daemons.testbed.process import free_port, stop_process
 
 __all__ = ["redis_binary", "run_redis"]
 
@@ -45,5 +45,4 @@ def run_redis() -> Iterator[int]:
             time.sleep(0.05)
         yield port
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_process(proc, grace=10)

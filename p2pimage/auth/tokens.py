@@ -33,6 +33,8 @@ from p2pimage.errors import AuthError, LocalProtocolError
 __all__ = [
     "ALLOWED_ALGORITHMS",
     "AUDIENCE",
+    "DEFAULT_ISSUER",
+    "DEFAULT_TOKEN_LIFETIME_S",
     "KeySet",
     "NodeKey",
     "NodeToken",
@@ -42,6 +44,7 @@ __all__ = [
     "TokenVerifier",
     "jwk_thumbprint",
     "local_authenticator",
+    "renewal_due",
     "verify_jwk_signature",
 ]
 
@@ -51,9 +54,22 @@ ALLOWED_ALGORITHMS = ("EdDSA", "ES256")
 MAX_TOKEN_BYTES = 8192
 # Default clock-skew allowance for exp/nbf checks: nodes run NTP, a minute of skew is rare.
 DEFAULT_LEEWAY_S = 30.0
+# The sidecar's ``iss`` unless configured otherwise (and the CLI's, so its tokens verify
+# against a tracker left at the defaults).
+DEFAULT_ISSUER = "p2pimage-sidecar"
+# Node tokens live minutes: short enough that a leaked one soon expires, long enough that
+# renewals (at two thirds of the lifetime) cost a sidecar of 5,000 nodes ~12 requests/s.
+DEFAULT_TOKEN_LIFETIME_S = 600
 
 _PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 _PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
+
+
+def _private_pem(key: _PrivateKey) -> bytes:
+    """The unencrypted PKCS#8 PEM of a private key, as key files hold them."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _b64url(data: bytes) -> str:
@@ -184,11 +200,7 @@ class SigningKey:
         return cls(key, kid)
 
     def to_pem(self) -> bytes:
-        return self._key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return _private_pem(self._key)
 
     def public_jwk(self) -> dict[str, Any]:
         return {**self._public, "kid": self.kid, "alg": self.alg, "use": "sig"}
@@ -219,11 +231,7 @@ class NodeKey:
         return cls(key)
 
     def to_pem(self) -> bytes:
-        return self._key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return _private_pem(self._key)
 
     def public_jwk(self) -> dict[str, Any]:
         return dict(self._jwk)
@@ -297,7 +305,9 @@ class NodeToken:
 class TokenIssuer:
     """Signs node tokens with ``keys[0]``; publishes every key in ``keys`` (rotation)."""
 
-    def __init__(self, keys: Sequence[SigningKey], *, issuer: str, lifetime_s: int = 600) -> None:
+    def __init__(
+        self, keys: Sequence[SigningKey], *, issuer: str, lifetime_s: int = DEFAULT_TOKEN_LIFETIME_S
+    ) -> None:
         if not keys:
             raise LocalProtocolError("TokenIssuer needs at least one signing key")
         if lifetime_s <= 0:
@@ -533,6 +543,13 @@ class PeerAuthenticator:
         return verified
 
 
+def renewal_due(issued_at: float, expires_at: float, now: float) -> bool:
+    """Whether a token issued at ``issued_at`` and expiring at ``expires_at`` should be
+    replaced at ``now``: once two thirds of its lifetime have passed, which leaves the
+    last third for retries while the sidecar is slow or away."""
+    return now >= issued_at + (expires_at - issued_at) * 2 / 3
+
+
 def local_authenticator(
     issuer: TokenIssuer,
     *,
@@ -544,19 +561,19 @@ def local_authenticator(
     """An authenticator whose tokens come straight from ``issuer`` (no sidecar round trip).
 
     For programs that hold the issuer themselves: the local demo cluster, tests and
-    benchmarks. Tokens are re-issued when less than a third of their lifetime remains.
+    benchmarks. Tokens are re-issued as :func:`renewal_due` says.
     """
     key = node_key or NodeKey.generate()
-    cache: dict[str, tuple[str, float]] = {}
+    cache: dict[str, tuple[str, float, float]] = {}  # "token" -> (token, issued, expires)
 
     def token() -> str:
         now = clock()
         current = cache.get("token")
-        if current is None or now > current[1] - issuer.lifetime_s / 3:
+        if current is None or renewal_due(current[1], current[2], now):
             issued = issuer.issue(
                 subject=subject, cluster=cluster, node_jwk=key.public_jwk(), now=now
             )
-            cache["token"] = (issued, now + issuer.lifetime_s)
+            cache["token"] = (issued, now, now + issuer.lifetime_s)
             return issued
         return current[0]
 

@@ -23,20 +23,23 @@ from pathlib import Path
 
 from p2pimage.errors import BencodeError, DigestMismatchError, LocalProtocolError, MetainfoError
 from p2pimage.metainfo.bencoding import Bencodable, bdecode, bencode
+from p2pimage.wire import BLOCK_LENGTH
 
 __all__ = [
     "MAX_PIECE_LENGTH",
+    "MAX_TORRENT_BYTES",
     "MIN_PIECE_LENGTH",
     "Metainfo",
     "MetainfoBuilder",
     "choose_piece_length",
     "create_metainfo_from_file",
+    "is_digest",
     "parse_digest",
 ]
 
-# 16 KiB is the BitTorrent block size: a smaller piece would hold less than one request,
-# and libtorrent refuses piece lengths below it.
-MIN_PIECE_LENGTH = 16 * 1024
+# One BitTorrent block: a smaller piece would hold less than one request, and libtorrent
+# refuses piece lengths below it.
+MIN_PIECE_LENGTH = BLOCK_LENGTH
 # 16 MiB bounds what the piece store assembles in memory per piece in progress (it hashes
 # a whole piece before it touches disk) and the unit a peer must re-send after a bad hash.
 # Torrents with larger pieces are refused when read, for the same reason.
@@ -46,6 +49,10 @@ MAX_PIECE_LENGTH = 16 * 1024 * 1024
 # start early, few enough that the piece list (20 bytes each), the bitfield and the
 # per-piece bookkeeping stay small.
 TARGET_MAX_PIECES = 2000
+# The largest .torrent the sidecar keeps and a node accepts: 20 bytes a piece, 8 MiB hold
+# ~400,000 pieces (a 6 GiB layer at the smallest piece length); automatic piece lengths
+# keep real torrents at tens of KiB. It bounds what a broken store or sidecar makes us read.
+MAX_TORRENT_BYTES = 8 * 1024 * 1024
 
 _DIGEST_RE = re.compile(r"sha256:([0-9a-f]{64})")
 _INFO_KEYS = frozenset({b"length", b"name", b"piece length", b"pieces", b"sha256"})
@@ -66,6 +73,12 @@ def choose_piece_length(size: int) -> int:
     while piece_length < MAX_PIECE_LENGTH and -(-size // piece_length) > TARGET_MAX_PIECES:
         piece_length *= 2
     return piece_length
+
+
+def is_digest(text: object) -> bool:
+    """True for a canonical OCI ``sha256:<64 lowercase hex>`` digest, the only kind
+    p2pimage serves; nothing else (no other algorithm, case or trailing newline)."""
+    return isinstance(text, str) and _DIGEST_RE.fullmatch(text) is not None
 
 
 def parse_digest(digest: str) -> bytes:

@@ -35,6 +35,7 @@ import httpx
 import trio
 
 from p2pimage.errors import LocalProtocolError, P2PImageError, RemoteProtocolError
+from p2pimage.metainfo.torrent import is_digest
 
 # Media types -------------------------------------------------------------------------
 
@@ -65,7 +66,6 @@ MAX_MANIFEST_SIZE: Final = 4 * 1024 * 1024
 #: Largest token-endpoint or catalog response we parse (JSON, a few KiB in practice).
 MAX_JSON_SIZE: Final = 4 * 1024 * 1024
 
-_DIGEST_RE: Final = re.compile(r"^sha256:[a-f0-9]{64}$")
 # distribution/reference: path components of lowercase alphanumerics and separators.
 _REPO_RE: Final = re.compile(
     r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$"
@@ -103,11 +103,6 @@ class RegistryError(P2PImageError):
 
 class ManifestError(RemoteProtocolError):
     """A manifest that is malformed, too large, or of a media type we do not serve."""
-
-
-def is_digest(text: str) -> bool:
-    """True for a canonical ``sha256:<64 lowercase hex>`` digest (the only kind we serve)."""
-    return bool(_DIGEST_RE.match(text))
 
 
 def check_digest(text: str) -> str:

@@ -2,33 +2,51 @@
 
 :class:`SidecarClient` speaks the sidecar's HTTP API (docs/protocol.md):
 ``POST /token``, ``GET /.well-known/jwks.json``, ``GET /torrents/{digest}``.
-:class:`TokenKeeper` holds the node's key and keeps a fresh token (re-issued when a third
-of its lifetime remains) and a fresh key set, so the tracker client and the peer
-authenticator always have valid credentials.
+:class:`JwksSource` keeps a verifier's copy of the cluster's keys fresh (the tracker's and,
+through the keeper, the node's).
+:class:`TokenKeeper` holds the node's key and keeps a fresh token (re-issued when
+:func:`~p2pimage.auth.tokens.renewal_due` says) and a fresh key set, so the tracker
+client and the peer authenticator always have valid credentials.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
-from p2pimage.auth.tokens import KeySet, NodeKey, PeerAuthenticator, TokenVerifier
+from p2pimage.auth.tokens import KeySet, NodeKey, PeerAuthenticator, TokenVerifier, renewal_due
 from p2pimage.errors import AuthError, MetainfoError, P2PImageError
-from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.metainfo.torrent import MAX_TORRENT_BYTES, Metainfo
 
-__all__ = ["SidecarClient", "SidecarError", "TokenKeeper"]
+__all__ = [
+    "DEFAULT_JWKS_MIN_REFRESH_S",
+    "DEFAULT_JWKS_REFRESH_S",
+    "JwksSource",
+    "SidecarClient",
+    "SidecarError",
+    "TokenKeeper",
+    "load_jwks_file",
+]
 
 log = logging.getLogger("p2pimage.sidecar.client")
 
-# Torrents of real layers are tens of KiB (20 bytes per piece, at most ~2,000 pieces);
-# 1 MiB refuses nothing legitimate and bounds what a broken sidecar can make us buffer.
-MAX_TORRENT_BYTES = 1 << 20
+# A JWKS document holds a handful of public keys (~200 bytes each); 1 MiB is thousands.
+MAX_JWKS_BYTES = 1 << 20
+#: How often a verifier reloads the cluster's keys: a rotation publishes the next key at
+#: least this long before it signs (docs/operations.md).
+DEFAULT_JWKS_REFRESH_S = 300.0
+#: At most one extra reload this often for tokens signed by a key not yet known, so a
+#: stream of forged kids cannot turn every request into a fetch.
+DEFAULT_JWKS_MIN_REFRESH_S = 10.0
 
 
 class SidecarError(P2PImageError):
@@ -83,6 +101,8 @@ class SidecarClient:
         response = await self._request("GET", "/.well-known/jwks.json")
         if response.status_code != 200:
             raise SidecarError(f"JWKS: HTTP {response.status_code}", status=response.status_code)
+        if len(response.content) > MAX_JWKS_BYTES:
+            raise SidecarError("JWKS document larger than MAX_JWKS_BYTES")
         try:
             return KeySet.from_jwks(response.json())
         except (ValueError, AuthError) as exc:
@@ -108,6 +128,78 @@ class SidecarClient:
         return meta
 
 
+async def load_jwks_file(path: Path) -> KeySet:
+    """The key set in a JWKS file (e.g. from ``p2pimage keys jwks``); raises
+    :class:`OSError`, :class:`ValueError` (not JSON) or :class:`AuthError`."""
+    return KeySet.from_jwks(json.loads(await trio.Path(path).read_bytes()))
+
+
+class JwksSource:
+    """A verifier's copy of the cluster's keys, from ``load`` (the sidecar's
+    :meth:`SidecarClient.jwks`, or :func:`load_jwks_file`).
+
+    :meth:`run` reloads it every ``refresh_s``; :meth:`refresh_for_unknown_kid` reloads it
+    at once for a token signed by a key not yet known (a rotation), at most once per
+    ``min_refresh_s``. ``generation`` counts the changes, so a cache of verified tokens
+    can tell when to drop them.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], Awaitable[KeySet]],
+        *,
+        refresh_s: float = DEFAULT_JWKS_REFRESH_S,
+        min_refresh_s: float = DEFAULT_JWKS_MIN_REFRESH_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._load = load
+        self.refresh_s = refresh_s
+        self.min_refresh_s = min_refresh_s
+        self.clock = clock
+        self.keys = KeySet()
+        self.generation = 0
+        self.loaded_at = -math.inf  # the last successful load
+        self._last_attempt = -math.inf
+
+    def stale(self) -> bool:
+        """True when the last successful load is ``refresh_s`` old (or there was none)."""
+        return self.clock() - self.loaded_at >= self.refresh_s
+
+    async def reload(self) -> bool:
+        """Load the key set now; True when it changed. Raises what ``load`` raises."""
+        self._last_attempt = self.clock()
+        keys = await self._load()
+        self.loaded_at = self._last_attempt
+        changed = keys.to_jwks() != self.keys.to_jwks()
+        if changed:
+            self.keys = keys
+            self.generation += 1
+            log.info("jwks loaded", extra={"fields": {"kids": keys.kids}})
+        return changed
+
+    async def refresh(self) -> bool:
+        """:meth:`reload`, with failures logged (the keys in hand stay), not raised."""
+        try:
+            return await self.reload()
+        except (OSError, ValueError, httpx.HTTPError, P2PImageError) as exc:
+            log.warning("jwks refresh failed", extra={"fields": {"error": str(exc)}})
+            return False
+
+    async def refresh_for_unknown_kid(self) -> bool:
+        """:meth:`refresh`, unless one was tried within ``min_refresh_s``."""
+        if self.clock() - self._last_attempt < self.min_refresh_s:
+            return False
+        return await self.refresh()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load once, report started, then refresh every ``refresh_s`` until cancelled."""
+        await self.refresh()
+        task_status.started()
+        while True:
+            await trio.sleep(self.refresh_s)
+            await self.refresh()
+
+
 class TokenKeeper:
     """The node's identity: key pair, current token, and the cluster's verification keys.
 
@@ -124,7 +216,7 @@ class TokenKeeper:
         credential: str,
         zone: str | None = None,
         node_key: NodeKey | None = None,
-        jwks_refresh_s: float = 300.0,
+        jwks_refresh_s: float = DEFAULT_JWKS_REFRESH_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.sidecar = sidecar
@@ -132,12 +224,11 @@ class TokenKeeper:
         self.credential = credential
         self.zone = zone
         self.node_key = node_key or NodeKey.generate()
-        self.jwks_refresh_s = jwks_refresh_s
         self.clock = clock
+        self.jwks = JwksSource(sidecar.jwks, refresh_s=jwks_refresh_s, clock=clock)
         self.verifier = TokenVerifier(KeySet())
         self._token: IssuedToken | None = None
         self._issued_at = 0.0
-        self._keys_at = 0.0
         self._cluster: str | None = None
         self.ready = trio.Event()
 
@@ -154,14 +245,12 @@ class TokenKeeper:
         return self._cluster
 
     def _token_due(self, now: float) -> bool:
-        if self._token is None:
-            return True
-        # Renew once two thirds of the lifetime have passed.
-        return now >= self._issued_at + (self._token.expires_at - self._issued_at) * 2 / 3
+        return self._token is None or renewal_due(self._issued_at, self._token.expires_at, now)
 
     async def refresh(self) -> None:
         now = self.clock()
-        keys = await self.sidecar.jwks()
+        await self.jwks.reload()
+        keys = self.jwks.keys
         if self._token_due(now):
             issued = await self.sidecar.issue_token(
                 node=self.node,
@@ -173,7 +262,6 @@ class TokenKeeper:
             claims = TokenVerifier(keys).verify(issued.token, now=now)
             self._token, self._issued_at, self._cluster = issued, now, claims.cluster
         self.verifier.keys = keys
-        self._keys_at = now
         self.ready.set()
 
     async def run(self) -> None:
@@ -181,7 +269,7 @@ class TokenKeeper:
         backoff = 1.0
         while True:
             now = self.clock()
-            if self._token_due(now) or now - self._keys_at >= self.jwks_refresh_s:
+            if self._token_due(now) or self.jwks.stale():
                 try:
                     await self.refresh()
                     backoff = 1.0

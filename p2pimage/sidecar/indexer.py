@@ -41,7 +41,7 @@ from p2pimage.errors import (
     MetainfoError,
     P2PImageError,
 )
-from p2pimage.metainfo.torrent import Metainfo, MetainfoBuilder
+from p2pimage.metainfo.torrent import MAX_TORRENT_BYTES, Metainfo, MetainfoBuilder
 from p2pimage.oci.notifications import RegistryEvent
 from p2pimage.oci.registry import (
     MANIFEST_TYPES,
@@ -55,14 +55,10 @@ from p2pimage.oci.registry import (
 
 log = logging.getLogger("p2pimage.sidecar.indexer")
 
-#: Size of each read buffer handed between the hashing threads. Measured on the 2-vCPU CI
-#: machine (512 MiB blob from a loopback registry, pools of 16-32 MiB): 4 MiB buffers
-#: ~1,240 MiB/s, 2 MiB ~1,150, 1 MiB ~1,180, 8 MiB ~1,200: big enough that thread
-#: hand-offs vanish against ~2.5 ms of hashing each.
+#: Size of each read buffer handed between the hashing threads: big enough that thread
+#: hand-offs vanish against ~2.5 ms of hashing each (docs/benchmarks.md, "Tuned
+#: defaults").
 HASH_CHUNK: Final = 4 * 1024 * 1024
-#: Torrent files larger than this are not ours: 16 MiB pieces of 20 bytes each would
-#: describe a 800 GiB blob in 1 MiB.
-MAX_TORRENT_SIZE: Final = 8 * 1024 * 1024
 _TMP_PREFIX: Final = ".tmp-"
 
 
@@ -98,13 +94,13 @@ class TorrentStore:
         path = self.path(digest)
         try:
             with path.open("rb") as f:
-                data = f.read(MAX_TORRENT_SIZE + 1)
+                data = f.read(MAX_TORRENT_BYTES + 1)
         except FileNotFoundError:
             return None
         if digest in self._verified:
             return data
         try:
-            if len(data) > MAX_TORRENT_SIZE:
+            if len(data) > MAX_TORRENT_BYTES:
                 raise MetainfoError("torrent file too large")
             meta = Metainfo.from_bytes(data)
             if meta.sha256 != digest:
@@ -251,6 +247,23 @@ class RetryPolicy:
         return float(min(self.max_s, self.initial_s * self.factor ** max(0, attempt - 1)))
 
 
+@dataclass(frozen=True)
+class IndexerSettings:
+    """How much the indexer does at once, with its defaults (the sidecar's settings of the
+    same names take theirs from here)."""
+
+    #: Tasks fetching manifests (indexes fan out to one manifest per platform).
+    manifest_workers: int = 2
+    #: Tasks turning blobs into torrents (each mostly waits on the registry).
+    blob_workers: int = 4
+    #: Blobs streamed and hashed at once: each holds a thread busy on SHA-256 and SHA-1.
+    max_generations: int = 2
+    #: Work items waiting per queue (manifests, blobs); a webhook beyond it is refused.
+    queue_size: int = 1024
+    #: Fixed piece length for new torrents; None picks one from the blob's size.
+    piece_length: int | None = None
+
+
 @dataclass
 class IndexerHooks:
     """Callbacks for metrics; all optional."""
@@ -286,22 +299,20 @@ class Indexer:
         client: RegistryClient,
         store: TorrentStore,
         *,
-        manifest_workers: int = 2,
-        blob_workers: int = 4,
-        max_generations: int = 2,
-        queue_size: int = 1024,
+        settings: IndexerSettings | None = None,
         retry: RetryPolicy | None = None,
         hooks: IndexerHooks | None = None,
-        piece_length: int | None = None,
     ) -> None:
+        settings = settings or IndexerSettings()
         self.client = client
         self.store = store
         self.retry = retry or RetryPolicy()
         self.hooks = hooks or IndexerHooks()
-        self.piece_length = piece_length
-        self._manifest_workers = manifest_workers
-        self._blob_workers = blob_workers
-        self._generations = trio.CapacityLimiter(max_generations)
+        self.piece_length = settings.piece_length
+        self._manifest_workers = settings.manifest_workers
+        self._blob_workers = settings.blob_workers
+        self._generations = trio.CapacityLimiter(settings.max_generations)
+        queue_size = settings.queue_size
         self._manifest_send, self._manifest_recv = trio.open_memory_channel[WorkItem](queue_size)
         self._blob_send, self._blob_recv = trio.open_memory_channel[WorkItem](queue_size)
         self._queue_size = queue_size
@@ -581,6 +592,7 @@ __all__ = [
     "BlobUnavailableError",
     "Indexer",
     "IndexerHooks",
+    "IndexerSettings",
     "RetryPolicy",
     "TorrentStore",
     "WorkItem",

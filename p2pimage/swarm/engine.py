@@ -35,6 +35,7 @@ from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
 from p2pimage.swarm.session import PeerClosed, PeerSession, SessionInfo
 from p2pimage.wire import (
+    BLOCK_LENGTH,
     Bitfield,
     Cancel,
     Choke,
@@ -91,18 +92,17 @@ class SwarmSettings:
     # Pieces ahead of the read cursor given deadlines (streaming window). Kept short on
     # purpose: in a cold start every node reads the same layer from the same offset, and
     # a long window makes them all chase the same few frontier pieces (a convoy on the
-    # one peer that holds them) instead of trading rarest-first. Measured with the local
-    # cluster (16 nodes, 32 MiB, 2 MiB/s links): window 16 -> 1.95x the bound, 4 -> 1.32x,
-    # 0 -> 1.25x; the piece the reader is blocked on keeps strict priority either way
-    # (time to first byte stayed ~0.4 s).
+    # one peer that holds them) instead of trading rarest-first; the piece the reader is
+    # blocked on keeps strict priority either way. Measurements: docs/benchmarks.md,
+    # "Tuned defaults".
     stream_window: int = 4
     # Upload queue cap per peer (bytes) before the uploader waits for the writer.
     upload_queue_bytes: int = 1 << 20
     # Reveal each origin-read piece to one peer first (see Swarm.piece_from_origin).
     reveal_origin_pieces: bool = True
     reveal_timeout_s: float = 2.0
-    # Block size of our requests: 16 KiB, the only size stock clients serve (BEP 3).
-    block_size: int = 16 * 1024
+    # Block size of our requests: the only size stock clients serve (BEP 3).
+    block_size: int = BLOCK_LENGTH
     # Expected streaming rate (bytes/s) for deadline spacing in the streaming window.
     stream_rate: float = 50 * 1024 * 1024
     # The piece picker's tunables (request queue depth, endgame duplicates, ...).

@@ -38,12 +38,9 @@ from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 from p2pimage.errors import LocalProtocolError, RemoteProtocolError
+from p2pimage.wire import BLOCK_LENGTH
 
-__all__ = ["DEFAULT_BLOCK_SIZE", "BlockRequest", "PickerSettings", "PiecePicker"]
-
-#: BEP 3 block size: 16 KiB is what every stock client serves (larger requests are
-#: commonly refused), so it is the default for the wire.
-DEFAULT_BLOCK_SIZE: Final = 16 * 1024
+__all__ = ["BlockRequest", "PickerSettings", "PiecePicker"]
 
 P = TypeVar("P", bound=Hashable)
 
@@ -78,14 +75,12 @@ class PickerSettings:
     #: = 3, for internet round trips). Inside a cluster the round trip is a millisecond, so
     #: anything queued beyond a fraction of a second is latency, not throughput: every
     #: block waits behind the whole queue at its uploader, and a fresh piece crosses the
-    #: swarm in about log2(N) such hops. Measured with the local cluster (16 nodes, 64 MiB,
-    #: 2 MiB/s links, four runs each): 3 s -> 1.81-1.86x the bound, 1 s -> 1.43-1.50x.
-    #: Fast links are unaffected: their depth is capped by ``max_pipeline`` either way.
+    #: swarm in about log2(N) such hops. Fast links are unaffected: their depth is capped
+    #: by ``max_pipeline`` either way. Measurements: docs/benchmarks.md, "Tuned defaults".
     request_queue_time: float = 1.0
     #: Pipeline depth for a peer whose rate is unknown or tiny (libtorrent starts a new
-    #: peer at 4 outstanding requests and grows it; 8 keeps a LAN link busy sooner: with 4
-    #: a 64 MiB loopback transfer measured ~210 MiB/s against ~260 with 8, while the
-    #: cluster runs above were within noise of each other, 1.34-1.46x against 1.43-1.50x).
+    #: peer at 4 outstanding requests and grows it; 8 keeps a LAN link busy sooner).
+    #: Measurements: docs/benchmarks.md, "Tuned defaults".
     min_pipeline: int = 8
     #: Upper bound on the pipeline (libtorrent: ``max_out_request_queue`` = 500).
     max_pipeline: int = 500
@@ -157,7 +152,7 @@ class PiecePicker(Generic[P]):
         num_pieces: int,
         piece_length: int,
         total_length: int,
-        block_size: int = DEFAULT_BLOCK_SIZE,
+        block_size: int = BLOCK_LENGTH,
         rng: random.Random | None = None,
         settings: PickerSettings | None = None,
     ) -> None:
@@ -625,11 +620,8 @@ class PiecePicker(Generic[P]):
         already queued at the uploader), so they are kept for blocks that look stuck:
         only late ones (not merely past a streaming deadline that another peer might
         beat), and only from a peer with room, at most ``min_pipeline`` requests
-        outstanding at it, as in endgame. Measured with the local cluster (16 nodes,
-        64 MiB, 2 MiB/s links, every node streaming the same frontier): duplicating on a
-        missed deadline uploaded 53-61 MiB per run in vain (about 6% of all peer
-        traffic) and the swarm finished at 1.43-1.50x the bound; duplicating only late
-        blocks (here and in endgame), 13-24 MiB and 1.39-1.45x (five runs each)."""
+        outstanding at it, as in endgame. Measurements: docs/benchmarks.md, "Tuned
+        defaults"."""
         want = min(want, self.settings.min_pipeline - len(ps.requests))
         dl = self._pieces.get(index)
         if want <= 0 or dl is None or not dl.requests:

@@ -78,9 +78,8 @@ class RateLimiter:
 
         Origin reads share a fetcher's downlink with its peers in this same order. (They
         once skipped the queue: with 3 s request queues twenty peer connections could
-        starve them. With 1 s queues the skip only cost: the swarm benchmark, 16 nodes,
-        took 1.41-1.46x the bound with it and 1.10-1.11x without; the local cluster, 16
-        nodes and 64 MiB, 1.39-1.45x with it and 1.33-1.41x without.)
+        starve them; with 1 s queues the skip only cost, see docs/benchmarks.md, "Tuned
+        defaults".)
         """
         self.total += amount
         if self.rate is None:

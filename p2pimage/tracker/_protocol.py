@@ -23,6 +23,7 @@ from urllib.parse import unquote_to_bytes
 
 from p2pimage.errors import BencodeError, LocalProtocolError, RemoteProtocolError
 from p2pimage.metainfo.bencoding import Bencodable, bdecode, bencode
+from p2pimage.metainfo.torrent import is_digest
 
 __all__ = [
     "DEFAULT_NUMWANT",
@@ -64,7 +65,6 @@ _MAX_INT_DIGITS = len(str(_MAX_INT))
 # non-compact one ~15 KB. 256 KiB refuses nothing real and bounds a hostile tracker.
 _MAX_RESPONSE_BYTES = 256 * 1024
 
-_DIGEST_RE = re.compile(rb"sha256:[0-9a-f]{64}\Z")
 # OCI distribution spec repository name grammar, with its 255-character limit.
 _REPO_RE = re.compile(
     rb"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*\Z"
@@ -272,7 +272,7 @@ def parse_announce(query: bytes) -> AnnounceRequest:
         if not 1 <= pieces <= MAX_PIECES:
             raise TrackerRequestError("invalid p2pimage_pieces")
     digest = _one(pairs, b"p2pimage_digest")
-    if digest is not None and not _DIGEST_RE.match(digest):
+    if digest is not None and not (digest.isascii() and is_digest(digest.decode("ascii"))):
         raise TrackerRequestError("invalid p2pimage_digest")
     repo = _one(pairs, b"p2pimage_repo")
     if repo is not None and (len(repo) > _MAX_REPO_BYTES or not _REPO_RE.match(repo)):
