@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import json
 import logging
 import random
 import time
@@ -47,6 +46,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
+from daemons._http import JsonLimitError, TlsFiles, client_tls, load_json
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.tokens import KeySet, NodeToken, TokenVerifier
@@ -115,6 +115,11 @@ class TrackerSettings(BaseModel):
         default=None, ge=0, description="pieces read per origin lease (none: pieces/32; 0: off)"
     )
     sweep_interval_s: float = Field(default=30.0, gt=0)
+    tls_cert_file: Path | None = Field(default=None, description="serve HTTPS: certificate (PEM)")
+    tls_key_file: Path | None = Field(default=None, description="serve HTTPS: its key (PEM)")
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle the sidecar is verified against (default: system)"
+    )
     log_level: LogLevel = "info"
     log_json: LogJson = None
 
@@ -145,6 +150,8 @@ def check_settings(settings: TrackerSettings) -> None:
         )
     if settings.jwks_file is not None and not settings.jwks_file.is_file():
         raise ConfigError(f"config key 'jwks_file': no such file {str(settings.jwks_file)!r}")
+    TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file)
+    client_tls(settings.ca_file)
 
 
 # ------------------------------------------------------------------------- token checks
@@ -180,16 +187,14 @@ class JwksSource:
         self._last_attempt = time.monotonic()
         try:
             if self.file is not None:
-                doc = json.loads(await trio.Path(self.file).read_bytes())
+                body = await trio.Path(self.file).read_bytes()
             else:
                 assert self.url is not None and self.http is not None
                 response = await self.http.get(self.url, timeout=10.0)
                 response.raise_for_status()
-                if len(response.content) > _JWKS_MAX_BYTES:
-                    raise AuthError("malformed", "JWKS document too large")
-                doc = json.loads(response.content)
-            keys = KeySet.from_jwks(doc)
-        except (OSError, ValueError, httpx.HTTPError, P2PImageError) as exc:
+                body = response.content
+            keys = KeySet.from_jwks(load_json(body, max_bytes=_JWKS_MAX_BYTES))
+        except (OSError, JsonLimitError, ValueError, httpx.HTTPError, P2PImageError) as exc:
             log.warning("jwks refresh failed", extra={"fields": {"error": str(exc)}})
             return False
         changed = keys.to_jwks() != self.keys.to_jwks()
@@ -493,7 +498,9 @@ async def run_tracker(
             if settings.jwks_file is None:
                 assert settings.sidecar_url is not None
                 url = settings.sidecar_url.rstrip("/") + "/.well-known/jwks.json"
-                http = await stack.enter_async_context(httpx.AsyncClient())
+                http = await stack.enter_async_context(
+                    httpx.AsyncClient(verify=client_tls(settings.ca_file))
+                )
             jwks = JwksSource(
                 url=url,
                 file=settings.jwks_file,
@@ -508,7 +515,11 @@ async def run_tracker(
                 await nursery.start(jwks.run)
             nursery.start_soon(_sweep, tracker)
             url = await nursery.start(
-                functools.partial(serve_app, keep_alive_max_requests=100_000),
+                functools.partial(
+                    serve_app,
+                    keep_alive_max_requests=100_000,
+                    tls=TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file),
+                ),
                 create_app(tracker),
                 settings.listen,
             )

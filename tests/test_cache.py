@@ -16,7 +16,7 @@ from daemons.testbed.localcluster import local_cluster
 from daemons.tracker import TrackerSettings, run_tracker
 from p2pimage.errors import LocalProtocolError
 from p2pimage.oci.image import build_image
-from p2pimage.storage.cache import BlobCache
+from p2pimage.storage.cache import BlobCache, blob_key
 from tests.test_node_restart import node_settings, pull_blob, push, start_node
 
 MIB = 1024 * 1024
@@ -246,8 +246,8 @@ async def test_full_cache_evicts_the_least_recently_used_released_layer(
             with trio.fail_after(60):
                 status, body = await pull_blob(node, cluster, digest)
                 assert status == 200 and body == expect
-                hex_ = digest.removeprefix("sha256:")
-                while not cache.is_complete(hex_) or cache.is_pinned(hex_):
+                key = blob_key(layers.namespace, digest.removeprefix("sha256:"))
+                while not cache.is_complete(key) or cache.is_pinned(key):
                     await trio.sleep(0.05)  # complete, and the tracker released it
 
         await pull_and_release(first.digest, first.data)
@@ -258,11 +258,12 @@ async def test_full_cache_evicts_the_least_recently_used_released_layer(
         assert layers.stats.pulls["cache"] == 1
         await pull_and_release(third.digest, third.data)
 
-        hexes = [layer.digest.removeprefix("sha256:") for layer in image.layers]
+        hexes = [blob_key(layers.namespace, x.digest.removeprefix("sha256:")) for x in image.layers]
         assert cache.evictions == 1
         assert cache.is_complete(hexes[0]) and cache.is_complete(hexes[2])
         assert cache.entry(hexes[1]) is None
-        assert not any(p.name.startswith(hexes[1]) for p in cache.root.iterdir())
+        namespace_dir = cache.directory(layers.namespace)
+        assert not any(p.name.startswith(hexes[1][-64:]) for p in namespace_dir.iterdir())
         assert cache.used_bytes <= quota
         assert not layers.stats.fallbacks  # every layer came through the swarm
         assert layers.stats.bytes_served["swarm"] == sum(len(x.data) for x in image.layers)
