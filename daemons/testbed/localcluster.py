@@ -27,7 +27,7 @@ from daemons.node import NodeDaemon, NodeSettings, run_node
 from daemons.sidecar import SidecarSettings, run_sidecar
 from daemons.testbed import netns as _netns
 from daemons.testbed.process import free_port
-from daemons.testbed.registry import RegistryProcess, start_registry
+from daemons.testbed.registry import RegistryProcess, TokenAuth, start_registry
 from daemons.testbed.throttle_proxy import ThrottleProxy
 from daemons.testbed.tls import TlsBundle, make_tls
 from daemons.tracker import TrackerSettings, run_tracker
@@ -106,6 +106,8 @@ async def local_cluster(
     node_processes: bool = False,
     network: Literal["loopback", "netns"] = "loopback",
     tls: bool = False,
+    token_auth: TokenAuth | None = None,
+    sidecar_login: tuple[str, str] | None = None,
 ) -> AsyncIterator[LocalCluster]:
     """Start everything; stop everything (and leave no process behind) on exit.
 
@@ -114,6 +116,11 @@ async def local_cluster(
     serve with it, the nodes, the tracker and the registry's webhook verify against the
     CA, and join credentials travel over HTTPS only. Without it, everything is plain
     HTTP and the sidecar and nodes opt in to ``allow_plain_http_join``.
+
+    The registry asks for credentials with ``htpasswd`` (one user, whom the sidecar logs
+    in as) or ``token_auth`` (a token server such as
+    :class:`~daemons.testbed.token_realm.TokenRealm`; the sidecar logs in as
+    ``sidecar_login``).
 
     With ``node_processes``, each node runs as its own ``p2pimage node`` process (as on a
     real cluster, and using every core); otherwise all nodes share this trio loop, which
@@ -151,6 +158,8 @@ async def local_cluster(
             node_processes=node_processes,
             topo=topo,
             tls=tls,
+            token_auth=token_auth,
+            sidecar_login=sidecar_login or htpasswd,
         ) as cluster:
             yield cluster
 
@@ -170,6 +179,8 @@ async def _local_cluster(
     node_processes: bool,
     topo: _netns.Topology | None,
     tls: bool,
+    token_auth: TokenAuth | None,
+    sidecar_login: tuple[str, str] | None,
 ) -> AsyncIterator[LocalCluster]:
     # Loopback: everything on 127.0.0.1, rates by token buckets. Namespaces: services on
     # the core addresses, nodes on their own, rates by tc (so no token buckets here).
@@ -188,6 +199,7 @@ async def _local_cluster(
         async with start_registry(
             notifications_url=f"{sidecar_url}/events" if notifications else None,
             htpasswd=htpasswd,
+            token_auth=token_auth,
             workdir=workdir / "registry",
             ca_file=bundle.ca_file if bundle else None,
         ) as registry:
@@ -202,8 +214,8 @@ async def _local_cluster(
             sidecar_settings = SidecarSettings(
                 listen=f"{core_host}:{sidecar_port}",
                 registry_url=registry.url,
-                registry_username=htpasswd[0] if htpasswd else None,
-                registry_password=htpasswd[1] if htpasswd else None,
+                registry_username=sidecar_login[0] if sidecar_login else None,
+                registry_password=sidecar_login[1] if sidecar_login else None,
                 store_dir=workdir / "torrents",
                 signing_keys=[key_path],
                 clusters={CLUSTER: [hash_credential(credential)]},
