@@ -265,6 +265,7 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
             tls=params.tls,
         ) as cluster:
             pushed = await _push(cluster, image)
+            control_plane = cluster.sidecar_url.partition("://")[0]  # the scheme really used
             ref = f"{cluster.registry_host}/{REPOSITORY}:{TAG}"
             results = [NodeResult(n.name) for n in cluster.nodes]
             egress0 = cluster.registry_egress
@@ -301,7 +302,7 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
     report: dict[str, Any] = {
         "nodes": params.nodes,
         "network": params.network,
-        "control_plane": "https" if params.tls else "http",
+        "control_plane": control_plane,
         "image_mib": round(image_bytes / MIB, 2),
         "client": "skopeo" if use_skopeo else "p2pimage-oci",
         "t_all_s": round(t_all, 2),
