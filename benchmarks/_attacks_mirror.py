@@ -42,7 +42,7 @@ from daemons.testbed.token_realm import TokenRealm
 from p2pimage.auth.join import generate_credential, hash_credential
 from p2pimage.auth.tokens import NodeKey, SigningKey
 from p2pimage.oci.image import BuiltImage, build_image, push_image
-from p2pimage.oci.registry import RegistryClient
+from p2pimage.oci.registry import RegistryClient, sha256_digest
 from p2pimage.storage.cache import blob_key
 
 __all__ = ["ATTACKS", "LyingRegistry", "disclosed_bytes", "lying_registry"]
@@ -70,24 +70,39 @@ def disclosed_bytes(status: int, body: bytes, layer: bytes, start: int = 0) -> i
 @dataclass
 class LyingRegistry:
     """An attacker's registry, over HTTPS with a certificate the node trusts (as a real
-    attacker's would be): 200 (with any size asked for) to every blob HEAD, 404 to
+    attacker's would be): 200 (with any size asked for) to every blob HEAD; its own
+    ``manifests`` (tag → (bytes, media type)) and ``blobs`` (digest → bytes); 404 to
     everything else. ``requests`` records what reached it."""
 
     blob_size: int
     url: str = ""
     requests: list[str] = field(default_factory=list)
+    manifests: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def host(self) -> str:
-        return self.url.removeprefix("https://")
+        return self.url.partition("://")[2]
 
     def app(self) -> Starlette:
         async def v2(request: Request) -> Response:
             self.requests.append(f"{request.method} {request.url.path}")
             if request.url.path == "/v2/":
                 return JSONResponse({})
+            ref = request.url.path.rsplit("/", 1)[1]
+            by_digest = {sha256_digest(m[0]): m for m in self.manifests.values()}
+            manifest = self.manifests.get(ref) or by_digest.get(ref)
+            if "/manifests/" in request.url.path and manifest is not None:
+                data, media_type = manifest
+                body = data if request.method == "GET" else b""
+                headers = {"Docker-Content-Digest": sha256_digest(data)}
+                if request.method == "HEAD":
+                    headers["Content-Length"] = str(len(data))
+                return Response(body, media_type=media_type, headers=headers)
+            if "/blobs/" in request.url.path and request.method == "GET" and ref in self.blobs:
+                return Response(self.blobs[ref], media_type="application/octet-stream")
             if "/blobs/" in request.url.path and request.method == "HEAD":
-                digest = request.url.path.rsplit("/", 1)[1]
+                digest = ref
                 return Response(
                     headers={
                         "Content-Length": str(self.blob_size),
@@ -118,16 +133,20 @@ def trusting(ca_file: Path) -> Iterator[None]:
 
 
 @contextlib.asynccontextmanager
-async def lying_registry(blob_size: int, workdir: Path) -> AsyncIterator[LyingRegistry]:
-    """Serve a :class:`LyingRegistry` on loopback over HTTPS; its CA is ``workdir/ca.pem``
-    (enter :func:`trusting` with it before the node starts)."""
+async def lying_registry(
+    blob_size: int, workdir: Path, *, tls: bool = True
+) -> AsyncIterator[LyingRegistry]:
+    """Serve a :class:`LyingRegistry` on loopback over HTTPS (its CA is
+    ``workdir/ca.pem``: enter :func:`trusting` with it before the node starts), or plain
+    HTTP (containerd speaks only HTTP to a loopback registry)."""
     liar = LyingRegistry(blob_size)
-    tls = make_tls(workdir)
     config = Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.errorlog = None
-    config.certfile, config.keyfile = str(tls.cert_file), str(tls.key_file)
+    if tls:
+        bundle = make_tls(workdir)
+        config.certfile, config.keyfile = str(bundle.cert_file), str(bundle.key_file)
     async with trio.open_nursery() as nursery:
 
         async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
@@ -163,7 +182,7 @@ async def _mirror_get(
         )
 
 
-async def _cached_private_layer(cluster: LocalCluster, image: BuiltImage) -> bytes:
+async def cached_private_layer(cluster: LocalCluster, image: BuiltImage) -> bytes:
     """Alice (htpasswd) pushes the private image and pulls its layer through the node,
     which then holds it complete in its cache. Returns the layer."""
     layer = image.layers[0]
@@ -196,7 +215,7 @@ async def _ns_attacker(bed: AttackBed, *, catch_all: bool) -> AttackResult:
     async with lying_registry(len(layer.data), bed.tmp / "attacker") as liar:
         with trusting(bed.tmp / "attacker" / "ca.pem"):
             async with local_cluster(bed.tmp / "cluster", nodes=1, htpasswd=ALICE) as cluster:
-                data = await _cached_private_layer(cluster, image)
+                data = await cached_private_layer(cluster, image)
                 r = await _mirror_get(cluster, repository, layer.digest, ns=liar.host)
                 ranged = await _mirror_get(
                     cluster,

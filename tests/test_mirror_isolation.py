@@ -10,7 +10,9 @@ access cache's bounds.
 from __future__ import annotations
 
 import base64
+import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -21,6 +23,7 @@ from benchmarks._attacks_mirror import (
     ALICE,
     MALLORY,
     PRIVATE_REPO,
+    cached_private_layer,
     lying_registry,
     trusting,
 )
@@ -30,9 +33,11 @@ from daemons.testbed.localcluster import local_cluster
 from daemons.testbed.registry import start_registry
 from daemons.testbed.token_realm import TokenRealm
 from p2pimage.mirror.blobs import ACCESS_CACHE_S, LayerService
-from p2pimage.oci.image import build_image, push_image
+from p2pimage.mirror.runtime_config import write_hosts_dir
+from p2pimage.oci.image import OCI_MANIFEST, build_image, push_image
 from p2pimage.oci.registry import RegistryClient
 from p2pimage.storage.cache import BlobCache
+from tests.runtimes import ContainerdProcess, RuntimeCommandError, actr_pull
 
 MIB = 1024 * 1024
 
@@ -216,3 +221,59 @@ async def test_access_answers_are_cached_per_credential_and_expire(tmp_path: Pat
         assert await check(alice) == 404
         # Refusals are not cached: the next answer comes from the registry again.
         assert await check(alice) == 404
+
+
+# --- containerd's _default catch-all, with the real containerd ----------------------------
+
+
+@pytest.mark.root
+@needs_registry
+async def test_containerd_default_catch_all_gets_no_private_layer(
+    containerd: ContainerdProcess, tmp_path: Path
+) -> None:
+    """Every registry goes through the node (``_default/hosts.toml``). A pod's image lives
+    on the attacker's registry and lists a private layer the node holds in its cache.
+    containerd asks the node for it with ``ns=<attacker>``: the node answers 404 without
+    asking anyone, containerd asks the attacker's registry directly, which does not have
+    the bytes: the pull fails and no private byte reaches containerd's content store.
+    (containerd speaks plain HTTP to a loopback registry; the same attack over HTTPS
+    with a trusted certificate, at the HTTP level, is benchmarks/_attacks_mirror.py's.)"""
+    private = build_image([2 * MIB], seed=1213)
+    layer = private.layers[0]
+    decoy = build_image([1000], seed=1214)  # the attacker's own config
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": decoy.config.descriptor(),
+            "layers": [layer.descriptor()],
+        }
+    ).encode()
+    async with lying_registry(len(layer.data), tmp_path / "attacker", tls=False) as liar:
+        liar.manifests["v1"] = (manifest, OCI_MANIFEST)
+        liar.blobs[decoy.config.digest] = decoy.config.data
+        async with local_cluster(tmp_path / "cluster", nodes=1, htpasswd=ALICE) as cluster:
+            await cached_private_layer(cluster, private)
+            daemon = cluster.nodes[0].daemon
+            assert daemon is not None
+            served_before = sum(daemon.layers.stats.bytes_served.values())
+            hosts = tmp_path / "certs.d"
+            write_hosts_dir(hosts, [], cluster.nodes[0].mirror_url, default=True)
+            with pytest.raises(RuntimeCommandError) as failed:
+                await actr_pull(containerd, f"{liar.host}/evil/app:v1", hosts_dir=hosts)
+            assert sum(daemon.layers.stats.bytes_served.values()) == served_before
+            assert "not found" in failed.value.stderr
+            # The node refused the manifest, the config and the layer, asking nobody.
+            assert daemon.layers.stats.pulls["unknown_registry"] >= 3
+    content = await trio.to_thread.run_sync(
+        lambda: (
+            subprocess.run(
+                containerd.ctr("content", "ls"), capture_output=True, check=True, text=True
+            ).stdout
+        )
+    )
+    stored = {line.split()[0] for line in content.splitlines()[1:] if line.strip()}
+    assert layer.digest not in stored
+    assert decoy.config.digest in stored  # containerd did pull what the attacker had
+    # containerd went to the attacker's registry itself for the layer, and got nothing.
+    assert f"GET /v2/evil/app/blobs/{layer.digest}" in liar.requests
