@@ -37,6 +37,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("p2pimage.http")
+# hypercorn's own error log (TLS handshakes, protocol errors, its own failures); its
+# info lines ("Running on ...") repeat what each daemon logs itself.
+_server_log = logging.getLogger("p2pimage.http.server")
+_server_log.setLevel(logging.WARNING)
 
 # How long a cancelled response may spend in its body generator's clean-up.
 _ACLOSE_GRACE_S = 5.0
@@ -206,13 +210,13 @@ async def serve_app(
     Reports the bound base URL (``http://host:port`` or ``https://...``) through
     ``task_status``; raises :class:`ListenError` when the address cannot be bound.
     Access logs are off: daemons log the events that matter themselves. hypercorn's
-    error log goes to the ``p2pimage.http`` logger, and the app is wrapped in
-    :class:`LogServerErrors`.
+    warnings and errors go to the ``p2pimage.http.server`` logger, and the app is
+    wrapped in :class:`LogServerErrors`.
     """
     config = Config()
     config.bind = [listen]
     config.accesslog = None
-    config.errorlog = log
+    config.errorlog = _server_log
     config.keep_alive_max_requests = keep_alive_max_requests
     if tls is not None:
         config.certfile = str(tls.cert_file)
