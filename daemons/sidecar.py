@@ -190,8 +190,13 @@ def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse
 async def _read_body(request: Request, limit: int) -> bytes | None:
     """The body, or ``None`` when it exceeds ``limit`` (read no further than that)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
+    if (
+        declared is not None
+        and declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > len(str(limit)) or int(declared) > limit)
+    ):
+        return None  # (a length with more digits than the limit is over it: no int() of it)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk

@@ -132,3 +132,24 @@ async def test_p2pimage_cluster_tls_runs_everything_over_https(tmp_path: Path) -
     assert report["digests_ok"], report["per_node"]
     assert report["peer_mib"] > 0  # tokens and peer lists came over HTTPS
     assert (tmp_path / "cluster" / "tls" / "ca.pem").is_file()
+
+
+async def test_the_node_mirror_serves_https_when_asked(tmp_path: Path) -> None:
+    import trio
+
+    from daemons.node import run_node
+
+    tls = make_tls(tmp_path / "tls")
+    settings = NodeSettings(
+        listen="127.0.0.1:0",
+        cache_dir=tmp_path / "cache",
+        tls_cert_file=tls.cert_file,
+        tls_key_file=tls.key_file,
+        log_json=True,
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(run_node, settings)
+        assert url.startswith("https://127.0.0.1:")
+        async with httpx.AsyncClient(verify=client_tls(tls.ca_file), timeout=10) as http:
+            assert (await http.get(f"{url}/healthz")).json()["status"] == "ok"
+        nursery.cancel_scope.cancel()
