@@ -54,9 +54,9 @@ CHUNK = 1024 * 1024
 # How long a successful access check stands for one (credential, registry, repository,
 # digest). A runtime pulling a layer sends one HEAD and one or more (Range) GETs within
 # seconds, so 30 s spares the registry a HEAD per GET; it is also the longest a revoked
-# pull right (or a deleted blob) keeps being honoured by this node, the same order as a
-# registry token's own lifetime (distribution's tokens last 60 s and more). Refusals are
-# never cached: a client that gains rights is served on its next request.
+# pull right (or a deleted blob) keeps being honoured by this node, shorter than the
+# registry tokens a client already holds (minutes: Docker Hub's last 300 s). Refusals
+# are never cached: a client that gains rights is served on its next request.
 ACCESS_CACHE_S: Final = 30.0
 # Cached access answers kept at most; beyond that the cache is emptied, not grown
 # (rebuilding costs one HEAD per pull in flight).
