@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import json
 import logging
 import re
 import ssl
@@ -43,6 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
+from daemons._http import JsonLimitError, TlsFiles, load_json
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.join import JoinCredentials
@@ -116,6 +116,11 @@ class SidecarSettings(BaseModel):
     backfill_on_start: bool = Field(False, description="walk _catalog and tags at start")
     piece_length: int | None = Field(
         _INDEXER.piece_length, description="fixed piece length (default: auto)"
+    )
+    tls_cert_file: Path | None = Field(None, description="serve HTTPS: certificate chain (PEM)")
+    tls_key_file: Path | None = Field(None, description="serve HTTPS: its private key (PEM)")
+    allow_plain_http_join: bool = Field(
+        False, description="accept join credentials at POST /token over plain HTTP (insecure)"
     )
     log_level: LogLevel = "info"
     log_json: LogJson = None
@@ -197,6 +202,9 @@ class Sidecar:
     metrics: SidecarMetrics
     webhook_token: str | None = None
     clock: Callable[[], float] = time.time
+    # POST /token over plain HTTP carries the join credential in clear text: refused
+    # unless the operator opts in (allow_plain_http_join).
+    allow_plain_http_join: bool = False
 
 
 def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
@@ -206,8 +214,13 @@ def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse
 async def _read_body(request: Request, limit: int) -> bytes | None:
     """The body, or ``None`` when it exceeds ``limit`` (read no further than that)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
+    if (
+        declared is not None
+        and declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > len(str(limit)) or int(declared) > limit)
+    ):
+        return None  # (a length with more digits than the limit is over it: no int() of it)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -287,10 +300,19 @@ def create_app(sidecar: Sidecar) -> Starlette:
         )
 
     async def token(request: Request) -> Response:
+        if request.url.scheme != "https" and not sidecar.allow_plain_http_join:
+            m.tokens.labels("plain_http").inc()
+            log.warning("token refused: join credential sent over plain HTTP")
+            return _error(
+                403,
+                "tls_required",
+                "join credentials are accepted over HTTPS only (sidecar: tls_cert_file and "
+                "tls_key_file; or allow_plain_http_join = true)",
+            )
         body = await _read_body(request, MAX_TOKEN_REQUEST)
         try:
-            doc = json.loads(body) if body is not None else None
-        except ValueError:
+            doc = load_json(body, max_bytes=MAX_TOKEN_REQUEST) if body is not None else None
+        except JsonLimitError:
             doc = None
         if not isinstance(doc, dict):
             m.tokens.labels("bad_request").inc()
@@ -383,7 +405,15 @@ def build_sidecar(settings: SidecarSettings, client: RegistryClient) -> Sidecar:
     )
     issuer = TokenIssuer(keys, issuer=settings.issuer, lifetime_s=settings.token_lifetime_s)
     token = settings.webhook_token.get_secret_value() if settings.webhook_token else None
-    return Sidecar(indexer, store, issuer, credentials, metrics, token)
+    return Sidecar(
+        indexer,
+        store,
+        issuer,
+        credentials,
+        metrics,
+        token,
+        allow_plain_http_join=settings.allow_plain_http_join,
+    )
 
 
 def registry_client(settings: SidecarSettings) -> RegistryClient:
@@ -407,6 +437,12 @@ async def run_sidecar(
     """Run until cancelled; reports the bound base URL through ``task_status``."""
     from daemons._http import serve_app
 
+    tls = TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file)
+    if tls is None and not settings.allow_plain_http_join:
+        log.warning(
+            "serving plain HTTP: POST /token refuses join credentials (set tls_cert_file and "
+            "tls_key_file, or allow_plain_http_join = true)"
+        )
     async with registry_client(settings) as client:
         sidecar = build_sidecar(settings, client)
         async with trio.open_nursery() as nursery:
@@ -414,7 +450,7 @@ async def run_sidecar(
             if settings.backfill_on_start:
                 nursery.start_soon(_backfill, sidecar.indexer)
             url = await nursery.start(
-                functools.partial(serve_app, create_app(sidecar), settings.listen)
+                functools.partial(serve_app, create_app(sidecar), settings.listen, tls=tls)
             )
             log.info(
                 "sidecar serving on %s (registry %s, store %s, signing kid %s)",
@@ -451,6 +487,7 @@ def check_settings(settings: SidecarSettings) -> None:
         JoinCredentials((c, h) for c, hashes in settings.clusters.items() for h in hashes)
     except LocalProtocolError as exc:
         raise ConfigError(f"config key 'clusters': {exc}") from None
+    TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file)
     if not settings.clusters:
         raise ConfigError(
             "config key 'clusters': no cluster can join (see p2pimage keys join-credential)"

@@ -46,6 +46,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
+from daemons._http import TlsFiles, client_tls
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.tokens import DEFAULT_LEEWAY_S, NodeToken, TokenVerifier
@@ -128,6 +129,11 @@ class TrackerSettings(BaseModel):
         description="pieces read per origin lease (none: max(4, pieces/8); 0: off)",
     )
     sweep_interval_s: float = Field(default=30.0, gt=0)
+    tls_cert_file: Path | None = Field(default=None, description="serve HTTPS: certificate (PEM)")
+    tls_key_file: Path | None = Field(default=None, description="serve HTTPS: its key (PEM)")
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle the sidecar is verified against (default: system)"
+    )
     log_level: LogLevel = "info"
     log_json: LogJson = None
 
@@ -158,6 +164,8 @@ def check_settings(settings: TrackerSettings) -> None:
         )
     if settings.jwks_file is not None and not settings.jwks_file.is_file():
         raise ConfigError(f"config key 'jwks_file': no such file {str(settings.jwks_file)!r}")
+    TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file)
+    client_tls(settings.ca_file)
 
 
 # ------------------------------------------------------------------------- token checks
@@ -442,7 +450,9 @@ async def run_tracker(
             jwks_file = settings.jwks_file
             if jwks_file is None:
                 assert settings.sidecar_url is not None
-                http = await stack.enter_async_context(httpx.AsyncClient())
+                http = await stack.enter_async_context(
+                    httpx.AsyncClient(verify=client_tls(settings.ca_file))
+                )
                 load = SidecarClient(settings.sidecar_url, http=http).jwks
             else:
                 load = functools.partial(load_jwks_file, jwks_file)
@@ -458,7 +468,11 @@ async def run_tracker(
                 await nursery.start(jwks.run)
             nursery.start_soon(_sweep, tracker)
             url = await nursery.start(
-                functools.partial(serve_app, keep_alive_max_requests=100_000),
+                functools.partial(
+                    serve_app,
+                    keep_alive_max_requests=100_000,
+                    tls=TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file),
+                ),
                 create_app(tracker),
                 settings.listen,
             )

@@ -105,6 +105,7 @@ def settings_for(tmp: Path, registry_url: str, **overrides: Any) -> SidecarSetti
         "clusters": {"prod": [hash_credential(CREDENTIAL)]},
         "retry_initial_s": 0.2,
         "retry_max_s": 1.0,
+        "allow_plain_http_join": True,
         **overrides,
     }
     return SidecarSettings(**values)

@@ -285,6 +285,7 @@ def _sidecar_settings(tmp_path: Path, port: int, keys: list[SigningKey], **kw: A
         store_dir=tmp_path / "torrents",
         signing_keys=paths,
         clusters={CLUSTER: [hash_credential(kw.pop("credential"))]},
+        allow_plain_http_join=True,
         log_json=True,
         **kw,
     )

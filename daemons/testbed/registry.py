@@ -68,6 +68,9 @@ class RegistryProcess(ManagedProcess):
     notification_headers: dict[str, list[str]] | None = None
     htpasswd: tuple[str, str] | None = None
     token_auth: TokenAuth | None = None
+    # CA bundle the registry trusts for its outgoing HTTPS (notifications to a TLS
+    # sidecar); Go reads SSL_CERT_FILE.
+    ca_file: Path | None = None
     workdir: Path | None = None
     port: int = 0
     url: str = field(init=False, default="")
@@ -144,7 +147,8 @@ class RegistryProcess(ManagedProcess):
         config_path = self.workdir / "config.yml"
         # JSON is YAML: no YAML library needed.
         config_path.write_text(json.dumps(self.config(), indent=2))
-        self._popen([binary, "serve", str(config_path)])
+        env = {"SSL_CERT_FILE": str(self.ca_file)} if self.ca_file else None
+        self._popen([binary, "serve", str(config_path)], env)
 
     def _ready(self) -> bool:
         try:

@@ -105,7 +105,7 @@ class SidecarClient:
             raise SidecarError("JWKS document larger than MAX_JWKS_BYTES")
         try:
             return KeySet.from_jwks(response.json())
-        except (ValueError, AuthError) as exc:
+        except (ValueError, RecursionError, AuthError) as exc:  # deep nesting: RecursionError
             raise SidecarError(f"JWKS document is invalid: {exc}") from None
 
     async def torrent(self, digest: str, repository: str) -> Metainfo:
@@ -131,7 +131,12 @@ class SidecarClient:
 async def load_jwks_file(path: Path) -> KeySet:
     """The key set in a JWKS file (e.g. from ``p2pimage keys jwks``); raises
     :class:`OSError`, :class:`ValueError` (not JSON) or :class:`AuthError`."""
-    return KeySet.from_jwks(json.loads(await trio.Path(path).read_bytes()))
+    body = await trio.Path(path).read_bytes()
+    try:
+        document = json.loads(body)
+    except RecursionError:
+        raise ValueError("JWKS file nested too deeply") from None
+    return KeySet.from_jwks(document)
 
 
 class JwksSource:
