@@ -18,6 +18,7 @@ from p2pimage.errors import (
     DigestMismatchError,
     LocalProtocolError,
     PieceHashError,
+    StorageBusyError,
     StorageError,
 )
 from p2pimage.metainfo.torrent import MIN_PIECE_LENGTH, Metainfo, MetainfoBuilder
@@ -137,7 +138,7 @@ def test_pieces_in_progress_bounded(tmp_path: Path) -> None:
         assert store.max_pieces_in_progress == 3
         for i in range(3):
             store.write_block(i, 0, piece(data, meta, i)[:BLOCK])
-        with pytest.raises(LocalProtocolError, match="in progress"):
+        with pytest.raises(StorageBusyError, match="in progress"):
             store.write_block(3, 0, piece(data, meta, 3)[:BLOCK])
         store.discard_piece(0)
         assert store.write_block(3, 0, piece(data, meta, 3)[:BLOCK]) is False

@@ -48,7 +48,7 @@ async def push(registry: Any, blob: Path, repository: str = "test/layer") -> str
 
 def mesh(swarms: list[Swarm], node_list: list[PeerNode]) -> None:
     for swarm in swarms:
-        swarm.connect([n.listen_address for n in node_list])
+        swarm.add_peers([n.listen_address for n in node_list])
 
 
 @pytest.mark.parametrize("fetchers", [1, 2])
@@ -99,7 +99,7 @@ async def test_origin_failure_hands_pieces_back_to_peers(tmp_path: Path, registr
         with trio.fail_after(60):
             await reader.run()
             assert reader.failed is not None
-            swarm.connect([seeder.listen_address])
+            swarm.add_peers([seeder.listen_address])
             await swarm.complete.wait()
     assert sha256_file(swarm.storage.path) == meta.sha256
 
@@ -117,7 +117,7 @@ async def test_stream_in_order_first_bytes_before_ten_percent(tmp_path: Path) ->
     ):
         await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
-        swarm.connect([seeder.listen_address])
+        swarm.add_peers([seeder.listen_address])
         digest = hashlib.sha256()
         have_at_first_byte: int | None = None
         received = 0
@@ -149,12 +149,12 @@ async def test_peer_sending_bad_data_is_banned(tmp_path: Path) -> None:
         liar_storage = PieceStorage.open_complete(bad_blob, meta, verify=False)
         await liar.add_swarm(meta, tmp_path / "liar", storage=liar_storage)
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
-        swarm.connect([liar.listen_address])
+        swarm.add_peers([liar.listen_address])
         with trio.fail_after(30):
             while not swarm.banned:
                 await trio.sleep(0.05)
         await honest.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
-        swarm.connect([honest.listen_address, liar.listen_address])
+        swarm.add_peers([honest.listen_address, liar.listen_address])
         with trio.fail_after(60):
             await swarm.complete.wait()
         assert swarm.stats.hash_failures >= 1
@@ -172,7 +172,7 @@ async def test_release_while_the_runtime_still_reads_keeps_the_blob_readable(
     async with nodes(2, issuer) as (seeder, leecher):
         await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
-        swarm.connect([seeder.listen_address])
+        swarm.add_peers([seeder.listen_address])
         received = bytearray()
         with trio.fail_after(30):
             async for chunk in swarm.stream(chunk_size=256 * 1024):
@@ -264,8 +264,9 @@ async def test_reader_waiting_for_the_frontier_is_not_stalled_while_pieces_arriv
             for index in reversed(range(meta.num_pieces)):
                 await trio.sleep(0.01)
                 offset = meta.piece_offset(index)
-                swarm.storage.write_piece(index, data[offset : offset + meta.piece_size(index)])
-                swarm.piece_from_origin(index)
+                await swarm.accept_origin_piece(
+                    index, data[offset : offset + meta.piece_size(index)]
+                )
 
         received = bytearray()
         with trio.fail_after(30):
@@ -299,7 +300,7 @@ async def test_request_queue_follows_the_swarm_picker_settings(tmp_path: Path) -
     ):
         await s.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
-        swarm.connect([s.listen_address])
+        swarm.add_peers([s.listen_address])
         most = 0
         with trio.fail_after(30):
             while not swarm.complete.is_set():
@@ -342,7 +343,7 @@ async def test_peer_traffic_is_encrypted_on_the_wire(tmp_path: Path, encrypt: bo
         async with trio.open_nursery() as nursery:
             (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
             nursery.start_soon(_relay, listener, seeder.listen_address, seen)
-            swarm.connect([listener.socket.getsockname()[:2]])
+            swarm.add_peers([listener.socket.getsockname()[:2]])
             with trio.fail_after(30):
                 await swarm.complete.wait()
             nursery.cancel_scope.cancel()

@@ -1,8 +1,9 @@
 """The node's layer cache: content-addressed blobs on disk under a quota, LRU eviction.
 
-Layout (one directory): ``<hex>`` a complete, verified blob; ``<hex>.partial`` and
-``<hex>.state`` a blob being downloaded (see :class:`~p2pimage.storage.pieces.PieceStorage`);
-``<hex>.torrent`` its torrent, kept so a restarted node can seed and resume.
+Layout (one directory): the blob files of :mod:`p2pimage.storage.layout`: ``<hex>`` a
+complete, verified blob; ``<hex>.partial`` and ``<hex>.state`` a blob being downloaded
+(see :class:`~p2pimage.storage.pieces.PieceStorage`); ``<hex>.torrent`` its torrent, kept
+so a restarted node can seed and resume.
 
 A blob that is pinned (being served to a runtime, or seeded by a live swarm) is never
 evicted; space for a new blob is made by evicting the least recently used unpinned
@@ -14,20 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from p2pimage.errors import LocalProtocolError, MetainfoError, StorageError
 from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.storage.layout import BlobFiles, parse_blob_file_name
 
 __all__ = ["BlobCache", "CachedBlob"]
 
 log = logging.getLogger("p2pimage.storage.cache")
-
-_HEX = re.compile(r"[0-9a-f]{64}")
-_SUFFIXES = ("", ".partial", ".state", ".torrent")
 
 
 @dataclass
@@ -65,19 +63,20 @@ class BlobCache:
         except OSError as exc:
             raise StorageError(f"cannot list cache directory {self.root}: {exc}") from None
         for name in names:
-            hex_, _, suffix = name.partition(".")
-            if not _HEX.fullmatch(hex_) or ("." + suffix if suffix else "") not in _SUFFIXES:
+            parsed = parse_blob_file_name(name)
+            if parsed is None:
                 continue
+            hex_, kind = parsed
             try:
                 st = os.stat(self.root / name)
             except OSError:
                 continue
             entry = entries.setdefault(hex_, CachedBlob(hex_, 0, st.st_mtime, False))
             entry.last_used = max(entry.last_used, st.st_mtime)
-            if suffix == "":
+            if kind == "blob":
                 entry.complete = True
                 entry.size = max(entry.size, st.st_size)
-            elif suffix == "partial":
+            elif kind == "partial":
                 entry.size = max(entry.size, st.st_size)
         self._entries = entries
 
@@ -90,13 +89,16 @@ class BlobCache:
 
     def is_complete(self, hex_: str) -> bool:
         entry = self._entries.get(hex_)
-        return entry is not None and entry.complete and (self.root / hex_).exists()
+        return entry is not None and entry.complete and self.blob_path(hex_).exists()
+
+    def files(self, hex_: str) -> BlobFiles:
+        return BlobFiles(self.root, hex_)
 
     def blob_path(self, hex_: str) -> Path:
-        return self.root / hex_
+        return self.files(hex_).blob
 
     def torrent_path(self, hex_: str) -> Path:
-        return self.root / f"{hex_}.torrent"
+        return self.files(hex_).torrent
 
     def complete_with_torrents(self) -> list[Metainfo]:
         """Complete blobs whose torrent is kept: what a restarted node seeds again."""
@@ -139,9 +141,10 @@ class BlobCache:
         if entry is not None:
             entry.last_used = now
             # Persist recency cheaply, so LRU order survives a restart.
-            for suffix in ("", ".partial"):
+            files = self.files(hex_)
+            for path in (files.blob, files.partial):
                 try:
-                    os.utime(self.root / f"{hex_}{suffix}", (now, now))
+                    os.utime(path, (now, now))
                     break
                 except OSError:
                     continue
@@ -186,11 +189,11 @@ class BlobCache:
     def evict(self, hex_: str) -> None:
         if self.is_pinned(hex_):
             raise LocalProtocolError(f"blob {hex_} is pinned")
-        for suffix in _SUFFIXES:
+        for path in self.files(hex_).all():
             try:
-                (self.root / f"{hex_}{suffix}").unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             except OSError as exc:
-                log.warning("cannot remove %s%s: %s", hex_, suffix, exc)
+                log.warning("cannot remove %s: %s", path.name, exc)
         self._entries.pop(hex_, None)
         self.evictions += 1
         log.info("evicted blob sha256:%s", hex_)

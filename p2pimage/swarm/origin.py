@@ -71,25 +71,24 @@ class OriginReader:
     def shrink(self, end: int) -> None:
         """The tracker gave ``[end, old end)`` to another fetcher."""
         if end < self.end:
-            self.swarm.picker.set_range_priority(max(end, self.next_index), self.end, 1)
+            self.swarm.return_to_peers(max(end, self.next_index), self.end)
             self.end = max(end, self.next_index)
 
     def extend(self, end: int) -> None:
         """The tracker renewed our lease up to ``end``: read on (if still running)."""
         if end > self.end and not self.finished.is_set():
-            self.swarm.picker.set_range_priority(self.end, end, 0)
+            self.swarm.reserve_for_origin(self.end, end)
             self.end = end
             self._renew_at = self.next_index + (end - self.next_index) // 2
 
     async def run(self) -> None:
         """Read the range; on failure, hand the unread pieces back to the swarm."""
         mi = self.swarm.metainfo
-        picker = self.swarm.picker
-        picker.set_range_priority(self.first, self.end, 0)
+        self.swarm.reserve_for_origin(self.first, self.end)
         try:
             while True:
                 index = self.next_index
-                while index < self.end and self.swarm.storage.has_piece(index):
+                while index < self.end and self.swarm.has_piece(index):
                     index += 1
                 self.next_index = index
                 if index < self.end and self._taken(index):
@@ -100,7 +99,7 @@ class OriginReader:
                 span = mi.piece_size(index)
                 while (
                     stop < self.end
-                    and not self.swarm.storage.has_piece(stop)
+                    and not self.swarm.has_piece(stop)
                     and not self._taken(stop)
                     and span + mi.piece_size(stop) <= MAX_REQUEST_BYTES
                 ):
@@ -115,14 +114,14 @@ class OriginReader:
         finally:
             if self.next_index < self.end:
                 # Whatever we did not read goes back to the peers.
-                picker.set_range_priority(self.next_index, self.end, 1)
+                self.swarm.return_to_peers(self.next_index, self.end)
             self.finished.set()
 
     def _taken(self, index: int) -> bool:
         """A peer already has this piece of our range: another fetcher was given the
         rest of the range (work stealing) and we have not heard yet. Stop here instead of
         reading the registry twice; the peers supply the rest."""
-        return self.swarm.picker.availability(index) > 0
+        return self.swarm.held_by_peer(index)
 
     async def _read_run(self, start: int, stop: int) -> None:
         mi = self.swarm.metainfo
@@ -139,7 +138,7 @@ class OriginReader:
             async for chunk in response.aiter_bytes(CHUNK_BYTES):
                 # The registry's egress cap, then this node's own download link.
                 await self.limiter.acquire(len(chunk))
-                await self.swarm.node.download_limiter.acquire(len(chunk))
+                await self.swarm.pace_download(len(chunk))
                 self.bytes_read += len(chunk)
                 buffer += chunk
                 while index < stop and len(buffer) >= mi.piece_size(index):
@@ -148,13 +147,10 @@ class OriginReader:
                     del buffer[:size]
                     if index >= self.end:
                         return  # stolen while in flight
-                    if self._taken(index) and not self.swarm.storage.has_piece(index):
+                    if self._taken(index) and not self.swarm.has_piece(index):
                         self.shrink(index)
                         return
-                    if not self.swarm.storage.has_piece(index):
-                        self.swarm.storage.write_piece(index, piece)
-                        self.swarm.stats.downloaded_from_origin += size
-                        self.swarm.piece_from_origin(index)
+                    await self.swarm.accept_origin_piece(index, piece)
                     self.pieces_done += 1
                     index += 1
                     self.next_index = index
@@ -165,4 +161,3 @@ class OriginReader:
                     break
             if index < stop:
                 raise OriginError(f"registry sent a short body (stopped at piece {index})")
-            await self.swarm.finalize_if_done()
