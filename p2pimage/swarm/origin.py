@@ -18,6 +18,7 @@ import httpx
 import trio
 
 from p2pimage.errors import PieceHashError, RemoteProtocolError
+from p2pimage.oci.registry import ByteRange, RegistryError, open_blob_range
 from p2pimage.swarm.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ class OriginReader:
                     span += mi.piece_size(stop)
                     stop += 1
                 await self._read_run(index, stop)
-        except (OriginError, httpx.HTTPError, PieceHashError, OSError) as exc:
+        except (OriginError, RegistryError, httpx.HTTPError, PieceHashError, OSError) as exc:
             self.failed = str(exc) or type(exc).__name__
             log.warning(
                 "origin read of %s failed at piece %d: %s", self.url, self.next_index, self.failed
@@ -125,17 +126,17 @@ class OriginReader:
 
     async def _read_run(self, start: int, stop: int) -> None:
         mi = self.swarm.metainfo
-        begin = mi.piece_offset(start)
-        last = mi.piece_offset(stop - 1) + mi.piece_size(stop - 1) - 1
-        headers = {**self.headers, "Range": f"bytes={begin}-{last}"}
-        async with self.client.stream("GET", self.url, headers=headers) as response:
-            if response.status_code == 200 and begin == 0 and last == mi.length - 1:
-                pass  # a registry that ignores Range but sends the whole blob is fine here
-            elif response.status_code != 206:
-                raise OriginError(f"registry answered {response.status_code} to a range read")
+        byte_range = ByteRange(
+            mi.piece_offset(start), mi.piece_offset(stop - 1) + mi.piece_size(stop - 1)
+        )
+        # A registry that ignores Range is fine only from byte 0 (skip_ignored=False):
+        # reading and dropping a prefix would cost the registry another copy of it.
+        async with open_blob_range(
+            self.client, self.url, byte_range, headers=self.headers, chunk_size=CHUNK_BYTES
+        ) as chunks:
             index = start
             buffer = bytearray()
-            async for chunk in response.aiter_bytes(CHUNK_BYTES):
+            async for chunk in chunks:
                 # The registry's egress cap, then this node's own download link.
                 await self.limiter.acquire(len(chunk))
                 await self.swarm.pace_download(len(chunk))
