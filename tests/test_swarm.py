@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -308,6 +309,32 @@ async def test_request_queue_follows_the_swarm_picker_settings(tmp_path: Path) -
                 await trio.sleep(0.005)
     assert 2 <= most <= 4
     assert PickerSettings().min_pipeline == 8  # the default this test stays under
+
+
+class _ShortBlocks(PieceStorage):
+    """A store that serves every block one byte short: a misbehaving peer."""
+
+    def read_block(self, index: int, begin: int, length: int) -> bytes:
+        return super().read_block(index, begin, length)[:-1]
+
+
+async def test_a_block_of_the_wrong_length_closes_that_peer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A block that is not the length we asked for is the peer's fault: its session ends
+    at once (not a storage error, not a ban, nothing stored)."""
+    caplog.set_level(logging.DEBUG, logger="p2pimage.swarm.engine")
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer) as (liar, leecher):
+        await liar.add_swarm(meta, tmp_path, storage=_ShortBlocks.open_complete(blob, meta))
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
+        swarm.add_peers([liar.listen_address])
+        with trio.fail_after(10):
+            while "we asked for" not in caplog.text:
+                await trio.sleep(0.02)
+        assert swarm.storage.num_have == 0 and swarm.stats.hash_failures == 0
+        assert not swarm.banned and "internal error" not in caplog.text
 
 
 async def _relay(listener: trio.SocketListener, target: tuple[str, int], seen: bytearray) -> None:

@@ -564,10 +564,14 @@ class Swarm:
         length = len(message.data)
         peer.last_data_at = now
         peer.down_bytes_window += length
-        if peer.outstanding.pop(key, None) is None:
+        asked = peer.outstanding.pop(key, None)
+        if asked is None:
             # Unrequested, or cancelled and arrived anyway: harmless, but not counted.
             self.stats.wasted += length
             return
+        if length != asked[0].length:
+            # The peer's fault; caught here, so a geometry error from storage is a bug.
+            raise PeerClosed(f"block {key} is {length} bytes, we asked for {asked[0].length}")
         self.stats.downloaded_from_peers += length
         try:
             cancels = self.picker.block_received(peer.key, message.index, message.begin)
