@@ -394,3 +394,55 @@ async def test_a_node_requiring_encryption_refuses_one_without(tmp_path: Path) -
         with pytest.raises(Exception, match="does not offer encryption"):
             await leecher.dial(seeder.listen_address, meta.info_hash)
         assert not swarm.peers and swarm.storage.num_have == 0
+
+
+async def test_the_announcer_and_origin_api(tmp_path: Path) -> None:
+    """What the announcer and the origin reader ask of a swarm, on a running node:
+    snapshots, news that makes the next announce due at once, origin pieces through the
+    one path into storage (duplicates refused, bad bytes rejected, completion at the
+    last piece), release."""
+    from p2pimage.errors import PieceHashError
+
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    data = blob.read_bytes()
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(1, issuer) as (node,):
+        swarm = await node.add_swarm(meta, tmp_path / "node")
+        snap = swarm.announce_snapshot()
+        assert (snap.peer_id, snap.port, snap.info_hash) == (
+            node.peer_id,
+            node.listen_address[1],
+            meta.info_hash,
+        )
+        assert (snap.left, snap.downloaded, snap.complete) == (meta.length, 0, False)
+        with trio.move_on_after(0.1) as quiet:
+            await swarm.wait_announce_due(10)
+        assert quiet.cancelled_caught  # no news: the interval runs
+        swarm.announce_soon()
+        with trio.fail_after(1):
+            await swarm.wait_announce_due(10)  # news: due at once, until the next snapshot
+            await swarm.wait_announce_due(10)
+        swarm.announce_snapshot()
+        with trio.move_on_after(0.1) as quiet:
+            await swarm.wait_announce_due(10)
+        assert quiet.cancelled_caught
+
+        def piece(index: int) -> bytes:
+            offset = meta.piece_offset(index)
+            return data[offset : offset + meta.piece_size(index)]
+
+        with pytest.raises(PieceHashError):
+            await swarm.accept_origin_piece(0, bytes(meta.piece_size(0)))
+        assert not swarm.has_piece(0)
+        assert await swarm.accept_origin_piece(0, piece(0))
+        assert not await swarm.accept_origin_piece(0, piece(0))  # had it already
+        assert swarm.stats.downloaded_from_origin == meta.piece_size(0)
+        for index in range(1, meta.num_pieces):
+            await swarm.accept_origin_piece(index, piece(index))
+        assert swarm.complete.is_set() and sha256_file(swarm.storage.path) == meta.sha256
+        snap = swarm.announce_snapshot()
+        assert (snap.left, snap.downloaded, snap.complete) == (0, meta.length, True)
+        swarm.release()
+        assert swarm.released and swarm.closed.is_set()
+        with trio.fail_after(1):
+            await swarm.wait_announce_due(10)  # closed: always due
