@@ -12,19 +12,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httpx
 import trio
 
 from p2pimage.errors import PieceHashError, RemoteProtocolError
+from p2pimage.metainfo.torrent import Metainfo
 from p2pimage.oci.registry import ByteRange, RegistryError, open_blob_range
 from p2pimage.swarm.ratelimit import RateLimiter
 
-if TYPE_CHECKING:
-    from p2pimage.swarm.engine import Swarm
-
-__all__ = ["OriginError", "OriginReader"]
+__all__ = ["OriginError", "OriginReader", "OriginSwarm"]
 
 log = logging.getLogger("p2pimage.swarm.origin")
 
@@ -39,12 +37,35 @@ class OriginError(RemoteProtocolError):
     """The registry could not serve the range (status, short body, bad bytes)."""
 
 
+class OriginSwarm(Protocol):
+    """All an origin reader asks of its swarm (:class:`~p2pimage.swarm.engine.Swarm`)."""
+
+    @property
+    def metainfo(self) -> Metainfo: ...
+
+    def has_piece(self, index: int) -> bool: ...
+
+    def held_by_peer(self, index: int) -> bool: ...
+
+    def reserve_for_origin(self, first: int, end: int) -> None: ...
+
+    def return_to_peers(self, first: int, end: int) -> None: ...
+
+    async def pace_download(self, nbytes: int) -> None: ...
+
+    async def accept_origin_piece(
+        self, index: int, data: bytes | bytearray | memoryview
+    ) -> bool: ...
+
+    def announce_soon(self) -> None: ...
+
+
 class OriginReader:
     """Reads pieces ``[first, end)`` of one blob from ``url`` into a swarm."""
 
     def __init__(
         self,
-        swarm: Swarm,
+        swarm: OriginSwarm,
         url: str,
         first: int,
         end: int,
