@@ -58,6 +58,25 @@ class DigestMismatchError(RemoteProtocolError):
     """A whole blob whose SHA-256 does not match its OCI digest."""
 
 
+class StorageBusyError(P2PImageError):
+    """Back-pressure, not a fault: the piece store holds as many pieces in assembly as
+    it may (``max_pieces_in_progress``) and did not take a block that starts another.
+    The caller drops the block and asks for it again later."""
+
+
+class PeerClosed(P2PImageError):
+    """A peer session ended: EOF, a protocol error, or we closed it (``reason`` says
+    which). Ends that one session, never the swarm or the node."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StateUnavailableError(P2PImageError):
+    """The tracker's shared state could not be read or written (Redis down, timeouts)."""
+
+
 def leaf_exceptions(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     """The exceptions inside a (possibly nested) exception group, in order.
 

@@ -15,8 +15,11 @@ import trio
 from daemons.testbed.localcluster import local_cluster
 from daemons.tracker import TrackerSettings, run_tracker
 from p2pimage.errors import LocalProtocolError
+from p2pimage.metainfo.torrent import MIN_PIECE_LENGTH, MetainfoBuilder
 from p2pimage.oci.image import build_image
 from p2pimage.storage.cache import BlobCache, blob_key, registry_namespace
+from p2pimage.storage.layout import BlobFiles, parse_blob_file_name
+from p2pimage.storage.pieces import PieceStorage
 from tests.test_node_restart import node_settings, pull_blob, push, start_node
 
 MIB = 1024 * 1024
@@ -318,3 +321,38 @@ async def test_full_cache_evicts_the_least_recently_used_released_layer(
         assert not layers.stats.fallbacks  # every layer came through the swarm
         assert layers.stats.bytes_served["swarm"] == sum(len(x.data) for x in image.layers)
         nursery.cancel_scope.cancel()
+
+
+def test_the_store_and_the_cache_share_one_layout(tmp_path: Path) -> None:
+    """A blob the piece store is assembling (``.partial``, ``.state``) and its kept
+    torrent are one cache entry of the partial's size; evicting it removes every file the
+    store and the cache wrote, and nothing else."""
+    data = bytes(range(256)) * 4 * 1024  # 1 MiB
+    builder = MetainfoBuilder(len(data), "layer", MIN_PIECE_LENGTH)
+    builder.update(data)
+    meta = builder.finish()
+    hex_ = meta.digest_hex
+    (tmp_path / "notes.txt").write_bytes(b"theirs")
+    with PieceStorage.open(tmp_path, meta) as store:
+        store.write_piece(0, data[: meta.piece_size(0)])
+    cache = BlobCache(tmp_path, 10 * MIB)
+    cache.save_torrent(meta)
+    files = BlobFiles(tmp_path, hex_)
+    assert on_disk(cache) == {files.partial.name, files.state.name, files.torrent.name, "notes.txt"}
+    cache.scan()
+    entry = cache.entry(hex_)
+    assert entry is not None and not entry.complete and entry.size == meta.length
+    cache.evict(hex_)
+    assert on_disk(cache) == {"notes.txt"}
+
+
+def test_blob_file_names() -> None:
+    assert parse_blob_file_name(A) == (A, "blob")
+    assert [parse_blob_file_name(p.name) for p in BlobFiles(Path("/x"), A).all()] == [
+        (A, "blob"),
+        (A, "partial"),
+        (A, "state"),
+        (A, "torrent"),
+    ]
+    for foreign in (f"{A}.state.tmp", f"{A}.torrent.tmp", A.upper(), A[:63], f"{A}.", "x"):
+        assert parse_blob_file_name(foreign) is None

@@ -38,6 +38,7 @@ import trio
 
 from p2pimage.errors import DigestMismatchError, LocalProtocolError, P2PImageError, StorageError
 from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.oci.registry import ByteRange, open_blob_range
 from p2pimage.sidecar.client import SidecarClient, SidecarError
 from p2pimage.storage.cache import BlobCache, blob_key, registry_namespace
 from p2pimage.swarm.engine import Swarm, SwarmStalled
@@ -299,29 +300,17 @@ class LayerService:
         end: int,
     ) -> AsyncIterator[bytes]:
         headers = {"Authorization": authorization} if authorization else {}
-        headers["Range"] = f"bytes={start}-{end - 1}"
         url = f"{upstream}/v2/{repository}/blobs/{digest}"
-        async with self.http.stream("GET", url, headers=headers, follow_redirects=True) as r:
-            if r.status_code == 206:
-                skip = 0
-            elif r.status_code == 200:
-                skip = start  # a registry that ignores Range: discard the prefix
-            else:
-                raise P2PImageError(f"registry answered {r.status_code} for {digest}")
-            remaining = end - start
-            async for chunk in r.aiter_bytes(CHUNK):
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                    if not chunk:
-                        continue
-                chunk = chunk[:remaining]
-                remaining -= len(chunk)
+        async with open_blob_range(
+            self.http,
+            url,
+            ByteRange(start, end),
+            headers=headers,
+            skip_ignored=True,
+            chunk_size=CHUNK,
+        ) as chunks:
+            async for chunk in chunks:
                 yield chunk
-                if remaining <= 0:
-                    break
-            if remaining > 0:
-                raise P2PImageError(f"registry sent a short body for {digest}")
 
     # --- swarms -------------------------------------------------------------------------
 

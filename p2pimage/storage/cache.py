@@ -3,12 +3,12 @@
 Blobs are keyed by (registry, digest), never by digest alone: a blob is only ever served
 for the registry it was fetched from (see docs/operations.md, "Trust model"). Each
 registry has its own subdirectory, named by :func:`registry_namespace`; a cache key is
-``<namespace>/<hex>`` (:func:`blob_key`). Layout of a namespace: ``<hex>`` a complete,
-verified blob; ``<hex>.partial`` and ``<hex>.state`` a blob being downloaded (see
-:class:`~p2pimage.storage.pieces.PieceStorage`); ``<hex>.torrent`` its torrent, kept so a
-restarted node can seed and resume. Blobs left at the top level by an older version
-(keyed by digest alone) count toward the quota and are evicted first-come by LRU, but no
-lookup ever finds them.
+``<namespace>/<hex>`` (:func:`blob_key`). A namespace holds the blob files of
+:mod:`p2pimage.storage.layout`: ``<hex>`` a complete, verified blob; ``<hex>.partial`` and
+``<hex>.state`` a blob being downloaded (see :class:`~p2pimage.storage.pieces.PieceStorage`);
+``<hex>.torrent`` its torrent, kept so a restarted node can seed and resume. Blobs left at
+the top level by an older version (keyed by digest alone) count toward the quota and are
+evicted first-come by LRU, but no lookup ever finds them.
 
 A blob that is pinned (being served to a runtime, or seeded by a live swarm) is never
 evicted; space for a new blob is made by evicting the least recently used unpinned
@@ -28,13 +28,13 @@ from pathlib import Path
 
 from p2pimage.errors import LocalProtocolError, MetainfoError, StorageError
 from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.storage.layout import BlobFiles, parse_blob_file_name
 
 __all__ = ["BlobCache", "CachedBlob", "blob_key", "registry_namespace"]
 
 log = logging.getLogger("p2pimage.storage.cache")
 
 _HEX = re.compile(r"[0-9a-f]{64}")
-_SUFFIXES = ("", ".partial", ".state", ".torrent")
 _NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,120}-[0-9a-f]{12}")
 
 
@@ -94,9 +94,10 @@ class BlobCache:
         except OSError as exc:
             raise StorageError(f"cannot list cache directory {self.root}: {exc}") from None
         for prefix, name in names:
-            hex_, _, suffix = name.partition(".")
-            if not _HEX.fullmatch(hex_) or ("." + suffix if suffix else "") not in _SUFFIXES:
+            parsed = parse_blob_file_name(name)
+            if parsed is None:
                 continue
+            hex_, kind = parsed
             try:
                 st = os.stat(self.root / prefix / name)
             except OSError:
@@ -104,10 +105,10 @@ class BlobCache:
             key = prefix + hex_
             entry = entries.setdefault(key, CachedBlob(key, 0, st.st_mtime, False))
             entry.last_used = max(entry.last_used, st.st_mtime)
-            if suffix == "":
+            if kind == "blob":
                 entry.complete = True
                 entry.size = max(entry.size, st.st_size)
-            elif suffix == "partial":
+            elif kind == "partial":
                 entry.size = max(entry.size, st.st_size)
         self._entries = entries
 
@@ -120,13 +121,18 @@ class BlobCache:
 
     def is_complete(self, key: str) -> bool:
         entry = self._entries.get(key)
-        return entry is not None and entry.complete and (self.root / key).exists()
+        return entry is not None and entry.complete and self.blob_path(key).exists()
+
+    def files(self, key: str) -> BlobFiles:
+        """The files of the blob with cache key ``key`` (``<namespace>/<hex>``)."""
+        namespace, _, hex_ = key.rpartition("/")
+        return BlobFiles(self.root / namespace if namespace else self.root, hex_)
 
     def blob_path(self, key: str) -> Path:
-        return self.root / key
+        return self.files(key).blob
 
     def torrent_path(self, key: str) -> Path:
-        return self.root / f"{key}.torrent"
+        return self.files(key).torrent
 
     def directory(self, namespace: str) -> Path:
         """Where the blobs of one registry live (the directory piece storage writes)."""
@@ -176,9 +182,10 @@ class BlobCache:
         if entry is not None:
             entry.last_used = now
             # Persist recency cheaply, so LRU order survives a restart.
-            for suffix in ("", ".partial"):
+            files = self.files(key)
+            for path in (files.blob, files.partial):
                 try:
-                    os.utime(self.root / f"{key}{suffix}", (now, now))
+                    os.utime(path, (now, now))
                     break
                 except OSError:
                     continue
@@ -223,11 +230,11 @@ class BlobCache:
     def evict(self, key: str) -> None:
         if self.is_pinned(key):
             raise LocalProtocolError(f"blob {key} is pinned")
-        for suffix in _SUFFIXES:
+        for path in self.files(key).all():
             try:
-                (self.root / f"{key}{suffix}").unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             except OSError as exc:
-                log.warning("cannot remove %s%s: %s", key, suffix, exc)
+                log.warning("cannot remove %s: %s", path, exc)
         self._entries.pop(key, None)
         self.evictions += 1
         log.info("evicted blob %s", key)

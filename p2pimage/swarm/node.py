@@ -123,7 +123,13 @@ class PeerNode:
             return self.swarms[metainfo.info_hash]
         if storage is None:
             storage = await trio.to_thread.run_sync(PieceStorage.open, Path(directory), metainfo)
-        swarm = Swarm(metainfo, storage, node=self, settings=settings)
+        swarm = Swarm(
+            metainfo,
+            storage,
+            dialer=self,
+            settings=settings,
+            download_limiter=self.download_limiter,
+        )
         self.swarms[metainfo.info_hash] = swarm
         await nursery.start(self._run_swarm, swarm)
         if tracker is not None:

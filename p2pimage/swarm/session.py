@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import trio
 
 from p2pimage.auth.tokens import NodeToken, PeerAuthenticator
-from p2pimage.errors import AuthError, LocalProtocolError, RemoteProtocolError
+from p2pimage.errors import AuthError, LocalProtocolError, PeerClosed, RemoteProtocolError
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.wire import (
     BLOCK_LENGTH,
@@ -43,14 +43,6 @@ RECEIVE_SIZE = 256 * 1024
 # Flush a write batch once it holds this much; larger batches add latency, smaller ones
 # cost a system call per block (one send_all per block halves loopback throughput).
 WRITE_BATCH_BYTES = 512 * 1024
-
-
-class PeerClosed(Exception):
-    """The session ended: EOF, a protocol error, or we closed it (``reason`` says which)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass

@@ -26,6 +26,8 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
+from p2pimage.errors import StateUnavailableError
+
 from ._policy import FetcherRange, PeerRecord, SwarmRecord
 
 __all__ = [
@@ -136,10 +138,6 @@ return 1
 _MAX_CAS_RETRIES = 50
 # Swarms whose last write this replica remembers (a cache, bounded; ~6 KB per 100 peers).
 _CACHE_MAX_SWARMS = 10_000
-
-
-class StateUnavailableError(Exception):
-    """The shared state could not be read or written (Redis down, timeouts)."""
 
 
 class StateConflictError(StateUnavailableError):

@@ -127,18 +127,18 @@ async def run_announcer(
         # Progress of our latest origin range, finished or not: the tracker moves its
         # record (and our lease) forward only on what we report.
         reader = readers[-1] if readers else None
-        stats = swarm.stats
+        snap = swarm.announce_snapshot()
         return AnnounceRequest(
-            info_hash=swarm.info_hash,
-            peer_id=swarm.node.peer_id,
-            port=swarm.node.port,
-            uploaded=stats.uploaded,
-            downloaded=stats.downloaded_from_peers + stats.downloaded_from_origin,
-            left=swarm.left,
+            info_hash=snap.info_hash,
+            peer_id=snap.peer_id,
+            port=snap.port,
+            uploaded=snap.uploaded,
+            downloaded=snap.downloaded,
+            left=snap.left,
             event=ev,
             numwant=cfg.numwant,
-            pieces=swarm.metainfo.num_pieces if repository else None,
-            digest=swarm.metainfo.sha256 if repository else None,
+            pieces=snap.num_pieces if repository else None,
+            digest=snap.digest if repository else None,
             repo=repository,
             origin_next=reader.next_index if reader is not None else None,
         )
@@ -150,7 +150,6 @@ async def run_announcer(
                 # must not turn into a tight loop against the tracker).
                 await trio.sleep_until(last_announce + cfg.min_gap_s)
                 last_announce = trio.current_time()
-                swarm.announce_pending = False
                 try:
                     response = await tracker.announce(request(event))
                 except TrackerError as exc:
@@ -163,7 +162,7 @@ async def run_announcer(
                 if event is Event.COMPLETED:
                     completed_sent = True
                 event = Event.NONE
-                swarm.connect(response.peers)
+                swarm.add_peers(response.peers)
                 if origin_http is not None:
                     _apply_origin(
                         swarm,
@@ -176,15 +175,12 @@ async def run_announcer(
                     )
                 if response.release and swarm.complete.is_set():
                     log.info("tracker released %s", swarm.metainfo.sha256[:19])
-                    swarm.released = True
-                    swarm.close()
+                    swarm.release()
                     break
                 interval = float(max(response.interval, 1))
-                if not swarm.complete.is_set() and len(swarm.peers) < cfg.want_peers:
+                if not swarm.complete.is_set() and swarm.peer_count < cfg.want_peers:
                     interval = max(cfg.hungry_interval_s, float(response.min_interval or 0))
-                if not swarm.announce_pending:
-                    with trio.move_on_after(interval):
-                        await swarm.milestone.wait()  # completed, closed, or news: now
+                await swarm.wait_announce_due(interval)  # completed, closed, or news: now
                 if swarm.complete.is_set() and not completed_sent:
                     event = Event.COMPLETED
             nursery.cancel_scope.cancel()
