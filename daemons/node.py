@@ -408,6 +408,7 @@ async def _p2p(daemon: NodeDaemon, settings: NodeSettings, keeper: TokenKeeper) 
     try:
         async with open_peer_node(
             authenticator=keeper.authenticator(),
+            peer_id=keeper.peer_id(),
             host=settings.peer_host,
             port=settings.peer_port,
             upload_rate=settings.upload_rate,
@@ -458,7 +459,7 @@ async def run_node(
                 node_key=node_key,
             )
             k = keeper
-            tracker = TrackerClient(settings.tracker_url, http=http, token=lambda: k.token)
+            tracker = TrackerClient(settings.tracker_url, http=http, auth=k.request_auth())
         layers = LayerService(
             node=None,
             cache=cache,

@@ -594,8 +594,10 @@ DPOP_TYP = "dpop+jwt"
 # A proof is accepted while |now - iat| <= this. Nodes run NTP; half a minute of skew is
 # rare, and the replay cache has to remember every nonce for twice this long.
 DEFAULT_PROOF_WINDOW_S = 30.0
-# Our proofs are ~350 bytes (a 43-character key, a URL of up to ~1.5 KiB with the query).
-MAX_PROOF_BYTES = 6144
+# Our proofs are ~600 bytes plus 4/3 of the URL (query included). 16 KiB covers any URL
+# up to ~11 KiB, beyond every request the tracker accepts (queries are capped at 4 KiB,
+# checked after authentication) and beyond what reaches the sidecar.
+MAX_PROOF_BYTES = 16384
 # ``jti`` values we mint are 22 characters; anything longer than this is not a nonce.
 MAX_JTI_CHARS = 64
 # Replay-cache entries at the tracker: a node announces each swarm every few seconds at
