@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from p2pimage.errors import leaf_exceptions
 
-__all__ = ["ClosingStreamingResponse", "ListenError", "serve_app"]
+__all__ = ["ClosingStreamingResponse", "ListenError", "request_url", "serve_app"]
 
 # How long a cancelled response may spend in its body generator's clean-up.
 _ACLOSE_GRACE_S = 5.0
@@ -91,3 +91,12 @@ async def serve_app(
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(_serve)
         task_status.started(binds[0])
+
+
+def request_url(scope: Scope, host: str) -> str:
+    """The URL a request was sent to, as a DPoP proof's ``htu`` names it: the scheme, the
+    ``Host`` header, and the path and query exactly as they arrived (no re-encoding)."""
+    raw_path = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string", b"")
+    target = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+    return f"{scope.get('scheme', 'http')}://{host}{target}"

@@ -53,6 +53,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
+from daemons._http import request_url
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.tokens import (
@@ -343,17 +344,6 @@ def _unauthorized(tracker: Tracker, reason: str, message: str) -> _Refused:
     return _Refused(_bencoded(401, encode_failure(message, reason), **_CHALLENGE))
 
 
-def request_url(request: Request) -> str:
-    """The URL a request was sent to, as its DPoP proof's ``htu`` must name it: scheme,
-    the ``Host`` header, and the path and query exactly as they arrived."""
-    scope = request.scope
-    raw_path = scope.get("raw_path") or scope["path"].encode()
-    query = scope.get("query_string", b"")
-    host = request.headers.get("host", "")
-    target = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
-    return f"{scope.get('scheme', 'http')}://{host}{target}"
-
-
 async def _authenticate(tracker: Tracker, request: Request, now: float) -> NodeToken | None:
     if tracker.gate is None:
         return None
@@ -378,7 +368,7 @@ async def _authenticate(tracker: Tracker, request: Request, now: float) -> NodeT
             proofs[0] if proofs else None,
             token=token,
             method=request.method,
-            url=request_url(request),
+            url=request_url(request.scope, request.headers.get("host", "")),
             now=now,
             window_s=tracker.settings.proof_window_s,
         )
