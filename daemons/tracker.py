@@ -130,6 +130,11 @@ class TrackerSettings(BaseModel):
     origin_ratio: float = Field(default=0.1, gt=0, le=1)
     max_origin_fetchers: int = Field(default=16, ge=1, le=10_000)
     origin_stall_s: float = Field(default=20.0, gt=0)
+    seeder_stall_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="a leecher without progress this long contradicts a claimed seeder",
+    )
     release_min_seeders: int = Field(default=2, ge=0)
     release_seeder_ratio: float = Field(default=0.25, ge=0)
     linger_s: float = Field(default=300.0, ge=0)
@@ -149,6 +154,7 @@ class TrackerSettings(BaseModel):
             origin_ratio=self.origin_ratio,
             max_origin_fetchers=self.max_origin_fetchers,
             origin_stall_s=self.origin_stall_s,
+            seeder_stall_s=self.seeder_stall_s,
             release_min_seeders=self.release_min_seeders,
             release_seeder_ratio=self.release_seeder_ratio,
             linger_s=self.linger_s,

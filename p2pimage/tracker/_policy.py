@@ -70,8 +70,9 @@ class PolicyConfig:
       (no origin work), a leecher whose ``left`` has not fallen for this long reopens
       origin work and is given a range, and every seeder that reported no upload for
       as long is distrusted: its claims no longer close origin work and leechers are
-      not told about it. Keep it well under the nodes' stall timeout (15 s) minus one
-      ``fetcher_interval_s`` (leechers of a seeded swarm announce that often).
+      not told about it. With the default 5 s a stalled leecher is caught at its first
+      re-announce (leechers of a seeded swarm are told ``fetcher_interval_s``, 5 s), well
+      inside the nodes' 15 s stall timeout.
     """
 
     interval_s: int = 30
@@ -92,7 +93,7 @@ class PolicyConfig:
     # Fetchers renew halfway through a lease, so its size only sets how finely the tail
     # can be stolen, not how often a fetcher waits.
     origin_lease_pieces: int | None = None
-    seeder_stall_s: float = 6.0
+    seeder_stall_s: float = 5.0
 
     def lease(self, pieces: int) -> int:
         if self.origin_lease_pieces is not None:
