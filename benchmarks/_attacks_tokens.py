@@ -297,7 +297,7 @@ async def _injected_jku(tb: TrackerBed) -> AttackResult:
         )
         token = jwt.encode(
             tb.claims(),
-            forger._key,
+            forger.to_pem(),
             algorithm="EdDSA",
             headers={"kid": "mallory-kid", "jku": f"{base}/jwks.json"},
         )
@@ -314,7 +314,7 @@ async def _embedded_jwk(tb: TrackerBed) -> AttackResult:
     forger = SigningKey.generate()
     token = jwt.encode(
         tb.claims(),
-        forger._key,
+        forger.to_pem(),
         algorithm="EdDSA",
         headers={"kid": tb.issuer.active_key.kid, "jwk": forger.public_jwk()},
     )
