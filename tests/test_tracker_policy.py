@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -622,3 +623,17 @@ async def test_progressing_leechers_never_reopen_origin_work(state: TrackerState
         assert out.origin is None
     swarm = await h.swarm()
     assert swarm is not None and swarm.origin_done and not swarm.distrusted
+
+
+async def test_proof_nonces_are_claimed_once_until_they_expire(state: TrackerState) -> None:
+    """Both backends: a nonce is accepted once; after its expiry it is forgotten (the
+    proof itself is stale by then). Redis expires by TTL, so this waits in real time."""
+    import time
+
+    now = time.time()
+    assert await state.claim_nonce(b"n" * 16, now + 0.3, now) is True
+    assert await state.claim_nonce(b"n" * 16, now + 0.3, now + 0.1) is False
+    assert await state.claim_nonce(b"m" * 16, now + 0.3, now + 0.1) is True
+    await trio.sleep(0.5)
+    later = time.time()
+    assert await state.claim_nonce(b"n" * 16, later + 0.3, later) is True
