@@ -637,3 +637,34 @@ async def test_proof_nonces_are_claimed_once_until_they_expire(state: TrackerSta
     await trio.sleep(0.5)
     later = time.time()
     assert await state.claim_nonce(b"n" * 16, later + 0.3, later) is True
+
+
+async def test_a_liar_claiming_uploads_and_rejoining_still_never_stalls(
+    state: TrackerState,
+) -> None:
+    """A liar that also lies about its uploads is not distrusted, but every time it
+    (re)claims the layer, a stalled leecher gets its origin range back within
+    seeder_stall_s: the liar costs time, never the pull."""
+    h = harness(state)
+    stall = h.policy.config.seeder_stall_s
+    now, left, uploaded = 0.0, SIZE, 0
+    for round_ in range(3):
+        uploaded += 1000
+        await h.announce(9, now, subject="liar", left=0, pieces=10, event=Event.STARTED)
+        out = await h.announce(1, now, subject="node-1", left=left, pieces=10)
+        assert out.origin is None, round_  # its claim holds, for now
+        now += stall
+        await h.announce(9, now, subject="liar", left=0, uploaded=uploaded)
+        out = await h.announce(1, now, subject="node-1", left=left, pieces=10)
+        assert out.origin is not None, round_  # contradicted: the leecher reads the origin
+        # Its re-announces as a seeder do not close origin work again; the leecher
+        # progresses through its range.
+        left -= 100
+        await h.announce(9, now + 1, subject="liar", left=0, uploaded=uploaded + 1)
+        out = await h.announce(1, now + 1, subject="node-1", left=left, pieces=10)
+        assert out.origin is not None, round_
+        # It leaves and rejoins (a fresh record) to claim the layer once more.
+        await h.announce(9, now + 1, subject="liar", left=0, event=Event.STOPPED)
+        now += 1
+    swarm = await h.swarm()
+    assert swarm is not None and "liar" not in swarm.distrusted
