@@ -722,8 +722,10 @@ def verify_proof(
     embedded = header.get("jwk")
     if not isinstance(embedded, dict) or "d" in embedded:
         raise AuthError("bad_proof", "proof header needs the public jwk")
-    thumbprint = jwk_thumbprint(token.cnf_jwk)
-    if jwk_thumbprint(embedded) != thumbprint:
+    # cnf.jwk is an Ed25519 key (the token verifier insists): the same key is the same
+    # (kty, crv, x), which is what its RFC 7638 thumbprint covers.
+    cnf = token.cnf_jwk
+    if any(embedded.get(m) != cnf.get(m) for m in ("kty", "crv", "x")):
         raise AuthError("proof_key_mismatch", "proof key is not the token's cnf.jwk")
     try:
         signature = _b64url_decode(sig_b64)
@@ -749,7 +751,7 @@ def verify_proof(
         raise AuthError("proof_stale", f"proof iat {iat} is outside the {window_s:.0f} s window")
     if not isinstance(ath, str) or not hmac.compare_digest(ath, access_token_hash(token.raw)):
         raise AuthError("proof_token", "proof is for another token (ath)")
-    replay_key = hashlib.sha256(f"{thumbprint}.{jti}".encode()).digest()[:16]
+    replay_key = hashlib.sha256(f"{cnf['x']}.{jti}".encode()).digest()[:16]
     return VerifiedProof(jti, iat, replay_key, iat + window_s + 1.0)
 
 
