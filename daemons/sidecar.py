@@ -291,6 +291,10 @@ async def _torrent_refusal(
         m.torrent_requests.labels("bad_credentials").inc()
         return _error(401, "unauthorized", "one Authorization header", **_TORRENT_CHALLENGE)
     authorization = authorizations[0]
+    if not (authorization.isascii() and authorization.isprintable()):
+        # Never forwarded to the registry: an HTTP client refuses such a header.
+        m.torrent_requests.labels("bad_credentials").inc()
+        return _error(401, "unauthorized", "malformed Authorization", **_TORRENT_CHALLENGE)
     scheme, _, raw = authorization.partition(" ")
     now = sidecar.clock()
     if scheme.lower() == "dpop":

@@ -987,6 +987,20 @@ async def test_torrents_only_for_node_proofs_or_pull_rights(tmp_path: Path) -> N
             )
             assert r.status_code == 200
             check_torrent(r.content, unknown_layer.digest, unknown_layer.data)
+            # Garbage credentials: a 4xx, never a 500, never a torrent.
+            for value in (
+                "Basic \u00e9t\u00e9".encode(),
+                b"DPoP \xff\xfe",
+                b"DPoP a.b.c",
+                b"Basic !!!",
+                b"Negotiate x",
+                b"DPoP",
+            ):
+                r = await anon.get(
+                    f"/torrents/{layer}?repository=private/app",
+                    headers={b"Authorization": value, b"DPoP": b"e30.e30.e30"},
+                )
+                assert r.status_code in (401, 403), (value, r.status_code)
         # The node's own client sends its proof (SidecarClient with a TokenKeeper's auth).
         async with httpx.AsyncClient(timeout=30) as http:
             client = SidecarClient(env.url, http=http, auth=node_auth(env.sidecar.issuer))

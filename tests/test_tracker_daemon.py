@@ -444,3 +444,31 @@ async def test_random_garbage_queries_never_get_a_500(jwks_file: Path, issuer: T
                 assert r.status_code in (200, 400), (query, r.status_code, r.content)
                 doc = bdecode(r.content)
                 assert isinstance(doc, dict)
+
+
+async def test_garbage_credentials_get_401_never_a_500(
+    jwks_file: Path, issuer: TokenIssuer
+) -> None:
+    import random
+
+    rng = random.Random(12)
+    raw = raw_token(issuer, "c")
+    good_url_proof = create_proof(NODE_KEY, method="GET", url="http://x/", token=raw, now=0)
+    parts = [
+        raw, good_url_proof, ".", "..", "a.b.c", "e30", "eyJ", "%", "\u00e9", "DPoP", "Bearer",
+        " ", "=", "x" * 300, "W10", "bnVsbA", "eyJ0eXAiOiJkcG9wK2p3dCJ9",
+    ]  # fmt: skip
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        url = announce_url(base, 1, left=5)
+        for _ in range(200):
+            scheme = rng.choice(["DPoP ", "dpop ", "Bearer ", "", "DPoP  "])
+            token = "".join(rng.choice(parts) for _ in range(rng.randint(0, 3)))
+            proof = "".join(rng.choice(parts) for _ in range(rng.randint(0, 3)))
+            # Raw UTF-8 bytes (h11 refuses leading or trailing blanks in a header value).
+            headers = {b"Authorization": (scheme + token).strip().encode()}
+            if rng.random() < 0.8:
+                headers[b"DPoP"] = proof.strip().encode()
+            r = await http.get(url, headers=headers)
+            assert r.status_code == 401, (headers, r.status_code, r.content)
+            assert parse_announce_response(r.content).failure
