@@ -117,6 +117,12 @@ class SidecarSettings(BaseModel):
     proof_window_s: float = Field(
         DEFAULT_PROOF_WINDOW_S, gt=0, le=300, description="DPoP proof freshness window"
     )
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/?#]+$",
+        description="scheme://host[:port] nodes use, when a proxy terminates TLS or "
+        "rewrites Host (proofs name it); none: the request's own",
+    )
     pull_check_cache_s: float = Field(
         30.0, ge=0, le=3600, description="how long a registry's yes to a pull-rights check stands"
     )
@@ -244,6 +250,7 @@ class Sidecar:
     # proof), or registry credentials with pull rights (None: that path is closed).
     pull_rights: PullRights | None = None
     proof_window_s: float = DEFAULT_PROOF_WINDOW_S
+    public_url: str | None = None
     nonces: ProofReplayCache = field(default_factory=ProofReplayCache)
 
     def __post_init__(self) -> None:
@@ -305,7 +312,7 @@ async def _torrent_refusal(
                 proofs[0] if len(proofs) == 1 else None,
                 token=token,
                 method=request.method,
-                url=request_url(request.scope, request.headers.get("host", "")),
+                url=request_url(request.scope, request.headers.get("host", ""), sidecar.public_url),
                 now=now,
                 window_s=sidecar.proof_window_s,
             )
@@ -537,6 +544,7 @@ def build_sidecar(
         token,
         pull_rights=pull_rights,
         proof_window_s=settings.proof_window_s,
+        public_url=settings.public_url,
     )
 
 

@@ -123,6 +123,12 @@ class TrackerSettings(BaseModel):
         le=300,
         description="DPoP proofs are accepted while |now - iat| is at most this",
     )
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#]+$",
+        description="scheme://host[:port] nodes use, when a proxy terminates TLS or "
+        "rewrites Host (proofs name it); none: the request's own",
+    )
     interval_s: int = Field(default=30, ge=1, le=86400)
     min_interval_s: int = Field(default=5, ge=1, le=86400)
     fetcher_interval_s: int = Field(default=5, ge=1, le=86400)
@@ -374,7 +380,9 @@ async def _authenticate(tracker: Tracker, request: Request, now: float) -> NodeT
             proofs[0] if proofs else None,
             token=token,
             method=request.method,
-            url=request_url(request.scope, request.headers.get("host", "")),
+            url=request_url(
+                request.scope, request.headers.get("host", ""), tracker.settings.public_url
+            ),
             now=now,
             window_s=tracker.settings.proof_window_s,
         )

@@ -472,3 +472,22 @@ async def test_garbage_credentials_get_401_never_a_500(
             r = await http.get(url, headers=headers)
             assert r.status_code == 401, (headers, r.status_code, r.content)
             assert parse_announce_response(r.content).failure
+
+
+async def test_public_url_names_the_tracker_behind_a_tls_proxy(
+    jwks_file: Path, issuer: TokenIssuer
+) -> None:
+    """Behind a proxy that terminates TLS, nodes sign the URL they use (``public_url``);
+    the tracker compares proofs with it, not with the plain-HTTP request it receives."""
+    public = "https://tracker.example:8443"
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file, public_url=public)
+    raw = raw_token(issuer, "c")
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        url = announce_url(base, 1, left=5)
+        as_proxied = public + url.removeprefix(base)
+        for signed, status in ((as_proxied, 200), (url, 401)):
+            proof = create_proof(NODE_KEY, method="GET", url=signed, token=raw, now=time.time())
+            r = await http.get(url, headers={"Authorization": f"DPoP {raw}", "DPoP": proof})
+            assert r.status_code == status, (signed, r.content)
+    with pytest.raises(ValueError):
+        TrackerSettings(open_mode=True, public_url="https://tracker.example/announce")
