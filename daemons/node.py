@@ -499,6 +499,7 @@ async def _p2p(daemon: NodeDaemon, settings: NodeSettings, keeper: TokenKeeper) 
     try:
         async with open_peer_node(
             authenticator=keeper.authenticator(),
+            peer_id=keeper.peer_id(),
             host=settings.peer_host,
             port=settings.peer_port,
             upload_rate=settings.upload_rate,
@@ -559,7 +560,7 @@ async def run_node(
                 node_key=node_key,
             )
             k = keeper
-            tracker = TrackerClient(settings.tracker_url, http=control, token=lambda: k.token)
+            tracker = TrackerClient(settings.tracker_url, http=control, auth=k.request_auth())
         layers = LayerService(
             registry=settings.swarm_upstream(),
             node=None,

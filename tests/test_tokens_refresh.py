@@ -73,6 +73,7 @@ class FakeSidecar:
 
     def __init__(self, issuer: TokenIssuer) -> None:
         self.issuer = issuer
+        self.auth: httpx.Auth | None = None  # as SidecarClient: the keeper sets its own
         self.down = False
         self.jwks_calls: list[float] = []
         self.token_calls: list[float] = []

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
+import hmac
 import json
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 from cryptography.exceptions import InvalidSignature
@@ -35,6 +38,8 @@ __all__ = [
     "AUDIENCE",
     "DEFAULT_ISSUER",
     "DEFAULT_TOKEN_LIFETIME_S",
+    "DEFAULT_PROOF_WINDOW_S",
+    "DPOP_TYP",
     "KeySet",
     "NodeKey",
     "NodeToken",
@@ -42,10 +47,18 @@ __all__ = [
     "SigningKey",
     "TokenIssuer",
     "TokenVerifier",
+    "VerifiedProof",
+    "ProofReplayCache",
+    "access_token_hash",
+    "bound_peer_id",
+    "create_proof",
     "jwk_thumbprint",
     "local_authenticator",
     "renewal_due",
+    "normalize_htu",
+    "peer_id_matches",
     "verify_jwk_signature",
+    "verify_proof",
 ]
 
 AUDIENCE = "p2pimage"
@@ -431,7 +444,7 @@ class TokenVerifier:
     def _header(token: str) -> dict[str, Any]:
         try:
             header = json.loads(_b64url_decode(token.split(".", 1)[0]))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise AuthError("malformed", "token header is not JSON") from None
         if not isinstance(header, dict):
             raise AuthError("malformed", "token header is not an object")
@@ -584,3 +597,233 @@ def local_authenticator(
         cluster=cluster,
         clock=clock,
     )
+
+
+# ------------------------------------------------------------------ proof of possession
+#
+# Every request a node makes with its token (tracker announce and scrape, sidecar torrent
+# fetches) carries a DPoP proof (RFC 9449): a JWT signed by the node's own key, the one
+# its token binds in ``cnf.jwk``. The proof names the request (``htm``, ``htu``), the time
+# (``iat``), a nonce the server never accepts twice (``jti``) and the token it goes with
+# (``ath``), so a token read off the wire, or a proof captured beside it, buys nothing.
+
+DPOP_TYP = "dpop+jwt"
+# A proof is accepted while |now - iat| <= this. Nodes run NTP; half a minute of skew is
+# rare, and the replay cache has to remember every nonce for twice this long.
+DEFAULT_PROOF_WINDOW_S = 30.0
+# Our proofs are ~600 bytes plus 4/3 of the URL (query included). 16 KiB covers any URL
+# up to ~11 KiB, beyond every request the tracker accepts (queries are capped at 4 KiB,
+# checked after authentication) and beyond what reaches the sidecar.
+MAX_PROOF_BYTES = 16384
+# ``jti`` values we mint are 22 characters; anything longer than this is not a nonce.
+MAX_JTI_CHARS = 64
+# Replay-cache entries at the tracker: a node announces each swarm every few seconds at
+# most; a million live nonces is ~16,000 announces per second over the 60 s an entry
+# lives, far beyond one tracker replica (~5,000/s measured), and ~100 MB at worst.
+DEFAULT_REPLAY_CACHE_ENTRIES = 1_000_000
+# Bytes 8..14 of a node's peer id: a tag derived from the token's subject.
+_PEER_ID_TAG = slice(8, 14)
+_PEER_ID_TAG_CONTEXT = b"p2pimage peer-id tag\x00"
+
+
+def access_token_hash(token: str) -> str:
+    """``ath``: base64url SHA-256 of the token's ASCII (RFC 9449 section 4.2)."""
+    return _b64url(hashlib.sha256(token.encode("ascii")).digest())
+
+
+def normalize_htu(url: str) -> str:
+    """The form of a URL that ``htu`` is compared in.
+
+    Scheme and host lower-cased, a default port (80 for http, 443 for https) dropped,
+    the fragment dropped; the path and the query are kept byte for byte (p2pimage binds
+    the query too: see docs/protocol.md, "Tracker request authentication").
+    """
+    if not isinstance(url, str) or len(url) > MAX_PROOF_BYTES:
+        raise AuthError("bad_proof", "htu is not a URL")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise AuthError("bad_proof", "htu is not a URL") from None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in ("http", "https") or not host:
+        raise AuthError("bad_proof", "htu must be an http(s) URL")
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None and (scheme, port) not in (("http", 80), ("https", 443)):
+        host = f"{host}:{port}"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{scheme}://{host}{parts.path or '/'}{query}"
+
+
+def create_proof(
+    node_key: NodeKey,
+    *,
+    method: str,
+    url: str,
+    token: str,
+    now: float,
+    jti: str | None = None,
+) -> str:
+    """A DPoP proof for one request: ``method`` and the full ``url`` (query included) as
+    the request will be sent, by the node whose token is ``token``."""
+    header = {"typ": DPOP_TYP, "alg": "EdDSA", "jwk": node_key.public_jwk()}
+    claims = {
+        "jti": jti if jti is not None else secrets.token_urlsafe(16),
+        "htm": method.upper(),
+        "htu": normalize_htu(url),
+        "iat": int(now),
+        "ath": access_token_hash(token),
+    }
+    signing_input = (
+        _b64url(json.dumps(header, separators=(",", ":")).encode())
+        + "."
+        + _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    )
+    signature = node_key.sign(signing_input.encode("ascii"))
+    return signing_input + "." + _b64url(signature)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedProof:
+    """A proof that verified; the caller still has to claim its nonce (``replay_key``)
+    in a replay cache until ``expires_at``, and refuse the request if it was taken."""
+
+    jti: str
+    issued_at: int
+    replay_key: bytes
+    expires_at: float
+
+
+def _json_part(part: str, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(_b64url_decode(part))
+    except (ValueError, UnicodeDecodeError, RecursionError, AuthError):
+        raise AuthError("bad_proof", f"proof {what} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise AuthError("bad_proof", f"proof {what} is not an object")
+    return doc
+
+
+def verify_proof(
+    proof: str | None,
+    *,
+    token: NodeToken,
+    method: str,
+    url: str,
+    now: float,
+    window_s: float = DEFAULT_PROOF_WINDOW_S,
+) -> VerifiedProof:
+    """Check a DPoP proof for a request (``method``, ``url`` as the server received it)
+    made with the verified ``token``.
+
+    The proof must be a compact JWS with ``typ: dpop+jwt`` and ``alg: EdDSA``, signed by
+    the key the token binds (``cnf.jwk``; a ``jwk`` header, as RFC 9449 has it, must be
+    that same key and is never used to verify), with ``htm``/``htu`` naming this request,
+    ``iat`` within ``window_s`` of ``now``, a ``jti`` nonce and ``ath`` the token's hash.
+    Raises :class:`AuthError` whose ``reason`` names the failed check: ``missing_proof``,
+    ``bad_proof``, ``proof_key_mismatch``, ``proof_signature``, ``proof_method``,
+    ``proof_url``, ``proof_stale``, ``proof_token``.
+    """
+    if proof is None or proof == "":
+        raise AuthError("missing_proof", "a DPoP proof header is required")
+    if not isinstance(proof, str) or len(proof) > MAX_PROOF_BYTES or proof.count(".") != 2:
+        raise AuthError("bad_proof", "proof is not a compact JWS")
+    head_b64, claims_b64, sig_b64 = proof.split(".")
+    header = _json_part(head_b64, "header")
+    if header.get("typ") != DPOP_TYP:
+        raise AuthError("bad_proof", f"proof typ must be {DPOP_TYP!r}")
+    if header.get("alg") != "EdDSA":
+        raise AuthError("bad_proof", f"proof algorithm {header.get('alg')!r} not allowed")
+    embedded = header.get("jwk")
+    if not isinstance(embedded, dict) or "d" in embedded:
+        raise AuthError("bad_proof", "proof header needs the public jwk")
+    # cnf.jwk is an Ed25519 key (the token verifier insists): the same key is the same
+    # (kty, crv, x), which is what its RFC 7638 thumbprint covers.
+    cnf = token.cnf_jwk
+    if any(embedded.get(m) != cnf.get(m) for m in ("kty", "crv", "x")):
+        raise AuthError("proof_key_mismatch", "proof key is not the token's cnf.jwk")
+    try:
+        signature = _b64url_decode(sig_b64)
+    except AuthError:
+        raise AuthError("bad_proof", "proof signature is not base64url") from None
+    try:
+        verify_jwk_signature(token.cnf_jwk, signature, f"{head_b64}.{claims_b64}".encode("ascii"))
+    except AuthError:
+        raise AuthError("proof_signature", "proof signature does not verify") from None
+    except UnicodeEncodeError:
+        raise AuthError("bad_proof", "proof is not ASCII") from None
+    claims = _json_part(claims_b64, "claims")
+    jti, htm, htu, iat, ath = (claims.get(k) for k in ("jti", "htm", "htu", "iat", "ath"))
+    if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI_CHARS:
+        raise AuthError("bad_proof", "proof jti must be a string of 1-64 characters")
+    if not isinstance(iat, int) or isinstance(iat, bool):
+        raise AuthError("bad_proof", "proof iat must be an integer")
+    if htm != method.upper():
+        raise AuthError("proof_method", f"proof is for method {htm!r}")
+    if not isinstance(htu, str) or normalize_htu(htu) != normalize_htu(url):
+        raise AuthError("proof_url", "proof is for another URL")
+    if abs(now - iat) > window_s:
+        raise AuthError("proof_stale", f"proof iat {iat} is outside the {window_s:.0f} s window")
+    if not isinstance(ath, str) or not hmac.compare_digest(ath, access_token_hash(token.raw)):
+        raise AuthError("proof_token", "proof is for another token (ath)")
+    replay_key = hashlib.sha256(f"{cnf['x']}.{jti}".encode()).digest()[:16]
+    return VerifiedProof(jti, iat, replay_key, iat + window_s + 1.0)
+
+
+class ProofReplayCache:
+    """The nonces (``VerifiedProof.replay_key``) seen in the last window, bounded. Pure:
+    callers pass ``now``. The tracker's Redis backend keeps the same set in Redis instead
+    (``SET NX`` with a TTL), so replicas share it.
+
+    When full of live entries it refuses new ones (``claim`` returns ``None``): forgetting
+    a live nonce would reopen replay, and only authenticated members can fill it.
+    """
+
+    def __init__(self, max_entries: int = DEFAULT_REPLAY_CACHE_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._expiry: dict[bytes, float] = {}
+        self._heap: list[tuple[float, bytes]] = []
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def claim(self, key: bytes, expires_at: float, now: float) -> bool | None:
+        """True if ``key`` was new (now remembered until ``expires_at``), False if it
+        was seen before (a replay), None if the cache is full."""
+        heap, expiry = self._heap, self._expiry
+        while heap and heap[0][0] <= now:
+            at, old = heapq.heappop(heap)
+            if expiry.get(old) == at:
+                del expiry[old]
+        seen = expiry.get(key)
+        if seen is not None and seen > now:
+            return False
+        if len(expiry) >= self.max_entries:
+            return None
+        expiry[key] = expires_at
+        heapq.heappush(heap, (expires_at, key))
+        return True
+
+
+def _peer_id_tag(subject: str) -> bytes:
+    return hashlib.sha256(_PEER_ID_TAG_CONTEXT + subject.encode()).digest()[:6]
+
+
+def bound_peer_id(
+    subject: str, prefix: bytes = b"-PI0100-", *, suffix: bytes | None = None
+) -> bytes:
+    """A peer id bound to the token subject ``subject``: ``prefix`` (8 bytes, Azureus
+    style), six bytes of SHA-256 over the subject, six random bytes (``suffix``)."""
+    if len(prefix) != 8:
+        raise LocalProtocolError("peer id prefix must be 8 bytes")
+    tail = suffix if suffix is not None else secrets.token_bytes(6)
+    if len(tail) != 6:
+        raise LocalProtocolError("peer id suffix must be 6 bytes")
+    return prefix + _peer_id_tag(subject) + tail
+
+
+def peer_id_matches(peer_id: bytes, subject: str) -> bool:
+    """Whether ``peer_id`` carries the tag of ``subject`` (see :func:`bound_peer_id`)."""
+    return len(peer_id) == 20 and hmac.compare_digest(peer_id[_PEER_ID_TAG], _peer_id_tag(subject))
