@@ -40,6 +40,7 @@ __all__ = [
     "SigningKey",
     "TokenIssuer",
     "TokenVerifier",
+    "bound_peer_id",
     "jwk_thumbprint",
     "local_authenticator",
     "verify_jwk_signature",
@@ -51,6 +52,11 @@ ALLOWED_ALGORITHMS = ("EdDSA", "ES256")
 MAX_TOKEN_BYTES = 8192
 # Default clock-skew allowance for exp/nbf checks: nodes run NTP, a minute of skew is rare.
 DEFAULT_LEEWAY_S = 30.0
+# A peer id is an 8-byte client prefix in the Azureus style ("-PI0300-": p2pimage, peer
+# protocol 3) and 12 bytes bound to the token: see bound_peer_id.
+PEER_ID_PREFIX_LENGTH = 8
+DEFAULT_PEER_ID_PREFIX = b"-PI0300-"
+_PEER_ID_LABEL = b"p2pimage-peer-id/1\x00"
 
 _PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 _PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -147,6 +153,27 @@ def verify_jwk_signature(jwk: Mapping[str, Any], signature: bytes, data: bytes) 
             key.verify(der, data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise AuthError("bad_signature", "signature does not verify") from None
+
+
+def bound_peer_id(
+    subject: str, node_jwk: Mapping[str, Any], prefix: bytes = DEFAULT_PEER_ID_PREFIX
+) -> bytes:
+    """The peer id a node with this token subject and ``cnf.jwk`` key must use.
+
+    ``prefix (8) || SHA-256("p2pimage-peer-id/1\\0" || sub (UTF-8) || "\\0" || RFC 7638
+    thumbprint of cnf.jwk)[:12]``. Peers (and trackers) refuse a peer id that does not
+    match the verified token, so a member cannot pose under another node's peer id;
+    two processes with the same node name but their own keys get different ids.
+    """
+    if not isinstance(prefix, bytes) or len(prefix) != PEER_ID_PREFIX_LENGTH:
+        raise LocalProtocolError(f"a peer id prefix is {PEER_ID_PREFIX_LENGTH} bytes")
+    digest = hashlib.sha256(
+        _PEER_ID_LABEL
+        + subject.encode("utf-8")
+        + b"\x00"
+        + jwk_thumbprint(node_jwk).encode("ascii")
+    ).digest()
+    return prefix + digest[: 20 - PEER_ID_PREFIX_LENGTH]
 
 
 class SigningKey:
@@ -292,6 +319,13 @@ class NodeToken:
     def covers(self, info_hash: bytes) -> bool:
         """Whether the token may be used for the swarm ``info_hash``."""
         return self.scope is None or info_hash.hex() in self.scope
+
+    def binds_peer_id(self, peer_id: bytes) -> bool:
+        """Whether ``peer_id`` is the one :func:`bound_peer_id` gives this token."""
+        if not isinstance(peer_id, bytes) or len(peer_id) != 20:
+            return False
+        prefix = peer_id[:PEER_ID_PREFIX_LENGTH]
+        return peer_id == bound_peer_id(self.subject, self.cnf_jwk, prefix)
 
 
 class TokenIssuer:
@@ -498,8 +532,9 @@ class PeerAuthenticator:
 
     ``credentials`` returns our token and our node key's signature over a transcript;
     ``verify_peer`` checks the peer's token (same cluster, not expired, scope covers the
-    swarm) and then its signature by the key the token binds (``cnf.jwk``), so a token
-    copied off the wire is useless without the node's private key.
+    swarm), then its signature by the key the token binds (``cnf.jwk``), so a token
+    copied off the wire is useless without the node's private key, and then that the
+    peer id is the one the token binds (:func:`bound_peer_id`).
     """
 
     def __init__(
@@ -523,13 +558,26 @@ class PeerAuthenticator:
     def credentials(self, transcript: bytes) -> tuple[bytes, bytes]:
         return self.current_token().encode("ascii"), self.node_key.sign(transcript)
 
+    def peer_id(self, prefix: bytes = DEFAULT_PEER_ID_PREFIX) -> bytes:
+        """Our peer id: bound to our token's subject and our node key."""
+        try:
+            claims = json.loads(_b64url_decode(self.current_token().split(".")[1]))
+        except (ValueError, IndexError, UnicodeDecodeError):
+            raise LocalProtocolError("our own token is not a JWT") from None
+        subject = claims.get("sub") if isinstance(claims, dict) else None
+        if not isinstance(subject, str) or not subject:
+            raise LocalProtocolError("our own token has no subject")
+        return bound_peer_id(subject, self.node_key.public_jwk(), prefix)
+
     def verify_peer(
-        self, token: bytes, signature: bytes, transcript: bytes, info_hash: bytes
+        self, token: bytes, signature: bytes, transcript: bytes, info_hash: bytes, peer_id: bytes
     ) -> NodeToken:
         verified = self.verifier.verify(
             token, now=self._clock(), cluster=self.cluster, info_hash=info_hash
         )
         verify_jwk_signature(verified.cnf_jwk, signature, transcript)
+        if not verified.binds_peer_id(peer_id):
+            raise AuthError("wrong_peer_id", "the peer id is not the one its token binds")
         return verified
 
 
