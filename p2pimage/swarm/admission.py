@@ -8,10 +8,12 @@ by anyone cannot lock real peers out:
 
 - a new connection from an address that already has ``max_per_address`` pending ones is
   refused (a flood from one host only hurts that host);
-- when ``max_pending`` connections are pending in total, the oldest one that has not
-  sent a single byte is evicted to make room (a real initiator sends its handshake the
-  moment it connects, so it is never the one evicted); if every pending connection has
-  sent something, the new one is refused.
+- when ``max_pending`` connections are pending in total, one is evicted to make room:
+  the oldest that has not sent a single byte (a real initiator sends its handshake the
+  moment it connects, so it is never the one evicted), or failing that the oldest of
+  all (a real handshake lasts milliseconds, so the oldest pending connection is almost
+  surely one that stalls on purpose; evicting it would take ``max_pending`` newer
+  arrivals within a real handshake's few milliseconds).
 
 The caller bounds the time to the first byte and to the end of the handshake (see
 :data:`FIRST_BYTE_TIMEOUT_S`, :data:`HANDSHAKE_TIMEOUT_S`), and tells the policy when a
@@ -109,8 +111,7 @@ class HandshakeAdmission(Generic[H]):
         if len(self._pending) >= self.max_pending:
             evict = next(iter(self._idle), None)
             if evict is None:
-                self.refused += 1
-                return Admission(False, reason=f"{self.max_pending} handshakes pending")
+                evict = next(iter(self._pending))
             self.release(evict)
             self.evicted += 1
         self._pending[handle] = address
