@@ -21,6 +21,7 @@ from p2pimage.auth.tokens import (
     SigningKey,
     TokenIssuer,
     TokenVerifier,
+    bound_peer_id,
     jwk_thumbprint,
     verify_jwk_signature,
 )
@@ -206,20 +207,28 @@ def test_proof_of_possession(issuer: TokenIssuer) -> None:
     honest = PeerAuthenticator(
         node_key=alice, token=token, verifier=verifier, cluster="prod", clock=lambda: NOW
     )
+    alice_id = honest.peer_id()
+    assert alice_id == bound_peer_id("alice", alice.public_jwk())
     tok, sig = honest.credentials(b"transcript")
-    assert honest.verify_peer(tok, sig, b"transcript", INFO_HASH).subject == "alice"
+    assert honest.verify_peer(tok, sig, b"transcript", INFO_HASH, alice_id).subject == "alice"
+    # Alice's own proof under another peer id (Mallory's, say) is refused.
+    with pytest.raises(AuthError) as info:
+        honest.verify_peer(
+            tok, sig, b"transcript", INFO_HASH, bound_peer_id("alice", mallory.public_jwk())
+        )
+    assert info.value.reason == "wrong_peer_id"
     # The same token presented by a node without Alice's private key fails.
     thief = PeerAuthenticator(
         node_key=mallory, token=token, verifier=verifier, cluster="prod", clock=lambda: NOW
     )
     tok, sig = thief.credentials(b"transcript")
     with pytest.raises(AuthError) as info:
-        honest.verify_peer(tok, sig, b"transcript", INFO_HASH)
+        honest.verify_peer(tok, sig, b"transcript", INFO_HASH, alice_id)
     assert info.value.reason == "bad_signature"
     # A signature over another transcript does not carry over.
     tok, sig = honest.credentials(b"other transcript")
     with pytest.raises(AuthError):
-        honest.verify_peer(tok, sig, b"transcript", INFO_HASH)
+        honest.verify_peer(tok, sig, b"transcript", INFO_HASH, alice_id)
 
 
 def test_verify_jwk_signature_rejects_garbage_keys() -> None:
