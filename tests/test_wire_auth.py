@@ -9,6 +9,7 @@ even though its driver tries to send them the moment the connection says it is o
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -19,6 +20,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pimage.auth.tokens import (
     KeySet,
@@ -720,3 +723,42 @@ def test_transcript_binds_each_field() -> None:
     context = handshake_context(**base)
     signed = {auth_transcript(signer=r, context=context) for r in Role}
     assert len(signed) == 2
+
+
+# --- what an unauthenticated connector gets to read ---------------------------------------
+
+
+def _responder_facing(opening_tail: bytes) -> tuple[PeerConnection, bytes]:
+    """An honest responder fed a real initiator's handshake and extended handshake, then
+    ``opening_tail``; returns it and everything it wrote."""
+    victim, hs, ext, _, _ = _attacker_frames()
+    out = bytearray()
+    victim.receive_data(hs + ext)
+    drain_all_accepting(victim)
+    out += victim.data_to_send()
+    if opening_tail:
+        with contextlib.suppress(RemoteProtocolError):
+            victim.receive_data(opening_tail)
+            drain_all_accepting(victim)
+    with contextlib.suppress(LocalProtocolError):
+        out += victim.data_to_send()
+    return victim, bytes(out)
+
+
+def test_a_connector_that_never_authenticates_gets_no_token() -> None:
+    victim, out = _responder_facing(b"")
+    assert victim.state is ConnectionState.AWAIT_AUTH
+    ext, records = split_wire(out)
+    assert records == [] and b"token" not in ext and b"sig" not in ext
+
+
+@settings(max_examples=200, deadline=None)
+@given(tail=st.binary(max_size=600))
+def test_whatever_an_unverified_connector_sends_the_responder_reveals_nothing(
+    tail: bytes,
+) -> None:
+    """Garbage after the key exchange (it cannot forge an auth record without a key the
+    honest initiator holds) closes the connection or waits: never a responder record."""
+    victim, out = _responder_facing(tail)
+    _, records = split_wire(out)
+    assert records == [] and not victim.is_open
