@@ -49,10 +49,12 @@ __all__ = [
 # peers, spread over the whole cluster), and idle sockets are evicted, not waited for.
 MAX_PENDING_HANDSHAKES: Final = 64
 # Pending connections per source address: one node dials us once per swarm we share,
-# and an image pull opens its layers' swarms together (a large image has ~10-30 layers,
-# whose handshakes each last milliseconds); 16 leaves room for that burst while one
-# host's flood holds a quarter of the total budget at most.
-MAX_PENDING_PER_ADDRESS: Final = 16
+# and an image pull opens its layers' swarms together (a large image has ~10-30 layers);
+# on loopback, where tests and benchmarks run many nodes behind 127.0.0.1, a cold start
+# sends up to dial_target = 20 dials per swarm at once. 32 leaves room for those bursts
+# while one host's connections (refused beyond it, not evicting anyone) hold half of
+# the total budget at most.
+MAX_PENDING_PER_ADDRESS: Final = 32
 # Time from accept to the first byte. A real initiator writes its handshake in the same
 # flight as its connect; 2 s is ten times the worst in-cluster round trip we expect
 # (cross-zone ~ 2 ms, overloaded node with scheduling stalls ~ 200 ms), short enough
