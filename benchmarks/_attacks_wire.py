@@ -14,8 +14,9 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +33,13 @@ from p2pimage.auth.tokens import (
     local_authenticator,
 )
 from p2pimage.errors import AuthError, RemoteProtocolError
+from p2pimage.metainfo.bencoding import bdecode, bencode
 from p2pimage.metainfo.torrent import Metainfo, create_metainfo_from_file
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.node import PeerNode, open_peer_node
+from p2pimage.swarm.session import PeerClosed
 from p2pimage.wire import NEED_DATA, ConnectionClosed, HandshakeReceived, PeerConnection, Role
-from p2pimage.wire._codec import build_extended_handshake, build_handshake
+from p2pimage.wire._codec import build_extended, build_extended_handshake, build_handshake
 from p2pimage.wire._crypto import kx_public_key
 
 from ._attack import Attack, AttackBed, AttackResult
@@ -231,23 +234,31 @@ async def idle_flood(
         nursery.cancel_scope.cancel()
 
 
-async def relay(listener: trio.SocketListener, target: tuple[str, int], seen: bytearray) -> None:
-    """Forward one connection to ``target``, recording both directions into ``seen``."""
+async def relay(
+    listener: trio.SocketListener,
+    target: tuple[str, int],
+    seen: bytearray,
+    rewrite: Callable[[bytes], bytes] | None = None,
+) -> None:
+    """Forward one connection to ``target``, recording both directions into ``seen``;
+    ``rewrite`` (an active man in the middle) may change the connector's bytes."""
     client = await listener.accept()
     server = await trio.open_tcp_stream(*target)
 
-    async def pump(src: trio.abc.Stream, dst: trio.abc.Stream) -> None:
+    async def pump(
+        src: trio.abc.Stream, dst: trio.abc.Stream, edit: Callable[[bytes], bytes] | None
+    ) -> None:
         broken = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
         with contextlib.suppress(*broken):
             while data := await src.receive_some(65536):
                 seen.extend(data)
-                await dst.send_all(data)
+                await dst.send_all(edit(data) if edit else data)
         with contextlib.suppress(*broken):
             await dst.send_eof()  # type: ignore[attr-defined]
 
     async with client, server, trio.open_nursery() as nursery:
-        nursery.start_soon(pump, client, server)
-        nursery.start_soon(pump, server, client)
+        nursery.start_soon(pump, client, server, rewrite)
+        nursery.start_soon(pump, server, client, None)
 
 
 # --- the attacks ----------------------------------------------------------------------
@@ -315,6 +326,56 @@ async def passive_capture(bed: AttackBed) -> AttackResult:
         tokens_disclosed=tokens,
         bytes_disclosed=leaked,
         detail=f"recorded {len(seen)} B both ways: no token, no layer bytes in the clear",
+    )
+
+
+async def key_swap_in_the_middle(bed: AttackBed) -> AttackResult:
+    """An active man in the middle replaces the connector's X25519 key with its own in
+    the extended handshake, to read the auth messages (it knows its key's secret)."""
+    issuer = new_issuer()
+    seen = bytearray()
+    mitm_secret = os.urandom(32)
+    buffered = bytearray()
+    done = False
+
+    def swap(data: bytes) -> bytes:
+        nonlocal done
+        if done:
+            return data
+        buffered.extend(data)
+        if len(buffered) < 72:
+            return b""
+        (length,) = struct.unpack_from(">I", buffered, 68)
+        if len(buffered) < 72 + length:
+            return b""
+        payload = bdecode(bytes(buffered[74 : 72 + length]))
+        assert isinstance(payload, dict)
+        payload[b"p2pimage_kx"] = kx_public_key(mitm_secret)
+        done = True
+        return (
+            bytes(buffered[:68])
+            + build_extended(0, bencode(payload))
+            + bytes(buffered[72 + length :])
+        )
+
+    async with seeding_node(bed.tmp, issuer) as (seeder, seed_auth, _, meta):
+        leech_auth = local_authenticator(issuer, subject="leecher", cluster=CLUSTER)
+        async with open_peer_node(authenticator=leech_auth) as leecher, trio.open_nursery() as n:
+            listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+            n.start_soon(relay, listener, seeder.listen_address, seen, swap)
+            try:
+                await leecher.dial(listener.socket.getsockname()[:2], meta.info_hash)
+                outcome = "the connection opened"
+            except PeerClosed as exc:
+                outcome = exc.reason
+            n.cancel_scope.cancel()
+        tokens = count_tokens_in(
+            bytes(seen), [seed_auth.current_token(), leech_auth.current_token()]
+        )
+    return AttackResult(
+        refused=done and outcome != "the connection opened",
+        tokens_disclosed=tokens,
+        detail=f"key swapped in flight: {outcome}; no token in the {len(seen)} B it relayed",
     )
 
 
@@ -516,6 +577,11 @@ ATTACKS: list[Attack] = [
         "wire: passive capture",
         "tokens and layer bytes read off the network",
         passive_capture,
+    ),
+    Attack(
+        "wire: key swap in the middle",
+        "an active relay reading both nodes' auth messages",
+        key_swap_in_the_middle,
     ),
     Attack(
         "wire: idle socket flood",
