@@ -330,8 +330,13 @@ async def passive_capture(bed: AttackBed) -> AttackResult:
 
 
 async def key_swap_in_the_middle(bed: AttackBed) -> AttackResult:
-    """An active man in the middle replaces the connector's X25519 key with its own in
-    the extended handshake, to read the auth messages (it knows its key's secret)."""
+    """An active relay replaces the connector's X25519 key with its own in the extended
+    handshake, to pass as the connector to the node: the node's keys no longer match the
+    connector's, it cannot open the connector's auth record and never sends its own.
+
+    (A relay that terminates *both* key exchanges is two peers to the two nodes: it can
+    read the connector's token, as anyone the connector dials can, and use it nowhere;
+    see docs/protocol.md §3.4, "Limits".)"""
     issuer = new_issuer()
     seen = bytearray()
     mitm_secret = os.urandom(32)
@@ -579,8 +584,8 @@ ATTACKS: list[Attack] = [
         passive_capture,
     ),
     Attack(
-        "wire: key swap in the middle",
-        "an active relay reading both nodes' auth messages",
+        "wire: key swapped by a relay",
+        "an active relay posing as the connector to read the node's token",
         key_swap_in_the_middle,
     ),
     Attack(
