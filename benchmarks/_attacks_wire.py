@@ -11,10 +11,13 @@ the extended handshakes. Each attack counts the tokens it got to read: handed to
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -234,6 +237,58 @@ async def idle_flood(
         nursery.cancel_scope.cancel()
 
 
+@asynccontextmanager
+async def idle_flood_process(
+    target: tuple[str, int], *, sockets: int, sources: list[str], reconnect_s: float = 0.5
+) -> AsyncIterator[FloodStats]:
+    """:func:`idle_flood` from a separate process, as an attacker on another host would
+    run it: the node's process pays only for its own side. ``stats`` follows the child's
+    reports (every 0.2 s)."""
+    stats = FloodStats()
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks._attacks_wire",
+        target[0],
+        str(target[1]),
+        str(sockets),
+        str(reconnect_s),
+        *sources,
+    ]
+    process = await trio.lowlevel.open_process(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+
+    async def follow(stream: trio.abc.ReceiveStream) -> None:
+        buffer = b""
+        while chunk := await stream.receive_some(4096):
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                report = json.loads(line)
+                stats.connected = report["connected"]
+                stats.closed_by_node = report["closed_by_node"]
+                stats.bytes_received = report["bytes_received"]
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(follow, process.stdout)
+            yield stats
+            nursery.cancel_scope.cancel()
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+
+
+async def _flood_main(
+    target: tuple[str, int], sockets: int, reconnect_s: float, sources: list[str]
+) -> None:
+    async with idle_flood(target, sockets=sockets, sources=sources, reconnect_s=reconnect_s) as st:
+        while True:
+            print(json.dumps(st.__dict__), flush=True)
+            await trio.sleep(0.2)
+
+
 async def relay(
     listener: trio.SocketListener,
     target: tuple[str, int],
@@ -386,13 +441,14 @@ async def key_swap_in_the_middle(bed: AttackBed) -> AttackResult:
 
 async def idle_socket_flood(bed: AttackBed) -> AttackResult:
     """~250 idle sockets held against a seeder (reopened as it closes them), from 25
-    source addresses, while a real node fetches from it; the fetch is timed against one
-    without the flood."""
+    source addresses and another process, while a real node fetches from it; the fetch
+    is timed against one without the flood."""
     issuer = new_issuer()
     async with seeding_node(bed.tmp, issuer, size=8 * MIB) as (node, _, _, meta):
         baseline = await fetch(bed.tmp, issuer, meta, node.listen_address, "baseline")
         sources = [f"127.0.0.{i}" for i in range(2, 27)]
-        async with idle_flood(node.listen_address, sockets=250, sources=sources) as stats:
+        flood = idle_flood_process(node.listen_address, sockets=250, sources=sources)
+        async with flood as stats:
             with trio.fail_after(10):  # until the pending budget is full and evicting
                 while stats.connected < 250 or not node.admission.evicted:
                     await trio.sleep(0.05)
@@ -614,3 +670,8 @@ ATTACKS: list[Attack] = [
         forged_auth_signature,
     ),
 ]
+
+
+if __name__ == "__main__":  # the flood's own process: HOST PORT SOCKETS RECONNECT_S SOURCE...
+    host, port, count, pause, *addresses = sys.argv[1:]
+    trio.run(_flood_main, (host, int(port)), int(count), float(pause), addresses)

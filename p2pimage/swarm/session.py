@@ -156,16 +156,19 @@ class PeerSession:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise PeerClosed(f"connection lost: {exc}") from None
 
-    async def receive_first_bytes(self) -> None:
-        """Wait for the peer's first bytes (a responder's admission: the caller bounds
-        the wait with a short cancel scope); they are kept for :meth:`handshake`."""
-        await self._receive_into_conn()
+    async def feed(self, data: bytes) -> None:
+        """Bytes the caller already read off the stream (a listener that waited for the
+        first bytes before building the session); kept for :meth:`handshake`."""
+        await self._received(data)
 
     async def _receive_into_conn(self) -> None:
         try:
             data = await self.stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise PeerClosed(f"connection lost: {exc}") from None
+        await self._received(data)
+
+    async def _received(self, data: bytes | bytearray) -> None:
         if data:
             await self._download.acquire(len(data))
             self.bytes_received += len(data)
