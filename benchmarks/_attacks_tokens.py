@@ -61,7 +61,7 @@ class TrackerBed:
     def announce_url(self, n: int, subject: str = MALLORY, **kw: Any) -> str:
         req = AnnounceRequest(
             info_hash=kw.pop("info_hash", INFO_HASH),
-            peer_id=bound_peer_id(subject, suffix=n.to_bytes(6, "big")),
+            peer_id=bound_peer_id(subject, self.mallory.public_jwk(), suffix=n.to_bytes(6, "big")),
             port=7000 + n,
             left=kw.pop("left", 1000),
             **kw,
@@ -415,7 +415,7 @@ async def _fake_seeder(bed: AttackBed) -> AttackResult:
                 liar_port = listeners[0].socket.getsockname()[1]
                 liar = AnnounceRequest(
                     info_hash=meta.info_hash,
-                    peer_id=bound_peer_id(MALLORY),
+                    peer_id=bound_peer_id(MALLORY, tb.mallory.public_jwk()),
                     port=liar_port,
                     left=0,
                     event=Event.STARTED,
@@ -437,7 +437,7 @@ async def _fake_seeder(bed: AttackBed) -> AttackResult:
                 started = time.monotonic()
                 async with (
                     httpx.AsyncClient(timeout=30) as http,
-                    open_peer_node(authenticator=auth, peer_id=bound_peer_id("node-1")) as node,
+                    open_peer_node(authenticator=auth) as node,
                 ):
                     tracker = TrackerClient(f"{tb.url}/announce", http=http, auth=dpop)
                     swarm = await node.add_swarm(

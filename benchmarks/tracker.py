@@ -60,6 +60,11 @@ def _pin(pid: int, cpu: int) -> None:
 # ---------------------------------------------------------------------- load generator
 
 
+# Peer ids are bound to a key even where the tracker checks no token (opentracker, open
+# mode): any key will do there.
+_UNAUTHENTICATED_JWK = NodeKey.generate().public_jwk()
+
+
 def _requests(
     swarms: int, peers: int, event: Event, tokens: list[tuple[str, NodeKey]] | None, port: int
 ) -> list[bytes]:
@@ -70,11 +75,12 @@ def _requests(
     # Node-major order: consecutive announces go to different swarms, as a cluster's
     # nodes re-announcing their layers do.
     for p in range(peers):
+        jwk = tokens[p][1].public_jwk() if tokens is not None else _UNAUTHENTICATED_JWK
         for s in range(swarms):
             info_hash = s.to_bytes(4, "big") * 5
             req = AnnounceRequest(
                 info_hash=info_hash,
-                peer_id=bound_peer_id(f"node-{p}", b"-BM0001-", suffix=s.to_bytes(6, "big")),
+                peer_id=bound_peer_id(f"node-{p}", jwk, b"-BM0001-", suffix=s.to_bytes(6, "big")),
                 port=10000 + p,
                 left=0 if p % 10 == 0 else 1_000_000,
                 event=event,

@@ -60,7 +60,6 @@ from p2pimage.auth.tokens import (
     DEFAULT_PROOF_WINDOW_S,
     NodeToken,
     TokenVerifier,
-    peer_id_matches,
     verify_proof,
 )
 from p2pimage.errors import AuthError
@@ -404,7 +403,7 @@ def create_app(tracker: Tracker) -> Starlette:
                 metrics.announces.labels("bad_request").inc()
                 return _bencoded(400, encode_failure(str(exc), "bad_request"))
             _scope_check(token, req.info_hash)
-            if token is not None and not peer_id_matches(req.peer_id, token.subject):
+            if token is not None and not token.binds_peer_id(req.peer_id):
                 metrics.auth_failures.labels("peer_id_mismatch").inc()
                 raise _refused_403(
                     "peer_id_mismatch", "peer_id does not carry the token subject's tag"

@@ -30,11 +30,10 @@ from p2pimage.auth.tokens import (
     create_proof,
     jwk_thumbprint,
     normalize_htu,
-    peer_id_matches,
     verify_jwk_signature,
     verify_proof,
 )
-from p2pimage.errors import AuthError, RemoteProtocolError
+from p2pimage.errors import AuthError, LocalProtocolError, RemoteProtocolError
 
 NOW = 1_800_000_000.0
 INFO_HASH = bytes(range(20))
@@ -216,20 +215,28 @@ def test_proof_of_possession(issuer: TokenIssuer) -> None:
     honest = PeerAuthenticator(
         node_key=alice, token=token, verifier=verifier, cluster="prod", clock=lambda: NOW
     )
+    alice_id = honest.peer_id()
+    assert alice_id == bound_peer_id("alice", alice.public_jwk())
     tok, sig = honest.credentials(b"transcript")
-    assert honest.verify_peer(tok, sig, b"transcript", INFO_HASH).subject == "alice"
+    assert honest.verify_peer(tok, sig, b"transcript", INFO_HASH, alice_id).subject == "alice"
+    # Alice's own proof under another peer id (Mallory's, say) is refused.
+    with pytest.raises(AuthError) as info:
+        honest.verify_peer(
+            tok, sig, b"transcript", INFO_HASH, bound_peer_id("alice", mallory.public_jwk())
+        )
+    assert info.value.reason == "wrong_peer_id"
     # The same token presented by a node without Alice's private key fails.
     thief = PeerAuthenticator(
         node_key=mallory, token=token, verifier=verifier, cluster="prod", clock=lambda: NOW
     )
     tok, sig = thief.credentials(b"transcript")
     with pytest.raises(AuthError) as info:
-        honest.verify_peer(tok, sig, b"transcript", INFO_HASH)
+        honest.verify_peer(tok, sig, b"transcript", INFO_HASH, alice_id)
     assert info.value.reason == "bad_signature"
     # A signature over another transcript does not carry over.
     tok, sig = honest.credentials(b"other transcript")
     with pytest.raises(AuthError):
-        honest.verify_peer(tok, sig, b"transcript", INFO_HASH)
+        honest.verify_peer(tok, sig, b"transcript", INFO_HASH, alice_id)
 
 
 def test_verify_jwk_signature_rejects_garbage_keys() -> None:
@@ -417,11 +424,21 @@ def test_replay_cache_refuses_a_nonce_twice_and_forgets_it_after_expiry() -> Non
     assert cache.claim(b"a", NOW + 130, NOW + 62) is True
 
 
-def test_peer_id_is_bound_to_the_subject() -> None:
-    pid = bound_peer_id("node-1")
-    assert len(pid) == 20 and pid.startswith(b"-PI0100-")
-    assert peer_id_matches(pid, "node-1")
-    assert not peer_id_matches(pid, "node-2")
-    assert not peer_id_matches(pid[:19], "node-1")
-    assert bound_peer_id("node-1") != pid  # the tail is random per process
-    assert peer_id_matches(bound_peer_id("node-1", b"-XX0001-", suffix=b"\0" * 6), "node-1")
+def test_peer_id_is_bound_to_the_subject_and_key() -> None:
+    key, other = NodeKey.generate(), NodeKey.generate()
+    issuer = TokenIssuer([SigningKey.generate(kid="k")], issuer="sidecar")
+    raw = issuer.issue(subject="node-1", cluster="c", node_jwk=key.public_jwk(), now=NOW)
+    token = TokenVerifier(issuer.key_set(), issuer="sidecar").verify(raw, now=NOW)
+    pid = bound_peer_id("node-1", key.public_jwk())
+    assert len(pid) == 20 and pid.startswith(b"-PI0300-")
+    assert pid == bound_peer_id("node-1", key.public_jwk())  # stable for a node
+    assert token.binds_peer_id(pid)
+    # Any prefix and suffix: one node may run several peers.
+    assert token.binds_peer_id(
+        bound_peer_id("node-1", key.public_jwk(), b"-XX0001-", suffix=b"\0" * 6)
+    )
+    assert not token.binds_peer_id(bound_peer_id("node-2", key.public_jwk()))
+    assert not token.binds_peer_id(bound_peer_id("node-1", other.public_jwk()))
+    assert not token.binds_peer_id(pid[:19])
+    with pytest.raises(LocalProtocolError):
+        bound_peer_id("node-1", key.public_jwk(), suffix=b"\0" * 5)

@@ -346,10 +346,11 @@ async def test_keeper_follows_a_sidecar_key_rotation(tmp_path: Path) -> None:
         transcript = b"nonces, peer ids and the info-hash"
         pa, pb = a.authenticator(), b.authenticator()
         b_proof = (b_old.encode(), b.node_key.sign(transcript))
-        assert pa.verify_peer(*b_proof, transcript, info_hash).subject == "node-b"
+        b_id = pb.peer_id()
+        assert pa.verify_peer(*b_proof, transcript, info_hash, b_id).subject == "node-b"
         a_proof = pa.credentials(transcript)
         assert kid_of(a_proof[0].decode()) == new.kid
-        assert pb.verify_peer(*a_proof, transcript, info_hash).subject == "node-a"
+        assert pb.verify_peer(*a_proof, transcript, info_hash, pa.peer_id()).subject == "node-a"
         # And the keeper's token stays valid (strictly) while it keeps renewing.
         tokens = {a.token}
         for _ in range(35):  # 7 s: more than one renewal

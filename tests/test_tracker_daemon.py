@@ -42,7 +42,7 @@ NODE_JWK = NODE_KEY.public_jwk()
 
 def pid(n: int, node: str = "node-1") -> bytes:
     """Peer ids of the token subject ``node`` (one node may run several peers)."""
-    return bound_peer_id(node, b"-PI0001-", suffix=n.to_bytes(6, "big"))
+    return bound_peer_id(node, NODE_JWK, b"-PI0001-", suffix=n.to_bytes(6, "big"))
 
 
 def announce_url(base: str, n: int, node: str = "node-1", **kw: Any) -> str:

@@ -56,7 +56,6 @@ __all__ = [
     "local_authenticator",
     "renewal_due",
     "normalize_htu",
-    "peer_id_matches",
     "verify_jwk_signature",
     "verify_proof",
 ]
@@ -73,6 +72,14 @@ DEFAULT_ISSUER = "p2pimage-sidecar"
 # Node tokens live minutes: short enough that a leaked one soon expires, long enough that
 # renewals (at two thirds of the lifetime) cost a sidecar of 5,000 nodes ~12 requests/s.
 DEFAULT_TOKEN_LIFETIME_S = 600
+# A peer id is an 8-byte client prefix in the Azureus style ("-PI0300-": p2pimage, peer
+# protocol 3) and 12 bytes bound to the token: see bound_peer_id.
+PEER_ID_PREFIX_LENGTH = 8
+DEFAULT_PEER_ID_PREFIX = b"-PI0300-"
+_PEER_ID_LABEL = b"p2pimage-peer-id/1\x00"
+# Bytes 8-13 of a peer id: the tag that binds it to a token (bound_peer_id).
+_PEER_ID_TAG = slice(8, 14)
+_TAG_LENGTH = 6
 
 _PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 _PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -176,6 +183,40 @@ def verify_jwk_signature(jwk: Mapping[str, Any], signature: bytes, data: bytes) 
             key.verify(der, data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise AuthError("bad_signature", "signature does not verify") from None
+
+
+def _peer_id_digest(subject: str, node_jwk: Mapping[str, Any]) -> bytes:
+    return hashlib.sha256(
+        _PEER_ID_LABEL
+        + subject.encode("utf-8")
+        + b"\x00"
+        + jwk_thumbprint(node_jwk).encode("ascii")
+    ).digest()
+
+
+def bound_peer_id(
+    subject: str,
+    node_jwk: Mapping[str, Any],
+    prefix: bytes = DEFAULT_PEER_ID_PREFIX,
+    *,
+    suffix: bytes | None = None,
+) -> bytes:
+    """A peer id bound to a token's subject and ``cnf.jwk`` key.
+
+    ``prefix (8) || tag (6) || suffix (6)`` where ``tag`` is the first 6 bytes of
+    ``SHA-256("p2pimage-peer-id/1\0" || sub (UTF-8) || "\0" || RFC 7638 thumbprint of
+    cnf.jwk)``. Peers and trackers check the tag against the verified token
+    (:meth:`NodeToken.binds_peer_id`), so a member cannot pose under another node's peer
+    id. The suffix is free (one node may run several peers); by default it is the next 6
+    bytes of the same digest, so a node's id is stable across restarts.
+    """
+    if not isinstance(prefix, bytes) or len(prefix) != PEER_ID_PREFIX_LENGTH:
+        raise LocalProtocolError(f"a peer id prefix is {PEER_ID_PREFIX_LENGTH} bytes")
+    digest = _peer_id_digest(subject, node_jwk)
+    tail = digest[_TAG_LENGTH : 2 * _TAG_LENGTH] if suffix is None else suffix
+    if len(tail) != 20 - _PEER_ID_TAG.stop:
+        raise LocalProtocolError("a peer id suffix is 6 bytes")
+    return prefix + digest[:_TAG_LENGTH] + tail
 
 
 class SigningKey:
@@ -313,6 +354,13 @@ class NodeToken:
     def covers(self, info_hash: bytes) -> bool:
         """Whether the token may be used for the swarm ``info_hash``."""
         return self.scope is None or info_hash.hex() in self.scope
+
+    def binds_peer_id(self, peer_id: bytes) -> bool:
+        """Whether ``peer_id`` carries this token's tag (see :func:`bound_peer_id`)."""
+        if not isinstance(peer_id, bytes) or len(peer_id) != 20:
+            return False
+        tag = _peer_id_digest(self.subject, self.cnf_jwk)[:_TAG_LENGTH]
+        return hmac.compare_digest(peer_id[_PEER_ID_TAG], tag)
 
 
 class TokenIssuer:
@@ -521,8 +569,9 @@ class PeerAuthenticator:
 
     ``credentials`` returns our token and our node key's signature over a transcript;
     ``verify_peer`` checks the peer's token (same cluster, not expired, scope covers the
-    swarm) and then its signature by the key the token binds (``cnf.jwk``), so a token
-    copied off the wire is useless without the node's private key.
+    swarm), then its signature by the key the token binds (``cnf.jwk``), so a token
+    copied off the wire is useless without the node's private key, and then that the
+    peer id is the one the token binds (:func:`bound_peer_id`).
     """
 
     def __init__(
@@ -546,13 +595,26 @@ class PeerAuthenticator:
     def credentials(self, transcript: bytes) -> tuple[bytes, bytes]:
         return self.current_token().encode("ascii"), self.node_key.sign(transcript)
 
+    def peer_id(self, prefix: bytes = DEFAULT_PEER_ID_PREFIX) -> bytes:
+        """Our peer id: bound to our token's subject and our node key."""
+        try:
+            claims = json.loads(_b64url_decode(self.current_token().split(".")[1]))
+        except (ValueError, IndexError, UnicodeDecodeError):
+            raise LocalProtocolError("our own token is not a JWT") from None
+        subject = claims.get("sub") if isinstance(claims, dict) else None
+        if not isinstance(subject, str) or not subject:
+            raise LocalProtocolError("our own token has no subject")
+        return bound_peer_id(subject, self.node_key.public_jwk(), prefix)
+
     def verify_peer(
-        self, token: bytes, signature: bytes, transcript: bytes, info_hash: bytes
+        self, token: bytes, signature: bytes, transcript: bytes, info_hash: bytes, peer_id: bytes
     ) -> NodeToken:
         verified = self.verifier.verify(
             token, now=self._clock(), cluster=self.cluster, info_hash=info_hash
         )
         verify_jwk_signature(verified.cnf_jwk, signature, transcript)
+        if not verified.binds_peer_id(peer_id):
+            raise AuthError("wrong_peer_id", "the peer id is not the one its token binds")
         return verified
 
 
@@ -622,8 +684,6 @@ MAX_JTI_CHARS = 64
 # lives, far beyond one tracker replica (~5,000/s measured), and ~100 MB at worst.
 DEFAULT_REPLAY_CACHE_ENTRIES = 1_000_000
 # Bytes 8..14 of a node's peer id: a tag derived from the token's subject.
-_PEER_ID_TAG = slice(8, 14)
-_PEER_ID_TAG_CONTEXT = b"p2pimage peer-id tag\x00"
 
 
 def access_token_hash(token: str) -> str:
@@ -805,25 +865,3 @@ class ProofReplayCache:
         expiry[key] = expires_at
         heapq.heappush(heap, (expires_at, key))
         return True
-
-
-def _peer_id_tag(subject: str) -> bytes:
-    return hashlib.sha256(_PEER_ID_TAG_CONTEXT + subject.encode()).digest()[:6]
-
-
-def bound_peer_id(
-    subject: str, prefix: bytes = b"-PI0100-", *, suffix: bytes | None = None
-) -> bytes:
-    """A peer id bound to the token subject ``subject``: ``prefix`` (8 bytes, Azureus
-    style), six bytes of SHA-256 over the subject, six random bytes (``suffix``)."""
-    if len(prefix) != 8:
-        raise LocalProtocolError("peer id prefix must be 8 bytes")
-    tail = suffix if suffix is not None else secrets.token_bytes(6)
-    if len(tail) != 6:
-        raise LocalProtocolError("peer id suffix must be 6 bytes")
-    return prefix + _peer_id_tag(subject) + tail
-
-
-def peer_id_matches(peer_id: bytes, subject: str) -> bool:
-    """Whether ``peer_id`` carries the tag of ``subject`` (see :func:`bound_peer_id`)."""
-    return len(peer_id) == 20 and hmac.compare_digest(peer_id[_PEER_ID_TAG], _peer_id_tag(subject))

@@ -345,10 +345,10 @@ class TokenKeeper:
         with this node's current token."""
         return DPoPAuth(token=lambda: self.token, node_key=self.node_key, clock=self.clock)
 
-    def peer_id(self, prefix: bytes = b"-PI0100-") -> bytes:
-        """A fresh peer id bound to this node's name (the token subject): the tracker
-        refuses a peer id that does not carry its subject's tag."""
-        return bound_peer_id(self.node, prefix)
+    def peer_id(self) -> bytes:
+        """This node's peer id, bound to its name (the token subject) and its key: the
+        tracker and peers refuse a peer id that does not carry their tag."""
+        return bound_peer_id(self.node, self.node_key.public_jwk())
 
     def authenticator(self) -> PeerAuthenticator:
         """The peer authenticator for this node (call after ``ready`` is set)."""
