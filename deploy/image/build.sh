@@ -163,7 +163,13 @@ if [ -n "$archive" ]; then
 fi
 case "$load" in
   podman)
+    previous=$(podman image inspect --format '{{.Id}}' "localhost/$ref" 2>/dev/null || true)
     skopeo copy --quiet "oci-archive:$cached" "containers-storage:localhost/$ref"
+    current=$(podman image inspect --format '{{.Id}}' "localhost/$ref")
+    # The image this build replaced under the same name, unless something still uses it.
+    if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+      podman rmi "$previous" >/dev/null 2>&1 || true
+    fi
     echo "build.sh: loaded localhost/$ref into podman" >&2 ;;
   docker)
     skopeo copy --quiet "oci-archive:$cached" "docker-archive:$work/docker.tar:$ref"
