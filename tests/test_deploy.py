@@ -7,6 +7,7 @@ exists.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -519,3 +520,207 @@ def test_configure_tells_the_operator_when_containerd_does_not_read_the_hosts_di
         assert warnings == []
     else:
         assert len(warnings) >= 1 and problem in " ".join(warnings), warnings
+
+
+# ------------------------------------------------- zones from the Kubernetes API
+
+
+def _tls_pair(tmp: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-kubernetes-ca")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (tmp / "ca.crt", tmp / "server.crt", tmp / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+TOKEN = "eyJhbGciOiJSUzI1NiJ9.fake-service-account-token.sig"
+
+
+@pytest.fixture
+def fake_api(tmp_path: Path) -> Any:
+    """A tiny Kubernetes API on 127.0.0.1 over TLS: ``GET /api/v1/nodes/NAME`` answers
+    ``nodes[NAME]`` (a Node object, or raw bytes) to the service account's token, 403 to
+    anything else, 404 for an unknown node. Yields (config, nodes, seen requests)."""
+    import http.server
+    import ssl
+    import threading
+
+    from p2pimage.mirror.kubernetes import InClusterConfig
+
+    ca, cert, key = _tls_pair(tmp_path)
+    nodes: dict[str, Any] = {}
+    seen: list[tuple[str, str | None]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            name = self.path.removeprefix("/api/v1/nodes/")
+            if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                status, body = 403, b'{"kind": "Status", "reason": "Forbidden"}'
+            elif not self.path.startswith("/api/v1/nodes/") or name not in nodes:
+                status, body = 404, b'{"kind": "Status", "reason": "NotFound"}'
+            else:
+                doc = nodes[name]
+                status, body = 200, doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text(TOKEN + "\n")
+    (sa / "ca.crt").write_bytes(ca.read_bytes())
+    env = {
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": str(server.server_port),
+    }
+    config = InClusterConfig.from_environment(env, sa)
+    assert config is not None
+    try:
+        yield config, nodes, seen, env, sa
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _node(labels: dict[str, str] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": "n"}
+    if labels is not None:
+        meta["labels"] = labels
+    return {"kind": "Node", "apiVersion": "v1", "metadata": meta, "status": {"images": []}}
+
+
+async def test_the_node_reads_its_zone_from_its_node_object(fake_api: Any) -> None:
+    from p2pimage.mirror.kubernetes import KubernetesError, node_zone
+
+    config, nodes, seen, _, _ = fake_api
+    nodes["worker-a"] = _node({"topology.kubernetes.io/zone": "eu-west-1b", "x": "y"})
+    nodes["legacy"] = _node({"failure-domain.beta.kubernetes.io/zone": "us-east-1a"})
+    nodes["zoneless"] = _node(None)
+    nodes["bad-label"] = _node({"topology.kubernetes.io/zone": "-not a label-"})
+    nodes["garbage"] = b"{not json"
+    nodes["not-a-node"] = {"kind": "Pod", "metadata": {}}
+    assert await node_zone(config, "worker-a") == "eu-west-1b"
+    assert seen[-1] == ("/api/v1/nodes/worker-a", f"Bearer {TOKEN}")
+    assert await node_zone(config, "legacy") == "us-east-1a"
+    assert await node_zone(config, "zoneless") is None
+    for name, message in [
+        ("bad-label", "not a label value"),
+        ("garbage", "not JSON"),
+        ("not-a-node", "not a Node"),
+        ("missing", "no Node 'missing'"),
+        ("../etc/passwd", "not a node name"),
+    ]:
+        with pytest.raises(KubernetesError, match=message):
+            await node_zone(config, name)
+    # Another token (a service account without the ClusterRole binding): told what to fix.
+    config.token_file.write_text("someone-else")
+    with pytest.raises(KubernetesError, match="needs `get` on nodes"):
+        await node_zone(config, "worker-a")
+
+
+async def test_the_api_must_prove_itself_with_the_service_account_ca(
+    fake_api: Any, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    from p2pimage.mirror.kubernetes import KubernetesError, node_zone
+
+    config, nodes, seen, _, _ = fake_api
+    nodes["worker-a"] = _node({"topology.kubernetes.io/zone": "z1"})
+    (tmp_path / "other").mkdir()
+    other_ca, _, _ = _tls_pair(tmp_path / "other")
+    with pytest.raises(KubernetesError, match="cannot reach"):
+        await node_zone(dataclasses.replace(config, ca_file=other_ca), "worker-a")
+    assert seen == []  # the token never left for an unverified server
+
+
+async def test_the_node_daemon_takes_its_zone_from_kubernetes_when_asked(
+    fake_api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from daemons.node import _zone
+    from p2pimage.mirror import kubernetes
+
+    _, nodes, _, env, sa = fake_api
+    nodes["worker-a"] = _node({"topology.kubernetes.io/zone": "zone-7"})
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(kubernetes, "SERVICE_ACCOUNT_DIR", sa)
+    settings = load_settings(
+        NodeSettings,
+        environ={
+            "P2PIMAGE_NODE_NODE_NAME": "worker-a",
+            "P2PIMAGE_NODE_ZONE_FROM_KUBERNETES": "true",
+        },
+        env_prefix="P2PIMAGE_NODE_",
+    )
+    assert await _zone(settings) == "zone-7"
+    assert await _zone(settings.model_copy(update={"zone": "set-by-hand"})) == "set-by-hand"
+    assert await _zone(settings.model_copy(update={"zone_from_kubernetes": False})) is None
+    # An unreadable zone never stops the node: it runs without one.
+    assert await _zone(settings.model_copy(update={"node_name": "missing"})) is None
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
+    assert await _zone(settings) is None

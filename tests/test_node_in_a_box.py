@@ -515,3 +515,4 @@ async def test_the_built_image_runs_the_base_and_containerd_pulls_through_the_sw
             if registry_proc is not None:
                 registry_proc.terminate()
                 registry_proc.wait(timeout=20)
+            _run(["podman", "untag", manifest_image, manifest_image], check=False)
