@@ -7,12 +7,15 @@ exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -525,8 +528,8 @@ def test_configure_tells_the_operator_when_containerd_does_not_read_the_hosts_di
 # ------------------------------------------------- zones from the Kubernetes API
 
 
-def _tls_pair(tmp: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key)."""
+def _tls_pair(tmp: Path, address: str = "127.0.0.1") -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for ``address`` signed by it: (ca, cert, key)."""
     import datetime
     import ipaddress
 
@@ -563,7 +566,7 @@ def _tls_pair(tmp: Path) -> tuple[Path, Path, Path]:
         .not_valid_before(now - datetime.timedelta(minutes=1))
         .not_valid_after(now + datetime.timedelta(hours=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(address))]),
             critical=False,
         )
         .add_extension(
@@ -587,34 +590,42 @@ def _tls_pair(tmp: Path) -> tuple[Path, Path, Path]:
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.fake-service-account-token.sig"
 
 
-@pytest.fixture
-def fake_api(tmp_path: Path) -> Any:
-    """A tiny Kubernetes API on 127.0.0.1 over TLS: ``GET /api/v1/nodes/NAME`` answers
-    ``nodes[NAME]`` (a Node object, or raw bytes) to the service account's token, 403 to
-    anything else, 404 for an unknown node. Yields (config, nodes, seen requests)."""
+@dataclass
+class FakeApi:
+    """A tiny Kubernetes API over TLS: ``GET /api/v1/nodes/NAME`` answers ``nodes[NAME]``
+    (a Node object, or raw bytes) to the service account's token, 403 to anything else,
+    404 for an unknown node. ``service_account`` is the directory a kubelet would mount
+    (token, ca.crt, namespace); ``env`` the variables it would set."""
+
+    nodes: dict[str, Any]
+    seen: list[tuple[str, str | None]]
+    service_account: Path
+    env: dict[str, str]
+
+
+@contextlib.contextmanager
+def serve_fake_api(tmp: Path, address: str = "127.0.0.1") -> Iterator[FakeApi]:
     import http.server
     import ssl
     import threading
 
-    from p2pimage.mirror.kubernetes import InClusterConfig
-
-    ca, cert, key = _tls_pair(tmp_path)
-    nodes: dict[str, Any] = {}
-    seen: list[tuple[str, str | None]] = []
+    tmp.mkdir(parents=True, exist_ok=True)
+    ca, cert, key = _tls_pair(tmp, address)
+    api = FakeApi({}, [], tmp / "serviceaccount", {})
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: object) -> None:
             pass
 
         def do_GET(self) -> None:
-            seen.append((self.path, self.headers.get("Authorization")))
+            api.seen.append((self.path, self.headers.get("Authorization")))
             name = self.path.removeprefix("/api/v1/nodes/")
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 status, body = 403, b'{"kind": "Status", "reason": "Forbidden"}'
-            elif not self.path.startswith("/api/v1/nodes/") or name not in nodes:
+            elif not self.path.startswith("/api/v1/nodes/") or name not in api.nodes:
                 status, body = 404, b'{"kind": "Status", "reason": "NotFound"}'
             else:
-                doc = nodes[name]
+                doc = api.nodes[name]
                 status, body = 200, doc if isinstance(doc, bytes) else json.dumps(doc).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -622,28 +633,35 @@ def fake_api(tmp_path: Path) -> Any:
             self.end_headers()
             self.wfile.write(body)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = http.server.ThreadingHTTPServer((address, 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    sa = tmp_path / "serviceaccount"
+    sa = api.service_account
     sa.mkdir()
     (sa / "token").write_text(TOKEN + "\n")
     (sa / "ca.crt").write_bytes(ca.read_bytes())
-    env = {
-        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
-        "KUBERNETES_SERVICE_PORT": str(server.server_port),
-    }
-    config = InClusterConfig.from_environment(env, sa)
-    assert config is not None
+    (sa / "namespace").write_text("p2pimage")
+    api.env.update(KUBERNETES_SERVICE_HOST=address, KUBERNETES_SERVICE_PORT=str(server.server_port))
     try:
-        yield config, nodes, seen, env, sa
+        yield api
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@pytest.fixture
+def fake_api(tmp_path: Path) -> Iterator[Any]:
+    """(config, nodes, seen requests, env, service account dir) of a fake API."""
+    from p2pimage.mirror.kubernetes import InClusterConfig
+
+    with serve_fake_api(tmp_path) as api:
+        config = InClusterConfig.from_environment(api.env, api.service_account)
+        assert config is not None
+        yield config, api.nodes, api.seen, api.env, api.service_account
 
 
 def _node(labels: dict[str, str] | None) -> dict[str, Any]:

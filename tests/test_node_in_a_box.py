@@ -51,7 +51,7 @@ from daemons.testbed import netns
 from p2pimage.oci.image import build_image, build_index, push_index
 from p2pimage.oci.registry import RegistryClient
 from tests import runtimes
-from tests.test_deploy import render_deploy
+from tests.test_deploy import FakeApi, render_deploy, serve_fake_api
 
 pytestmark = pytest.mark.root
 
@@ -62,6 +62,7 @@ REGISTRY_HOST = "registry.example.com"
 REPO = "demo/app"
 REF = f"{REGISTRY_HOST}/{REPO}:v1"
 #: podman's default rlimits (nofile 1048576) exceed what this machine grants a container.
+SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 ULIMITS = ["--ulimit", "nofile=16384:16384", "--ulimit", "nproc=8192:8192"]
 #: A containerd 1.7 config that reads the hosts directory (node 1 has one, as most do).
 CONTAINERD_CONFIG = (
@@ -173,6 +174,7 @@ class Box:
     image: str
     tmp: Path
     services: dict[str, str]  # Service DNS name -> control plane address
+    api: FakeApi  # the Kubernetes API the kubelet points pods at
     containers: list[str] = field(default_factory=list)
     run_id: str = field(default_factory=lambda: f"p2pibox{os.getpid()}")
 
@@ -260,6 +262,12 @@ class Box:
             else:
                 raise AssertionError(f"env source not emulated: {env}")
             args += ["--env", f"{env['name']}={value}"]
+        if spec.get("serviceAccountName") and spec.get("automountServiceAccountToken", True):
+            # The kubelet's part for a pod with a service account: its token and CA, and
+            # where the API is.
+            args += ["--volume", f"{self.api.service_account}:{SERVICE_ACCOUNT_MOUNT}:ro"]
+            for key, value in self.api.env.items():
+                args += ["--env", f"{key}={value}"]
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for mount in container.get("volumeMounts", []):
             source, read_only = self._volume_dir(pod, volumes[mount["name"]], host, spec)
@@ -382,7 +390,7 @@ async def test_the_built_image_runs_the_base_and_containerd_pulls_through_the_sw
 
     registry_proc: subprocess.Popen[bytes] | None = None
     box: Box | None = None
-    with netns.topology(3) as topo:
+    with netns.topology(3) as topo, serve_fake_api(tmp_path / "api", topo.core_address) as api:
         control, node1, node2 = (
             Host(n, link.netns, link.address, tmp_path / "hosts" / n)
             for n, link in zip(("control", "node-1", "node-2"), topo.nodes, strict=True)
@@ -392,7 +400,14 @@ async def test_the_built_image_runs_the_base_and_containerd_pulls_through_the_sw
             for d in docs
             if d["kind"] == "Service"
         }
-        box = Box(docs, manifest_image, tmp_path / "box", services)
+        zones = {"node-1": "zone-a", "node-2": "zone-b"}
+        for name, zone in zones.items():
+            api.nodes[name] = {
+                "kind": "Node",
+                "apiVersion": "v1",
+                "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
+            }
+        box = Box(docs, manifest_image, tmp_path / "box", services, api)
         try:
             # --- control plane: the registry pod (registry + sidecar), the tracker pod.
             registry_proc = _start_registry(box, control)
@@ -431,6 +446,19 @@ async def test_the_built_image_runs_the_base_and_containerd_pulls_through_the_sw
                     get = node[probe]["httpGet"]
                     url = f"http://{get['host']}:{_port(node, get['port'])}{get['path']}"
                     _wait_ok(url, host.netns, f"{host.name} {probe}")
+
+            # Each node read its zone from its own Node object, with its service account.
+            asked = {path.rsplit("/", 1)[1] for path, auth in api.seen if auth}
+            assert asked == set(zones), api.seen
+            for host in (node1, node2):
+                out = subprocess.run(
+                    ["podman", "logs", f"{box.run_id}-{host.name}-node"],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                log = out.stdout + out.stderr
+                assert zones[host.name] in log and "zone_from_kubernetes" not in log, log[-2000:]
 
             # --- a two-platform image in the registry (the webhook reaches the sidecar).
             async with RegistryClient(f"http://{control.address}:5000") as client:

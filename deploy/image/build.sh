@@ -57,6 +57,8 @@ case "$load" in ""|docker|podman) ;; *) echo "build.sh: --load docker|podman" >&
 # the package.
 version=$("$python" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "$root/pyproject.toml")
 protocol=$(cd "$root" && PYTHONPATH="$root" "$python" -c 'from p2pimage import PROTOCOL_VERSION; print(PROTOCOL_VERSION)')
+# The commit the image was built from (a cached image keeps the commit that first built
+# those inputs: later commits that changed no input reuse it).
 revision=$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)
 
 inputs() {
