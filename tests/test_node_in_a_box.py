@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +49,7 @@ import pytest
 import trio
 import yaml
 
+import p2pimage
 from daemons.testbed import netns
 from p2pimage.oci.image import build_image, build_index, push_index
 from p2pimage.oci.registry import RegistryClient
@@ -333,7 +336,17 @@ def built_image() -> Iterator[tuple[str, float]]:
         check=False,
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    yield out.stdout.split()[-1], time.monotonic() - started
+    image = out.stdout.split()[-1]
+    # The image says which release and which protocol it is.
+    labels = json.loads(
+        _run(["podman", "image", "inspect", "--format", "{{json .Config.Labels}}", image])
+    )
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert labels["org.opencontainers.image.version"] == version
+    assert labels["io.p2pimage.protocol-version"] == str(p2pimage.PROTOCOL_VERSION)
+    said = _run(["podman", "run", "--rm", *ULIMITS, image, "p2pimage", "--version"])
+    assert said.strip() == f"p2pimage, version {version}"
+    yield image, time.monotonic() - started
 
 
 def _start_registry(box: Box, host: Host) -> subprocess.Popen[bytes]:

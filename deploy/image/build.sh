@@ -53,10 +53,17 @@ while [ $# -gt 0 ]; do
 done
 case "$load" in ""|docker|podman) ;; *) echo "build.sh: --load docker|podman" >&2; exit 2 ;; esac
 
+# The wheels are built and byte-compiled by this interpreter for the image's python3.
+if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null; then
+  echo "build.sh: needs CPython 3.11 (the image's Python) to build with; set PYTHON" >&2
+  exit 2
+fi
+
 # One source for each fact: the version from pyproject.toml, the protocol version from
 # the package.
 version=$("$python" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "$root/pyproject.toml")
-protocol=$(cd "$root" && PYTHONPATH="$root" "$python" -c 'from p2pimage import PROTOCOL_VERSION; print(PROTOCOL_VERSION)')
+protocol=$(sed -n 's/^PROTOCOL_VERSION = \([0-9][0-9]*\)$/\1/p' "$root/p2pimage/__init__.py")
+[ -n "$protocol" ] || { echo "build.sh: no PROTOCOL_VERSION in p2pimage/__init__.py" >&2; exit 2; }
 # The commit the image was built from (a cached image keeps the commit that first built
 # those inputs: later commits that changed no input reuse it).
 revision=$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)
