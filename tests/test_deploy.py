@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from daemons._config import load_settings
@@ -742,3 +744,72 @@ async def test_the_node_daemon_takes_its_zone_from_kubernetes_when_asked(
     assert await _zone(settings.model_copy(update={"node_name": "missing"})) is None
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST")
     assert await _zone(settings) is None
+
+
+# Property: whatever hosts.toml a node already has, configure then unconfigure gives it
+# back byte for byte, the mirror comes first in between, and text that is not a hosts.toml
+# is refused with our error, never anything else.
+
+_URLS = st.sampled_from(
+    ["https://cache.internal:5000", "http://10.0.0.1:5000", "https://mirror.gcr.io", "https://a.b"]
+)
+_COMMENTS = st.sampled_from(["", "# node provisioning\n", "# keep\n\n", "\n"])
+
+
+@st.composite
+def _hosts_files(draw: st.DrawFn) -> str:
+    lines = [draw(_COMMENTS)]
+    if draw(st.booleans()):
+        lines.append('server = "https://registry.example.com"\n')
+    if draw(st.booleans()):
+        lines.append('capabilities = ["pull", "resolve", "push"]\n')
+    if draw(st.booleans()):
+        lines.append("skip_verify = false\n")
+    for url in draw(st.lists(_URLS, unique=True, max_size=3)):
+        lines.append(draw(_COMMENTS))
+        lines.append(f'[host."{url}"]\n  capabilities = ["pull", "resolve"]\n')
+        if draw(st.booleans()):
+            lines.append('  [host."' + url + '".header]\n    x-a = "b"\n')
+    if draw(st.booleans()):
+        lines.append('\n[header]\n  x-custom = ["kept"]\n')
+    text = "".join(lines)
+    return text if draw(st.booleans()) else text.rstrip("\n")
+
+
+@given(existing=_hosts_files(), default=st.booleans())
+@settings(max_examples=200, deadline=None)
+def test_merge_then_remove_gives_the_nodes_file_back(existing: str, default: bool) -> None:
+    import tomllib
+
+    from p2pimage.mirror.runtime_config import (
+        hosts_in_order,
+        merge_hosts_toml,
+        parse_upstream,
+        remove_from_hosts_toml,
+    )
+
+    mirror = "http://127.0.0.1:65001"
+    upstream = None if default else parse_upstream("registry.example.com")
+    merged = merge_hosts_toml(existing, upstream, mirror)
+    assert hosts_in_order(merged)[0] == mirror
+    before, after = tomllib.loads(existing), tomllib.loads(merged)
+    after["host"].pop(mirror)
+    if not after["host"]:
+        del after["host"]
+    assert after == before
+    assert merge_hosts_toml(merged, upstream, mirror) == merged  # idempotent
+    assert remove_from_hosts_toml(merged) == existing
+
+
+@given(text=st.text(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_merge_refuses_garbage_with_its_own_error(text: str) -> None:
+    from p2pimage.mirror.runtime_config import HostsConfigError, merge_hosts_toml
+
+    try:
+        merged = merge_hosts_toml(text, None)
+    except HostsConfigError:
+        return
+    from p2pimage.mirror.runtime_config import hosts_in_order
+
+    assert hosts_in_order(merged)[0] == "http://127.0.0.1:65001"

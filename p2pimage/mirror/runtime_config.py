@@ -106,6 +106,9 @@ CREATED_HEADER = "# Written by `p2pimage containerd configure`"
 #: The lines around the mirror's block, in files ``configure`` created or merged into.
 BLOCK_BEGIN = "# >>> p2pimage mirror (removed by `p2pimage containerd unconfigure`)"
 BLOCK_END = "# <<< p2pimage mirror"
+#: Appended to the begin marker when the block went at the end of a file whose last line
+#: had no newline: taking the block out takes that newline out too (byte for byte).
+NO_FINAL_NEWLINE = " [no newline before]"
 _TABLE_RE = re.compile(r"^\s*\[")
 
 
@@ -148,12 +151,15 @@ def _without_block(text: str) -> str:
     lines = text.splitlines(keepends=True)
     i = 0
     while i < len(lines):
-        if lines[i].rstrip("\r\n") == BLOCK_BEGIN:
+        begin = lines[i].rstrip("\r\n")
+        if begin in (BLOCK_BEGIN, BLOCK_BEGIN + NO_FINAL_NEWLINE):
             end = next(
                 (j for j in range(i, len(lines)) if lines[j].rstrip("\r\n") == BLOCK_END), None
             )
             if end is None:
                 raise HostsConfigError("a p2pimage block has no end marker: left as it is")
+            if begin.endswith(NO_FINAL_NEWLINE) and out and out[-1].endswith("\n"):
+                out[-1] = out[-1][:-1]
             i = end + 1
             if i < len(lines) and not lines[i].strip():
                 i += 1
@@ -183,14 +189,15 @@ def merge_hosts_toml(
     if mirror in before.get("host", {}):
         return base  # the node's own configuration already sends pulls to the mirror
     lines = base.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines[-1] += "\n"
+    # Ahead of the first table (top-level keys must precede every table), else at the end.
     at = next((i for i, line in enumerate(lines) if _TABLE_RE.match(line)), len(lines))
-    block = [line + "\n" for line in _mirror_block(mirror, skip_verify)]
-    if at == len(lines) and lines and lines[-1].strip():
-        block.insert(0, "\n")
-    elif at < len(lines):
-        block.append("\n")
+    marked = _mirror_block(mirror, skip_verify)
+    if at == len(lines) and lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+        marked[0] += NO_FINAL_NEWLINE
+    block = [line + "\n" for line in marked]
+    if at < len(lines):
+        block.append("\n")  # a blank line before the file's own first table
     merged = "".join(lines[:at] + block + lines[at:])
     # Proof, not hope: the merged file is the old one plus our host, and ours comes first.
     after = _parse(merged, "the merged hosts.toml")
