@@ -106,7 +106,7 @@ else
       --customize-hook="echo 'p2pimage:x:$uid:' >> \"\$1/etc/group\"" \
       --customize-hook='rm -rf "$1"/var/cache/* "$1"/var/lib/apt/lists/* "$1"/var/log/*' \
       "$suite" "$work/rootfs.tar" "$mirror"
-    mv "$work/rootfs.tar" "$base.tmp" && mv "$base.tmp" "$base"
+    mv "$work/rootfs.tar" "$base.$$.tmp" && mv "$base.$$.tmp" "$base"
   else
     echo "build.sh: cached root file system $base" >&2
   fi
@@ -161,9 +161,10 @@ else
     --config.label "io.p2pimage.inputs=$key"
   umoci gc --layout "$work/oci"
   skopeo copy --quiet "oci:$work/oci:$version" "oci-archive:$work/image.tar:$ref"
-  mv "$work/image.tar" "$cached.tmp" && mv "$cached.tmp" "$cached"
-  # Keep the cache small: only the newest image per version stays.
-  find "$cache_dir" -maxdepth 1 -name "p2pimage-*.oci.tar" ! -name "$(basename "$cached")" -delete
+  mv "$work/image.tar" "$cached.$$.tmp" && mv "$cached.$$.tmp" "$cached"
+  # Keep the cache small but shared (several checkouts may build here): the four newest
+  # images stay.
+  ls -1t "$cache_dir"/p2pimage-*.oci.tar 2>/dev/null | tail -n +5 | xargs -r rm -f --
 fi
 
 if [ -n "$archive" ]; then
