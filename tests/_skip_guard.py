@@ -43,7 +43,14 @@ class Skip:
 
 # Keep this short: every entry is a test CI does not run (docs/testing.md lists them). An
 # entry that matches nothing is harmless but should go with the skip it allowed.
-ALLOWED_SKIPS: tuple[AllowedSkip, ...] = ()
+ALLOWED_SKIPS: tuple[AllowedSkip, ...] = (
+    AllowedSkip(
+        nodeid="tests/test_attacks.py::test_attack_is_refused*",
+        reason=r"^got empty parameter set",
+        why="with no benchmarks/_attacks_*.py module there is no attack to parametrize "
+        "with; test_the_suite_is_not_empty fails in its place, so the run fails anyway",
+    ),
+)
 
 
 def refused(skips: list[Skip], allowed: tuple[AllowedSkip, ...] = ALLOWED_SKIPS) -> list[Skip]:

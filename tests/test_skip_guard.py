@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._skip_guard import AllowedSkip, Skip, refused
+from tests._skip_guard import ALLOWED_SKIPS, AllowedSkip, Skip, refused
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,3 +90,14 @@ def test_allow_list_matches_test_and_reason_both() -> None:
     gpu_elsewhere = Skip("tests/test_b.py::test_x", "needs a GPU")
     other_reason = Skip("tests/test_a.py::test_y", "redis-server is not installed")
     assert refused([gpu, gpu_elsewhere, other_reason], allowed) == [gpu_elsewhere, other_reason]
+
+
+def test_the_empty_attack_suite_skip_is_allowed_and_only_that() -> None:
+    empty = Skip(
+        "tests/test_attacks.py::test_attack_is_refused[NOTSET]",
+        "got empty parameter set for (attack)",
+    )
+    other = Skip("tests/test_attacks.py::test_attack_is_refused[x]", "redis-server is missing")
+    elsewhere = Skip("tests/test_swarm.py::test_x[NOTSET]", "got empty parameter set for (n)")
+    assert refused([empty, other, elsewhere]) == [other, elsewhere]
+    assert all(len(entry.why) > 40 for entry in ALLOWED_SKIPS)
