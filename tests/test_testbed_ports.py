@@ -4,6 +4,8 @@ registry of someone else's answering on that port never passes for ours."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from daemons.testbed import registry as registry_module
@@ -57,3 +59,26 @@ def test_a_registry_given_a_taken_port_fails_instead_of_passing_for_the_other() 
             clash.cleanup()
     finally:
         first.cleanup()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_a_redis_that_lost_its_port_starts_again_and_is_the_one_answering(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from daemons.testbed import redis as redis_module
+
+    with redis_module.run_redis() as taken:
+        real = redis_module.free_port
+        handed: list[int] = []
+
+        def taken_first(host: str = "127.0.0.1") -> int:
+            port = taken if not handed else real(host)
+            handed.append(port)
+            return port
+
+        monkeypatch.setattr(redis_module, "free_port", taken_first)
+        with redis_module.run_redis() as port:
+            assert handed[0] == taken and port == handed[-1] != taken
+            # Ready meant this port's INFO named a live redis-server that is not the first.
+            pid = redis_module._answer_pid(port)
+            assert pid is not None and pid != redis_module._answer_pid(taken)
