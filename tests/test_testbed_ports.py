@@ -82,3 +82,27 @@ def test_a_redis_that_lost_its_port_starts_again_and_is_the_one_answering(
             # Ready meant this port's INFO named a live redis-server that is not the first.
             pid = redis_module._answer_pid(port)
             assert pid is not None and pid != redis_module._answer_pid(taken)
+
+
+@pytest.mark.skipif(shutil.which("opentracker") is None, reason="opentracker is not installed")
+def test_an_opentracker_never_shares_a_port_with_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """opentracker binds with SO_REUSEPORT: started on a port another one holds, it
+    *succeeds*, and the kernel would split announces between the two. The test bed sees
+    the second listener and starts it again elsewhere."""
+    from daemons.testbed import opentracker as ot
+    from daemons.testbed.process import listeners
+
+    with ot.run_opentracker([bytes(20)]) as first:
+        real = ot.free_port
+        handed: list[int] = []
+
+        def taken_first(host: str = "127.0.0.1") -> int:
+            port = first.port if not handed else real(host)
+            handed.append(port)
+            return port
+
+        monkeypatch.setattr(ot, "free_port", taken_first)
+        with ot.run_opentracker([bytes(20)]) as second:
+            assert handed[0] == first.port and second.port == handed[-1] != first.port
+            assert listeners(second.process.pid, second.port) == (1, 1)
+            assert listeners(first.process.pid, first.port) == (1, 1)

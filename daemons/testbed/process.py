@@ -30,6 +30,25 @@ def free_port(host: str = "127.0.0.1") -> int:
 _PORT_ATTEMPTS = 3
 
 
+def listeners(pid: int, port: int) -> tuple[int, int]:
+    """(sockets listening on TCP ``port``, how many of them process ``pid`` holds), IPv4
+    in this network namespace, from /proc. Tells our server from another one that took
+    the port first, or shares it (SO_REUSEPORT: opentracker binds so, and two of them on
+    one port would split the connections between them)."""
+    inodes = set()
+    with contextlib.suppress(OSError), open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    owned = 0
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                owned += os.readlink(fd) in inodes
+    return len(inodes), owned
+
+
 class ManagedProcess:
     """The life cycle shared by the process wrappers (dataclasses that declare
     ``log_path`` and ``_proc`` as fields): a subclass writes its configuration and calls
