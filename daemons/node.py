@@ -248,6 +248,12 @@ class NodeMetrics:
         )
         uploaded.add_metric([], layers.uploaded_bytes())
         yield uploaded
+        wasted = CounterMetricFamily(
+            "p2pimage_node_wasted_bytes",
+            "Layer bytes received from peers and thrown away (cancelled or duplicate blocks)",
+        )
+        wasted.add_metric([], layers.wasted_bytes())
+        yield wasted
         pulls = CounterMetricFamily(
             "p2pimage_node_blob_pulls", "Blob GETs by result", labels=["result"]
         )
