@@ -4,6 +4,8 @@ every survivor as a diff, sorted into three kinds:
 - "message": the mutant changes only what a human reads: the text of an exception raised
   (not AuthError's reason code, nor the code ``_unauthorized`` sends), or a log call.
   The refusal, its type and its reason stay; docs/testing.md explains the class.
+- "invariant": the mutant weakens an ``assert`` of an invariant (there for the type
+  checker) that holds in every run, so no test can see it; docs/testing.md says why.
 - "explained": a survivor docs/testing.md names, with why it is equivalent.
 - "unexplained": any other survivor. The run fails while there is one.
 
@@ -13,8 +15,8 @@ Usage: python .ci/mutation_report.py WORK_DIR DOCS_FILE TARGET...
 from __future__ import annotations
 
 import ast
-import json
 import difflib
+import json
 import sys
 from pathlib import Path
 
@@ -48,17 +50,25 @@ def _is_log_call(stmt: ast.stmt) -> bool:
     )
 
 
-def message_only(orig: ast.FunctionDef, mutant: ast.FunctionDef) -> bool:
-    """Whether the one statement the mutant changes is a log call, or raises the same
-    exception with the same codes and only another message."""
+def changed_statement(
+    orig: ast.FunctionDef, mutant: ast.FunctionDef
+) -> tuple[ast.stmt, ast.stmt] | None:
+    """The innermost statement the mutant changes (None if the shapes differ)."""
     a = [n for n in ast.walk(orig) if isinstance(n, ast.stmt) and n is not orig]
     b = [n for n in ast.walk(mutant) if isinstance(n, ast.stmt) and n is not mutant]
     if len(a) != len(b):
-        return False
+        return None
     changed = [(x, y) for x, y in zip(a, b, strict=True) if ast.dump(x) != ast.dump(y)]
-    if not changed:
+    return changed[-1] if changed else None  # the innermost: ast.walk goes outside in
+
+
+def message_only(orig: ast.FunctionDef, mutant: ast.FunctionDef) -> bool:
+    """Whether the one statement the mutant changes is a log call, or raises the same
+    exception with the same codes and only another message."""
+    pair = changed_statement(orig, mutant)
+    if pair is None:
         return False
-    x, y = changed[-1]  # the innermost: ast.walk goes outside in
+    x, y = pair
     if _is_log_call(x) and _is_log_call(y):
         return True
     if not (isinstance(x, ast.Raise) and isinstance(y, ast.Raise)):
@@ -94,7 +104,9 @@ def main() -> int:
         line.split("\t") for line in (work / "summary.tsv").read_text().splitlines() if line
     )
     survivors: list[tuple[str, str, str, str]] = []  # name, status, kind, diff
-    print("| target | mutants tried | killed | survived | of which message only | other | seconds |")
+    print(
+        "| target | mutants tried | killed | survived | of which message only | other | seconds |"
+    )
     print("|---|---|---|---|---|---|---|")
     for target in targets:
         counts: dict[str, int] = {}
@@ -108,14 +120,17 @@ def main() -> int:
                 if status == "not checked":
                     continue  # outside this target's functions
                 counts[status] = counts.get(status, 0) + 1
-                if status == "killed":
-                    continue
+                if status in ("killed", "timeout"):
+                    continue  # a mutant that hangs the tests is caught by the timeout
                 short = name.rsplit(".", 1)[1]
                 orig = defs.get(short.rsplit("__mutmut_", 1)[0] + "__mutmut_orig")
                 mutant = defs.get(short)
+                pair = changed_statement(orig, mutant) if orig and mutant else None
                 if status == "survived" and orig and mutant and message_only(orig, mutant):
                     kind = "message"
                     messages += 1
+                elif status == "survived" and pair and isinstance(pair[0], ast.Assert):
+                    kind = "invariant"
                 elif name in section:
                     kind = "explained"
                 else:
@@ -126,7 +141,11 @@ def main() -> int:
                     lineterm="",
                     n=0,
                 )
-                lines = [ln for ln in diff if ln[:1] in "-+" and ln[:3] not in ("---", "+++")]
+                lines = [
+                    ln
+                    for ln in diff
+                    if ln[:1] in "-+" and ln[:3] not in ("---", "+++") and "__mutmut_" not in ln
+                ]
                 survivors.append((name, status, kind, "\n".join("    " + ln for ln in lines)))
         tried = sum(counts.values())
         other = ", ".join(
@@ -136,7 +155,7 @@ def main() -> int:
             f"| {target} | {tried} | {counts.get('killed', 0)} | {counts.get('survived', 0)} "
             f"| {messages} | {other or 0} | {seconds.get(target, '?')} |"
         )
-    order = {"unexplained": 0, "explained": 1, "message": 2}
+    order = {"unexplained": 0, "explained": 1, "invariant": 2, "message": 3}
     for name, status, kind, diff in sorted(survivors, key=lambda s: (order[s[2]], s[0])):
         print(f"\n{kind} ({status}): {name}")
         print(diff)
