@@ -449,7 +449,10 @@ def test_garbage_raises_only_remote_protocol_error(state: str, data: st.DataObje
 def test_arbitrary_chunking_yields_the_same_events(
     msgs: list[Message], data: st.DataObject
 ) -> None:
-    i, r = initiator(extensions=EXT, max_block_length=MAX_BLOCK), responder(extensions=EXT)
+    i, r = (
+        initiator(extensions=EXT, max_block_length=MAX_BLOCK),
+        responder(extensions=EXT, max_block_length=MAX_BLOCK),
+    )
     sent_i, _ = handshake(i, r)
     stream = sent_i + b"".join(i.send(m) for m in msgs)
 

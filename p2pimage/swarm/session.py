@@ -23,7 +23,7 @@ from p2pimage.auth.tokens import NodeToken, PeerAuthenticator
 from p2pimage.errors import AuthError, LocalProtocolError, RemoteProtocolError
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.wire import (
-    BLOCK_LENGTH,
+    MAX_BLOCK_LENGTH_LIMIT,
     NEED_DATA,
     ConnectionClosed,
     ExtendedHandshake,
@@ -159,6 +159,32 @@ class PeerSession:
 
     # --- after the handshake ------------------------------------------------------------
 
+    async def receive_batch(self) -> list[Message]:
+        """Every message parsed from the bytes at hand (at least one): one wakeup per
+        socket read, not one per message (a node hears a ``have`` from every peer for
+        every piece). Raises :class:`PeerClosed` at the end; messages parsed before an
+        error or EOF are returned first."""
+        batch: list[Message] = []
+        while True:
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                if batch:
+                    return batch  # the next call raises (the connection stays failed)
+                raise PeerClosed(f"protocol error: {exc}") from None
+            if event is NEED_DATA:
+                if batch:
+                    return batch
+                await self._receive_into_conn()
+                continue
+            if isinstance(event, ConnectionClosed):
+                if batch:
+                    return batch
+                raise PeerClosed("peer closed the connection")
+            if isinstance(event, HandshakeReceived | ExtendedHandshake | PeerAuthenticated):
+                continue
+            batch.append(event)
+
     async def receive(self) -> Message:
         """The next message from the peer; raises :class:`PeerClosed` at the end."""
         while True:
@@ -269,8 +295,10 @@ def make_connection(
 ) -> PeerConnection:
     """A :class:`PeerConnection` with a fresh nonce (and, with ``encrypt``, a fresh
     key-exchange key: the connection encrypts and requires the peer to); open mode when
-    no authenticator."""
-    block = BLOCK_LENGTH if max_block_length is None else max_block_length
+    no authenticator. ``max_block_length`` (default :data:`MAX_BLOCK_LENGTH_LIMIT`) is
+    the largest block we accept, offered in the extended handshake; stock clients
+    ignore the offer and keep 16 KiB blocks."""
+    block = MAX_BLOCK_LENGTH_LIMIT if max_block_length is None else max_block_length
     if authenticator is None:
         return PeerConnection(
             role=role,
