@@ -91,6 +91,7 @@ async def _worker(spec: dict[str, Any]) -> None:
         print(json.dumps({"ports": {i: n.port for i, n in nodes}}), flush=True)
         go = json.loads(await lines.__anext__())
         cpu_start = _process_cpu_s()
+        sys_start = resource.getrusage(resource.RUSAGE_SELF).ru_stime
         peers = [("127.0.0.1", p) for p in go["ports"]]
         start = time.time()
         t_start = trio.current_time()
@@ -124,7 +125,9 @@ async def _worker(spec: dict[str, Any]) -> None:
         # Keep seeding for the other workers' nodes until every node is done: the CPU
         # window is the whole transfer, as for libtorrent's sessions.
         await lines.__anext__()
-        print(json.dumps({"cpu_s": _process_cpu_s() - cpu_start}), flush=True)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = {"cpu_s": _process_cpu_s() - cpu_start, "sys_s": usage.ru_stime - sys_start}
+        print(json.dumps(cpu), flush=True)
         nursery.cancel_scope.cancel()
 
 
@@ -221,7 +224,7 @@ async def run_ours(
                 for proc in procs:
                     assert proc.stdin is not None
                     await proc.stdin.send_all(b"stop\n")
-                cpu_s = sum([json.loads(await lines.__anext__())["cpu_s"] for lines in readers])
+                cpu = [json.loads(await lines.__anext__()) for lines in readers]
             for proc in procs:
                 with trio.move_on_after(5):
                     await proc.wait()
@@ -234,7 +237,8 @@ async def run_ours(
         "t_first_s": min(completions) - t0,
         "registry_bytes": proxy.bytes_down,
         "registry_payload_bytes": sum(r["registry_bytes"] for r in reports),
-        "cpu_s": cpu_s,
+        "cpu_s": sum(c["cpu_s"] for c in cpu),
+        "sys_s": sum(c["sys_s"] for c in cpu),
         "hash_failures": sum(r["hash_failures"] for r in reports),
         "origin_failures": [f for r in reports for f in r["origin_failures"]],
     }
@@ -318,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-up-mib-s", type=float, default=4)
     parser.add_argument("--node-down-mib-s", type=float, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--piece-kib", type=int, help="piece length (default: the sidecar's choice for the size)"
+    )
     parser.add_argument("--no-libtorrent", action="store_true")
     parser.add_argument("--quick", action="store_true", help="8 nodes, 8 MiB")
     parser.add_argument("--json", type=Path)
@@ -342,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         blob = tmp / "layer.bin"
         write_random_file(blob, size)
-        meta = create_metainfo_from_file(blob)
+        meta = create_metainfo_from_file(
+            blob, piece_length=args.piece_kib * 1024 if args.piece_kib else None
+        )
         ours = trio.run(run_ours, meta, blob, tmp, args.nodes, args.workers, origin, up, down)
         lt = (
             None
@@ -354,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "nodes": args.nodes,
         "size_mib": args.size_mib,
+        "piece_kib": meta.piece_length // 1024,
         "t_all_s": round(ours["t_all_s"], 2),
         "t_bound_s": round(bound, 2),
         "ratio_to_bound": round(ours["t_all_s"] / bound, 3),
@@ -361,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "registry_copies": round(ours["registry_bytes"] / size, 3),
         "cpu_s": round(ours["cpu_s"], 2),
         "cpu_ms_per_mib": round(1000 * ours["cpu_s"] / delivered_mib, 2),
+        "cpu_sys_s": round(ours["sys_s"], 2),
     }
     if lt is not None:
         report["libtorrent_t_all_s"] = round(lt["t_all_s"], 2)

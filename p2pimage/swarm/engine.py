@@ -718,8 +718,22 @@ class Swarm:
             return  # BEP 3: requests while choked are dropped
         if len(peer.uploads) >= 2048:
             raise PeerClosed("request flood")
+        if not peer.uploads and peer.session.queued_bytes <= self.settings.upload_queue_bytes:
+            # Room in the send queue: answer here, without waking the uploader task.
+            self._serve_request(peer, request)
+            return
         peer.uploads.append(request)
         peer.upload_wakeup.set()
+
+    def _serve_request(self, peer: _Peer, request: Request) -> None:
+        try:
+            data = self.storage.read_block(request.index, request.begin, request.length)
+        except LocalProtocolError as exc:  # outside the piece: the peer's mistake
+            raise PeerClosed(f"bad request: {exc}") from None
+        peer.session.send(Piece(request.index, request.begin, data))
+        peer.up_bytes_window += len(data)
+        self.stats.uploaded += len(data)
+        peer.last_sent_at = trio.current_time()
 
     async def _uploader(self, peer: _Peer) -> None:
         session = peer.session
@@ -729,12 +743,8 @@ class Swarm:
                 await peer.upload_wakeup.wait()
                 continue
             await session.wait_queue_below(self.settings.upload_queue_bytes)
-            request = peer.uploads.popleft()
-            data = self.storage.read_block(request.index, request.begin, request.length)
-            session.send(Piece(request.index, request.begin, data))
-            peer.up_bytes_window += len(data)
-            self.stats.uploaded += len(data)
-            peer.last_sent_at = trio.current_time()
+            if peer.uploads:  # (a cancel may have emptied it meanwhile)
+                self._serve_request(peer, peer.uploads.popleft())
 
     # --- housekeeping -------------------------------------------------------------------
 
