@@ -22,6 +22,9 @@ from p2pimage.auth.tokens import (
 from p2pimage.errors import LocalProtocolError, RemoteProtocolError
 from p2pimage.metainfo.bencoding import bencode
 from p2pimage.wire import (
+    BLOCK_LENGTH,
+    BLOCK_LENGTH_KEY,
+    MAX_BLOCK_LENGTH_LIMIT,
     NEED_DATA,
     Bitfield,
     Cancel,
@@ -47,6 +50,7 @@ from p2pimage.wire import (
     auth_transcript,
     encode_message,
 )
+from p2pimage.wire._codec import build_extended, build_handshake
 
 NOW = 1_800_000_000.0
 INFO_HASH = bytes(range(20))
@@ -660,3 +664,54 @@ def test_late_bitfield_refused_between_p2pimage_peers() -> None:
     b.receive_data(a.send(Have(1)) + encode_message(Bitfield(b"\xc0")))
     with pytest.raises(RemoteProtocolError):
         drain(b)
+
+
+# --- large blocks (p2pimage_block) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", [True, False], ids=["authenticated", "open"])
+def test_large_blocks_are_offered_in_the_extended_handshake(auth: bool) -> None:
+    a, b = open_pair(auth, max_block_length=MAX_BLOCK_LENGTH_LIMIT)
+    assert a.peer_max_block_length == b.peer_max_block_length == MAX_BLOCK_LENGTH_LIMIT
+    block = bytes(range(256)) * (MAX_BLOCK_LENGTH_LIMIT // 256)
+    b.receive_data(a.send(Request(2, 0, MAX_BLOCK_LENGTH_LIMIT)))
+    assert drain(b) == [Request(2, 0, MAX_BLOCK_LENGTH_LIMIT)]
+    a.receive_data(b.piece_header(2, 0, len(block)) + block)
+    assert drain(a) == [Piece(2, 0, block)]
+
+
+def test_a_peer_that_offers_nothing_gets_bep3_blocks_only() -> None:
+    """A stock client sends no p2pimage_block: we may accept large blocks ourselves,
+    but a request we send it stays within 16 KiB."""
+    ours, stock = initiator(False, max_block_length=MAX_BLOCK_LENGTH_LIMIT), responder(False)
+    handshake(ours, stock)
+    assert ours.peer_max_block_length == BLOCK_LENGTH
+    assert stock.peer_max_block_length == MAX_BLOCK_LENGTH_LIMIT
+    ours.send(Request(0, 0, BLOCK_LENGTH))
+    with pytest.raises(LocalProtocolError):
+        ours.send(Request(0, 0, BLOCK_LENGTH + 1))
+    with pytest.raises(LocalProtocolError):
+        ours.send(Cancel(0, 0, 2 * BLOCK_LENGTH))
+
+
+@pytest.mark.parametrize(
+    ("offered", "seen"),
+    [
+        (2**40, MAX_BLOCK_LENGTH_LIMIT),
+        (MAX_BLOCK_LENGTH_LIMIT + 1, MAX_BLOCK_LENGTH_LIMIT),
+        (64 * 1024, 64 * 1024),
+        (100, BLOCK_LENGTH),
+        (-5, BLOCK_LENGTH),
+        (b"262144", BLOCK_LENGTH),
+    ],
+)
+def test_an_offered_block_length_is_clamped_to_what_the_wire_allows(
+    offered: object, seen: int
+) -> None:
+    ours = initiator(False)
+    peer_handshake = build_handshake(INFO_HASH, ID_R, extensions=True)
+    payload = bencode({b"m": {}, BLOCK_LENGTH_KEY: offered})  # type: ignore[dict-item]
+    ours.receive_data(peer_handshake + build_extended(0, payload))
+    drain(ours)
+    assert ours.is_open
+    assert ours.peer_max_block_length == seen

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._codec import (
     AUTH_EXTENSION,
     BLOCK_LENGTH,
+    BLOCK_LENGTH_KEY,
     MAX_BLOCK_LENGTH_LIMIT,
     NONCE_KEY,
     NONCE_LENGTH,
@@ -45,6 +46,7 @@ from ._events import (
 __all__ = [
     "AUTH_EXTENSION",
     "BLOCK_LENGTH",
+    "BLOCK_LENGTH_KEY",
     "MAX_BLOCK_LENGTH_LIMIT",
     "NEED_DATA",
     "NONCE_KEY",
