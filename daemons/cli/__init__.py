@@ -50,4 +50,3 @@ def _register() -> None:
 
 
 _register()
-
