@@ -48,6 +48,8 @@ from p2pimage.wire import (
     Role,
     Unchoke,
     auth_transcript,
+    build_haves_payload,
+    decode_haves,
     encode_message,
 )
 from p2pimage.wire._codec import build_extended, build_handshake
@@ -715,3 +717,21 @@ def test_an_offered_block_length_is_clamped_to_what_the_wire_allows(
     drain(ours)
     assert ours.is_open
     assert ours.peer_max_block_length == seen
+
+
+# --- p2pimage_haves -----------------------------------------------------------------------
+
+
+@given(indexes=st.lists(st.integers(0, 999), min_size=1, max_size=300))
+def test_haves_payload_round_trip(indexes: list[int]) -> None:
+    assert decode_haves(build_haves_payload(indexes), 1000) == tuple(indexes)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\x00\x00\x00", b"\x00\x00\x00\x01\x00", struct.pack(">II", 3, 1000)],
+    ids=["empty", "short", "ragged", "index out of range"],
+)
+def test_haves_garbage_is_the_peers_error(payload: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_haves(payload, 1000)

@@ -35,10 +35,12 @@ from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
 from p2pimage.swarm.session import PeerClosed, PeerSession, SessionInfo
 from p2pimage.wire import (
+    LOCAL_HAVES_ID,
     MAX_BLOCK_LENGTH_LIMIT,
     Bitfield,
     Cancel,
     Choke,
+    Extended,
     Have,
     Interested,
     KeepAlive,
@@ -48,6 +50,7 @@ from p2pimage.wire import (
     Request,
     Role,
     Unchoke,
+    decode_haves,
 )
 
 if TYPE_CHECKING:
@@ -458,6 +461,17 @@ class Swarm:
                 self._unhide(message.index)  # an origin piece we revealed is out: show all
             if not peer.am_interested:  # a have never makes a peer less interesting
                 self._update_interest(peer)
+        elif isinstance(message, Extended) and message.extended_id == LOCAL_HAVES_ID:
+            try:
+                indexes = decode_haves(message.payload, self.metainfo.num_pieces)
+            except RemoteProtocolError as exc:
+                raise PeerClosed(f"bad haves: {exc}") from None
+            for index in indexes:
+                self.picker.peer_have(peer.key, index)
+                if index in self._hidden:
+                    self._unhide(index)
+            if not peer.am_interested:
+                self._update_interest(peer)
         elif isinstance(message, Bitfield):
             try:
                 self.picker.peer_bitfield(peer.key, message.bitfield)
@@ -633,7 +647,7 @@ class Swarm:
         for peer in self.peers.values():
             # A peer that announced the piece itself does not need to hear it back.
             if not self.picker.peer_has(peer.key, index):
-                peer.session.send(Have(index))
+                peer.session.send_have(index)
 
     async def finalize_if_done(self) -> None:
         """Once every piece is verified: check the whole SHA-256 and complete the blob."""

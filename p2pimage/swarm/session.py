@@ -23,16 +23,21 @@ from p2pimage.auth.tokens import NodeToken, PeerAuthenticator
 from p2pimage.errors import AuthError, LocalProtocolError, RemoteProtocolError
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.wire import (
+    HAVES_EXTENSION,
+    LOCAL_HAVES_ID,
     MAX_BLOCK_LENGTH_LIMIT,
     NEED_DATA,
     ConnectionClosed,
+    Extended,
     ExtendedHandshake,
     HandshakeReceived,
+    Have,
     Message,
     PeerAuthenticated,
     PeerConnection,
     Piece,
     Role,
+    build_haves_payload,
     piece_header,
 )
 
@@ -43,6 +48,8 @@ RECEIVE_SIZE = 256 * 1024
 # Flush a write batch once it holds this much; larger batches add latency, smaller ones
 # cost a system call per block (one send_all per block halves loopback throughput).
 WRITE_BATCH_BYTES = 512 * 1024
+# A p2pimage_haves message within the 64 KiB extended-message limit (4 bytes a piece).
+MAX_HAVES_PER_MESSAGE = 8192
 
 
 class PeerClosed(Exception):
@@ -86,6 +93,7 @@ class PeerSession:
         self._wakeup = trio.Event()
         self._drained = trio.Event()
         self._closed: str | None = None
+        self._haves: list[int] = []  # for one p2pimage_haves message in the next batch
         self.bytes_sent = 0
         self.bytes_received = 0
         self.payload_sent = 0
@@ -227,6 +235,30 @@ class PeerSession:
             self._outbox_bytes += len(data)
         self._wakeup.set()
 
+    def send_have(self, index: int) -> None:
+        """Tell the peer we have piece ``index``: gathered with the other haves of this
+        writer batch into one ``p2pimage_haves`` message when the peer advertised it, a
+        BEP 3 have otherwise."""
+        if self._closed is not None or not self.conn.is_open:
+            self.send(Have(index))  # (closes the session as send() would)
+            return
+        if self.conn.peer_extension_id(HAVES_EXTENSION) is None:
+            self.send(Have(index))
+            return
+        self._haves.append(index)
+        self._wakeup.set()
+
+    def _haves_message(self) -> bytes:
+        ext_id = self.conn.peer_extension_id(HAVES_EXTENSION)
+        assert ext_id is not None
+        haves, self._haves = self._haves, []
+        out = []
+        step = MAX_HAVES_PER_MESSAGE
+        for start in range(0, len(haves), step):
+            payload = build_haves_payload(haves[start : start + step])
+            out.append(self.conn.send(Extended(ext_id, payload)))
+        return b"".join(out)
+
     @property
     def queued_bytes(self) -> int:
         return self._outbox_bytes
@@ -241,6 +273,13 @@ class PeerSession:
     async def run_writer(self) -> None:
         """Write queued messages in batches until the session closes."""
         while True:
+            if self._haves and self._closed is None:
+                try:
+                    haves = self._haves_message()
+                    self._outbox.append(haves)
+                    self._outbox_bytes += len(haves)
+                except LocalProtocolError:
+                    raise PeerClosed("connection closed") from None
             if not self._outbox:
                 if self._closed is not None:
                     return
@@ -299,6 +338,7 @@ def make_connection(
     the largest block we accept, offered in the extended handshake; stock clients
     ignore the offer and keep 16 KiB blocks."""
     block = MAX_BLOCK_LENGTH_LIMIT if max_block_length is None else max_block_length
+    extensions = {HAVES_EXTENSION: LOCAL_HAVES_ID}
     if authenticator is None:
         return PeerConnection(
             role=role,
@@ -307,6 +347,7 @@ def make_connection(
             authenticator=None,
             open_mode=True,
             max_block_length=block,
+            extensions=extensions,
         )
     return PeerConnection(
         role=role,
@@ -316,4 +357,5 @@ def make_connection(
         nonce=os.urandom(32),
         kx_key=os.urandom(32) if encrypt else None,
         max_block_length=block,
+        extensions=extensions,
     )

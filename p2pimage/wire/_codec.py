@@ -8,7 +8,7 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from p2pimage.errors import LocalProtocolError
+from p2pimage.errors import LocalProtocolError, RemoteProtocolError
 from p2pimage.metainfo.bencoding import Bencodable, bencode
 
 from ._events import (
@@ -66,6 +66,13 @@ KX_KEY: Final = b"p2pimage_kx"
 # BLOCK_LENGTH. Two p2pimage peers then request whole pieces up to this size, one
 # message, one storage write and one hash per piece instead of one per 16 KiB.
 BLOCK_LENGTH_KEY: Final = b"p2pimage_block"
+# BEP 10 extension between p2pimage peers: many haves in one message, its payload the
+# piece indexes as u32 big-endian. Every node tells every peer about every piece it
+# verifies (pieces x peers haves per node: a million at 32 nodes and 1,024 pieces), so
+# one message per writer batch instead of one per piece saves a parse, a dispatch and
+# an encode per have. Stock clients do not advertise it and get BEP 3 haves.
+HAVES_EXTENSION: Final = b"p2pimage_haves"
+LOCAL_HAVES_ID: Final = 2
 # The id we ask peers to send our auth message with. Any of 1..255 would do (BEP 10 ids are
 # chosen by the receiver); callers' own extensions must not reuse it.
 LOCAL_AUTH_ID: Final = 1
@@ -229,6 +236,24 @@ def build_extended_handshake(
 
 def build_auth(extended_id: int, token: bytes, signature: bytes) -> bytes:
     return build_extended(extended_id, bencode({b"sig": signature, b"token": token}))
+
+
+def build_haves_payload(indexes: list[int]) -> bytes:
+    """The payload of a ``p2pimage_haves`` message (send it as an ``Extended``)."""
+    for index in indexes:
+        _u32("index", index)
+    return struct.pack(f">{len(indexes)}I", *indexes)
+
+
+def decode_haves(payload: bytes, num_pieces: int) -> tuple[int, ...]:
+    """The piece indexes of a received ``p2pimage_haves`` payload; garbage (empty, not a
+    multiple of 4, an index beyond ``num_pieces``) raises :class:`RemoteProtocolError`."""
+    if not payload or len(payload) % 4:
+        raise RemoteProtocolError(f"p2pimage_haves payload of {len(payload)} bytes")
+    indexes: tuple[int, ...] = struct.unpack(f">{len(payload) // 4}I", payload)
+    if max(indexes) >= num_pieces:
+        raise RemoteProtocolError(f"p2pimage_haves index {max(indexes)} >= {num_pieces}")
+    return indexes
 
 
 def piece_header(index: int, begin: int, length: int) -> bytes:
