@@ -50,3 +50,4 @@ def _register() -> None:
 
 
 _register()
+
