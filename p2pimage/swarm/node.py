@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Mapping
+import math
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -233,7 +234,23 @@ class PeerNode:
             self.connections -= 1
             await session.aclose("handshake failed")
             raise
+        info.admission_expired = self._admission_expiry(info, dialed=True)
         return session, info
+
+    def _admission_expiry(self, info: SessionInfo, *, dialed: bool) -> Callable[[], bool]:
+        """When a connection must end: once the peer's token fails the expiry check
+        (with the verifier's leeway), and on a connection we dialed also once the
+        token we presented expires (no leeway), so the dialer closes first and dials
+        again with its renewed token (docs/protocol.md, "Connection lifetime")."""
+        auth, token = self.authenticator, info.token
+        if auth is None or token is None:
+            return lambda: False  # open mode: no token admitted it
+        own = auth.own_expiry() if dialed else math.inf
+
+        def expired() -> bool:
+            return not auth.admits(token) or auth.now() > own
+
+        return expired
 
     def release_connection(self) -> None:
         """A dialed session from :meth:`dial` has ended."""
@@ -293,6 +310,7 @@ class PeerNode:
                 await session.aclose("node connection limit reached")
                 return
             self.connections += 1
+            info.admission_expired = self._admission_expiry(info, dialed=False)
             try:
                 await swarm.adopt(session, info)
             finally:
