@@ -4,19 +4,26 @@ registry deleted leaves the node's cache and the sidecar's torrent store."""
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
+import pytest
 import trio
 
+from daemons.testbed.registry import start_registry
 from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
+from p2pimage.oci.registry import RegistryClient
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm, SwarmSettings
 from p2pimage.swarm.node import PeerNode, open_peer_node
+from p2pimage.swarm.origin import OriginCredentials, OriginReader, same_registry
 
-from .test_transfer import make_blob
+from .test_transfer import make_blob, sha256_file
 
 LIFETIME_S = 600
 TICK = SwarmSettings(tick_s=0.05)
@@ -113,3 +120,140 @@ async def test_an_acceptor_drops_a_dialer_that_keeps_an_expired_token(tmp_path: 
                 await trio.sleep(0.01)
         assert admitted.session.conn.is_open is False
         assert admitted.info.admission_expired()
+
+
+# --- origin credentials ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("http://127.0.0.1:5000/v2/app/blobs/sha256:aa", True),
+        ("HTTP://127.0.0.1:5000/v2/app/blobs/sha256:aa", True),
+        ("http://127.0.0.1:5001/v2/app/blobs/sha256:aa", False),  # another port
+        ("http://127.0.0.2:5000/v2/app/blobs/sha256:aa", False),  # another host
+        ("https://127.0.0.1:5000/v2/app/blobs/sha256:aa", False),  # another scheme
+        ("http://user@127.0.0.1:5000/v2/app/blobs/sha256:aa", False),  # userinfo
+        ("http://127.0.0.1:5000@evil.example/v2/app", False),  # host is evil.example
+        ("http://127.0.0.1:5000/token?x=/v2/", False),  # not under /v2/
+        ("ftp://127.0.0.1:5000/v2/app", False),
+        ("http://127.0.0.1:notaport/v2/app", False),
+    ],
+)
+def test_origin_urls_are_accepted_only_on_the_configured_registry(url: str, ok: bool) -> None:
+    assert same_registry(url, "http://127.0.0.1:5000/") is ok
+
+
+def test_credentials_follow_the_latest_authorised_client_of_the_swarm_repository() -> None:
+    creds = OriginCredentials("http://r:5000", "team/app", {"Authorization": "Bearer one"})
+    first, headers = creds.current()
+    assert headers == {"Authorization": "Bearer one"}
+    creds.offer("other/app", {"Authorization": "Bearer other"})  # scoped elsewhere: ignored
+    assert creds.current() == (first, {"Authorization": "Bearer one"})
+    creds.offer("team/app", {"Authorization": "Bearer two"})
+    second, headers = creds.current()
+    assert second > first and headers == {"Authorization": "Bearer two"}
+    creds.refused(first)  # an old generation refused: the current one stays
+    assert creds.current() == (second, {"Authorization": "Bearer two"})
+    creds.refused(second)
+    third, headers = creds.current()
+    assert third > second and headers == {}
+
+
+async def _hostile_origin(listener: trio.SocketListener, seen: bytearray) -> None:
+    async with listener:
+        while True:
+            stream = await listener.accept()
+            async with stream:
+                with trio.move_on_after(2):
+                    seen.extend(await stream.receive_some(65536))
+
+
+async def test_an_origin_url_on_another_host_gets_neither_a_request_nor_credentials(
+    tmp_path: Path, registry: Any
+) -> None:
+    """A tracker naming an origin URL that is not the node's registry (say, a host it
+    controls, to collect credentials) gets no connection at all; the range goes back
+    to the peers, and the swarm completes from a seeder."""
+    blob, meta = make_blob(tmp_path, 1024 * 1024)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    seen = bytearray()
+    async with (
+        two_nodes((time.time, time.time)) as (seeder, leecher),
+        httpx.AsyncClient() as http,
+        trio.open_nursery() as nursery,
+    ):
+        nursery.start_soon(_hostile_origin, listeners[0], seen)
+        await seeder.add_swarm(meta, tmp_path / "s", storage=PieceStorage.open_complete(blob, meta))
+        swarm = await leecher.add_swarm(meta, tmp_path / "l")
+        creds = OriginCredentials(registry.url, "app", {"Authorization": "Bearer secret"})
+        reader = OriginReader(
+            swarm,
+            f"http://127.0.0.1:{port}/v2/app/blobs/{meta.sha256}",
+            0,
+            meta.num_pieces,
+            client=http,
+            credentials=creds,
+        )
+        with trio.fail_after(30):
+            await reader.run()
+            assert reader.failed is not None and "configured registry" in reader.failed
+            swarm.add_peers([seeder.listen_address])
+            await swarm.complete.wait()
+        await trio.sleep(0.1)  # a connection the reader had opened would be accepted by now
+        nursery.cancel_scope.cancel()
+    assert seen == b""
+    assert reader.bytes_read == 0
+    assert sha256_file(swarm.storage.path) == meta.sha256
+
+
+def _basic(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.mark.parametrize("renewed", [True, False])
+async def test_refused_origin_credentials_are_dropped_and_fresh_ones_used(
+    tmp_path: Path, renewed: bool
+) -> None:
+    """A registry with htpasswd auth refuses the credentials the reader holds (401): the
+    reader never sends them again, waits for a client to bring fresh ones and reads on
+    with those; with none coming, it hands its range back to the peers."""
+    blob, meta = make_blob(tmp_path, 1024 * 1024)
+    async with start_registry(htpasswd=("puller", "right")) as reg:
+        async with RegistryClient(reg.url, username="puller", password="right") as client:
+            await client.push_blob("team/app", blob.read_bytes())
+        async with two_nodes((time.time, time.time)) as (node, _), httpx.AsyncClient() as http:
+            swarm = await node.add_swarm(meta, tmp_path / "l")
+            creds = OriginCredentials(
+                reg.url,
+                "team/app",
+                _basic("puller", "stale"),
+                refresh_wait_s=3.0 if renewed else 0.3,
+            )
+            reader = OriginReader(
+                swarm,
+                f"{reg.url}/v2/team/app/blobs/{meta.sha256}",
+                0,
+                meta.num_pieces,
+                client=http,
+                credentials=creds,
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(reader.run)
+                with trio.fail_after(30):
+                    # Refused: the stale credentials are gone.
+                    while creds.current()[1]:
+                        await trio.sleep(0.01)
+                    if renewed:
+                        creds.offer("team/app", _basic("puller", "right"))
+                    await reader.finished.wait()
+            if renewed:
+                assert reader.failed is None
+                assert reader.pieces_done == meta.num_pieces
+                with trio.fail_after(30):
+                    await swarm.complete.wait()
+                assert sha256_file(swarm.storage.path) == meta.sha256
+            else:
+                assert reader.failed is not None and "401" in reader.failed
+                assert reader.pieces_done == 0

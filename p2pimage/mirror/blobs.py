@@ -43,6 +43,7 @@ from p2pimage.sidecar.client import SidecarClient, SidecarError
 from p2pimage.storage.cache import BlobCache, blob_key, registry_namespace
 from p2pimage.swarm.engine import Swarm, SwarmStalled
 from p2pimage.swarm.node import PeerNode
+from p2pimage.swarm.origin import OriginCredentials
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.tracker.client import TrackerClient
 
@@ -129,6 +130,8 @@ class LayerService:
         self.stats = LayerStats()
         self._access: dict[tuple[str, str, str, str], tuple[float, AccessAnswer]] = {}
         self._starting: dict[tuple[str, str], trio.Event] = {}  # (registry, digest)
+        # What each live swarm's origin reads send, by cache key (refreshed by read()).
+        self._origin_credentials: dict[str, OriginCredentials] = {}
         self._nursery: trio.Nursery | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -167,7 +170,7 @@ class LayerService:
         cached = self._access.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        headers = {"Authorization": authorization} if authorization else {}
+        headers = _authorization_headers(authorization)
         url = f"{upstream}/v2/{repository}/blobs/{digest}"
         try:
             response = await self.http.head(url, headers=headers, follow_redirects=True)
@@ -210,6 +213,10 @@ class LayerService:
         hasher = hashlib.sha256() if whole else None
         position = start
         source = "registry"
+        if shared and (credentials := self._origin_credentials.get(hex_)) is not None:
+            # The caller passed the access check with these: the swarm's origin reads
+            # use the most recent authorised client's credentials from now on.
+            credentials.offer(repository, _authorization_headers(authorization))
         try:
             if shared and self.cache.is_complete(hex_):
                 source = "cache"
@@ -299,7 +306,7 @@ class LayerService:
         start: int,
         end: int,
     ) -> AsyncIterator[bytes]:
-        headers = {"Authorization": authorization} if authorization else {}
+        headers = _authorization_headers(authorization)
         url = f"{upstream}/v2/{repository}/blobs/{digest}"
         async with open_blob_range(
             self.http,
@@ -364,21 +371,26 @@ class LayerService:
         self, meta: Metainfo, repository: str | None, authorization: str | None
     ) -> Swarm:
         assert self.node is not None
+        hex_ = blob_key(self.namespace, meta.digest_hex)
+        credentials = OriginCredentials(
+            self.registry, repository, _authorization_headers(authorization)
+        )
         swarm = await self.node.add_swarm(
             meta,
             self.cache.directory(self.namespace),
             tracker=self.tracker,
             repository=repository,
-            origin_headers={"Authorization": authorization} if authorization else None,
+            origin_credentials=credentials,
             origin_limiter=self.origin_limiter,
         )
-        hex_ = blob_key(self.namespace, meta.digest_hex)
+        self._origin_credentials[hex_] = credentials
         self.cache.pin(hex_)
         if self._nursery is not None:
             self._nursery.start_soon(self._watch, swarm, hex_)
         return swarm
 
     async def _watch(self, swarm: Swarm, hex_: str) -> None:
+        credentials = self._origin_credentials.get(hex_)
         try:
             async with trio.open_nursery() as nursery:
 
@@ -392,6 +404,8 @@ class LayerService:
         finally:
             for name in _SWARM_BYTES:
                 self.stats.closed_swarms[name] += getattr(swarm.stats, name)
+            if self._origin_credentials.get(hex_) is credentials:
+                del self._origin_credentials[hex_]
             self.cache.unpin(hex_)
 
     def _swarm_bytes(self, name: str) -> int:
@@ -418,3 +432,7 @@ class LayerService:
 
 class _CacheFull(P2PImageError):
     pass
+
+
+def _authorization_headers(authorization: str | None) -> dict[str, str]:
+    return {"Authorization": authorization} if authorization else {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from p2pimage.swarm.admission import (
     HandshakeAdmission,
 )
 from p2pimage.swarm.engine import Swarm, SwarmSettings
+from p2pimage.swarm.origin import OriginCredentials
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.swarm.session import (
     RECEIVE_SIZE,
@@ -134,7 +135,7 @@ class PeerNode:
         storage: PieceStorage | None = None,
         tracker: TrackerClient | None = None,
         repository: str | None = None,
-        origin_headers: Mapping[str, str] | None = None,
+        origin_credentials: OriginCredentials | None = None,
         origin_limiter: RateLimiter | None = None,
         announce_settings: AnnounceSettings | None = None,
     ) -> Swarm:
@@ -142,8 +143,9 @@ class PeerNode:
 
         With ``tracker``, the swarm announces itself and connects to the peers the tracker
         names; with ``repository`` too, the tracker may make this node an origin fetcher,
-        reading its range from the registry with ``origin_headers`` (the pulling client's
-        credentials) through ``origin_limiter``. The swarm stops on :meth:`Swarm.close`,
+        reading its range through ``origin_limiter`` from the registry of
+        ``origin_credentials`` only, with the latest credentials they hold (none: no
+        credentials, a public registry). The swarm stops on :meth:`Swarm.close`,
         :meth:`remove_swarm`, a tracker release order, or when the node stops.
         """
         nursery = self._require_running()
@@ -168,7 +170,7 @@ class PeerNode:
                     tracker,
                     repository=repository,
                     origin_http=tracker.http,
-                    origin_headers=origin_headers,
+                    origin_credentials=origin_credentials,
                     origin_limiter=origin_limiter,
                     settings=announce_settings,
                 )
