@@ -5,9 +5,11 @@ registry deleted leaves the node's cache and the sidecar's torrent store."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,11 @@ import trio
 
 from daemons.testbed.registry import start_registry
 from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
+from p2pimage.errors import PeerClosed
+from p2pimage.metainfo.torrent import create_metainfo_from_file
+from p2pimage.mirror.blobs import ACCESS_CACHE_S, LayerService
 from p2pimage.oci.registry import RegistryClient
+from p2pimage.storage.cache import BlobCache, blob_key
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm, SwarmSettings
 from p2pimage.swarm.node import PeerNode, open_peer_node
@@ -257,3 +263,139 @@ async def test_refused_origin_credentials_are_dropped_and_fresh_ones_used(
             else:
                 assert reader.failed is not None and "401" in reader.failed
                 assert reader.pieces_done == 0
+
+
+# --- what the registry deleted leaves the node ------------------------------------------
+
+
+class Mirror:
+    """A LayerService over the real registry with one layer in its cache, as a node
+    that pulled it holds it."""
+
+    def __init__(self, tmp_path: Path, reg: Any, http: httpx.AsyncClient, node: Any = None):
+        self.now = [1_000.0]
+        self.cache = BlobCache(tmp_path / "cache", 64 * 1024 * 1024)
+        self.layers = LayerService(
+            registry=reg.url,
+            node=node,
+            cache=self.cache,
+            http=http,
+            sidecar=None,
+            tracker=None,
+            clock=lambda: self.now[0],
+        )
+        self.reg = reg
+
+    def hold(self, data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        key = blob_key(self.layers.namespace, digest[7:])
+        path = self.cache.blob_path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        self.cache.scan()
+        assert self.cache.is_complete(key)
+        return key
+
+    async def pull(self, repository: str, digest: str) -> bytes:
+        """What the node's blob GET does: the access check, then the read."""
+        access = await self.layers.check_access(self.reg.url, repository, digest, None)
+        assert access.status == 200 and access.size is not None
+        out = bytearray()
+        async with aclosing(
+            self.layers.read(self.reg.url, repository, digest, access.size, None)
+        ) as chunks:
+            async for chunk in chunks:
+                out += chunk
+        return bytes(out)
+
+    async def status(self, repository: str, digest: str) -> int:
+        self.now[0] += ACCESS_CACHE_S + 1  # past any cached answer
+        answer = await self.layers.check_access(self.reg.url, repository, digest, None)
+        return answer.status
+
+
+async def delete_blob(http: httpx.AsyncClient, reg: Any, repository: str, digest: str) -> None:
+    r = await http.delete(f"{reg.url}/v2/{repository}/blobs/{digest}")
+    assert r.status_code == 202, r.text
+
+
+async def test_a_blob_the_registry_deleted_leaves_the_cache(tmp_path: Path, registry: Any) -> None:
+    """The access check's 404 from a repository the node served the blob for drops the
+    cached blob; a 404 from a repository that never had it (any client can name one)
+    drops nothing; while the blob lives in another served repository it stays."""
+    data = bytes(range(256)) * 4096
+    async with httpx.AsyncClient(timeout=10) as http:
+        async with RegistryClient(registry.url) as client:
+            digest = await client.push_blob("team/app", data)
+            await client.push_blob("team/other", data)
+        mirror = Mirror(tmp_path, registry, http)
+        key = mirror.hold(data)
+        assert await mirror.pull("team/app", digest) == data
+        assert await mirror.pull("team/other", digest) == data
+        assert mirror.layers.stats.pulls["cache"] == 2
+
+        assert await mirror.status("team/never-had-it", digest) == 404
+        assert mirror.cache.is_complete(key)  # a stranger's 404 evicts nothing
+
+        await delete_blob(http, registry, "team/app", digest)
+        assert await mirror.status("team/app", digest) == 404
+        assert mirror.cache.is_complete(key)  # team/other still has it
+
+        await delete_blob(http, registry, "team/other", digest)
+        assert await mirror.status("team/other", digest) == 404
+        assert not mirror.cache.is_complete(key)
+        assert mirror.cache.entry(key) is None
+        assert not any(p.exists() for p in mirror.cache.files(key).all())
+
+
+async def test_a_reader_in_flight_finishes_and_the_blob_goes_after_it(
+    tmp_path: Path, registry: Any
+) -> None:
+    data = os.urandom(3 * 1024 * 1024)
+    async with httpx.AsyncClient(timeout=10) as http:
+        async with RegistryClient(registry.url) as client:
+            digest = await client.push_blob("team/app", data)
+        mirror = Mirror(tmp_path, registry, http)
+        key = mirror.hold(data)
+        chunks = mirror.layers.read(registry.url, "team/app", digest, len(data), None)
+        async with aclosing(chunks):
+            received = bytearray(await chunks.__anext__())  # the reader holds the blob now
+            await delete_blob(http, registry, "team/app", digest)
+            assert await mirror.status("team/app", digest) == 404
+            assert mirror.cache.blob_path(key).exists()  # pinned by the reader
+            async for chunk in chunks:
+                received += chunk
+        assert bytes(received) == data
+        assert not mirror.cache.blob_path(key).exists()
+        assert mirror.cache.entry(key) is None
+
+
+async def test_a_deleted_blob_stops_being_served_to_peers(tmp_path: Path, registry: Any) -> None:
+    """The node seeding a layer closes that swarm when the registry answers 404: peers
+    asking for it are refused at the handshake, and the cached blob is gone."""
+    data = os.urandom(1024 * 1024)
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        two_nodes((time.time, time.time)) as (node, other),
+    ):
+        async with RegistryClient(registry.url) as client:
+            digest = await client.push_blob("team/app", data)
+        mirror = Mirror(tmp_path, registry, http, node=node)
+        key = mirror.hold(data)
+        meta = create_metainfo_from_file(mirror.cache.blob_path(key))
+        seeding = await node.add_swarm(
+            meta,
+            mirror.cache.directory(mirror.layers.namespace),
+            storage=PieceStorage.open_complete(mirror.cache.blob_path(key), meta),
+        )
+        assert await mirror.pull("team/app", digest) == data
+        await delete_blob(http, registry, "team/app", digest)
+        assert await mirror.status("team/app", digest) == 404
+        with trio.fail_after(10):
+            await seeding.closed.wait()
+        assert meta.info_hash not in node.swarms
+        assert mirror.cache.entry(key) is None
+        leecher = await other.add_swarm(meta, tmp_path / "leecher")
+        with pytest.raises(PeerClosed, match=r"unknown info-hash|closed during handshake"):
+            await other.dial(node.listen_address, meta.info_hash)
+        assert not leecher.peers

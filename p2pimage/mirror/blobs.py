@@ -63,6 +63,10 @@ ACCESS_CACHE_S: Final = 30.0
 # Cached access answers kept at most; beyond that the cache is emptied, not grown
 # (rebuilding costs one HEAD per pull in flight).
 ACCESS_CACHE_MAX: Final = 10_000
+# Repositories remembered per blob for the deletion check. A layer shared by more
+# repositories may be dropped while an unremembered one still has it: that costs one
+# more fetch of it, never a wrong byte.
+_REPOSITORIES_PER_BLOB: Final = 16
 # Response headers worth relaying from a refused upstream answer (the token challenge).
 _RELAY_HEADERS = ("www-authenticate", "docker-distribution-api-version", "content-type")
 
@@ -130,6 +134,9 @@ class LayerService:
         self.stats = LayerStats()
         self._access: dict[tuple[str, str, str, str], tuple[float, AccessAnswer]] = {}
         self._starting: dict[tuple[str, str], trio.Event] = {}  # (registry, digest)
+        # Repositories this node fetched or served each blob for, by cache key: a 404
+        # from all of them drops the blob (_repository_lost).
+        self._repositories: dict[str, set[str]] = {}
         # What each live swarm's origin reads send, by cache key (refreshed by read()).
         self._origin_credentials: dict[str, OriginCredentials] = {}
         self._nursery: trio.Nursery | None = None
@@ -176,6 +183,8 @@ class LayerService:
             response = await self.http.head(url, headers=headers, follow_redirects=True)
         except httpx.HTTPError as exc:
             return AccessAnswer(502, {}, None, f"registry unreachable: {exc}".encode())
+        if response.status_code == 404 and upstream == self.registry:
+            self._repository_lost(repository, digest)
         relay = {k: v for k, v in response.headers.items() if k.lower() in _RELAY_HEADERS}
         size: int | None = None
         if response.status_code == 200:
@@ -189,6 +198,55 @@ class LayerService:
                 self._access.clear()
             self._access[key] = (now + self.settings.access_cache_s, answer)
         return answer
+
+    def _note_repository(self, hex_: str, repository: str | None) -> None:
+        if repository is None:
+            return
+        if hex_ not in self._repositories and len(self._repositories) >= ACCESS_CACHE_MAX:
+            self._repositories.clear()  # forgetting only delays a drop to the next 404
+        known = self._repositories.setdefault(hex_, set())
+        if len(known) < _REPOSITORIES_PER_BLOB:
+            known.add(repository)
+
+    def _repository_lost(self, repository: str, digest: str) -> None:
+        """The swarm registry answered 404 for ``repository@digest``. Only a repository
+        this node fetched or served the blob for counts (a client naming some other
+        repository must not evict what the cluster uses); once no such repository has
+        it any more, the blob is dropped (:meth:`registry_lost`)."""
+        try:
+            hex_ = blob_key(self.namespace, digest.removeprefix("sha256:"))
+        except LocalProtocolError:
+            return
+        known = self._repositories.get(hex_)
+        if known is None or repository not in known:
+            return
+        known.discard(repository)
+        if not known:
+            del self._repositories[hex_]
+            self.registry_lost(digest)
+
+    def registry_lost(self, digest: str) -> bool:
+        """The swarm registry answered 404 for ``digest`` (deleted there, or never
+        pushed): close its swarm, so this node stops serving it to peers, drop every
+        cached access answer for it, and drop it from the cache (at once, or when the
+        last reader in flight lets go). Returns whether there was anything to drop."""
+        try:
+            hex_ = blob_key(self.namespace, digest.removeprefix("sha256:"))
+        except LocalProtocolError:
+            return False
+        dropped = False
+        if self.node is not None:
+            for swarm in list(self.node.swarms.values()):
+                if swarm.metainfo.sha256 == digest:
+                    self.node.remove_swarm(swarm.info_hash)
+                    dropped = True
+        for key in [k for k in self._access if k[1] == self.registry and k[3] == digest]:
+            del self._access[key]
+        if self.cache.discard(hex_):
+            dropped = True
+        if dropped:
+            log.info("the registry no longer has %s: swarm closed, cache entry dropped", digest)
+        return dropped
 
     # --- reading ------------------------------------------------------------------------
 
@@ -213,6 +271,8 @@ class LayerService:
         hasher = hashlib.sha256() if whole else None
         position = start
         source = "registry"
+        if shared:
+            self._note_repository(hex_, repository)
         if shared and (credentials := self._origin_credentials.get(hex_)) is not None:
             # The caller passed the access check with these: the swarm's origin reads
             # use the most recent authorised client's credentials from now on.
