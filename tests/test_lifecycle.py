@@ -17,11 +17,13 @@ import httpx
 import pytest
 import trio
 
+from daemons.sidecar import _reconcile
 from daemons.testbed.registry import start_registry
 from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
 from p2pimage.errors import PeerClosed
 from p2pimage.metainfo.torrent import create_metainfo_from_file
 from p2pimage.mirror.blobs import ACCESS_CACHE_S, LayerService
+from p2pimage.oci.image import build_image, push_image
 from p2pimage.oci.registry import RegistryClient
 from p2pimage.storage.cache import BlobCache, blob_key
 from p2pimage.storage.pieces import PieceStorage
@@ -29,6 +31,7 @@ from p2pimage.swarm.engine import Swarm, SwarmSettings
 from p2pimage.swarm.node import PeerNode, open_peer_node
 from p2pimage.swarm.origin import OriginCredentials, OriginReader, same_registry
 
+from .test_sidecar import sidecar_env
 from .test_transfer import make_blob, sha256_file
 
 LIFETIME_S = 600
@@ -399,3 +402,52 @@ async def test_a_deleted_blob_stops_being_served_to_peers(tmp_path: Path, regist
         with pytest.raises(PeerClosed, match=r"unknown info-hash|closed during handshake"):
             await other.dial(node.listen_address, meta.info_hash)
         assert not leecher.peers
+
+
+# --- the sidecar's reconciliation --------------------------------------------------------
+
+
+async def test_reconciliation_drops_torrents_of_blobs_the_registry_lost(tmp_path: Path) -> None:
+    """No delete events reach the sidecar (a lost webhook): its periodic reconciliation
+    HEADs every stored digest in the repositories recorded with it and drops the
+    torrents none of them has any more; a blob still in one repository, a torrent with
+    no repository recorded, and everything while the registry is down are kept."""
+    image = build_image([300_000, 400_000, 500_000], seed=1806)
+    shared, deleted, legacy = (layer.digest for layer in image.layers)
+    async with sidecar_env(tmp_path, notifications=False) as env:
+        await push_image(env.client, "team/app", "v1", image)
+        await env.client.push_blob("team/other", image.layers[0].data)
+        store = env.sidecar.store
+        for digest in (shared, deleted, legacy):
+            r = await env.http.get(f"/torrents/{digest}", params={"repository": "team/app"})
+            assert r.status_code == 200
+        r = await env.http.get(f"/torrents/{shared}", params={"repository": "team/other"})
+        assert r.status_code == 200
+        assert store.repositories(shared) == ["team/app", "team/other"]
+        assert store.repositories(deleted) == ["team/app"]
+        store.path(legacy).with_suffix(".repositories").unlink()  # as an older version left it
+        assert store.repositories(legacy) == []
+
+        async with httpx.AsyncClient() as http:
+            for digest in (shared, deleted, legacy):
+                await delete_blob(http, env.registry, "team/app", digest)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_reconcile, env.sidecar.indexer, 0.05, env.sidecar.metrics)
+            with trio.fail_after(30):
+                while deleted in store:
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+        assert not store.path(deleted).with_suffix(".repositories").exists()
+        assert shared in store and legacy in store
+        assert env.metric("p2pimage_sidecar_torrents_deleted_total") == 1
+        r = await env.http.get(f"/torrents/{deleted}")
+        assert r.status_code == 404
+
+        async with httpx.AsyncClient() as http:
+            await delete_blob(http, env.registry, "team/other", shared)
+        env.registry.cleanup()  # the registry is down: nothing can be checked
+        assert await env.sidecar.indexer.reconcile() == 0
+        assert shared in store
+        await env.registry.start()
+        assert await env.sidecar.indexer.reconcile() == 1
+        assert shared not in store and legacy in store
