@@ -451,3 +451,45 @@ async def test_reconciliation_drops_torrents_of_blobs_the_registry_lost(tmp_path
         await env.registry.start()
         assert await env.sidecar.indexer.reconcile() == 1
         assert shared not in store and legacy in store
+
+
+async def test_the_mirror_hands_origin_reads_the_latest_authorised_credentials(
+    tmp_path: Path,
+) -> None:
+    """Each pull the access check lets through refreshes the credentials the blob's
+    origin reads send; a refused pull (401) changes nothing, and neither does a pull
+    through another repository (a registry token is scoped to one)."""
+    data = os.urandom(2 * 1024 * 1024)
+    alice, bob = ("alice", "a-secret"), ("bob", "b-secret")
+    async with (
+        start_registry(htpasswd=alice, workdir=tmp_path / "registry") as reg,
+        httpx.AsyncClient(timeout=10) as http,
+        two_nodes((time.time, time.time)) as (node, _),
+    ):
+        async with RegistryClient(reg.url, username=alice[0], password=alice[1]) as client:
+            digest = await client.push_blob("team/app", data)
+            await client.push_blob("team/other", data)
+        mirror = Mirror(tmp_path, reg, http, node=node)
+        (tmp_path / "blob").write_bytes(data)
+        meta = create_metainfo_from_file(tmp_path / "blob")
+        first = _basic(*alice)["Authorization"]
+        await mirror.layers._start_swarm(meta, "team/app", first)
+        credentials = mirror.layers.origin_credentials(digest)
+        assert credentials is not None and credentials.current()[1] == {"Authorization": first}
+
+        async def pull(repository: str, authorization: str) -> int:
+            access = await mirror.layers.check_access(reg.url, repository, digest, authorization)
+            if access.status == 200:
+                chunks = mirror.layers.read(reg.url, repository, digest, len(data), authorization)
+                async with aclosing(chunks) as it:
+                    async for _ in it:
+                        break  # the read has begun: that is when the mirror offers
+            return access.status
+
+        assert await pull("team/app", _basic(*bob)["Authorization"]) == 401
+        assert credentials.current()[1] == {"Authorization": first}
+        fresh = "basic " + base64.b64encode(b"alice:a-secret").decode()  # scheme is case-free
+        assert await pull("team/other", fresh) == 200
+        assert credentials.current()[1] == {"Authorization": first}  # another repository
+        assert await pull("team/app", fresh) == 200
+        assert credentials.current()[1] == {"Authorization": fresh}

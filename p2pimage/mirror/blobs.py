@@ -199,6 +199,15 @@ class LayerService:
             self._access[key] = (now + self.settings.access_cache_s, answer)
         return answer
 
+    def origin_credentials(self, digest: str) -> OriginCredentials | None:
+        """What the origin reads of ``digest``'s live swarm send (None: no swarm)."""
+        try:
+            return self._origin_credentials.get(
+                blob_key(self.namespace, digest.removeprefix("sha256:"))
+            )
+        except LocalProtocolError:
+            return None
+
     def _note_repository(self, hex_: str, repository: str | None) -> None:
         if repository is None:
             return
