@@ -19,7 +19,14 @@ import trio
 
 from daemons.sidecar import _reconcile
 from daemons.testbed.registry import start_registry
-from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
+from p2pimage.auth.tokens import (
+    NodeKey,
+    PeerAuthenticator,
+    SigningKey,
+    TokenIssuer,
+    TokenVerifier,
+    local_authenticator,
+)
 from p2pimage.errors import PeerClosed
 from p2pimage.metainfo.torrent import create_metainfo_from_file
 from p2pimage.mirror.blobs import ACCESS_CACHE_S, LayerService
@@ -51,8 +58,10 @@ class SkewedClock:
 @asynccontextmanager
 async def two_nodes(
     clocks: tuple[Callable[[], float], Callable[[], float]],
+    issuer: TokenIssuer | None = None,
 ) -> AsyncIterator[tuple[PeerNode, PeerNode]]:
-    issuer = TokenIssuer([SigningKey.generate()], issuer="test", lifetime_s=LIFETIME_S)
+    if issuer is None:
+        issuer = TokenIssuer([SigningKey.generate()], issuer="test", lifetime_s=LIFETIME_S)
     async with AsyncExitStack() as stack:
         started = []
         for i, clock in enumerate(clocks):
@@ -493,3 +502,32 @@ async def test_the_mirror_hands_origin_reads_the_latest_authorised_credentials(
         assert credentials.current()[1] == {"Authorization": first}  # another repository
         assert await pull("team/app", fresh) == 200
         assert credentials.current()[1] == {"Authorization": fresh}
+
+
+async def test_a_node_whose_token_was_not_renewed_dials_nobody(tmp_path: Path) -> None:
+    """Its token expired and could not be renewed (the sidecar away): the node dials no
+    peer, rather than be admitted within a peer's leeway and closed again at once."""
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test", lifetime_s=LIFETIME_S)
+    clock = SkewedClock()
+    key = NodeKey.generate()
+    fixed = issuer.issue(subject="stale", cluster="prod", node_jwk=key.public_jwk(), now=clock())
+    stale = PeerAuthenticator(
+        node_key=key,
+        token=fixed,  # never renewed
+        verifier=TokenVerifier(issuer.key_set(), issuer="test"),
+        cluster="prod",
+        clock=clock,
+    )
+    blob, meta = make_blob(tmp_path, 256 * 1024)
+    async with (
+        open_peer_node(authenticator=stale) as node,
+        two_nodes((time.time, time.time), issuer) as (seeder, _),
+    ):
+        await seeder.add_swarm(meta, tmp_path / "s", storage=PieceStorage.open_complete(blob, meta))
+        session, _info = await node.dial(seeder.listen_address, meta.info_hash)
+        await session.aclose()
+        node.release_connection()
+        clock.skew = LIFETIME_S + 1  # past exp, within the peer's 30 s leeway
+        with pytest.raises(PeerClosed, match="our token has expired"):
+            await node.dial(seeder.listen_address, meta.info_hash)
+        assert node.connections == 0

@@ -223,6 +223,12 @@ class PeerNode:
         """Connect to ``address`` and run the handshake for ``info_hash``."""
         if self.connections >= self.max_connections:
             raise PeerClosed("node connection limit reached")
+        if self.authenticator is not None and (
+            self.authenticator.now() > self.authenticator.own_expiry()
+        ):
+            # Not renewed (the sidecar away): a peer within the leeway would admit it for
+            # a moment, and the connection would end at once (and be dialed again).
+            raise PeerClosed("our token has expired")
         try:
             stream = await trio.open_tcp_stream(*address)
         except OSError as exc:
