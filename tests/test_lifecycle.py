@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from daemons.sidecar import _reconcile
+from daemons.testbed.localcluster import local_cluster
 from daemons.testbed.registry import start_registry
 from p2pimage.auth.tokens import (
     NodeKey,
@@ -531,3 +532,57 @@ async def test_a_node_whose_token_was_not_renewed_dials_nobody(tmp_path: Path) -
         with pytest.raises(PeerClosed, match="our token has expired"):
             await node.dial(seeder.listen_address, meta.info_hash)
         assert node.connections == 0
+
+
+async def test_a_layer_deleted_in_the_registry_leaves_every_node_that_pulls_it_again(
+    tmp_path: Path,
+) -> None:
+    """The real daemons: two nodes pull a layer (through the swarm, into their caches);
+    the registry deletes it; each node's next pull is answered 404 as the registry
+    says, and that node closes the layer's swarm and drops it from its cache."""
+    image = build_image([3 * 1024 * 1024], seed=1807)
+    layer = image.layers[0]
+    async with (
+        local_cluster(tmp_path / "cluster", nodes=2) as cluster,
+        httpx.AsyncClient(timeout=60) as http,
+    ):
+        daemons = [node.daemon for node in cluster.nodes]
+        for daemon in daemons:
+            assert daemon is not None
+            daemon.layers.settings.access_cache_s = 0.0  # every pull asks the registry
+        async with RegistryClient(cluster.registry.url) as client:
+            await push_image(client, "team/app", "v1", image)
+
+        async def pull(node: int) -> httpx.Response:
+            return await http.get(
+                f"{cluster.nodes[node].mirror_url}/v2/team/app/blobs/{layer.digest}",
+                params={"ns": cluster.registry_host},
+            )
+
+        keys = []
+        for i, daemon in enumerate(daemons):
+            assert daemon is not None
+            r = await pull(i)
+            assert r.status_code == 200 and r.content == layer.data
+            key = blob_key(daemon.layers.namespace, layer.digest[7:])
+            with trio.fail_after(30):
+                while not daemon.layers.cache.is_complete(key):
+                    await trio.sleep(0.05)
+            keys.append(key)
+        assert daemons[0] is not None and daemons[0].layers.node is not None
+        assert any(
+            s.metainfo.sha256 == layer.digest for s in daemons[0].layers.node.swarms.values()
+        )
+
+        await delete_blob(http, cluster.registry, "team/app", layer.digest)
+        for i, daemon in enumerate(daemons):
+            assert daemon is not None and daemon.layers.node is not None
+            r = await pull(i)
+            assert r.status_code == 404 and layer.data[:64] not in r.content
+            with trio.fail_after(10):
+                while daemon.layers.cache.entry(keys[i]) is not None:
+                    await trio.sleep(0.05)
+            assert not any(p.exists() for p in daemon.layers.cache.files(keys[i]).all())
+            assert not any(
+                s.metainfo.sha256 == layer.digest for s in daemon.layers.node.swarms.values()
+            )
