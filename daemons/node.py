@@ -10,6 +10,8 @@ Wiring only: configuration in, library objects constructed, endpoints mounted.
 - The upstream comes from containerd's ``ns=`` query parameter, else the default.
 - The node's identity (key, token, JWKS) comes from the sidecar; until it has one, and
   whenever p2p cannot serve, pulls go straight to the registry.
+- With ``proxy_listen``, a forward proxy (:mod:`p2pimage.mirror.proxy`) for runtimes set up
+  through ``HTTP_PROXY``/``HTTPS_PROXY`` hands the registries' requests to this same app.
 """
 
 from __future__ import annotations
@@ -37,13 +39,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
-from daemons._http import ClosingStreamingResponse, serve_app
+from daemons._http import ClosingStreamingResponse, ListenError, serve_app
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.tokens import NodeKey
 from p2pimage.errors import LocalProtocolError
 from p2pimage.metainfo.torrent import is_digest
 from p2pimage.mirror.blobs import LayerService, LayerSettings
+from p2pimage.mirror.proxy import ForwardProxy, HostCertificates, describe_upstream_error
 from p2pimage.sidecar.client import SidecarClient, TokenKeeper
 from p2pimage.storage.cache import BlobCache
 from p2pimage.swarm.node import open_peer_node
@@ -106,6 +109,17 @@ class NodeSettings(BaseModel):
         default_factory=dict,
         description='ns → base URL, e.g. {"127.0.0.1:5000" = "http://127.0.0.1:5000"}',
     )
+    proxy_listen: str | None = Field(
+        None, description="host:port of the forward proxy (HTTP_PROXY/HTTPS_PROXY); none: off"
+    )
+    proxy_intercept_hosts: list[str] = Field(
+        default_factory=list,
+        description="registry hosts (host or host:port) whose CONNECT tunnels are decrypted",
+    )
+    proxy_ca_cert_file: Path | None = Field(
+        None, description="CA certificate (PEM) that signs intercepted hosts' certificates"
+    )
+    proxy_ca_key_file: Path | None = Field(None, description="that CA's private key (PEM)")
     cache_dir: Path = Field(Path("/var/lib/p2pimage/cache"), description="layer cache")
     cache_quota_bytes: int = Field(20 * 1024**3, gt=0, description="cache size limit")
     upload_rate: float | None = Field(None, gt=0, description="peer upload cap, bytes/s")
@@ -141,6 +155,23 @@ class NodeSettings(BaseModel):
         if ns in ("docker.io", "index.docker.io"):
             return "https://registry-1.docker.io"
         return f"https://{ns}"
+
+    def proxy_certificates(self) -> HostCertificates | None:
+        """The interception CA, when hosts are to be intercepted (checked at start-up)."""
+        if not self.proxy_intercept_hosts:
+            return None
+        if self.proxy_ca_cert_file is None or self.proxy_ca_key_file is None:
+            raise ConfigError(
+                "config key 'proxy_intercept_hosts' needs proxy_ca_cert_file and proxy_ca_key_file"
+            )
+        try:
+            return HostCertificates(
+                self.proxy_ca_cert_file.read_bytes(), self.proxy_ca_key_file.read_bytes()
+            )
+        except OSError as exc:
+            raise ConfigError(f"config key 'proxy_ca_cert_file': {exc}") from None
+        except LocalProtocolError as exc:
+            raise ConfigError(f"config key 'proxy_ca_key_file': {exc}") from None
 
 
 class NodeMetrics:
@@ -216,6 +247,22 @@ class NodeMetrics:
         cache = GaugeMetricFamily("p2pimage_node_cache_bytes", "Bytes held in the layer cache")
         cache.add_metric([], layers.cache.used_bytes)
         yield cache
+        proxy = self.node.proxy
+        if proxy is not None:
+            requests = CounterMetricFamily(
+                "p2pimage_node_proxy_requests",
+                "Forward-proxy requests by how they were served",
+                labels=["kind"],
+            )
+            for kind in ("mirror", "forward", "tunnel", "intercept"):
+                requests.add_metric([kind], proxy.stats.requests[kind])
+            yield requests
+            errors = CounterMetricFamily(
+                "p2pimage_node_proxy_errors", "Forward-proxy failures by reason", labels=["reason"]
+            )
+            for reason, n in sorted(proxy.stats.errors.items()):
+                errors.add_metric([reason], n)
+            yield errors
 
 
 class NodeDaemon:
@@ -225,6 +272,8 @@ class NodeDaemon:
         self.layers = layers
         self.metrics = NodeMetrics(self)
         self.status_url: str | None = None  # the metrics_listen server's base URL, if any
+        self.proxy: ForwardProxy | None = None
+        self.proxy_url: str | None = None  # the forward proxy's URL, if any
 
 
 # --------------------------------------------------------------------------- the app
@@ -251,7 +300,11 @@ async def _proxy(daemon: NodeDaemon, request: Request, upstream: str, path: str)
         response = await daemon.http.send(req, stream=True)
     except httpx.HTTPError as exc:
         return JSONResponse(
-            {"errors": [{"code": "UNAVAILABLE", "message": f"upstream unreachable: {exc}"}]},
+            {
+                "errors": [
+                    {"code": "UNAVAILABLE", "message": f"upstream {describe_upstream_error(exc)}"}
+                ]
+            },
             status_code=502,
         )
     headers = _response_headers(response.headers)
@@ -450,6 +503,7 @@ async def run_node(
     """Run the node until cancelled; reports the mirror's base URL through ``task_status``
     (and the daemon object to ``daemon_ready``, for in-process tests and the demo)."""
     credential = settings.credential_value()
+    certificates = settings.proxy_certificates()
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
     async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0), limits=limits) as http:
         cache = BlobCache(settings.cache_dir, settings.cache_quota_bytes)
@@ -506,6 +560,26 @@ async def run_node(
                     serve_app, create_status_app(daemon), settings.metrics_listen
                 )
                 log.info("status serving", extra={"fields": {"url": daemon.status_url}})
+            if settings.proxy_listen is not None:
+                registries = set(settings.upstreams)
+                if settings.default_upstream:
+                    registries.add(settings.default_upstream.split("://", 1)[-1].rstrip("/"))
+                daemon.proxy = ForwardProxy(
+                    mirror=create_app(daemon),
+                    registries=registries,
+                    http=http,
+                    intercept_hosts=settings.proxy_intercept_hosts,
+                    certificates=certificates,
+                )
+                try:
+                    daemon.proxy_url = await nursery.start(
+                        daemon.proxy.serve, settings.proxy_listen
+                    )
+                except OSError as exc:
+                    raise ListenError(
+                        f"cannot listen on {settings.proxy_listen}: {exc.strerror or exc}"
+                    ) from None
+                log.info("proxy serving", extra={"fields": {"url": daemon.proxy_url}})
             task_status.started(url)
 
 

@@ -51,6 +51,7 @@ class ClusterNode:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     netns: str | None = None  # network-namespace mode: the node's own namespace
     log_start: int = 0  # node processes: where this run's lines begin in node.log
+    proxy_url: str | None = None  # the node's forward proxy (``forward_proxy=True``)
 
     def exec_prefix(self) -> list[str]:
         """Prefix for a command that must run on this node's host (its namespace)."""
@@ -104,6 +105,7 @@ async def local_cluster(
     notifications: bool = True,
     node_processes: bool = False,
     network: Literal["loopback", "netns"] = "loopback",
+    forward_proxy: bool = False,
 ) -> AsyncIterator[LocalCluster]:
     """Start everything; stop everything (and leave no process behind) on exit.
 
@@ -116,6 +118,10 @@ async def local_cluster(
     are enforced by ``tc`` on its veth link instead of token buckets, and the registry's
     relay, the sidecar and the tracker listen on the bridge's core addresses (the relay
     behind the capped registry link). Implies ``node_processes``.
+
+    With ``forward_proxy``, every node also runs its forward proxy (``ClusterNode.proxy_url``), and
+    serves the registry under the relay's name too (``host:port`` of ``LocalCluster.proxy``),
+    the name a client outside loopback uses.
     """
     if network == "netns":
         node_processes = True
@@ -142,6 +148,7 @@ async def local_cluster(
             notifications=notifications,
             node_processes=node_processes,
             topo=topo,
+            forward_proxy=forward_proxy,
         ) as cluster:
             yield cluster
 
@@ -160,6 +167,7 @@ async def _local_cluster(
     notifications: bool,
     node_processes: bool,
     topo: _netns.Topology | None,
+    forward_proxy: bool = False,
 ) -> AsyncIterator[LocalCluster]:
     # Loopback: everything on 127.0.0.1, rates by token buckets. Namespaces: services on
     # the core addresses, nodes on their own, rates by tc (so no token buckets here).
@@ -211,6 +219,9 @@ async def _local_cluster(
             tracker_base = await nursery.start(
                 _scoped, tracker_scope, run_tracker, tracker_settings
             )
+            upstreams = {registry.url.removeprefix("http://"): proxy.url}
+            if forward_proxy:
+                upstreams[proxy.url.removeprefix("http://")] = proxy.url
             cluster_nodes = []
             for i in range(nodes):
                 name = f"node-{i}"
@@ -222,7 +233,8 @@ async def _local_cluster(
                     sidecar_url=sidecar_url,
                     tracker_url=f"{tracker_base}/announce",
                     credential=SecretStr(credential),
-                    upstreams={registry.url.removeprefix("http://"): proxy.url},
+                    upstreams=upstreams,
+                    proxy_listen="127.0.0.1:0" if forward_proxy else None,
                     default_upstream=proxy.url,
                     cache_dir=workdir / name / "cache",
                     upload_rate=node_upload_rate,
@@ -242,6 +254,7 @@ async def _local_cluster(
                             "listen": f"{link.address}:5000",
                             "peer_host": link.address,
                             "peer_port": 6881,
+                            "proxy_listen": f"{link.address}:3128" if forward_proxy else None,
                         }
                     )
                     await nursery.start(_run_node_process, node, workdir / name)
@@ -251,6 +264,8 @@ async def _local_cluster(
                     await nursery.start(_run_node_process, node, workdir / name)
                 else:
                     node.mirror_url = await nursery.start(_run_cluster_node, node)
+                    assert node.daemon is not None
+                    node.proxy_url = node.daemon.proxy_url
             if node_processes:
                 with trio.fail_after(30):
                     for node in cluster_nodes:
@@ -308,6 +323,9 @@ async def _run_node_process(
     # With port 0 the URL comes from the node's "mirror serving" log line (_wait_healthy).
     listen = node.settings.listen
     node.mirror_url = "" if listen.endswith(":0") else "http://" + listen
+    proxy_listen = node.settings.proxy_listen
+    if proxy_listen is not None and not proxy_listen.endswith(":0"):
+        node.proxy_url = "http://" + proxy_listen
     log_file = (directory / "node.log").open("ab")
     node.log_start = log_file.tell()
     try:
@@ -334,9 +352,9 @@ async def _run_node_process(
         log_file.close()
 
 
-def _logged_mirror_url(log_path: Path, start: int) -> str:
-    """The URL in a node's JSON ``mirror serving`` log line after byte ``start``, or ""
-    before it is written."""
+def _logged_mirror_url(log_path: Path, start: int, message: str = "mirror serving") -> str:
+    """The URL in a node's JSON ``mirror serving`` (or other ``message``) log line after
+    byte ``start``, or "" before it is written."""
     try:
         with log_path.open("rb") as f:
             f.seek(start)
@@ -344,7 +362,7 @@ def _logged_mirror_url(log_path: Path, start: int) -> str:
     except FileNotFoundError:
         return ""
     for line in lines:
-        if '"mirror serving"' in line:
+        if f'"{message}"' in line:
             with contextlib.suppress(ValueError):
                 return str(json.loads(line).get("url", ""))
     return ""
@@ -362,6 +380,12 @@ async def _wait_healthy(node: ClusterNode, log_path: Path) -> None:
                 )
             if not node.mirror_url:
                 node.mirror_url = _logged_mirror_url(log_path, node.log_start)
+            if node.settings.proxy_listen is not None and not node.proxy_url:
+                url = _logged_mirror_url(log_path, node.log_start, "proxy serving")
+                node.proxy_url = url or None
+                if not url:
+                    await trio.sleep(0.1)
+                    continue
             if node.mirror_url:
                 with contextlib.suppress(httpx.HTTPError):
                     if (await http.get(f"{node.mirror_url}/healthz")).status_code == 200:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import ssl
 import subprocess
 import tempfile
 import urllib.error
@@ -56,7 +57,7 @@ class TokenAuth:
 
 @dataclass
 class RegistryProcess(ManagedProcess):
-    """One registry process. ``url`` is ``http://127.0.0.1:<port>``; ``storage`` is the
+    """One registry process. ``url`` is ``http(s)://<host>:<port>``; ``storage`` is the
     filesystem driver's root (blobs under ``docker/registry/v2/blobs/sha256/``)."""
 
     name: ClassVar[str] = BINARY
@@ -68,6 +69,11 @@ class RegistryProcess(ManagedProcess):
     notification_headers: dict[str, list[str]] | None = None
     htpasswd: tuple[str, str] | None = None
     token_auth: TokenAuth | None = None
+    # (certificate chain PEM, key PEM): serve HTTPS; ``url`` is then ``https://``.
+    tls: tuple[Path, Path] | None = None
+    # Address to listen on (a test namespace's address, for clients that never proxy
+    # loopback hosts).
+    host: str = "127.0.0.1"
     workdir: Path | None = None
     port: int = 0
     url: str = field(init=False, default="")
@@ -83,8 +89,9 @@ class RegistryProcess(ManagedProcess):
         self.storage = self.workdir / "storage"
         self.log_path = self.workdir / "registry.log"
         if not self.port:
-            self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+            self.port = free_port(self.host)
+        scheme = "https" if self.tls else "http"
+        self.url = f"{scheme}://{self.host}:{self.port}"
 
     def blob_path(self, digest: str) -> Path:
         """Where the filesystem driver keeps a blob's bytes (for tamper tests)."""
@@ -102,8 +109,12 @@ class RegistryProcess(ManagedProcess):
                 # No blob descriptor cache: a tamper test must see the file as it is.
                 "maintenance": {"uploadpurging": {"enabled": False}},
             },
-            "http": {"addr": f"127.0.0.1:{self.port}", "secret": "p2pimage-test-secret"},
+            "http": {"addr": f"{self.host}:{self.port}", "secret": "p2pimage-test-secret"},
         }
+        if self.tls is not None:
+            http = cfg["http"]
+            assert isinstance(http, dict)
+            http["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
         if self.notifications_url:
             cfg["notifications"] = {
                 "events": {"includereferences": True},
@@ -147,8 +158,10 @@ class RegistryProcess(ManagedProcess):
         self._popen([binary, "serve", str(config_path)])
 
     def _ready(self) -> bool:
+        # A liveness probe only: the certificate is the tests' business.
+        context = ssl._create_unverified_context() if self.tls else None
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as r:
+            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1, context=context) as r:
                 return bool(r.status == 200)
         except urllib.error.HTTPError as e:
             return e.code == 401  # up, and asking for credentials

@@ -1,0 +1,452 @@
+"""The node's forward proxy (``proxy_listen``): request targets, minted certificates, and
+the proxy in front of real registries (plain HTTP through the swarm, a blind CONNECT
+tunnel, TLS interception for a named host, an upstream with an untrusted certificate)
+and against bad input."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime
+import functools
+import ipaddress
+import shutil
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from hypothesis import given
+from hypothesis import strategies as st
+
+from daemons.node import NodeDaemon, NodeSettings, run_node
+from daemons.testbed.localcluster import local_cluster
+from daemons.testbed.registry import start_registry
+from p2pimage.errors import LocalProtocolError, RemoteProtocolError
+from p2pimage.mirror.proxy import HostCertificates, ProxyTarget, parse_target
+from p2pimage.oci.image import build_image, push_image
+from p2pimage.oci.registry import RegistryClient
+
+MIB = 1024 * 1024
+BASIC = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+needs_registry = pytest.mark.skipif(
+    shutil.which("docker-registry") is None,
+    reason="docker-registry (Debian package docker-registry) is not installed",
+)
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+@dataclass
+class CA:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @classmethod
+    def create(cls, name: str) -> CA:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert, key)
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def write(self, directory: Path, name: str) -> tuple[Path, Path]:
+        directory.mkdir(parents=True, exist_ok=True)
+        cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+        cert.write_bytes(self.cert_pem)
+        key.write_bytes(self.key_pem)
+        return cert, key
+
+    def server_files(self, directory: Path, hosts: list[str]) -> tuple[Path, Path]:
+        """A server certificate for ``hosts`` signed by this CA: (chain, key) files."""
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        directory.mkdir(parents=True, exist_ok=True)
+        chain, key_path = directory / "server.crt", directory / "server.key"
+        chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + self.cert_pem)
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        return chain, key_path
+
+    def context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cadata=self.cert_pem.decode())
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "expected"),
+    [
+        ("GET", "http://reg.example:5000/v2/", ProxyTarget("http", "reg.example", 5000, "/v2/")),
+        (
+            "GET",
+            "http://reg.example/v2/a/b?x=1",
+            ProxyTarget("http", "reg.example", 80, "/v2/a/b?x=1"),
+        ),
+        ("HEAD", "http://10.0.0.1:5000", ProxyTarget("http", "10.0.0.1", 5000, "/")),
+        ("GET", "http://[::1]:5000/v2/", ProxyTarget("http", "::1", 5000, "/v2/")),
+        ("CONNECT", "reg.example:443", ProxyTarget("https", "reg.example", 443, "")),
+    ],
+)
+def test_parse_target_accepts_proxy_forms(method: str, target: str, expected: ProxyTarget) -> None:
+    assert parse_target(method, target) == expected
+
+
+def test_parse_target_in_a_tunnel_takes_origin_form_for_the_tunnel_host() -> None:
+    tunnel = ProxyTarget("https", "reg.example", 443, "")
+    assert parse_target("GET", "/v2/x/manifests/v1", tunnel) == ProxyTarget(
+        "https", "reg.example", 443, "/v2/x/manifests/v1"
+    )
+    assert parse_target("GET", "https://reg.example:443/v2/", tunnel).path == "/v2/"
+    with pytest.raises(RemoteProtocolError, match="another host"):
+        parse_target("GET", "https://other.example/v2/", tunnel)
+    with pytest.raises(RemoteProtocolError, match="inside a tunnel"):
+        parse_target("CONNECT", "other.example:443", tunnel)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "message"),
+    [
+        ("GET", "/v2/", "origin-form"),
+        ("GET", "https://reg.example/v2/", "unsupported"),
+        ("GET", "ftp://reg.example/", "unsupported"),
+        ("GET", "http:///v2/", "bad authority"),
+        ("GET", "http://user@reg.example/v2/", "bad authority"),
+        ("GET", "http://reg.example:99999/", "bad authority"),
+        ("CONNECT", "reg.example", "names no port"),
+        ("CONNECT", "reg.example:0", "bad port"),
+        ("CONNECT", "reg.example:443/x", "bad authority"),
+    ],
+)
+def test_parse_target_refuses_other_forms(method: str, target: str, message: str) -> None:
+    with pytest.raises(RemoteProtocolError, match=message):
+        parse_target(method, target)
+
+
+@given(st.sampled_from(["GET", "HEAD", "CONNECT", "POST"]), st.text(max_size=80))
+def test_parse_target_garbage_raises_only_our_error(method: str, target: str) -> None:
+    try:
+        result = parse_target(method, target)
+    except RemoteProtocolError:
+        return
+    assert 0 < result.port < 65536 and result.host
+
+
+def test_minted_certificate_chains_to_the_ca_and_names_the_host() -> None:
+    ca = CA.create("operator CA")
+    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    certs = HostCertificates(ca.cert_pem, ca.key_pem, clock=lambda: now)
+    for host, san in [
+        ("registry.example", x509.DNSName("registry.example")),
+        ("10.1.2.3", x509.IPAddress(ipaddress.ip_address("10.1.2.3"))),
+    ]:
+        cert = certs.certificate(host)
+        cert.verify_directly_issued_by(ca.cert)
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert list(names) == [san]
+        assert cert.not_valid_before_utc < now < cert.not_valid_after_utc
+        assert cert.not_valid_after_utc <= now + datetime.timedelta(days=7)
+    # One context per host, reused.
+    assert certs.server_context("a.example") is certs.server_context("a.example")
+
+
+def test_interception_ca_key_must_match_its_certificate() -> None:
+    ca, other = CA.create("a"), CA.create("b")
+    with pytest.raises(LocalProtocolError, match="does not match"):
+        HostCertificates(ca.cert_pem, other.key_pem)
+    with pytest.raises(LocalProtocolError, match="cannot read"):
+        HostCertificates(b"not a certificate", ca.key_pem)
+
+
+# --------------------------------------------------------------------------- plain HTTP
+
+
+@needs_registry
+async def test_plain_http_proxy_serves_private_layers_through_the_swarm(tmp_path: Path) -> None:
+    image = build_image([3 * MIB, 2 * MIB], seed=41)
+    async with local_cluster(
+        tmp_path, nodes=2, htpasswd=("alice", "s3cret"), forward_proxy=True
+    ) as cluster:
+        async with RegistryClient(
+            cluster.registry.url, username="alice", password="s3cret"
+        ) as client:
+            pushed = await push_image(client, "private/app", "v1", image)
+        host = cluster.registry_host
+        seed, proxied = cluster.nodes
+        assert proxied.proxy_url is not None and proxied.daemon is not None
+        # Node 0 holds the layers (pulled as a mirror, with credentials).
+        async with httpx.AsyncClient(timeout=60) as http:
+            for layer in image.layers:
+                r = await http.get(
+                    f"{seed.mirror_url}/v2/private/app/blobs/{layer.digest}",
+                    params={"ns": host},
+                    headers={"Authorization": BASIC},
+                )
+                assert r.status_code == 200 and r.content == layer.data
+        async with httpx.AsyncClient(proxy=proxied.proxy_url, timeout=60, trust_env=False) as http:
+            # No credentials: the registry's own challenge, and no swarm byte.
+            r = await http.get(f"http://{host}/v2/private/app/blobs/{image.layers[0].digest}")
+            assert r.status_code == 401
+            assert "basic" in r.headers["www-authenticate"].lower()
+            assert proxied.daemon.layers.stats.bytes_served["swarm"] == 0
+            accept = {"Accept": image.media_type, "Authorization": BASIC}
+            r = await http.get(f"http://{host}/v2/private/app/manifests/v1", headers=accept)
+            assert r.status_code == 200
+            assert r.headers["docker-content-digest"] == pushed
+            assert r.content == image.manifest
+            for layer in image.layers:
+                r = await http.get(
+                    f"http://{host}/v2/private/app/blobs/{layer.digest}",
+                    headers={"Authorization": BASIC},
+                )
+                assert r.status_code == 200 and r.content == layer.data
+            # Anything that is not a registry the node serves passes unchanged.
+            r = await http.get(f"{cluster.sidecar_url}/healthz")
+            assert r.status_code == 200
+            metrics = (await http.get(f"{proxied.mirror_url}/metrics")).text
+        layers = proxied.daemon.layers
+        assert layers.stats.bytes_served["swarm"] == sum(len(x.data) for x in image.layers)
+        assert layers.peer_bytes() > 0
+        assert not layers.stats.fallbacks
+        proxy = proxied.daemon.proxy
+        assert proxy is not None
+        assert proxy.stats.requests["mirror"] == 4
+        assert proxy.stats.requests["forward"] == 2  # the sidecar, and /metrics itself
+        assert 'p2pimage_node_proxy_requests_total{kind="mirror"} 4.0' in metrics
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@contextlib.asynccontextmanager
+async def _tls_node(
+    tmp_path: Path, upstreams: dict[str, str], intercept: list[str], operator: CA
+) -> AsyncIterator[tuple[NodeDaemon, str]]:
+    ca_cert, ca_key = operator.write(tmp_path / "operator", "ca")
+    settings = NodeSettings(
+        listen="127.0.0.1:0",
+        node_name="proxy-node",
+        peer_host="127.0.0.1",
+        peer_port=0,
+        upstreams=upstreams,
+        cache_dir=tmp_path / "cache",
+        proxy_listen="127.0.0.1:0",
+        proxy_intercept_hosts=intercept,
+        proxy_ca_cert_file=ca_cert,
+        proxy_ca_key_file=ca_key,
+    )
+    daemons: list[NodeDaemon] = []
+    async with trio.open_nursery() as nursery:
+        mirror_url = await nursery.start(
+            functools.partial(run_node, settings, daemon_ready=daemons.append)
+        )
+        try:
+            yield daemons[0], mirror_url
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+@needs_registry
+async def test_connect_tunnels_blindly_and_intercepts_only_named_hosts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry_ca, operator = CA.create("registry CA"), CA.create("operator CA")
+    rogue = CA.create("nobody trusts me")
+    # The node (and this test's push) trust the registry's real CA only.
+    ca_file, _ = registry_ca.write(tmp_path / "trust", "registry-ca")
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    image = build_image([2 * MIB], seed=42)
+    layer = image.layers[0]
+    async with (
+        start_registry(
+            tls=registry_ca.server_files(tmp_path / "reg-tls", ["localhost", "127.0.0.1"]),
+            workdir=tmp_path / "registry",
+        ) as registry,
+        start_registry(
+            tls=rogue.server_files(tmp_path / "rogue-tls", ["127.0.0.1"]),
+            workdir=tmp_path / "rogue",
+        ) as rogue_registry,
+    ):
+        port, rogue_port = registry.port, rogue_registry.port
+        async with RegistryClient(registry.url) as client:
+            pushed = await push_image(client, "demo/app", "v1", image)
+        named = f"localhost:{port}"
+        rogue_named = f"127.0.0.1:{rogue_port}"
+        upstreams = {named: f"https://{named}", rogue_named: f"https://{rogue_named}"}
+        async with _tls_node(tmp_path, upstreams, ["localhost", rogue_named], operator) as (
+            node,
+            _,
+        ):
+            assert node.proxy is not None and node.proxy_url is not None
+            stats = node.proxy.stats
+            # Intercepted: the client trusts the operator's CA only, and is served by the
+            # mirror (which read the registry over TLS verified against its real CA).
+            async with httpx.AsyncClient(
+                proxy=node.proxy_url, verify=operator.context(), trust_env=False, timeout=30
+            ) as http:
+                r = await http.get(
+                    f"https://{named}/v2/demo/app/manifests/v1",
+                    headers={"Accept": image.media_type},
+                )
+                assert r.status_code == 200 and r.headers["docker-content-digest"] == pushed
+                r = await http.get(f"https://{named}/v2/demo/app/blobs/{layer.digest}")
+                assert r.status_code == 200 and r.content == layer.data
+                # An upstream whose certificate the node does not trust: a clear 502.
+                r = await http.get(f"https://{rogue_named}/v2/")
+                assert r.status_code == 502
+                assert "upstream certificate not trusted" in r.text
+                r = await http.get(f"https://{rogue_named}/other")
+                assert r.status_code == 502
+                assert f"upstream {rogue_named}: certificate not trusted" in r.text
+            assert stats.requests["intercept"] == 2 and stats.requests["mirror"] == 3
+            assert stats.errors["upstream_tls"] == 1
+            assert node.layers.stats.bytes_served["registry"] == len(layer.data)
+            # Not on the list: a blind tunnel, so the client sees the registry's own
+            # certificate (it trusts the registry's CA only, not the operator's).
+            async with httpx.AsyncClient(
+                proxy=node.proxy_url, verify=registry_ca.context(), trust_env=False, timeout=30
+            ) as http:
+                r = await http.get(
+                    f"https://127.0.0.1:{port}/v2/demo/app/manifests/v1",
+                    headers={"Accept": image.media_type},
+                )
+                assert r.status_code == 200 and r.headers["docker-content-digest"] == pushed
+                assert stats.requests["tunnel"] == 1 and stats.requests["mirror"] == 3
+                # ... and a client that does not trust the operator's CA fails its own
+                # handshake with an intercepted host; the proxy carries on.
+                with pytest.raises(httpx.ConnectError):
+                    await http.get(f"https://{named}/v2/")
+            assert stats.errors["client_tls"] == 1
+            async with httpx.AsyncClient(
+                proxy=node.proxy_url, verify=registry_ca.context(), trust_env=False, timeout=30
+            ) as http:
+                r = await http.get(f"https://127.0.0.1:{port}/v2/")
+                assert r.status_code == 200
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+async def _exchange(proxy_url: str, data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection; everything the proxy answers until it closes."""
+    host, port = proxy_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    async with stream:
+        await stream.send_all(data)
+        answer = b""
+        with trio.fail_after(15):
+            while chunk := await stream.receive_some(65536):
+                answer += chunk
+    return answer
+
+
+async def test_bad_requests_get_clear_errors_and_the_proxy_carries_on(tmp_path: Path) -> None:
+    operator = CA.create("operator CA")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    closed_port = closed.getsockname()[1]
+    with closed:
+        async with _tls_node(tmp_path, {}, ["localhost"], operator) as (node, mirror_url):
+            assert node.proxy_url is not None and node.proxy is not None
+            url = node.proxy_url
+            answer = await _exchange(url, b"\x16\x03\x01 not http at all\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 400 ") and b"malformed request" in answer
+            answer = await _exchange(url, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 400 ") and b"origin-form request" in answer
+            answer = await _exchange(url, b"GET http://x/ HTTP/1.1\r\nX: " + b"a" * 40000)
+            assert answer.startswith(b"HTTP/1.1 431 ")
+            answer = await _exchange(url, b"CONNECT localhost HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 400 ") and b"names no port" in answer
+            target = f"127.0.0.1:{closed_port}".encode()
+            answer = await _exchange(url, b"CONNECT " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 502 ")
+            assert b"cannot connect to " + target in answer
+            answer = await _exchange(
+                url, f"GET http://127.0.0.1:{closed_port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            )
+            assert answer.startswith(b"HTTP/1.1 502 ") and b": unreachable" in answer
+            # Intercepted, but the client speaks no TLS: the handshake fails, nothing else.
+            answer = await _exchange(
+                url, b"CONNECT localhost:1 HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\n\r\n"
+            )
+            assert answer.startswith(b"HTTP/1.1 200 ")
+            stats = node.proxy.stats
+            assert stats.errors["malformed"] == 2 and stats.errors["bad_target"] == 2
+            assert stats.errors["connect_failed"] == 1
+            assert stats.errors["upstream_unreachable"] == 1
+            assert stats.errors["client_tls"] == 1
+            assert stats.errors["internal"] == 0
+            # Still serving: the node's own health, forwarded through the proxy.
+            async with httpx.AsyncClient(proxy=url, trust_env=False) as http:
+                r = await http.get(f"{mirror_url}/healthz")
+                assert r.status_code == 200 and r.json()["status"] == "ok"
+            assert node.proxy.stats.requests["forward"] == 2
