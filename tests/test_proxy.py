@@ -450,3 +450,124 @@ async def test_bad_requests_get_clear_errors_and_the_proxy_carries_on(tmp_path: 
                 r = await http.get(f"{mirror_url}/healthz")
                 assert r.status_code == 200 and r.json()["status"] == "ok"
             assert node.proxy.stats.requests["forward"] == 2
+
+
+# --------------------------------------------------------------------------- Docker
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise LookupError(f"{name}{labels}")
+
+
+def _docker_skip_reason() -> str | None:
+    from daemons.testbed import netns
+    from tests.runtimes import dockerd_skip_reason
+
+    if shutil.which("docker-registry") is None:
+        return "docker-registry (Debian package docker-registry) is not installed"
+    return dockerd_skip_reason() or netns.permission_problem()
+
+
+@pytest.mark.root
+async def test_dockerd_pulls_a_private_image_through_the_proxy_from_the_swarm(
+    tmp_path: Path,
+) -> None:
+    """dockerd, configured only by its proxy setting, pulls a two-layer private image from
+    a registry outside loopback (a test namespace's address, which dockerd does proxy)
+    through node 1's proxy while node 0 holds the layers; a TLS registry that is not on
+    the interception list passes through a blind tunnel."""
+    reason = _docker_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    from tests.runtimes import _arun, start_dockerd
+
+    image = build_image([3 * MIB, 2 * MIB], seed=43, docker=True)
+    small = build_image([300], seed=44, docker=True)
+    registry_ca = CA.create("registry CA")
+    async with local_cluster(
+        tmp_path,
+        nodes=2,
+        htpasswd=("alice", "s3cret"),
+        network="netns",
+        forward_proxy=True,
+    ) as cluster:
+        topo = cluster.topology
+        assert topo is not None
+        async with RegistryClient(
+            cluster.registry.url, username="alice", password="s3cret"
+        ) as client:
+            pushed = await push_image(client, "private/app", "v1", image)
+        seed, proxied = cluster.nodes
+        assert proxied.proxy_url is not None
+        async with httpx.AsyncClient(timeout=60, trust_env=False) as http:
+            for layer in image.layers:
+                r = await http.get(
+                    f"{seed.mirror_url}/v2/private/app/blobs/{layer.digest}",
+                    params={"ns": cluster.registry_host},
+                    headers={"Authorization": BASIC},
+                )
+                assert r.status_code == 200 and r.content == layer.data
+        # The name dockerd pulls by: the registry's relay on the test link.
+        relay = cluster.proxy.url.removeprefix("http://")
+        tls_host = topo.core_address
+        async with start_registry(
+            host=tls_host,
+            tls=registry_ca.server_files(tmp_path / "tls", [tls_host]),
+            workdir=tmp_path / "tls-registry",
+        ) as tls_registry:
+            async with RegistryClient(tls_registry.url, verify=registry_ca.context()) as client:
+                small_pushed = await push_image(client, "demo/small", "v1", small)
+            tls_name = tls_registry.url.removeprefix("https://")
+            async with start_dockerd(
+                proxy=proxied.proxy_url,
+                insecure_registries=[relay],
+                certs={tls_name: registry_ca.cert_pem},
+            ) as dockerd:
+                env = dockerd.client_env
+                await _arun(["docker", "login", "-u", "alice", "-p", "s3cret", relay], env=env)
+                with trio.fail_after(180):
+                    await _arun(["docker", "pull", f"{relay}/private/app:v1"], env=env)
+                    await _arun(["docker", "pull", f"{tls_name}/demo/small:v1"], env=env)
+                inspect = await _arun(
+                    [
+                        "docker",
+                        "image",
+                        "inspect",
+                        "--format",
+                        "{{json .RepoDigests}} {{json .RootFS.Layers}}",
+                        f"{relay}/private/app:v1",
+                    ],
+                    env=env,
+                )
+                small_digests = await _arun(
+                    [
+                        "docker",
+                        "image",
+                        "inspect",
+                        "--format",
+                        "{{json .RepoDigests}}",
+                        f"{tls_name}/demo/small:v1",
+                    ],
+                    env=env,
+                )
+        repo_digests, layers = inspect.split(" ", 1)
+        # The digests of a direct pull: the pushed manifest and the config's diff_ids.
+        import json
+
+        assert f"{relay}/private/app@{pushed}" in json.loads(repo_digests)
+        assert json.loads(layers) == json.loads(image.config.data)["rootfs"]["diff_ids"]
+        assert f"{tls_name}/demo/small@{small_pushed}" in json.loads(small_digests)
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
+            metrics = (await http.get(f"{proxied.mirror_url}/metrics")).text
+        big = sum(len(layer.data) for layer in image.layers)
+        assert _metric(metrics, "p2pimage_node_served_bytes_total", source="swarm") == big
+        assert _metric(metrics, "p2pimage_node_fetched_bytes_total", source="peer") > 0
+        assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="mirror") >= 4
+        assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="tunnel") >= 1
+        assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="intercept") == 0

@@ -9,7 +9,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -61,11 +61,13 @@ class ManagedProcess:
     def _started(self) -> None:
         """Blocking set-up after the process answers (runs in a thread under trio)."""
 
-    def _popen(self, argv: Sequence[str]) -> None:
-        """Start ``argv`` in its own session, output appended to ``log_path``."""
+    def _popen(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        """Start ``argv`` in its own session, output appended to ``log_path`` (``env``:
+        the whole environment, else this process's)."""
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 list(argv),
+                env=dict(env) if env is not None else None,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
