@@ -46,6 +46,7 @@ from p2pimage.auth.tokens import NodeKey
 from p2pimage.errors import LocalProtocolError
 from p2pimage.metainfo.torrent import is_digest
 from p2pimage.mirror.blobs import LayerService, LayerSettings
+from p2pimage.mirror.credentials import CredentialWatch, carries_credentials
 from p2pimage.mirror.proxy import ForwardProxy, HostCertificates, describe_upstream_error
 from p2pimage.sidecar.client import SidecarClient, TokenKeeper
 from p2pimage.storage.cache import BlobCache
@@ -244,6 +245,13 @@ class NodeMetrics:
         yield peers
         yield swarms
         yield failures
+        bypassed = CounterMetricFamily(
+            "p2pimage_node_bypassed_pulls",
+            "Pulls the runtime took to the registry directly, by reason",
+            labels=["reason"],
+        )
+        bypassed.add_metric(["no_credentials"], self.node.credentials.settle(time.monotonic()))
+        yield bypassed
         cache = GaugeMetricFamily("p2pimage_node_cache_bytes", "Bytes held in the layer cache")
         cache.add_metric([], layers.cache.used_bytes)
         yield cache
@@ -272,6 +280,7 @@ class NodeDaemon:
         self.layers = layers
         self.metrics = NodeMetrics(self)
         self.status_url: str | None = None  # the metrics_listen server's base URL, if any
+        self.credentials = CredentialWatch()  # pulls that bypass us: no credentials sent
         self.proxy: ForwardProxy | None = None
         self.proxy_url: str | None = None  # the forward proxy's URL, if any
 
@@ -411,9 +420,16 @@ def create_app(daemon: NodeDaemon) -> Starlette:
             return _registry_error(404, "NAME_UNKNOWN", "not a registry path this mirror serves")
         upstream = settings.upstream_for(request.query_params.get("ns"))
         name, kind, ref = m.group("name"), m.group("kind"), m.group("ref")
+        anonymous = not carries_credentials(request.headers.get("authorization"))
+        if not anonymous:
+            daemon.credentials.authenticated(upstream, name)
         if kind == "blobs" and request.method == "GET":
-            return await _blob_get(daemon, request, upstream, name, ref)
-        return await _proxy(daemon, request, upstream, f"/v2/{name}/{kind}/{ref}")
+            response = await _blob_get(daemon, request, upstream, name, ref)
+        else:
+            response = await _proxy(daemon, request, upstream, f"/v2/{name}/{kind}/{ref}")
+        if anonymous and response.status_code == 401:
+            daemon.credentials.refused_anonymous(upstream, name, time.monotonic())
+        return response
 
     return Starlette(
         routes=[

@@ -571,3 +571,123 @@ async def test_dockerd_pulls_a_private_image_through_the_proxy_from_the_swarm(
         assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="mirror") >= 4
         assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="tunnel") >= 1
         assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="intercept") == 0
+
+
+# --------------------------------------------------------------------------- Podman
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, False),
+        ("", False),
+        ("Basic Og==", False),  # what containers/image sends a mirror it has no creds for
+        ("Basic ", False),
+        ("Bearer ", False),
+        ("Basic " + base64.b64encode(b"alice:s3cret").decode(), True),
+        ("Basic not-base64!", True),
+        ("Bearer eyJ0eXAi", True),
+    ],
+)
+def test_carries_credentials(header: str | None, expected: bool) -> None:
+    from p2pimage.mirror.credentials import carries_credentials
+
+    assert carries_credentials(header) is expected
+
+
+def test_credential_watch_counts_refusals_nobody_retried() -> None:
+    from p2pimage.mirror.credentials import CredentialWatch
+
+    watch = CredentialWatch(grace_s=10)
+    # containerd: refused, then asks again with a token → not a bypass.
+    watch.refused_anonymous("reg", "a/b", now=0)
+    watch.authenticated("reg", "a/b")
+    # containers/image with --creds: refused, never retried → one bypass, counted once.
+    watch.refused_anonymous("reg", "c/d", now=1)
+    watch.refused_anonymous("reg", "c/d", now=2)
+    assert watch.settle(now=10.5) == 0
+    assert watch.settle(now=11) == 1
+    assert watch.settle(now=100) == 1
+    watch.refused_anonymous("other", "c/d", now=100)
+    assert watch.settle(now=111) == 2
+
+
+def _registries_conf(path: Path, registry: str, mirror: str | None) -> Path:
+    lines = [
+        "unqualified-search-registries = []",
+        "[[registry]]",
+        f'location = "{registry}"',
+        "insecure = true",
+    ]
+    if mirror is not None:
+        lines += ["[[registry.mirror]]", f'location = "{mirror}"', "insecure = true"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.root
+async def test_podman_private_pull_with_creds_bypasses_a_mirror_but_not_the_proxy(
+    tmp_path: Path,
+) -> None:
+    """containers/image never sends ``--creds`` (nor a CRI-O pull secret) to a mirror: the
+    mirror answers the registry's 401, podman pulls directly, and the node counts a
+    bypassed pull. Through the node's proxy the same pull carries its credentials to the
+    node, and the layers come from the swarm."""
+    from daemons.testbed import netns
+    from tests.runtimes import PodmanStore, _arun, podman_driver, podman_skip_reason
+
+    reason = podman_skip_reason() or netns.permission_problem()
+    if shutil.which("docker-registry") is None or reason is not None:
+        pytest.skip(reason or "docker-registry is not installed")
+    image = build_image([3 * MIB, 200], seed=45)
+    async with local_cluster(
+        tmp_path, nodes=2, htpasswd=("alice", "s3cret"), network="netns", forward_proxy=True
+    ) as cluster:
+        async with RegistryClient(
+            cluster.registry.url, username="alice", password="s3cret"
+        ) as client:
+            pushed = await push_image(client, "private/app", "v1", image)
+        seed, node = cluster.nodes
+        assert node.proxy_url is not None
+        layer = image.layers[0]
+        async with httpx.AsyncClient(timeout=60, trust_env=False) as http:
+            r = await http.get(
+                f"{seed.mirror_url}/v2/private/app/blobs/{layer.digest}",
+                params={"ns": cluster.registry_host},
+                headers={"Authorization": BASIC},
+            )
+            assert r.status_code == 200
+        relay = cluster.proxy.url.removeprefix("http://")
+        ref = f"{relay}/private/app:v1"
+
+        async def pull(conf: Path, proxy: str | None) -> str:
+            store = PodmanStore(driver=podman_driver())
+            env = store.env(conf)
+            env.update(HTTP_PROXY=proxy or "", HTTPS_PROXY=proxy or "")
+            env["NO_PROXY"] = "" if proxy else "*"
+            try:
+                await _arun(store.pull_command(ref, creds="alice:s3cret"), env=env, timeout=180)
+                return (await _arun(store.inspect_command(ref), env=env)).strip()
+            finally:
+                await trio.to_thread.run_sync(store.cleanup)
+
+        async def metrics() -> str:
+            async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
+                return (await http.get(f"{node.mirror_url}/metrics")).text
+
+        # Mirror mode: the pull succeeds, but from the registry, and the node says why.
+        mirror_conf = _registries_conf(tmp_path / "mirror.conf", relay, node.mirror_host)
+        assert await pull(mirror_conf, None) == pushed
+        text = await metrics()
+        assert _metric(text, "p2pimage_node_served_bytes_total", source="swarm") == 0
+        with trio.fail_after(30):
+            while _metric(text, "p2pimage_node_bypassed_pulls_total", reason="no_credentials") < 1:
+                await trio.sleep(1)
+                text = await metrics()
+        # Proxy mode: the credentials reach the node, the layer comes from the swarm.
+        plain_conf = _registries_conf(tmp_path / "plain.conf", relay, None)
+        assert await pull(plain_conf, node.proxy_url) == pushed
+        text = await metrics()
+        assert _metric(text, "p2pimage_node_served_bytes_total", source="swarm") == len(layer.data)
+        assert _metric(text, "p2pimage_node_fetched_bytes_total", source="peer") > 0
+        assert _metric(text, "p2pimage_node_proxy_requests_total", kind="mirror") >= 3
