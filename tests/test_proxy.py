@@ -691,3 +691,39 @@ async def test_podman_private_pull_with_creds_bypasses_a_mirror_but_not_the_prox
         assert _metric(text, "p2pimage_node_served_bytes_total", source="swarm") == len(layer.data)
         assert _metric(text, "p2pimage_node_fetched_bytes_total", source="peer") > 0
         assert _metric(text, "p2pimage_node_proxy_requests_total", kind="mirror") >= 3
+
+
+@needs_registry
+async def test_podman_sends_auth_json_credentials_keyed_by_the_mirror_host(
+    tmp_path: Path, podman_available: None
+) -> None:
+    """The mirror-mode case that works: an ``auth.json`` entry for the mirror's own
+    ``host:port`` (containers/image looks credentials up by the host it talks to)."""
+    import json
+
+    from tests.runtimes import PodmanStore, _arun, podman_driver
+
+    image = build_image([2 * MIB, 100], seed=46)
+    async with local_cluster(tmp_path, nodes=1, htpasswd=("alice", "s3cret")) as cluster:
+        async with RegistryClient(
+            cluster.registry.url, username="alice", password="s3cret"
+        ) as client:
+            pushed = await push_image(client, "private/app", "v1", image)
+        node = cluster.nodes[0]
+        assert node.daemon is not None
+        conf = _registries_conf(tmp_path / "reg.conf", cluster.registry_host, node.mirror_host)
+        auth = tmp_path / "auth.json"
+        b64 = base64.b64encode(b"alice:s3cret").decode()
+        auth.write_text(json.dumps({"auths": {node.mirror_host: {"auth": b64}}}))
+        store = PodmanStore(driver=podman_driver())
+        env = {**store.env(conf), "REGISTRY_AUTH_FILE": str(auth), "NO_PROXY": "*"}
+        ref = f"{cluster.registry_host}/private/app:v1"
+        try:
+            with trio.fail_after(180):
+                await _arun(store.podman("pull", "--quiet", ref), env=env)
+                digest = (await _arun(store.inspect_command(ref), env=env)).strip()
+        finally:
+            await trio.to_thread.run_sync(store.cleanup)
+        assert digest == pushed
+        assert node.daemon.layers.stats.bytes_served["swarm"] == len(image.layers[0].data)
+        assert node.daemon.credentials.settle(float("inf")) == 0
