@@ -56,7 +56,7 @@ async def _leech(
     async with open_peer_node(authenticator=auth, encrypt=encrypt) as node:
         swarm = await node.add_swarm(meta, directory)
         start = trio.current_time()
-        swarm.connect([("127.0.0.1", port)])
+        swarm.add_peers([("127.0.0.1", port)])
         with trio.fail_after(600):
             await swarm.complete.wait()
         assert swarm.stats.last_piece_at is not None

@@ -88,7 +88,7 @@ async def _worker(spec: dict[str, Any]) -> None:
         for index, swarm in swarms.items():
             others = [p for p in peers if p[1] != dict(nodes)[index].port]
             random.shuffle(others)
-            swarm.connect(others)
+            swarm.add_peers(others)
         readers = []
         for index, first, end in go["plan"]:
             if index in swarms:

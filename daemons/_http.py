@@ -1,22 +1,163 @@
-"""Serve a Starlette (any ASGI) app under trio with hypercorn's trio worker."""
+"""Serve a Starlette (any ASGI) app under trio with hypercorn's trio worker.
+
+Shared by the three daemons: TLS for a listener (:class:`TlsFiles`) and for a client
+(:func:`client_tls`), bounded JSON (:func:`load_json`), and :class:`LogServerErrors`,
+which logs every 5xx answer and every unhandled error (with its traceback).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import logging
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
 
 import click
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from starlette.responses import StreamingResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from daemons._config import ConfigError
 from p2pimage.errors import leaf_exceptions
 
-__all__ = ["ClosingStreamingResponse", "ListenError", "serve_app"]
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "ClosingStreamingResponse",
+    "JsonLimitError",
+    "ListenError",
+    "LogServerErrors",
+    "TlsFiles",
+    "client_tls",
+    "load_json",
+    "request_url",
+    "serve_app",
+]
+
+log = logging.getLogger("p2pimage.http")
+# hypercorn's own error log (TLS handshakes, protocol errors, its own failures); its
+# info lines ("Running on ...") repeat what each daemon logs itself.
+_server_log = logging.getLogger("p2pimage.http.server")
+_server_log.setLevel(logging.WARNING)
 
 # How long a cancelled response may spend in its body generator's clean-up.
 _ACLOSE_GRACE_S = 5.0
+#: Deepest JSON nesting a daemon parses. Our documents nest 4 levels (a token request's
+#: JWK, a notification envelope's events[].target); Python's decoder recurses per level
+#: and fails near 1,000 with RecursionError, so the bound is checked before decoding.
+MAX_JSON_DEPTH: Final = 32
+
+
+class JsonLimitError(ValueError):
+    """A JSON document over the size or depth bound (or not JSON at all)."""
+
+
+def load_json(body: bytes, *, max_bytes: int, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Decode ``body`` as JSON within bounds; any bad input raises :class:`JsonLimitError`.
+
+    The depth is counted over brackets outside strings in one linear pass, so a
+    15,000-deep document costs a scan, not a recursion.
+    """
+    if len(body) > max_bytes:
+        raise JsonLimitError(f"JSON body over {max_bytes} bytes")
+    depth = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > max_depth:
+                raise JsonLimitError(f"JSON nested deeper than {max_depth} levels")
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise JsonLimitError(f"not JSON: {exc}") from None
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A listener's certificate chain and private key (PEM files)."""
+
+    cert_file: Path
+    key_file: Path
+
+    @classmethod
+    def from_settings(cls, cert_file: Path | None, key_file: Path | None) -> TlsFiles | None:
+        """The pair from ``tls_cert_file``/``tls_key_file``; None when neither is set;
+        :class:`ConfigError` when only one is, or a file cannot be loaded."""
+        if cert_file is None and key_file is None:
+            return None
+        if cert_file is None or key_file is None:
+            missing = "tls_cert_file" if cert_file is None else "tls_key_file"
+            raise ConfigError(f"config key {missing!r}: set tls_cert_file and tls_key_file")
+        try:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"config key 'tls_cert_file': cannot load it: {exc}") from None
+        return cls(cert_file, key_file)
+
+
+def client_tls(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """What a daemon's control-plane client verifies servers against: ``ca_file`` (a PEM
+    bundle, and only it) when set, else the system's trust store."""
+    if ca_file is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"config key 'ca_file': cannot load {ca_file}: {exc}") from None
+
+
+class LogServerErrors:
+    """ASGI middleware: logs every 5xx answer (method, path, status) and every unhandled
+    exception with its traceback; an exception before the response started becomes a
+    500, so the client gets an answer and hypercorn logs nothing twice."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: list[int] = []
+
+        async def record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        fields = {"method": scope.get("method"), "path": scope.get("path")}
+        try:
+            await self.app(scope, receive, record)
+        except Exception:
+            log.exception("unhandled error serving a request", extra={"fields": fields})
+            if not status:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 500,
+                        "headers": [(b"content-type", b"text/plain"), (b"content-length", b"21")],
+                    }
+                )
+                await send({"type": "http.response.body", "body": b"internal server error"})
+            return
+        if status and status[0] >= 500:
+            log.warning("answered %d", status[0], extra={"fields": {**fields, "status": status[0]}})
 
 
 class ListenError(click.ClickException):
@@ -61,19 +202,27 @@ async def serve_app(
     listen: str,
     *,
     keep_alive_max_requests: int = 1000,
+    tls: TlsFiles | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``listen`` (``host:port``; port 0 picks a free one) until cancelled.
+    """Serve ``app`` on ``listen`` (``host:port``; port 0 picks a free one) until cancelled,
+    over HTTPS when ``tls`` is given.
 
-    Reports the bound base URL (``http://host:port``) through ``task_status``; raises
-    :class:`ListenError` when the address cannot be bound.
-    Access logs are off: daemons log the events that matter themselves.
+    Reports the bound base URL (``http://host:port`` or ``https://...``) through
+    ``task_status``; raises :class:`ListenError` when the address cannot be bound.
+    Access logs are off: daemons log the events that matter themselves. hypercorn's
+    warnings and errors go to the ``p2pimage.http.server`` logger, and the app is
+    wrapped in :class:`LogServerErrors`.
     """
     config = Config()
     config.bind = [listen]
     config.accesslog = None
-    config.errorlog = None
+    config.errorlog = _server_log
     config.keep_alive_max_requests = keep_alive_max_requests
+    if tls is not None:
+        config.certfile = str(tls.cert_file)
+        config.keyfile = str(tls.key_file)
+    app = LogServerErrors(app)
 
     async def _serve(*, task_status: trio.TaskStatus[list[str]]) -> None:
         status = _Started(task_status)
@@ -91,3 +240,16 @@ async def serve_app(
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(_serve)
         task_status.started(binds[0])
+
+
+def request_url(scope: Scope, host: str, public_url: str | None = None) -> str:
+    """The URL a request was sent to, as a DPoP proof's ``htu`` names it: the scheme, the
+    ``Host`` header, and the path and query exactly as they arrived (no re-encoding).
+    Behind a TLS-terminating proxy, ``public_url`` (the scheme and host clients use)
+    replaces the first two."""
+    raw_path = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string", b"")
+    target: str = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+    if public_url is not None:
+        return public_url.rstrip("/") + target
+    return f"{scope.get('scheme', 'http')}://{host}{target}"

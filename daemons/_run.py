@@ -12,6 +12,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import click
 import trio
 
 from p2pimage.errors import leaf_exceptions
@@ -49,11 +50,19 @@ def run_until_signalled(async_fn: Callable[..., Awaitable[T]], *args: Any) -> T 
         return result[0] if result else None
 
     try:
-        return trio.run(main)
-    except BaseExceptionGroup as group:
-        # One failure inside the task tree: re-raise it as itself, so callers (and click)
-        # see the ClickException or error they would see without the signal watcher.
-        leaves = leaf_exceptions(group)
-        if len(leaves) == 1:
-            raise leaves[0] from None
+        try:
+            return trio.run(main)
+        except BaseExceptionGroup as group:
+            # One failure inside the task tree: re-raise it as itself, so callers (and
+            # click) see the ClickException or error they would see without the watcher.
+            leaves = leaf_exceptions(group)
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
+    except click.ClickException:
+        raise  # a one-line error the command prints itself (a listener, a setting)
+    except Exception:
+        # Whatever brought the daemon down goes to its log, traceback included, not only
+        # to a stderr that nobody collects.
+        log.critical("stopped by an unhandled error", exc_info=True)
         raise

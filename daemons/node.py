@@ -7,7 +7,12 @@ Wiring only: configuration in, library objects constructed, endpoints mounted.
   without p2pimage.
 - Blob ``GET`` goes through :class:`~p2pimage.mirror.blobs.LayerService` (access check as the
   client, cache, swarm, registry fallback); blob ``HEAD`` passes through.
-- The upstream comes from containerd's ``ns=`` query parameter, else the default.
+- The upstream comes from containerd's ``ns=`` query parameter, else the default; an
+  ``ns=`` naming a registry this node is not configured for is answered 404
+  ``NAME_UNKNOWN`` (containerd then goes to that registry itself), never from the
+  swarm or the cache, and never proxied (docs/operations.md, "Trust model").
+- Only the layers of the swarm registry (``swarm_registry``: the registry the cluster's
+  sidecar indexes) are cached and shared; other configured upstreams pass through.
 - The node's identity (key, token, JWKS) comes from the sidecar; until it has one, and
   whenever p2p cannot serve, pulls go straight to the registry.
 - With ``proxy_listen``, a forward proxy (:mod:`p2pimage.mirror.proxy`) for runtimes set up
@@ -22,6 +27,7 @@ import logging
 import re
 import socket
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from pathlib import Path
@@ -39,7 +45,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
-from daemons._http import ClosingStreamingResponse, ListenError, serve_app
+from daemons._http import ClosingStreamingResponse, ListenError, TlsFiles, client_tls, serve_app
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.tokens import NodeKey
@@ -62,7 +68,11 @@ _PATH = re.compile(
     r"^/v2/(?P<name>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
     r"/(?P<kind>manifests|blobs)/(?P<ref>[A-Za-z0-9_.:+=-]{1,128})$"
 )
-_RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_DOCKER_HUB = "https://registry-1.docker.io"
+_RANGE = re.compile(r"^bytes=([0-9]+)-([0-9]*)$")
+# Digits of a Range position parsed at most: 10**18 bytes is beyond any blob, and longer
+# strings would reach Python's int-conversion limit (4,300 digits) and its quadratic cost.
+_RANGE_DIGITS = 18
 # Hop-by-hop headers (RFC 9110 §7.6.1) and ones the proxy sets itself.
 _HOP = frozenset(
     {
@@ -103,12 +113,16 @@ class NodeSettings(BaseModel):
     credential: SecretStr | None = Field(None, description="the cluster's join credential")
     credential_file: Path | None = Field(None, description="file holding the credential")
     node_key_file: Path | None = Field(None, description="node Ed25519 key (PEM); generated")
-    default_upstream: str = Field(
-        "https://registry-1.docker.io", description="upstream when the client names none"
-    )
+    default_upstream: str = Field(_DOCKER_HUB, description="upstream when the client names none")
     upstreams: dict[str, str] = Field(
         default_factory=dict,
-        description='ns → base URL, e.g. {"127.0.0.1:5000" = "http://127.0.0.1:5000"}',
+        description='ns → base URL, e.g. {"127.0.0.1:5000" = "http://127.0.0.1:5000"}; '
+        "with default_upstream (and docker.io for Docker Hub) the only registries served",
+    )
+    swarm_registry: str | None = Field(
+        None,
+        description="the ns (key of upstreams) whose layers the sidecar indexes and swarms "
+        "share; default: the only key of upstreams, else default_upstream",
     )
     proxy_listen: str | None = Field(
         None, description="host:port of the forward proxy (HTTP_PROXY/HTTPS_PROXY); none: off"
@@ -135,6 +149,14 @@ class NodeSettings(BaseModel):
     setup_timeout_s: float = Field(
         _LAYERS.setup_timeout_s, gt=0, description="torrent+swarm start limit"
     )
+    tls_cert_file: Path | None = Field(None, description="mirror serves HTTPS: certificate (PEM)")
+    tls_key_file: Path | None = Field(None, description="mirror serves HTTPS: its key (PEM)")
+    ca_file: Path | None = Field(
+        None, description="CA bundle the sidecar and tracker are verified against (default: system)"
+    )
+    allow_plain_http_join: bool = Field(
+        False, description="send the join credential to an http:// sidecar_url (insecure)"
+    )
     log_level: LogLevel = "info"
     log_json: LogJson = None
 
@@ -148,14 +170,33 @@ class NodeSettings(BaseModel):
                 raise ConfigError(f"config key 'credential_file': {exc.strerror}") from None
         return None
 
-    def upstream_for(self, ns: str | None) -> str:
+    def upstream_for(self, ns: str | None) -> str | None:
+        """The base URL of the configured registry ``ns`` names, or None when this node
+        is not configured for it (never a registry the request merely names)."""
         if not ns:
             return self.default_upstream.rstrip("/")
         if ns in self.upstreams:
             return self.upstreams[ns].rstrip("/")
-        if ns in ("docker.io", "index.docker.io"):
-            return "https://registry-1.docker.io"
-        return f"https://{ns}"
+        default = self.default_upstream.rstrip("/")
+        if ns in ("docker.io", "index.docker.io") and default == _DOCKER_HUB:
+            return default
+        if ns == urllib.parse.urlsplit(default).netloc:
+            return default
+        return None
+
+    def swarm_upstream(self) -> str:
+        """Base URL of the registry whose layers go through swarms and the cache."""
+        if self.swarm_registry is not None:
+            url = self.upstream_for(self.swarm_registry)
+            if url is None:
+                raise ConfigError(
+                    f"config key 'swarm_registry': {self.swarm_registry!r} is not a key "
+                    "of upstreams (nor the default upstream's host)"
+                )
+            return url
+        if len(self.upstreams) == 1:
+            return next(iter(self.upstreams.values())).rstrip("/")
+        return self.default_upstream.rstrip("/")
 
     def proxy_certificates(self) -> HostCertificates | None:
         """The interception CA, when hosts are to be intercepted (checked at start-up)."""
@@ -173,6 +214,21 @@ class NodeSettings(BaseModel):
             raise ConfigError(f"config key 'proxy_ca_cert_file': {exc}") from None
         except LocalProtocolError as exc:
             raise ConfigError(f"config key 'proxy_ca_key_file': {exc}") from None
+
+
+def check_settings(settings: NodeSettings) -> None:
+    """Cross-field checks (exit 2 from the command; raised by :func:`run_node` too)."""
+    credential = settings.credential_value()
+    settings.swarm_upstream()
+    TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file)
+    client_tls(settings.ca_file)
+    settings.proxy_certificates()
+    plain = (settings.sidecar_url or "").lower().startswith("http://")
+    if plain and credential and not settings.allow_plain_http_join:
+        raise ConfigError(
+            "config key 'sidecar_url': an http:// sidecar would receive the join credential "
+            "in clear text; use https:// (with ca_file) or set allow_plain_http_join = true"
+        )
 
 
 class NodeMetrics:
@@ -340,6 +396,24 @@ async def _proxy(daemon: NodeDaemon, request: Request, upstream: str, path: str)
     return resp
 
 
+def parse_range(header: str | None, size: int) -> tuple[int, int, int] | None:
+    """``(start, end, status)`` for a blob of ``size`` bytes and a ``Range`` header: the
+    whole blob (200) when there is none or it is not a single ``bytes=a-[b]`` range
+    (RFC 9110 §14.2 lets a server ignore it), bytes ``[start, end)`` (206), or None when
+    the range cannot be satisfied (416). Any string is accepted; none raises."""
+    m = _RANGE.match(header.strip()) if header else None
+    if m is None:
+        return 0, size, 200
+    first, last = (g.lstrip("0") or ("0" if g else "") for g in m.groups())
+    if len(first) > _RANGE_DIGITS:
+        return None  # starts beyond any blob
+    start = int(first)
+    end = size if not last or len(last) > _RANGE_DIGITS else min(int(last) + 1, size)
+    if start >= size or start >= end:
+        return None
+    return start, end, 206
+
+
 def _registry_error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"errors": [{"code": code, "message": message}]}, status_code=status)
 
@@ -357,16 +431,10 @@ async def _blob_get(
         layers.stats.pulls["denied" if access.status in (401, 403) else "upstream_error"] += 1
         return Response(access.body, status_code=access.status, headers=access.headers)
     size = access.size
-    start, end, status = 0, size, 200
-    header = request.headers.get("range")
-    if header:
-        m = _RANGE.match(header.strip())
-        if m:
-            start = int(m.group(1))
-            end = min(int(m.group(2)) + 1, size) if m.group(2) else size
-            if start >= size or start >= end:
-                return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
-            status = 206
+    parsed = parse_range(request.headers.get("range"), size)
+    if parsed is None:
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+    start, end, status = parsed
     headers = {
         "Content-Length": str(end - start),
         "Content-Type": "application/octet-stream",
@@ -410,15 +478,29 @@ async def _blob_get(
 def create_app(daemon: NodeDaemon) -> Starlette:
     settings = daemon.settings
 
+    def unknown_registry(ns: str | None) -> Response:
+        # 404: containerd then tries the next host (the registry itself) for this pull.
+        daemon.layers.stats.pulls["unknown_registry"] += 1
+        log.info("refused: not a registry of this mirror", extra={"fields": {"ns": ns}})
+        return _registry_error(
+            404, "NAME_UNKNOWN", f"this mirror does not serve registry {ns!r}; pull it directly"
+        )
+
     async def v2_root(request: Request) -> Response:
-        upstream = settings.upstream_for(request.query_params.get("ns"))
+        ns = request.query_params.get("ns")
+        upstream = settings.upstream_for(ns)
+        if upstream is None:
+            return unknown_registry(ns)
         return await _proxy(daemon, request, upstream, "/v2/")
 
     async def v2(request: Request) -> Response:
         m = _PATH.match(request.url.path)
         if m is None:
             return _registry_error(404, "NAME_UNKNOWN", "not a registry path this mirror serves")
-        upstream = settings.upstream_for(request.query_params.get("ns"))
+        ns = request.query_params.get("ns")
+        upstream = settings.upstream_for(ns)
+        if upstream is None:
+            return unknown_registry(ns)
         name, kind, ref = m.group("name"), m.group("kind"), m.group("ref")
         anonymous = not carries_credentials(request.headers.get("authorization"))
         if not anonymous:
@@ -487,6 +569,7 @@ async def _p2p(daemon: NodeDaemon, settings: NodeSettings, keeper: TokenKeeper) 
     try:
         async with open_peer_node(
             authenticator=keeper.authenticator(),
+            peer_id=keeper.peer_id(),
             host=settings.peer_host,
             port=settings.peer_port,
             upload_rate=settings.upload_rate,
@@ -518,12 +601,22 @@ async def run_node(
 ) -> None:
     """Run the node until cancelled; reports the mirror's base URL through ``task_status``
     (and the daemon object to ``daemon_ready``, for in-process tests and the demo)."""
+    check_settings(settings)
     credential = settings.credential_value()
     certificates = settings.proxy_certificates()
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0), limits=limits) as http:
+    timeout = httpx.Timeout(30.0, connect=5.0)
+    async with (
+        httpx.AsyncClient(timeout=timeout, limits=limits) as http,
+        # The control plane (sidecar, tracker) is verified against ca_file alone.
+        httpx.AsyncClient(
+            timeout=timeout, limits=limits, verify=client_tls(settings.ca_file)
+        ) as control,
+    ):
         cache = BlobCache(settings.cache_dir, settings.cache_quota_bytes)
-        sidecar = SidecarClient(settings.sidecar_url, http=http) if settings.sidecar_url else None
+        sidecar = (
+            SidecarClient(settings.sidecar_url, http=control) if settings.sidecar_url else None
+        )
         keeper: TokenKeeper | None = None
         tracker: TrackerClient | None = None
         if sidecar is not None and settings.tracker_url and credential:
@@ -538,8 +631,9 @@ async def run_node(
                 node_key=node_key,
             )
             k = keeper
-            tracker = TrackerClient(settings.tracker_url, http=http, token=lambda: k.token)
+            tracker = TrackerClient(settings.tracker_url, http=control, auth=k.request_auth())
         layers = LayerService(
+            registry=settings.swarm_upstream(),
             node=None,
             cache=cache,
             http=http,
@@ -566,7 +660,11 @@ async def run_node(
                     "every pull goes to the registry"
                 )
             url = await nursery.start(
-                functools.partial(serve_app, keep_alive_max_requests=100_000),
+                functools.partial(
+                    serve_app,
+                    keep_alive_max_requests=100_000,
+                    tls=TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file),
+                ),
                 create_app(daemon),
                 settings.listen,
             )
@@ -577,12 +675,9 @@ async def run_node(
                 )
                 log.info("status serving", extra={"fields": {"url": daemon.status_url}})
             if settings.proxy_listen is not None:
-                registries = set(settings.upstreams)
-                if settings.default_upstream:
-                    registries.add(settings.default_upstream.split("://", 1)[-1].rstrip("/"))
                 daemon.proxy = ForwardProxy(
                     mirror=create_app(daemon),
-                    registries=registries,
+                    serves=lambda ns: bool(ns) and settings.upstream_for(ns) is not None,
                     http=http,
                     intercept_hosts=settings.proxy_intercept_hosts,
                     certificates=certificates,
@@ -622,7 +717,7 @@ def node(config_path: Path | None, print_config: bool) -> None:
         daemon="node",
         config_path=config_path,
         print_config=print_config,
-        check=NodeSettings.credential_value,
+        check=check_settings,
     )
     if settings is None:
         return

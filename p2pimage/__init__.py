@@ -14,6 +14,7 @@ from p2pimage.auth.tokens import (
     SigningKey,
     TokenIssuer,
     TokenVerifier,
+    bound_peer_id,
     local_authenticator,
 )
 from p2pimage.errors import (
@@ -28,6 +29,7 @@ from p2pimage.errors import (
     StorageError,
 )
 from p2pimage.metainfo.torrent import Metainfo, MetainfoBuilder, create_metainfo_from_file
+from p2pimage.sidecar.client import DPoPAuth
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm, SwarmSettings
 from p2pimage.swarm.node import PeerNode, open_peer_node
@@ -39,6 +41,7 @@ __all__ = [
     "AnnounceSettings",
     "AuthError",
     "BencodeError",
+    "DPoPAuth",
     "DigestMismatchError",
     "KeySet",
     "LocalProtocolError",
@@ -63,6 +66,7 @@ __all__ = [
     "TokenVerifier",
     "TrackerClient",
     "TrackerError",
+    "bound_peer_id",
     "create_metainfo_from_file",
     "local_authenticator",
     "open_peer_node",

@@ -42,6 +42,20 @@ class AuthError(RemoteProtocolError):
         self.detail = detail
 
 
+class ProtocolVersionError(RemoteProtocolError):
+    """The peer speaks another version of the p2pimage peer protocol (a rolling upgrade
+    in progress): the connection is refused and the pull falls back as usual."""
+
+    def __init__(self, peer_version: int, our_version: int) -> None:
+        age = "an older" if peer_version < our_version else "a newer"
+        super().__init__(
+            f"peer speaks {age} p2pimage peer protocol (v{peer_version}, this node v"
+            f"{our_version}): connection refused; upgrade the older node"
+        )
+        self.peer_version = peer_version
+        self.our_version = our_version
+
+
 class StorageError(P2PImageError):
     """The piece store could not read or write its files (disk full, I/O error...)."""
 
@@ -56,6 +70,25 @@ class PieceHashError(RemoteProtocolError):
 
 class DigestMismatchError(RemoteProtocolError):
     """A whole blob whose SHA-256 does not match its OCI digest."""
+
+
+class StorageBusyError(P2PImageError):
+    """Back-pressure, not a fault: the piece store holds as many pieces in assembly as
+    it may (``max_pieces_in_progress``) and did not take a block that starts another.
+    The caller drops the block and asks for it again later."""
+
+
+class PeerClosed(P2PImageError):
+    """A peer session ended: EOF, a protocol error, or we closed it (``reason`` says
+    which). Ends that one session, never the swarm or the node."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class StateUnavailableError(P2PImageError):
+    """The tracker's shared state could not be read or written (Redis down, timeouts)."""
 
 
 def leaf_exceptions(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

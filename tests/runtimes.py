@@ -734,9 +734,13 @@ class DockerdProcess(ManagedProcess):
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "daemon.json"
         config.write_text(json.dumps({"insecure-registries": list(self.insecure_registries)}))
-        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        if self.proxy is not None:
-            env.update(HTTP_PROXY=self.proxy, HTTPS_PROXY=self.proxy)
+        # Go takes the first non-empty of HTTP_PROXY and http_proxy: set (or blank) both.
+        proxy = self.proxy or ""
+        env = {
+            name: value
+            for upper, value in (("HTTP_PROXY", proxy), ("HTTPS_PROXY", proxy), ("NO_PROXY", ""))
+            for name in (upper, upper.lower())
+        }
         w = self.workdir
         self._popen(
             [

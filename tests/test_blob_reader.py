@@ -10,13 +10,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from p2pimage.errors import LocalProtocolError
 from p2pimage.metainfo.torrent import MetainfoBuilder
-from p2pimage.oci.registry import RegistryClient, RegistryError, sha256_digest
+from p2pimage.oci.registry import (
+    ByteRange,
+    RegistryClient,
+    RegistryError,
+    open_blob_range,
+    sha256_digest,
+)
 from p2pimage.sidecar.indexer import generate_metainfo
 
 Scope = dict[str, Any]
@@ -212,3 +220,82 @@ async def test_cancel_while_the_get_waits_for_its_response_head() -> None:
         await cancel_generation_once(client, asked)
         with trio.fail_after(5):
             await gone.wait()
+
+
+# --- ranged reads: one rule for open_blob, the mirror and the origin reader ------------
+
+
+def range_app(*, honour_range: bool, cut: int = 0) -> App:
+    """A blob server that honours ``Range`` (206) or ignores it (the whole blob, 200),
+    and ends every body ``cut`` bytes early (a short body)."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        wanted = header(scope, "range")
+        start, end = 0, len(BLOB)
+        status = 200
+        if wanted is not None and honour_range:
+            first, _, last = wanted.removeprefix("bytes=").partition("-")
+            start, end, status = int(first), int(last) + 1 if last else len(BLOB), 206
+        body = BLOB[start : end - cut]  # framed as sent: short, not cut off mid-body
+        await respond(send, status, {"content-length": str(len(body))}, body)
+
+    return app
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+async def test_open_blob_range_reads_exactly_the_range(honour_range: bool) -> None:
+    """206 gives the range; a registry that ignores Range (200, whole blob) gives it too
+    when the reader allows dropping the prefix, and from byte 0 always (tail cut)."""
+    async with serving(range_app(honour_range=honour_range)) as url, httpx.AsyncClient() as http:
+        for start, end in [(0, 10), (1000, 70_000), (5, len(BLOB)), (len(BLOB) - 1, len(BLOB))]:
+            async with open_blob_range(
+                http, url + BLOB_PATH, ByteRange(start, end), skip_ignored=True, chunk_size=4096
+            ) as chunks:
+                got = b"".join([c async for c in chunks])
+            assert got == BLOB[start:end]
+        async with open_blob_range(http, url + BLOB_PATH, ByteRange(0, 300)) as chunks:
+            assert b"".join([c async for c in chunks]) == BLOB[:300]
+
+
+async def test_an_ignored_range_is_refused_where_the_prefix_would_be_read_again() -> None:
+    """The origin reader's rule: a 200 to a range that does not start at 0 is an error,
+    not a second copy of the layer's prefix from the registry."""
+    async with serving(range_app(honour_range=False)) as url, httpx.AsyncClient() as http:
+        with pytest.raises(RegistryError, match="ignored Range"):
+            async with open_blob_range(http, url + BLOB_PATH, ByteRange(100, 200)):
+                pass
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+async def test_a_short_body_is_a_registry_error(honour_range: bool) -> None:
+    async with serving(range_app(honour_range=honour_range, cut=7)) as url:
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(RegistryError, match="short body"):
+                async with open_blob_range(
+                    http, url + BLOB_PATH, ByteRange(0, len(BLOB)), skip_ignored=True
+                ) as chunks:
+                    async for _ in chunks:
+                        pass
+        async with RegistryClient(url) as client:
+            with pytest.raises(RegistryError, match="short body"):
+                async with client.open_blob("team/app", DIGEST, start=0, end=len(BLOB)) as blob:
+                    async for _ in blob.chunks():
+                        pass
+
+
+async def test_error_status_and_bad_ranges() -> None:
+    async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+        await respond(send, 404, {"content-length": "0"})
+
+    async with serving(not_found) as url, httpx.AsyncClient() as http:
+        with pytest.raises(RegistryError, match="404") as caught:
+            async with open_blob_range(http, url + BLOB_PATH, ByteRange(0, 10)):
+                pass
+        assert caught.value.status == 404
+    with pytest.raises(LocalProtocolError):
+        ByteRange(-1, 10)
+    with pytest.raises(LocalProtocolError):
+        ByteRange(10, 9)
+    assert ByteRange().headers() == {}
+    assert ByteRange(5).headers() == {"Range": "bytes=5-"}
+    assert ByteRange(0, 1).headers() == {"Range": "bytes=0-0"}

@@ -15,8 +15,11 @@ import trio
 from daemons.testbed.localcluster import local_cluster
 from daemons.tracker import TrackerSettings, run_tracker
 from p2pimage.errors import LocalProtocolError
+from p2pimage.metainfo.torrent import MIN_PIECE_LENGTH, MetainfoBuilder
 from p2pimage.oci.image import build_image
-from p2pimage.storage.cache import BlobCache
+from p2pimage.storage.cache import BlobCache, blob_key, registry_namespace
+from p2pimage.storage.layout import BlobFiles, parse_blob_file_name
+from p2pimage.storage.pieces import PieceStorage
 from tests.test_node_restart import node_settings, pull_blob, push, start_node
 
 MIB = 1024 * 1024
@@ -48,6 +51,56 @@ def on_disk(cache: BlobCache) -> set[str]:
 
 
 # --- unit -------------------------------------------------------------------------------
+
+
+def test_blobs_are_keyed_by_registry_and_digest(tmp_path: Path) -> None:
+    """The same digest from two registries is two entries; a restart finds each under
+    its registry; a blob a former version left at the top level (digest alone) is
+    counted and evictable, but no registry's key finds it."""
+    mine = registry_namespace("http://127.0.0.1:5000")
+    theirs = registry_namespace("https://attacker.example")
+    assert mine != theirs and mine == registry_namespace("http://127.0.0.1:5000/")
+    assert mine.startswith("http_127.0.0.1_5000-")
+    assert registry_namespace("https://127.0.0.1:5000") != mine  # the scheme counts
+    for bad in (("../x", A), (mine, "../" + A), (mine, A.upper()), ("", A)):
+        with pytest.raises(LocalProtocolError):
+            blob_key(*bad)
+    cache = BlobCache(tmp_path, 10_000)
+    cache.directory(mine).mkdir()
+    put_complete(cache, blob_key(mine, A), 300, T0)
+    put_complete(cache, A, 200, T0 - 1)  # the legacy layout: <root>/<hex>
+    assert cache.is_complete(blob_key(mine, A))
+    assert not cache.is_complete(blob_key(theirs, A))
+    assert (tmp_path / mine / A).is_file()
+    restarted = BlobCache(tmp_path, 10_000)
+    assert restarted.is_complete(blob_key(mine, A)) and not restarted.is_complete(
+        blob_key(theirs, A)
+    )
+    assert restarted.used_bytes == 500
+    restarted.quota_bytes = 400  # the legacy blob is the least recently used: it goes
+    assert restarted.reserve(blob_key(mine, B), 100, T0 + 1)
+    assert restarted.entry(A) is None and not (tmp_path / A).exists()
+    assert restarted.is_complete(blob_key(mine, A))
+
+
+def test_torrents_are_kept_per_registry(tmp_path: Path) -> None:
+    import hashlib
+
+    from p2pimage.metainfo.torrent import MetainfoBuilder
+
+    data = b"layer bytes" * 1000
+    hex_ = hashlib.sha256(data).hexdigest()
+    builder = MetainfoBuilder(len(data), hex_)
+    builder.update(data)
+    meta = builder.finish()
+    mine, theirs = registry_namespace("http://a:5000"), registry_namespace("http://b:5000")
+    cache = BlobCache(tmp_path, 1 << 20)
+    cache.save_torrent(meta, mine)
+    cache.directory(theirs).mkdir()
+    put_complete(cache, blob_key(mine, hex_), len(data), T0)
+    put_complete(cache, blob_key(theirs, hex_), len(data), T0)  # no torrent kept there
+    assert [m.info_hash for m in cache.complete_with_torrents(mine)] == [meta.info_hash]
+    assert cache.complete_with_torrents(theirs) == []
 
 
 def test_quota_must_be_positive(tmp_path: Path) -> None:
@@ -246,8 +299,8 @@ async def test_full_cache_evicts_the_least_recently_used_released_layer(
             with trio.fail_after(60):
                 status, body = await pull_blob(node, cluster, digest)
                 assert status == 200 and body == expect
-                hex_ = digest.removeprefix("sha256:")
-                while not cache.is_complete(hex_) or cache.is_pinned(hex_):
+                key = blob_key(layers.namespace, digest.removeprefix("sha256:"))
+                while not cache.is_complete(key) or cache.is_pinned(key):
                     await trio.sleep(0.05)  # complete, and the tracker released it
 
         await pull_and_release(first.digest, first.data)
@@ -258,12 +311,60 @@ async def test_full_cache_evicts_the_least_recently_used_released_layer(
         assert layers.stats.pulls["cache"] == 1
         await pull_and_release(third.digest, third.data)
 
-        hexes = [layer.digest.removeprefix("sha256:") for layer in image.layers]
+        hexes = [blob_key(layers.namespace, x.digest.removeprefix("sha256:")) for x in image.layers]
         assert cache.evictions == 1
         assert cache.is_complete(hexes[0]) and cache.is_complete(hexes[2])
         assert cache.entry(hexes[1]) is None
-        assert not any(p.name.startswith(hexes[1]) for p in cache.root.iterdir())
+        namespace_dir = cache.directory(layers.namespace)
+        assert not any(p.name.startswith(hexes[1][-64:]) for p in namespace_dir.iterdir())
         assert cache.used_bytes <= quota
         assert not layers.stats.fallbacks  # every layer came through the swarm
         assert layers.stats.bytes_served["swarm"] == sum(len(x.data) for x in image.layers)
         nursery.cancel_scope.cancel()
+
+
+def test_the_store_and_the_cache_share_one_layout(tmp_path: Path) -> None:
+    """A blob the piece store is assembling (``.partial``, ``.state``) and its kept
+    torrent are one cache entry of the partial's size; evicting it removes every file the
+    store and the cache wrote, and nothing else."""
+    data = bytes(range(256)) * 4 * 1024  # 1 MiB
+    builder = MetainfoBuilder(len(data), "layer", MIN_PIECE_LENGTH)
+    builder.update(data)
+    meta = builder.finish()
+    hex_ = meta.digest_hex
+    namespace = registry_namespace("http://127.0.0.1:5000")
+    key = blob_key(namespace, hex_)
+    (tmp_path / "notes.txt").write_bytes(b"theirs")
+    cache = BlobCache(tmp_path, 10 * MIB)
+    with PieceStorage.open(cache.directory(namespace), meta) as store:
+        store.write_piece(0, data[: meta.piece_size(0)])
+    cache.save_torrent(meta, namespace)
+    files = BlobFiles(tmp_path / namespace, hex_)
+    assert cache.files(key) == files
+
+    def every_file() -> set[str]:
+        return {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+
+    assert every_file() == {
+        f"{namespace}/{files.partial.name}",
+        f"{namespace}/{files.state.name}",
+        f"{namespace}/{files.torrent.name}",
+        "notes.txt",
+    }
+    cache.scan()
+    entry = cache.entry(key)
+    assert entry is not None and not entry.complete and entry.size == meta.length
+    cache.evict(key)
+    assert every_file() == {"notes.txt"}
+
+
+def test_blob_file_names() -> None:
+    assert parse_blob_file_name(A) == (A, "blob")
+    assert [parse_blob_file_name(p.name) for p in BlobFiles(Path("/x"), A).all()] == [
+        (A, "blob"),
+        (A, "partial"),
+        (A, "state"),
+        (A, "torrent"),
+    ]
+    for foreign in (f"{A}.state.tmp", f"{A}.torrent.tmp", A.upper(), A[:63], f"{A}.", "x"):
+        assert parse_blob_file_name(foreign) is None

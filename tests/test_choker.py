@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import random
 import subprocess
 import sys
 import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pimage.auth.tokens import SigningKey, TokenIssuer
 from p2pimage.errors import LocalProtocolError
+from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.choker import Choker, PeerStats
+from p2pimage.swarm.engine import Swarm, SwarmSettings
+from p2pimage.swarm.node import PeerNode
 
 
 def stats(n: int, interested: bool = True, **kw: float) -> list[PeerStats[str]]:
@@ -70,9 +78,41 @@ def test_all_interested_unchoked_when_slots_suffice() -> None:
     ch = Choker[str](upload_slots=4, optimistic_slots=1, rng=random.Random(0))
     peers = [*stats(5), PeerStats("u", False, download_rate=1e9)]
     assert ch.rechoke(peers, seeding=False, now=0.0) == {f"p{i}" for i in range(5)}
+
+
+def test_unlimited_slots_unchoke_every_connected_peer() -> None:
+    """``upload_slots=None`` is unlimited: nobody waits for a slot, interested or not
+    (so a peer can request the moment it becomes interested), however many there are,
+    with no optimistic rotation; rates and snubbing do not matter."""
     coop = Choker[str](upload_slots=None, rng=random.Random(0))
-    many = [*stats(200), PeerStats("u", False)]
-    assert coop.rechoke(many, seeding=False, now=0.0) == {f"p{i}" for i in range(200)}
+    many = [*stats(200), PeerStats("u", False), PeerStats("s", True, snubbed=True)]
+    everyone = {p.key for p in many}
+    for t in (0.0, 10.0, 45.0):
+        assert coop.rechoke(many, seeding=False, now=t) == everyone
+        assert coop.rechoke(many, seeding=True, now=t) == everyone
+        assert coop.optimistic == ()
+    assert coop.unchoked == everyone
+    assert coop.rechoke(many[:3], seeding=False, now=50.0) == {"p0", "p1", "p2"}  # gone: out
+    assert coop.rechoke([], seeding=False, now=60.0) == set()
+
+
+def test_zero_slots_is_zero_not_unlimited() -> None:
+    """0 regular slots means only the optimistic unchokes, never "everyone"."""
+    peers = stats(6)
+    assert Choker[str](upload_slots=0, optimistic_slots=0).rechoke(peers, False, 0.0) == set()
+    got = Choker[str](upload_slots=0, optimistic_slots=1, rng=random.Random(1)).rechoke(
+        peers, False, 0.0
+    )
+    assert len(got) == 1 and got <= {p.key for p in peers}
+
+
+def test_swarm_settings_and_choker_share_one_meaning_of_unlimited() -> None:
+    """The swarm's setting goes to the choker unchanged: the default, None, is the
+    choker's unlimited (the engine once mapped its 0 to the choker's None)."""
+    default = SwarmSettings()
+    assert default.upload_slots is None
+    ch = Choker[str](upload_slots=default.upload_slots, optimistic_slots=default.optimistic_slots)
+    assert ch.rechoke(stats(50, interested=False), False, 0.0) == {f"p{i}" for i in range(50)}
 
 
 def test_rate_ties_broken_by_rng_deterministically() -> None:
@@ -218,3 +258,65 @@ def test_decisions_do_not_depend_on_hash_seed() -> None:
         for h in (1, 2, 3)
     }
     assert len(outs) == 1
+
+
+# --- what the engine calls: two real nodes on loopback ---------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _seeder_and_leecher(
+    tmp_path: Path, settings: SwarmSettings
+) -> AsyncIterator[tuple[PeerNode, Swarm, PeerNode, Swarm]]:
+    """A seeder (with ``settings``) of a 1 MiB blob and a leecher dialling it."""
+    from .test_swarm import nodes
+    from .test_transfer import make_blob
+
+    blob, meta = make_blob(tmp_path, 1024 * 1024)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer) as (seed_node, leech_node):
+        seeder = await seed_node.add_swarm(
+            meta,
+            tmp_path / "seed",
+            settings=settings,
+            storage=PieceStorage.open_complete(blob, meta),
+        )
+        leecher = await leech_node.add_swarm(meta, tmp_path / "leech")
+        leecher.add_peers([seed_node.listen_address])
+        yield seed_node, seeder, leech_node, leecher
+
+
+async def test_engine_rechokes_with_the_default_unlimited_choker(tmp_path: Path) -> None:
+    """With the default settings the engine asks the choker (the tick's first rechoke
+    saw no peer; the one that unchokes the leecher comes from its arrival or interest),
+    and the choker's answer is what goes on the wire: the leecher downloads."""
+    async with _seeder_and_leecher(tmp_path, SwarmSettings()) as (_, seeder, leech_node, leecher):
+        assert seeder.choker.upload_slots is None
+        with trio.fail_after(20):
+            await leecher.complete.wait()
+        assert leech_node.peer_id in seeder.choker.unchoked
+        assert leecher.stats.downloaded_from_peers == leecher.metainfo.length
+
+
+async def test_engine_chokes_whom_the_choker_chokes(tmp_path: Path) -> None:
+    """No regular and no optimistic slot: the engine sends no unchoke, so an interested
+    leecher gets nothing (the old engine unchoked everyone whenever the setting was 0)."""
+    closed = SwarmSettings(upload_slots=0, optimistic_slots=0)
+    async with _seeder_and_leecher(tmp_path, closed) as (_, seeder, _leech, leecher):
+        assert seeder.choker.upload_slots == 0
+        with trio.fail_after(10):
+            while not any(p.peer_interested for p in seeder.peers.values()):
+                await trio.sleep(0.02)
+        await trio.sleep(1.0)  # loopback moves the whole blob in well under this
+        assert seeder.choker.unchoked == frozenset()
+        assert leecher.storage.num_have == 0 and leecher.stats.downloaded_from_peers == 0
+        assert all(p.am_choking for p in seeder.peers.values())
+
+
+async def test_engine_gives_a_limited_choker_slot_to_the_interested_leecher(
+    tmp_path: Path,
+) -> None:
+    one = SwarmSettings(upload_slots=1, optimistic_slots=0)
+    async with _seeder_and_leecher(tmp_path, one) as (_, seeder, leech_node, leecher):
+        with trio.fail_after(20):
+            await leecher.complete.wait()
+        assert seeder.choker.unchoked <= {leech_node.peer_id}

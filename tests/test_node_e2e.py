@@ -310,3 +310,51 @@ def test_cluster_command_three_nodes(tmp_path: Path) -> None:
     printed = re.search(r"registry egress\s*│\s*([0-9.]+) image copies", proc.stdout)
     assert printed is not None
     assert abs(float(printed.group(1)) - report["registry_copies"]) < 0.006
+
+
+async def test_a_fake_seeder_slows_the_next_pull_never_stalls_it(tmp_path: Path) -> None:
+    """A member with a real token and key claims to seed a layer nobody holds yet and
+    serves nothing. The next pull through a real node completes through the swarm (the
+    tracker reopens origin work for the stalled leecher) within the node's stall timeout,
+    with no fallback to a direct registry read."""
+    from p2pimage.sidecar.client import SidecarClient, TokenKeeper
+    from p2pimage.tracker import AnnounceRequest, Event
+    from p2pimage.tracker.client import TrackerClient
+
+    image = build_image([6 * MIB], seed=31)
+    layer = image.layers[0]
+    stall_timeout_s = 15.0
+    async with local_cluster(tmp_path, nodes=1, stall_timeout_s=stall_timeout_s) as cluster:
+        await push(cluster, image)
+        async with httpx.AsyncClient(timeout=30) as http, trio.open_nursery() as nursery:
+            sidecar = SidecarClient(cluster.sidecar_url, http=http)
+            liar = TokenKeeper(sidecar, node="liar", credential=cluster.credential)
+            await liar.refresh()
+            meta = await sidecar.torrent(layer.digest, "demo/app")
+
+            async def silent(stream: trio.SocketStream) -> None:
+                await trio.sleep_forever()  # accepts connections, says nothing
+
+            listeners = await nursery.start(trio.serve_tcp, silent, 0)
+            claim = AnnounceRequest(
+                info_hash=meta.info_hash,
+                peer_id=liar.peer_id(),
+                port=listeners[0].socket.getsockname()[1],
+                left=0,
+                event=Event.STARTED,
+            )
+            tracker = TrackerClient(cluster.tracker_url, http=http, auth=liar.request_auth())
+            assert (await tracker.announce(claim)).complete == 1
+            started = trio.current_time()
+            status, body, _ = await pull_blob_via(
+                cluster.nodes[0].mirror_url, cluster, "demo/app", layer.digest
+            )
+            took = trio.current_time() - started
+            nursery.cancel_scope.cancel()
+    assert status == 200 and body == layer.data
+    assert took < stall_timeout_s, took
+    daemon = cluster.nodes[0].daemon
+    assert daemon is not None
+    assert not daemon.layers.stats.fallbacks
+    assert daemon.layers.stats.bytes_served["registry"] == 0
+    assert daemon.layers.stats.bytes_served["swarm"] == len(layer.data)

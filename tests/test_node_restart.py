@@ -25,6 +25,7 @@ from daemons.node import NodeDaemon, NodeSettings, run_node
 from daemons.testbed.localcluster import LocalCluster, local_cluster
 from p2pimage.oci.image import BuiltImage, build_image, push_image
 from p2pimage.oci.registry import RegistryClient
+from p2pimage.storage.cache import blob_key, registry_namespace
 
 MIB = 1024 * 1024
 REPO = "demo/app"
@@ -51,6 +52,7 @@ def node_settings(cluster: LocalCluster, name: str, **overrides: Any) -> NodeSet
         "upstreams": {cluster.registry_host: cluster.proxy.url},
         "default_upstream": cluster.proxy.url,
         "cache_dir": cluster.workdir / name / "cache",
+        "allow_plain_http_join": True,
         "log_json": True,
     }
     return NodeSettings.model_validate({**fields, **overrides})
@@ -146,7 +148,8 @@ async def test_restarted_node_resumes_a_partial_layer(tmp_path: Path) -> None:
                 had = max((s.storage.bytes_have for s in swarms), default=0)
         await node.stop()
         assert had < size  # killed mid-layer
-        cache = settings.cache_dir
+        # Kept under the registry's own directory (keyed by registry and digest).
+        cache = settings.cache_dir / registry_namespace(cluster.proxy.url)
         assert (cache / f"{hex_}.partial").exists() and (cache / f"{hex_}.state").exists()
         assert not (cache / hex_).exists()
 
@@ -164,7 +167,7 @@ async def test_restarted_node_resumes_a_partial_layer(tmp_path: Path) -> None:
         assert fetched <= size - had, (fetched, size, had)
         assert cluster.registry_egress - egress_before <= size - had + 512 * 1024
         with trio.fail_after(10):
-            while not node.daemon.layers.cache.is_complete(hex_):
+            while not node.daemon.layers.cache.is_complete(f"{cache.name}/{hex_}"):
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
 
@@ -186,7 +189,8 @@ async def test_restarted_node_keeps_seeding_complete_layers(tmp_path: Path) -> N
             status, body = await pull_blob(a, cluster, layer.digest)
         assert status == 200 and body == layer.data
         with trio.fail_after(10):
-            while not a.daemon.layers.cache.is_complete(hex_):
+            key = blob_key(registry_namespace(cluster.proxy.url), hex_)
+            while not a.daemon.layers.cache.is_complete(key):
                 await trio.sleep(0.05)
         await a.stop()
 

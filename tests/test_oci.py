@@ -293,109 +293,16 @@ async def skopeo_push(layout: Path, dest: str) -> None:
 # Token auth (Docker/OCI token flow) against the real registry --------------------------
 
 
-def _libtrust_kid(public_der: bytes) -> str:
-    """distribution's key id for a trusted key: base32 of 240 bits of SHA-256(SPKI)."""
-    import base64
-    import hashlib
-
-    b32 = base64.b32encode(hashlib.sha256(public_der).digest()[:30]).decode()
-    return ":".join(b32[i : i + 4] for i in range(0, 48, 4))
-
-
-class TokenRealm:
-    """A minimal Docker token server (the role of docker_auth / Harbor core) for tests."""
-
-    def __init__(self, tmp_path: Path, users: dict[str, str]) -> None:
-        import datetime
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2pimage test token issuer")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .sign(self.key, hashes.SHA256())
-        )
-        self.bundle = tmp_path / "token-ca.pem"
-        self.bundle.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        spki = self.key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        self.kid = _libtrust_kid(spki)
-        self.users = users
-        self.requests: list[str] = []
-
-    def app(self) -> object:
-        import base64
-        import time
-
-        import jwt
-        from starlette.applications import Starlette
-        from starlette.requests import Request
-        from starlette.responses import JSONResponse
-        from starlette.routing import Route
-
-        async def token(request: Request) -> JSONResponse:
-            auth = request.headers.get("authorization", "")
-            user = None
-            if auth.startswith("Basic "):
-                u, _, p = base64.b64decode(auth[6:]).decode().partition(":")
-                if self.users.get(u) == p:
-                    user = u
-            if user is None:
-                return JSONResponse({"details": "bad credentials"}, 401)
-            scopes = request.query_params.getlist("scope")
-            self.requests.append(" ".join(scopes))
-            access = []
-            for s in scopes:
-                kind, name, actions = s.split(":")
-                access.append({"type": kind, "name": name, "actions": actions.split(",")})
-            now = int(time.time())
-            claims = {
-                "iss": "test-issuer",
-                "sub": user,
-                "aud": request.query_params["service"],
-                "iat": now,
-                "nbf": now - 5,
-                "exp": now + 300,
-                "jti": f"{now}-{len(self.requests)}",
-                "access": access,
-            }
-            signed = jwt.encode(claims, self.key, algorithm="ES256", headers={"kid": self.kid})
-            return JSONResponse({"token": signed, "expires_in": 300})
-
-        return Starlette(routes=[Route("/token", token)])
-
-
 async def test_token_auth_flow_against_real_registry(tmp_path: Path) -> None:
     if shutil.which("docker-registry") is None:
         pytest.skip("docker-registry is not installed")
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
 
-    from daemons.testbed.registry import TokenAuth
+    from daemons.testbed.token_realm import TokenRealm
 
     realm = TokenRealm(tmp_path, {"bob": "pw"})
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
     async with trio.open_nursery() as nursery:
-        urls = await nursery.start(
-            lambda task_status: serve(realm.app(), config, task_status=task_status)
-        )
-        realm_url = (urls[0] if isinstance(urls, list) else urls) + "/token"
-        auth = TokenAuth(realm_url, "test-registry", "test-issuer", realm.bundle)
-        async with start_registry(token_auth=auth) as reg:
+        await nursery.start(realm.serve)
+        async with start_registry(token_auth=realm.registry_auth()) as reg:
             async with RegistryClient(reg.url, username="bob", password="wrong") as bad:
                 with pytest.raises(RegistryError, match="token endpoint"):
                     await push_image(bad, "secure/app", "v1", build_image([100]))

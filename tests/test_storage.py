@@ -18,6 +18,7 @@ from p2pimage.errors import (
     DigestMismatchError,
     LocalProtocolError,
     PieceHashError,
+    StorageBusyError,
     StorageError,
 )
 from p2pimage.metainfo.torrent import MIN_PIECE_LENGTH, Metainfo, MetainfoBuilder
@@ -137,7 +138,7 @@ def test_pieces_in_progress_bounded(tmp_path: Path) -> None:
         assert store.max_pieces_in_progress == 3
         for i in range(3):
             store.write_block(i, 0, piece(data, meta, i)[:BLOCK])
-        with pytest.raises(LocalProtocolError, match="in progress"):
+        with pytest.raises(StorageBusyError, match="in progress"):
             store.write_block(3, 0, piece(data, meta, 3)[:BLOCK])
         store.discard_piece(0)
         assert store.write_block(3, 0, piece(data, meta, 3)[:BLOCK]) is False
@@ -382,6 +383,41 @@ async def test_digest_mismatch_at_finalize(tmp_path: Path) -> None:
             await stream.__anext__()
         await stream.aclose()  # type: ignore[attr-defined]
     assert not (tmp_path / ("0" * 64)).exists()
+
+
+async def test_cursor_tells_the_caller_what_is_missing_and_guards_the_generation(
+    tmp_path: Path,
+) -> None:
+    """The caller drives a BlobCursor and learns everything from its answers (the store
+    never calls out): where it is, whether the piece there is missing, the bytes once it
+    is not; after a digest-mismatch reset every call raises."""
+    data, good = make_blob(3 * PL + 5)
+    meta = Metainfo(good.name, good.length, good.piece_length, good.pieces, "sha256:" + "0" * 64)
+    with PieceStorage.open(tmp_path, meta) as store:
+        cursor = store.cursor(PL - 10, 2 * PL + 3)
+        assert (cursor.position, cursor.done, cursor.missing()) == (PL - 10, False, True)
+        with pytest.raises(LocalProtocolError):
+            cursor.read(100)  # its piece is not verified
+        with trio.move_on_after(0.05) as waited:
+            await cursor.wait()
+        assert waited.cancelled_caught  # still missing: wait() waits
+        store.write_piece(0, piece(data, meta, 0))
+        await cursor.wait()
+        assert cursor.read(1 << 20) == data[PL - 10 : PL]  # stops at the verified run's end
+        assert cursor.position == PL and cursor.missing()
+        store.write_piece(1, piece(data, meta, 1))
+        store.write_piece(2, piece(data, meta, 2))
+        assert not cursor.missing()
+        assert cursor.read(PL) == data[PL : 2 * PL]
+        store.write_piece(3, piece(data, meta, 3))
+        with pytest.raises(DigestMismatchError):
+            store.finalize_sync()  # the reset: a new generation
+        with pytest.raises(DigestMismatchError):
+            cursor.read(3)
+        with pytest.raises(DigestMismatchError):
+            await cursor.wait()
+        with pytest.raises(LocalProtocolError):
+            store.cursor(5, 4)
 
 
 def test_open_complete(tmp_path: Path, blob: tuple[bytes, Metainfo]) -> None:

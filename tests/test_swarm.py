@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -48,7 +49,7 @@ async def push(registry: Any, blob: Path, repository: str = "test/layer") -> str
 
 def mesh(swarms: list[Swarm], node_list: list[PeerNode]) -> None:
     for swarm in swarms:
-        swarm.connect([n.listen_address for n in node_list])
+        swarm.add_peers([n.listen_address for n in node_list])
 
 
 @pytest.mark.parametrize("fetchers", [1, 2])
@@ -99,7 +100,7 @@ async def test_origin_failure_hands_pieces_back_to_peers(tmp_path: Path, registr
         with trio.fail_after(60):
             await reader.run()
             assert reader.failed is not None
-            swarm.connect([seeder.listen_address])
+            swarm.add_peers([seeder.listen_address])
             await swarm.complete.wait()
     assert sha256_file(swarm.storage.path) == meta.sha256
 
@@ -117,7 +118,7 @@ async def test_stream_in_order_first_bytes_before_ten_percent(tmp_path: Path) ->
     ):
         await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
-        swarm.connect([seeder.listen_address])
+        swarm.add_peers([seeder.listen_address])
         digest = hashlib.sha256()
         have_at_first_byte: int | None = None
         received = 0
@@ -149,12 +150,12 @@ async def test_peer_sending_bad_data_is_banned(tmp_path: Path) -> None:
         liar_storage = PieceStorage.open_complete(bad_blob, meta, verify=False)
         await liar.add_swarm(meta, tmp_path / "liar", storage=liar_storage)
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
-        swarm.connect([liar.listen_address])
+        swarm.add_peers([liar.listen_address])
         with trio.fail_after(30):
             while not swarm.banned:
                 await trio.sleep(0.05)
         await honest.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
-        swarm.connect([honest.listen_address, liar.listen_address])
+        swarm.add_peers([honest.listen_address, liar.listen_address])
         with trio.fail_after(60):
             await swarm.complete.wait()
         assert swarm.stats.hash_failures >= 1
@@ -172,7 +173,7 @@ async def test_release_while_the_runtime_still_reads_keeps_the_blob_readable(
     async with nodes(2, issuer) as (seeder, leecher):
         await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
-        swarm.connect([seeder.listen_address])
+        swarm.add_peers([seeder.listen_address])
         received = bytearray()
         with trio.fail_after(30):
             async for chunk in swarm.stream(chunk_size=256 * 1024):
@@ -264,8 +265,9 @@ async def test_reader_waiting_for_the_frontier_is_not_stalled_while_pieces_arriv
             for index in reversed(range(meta.num_pieces)):
                 await trio.sleep(0.01)
                 offset = meta.piece_offset(index)
-                swarm.storage.write_piece(index, data[offset : offset + meta.piece_size(index)])
-                swarm.piece_from_origin(index)
+                await swarm.accept_origin_piece(
+                    index, data[offset : offset + meta.piece_size(index)]
+                )
 
         received = bytearray()
         with trio.fail_after(30):
@@ -299,7 +301,7 @@ async def test_request_queue_follows_the_swarm_picker_settings(tmp_path: Path) -
     ):
         await s.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
-        swarm.connect([s.listen_address])
+        swarm.add_peers([s.listen_address])
         most = 0
         with trio.fail_after(30):
             while not swarm.complete.is_set():
@@ -307,6 +309,32 @@ async def test_request_queue_follows_the_swarm_picker_settings(tmp_path: Path) -
                 await trio.sleep(0.005)
     assert 2 <= most <= 4
     assert PickerSettings().min_pipeline == 8  # the default this test stays under
+
+
+class _ShortBlocks(PieceStorage):
+    """A store that serves every block one byte short: a misbehaving peer."""
+
+    def read_block(self, index: int, begin: int, length: int) -> bytes:
+        return super().read_block(index, begin, length)[:-1]
+
+
+async def test_a_block_of_the_wrong_length_closes_that_peer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A block that is not the length we asked for is the peer's fault: its session ends
+    at once (not a storage error, not a ban, nothing stored)."""
+    caplog.set_level(logging.DEBUG, logger="p2pimage.swarm.engine")
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer) as (liar, leecher):
+        await liar.add_swarm(meta, tmp_path, storage=_ShortBlocks.open_complete(blob, meta))
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
+        swarm.add_peers([liar.listen_address])
+        with trio.fail_after(10):
+            while "we asked for" not in caplog.text:
+                await trio.sleep(0.02)
+        assert swarm.storage.num_have == 0 and swarm.stats.hash_failures == 0
+        assert not swarm.banned and "internal error" not in caplog.text
 
 
 async def _relay(listener: trio.SocketListener, target: tuple[str, int], seen: bytearray) -> None:
@@ -342,7 +370,7 @@ async def test_peer_traffic_is_encrypted_on_the_wire(tmp_path: Path, encrypt: bo
         async with trio.open_nursery() as nursery:
             (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
             nursery.start_soon(_relay, listener, seeder.listen_address, seen)
-            swarm.connect([listener.socket.getsockname()[:2]])
+            swarm.add_peers([listener.socket.getsockname()[:2]])
             with trio.fail_after(30):
                 await swarm.complete.wait()
             nursery.cancel_scope.cancel()
@@ -366,3 +394,55 @@ async def test_a_node_requiring_encryption_refuses_one_without(tmp_path: Path) -
         with pytest.raises(Exception, match="does not offer encryption"):
             await leecher.dial(seeder.listen_address, meta.info_hash)
         assert not swarm.peers and swarm.storage.num_have == 0
+
+
+async def test_the_announcer_and_origin_api(tmp_path: Path) -> None:
+    """What the announcer and the origin reader ask of a swarm, on a running node:
+    snapshots, news that makes the next announce due at once, origin pieces through the
+    one path into storage (duplicates refused, bad bytes rejected, completion at the
+    last piece), release."""
+    from p2pimage.errors import PieceHashError
+
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    data = blob.read_bytes()
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(1, issuer) as (node,):
+        swarm = await node.add_swarm(meta, tmp_path / "node")
+        snap = swarm.announce_snapshot()
+        assert (snap.peer_id, snap.port, snap.info_hash) == (
+            node.peer_id,
+            node.listen_address[1],
+            meta.info_hash,
+        )
+        assert (snap.left, snap.downloaded, snap.complete) == (meta.length, 0, False)
+        with trio.move_on_after(0.1) as quiet:
+            await swarm.wait_announce_due(10)
+        assert quiet.cancelled_caught  # no news: the interval runs
+        swarm.announce_soon()
+        with trio.fail_after(1):
+            await swarm.wait_announce_due(10)  # news: due at once, until the next snapshot
+            await swarm.wait_announce_due(10)
+        swarm.announce_snapshot()
+        with trio.move_on_after(0.1) as quiet:
+            await swarm.wait_announce_due(10)
+        assert quiet.cancelled_caught
+
+        def piece(index: int) -> bytes:
+            offset = meta.piece_offset(index)
+            return data[offset : offset + meta.piece_size(index)]
+
+        with pytest.raises(PieceHashError):
+            await swarm.accept_origin_piece(0, bytes(meta.piece_size(0)))
+        assert not swarm.has_piece(0)
+        assert await swarm.accept_origin_piece(0, piece(0))
+        assert not await swarm.accept_origin_piece(0, piece(0))  # had it already
+        assert swarm.stats.downloaded_from_origin == meta.piece_size(0)
+        for index in range(1, meta.num_pieces):
+            await swarm.accept_origin_piece(index, piece(index))
+        assert swarm.complete.is_set() and sha256_file(swarm.storage.path) == meta.sha256
+        snap = swarm.announce_snapshot()
+        assert (snap.left, snap.downloaded, snap.complete) == (0, meta.length, True)
+        swarm.release()
+        assert swarm.released and swarm.closed.is_set()
+        with trio.fail_after(1):
+            await swarm.wait_announce_due(10)  # closed: always due

@@ -73,6 +73,7 @@ class FakeSidecar:
 
     def __init__(self, issuer: TokenIssuer) -> None:
         self.issuer = issuer
+        self.auth: httpx.Auth | None = None  # as SidecarClient: the keeper sets its own
         self.down = False
         self.jwks_calls: list[float] = []
         self.token_calls: list[float] = []
@@ -285,6 +286,7 @@ def _sidecar_settings(tmp_path: Path, port: int, keys: list[SigningKey], **kw: A
         store_dir=tmp_path / "torrents",
         signing_keys=paths,
         clusters={CLUSTER: [hash_credential(kw.pop("credential"))]},
+        allow_plain_http_join=True,
         log_json=True,
         **kw,
     )
@@ -344,10 +346,11 @@ async def test_keeper_follows_a_sidecar_key_rotation(tmp_path: Path) -> None:
         transcript = b"nonces, peer ids and the info-hash"
         pa, pb = a.authenticator(), b.authenticator()
         b_proof = (b_old.encode(), b.node_key.sign(transcript))
-        assert pa.verify_peer(*b_proof, transcript, info_hash).subject == "node-b"
+        b_id = pb.peer_id()
+        assert pa.verify_peer(*b_proof, transcript, info_hash, b_id).subject == "node-b"
         a_proof = pa.credentials(transcript)
         assert kid_of(a_proof[0].decode()) == new.kid
-        assert pb.verify_peer(*a_proof, transcript, info_hash).subject == "node-a"
+        assert pb.verify_peer(*a_proof, transcript, info_hash, pa.peer_id()).subject == "node-a"
         # And the keeper's token stays valid (strictly) while it keeps renewing.
         tokens = {a.token}
         for _ in range(35):  # 7 s: more than one renewal

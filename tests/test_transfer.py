@@ -51,7 +51,7 @@ async def test_64mib_loopback_transfer_with_auth(tmp_path: Path, issuer: TokenIs
     ):
         await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
-        swarm.connect([seeder.listen_address])
+        swarm.add_peers([seeder.listen_address])
         with trio.fail_after(120):
             await swarm.complete.wait()
         assert swarm.stats.hash_failures == 0
@@ -78,7 +78,7 @@ async def test_unauthorized_peer_gets_no_piece_bytes(
             meta, tmp_path, storage=PieceStorage.open_complete(blob, meta)
         )
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
-        swarm.connect([seeder.listen_address])
+        swarm.add_peers([seeder.listen_address])
         await trio.sleep(1.0)
         assert not swarm.complete.is_set()
         assert swarm.storage.num_have == 0

@@ -55,6 +55,7 @@ class ClusterParams:
     direct: bool = True
     workdir: Path | None = None
     network: Literal["loopback", "netns"] = "loopback"
+    tls: bool = False  # control plane over HTTPS (throwaway CA)
 
 
 class NetnsNotPermitted(click.ClickException):
@@ -257,8 +258,10 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
             node_download_rate=down,
             node_processes=True,
             network=params.network,
+            tls=params.tls,
         ) as cluster:
             pushed = await _push(cluster, image)
+            control_plane = cluster.sidecar_url.partition("://")[0]  # the scheme really used
             ref = f"{cluster.registry_host}/{REPOSITORY}:{TAG}"
             results = [NodeResult(n.name) for n in cluster.nodes]
             egress0 = cluster.registry_egress
@@ -295,6 +298,7 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
     report: dict[str, Any] = {
         "nodes": params.nodes,
         "network": params.network,
+        "control_plane": control_plane,
         "image_mib": round(image_bytes / MIB, 2),
         "client": "skopeo" if use_skopeo else "p2pimage-oci",
         "t_all_s": round(t_all, 2),
@@ -473,6 +477,11 @@ def _layer_list(value: str) -> list[float]:
     "veth links (root only)",
 )
 @click.option(
+    "--tls",
+    is_flag=True,
+    help="run the control plane (sidecar, tracker) over HTTPS with a throwaway CA",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -487,6 +496,7 @@ def cluster(
     client: str,
     no_direct: bool,
     network: Literal["loopback", "netns"],
+    tls: bool,
     json_path: Path | None,
 ) -> None:
     """Run a local cluster (registry, sidecar, tracker, N nodes) and pull an image on
@@ -500,6 +510,7 @@ def cluster(
         client=client,
         direct=not no_direct,
         network=network,
+        tls=tls,
     )
     if network == "netns":
         check_netns()  # here, so click reports it (exit code 2) before anything starts

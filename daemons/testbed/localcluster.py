@@ -28,8 +28,9 @@ from daemons.node import NodeDaemon, NodeSettings, run_node
 from daemons.sidecar import SidecarSettings, run_sidecar
 from daemons.testbed import netns as _netns
 from daemons.testbed.process import free_port
-from daemons.testbed.registry import RegistryProcess, start_registry
+from daemons.testbed.registry import RegistryProcess, TokenAuth, start_registry
 from daemons.testbed.throttle_proxy import ThrottleProxy
+from daemons.testbed.tls import TlsBundle, make_tls
 from daemons.tracker import TrackerSettings, run_tracker
 from p2pimage.auth.join import generate_credential, hash_credential
 from p2pimage.auth.tokens import SigningKey
@@ -79,6 +80,7 @@ class LocalCluster:
     tracker_scope: trio.CancelScope
     network: Literal["loopback", "netns"] = "loopback"
     topology: _netns.Topology | None = None  # network-namespace mode only
+    tls: TlsBundle | None = None  # the control plane's throwaway CA and certificate
 
     @property
     def registry_host(self) -> str:
@@ -105,9 +107,23 @@ async def local_cluster(
     notifications: bool = True,
     node_processes: bool = False,
     network: Literal["loopback", "netns"] = "loopback",
+    tls: bool = False,
+    token_auth: TokenAuth | None = None,
+    sidecar_login: tuple[str, str] | None = None,
     forward_proxy: bool = False,
 ) -> AsyncIterator[LocalCluster]:
     """Start everything; stop everything (and leave no process behind) on exit.
+
+    With ``tls``, the control plane runs over HTTPS: a throwaway CA and server
+    certificate (:mod:`daemons.testbed.tls`) in ``workdir``; the sidecar and the tracker
+    serve with it, the nodes, the tracker and the registry's webhook verify against the
+    CA, and join credentials travel over HTTPS only. Without it, everything is plain
+    HTTP and the sidecar and nodes opt in to ``allow_plain_http_join``.
+
+    The registry asks for credentials with ``htpasswd`` (one user, whom the sidecar logs
+    in as) or ``token_auth`` (a token server such as
+    :class:`~daemons.testbed.token_realm.TokenRealm`; the sidecar logs in as
+    ``sidecar_login``).
 
     With ``node_processes``, each node runs as its own ``p2pimage node`` process (as on a
     real cluster, and using every core); otherwise all nodes share this trio loop, which
@@ -148,6 +164,9 @@ async def local_cluster(
             notifications=notifications,
             node_processes=node_processes,
             topo=topo,
+            tls=tls,
+            token_auth=token_auth,
+            sidecar_login=sidecar_login or htpasswd,
             forward_proxy=forward_proxy,
         ) as cluster:
             yield cluster
@@ -167,7 +186,10 @@ async def _local_cluster(
     notifications: bool,
     node_processes: bool,
     topo: _netns.Topology | None,
-    forward_proxy: bool = False,
+    tls: bool,
+    token_auth: TokenAuth | None,
+    sidecar_login: tuple[str, str] | None,
+    forward_proxy: bool,
 ) -> AsyncIterator[LocalCluster]:
     # Loopback: everything on 127.0.0.1, rates by token buckets. Namespaces: services on
     # the core addresses, nodes on their own, rates by tc (so no token buckets here).
@@ -179,13 +201,16 @@ async def _local_cluster(
     key_path.write_bytes(SigningKey.generate().to_pem())
     key_path.chmod(0o600)
     credential = generate_credential()
+    bundle = make_tls(workdir / "tls", (core_host, "localhost")) if tls else None
     async with trio.open_nursery() as nursery:
         sidecar_port = free_port(core_host)
-        sidecar_url = f"http://{core_host}:{sidecar_port}"
+        sidecar_url = f"{'https' if tls else 'http'}://{core_host}:{sidecar_port}"
         async with start_registry(
             notifications_url=f"{sidecar_url}/events" if notifications else None,
             htpasswd=htpasswd,
+            token_auth=token_auth,
             workdir=workdir / "registry",
+            ca_file=bundle.ca_file if bundle else None,
         ) as registry:
             host, port = registry.url.removeprefix("http://").split(":")
             proxy = ThrottleProxy(
@@ -198,11 +223,14 @@ async def _local_cluster(
             sidecar_settings = SidecarSettings(
                 listen=f"{core_host}:{sidecar_port}",
                 registry_url=registry.url,
-                registry_username=htpasswd[0] if htpasswd else None,
-                registry_password=SecretStr(htpasswd[1]) if htpasswd else None,
+                registry_username=sidecar_login[0] if sidecar_login else None,
+                registry_password=SecretStr(sidecar_login[1]) if sidecar_login else None,
                 store_dir=workdir / "torrents",
                 signing_keys=[key_path],
                 clusters={CLUSTER: [hash_credential(credential)]},
+                tls_cert_file=bundle.cert_file if bundle else None,
+                tls_key_file=bundle.key_file if bundle else None,
+                allow_plain_http_join=bundle is None,
                 log_json=True,
             )
             await nursery.start(_scoped, sidecar_scope, run_sidecar, sidecar_settings)
@@ -214,6 +242,9 @@ async def _local_cluster(
                 interval_s=10,
                 min_interval_s=1,
                 fetcher_interval_s=1,
+                tls_cert_file=bundle.cert_file if bundle else None,
+                tls_key_file=bundle.key_file if bundle else None,
+                ca_file=bundle.ca_file if bundle else None,
                 log_json=True,
             )
             tracker_base = await nursery.start(
@@ -241,6 +272,8 @@ async def _local_cluster(
                     download_rate=node_download_rate,
                     swarm_threshold_bytes=swarm_threshold_bytes,
                     stall_timeout_s=stall_timeout_s,
+                    ca_file=bundle.ca_file if bundle else None,
+                    allow_plain_http_join=bundle is None,
                     log_json=True,
                 )
                 node = ClusterNode(name, "", settings)
@@ -282,6 +315,7 @@ async def _local_cluster(
                 tracker_scope=tracker_scope,
                 network="netns" if topo else "loopback",
                 topology=topo,
+                tls=bundle,
             )
             try:
                 yield cluster

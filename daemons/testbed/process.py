@@ -62,12 +62,12 @@ class ManagedProcess:
         """Blocking set-up after the process answers (runs in a thread under trio)."""
 
     def _popen(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
-        """Start ``argv`` in its own session, output appended to ``log_path`` (``env``:
-        the whole environment, else this process's)."""
+        """Start ``argv`` in its own session, output appended to ``log_path`` (with
+        ``env`` added to this process's environment)."""
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 list(argv),
-                env=dict(env) if env is not None else None,
+                env={**os.environ, **env} if env else None,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

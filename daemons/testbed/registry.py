@@ -74,6 +74,9 @@ class RegistryProcess(ManagedProcess):
     # Address to listen on (a test namespace's address, for clients that never proxy
     # loopback hosts).
     host: str = "127.0.0.1"
+    # CA bundle the registry trusts for its outgoing HTTPS (notifications to a TLS
+    # sidecar); Go reads SSL_CERT_FILE.
+    ca_file: Path | None = None
     workdir: Path | None = None
     port: int = 0
     url: str = field(init=False, default="")
@@ -155,7 +158,8 @@ class RegistryProcess(ManagedProcess):
         config_path = self.workdir / "config.yml"
         # JSON is YAML: no YAML library needed.
         config_path.write_text(json.dumps(self.config(), indent=2))
-        self._popen([binary, "serve", str(config_path)])
+        env = {"SSL_CERT_FILE": str(self.ca_file)} if self.ca_file else None
+        self._popen([binary, "serve", str(config_path)], env)
 
     def _ready(self) -> bool:
         # A liveness probe only: the certificate is the tests' business.

@@ -1,15 +1,21 @@
 """Serving layer blobs to a container runtime: cache, swarm, or registry, never a failed pull.
 
-:class:`LayerService` is what the node's registry mirror calls for a blob ``GET``:
+:class:`LayerService` is what the node's registry mirror calls for a blob ``GET``. It
+serves one *swarm registry*, the registry the cluster's sidecar indexes (its base URL,
+``registry``): only blobs of that registry are cached and shared through swarms, and
+every swarm, cache entry and torrent lookup is keyed by (registry, digest). Blobs of any
+other registry the caller names are read from that registry directly, byte for byte
+(isolation by registry, not by digest: docs/operations.md, "Trust model").
 
 1. **Access check** (private-image isolation): an authorized ``HEAD`` of the blob at the
-   upstream registry with the client's own ``Authorization``; anything but 200 is relayed
-   to the client as the registry said it, and no swarm byte is served. Successes are
-   cached briefly per (credential, upstream, repository, digest).
-2. **Cache**: a complete, verified blob on disk is served from disk.
-3. **Swarm**: blobs above a size threshold come through the swarm (torrent from the
-   sidecar, peers from the tracker), streamed in order while later pieces still download;
-   the whole-blob SHA-256 is checked as it streams.
+   registry the blob will be served for, with the client's own ``Authorization``;
+   anything but 200 is relayed to the client as the registry said it, and no swarm or
+   cache byte is served. Successes are cached for :data:`ACCESS_CACHE_S` per
+   (credential, registry, repository, digest).
+2. **Cache**: a complete, verified blob of the swarm registry on disk is served from disk.
+3. **Swarm**: blobs of the swarm registry above a size threshold come through the swarm
+   (torrent from the sidecar, peers from the tracker), streamed in order while later
+   pieces still download; the whole-blob SHA-256 is checked as it streams.
 4. **Fallback**: when the sidecar, tracker or swarm cannot serve (unreachable, cache full,
    no progress for ``stall_timeout_s``), the rest of the blob is read directly from the
    registry with the client's credentials, from the byte the client has reached.
@@ -32,19 +38,30 @@ import trio
 
 from p2pimage.errors import DigestMismatchError, LocalProtocolError, P2PImageError, StorageError
 from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.oci.registry import ByteRange, open_blob_range
 from p2pimage.sidecar.client import SidecarClient, SidecarError
-from p2pimage.storage.cache import BlobCache
+from p2pimage.storage.cache import BlobCache, blob_key, registry_namespace
 from p2pimage.swarm.engine import Swarm, SwarmStalled
 from p2pimage.swarm.node import PeerNode
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.tracker.client import TrackerClient
 
-__all__ = ["AccessAnswer", "LayerService", "LayerSettings", "LayerStats"]
+__all__ = ["ACCESS_CACHE_S", "AccessAnswer", "LayerService", "LayerSettings", "LayerStats"]
 
 log = logging.getLogger("p2pimage.mirror.blobs")
 
 # Bytes per chunk handed to the HTTP layer (and read from disk or the registry).
 CHUNK = 1024 * 1024
+# How long a successful access check stands for one (credential, registry, repository,
+# digest). A runtime pulling a layer sends one HEAD and one or more (Range) GETs within
+# seconds, so 30 s spares the registry a HEAD per GET; it is also the longest a revoked
+# pull right (or a deleted blob) keeps being honoured by this node, shorter than the
+# registry tokens a client already holds (minutes: Docker Hub's last 300 s). Refusals
+# are never cached: a client that gains rights is served on its next request.
+ACCESS_CACHE_S: Final = 30.0
+# Cached access answers kept at most; beyond that the cache is emptied, not grown
+# (rebuilding costs one HEAD per pull in flight).
+ACCESS_CACHE_MAX: Final = 10_000
 # Response headers worth relaying from a refused upstream answer (the token challenge).
 _RELAY_HEADERS = ("www-authenticate", "docker-distribution-api-version", "content-type")
 
@@ -58,8 +75,8 @@ class LayerSettings:
     stall_timeout_s: float = 15.0
     # Getting a swarm going (torrent + storage) may take this long before we fall back.
     setup_timeout_s: float = 10.0
-    # How long a successful access check stands for one credential and blob.
-    access_cache_s: float = 30.0
+    # How long a successful access check stands (see ACCESS_CACHE_S).
+    access_cache_s: float = ACCESS_CACHE_S
 
 
 @dataclass
@@ -83,11 +100,13 @@ class AccessAnswer:
 
 
 class LayerService:
-    """Blob reads for the mirror, owning the node's swarms for layers."""
+    """Blob reads for the mirror, owning the node's swarms for the layers of ``registry``
+    (the base URL of the registry the cluster's sidecar indexes, as this node reads it)."""
 
     def __init__(
         self,
         *,
+        registry: str,
         node: PeerNode | None,
         cache: BlobCache,
         http: httpx.AsyncClient,
@@ -97,6 +116,8 @@ class LayerService:
         origin_limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.registry = registry.rstrip("/")
+        self.namespace = registry_namespace(self.registry)
         self.node = node
         self.cache = cache
         self.http = http
@@ -107,7 +128,7 @@ class LayerService:
         self.clock = clock
         self.stats = LayerStats()
         self._access: dict[tuple[str, str, str, str], tuple[float, AccessAnswer]] = {}
-        self._starting: dict[str, trio.Event] = {}
+        self._starting: dict[tuple[str, str], trio.Event] = {}  # (registry, digest)
         self._nursery: trio.Nursery | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -124,7 +145,7 @@ class LayerService:
         """A restarted node seeds the complete blobs it kept until the tracker releases them."""
         if self.node is None or self.tracker is None:
             return
-        for meta in self.cache.complete_with_torrents():
+        for meta in self.cache.complete_with_torrents(self.namespace):
             if meta.info_hash in self.node.swarms:
                 continue
             try:
@@ -137,7 +158,9 @@ class LayerService:
     async def check_access(
         self, upstream: str, repository: str, digest: str, authorization: str | None
     ) -> AccessAnswer:
-        """HEAD the blob upstream as the client; cache successes briefly."""
+        """HEAD the blob at ``upstream`` (the registry it will be served for) as the
+        client; cache successes for ``access_cache_s``."""
+        upstream = upstream.rstrip("/")
         cred = hashlib.sha256((authorization or "").encode()).hexdigest()
         key = (cred, upstream, repository, digest)
         now = self.clock()
@@ -159,8 +182,8 @@ class LayerService:
                 size = None
         answer = AccessAnswer(response.status_code, relay, size)
         if response.status_code == 200 and size is not None:
-            if len(self._access) > 10_000:
-                self._access.clear()  # bound the cache; rebuilding costs one HEAD per blob
+            if len(self._access) >= ACCESS_CACHE_MAX:
+                self._access.clear()
             self._access[key] = (now + self.settings.access_cache_s, answer)
         return answer
 
@@ -176,15 +199,19 @@ class LayerService:
         start: int = 0,
         end: int | None = None,
     ) -> AsyncGenerator[bytes, None]:
-        """Yield bytes ``[start, end)`` of the blob; the caller has checked access."""
+        """Yield bytes ``[start, end)`` of the blob as ``upstream`` holds it; the caller
+        has checked access at ``upstream``. Cache and swarm serve only when ``upstream``
+        is this service's swarm registry."""
         end = size if end is None else end
-        hex_ = digest.removeprefix("sha256:")
+        upstream = upstream.rstrip("/")
+        shared = upstream == self.registry  # cache and swarm only for the swarm registry
+        hex_ = blob_key(self.namespace, digest.removeprefix("sha256:"))
         whole = start == 0 and end == size
         hasher = hashlib.sha256() if whole else None
         position = start
         source = "registry"
         try:
-            if self.cache.is_complete(hex_):
+            if shared and self.cache.is_complete(hex_):
                 source = "cache"
                 self.stats.pulls["cache"] += 1
                 async for chunk in self._read_file(self.cache.blob_path(hex_), start, end, hex_):
@@ -193,8 +220,8 @@ class LayerService:
                     yield chunk
                 return
             swarm: Swarm | None = None
-            if size >= self.settings.swarm_threshold_bytes:
-                swarm = await self._swarm_or_none(upstream, repository, digest, size, authorization)
+            if shared and size >= self.settings.swarm_threshold_bytes:
+                swarm = await self._swarm_or_none(repository, digest, size, authorization)
             if swarm is not None:
                 source = "swarm"
                 self.cache.pin(hex_)
@@ -216,7 +243,7 @@ class LayerService:
                         self._fallback(type(exc).__name__, digest, position)
                 finally:
                     self.cache.unpin(hex_)
-            elif size >= self.settings.swarm_threshold_bytes:
+            elif shared and size >= self.settings.swarm_threshold_bytes:
                 source = "fallback"
             if position < end:
                 async for chunk in self._read_registry(
@@ -273,34 +300,22 @@ class LayerService:
         end: int,
     ) -> AsyncIterator[bytes]:
         headers = {"Authorization": authorization} if authorization else {}
-        headers["Range"] = f"bytes={start}-{end - 1}"
         url = f"{upstream}/v2/{repository}/blobs/{digest}"
-        async with self.http.stream("GET", url, headers=headers, follow_redirects=True) as r:
-            if r.status_code == 206:
-                skip = 0
-            elif r.status_code == 200:
-                skip = start  # a registry that ignores Range: discard the prefix
-            else:
-                raise P2PImageError(f"registry answered {r.status_code} for {digest}")
-            remaining = end - start
-            async for chunk in r.aiter_bytes(CHUNK):
-                if skip:
-                    cut = min(skip, len(chunk))
-                    chunk, skip = chunk[cut:], skip - cut
-                    if not chunk:
-                        continue
-                chunk = chunk[:remaining]
-                remaining -= len(chunk)
+        async with open_blob_range(
+            self.http,
+            url,
+            ByteRange(start, end),
+            headers=headers,
+            skip_ignored=True,
+            chunk_size=CHUNK,
+        ) as chunks:
+            async for chunk in chunks:
                 yield chunk
-                if remaining <= 0:
-                    break
-            if remaining > 0:
-                raise P2PImageError(f"registry sent a short body for {digest}")
 
     # --- swarms -------------------------------------------------------------------------
 
     async def _swarm_or_none(
-        self, upstream: str, repository: str, digest: str, size: int, authorization: str | None
+        self, repository: str, digest: str, size: int, authorization: str | None
     ) -> Swarm | None:
         if self.node is None or self.sidecar is None or self.tracker is None:
             self._fallback("p2p_disabled", digest, 0)
@@ -324,23 +339,25 @@ class LayerService:
         self, repository: str, digest: str, size: int, authorization: str | None
     ) -> Swarm:
         assert self.node is not None and self.sidecar is not None
-        hex_ = digest.removeprefix("sha256:")
-        while hex_ in self._starting:  # single flight: one torrent fetch per blob
-            await self._starting[hex_].wait()
+        hex_ = blob_key(self.namespace, digest.removeprefix("sha256:"))
+        flight = (self.registry, digest)
+        while flight in self._starting:  # single flight: one torrent fetch per blob
+            await self._starting[flight].wait()
+        # Every swarm of this node is a swarm of self.registry (the sidecar's registry).
         for swarm in self.node.swarms.values():
             if swarm.metainfo.sha256 == digest and not swarm.closed.is_set():
                 return swarm
-        done = self._starting[hex_] = trio.Event()
+        done = self._starting[flight] = trio.Event()
         try:
             meta = await self.sidecar.torrent(digest, repository)
             if meta.length != size:
                 raise SidecarError(f"torrent says {meta.length} bytes, registry says {size}")
             if not self.cache.reserve(hex_, size, self.clock()):
                 raise _CacheFull(digest)
-            self.cache.save_torrent(meta)
+            self.cache.save_torrent(meta, self.namespace)
             return await self._start_swarm(meta, repository, authorization)
         finally:
-            del self._starting[hex_]
+            del self._starting[flight]
             done.set()
 
     async def _start_swarm(
@@ -349,13 +366,13 @@ class LayerService:
         assert self.node is not None
         swarm = await self.node.add_swarm(
             meta,
-            self.cache.root,
+            self.cache.directory(self.namespace),
             tracker=self.tracker,
             repository=repository,
             origin_headers={"Authorization": authorization} if authorization else None,
             origin_limiter=self.origin_limiter,
         )
-        hex_ = meta.digest_hex
+        hex_ = blob_key(self.namespace, meta.digest_hex)
         self.cache.pin(hex_)
         if self._nursery is not None:
             self._nursery.start_soon(self._watch, swarm, hex_)

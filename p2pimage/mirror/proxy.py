@@ -319,8 +319,9 @@ class _Client:
 class ForwardProxy:
     """An HTTP/1.1 forward proxy in front of the node's mirror (``mirror``, an ASGI app).
 
-    ``registries`` are the authorities (``host:port``) the mirror serves; requests for
-    their ``/v2/`` paths go to the mirror with ``ns=<authority>``. ``intercept_hosts``
+    ``serves(ns)`` says whether the mirror serves the registry named ``ns`` (``host:port``,
+    or ``host`` on the scheme's default port); requests for its ``/v2/`` paths go to the
+    mirror with ``ns=``. ``intercept_hosts``
     (host names or ``host:port``) are decrypted with certificates from ``certificates``;
     every other CONNECT is a blind tunnel. ``http`` forwards everything else and verifies
     the upstream's certificate for intercepted hosts.
@@ -330,7 +331,7 @@ class ForwardProxy:
         self,
         *,
         mirror: ASGIApp,
-        registries: Collection[str],
+        serves: Callable[[str], bool],
         http: httpx.AsyncClient,
         intercept_hosts: Collection[str] = (),
         certificates: HostCertificates | None = None,
@@ -340,7 +341,7 @@ class ForwardProxy:
         if intercept_hosts and certificates is None:
             raise LocalProtocolError("intercepting hosts needs a CA (certificates)")
         self.mirror = mirror
-        self.registries = frozenset(registries)
+        self.serves = serves
         self.http = http
         self.intercept_hosts = frozenset(h.lower() for h in intercept_hosts)
         self.certificates = certificates
@@ -350,9 +351,9 @@ class ForwardProxy:
 
     def registry_of(self, target: ProxyTarget) -> str | None:
         """The name (``ns``) under which the mirror serves ``target``'s registry, if it does."""
-        if target.authority in self.registries:
+        if self.serves(target.authority):
             return target.authority
-        if target.port == _DEFAULT_PORT[target.scheme] and target.host in self.registries:
+        if target.port == _DEFAULT_PORT[target.scheme] and self.serves(target.host):
             return target.host
         return None
 

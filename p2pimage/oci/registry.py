@@ -25,8 +25,8 @@ import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager, suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
+from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -264,6 +264,93 @@ class _CachedToken:
 # The client --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ByteRange:
+    """Bytes ``[start, end)`` of a blob (``end`` None: to the blob's end), read with one
+    HTTP ``Range`` GET. The one rule for ranged blob reads, used by
+    :meth:`RegistryClient.open_blob`, the node mirror's registry reads and the swarm's
+    origin reader (through :func:`open_blob_range` or :meth:`check` and :meth:`chunks`):
+
+    - ``206``: the range; ``200``: the registry ignored ``Range`` and sends the whole
+      blob, which is the range if it starts at 0 (the tail past ``end`` is cut off), or
+      else its prefix is read and dropped when the caller allows it (``skip_ignored``:
+      a pull must not fail for it) and refused otherwise (an origin fetcher must not
+      read the layer again); any other status is a :class:`RegistryError`;
+    - a body that ends before ``end`` is a :class:`RegistryError`.
+    """
+
+    start: int = 0
+    end: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or (self.end is not None and self.end < self.start):
+            raise LocalProtocolError(f"bad byte range {self.start}..{self.end}")
+
+    def headers(self) -> dict[str, str]:
+        """The ``Range`` header; none for the whole blob."""
+        if self.start == 0 and self.end is None:
+            return {}
+        last = "" if self.end is None else str(self.end - 1)
+        return {"Range": f"bytes={self.start}-{last}"}
+
+    def check(self, response: httpx.Response, *, what: str, skip_ignored: bool = False) -> int:
+        """Check the status of the answer to :meth:`headers`; returns how many bytes to
+        drop from the front of its body (non-zero only for an ignored ``Range``)."""
+        if response.status_code == 206 or (response.status_code == 200 and not self.headers()):
+            return 0
+        if response.status_code == 200:
+            if self.start == 0 or skip_ignored:
+                return self.start
+            raise RegistryError(f"registry ignored Range for {what}", status=200)
+        raise RegistryError(
+            f"registry answered {response.status_code} to GET {what}", status=response.status_code
+        )
+
+    async def chunks(
+        self, response: httpx.Response, skip: int = 0, chunk_size: int | None = None
+    ) -> AsyncGenerator[bytes, None]:
+        """The range's bytes from ``response`` (after :meth:`check` gave ``skip``), as the
+        network delivers them or in ``chunk_size`` units."""
+        remaining = None if self.end is None else self.end - self.start
+        async for chunk in response.aiter_bytes(chunk_size):
+            if skip:
+                cut = min(skip, len(chunk))
+                chunk, skip = chunk[cut:], skip - cut
+                if not chunk:
+                    continue
+            if remaining is not None:
+                if len(chunk) > remaining:
+                    chunk = chunk[:remaining]
+                remaining -= len(chunk)
+            yield chunk
+            if remaining == 0:
+                return
+        if remaining:
+            raise RegistryError(
+                f"registry sent a short body: {remaining} bytes of the range missing"
+            )
+
+
+@asynccontextmanager
+async def open_blob_range(
+    http: httpx.AsyncClient,
+    url: str,
+    byte_range: ByteRange,
+    *,
+    headers: Mapping[str, str] | None = None,
+    skip_ignored: bool = False,
+    chunk_size: int | None = None,
+) -> AsyncIterator[AsyncIterator[bytes]]:
+    """GET ``byte_range`` of the blob at ``url`` (redirects followed) and yield its bytes
+    (see :class:`ByteRange` for the rules). For readers that hold the credentials
+    already (``headers``); :meth:`RegistryClient.open_blob` answers auth challenges."""
+    request_headers = {**(headers or {}), **byte_range.headers()}
+    async with http.stream("GET", url, headers=request_headers, follow_redirects=True) as r:
+        skip = byte_range.check(r, what=url, skip_ignored=skip_ignored)
+        async with aclosing(byte_range.chunks(r, skip, chunk_size)) as chunks:
+            yield chunks
+
+
 @dataclass
 class BlobStream:
     """An open blob GET: ``size`` is the Content-Length (the range's length for a Range
@@ -273,9 +360,10 @@ class BlobStream:
 
     response: httpx.Response
     size: int | None
+    byte_range: ByteRange = field(default_factory=ByteRange)
 
     def chunks(self) -> AsyncIterator[bytes]:
-        return self.response.aiter_bytes()
+        return self.byte_range.chunks(self.response)
 
 
 class BlobReader(Protocol):
@@ -634,25 +722,24 @@ class RegistryClient:
         beyond one chunk. Raises :class:`RegistryError` (404 when unknown)."""
         check_repository(repository)
         check_digest(digest)
-        headers = {}
-        if start is not None or end is not None:
-            first = start or 0
-            headers["Range"] = f"bytes={first}-" + ("" if end is None else str(end - 1))
+        byte_range = ByteRange(start or 0, end)
         r = await self._send(
             "GET",
             f"/v2/{repository}/blobs/{digest}",
             scope=f"repository:{repository}:pull",
-            headers=headers,
+            headers=byte_range.headers(),
             stream=True,
         )
         try:
             if r.status_code not in (200, 206):
                 await r.aread()
                 raise self._fail(r, f"GET blob {repository}@{digest}")
-            if headers and r.status_code != 206:
-                raise RegistryError(f"registry ignored Range for {digest}", status=r.status_code)
+            byte_range.check(r, what=digest)
             length = r.headers.get("content-length")
-            yield BlobStream(r, int(length) if length and length.isdigit() else None)
+            size = int(length) if length and length.isdigit() else None
+            if r.status_code == 200 and byte_range.end is not None:
+                size = byte_range.end  # an ignored Range from 0: the tail is cut off
+            yield BlobStream(r, size, byte_range)
         except httpx.HTTPError as exc:
             raise RegistryError(f"GET blob {repository}@{digest}: {exc}") from None
         finally:
@@ -857,6 +944,7 @@ __all__ = [
     "OCI_MANIFEST",
     "BlobReader",
     "BlobStream",
+    "ByteRange",
     "Descriptor",
     "Manifest",
     "ManifestError",
@@ -865,6 +953,7 @@ __all__ = [
     "RegistryError",
     "check_digest",
     "check_reference",
+    "open_blob_range",
     "check_repository",
     "is_digest",
     "is_repository",

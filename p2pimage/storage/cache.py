@@ -1,8 +1,14 @@
 """The node's layer cache: content-addressed blobs on disk under a quota, LRU eviction.
 
-Layout (one directory): ``<hex>`` a complete, verified blob; ``<hex>.partial`` and
+Blobs are keyed by (registry, digest), never by digest alone: a blob is only ever served
+for the registry it was fetched from (see docs/operations.md, "Trust model"). Each
+registry has its own subdirectory, named by :func:`registry_namespace`; a cache key is
+``<namespace>/<hex>`` (:func:`blob_key`). A namespace holds the blob files of
+:mod:`p2pimage.storage.layout`: ``<hex>`` a complete, verified blob; ``<hex>.partial`` and
 ``<hex>.state`` a blob being downloaded (see :class:`~p2pimage.storage.pieces.PieceStorage`);
-``<hex>.torrent`` its torrent, kept so a restarted node can seed and resume.
+``<hex>.torrent`` its torrent, kept so a restarted node can seed and resume. Blobs left at
+the top level by an older version (keyed by digest alone) count toward the quota and are
+evicted first-come by LRU, but no lookup ever finds them.
 
 A blob that is pinned (being served to a runtime, or seeded by a live swarm) is never
 evicted; space for a new blob is made by evicting the least recently used unpinned
@@ -12,6 +18,7 @@ serves the pull straight from the registry instead: a full disk never fails a pu
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -21,18 +28,37 @@ from pathlib import Path
 
 from p2pimage.errors import LocalProtocolError, MetainfoError, StorageError
 from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.storage.layout import BlobFiles, parse_blob_file_name
 
-__all__ = ["BlobCache", "CachedBlob"]
+__all__ = ["BlobCache", "CachedBlob", "blob_key", "registry_namespace"]
 
 log = logging.getLogger("p2pimage.storage.cache")
 
 _HEX = re.compile(r"[0-9a-f]{64}")
-_SUFFIXES = ("", ".partial", ".state", ".torrent")
+_NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,120}-[0-9a-f]{12}")
+
+
+def registry_namespace(registry_url: str) -> str:
+    """The cache subdirectory of the registry at ``registry_url`` (its base URL).
+
+    Readable (the URL with unsafe characters replaced) and unambiguous (a hash of the
+    exact URL): ``http://127.0.0.1:5000`` → ``http_127.0.0.1_5000-<12 hex>``.
+    """
+    url = registry_url.rstrip("/")
+    readable = re.sub(r"[^A-Za-z0-9.-]+", "_", url)[:100].strip("_") or "registry"
+    return f"{readable}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+
+
+def blob_key(namespace: str, hex_: str) -> str:
+    """The cache key of blob ``hex_`` fetched from the registry of ``namespace``."""
+    if not _NAMESPACE.fullmatch(namespace) or not _HEX.fullmatch(hex_):
+        raise LocalProtocolError(f"not a cache key: {namespace!r}/{hex_!r}")
+    return f"{namespace}/{hex_}"
 
 
 @dataclass
 class CachedBlob:
-    hex: str
+    hex: str  # the cache key: ``<namespace>/<hex>`` (see :func:`blob_key`)
     size: int  # bytes the blob occupies or will occupy when complete
     last_used: float
     complete: bool
@@ -61,23 +87,28 @@ class BlobCache:
         """Rebuild the index from the directory (start-up, or after outside changes)."""
         entries: dict[str, CachedBlob] = {}
         try:
-            names = os.listdir(self.root)
+            names = [("", n) for n in os.listdir(self.root)]
+            for sub in [n for _, n in names if _NAMESPACE.fullmatch(n)]:
+                if (self.root / sub).is_dir():
+                    names += [(sub + "/", n) for n in os.listdir(self.root / sub)]
         except OSError as exc:
             raise StorageError(f"cannot list cache directory {self.root}: {exc}") from None
-        for name in names:
-            hex_, _, suffix = name.partition(".")
-            if not _HEX.fullmatch(hex_) or ("." + suffix if suffix else "") not in _SUFFIXES:
+        for prefix, name in names:
+            parsed = parse_blob_file_name(name)
+            if parsed is None:
                 continue
+            hex_, kind = parsed
             try:
-                st = os.stat(self.root / name)
+                st = os.stat(self.root / prefix / name)
             except OSError:
                 continue
-            entry = entries.setdefault(hex_, CachedBlob(hex_, 0, st.st_mtime, False))
+            key = prefix + hex_
+            entry = entries.setdefault(key, CachedBlob(key, 0, st.st_mtime, False))
             entry.last_used = max(entry.last_used, st.st_mtime)
-            if suffix == "":
+            if kind == "blob":
                 entry.complete = True
                 entry.size = max(entry.size, st.st_size)
-            elif suffix == "partial":
+            elif kind == "partial":
                 entry.size = max(entry.size, st.st_size)
         self._entries = entries
 
@@ -85,37 +116,49 @@ class BlobCache:
     def used_bytes(self) -> int:
         return sum(e.size for e in self._entries.values())
 
-    def entry(self, hex_: str) -> CachedBlob | None:
-        return self._entries.get(hex_)
+    def entry(self, key: str) -> CachedBlob | None:
+        return self._entries.get(key)
 
-    def is_complete(self, hex_: str) -> bool:
-        entry = self._entries.get(hex_)
-        return entry is not None and entry.complete and (self.root / hex_).exists()
+    def is_complete(self, key: str) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.complete and self.blob_path(key).exists()
 
-    def blob_path(self, hex_: str) -> Path:
-        return self.root / hex_
+    def files(self, key: str) -> BlobFiles:
+        """The files of the blob with cache key ``key`` (``<namespace>/<hex>``)."""
+        namespace, _, hex_ = key.rpartition("/")
+        return BlobFiles(self.root / namespace if namespace else self.root, hex_)
 
-    def torrent_path(self, hex_: str) -> Path:
-        return self.root / f"{hex_}.torrent"
+    def blob_path(self, key: str) -> Path:
+        return self.files(key).blob
 
-    def complete_with_torrents(self) -> list[Metainfo]:
-        """Complete blobs whose torrent is kept: what a restarted node seeds again."""
+    def torrent_path(self, key: str) -> Path:
+        return self.files(key).torrent
+
+    def directory(self, namespace: str) -> Path:
+        """Where the blobs of one registry live (the directory piece storage writes)."""
+        return self.root / namespace
+
+    def complete_with_torrents(self, namespace: str) -> list[Metainfo]:
+        """Complete blobs of one registry whose torrent is kept: what a restarted node
+        seeds again."""
         out = []
-        for hex_, entry in self._entries.items():
-            if not entry.complete:
+        for key, entry in self._entries.items():
+            ns, _, hex_ = key.rpartition("/")
+            if not entry.complete or ns != namespace:
                 continue
             try:
-                meta = Metainfo.from_bytes(self.torrent_path(hex_).read_bytes())
+                meta = Metainfo.from_bytes(self.torrent_path(key).read_bytes())
             except (OSError, MetainfoError):
                 continue
             if meta.digest_hex == hex_:
                 out.append(meta)
         return out
 
-    def save_torrent(self, meta: Metainfo) -> None:
-        path = self.torrent_path(meta.digest_hex)
+    def save_torrent(self, meta: Metainfo, namespace: str) -> None:
+        path = self.torrent_path(blob_key(namespace, meta.digest_hex))
         tmp = path.with_suffix(".torrent.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(meta.to_bytes())
             os.replace(tmp, path)
         except OSError as exc:
@@ -123,47 +166,48 @@ class BlobCache:
 
     # --- use ----------------------------------------------------------------------------
 
-    def pin(self, hex_: str) -> None:
-        self._pins[hex_] += 1
+    def pin(self, key: str) -> None:
+        self._pins[key] += 1
 
-    def unpin(self, hex_: str) -> None:
-        self._pins[hex_] -= 1
-        if self._pins[hex_] <= 0:
-            del self._pins[hex_]
+    def unpin(self, key: str) -> None:
+        self._pins[key] -= 1
+        if self._pins[key] <= 0:
+            del self._pins[key]
 
-    def is_pinned(self, hex_: str) -> bool:
-        return self._pins[hex_] > 0
+    def is_pinned(self, key: str) -> bool:
+        return self._pins[key] > 0
 
-    def touch(self, hex_: str, now: float) -> None:
-        entry = self._entries.get(hex_)
+    def touch(self, key: str, now: float) -> None:
+        entry = self._entries.get(key)
         if entry is not None:
             entry.last_used = now
             # Persist recency cheaply, so LRU order survives a restart.
-            for suffix in ("", ".partial"):
+            files = self.files(key)
+            for path in (files.blob, files.partial):
                 try:
-                    os.utime(self.root / f"{hex_}{suffix}", (now, now))
+                    os.utime(path, (now, now))
                     break
                 except OSError:
                     continue
 
-    def mark_complete(self, hex_: str, size: int, now: float) -> None:
-        self._entries[hex_] = CachedBlob(hex_, size, now, True)
+    def mark_complete(self, key: str, size: int, now: float) -> None:
+        self._entries[key] = CachedBlob(key, size, now, True)
 
-    def reserve(self, hex_: str, size: int, now: float) -> bool:
-        """Make room for blob ``hex_`` of ``size`` bytes, evicting LRU unpinned blobs.
+    def reserve(self, key: str, size: int, now: float) -> bool:
+        """Make room for blob ``key`` of ``size`` bytes, evicting LRU unpinned blobs.
 
         Returns False (and evicts nothing) when pinned blobs leave too little space.
         """
-        existing = self._entries.get(hex_)
+        existing = self._entries.get(key)
         if existing is not None:
             existing.last_used = now
             existing.size = max(existing.size, size)
-            return self.used_bytes <= self.quota_bytes or self._evict_for(0, keep=hex_)
+            return self.used_bytes <= self.quota_bytes or self._evict_for(0, keep=key)
         if size > self.quota_bytes:
             return False
-        if not self._evict_for(size, keep=hex_):
+        if not self._evict_for(size, keep=key):
             return False
-        self._entries[hex_] = CachedBlob(hex_, size, now, False)
+        self._entries[key] = CachedBlob(key, size, now, False)
         return True
 
     def _evict_for(self, size: int, *, keep: str) -> bool:
@@ -183,14 +227,14 @@ class BlobCache:
             need -= victim.size
         return True
 
-    def evict(self, hex_: str) -> None:
-        if self.is_pinned(hex_):
-            raise LocalProtocolError(f"blob {hex_} is pinned")
-        for suffix in _SUFFIXES:
+    def evict(self, key: str) -> None:
+        if self.is_pinned(key):
+            raise LocalProtocolError(f"blob {key} is pinned")
+        for path in self.files(key).all():
             try:
-                (self.root / f"{hex_}{suffix}").unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             except OSError as exc:
-                log.warning("cannot remove %s%s: %s", hex_, suffix, exc)
-        self._entries.pop(hex_, None)
+                log.warning("cannot remove %s: %s", path, exc)
+        self._entries.pop(key, None)
         self.evictions += 1
-        log.info("evicted blob sha256:%s", hex_)
+        log.info("evicted blob %s", key)

@@ -1,6 +1,7 @@
 """On-disk store of one blob's pieces: verify in memory, write, resume, stream, finalize.
 
-Layout under ``root``, content-addressed by the blob's digest hex:
+Layout under ``root``, content-addressed by the blob's digest hex (the names are
+:class:`~p2pimage.storage.layout.BlobFiles`'s):
 
 - ``<hex>.partial`` — the blob being assembled, a sparse file truncated to its length;
 - ``<hex>.state`` — the verified-piece bitfield and the info-hash it belongs to (bencoded),
@@ -18,6 +19,10 @@ loses at most the last batch of verified pieces plus any whose bytes had not rea
 disk, and never trusts a piece it cannot read back. The blob itself is fsynced before its
 rename to the final name.
 
+Peer blocks and whole pieces (the origin's) take one path in: :meth:`PieceStorage.write_block`
+(:meth:`PieceStorage.write_piece` is that call for a whole piece). A block the store will
+not buffer now raises :class:`~p2pimage.errors.StorageBusyError`: back-pressure, not a fault.
+
 Completion is explicit: when :attr:`PieceStorage.all_pieces_verified` turns true, call
 ``await finalize()`` (hashes the file in a worker thread) or ``finalize_sync()``. Readers
 do not wait for it: :meth:`PieceStorage.stream` yields bytes as soon as their pieces verify.
@@ -31,10 +36,9 @@ from __future__ import annotations
 import bisect
 import contextlib
 import errno
-import functools
 import hashlib
 import os
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -45,17 +49,17 @@ from p2pimage.errors import (
     DigestMismatchError,
     LocalProtocolError,
     PieceHashError,
+    StorageBusyError,
     StorageError,
 )
 from p2pimage.metainfo.bencoding import bdecode, bencode
 from p2pimage.metainfo.torrent import Metainfo
-
-#: ``PieceStorage.stream``'s hook: ``(offset, wait) -> None``, awaiting ``wait()``.
-WaitMissing = Callable[[int, Callable[[], Awaitable[None]]], Awaitable[None]]
+from p2pimage.storage.layout import BlobFiles
 
 __all__ = [
     "DEFAULT_FLUSH_EVERY_BYTES",
     "DEFAULT_MAX_BUFFERED_BYTES",
+    "BlobCursor",
     "PieceStorage",
 ]
 
@@ -120,6 +124,56 @@ class _Assembly:
         return len(ranges) == 1 and ranges[0][0] == 0 and ranges[0][1] == len(self.buf)
 
 
+class BlobCursor:
+    """Reads ``[start, end)`` of one store in order, bound to the store's generation:
+    once finalize has found the blob bad and reset the store, every call raises
+    :class:`DigestMismatchError`, so a reader never mixes bytes of two downloads.
+
+    The caller drives it (``while not done: [policy while missing]; await wait(); read``)
+    and learns what it needs from return values: :attr:`position`, :meth:`missing`.
+    """
+
+    def __init__(self, storage: PieceStorage, start: int, end: int | None) -> None:
+        length = storage.metainfo.length
+        end = length if end is None else end
+        if not 0 <= start <= end <= length:
+            raise LocalProtocolError(f"bad range {start}..{end} of {length} bytes")
+        self._storage = storage
+        self._generation = storage._generation
+        self.position = start
+        self.end = end
+
+    @property
+    def done(self) -> bool:
+        return self.position >= self.end
+
+    def _check_generation(self) -> None:
+        if self._storage._generation != self._generation:
+            raise DigestMismatchError("blob failed its digest check while streaming")
+
+    def missing(self) -> bool:
+        """The piece under :attr:`position` is not verified yet."""
+        return not self._storage.has_piece(self.position // self._storage.metainfo.piece_length)
+
+    async def wait(self) -> None:
+        """Return once the piece under :attr:`position` is verified (a checkpoint even if
+        it already is). Raises :class:`StorageError` if the store closes meanwhile."""
+        await self._storage._wait(
+            self.position // self._storage.metainfo.piece_length, self._generation
+        )
+        self._check_generation()
+
+    def read(self, max_bytes: int) -> bytes:
+        """The next verified bytes from :attr:`position` (at most ``max_bytes``, up to
+        :attr:`end`), advancing past them. The piece under the position must be verified
+        (:meth:`wait`)."""
+        self._check_generation()
+        data = self._storage.read_verified(self.position, min(self.end - self.position, max_bytes))
+        self._check_generation()
+        self.position += len(data)
+        return data
+
+
 class PieceStorage:
     """The pieces of one blob on disk. Create with :meth:`open` or :meth:`open_complete`."""
 
@@ -148,7 +202,7 @@ class PieceStorage:
         self._bytes_have = 0
         self._assembling: dict[int, _Assembly] = {}
         #: Pieces assembled in memory at once; a block starting another piece beyond this
-        #: raises LocalProtocolError (the caller's picker keeps fewer pieces in flight).
+        #: raises StorageBusyError (the caller's picker keeps fewer pieces in flight).
         self.max_pieces_in_progress = max(1, max_buffered_bytes // metainfo.piece_length)
         self._flush_every_bytes = flush_every_bytes
         self._unflushed_bytes = 0
@@ -183,10 +237,8 @@ class PieceStorage:
         through ``trio.to_thread.run_sync``.
         """
         root_path = Path(root)
-        hex_digest = metainfo.digest_hex
-        final = root_path / hex_digest
-        partial = root_path / f"{hex_digest}.partial"
-        state = root_path / f"{hex_digest}.state"
+        files = BlobFiles(root_path, metainfo.digest_hex)
+        final, partial, state = files.blob, files.partial, files.state
 
         def make(fd: int, complete: bool) -> PieceStorage:
             return cls(
@@ -350,10 +402,13 @@ class PieceStorage:
         """Store a block of piece ``index`` at offset ``begin`` within the piece.
 
         Returns True when this block completed the piece and it verified (it is then on
-        disk and readable). Blocks for a piece already verified are ignored (False).
-        Raises :class:`PieceHashError` if the completed piece is bad (its buffer is
-        dropped; nothing is written), :class:`LocalProtocolError` for a block outside the
-        piece or beyond ``max_pieces_in_progress``, :class:`StorageError` on disk errors.
+        disk and readable). Blocks for a piece already verified are ignored (False). A
+        whole piece (``begin`` 0, the piece's size) is verified and stored at once, without
+        an assembly buffer. Raises :class:`PieceHashError` if the completed piece is bad
+        (its buffer is dropped; nothing is written), :class:`StorageBusyError` for a block
+        that would start a piece beyond ``max_pieces_in_progress`` (back-pressure),
+        :class:`LocalProtocolError` for a block outside the piece, :class:`StorageError`
+        on disk errors.
         """
         self._check_open()
         self._check_index(index)
@@ -365,10 +420,14 @@ class PieceStorage:
             )
         if self.has_piece(index):
             return False
+        if begin == 0 and len(view) == size:
+            self._assembling.pop(index, None)
+            self._store_verified(index, view)
+            return True
         assembly = self._assembling.get(index)
         if assembly is None:
             if len(self._assembling) >= self.max_pieces_in_progress:
-                raise LocalProtocolError(
+                raise StorageBusyError(
                     f"{len(self._assembling)} pieces already in progress "
                     f"(max_pieces_in_progress={self.max_pieces_in_progress})"
                 )
@@ -380,19 +439,15 @@ class PieceStorage:
         return True
 
     def write_piece(self, index: int, data: bytes | bytearray | memoryview) -> bool:
-        """Store a whole piece (e.g. read from the origin). Same results as write_block."""
-        self._check_open()
+        """:meth:`write_block` for a whole piece; raises :class:`LocalProtocolError` if
+        ``data`` is not exactly the piece's size."""
         self._check_index(index)
         view = memoryview(data).cast("B")
         if len(view) != self.metainfo.piece_size(index):
             raise LocalProtocolError(
                 f"piece {index} is {self.metainfo.piece_size(index)} bytes, got {len(view)}"
             )
-        if self.has_piece(index):
-            return False
-        self._assembling.pop(index, None)
-        self._store_verified(index, view)
-        return True
+        return self.write_block(index, 0, view)
 
     def discard_piece(self, index: int) -> None:
         """Drop a piece's partial blocks (its peer went away); no-op if none."""
@@ -558,44 +613,26 @@ class PieceStorage:
                 raise DigestMismatchError("blob failed its digest check while streaming")
             await changed.wait()
 
+    def cursor(self, start: int = 0, end: int | None = None) -> BlobCursor:
+        """An in-order reader of ``[start, end)`` for a caller that runs its own policy
+        while a piece is missing (the swarm's); :meth:`stream` is the plain loop over it."""
+        return BlobCursor(self, start, end)
+
     async def stream(
-        self,
-        start: int = 0,
-        end: int | None = None,
-        chunk_size: int = 1024 * 1024,
-        *,
-        wait_missing: WaitMissing | None = None,
+        self, start: int = 0, end: int | None = None, chunk_size: int = 1024 * 1024
     ) -> AsyncGenerator[bytes, None]:
         """Yield the blob's bytes ``[start, end)`` in order, each as soon as it verifies.
 
         Chunks are at most ``chunk_size`` bytes. Any number of readers may stream at
         once. Raises :class:`DigestMismatchError` if, mid-stream, finalize found the
         whole blob bad and reset the store.
-
-        ``wait_missing(offset, wait)`` is called when the piece under ``offset`` is not
-        verified yet, with ``wait`` the store's own wait for it; the caller's policy goes
-        around that wait (the swarm steers its picker and enforces a stall timeout).
         """
-        length = self.metainfo.length
-        if end is None:
-            end = length
-        if not 0 <= start <= end <= length or chunk_size <= 0:
-            raise LocalProtocolError(f"bad range {start}..{end} of {length} bytes")
-        generation = self._generation
-        piece_length = self.metainfo.piece_length
-        pos = start
-        while pos < end:
-            index = pos // piece_length
-            if wait_missing is not None and not self.has_piece(index):
-                await wait_missing(pos, functools.partial(self._wait, index, generation))
-            await self._wait(index, generation)  # a checkpoint once the piece is there
-            if self._generation != generation:
-                raise DigestMismatchError("blob failed its digest check while streaming")
-            data = self.read_verified(pos, min(end - pos, chunk_size))
-            if self._generation != generation:
-                raise DigestMismatchError("blob failed its digest check while streaming")
-            pos += len(data)
-            yield data
+        cursor = self.cursor(start, end)
+        if chunk_size <= 0:
+            raise LocalProtocolError(f"bad chunk size {chunk_size}")
+        while not cursor.done:
+            await cursor.wait()
+            yield cursor.read(chunk_size)
 
     def _notify(self) -> None:
         """Wake every waiter; safe from the trio thread and from worker threads."""

@@ -21,8 +21,13 @@ The rules are BEP 3's and the original client's, as libtorrent implements them:
   start at once on becoming interested; here the caller simply rechokes when a peer's
   interest changes.)
 * When there are no more interested peers than slots, every interested peer is
-  unchoked. ``upload_slots=None`` means unlimited: the cooperative rule used inside a
-  p2pimage cluster, with tit-for-tat still one setting away.
+  unchoked.
+* ``upload_slots=None`` means unlimited, and nothing else does: no peer ever waits for a
+  slot, so every connected peer is unchoked, interested or not, and can request the
+  moment it becomes interested (no unchoke round trip). This is the cooperative rule
+  used inside a p2pimage cluster (``SwarmSettings.upload_slots`` defaults to None), with
+  tit-for-tat one setting away. ``upload_slots=0`` is zero regular slots: only the
+  optimistic unchokes.
 """
 
 from __future__ import annotations
@@ -112,8 +117,9 @@ class Choker(Generic[K]):
     def rechoke(self, peers: Sequence[PeerStats[K]], seeding: bool, now: float) -> set[K]:
         """The peers to unchoke now (all others stay or become choked).
 
-        ``peers`` is every connected peer; keys must be unique. The result holds only
-        interested peers: at most ``upload_slots`` regular ones plus at most
+        ``peers`` is every connected peer; keys must be unique. With unlimited slots
+        (``upload_slots=None``) the result is every connected peer. Otherwise it holds
+        only interested peers: at most ``upload_slots`` regular ones plus at most
         ``optimistic_slots`` optimistic ones.
         """
         self._last_rechoke = now
@@ -127,9 +133,13 @@ class Choker(Generic[K]):
         for key in [k for k in first_seen if k not in present]:
             del first_seen[key]
 
-        interested = [st for st in peers if st.interested]
         slots = self.upload_slots
-        if slots is None or len(interested) <= slots + self.optimistic_slots:
+        if slots is None:
+            self._optimistic = []
+            self._unchoked = set(present)
+            return set(self._unchoked)
+        interested = [st for st in peers if st.interested]
+        if len(interested) <= slots + self.optimistic_slots:
             self._optimistic = []
             self._unchoked = {st.key for st in interested}
             return set(self._unchoked)

@@ -6,6 +6,13 @@ holds one reader, one writer and one uploader task per peer, a housekeeping tick
 (request timeouts, stall detection, rates, rechoke), the tracker announce loop and the
 origin reader, when the tracker assigns one. The policies make every decision; this
 module only moves bytes and events between them and the sockets.
+
+What others may ask of a swarm is its small API: the announcer calls
+:meth:`Swarm.announce_snapshot`, :meth:`Swarm.add_peers`, :meth:`Swarm.wait_announce_due`
+and :meth:`Swarm.release`; the origin reader :meth:`Swarm.reserve_for_origin`,
+:meth:`Swarm.return_to_peers`, :meth:`Swarm.held_by_peer`, :meth:`Swarm.pace_download` and
+:meth:`Swarm.accept_origin_piece`; the mirror :meth:`Swarm.stream`. A swarm knows its node
+only as a :class:`Dialer`.
 """
 
 from __future__ import annotations
@@ -14,9 +21,8 @@ import logging
 import random
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
-from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
@@ -24,16 +30,19 @@ from p2pimage.errors import (
     DigestMismatchError,
     LocalProtocolError,
     P2PImageError,
+    PeerClosed,
     PieceHashError,
     RemoteProtocolError,
+    StorageBusyError,
     StorageError,
     leaf_exceptions,
 )
 from p2pimage.metainfo.torrent import Metainfo
-from p2pimage.storage.pieces import PieceStorage, WaitMissing
+from p2pimage.storage.pieces import BlobCursor, PieceStorage
 from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
-from p2pimage.swarm.session import PeerClosed, PeerSession, SessionInfo
+from p2pimage.swarm.ratelimit import RateLimiter
+from p2pimage.swarm.session import PeerSession, SessionInfo
 from p2pimage.wire import (
     BLOCK_LENGTH,
     Bitfield,
@@ -50,16 +59,39 @@ from p2pimage.wire import (
     Unchoke,
 )
 
-if TYPE_CHECKING:
-    from p2pimage.swarm.node import PeerNode
-
-__all__ = ["Swarm", "SwarmSettings", "SwarmStalled", "SwarmStats", "SwarmSummary"]
+__all__ = [
+    "AnnounceSnapshot",
+    "Dialer",
+    "Swarm",
+    "SwarmSettings",
+    "SwarmStalled",
+    "SwarmStats",
+    "SwarmSummary",
+]
 
 log = logging.getLogger("p2pimage.swarm.engine")
 
 
 class SwarmStalled(P2PImageError):
     """The swarm verified no piece for the reader's stall timeout."""
+
+
+class Dialer(Protocol):
+    """What a swarm needs of its node (:class:`~p2pimage.swarm.node.PeerNode`): who we
+    are, and outgoing connections under the node's connection limit."""
+
+    peer_id: bytes
+    listen_address: tuple[str, int]
+
+    async def dial(
+        self, address: tuple[str, int], info_hash: bytes
+    ) -> tuple[PeerSession, SessionInfo]:
+        """Connect and handshake; raises :class:`PeerClosed` or ``trio.TooSlowError``."""
+        ...
+
+    def release_connection(self) -> None:
+        """A session returned by :meth:`dial` has ended."""
+        ...
 
 
 @dataclass
@@ -76,9 +108,12 @@ class SwarmSettings:
     # swarm in two (the simulator in benchmarks/_sim.py shows it at 200 nodes). Half,
     # like libtorrent keeping slots free for incoming connections.
     dial_target: int = 20
-    # Upload slots for the choker; 0 unchokes every interested peer. Inside one cluster
-    # all nodes cooperate, so tit-for-tat only slows the swarm down: 0 is the default.
-    upload_slots: int = 0
+    # The choker's regular upload slots; None is unlimited (nobody is ever choked). Inside
+    # one cluster all nodes cooperate, so tit-for-tat only slows the swarm down: None is
+    # the default. A number turns on tit-for-tat with that many slots (0: optimistic
+    # unchokes only), plus ``optimistic_slots``.
+    upload_slots: int | None = None
+    optimistic_slots: int = 1
     handshake_timeout_s: float = 10.0
     # A request outstanding this long goes back to the pool (libtorrent: request_timeout 60 s;
     # inside a cluster a block should never take more than a few seconds).
@@ -98,7 +133,7 @@ class SwarmSettings:
     stream_window: int = 4
     # Upload queue cap per peer (bytes) before the uploader waits for the writer.
     upload_queue_bytes: int = 1 << 20
-    # Reveal each origin-read piece to one peer first (see Swarm.piece_from_origin).
+    # Reveal each origin-read piece to one peer first (see Swarm.accept_origin_piece).
     reveal_origin_pieces: bool = True
     reveal_timeout_s: float = 2.0
     # Block size of our requests: the only size stock clients serve (BEP 3).
@@ -149,6 +184,21 @@ class SwarmSummary:
     completed_in_s: float | None  # from the swarm's start to its verified blob
 
 
+@dataclass(frozen=True)
+class AnnounceSnapshot:
+    """What the announcer tells the tracker about a swarm (:meth:`Swarm.announce_snapshot`)."""
+
+    info_hash: bytes
+    peer_id: bytes
+    port: int
+    uploaded: int
+    downloaded: int
+    left: int
+    num_pieces: int
+    digest: str
+    complete: bool
+
+
 @dataclass(eq=False)
 class _Peer:
     session: PeerSession
@@ -180,14 +230,18 @@ class Swarm:
         metainfo: Metainfo,
         storage: PieceStorage,
         *,
-        node: PeerNode,
+        dialer: Dialer,
         settings: SwarmSettings | None = None,
+        download_limiter: RateLimiter | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        """``download_limiter``: the node's download link, which origin reads share with
+        the peer sessions (:meth:`pace_download`)."""
         self.metainfo = metainfo
         self.info_hash = metainfo.info_hash
         self.storage = storage
-        self.node = node
+        self._dialer = dialer
+        self._download_limiter = download_limiter or RateLimiter(None)
         self.settings = settings or SwarmSettings()
         self._rng = rng or random.Random()
         self.picker: PiecePicker[bytes] = PiecePicker(
@@ -202,7 +256,10 @@ class Swarm:
             if storage.has_piece(index):
                 self.picker.we_have(index)
         self.choker: Choker[bytes] = Choker(
-            upload_slots=self.settings.upload_slots or None, rng=self._rng
+            upload_slots=self.settings.upload_slots,
+            optimistic_slots=self.settings.optimistic_slots,
+            rechoke_interval=self.settings.rechoke_interval_s,
+            rng=self._rng,
         )
         self.stats = SwarmStats()
         self.peers: dict[bytes, _Peer] = {}
@@ -215,16 +272,15 @@ class Swarm:
         self._finalizing = False
         self.failed: str | None = None
         self.released = False  # the tracker ordered this swarm to stop seeding
-        self.announce_pending = False  # something to tell the tracker before the interval
         self._streams = 0  # readers inside stream()
         self._close_storage_when_idle = False
-        # Set (and replaced) at each milestone: completion, close. The announcer waits on it.
-        self.milestone = trio.Event()
+        # Set by news worth telling the tracker before the interval (completion, close,
+        # an origin range done); cleared by the next announce_snapshot().
+        self._announce_news = trio.Event()
         self.closed = trio.Event()
         self._changed = trio.Event()
         if storage.complete:
             self.complete.set()
-        self.on_piece: list[Callable[[int], None]] = []
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -248,15 +304,47 @@ class Swarm:
             raise LocalProtocolError("the swarm is not running")
         self._nursery.start_soon(fn)
 
-    def announce_soon(self) -> None:
-        """Wake the announcer now (a milestone: progress worth telling the tracker)."""
-        self.announce_pending = True
-        self.milestone.set()
-        self.milestone = trio.Event()
-
     def close(self) -> None:
         self.closed.set()
-        self.milestone.set()
+        self._announce_news.set()
+
+    # --- the announcer's API -------------------------------------------------------------
+
+    def announce_soon(self) -> None:
+        """Wake the announcer now (a milestone: progress worth telling the tracker)."""
+        self._announce_news.set()
+
+    def announce_snapshot(self) -> AnnounceSnapshot:
+        """What to announce now; news before this call is then considered told."""
+        if self._announce_news.is_set() and not self.closed.is_set():
+            self._announce_news = trio.Event()
+        stats = self.stats
+        return AnnounceSnapshot(
+            info_hash=self.info_hash,
+            peer_id=self._dialer.peer_id,
+            port=self._dialer.listen_address[1],
+            uploaded=stats.uploaded,
+            downloaded=stats.downloaded_from_peers + stats.downloaded_from_origin,
+            left=self.left,
+            num_pieces=self.metainfo.num_pieces,
+            digest=self.metainfo.sha256,
+            complete=self.complete.is_set(),
+        )
+
+    async def wait_announce_due(self, interval_s: float) -> None:
+        """Sleep until the next announce is due: after ``interval_s``, or at once on news
+        since the last :meth:`announce_snapshot` (completion, close, :meth:`announce_soon`)."""
+        with trio.move_on_after(interval_s):
+            await self._announce_news.wait()
+
+    def release(self) -> None:
+        """The tracker ordered this swarm to stop seeding: close it (the blob stays)."""
+        self.released = True
+        self.close()
+
+    @property
+    def peer_count(self) -> int:
+        return len(self.peers)
 
     def summary(self, now: float | None = None) -> SwarmSummary:
         """A snapshot of this swarm (``now`` on the trio clock; default: the current time)."""
@@ -308,7 +396,7 @@ class Swarm:
     def want_more_peers(self) -> bool:
         return len(self.peers) + len(self._dialing) < self.settings.dial_target
 
-    def connect(self, addresses: Iterable[tuple[str, int]]) -> None:
+    def add_peers(self, addresses: Iterable[tuple[str, int]]) -> None:
         """Dial peers (tracker results, or a static list) that we are not connected to."""
         if self._nursery is None:
             return
@@ -318,7 +406,7 @@ class Swarm:
                 break
             if address in connected or address in self._dialing:
                 continue
-            if address in self._banned_addresses or address == self.node.listen_address:
+            if address in self._banned_addresses or address == self._dialer.listen_address:
                 continue
             self._dialing.add(address)
             self._nursery.start_soon(self._dial, address)
@@ -326,7 +414,7 @@ class Swarm:
     async def _dial(self, address: tuple[str, int]) -> None:
         try:
             try:
-                session, info = await self.node.dial(address, self.info_hash)
+                session, info = await self._dialer.dial(address, self.info_hash)
             except (PeerClosed, trio.TooSlowError) as exc:
                 log.debug("dial %s failed: %s", address, exc)
                 return
@@ -335,7 +423,7 @@ class Swarm:
             try:
                 await self._serve_session(session, info)
             finally:
-                self.node.release_connection()
+                self._dialer.release_connection()
         except PeerClosed as exc:
             log.debug("peer %s: %s", address, exc.reason)
 
@@ -354,7 +442,7 @@ class Swarm:
         if (
             key in self.peers
             or key in self.banned
-            or key == self.node.peer_id
+            or key == self._dialer.peer_id
             or len(self.peers) >= self.settings.max_peers
             or self.closed.is_set()
         ):
@@ -394,6 +482,7 @@ class Swarm:
                 del self.peers[key]
                 self.picker.peer_lost(key)
             self.stats.peers_connected = len(self.peers)
+            self._rechoke(trio.current_time())
             await session.aclose(reason)
             self._refill_all()
             log.debug("peer %s gone: %s", session.address, reason)
@@ -402,9 +491,10 @@ class Swarm:
         """Two nodes that dial each other at once must keep the same one of the two
         connections, or each closes the one the other kept: keep the connection opened by
         the node with the smaller peer id."""
-        keeper = min(self.node.peer_id, key)
-        new_initiator = self.node.peer_id if new.conn.our_role is Role.INITIATOR else key
-        old_initiator = self.node.peer_id if old.conn.our_role is Role.INITIATOR else key
+        ours = self._dialer.peer_id
+        keeper = min(ours, key)
+        new_initiator = ours if new.conn.our_role is Role.INITIATOR else key
+        old_initiator = ours if old.conn.our_role is Role.INITIATOR else key
         return new_initiator == keeper and old_initiator != keeper
 
     def _greet(self, peer: _Peer) -> None:
@@ -416,11 +506,9 @@ class Swarm:
                     bits[index >> 3] &= ~(0x80 >> (index & 7))
                 have = bytes(bits)
             peer.session.send(Bitfield(have))
-        if self.settings.upload_slots == 0:
-            # Cooperative mode: everyone is unchoked from the start, no rechoke delay.
-            peer.am_choking = False
-            peer.session.send(Unchoke())
-        peer.last_sent_at = trio.current_time()
+        now = trio.current_time()
+        self._rechoke(now)  # with unlimited slots: unchoked from the start, no delay
+        peer.last_sent_at = now
 
     # --- receiving ----------------------------------------------------------------------
 
@@ -464,11 +552,11 @@ class Swarm:
                 for r in peer.uploads
                 if (r.index, r.begin, r.length) != (message.index, message.begin, message.length)
             )
-        elif isinstance(message, Interested):
-            peer.peer_interested = True
-            self._unchoke_if_cooperative(peer)
-        elif isinstance(message, NotInterested):
-            peer.peer_interested = False
+        elif isinstance(message, (Interested, NotInterested)):
+            interested = isinstance(message, Interested)
+            if interested != peer.peer_interested:
+                peer.peer_interested = interested
+                self._rechoke(trio.current_time())
 
     def _on_block(self, peer: _Peer, message: Piece) -> None:
         now = trio.current_time()
@@ -476,10 +564,14 @@ class Swarm:
         length = len(message.data)
         peer.last_data_at = now
         peer.down_bytes_window += length
-        if peer.outstanding.pop(key, None) is None:
+        asked = peer.outstanding.pop(key, None)
+        if asked is None:
             # Unrequested, or cancelled and arrived anyway: harmless, but not counted.
             self.stats.wasted += length
             return
+        if length != asked[0].length:
+            # The peer's fault; caught here, so a geometry error from storage is a bug.
+            raise PeerClosed(f"block {key} is {length} bytes, we asked for {asked[0].length}")
         self.stats.downloaded_from_peers += length
         try:
             cancels = self.picker.block_received(peer.key, message.index, message.begin)
@@ -496,9 +588,9 @@ class Swarm:
             self._piece_failed(message.index)
             self._refill_all()
             return
-        except LocalProtocolError:
-            # The store will not buffer another partial piece (or the block does not fit
-            # the geometry the picker gave): drop it and ask again later.
+        except StorageBusyError:
+            # Back-pressure: the store will not buffer another partial piece. Drop the
+            # block and ask again later.
             self.stats.wasted += length
             self.picker.request_timed_out(
                 peer.key, BlockRequest(message.index, message.begin, length)
@@ -535,8 +627,34 @@ class Swarm:
             self._banned_addresses.add(peer.session.address)
             peer.scope.cancel()
 
-    def piece_from_origin(self, index: int) -> None:
-        """Called by the origin reader after it stored a verified piece.
+    # --- the origin reader's API ---------------------------------------------------------
+
+    def has_piece(self, index: int) -> bool:
+        return self.storage.has_piece(index)
+
+    def held_by_peer(self, index: int) -> bool:
+        """A connected peer has announced piece ``index``."""
+        return self.picker.availability(index) > 0
+
+    def reserve_for_origin(self, first: int, end: int) -> None:
+        """Pieces ``[first, end)`` come from the registry: peers are asked for them only
+        after everything else."""
+        self.picker.set_range_priority(first, end, 0)
+
+    def return_to_peers(self, first: int, end: int) -> None:
+        """Pieces ``[first, end)`` are no longer read from the registry: ask peers."""
+        self.picker.set_range_priority(first, end, 1)
+
+    async def pace_download(self, nbytes: int) -> None:
+        """Wait until the node's download link has room for ``nbytes`` more."""
+        await self._download_limiter.acquire(nbytes)
+
+    async def accept_origin_piece(self, index: int, data: bytes | bytearray | memoryview) -> bool:
+        """Store a whole piece read from the registry and show it to the swarm; once every
+        piece is verified, complete the blob. False if the piece was here already.
+
+        Takes the same path into storage as peer blocks. Raises :class:`PieceHashError`
+        if ``data`` is not the piece the torrent names (nothing is stored).
 
         The piece is revealed (``have``) to one peer only, the one with the fewest
         revealed pieces it has not yet passed on: that peer fetches it and relays it,
@@ -546,6 +664,14 @@ class Swarm:
         piece is shown to everyone once another peer announces it, or after
         ``reveal_timeout_s``.
         """
+        if self.storage.has_piece(index) or not self.storage.write_block(index, 0, data):
+            return False
+        self.stats.downloaded_from_origin += len(data)
+        self._reveal_origin_piece(index)
+        await self.finalize_if_done()
+        return True
+
+    def _reveal_origin_piece(self, index: int) -> None:
         self._record_verified(index)
         candidates = [p for p in self.peers.values() if not self.picker.peer_has(p.key, index)]
         if not candidates or not self.settings.reveal_origin_pieces:
@@ -580,8 +706,6 @@ class Swarm:
             if peer.am_interested and not self._peer_has_something_we_need(peer):
                 peer.am_interested = False
                 peer.session.send(NotInterested())
-        for callback in self.on_piece:
-            callback(index)
         self._changed.set()
         self._changed = trio.Event()
 
@@ -650,11 +774,6 @@ class Swarm:
 
     # --- uploading ----------------------------------------------------------------------
 
-    def _unchoke_if_cooperative(self, peer: _Peer) -> None:
-        if self.settings.upload_slots == 0 and peer.am_choking:
-            peer.am_choking = False
-            peer.session.send(Unchoke())
-
     def _on_request(self, peer: _Peer, request: Request) -> None:
         if peer.am_choking or not self.storage.has_piece(request.index):
             return  # BEP 3: requests while choked are dropped
@@ -681,7 +800,6 @@ class Swarm:
     # --- housekeeping -------------------------------------------------------------------
 
     async def _tick_loop(self) -> None:
-        last_rechoke = trio.current_time()
         last_tick = trio.current_time()
         while True:
             await trio.sleep(self.settings.tick_s)
@@ -693,11 +811,7 @@ class Swarm:
             for index, since in list(self._hidden.items()):
                 if now - since > self.settings.reveal_timeout_s:
                     self._unhide(index)
-            if (
-                self.settings.upload_slots
-                and now - last_rechoke >= self.settings.rechoke_interval_s
-            ):
-                last_rechoke = now
+            if self.choker.rechoke_due(now):
                 self._rechoke(now)
             self._refill_all()
 
@@ -724,6 +838,8 @@ class Swarm:
             peer.last_sent_at = now
 
     def _rechoke(self, now: float) -> None:
+        """Ask the choker whom to unchoke, and tell the peers whose state changed. Called
+        every ``rechoke_interval_s`` and when a peer arrives, leaves or changes interest."""
         stats = [
             PeerStats(
                 key=p.key,
@@ -773,14 +889,16 @@ class Swarm:
         waits for the swarm's frontier (in a cold start the registry sends the layer
         piece by piece) is not stalled as long as pieces keep arriving.
         """
+        if chunk_size <= 0:
+            raise LocalProtocolError(f"bad chunk size {chunk_size}")
         self._streams += 1
         try:
-            chunks = self.storage.stream(
-                start, end, chunk_size, wait_missing=self._reader_waits(stall_timeout_s)
-            )
-            async with aclosing(chunks):
-                async for chunk in chunks:
-                    yield chunk
+            cursor = self.storage.cursor(start, end)
+            while not cursor.done:
+                if cursor.missing():
+                    await self._wait_missing(cursor, stall_timeout_s)
+                await cursor.wait()  # a checkpoint once the piece is there
+                yield cursor.read(chunk_size)
             if not self.closed.is_set():
                 self.picker.set_blocked(None)
         finally:
@@ -788,29 +906,25 @@ class Swarm:
             if self._streams == 0 and self._close_storage_when_idle:
                 self.storage.close()
 
-    def _reader_waits(self, stall_timeout_s: float | None) -> WaitMissing:
+    async def _wait_missing(self, cursor: BlobCursor, stall_timeout_s: float | None) -> None:
         """The reader's policy while the piece under its position is missing: make that
         piece urgent, and give up with :class:`SwarmStalled` once the swarm as a whole has
         verified nothing for ``stall_timeout_s``."""
-
-        async def wait_missing(offset: int, wait: Callable[[], Awaitable[None]]) -> None:
-            if not self.closed.is_set():
-                self.set_read_cursor(offset)
-            if stall_timeout_s is None:
-                await wait()
+        if not self.closed.is_set():
+            self.set_read_cursor(cursor.position)
+        if stall_timeout_s is None:
+            await cursor.wait()
+            return
+        waiting_since = trio.current_time()
+        while True:
+            with trio.move_on_after(stall_timeout_s):
+                await cursor.wait()
                 return
-            waiting_since = trio.current_time()
-            while True:
-                with trio.move_on_after(stall_timeout_s):
-                    await wait()
-                    return
-                last = max(waiting_since, self.stats.last_progress_at or 0.0)
-                if trio.current_time() - last >= stall_timeout_s:
-                    raise SwarmStalled(
-                        f"no piece of {self.metainfo.sha256} verified for {stall_timeout_s:g} s"
-                    )
-
-        return wait_missing
+            last = max(waiting_since, self.stats.last_progress_at or 0.0)
+            if trio.current_time() - last >= stall_timeout_s:
+                raise SwarmStalled(
+                    f"no piece of {self.metainfo.sha256} verified for {stall_timeout_s:g} s"
+                )
 
     def release_storage(self) -> None:
         """The swarm has ended: close its store now, or when the last reader finishes.

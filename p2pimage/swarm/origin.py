@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import httpx
 import trio
 
 from p2pimage.errors import PieceHashError, RemoteProtocolError
+from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.oci.registry import ByteRange, RegistryError, open_blob_range
 from p2pimage.swarm.ratelimit import RateLimiter
 
-if TYPE_CHECKING:
-    from p2pimage.swarm.engine import Swarm
-
-__all__ = ["OriginError", "OriginReader"]
+__all__ = ["OriginError", "OriginReader", "OriginSwarm"]
 
 log = logging.getLogger("p2pimage.swarm.origin")
 
@@ -38,12 +37,35 @@ class OriginError(RemoteProtocolError):
     """The registry could not serve the range (status, short body, bad bytes)."""
 
 
+class OriginSwarm(Protocol):
+    """All an origin reader asks of its swarm (:class:`~p2pimage.swarm.engine.Swarm`)."""
+
+    @property
+    def metainfo(self) -> Metainfo: ...
+
+    def has_piece(self, index: int) -> bool: ...
+
+    def held_by_peer(self, index: int) -> bool: ...
+
+    def reserve_for_origin(self, first: int, end: int) -> None: ...
+
+    def return_to_peers(self, first: int, end: int) -> None: ...
+
+    async def pace_download(self, nbytes: int) -> None: ...
+
+    async def accept_origin_piece(
+        self, index: int, data: bytes | bytearray | memoryview
+    ) -> bool: ...
+
+    def announce_soon(self) -> None: ...
+
+
 class OriginReader:
     """Reads pieces ``[first, end)`` of one blob from ``url`` into a swarm."""
 
     def __init__(
         self,
-        swarm: Swarm,
+        swarm: OriginSwarm,
         url: str,
         first: int,
         end: int,
@@ -71,25 +93,24 @@ class OriginReader:
     def shrink(self, end: int) -> None:
         """The tracker gave ``[end, old end)`` to another fetcher."""
         if end < self.end:
-            self.swarm.picker.set_range_priority(max(end, self.next_index), self.end, 1)
+            self.swarm.return_to_peers(max(end, self.next_index), self.end)
             self.end = max(end, self.next_index)
 
     def extend(self, end: int) -> None:
         """The tracker renewed our lease up to ``end``: read on (if still running)."""
         if end > self.end and not self.finished.is_set():
-            self.swarm.picker.set_range_priority(self.end, end, 0)
+            self.swarm.reserve_for_origin(self.end, end)
             self.end = end
             self._renew_at = self.next_index + (end - self.next_index) // 2
 
     async def run(self) -> None:
         """Read the range; on failure, hand the unread pieces back to the swarm."""
         mi = self.swarm.metainfo
-        picker = self.swarm.picker
-        picker.set_range_priority(self.first, self.end, 0)
+        self.swarm.reserve_for_origin(self.first, self.end)
         try:
             while True:
                 index = self.next_index
-                while index < self.end and self.swarm.storage.has_piece(index):
+                while index < self.end and self.swarm.has_piece(index):
                     index += 1
                 self.next_index = index
                 if index < self.end and self._taken(index):
@@ -100,14 +121,14 @@ class OriginReader:
                 span = mi.piece_size(index)
                 while (
                     stop < self.end
-                    and not self.swarm.storage.has_piece(stop)
+                    and not self.swarm.has_piece(stop)
                     and not self._taken(stop)
                     and span + mi.piece_size(stop) <= MAX_REQUEST_BYTES
                 ):
                     span += mi.piece_size(stop)
                     stop += 1
                 await self._read_run(index, stop)
-        except (OriginError, httpx.HTTPError, PieceHashError, OSError) as exc:
+        except (OriginError, RegistryError, httpx.HTTPError, PieceHashError, OSError) as exc:
             self.failed = str(exc) or type(exc).__name__
             log.warning(
                 "origin read of %s failed at piece %d: %s", self.url, self.next_index, self.failed
@@ -115,31 +136,31 @@ class OriginReader:
         finally:
             if self.next_index < self.end:
                 # Whatever we did not read goes back to the peers.
-                picker.set_range_priority(self.next_index, self.end, 1)
+                self.swarm.return_to_peers(self.next_index, self.end)
             self.finished.set()
 
     def _taken(self, index: int) -> bool:
         """A peer already has this piece of our range: another fetcher was given the
         rest of the range (work stealing) and we have not heard yet. Stop here instead of
         reading the registry twice; the peers supply the rest."""
-        return self.swarm.picker.availability(index) > 0
+        return self.swarm.held_by_peer(index)
 
     async def _read_run(self, start: int, stop: int) -> None:
         mi = self.swarm.metainfo
-        begin = mi.piece_offset(start)
-        last = mi.piece_offset(stop - 1) + mi.piece_size(stop - 1) - 1
-        headers = {**self.headers, "Range": f"bytes={begin}-{last}"}
-        async with self.client.stream("GET", self.url, headers=headers) as response:
-            if response.status_code == 200 and begin == 0 and last == mi.length - 1:
-                pass  # a registry that ignores Range but sends the whole blob is fine here
-            elif response.status_code != 206:
-                raise OriginError(f"registry answered {response.status_code} to a range read")
+        byte_range = ByteRange(
+            mi.piece_offset(start), mi.piece_offset(stop - 1) + mi.piece_size(stop - 1)
+        )
+        # A registry that ignores Range is fine only from byte 0 (skip_ignored=False):
+        # reading and dropping a prefix would cost the registry another copy of it.
+        async with open_blob_range(
+            self.client, self.url, byte_range, headers=self.headers, chunk_size=CHUNK_BYTES
+        ) as chunks:
             index = start
             buffer = bytearray()
-            async for chunk in response.aiter_bytes(CHUNK_BYTES):
+            async for chunk in chunks:
                 # The registry's egress cap, then this node's own download link.
                 await self.limiter.acquire(len(chunk))
-                await self.swarm.node.download_limiter.acquire(len(chunk))
+                await self.swarm.pace_download(len(chunk))
                 self.bytes_read += len(chunk)
                 buffer += chunk
                 while index < stop and len(buffer) >= mi.piece_size(index):
@@ -148,13 +169,10 @@ class OriginReader:
                     del buffer[:size]
                     if index >= self.end:
                         return  # stolen while in flight
-                    if self._taken(index) and not self.swarm.storage.has_piece(index):
+                    if self._taken(index) and not self.swarm.has_piece(index):
                         self.shrink(index)
                         return
-                    if not self.swarm.storage.has_piece(index):
-                        self.swarm.storage.write_piece(index, piece)
-                        self.swarm.stats.downloaded_from_origin += size
-                        self.swarm.piece_from_origin(index)
+                    await self.swarm.accept_origin_piece(index, piece)
                     self.pieces_done += 1
                     index += 1
                     self.next_index = index
@@ -165,4 +183,3 @@ class OriginReader:
                     break
             if index < stop:
                 raise OriginError(f"registry sent a short body (stopped at piece {index})")
-            await self.swarm.finalize_if_done()

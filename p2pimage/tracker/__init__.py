@@ -9,6 +9,7 @@ from __future__ import annotations
 from ._policy import (
     AnnounceOutcome,
     FetcherRange,
+    PeerIdTakenError,
     PeerRecord,
     PolicyConfig,
     SwarmRecord,
@@ -58,6 +59,7 @@ __all__ = [
     "FetcherRange",
     "MemoryState",
     "OriginAssignment",
+    "PeerIdTakenError",
     "PeerRecord",
     "PolicyConfig",
     "RedisState",

@@ -1,7 +1,9 @@
 """Talking to the tracker: the HTTP announce client and a swarm's announce loop.
 
-:class:`TrackerClient` sends BEP 3 announces (compact peers, BEP 23) with the node token
-as ``Authorization: Bearer``, and works against stock trackers (opentracker) too.
+:class:`TrackerClient` sends BEP 3 announces (compact peers, BEP 23) signed with the
+node token and a fresh proof of possession per request (``auth``, a
+:class:`~p2pimage.sidecar.client.DPoPAuth`), and works against stock trackers
+(opentracker) too.
 :func:`run_announcer` keeps a swarm announced: ``started`` at once, re-announces quickly
 while the swarm is short of peers, ``completed`` the moment the blob completes, and
 ``stopped`` on the way out. It acts on the tracker's p2pimage extras: an origin
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -49,25 +51,24 @@ class TrackerClient:
         url: str,
         *,
         http: httpx.AsyncClient,
-        token: str | Callable[[], str] | None = None,
+        auth: httpx.Auth | None = None,
         timeout_s: float = 10.0,
     ) -> None:
+        """``auth`` signs each announce (``TokenKeeper.request_auth()``); without it the
+        announces carry no credentials (stock trackers, open mode)."""
         self.url = url
         self.http = http
-        self._token = token
+        self.auth = auth
         self.timeout_s = timeout_s
-
-    def _headers(self) -> dict[str, str]:
-        if self._token is None:
-            return {}
-        token = self._token() if callable(self._token) else self._token
-        return {"Authorization": f"Bearer {token}"}
 
     async def announce(self, request: AnnounceRequest) -> AnnounceResponse:
         sep = "&" if "?" in self.url else "?"
         url = self.url + sep + request.to_query().decode("ascii")
         try:
-            response = await self.http.get(url, headers=self._headers(), timeout=self.timeout_s)
+            if self.auth is None:
+                response = await self.http.get(url, timeout=self.timeout_s)
+            else:
+                response = await self.http.get(url, auth=self.auth, timeout=self.timeout_s)
         except httpx.HTTPError as exc:
             raise TrackerError(f"tracker {self.url} unreachable: {exc}") from None
         try:
@@ -127,18 +128,18 @@ async def run_announcer(
         # Progress of our latest origin range, finished or not: the tracker moves its
         # record (and our lease) forward only on what we report.
         reader = readers[-1] if readers else None
-        stats = swarm.stats
+        snap = swarm.announce_snapshot()
         return AnnounceRequest(
-            info_hash=swarm.info_hash,
-            peer_id=swarm.node.peer_id,
-            port=swarm.node.port,
-            uploaded=stats.uploaded,
-            downloaded=stats.downloaded_from_peers + stats.downloaded_from_origin,
-            left=swarm.left,
+            info_hash=snap.info_hash,
+            peer_id=snap.peer_id,
+            port=snap.port,
+            uploaded=snap.uploaded,
+            downloaded=snap.downloaded,
+            left=snap.left,
             event=ev,
             numwant=cfg.numwant,
-            pieces=swarm.metainfo.num_pieces if repository else None,
-            digest=swarm.metainfo.sha256 if repository else None,
+            pieces=snap.num_pieces if repository else None,
+            digest=snap.digest if repository else None,
             repo=repository,
             origin_next=reader.next_index if reader is not None else None,
         )
@@ -150,7 +151,6 @@ async def run_announcer(
                 # must not turn into a tight loop against the tracker).
                 await trio.sleep_until(last_announce + cfg.min_gap_s)
                 last_announce = trio.current_time()
-                swarm.announce_pending = False
                 try:
                     response = await tracker.announce(request(event))
                 except TrackerError as exc:
@@ -163,7 +163,7 @@ async def run_announcer(
                 if event is Event.COMPLETED:
                     completed_sent = True
                 event = Event.NONE
-                swarm.connect(response.peers)
+                swarm.add_peers(response.peers)
                 if origin_http is not None:
                     _apply_origin(
                         swarm,
@@ -176,15 +176,12 @@ async def run_announcer(
                     )
                 if response.release and swarm.complete.is_set():
                     log.info("tracker released %s", swarm.metainfo.sha256[:19])
-                    swarm.released = True
-                    swarm.close()
+                    swarm.release()
                     break
                 interval = float(max(response.interval, 1))
-                if not swarm.complete.is_set() and len(swarm.peers) < cfg.want_peers:
+                if not swarm.complete.is_set() and swarm.peer_count < cfg.want_peers:
                     interval = max(cfg.hungry_interval_s, float(response.min_interval or 0))
-                if not swarm.announce_pending:
-                    with trio.move_on_after(interval):
-                        await swarm.milestone.wait()  # completed, closed, or news: now
+                await swarm.wait_announce_due(interval)  # completed, closed, or news: now
                 if swarm.complete.is_set() and not completed_sent:
                     event = Event.COMPLETED
             nursery.cancel_scope.cancel()

@@ -1,0 +1,101 @@
+"""A throwaway certificate authority for the local cluster and tests (``cryptography``).
+
+:func:`make_tls` writes a CA certificate and one server certificate signed by it (for
+loopback and any other addresses or names asked for) into a directory; the daemons
+serve HTTPS with the server pair (``tls_cert_file``, ``tls_key_file``) and their clients
+verify against the CA (``ca_file``). Nothing here is fit for a real cluster: the keys
+live in a temporary directory for one run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["TlsBundle", "make_tls"]
+
+# A day: long enough for any test or demo, short enough that a leaked file is soon useless.
+_VALIDITY = datetime.timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class TlsBundle:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def make_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TlsBundle:
+    """Write ``ca.pem``, ``server.pem`` and ``server-key.pem`` (mode 0600) into
+    ``directory``; the server certificate names every entry of ``hosts`` (IP addresses
+    as IP SANs, the rest as DNS names)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2pimage throwaway CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    bundle = TlsBundle(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
+    bundle.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    bundle.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    bundle.key_file.write_bytes(_pem_key(key))
+    bundle.key_file.chmod(0o600)
+    return bundle
