@@ -14,22 +14,19 @@ import shutil
 import socket
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
 from daemons.node import NodeDaemon, NodeSettings, run_node
 from daemons.testbed.localcluster import local_cluster
 from daemons.testbed.registry import start_registry
+from daemons.testbed.tls import CaFiles, TlsBundle, make_ca, make_tls
 from p2pimage.errors import LocalProtocolError, RemoteProtocolError
 from p2pimage.mirror.proxy import HostCertificates, ProxyTarget, parse_target
 from p2pimage.oci.image import build_image, push_image
@@ -47,97 +44,16 @@ needs_registry = pytest.mark.skipif(
 # --------------------------------------------------------------------------- certificates
 
 
-@dataclass
-class CA:
-    cert: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+def _trusting(ca_file: Path) -> ssl.SSLContext:
+    """A client TLS context that trusts ``ca_file`` alone."""
+    return ssl.create_default_context(cafile=str(ca_file))
 
-    @classmethod
-    def create(cls, name: str) -> CA:
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(key, hashes.SHA256())
-        )
-        return cls(cert, key)
 
-    @property
-    def cert_pem(self) -> bytes:
-        return self.cert.public_bytes(serialization.Encoding.PEM)
-
-    @property
-    def key_pem(self) -> bytes:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-
-    def write(self, directory: Path, name: str) -> tuple[Path, Path]:
-        directory.mkdir(parents=True, exist_ok=True)
-        cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-        cert.write_bytes(self.cert_pem)
-        key.write_bytes(self.key_pem)
-        return cert, key
-
-    def server_files(self, directory: Path, hosts: list[str]) -> tuple[Path, Path]:
-        """A server certificate for ``hosts`` signed by this CA: (chain, key) files."""
-        sans: list[x509.GeneralName] = []
-        for host in hosts:
-            try:
-                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-            except ValueError:
-                sans.append(x509.DNSName(host))
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        leaf = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .sign(self.key, hashes.SHA256())
-        )
-        directory.mkdir(parents=True, exist_ok=True)
-        chain, key_path = directory / "server.crt", directory / "server.key"
-        chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + self.cert_pem)
-        key_path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        return chain, key_path
-
-    def context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cadata=self.cert_pem.decode())
+def _registry_tls(directory: Path, hosts: tuple[str, ...]) -> tuple[TlsBundle, tuple[Path, Path]]:
+    """A registry's own CA and server certificate: the bundle, and the registry's
+    ``tls`` argument."""
+    bundle = make_tls(directory, hosts)
+    return bundle, (bundle.cert_file, bundle.key_file)
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -201,30 +117,38 @@ def test_parse_target_garbage_raises_only_our_error(method: str, target: str) ->
     assert 0 < result.port < 65536 and result.host
 
 
-def test_minted_certificate_chains_to_the_ca_and_names_the_host() -> None:
-    ca = CA.create("operator CA")
-    now = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
-    certs = HostCertificates(ca.cert_pem, ca.key_pem, clock=lambda: now)
+def test_minted_certificate_chains_to_the_ca_and_names_the_host(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path, "operator CA")
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_file.read_bytes())
+    now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    certs = HostCertificates(ca.cert_file.read_bytes(), ca.key_file.read_bytes(), clock=lambda: now)
     for host, san in [
         ("registry.example", x509.DNSName("registry.example")),
         ("10.1.2.3", x509.IPAddress(ipaddress.ip_address("10.1.2.3"))),
     ]:
         cert = certs.certificate(host)
-        cert.verify_directly_issued_by(ca.cert)
+        cert.verify_directly_issued_by(ca_cert)
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         assert list(names) == [san]
         assert cert.not_valid_before_utc < now < cert.not_valid_after_utc
-        assert cert.not_valid_after_utc <= now + datetime.timedelta(days=7)
-    # One context per host, reused.
-    assert certs.server_context("a.example") is certs.server_context("a.example")
+        # A week, or the CA's own end if that comes first (a day for this CA).
+        end = min(now + datetime.timedelta(days=7), ca_cert.not_valid_after_utc)
+        assert cert.not_valid_after_utc == end
+    # One context per host, reused until two thirds of its validity (16 h of this CA's
+    # day) have passed, then minted again.
+    first = certs.server_context("a.example")
+    now += datetime.timedelta(hours=15)
+    assert certs.server_context("a.example") is first
+    now += datetime.timedelta(hours=2)
+    assert certs.server_context("a.example") is not first
 
 
-def test_interception_ca_key_must_match_its_certificate() -> None:
-    ca, other = CA.create("a"), CA.create("b")
+def test_interception_ca_key_must_match_its_certificate(tmp_path: Path) -> None:
+    ca, other = make_ca(tmp_path / "a"), make_ca(tmp_path / "b")
     with pytest.raises(LocalProtocolError, match="does not match"):
-        HostCertificates(ca.cert_pem, other.key_pem)
+        HostCertificates(ca.cert_file.read_bytes(), other.key_file.read_bytes())
     with pytest.raises(LocalProtocolError, match="cannot read"):
-        HostCertificates(b"not a certificate", ca.key_pem)
+        HostCertificates(b"not a certificate", ca.key_file.read_bytes())
 
 
 # --------------------------------------------------------------------------- plain HTTP
@@ -289,9 +213,9 @@ async def test_plain_http_proxy_serves_private_layers_through_the_swarm(tmp_path
 
 @contextlib.asynccontextmanager
 async def _tls_node(
-    tmp_path: Path, upstreams: dict[str, str], intercept: list[str], operator: CA
+    tmp_path: Path, upstreams: dict[str, str], intercept: list[str], operator: CaFiles
 ) -> AsyncIterator[tuple[NodeDaemon, str]]:
-    ca_cert, ca_key = operator.write(tmp_path / "operator", "ca")
+    ca_cert, ca_key = operator.cert_file, operator.key_file
     settings = NodeSettings(
         listen="127.0.0.1:0",
         node_name="proxy-node",
@@ -319,20 +243,20 @@ async def _tls_node(
 async def test_connect_tunnels_blindly_and_intercepts_only_named_hosts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    registry_ca, operator = CA.create("registry CA"), CA.create("operator CA")
-    rogue = CA.create("nobody trusts me")
+    registry_ca, registry_tls = _registry_tls(tmp_path / "reg-tls", ("localhost", "127.0.0.1"))
+    _, rogue_tls = _registry_tls(tmp_path / "rogue-tls", ("127.0.0.1",))  # nobody trusts it
+    operator = make_ca(tmp_path / "operator", "operator CA")
     # The node (and this test's push) trust the registry's real CA only.
-    ca_file, _ = registry_ca.write(tmp_path / "trust", "registry-ca")
-    monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+    monkeypatch.setenv("SSL_CERT_FILE", str(registry_ca.ca_file))
     image = build_image([2 * MIB], seed=42)
     layer = image.layers[0]
     async with (
         start_registry(
-            tls=registry_ca.server_files(tmp_path / "reg-tls", ["localhost", "127.0.0.1"]),
+            tls=registry_tls,
             workdir=tmp_path / "registry",
         ) as registry,
         start_registry(
-            tls=rogue.server_files(tmp_path / "rogue-tls", ["127.0.0.1"]),
+            tls=rogue_tls,
             workdir=tmp_path / "rogue",
         ) as rogue_registry,
     ):
@@ -351,7 +275,10 @@ async def test_connect_tunnels_blindly_and_intercepts_only_named_hosts(
             # Intercepted: the client trusts the operator's CA only, and is served by the
             # mirror (which read the registry over TLS verified against its real CA).
             async with httpx.AsyncClient(
-                proxy=node.proxy_url, verify=operator.context(), trust_env=False, timeout=30
+                proxy=node.proxy_url,
+                verify=_trusting(operator.cert_file),
+                trust_env=False,
+                timeout=30,
             ) as http:
                 r = await http.get(
                     f"https://{named}/v2/demo/app/manifests/v1",
@@ -373,7 +300,10 @@ async def test_connect_tunnels_blindly_and_intercepts_only_named_hosts(
             # Not on the list: a blind tunnel, so the client sees the registry's own
             # certificate (it trusts the registry's CA only, not the operator's).
             async with httpx.AsyncClient(
-                proxy=node.proxy_url, verify=registry_ca.context(), trust_env=False, timeout=30
+                proxy=node.proxy_url,
+                verify=_trusting(registry_ca.ca_file),
+                trust_env=False,
+                timeout=30,
             ) as http:
                 r = await http.get(
                     f"https://127.0.0.1:{port}/v2/demo/app/manifests/v1",
@@ -387,7 +317,10 @@ async def test_connect_tunnels_blindly_and_intercepts_only_named_hosts(
                     await http.get(f"https://{named}/v2/")
             assert stats.errors["client_tls"] == 1
             async with httpx.AsyncClient(
-                proxy=node.proxy_url, verify=registry_ca.context(), trust_env=False, timeout=30
+                proxy=node.proxy_url,
+                verify=_trusting(registry_ca.ca_file),
+                trust_env=False,
+                timeout=30,
             ) as http:
                 r = await http.get(f"https://127.0.0.1:{port}/v2/")
                 assert r.status_code == 200
@@ -410,7 +343,7 @@ async def _exchange(proxy_url: str, data: bytes) -> bytes:
 
 
 async def test_bad_requests_get_clear_errors_and_the_proxy_carries_on(tmp_path: Path) -> None:
-    operator = CA.create("operator CA")
+    operator = make_ca(tmp_path / "operator", "operator CA")
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
     closed_port = closed.getsockname()[1]
@@ -489,7 +422,6 @@ async def test_dockerd_pulls_a_private_image_through_the_proxy_from_the_swarm(
 
     image = build_image([3 * MIB, 2 * MIB], seed=43, docker=True)
     small = build_image([300], seed=44, docker=True)
-    registry_ca = CA.create("registry CA")
     async with local_cluster(
         tmp_path,
         nodes=2,
@@ -516,18 +448,21 @@ async def test_dockerd_pulls_a_private_image_through_the_proxy_from_the_swarm(
         # The name dockerd pulls by: the registry's relay on the test link.
         relay = cluster.proxy.url.removeprefix("http://")
         tls_host = topo.core_address
+        registry_ca, registry_tls = _registry_tls(tmp_path / "tls", (tls_host,))
         async with start_registry(
             host=tls_host,
-            tls=registry_ca.server_files(tmp_path / "tls", [tls_host]),
+            tls=registry_tls,
             workdir=tmp_path / "tls-registry",
         ) as tls_registry:
-            async with RegistryClient(tls_registry.url, verify=registry_ca.context()) as client:
+            async with RegistryClient(
+                tls_registry.url, verify=_trusting(registry_ca.ca_file)
+            ) as client:
                 small_pushed = await push_image(client, "demo/small", "v1", small)
             tls_name = tls_registry.url.removeprefix("https://")
             async with start_dockerd(
                 proxy=proxied.proxy_url,
                 insecure_registries=[relay],
-                certs={tls_name: registry_ca.cert_pem},
+                certs={tls_name: registry_ca.ca_file.read_bytes()},
             ) as dockerd:
                 env = dockerd.client_env
                 await _arun(["docker", "login", "-u", "alice", "-p", "s3cret", relay], env=env)

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["TlsBundle", "make_tls"]
+__all__ = ["CaFiles", "TlsBundle", "make_ca", "make_tls"]
 
 # A day: long enough for any test or demo, short enough that a leaked file is soon useless.
 _VALIDITY = datetime.timedelta(days=1)
@@ -40,14 +40,11 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def make_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TlsBundle:
-    """Write ``ca.pem``, ``server.pem`` and ``server-key.pem`` (mode 0600) into
-    ``directory``; the server certificate names every entry of ``hosts`` (IP addresses
-    as IP SANs, the rest as DNS names)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
+def _new_ca(
+    name: str, now: datetime.datetime
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "p2pimage throwaway CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     ca = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
@@ -73,6 +70,36 @@ def make_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
         )
         .sign(ca_key, hashes.SHA256())
     )
+    return ca, ca_key
+
+
+@dataclass(frozen=True)
+class CaFiles:
+    cert_file: Path
+    key_file: Path
+
+
+def make_ca(directory: Path, name: str = "p2pimage throwaway CA") -> CaFiles:
+    """Write a CA certificate and its key (``ca.pem``, ``ca-key.pem``, mode 0600) into
+    ``directory``: a CA that signs certificates itself (the forward proxy's interception
+    CA in tests)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, key = _new_ca(name, datetime.datetime.now(datetime.UTC))
+    files = CaFiles(directory / "ca.pem", directory / "ca-key.pem")
+    files.cert_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.key_file.write_bytes(_pem_key(key))
+    files.key_file.chmod(0o600)
+    return files
+
+
+def make_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")) -> TlsBundle:
+    """Write ``ca.pem``, ``server.pem`` and ``server-key.pem`` (mode 0600) into
+    ``directory``; the server certificate names every entry of ``hosts`` (IP addresses
+    as IP SANs, the rest as DNS names)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca, ca_key = _new_ca("p2pimage throwaway CA", now)
+    ca_name = ca.subject
     sans: list[x509.GeneralName] = []
     for host in hosts:
         try:

@@ -86,9 +86,8 @@ _HOP: Final = frozenset(
         b"content-length",
     }
 )
-# Minted certificates live this long and are re-minted a day before they end.
+# Minted certificates live this long (or until the CA's own end, if sooner).
 _CERT_LIFETIME: Final = datetime.timedelta(days=7)
-_CERT_RENEW: Final = datetime.timedelta(days=1)
 
 
 # --------------------------------------------------------------------------- targets
@@ -170,8 +169,9 @@ class HostCertificates:
     """Server certificates for intercepted hosts, minted by the operator's CA.
 
     One EC P-256 key for all minted certificates; one certificate per host (DNS name or
-    IP address in its subjectAltName), valid for a week and cached, so a handshake
-    costs one signature the first time and none after. ``clock`` is passed in.
+    IP address in its subjectAltName), valid for a week (at most until the CA ends) and
+    cached until two thirds of that have passed, so a handshake costs one signature the
+    first time and none after. ``clock`` is passed in.
     """
 
     def __init__(
@@ -220,7 +220,7 @@ class HostCertificates:
         """A TLS server context presenting ``host``'s certificate (cached)."""
         now = self._clock()
         cached = self._contexts.get(host)
-        if cached is not None and cached[0] - _CERT_RENEW > now:
+        if cached is not None and cached[0] > now:
             return cached[1]
         cert = self.certificate(host)
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -241,7 +241,10 @@ class HostCertificates:
             context.load_cert_chain(path)
         if len(self._contexts) > 1000:
             self._contexts.clear()
-        self._contexts[host] = (cert.not_valid_after_utc, context)
+        # Re-minted once two thirds of its validity have passed (the tokens' rule too),
+        # so a certificate cut short by the CA's own end is not minted on every handshake.
+        renew_at = now + (cert.not_valid_after_utc - now) * 2 / 3
+        self._contexts[host] = (renew_at, context)
         return context
 
 
