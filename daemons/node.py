@@ -26,6 +26,7 @@ import functools
 import logging
 import re
 import socket
+import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -154,6 +155,10 @@ class NodeSettings(BaseModel):
     ca_file: Path | None = Field(
         None, description="CA bundle the sidecar and tracker are verified against (default: system)"
     )
+    registry_ca_file: Path | None = Field(
+        None,
+        description="CA bundle trusted for registries, beside the system's (a private CA)",
+    )
     allow_plain_http_join: bool = Field(
         False, description="send the join credential to an http:// sidecar_url (insecure)"
     )
@@ -223,6 +228,7 @@ def check_settings(settings: NodeSettings) -> None:
     TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file)
     client_tls(settings.ca_file)
     settings.proxy_certificates()
+    _registry_tls(settings.registry_ca_file)
     plain = (settings.sidecar_url or "").lower().startswith("http://")
     if plain and credential and not settings.allow_plain_http_join:
         raise ConfigError(
@@ -607,7 +613,9 @@ async def run_node(
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
     timeout = httpx.Timeout(30.0, connect=5.0)
     async with (
-        httpx.AsyncClient(timeout=timeout, limits=limits) as http,
+        httpx.AsyncClient(
+            timeout=timeout, limits=limits, verify=_registry_tls(settings.registry_ca_file)
+        ) as http,
         # The control plane (sidecar, tracker) is verified against ca_file alone.
         httpx.AsyncClient(
             timeout=timeout, limits=limits, verify=client_tls(settings.ca_file)
@@ -692,6 +700,19 @@ async def run_node(
                     ) from None
                 log.info("proxy serving", extra={"fields": {"url": daemon.proxy_url}})
             task_status.started(url)
+
+
+def _registry_tls(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """Registries are verified against the system's CAs (or ``SSL_CERT_FILE``), and
+    ``ca_file`` too when given."""
+    if ca_file is None:
+        return True
+    context = httpx.create_ssl_context()
+    try:
+        context.load_verify_locations(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"config key 'registry_ca_file': {exc}") from None
+    return context
 
 
 def _load_or_create_key(path: Path) -> NodeKey:

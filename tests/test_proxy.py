@@ -446,7 +446,7 @@ async def test_dockerd_pulls_a_private_image_through_the_proxy_from_the_swarm(
                 )
                 assert r.status_code == 200 and r.content == layer.data
         # The name dockerd pulls by: the registry's relay on the test link.
-        relay = cluster.proxy.url.removeprefix("http://")
+        relay = cluster.relay_url.removeprefix("http://")
         tls_host = topo.core_address
         registry_ca, registry_tls = _registry_tls(tmp_path / "tls", (tls_host,))
         async with start_registry(
@@ -592,7 +592,7 @@ async def test_podman_private_pull_with_creds_bypasses_a_mirror_but_not_the_prox
                 headers={"Authorization": BASIC},
             )
             assert r.status_code == 200
-        relay = cluster.proxy.url.removeprefix("http://")
+        relay = cluster.relay_url.removeprefix("http://")
         ref = f"{relay}/private/app:v1"
 
         async def pull(conf: Path, proxy: str | None) -> str:
@@ -662,3 +662,76 @@ async def test_podman_sends_auth_json_credentials_keyed_by_the_mirror_host(
         assert digest == pushed
         assert node.daemon.layers.stats.bytes_served["swarm"] == len(image.layers[0].data)
         assert node.daemon.credentials.settle(float("inf")) == 0
+
+
+@pytest.mark.root
+async def test_dockerd_pulls_an_https_registry_through_interception_from_the_swarm(
+    tmp_path: Path,
+) -> None:
+    """The registry speaks HTTPS (its own CA); node 1's proxy intercepts the registry's
+    host with the operator's CA, which dockerd trusts for that host alone; the node
+    verifies the registry's real certificate and serves the layers from the swarm."""
+    reason = _docker_skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    import json
+
+    from tests.runtimes import _arun, start_dockerd
+
+    image = build_image([3 * MIB, 2 * MIB], seed=47, docker=True)
+    operator = make_ca(tmp_path / "operator", "operator CA")
+    async with local_cluster(
+        tmp_path,
+        nodes=2,
+        htpasswd=("alice", "s3cret"),
+        network="netns",
+        forward_proxy=True,
+        registry_tls=True,
+        intercept=operator,
+    ) as cluster:
+        assert cluster.registry_tls is not None
+        registry_trust = _trusting(cluster.registry_tls.ca_file)
+        async with RegistryClient(
+            cluster.registry.url, username="alice", password="s3cret", verify=registry_trust
+        ) as client:
+            pushed = await push_image(client, "private/app", "v1", image)
+        seed, proxied = cluster.nodes
+        assert proxied.proxy_url is not None
+        async with httpx.AsyncClient(timeout=60, trust_env=False) as http:
+            for layer in image.layers:
+                r = await http.get(
+                    f"{seed.mirror_url}/v2/private/app/blobs/{layer.digest}",
+                    params={"ns": cluster.registry_host},
+                    headers={"Authorization": BASIC},
+                )
+                assert r.status_code == 200 and r.content == layer.data
+        relay = cluster.relay_url.removeprefix("https://")
+        async with start_dockerd(
+            proxy=proxied.proxy_url, certs={relay: operator.cert_file.read_bytes()}
+        ) as dockerd:
+            env = dockerd.client_env
+            await _arun(["docker", "login", "-u", "alice", "-p", "s3cret", relay], env=env)
+            with trio.fail_after(180):
+                await _arun(["docker", "pull", f"{relay}/private/app:v1"], env=env)
+            inspect = await _arun(
+                [
+                    "docker",
+                    "image",
+                    "inspect",
+                    "--format",
+                    "{{json .RepoDigests}} {{json .RootFS.Layers}}",
+                    f"{relay}/private/app:v1",
+                ],
+                env=env,
+            )
+        repo_digests, layers = inspect.split(" ", 1)
+        assert f"{relay}/private/app@{pushed}" in json.loads(repo_digests)
+        assert json.loads(layers) == json.loads(image.config.data)["rootfs"]["diff_ids"]
+        async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
+            metrics = (await http.get(f"{proxied.mirror_url}/metrics")).text
+        big = sum(len(layer.data) for layer in image.layers)
+        assert _metric(metrics, "p2pimage_node_served_bytes_total", source="swarm") == big
+        assert _metric(metrics, "p2pimage_node_fetched_bytes_total", source="peer") > 0
+        assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="intercept") >= 1
+        assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="mirror") >= 4
+        assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="tunnel") == 0

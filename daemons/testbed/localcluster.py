@@ -30,7 +30,7 @@ from daemons.testbed import netns as _netns
 from daemons.testbed.process import free_port
 from daemons.testbed.registry import RegistryProcess, TokenAuth, start_registry
 from daemons.testbed.throttle_proxy import ThrottleProxy
-from daemons.testbed.tls import TlsBundle, make_tls
+from daemons.testbed.tls import CaFiles, TlsBundle, make_tls
 from daemons.tracker import TrackerSettings, run_tracker
 from p2pimage.auth.join import generate_credential, hash_credential
 from p2pimage.auth.tokens import SigningKey
@@ -81,11 +81,19 @@ class LocalCluster:
     network: Literal["loopback", "netns"] = "loopback"
     topology: _netns.Topology | None = None  # network-namespace mode only
     tls: TlsBundle | None = None  # the control plane's throwaway CA and certificate
+    registry_tls: TlsBundle | None = None  # the registry's own CA (``registry_tls=True``)
 
     @property
     def registry_host(self) -> str:
         """``host:port`` of the registry, as clients name it (and containerd's ``ns=``)."""
-        return self.registry.url.removeprefix("http://")
+        return self.registry.url.split("://", 1)[1]
+
+    @property
+    def relay_url(self) -> str:
+        """The registry through its relay (``proxy``), as the nodes read it: the name a
+        client outside loopback uses (``https://`` with ``registry_tls``)."""
+        scheme = "https" if self.registry_tls else "http"
+        return f"{scheme}://{self.proxy.url.removeprefix('http://')}"
 
     @property
     def registry_egress(self) -> int:
@@ -111,6 +119,8 @@ async def local_cluster(
     token_auth: TokenAuth | None = None,
     sidecar_login: tuple[str, str] | None = None,
     forward_proxy: bool = False,
+    registry_tls: bool = False,
+    intercept: CaFiles | None = None,
 ) -> AsyncIterator[LocalCluster]:
     """Start everything; stop everything (and leave no process behind) on exit.
 
@@ -137,7 +147,10 @@ async def local_cluster(
 
     With ``forward_proxy``, every node also runs its forward proxy (``ClusterNode.proxy_url``), and
     serves the registry under the relay's name too (``host:port`` of ``LocalCluster.proxy``),
-    the name a client outside loopback uses.
+    the name a client outside loopback uses. With ``registry_tls`` the registry serves
+    HTTPS with a throwaway CA of its own (``LocalCluster.registry_tls``; the sidecar and the
+    nodes trust it through ``registry_ca_file``); with ``intercept`` (a CA and its key) the
+    nodes' proxies decrypt the relay's host with certificates minted by that CA.
     """
     if network == "netns":
         node_processes = True
@@ -168,6 +181,8 @@ async def local_cluster(
             token_auth=token_auth,
             sidecar_login=sidecar_login or htpasswd,
             forward_proxy=forward_proxy,
+            registry_tls=registry_tls,
+            intercept=intercept,
         ) as cluster:
             yield cluster
 
@@ -190,6 +205,8 @@ async def _local_cluster(
     token_auth: TokenAuth | None,
     sidecar_login: tuple[str, str] | None,
     forward_proxy: bool,
+    registry_tls: bool = False,
+    intercept: CaFiles | None = None,
 ) -> AsyncIterator[LocalCluster]:
     # Loopback: everything on 127.0.0.1, rates by token buckets. Namespaces: services on
     # the core addresses, nodes on their own, rates by tc (so no token buckets here).
@@ -202,6 +219,12 @@ async def _local_cluster(
     key_path.chmod(0o600)
     credential = generate_credential()
     bundle = make_tls(workdir / "tls", (core_host, "localhost")) if tls else None
+    relay_host = topo.registry_address if topo else "127.0.0.1"
+    registry_bundle = (
+        make_tls(workdir / "registry-tls", ("127.0.0.1", "localhost", relay_host))
+        if registry_tls
+        else None
+    )
     async with trio.open_nursery() as nursery:
         sidecar_port = free_port(core_host)
         sidecar_url = f"{'https' if tls else 'http'}://{core_host}:{sidecar_port}"
@@ -211,18 +234,16 @@ async def _local_cluster(
             token_auth=token_auth,
             workdir=workdir / "registry",
             ca_file=bundle.ca_file if bundle else None,
+            tls=(registry_bundle.cert_file, registry_bundle.key_file) if registry_bundle else None,
         ) as registry:
-            host, port = registry.url.removeprefix("http://").split(":")
-            proxy = ThrottleProxy(
-                (host, int(port)),
-                registry_rate,
-                host=topo.registry_address if topo else "127.0.0.1",
-            )
+            proxy = ThrottleProxy((registry.host, registry.port), registry_rate, host=relay_host)
             await nursery.start(proxy.run)
+            relay_url = ("https://" if registry_bundle else "http://") + proxy.url.split("://")[1]
             sidecar_scope = trio.CancelScope()
             sidecar_settings = SidecarSettings(
                 listen=f"{core_host}:{sidecar_port}",
                 registry_url=registry.url,
+                registry_ca_file=registry_bundle.ca_file if registry_bundle else None,
                 registry_username=sidecar_login[0] if sidecar_login else None,
                 registry_password=SecretStr(sidecar_login[1]) if sidecar_login else None,
                 store_dir=workdir / "torrents",
@@ -238,7 +259,7 @@ async def _local_cluster(
             tracker_settings = TrackerSettings(
                 listen=f"{core_host}:0",
                 sidecar_url=sidecar_url,
-                registry_url=proxy.url,
+                registry_url=relay_url,
                 interval_s=10,
                 min_interval_s=1,
                 fetcher_interval_s=1,
@@ -250,9 +271,9 @@ async def _local_cluster(
             tracker_base = await nursery.start(
                 _scoped, tracker_scope, run_tracker, tracker_settings
             )
-            upstreams = {registry.url.removeprefix("http://"): proxy.url}
+            upstreams = {registry.url.split("://", 1)[1]: relay_url}
             if forward_proxy:
-                upstreams[proxy.url.removeprefix("http://")] = proxy.url
+                upstreams[relay_url.split("://", 1)[1]] = relay_url
             cluster_nodes = []
             for i in range(nodes):
                 name = f"node-{i}"
@@ -266,7 +287,11 @@ async def _local_cluster(
                     credential=SecretStr(credential),
                     upstreams=upstreams,
                     proxy_listen="127.0.0.1:0" if forward_proxy else None,
-                    default_upstream=proxy.url,
+                    default_upstream=relay_url,
+                    registry_ca_file=registry_bundle.ca_file if registry_bundle else None,
+                    proxy_intercept_hosts=[relay_host] if intercept else [],
+                    proxy_ca_cert_file=intercept.cert_file if intercept else None,
+                    proxy_ca_key_file=intercept.key_file if intercept else None,
                     cache_dir=workdir / name / "cache",
                     upload_rate=node_upload_rate,
                     download_rate=node_download_rate,
@@ -316,6 +341,7 @@ async def _local_cluster(
                 network="netns" if topo else "loopback",
                 topology=topo,
                 tls=bundle,
+                registry_tls=registry_bundle,
             )
             try:
                 yield cluster

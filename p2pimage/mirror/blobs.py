@@ -371,6 +371,7 @@ class LayerService:
             repository=repository,
             origin_headers={"Authorization": authorization} if authorization else None,
             origin_limiter=self.origin_limiter,
+            origin_http=self.http,  # the registry's client, not the control plane's
         )
         hex_ = blob_key(self.namespace, meta.digest_hex)
         self.cache.pin(hex_)

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from p2pimage.auth.tokens import PeerAuthenticator
@@ -135,6 +136,7 @@ class PeerNode:
         repository: str | None = None,
         origin_headers: Mapping[str, str] | None = None,
         origin_limiter: RateLimiter | None = None,
+        origin_http: httpx.AsyncClient | None = None,
         announce_settings: AnnounceSettings | None = None,
     ) -> Swarm:
         """Open (or resume) the blob's storage under ``directory`` and start its swarm.
@@ -142,7 +144,8 @@ class PeerNode:
         With ``tracker``, the swarm announces itself and connects to the peers the tracker
         names; with ``repository`` too, the tracker may make this node an origin fetcher,
         reading its range from the registry with ``origin_headers`` (the pulling client's
-        credentials) through ``origin_limiter``. The swarm stops on :meth:`Swarm.close`,
+        credentials) through ``origin_limiter`` with ``origin_http`` (the client that trusts
+        the registry; default: the tracker's). The swarm stops on :meth:`Swarm.close`,
         :meth:`remove_swarm`, a tracker release order, or when the node stops.
         """
         nursery = self._require_running()
@@ -166,7 +169,7 @@ class PeerNode:
                     swarm,
                     tracker,
                     repository=repository,
-                    origin_http=tracker.http,
+                    origin_http=origin_http or tracker.http,
                     origin_headers=origin_headers,
                     origin_limiter=origin_limiter,
                     settings=announce_settings,
