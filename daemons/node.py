@@ -350,13 +350,10 @@ class NodeDaemon:
 # --------------------------------------------------------------------------- the app
 
 
-def _forward_headers(request: Request) -> list[tuple[str, str]]:
-    # Raw pairs keep every repeated header (skopeo sends several Accept headers).
-    return [
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in request.headers.raw
-        if k.decode("latin-1").lower() not in _HOP
-    ]
+def _forward_headers(request: Request) -> list[tuple[bytes, bytes]]:
+    # Raw pairs keep every repeated header (skopeo sends several Accept headers); bytes,
+    # so a value outside ASCII goes to the registry to judge instead of failing here.
+    return [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in _HOP]
 
 
 def _response_headers(headers: httpx.Headers) -> list[tuple[str, str]]:
@@ -508,6 +505,9 @@ def create_app(daemon: NodeDaemon) -> Starlette:
         if upstream is None:
             return unknown_registry(ns)
         name, kind, ref = m.group("name"), m.group("kind"), m.group("ref")
+        if not request.headers.get("authorization", "").isascii():
+            # No registry accepts it, and the access check could not even send it.
+            return _registry_error(400, "UNAUTHORIZED", "the Authorization header is not ASCII")
         anonymous = not carries_credentials(request.headers.get("authorization"))
         if not anonymous:
             daemon.credentials.authenticated(upstream, name)

@@ -330,11 +330,13 @@ async def test_connect_tunnels_blindly_and_intercepts_only_named_hosts(
 
 
 async def _exchange(proxy_url: str, data: bytes) -> bytes:
-    """Send ``data`` on a fresh connection; everything the proxy answers until it closes."""
+    """Send ``data`` on a fresh connection and end it; everything the proxy answers
+    until it closes."""
     host, port = proxy_url.removeprefix("http://").rsplit(":", 1)
     stream = await trio.open_tcp_stream(host, int(port))
     async with stream:
         await stream.send_all(data)
+        await stream.send_eof()  # a cut request must not leave the proxy waiting for more
         answer = b""
         with trio.fail_after(15):
             while chunk := await stream.receive_some(65536):
@@ -383,6 +385,54 @@ async def test_bad_requests_get_clear_errors_and_the_proxy_carries_on(tmp_path: 
                 r = await http.get(f"{mirror_url}/healthz")
                 assert r.status_code == 200 and r.json()["status"] == "ok"
             assert node.proxy.stats.requests["forward"] == 2
+
+
+async def test_mutated_request_heads_never_break_the_proxy(tmp_path: Path) -> None:
+    """Byte flips, cuts and insertions in the head of valid requests (the request line
+    kept, so nothing is looked up in DNS): every answer is an HTTP response or a close,
+    and no connection ends in an internal error."""
+    import random
+
+    rng = random.Random(1414)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    operator = make_ca(tmp_path / "operator", "operator CA")
+    heads = [
+        b"Host: x\r\nAccept: a\r\nAccept: b\r\nAuthorization: Basic Og==\r\n\r\n",
+        b"Host: x\r\nContent-Length: 5\r\n\r\nhello",
+        b"Host: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ]
+    lines = [
+        f"GET http://127.0.0.1:{port}/v2/ HTTP/1.1\r\n".encode(),
+        f"POST http://127.0.0.1:{port}/x HTTP/1.1\r\n".encode(),
+        f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n".encode(),
+        # A registry the node serves (down): the mirror's own handlers see these.
+        f"GET http://127.0.0.1:{port}/v2/a/manifests/v1 HTTP/1.1\r\n".encode(),
+        f"GET http://127.0.0.1:{port}/v2/a/blobs/sha256:{'0' * 64} HTTP/1.1\r\n".encode(),
+    ]
+    upstreams = {f"127.0.0.1:{port}": f"http://127.0.0.1:{port}"}
+    with closed:
+        async with _tls_node(tmp_path, upstreams, ["localhost"], operator) as (node, _):
+            assert node.proxy_url is not None and node.proxy is not None
+            # A credential outside ASCII, where the mirror checks access with it.
+            blob = lines[-1] + b"Host: x\r\nAuthorization: Basic \xe9\xff\r\n\r\n"
+            answer = await _exchange(node.proxy_url, blob)
+            assert answer.startswith(b"HTTP/1.1 400 ") and b"not ASCII" in answer
+            for _ in range(400):
+                head = bytearray(rng.choice(heads))
+                for _ in range(rng.randint(1, 4)):
+                    i = rng.randrange(len(head) + 1)
+                    op = rng.randrange(3)
+                    if op == 0 and i < len(head):
+                        head[i] = rng.randrange(256)
+                    elif op == 1:
+                        del head[i : i + rng.randint(1, 8)]
+                    else:
+                        head[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+                answer = await _exchange(node.proxy_url, rng.choice(lines) + bytes(head))
+                assert answer == b"" or answer.startswith(b"HTTP/1.1 "), answer[:80]
+            assert node.proxy.stats.errors["internal"] == 0
 
 
 # --------------------------------------------------------------------------- Docker

@@ -514,11 +514,8 @@ class ForwardProxy:
     async def _forward(
         self, client: _Client, request: h11.Request, method: str, target: ProxyTarget
     ) -> None:
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in request.headers
-            if k.lower() not in _HOP
-        ]
+        # Bytes as received: a header value outside ASCII is the upstream's to judge.
+        headers = [(bytes(k), bytes(v)) for k, v in request.headers if k.lower() not in _HOP]
         has_body = any(k in (b"content-length", b"transfer-encoding") for k, _ in request.headers)
         body = client.body()
         if not has_body:
