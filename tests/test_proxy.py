@@ -10,9 +10,11 @@ import contextlib
 import datetime
 import functools
 import ipaddress
+import json
 import shutil
 import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -543,7 +545,6 @@ async def test_dockerd_pulls_a_private_image_through_the_proxy_from_the_swarm(
                 )
         repo_digests, layers = inspect.split(" ", 1)
         # The digests of a direct pull: the pushed manifest and the config's diff_ids.
-        import json
 
         assert f"{relay}/private/app@{pushed}" in json.loads(repo_digests)
         assert json.loads(layers) == json.loads(image.config.data)["rootfs"]["diff_ids"]
@@ -669,6 +670,17 @@ async def test_podman_private_pull_with_creds_bypasses_a_mirror_but_not_the_prox
             while _metric(text, "p2pimage_node_bypassed_pulls_total", reason="no_credentials") < 1:
                 await trio.sleep(1)
                 text = await metrics()
+        # ... and so does p2pimage status.
+        status = await trio.run_process(
+            [sys.executable, "-m", "daemons.cli", "status", "--node", node.mirror_url, "--json"],
+            capture_stdout=True,
+        )
+        assert json.loads(status.stdout)["bypassed"] == {"no_credentials": 1}
+        status = await trio.run_process(
+            [sys.executable, "-m", "daemons.cli", "status", "--node", node.mirror_url],
+            capture_stdout=True,
+        )
+        assert "sends --creds and pull secrets" in " ".join(status.stdout.decode().split())
         # Proxy mode: the credentials reach the node, the layer comes from the swarm.
         plain_conf = _registries_conf(tmp_path / "plain.conf", relay, None)
         assert await pull(plain_conf, node.proxy_url) == pushed
@@ -684,7 +696,6 @@ async def test_podman_sends_auth_json_credentials_keyed_by_the_mirror_host(
 ) -> None:
     """The mirror-mode case that works: an ``auth.json`` entry for the mirror's own
     ``host:port`` (containers/image looks credentials up by the host it talks to)."""
-    import json
 
     from tests.runtimes import PodmanStore, _arun, podman_driver
 
@@ -724,7 +735,6 @@ async def test_dockerd_pulls_an_https_registry_through_interception_from_the_swa
     reason = _docker_skip_reason()
     if reason is not None:
         pytest.skip(reason)
-    import json
 
     from tests.runtimes import _arun, start_dockerd
 
