@@ -57,11 +57,18 @@ class TrackerBed:
     # The attacker's own node key: every forged token binds it, and every proof the
     # attacker sends is made with it, so only the token itself can be what fails.
     mallory: NodeKey
+    # The honest member already in the swarm (its key binds its peer id).
+    victim: NodeKey
 
-    def announce_url(self, n: int, subject: str = MALLORY, **kw: Any) -> str:
+    def announce_url(
+        self, n: int, subject: str = MALLORY, key: NodeKey | None = None, **kw: Any
+    ) -> str:
+        """An announce of peer ``n`` whose peer id is bound to ``subject`` and ``key``
+        (default: the attacker's own key)."""
+        jwk = (key or self.mallory).public_jwk()
         req = AnnounceRequest(
             info_hash=kw.pop("info_hash", INFO_HASH),
-            peer_id=bound_peer_id(subject, self.mallory.public_jwk(), suffix=n.to_bytes(6, "big")),
+            peer_id=bound_peer_id(subject, jwk, suffix=n.to_bytes(6, "big")),
             port=7000 + n,
             left=kw.pop("left", 1000),
             **kw,
@@ -117,12 +124,12 @@ async def tracker_bed(tmp: Path, **settings: Any) -> AsyncIterator[TrackerBed]:
     )
     async with trio.open_nursery() as nursery, httpx.AsyncClient(timeout=10) as http:
         url = await nursery.start(run_tracker, config)
-        bed = TrackerBed(url, issuer, http, NodeKey.generate())
         victim = NodeKey.generate()
+        bed = TrackerBed(url, issuer, http, NodeKey.generate(), victim)
         token = issuer.issue(
             subject=VICTIM, cluster=CLUSTER, node_jwk=victim.public_jwk(), now=time.time()
         )
-        r = await http.get(bed.announce_url(9, VICTIM), auth=bed.dpop(token, victim))
+        r = await http.get(bed.announce_url(9, VICTIM, victim), auth=bed.dpop(token, victim))
         if r.status_code != 200:
             raise RuntimeError(f"the victim could not announce: {r.status_code} {r.text}")
         try:
@@ -259,7 +266,7 @@ async def _cluster_a_at_b(tb: TrackerBed) -> AttackResult:
     vtoken = tb.issuer.issue(
         subject="node-victim-2", cluster=CLUSTER, node_jwk=victim.public_jwk(), now=time.time()
     )
-    v = await tb.http.get(tb.announce_url(2, "node-victim-2"), auth=tb.dpop(vtoken, victim))
+    v = await tb.http.get(tb.announce_url(2, "node-victim-2", victim), auth=tb.dpop(vtoken, victim))
     theirs = parse_announce_response(v.content)
     crossed = sum(1 for _, port in theirs.peers if port == 7001)
     return AttackResult(
@@ -330,7 +337,7 @@ async def _replayed_proof(tb: TrackerBed) -> AttackResult:
     token = tb.issuer.issue(
         subject=VICTIM, cluster=CLUSTER, node_jwk=member.public_jwk(), now=time.time()
     )
-    url = tb.announce_url(5, VICTIM)
+    url = tb.announce_url(5, VICTIM, member)
     proof = create_proof(member, method="GET", url=url, token=token, now=time.time())
     headers = {"Authorization": f"DPoP {token}", "DPoP": proof}
     first = await tb.http.get(url, headers=headers)
@@ -349,7 +356,7 @@ async def _proof_for_another_request(tb: TrackerBed) -> AttackResult:
     scrape = f"{tb.url}/scrape?info_hash={''.join(f'%{b:02X}' for b in INFO_HASH)}"
     proof = create_proof(member, method="GET", url=scrape, token=token, now=time.time())
     headers = {"Authorization": f"DPoP {token}", "DPoP": proof}
-    other_url = tb._result(await tb.http.get(tb.announce_url(5, VICTIM), headers=headers))
+    other_url = tb._result(await tb.http.get(tb.announce_url(5, VICTIM, member), headers=headers))
     other_method = await tb.http.head(scrape, headers=headers)
     refused = other_url.refused and other_method.status_code == 401
     return AttackResult(
@@ -362,7 +369,7 @@ async def _proof_for_another_request(tb: TrackerBed) -> AttackResult:
 async def _other_subjects_peer_id(tb: TrackerBed) -> AttackResult:
     # A member (its own valid token and key) announces "stopped" with the victim's peer id.
     token = _issued(tb, time.time())
-    url = tb.announce_url(9, VICTIM, event=Event.STOPPED)
+    url = tb.announce_url(9, VICTIM, tb.victim, event=Event.STOPPED)
     r = await tb.http.get(url, auth=tb.dpop(token))
     result = tb._result(r)
     # The victim must still be in the swarm.

@@ -192,7 +192,7 @@ async def fetch(
     async with open_peer_node(authenticator=auth) as node:
         swarm = await node.add_swarm(meta, tmp / name)
         start = trio.current_time()
-        swarm.connect([seeder])
+        swarm.add_peers([seeder])
         with trio.fail_after(60):
             await swarm.complete.wait()
         return trio.current_time() - start
@@ -366,7 +366,7 @@ async def passive_capture(bed: AttackBed) -> AttackResult:
             async with trio.open_nursery() as nursery:
                 listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
                 nursery.start_soon(relay, listener, seeder.listen_address, seen)
-                swarm.connect([listener.socket.getsockname()[:2]])
+                swarm.add_peers([listener.socket.getsockname()[:2]])
                 with trio.fail_after(30):
                     await swarm.complete.wait()
                 nursery.cancel_scope.cancel()

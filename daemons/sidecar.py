@@ -175,6 +175,9 @@ class SidecarMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
+        self.torrents_deleted = Counter(
+            p + "torrents_deleted", "Torrents dropped for blobs the registry deleted", registry=r
+        )
         self.digest_mismatches = Counter(
             p + "digest_mismatches", "Blobs whose bytes do not match their digest", registry=r
         )
@@ -404,11 +407,17 @@ def create_app(sidecar: Sidecar) -> Starlette:
             m.webhook_events.labels("malformed").inc()
             log.warning("malformed webhook body: %s", exc)
             return _error(400, "malformed", str(exc))
-        counts = {"queued": 0, "ignored": 0, "invalid": 0}
+        counts = {"queued": 0, "deleted": 0, "ignored": 0, "invalid": 0}
         for ev in parsed:
             if not ev.valid:
                 counts["invalid"] += 1
                 log.warning("invalid event %s: %s", ev.id, ev.problem)
+            elif (deleted := ev.deleted_digest) is not None:
+                # A blob (or manifest) the registry deleted: its torrent goes.
+                if sidecar.indexer.forget(deleted):
+                    m.torrents_deleted.inc()
+                    log.info("registry deleted %s@%s: torrent dropped", ev.repository, deleted)
+                counts["deleted"] += 1
             elif not ev.is_manifest_push:
                 counts["ignored"] += 1
             elif sidecar.indexer.submit_event(ev):

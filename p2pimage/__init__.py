@@ -38,6 +38,7 @@ from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.tracker.client import AnnounceSettings, TrackerClient, TrackerError
 
 __all__ = [
+    "PROTOCOL_VERSION",
     "AnnounceSettings",
     "AuthError",
     "BencodeError",
@@ -73,3 +74,7 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+#: The peer and tracker protocol generation (docs/protocol.md; the peer-auth transcript
+#: label carries it). The image and the manifests are labelled with it; nodes of two
+#: generations do not exchange pieces (docs/operations.md, "Upgrades").
+PROTOCOL_VERSION = 3

@@ -683,12 +683,58 @@ async def test_webhook_sorts_events_it_does_not_index(tmp_path: Path) -> None:
             "/events", content=body, headers={"content-type": EVENTS_MEDIA_TYPE}
         )
         assert r.status_code == 202
-        assert r.json() == {"queued": 0, "ignored": 2, "invalid": 2}
+        assert r.json() == {"queued": 0, "deleted": 0, "ignored": 2, "invalid": 2}
         pulls = envelope(good, action="pull")
         r = await env.http.post(
             "/events", content=pulls, headers={"content-type": EVENTS_MEDIA_TYPE}
         )
-        assert r.json() == {"queued": 0, "ignored": 1, "invalid": 0}
+        assert r.json() == {"queued": 0, "deleted": 0, "ignored": 1, "invalid": 0}
+
+
+async def test_registry_delete_events_drop_the_torrents(tmp_path: Path) -> None:
+    """A blob deleted from the real registry (delete enabled in its config) loses its
+    torrent through the registry's own delete event; the other layers keep theirs, and
+    asking for the deleted one again gives no torrent (the registry has no such blob)."""
+    image = build_image([300_000, 2_000_000], seed=19)
+    async with sidecar_env(tmp_path) as env:
+        await push_image(env.client, "team/app", "v1", image)
+        await env.wait_indexed([b.digest for b in image.blobs()])
+        await env.settle()
+        kept, gone = image.layers[0].digest, image.layers[1].digest
+        async with httpx.AsyncClient() as http:
+            r = await http.delete(f"{env.registry.url}/v2/team/app/blobs/{gone}")
+            assert r.status_code == 202
+        with trio.fail_after(30):
+            while env.sidecar.store.path(gone).exists():
+                await trio.sleep(0.05)
+        assert gone not in env.sidecar.store and kept in env.sidecar.store
+        assert env.metric("p2pimage_sidecar_torrents_deleted_total") == 1
+        assert env.metric("p2pimage_sidecar_webhook_events_total", result="deleted") == 1
+        r = await env.http.get(f"/torrents/{gone}", params={"repository": "team/app"})
+        assert r.status_code == 404
+        assert gone not in env.sidecar.store
+        r = await env.http.get(f"/torrents/{kept}")
+        assert r.status_code == 200
+        check_torrent(r.content, kept, image.layers[0].data)
+
+
+def test_delete_events_name_the_digest_they_removed() -> None:
+    digest = "sha256:" + "4" * 64
+    events = parse_envelope(
+        envelope(
+            {"digest": digest, "repository": "a/b"},  # a blob or manifest delete
+            {"repository": "a/b", "tag": "v1"},  # a tag delete
+            {"digest": "sha256:short", "repository": "a/b"},
+            {"digest": digest, "repository": "Not/Valid"},
+            {"repository": "a/b"},
+            action="delete",
+        )
+    )
+    assert [e.deleted_digest for e in events] == [digest, None, None, None, None]
+    assert [e.valid for e in events] == [True, True, False, False, False]
+    pushed = {"mediaType": OCI_MANIFEST, "digest": digest, "repository": "a/b"}
+    push = parse_envelope(envelope(pushed))
+    assert push[0].deleted_digest is None and push[0].is_manifest_push
 
 
 async def test_webhook_token_and_full_queue(tmp_path: Path) -> None:

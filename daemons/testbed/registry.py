@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import shutil
 import ssl
 import subprocess
@@ -69,14 +70,14 @@ class RegistryProcess(ManagedProcess):
     notification_headers: dict[str, list[str]] | None = None
     htpasswd: tuple[str, str] | None = None
     token_auth: TokenAuth | None = None
+    # CA bundle the registry trusts for its outgoing HTTPS (notifications to a TLS
+    # sidecar); Go reads SSL_CERT_FILE.
+    ca_file: Path | None = None
     # (certificate chain PEM, key PEM): serve HTTPS; ``url`` is then ``https://``.
     tls: tuple[Path, Path] | None = None
     # Address to listen on (a test namespace's address, for clients that never proxy
     # loopback hosts).
     host: str = "127.0.0.1"
-    # CA bundle the registry trusts for its outgoing HTTPS (notifications to a TLS
-    # sidecar); Go reads SSL_CERT_FILE.
-    ca_file: Path | None = None
     workdir: Path | None = None
     port: int = 0
     url: str = field(init=False, default="")
@@ -84,6 +85,8 @@ class RegistryProcess(ManagedProcess):
     log_path: Path = field(init=False)
     _proc: subprocess.Popen[bytes] | None = field(init=False, default=None)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(init=False, default=None)
+    _own_port: bool = field(init=False, default=False)
+    _probe_id: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         if self.workdir is None:
@@ -91,10 +94,23 @@ class RegistryProcess(ManagedProcess):
             self.workdir = Path(self._tmp.name)
         self.storage = self.workdir / "storage"
         self.log_path = self.workdir / "registry.log"
+        self._own_port = not self.port
         if not self.port:
             self.port = free_port(self.host)
-        scheme = "https" if self.tls else "http"
-        self.url = f"{scheme}://{self.host}:{self.port}"
+        self.url = self._url()
+        # The readiness probe carries this, and only our registry's log records it: a
+        # registry of someone else's that took the port cannot pass for ours.
+        self._probe_id = secrets.token_hex(8)
+
+    def _repick_port(self) -> bool:
+        if not self._own_port:
+            return False
+        self.port = free_port(self.host)
+        self.url = self._url()
+        return True
+
+    def _url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def blob_path(self, digest: str) -> Path:
         """Where the filesystem driver keeps a blob's bytes (for tamper tests)."""
@@ -164,13 +180,15 @@ class RegistryProcess(ManagedProcess):
     def _ready(self) -> bool:
         # A liveness probe only: the certificate is the tests' business.
         context = ssl._create_unverified_context() if self.tls else None
+        url = f"{self.url}/v2/?probe={self._probe_id}"
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1, context=context) as r:
-                return bool(r.status == 200)
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
+                answered = r.status == 200
         except urllib.error.HTTPError as e:
-            return e.code == 401  # up, and asking for credentials
+            answered = e.code == 401  # up, and asking for credentials
         except OSError:
             return False
+        return answered and self._probe_id in self.log_text()
 
     def cleanup(self) -> None:
         self.stop()

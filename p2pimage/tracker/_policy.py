@@ -393,12 +393,39 @@ class TrackerPolicy:
             return None
         if len(swarm.fetchers) >= self.target_fetchers(len(swarm.peers)):
             return None
+        if not self._zone_may_fetch(swarm, rec):
+            return None
         got = self._take_work(swarm)
         if got is None:
             return None
         first, end = got
         swarm.fetchers[rec.peer_id] = FetcherRange(rec.peer_id, first, end, now)
         return self._assignment(url, first, end, swarm.pieces)
+
+    def _zone_may_fetch(self, swarm: SwarmRecord, rec: PeerRecord) -> bool:
+        """Origin fetchers spread across zones: each zone with leechers that could fetch
+        has a fair share, ceil(k / zones), of the k fetcher slots. The asker's zone (None
+        is a zone of its own) may take a slot while it is under its share, or when no
+        other zone under its share has a leecher to give it to (no slot stays unused).
+        Spread, the registry's copies enter every zone and cross-zone traffic is one
+        range per zone rather than the whole layer. O(peers), only while a slot is open."""
+        per_zone: dict[str | None, int] = {}
+        for pid in swarm.fetchers:
+            fetcher = swarm.peers.get(pid)
+            zone = fetcher.zone if fetcher is not None else None
+            per_zone[zone] = per_zone.get(zone, 0) + 1
+        candidates = {
+            p.zone
+            for p in swarm.peers.values()
+            if p.left > 0 and p.peer_id not in swarm.fetchers and p.peer_id not in swarm.stalled
+        }
+        zones = candidates | set(per_zone)
+        if len(zones) <= 1:
+            return True
+        share = math.ceil(self.target_fetchers(len(swarm.peers)) / len(zones))
+        if per_zone.get(rec.zone, 0) < share:
+            return True
+        return not any(per_zone.get(z, 0) < share for z in candidates if z != rec.zone)
 
     def _assignment(self, url: str, first: int, end: int, pieces: int) -> OriginAssignment:
         lease = self.config.lease(pieces)
