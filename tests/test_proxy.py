@@ -85,6 +85,7 @@ def test_parse_target_in_a_tunnel_takes_origin_form_for_the_tunnel_host() -> Non
         "https", "reg.example", 443, "/v2/x/manifests/v1"
     )
     assert parse_target("GET", "https://reg.example:443/v2/", tunnel).path == "/v2/"
+    assert parse_target("GET", "https://REG.example/v2/", tunnel).path == "/v2/"
     with pytest.raises(RemoteProtocolError, match="another host"):
         parse_target("GET", "https://other.example/v2/", tunnel)
     with pytest.raises(RemoteProtocolError, match="inside a tunnel"):
@@ -195,6 +196,21 @@ async def test_plain_http_proxy_serves_private_layers_through_the_swarm(tmp_path
                     headers={"Authorization": BASIC},
                 )
                 assert r.status_code == 200 and r.content == layer.data
+            # A client's own ns= does not pick another registry: the target host does.
+            r = await http.get(
+                f"http://{host}/v2/private/app/manifests/v1?ns=elsewhere.example",
+                headers=accept,
+            )
+            assert r.status_code == 200 and r.headers["docker-content-digest"] == pushed
+            # The rest of the registry API passes unchanged: a tag list, a push.
+            r = await http.get(
+                f"http://{host}/v2/private/app/tags/list", headers={"Authorization": BASIC}
+            )
+            assert r.status_code == 200 and r.json()["tags"] == ["v1"]
+            r = await http.post(
+                f"http://{host}/v2/private/app/blobs/uploads/", headers={"Authorization": BASIC}
+            )
+            assert r.status_code == 202 and "location" in r.headers
             # Anything that is not a registry the node serves passes unchanged.
             r = await http.get(f"{cluster.sidecar_url}/healthz")
             assert r.status_code == 200
@@ -205,9 +221,10 @@ async def test_plain_http_proxy_serves_private_layers_through_the_swarm(tmp_path
         assert not layers.stats.fallbacks
         proxy = proxied.daemon.proxy
         assert proxy is not None
-        assert proxy.stats.requests["mirror"] == 4
-        assert proxy.stats.requests["forward"] == 2  # the sidecar, and /metrics itself
-        assert 'p2pimage_node_proxy_requests_total{kind="mirror"} 4.0' in metrics
+        assert proxy.stats.requests["mirror"] == 5
+        # The tag list, the push, the sidecar, and /metrics itself.
+        assert proxy.stats.requests["forward"] == 4
+        assert 'p2pimage_node_proxy_requests_total{kind="mirror"} 5.0' in metrics
 
 
 # --------------------------------------------------------------------------- TLS

@@ -3,11 +3,11 @@
 
 A request is one of:
 
-- **absolute form** (``GET http://registry:5000/v2/...``): when the target's authority is
-  a registry the node serves (``registries``), the request goes to the mirror itself (an
-  ASGI app) with ``ns=<authority>``, so manifests, the access check with the client's own
-  ``Authorization``, the swarm and the fallback are exactly the mirror's; any other
-  target is forwarded unchanged;
+- **absolute form** (``GET http://registry:5000/v2/...``): a pull (``GET``/``HEAD`` of
+  ``/v2/``, a manifest or a blob) from a registry the node serves (``serves``) goes to
+  the mirror itself (an ASGI app) with ``ns=<authority>``, so manifests, the access check
+  with the client's own ``Authorization``, the swarm and the fallback are exactly the
+  mirror's; anything else (pushes, tag lists, other hosts) is forwarded unchanged;
 - **CONNECT** ``host:port``: a blind TCP tunnel, unless the host is on the operator's
   interception list; then the proxy answers the TLS handshake itself with a certificate
   minted for that host by the operator's CA (:class:`HostCertificates`), and serves the
@@ -27,6 +27,7 @@ import datetime
 import ipaddress
 import logging
 import os
+import re
 import ssl
 import tempfile
 from collections import Counter
@@ -116,6 +117,9 @@ class ProxyTarget:
 
 
 _DEFAULT_PORT: Final = {"http": 80, "https": 443}
+# The pull paths the mirror serves (the API root, manifests, blobs); anything else of a
+# registry (pushes, tag lists, the catalog) is forwarded unchanged.
+_MIRRORED: Final = re.compile(r"^/v2/(?:[^?]*/(?:manifests|blobs)/[^/?]+)?(?:\?.*)?$")
 
 
 def _host_port(authority: str, default_port: int | None) -> tuple[str, int]:
@@ -158,9 +162,9 @@ def parse_target(method: str, target: str, tunnel: ProxyTarget | None = None) ->
     schemes = ("https",) if tunnel is not None else ("http",)
     if parts.scheme not in schemes:
         raise RemoteProtocolError(f"unsupported request target {target[:100]!r}")
-    if tunnel is not None and parts.netloc != tunnel.authority:
-        raise RemoteProtocolError("request inside a tunnel names another host")
     host, port = _host_port(parts.netloc, _DEFAULT_PORT[parts.scheme])
+    if tunnel is not None and (host.lower(), port) != (tunnel.host.lower(), tunnel.port):
+        raise RemoteProtocolError("request inside a tunnel names another host")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return ProxyTarget(parts.scheme, host, port, path)
 
@@ -457,7 +461,7 @@ class ForwardProxy:
         self, client: _Client, request: h11.Request, method: str, target: ProxyTarget
     ) -> None:
         ns = self.registry_of(target)
-        if ns is not None and target.path.startswith("/v2/"):
+        if ns is not None and method in ("GET", "HEAD") and _MIRRORED.match(target.path):
             self.stats.requests["mirror"] += 1
             await self._to_mirror(client, request, method, target, ns)
         else:
@@ -470,8 +474,9 @@ class ForwardProxy:
         async for _ in client.body():
             pass  # registry reads have no body; a stray one is dropped
         path, _, query = target.path.partition("?")
-        param = f"ns={quote(ns, safe='')}"
-        query = f"{query}&{param}" if query else param
+        # The registry is the one the client connected to, whatever its query says.
+        kept = [p for p in query.split("&") if p and not p.startswith("ns=")]
+        query = "&".join([*kept, f"ns={quote(ns, safe='')}"])
         scope: dict[str, Any] = {
             "type": "http",
             "asgi": {"version": "3.0"},
