@@ -538,6 +538,10 @@ async def test_dockerd_pulls_a_private_image_through_the_proxy_from_the_swarm(
                 with trio.fail_after(180):
                     await _arun(["docker", "pull", f"{relay}/private/app:v1"], env=env)
                     await _arun(["docker", "pull", f"{tls_name}/demo/small:v1"], env=env)
+                    # A push through the proxy is forwarded to the registry unchanged.
+                    copy = f"{relay}/private/copy:v1"
+                    await _arun(["docker", "tag", f"{relay}/private/app:v1", copy], env=env)
+                    await _arun(["docker", "push", copy], env=env)
                 inspect = await _arun(
                     [
                         "docker",
@@ -566,12 +570,20 @@ async def test_dockerd_pulls_a_private_image_through_the_proxy_from_the_swarm(
         assert f"{relay}/private/app@{pushed}" in json.loads(repo_digests)
         assert json.loads(layers) == json.loads(image.config.data)["rootfs"]["diff_ids"]
         assert f"{tls_name}/demo/small@{small_pushed}" in json.loads(small_digests)
+        async with RegistryClient(
+            cluster.registry.url, username="alice", password="s3cret"
+        ) as client:
+            copied = await client.get_manifest("private/copy", "v1")
+        # dockerd writes the manifest anew; the config and the layers are the image's.
+        assert copied.config is not None and copied.config.digest == image.config.digest
+        assert [d.digest for d in copied.layers] == [layer.digest for layer in image.layers]
         async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
             metrics = (await http.get(f"{proxied.mirror_url}/metrics")).text
         big = sum(len(layer.data) for layer in image.layers)
         assert _metric(metrics, "p2pimage_node_served_bytes_total", source="swarm") == big
         assert _metric(metrics, "p2pimage_node_fetched_bytes_total", source="peer") > 0
         assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="mirror") >= 4
+        assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="forward") >= 3
         assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="tunnel") >= 1
         assert _metric(metrics, "p2pimage_node_proxy_requests_total", kind="intercept") == 0
 
