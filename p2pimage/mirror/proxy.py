@@ -74,6 +74,15 @@ _TUNNEL_READ = 1024 * 1024
 # and Apache's LimitRequestFieldSize sit around 8-16 KiB); registry requests are far
 # smaller, Authorization headers with a bearer JWT included.
 MAX_HEAD_BYTES: Final = 16 * 1024
+# Client connections served at once (tunnels included); one more gets a 503. One node's
+# runtime opens a few per pull (dockerd: 3 layer downloads at a time, containerd and
+# containers/image a handful), so this only stops a runaway local client.
+MAX_CONNECTIONS: Final = 1024
+_TOO_MANY: Final = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 47\r\nconnection: close\r\n\r\n"
+    b"too many connections to this proxy; try again\r\n"
+)
 # Hop-by-hop headers (RFC 9110 §7.6.1), and ones the relay sets itself.
 _HOP: Final = frozenset(
     {
@@ -354,6 +363,7 @@ class ForwardProxy:
         certificates: HostCertificates | None = None,
         connect_timeout_s: float = 10.0,
         idle_timeout_s: float = 300.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         if intercept_hosts and certificates is None:
             raise LocalProtocolError("intercepting hosts needs a CA (certificates)")
@@ -364,6 +374,7 @@ class ForwardProxy:
         self.certificates = certificates
         self.connect_timeout_s = connect_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self._slots = trio.Semaphore(max_connections)
         self.stats = ProxyStats()
 
     def registry_of(self, target: ProxyTarget) -> str | None:
@@ -397,7 +408,18 @@ class ForwardProxy:
         """Serve one client connection; never raises for anything the client did."""
         try:
             async with stream:
-                await self._serve_connection(_Client(stream), tunnel=None)
+                client = _Client(stream)
+                try:
+                    self._slots.acquire_nowait()
+                except trio.WouldBlock:
+                    # Answered before reading the request: h11 would not send it yet.
+                    self.stats.errors["too_many_connections"] += 1
+                    await stream.send_all(_TOO_MANY)
+                    return
+                try:
+                    await self._serve_connection(client, tunnel=None)
+                finally:
+                    self._slots.release()
         except (trio.BrokenResourceError, trio.ClosedResourceError, _ClientGone):
             pass
         except OSError as exc:
