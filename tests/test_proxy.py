@@ -154,6 +154,27 @@ def test_interception_ca_key_must_match_its_certificate(tmp_path: Path) -> None:
         HostCertificates(b"not a certificate", ca.key_file.read_bytes())
 
 
+def test_interception_settings_are_checked_at_start(tmp_path: Path) -> None:
+    from daemons._config import ConfigError
+    from daemons.node import check_settings
+
+    with pytest.raises(ConfigError, match="proxy_intercept_hosts' needs proxy_ca_cert_file"):
+        check_settings(NodeSettings(proxy_intercept_hosts=["reg.example"]))
+    ca, other = make_ca(tmp_path / "a"), make_ca(tmp_path / "b")
+    mismatched = NodeSettings(
+        proxy_intercept_hosts=["reg.example"],
+        proxy_ca_cert_file=ca.cert_file,
+        proxy_ca_key_file=other.key_file,
+    )
+    with pytest.raises(ConfigError, match="does not match its certificate"):
+        check_settings(mismatched)
+    missing = mismatched.model_copy(update={"proxy_ca_cert_file": tmp_path / "nope.pem"})
+    with pytest.raises(ConfigError, match="proxy_ca_cert_file"):
+        check_settings(missing)
+    with pytest.raises(ConfigError, match="registry_ca_file"):
+        check_settings(NodeSettings(registry_ca_file=tmp_path / "nope.pem"))
+
+
 # --------------------------------------------------------------------------- plain HTTP
 
 
