@@ -346,11 +346,11 @@ class ForwardProxy:
     """An HTTP/1.1 forward proxy in front of the node's mirror (``mirror``, an ASGI app).
 
     ``serves(ns)`` says whether the mirror serves the registry named ``ns`` (``host:port``,
-    or ``host`` on the scheme's default port); requests for its ``/v2/`` paths go to the
-    mirror with ``ns=``. ``intercept_hosts``
-    (host names or ``host:port``) are decrypted with certificates from ``certificates``;
-    every other CONNECT is a blind tunnel. ``http`` forwards everything else and verifies
-    the upstream's certificate for intercepted hosts.
+    or ``host`` on the scheme's default port); pulls from it go to the mirror with
+    ``ns=``. ``intercept_hosts`` (host names or ``host:port``) are decrypted with
+    certificates from ``certificates``; every other CONNECT is a blind tunnel. ``http``
+    forwards everything else and verifies the upstream's certificate for intercepted
+    hosts. At most ``max_connections`` clients are served at once.
     """
 
     def __init__(
