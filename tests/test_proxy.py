@@ -246,6 +246,13 @@ async def test_plain_http_proxy_serves_private_layers_through_the_swarm(tmp_path
         # The tag list, the push, the sidecar, and /metrics itself.
         assert proxy.stats.requests["forward"] == 4
         assert 'p2pimage_node_proxy_requests_total{kind="mirror"} 5.0' in metrics
+        status = await trio.run_process(
+            [sys.executable, "-m", "daemons.cli", "status", "--node", proxied.mirror_url, "--json"],
+            capture_stdout=True,
+        )
+        report = json.loads(status.stdout)
+        assert report["proxy"] == {"mirror": 5, "forward": 4, "tunnel": 0, "intercept": 0}
+        assert report["proxy_errors"] == {}
 
 
 # --------------------------------------------------------------------------- TLS

@@ -81,6 +81,15 @@ def node_status(
             for k, v in _by(samples, "p2pimage_node_bypassed_pulls_total", "reason").items()
             if v
         },
+        # Forward proxy (proxy_listen): requests by how they were served, failures by reason.
+        "proxy": {
+            k: _num(v)
+            for k, v in _by(samples, "p2pimage_node_proxy_requests_total", "kind").items()
+        },
+        "proxy_errors": {
+            k: _num(v)
+            for k, v in _by(samples, "p2pimage_node_proxy_errors_total", "reason").items()
+        },
         "piece_hash_failures": _num(_total(samples, "p2pimage_node_piece_hash_failures_total")),
         "layers": swarms if swarms is not None else [],
     }
@@ -188,6 +197,8 @@ def _print_table(report: dict[str, Any], url: str) -> None:
             ("pulls", _labelled(report["pulls"])),
             ("fallbacks", _labelled(report["fallbacks"])),
             ("bypassed", _bypassed(report["bypassed"])),
+            ("proxy", _labelled(report["proxy"]) if report["proxy"] else "off"),
+            ("proxy errors", _labelled(report["proxy_errors"])),
             ("piece hash failures", str(report["piece_hash_failures"])),
         ]
     else:
