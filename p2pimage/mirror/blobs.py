@@ -451,6 +451,7 @@ class LayerService:
             repository=repository,
             origin_credentials=credentials,
             origin_limiter=self.origin_limiter,
+            origin_http=self.http,  # the registry's client, not the control plane's
         )
         self._origin_credentials[hex_] = credentials
         self.cache.pin(hex_)

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from p2pimage.auth.tokens import PeerAuthenticator
@@ -137,6 +138,7 @@ class PeerNode:
         repository: str | None = None,
         origin_credentials: OriginCredentials | None = None,
         origin_limiter: RateLimiter | None = None,
+        origin_http: httpx.AsyncClient | None = None,
         announce_settings: AnnounceSettings | None = None,
     ) -> Swarm:
         """Open (or resume) the blob's storage under ``directory`` and start its swarm.
@@ -145,7 +147,8 @@ class PeerNode:
         names; with ``repository`` too, the tracker may make this node an origin fetcher,
         reading its range through ``origin_limiter`` from the registry of
         ``origin_credentials`` only, with the latest credentials they hold (none: no
-        credentials, a public registry). The swarm stops on :meth:`Swarm.close`,
+        credentials, a public registry), with ``origin_http`` (the client that trusts the
+        registry; default: the tracker's). The swarm stops on :meth:`Swarm.close`,
         :meth:`remove_swarm`, a tracker release order, or when the node stops.
         """
         nursery = self._require_running()
@@ -169,7 +172,7 @@ class PeerNode:
                     swarm,
                     tracker,
                     repository=repository,
-                    origin_http=tracker.http,
+                    origin_http=origin_http or tracker.http,
                     origin_credentials=origin_credentials,
                     origin_limiter=origin_limiter,
                     settings=announce_settings,
