@@ -543,3 +543,30 @@ def test_peer_id_is_bound_to_the_subject_and_key() -> None:
     assert not token.binds_peer_id(pid[:19])
     with pytest.raises(LocalProtocolError):
         bound_peer_id("node-1", key.public_jwk(), suffix=b"\0" * 5)
+
+
+def test_header_that_is_not_a_json_object_is_malformed(issuer: TokenIssuer) -> None:
+    for head in (b"not json", b"[1]"):
+        with pytest.raises(AuthError) as info:
+            verifier_for(issuer).verify(f"{b64url(head)}.e30.c2ln", now=NOW)
+        assert info.value.reason == "malformed", head
+
+
+def test_proof_key_must_match_in_type_and_curve(bound: NodeToken, node_key: NodeKey) -> None:
+    """The same ``x`` under another ``kty`` or ``crv`` is another key (RFC 7638)."""
+    body = {"jti": "j", "htm": "GET", "htu": ANNOUNCE, "iat": int(NOW)}
+    body["ath"] = access_token_hash(bound.raw)
+    for change in ({"crv": "X25519"}, {"kty": "EC"}):
+        header = {"typ": "dpop+jwt", "alg": "EdDSA", "jwk": {**node_key.public_jwk(), **change}}
+        h, c = b64url(json.dumps(header).encode()), b64url(json.dumps(body).encode())
+        proof = f"{h}.{c}.{b64url(node_key.sign(f'{h}.{c}'.encode()))}"
+        with pytest.raises(AuthError) as info:
+            verify_proof(proof, token=bound, method="GET", url=ANNOUNCE, now=NOW)
+        assert info.value.reason == "proof_key_mismatch", change
+
+
+def test_replay_cache_entry_is_gone_at_its_expiry() -> None:
+    cache = ProofReplayCache(max_entries=1)
+    assert cache.claim(b"a", NOW + 10, NOW) is True
+    assert cache.claim(b"b", NOW + 20, NOW + 9) is None  # full of a live entry
+    assert cache.claim(b"b", NOW + 20, NOW + 10) is True  # a expired at NOW + 10, exactly
