@@ -570,3 +570,23 @@ def test_replay_cache_entry_is_gone_at_its_expiry() -> None:
     assert cache.claim(b"a", NOW + 10, NOW) is True
     assert cache.claim(b"b", NOW + 20, NOW + 9) is None  # full of a live entry
     assert cache.claim(b"b", NOW + 20, NOW + 10) is True  # a expired at NOW + 10, exactly
+
+
+def test_header_and_payload_refusals_name_their_reason(
+    issuer: TokenIssuer, node_key: NodeKey
+) -> None:
+    key = issuer.active_key
+    other_alg = "ES256" if key.alg == "EdDSA" else "EdDSA"
+    unsigned = lambda _: b"x" * 64  # noqa: E731 (refused before the signature is checked)
+    payload_not_json = jwt.api_jws.PyJWS().encode(
+        b"not json", key._key, algorithm=key.alg, headers={"kid": key.kid}
+    )
+    for token, reason in [
+        (_forge({"alg": key.alg}, _claims(node_key), unsigned), "unknown_kid"),
+        (_forge({"alg": other_alg, "kid": key.kid}, _claims(node_key), unsigned), "bad_algorithm"),
+        (payload_not_json, "malformed"),
+        (123, "malformed"),  # neither str nor bytes
+    ]:
+        with pytest.raises(AuthError) as info:
+            verifier_for(issuer).verify(token, now=NOW)  # type: ignore[arg-type]
+        assert info.value.reason == reason, token
