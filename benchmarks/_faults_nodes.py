@@ -10,6 +10,7 @@ daemons, one per node, as root.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import random
 import subprocess
 import time
@@ -17,11 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
-from daemons.testbed.localcluster import LocalCluster, local_cluster
+from daemons.testbed.localcluster import ClusterNode, LocalCluster, local_cluster
 from p2pimage.oci.image import build_image, build_index, push_index
 from p2pimage.oci.registry import RegistryClient
+from p2pimage.storage.cache import registry_namespace
 
 from ._fault import (
     REPO,
@@ -290,6 +293,78 @@ async def containerd_node_killed(bed: FaultBed) -> FaultResult:
     )
 
 
+def _holds_on_disk(cache_dir: Path, cluster: LocalCluster, digest: str) -> bool:
+    """A node process's cache holds ``digest`` complete (the blob file exists only after
+    its SHA-256 matched), and its bytes hash to it."""
+    path = cache_dir / registry_namespace(cluster.proxy.url) / digest.removeprefix("sha256:")
+    try:
+        with open(path, "rb") as f:
+            return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == digest
+    except OSError:
+        return False
+
+
+async def nodes_killed_netns(bed: FaultBed) -> FaultResult:
+    """Network-namespace mode: five node processes, each its own host behind a shaped
+    veth (16 MiB/s each way, the registry at 8 MiB/s); two of them are sent SIGKILL at
+    random points of the layer, as a node that loses power would stop."""
+    image = build_image([8 * MIB], seed=206)
+    layer = image.layers[0]
+    size = len(layer.data)
+    rng = random.Random(206)
+    async with local_cluster(
+        bed.tmp,
+        nodes=5,
+        network="netns",
+        registry_rate=8 * MIB,
+        node_upload_rate=16 * MIB,
+        node_download_rate=16 * MIB,
+        stall_timeout_s=5.0,
+    ) as cluster:
+        await push(cluster, image)
+        pulls = Pulls(cluster.registry_host)
+        victims = rng.sample(range(5), 2)
+        survivors = [n for i, n in enumerate(cluster.nodes) if i not in victims]
+        killed_at: list[int] = []
+
+        async def have(node: ClusterNode) -> int:
+            async with httpx.AsyncClient(timeout=5) as http:
+                doc = (await http.get(f"{node.mirror_url}/swarms")).json()
+            return sum(int(s["have_bytes"]) for s in doc["swarms"])
+
+        async def kill_at(node: ClusterNode, fraction: float) -> None:
+            with trio.fail_after(60):
+                while (held := await have(node)) < fraction * size:
+                    await trio.sleep(0.05)
+            assert node.process is not None
+            node.process.kill()
+            killed_at.append(held)
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as clients:
+                for i, node in enumerate(cluster.nodes):
+                    if i in victims:
+                        clients.start_soon(pulls.doomed, node.mirror_url, layer.digest)
+                        clients.start_soon(kill_at, node, rng.uniform(0.05, 0.9))
+                    else:
+                        clients.start_soon(pulls.pull, node.mirror_url, layer.digest)
+        holding = 0
+        with trio.move_on_after(60):
+            while True:
+                holding = sum(
+                    _holds_on_disk(n.settings.cache_dir, cluster, layer.digest) for n in survivors
+                )
+                if holding == len(survivors):
+                    break
+                await trio.sleep(0.2)
+    where = ", ".join(f"{100 * b // size}%" for b in sorted(killed_at))
+    return pulls.result(
+        nodes_surviving=len(survivors),
+        nodes_holding=holding,
+        detail=f"2 of 5 node processes SIGKILLed at {where} of the layer",
+    )
+
+
 FAULTS: list[Fault] = [
     Fault(
         "nodes-killed-30pct",
@@ -322,6 +397,12 @@ FAULTS: list[Fault] = [
         "three containerd pull a two-platform image through three mirrors; one node "
         "killed mid-layer",
         containerd_node_killed,
+        quick=False,
+    ),
+    Fault(
+        "nodes-killed-netns",
+        "namespace mode: 2 of 5 node processes SIGKILLed at random points of the layer",
+        nodes_killed_netns,
         quick=False,
         slow=True,
     ),
