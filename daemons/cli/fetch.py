@@ -67,11 +67,30 @@ EXIT_STALLED = 3
 
 
 class FetchFailed(click.ClickException):
-    """The fetch failed; click prints the message and exits with ``exit_code``."""
+    """The fetch failed; click prints the message and exits with ``exit_code``.
 
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.exit_code = code
+    Click 8.2+ declares ``exit_code`` a class variable, so each code is its own subclass
+    (:func:`fetch_failed` picks it)."""
+
+    exit_code = EXIT_FAILED
+
+
+class _FetchStalled(FetchFailed):
+    exit_code = EXIT_STALLED
+
+
+class _FetchInterrupted(FetchFailed):
+    exit_code = 130
+
+
+def fetch_failed(message: str, code: int = EXIT_FAILED) -> FetchFailed:
+    """The :class:`FetchFailed` that exits with ``code`` (1, 3 or 130)."""
+    kinds: dict[int, type[FetchFailed]] = {
+        EXIT_FAILED: FetchFailed,
+        EXIT_STALLED: _FetchStalled,
+        130: _FetchInterrupted,
+    }
+    return kinds[code](message)
 
 
 def _default_node_name() -> str:
@@ -106,7 +125,7 @@ async def _stream(
                 with trio.move_on_after(stall_timeout_s):
                     chunk = await chunks.__anext__()
                 if not chunk:
-                    return written, FetchFailed(
+                    return written, fetch_failed(
                         f"swarm stalled: no data for {stall_timeout_s:g} s at byte "
                         f"{written} of {length}",
                         EXIT_STALLED,
@@ -406,7 +425,7 @@ def fetch(
                     )
                 )
         except KeyboardInterrupt:
-            raise FetchFailed("interrupted", 130) from None
+            raise fetch_failed("interrupted", 130) from None
     if not quiet:
         seconds = time.monotonic() - started
         click.echo(

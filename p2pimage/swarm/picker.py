@@ -83,6 +83,8 @@ class PickerSettings:
     #: Measurements: docs/benchmarks.md, "Tuned defaults".
     min_pipeline: int = 8
     #: Upper bound on the pipeline (libtorrent: ``max_out_request_queue`` = 500).
+    #: Both bounds count 16 KiB blocks (DEFAULT_BLOCK_SIZE): with larger blocks they
+    #: shrink in proportion (never under 2), so the bytes in flight stay the same.
     max_pipeline: int = 500
     #: A request is late once it has been outstanding this many times longer than the
     #: peer's rate and queue predicted; late urgent requests may be duplicated.
@@ -170,6 +172,10 @@ class PiecePicker(Generic[P]):
         self._rng = rng if rng is not None else random.Random()
         self._last_piece_length = total_length - (num_pieces - 1) * piece_length
         self._blocks_per_piece = -(-piece_length // block_size)
+        scale = min(1.0, BLOCK_LENGTH / block_size)
+        floor = min(2, self.settings.min_pipeline)
+        self._min_pipeline = max(floor, math.ceil(self.settings.min_pipeline * scale))
+        self._max_pipeline = max(self._min_pipeline, math.ceil(self.settings.max_pipeline * scale))
         self._full = (1 << num_pieces) - 1
 
         self._peers: dict[P, _Peer[P]] = {}
@@ -336,7 +342,7 @@ class PiecePicker(Generic[P]):
         rate = ps.rate if ps is not None else 0.0
         s = self.settings
         depth = math.ceil(rate * s.request_queue_time / self.block_size)
-        return max(s.min_pipeline, min(s.max_pipeline, depth))
+        return max(self._min_pipeline, min(self._max_pipeline, depth))
 
     # ------------------------------------------------------------------ our progress
 
