@@ -374,7 +374,7 @@ async def test_a_block_of_the_wrong_length_closes_that_peer(
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
         swarm.add_peers([liar.listen_address])
         with trio.fail_after(10):
-            while "we asked for" not in caplog.text:
+            while "were asked" not in caplog.text:
                 await trio.sleep(0.02)
         assert swarm.storage.num_have == 0 and swarm.stats.hash_failures == 0
         assert not swarm.banned and "internal error" not in caplog.text
