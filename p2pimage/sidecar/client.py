@@ -329,11 +329,13 @@ class TokenKeeper:
                 zone=self.zone,
             )
             local = (asked + self.clock()) / 2
-            self.clock_offset_s = _issued_at(issued.token, default=local) - local
-            now = self.now()
+            offset = _issued_at(issued.token, default=local) - local
+            now = self.clock() + offset
             # Our own token tells us our cluster; verifying it proves the JWKS matches
-            # (and the signature covers the iat the offset was taken from).
+            # (and the signature covers the iat the offset was taken from: a token that
+            # fails leaves the offset as it was).
             claims = TokenVerifier(keys).verify(issued.token, now=now)
+            self.clock_offset_s = offset
             self._token, self._issued_at, self._cluster = issued, now, claims.cluster
         self.verifier.keys = keys
         self.ready.set()
