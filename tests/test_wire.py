@@ -690,9 +690,9 @@ def test_large_blocks_are_offered_in_the_extended_handshake(auth: bool) -> None:
     a, b = open_pair(auth, max_block_length=MAX_BLOCK_LENGTH_LIMIT)
     assert a.peer_max_block_length == b.peer_max_block_length == MAX_BLOCK_LENGTH_LIMIT
     block = bytes(range(256)) * (MAX_BLOCK_LENGTH_LIMIT // 256)
-    b.receive_data(a.send(Request(2, 0, MAX_BLOCK_LENGTH_LIMIT)))
+    b.receive_data(a.seal(a.send(Request(2, 0, MAX_BLOCK_LENGTH_LIMIT))))
     assert drain(b) == [Request(2, 0, MAX_BLOCK_LENGTH_LIMIT)]
-    a.receive_data(b.piece_header(2, 0, len(block)) + block)
+    a.receive_data(b.seal(b.piece_header(2, 0, len(block)) + block))
     assert drain(a) == [Piece(2, 0, block)]
 
 

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["TlsBundle", "TlsPems", "make_tls", "mint_tls"]
+__all__ = ["CaFiles", "TlsBundle", "TlsPems", "make_ca", "make_tls", "mint_tls"]
 
 # A day: long enough for any test or demo, short enough that a leaked file is soon useless.
 _VALIDITY = datetime.timedelta(days=1)
@@ -66,19 +66,12 @@ def make_tls(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"
     return bundle
 
 
-def mint_tls(
-    hosts: tuple[str, ...],
-    validity: datetime.timedelta = _VALIDITY,
-    ca_common_name: str = "p2pimage throwaway CA",
-) -> TlsPems:
-    """A fresh CA and a server certificate for ``hosts`` (IP addresses as IP SANs, the
-    rest as DNS names; the first is the subject's common name), both valid from five
-    minutes ago for ``validity``."""
-    if not hosts:
-        raise ValueError("a server certificate needs at least one host name or address")
-    now = datetime.datetime.now(datetime.UTC)
+def _new_ca(
+    name: str, now: datetime.datetime, validity: datetime.timedelta
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA (EC P-256), valid from five minutes ago for ``validity``."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_common_name)])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     ca = (
         x509.CertificateBuilder()
         .subject_name(ca_name)
@@ -104,6 +97,41 @@ def mint_tls(
         )
         .sign(ca_key, hashes.SHA256())
     )
+    return ca, ca_key
+
+
+@dataclass(frozen=True)
+class CaFiles:
+    cert_file: Path
+    key_file: Path
+
+
+def make_ca(directory: Path, name: str = "p2pimage throwaway CA") -> CaFiles:
+    """Write a CA certificate and its key (``ca.pem``, ``ca-key.pem``, mode 0600) into
+    ``directory``: a CA that signs certificates itself (the forward proxy's interception
+    CA in tests)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, key = _new_ca(name, datetime.datetime.now(datetime.UTC), _VALIDITY)
+    files = CaFiles(directory / "ca.pem", directory / "ca-key.pem")
+    files.cert_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.key_file.write_bytes(_pem_key(key))
+    files.key_file.chmod(0o600)
+    return files
+
+
+def mint_tls(
+    hosts: tuple[str, ...],
+    validity: datetime.timedelta = _VALIDITY,
+    ca_common_name: str = "p2pimage throwaway CA",
+) -> TlsPems:
+    """A fresh CA and a server certificate for ``hosts`` (IP addresses as IP SANs, the
+    rest as DNS names; the first is the subject's common name), both valid from five
+    minutes ago for ``validity``."""
+    if not hosts:
+        raise ValueError("a server certificate needs at least one host name or address")
+    now = datetime.datetime.now(datetime.UTC)
+    ca, ca_key = _new_ca(ca_common_name, now, validity)
+    ca_name = ca.subject
     sans: list[x509.GeneralName] = []
     for host in hosts:
         try:

@@ -437,6 +437,10 @@ class Swarm:
                 await self._serve_session(session, info)
             finally:
                 self._dialer.release_connection()
+            if info.admission_expired():
+                # Closed because a token ran out: dial again at once, with the node's
+                # renewed token (the peer re-verifies everything).
+                self.add_peers([address])
         except PeerClosed as exc:
             log.debug("peer %s: %s", address, exc.reason)
 
@@ -491,6 +495,8 @@ class Swarm:
                 exc_info=group,
             )
         finally:
+            if peer.scope.cancelled_caught and info.admission_expired():
+                reason = "token expired"
             if self.peers.get(key) is peer:
                 del self.peers[key]
                 self.picker.peer_lost(key)
@@ -897,6 +903,10 @@ class Swarm:
             self._refill_all()
 
     def _tick_peer(self, peer: _Peer, now: float, elapsed: float) -> None:
+        if peer.info.admission_expired():
+            log.info("closing peer %s: the token that admitted it expired", peer.session.address)
+            peer.scope.cancel()
+            return
         # Exponentially weighted rates over ~2 s.
         alpha = min(1.0, elapsed / 2.0)
         peer.down_rate += alpha * (peer.down_bytes_window / elapsed - peer.down_rate)

@@ -70,6 +70,9 @@ class SessionInfo:
     token: NodeToken | None = None
     extended: ExtendedHandshake | None = None
     messages: list[Message] = field(default_factory=list)  # arrived with the handshake
+    # Whether the tokens that admitted this connection have expired: set by the node
+    # after the handshake; the swarm closes the connection once it says so.
+    admission_expired: Callable[[], bool] = field(default=lambda: False)
 
 
 class PeerSession:
