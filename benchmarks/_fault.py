@@ -156,8 +156,8 @@ def node_settings(
         "sidecar_url": cluster.sidecar_url,
         "tracker_url": tracker_url or cluster.tracker_url,
         "credential": cluster.credential,
-        "upstreams": {cluster.registry_host: cluster.proxy.url},
-        "default_upstream": cluster.proxy.url,
+        "upstreams": {cluster.registry_host: cluster.relay_url},
+        "default_upstream": cluster.relay_url,
         "cache_dir": cluster.workdir / name / "cache",
         "allow_plain_http_join": True,
         "log_json": True,
@@ -234,7 +234,7 @@ def tracker_settings(cluster: LocalCluster, port: int, **overrides: Any) -> Trac
     fields: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
         "sidecar_url": cluster.sidecar_url,
-        "registry_url": cluster.proxy.url,
+        "registry_url": cluster.relay_url,
         "interval_s": 2,
         "min_interval_s": 1,
         "fetcher_interval_s": 1,
@@ -273,7 +273,7 @@ def big_layers(image: BuiltImage, threshold: int) -> list[str]:
 
 def holds(daemon: NodeDaemon, cluster: LocalCluster, digest: str) -> bool:
     """The node's cache holds ``digest`` complete, and its bytes hash to it."""
-    key = blob_key(registry_namespace(cluster.proxy.url), digest.removeprefix("sha256:"))
+    key = blob_key(registry_namespace(cluster.relay_url), digest.removeprefix("sha256:"))
     cache = daemon.layers.cache
     if not cache.is_complete(key):
         return False

@@ -70,7 +70,7 @@ async def nodes_killed(bed: FaultBed) -> FaultResult:
             survivors = [n for i, n in enumerate(nodes) if i not in victims]
             killed_at: list[int] = []
 
-            key = blob_key(registry_namespace(cluster.proxy.url), layer.digest[7:])
+            key = blob_key(registry_namespace(cluster.relay_url), layer.digest[7:])
 
             async def kill_at(node: RunningNode, fraction: float) -> None:
                 def reached() -> bool:
@@ -302,7 +302,7 @@ async def containerd_node_killed(bed: FaultBed) -> FaultResult:
 def _holds_on_disk(cache_dir: Path, cluster: LocalCluster, digest: str) -> bool:
     """A node process's cache holds ``digest`` complete (the blob file exists only after
     its SHA-256 matched), and its bytes hash to it."""
-    path = cache_dir / registry_namespace(cluster.proxy.url) / digest.removeprefix("sha256:")
+    path = cache_dir / registry_namespace(cluster.relay_url) / digest.removeprefix("sha256:")
     try:
         with open(path, "rb") as f:
             return "sha256:" + hashlib.file_digest(f, "sha256").hexdigest() == digest
