@@ -615,10 +615,12 @@ async def run_node(
     settings: NodeSettings,
     *,
     daemon_ready: Callable[[NodeDaemon], object] | None = None,
+    clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the node until cancelled; reports the mirror's base URL through ``task_status``
-    (and the daemon object to ``daemon_ready``, for in-process tests and the demo)."""
+    (and the daemon object to ``daemon_ready``, for in-process tests and the demo).
+    ``clock`` is the node's wall clock (token times, proofs): a seam for clock-skew tests."""
     check_settings(settings)
     credential = settings.credential_value()
     certificates = settings.proxy_certificates()
@@ -649,6 +651,7 @@ async def run_node(
                 credential=credential,
                 zone=await _zone(settings),
                 node_key=node_key,
+                clock=clock,
             )
             k = keeper
             tracker = TrackerClient(settings.tracker_url, http=control, auth=k.request_auth())

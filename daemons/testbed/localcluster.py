@@ -82,6 +82,34 @@ class LocalCluster:
     topology: _netns.Topology | None = None  # network-namespace mode only
     tls: TlsBundle | None = None  # the control plane's throwaway CA and certificate
     registry_tls: TlsBundle | None = None  # the registry's own CA (``registry_tls=True``)
+    # What (re)starting the sidecar or the tracker needs (fault injection).
+    sidecar_settings: SidecarSettings | None = None
+    tracker_settings: TrackerSettings | None = None
+    nursery: trio.Nursery | None = None
+
+    async def start_sidecar(self) -> None:
+        """Start the sidecar again on its address, after ``sidecar_scope.cancel()``."""
+        assert self.nursery is not None and self.sidecar_settings is not None
+        self.sidecar_scope = trio.CancelScope()
+        await self.nursery.start(_scoped, self.sidecar_scope, run_sidecar, self.sidecar_settings)
+
+    async def restart_tracker(self) -> None:
+        """Kill the tracker (its memory state goes with it) and start a fresh one on the
+        same address, as a restarted tracker pod behind its Service would be."""
+        assert self.nursery is not None and self.tracker_settings is not None
+        self.tracker_scope.cancel()
+        port = self.tracker_url.removesuffix("/announce").rsplit(":", 1)[1]
+        host = self.tracker_settings.listen.rsplit(":", 1)[0]
+        settings = self.tracker_settings.model_copy(update={"listen": f"{host}:{port}"})
+        for attempt in range(50):  # until the old listener has closed
+            self.tracker_scope = trio.CancelScope()
+            try:
+                await self.nursery.start(_scoped, self.tracker_scope, run_tracker, settings)
+                return
+            except OSError:
+                if attempt == 49:
+                    raise
+                await trio.sleep(0.1)
 
     @property
     def registry_host(self) -> str:
@@ -342,6 +370,9 @@ async def _local_cluster(
                 topology=topo,
                 tls=bundle,
                 registry_tls=registry_bundle,
+                sidecar_settings=sidecar_settings,
+                tracker_settings=tracker_settings,
+                nursery=nursery,
             )
             try:
                 yield cluster
