@@ -121,6 +121,7 @@ async def local_cluster(
     forward_proxy: bool = False,
     registry_tls: bool = False,
     intercept: CaFiles | None = None,
+    preheat_poll_s: float | None = None,
 ) -> AsyncIterator[LocalCluster]:
     """Start everything; stop everything (and leave no process behind) on exit.
 
@@ -151,6 +152,8 @@ async def local_cluster(
     HTTPS with a throwaway CA of its own (``LocalCluster.registry_tls``; the sidecar and the
     nodes trust it through ``registry_ca_file``); with ``intercept`` (a CA and its key) the
     nodes' proxies decrypt the relay's host with certificates minted by that CA.
+
+    ``preheat_poll_s``: how often the nodes ask the tracker for preheat jobs (None: off).
     """
     if network == "netns":
         node_processes = True
@@ -183,6 +186,7 @@ async def local_cluster(
             forward_proxy=forward_proxy,
             registry_tls=registry_tls,
             intercept=intercept,
+            preheat_poll_s=preheat_poll_s,
         ) as cluster:
             yield cluster
 
@@ -207,6 +211,7 @@ async def _local_cluster(
     forward_proxy: bool,
     registry_tls: bool = False,
     intercept: CaFiles | None = None,
+    preheat_poll_s: float | None = None,
 ) -> AsyncIterator[LocalCluster]:
     # Loopback: everything on 127.0.0.1, rates by token buckets. Namespaces: services on
     # the core addresses, nodes on their own, rates by tc (so no token buckets here).
@@ -299,6 +304,7 @@ async def _local_cluster(
                     stall_timeout_s=stall_timeout_s,
                     ca_file=bundle.ca_file if bundle else None,
                     allow_plain_http_join=bundle is None,
+                    preheat_poll_s=preheat_poll_s,
                     log_json=True,
                 )
                 node = ClusterNode(name, "", settings)
