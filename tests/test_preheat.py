@@ -104,13 +104,25 @@ def test_requests_are_validated() -> None:
         parse_preheat_report(b'{"job": 3, "result": "maybe"}')
 
 
-@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=80),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+_keys = st.sampled_from(["repository", "layers", "nodes", "image", "job", "result", "error"])
+
+
+@given(
+    st.binary(max_size=300)
+    | st.dictionaries(_keys, _json_values).map(lambda d: json.dumps(d).encode())
+)
 def test_garbage_never_raises_anything_but_preheat_error(body: bytes) -> None:
     for parse in (parse_preheat_request, parse_preheat_report):
         try:
-            parse(body)
+            parsed = parse(body)
         except PreheatError:
-            pass
+            continue
+        assert isinstance(parsed, PreheatSpec | PreheatReport)
 
 
 # --- the daemons ----------------------------------------------------------------------
