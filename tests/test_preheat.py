@@ -305,3 +305,45 @@ async def test_preheat_then_skopeo_pulls_read_no_layer_from_the_registry(
             assert daemon.layers.origin_bytes() - origin0[i] == 0
             assert stats.bytes_served["registry"] - registry0[i] <= config_bytes
             assert not stats.fallbacks
+
+
+@requires_registry
+def test_cluster_command_preheats_then_pulls_without_registry_layer_bytes(
+    tmp_path: Path, skopeo_available: None
+) -> None:
+    import subprocess
+
+    out = tmp_path / "report.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemons.cli",
+            "cluster",
+            "--nodes",
+            "3",
+            "--layers",
+            "3,2",
+            "--registry-mib-s",
+            "16",
+            "--no-direct",
+            "--preheat",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    report = json.loads(out.read_text())
+    assert report["digests_ok"] is True and report["client"] == "skopeo"
+    assert report["preheat_nodes_done"] == 3
+    assert 0.9 <= report["preheat_registry_copies"] <= 1.05
+    assert report["pull_registry_bytes"] == 0
+    # The pulls read layers from the nodes' caches: nothing between peers, and the
+    # registry sent only manifests, the config blob and headers.
+    assert report["peer_mib"] == 0
+    assert report["pull_registry_total_bytes"] < 64 * 1024
+    assert "pulls after it: layer bytes from the registry" in proc.stdout

@@ -24,6 +24,7 @@ import click
 import httpx
 import trio
 
+from daemons._http import client_tls
 from p2pimage.errors import AuthError, LocalProtocolError, P2PImageError
 from p2pimage.oci.registry import (
     Descriptor,
@@ -233,6 +234,11 @@ async def wait_preheat(
     show_default=True,
     help="With --wait: how many nodes must report.",
 )
+@click.option(
+    "--ca-file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CA bundle the sidecar and tracker are verified against (default: system).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the job as one JSON object.")
 def preheat(
     image: str,
@@ -247,6 +253,7 @@ def preheat(
     password_file: Path | None,
     wait_s: float,
     expect_nodes: int,
+    ca_file: Path | None,
     as_json: bool,
 ) -> None:
     """Ask the nodes of a cluster to fetch IMAGE's layers before any pod needs them."""
@@ -258,7 +265,8 @@ def preheat(
     password = password_file.read_text().strip() if password_file is not None else None
 
     async def run() -> dict[str, Any]:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=5.0)) as http:
+        timeout = httpx.Timeout(30.0, connect=5.0)
+        async with httpx.AsyncClient(timeout=timeout, verify=client_tls(ca_file)) as http:
             job, auth = await submit_preheat(
                 registry_url=base,
                 image=image,
