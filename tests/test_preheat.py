@@ -102,6 +102,10 @@ def test_requests_are_validated() -> None:
     assert parse_preheat_report(b'{"job": 3, "result": "done"}') == PreheatReport(3, "done")
     with pytest.raises(PreheatError, match="result"):
         parse_preheat_report(b'{"job": 3, "result": "maybe"}')
+    with pytest.raises(PreheatError, match="nests too deeply"):
+        parse_preheat_request(b'{"layers": ' + b"[" * 60_000 + b"]" * 60_000 + b"}")
+    with pytest.raises(PreheatError, match="exceeds"):
+        parse_preheat_request(b" " * (200 * 1024))
 
 
 _json_values = st.recursive(

@@ -134,6 +134,8 @@ def _json_object(body: bytes, what: str) -> dict[str, Any]:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise PreheatError(f"{what} is not JSON") from None
+    except RecursionError:  # the size bound allows ~128 k levels; the decoder gives up first
+        raise PreheatError(f"{what} nests too deeply") from None
     if not isinstance(value, dict):
         raise PreheatError(f"{what} is not a JSON object")
     return value
