@@ -67,6 +67,7 @@ from p2pimage.sidecar.client import SidecarClient, TokenKeeper
 from p2pimage.storage.cache import BlobCache
 from p2pimage.swarm.node import open_peer_node
 from p2pimage.swarm.ratelimit import RateLimiter
+from p2pimage.tracker import PreheatError, PreheatSpec, parse_preheat_poll
 from p2pimage.tracker.client import TrackerClient
 
 __all__ = ["NodeSettings", "create_app", "run_node"]
@@ -678,9 +679,14 @@ async def _preheat_layer(
 
 
 async def _preheat_job(
-    daemon: NodeDaemon, http: httpx.AsyncClient, base: str, auth: httpx.Auth, job: Any
+    daemon: NodeDaemon,
+    http: httpx.AsyncClient,
+    base: str,
+    auth: httpx.Auth,
+    job_id: int,
+    spec: PreheatSpec,
 ) -> None:
-    repository, errors = str(job["repository"]), []
+    repository, errors = spec.repository, []
     authorization = daemon.settings.preheat_authorization()
     limiter = trio.CapacityLimiter(_PREHEAT_PARALLEL)
 
@@ -692,14 +698,14 @@ async def _preheat_job(
 
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
-        for layer in job["layers"]:
-            nursery.start_soon(one, str(layer["digest"]))
+        for layer in spec.layers:
+            nursery.start_soon(one, layer.digest)
     result = "failed" if errors else "done"
     log.info(
         "preheat job finished",
         extra={
             "fields": {
-                "job": job["id"],
+                "job": job_id,
                 "repository": repository,
                 "result": result,
                 "seconds": round(time.monotonic() - started, 3),
@@ -707,7 +713,7 @@ async def _preheat_job(
             }
         },
     )
-    report = {"job": job["id"], "result": result, "error": "; ".join(errors)[:300] or None}
+    report = {"job": job_id, "result": result, "error": "; ".join(errors)[:300] or None}
     response = await http.post(f"{base}/preheat/report", json=report, auth=auth)
     if response.status_code != 200:
         log.warning("preheat report refused: HTTP %d %s", response.status_code, response.text[:200])
@@ -730,17 +736,17 @@ async def _preheat_poll(
         try:
             response = await http.get(f"{base}/preheat", params={"since": since}, auth=auth)
             if response.status_code == 200:
-                body = response.json()
-                if body["epoch"] != epoch and epoch is not None:
-                    epoch, since = body["epoch"], 0
+                answer = parse_preheat_poll(response.content)
+                if answer.epoch != epoch and epoch is not None:
+                    epoch, since = answer.epoch, 0
                     continue
-                epoch = body["epoch"]
-                for job in body["jobs"]:
-                    await _preheat_job(daemon, http, base, auth, job)
-                    since = max(since, int(job["id"]))
+                epoch = answer.epoch
+                for job_id, spec in answer.jobs:
+                    await _preheat_job(daemon, http, base, auth, job_id, spec)
+                    since = max(since, job_id)
             elif response.status_code != 404:  # 404: a tracker without preheat
                 log.warning("preheat poll: HTTP %d %s", response.status_code, response.text[:200])
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        except (httpx.HTTPError, PreheatError) as exc:
             log.warning("preheat poll failed: %s", exc)
         await trio.sleep(interval * rng.uniform(0.9, 1.1))
 

@@ -7,7 +7,7 @@ Config in (TOML ``--config`` + ``P2PIMAGE_TRACKER_*``), library objects construc
 - ``GET /announce``: BEP 3 announce, compact peers (BEP 23), p2pimage extras;
 - ``GET /scrape``: BEP 48 scrape of the caller's own cluster;
 - ``POST /preheat``, ``GET /preheat``, ``GET /preheat/jobs``, ``GET /preheat/{id}``,
-  ``POST /preheat/report``: preheat jobs of the caller's cluster (JSON; docs/protocol.md §5),
+  ``POST /preheat/report``: preheat jobs of the caller's cluster (JSON; docs/protocol.md §4.2),
   kept in a :class:`~p2pimage.tracker.PreheatBoard` apart from the swarms;
 - ``GET /healthz``, ``GET /metrics`` (Prometheus).
 

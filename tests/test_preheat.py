@@ -22,8 +22,10 @@ from p2pimage.tracker import (
     PreheatBoard,
     PreheatError,
     PreheatLayer,
+    PreheatPoll,
     PreheatReport,
     PreheatSpec,
+    parse_preheat_poll,
     parse_preheat_report,
     parse_preheat_request,
 )
@@ -113,7 +115,9 @@ _json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
     max_leaves=12,
 )
-_keys = st.sampled_from(["repository", "layers", "nodes", "image", "job", "result", "error"])
+_keys = st.sampled_from(
+    ["repository", "layers", "nodes", "image", "job", "result", "error", "epoch", "cursor", "jobs"]
+)
 
 
 @given(
@@ -121,12 +125,23 @@ _keys = st.sampled_from(["repository", "layers", "nodes", "image", "job", "resul
     | st.dictionaries(_keys, _json_values).map(lambda d: json.dumps(d).encode())
 )
 def test_garbage_never_raises_anything_but_preheat_error(body: bytes) -> None:
-    for parse in (parse_preheat_request, parse_preheat_report):
+    for parse in (parse_preheat_request, parse_preheat_report, parse_preheat_poll):
         try:
             parsed = parse(body)
         except PreheatError:
             continue
-        assert isinstance(parsed, PreheatSpec | PreheatReport)
+        assert isinstance(parsed, PreheatSpec | PreheatReport | PreheatPoll)
+
+
+def test_the_poll_answer_round_trips_what_the_board_hands_out() -> None:
+    board = PreheatBoard("e1")
+    job = board.submit("c1", spec("node-*"), "ci", now=0)
+    answer = {"epoch": "e1", "cursor": board.cursor(), "jobs": [job.to_json(progress=False)]}
+    parsed = parse_preheat_poll(json.dumps(answer).encode())
+    assert parsed == PreheatPoll("e1", job.id, ((job.id, spec("node-*")),))
+    answer["jobs"] = [{**job.to_json(progress=False), "layers": [{"digest": "../x"}]}]
+    with pytest.raises(PreheatError, match="digest"):
+        parse_preheat_poll(json.dumps(answer).encode())
 
 
 # --- the daemons ----------------------------------------------------------------------

@@ -3,7 +3,7 @@
 The command resolves IMAGE's manifest (an index: every platform) with the project's OCI
 client, takes a node token from the sidecar with the cluster's join credential (as a node
 would), and posts a job naming the repository and the layer digests to the tracker
-(``POST /preheat``, DPoP-authenticated; docs/protocol.md §5). Each node picks the job up on
+(``POST /preheat``, DPoP-authenticated; docs/protocol.md §4.2). Each node picks the job up on
 its next poll and reads the layers through its own mirror path. With ``--wait`` the
 command follows the job until ``--expect-nodes`` nodes report.
 

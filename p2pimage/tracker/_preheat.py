@@ -4,7 +4,7 @@ A job names one repository of the cluster's swarm registry and the layer digests
 image's manifest lists; the tracker keeps the jobs of each cluster apart from its
 swarms (the announce policy never sees them), nodes poll for the jobs meant for them
 and report when they hold the layers. The board takes ``now`` from its caller and its
-epoch (a restart marker) from the caller's randomness. docs/protocol.md §5 is the
+epoch (a restart marker) from the caller's randomness. docs/protocol.md §4.2 is the
 wire contract.
 """
 
@@ -28,8 +28,10 @@ __all__ = [
     "PreheatError",
     "PreheatJob",
     "PreheatLayer",
+    "PreheatPoll",
     "PreheatReport",
     "PreheatSpec",
+    "parse_preheat_poll",
     "parse_preheat_report",
     "parse_preheat_request",
 ]
@@ -174,6 +176,31 @@ def parse_preheat_request(body: bytes) -> PreheatSpec:
     if image is not None and (not isinstance(image, str) or len(image) > 512):
         raise PreheatError("'image' must be a string of at most 512 characters")
     return PreheatSpec(repository, tuple(parsed.values()), nodes, image)
+
+
+@dataclass(frozen=True, slots=True)
+class PreheatPoll:
+    """The tracker's answer to a node's ``GET /preheat``: the jobs to run, by id."""
+
+    epoch: str
+    cursor: int
+    jobs: tuple[tuple[int, PreheatSpec], ...]
+
+
+def parse_preheat_poll(body: bytes) -> PreheatPoll:
+    """``GET /preheat`` answer → :class:`PreheatPoll`, each job checked as a submission
+    is; anything else raises :class:`PreheatError`."""
+    obj = _json_object(body, "preheat poll answer")
+    epoch, cursor, jobs = obj.get("epoch"), obj.get("cursor"), obj.get("jobs")
+    if not isinstance(epoch, str) or not isinstance(cursor, int) or not isinstance(jobs, list):
+        raise PreheatError("a preheat poll answer has 'epoch', 'cursor' and 'jobs'")
+    parsed: list[tuple[int, PreheatSpec]] = []
+    for job in jobs:
+        job_id = job.get("id") if isinstance(job, dict) else None
+        if not isinstance(job_id, int) or isinstance(job_id, bool) or job_id < 1:
+            raise PreheatError("each preheat job has an integer 'id'")
+        parsed.append((job_id, parse_preheat_request(json.dumps(job).encode())))
+    return PreheatPoll(epoch, cursor, tuple(parsed))
 
 
 def parse_preheat_report(body: bytes) -> PreheatReport:
