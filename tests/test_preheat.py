@@ -366,3 +366,64 @@ def test_cluster_command_preheats_then_pulls_without_registry_layer_bytes(
     assert report["peer_mib"] == 0
     assert report["pull_registry_total_bytes"] < 64 * 1024
     assert "pulls after it: layer bytes from the registry" in proc.stdout
+
+
+@requires_registry
+async def test_private_images_are_preheated_with_the_nodes_own_credentials_only(
+    tmp_path: Path,
+) -> None:
+    import base64
+
+    login = ("alice", "s3cret")
+    async with local_cluster(
+        tmp_path / "c", nodes=2, htpasswd=login, preheat_poll_s=0.5, preheat_auth=login
+    ) as cluster:
+        image = build_image([2 * MIB], seed=42)
+        layer = image.layers[0]
+        async with RegistryClient(cluster.registry.url, username=login[0], password=login[1]) as c:
+            await push_image(c, "private/app", "v1", image)
+        node0, node1 = (n.daemon for n in cluster.nodes)
+        assert node0 is not None and node1 is not None
+        node1.settings.preheat_registry_auth_file = None  # node-1 has no registry login
+        async with httpx.AsyncClient(timeout=30) as http:
+            job, auth = await submit_preheat(
+                registry_url=cluster.registry.url,
+                image="private/app:v1",
+                repository="private/app",
+                reference="v1",
+                tracker_url=cluster.tracker_url,
+                sidecar_url=cluster.sidecar_url,
+                credential=cluster.credential,
+                username=login[0],
+                password=login[1],
+                http=http,
+            )
+            assert "password" not in json.dumps(job) and "s3cret" not in json.dumps(job)
+            with trio.fail_after(60):
+                job = await wait_preheat(
+                    tracker_url=cluster.tracker_url,
+                    job_id=int(job["id"]),
+                    auth=auth,
+                    expect_nodes=2,
+                    timeout_s=60,
+                    http=http,
+                )
+            assert job["results"] == {"node-0": "done", "node-1": "failed"}
+            assert "401" in job["errors"]["node-1"]
+            assert node1.preheat_layers == {"denied": 1}
+            assert node1.layers.stats.bytes_served["swarm"] == 0
+            # The preheated layer is in node-0's cache, and still only for clients the
+            # registry lets read it: the runtime's own credentials are checked as before.
+            url = f"{cluster.nodes[0].mirror_url}/v2/private/app/blobs/{layer.digest}"
+            ns = {"ns": cluster.registry_host}
+            anonymous = await http.get(url, params=ns)
+            assert anonymous.status_code == 401
+            wrong = "Basic " + base64.b64encode(b"alice:wrong").decode()
+            assert (
+                await http.get(url, params=ns, headers={"Authorization": wrong})
+            ).status_code == 401
+            served = node0.layers.stats.bytes_served["cache"]
+            basic = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+            allowed = await http.get(url, params=ns, headers={"Authorization": basic})
+            assert allowed.status_code == 200 and allowed.content == layer.data
+            assert node0.layers.stats.bytes_served["cache"] - served == len(layer.data)
