@@ -385,6 +385,8 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
         report.update(
             {
                 "t_preheat_s": preheat["seconds"],
+                # The preheat is the cold distribution here (the pulls read caches).
+                "preheat_ratio_to_bound": round(preheat["seconds"] / bound, 3),
                 "preheat_nodes_done": preheat["nodes_done"],
                 "preheat_registry_copies": round(preheat["egress"] / image_bytes, 3),
                 "pull_registry_bytes": int(pull_layer_bytes),
