@@ -596,7 +596,7 @@ def create_app(tracker: Tracker) -> Starlette:
         except _Refused as refused:
             return refused.response
         since_text = request.query_params.get("since", "0")
-        if not since_text.isdigit() or len(since_text) > 18:
+        if not (since_text.isascii() and since_text.isdigit()) or len(since_text) > 18:
             return preheat_error("poll", 400, "'since' must be a job id (0 for all)")
         jobs = tracker.preheat.pending(cluster, subject, int(since_text), now)
         metrics.preheat_requests.labels("poll", "ok").inc()
@@ -627,7 +627,7 @@ def create_app(tracker: Tracker) -> Starlette:
         text = request.path_params["job"]
         job = (
             tracker.preheat.job(cluster, int(text), now)
-            if text.isdigit() and len(text) < 19
+            if text.isascii() and text.isdigit() and len(text) < 19
             else None
         )
         if job is None:

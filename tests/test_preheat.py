@@ -227,6 +227,20 @@ async def test_unauthenticated_preheats_are_refused_and_bad_images_fail_clearly(
                     cluster="elsewhere",
                     http=http,
                 )
+            # Bad input from an authenticated caller: 4xx with a reason, never a 5xx.
+            for method, path, kwargs, status in [
+                ("GET", "/preheat", {"params": {"since": "²"}}, 400),
+                ("GET", "/preheat", {"params": {"since": "-1"}}, 400),
+                ("GET", "/preheat/²", {}, 404),
+                ("GET", "/preheat/99999999999999999999999", {}, 404),
+                ("POST", "/preheat", {"content": b"{not json"}, 400),
+                ("POST", "/preheat", {"content": b"[" * 60_000}, 400),
+                ("POST", "/preheat", {"content": b" " * (200 * 1024)}, 413),
+                ("POST", "/preheat/report", {"json": {"job": 12345, "result": "done"}}, 400),
+            ]:
+                r = await http.request(method, f"{base}{path}", auth=auth, **kwargs)
+                assert r.status_code == status, (path, r.status_code, r.text)
+                assert r.json()["error"]
             forged = {"repository": "demo/app", "layers": [{"digest": DIGEST_B, "size": 9}]}
             r = await http.post(f"{base}/preheat", json=forged, auth=auth)
             assert r.status_code == 201
