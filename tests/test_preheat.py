@@ -144,6 +144,19 @@ def test_the_poll_answer_round_trips_what_the_board_hands_out() -> None:
         parse_preheat_poll(json.dumps(answer).encode())
 
 
+def test_image_references_name_their_registry() -> None:
+    import click
+
+    from daemons.cli.preheat import parse_image
+
+    assert parse_image("reg.example:5000/team/app:v1") == ("reg.example:5000", "team/app", "v1")
+    assert parse_image("localhost/app") == ("localhost", "app", "latest")
+    assert parse_image(f"127.0.0.1:5000/app@{DIGEST_A}") == ("127.0.0.1:5000", "app", DIGEST_A)
+    for bad in ("team/app:v1", "app", "reg:5000/", "reg:5000/App", "reg:5000/app:v 1"):
+        with pytest.raises(click.BadParameter):
+            parse_image(bad)
+
+
 # --- the daemons ----------------------------------------------------------------------
 
 

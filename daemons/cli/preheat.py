@@ -187,6 +187,16 @@ async def wait_preheat(
     )
 
 
+def _read_secret(path: Path, option: str) -> str:
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint=option) from None
+    if not text:
+        raise click.BadParameter("the file is empty", param_hint=option)
+    return text
+
+
 @click.command("preheat")
 @click.argument("image")
 @click.option(
@@ -259,10 +269,8 @@ def preheat(
     """Ask the nodes of a cluster to fetch IMAGE's layers before any pod needs them."""
     host, repository, reference = parse_image(image)
     base = registry_url or f"{'http' if plain_http else 'https'}://{host}"
-    credential = credential_file.read_text().strip()
-    if not credential:
-        raise click.BadParameter("the file is empty", param_hint="--credential-file")
-    password = password_file.read_text().strip() if password_file is not None else None
+    credential = _read_secret(credential_file, "--credential-file")
+    password = _read_secret(password_file, "--password-file") if password_file else None
 
     async def run() -> dict[str, Any]:
         timeout = httpx.Timeout(30.0, connect=5.0)
