@@ -659,12 +659,16 @@ async def _preheat_layer(
     daemon: NodeDaemon, repository: str, digest: str, authorization: str | None
 ) -> str | None:
     """Read one layer as a runtime pull would (access check, then swarm or cache);
-    None on success, else why not."""
+    None on success, else why not. A blob below ``swarm_threshold_bytes`` is left alone:
+    pulls read those from the registry, cached or not."""
     layers, upstream = daemon.layers, daemon.settings.swarm_upstream()
     access = await layers.check_access(upstream, repository, digest, authorization)
     if access.status != 200 or access.size is None:
         daemon.preheat_layers["denied" if access.status in (401, 403) else "error"] += 1
         return f"{digest}: registry answered {access.status}"
+    if access.size < layers.settings.swarm_threshold_bytes:
+        daemon.preheat_layers["small"] += 1
+        return None
     try:
         async with aclosing(
             layers.read(upstream, repository, digest, access.size, authorization)
@@ -687,8 +691,12 @@ async def _preheat_job(
     spec: PreheatSpec,
 ) -> None:
     repository, errors = spec.repository, []
-    authorization = daemon.settings.preheat_authorization()
     limiter = trio.CapacityLimiter(_PREHEAT_PARALLEL)
+    try:
+        authorization = daemon.settings.preheat_authorization()
+    except ConfigError as exc:  # the file changed since start-up
+        errors.append(str(exc))
+        spec = dataclasses.replace(spec, layers=())
 
     async def one(digest: str) -> None:
         async with limiter:
@@ -733,6 +741,12 @@ async def _preheat_poll(
     epoch, since = None, 0
     await keeper.ready.wait()
     while True:
+        pause = interval * rng.uniform(0.9, 1.1)
+        if daemon.layers.node is None:
+            # Without a peer (not yet, or it cannot listen) a read would go to the
+            # registry and warm nothing: ask only once there is one.
+            await trio.sleep(pause)
+            continue
         try:
             response = await http.get(f"{base}/preheat", params={"since": since}, auth=auth)
             if response.status_code == 200:
@@ -748,7 +762,7 @@ async def _preheat_poll(
                 log.warning("preheat poll: HTTP %d %s", response.status_code, response.text[:200])
         except (httpx.HTTPError, PreheatError) as exc:
             log.warning("preheat poll failed: %s", exc)
-        await trio.sleep(interval * rng.uniform(0.9, 1.1))
+        await trio.sleep(pause)
 
 
 async def run_node(

@@ -216,7 +216,7 @@ async def test_unauthenticated_preheats_are_refused_and_bad_images_fail_clearly(
         # A well-formed job for a blob the registry does not have: the node reports the
         # failure, keeps serving, and the tracker shows it.
         async with httpx.AsyncClient(timeout=10) as http:
-            await push(cluster, [2 * MIB], seed=40)
+            await push(cluster, [2 * MIB, 500], seed=40)
             job, auth = await submit_preheat(
                 registry_url=cluster.registry.url,
                 image="demo/app:v1",
@@ -275,6 +275,11 @@ async def test_unauthenticated_preheats_are_refused_and_bad_images_fail_clearly(
                     http=http,
                 )
             assert done["results"] == {"node-0": "done"}
+            # The 500-byte layer is below the swarm threshold: pulls read it from the
+            # registry anyway, so the preheat leaves it alone.
+            node = cluster.nodes[0].daemon
+            assert node is not None
+            assert node.preheat_layers["done"] == 1 and node.preheat_layers["small"] == 1
             assert failed["results"] == {"node-0": "failed"}
             assert "404" in failed["errors"]["node-0"]
             health = await http.get(f"{cluster.nodes[0].mirror_url}/healthz")
