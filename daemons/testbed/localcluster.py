@@ -149,6 +149,8 @@ async def local_cluster(
     forward_proxy: bool = False,
     registry_tls: bool = False,
     intercept: CaFiles | None = None,
+    preheat_poll_s: float | None = None,
+    preheat_auth: tuple[str, str] | None = None,
 ) -> AsyncIterator[LocalCluster]:
     """Start everything; stop everything (and leave no process behind) on exit.
 
@@ -179,6 +181,9 @@ async def local_cluster(
     HTTPS with a throwaway CA of its own (``LocalCluster.registry_tls``; the sidecar and the
     nodes trust it through ``registry_ca_file``); with ``intercept`` (a CA and its key) the
     nodes' proxies decrypt the relay's host with certificates minted by that CA.
+
+    ``preheat_poll_s``: how often the nodes ask the tracker for preheat jobs (None: off);
+    ``preheat_auth``: the (user, password) their preheats present to the registry.
     """
     if network == "netns":
         node_processes = True
@@ -211,6 +216,8 @@ async def local_cluster(
             forward_proxy=forward_proxy,
             registry_tls=registry_tls,
             intercept=intercept,
+            preheat_poll_s=preheat_poll_s,
+            preheat_auth=preheat_auth,
         ) as cluster:
             yield cluster
 
@@ -235,6 +242,8 @@ async def _local_cluster(
     forward_proxy: bool,
     registry_tls: bool = False,
     intercept: CaFiles | None = None,
+    preheat_poll_s: float | None = None,
+    preheat_auth: tuple[str, str] | None = None,
 ) -> AsyncIterator[LocalCluster]:
     # Loopback: everything on 127.0.0.1, rates by token buckets. Namespaces: services on
     # the core addresses, nodes on their own, rates by tc (so no token buckets here).
@@ -246,6 +255,11 @@ async def _local_cluster(
     key_path.write_bytes(SigningKey.generate().to_pem())
     key_path.chmod(0o600)
     credential = generate_credential()
+    preheat_auth_file = None
+    if preheat_auth is not None:
+        preheat_auth_file = workdir / "preheat-registry-auth"
+        preheat_auth_file.write_text(f"{preheat_auth[0]}:{preheat_auth[1]}\n")
+        preheat_auth_file.chmod(0o600)
     bundle = make_tls(workdir / "tls", (core_host, "localhost")) if tls else None
     relay_host = topo.registry_address if topo else "127.0.0.1"
     registry_bundle = (
@@ -327,6 +341,8 @@ async def _local_cluster(
                     stall_timeout_s=stall_timeout_s,
                     ca_file=bundle.ca_file if bundle else None,
                     allow_plain_http_join=bundle is None,
+                    preheat_poll_s=preheat_poll_s,
+                    preheat_registry_auth_file=preheat_auth_file,
                     log_json=True,
                 )
                 node = ClusterNode(name, "", settings)
