@@ -16,6 +16,18 @@ from ._policy import (
     TrackerPolicy,
     origin_blob_url,
 )
+from ._preheat import (
+    PreheatBoard,
+    PreheatError,
+    PreheatJob,
+    PreheatLayer,
+    PreheatPoll,
+    PreheatReport,
+    PreheatSpec,
+    parse_preheat_poll,
+    parse_preheat_report,
+    parse_preheat_request,
+)
 from ._protocol import (
     DEFAULT_NUMWANT,
     MAX_NUMWANT,
@@ -62,6 +74,13 @@ __all__ = [
     "PeerIdTakenError",
     "PeerRecord",
     "PolicyConfig",
+    "PreheatBoard",
+    "PreheatError",
+    "PreheatJob",
+    "PreheatLayer",
+    "PreheatPoll",
+    "PreheatReport",
+    "PreheatSpec",
     "RedisState",
     "ScrapeRequest",
     "ScrapeStats",
@@ -79,5 +98,8 @@ __all__ = [
     "origin_blob_url",
     "parse_announce",
     "parse_announce_response",
+    "parse_preheat_poll",
+    "parse_preheat_report",
+    "parse_preheat_request",
     "parse_scrape",
 ]
