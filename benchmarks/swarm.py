@@ -90,11 +90,16 @@ async def _worker(spec: dict[str, Any]) -> None:
             random.shuffle(others)
             swarm.add_peers(others)
         readers = []
+
+        async def read(reader: OriginReader) -> None:
+            await reader.run()
+            reader.done_at = trio.current_time()  # type: ignore[attr-defined]
+
         for index, first, end in go["plan"]:
             if index in swarms:
                 reader = OriginReader(swarms[index], spec["origin_url"], first, end, client=http)
                 readers.append(reader)
-                nursery.start_soon(reader.run)
+                nursery.start_soon(read, reader)
         for swarm in swarms.values():
             await swarm.complete.wait()
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -108,8 +113,17 @@ async def _worker(spec: dict[str, Any]) -> None:
             "origin_failures": [r.failed for r in readers if r.failed],
             "cpu_s": usage.ru_utime + usage.ru_stime,
             "hash_failures": sum(s.stats.hash_failures for s in swarms.values()),
+            "wasted_bytes": sum(s.stats.wasted for s in swarms.values()),
+            "peers_at_end": [len(s.peers) for s in swarms.values()],
+            "origin_done": [
+                start + t - t_start for r in readers if (t := getattr(r, "done_at", None))
+            ],
         }
         print(json.dumps(report), flush=True)
+        # Keep seeding until every worker is done: a worker whose nodes finish first
+        # must not take half of the other nodes' peers away.
+        with trio.move_on_after(600):
+            await lines.__anext__()
         nursery.cancel_scope.cancel()
 
 
@@ -198,6 +212,9 @@ async def run_ours(
                 for lines in readers:
                     reports.append(json.loads(await lines.__anext__()))
             for proc in procs:
+                assert proc.stdin is not None
+                await proc.stdin.send_all(b"stop\n")
+            for proc in procs:
                 with trio.move_on_after(5):
                     await proc.wait()
                 if proc.returncode is None:
@@ -212,6 +229,9 @@ async def run_ours(
         "registry_payload_bytes": sum(r["registry_bytes"] for r in reports),
         "cpu_s": sum(r["cpu_s"] for r in reports) + own.ru_utime + own.ru_stime,
         "hash_failures": sum(r["hash_failures"] for r in reports),
+        "wasted_bytes": sum(r["wasted_bytes"] for r in reports),
+        "peers_at_end": [n for r in reports for n in r["peers_at_end"]],
+        "t_origin_s": max((t for r in reports for t in r["origin_done"]), default=t0) - t0,
         "origin_failures": [f for r in reports for f in r["origin_failures"]],
     }
 

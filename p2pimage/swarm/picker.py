@@ -40,7 +40,7 @@ from typing import Final, Generic, TypeVar
 from p2pimage.errors import LocalProtocolError, RemoteProtocolError
 from p2pimage.wire import BLOCK_LENGTH
 
-__all__ = ["BlockRequest", "PickerSettings", "PiecePicker"]
+__all__ = ["BlockRequest", "PickerSettings", "PiecePicker", "pipeline_depth"]
 
 P = TypeVar("P", bound=Hashable)
 
@@ -90,6 +90,15 @@ class PickerSettings:
     #: A peer at least this fraction as fast as the fastest known peer is "fast" and may
     #: take any urgent piece; slower peers take one only if they can meet its deadline.
     fast_peer_fraction: float = 0.5
+
+
+def pipeline_depth(rate: float, block_size: int, settings: PickerSettings) -> int:
+    """Requests of ``block_size`` bytes to keep outstanding at a peer that sends
+    ``rate`` bytes/s: ``request_queue_time`` seconds of data, within
+    ``[min_pipeline, max_pipeline]`` (:meth:`PiecePicker.pipeline_depth`; the simulator,
+    which moves whole pieces, converts the answer for 16 KiB blocks into pieces)."""
+    depth = math.ceil(rate * settings.request_queue_time / block_size)
+    return max(settings.min_pipeline, min(settings.max_pipeline, depth))
 
 
 class _Peer(Generic[P]):
@@ -333,10 +342,7 @@ class PiecePicker(Generic[P]):
         """How many requests to keep outstanding at the peer: ``request_queue_time``
         seconds of data at its measured rate, within ``[min_pipeline, max_pipeline]``."""
         ps = self._peers.get(peer)
-        rate = ps.rate if ps is not None else 0.0
-        s = self.settings
-        depth = math.ceil(rate * s.request_queue_time / self.block_size)
-        return max(s.min_pipeline, min(s.max_pipeline, depth))
+        return pipeline_depth(ps.rate if ps is not None else 0.0, self.block_size, self.settings)
 
     # ------------------------------------------------------------------ our progress
 
