@@ -345,3 +345,78 @@ async def test_random_garbage_queries_never_get_a_500(jwks_file: Path, issuer: T
                 assert r.status_code in (200, 400), (query, r.status_code, r.content)
                 doc = bdecode(r.content)
                 assert isinstance(doc, dict)
+
+
+async def test_batched_announces_answer_each_swarm_as_a_single_announce_would(
+    jwks_file: Path, issuer: TokenIssuer
+) -> None:
+    """POST /announce/batch: one node's swarms in one request, the same token check,
+    each swarm in its own (cluster, info-hash) and scope-checked on its own."""
+    from p2pimage.tracker.client import TrackerClient, TrackerError
+
+    settings = TrackerSettings(
+        listen="127.0.0.1:0", jwks_file=jwks_file, registry_url="http://registry.test:5000"
+    )
+    hashes = [bytes([h]) * 20 for h in range(1, 4)]
+    digest = "sha256:" + "cd" * 32
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        for h in hashes:  # node 1 alone in three swarms, through single announces
+            r = await http.get(
+                announce_url(base, 1, left=5, info_hash=h), headers=token(issuer, "c")
+            )
+            assert r.status_code == 200
+        raw = issuer.issue(subject="node-2", cluster="c", node_jwk=NODE_JWK, now=time.time())
+        client = TrackerClient(f"{base}/announce", http=http, token=raw)
+        reqs = [
+            AnnounceRequest(info_hash=h, peer_id=pid(2), port=6002, left=5, event=Event.STARTED)
+            for h in hashes
+        ]
+        reqs.append(
+            AnnounceRequest(
+                info_hash=b"\x09" * 20,
+                peer_id=pid(2),
+                port=6002,
+                left=5,
+                pieces=40,
+                digest=digest,
+                repo="team/app",
+            )
+        )
+        answers = await client.announce_batch(reqs)
+        assert [a.failure for a in answers] == [None] * 4
+        assert [[p for _, p in a.peers] for a in answers[:3]] == [[6001]] * 3
+        assert answers[3].peers == [] and answers[3].origin is not None
+        assert answers[3].origin.first_piece == 0 and answers[3].interval == 5
+        # Node 1 sees node 2 in every swarm, as if node 2 had announced them one by one.
+        for h in hashes:
+            r = await http.get(
+                announce_url(base, 1, left=5, info_hash=h), headers=token(issuer, "c")
+            )
+            assert [p for _, p in parse_announce_response(r.content).peers] == [6002]
+        # Another cluster's batch sees none of it.
+        blue = TrackerClient(f"{base}/announce", http=http, token=token_raw(issuer, "blue"))
+        assert [a.peers for a in await blue.announce_batch(reqs[:3])] == [[], [], []]
+        # The token's scope is checked per swarm: only the covered one is answered.
+        scoped = TrackerClient(
+            f"{base}/announce",
+            http=http,
+            token=token_raw(issuer, "c", scope=[hashes[0].hex()]),
+        )
+        out = await scoped.announce_batch(reqs[:2])
+        assert out[0].failure is None and out[1].error == "out_of_scope"
+        # No token: the whole request is refused, as a single announce is.
+        with pytest.raises(TrackerError) as refused:
+            await TrackerClient(f"{base}/announce", http=http).announce_batch(reqs[:1])
+        assert refused.value.reason == "missing"
+        # Garbage bodies get a 400 with a reason, never a 500.
+        for body in (b"", b"de", b"d9:announceslee", b"x" * 2_000_000, b"d9:announcesli1eee"):
+            r = await http.post(f"{base}/announce/batch", content=body, headers=token(issuer, "c"))
+            assert r.status_code == 400, body[:20]
+            assert parse_announce_response(r.content).error == "bad_request"
+        metrics = (await http.get(f"{base}/metrics")).text
+        assert 'p2pimage_tracker_announce_batches_total{result="ok"} 3.0' in metrics
+        assert 'p2pimage_tracker_announce_batches_total{result="bad_request"} 5.0' in metrics
+
+
+def token_raw(issuer: TokenIssuer, cluster: str, **kw: Any) -> str:
+    return issuer.issue(subject="node-2", cluster=cluster, node_jwk=NODE_JWK, now=time.time(), **kw)

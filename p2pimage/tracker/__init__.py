@@ -17,6 +17,8 @@ from ._policy import (
 )
 from ._protocol import (
     DEFAULT_NUMWANT,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_SWARMS,
     MAX_NUMWANT,
     MAX_PIECES,
     MAX_QUERY_BYTES,
@@ -28,10 +30,14 @@ from ._protocol import (
     ScrapeRequest,
     ScrapeStats,
     TrackerRequestError,
+    encode_announce_batch,
+    encode_announce_batch_response,
     encode_announce_response,
     encode_failure,
     encode_scrape_response,
     parse_announce,
+    parse_announce_batch,
+    parse_announce_batch_response,
     parse_announce_response,
     parse_scrape,
 )
@@ -47,6 +53,8 @@ from ._state import (
 
 __all__ = [
     "DEFAULT_NUMWANT",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_SWARMS",
     "MAX_NUMWANT",
     "MAX_PIECES",
     "MAX_QUERY_BYTES",
@@ -71,11 +79,15 @@ __all__ = [
     "TrackerPolicy",
     "TrackerRequestError",
     "TrackerState",
+    "encode_announce_batch",
+    "encode_announce_batch_response",
     "encode_announce_response",
     "encode_failure",
     "encode_scrape_response",
     "origin_blob_url",
     "parse_announce",
+    "parse_announce_batch",
+    "parse_announce_batch_response",
     "parse_announce_response",
     "parse_scrape",
 ]

@@ -24,7 +24,14 @@ from p2pimage.errors import P2PImageError
 from p2pimage.swarm.origin import OriginReader
 from p2pimage.swarm.policy import AnnounceSchedule, follow_origin
 from p2pimage.swarm.ratelimit import RateLimiter
-from p2pimage.tracker import AnnounceRequest, AnnounceResponse, Event, parse_announce_response
+from p2pimage.tracker import (
+    AnnounceRequest,
+    AnnounceResponse,
+    Event,
+    encode_announce_batch,
+    parse_announce_batch_response,
+    parse_announce_response,
+)
 
 if TYPE_CHECKING:
     from p2pimage.swarm.engine import Swarm
@@ -79,6 +86,35 @@ class TrackerClient:
             ) from None
         if parsed.failure is not None:
             raise TrackerError(f"tracker refused: {parsed.failure}", reason=parsed.error)
+        if response.status_code != 200:
+            raise TrackerError(f"tracker answered HTTP {response.status_code}")
+        return parsed
+
+    @property
+    def batch_url(self) -> str:
+        """``POST`` here to announce several swarms at once (a p2pimage tracker only)."""
+        return self.url.partition("?")[0].rstrip("/") + "/batch"
+
+    async def announce_batch(self, requests: list[AnnounceRequest]) -> list[AnnounceResponse]:
+        """Announce every swarm of ``requests`` in one request (p2pimage trackers; see
+        docs/protocol.md, "Batched announces"). One answer per request, in order; a swarm
+        the tracker refused has ``failure`` set, as from :meth:`announce`."""
+        body = encode_announce_batch(requests)
+        headers = {**self._headers(), "Content-Type": "application/x-bittorrent"}
+        try:
+            response = await self.http.post(
+                self.batch_url, content=body, headers=headers, timeout=self.timeout_s
+            )
+        except httpx.HTTPError as exc:
+            raise TrackerError(f"tracker {self.url} unreachable: {exc}") from None
+        try:
+            parsed = parse_announce_batch_response(response.content, len(requests))
+        except P2PImageError as exc:
+            raise TrackerError(
+                f"tracker answered HTTP {response.status_code} with garbage: {exc}"
+            ) from None
+        if response.status_code != 200 and parsed and parsed[0].failure is not None:
+            raise TrackerError(f"tracker refused: {parsed[0].failure}", reason=parsed[0].error)
         if response.status_code != 200:
             raise TrackerError(f"tracker answered HTTP {response.status_code}")
         return parsed
