@@ -12,8 +12,11 @@ memory run with auth off to show what token checks cost.
     python -m benchmarks.tracker [--quick] [--swarms 100] [--peers 100] [--rounds 3]
                                  [--connections 8] [--json PATH]
 
-JSON keys: memory_announces_s, redis_announces_s, opentracker_announces_s,
-memory_open_announces_s (and *_errors counts).
+``memory_swarm`` sends the same announces batched (p2pimage's ``POST /announce/batch``,
+one request per node carrying all S of its swarms) and counts swarm announces.
+
+JSON keys: memory_announces_s, memory_swarm_announces_s, redis_announces_s,
+opentracker_announces_s, memory_open_announces_s (and *_errors counts).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from daemons.testbed.opentracker import opentracker_binary, run_opentracker
 from daemons.testbed.process import free_port, stop_process
 from daemons.testbed.redis import redis_binary, run_redis
 from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer
-from p2pimage.tracker import AnnounceRequest, Event
+from p2pimage.tracker import AnnounceRequest, Event, encode_announce_batch
 
 ISSUER = "benchmark-sidecar"
 SERVER_CPU, LOAD_CPU = 0, 1
@@ -78,6 +81,31 @@ def _requests(
             if tokens is not None:
                 head += f"Authorization: Bearer {tokens[p % len(tokens)]}\r\n"
             out.append((head + "\r\n").encode())
+    return out
+
+
+def _batches(swarms: int, peers: int, event: Event, tokens: list[str], port: int) -> list[bytes]:
+    """The same announces as :func:`_requests`, one ``POST /announce/batch`` per node
+    carrying all of its swarms (p2pimage's extension)."""
+    out = []
+    for p in range(peers):
+        reqs = [
+            AnnounceRequest(
+                info_hash=s.to_bytes(4, "big") * 5,
+                peer_id=b"-BM0001-" + s.to_bytes(6, "big") + p.to_bytes(6, "big"),
+                port=10000 + p,
+                left=0 if p % 10 == 0 else 1_000_000,
+                event=event,
+            )
+            for s in range(swarms)
+        ]
+        body = encode_announce_batch(reqs)
+        head = (
+            f"POST /announce/batch HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: Bearer {tokens[p % len(tokens)]}\r\n"
+            f"Content-Type: application/x-bittorrent\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        out.append(head.encode() + body)
     return out
 
 
@@ -168,14 +196,16 @@ def _load_main(
 
 
 def measure(
-    port: int, warmup: list[bytes], timed: list[bytes], connections: int
+    port: int, warmup: list[bytes], timed: list[bytes], connections: int, per_request: int = 1
 ) -> dict[str, float]:
+    """Announces per second; ``per_request`` swarm announces ride in each request."""
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_load_main, args=(port, warmup, timed, connections, queue))
     proc.start()
     seconds, ok, bad = queue.get(timeout=600)
     proc.join()
+    ok *= per_request
     return {"announces_s": ok / seconds, "errors": bad, "seconds": seconds, "announces": ok}
 
 
@@ -245,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         timed = _requests(args.swarms, args.peers, Event.NONE, toks, port) * args.rounds
         results[name] = measure(port, warm, timed, args.connections)
 
+    def run_batched(name: str, port: int) -> None:
+        warm = _batches(args.swarms, args.peers, Event.STARTED, tokens, port)
+        timed = _batches(args.swarms, args.peers, Event.NONE, tokens, port) * args.rounds
+        results[name] = measure(port, warm, timed, args.connections, per_request=args.swarms)
+
     with tempfile.TemporaryDirectory(prefix="bench-tracker-") as tmpdir:
         tmp = Path(tmpdir)
         jwks = tmp / "jwks.json"
@@ -252,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         auth = {"jwks_file": jwks, "issuer": ISSUER, "peer_timeout_s": 3600.0}
         with our_tracker(tmp, **auth) as port:
             run("memory", port, auth=True)
+        with our_tracker(tmp, **auth) as port:
+            run_batched("memory_swarm", port)
         with our_tracker(tmp, open_mode=True, peer_timeout_s=3600.0) as port:
             run("memory_open", port, auth=False)
         if redis_binary() is None:
@@ -275,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="right" if col != "tracker" else "left")
     labels = {
         "memory": "ours, memory, auth on",
+        "memory_swarm": "ours, memory, auth on, batched (one request per node)",
         "memory_open": "ours, memory, open mode",
         "redis": "ours, redis, auth on",
         "opentracker": "opentracker",
