@@ -37,6 +37,7 @@ import trio
 from benchmarks._util import MIB, write_random_file
 from daemons.testbed.localcluster import ClusterNode, LocalCluster, local_cluster
 from p2pimage.oci.registry import RegistryClient
+from p2pimage.sidecar.client import SidecarClient, TokenKeeper
 
 REPO = "bench/mirror"
 # Peer links of every node, and the registry's egress, in the ttfb run: the registry needs
@@ -70,8 +71,11 @@ async def _push_blob(cluster: LocalCluster, tmp: Path, size: int) -> str:
     # A bare blob has no manifest to notify about: ask for its torrent now, so the sidecar
     # hashes it before the clock starts (as the push webhook does for a real image).
     async with httpx.AsyncClient(timeout=300) as http:
-        r = await http.get(f"{cluster.sidecar_url}/torrents/{digest}", params={"repository": REPO})
-        r.raise_for_status()
+        # As a cluster member: the sidecar serves torrents to a node token with its proof.
+        sidecar = SidecarClient(cluster.sidecar_url, http=http, timeout_s=300)
+        keeper = TokenKeeper(sidecar, node="bench-pusher", credential=cluster.credential)
+        await keeper.refresh()
+        await sidecar.torrent(digest, REPO)
     return digest
 
 

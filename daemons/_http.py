@@ -34,6 +34,7 @@ __all__ = [
     "TlsFiles",
     "client_tls",
     "load_json",
+    "request_url",
     "serve_app",
 ]
 
@@ -258,3 +259,16 @@ async def read_body(request: Request, limit: int) -> bytes | None:
         if len(body) > limit:
             return None
     return bytes(body)
+
+
+def request_url(scope: Scope, host: str, public_url: str | None = None) -> str:
+    """The URL a request was sent to, as a DPoP proof's ``htu`` names it: the scheme, the
+    ``Host`` header, and the path and query exactly as they arrived (no re-encoding).
+    Behind a TLS-terminating proxy, ``public_url`` (the scheme and host clients use)
+    replaces the first two."""
+    raw_path = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string", b"")
+    target: str = raw_path.decode("latin-1") + ("?" + query.decode("latin-1") if query else "")
+    if public_url is not None:
+        return public_url.rstrip("/") + target
+    return f"{scope.get('scheme', 'http')}://{host}{target}"

@@ -50,6 +50,7 @@ from p2pimage.auth.tokens import NodeKey
 from p2pimage.errors import LocalProtocolError
 from p2pimage.metainfo.torrent import is_digest
 from p2pimage.mirror.blobs import LayerService, LayerSettings
+from p2pimage.mirror.kubernetes import InClusterConfig, KubernetesError, node_zone
 from p2pimage.sidecar.client import SidecarClient, TokenKeeper
 from p2pimage.storage.cache import BlobCache
 from p2pimage.swarm.node import open_peer_node
@@ -99,6 +100,11 @@ class NodeSettings(BaseModel):
     )
     node_name: str = Field(default_factory=socket.gethostname, description="this node's name")
     zone: str | None = Field(None, description="topology label for peer preference")
+    zone_from_kubernetes: bool = Field(
+        False,
+        description="unless zone is set: read this node's topology.kubernetes.io/zone "
+        "label from the in-cluster API (service account; node_name is the Node)",
+    )
     peer_host: str = Field("0.0.0.0", description="address peers connect to us on")
     peer_port: int = Field(6881, ge=0, le=65535, description="peer port (0: any free)")
     peer_encryption: bool = Field(
@@ -242,6 +248,12 @@ class NodeMetrics:
         )
         uploaded.add_metric([], layers.uploaded_bytes())
         yield uploaded
+        wasted = CounterMetricFamily(
+            "p2pimage_node_wasted_bytes",
+            "Layer bytes received from peers and thrown away (cancelled or duplicate blocks)",
+        )
+        wasted.add_metric([], layers.wasted_bytes())
+        yield wasted
         pulls = CounterMetricFamily(
             "p2pimage_node_blob_pulls", "Blob GETs by result", labels=["result"]
         )
@@ -499,6 +511,7 @@ async def _p2p(daemon: NodeDaemon, settings: NodeSettings, keeper: TokenKeeper) 
     try:
         async with open_peer_node(
             authenticator=keeper.authenticator(),
+            peer_id=keeper.peer_id(),
             host=settings.peer_host,
             port=settings.peer_port,
             upload_rate=settings.upload_rate,
@@ -555,11 +568,11 @@ async def run_node(
                 sidecar,
                 node=settings.node_name,
                 credential=credential,
-                zone=settings.zone,
+                zone=await _zone(settings),
                 node_key=node_key,
             )
             k = keeper
-            tracker = TrackerClient(settings.tracker_url, http=control, token=lambda: k.token)
+            tracker = TrackerClient(settings.tracker_url, http=control, auth=k.request_auth())
         layers = LayerService(
             registry=settings.swarm_upstream(),
             node=None,
@@ -603,6 +616,24 @@ async def run_node(
                 )
                 log.info("status serving", extra={"fields": {"url": daemon.status_url}})
             task_status.started(url)
+
+
+async def _zone(settings: NodeSettings) -> str | None:
+    """``zone``, else (with ``zone_from_kubernetes``) the Node's label; a failure to read
+    it is logged and leaves the zone unset (zones only order peers)."""
+    if settings.zone is not None or not settings.zone_from_kubernetes:
+        return settings.zone
+    config = InClusterConfig.from_environment()
+    if config is None:
+        log.warning("zone_from_kubernetes: not in a Kubernetes pod (no service account)")
+        return None
+    try:
+        zone = await node_zone(config, settings.node_name)
+    except KubernetesError as exc:
+        log.warning("zone_from_kubernetes: %s; running without a zone", exc)
+        return None
+    log.info("zone from the Node object", extra={"fields": {"zone": zone}})
+    return zone
 
 
 def _load_or_create_key(path: Path) -> NodeKey:

@@ -7,7 +7,9 @@ Config in (TOML ``--config`` + ``P2PIMAGE_SIDECAR_*``), library objects construc
 in docs/protocol.md ("Sidecar API"):
 
 - ``POST /events``: the registry's notification webhook;
-- ``GET /torrents/{digest}?repository=<name>``: the torrent, generated on demand;
+- ``GET /torrents/{digest}?repository=<name>``: the torrent, generated on demand, only
+  for a node token with its DPoP proof or registry credentials that may pull the blob
+  from that repository (an authorised ``HEAD`` at the registry);
 - ``POST /token``: a node token for a join credential and a node public key;
 - ``GET /.well-known/jwks.json``, ``GET /healthz``, ``GET /metrics``.
 """
@@ -15,6 +17,7 @@ in docs/protocol.md ("Sidecar API"):
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
 import logging
 import re
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Final
 
 import click
+import httpx
 import trio
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -42,15 +46,19 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
-from daemons._http import JsonLimitError, TlsFiles, load_json, read_body
+from daemons._http import JsonLimitError, TlsFiles, load_json, read_body, request_url
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.join import JoinCredentials
 from p2pimage.auth.tokens import (
     DEFAULT_ISSUER,
+    DEFAULT_PROOF_WINDOW_S,
     DEFAULT_TOKEN_LIFETIME_S,
+    ProofReplayCache,
     SigningKey,
     TokenIssuer,
+    TokenVerifier,
+    verify_proof,
 )
 from p2pimage.errors import AuthError, DigestMismatchError, LocalProtocolError, P2PImageError
 from p2pimage.oci.notifications import MAX_ENVELOPE_SIZE, NotificationError, parse_envelope
@@ -122,6 +130,18 @@ class SidecarSettings(BaseModel):
     allow_plain_http_join: bool = Field(
         False, description="accept join credentials at POST /token over plain HTTP (insecure)"
     )
+    proof_window_s: float = Field(
+        DEFAULT_PROOF_WINDOW_S, gt=0, le=300, description="DPoP proof freshness window"
+    )
+    public_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^/?#]+$",
+        description="scheme://host[:port] nodes use, when a proxy terminates TLS or "
+        "rewrites Host (proofs name it); none: the request's own",
+    )
+    pull_check_cache_s: float = Field(
+        30.0, ge=0, le=3600, description="how long a registry's yes to a pull-rights check stands"
+    )
     log_level: LogLevel = "info"
     log_json: LogJson = None
 
@@ -155,10 +175,19 @@ class SidecarMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
+        self.torrents_deleted = Counter(
+            p + "torrents_deleted", "Torrents dropped for blobs the registry deleted", registry=r
+        )
         self.digest_mismatches = Counter(
             p + "digest_mismatches", "Blobs whose bytes do not match their digest", registry=r
         )
         self.tokens = Counter(p + "tokens", "Token requests by result", ["result"], registry=r)
+        self.torrent_requests = Counter(
+            p + "torrent_requests",
+            "Torrent requests by caller kind or refusal",
+            ["result"],
+            registry=r,
+        )
         self.webhook_events = Counter(
             p + "webhook_events", "Webhook events by result", ["result"], registry=r
         )
@@ -190,6 +219,49 @@ class SidecarMetrics:
         return v or 0.0
 
 
+# Who may read a torrent ------------------------------------------------------------------
+
+# Pull-rights answers remembered (credential hash, repository, digest); beyond it the
+# cache is emptied, not grown: rebuilding costs one HEAD per caller and blob.
+_PULL_CACHE_MAX = 10_000
+_TORRENT_CHALLENGE = {"WWW-Authenticate": 'DPoP algs="EdDSA", Basic realm="registry"'}
+
+
+@dataclass
+class PullRights:
+    """Asks the registry whether a credential may pull a blob: an authorised ``HEAD`` of
+    ``/v2/<repository>/blobs/<digest>`` with the caller's own ``Authorization``. A yes
+    stands for ``cache_s`` per (credential, repository, digest)."""
+
+    registry_url: str
+    http: httpx.AsyncClient
+    cache_s: float = 30.0
+    _cache: dict[tuple[bytes, str, str], float] = field(default_factory=dict)
+
+    async def allows(self, authorization: str, repository: str, digest: str, now: float) -> bool:
+        """True if the registry lets ``authorization`` read the blob; raises
+        :class:`RegistryError` (transient) when the registry cannot be asked."""
+        key = (hashlib.sha256(authorization.encode()).digest(), repository, digest)
+        until = self._cache.get(key)
+        if until is not None and now < until:
+            return True
+        url = f"{self.registry_url.rstrip('/')}/v2/{repository}/blobs/{digest}"
+        try:
+            response = await self.http.head(
+                url, headers={"Authorization": authorization}, follow_redirects=True
+            )
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"registry unreachable: {exc}") from None
+        if response.status_code >= 500:
+            raise RegistryError(f"registry answered {response.status_code}", status=503)
+        if response.status_code != 200:
+            return False
+        if len(self._cache) >= _PULL_CACHE_MAX:
+            self._cache.clear()
+        self._cache[key] = now + self.cache_s
+        return True
+
+
 # The application -----------------------------------------------------------------------
 
 
@@ -205,10 +277,95 @@ class Sidecar:
     # POST /token over plain HTTP carries the join credential in clear text: refused
     # unless the operator opts in (allow_plain_http_join).
     allow_plain_http_join: bool = False
+    # Who may read torrents: node tokens (verified against our own keys, with a DPoP
+    # proof), or registry credentials with pull rights (None: that path is closed).
+    pull_rights: PullRights | None = None
+    proof_window_s: float = DEFAULT_PROOF_WINDOW_S
+    public_url: str | None = None
+    nonces: ProofReplayCache = field(default_factory=ProofReplayCache)
+
+    def __post_init__(self) -> None:
+        self.verifier = TokenVerifier(self.issuer.key_set(), issuer=self.issuer.issuer)
 
 
 def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status, headers=headers or None)
+
+
+async def _torrent_refusal(
+    sidecar: Sidecar, request: Request, digest: str, repository: str | None
+) -> Response | None:
+    """None if the caller may read the torrent of ``digest``, else the refusal.
+
+    A node token must come as ``Authorization: DPoP`` with its proof (docs/protocol.md,
+    "Sidecar API"); any other credential is checked for pull rights on ``repository``
+    at the registry. Anonymous callers learn nothing, not even whether the digest exists.
+    """
+    m = sidecar.metrics
+    authorizations = request.headers.getlist("authorization")
+    if not authorizations:
+        m.torrent_requests.labels("anonymous").inc()
+        return _error(
+            401,
+            "unauthorized",
+            "a node token with its DPoP proof, or registry credentials that may pull the "
+            "blob (with ?repository=), is required",
+            **_TORRENT_CHALLENGE,
+        )
+    if len(authorizations) > 1:
+        m.torrent_requests.labels("bad_credentials").inc()
+        return _error(401, "unauthorized", "one Authorization header", **_TORRENT_CHALLENGE)
+    authorization = authorizations[0]
+    if not (authorization.isascii() and authorization.isprintable()):
+        # Never forwarded to the registry: an HTTP client refuses such a header.
+        m.torrent_requests.labels("bad_credentials").inc()
+        return _error(401, "unauthorized", "malformed Authorization", **_TORRENT_CHALLENGE)
+    scheme, _, raw = authorization.partition(" ")
+    now = sidecar.clock()
+    if scheme.lower() == "dpop":
+        proofs = request.headers.getlist("dpop")
+        try:
+            token = sidecar.verifier.verify(raw.strip(), now=now)
+            proof = verify_proof(
+                proofs[0] if len(proofs) == 1 else None,
+                token=token,
+                method=request.method,
+                url=request_url(request.scope, request.headers.get("host", ""), sidecar.public_url),
+                now=now,
+                window_s=sidecar.proof_window_s,
+            )
+        except AuthError as exc:
+            m.torrent_requests.labels("bad_token").inc()
+            log.info("torrent refused: %s", exc.reason)
+            return _error(401, exc.reason, f"token rejected: {exc}", **_TORRENT_CHALLENGE)
+        fresh = sidecar.nonces.claim(proof.replay_key, proof.expires_at, now)
+        if fresh is None:
+            return _error(503, "busy", "replay cache full", **{"Retry-After": "5"})
+        if not fresh:
+            m.torrent_requests.labels("bad_token").inc()
+            return _error(401, "replayed_proof", "DPoP proof already used", **_TORRENT_CHALLENGE)
+        m.torrent_requests.labels("node").inc()
+        return None
+    if repository is None or sidecar.pull_rights is None:
+        m.torrent_requests.labels("bad_credentials").inc()
+        return _error(
+            401 if sidecar.pull_rights is None else 400,
+            "unauthorized" if sidecar.pull_rights is None else "repository_required",
+            "pull rights are checked per repository: pass ?repository=<name>"
+            if sidecar.pull_rights is not None
+            else "registry credentials are not accepted here; use a node token",
+            **_TORRENT_CHALLENGE,
+        )
+    try:
+        allowed = await sidecar.pull_rights.allows(authorization, repository, digest, now)
+    except RegistryError as exc:
+        return _error(503, "registry_unavailable", str(exc), **{"Retry-After": "5"})
+    if not allowed:
+        m.torrent_requests.labels("no_pull_rights").inc()
+        log.info("torrent refused: no pull rights on %s for %s", repository, digest)
+        return _error(403, "forbidden", "these credentials may not pull that blob")
+    m.torrent_requests.labels("pull_rights").inc()
+    return None
 
 
 def create_app(sidecar: Sidecar) -> Starlette:
@@ -232,11 +389,17 @@ def create_app(sidecar: Sidecar) -> Starlette:
             m.webhook_events.labels("malformed").inc()
             log.warning("malformed webhook body: %s", exc)
             return _error(400, "malformed", str(exc))
-        counts = {"queued": 0, "ignored": 0, "invalid": 0}
+        counts = {"queued": 0, "deleted": 0, "ignored": 0, "invalid": 0}
         for ev in parsed:
             if not ev.valid:
                 counts["invalid"] += 1
                 log.warning("invalid event %s: %s", ev.id, ev.problem)
+            elif (deleted := ev.deleted_digest) is not None:
+                # A blob (or manifest) the registry deleted: its torrent goes.
+                if sidecar.indexer.forget(deleted):
+                    m.torrents_deleted.inc()
+                    log.info("registry deleted %s@%s: torrent dropped", ev.repository, deleted)
+                counts["deleted"] += 1
             elif not ev.is_manifest_push:
                 counts["ignored"] += 1
             elif sidecar.indexer.submit_event(ev):
@@ -257,12 +420,15 @@ def create_app(sidecar: Sidecar) -> Starlette:
         if not is_digest(digest):
             return _error(400, "bad_digest", "digest must be sha256:<64 lowercase hex>")
         repository = request.query_params.get("repository")
+        if repository is not None and not is_repository(repository):
+            return _error(400, "bad_repository", "not a repository name")
+        refusal = await _torrent_refusal(sidecar, request, digest, repository)
+        if refusal is not None:
+            return refusal
         data = sidecar.store.load(digest)
         if data is None:
             if repository is None:
                 return _error(404, "unknown", "not indexed; pass ?repository=<name> to generate")
-            if not is_repository(repository):
-                return _error(400, "bad_repository", "not a repository name")
             try:
                 data = await sidecar.indexer.torrent(repository, digest)
             except DigestMismatchError:
@@ -278,7 +444,11 @@ def create_app(sidecar: Sidecar) -> Starlette:
         return Response(
             data,
             media_type=TORRENT_MEDIA_TYPE,
-            headers={"ETag": f'"{digest}"', "Cache-Control": "public, max-age=31536000, immutable"},
+            # Authenticated content: never kept by a shared cache.
+            headers={
+                "ETag": f'"{digest}"',
+                "Cache-Control": "private, max-age=31536000, immutable",
+            },
         )
 
     async def token(request: Request) -> Response:
@@ -371,7 +541,11 @@ def load_signing_keys(paths: list[Path]) -> list[SigningKey]:
     return [SigningKey.from_pem(p.read_bytes()) for p in paths]
 
 
-def build_sidecar(settings: SidecarSettings, client: RegistryClient) -> Sidecar:
+def build_sidecar(
+    settings: SidecarSettings, client: RegistryClient, pull_http: httpx.AsyncClient | None = None
+) -> Sidecar:
+    """``pull_http`` (an HTTP client the caller owns) opens the pull-rights path of
+    ``GET /torrents``; without it only node tokens are served."""
     keys = load_signing_keys(settings.signing_keys)
     credentials = JoinCredentials(
         (cluster, h) for cluster, hashes in settings.clusters.items() for h in hashes
@@ -387,6 +561,9 @@ def build_sidecar(settings: SidecarSettings, client: RegistryClient) -> Sidecar:
     )
     issuer = TokenIssuer(keys, issuer=settings.issuer, lifetime_s=settings.token_lifetime_s)
     token = settings.webhook_token.get_secret_value() if settings.webhook_token else None
+    pull_rights = None
+    if pull_http is not None:
+        pull_rights = PullRights(settings.registry_url, pull_http, settings.pull_check_cache_s)
     return Sidecar(
         indexer,
         store,
@@ -395,7 +572,18 @@ def build_sidecar(settings: SidecarSettings, client: RegistryClient) -> Sidecar:
         metrics,
         token,
         allow_plain_http_join=settings.allow_plain_http_join,
+        pull_rights=pull_rights,
+        proof_window_s=settings.proof_window_s,
+        public_url=settings.public_url,
     )
+
+
+def pull_rights_http(settings: SidecarSettings) -> httpx.AsyncClient:
+    """The HTTP client for pull-rights checks: the registry's TLS settings, short waits."""
+    verify: bool | ssl.SSLContext = settings.registry_tls_verify
+    if verify and settings.registry_ca_file is not None:
+        verify = ssl.create_default_context(cafile=str(settings.registry_ca_file))
+    return httpx.AsyncClient(verify=verify, timeout=httpx.Timeout(10.0))
 
 
 def registry_client(settings: SidecarSettings) -> RegistryClient:
@@ -425,8 +613,8 @@ async def run_sidecar(
             "serving plain HTTP: POST /token refuses join credentials (set tls_cert_file and "
             "tls_key_file, or allow_plain_http_join = true)"
         )
-    async with registry_client(settings) as client:
-        sidecar = build_sidecar(settings, client)
+    async with registry_client(settings) as client, pull_rights_http(settings) as pull_http:
+        sidecar = build_sidecar(settings, client, pull_http)
         async with trio.open_nursery() as nursery:
             await nursery.start(sidecar.indexer.run)
             if settings.backfill_on_start:

@@ -8,11 +8,17 @@ Config in (TOML ``--config`` + ``P2PIMAGE_TRACKER_*``), library objects construc
 - ``GET /scrape``: BEP 48 scrape of the caller's own cluster;
 - ``GET /healthz``, ``GET /metrics`` (Prometheus).
 
-Every swarm is keyed by (cluster from the verified ``Authorization: Bearer`` token,
-info-hash). Missing or unusable tokens get a bencoded ``failure reason`` with HTTP 401
-(authentication failed) or 403 (valid token, not allowed here); malformed queries get
-HTTP 400 with a failure reason. ``open_mode`` switches auth off for interop tests with
-stock clients (every peer is in cluster ``open``).
+Every request proves possession of its token (RFC 9449 DPoP): ``Authorization: DPoP
+<token>`` and a ``DPoP`` proof signed by the token's ``cnf.jwk`` for this very request
+(method and URL with its query), fresh (``proof_window_s``) and never seen before (the
+nonce is claimed in the state backend, so Redis replicas share it). A bare bearer token
+gets 401. The announce's ``peer_id`` must carry the token subject's tag and is held by
+that subject alone. Every swarm is keyed by (cluster from the verified token,
+info-hash). Missing or unusable credentials get a bencoded ``failure reason`` with HTTP
+401 (authentication failed) or 403 (valid token, not allowed here); malformed queries
+get HTTP 400 with a failure reason. ``open_mode`` switches auth off for interop tests
+with stock clients (every peer is in cluster ``open``). See docs/protocol.md, "Tracker
+request authentication".
 """
 
 from __future__ import annotations
@@ -46,10 +52,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
-from daemons._http import TlsFiles, client_tls, read_body
+from daemons._http import TlsFiles, client_tls, read_body, request_url
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
-from p2pimage.auth.tokens import DEFAULT_LEEWAY_S, NodeToken, TokenVerifier
+from p2pimage.auth.tokens import (
+    DEFAULT_LEEWAY_S,
+    DEFAULT_PROOF_WINDOW_S,
+    NodeToken,
+    TokenVerifier,
+    verify_proof,
+)
 from p2pimage.errors import AuthError
 from p2pimage.sidecar.client import (
     DEFAULT_JWKS_MIN_REFRESH_S,
@@ -63,6 +75,7 @@ from p2pimage.tracker import (
     AnnounceRequest,
     AnnounceResponse,
     MemoryState,
+    PeerIdTakenError,
     PolicyConfig,
     RedisState,
     ScrapeStats,
@@ -71,6 +84,7 @@ from p2pimage.tracker import (
     TrackerPolicy,
     TrackerRequestError,
     TrackerState,
+    check_batch_digest,
     encode_announce_batch_response,
     encode_announce_response,
     encode_failure,
@@ -87,6 +101,7 @@ _BENCODE_TYPE = "text/plain"
 # Authorization failures (a valid token that may not do this) are 403; everything else
 # about a token is an authentication failure, 401.
 _FORBIDDEN_REASONS = frozenset({"wrong_audience", "wrong_issuer", "wrong_cluster", "out_of_scope"})
+_CHALLENGE = {"WWW-Authenticate": 'DPoP algs="EdDSA"'}
 # Verified tokens cached by raw string; at 600 s lifetimes and one token per node this
 # holds ~10 renewals of a 5,000-node cluster. Beyond it the cache is emptied, not grown.
 _TOKEN_CACHE_MAX = 100_000
@@ -117,6 +132,18 @@ class TrackerSettings(BaseModel):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "p2pimage:tracker:"
     trust_query_ip: bool = Field(default=False, description="use the announce 'ip' parameter")
+    proof_window_s: float = Field(
+        default=DEFAULT_PROOF_WINDOW_S,
+        gt=0,
+        le=300,
+        description="DPoP proofs are accepted while |now - iat| is at most this",
+    )
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#]+$",
+        description="scheme://host[:port] nodes use, when a proxy terminates TLS or "
+        "rewrites Host (proofs name it); none: the request's own",
+    )
     interval_s: int = Field(default=_POLICY.interval_s, ge=1, le=86400)
     min_interval_s: int = Field(default=_POLICY.min_interval_s, ge=1, le=86400)
     fetcher_interval_s: int = Field(default=_POLICY.fetcher_interval_s, ge=1, le=86400)
@@ -124,6 +151,11 @@ class TrackerSettings(BaseModel):
     origin_ratio: float = Field(default=_POLICY.origin_ratio, gt=0, le=1)
     max_origin_fetchers: int = Field(default=_POLICY.max_origin_fetchers, ge=1, le=10_000)
     origin_stall_s: float = Field(default=_POLICY.origin_stall_s, gt=0)
+    seeder_stall_s: float = Field(
+        default=_POLICY.seeder_stall_s,
+        gt=0,
+        description="a leecher without progress this long contradicts a claimed seeder",
+    )
     release_min_seeders: int = Field(default=_POLICY.release_min_seeders, ge=0)
     release_seeder_ratio: float = Field(default=_POLICY.release_seeder_ratio, ge=0)
     linger_s: float = Field(default=_POLICY.linger_s, ge=0)
@@ -150,6 +182,7 @@ class TrackerSettings(BaseModel):
             origin_ratio=self.origin_ratio,
             max_origin_fetchers=self.max_origin_fetchers,
             origin_stall_s=self.origin_stall_s,
+            seeder_stall_s=self.seeder_stall_s,
             release_min_seeders=self.release_min_seeders,
             release_seeder_ratio=self.release_seeder_ratio,
             linger_s=self.linger_s,
@@ -286,32 +319,73 @@ class _Refused(Exception):
         self.response = response
 
 
+def _unauthorized(tracker: Tracker, reason: str, message: str) -> _Refused:
+    tracker.metrics.auth_failures.labels(reason).inc()
+    return _Refused(_bencoded(401, encode_failure(message, reason), **_CHALLENGE))
+
+
 async def _authenticate(tracker: Tracker, request: Request, now: float) -> NodeToken | None:
     if tracker.gate is None:
         return None
-    header = request.headers.get("authorization", "")
-    scheme, _, raw = header.partition(" ")
-    if scheme.lower() != "bearer" or not raw.strip():
-        tracker.metrics.auth_failures.labels("missing").inc()
-        raise _Refused(
-            _bencoded(
-                401,
-                encode_failure("missing bearer token", "missing"),
-                **{"WWW-Authenticate": 'Bearer realm="p2pimage"'},
-            )
+    authorizations = request.headers.getlist("authorization")
+    scheme, _, raw = (authorizations[0] if len(authorizations) == 1 else "").partition(" ")
+    raw = raw.strip()
+    if scheme.lower() == "bearer":
+        raise _unauthorized(
+            tracker,
+            "dpop_required",
+            "bearer tokens are refused: send 'Authorization: DPoP <token>' with a DPoP "
+            "proof header signed by the token's key (docs/protocol.md)",
         )
+    if scheme.lower() != "dpop" or not raw:
+        raise _unauthorized(tracker, "missing", "missing 'Authorization: DPoP <token>'")
+    proofs = request.headers.getlist("dpop")
+    if len(proofs) > 1:
+        raise _unauthorized(tracker, "bad_proof", "exactly one DPoP proof header is allowed")
     try:
-        return await tracker.gate.check(raw.strip(), now)
+        token = await tracker.gate.check(raw, now)
+        proof = verify_proof(
+            proofs[0] if proofs else None,
+            token=token,
+            method=request.method,
+            url=request_url(
+                request.scope, request.headers.get("host", ""), tracker.settings.public_url
+            ),
+            now=now,
+            window_s=tracker.settings.proof_window_s,
+        )
     except AuthError as exc:
-        tracker.metrics.auth_failures.labels(exc.reason).inc()
         log.info(
             "token rejected",
             extra={"fields": {"reason": exc.reason, "remote": _remote(request)}},
         )
-        status = 403 if exc.reason in _FORBIDDEN_REASONS else 401
+        if exc.reason in _FORBIDDEN_REASONS:
+            tracker.metrics.auth_failures.labels(exc.reason).inc()
+            raise _Refused(
+                _bencoded(403, encode_failure(f"token rejected: {exc.reason}", exc.reason))
+            ) from None
+        raise _unauthorized(tracker, exc.reason, f"token rejected: {exc}") from None
+    try:
+        fresh = await tracker.state.claim_nonce(proof.replay_key, proof.expires_at, now)
+    except (StateUnavailableError, OSError, trio.TooSlowError) as exc:
+        log.warning("state unavailable", extra={"fields": {"error": str(exc)}})
         raise _Refused(
-            _bencoded(status, encode_failure(f"token rejected: {exc.reason}", exc.reason))
+            _bencoded(503, encode_failure("tracker state unavailable", "unavailable"))
         ) from None
+    if fresh is None:
+        log.warning("proof replay cache full")
+        raise _Refused(_bencoded(503, encode_failure("replay cache full", "unavailable")))
+    if not fresh:
+        log.info(
+            "proof replayed",
+            extra={"fields": {"subject": token.subject, "remote": _remote(request)}},
+        )
+        raise _unauthorized(tracker, "replayed_proof", "DPoP proof already used (jti)")
+    return token
+
+
+def _refused_403(reason: str, message: str) -> _Refused:
+    return _Refused(_bencoded(403, encode_failure(message, reason)))
 
 
 def _remote(request: Request) -> str:
@@ -340,9 +414,15 @@ def create_app(tracker: Tracker) -> Starlette:
                 metrics.announces.labels("bad_request").inc()
                 return _bencoded(400, encode_failure(str(exc), "bad_request"))
             _scope_check(token, req.info_hash)
+            if token is not None and not token.binds_peer_id(req.peer_id):
+                metrics.auth_failures.labels("peer_id_mismatch").inc()
+                raise _refused_403(
+                    "peer_id_mismatch", "peer_id does not carry the token subject's tag"
+                )
         except _Refused as refused:
+            status = refused.response.status_code
             metrics.announces.labels(
-                "forbidden" if refused.response.status_code == 403 else "unauthorized"
+                {403: "forbidden", 503: "unavailable"}.get(status, "unauthorized")
             ).inc()
             return refused.response
         status, body = await apply(req, token, request, now)
@@ -363,9 +443,14 @@ def create_app(tracker: Tracker) -> Starlette:
             now=now,
             zone=token.zone if token is not None else None,
             registry_url=settings.registry_url,
+            subject=token.subject if token is not None else None,
         )
         try:
             outcome = await tracker.state.update(SwarmKey(cluster, req.info_hash), decide)
+        except PeerIdTakenError as exc:
+            metrics.announces.labels("forbidden").inc()
+            metrics.auth_failures.labels("peer_id_taken").inc()
+            return 403, encode_failure(str(exc), "peer_id_taken")
         except (StateUnavailableError, OSError, trio.TooSlowError) as exc:
             metrics.announces.labels("unavailable").inc()
             log.warning("state unavailable", extra={"fields": {"error": str(exc)}})
@@ -405,6 +490,9 @@ def create_app(tracker: Tracker) -> Starlette:
         try:
             if raw is None:
                 raise TrackerRequestError(f"batch body over {MAX_BATCH_BYTES} bytes")
+            # The body's digest is in the URL, which the DPoP proof signs (htu): the
+            # proof covers the announces as a single announce's covers its query.
+            check_batch_digest(request.scope["query_string"], raw)
             reqs = parse_announce_batch(raw)
         except TrackerRequestError as exc:
             metrics.batches.labels("bad_request").inc()
@@ -414,8 +502,16 @@ def create_app(tracker: Tracker) -> Starlette:
             if token is not None and not token.covers(req.info_hash):
                 metrics.announces.labels("forbidden").inc()
                 answers.append(encode_failure("token rejected: out_of_scope", "out_of_scope"))
-                continue
-            answers.append((await apply(req, token, request, now))[1])
+            elif token is not None and not token.binds_peer_id(req.peer_id):
+                metrics.announces.labels("forbidden").inc()
+                metrics.auth_failures.labels("peer_id_mismatch").inc()
+                answers.append(
+                    encode_failure(
+                        "peer_id does not carry the token subject's tag", "peer_id_mismatch"
+                    )
+                )
+            else:
+                answers.append((await apply(req, token, request, now))[1])
         metrics.batches.labels("ok").inc()
         metrics.announce_seconds.observe((time.perf_counter() - started) / len(reqs))
         return _bencoded(200, encode_announce_batch_response(answers))

@@ -14,6 +14,7 @@ from p2pimage.auth.tokens import (
     SigningKey,
     TokenIssuer,
     TokenVerifier,
+    bound_peer_id,
     local_authenticator,
 )
 from p2pimage.errors import (
@@ -28,6 +29,7 @@ from p2pimage.errors import (
     StorageError,
 )
 from p2pimage.metainfo.torrent import Metainfo, MetainfoBuilder, create_metainfo_from_file
+from p2pimage.sidecar.client import DPoPAuth
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm, SwarmSettings
 from p2pimage.swarm.node import PeerNode, open_peer_node
@@ -36,9 +38,11 @@ from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.tracker.client import AnnounceSettings, TrackerClient, TrackerError
 
 __all__ = [
+    "PROTOCOL_VERSION",
     "AnnounceSettings",
     "AuthError",
     "BencodeError",
+    "DPoPAuth",
     "DigestMismatchError",
     "KeySet",
     "LocalProtocolError",
@@ -63,9 +67,14 @@ __all__ = [
     "TokenVerifier",
     "TrackerClient",
     "TrackerError",
+    "bound_peer_id",
     "create_metainfo_from_file",
     "local_authenticator",
     "open_peer_node",
 ]
 
 __version__ = "0.1.0"
+#: The peer and tracker protocol generation (docs/protocol.md; the peer-auth transcript
+#: label carries it). The image and the manifests are labelled with it; nodes of two
+#: generations do not exchange pieces (docs/operations.md, "Upgrades").
+PROTOCOL_VERSION = 3

@@ -42,6 +42,20 @@ class AuthError(RemoteProtocolError):
         self.detail = detail
 
 
+class ProtocolVersionError(RemoteProtocolError):
+    """The peer speaks another version of the p2pimage peer protocol (a rolling upgrade
+    in progress): the connection is refused and the pull falls back as usual."""
+
+    def __init__(self, peer_version: int, our_version: int) -> None:
+        age = "an older" if peer_version < our_version else "a newer"
+        super().__init__(
+            f"peer speaks {age} p2pimage peer protocol (v{peer_version}, this node v"
+            f"{our_version}): connection refused; upgrade the older node"
+        )
+        self.peer_version = peer_version
+        self.our_version = our_version
+
+
 class StorageError(P2PImageError):
     """The piece store could not read or write its files (disk full, I/O error...)."""
 

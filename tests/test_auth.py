@@ -15,16 +15,25 @@ from hypothesis import strategies as st
 
 from p2pimage.auth.tokens import (
     AUDIENCE,
+    DEFAULT_LEEWAY_S,
+    DEFAULT_PROOF_WINDOW_S,
     KeySet,
     NodeKey,
+    NodeToken,
     PeerAuthenticator,
+    ProofReplayCache,
     SigningKey,
     TokenIssuer,
     TokenVerifier,
+    access_token_hash,
+    bound_peer_id,
+    create_proof,
     jwk_thumbprint,
+    normalize_htu,
     verify_jwk_signature,
+    verify_proof,
 )
-from p2pimage.errors import AuthError, RemoteProtocolError
+from p2pimage.errors import AuthError, LocalProtocolError, RemoteProtocolError
 
 NOW = 1_800_000_000.0
 INFO_HASH = bytes(range(20))
@@ -206,20 +215,28 @@ def test_proof_of_possession(issuer: TokenIssuer) -> None:
     honest = PeerAuthenticator(
         node_key=alice, token=token, verifier=verifier, cluster="prod", clock=lambda: NOW
     )
+    alice_id = honest.peer_id()
+    assert alice_id == bound_peer_id("alice", alice.public_jwk())
     tok, sig = honest.credentials(b"transcript")
-    assert honest.verify_peer(tok, sig, b"transcript", INFO_HASH).subject == "alice"
+    assert honest.verify_peer(tok, sig, b"transcript", INFO_HASH, alice_id).subject == "alice"
+    # Alice's own proof under another peer id (Mallory's, say) is refused.
+    with pytest.raises(AuthError) as info:
+        honest.verify_peer(
+            tok, sig, b"transcript", INFO_HASH, bound_peer_id("alice", mallory.public_jwk())
+        )
+    assert info.value.reason == "wrong_peer_id"
     # The same token presented by a node without Alice's private key fails.
     thief = PeerAuthenticator(
         node_key=mallory, token=token, verifier=verifier, cluster="prod", clock=lambda: NOW
     )
     tok, sig = thief.credentials(b"transcript")
     with pytest.raises(AuthError) as info:
-        honest.verify_peer(tok, sig, b"transcript", INFO_HASH)
+        honest.verify_peer(tok, sig, b"transcript", INFO_HASH, alice_id)
     assert info.value.reason == "bad_signature"
     # A signature over another transcript does not carry over.
     tok, sig = honest.credentials(b"other transcript")
     with pytest.raises(AuthError):
-        honest.verify_peer(tok, sig, b"transcript", INFO_HASH)
+        honest.verify_peer(tok, sig, b"transcript", INFO_HASH, alice_id)
 
 
 def test_verify_jwk_signature_rejects_garbage_keys() -> None:
@@ -249,3 +266,179 @@ def test_three_part_garbage_raises_only_auth_error(a: str, b: str) -> None:
 
 
 _FIXED_KEY = SigningKey.generate()
+
+
+# ------------------------------------------------------------------ expiry edges
+
+
+def test_expiry_edge_exp_plus_leeway(issuer: TokenIssuer, node_key: NodeKey) -> None:
+    """exp + leeway - 1 s is accepted, exactly exp + leeway is the last accepted instant,
+    exp + leeway + 1 s is refused."""
+    token = issuer.issue(subject="n", cluster="c", node_jwk=node_key.public_jwk(), now=NOW)
+    exp = int(NOW) + issuer.lifetime_s
+    verifier = verifier_for(issuer)
+    assert verifier.verify(token, now=exp + DEFAULT_LEEWAY_S - 1).subject == "n"
+    assert verifier.verify(token, now=exp + DEFAULT_LEEWAY_S).subject == "n"
+    with pytest.raises(AuthError) as info:
+        verifier.verify(token, now=exp + DEFAULT_LEEWAY_S + 1)
+    assert info.value.reason == "expired"
+
+
+def test_audience_list_without_ours_refused(issuer: TokenIssuer, node_key: NodeKey) -> None:
+    active = issuer.active_key
+    for aud in (["other", "p2pimage-not"], [], "P2PIMAGE", None):
+        forged = active.sign_jwt(_claims(node_key, aud=aud))
+        with pytest.raises(AuthError) as info:
+            verifier_for(issuer).verify(forged, now=NOW)
+        assert info.value.reason in ("wrong_audience", "missing_claim")
+
+
+# ------------------------------------------------------------------ DPoP proofs
+
+ANNOUNCE = "http://tracker.test:6969/announce?info_hash=%00%01&peer_id=x&port=1"
+
+
+@pytest.fixture
+def bound(issuer: TokenIssuer, node_key: NodeKey) -> NodeToken:
+    raw = issuer.issue(subject="node-1", cluster="prod", node_jwk=node_key.public_jwk(), now=NOW)
+    return verifier_for(issuer).verify(raw, now=NOW)
+
+
+def test_proof_round_trip(bound: NodeToken, node_key: NodeKey) -> None:
+    proof = create_proof(node_key, method="get", url=ANNOUNCE, token=bound.raw, now=NOW)
+    header = json.loads(base64.urlsafe_b64decode(proof.split(".")[0] + "=="))
+    assert header["typ"] == "dpop+jwt" and header["alg"] == "EdDSA"
+    assert header["jwk"] == node_key.public_jwk()
+    checked = verify_proof(proof, token=bound, method="GET", url=ANNOUNCE, now=NOW + 3)
+    assert checked.issued_at == int(NOW)
+    assert checked.expires_at == int(NOW) + DEFAULT_PROOF_WINDOW_S + 1
+    # The URL compares after normalisation of scheme, host and default port only.
+    same = "HTTP://Tracker.TEST:6969/announce?info_hash=%00%01&peer_id=x&port=1#frag"
+    assert verify_proof(proof, token=bound, method="GET", url=same, now=NOW).jti == checked.jti
+    assert normalize_htu("https://h:443/a") == "https://h/a"
+    assert normalize_htu("http://[::1]:80") == "http://[::1]/"
+
+
+def _reason(exc: pytest.ExceptionInfo[AuthError]) -> str:
+    return exc.value.reason
+
+
+def test_proof_refusals(bound: NodeToken, node_key: NodeKey, issuer: TokenIssuer) -> None:
+    def check(proof: str | None, reason: str, **kw: Any) -> None:
+        args: dict[str, Any] = {"token": bound, "method": "GET", "url": ANNOUNCE, "now": NOW}
+        args.update(kw)
+        with pytest.raises(AuthError) as info:
+            verify_proof(proof, **args)
+        assert _reason(info) == reason, info.value
+
+    good = create_proof(node_key, method="GET", url=ANNOUNCE, token=bound.raw, now=NOW)
+    check(None, "missing_proof")
+    check("", "missing_proof")
+    check("a.b", "bad_proof")
+    check("x" * 10_000, "bad_proof")
+    # Another key (a thief holding the token but not the node's key).
+    thief = NodeKey.generate()
+    check(
+        create_proof(thief, method="GET", url=ANNOUNCE, token=bound.raw, now=NOW),
+        "proof_key_mismatch",
+    )
+    # The thief keeps the victim's jwk in the header but signs with its own key.
+    head, claims, _ = create_proof(
+        thief, method="GET", url=ANNOUNCE, token=bound.raw, now=NOW
+    ).split(".")
+    header = json.loads(base64.urlsafe_b64decode(head + "=="))
+    header["jwk"] = node_key.public_jwk()
+    head = b64url(json.dumps(header).encode())
+    check(f"{head}.{claims}.{b64url(thief.sign(f'{head}.{claims}'.encode()))}", "proof_signature")
+    # Another method, another URL (path or query), the wrong token, outside the window.
+    check(good, "proof_method", method="POST")
+    check(good, "proof_url", url=ANNOUNCE.replace("port=1", "port=2"))
+    check(good, "proof_url", url=ANNOUNCE.replace("/announce", "/scrape"))
+    check(good, "proof_url", url=ANNOUNCE.replace("tracker.test", "other.test"))
+    check(good, "proof_stale", now=NOW + DEFAULT_PROOF_WINDOW_S + 1)
+    check(good, "proof_stale", now=NOW - DEFAULT_PROOF_WINDOW_S - 1)
+    assert verify_proof(
+        good, token=bound, method="GET", url=ANNOUNCE, now=NOW + DEFAULT_PROOF_WINDOW_S
+    )
+    other = issuer.issue(subject="node-1", cluster="prod", node_jwk=node_key.public_jwk(), now=NOW)
+    check(create_proof(node_key, method="GET", url=ANNOUNCE, token=other, now=NOW), "proof_token")
+
+    # Headers that must be refused however the rest looks.
+    def forged(header: dict[str, Any], claims: dict[str, Any] | None = None) -> str:
+        body = claims or {
+            "jti": "j", "htm": "GET", "htu": ANNOUNCE, "iat": int(NOW),
+            "ath": access_token_hash(bound.raw),
+        }  # fmt: skip
+        h = b64url(json.dumps(header).encode())
+        c = b64url(json.dumps(body).encode())
+        return f"{h}.{c}.{b64url(node_key.sign(f'{h}.{c}'.encode()))}"
+
+    jwk = node_key.public_jwk()
+    check(forged({"typ": "JWT", "alg": "EdDSA", "jwk": jwk}), "bad_proof")
+    check(forged({"typ": "dpop+jwt", "alg": "none", "jwk": jwk}), "bad_proof")
+    check(forged({"typ": "dpop+jwt", "alg": "HS256", "jwk": jwk}), "bad_proof")
+    check(forged({"typ": "dpop+jwt", "alg": "EdDSA"}), "bad_proof")
+    check(forged({"typ": "dpop+jwt", "alg": "EdDSA", "jwk": {**jwk, "d": "secret"}}), "bad_proof")
+    base = {"jti": "j", "htm": "GET", "htu": ANNOUNCE, "iat": int(NOW), "ath": "x"}
+    header = {"typ": "dpop+jwt", "alg": "EdDSA", "jwk": jwk}
+    check(forged(header, {**base, "jti": "j" * 65}), "bad_proof")
+    check(forged(header, {**base, "iat": str(int(NOW))}), "bad_proof")
+    check(forged(header, {**base, "iat": True}), "bad_proof")
+    check(forged(header, {**base, "htu": "ftp://x/"}), "bad_proof")
+    # HS256 keyed with the node's public key: refused before any key is tried.
+    hs = jwt.encode(base, b64url(b"x" * 32), algorithm="HS256", headers={"typ": "dpop+jwt"})
+    check(hs, "bad_proof")
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=400))
+def test_garbage_proofs_raise_only_auth_error(data: str) -> None:
+    key = NodeKey(_FIXED_NODE_KEY._key)
+    raw = TokenIssuer([SigningKey(_FIXED_KEY._key)], issuer="i").issue(
+        subject="n", cluster="c", node_jwk=key.public_jwk(), now=NOW
+    )
+    token = TokenVerifier(TokenIssuer([SigningKey(_FIXED_KEY._key)], issuer="i").key_set()).verify(
+        raw, now=NOW
+    )
+    with pytest.raises(AuthError):
+        verify_proof(data, token=token, method="GET", url=ANNOUNCE, now=NOW)
+    with pytest.raises(AuthError):
+        verify_proof(f"{data}.{data}.{data}", token=token, method="GET", url=ANNOUNCE, now=NOW)
+
+
+_FIXED_NODE_KEY = NodeKey.generate()
+
+
+def test_replay_cache_refuses_a_nonce_twice_and_forgets_it_after_expiry() -> None:
+    cache = ProofReplayCache(max_entries=3)
+    assert cache.claim(b"a", NOW + 61, NOW) is True
+    assert cache.claim(b"a", NOW + 61, NOW + 30) is False
+    assert cache.claim(b"b", NOW + 40, NOW + 1) is True
+    assert cache.claim(b"c", NOW + 90, NOW + 2) is True
+    # Full of live entries: refuse rather than forget one (that would reopen replay).
+    assert cache.claim(b"d", NOW + 90, NOW + 3) is None
+    # b expires at NOW + 40: then room again, and a is still remembered until NOW + 61.
+    assert cache.claim(b"d", NOW + 100, NOW + 41) is True
+    assert len(cache) == 3
+    assert cache.claim(b"a", NOW + 130, NOW + 60) is False
+    assert cache.claim(b"a", NOW + 130, NOW + 62) is True
+
+
+def test_peer_id_is_bound_to_the_subject_and_key() -> None:
+    key, other = NodeKey.generate(), NodeKey.generate()
+    issuer = TokenIssuer([SigningKey.generate(kid="k")], issuer="sidecar")
+    raw = issuer.issue(subject="node-1", cluster="c", node_jwk=key.public_jwk(), now=NOW)
+    token = TokenVerifier(issuer.key_set(), issuer="sidecar").verify(raw, now=NOW)
+    pid = bound_peer_id("node-1", key.public_jwk())
+    assert len(pid) == 20 and pid.startswith(b"-PI0300-")
+    assert pid == bound_peer_id("node-1", key.public_jwk())  # stable for a node
+    assert token.binds_peer_id(pid)
+    # Any prefix and suffix: one node may run several peers.
+    assert token.binds_peer_id(
+        bound_peer_id("node-1", key.public_jwk(), b"-XX0001-", suffix=b"\0" * 6)
+    )
+    assert not token.binds_peer_id(bound_peer_id("node-2", key.public_jwk()))
+    assert not token.binds_peer_id(bound_peer_id("node-1", other.public_jwk()))
+    assert not token.binds_peer_id(pid[:19])
+    with pytest.raises(LocalProtocolError):
+        bound_peer_id("node-1", key.public_jwk(), suffix=b"\0" * 5)

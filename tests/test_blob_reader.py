@@ -8,6 +8,7 @@ import base64
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -299,3 +300,43 @@ async def test_error_status_and_bad_ranges() -> None:
     assert ByteRange().headers() == {}
     assert ByteRange(5).headers() == {"Range": "bytes=5-"}
     assert ByteRange(0, 1).headers() == {"Range": "bytes=0-0"}
+
+
+async def test_a_blob_deleted_while_its_torrent_is_generated_gets_none(tmp_path: Path) -> None:
+    """The registry's delete event arrives while the sidecar is still hashing the blob:
+    the generation finishes, but stores no torrent and tells its waiters the blob is
+    gone, so no torrent outlives the bytes it describes."""
+    from p2pimage.sidecar.indexer import BlobUnavailableError, Indexer, TorrentStore
+
+    half_sent, go_on = trio.Event(), trio.Event()
+
+    async def registry(scope: Scope, receive: Receive, send: Send) -> None:
+        if await send_part_of_blob(scope, send, len(BLOB) // 2):
+            return
+        half_sent.set()
+        await go_on.wait()
+        await send({"type": "http.response.body", "body": BLOB[len(BLOB) // 2 :]})
+
+    store = TorrentStore(tmp_path / "torrents")
+    async with serving(registry) as url, RegistryClient(url) as client:
+        indexer = Indexer(client, store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(indexer.run)
+            outcome: list[BaseException] = []
+
+            async def ask() -> None:
+                try:
+                    await indexer.torrent("team/app", DIGEST)
+                except BlobUnavailableError as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as asking:
+                asking.start_soon(ask)
+                with trio.fail_after(30):
+                    await half_sent.wait()
+                assert indexer.forget(DIGEST) is False  # nothing stored yet
+                go_on.set()
+            nursery.cancel_scope.cancel()
+    assert len(outcome) == 1 and "deleted" in str(outcome[0])
+    assert DIGEST not in store and not store.path(DIGEST).exists()
+    assert indexer.generations_started == 1

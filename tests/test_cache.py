@@ -332,18 +332,30 @@ def test_the_store_and_the_cache_share_one_layout(tmp_path: Path) -> None:
     builder.update(data)
     meta = builder.finish()
     hex_ = meta.digest_hex
+    namespace = registry_namespace("http://127.0.0.1:5000")
+    key = blob_key(namespace, hex_)
     (tmp_path / "notes.txt").write_bytes(b"theirs")
-    with PieceStorage.open(tmp_path, meta) as store:
-        store.write_piece(0, data[: meta.piece_size(0)])
     cache = BlobCache(tmp_path, 10 * MIB)
-    cache.save_torrent(meta)
-    files = BlobFiles(tmp_path, hex_)
-    assert on_disk(cache) == {files.partial.name, files.state.name, files.torrent.name, "notes.txt"}
+    with PieceStorage.open(cache.directory(namespace), meta) as store:
+        store.write_piece(0, data[: meta.piece_size(0)])
+    cache.save_torrent(meta, namespace)
+    files = BlobFiles(tmp_path / namespace, hex_)
+    assert cache.files(key) == files
+
+    def every_file() -> set[str]:
+        return {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+
+    assert every_file() == {
+        f"{namespace}/{files.partial.name}",
+        f"{namespace}/{files.state.name}",
+        f"{namespace}/{files.torrent.name}",
+        "notes.txt",
+    }
     cache.scan()
-    entry = cache.entry(hex_)
+    entry = cache.entry(key)
     assert entry is not None and not entry.complete and entry.size == meta.length
-    cache.evict(hex_)
-    assert on_disk(cache) == {"notes.txt"}
+    cache.evict(key)
+    assert every_file() == {"notes.txt"}
 
 
 def test_blob_file_names() -> None:

@@ -523,12 +523,14 @@ async def test_fetch_resumes_from_its_work_dir_and_seeds(tmp_path: Path) -> None
             await push_image(client, "demo/cli", "v1", image)
         import httpx
 
+        from p2pimage.sidecar.client import SidecarClient, TokenKeeper
+
         async with httpx.AsyncClient(timeout=60) as http:
-            r = await http.get(
-                f"{cluster.sidecar_url}/torrents/{layer.digest}", params={"repository": "demo/cli"}
-            )
-            assert r.status_code == 200
-        meta = Metainfo.from_bytes(r.content)
+            # The sidecar serves torrents to cluster members (a token and its proof).
+            sidecar = SidecarClient(cluster.sidecar_url, http=http)
+            keeper = TokenKeeper(sidecar, node="tester", credential=cluster.credential)
+            await keeper.refresh()
+            meta = await sidecar.torrent(layer.digest, "demo/cli")
         cred = tmp_path / "join"
         cred.write_text(cluster.credential)
 

@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "p2pimage.swarm.picker",
             "p2pimage.swarm.choker",
             "p2pimage.swarm.ratelimit",
+            "p2pimage.swarm.admission",
             "p2pimage.swarm.policy",
             "p2pimage.tracker._policy",
             "p2pimage.tracker._state",

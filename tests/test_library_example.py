@@ -52,6 +52,7 @@ async def test_library_example_seeds_and_fetches(tmp_path: Path) -> None:
                     "torrent": str(torrent),
                     "directory": str(directory),
                     "tracker_url": tracker_url,
+                    "node": name,
                     "token": token,
                     "node_key": str(tmp_path / f"{name}.pem"),
                     "jwks": jwks,

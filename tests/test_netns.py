@@ -1,14 +1,15 @@
 """Network-namespace mode (daemons/testbed/netns.py): topology up/down leaves nothing behind, the
 tc caps hold, and a small cluster pulls an image with each node on its own host.
 
-Root only: every test that touches namespaces skips with the reason
-:func:`daemons.testbed.netns.permission_problem` gives (not root, no iproute2, namespaces or tc
-not permitted). Only 10.77.0.0/16 addresses inside the test's own namespaces are used.
+Root only: every test that touches namespaces takes the ``netns_ok`` fixture of
+tests/conftest.py, whose probe runs plain ``ip`` and ``tc`` commands (not this module's code,
+so a broken tc call fails here instead of skipping) and skips with its reason (not root, no
+iproute2, namespaces or tc not permitted); CI refuses that skip.
+Only 10.77.0.0/16 addresses inside the test's own namespaces are used.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import shutil
@@ -29,18 +30,6 @@ from daemons.testbed import netns
 MIB = 1024 * 1024
 
 pytestmark = pytest.mark.root
-
-
-@functools.cache
-def _problem() -> str | None:
-    return netns.permission_problem()
-
-
-@pytest.fixture
-def netns_ok() -> None:
-    problem = _problem()
-    if problem is not None:
-        pytest.skip(f"network-namespace mode not permitted here: {problem}")
 
 
 def _namespaces() -> set[str]:

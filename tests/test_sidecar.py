@@ -29,11 +29,19 @@ from daemons.sidecar import (
     SidecarSettings,
     build_sidecar,
     create_app,
+    pull_rights_http,
     registry_client,
 )
 from daemons.testbed.registry import RegistryProcess, free_port, start_registry
 from p2pimage.auth.join import JoinCredentials, generate_credential, hash_credential
-from p2pimage.auth.tokens import KeySet, NodeKey, SigningKey, TokenVerifier
+from p2pimage.auth.tokens import (
+    KeySet,
+    NodeKey,
+    SigningKey,
+    TokenIssuer,
+    TokenVerifier,
+    create_proof,
+)
 from p2pimage.errors import AuthError
 from p2pimage.metainfo.torrent import Metainfo
 from p2pimage.oci.image import build_image, build_index, push_image, push_index
@@ -50,6 +58,7 @@ from p2pimage.oci.registry import (
     RegistryError,
     sha256_digest,
 )
+from p2pimage.sidecar.client import DPoPAuth, SidecarClient, SidecarError
 from p2pimage.sidecar.indexer import Indexer, TorrentStore
 
 pytestmark = pytest.mark.skipif(
@@ -83,6 +92,27 @@ class Env:
             await trio.sleep(0.1)
             while self.sidecar.indexer.busy:
                 await trio.sleep(0.05)
+
+
+def node_auth(issuer: TokenIssuer, node: str = "test-node", cluster: str = "prod") -> DPoPAuth:
+    """A cluster member's credentials: a node token and its key (a proof per request)."""
+    key = NodeKey.generate()
+    raw = issuer.issue(subject=node, cluster=cluster, node_jwk=key.public_jwk(), now=time.time())
+    return DPoPAuth(token=raw, node_key=key)
+
+
+class UnlessGiven(httpx.Auth):
+    """``inner`` for requests that carry no ``Authorization`` of their own (the webhook
+    tests send the registry's)."""
+
+    def __init__(self, inner: httpx.Auth) -> None:
+        self.inner = inner
+
+    def auth_flow(self, request: httpx.Request) -> Any:
+        if "authorization" in request.headers:
+            yield request
+        else:
+            yield from self.inner.auth_flow(request)
 
 
 def write_key(path: Path, alg: str = "EdDSA") -> SigningKey:
@@ -143,9 +173,10 @@ async def sidecar_env(
     user, password = htpasswd or (None, None)
     async with (
         registry_client(settings) as sidecar_client,
+        pull_rights_http(settings) as pull_http,
         RegistryClient(registry_url, username=user, password=password) as pusher,
     ):
-        sidecar = build_sidecar(settings, sidecar_client)
+        sidecar = build_sidecar(settings, sidecar_client, pull_http)
         async with trio.open_nursery() as nursery:
             await nursery.start(sidecar.indexer.run)
             url = await serve_asgi(create_app(sidecar), nursery)
@@ -161,7 +192,9 @@ async def sidecar_env(
             try:
                 if start_registry_now:
                     await reg.start()
-                async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+                # The tests read torrents as a cluster member would.
+                auth = UnlessGiven(node_auth(sidecar.issuer))
+                async with httpx.AsyncClient(base_url=url, timeout=30, auth=auth) as http:
                     yield Env(reg, sidecar, url, pusher, http, tmp)
             finally:
                 reg.cleanup()
@@ -428,7 +461,8 @@ async def test_sidecar_process_killed_mid_generation_serves_only_complete_torren
                         pass
                     await trio.sleep(0.05)
 
-        async with httpx.AsyncClient(timeout=30) as http:
+        issuer = TokenIssuer([SigningKey.from_pem(key.read_bytes())], issuer="p2pimage-sidecar")
+        async with httpx.AsyncClient(timeout=30, auth=node_auth(issuer)) as http:
             proc, url = start()
             try:
                 await wait_up(http, url)
@@ -649,12 +683,58 @@ async def test_webhook_sorts_events_it_does_not_index(tmp_path: Path) -> None:
             "/events", content=body, headers={"content-type": EVENTS_MEDIA_TYPE}
         )
         assert r.status_code == 202
-        assert r.json() == {"queued": 0, "ignored": 2, "invalid": 2}
+        assert r.json() == {"queued": 0, "deleted": 0, "ignored": 2, "invalid": 2}
         pulls = envelope(good, action="pull")
         r = await env.http.post(
             "/events", content=pulls, headers={"content-type": EVENTS_MEDIA_TYPE}
         )
-        assert r.json() == {"queued": 0, "ignored": 1, "invalid": 0}
+        assert r.json() == {"queued": 0, "deleted": 0, "ignored": 1, "invalid": 0}
+
+
+async def test_registry_delete_events_drop_the_torrents(tmp_path: Path) -> None:
+    """A blob deleted from the real registry (delete enabled in its config) loses its
+    torrent through the registry's own delete event; the other layers keep theirs, and
+    asking for the deleted one again gives no torrent (the registry has no such blob)."""
+    image = build_image([300_000, 2_000_000], seed=19)
+    async with sidecar_env(tmp_path) as env:
+        await push_image(env.client, "team/app", "v1", image)
+        await env.wait_indexed([b.digest for b in image.blobs()])
+        await env.settle()
+        kept, gone = image.layers[0].digest, image.layers[1].digest
+        async with httpx.AsyncClient() as http:
+            r = await http.delete(f"{env.registry.url}/v2/team/app/blobs/{gone}")
+            assert r.status_code == 202
+        with trio.fail_after(30):
+            while env.sidecar.store.path(gone).exists():
+                await trio.sleep(0.05)
+        assert gone not in env.sidecar.store and kept in env.sidecar.store
+        assert env.metric("p2pimage_sidecar_torrents_deleted_total") == 1
+        assert env.metric("p2pimage_sidecar_webhook_events_total", result="deleted") == 1
+        r = await env.http.get(f"/torrents/{gone}", params={"repository": "team/app"})
+        assert r.status_code == 404
+        assert gone not in env.sidecar.store
+        r = await env.http.get(f"/torrents/{kept}")
+        assert r.status_code == 200
+        check_torrent(r.content, kept, image.layers[0].data)
+
+
+def test_delete_events_name_the_digest_they_removed() -> None:
+    digest = "sha256:" + "4" * 64
+    events = parse_envelope(
+        envelope(
+            {"digest": digest, "repository": "a/b"},  # a blob or manifest delete
+            {"repository": "a/b", "tag": "v1"},  # a tag delete
+            {"digest": "sha256:short", "repository": "a/b"},
+            {"digest": digest, "repository": "Not/Valid"},
+            {"repository": "a/b"},
+            action="delete",
+        )
+    )
+    assert [e.deleted_digest for e in events] == [digest, None, None, None, None]
+    assert [e.valid for e in events] == [True, True, False, False, False]
+    pushed = {"mediaType": OCI_MANIFEST, "digest": digest, "repository": "a/b"}
+    push = parse_envelope(envelope(pushed))
+    assert push[0].deleted_digest is None and push[0].is_manifest_push
 
 
 async def test_webhook_token_and_full_queue(tmp_path: Path) -> None:
@@ -881,3 +961,99 @@ def test_sidecar_command_config_errors_exit_2(tmp_path: Path) -> None:
     ]:
         r = runner.invoke(main, args, env=env)
         assert r.exit_code == 2 and message in r.output, (env, r.output)
+
+
+# Who may read a torrent ---------------------------------------------------------------
+
+
+async def test_torrents_only_for_node_proofs_or_pull_rights(tmp_path: Path) -> None:
+    """A private registry: anonymous callers, bare tokens, replayed proofs and wrong
+    credentials learn nothing (not even whether a digest exists); a node with its proof
+    and a client with pull rights get the torrent."""
+    img = build_image([300_000], seed=21)
+    layer = img.layers[0].digest
+    unknown_layer = build_image([200_000], seed=22).layers[0]
+    async with sidecar_env(tmp_path, htpasswd=("puller", "pw"), notifications=False) as env:
+        await push_image(env.client, "private/app", "v1", img)
+        await env.client.push_blob("private/app", unknown_layer.data)
+        stored = await env.http.get(f"/torrents/{layer}?repository=private/app")
+        assert stored.status_code == 200  # a node (env.http signs as one): generated
+        generated = env.metric("p2pimage_sidecar_torrents_generated_total")
+        good_basic = httpx.BasicAuth("puller", "pw")
+        node = node_auth(env.sidecar.issuer)
+        raw = node._token if isinstance(node._token, str) else ""
+        async with httpx.AsyncClient(base_url=env.url, timeout=30) as anon:
+            refusals: list[tuple[dict[str, Any], int, str]] = [
+                ({}, 401, "unauthorized"),
+                ({"auth": httpx.BasicAuth("puller", "wrong")}, 403, "forbidden"),
+                ({"auth": httpx.BasicAuth("nobody", "pw")}, 403, "forbidden"),
+                ({"headers": {"Authorization": f"Bearer {raw}"}}, 403, "forbidden"),
+                ({"headers": {"Authorization": f"DPoP {raw}"}}, 401, "missing_proof"),
+                ({"auth": node_auth(TokenIssuer([SigningKey.generate()], issuer="x"))}, 401,
+                 "unknown_kid"),
+            ]  # fmt: skip
+            for digest in (layer, unknown_layer.digest):
+                for kwargs, status, code in refusals:
+                    url = f"/torrents/{digest}?repository=private/app"
+                    r = await anon.get(url, **kwargs)
+                    assert r.status_code == status, (kwargs, r.text)
+                    assert r.json()["error"] == code
+                    assert b"pieces" not in r.content and r.headers["content-type"].startswith(
+                        "application/json"
+                    )
+                    if status == 401:
+                        assert "DPoP" in r.headers["www-authenticate"]
+                    # Without ?repository= as well.
+                    assert (await anon.get(f"/torrents/{digest}", **kwargs)).status_code in (
+                        400, 401, 403,
+                    )  # fmt: skip
+            # Nothing was generated for a refused caller.
+            assert env.metric("p2pimage_sidecar_torrents_generated_total") == generated
+            assert unknown_layer.digest not in env.sidecar.store
+            # A captured proof replayed, and a proof for another digest: refused.
+            url = f"{env.url}/torrents/{layer}"
+            proof = create_proof(node.node_key, method="GET", url=url, token=raw, now=time.time())
+            headers = {"Authorization": f"DPoP {raw}", "DPoP": proof}
+            assert (await anon.get(url, headers=headers)).status_code == 200
+            again = await anon.get(url, headers=headers)
+            assert again.status_code == 401 and again.json()["error"] == "replayed_proof"
+            other = await anon.get(f"{env.url}/torrents/{unknown_layer.digest}", headers={
+                "Authorization": f"DPoP {raw}",
+                "DPoP": create_proof(node.node_key, method="GET", url=url, token=raw,
+                                     now=time.time()),
+            })  # fmt: skip
+            assert other.status_code == 401 and other.json()["error"] == "proof_url"
+            # Pull rights: the registry's yes to the caller's own credentials.
+            r = await anon.get(f"/torrents/{layer}?repository=private/app", auth=good_basic)
+            assert r.status_code == 200 and r.content == stored.content
+            assert r.headers["cache-control"].startswith("private")
+            r = await anon.get(f"/torrents/{layer}", auth=good_basic)
+            assert r.status_code == 400 and r.json()["error"] == "repository_required"
+            r = await anon.get(
+                f"/torrents/{unknown_layer.digest}?repository=private/app", auth=good_basic
+            )
+            assert r.status_code == 200
+            check_torrent(r.content, unknown_layer.digest, unknown_layer.data)
+            # Garbage credentials: a 4xx, never a 500, never a torrent.
+            for value in (
+                "Basic \u00e9t\u00e9".encode(),
+                b"DPoP \xff\xfe",
+                b"DPoP a.b.c",
+                b"Basic !!!",
+                b"Negotiate x",
+                b"DPoP",
+            ):
+                r = await anon.get(
+                    f"/torrents/{layer}?repository=private/app",
+                    headers={b"Authorization": value, b"DPoP": b"e30.e30.e30"},
+                )
+                assert r.status_code in (401, 403), (value, r.status_code)
+        # The node's own client sends its proof (SidecarClient with a TokenKeeper's auth).
+        async with httpx.AsyncClient(timeout=30) as http:
+            client = SidecarClient(env.url, http=http, auth=node_auth(env.sidecar.issuer))
+            meta = await client.torrent(layer, "private/app")
+            assert meta.sha256 == layer
+            bare = SidecarClient(env.url, http=http)
+            with pytest.raises(SidecarError) as info:
+                await bare.torrent(layer, "private/app")
+            assert info.value.status == 401

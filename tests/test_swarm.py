@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
 from p2pimage.errors import StorageError
@@ -248,13 +249,17 @@ async def test_a_reader_learns_that_the_blob_failed_its_digest_instead_of_mixing
 
 
 async def test_reader_waiting_for_the_frontier_is_not_stalled_while_pieces_arrive(
-    tmp_path: Path,
+    tmp_path: Path, mock_clock: trio.testing.MockClock
 ) -> None:
     """Stall means the swarm verified nothing for the timeout, not that the reader's next
     piece is late: in a cold start the registry sends a layer piece by piece and every
-    reader waits at the frontier while other pieces keep arriving."""
+    reader waits at the frontier while other pieces keep arriving.
+
+    On trio's MockClock, moved only by this test: the timeout is measured in the swarm's
+    own clock, so a loaded machine cannot stretch a gap between pieces past it."""
     from p2pimage.swarm.engine import SwarmStalled
 
+    stall = 0.2
     blob, meta = make_blob(tmp_path, 1 * MIB)
     data = blob.read_bytes()
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
@@ -263,35 +268,50 @@ async def test_reader_waiting_for_the_frontier_is_not_stalled_while_pieces_arriv
 
         async def feed_backwards() -> None:
             for index in reversed(range(meta.num_pieces)):
-                await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked()  # the reader is waiting
+                mock_clock.jump(0.75 * stall)  # a gap shorter than the timeout
                 offset = meta.piece_offset(index)
                 await swarm.accept_origin_piece(
                     index, data[offset : offset + meta.piece_size(index)]
                 )
+            # Fed: a reader still waiting now would wait forever on this clock, so let
+            # it run: such a reader then stalls and fails the test instead of hanging it.
+            mock_clock.autojump_threshold = 0
 
         received = bytearray()
-        with trio.fail_after(30):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(feed_backwards)
-                # Piece 0 comes last (after ~num_pieces * 10 ms, far past the timeout).
-                async for chunk in swarm.stream(stall_timeout_s=0.2):
-                    received += chunk
+        start = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(feed_backwards)
+            # Piece 0 comes last, num_pieces gaps of 0.15 s after the start.
+            async for chunk in swarm.stream(stall_timeout_s=stall):
+                received += chunk
         assert bytes(received) == data
+        assert trio.current_time() - start >= meta.num_pieces * 0.75 * stall > 4 * stall
 
     async with nodes(1, issuer) as (node,):
         swarm = await node.add_swarm(meta, tmp_path / "empty")
-        with trio.fail_after(5), pytest.raises(SwarmStalled):
-            async for _ in swarm.stream(stall_timeout_s=0.2):
+        start = trio.current_time()
+        mock_clock.autojump_threshold = 0  # nothing arrives: let the clock run to the timeout
+        with pytest.raises(SwarmStalled):
+            async for _ in swarm.stream(stall_timeout_s=stall):
                 pass
+        assert stall <= trio.current_time() - start < 2 * stall
 
 
-async def test_request_queue_follows_the_swarm_picker_settings(tmp_path: Path) -> None:
-    """SwarmSettings.picker reaches the wire: a leecher on a 1 MiB/s link asked for 0.05 s
-    of data (4 blocks) keeps at most 4 requests outstanding, where the default floor
-    alone would put 8 on the wire."""
+async def test_request_queue_follows_the_swarm_picker_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SwarmSettings.picker reaches the wire: with ``min_pipeline=2`` and a request queue
+    time too short to ask for more at any loopback rate, the leecher never has more than
+    2 requests outstanding, where the defaults (floor 8, one second of data: 64 blocks at
+    the 1 MiB/s link) would put 8 and more on the wire.
+
+    Every pick is recorded as it happens (no sampling), so the result does not depend on
+    how fast the machine is."""
     blob, meta = make_blob(tmp_path, 2 * MIB)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
-    settings = SwarmSettings(picker=PickerSettings(request_queue_time=0.05, min_pipeline=2))
+    # ceil(rate * 1e-4 s / 16 KiB) <= 1 below 160 MB/s: the depth is the floor, 2.
+    settings = SwarmSettings(picker=PickerSettings(request_queue_time=1e-4, min_pipeline=2))
     async with (
         open_peer_node(authenticator=local_authenticator(issuer, subject="s", cluster="c")) as s,
         open_peer_node(
@@ -301,13 +321,22 @@ async def test_request_queue_follows_the_swarm_picker_settings(tmp_path: Path) -
     ):
         await s.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
+        picker = swarm.picker
+        picks: list[tuple[int, int]] = []  # (depth, outstanding after the pick)
+        real_pick = picker.pick
+
+        def recording_pick(peer: Any, count: int, now: float) -> Any:
+            blocks = real_pick(peer, count, now)
+            picks.append((picker.pipeline_depth(peer), picker.outstanding_count(peer)))
+            return blocks
+
+        monkeypatch.setattr(picker, "pick", recording_pick)
         swarm.add_peers([s.listen_address])
-        most = 0
         with trio.fail_after(30):
-            while not swarm.complete.is_set():
-                most = max([most, *(len(p.outstanding) for p in swarm.peers.values())])
-                await trio.sleep(0.005)
-    assert 2 <= most <= 4
+            await swarm.complete.wait()
+    assert picks, "the leecher never asked for a block"
+    assert {depth for depth, _ in picks} == {2}
+    assert max(outstanding for _, outstanding in picks) == 2
     assert PickerSettings().min_pipeline == 8  # the default this test stays under
 
 

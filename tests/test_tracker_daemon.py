@@ -20,23 +20,35 @@ from starlette.routing import Route
 
 from daemons._http import serve_app
 from daemons.tracker import TrackerSettings, run_tracker, tracker
-from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer
+from p2pimage.auth.tokens import (
+    DEFAULT_PROOF_WINDOW_S,
+    NodeKey,
+    SigningKey,
+    TokenIssuer,
+    bound_peer_id,
+    create_proof,
+)
 from p2pimage.metainfo.bencoding import bdecode
+from p2pimage.sidecar.client import DPoPAuth
 from p2pimage.tracker import AnnounceRequest, Event, parse_announce_response
 from tests._tracker_fixtures import redis_port
 
 __all__ = ["redis_port"]
 
 IH = bytes(range(20))
-NODE_JWK = NodeKey.generate().public_jwk()
+NODE_KEY = NodeKey.generate()
+NODE_JWK = NODE_KEY.public_jwk()
 
 
-def pid(n: int) -> bytes:
-    return b"-PI0001-" + n.to_bytes(12, "big")
+def pid(n: int, node: str = "node-1") -> bytes:
+    """Peer ids of the token subject ``node`` (one node may run several peers)."""
+    return bound_peer_id(node, NODE_JWK, b"-PI0001-", suffix=n.to_bytes(6, "big"))
 
 
-def announce_url(base: str, n: int, **kw: Any) -> str:
-    req = AnnounceRequest(info_hash=kw.pop("info_hash", IH), peer_id=pid(n), port=6000 + n, **kw)
+def announce_url(base: str, n: int, node: str = "node-1", **kw: Any) -> str:
+    req = AnnounceRequest(
+        info_hash=kw.pop("info_hash", IH), peer_id=pid(n, node), port=6000 + n, **kw
+    )
     return f"{base}/announce?{req.to_query().decode()}"
 
 
@@ -62,9 +74,24 @@ def jwks_file(tmp_path: Path, issuer: TokenIssuer) -> Path:
     return path
 
 
-def token(issuer: TokenIssuer, cluster: str, node: str = "node-1", **kw: Any) -> dict[str, str]:
-    raw = issuer.issue(subject=node, cluster=cluster, node_jwk=NODE_JWK, now=time.time(), **kw)
-    return {"Authorization": f"Bearer {raw}"}
+def raw_token(issuer: TokenIssuer, cluster: str, node: str = "node-1", **kw: Any) -> str:
+    return issuer.issue(subject=node, cluster=cluster, node_jwk=NODE_JWK, now=time.time(), **kw)
+
+
+def token(issuer: TokenIssuer, cluster: str, node: str = "node-1", **kw: Any) -> DPoPAuth:
+    """The node's credentials: its token and a fresh proof of possession per request."""
+    return DPoPAuth(token=raw_token(issuer, cluster, node, **kw), node_key=NODE_KEY)
+
+
+class Headers(httpx.Auth):
+    """Fixed headers, as an attacker would send them."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+
+    def auth_flow(self, request: httpx.Request) -> Any:
+        request.headers.update(self.headers)
+        yield request
 
 
 async def test_bad_tokens_get_401_or_403_with_a_failure_reason(
@@ -74,39 +101,104 @@ async def test_bad_tokens_get_401_or_403_with_a_failure_reason(
     active = issuer.active_key
     now = int(time.time())
     claims = {
-        "iss": "sidecar-test", "aud": "p2pimage", "sub": "n", "cluster": "c", "iat": now,
+        "iss": "sidecar-test", "aud": "p2pimage", "sub": "node-1", "cluster": "c", "iat": now,
         "nbf": now, "exp": now + 600, "jti": "j", "cnf": {"jwk": NODE_JWK},
     }  # fmt: skip
-    cases: list[tuple[dict[str, str], int, str]] = [
-        ({}, 401, "missing"),
-        ({"Authorization": "Basic abc"}, 401, "missing"),
-        ({"Authorization": "Bearer not.a.jwt"}, 401, "malformed"),
-        (_bearer(active.sign_jwt({**claims, "exp": now - 3600})), 401, "expired"),
-        (_bearer(SigningKey.generate(kid=active.kid).sign_jwt(claims)), 401, "bad_signature"),
-        (_bearer(SigningKey.generate().sign_jwt(claims)), 401, "unknown_kid"),
-        (_bearer(active.sign_jwt({**claims, "aud": "someone-else"})), 403, "wrong_audience"),
-        (_bearer(active.sign_jwt({**claims, "iss": "mallory"})), 403, "wrong_issuer"),
+    valid = raw_token(issuer, "c")
+    cases: list[tuple[httpx.Auth, int, str]] = [
+        (Headers({}), 401, "missing"),
+        (Headers({"Authorization": "Basic abc"}), 401, "missing"),
+        # A bare bearer token, however valid, is worth nothing.
+        (Headers({"Authorization": f"Bearer {valid}"}), 401, "dpop_required"),
+        (Headers({"Authorization": f"DPoP {valid}"}), 401, "missing_proof"),
+        (DPoPAuth(token=valid, node_key=NodeKey.generate()), 401, "proof_key_mismatch"),
+        (_dpop("not.a.jwt"), 401, "malformed"),
+        (_dpop(active.sign_jwt({**claims, "exp": now - 3600})), 401, "expired"),
+        (_dpop(SigningKey.generate(kid=active.kid).sign_jwt(claims)), 401, "bad_signature"),
+        (_dpop(SigningKey.generate().sign_jwt(claims)), 401, "unknown_kid"),
+        (_dpop(active.sign_jwt({**claims, "aud": "someone-else"})), 403, "wrong_audience"),
+        (_dpop(active.sign_jwt({**claims, "iss": "mallory"})), 403, "wrong_issuer"),
         (token(issuer, "c", scope=["ff" * 20]), 403, "out_of_scope"),
+        (
+            DPoPAuth(token=valid, node_key=NODE_KEY, clock=lambda: time.time() - 31),
+            401,
+            "proof_stale",
+        ),
     ]
     async with running(settings) as base, httpx.AsyncClient() as http:
         # A legitimate peer is in the swarm; refused callers must not learn of it.
-        ok = await http.get(announce_url(base, 1, left=5), headers=token(issuer, "c"))
+        ok = await http.get(announce_url(base, 1, left=5), auth=token(issuer, "c"))
         assert ok.status_code == 200
-        for headers, status, reason in cases:
-            r = await http.get(announce_url(base, 2, left=5), headers=headers)
+        for auth, status, reason in cases:
+            r = await http.get(announce_url(base, 2, left=5), auth=auth)
             assert r.status_code == status, (reason, r.content)
             doc = bdecode(r.content)
             assert isinstance(doc, dict) and b"failure reason" in doc and b"peers" not in doc
             assert parse_announce_response(r.content).error == reason
-            scrape = await http.get(f"{base}/scrape?info_hash={_pct(IH)}", headers=headers)
+            if status == 401:
+                assert r.headers["www-authenticate"] == 'DPoP algs="EdDSA"'
+            scrape = await http.get(f"{base}/scrape?info_hash={_pct(IH)}", auth=auth)
             assert scrape.status_code == status
+            assert parse_announce_response(scrape.content).error == reason
+        bearer = await http.get(
+            announce_url(base, 2, left=5), headers={"Authorization": f"Bearer {valid}"}
+        )
+        assert b"bearer tokens are refused" in bearer.content
         metrics = (await http.get(f"{base}/metrics")).text
         assert 'p2pimage_tracker_announces_total{result="unauthorized"}' in metrics
         assert 'p2pimage_tracker_auth_failures_total{reason="expired"} 2.0' in metrics
+        assert 'p2pimage_tracker_auth_failures_total{reason="dpop_required"} 3.0' in metrics
 
 
-def _bearer(raw: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {raw}"}
+def _dpop(raw: str) -> DPoPAuth:
+    return DPoPAuth(token=raw, node_key=NODE_KEY)
+
+
+async def test_a_proof_is_good_for_one_request_only(jwks_file: Path, issuer: TokenIssuer) -> None:
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
+    raw = raw_token(issuer, "c")
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        url = announce_url(base, 1, left=5)
+        proof = create_proof(NODE_KEY, method="GET", url=url, token=raw, now=time.time())
+        headers = {"Authorization": f"DPoP {raw}", "DPoP": proof}
+        assert (await http.get(url, headers=headers)).status_code == 200
+        # The same request again (a captured proof replayed): refused.
+        again = await http.get(url, headers=headers)
+        assert again.status_code == 401
+        assert parse_announce_response(again.content).error == "replayed_proof"
+        # A fresh proof for another URL (another peer's query, the scrape) or method.
+        other = create_proof(NODE_KEY, method="GET", url=url, token=raw, now=time.time())
+        for method, target in (
+            ("GET", announce_url(base, 2, left=5)),
+            ("GET", f"{base}/scrape?info_hash={_pct(IH)}"),
+            ("HEAD", url),
+        ):
+            r = await http.request(
+                method, target, headers={"Authorization": f"DPoP {raw}", "DPoP": other}
+            )
+            assert r.status_code == 401, (method, target)
+            if method == "GET":
+                assert parse_announce_response(r.content).error == "proof_url"
+        # Two proof headers: refused, not guessed between.
+        two = [("Authorization", f"DPoP {raw}"), ("DPoP", other), ("DPoP", other)]
+        r = await http.get(url, headers=two)
+        assert r.status_code == 401 and parse_announce_response(r.content).error == "bad_proof"
+        # The window is the one configured.
+        assert settings.proof_window_s == DEFAULT_PROOF_WINDOW_S
+
+
+async def test_peer_id_is_bound_to_the_token_subject(jwks_file: Path, issuer: TokenIssuer) -> None:
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        mine = await http.get(announce_url(base, 1, left=5), auth=token(issuer, "c"))
+        assert mine.status_code == 200
+        # node-2 announces (say "stopped") with node-1's peer id: refused, nothing changes.
+        url = announce_url(base, 1, left=0, event=Event.STOPPED)
+        r = await http.get(url, auth=token(issuer, "c", node="node-2"))
+        assert r.status_code == 403
+        assert parse_announce_response(r.content).error == "peer_id_mismatch"
+        seen = await http.get(announce_url(base, 2, left=5), auth=token(issuer, "c"))
+        assert parse_announce_response(seen.content).peers == [("127.0.0.1", 6001)]
 
 
 def _pct(raw: bytes) -> str:
@@ -117,19 +209,17 @@ async def test_clusters_never_see_each_other(jwks_file: Path, issuer: TokenIssue
     settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
     async with running(settings) as base, httpx.AsyncClient() as http:
         for n in range(1, 4):
-            r = await http.get(announce_url(base, n, left=5), headers=token(issuer, "red"))
+            r = await http.get(announce_url(base, n, left=5), auth=token(issuer, "red"))
             assert r.status_code == 200
         # Blue announces the same info-hash (and even tries to name red in the query).
         url = announce_url(base, 10, left=5) + "&cluster=red"
-        blue = parse_announce_response((await http.get(url, headers=token(issuer, "blue"))).content)
+        blue = parse_announce_response((await http.get(url, auth=token(issuer, "blue"))).content)
         assert blue.peers == [] and (blue.complete, blue.incomplete) == (0, 1)
         red = parse_announce_response(
-            (await http.get(announce_url(base, 1, left=5), headers=token(issuer, "red"))).content
+            (await http.get(announce_url(base, 1, left=5), auth=token(issuer, "red"))).content
         )
         assert sorted(p for _, p in red.peers) == [6002, 6003]
-        scrape = await http.get(
-            f"{base}/scrape?info_hash={_pct(IH)}", headers=token(issuer, "blue")
-        )
+        scrape = await http.get(f"{base}/scrape?info_hash={_pct(IH)}", auth=token(issuer, "blue"))
         assert bdecode(scrape.content) == {
             b"files": {IH: {b"complete": 0, b"downloaded": 0, b"incomplete": 1}}
         }
@@ -154,14 +244,14 @@ async def test_malformed_queries_get_failure_reasons_never_500(
     ]
     async with running(settings) as base, httpx.AsyncClient() as http:
         for query in bad:
-            r = await http.get(f"{base}/announce?{query}", headers=token(issuer, "c"))
+            r = await http.get(f"{base}/announce?{query}", auth=token(issuer, "c"))
             assert r.status_code == 400, (query, r.status_code)
             assert parse_announce_response(r.content).failure
-        r = await http.get(f"{base}/scrape", headers=token(issuer, "c"))
+        r = await http.get(f"{base}/scrape", auth=token(issuer, "c"))
         assert r.status_code == 400 and parse_announce_response(r.content).failure
         huge = await http.get(
             f"{base}/announce?{good.replace('numwant=50', 'numwant=100000')}",
-            headers=token(issuer, "c"),
+            auth=token(issuer, "c"),
         )
         assert huge.status_code == 200
         assert (await http.get(f"{base}/healthz")).status_code == 200
@@ -180,14 +270,14 @@ async def test_origin_assignment_and_release_over_http(
     digest = "sha256:" + "cd" * 32
     async with running(settings) as base, httpx.AsyncClient() as http:
         url = announce_url(base, 1, left=5, pieces=40, digest=digest, repo="team/app")
-        first = parse_announce_response((await http.get(url, headers=token(issuer, "c"))).content)
+        first = parse_announce_response((await http.get(url, auth=token(issuer, "c"))).content)
         assert first.origin is not None
         assert first.origin.url == f"http://registry.test:5000/v2/team/app/blobs/{digest}"
         assert (first.origin.first_piece, first.origin.end_piece) == (0, 40)
         assert first.interval == settings.fetcher_interval_s
         # A finished peer with nobody left to serve is told to release.
         url = announce_url(base, 2, left=0, event=Event.COMPLETED)
-        seeder = parse_announce_response((await http.get(url, headers=token(issuer, "c"))).content)
+        seeder = parse_announce_response((await http.get(url, auth=token(issuer, "c"))).content)
         assert seeder.release and seeder.peers == []
         metrics = (await http.get(f"{base}/metrics")).text
         assert "p2pimage_tracker_origin_assignments_total 1.0" in metrics
@@ -210,11 +300,11 @@ async def test_jwks_from_sidecar_follows_key_rotation(issuer: TokenIssuer) -> No
             listen="127.0.0.1:0", sidecar_url=sidecar_url, jwks_min_refresh_s=0.0
         )
         async with running(settings) as base, httpx.AsyncClient() as http:
-            r = await http.get(announce_url(base, 1, left=1), headers=token(issuer, "c"))
+            r = await http.get(announce_url(base, 1, left=1), auth=token(issuer, "c"))
             assert r.status_code == 200
             rotated = TokenIssuer([SigningKey.generate(), issuer.active_key], issuer="x")
             current["doc"] = rotated.jwks()
-            r = await http.get(announce_url(base, 2, left=1), headers=token(rotated, "c"))
+            r = await http.get(announce_url(base, 2, left=1), auth=token(rotated, "c"))
             assert r.status_code == 200, r.content  # unknown kid -> refetch -> accepted
             assert current["hits"] == 2
         nursery.cancel_scope.cancel()
@@ -235,14 +325,23 @@ async def test_replicas_share_swarms_through_redis(
         running(TrackerSettings.model_validate(common)) as b,
         httpx.AsyncClient() as http,
     ):
-        await http.get(announce_url(a, 1, left=3), headers=token(issuer, "c"))
-        await http.get(announce_url(a, 2, left=3), headers=token(issuer, "other"))
+        await http.get(announce_url(a, 1, left=3), auth=token(issuer, "c"))
+        await http.get(announce_url(a, 2, left=3), auth=token(issuer, "other"))
         got = parse_announce_response(
-            (await http.get(announce_url(b, 3, left=3), headers=token(issuer, "c"))).content
+            (await http.get(announce_url(b, 3, left=3), auth=token(issuer, "c"))).content
         )
         assert [p for _, p in got.peers] == [6001]
         metrics = (await http.get(f"{b}/metrics")).text
         assert "p2pimage_tracker_swarms 2.0" in metrics
+        # A proof used at one replica is refused at the other: the nonces are shared.
+        raw = raw_token(issuer, "c")
+        url = announce_url(a, 4, left=3)
+        proof = create_proof(NODE_KEY, method="GET", url=url, token=raw, now=time.time())
+        headers = {"Authorization": f"DPoP {raw}", "DPoP": proof, "Host": url.split("/")[2]}
+        assert (await http.get(url, headers=headers)).status_code == 200
+        replay = await http.get(url.replace(a, b), headers=headers)
+        assert replay.status_code == 401
+        assert parse_announce_response(replay.content).error == "replayed_proof"
 
 
 async def test_redis_outage_is_a_503_with_a_reason(jwks_file: Path, issuer: TokenIssuer) -> None:
@@ -258,7 +357,7 @@ async def test_redis_outage_is_a_503_with_a_reason(jwks_file: Path, issuer: Toke
         redis_url=f"redis://127.0.0.1:{dead_port}/0",
     )
     async with running(settings) as base, httpx.AsyncClient() as http:
-        r = await http.get(announce_url(base, 1, left=3), headers=token(issuer, "c"))
+        r = await http.get(announce_url(base, 1, left=3), auth=token(issuer, "c"))
         assert r.status_code == 503
         assert parse_announce_response(r.content).failure == "tracker state unavailable"
 
@@ -336,22 +435,71 @@ async def test_random_garbage_queries_never_get_a_500(jwks_file: Path, issuer: T
         "numwant=-1", "info_hash=" + "%41" * 19, "p2pimage_origin_next=9", "left=1e5",
     ]  # fmt: skip
     settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file, registry_url="http://r")
-    headers = token(issuer, "c")
+    auth = token(issuer, "c")
     async with running(settings) as base, httpx.AsyncClient() as http:
         for _ in range(300):
             query = "".join(rng.choice(pieces) + rng.choice(["&", ""]) for _ in range(8))
             for path in ("announce", "scrape"):
-                r = await http.get(f"{base}/{path}?{query}", headers=headers)
+                r = await http.get(f"{base}/{path}?{query}", auth=auth)
                 assert r.status_code in (200, 400), (query, r.status_code, r.content)
                 doc = bdecode(r.content)
                 assert isinstance(doc, dict)
 
 
+async def test_garbage_credentials_get_401_never_a_500(
+    jwks_file: Path, issuer: TokenIssuer
+) -> None:
+    import random
+
+    rng = random.Random(12)
+    raw = raw_token(issuer, "c")
+    good_url_proof = create_proof(NODE_KEY, method="GET", url="http://x/", token=raw, now=0)
+    parts = [
+        raw, good_url_proof, ".", "..", "a.b.c", "e30", "eyJ", "%", "\u00e9", "DPoP", "Bearer",
+        " ", "=", "x" * 300, "W10", "bnVsbA", "eyJ0eXAiOiJkcG9wK2p3dCJ9",
+    ]  # fmt: skip
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        url = announce_url(base, 1, left=5)
+        for _ in range(200):
+            scheme = rng.choice(["DPoP ", "dpop ", "Bearer ", "", "DPoP  "])
+            token = "".join(rng.choice(parts) for _ in range(rng.randint(0, 3)))
+            proof = "".join(rng.choice(parts) for _ in range(rng.randint(0, 3)))
+            # Raw UTF-8 bytes (h11 refuses leading or trailing blanks in a header value).
+            headers = {b"Authorization": (scheme + token).strip().encode()}
+            if rng.random() < 0.8:
+                headers[b"DPoP"] = proof.strip().encode()
+            r = await http.get(url, headers=headers)
+            assert r.status_code == 401, (headers, r.status_code, r.content)
+            assert parse_announce_response(r.content).failure
+
+
+async def test_public_url_names_the_tracker_behind_a_tls_proxy(
+    jwks_file: Path, issuer: TokenIssuer
+) -> None:
+    """Behind a proxy that terminates TLS, nodes sign the URL they use (``public_url``);
+    the tracker compares proofs with it, not with the plain-HTTP request it receives."""
+    public = "https://tracker.example:8443"
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file, public_url=public)
+    raw = raw_token(issuer, "c")
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        url = announce_url(base, 1, left=5)
+        as_proxied = public + url.removeprefix(base)
+        for signed, status in ((as_proxied, 200), (url, 401)):
+            proof = create_proof(NODE_KEY, method="GET", url=signed, token=raw, now=time.time())
+            r = await http.get(url, headers={"Authorization": f"DPoP {raw}", "DPoP": proof})
+            assert r.status_code == status, (signed, r.content)
+    with pytest.raises(ValueError):
+        TrackerSettings(open_mode=True, public_url="https://tracker.example/announce")
+
+
 async def test_batched_announces_answer_each_swarm_as_a_single_announce_would(
     jwks_file: Path, issuer: TokenIssuer
 ) -> None:
-    """POST /announce/batch: one node's swarms in one request, the same token check,
-    each swarm in its own (cluster, info-hash) and scope-checked on its own."""
+    """POST /announce/batch: one node's swarms in one request, the same token and proof
+    check (the proof signs the URL, which carries the body's digest), each swarm in its
+    own (cluster, info-hash) and scope- and peer-id-checked on its own."""
+    from p2pimage.tracker import batch_query, encode_announce_batch
     from p2pimage.tracker.client import TrackerClient, TrackerError
 
     settings = TrackerSettings(
@@ -361,20 +509,19 @@ async def test_batched_announces_answer_each_swarm_as_a_single_announce_would(
     digest = "sha256:" + "cd" * 32
     async with running(settings) as base, httpx.AsyncClient() as http:
         for h in hashes:  # node 1 alone in three swarms, through single announces
-            r = await http.get(
-                announce_url(base, 1, left=5, info_hash=h), headers=token(issuer, "c")
-            )
-            assert r.status_code == 200
-        raw = issuer.issue(subject="node-2", cluster="c", node_jwk=NODE_JWK, now=time.time())
-        client = TrackerClient(f"{base}/announce", http=http, token=raw)
+            url = announce_url(base, 1, left=5, info_hash=h)
+            assert (await http.get(url, auth=token(issuer, "c"))).status_code == 200
+        client = TrackerClient(f"{base}/announce", http=http, auth=token(issuer, "c", "node-2"))
         reqs = [
-            AnnounceRequest(info_hash=h, peer_id=pid(2), port=6002, left=5, event=Event.STARTED)
+            AnnounceRequest(
+                info_hash=h, peer_id=pid(2, "node-2"), port=6002, left=5, event=Event.STARTED
+            )
             for h in hashes
         ]
         reqs.append(
             AnnounceRequest(
                 info_hash=b"\x09" * 20,
-                peer_id=pid(2),
+                peer_id=pid(2, "node-2"),
                 port=6002,
                 left=5,
                 pieces=40,
@@ -389,34 +536,43 @@ async def test_batched_announces_answer_each_swarm_as_a_single_announce_would(
         assert answers[3].origin.first_piece == 0 and answers[3].interval == 5
         # Node 1 sees node 2 in every swarm, as if node 2 had announced them one by one.
         for h in hashes:
-            r = await http.get(
-                announce_url(base, 1, left=5, info_hash=h), headers=token(issuer, "c")
-            )
+            url = announce_url(base, 1, left=5, info_hash=h)
+            r = await http.get(url, auth=token(issuer, "c"))
             assert [p for _, p in parse_announce_response(r.content).peers] == [6002]
         # Another cluster's batch sees none of it.
-        blue = TrackerClient(f"{base}/announce", http=http, token=token_raw(issuer, "blue"))
+        blue = TrackerClient(f"{base}/announce", http=http, auth=token(issuer, "blue", "node-2"))
         assert [a.peers for a in await blue.announce_batch(reqs[:3])] == [[], [], []]
-        # The token's scope is checked per swarm: only the covered one is answered.
-        scoped = TrackerClient(
-            f"{base}/announce",
-            http=http,
-            token=token_raw(issuer, "c", scope=[hashes[0].hex()]),
+        # Scope and peer-id binding are checked per swarm.
+        scoped = token(issuer, "c", "node-2", scope=[hashes[0].hex()])
+        out = await TrackerClient(f"{base}/announce", http=http, auth=scoped).announce_batch(
+            reqs[:2]
         )
-        out = await scoped.announce_batch(reqs[:2])
         assert out[0].failure is None and out[1].error == "out_of_scope"
-        # No token: the whole request is refused, as a single announce is.
+        other = AnnounceRequest(info_hash=hashes[0], peer_id=pid(3, "node-3"), port=6003)
+        out = await client.announce_batch([other, reqs[1]])
+        assert out[0].error == "peer_id_mismatch" and out[1].failure is None
+        # No credentials: the whole request is refused, as a single announce is.
         with pytest.raises(TrackerError) as refused:
             await TrackerClient(f"{base}/announce", http=http).announce_batch(reqs[:1])
         assert refused.value.reason == "missing"
+        # The proof signs the URL and the URL the body's digest: another body is refused.
+        body = encode_announce_batch(reqs[:1])
+        swapped = encode_announce_batch(reqs[1:2])
+        r = await http.post(
+            f"{base}/announce/batch?{batch_query(body)}",
+            content=swapped,
+            auth=token(issuer, "c", "node-2"),
+        )
+        assert r.status_code == 400 and b"body_sha256" in r.content
         # Garbage bodies get a 400 with a reason, never a 500.
-        for body in (b"", b"de", b"d9:announceslee", b"x" * 2_000_000, b"d9:announcesli1eee"):
-            r = await http.post(f"{base}/announce/batch", content=body, headers=token(issuer, "c"))
-            assert r.status_code == 400, body[:20]
+        for junk in (b"", b"de", b"d9:announceslee", b"x" * 2_000_000, b"d9:announcesli1eee"):
+            r = await http.post(
+                f"{base}/announce/batch?{batch_query(junk)}",
+                content=junk,
+                auth=token(issuer, "c", "node-2"),
+            )
+            assert r.status_code == 400, junk[:20]
             assert parse_announce_response(r.content).error == "bad_request"
         metrics = (await http.get(f"{base}/metrics")).text
-        assert 'p2pimage_tracker_announce_batches_total{result="ok"} 3.0' in metrics
-        assert 'p2pimage_tracker_announce_batches_total{result="bad_request"} 5.0' in metrics
-
-
-def token_raw(issuer: TokenIssuer, cluster: str, **kw: Any) -> str:
-    return issuer.issue(subject="node-2", cluster=cluster, node_jwk=NODE_JWK, now=time.time(), **kw)
+        assert 'p2pimage_tracker_announce_batches_total{result="ok"} 4.0' in metrics
+        assert 'p2pimage_tracker_announce_batches_total{result="bad_request"} 6.0' in metrics

@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +16,7 @@ from p2pimage.tracker import (
     AnnounceRequest,
     Event,
     MemoryState,
+    PeerIdTakenError,
     PolicyConfig,
     SwarmKey,
     SwarmRecord,
@@ -58,12 +60,16 @@ class Harness:
         pieces: int | None = None,
         origin_next: int | None = None,
         registry: str | None = REGISTRY,
+        subject: str | None = None,
+        uploaded: int = 0,
+        peer_id: bytes | None = None,
     ) -> AnnounceOutcome:
         host, port = addr(n)
         req = AnnounceRequest(
             info_hash=info_hash,
-            peer_id=pid(n),
+            peer_id=peer_id or pid(n),
             port=port,
+            uploaded=uploaded,
             left=left,
             event=event,
             numwant=numwant,
@@ -75,7 +81,7 @@ class Harness:
 
         def decide(swarm: SwarmRecord) -> AnnounceOutcome:
             return self.policy.announce(
-                swarm, req, host=host, now=now, zone=zone, registry_url=registry
+                swarm, req, host=host, now=now, zone=zone, registry_url=registry, subject=subject
             )
 
         return await self.state.update(SwarmKey(cluster, info_hash), decide)
@@ -545,3 +551,120 @@ def test_default_lease_scales_with_the_layer() -> None:
     assert config.lease(16) == 4
     assert config.lease(1024) == 128
     assert PolicyConfig(origin_lease_pieces=0).lease(1024) == 0
+
+
+# ------------------------------------------------------------------ identity and liars
+
+
+async def test_a_peer_id_is_held_by_one_subject(state: TrackerState) -> None:
+    h = harness(state)
+    await h.announce(1, 0.0, subject="node-1", left=5)
+    with pytest.raises(PeerIdTakenError):
+        await h.announce(1, 1.0, subject="mallory", left=0, event=Event.STOPPED)
+    swarm = await h.swarm()
+    assert swarm is not None and swarm.peers[pid(1)].subject == "node-1"
+    assert swarm.peers[pid(1)].left == 5
+    # The holder itself may go on announcing, and leave.
+    await h.announce(1, 2.0, subject="node-1", left=0, event=Event.STOPPED)
+    assert await h.swarm() is None
+
+
+async def test_a_lying_seeder_slows_a_swarm_never_stalls_it(state: TrackerState) -> None:
+    h = harness(state)
+    stall = h.policy.config.seeder_stall_s
+    # The liar claims the whole layer before anyone holds it: no origin work for now.
+    liar = await h.announce(9, 0.0, subject="liar", left=0, pieces=10)
+    assert liar.origin is None
+    first = await h.announce(1, 1.0, subject="node-1", pieces=10)
+    assert first.origin is None and first.peers == [addr(9)]
+    # Leechers of a seeded swarm announce at the fetcher interval, to be caught early.
+    assert first.interval == h.policy.config.fetcher_interval_s
+    still = await h.announce(1, 1.0 + stall - 0.5, subject="node-1", pieces=10)
+    assert still.origin is None
+    # No progress for seeder_stall_s: origin work reopens, and the liar, which reported
+    # no upload, is distrusted and no longer handed out.
+    late = await h.announce(1, 1.0 + stall, subject="node-1", pieces=10)
+    assert late.origin is not None
+    assert (late.origin.first_piece, late.origin.end_piece) == (0, 10)
+    assert addr(9) not in late.peers
+    swarm = await h.swarm()
+    assert swarm is not None and swarm.distrusted == {"liar"}
+    # Its claims no longer close origin work, under this peer id or a fresh one.
+    await h.announce(9, 10.0, subject="liar", left=0, pieces=10)
+    await h.announce(8, 10.0, subject="liar", left=0, pieces=10, event=Event.STARTED)
+    second = await h.announce(2, 10.5, subject="node-2", pieces=10)
+    # One fetcher is enough for four peers: the next leecher is sent to it, not the liar.
+    assert second.peers == [addr(1)]
+    swarm = await h.swarm()
+    assert swarm is not None and not swarm.origin_done and pid(1) in swarm.fetchers
+
+
+async def test_an_uploading_seeder_is_not_distrusted(state: TrackerState) -> None:
+    h = harness(state)
+    stall = h.policy.config.seeder_stall_s
+    await h.announce(9, 0.0, subject="seed", left=0, pieces=10)
+    await h.announce(1, 0.0, subject="node-1", pieces=10)
+    await h.announce(2, 0.0, subject="node-2", pieces=10)
+    # node-1 gets pieces from the seeder; node-2 is stuck (its own network, say).
+    await h.announce(9, stall - 1, subject="seed", left=0, uploaded=400)
+    assert (await h.announce(1, stall - 1, subject="node-1", left=600, pieces=10)).origin is None
+    stuck = await h.announce(2, stall, subject="node-2", pieces=10)
+    assert stuck.origin is not None  # the stuck leecher still gets the registry
+    swarm = await h.swarm()
+    assert swarm is not None and swarm.distrusted == set()
+    assert addr(9) in (await h.announce(1, stall + 1, subject="node-1", left=500)).peers
+
+
+async def test_progressing_leechers_never_reopen_origin_work(state: TrackerState) -> None:
+    h = harness(state)
+    await h.announce(9, 0.0, subject="seed", left=0, pieces=10)
+    for step in range(1, 10):
+        out = await h.announce(1, step * 3.0, subject="node-1", left=SIZE - step * 100, pieces=10)
+        assert out.origin is None
+    swarm = await h.swarm()
+    assert swarm is not None and swarm.origin_done and not swarm.distrusted
+
+
+async def test_proof_nonces_are_claimed_once_until_they_expire(state: TrackerState) -> None:
+    """Both backends: a nonce is accepted once; after its expiry it is forgotten (the
+    proof itself is stale by then). Redis expires by TTL, so this waits in real time."""
+    import time
+
+    now = time.time()
+    assert await state.claim_nonce(b"n" * 16, now + 0.3, now) is True
+    assert await state.claim_nonce(b"n" * 16, now + 0.3, now + 0.1) is False
+    assert await state.claim_nonce(b"m" * 16, now + 0.3, now + 0.1) is True
+    await trio.sleep(0.5)
+    later = time.time()
+    assert await state.claim_nonce(b"n" * 16, later + 0.3, later) is True
+
+
+async def test_a_liar_claiming_uploads_and_rejoining_still_never_stalls(
+    state: TrackerState,
+) -> None:
+    """A liar that also lies about its uploads is not distrusted, but every time it
+    (re)claims the layer, a stalled leecher gets its origin range back within
+    seeder_stall_s: the liar costs time, never the pull."""
+    h = harness(state)
+    stall = h.policy.config.seeder_stall_s
+    now, left, uploaded = 0.0, SIZE, 0
+    for round_ in range(3):
+        uploaded += 1000
+        await h.announce(9, now, subject="liar", left=0, pieces=10, event=Event.STARTED)
+        out = await h.announce(1, now, subject="node-1", left=left, pieces=10)
+        assert out.origin is None, round_  # its claim holds, for now
+        now += stall
+        await h.announce(9, now, subject="liar", left=0, uploaded=uploaded)
+        out = await h.announce(1, now, subject="node-1", left=left, pieces=10)
+        assert out.origin is not None, round_  # contradicted: the leecher reads the origin
+        # Its re-announces as a seeder do not close origin work again; the leecher
+        # progresses through its range.
+        left -= 100
+        await h.announce(9, now + 1, subject="liar", left=0, uploaded=uploaded + 1)
+        out = await h.announce(1, now + 1, subject="node-1", left=left, pieces=10)
+        assert out.origin is not None, round_
+        # It leaves and rejoins (a fresh record) to claim the layer once more.
+        await h.announce(9, now + 1, subject="liar", left=0, event=Event.STOPPED)
+        now += 1
+    swarm = await h.swarm()
+    assert swarm is not None and "liar" not in swarm.distrusted

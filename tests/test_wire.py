@@ -46,6 +46,7 @@ from p2pimage.wire import (
     Unchoke,
     auth_transcript,
     encode_message,
+    handshake_context,
 )
 
 NOW = 1_800_000_000.0
@@ -54,6 +55,8 @@ ID_I = b"-PI0001-initiator000"
 ID_R = b"-PI0001-responder000"
 NONCE_I = b"\x11" * 32
 NONCE_R = b"\x22" * 32
+KX_I = b"\x33" * 32  # X25519 private keys (any 32 bytes are one)
+KX_R = b"\x44" * 32
 EXT = {b"ut_test": 7}
 MAX_BLOCK = 128 * 1024
 U32 = st.integers(0, 2**32 - 1)
@@ -78,9 +81,10 @@ def initiator(auth: bool = True, **kw: Any) -> PeerConnection:
     if auth:
         return PeerConnection(
             Role.INITIATOR,
-            peer_id=ID_I,
+            peer_id=AUTH_I.peer_id(),
             authenticator=AUTH_I,
             nonce=NONCE_I,
+            kx_key=KX_I,
             info_hash=INFO_HASH,
             **kw,
         )
@@ -97,7 +101,12 @@ def initiator(auth: bool = True, **kw: Any) -> PeerConnection:
 def responder(auth: bool = True, **kw: Any) -> PeerConnection:
     if auth:
         return PeerConnection(
-            Role.RESPONDER, peer_id=ID_R, authenticator=AUTH_R, nonce=NONCE_R, **kw
+            Role.RESPONDER,
+            peer_id=AUTH_R.peer_id(),
+            authenticator=AUTH_R,
+            nonce=NONCE_R,
+            kx_key=KX_R,
+            **kw,
         )
     return PeerConnection(Role.RESPONDER, peer_id=ID_R, authenticator=None, open_mode=True, **kw)
 
@@ -220,15 +229,18 @@ def test_handshake_bytes_are_standard() -> None:
 def test_extended_handshake_contents() -> None:
     a = initiator(auth=True, extensions=EXT)
     b = responder(auth=True, extensions=EXT)
-    b.receive_data(a.data_to_send())
+    a_wire = a.data_to_send()
+    b.receive_data(a_wire)
     events = drain(b)
     assert isinstance(events[0], HandshakeReceived)
-    assert events[0].info_hash == INFO_HASH and events[0].peer_id == ID_I
+    assert events[0].info_hash == INFO_HASH and events[0].peer_id == AUTH_I.peer_id()
     assert events[0].supports_extensions
     ext = events[1]
     assert isinstance(ext, ExtendedHandshake)
-    assert ext.extensions == {b"p2pimage_auth": 1, b"ut_test": 7}
+    assert ext.extensions == {b"p2pimage_auth_v3": 1, b"ut_test": 7}
     assert ext.payload[b"p2pimage_nonce"] == NONCE_I
+    assert len(ext.payload[b"p2pimage_kx"]) == 32 and b"p2pimage_plain" not in ext.payload
+    assert b"token" not in ext.payload and AUTH_I.current_token().encode() not in a_wire
     assert ext.client == b"p2pimage/0.1" and ext.reqq == 500
     assert b.peer_extension_id(b"ut_test") == 7
 
@@ -284,7 +296,7 @@ def _record() -> dict[str, tuple[Callable[[], PeerConnection], bytes]]:
     well-behaved peer would send it next (material for mutations)."""
     i, r = initiator(extensions=EXT), responder(extensions=EXT)
     sent_i, sent_r = handshake(i, r)
-    # The initiator's output: handshake (68), extended handshake, auth message.
+    # The initiator's output: handshake (68), extended handshake, auth message (a record).
     hs_i, rest_i = sent_i[:68], sent_i[68:]
     ext_len = struct.unpack_from(">I", rest_i)[0] + 4
     ext_i, auth_i = rest_i[:ext_len], rest_i[ext_len:]
@@ -346,9 +358,9 @@ FUZZ_STATES = _record()
 
 
 _BENCODED = [
-    {b"m": {b"p2pimage_auth": 1}, b"p2pimage_nonce": b"n" * 32},
-    {b"m": {b"p2pimage_auth": 300}, b"p2pimage_nonce": b"n" * 31},
-    {b"m": {b"p2pimage_auth": 1}},
+    {b"m": {b"p2pimage_auth_v3": 1}, b"p2pimage_nonce": b"n" * 32},
+    {b"m": {b"p2pimage_auth_v3": 300}, b"p2pimage_nonce": b"n" * 31},
+    {b"m": {b"p2pimage_auth_v3": 1}},
     {b"m": 5, b"reqq": -1, b"v": 7},
     {b"m": {b"ut_test": 7}, b"p2pimage_nonce": b"\x11" * 32},
     {b"sig": b"s" * 64, b"token": b"a.b.c"},
@@ -451,7 +463,7 @@ def test_arbitrary_chunking_yields_the_same_events(
 ) -> None:
     i, r = initiator(extensions=EXT, max_block_length=MAX_BLOCK), responder(extensions=EXT)
     sent_i, _ = handshake(i, r)
-    stream = sent_i + b"".join(i.send(m) for m in msgs)
+    stream = sent_i + i.seal(b"".join(i.send(m) for m in msgs))
 
     whole = responder(extensions=EXT, max_block_length=MAX_BLOCK)
     whole.receive_data(stream)
@@ -473,7 +485,7 @@ def test_byte_at_a_time() -> None:
     msgs: Sequence[Message] = [Bitfield(b"\x01"), Have(0), Piece(0, 0, b"z" * 50), KeepAlive()]
     i, r = initiator(), responder()
     sent_i, _ = handshake(i, r)
-    stream = sent_i + b"".join(i.send(m) for m in msgs)
+    stream = sent_i + i.seal(b"".join(i.send(m) for m in msgs))
     conn = responder()
     got: list[Event] = []
     for k in range(len(stream)):
@@ -633,27 +645,29 @@ def test_receive_buffer_is_bounded() -> None:
 
 
 def test_transcript_layout() -> None:
+    kx_i, kx_r = b"\x11" * 32, b"\x22" * 32
     base: dict[str, Any] = {
-        "signer": Role.RESPONDER,
         "info_hash": INFO_HASH,
         "initiator_peer_id": ID_I,
         "responder_peer_id": ID_R,
         "initiator_nonce": NONCE_I,
         "responder_nonce": NONCE_R,
+        "initiator_kx": kx_i,
+        "responder_kx": kx_r,
     }
-    fixed = b"p2pimage-peer-auth/2\x00R" + INFO_HASH + ID_I + ID_R + NONCE_I + NONCE_R
-    assert auth_transcript(**base) == fixed + b"\x00\x00"  # no key exchange on either side
-    kx_i, kx_r = b"\x11" * 32, b"\x22" * 32
-    with_kx = auth_transcript(**base, initiator_kx=kx_i, responder_kx=kx_r)
-    assert with_kx == fixed + b"\x20" + kx_i + b"\x20" + kx_r
+    context = handshake_context(**base)
+    assert context == INFO_HASH + ID_I + ID_R + NONCE_I + NONCE_R + kx_i + kx_r + b"E"
+    assert handshake_context(**base, encrypted=False)[-1:] == b"P"
+    signed = auth_transcript(signer=Role.RESPONDER, context=context)
+    assert signed == b"p2pimage-peer-auth/3\x00R" + context
     with pytest.raises(LocalProtocolError):
-        auth_transcript(**(base | {"info_hash": INFO_HASH[:19]}))
-    with pytest.raises(LocalProtocolError):  # a key-exchange key is 32 bytes or absent
-        auth_transcript(**base, initiator_kx=kx_i[:31])
+        handshake_context(**(base | {"info_hash": INFO_HASH[:19]}))
+    with pytest.raises(LocalProtocolError):  # both key-exchange keys are required
+        handshake_context(**(base | {"initiator_kx": b""}))
 
 
 def test_late_bitfield_refused_between_p2pimage_peers() -> None:
     a, b = open_pair(auth=True)
-    b.receive_data(a.send(Have(1)) + encode_message(Bitfield(b"\xc0")))
+    b.receive_data(a.seal(a.send(Have(1)) + encode_message(Bitfield(b"\xc0"))))
     with pytest.raises(RemoteProtocolError):
         drain(b)

@@ -9,6 +9,7 @@ even though its driver tries to send them the moment the connection says it is o
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import json
@@ -19,6 +20,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from p2pimage.auth.tokens import (
     KeySet,
@@ -27,8 +30,14 @@ from p2pimage.auth.tokens import (
     SigningKey,
     TokenIssuer,
     TokenVerifier,
+    bound_peer_id,
 )
-from p2pimage.errors import AuthError, LocalProtocolError, RemoteProtocolError
+from p2pimage.errors import (
+    AuthError,
+    LocalProtocolError,
+    ProtocolVersionError,
+    RemoteProtocolError,
+)
 from p2pimage.metainfo.bencoding import bdecode, bencode
 from p2pimage.wire import (
     NEED_DATA,
@@ -41,7 +50,13 @@ from p2pimage.wire import (
     Role,
     auth_transcript,
 )
-from p2pimage.wire._codec import build_extended, build_extended_handshake, build_handshake
+from p2pimage.wire._codec import (
+    build_extended,
+    build_extended_handshake,
+    build_handshake,
+    handshake_context,
+)
+from p2pimage.wire._crypto import RecordReader, RecordWriter, derive_keys, kx_public_key
 
 NOW = 1_800_000_000.0
 CLUSTER = "prod"
@@ -50,6 +65,8 @@ ID_I = b"-PI0001-initiator000"
 ID_R = b"-PI0001-responder000"
 NONCE_I = bytes(range(32))
 NONCE_R = bytes(range(32, 64))
+KX_I = bytes(range(100, 132))  # X25519 private keys
+KX_R = bytes(range(140, 172))
 NUM_PIECES = 12
 BITFIELD = b"\xff\xf0"
 
@@ -79,6 +96,15 @@ class ForgingAuthenticator:
 
     def __init__(self, token: str, key: NodeKey, *, corrupt_signature: bool = False) -> None:
         self.token, self.key, self.corrupt = token, key, corrupt_signature
+        self.tokens_seen: list[bytes] = []  # the honest side's tokens it got to read
+
+    def peer_id(self) -> bytes:
+        """The id its token binds, when the token has a readable subject."""
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(self.token.split(".")[1] + "=="))
+            return bound_peer_id(claims["sub"], self.key.public_jwk())
+        except (ValueError, KeyError, IndexError, TypeError):
+            return b"-PI0300-attacker0000"
 
     def credentials(self, transcript: bytes) -> tuple[bytes, bytes]:
         sig = self.key.sign(transcript)
@@ -87,17 +113,42 @@ class ForgingAuthenticator:
         return self.token.encode(), sig
 
     def verify_peer(
-        self, token: bytes, signature: bytes, transcript: bytes, info_hash: bytes
+        self, token: bytes, signature: bytes, transcript: bytes, info_hash: bytes, peer_id: bytes
     ) -> Any:
+        self.tokens_seen.append(token)
         return VERIFIER.verify(token, now=NOW + 10, cluster=CLUSTER, info_hash=info_hash)
 
 
-def connection(role: Role, auth: Any) -> PeerConnection:
+def connection(role: Role, auth: Any, **kw: Any) -> PeerConnection:
     if role is Role.INITIATOR:
         return PeerConnection(
-            role, peer_id=ID_I, authenticator=auth, nonce=NONCE_I, info_hash=INFO_HASH
+            role,
+            peer_id=auth.peer_id(),
+            authenticator=auth,
+            nonce=NONCE_I,
+            kx_key=KX_I,
+            info_hash=INFO_HASH,
+            **kw,
         )
-    return PeerConnection(role, peer_id=ID_R, authenticator=auth, nonce=NONCE_R)
+    return PeerConnection(
+        role, peer_id=auth.peer_id(), authenticator=auth, nonce=NONCE_R, kx_key=KX_R, **kw
+    )
+
+
+def split_wire(stream: bytes) -> tuple[dict[bytes, Any], list[bytes]]:
+    """A side's bytes: the extended handshake's dictionary (after the 68-byte handshake),
+    and the encrypted records after it."""
+    (length,) = struct.unpack_from(">I", stream, 68)
+    assert stream[72] == 20 and stream[73] == 0
+    ext = bdecode(stream[74 : 72 + length])
+    assert isinstance(ext, dict)
+    records, pos = [], 72 + length
+    while pos < len(stream):
+        (size,) = struct.unpack_from(">I", stream, pos)
+        records.append(stream[pos : pos + 4 + size])
+        pos += 4 + size
+    assert pos == len(stream)
+    return ext, records
 
 
 @dataclass
@@ -116,8 +167,10 @@ class Driver:
             self.wire += self.conn.data_to_send()
             if self.conn.is_open and not self.sent_payload:
                 self.conn.num_pieces = NUM_PIECES
-                self.wire += self.conn.send(Bitfield(BITFIELD))
-                self.wire += self.conn.send(Piece(0, 0, b"secret layer bytes"))
+                self.wire += self.conn.seal(
+                    self.conn.send(Bitfield(BITFIELD))
+                    + self.conn.send(Piece(0, 0, b"secret layer bytes"))
+                )
                 self.sent_payload = True
             event = self.conn.next_event()
             if event is NEED_DATA:
@@ -160,9 +213,13 @@ def message_ids(stream: bytes) -> list[int]:
     return ids
 
 
-def assert_no_payload(stream: bytes) -> None:
-    ids = message_ids(stream)
-    assert set(ids) <= {20}, f"honest side sent non-extended messages: {ids}"
+def assert_no_payload(stream: bytes, *, role: Role) -> None:
+    """Before the peer is verified, a side sends its handshake and extended handshake, and
+    an initiator its own auth message (one record, which is all of it): nothing else."""
+    _, records = split_wire(stream)
+    assert len(records) == (1 if role is Role.INITIATOR else 0), records
+    for record in records:
+        assert len(record) <= 20 + 6 + 8192 + 512 + 64  # an auth message at most
     assert b"secret layer bytes" not in stream
 
 
@@ -195,14 +252,16 @@ def test_full_authenticated_handshake(alg: str) -> None:
     (pb,) = [e for e in db.events if isinstance(e, PeerAuthenticated)]
     assert pa.token.subject == "node-r" and pb.token.subject == "node-i"
     assert a.peer_token == pa.token and b.peer_token == pb.token
-    # Each side's payload arrived, after its auth message: 20 (ext hs), 20 (auth), 5, 7.
-    assert message_ids(wire_a) == [20, 20, 5, 7]
-    assert message_ids(wire_b) == [20, 20, 5, 7]
+    # In the clear: handshake and extended handshake only; the rest are records.
+    for wire in (wire_a, wire_b):
+        ext, records = split_wire(wire)
+        assert records and set(ext) >= {b"p2pimage_nonce", b"p2pimage_kx", b"m"}
+        assert b"secret layer bytes" not in wire
     assert Bitfield(BITFIELD) in da.events and Bitfield(BITFIELD) in db.events
     assert Piece(0, 0, b"secret layer bytes") in db.events
 
 
-def test_sequencing_is_one_and_a_half_round_trips() -> None:
+def test_sequencing_key_exchange_first_responder_last() -> None:
     key_i, key_r = NodeKey.generate(), NodeKey.generate()
     a = connection(Role.INITIATOR, honest_authenticator(key_i, issue(key_i)))
     b = connection(Role.RESPONDER, honest_authenticator(key_r, issue(key_r)))
@@ -211,17 +270,28 @@ def test_sequencing_is_one_and_a_half_round_trips() -> None:
     b.receive_data(first)
     assert isinstance(b.next_event(), HandshakeReceived)
     b.accept()
-    b.next_event()  # a's extended handshake: b knows both nonces and signs
+    b.next_event()  # a's extended handshake: b has both keys, but reveals nothing yet
     assert b.state is ConnectionState.AWAIT_AUTH
     second = b.data_to_send()
-    assert message_ids(second) == [20, 20]  # extended handshake + auth
+    assert message_ids(second) == [20]  # handshake + extended handshake: no auth
     a.receive_data(second)
-    events = []
-    while (event := a.next_event()) is not NEED_DATA:
-        events.append(event)
-    assert isinstance(events[-1], PeerAuthenticated) and a.is_open
-    b.receive_data(a.data_to_send())
+    drain_all(a)
+    assert a.state is ConnectionState.AWAIT_AUTH
+    third = a.data_to_send()  # a's auth message, encrypted
+    assert len(split_wire(first + third)[1]) == 1
+    b.receive_data(third)
     assert isinstance(b.next_event(), PeerAuthenticated) and b.is_open
+    fourth = b.data_to_send()  # only now b's auth message, encrypted
+    assert len(split_wire(second + fourth)[1]) == 1
+    a.receive_data(fourth)
+    assert isinstance(a.next_event(), PeerAuthenticated) and a.is_open
+
+
+def drain_all(conn: PeerConnection) -> list[Any]:
+    events = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        events.append(event)
+    return events
 
 
 # --- attacks: the honest side refuses, and sends no payload --------------------------------
@@ -278,20 +348,10 @@ def _unknown_kid(key: NodeKey) -> str:
 
 
 def _stolen_token(key: NodeKey) -> str:
-    """A real token of another node, copied off the wire of a legitimate session."""
+    """A real token of another node (no longer readable off the wire: say it leaked from
+    a log), presented without that node's private key."""
     victim = NodeKey.generate()
-    a = connection(Role.INITIATOR, honest_authenticator(victim, issue(victim, subject="v")))
-    other = NodeKey.generate()
-    b = connection(Role.RESPONDER, honest_authenticator(other, issue(other)))
-    _, _, wire_a, _ = run(a, b)
-    ext_len = struct.unpack_from(">I", wire_a, 68)[0] + 4
-    auth_frame = wire_a[68 + ext_len :]
-    (length,) = struct.unpack_from(">I", auth_frame)
-    payload = bdecode(auth_frame[6 : 4 + length])
-    assert isinstance(payload, dict)
-    token = payload[b"token"]
-    assert isinstance(token, bytes)
-    return token.decode()
+    return issue(victim, subject="v")
 
 
 ATTACKS: dict[str, tuple[Callable[[NodeKey], str], bool, str]] = {
@@ -347,11 +407,33 @@ def test_attack_is_refused_without_payload(attack: str, honest_role: Role) -> No
     honest_wire += honest_driver.take()
     assert honest.state is ConnectionState.CLOSED and not honest.is_open
     assert not any(isinstance(e, PeerAuthenticated) for e in honest_driver.events)
-    assert_no_payload(bytes(honest_wire))
+    assert_no_payload(bytes(honest_wire), role=honest_role)
+    # The attacker decrypted everything the honest side sent it: no payload, and the
+    # honest responder's token never (it refused the attacker first).
+    assert not any(isinstance(e, Bitfield | Piece) for e in attacker_driver.events)
+    if honest_role is Role.RESPONDER:
+        assert attacker_auth.tokens_seen == []
     with pytest.raises(LocalProtocolError):
         honest.send(Bitfield(BITFIELD))
     with pytest.raises(RemoteProtocolError):
         honest.next_event()
+
+
+def session_keys(id_i: bytes, id_r: bytes) -> tuple[bytes, bytes]:
+    """(initiator->responder, responder->initiator) record keys of a handshake between
+    ``connection()``s (KX_I, KX_R, NONCE_I, NONCE_R): what an endpoint can compute."""
+    context = handshake_context(
+        info_hash=INFO_HASH,
+        initiator_peer_id=id_i,
+        responder_peer_id=id_r,
+        initiator_nonce=NONCE_I,
+        responder_nonce=NONCE_R,
+        initiator_kx=kx_public_key(KX_I),
+        responder_kx=kx_public_key(KX_R),
+    )
+    return derive_keys(
+        our_role=Role.INITIATOR, private=KX_I, peer_public=kx_public_key(KX_R), context=context
+    )
 
 
 def test_reflected_auth_message_is_refused() -> None:
@@ -359,19 +441,24 @@ def test_reflected_auth_message_is_refused() -> None:
     transcript names the signer's role."""
     key = NodeKey.generate()
     honest = connection(Role.INITIATOR, honest_authenticator(key, issue(key)))
-    out = honest.data_to_send()
-    assert message_ids(out) == [20]
+    assert message_ids(honest.data_to_send()) == [20]
+    fake_id = bound_peer_id("node", NodeKey.generate().public_jwk())
     honest.receive_data(
-        build_handshake(INFO_HASH, ID_R, extensions=True)
-        + build_extended_handshake({b"p2pimage_auth": 3}, client=None, reqq=None, nonce=NONCE_R)
+        build_handshake(INFO_HASH, fake_id, extensions=True)
+        + build_extended_handshake(
+            {b"p2pimage_auth_v3": 3},
+            client=None,
+            reqq=None,
+            nonce=NONCE_R,
+            kx=kx_public_key(KX_R),
+        )
     )
-    while honest.next_event() is not NEED_DATA:
-        pass
-    auth_frame = honest.data_to_send()
-    assert message_ids(b"\x00" * 68 + auth_frame) == [20] and auth_frame[5] == 3
+    drain_all(honest)
+    i2r, r2i = session_keys(honest.our_peer_id, fake_id)
+    auth_frame = RecordReader(i2r).feed(honest.data_to_send())
+    assert auth_frame[4] == 20 and auth_frame[5] == 3
     # Echo it to the id the honest side advertised for its own auth extension (1).
-    reflected = auth_frame[:5] + b"\x01" + auth_frame[6:]
-    honest.receive_data(reflected)
+    honest.receive_data(RecordWriter(r2i).seal(auth_frame[:5] + b"\x01" + auth_frame[6:]))
     with pytest.raises(AuthError) as info:
         honest.next_event()
     assert info.value.reason == "bad_signature"
@@ -381,19 +468,23 @@ def test_reflected_auth_message_is_refused() -> None:
 # --- sequencing violations ---------------------------------------------------------------------
 
 
-def _attacker_frames() -> tuple[PeerConnection, bytes, bytes, bytes]:
-    """An honest RESPONDER, plus a legitimate initiator's handshake, ext handshake and auth."""
+def _attacker_frames() -> tuple[PeerConnection, bytes, bytes, bytes, Callable[[], RecordWriter]]:
+    """An honest RESPONDER; a legitimate initiator's handshake, extended handshake and
+    (decrypted) auth message; and a factory of that initiator's record writer."""
     key_i, key_r = NodeKey.generate(), NodeKey.generate()
-    a = connection(Role.INITIATOR, honest_authenticator(key_i, issue(key_i)))
+    auth_i = honest_authenticator(key_i, issue(key_i))
+    a = connection(Role.INITIATOR, auth_i)
     b = connection(Role.RESPONDER, honest_authenticator(key_r, issue(key_r)))
     _, _, wire_a, _ = run(a, b)
-    hs, rest = wire_a[:68], wire_a[68:]
-    ext_len = struct.unpack_from(">I", rest)[0] + 4
-    ext, rest = rest[:ext_len], rest[ext_len:]
-    auth_len = struct.unpack_from(">I", rest)[0] + 4
-    auth = rest[:auth_len]
+    hs = wire_a[:68]
+    ext_len = struct.unpack_from(">I", wire_a, 68)[0] + 4
+    ext = wire_a[68 : 68 + ext_len]
+    _, records = split_wire(wire_a)
     victim = connection(Role.RESPONDER, honest_authenticator(key_r, issue(key_r)))
-    return victim, hs, ext, auth
+    i2r, _ = session_keys(a.our_peer_id, victim.our_peer_id)
+    auth = RecordReader(i2r).feed(records[0])
+    assert auth[4] == 20 and auth[5] == 1
+    return victim, hs, ext, auth, lambda: RecordWriter(i2r)
 
 
 def _feed_until_error(
@@ -408,13 +499,15 @@ def _feed_until_error(
             if isinstance(event, HandshakeReceived):
                 conn.accept(num_pieces=NUM_PIECES)
     assert conn.state is ConnectionState.CLOSED
-    assert_no_payload(b"\x00" * 68 + conn.data_to_send()[68:])
+    out = conn.data_to_send()
+    if not authenticated_first:
+        assert_no_payload(b"\x00" * 68 + out[68:], role=Role.RESPONDER)
     return info.value
 
 
 def test_valid_sequence_is_accepted() -> None:
-    victim, hs, ext, auth = _attacker_frames()
-    victim.receive_data(hs + ext + auth)
+    victim, hs, ext, auth, writer = _attacker_frames()
+    victim.receive_data(hs + ext + writer().seal(auth))
     events = []
     while (event := victim.next_event()) is not NEED_DATA:
         events.append(event)
@@ -424,34 +517,141 @@ def test_valid_sequence_is_accepted() -> None:
 
 
 def test_auth_before_extended_handshake() -> None:
-    victim, hs, ext, auth = _attacker_frames()
+    victim, hs, ext, auth, _ = _attacker_frames()
     err = _feed_until_error(victim, hs + auth + ext)
     assert "before its extended handshake" in str(err)
 
 
+def test_auth_in_the_clear_after_the_extended_handshake() -> None:
+    victim, hs, ext, auth, _ = _attacker_frames()
+    err = _feed_until_error(victim, hs + ext + auth)
+    assert "record" in str(err)
+
+
 def test_auth_sent_twice() -> None:
-    victim, hs, ext, auth = _attacker_frames()
-    err = _feed_until_error(victim, hs + ext + auth + auth, authenticated_first=True)
+    victim, hs, ext, auth, writer = _attacker_frames()
+    err = _feed_until_error(victim, hs + ext + writer().seal(auth + auth), authenticated_first=True)
     assert "second auth" in str(err)
 
 
+def test_replayed_auth_record_is_refused() -> None:
+    """The same encrypted auth message twice: the second fails its record tag."""
+    victim, hs, ext, auth, writer = _attacker_frames()
+    record = writer().seal(auth)
+    err = _feed_until_error(victim, hs + ext + record + record, authenticated_first=True)
+    assert "record failed authentication" in str(err)
+
+
+def test_auth_message_replayed_into_another_connection_is_refused() -> None:
+    """A peer that received a node's (decrypted) auth message in one connection replays
+    it in another, sealed properly: the signature covers the first connection's nonces
+    and keys, so it fails."""
+    victim, hs, ext, auth, _ = _attacker_frames()
+    fresh_nonce = bytes(32 * [9])
+    payload = bdecode(ext[6:])
+    assert isinstance(payload, dict)
+    payload[b"p2pimage_nonce"] = fresh_nonce
+    ext2 = build_extended(0, bencode(payload))
+    context = handshake_context(
+        info_hash=INFO_HASH,
+        initiator_peer_id=hs[48:68],
+        responder_peer_id=victim.our_peer_id,
+        initiator_nonce=fresh_nonce,
+        responder_nonce=NONCE_R,
+        initiator_kx=kx_public_key(KX_I),
+        responder_kx=kx_public_key(KX_R),
+    )
+    i2r, _ = derive_keys(
+        our_role=Role.INITIATOR, private=KX_I, peer_public=kx_public_key(KX_R), context=context
+    )
+    victim.receive_data(hs + ext2 + RecordWriter(i2r).seal(auth))
+    with pytest.raises(AuthError) as info:
+        drain_all_accepting(victim)
+    assert info.value.reason == "bad_signature"
+    assert not victim.is_open
+
+
+@pytest.mark.parametrize("field", [b"token", b"sig"])
+def test_altered_auth_message_is_refused(field: bytes) -> None:
+    victim, hs, ext, auth, writer = _attacker_frames()
+    payload = bdecode(auth[6:])
+    assert isinstance(payload, dict)
+    value = bytearray(payload[field])
+    value[len(value) // 2] ^= 0x01
+    payload[field] = bytes(value)
+    altered = build_extended(1, bencode(payload))
+    victim.receive_data(hs + ext + writer().seal(altered))
+    with pytest.raises(RemoteProtocolError):
+        drain_all_accepting(victim)
+    assert not victim.is_open and victim.peer_token is None
+
+
+def drain_all_accepting(conn: PeerConnection) -> list[Any]:
+    events = []
+    while (event := conn.next_event()) is not NEED_DATA:
+        events.append(event)
+        if isinstance(event, HandshakeReceived):
+            conn.accept(num_pieces=NUM_PIECES)
+    return events
+
+
+def test_peer_id_must_be_the_one_the_token_binds() -> None:
+    """A member with a valid token and key posing under another peer id is refused."""
+    key = NodeKey.generate()
+    honest_key = NodeKey.generate()
+    impostor = PeerConnection(
+        Role.INITIATOR,
+        peer_id=bound_peer_id("someone-else", key.public_jwk()),
+        authenticator=honest_authenticator(key, issue(key)),
+        nonce=NONCE_I,
+        kx_key=KX_I,
+        info_hash=INFO_HASH,
+    )
+    honest = connection(Role.RESPONDER, honest_authenticator(honest_key, issue(honest_key)))
+    with pytest.raises(AuthError) as info:
+        run(impostor, honest)
+    assert info.value.reason == "wrong_peer_id"
+    assert not honest.is_open
+
+
 def test_extended_handshake_without_nonce() -> None:
-    victim, hs, _, auth = _attacker_frames()
-    ext = build_extended_handshake({b"p2pimage_auth": 1}, client=None, reqq=None, nonce=None)
-    err = _feed_until_error(victim, hs + ext + auth)
+    victim, hs, _, auth, writer = _attacker_frames()
+    ext = build_extended_handshake(
+        {b"p2pimage_auth_v3": 1}, client=None, reqq=None, nonce=None, kx=kx_public_key(KX_I)
+    )
+    err = _feed_until_error(victim, hs + ext + writer().seal(auth))
     assert "nonce" in str(err)
 
 
+def test_extended_handshake_without_key_exchange() -> None:
+    victim, hs, _, auth, writer = _attacker_frames()
+    ext = build_extended_handshake({b"p2pimage_auth_v3": 1}, client=None, reqq=None, nonce=NONCE_I)
+    err = _feed_until_error(victim, hs + ext + writer().seal(auth))
+    assert "key-exchange key" in str(err)
+
+
 def test_extended_handshake_without_auth_extension() -> None:
-    victim, hs, _, auth = _attacker_frames()
+    victim, hs, _, auth, writer = _attacker_frames()
     ext = build_extended_handshake({}, client=None, reqq=None, nonce=NONCE_I)
-    err = _feed_until_error(victim, hs + ext + auth)
-    assert "p2pimage_auth" in str(err)
+    err = _feed_until_error(victim, hs + ext + writer().seal(auth))
+    assert "p2pimage_auth_v3" in str(err)
+
+
+@pytest.mark.parametrize(("name", "version"), [(b"p2pimage_auth", 2), (b"p2pimage_auth_v4", 4)])
+def test_a_peer_of_another_version_is_refused_by_name(name: bytes, version: int) -> None:
+    victim, hs, _, _, _ = _attacker_frames()
+    ext = build_extended_handshake(
+        {name: 1}, client=None, reqq=None, nonce=NONCE_I, kx=kx_public_key(KX_I)
+    )
+    err = _feed_until_error(victim, hs + ext)
+    assert isinstance(err, ProtocolVersionError) and err.peer_version == version
+    assert f"v{version}" in str(err) and "v3" in str(err)
 
 
 def test_second_extended_handshake_before_auth() -> None:
-    victim, hs, ext, auth = _attacker_frames()
-    _feed_until_error(victim, hs + ext + ext + auth)
+    victim, hs, ext, auth, writer = _attacker_frames()
+    err = _feed_until_error(victim, hs + ext + writer().seal(ext + auth))
+    assert "second extended handshake" in str(err)
 
 
 @pytest.mark.parametrize(
@@ -467,16 +667,19 @@ def test_second_extended_handshake_before_auth() -> None:
 )
 @pytest.mark.parametrize("where", ["before_ext_handshake", "before_auth"])
 def test_payload_messages_before_auth_close_the_connection(frame: bytes, where: str) -> None:
-    victim, hs, ext, auth = _attacker_frames()
-    data = hs + frame + ext + auth if where == "before_ext_handshake" else hs + ext + frame + auth
+    victim, hs, ext, auth, writer = _attacker_frames()
+    if where == "before_ext_handshake":
+        data = hs + frame + ext + writer().seal(auth)
+    else:
+        data = hs + ext + writer().seal(frame + auth)
     err = _feed_until_error(victim, data)
     assert "before authentication" in str(err)
 
 
 def test_auth_message_missing_fields() -> None:
-    victim, hs, ext, _ = _attacker_frames()
+    victim, hs, ext, _, writer = _attacker_frames()
     bogus = build_extended(1, bencode({b"token": b"a.b.c"}))
-    err = _feed_until_error(victim, hs + ext + bogus)
+    err = _feed_until_error(victim, hs + ext + writer().seal(bogus))
     assert "signature" in str(err)
 
 
@@ -495,24 +698,67 @@ def test_initiator_refuses_other_info_hash() -> None:
 
 def test_transcript_binds_each_field() -> None:
     base = {
-        "signer": Role.INITIATOR,
         "info_hash": INFO_HASH,
         "initiator_peer_id": ID_I,
         "responder_peer_id": ID_R,
         "initiator_nonce": NONCE_I,
         "responder_nonce": NONCE_R,
+        "initiator_kx": b"\x11" * 32,
+        "responder_kx": b"\x22" * 32,
     }
     variants = {
-        "signer": Role.RESPONDER,
         "info_hash": b"\x00" * 20,
         "initiator_peer_id": ID_R,
         "responder_peer_id": ID_I,
         "initiator_nonce": NONCE_R,
         "responder_nonce": NONCE_I,
-        "initiator_kx": b"\x11" * 32,
-        "responder_kx": b"\x22" * 32,
+        "initiator_kx": b"\x33" * 32,
+        "responder_kx": b"\x44" * 32,
+        "encrypted": False,
     }
-    seen = {auth_transcript(**base)}
+    contexts = {handshake_context(**base)}
     for name, value in variants.items():
-        seen.add(auth_transcript(**(base | {name: value})))
-    assert len(seen) == 1 + len(variants)
+        contexts.add(handshake_context(**(base | {name: value})))
+    assert len(contexts) == 1 + len(variants)
+    context = handshake_context(**base)
+    signed = {auth_transcript(signer=r, context=context) for r in Role}
+    assert len(signed) == 2
+
+
+# --- what an unauthenticated connector gets to read ---------------------------------------
+
+
+def _responder_facing(opening_tail: bytes) -> tuple[PeerConnection, bytes]:
+    """An honest responder fed a real initiator's handshake and extended handshake, then
+    ``opening_tail``; returns it and everything it wrote."""
+    victim, hs, ext, _, _ = _attacker_frames()
+    out = bytearray()
+    victim.receive_data(hs + ext)
+    drain_all_accepting(victim)
+    out += victim.data_to_send()
+    if opening_tail:
+        with contextlib.suppress(RemoteProtocolError):
+            victim.receive_data(opening_tail)
+            drain_all_accepting(victim)
+    with contextlib.suppress(LocalProtocolError):
+        out += victim.data_to_send()
+    return victim, bytes(out)
+
+
+def test_a_connector_that_never_authenticates_gets_no_token() -> None:
+    victim, out = _responder_facing(b"")
+    assert victim.state is ConnectionState.AWAIT_AUTH
+    ext, records = split_wire(out)
+    assert records == [] and b"token" not in ext and b"sig" not in ext
+
+
+@settings(max_examples=200, deadline=None)
+@given(tail=st.binary(max_size=600))
+def test_whatever_an_unverified_connector_sends_the_responder_reveals_nothing(
+    tail: bytes,
+) -> None:
+    """Garbage after the key exchange (it cannot forge an auth record without a key the
+    honest initiator holds) closes the connection or waits: never a responder record."""
+    victim, out = _responder_facing(tail)
+    _, records = split_wire(out)
+    assert records == [] and not victim.is_open

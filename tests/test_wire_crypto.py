@@ -1,6 +1,7 @@
 """Encrypted peer connections (``p2pimage_kx``, AES-GCM records) between two in-memory
 PeerConnections with the real p2pimage.auth.tokens: what arrives, what an observer sees on the
-wire, and what a man in the middle can do (nothing but break the connection)."""
+wire (never a token, in either direction), and what a man in the middle can do (nothing but
+break the connection)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pimage.auth.tokens import NodeKey
-from p2pimage.errors import AuthError, LocalProtocolError, RemoteProtocolError
+from p2pimage.auth.tokens import NodeKey, PeerAuthenticator
+from p2pimage.errors import LocalProtocolError, RemoteProtocolError
 from p2pimage.metainfo.bencoding import bdecode, bencode
 from p2pimage.wire import (
     NEED_DATA,
@@ -32,8 +33,9 @@ from p2pimage.wire._crypto import kx_public_key
 from .test_wire_auth import (
     BITFIELD,
     ID_I,
-    ID_R,
     INFO_HASH,
+    KX_I,
+    KX_R,
     NONCE_I,
     NONCE_R,
     NUM_PIECES,
@@ -41,19 +43,33 @@ from .test_wire_auth import (
     issue,
 )
 
-KX_I = bytes(range(100, 132))
-KX_R = bytes(range(140, 172))
 SECRET = b"secret layer bytes " * 100
 
 
-def connection(role: Role, *, kx: bytes | None) -> PeerConnection:
-    key = NodeKey.generate()
-    auth = honest_authenticator(key, issue(key))
+def connection(
+    role: Role, *, encrypt: bool = True, auth: PeerAuthenticator | None = None
+) -> PeerConnection:
+    if auth is None:
+        key = NodeKey.generate()
+        auth = honest_authenticator(key, issue(key))
     if role is Role.INITIATOR:
         return PeerConnection(
-            role, peer_id=ID_I, authenticator=auth, nonce=NONCE_I, kx_key=kx, info_hash=INFO_HASH
+            role,
+            peer_id=auth.peer_id(),
+            authenticator=auth,
+            nonce=NONCE_I,
+            kx_key=KX_I,
+            encrypt=encrypt,
+            info_hash=INFO_HASH,
         )
-    return PeerConnection(role, peer_id=ID_R, authenticator=auth, nonce=NONCE_R, kx_key=kx)
+    return PeerConnection(
+        role,
+        peer_id=auth.peer_id(),
+        authenticator=auth,
+        nonce=NONCE_R,
+        kx_key=KX_R,
+        encrypt=encrypt,
+    )
 
 
 @dataclass
@@ -114,8 +130,8 @@ def run(
 
 
 def test_encrypted_connection_delivers_and_hides_the_payload() -> None:
-    a = connection(Role.INITIATOR, kx=KX_I)
-    b = connection(Role.RESPONDER, kx=KX_R)
+    a = connection(Role.INITIATOR)
+    b = connection(Role.RESPONDER)
     sa, sb, wire_a, wire_b = run(a, b)
     assert a.is_open and b.is_open and a.encrypted and b.encrypted
     for side in (sa, sb):
@@ -126,9 +142,32 @@ def test_encrypted_connection_delivers_and_hides_the_payload() -> None:
         assert struct.pack(">IB", 9 + len(SECRET), 7) not in wire
 
 
+def token_fragments(token: str) -> list[bytes]:
+    """The token, and each of its three parts: what a wire capture must not contain."""
+    return [token.encode(), *(part.encode() for part in token.split(".") if len(part) > 8)]
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+def test_no_token_byte_crosses_the_wire_in_the_clear(encrypt: bool) -> None:
+    """A relay recording both directions of a full handshake (and the traffic after it)
+    finds neither side's token, nor any part of one: both roles, both directions."""
+    keys = NodeKey.generate(), NodeKey.generate()
+    auths = [honest_authenticator(k, issue(k, subject=f"n{i}")) for i, k in enumerate(keys)]
+    a = connection(Role.INITIATOR, encrypt=encrypt, auth=auths[0])
+    b = connection(Role.RESPONDER, encrypt=encrypt, auth=auths[1])
+    _, _, wire_a, wire_b = run(a, b)
+    assert a.is_open and b.is_open
+    assert a.peer_token is not None and a.peer_token.subject == "n1"
+    assert b.peer_token is not None and b.peer_token.subject == "n0"
+    for auth in auths:
+        for fragment in token_fragments(auth.current_token()):
+            assert fragment not in wire_a and fragment not in wire_b
+    assert (SECRET in wire_a) is (not encrypt)  # the control: piece traffic is visible plain
+
+
 def test_unencrypted_peers_still_talk_in_the_clear() -> None:
-    a = connection(Role.INITIATOR, kx=None)
-    b = connection(Role.RESPONDER, kx=None)
+    a = connection(Role.INITIATOR, encrypt=False)
+    b = connection(Role.RESPONDER, encrypt=False)
     _, sb, wire_a, _ = run(a, b)
     assert a.is_open and b.is_open and not a.encrypted
     assert Piece(0, 0, SECRET) in sb.events
@@ -137,11 +176,11 @@ def test_unencrypted_peers_still_talk_in_the_clear() -> None:
 
 @pytest.mark.parametrize("requires", [Role.INITIATOR, Role.RESPONDER])
 def test_a_side_requiring_encryption_refuses_a_peer_without(requires: Role) -> None:
-    a = connection(Role.INITIATOR, kx=KX_I if requires is Role.INITIATOR else None)
-    b = connection(Role.RESPONDER, kx=KX_R if requires is Role.RESPONDER else None)
-    with pytest.raises(RemoteProtocolError, match="does not offer encryption"):
+    a = connection(Role.INITIATOR, encrypt=requires is Role.INITIATOR)
+    b = connection(Role.RESPONDER, encrypt=requires is Role.RESPONDER)
+    with pytest.raises(RemoteProtocolError, match="encrypt"):
         run(a, b)
-    assert not (a.is_open and b.is_open)
+    assert not (a.is_open or b.is_open)
 
 
 def _rewrite_ext_handshake(chunk: bytes, edit: Any) -> bytes:
@@ -169,28 +208,29 @@ def _mitm_on_initiators_kx(kx: bytes | None) -> tuple[PeerConnection, Any]:
             return _rewrite_ext_handshake(chunk, edit)
         return chunk
 
-    return connection(Role.RESPONDER, kx=KX_R), tamper
+    return connection(Role.RESPONDER), tamper
 
 
 def test_stripping_the_key_exchange_is_refused() -> None:
     b, strip = _mitm_on_initiators_kx(None)
-    with pytest.raises(RemoteProtocolError, match="does not offer encryption"):
-        run(connection(Role.INITIATOR, kx=KX_I), b, tamper=strip)
+    with pytest.raises(RemoteProtocolError, match="key-exchange key"):
+        run(connection(Role.INITIATOR), b, tamper=strip)
     assert not b.is_open
 
 
-def test_swapping_the_key_exchange_breaks_the_signature() -> None:
+def test_swapping_the_key_exchange_reveals_nothing() -> None:
     """A man in the middle who puts its own X25519 key in a's extended handshake (to read
-    the traffic) changes the transcript b verifies a's signature over."""
+    the auth messages) gets keys a never used: b cannot open a's auth record, refuses it,
+    and never sends its own."""
     b, swap = _mitm_on_initiators_kx(kx_public_key(bytes(32 * [7])))
-    with pytest.raises(AuthError, match="signature"):
-        run(connection(Role.INITIATOR, kx=KX_I), b, tamper=swap)
-    assert not b.is_open
+    with pytest.raises(RemoteProtocolError, match="record failed authentication"):
+        run(connection(Role.INITIATOR), b, tamper=swap)
+    assert not b.is_open and b.peer_token is None
 
 
 def _open_pair() -> tuple[Side, Side]:
-    a = connection(Role.INITIATOR, kx=KX_I)
-    b = connection(Role.RESPONDER, kx=KX_R)
+    a = connection(Role.INITIATOR)
+    b = connection(Role.RESPONDER)
     sa, sb = Side(a, []), Side(b, [])
     sa.step(b"")
     for _ in range(4):
@@ -249,11 +289,11 @@ def test_eof_between_records_is_a_clean_close() -> None:
 def test_a_low_order_key_exchange_key_is_refused() -> None:
     b, zero = _mitm_on_initiators_kx(bytes(32))
     with pytest.raises(RemoteProtocolError, match="key-exchange key is invalid"):
-        run(connection(Role.INITIATOR, kx=KX_I), b, tamper=zero)
+        run(connection(Role.INITIATOR), b, tamper=zero)
 
 
 def test_seal_is_refused_before_the_connection_is_open() -> None:
-    a = connection(Role.INITIATOR, kx=KX_I)
+    a = connection(Role.INITIATOR)
     with pytest.raises(LocalProtocolError):
         a.seal(b"x")
     with pytest.raises(LocalProtocolError, match="open mode"):

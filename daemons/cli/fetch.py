@@ -157,7 +157,7 @@ async def run_fetch(
             raise FetchFailed(str(exc)) from None
         except AuthError as exc:
             raise FetchFailed(f"the sidecar's token does not verify: {exc}") from None
-        tracker = TrackerClient(tracker_url, http=http, token=lambda: keeper.token)
+        tracker = TrackerClient(tracker_url, http=http, auth=keeper.request_auth())
         try:
             # Resumes from the verified pieces a previous run left in ``workdir``.
             storage = await trio.to_thread.run_sync(PieceStorage.open, workdir, meta)
@@ -167,7 +167,10 @@ async def run_fetch(
         async with (
             trio.open_nursery() as nursery,
             open_peer_node(
-                authenticator=keeper.authenticator(), host=peer_host, encrypt=encrypt
+                authenticator=keeper.authenticator(),
+                peer_id=keeper.peer_id(),
+                host=peer_host,
+                encrypt=encrypt,
             ) as node,
         ):
             nursery.start_soon(keeper.run)  # long downloads outlive a token

@@ -39,6 +39,30 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:
         proc.wait()
 
 
+# A process that lost its free_port() to another one before binding it starts again on
+# a new port, this many times in all (two losses in a row are already rare).
+_PORT_ATTEMPTS = 3
+
+
+def listeners(pid: int, port: int) -> tuple[int, int]:
+    """(sockets listening on TCP ``port``, how many of them process ``pid`` holds), IPv4
+    in this network namespace, from /proc. Tells our server from another one that took
+    the port first, or shares it (SO_REUSEPORT: opentracker binds so, and two of them on
+    one port would split the connections between them)."""
+    inodes = set()
+    with contextlib.suppress(OSError), open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    owned = 0
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                owned += os.readlink(fd) in inodes
+    return len(inodes), owned
+
+
 class ManagedProcess:
     """The life cycle shared by the process wrappers (dataclasses that declare
     ``log_path`` and ``_proc`` as fields): a subclass writes its configuration and calls
@@ -91,28 +115,51 @@ class ManagedProcess:
         self.stop()
         return TimeoutError(f"{self.name} did not answer within {timeout}s")
 
+    def _repick_port(self) -> bool:
+        """The process lost its port to another one (taken between :func:`free_port`
+        and its bind): choose a new port and return True to start again, or False when
+        the port was the caller's choice. Subclasses that pick their own port override."""
+        return False
+
+    def _lost_port(self) -> bool:
+        return "address already in use" in self.log_text().lower() and self._repick_port()
+
     def start_sync(self, timeout: float | None = None) -> None:
         """Spawn and wait until ready (``timeout`` defaults to ``start_timeout_s``)."""
         timeout = self.start_timeout_s if timeout is None else timeout
-        self._spawn()
-        deadline = time.monotonic() + timeout
-        while not self._ready():
-            self._check_alive()
-            if time.monotonic() > deadline:
-                raise self._timed_out(timeout)
-            time.sleep(self.poll_s)
+        for attempt in range(_PORT_ATTEMPTS):
+            self._spawn()
+            deadline = time.monotonic() + timeout
+            try:
+                while not self._ready():
+                    self._check_alive()
+                    if time.monotonic() > deadline:
+                        raise self._timed_out(timeout)
+                    time.sleep(self.poll_s)
+            except RuntimeError:
+                if attempt + 1 < _PORT_ATTEMPTS and self._lost_port():
+                    continue
+                raise
+            break
         self._started()
 
     async def start(self, timeout: float | None = None) -> None:
         """:meth:`start_sync` for trio: the probes run in a thread."""
         timeout = self.start_timeout_s if timeout is None else timeout
-        self._spawn()
-        with trio.move_on_after(timeout) as scope:
-            while not await trio.to_thread.run_sync(self._ready):
-                self._check_alive()
-                await trio.sleep(self.poll_s)
-        if scope.cancelled_caught:
-            raise self._timed_out(timeout)
+        for attempt in range(_PORT_ATTEMPTS):
+            self._spawn()
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    while not await trio.to_thread.run_sync(self._ready):
+                        self._check_alive()
+                        await trio.sleep(self.poll_s)
+                except RuntimeError:
+                    if attempt + 1 < _PORT_ATTEMPTS and self._lost_port():
+                        continue
+                    raise
+            if scope.cancelled_caught:
+                raise self._timed_out(timeout)
+            break
         await trio.to_thread.run_sync(self._started)
 
     def stop(self, grace: float | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -78,6 +79,8 @@ class RegistryProcess(ManagedProcess):
     log_path: Path = field(init=False)
     _proc: subprocess.Popen[bytes] | None = field(init=False, default=None)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(init=False, default=None)
+    _own_port: bool = field(init=False, default=False)
+    _probe_id: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         if self.workdir is None:
@@ -85,9 +88,20 @@ class RegistryProcess(ManagedProcess):
             self.workdir = Path(self._tmp.name)
         self.storage = self.workdir / "storage"
         self.log_path = self.workdir / "registry.log"
+        self._own_port = not self.port
         if not self.port:
             self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # The readiness probe carries this, and only our registry's log records it: a
+        # registry of someone else's that took the port cannot pass for ours.
+        self._probe_id = secrets.token_hex(8)
+
+    def _repick_port(self) -> bool:
+        if not self._own_port:
+            return False
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        return True
 
     def blob_path(self, digest: str) -> Path:
         """Where the filesystem driver keeps a blob's bytes (for tamper tests)."""
@@ -152,12 +166,13 @@ class RegistryProcess(ManagedProcess):
 
     def _ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/", timeout=1) as r:
-                return bool(r.status == 200)
+            with urllib.request.urlopen(f"{self.url}/v2/?probe={self._probe_id}", timeout=1) as r:
+                answered = r.status == 200
         except urllib.error.HTTPError as e:
-            return e.code == 401  # up, and asking for credentials
+            answered = e.code == 401  # up, and asking for credentials
         except OSError:
             return False
+        return answered and self._probe_id in self.log_text()
 
     def cleanup(self) -> None:
         self.stop()

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import heapq
+import hmac
 import json
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import jwt
 from cryptography.exceptions import InvalidSignature
@@ -35,6 +38,8 @@ __all__ = [
     "AUDIENCE",
     "DEFAULT_ISSUER",
     "DEFAULT_TOKEN_LIFETIME_S",
+    "DEFAULT_PROOF_WINDOW_S",
+    "DPOP_TYP",
     "KeySet",
     "NodeKey",
     "NodeToken",
@@ -42,10 +47,17 @@ __all__ = [
     "SigningKey",
     "TokenIssuer",
     "TokenVerifier",
+    "VerifiedProof",
+    "ProofReplayCache",
+    "access_token_hash",
+    "bound_peer_id",
+    "create_proof",
     "jwk_thumbprint",
     "local_authenticator",
     "renewal_due",
+    "normalize_htu",
     "verify_jwk_signature",
+    "verify_proof",
 ]
 
 AUDIENCE = "p2pimage"
@@ -60,6 +72,14 @@ DEFAULT_ISSUER = "p2pimage-sidecar"
 # Node tokens live minutes: short enough that a leaked one soon expires, long enough that
 # renewals (at two thirds of the lifetime) cost a sidecar of 5,000 nodes ~12 requests/s.
 DEFAULT_TOKEN_LIFETIME_S = 600
+# A peer id is an 8-byte client prefix in the Azureus style ("-PI0300-": p2pimage, peer
+# protocol 3) and 12 bytes bound to the token: see bound_peer_id.
+PEER_ID_PREFIX_LENGTH = 8
+DEFAULT_PEER_ID_PREFIX = b"-PI0300-"
+_PEER_ID_LABEL = b"p2pimage-peer-id/1\x00"
+# Bytes 8-13 of a peer id: the tag that binds it to a token (bound_peer_id).
+_PEER_ID_TAG = slice(8, 14)
+_TAG_LENGTH = 6
 
 _PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 _PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -163,6 +183,40 @@ def verify_jwk_signature(jwk: Mapping[str, Any], signature: bytes, data: bytes) 
             key.verify(der, data, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         raise AuthError("bad_signature", "signature does not verify") from None
+
+
+def _peer_id_digest(subject: str, node_jwk: Mapping[str, Any]) -> bytes:
+    return hashlib.sha256(
+        _PEER_ID_LABEL
+        + subject.encode("utf-8")
+        + b"\x00"
+        + jwk_thumbprint(node_jwk).encode("ascii")
+    ).digest()
+
+
+def bound_peer_id(
+    subject: str,
+    node_jwk: Mapping[str, Any],
+    prefix: bytes = DEFAULT_PEER_ID_PREFIX,
+    *,
+    suffix: bytes | None = None,
+) -> bytes:
+    """A peer id bound to a token's subject and ``cnf.jwk`` key.
+
+    ``prefix (8) || tag (6) || suffix (6)`` where ``tag`` is the first 6 bytes of
+    ``SHA-256("p2pimage-peer-id/1\0" || sub (UTF-8) || "\0" || RFC 7638 thumbprint of
+    cnf.jwk)``. Peers and trackers check the tag against the verified token
+    (:meth:`NodeToken.binds_peer_id`), so a member cannot pose under another node's peer
+    id. The suffix is free (one node may run several peers); by default it is the next 6
+    bytes of the same digest, so a node's id is stable across restarts.
+    """
+    if not isinstance(prefix, bytes) or len(prefix) != PEER_ID_PREFIX_LENGTH:
+        raise LocalProtocolError(f"a peer id prefix is {PEER_ID_PREFIX_LENGTH} bytes")
+    digest = _peer_id_digest(subject, node_jwk)
+    tail = digest[_TAG_LENGTH : 2 * _TAG_LENGTH] if suffix is None else suffix
+    if len(tail) != 20 - _PEER_ID_TAG.stop:
+        raise LocalProtocolError("a peer id suffix is 6 bytes")
+    return prefix + digest[:_TAG_LENGTH] + tail
 
 
 class SigningKey:
@@ -301,6 +355,13 @@ class NodeToken:
         """Whether the token may be used for the swarm ``info_hash``."""
         return self.scope is None or info_hash.hex() in self.scope
 
+    def binds_peer_id(self, peer_id: bytes) -> bool:
+        """Whether ``peer_id`` carries this token's tag (see :func:`bound_peer_id`)."""
+        if not isinstance(peer_id, bytes) or len(peer_id) != 20:
+            return False
+        tag = _peer_id_digest(self.subject, self.cnf_jwk)[:_TAG_LENGTH]
+        return hmac.compare_digest(peer_id[_PEER_ID_TAG], tag)
+
 
 class TokenIssuer:
     """Signs node tokens with ``keys[0]``; publishes every key in ``keys`` (rotation)."""
@@ -431,7 +492,7 @@ class TokenVerifier:
     def _header(token: str) -> dict[str, Any]:
         try:
             header = json.loads(_b64url_decode(token.split(".", 1)[0]))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise AuthError("malformed", "token header is not JSON") from None
         if not isinstance(header, dict):
             raise AuthError("malformed", "token header is not an object")
@@ -508,8 +569,9 @@ class PeerAuthenticator:
 
     ``credentials`` returns our token and our node key's signature over a transcript;
     ``verify_peer`` checks the peer's token (same cluster, not expired, scope covers the
-    swarm) and then its signature by the key the token binds (``cnf.jwk``), so a token
-    copied off the wire is useless without the node's private key.
+    swarm), then its signature by the key the token binds (``cnf.jwk``), so a token
+    copied off the wire is useless without the node's private key, and then that the
+    peer id is the one the token binds (:func:`bound_peer_id`).
     """
 
     def __init__(
@@ -533,13 +595,26 @@ class PeerAuthenticator:
     def credentials(self, transcript: bytes) -> tuple[bytes, bytes]:
         return self.current_token().encode("ascii"), self.node_key.sign(transcript)
 
+    def peer_id(self, prefix: bytes = DEFAULT_PEER_ID_PREFIX) -> bytes:
+        """Our peer id: bound to our token's subject and our node key."""
+        try:
+            claims = json.loads(_b64url_decode(self.current_token().split(".")[1]))
+        except (ValueError, IndexError, UnicodeDecodeError):
+            raise LocalProtocolError("our own token is not a JWT") from None
+        subject = claims.get("sub") if isinstance(claims, dict) else None
+        if not isinstance(subject, str) or not subject:
+            raise LocalProtocolError("our own token has no subject")
+        return bound_peer_id(subject, self.node_key.public_jwk(), prefix)
+
     def verify_peer(
-        self, token: bytes, signature: bytes, transcript: bytes, info_hash: bytes
+        self, token: bytes, signature: bytes, transcript: bytes, info_hash: bytes, peer_id: bytes
     ) -> NodeToken:
         verified = self.verifier.verify(
             token, now=self._clock(), cluster=self.cluster, info_hash=info_hash
         )
         verify_jwk_signature(verified.cnf_jwk, signature, transcript)
+        if not verified.binds_peer_id(peer_id):
+            raise AuthError("wrong_peer_id", "the peer id is not the one its token binds")
         return verified
 
 
@@ -584,3 +659,209 @@ def local_authenticator(
         cluster=cluster,
         clock=clock,
     )
+
+
+# ------------------------------------------------------------------ proof of possession
+#
+# Every request a node makes with its token (tracker announce and scrape, sidecar torrent
+# fetches) carries a DPoP proof (RFC 9449): a JWT signed by the node's own key, the one
+# its token binds in ``cnf.jwk``. The proof names the request (``htm``, ``htu``), the time
+# (``iat``), a nonce the server never accepts twice (``jti``) and the token it goes with
+# (``ath``), so a token read off the wire, or a proof captured beside it, buys nothing.
+
+DPOP_TYP = "dpop+jwt"
+# A proof is accepted while |now - iat| <= this. Nodes run NTP; half a minute of skew is
+# rare, and the replay cache has to remember every nonce for twice this long.
+DEFAULT_PROOF_WINDOW_S = 30.0
+# Our proofs are ~600 bytes plus 4/3 of the URL (query included). 16 KiB covers any URL
+# up to ~11 KiB, beyond every request the tracker accepts (queries are capped at 4 KiB,
+# checked after authentication) and beyond what reaches the sidecar.
+MAX_PROOF_BYTES = 16384
+# ``jti`` values we mint are 22 characters; anything longer than this is not a nonce.
+MAX_JTI_CHARS = 64
+# Replay-cache entries at the tracker: a node announces each swarm every few seconds at
+# most; a million live nonces is ~16,000 announces per second over the 60 s an entry
+# lives, far beyond one tracker replica (~5,000/s measured), and ~100 MB at worst.
+DEFAULT_REPLAY_CACHE_ENTRIES = 1_000_000
+# Bytes 8..14 of a node's peer id: a tag derived from the token's subject.
+
+
+def access_token_hash(token: str) -> str:
+    """``ath``: base64url SHA-256 of the token's ASCII (RFC 9449 section 4.2)."""
+    return _b64url(hashlib.sha256(token.encode("ascii")).digest())
+
+
+def normalize_htu(url: str) -> str:
+    """The form of a URL that ``htu`` is compared in.
+
+    Scheme and host lower-cased, a default port (80 for http, 443 for https) dropped,
+    the fragment dropped; the path and the query are kept byte for byte (p2pimage binds
+    the query too: see docs/protocol.md, "Tracker request authentication").
+    """
+    if not isinstance(url, str) or len(url) > MAX_PROOF_BYTES:
+        raise AuthError("bad_proof", "htu is not a URL")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise AuthError("bad_proof", "htu is not a URL") from None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in ("http", "https") or not host:
+        raise AuthError("bad_proof", "htu must be an http(s) URL")
+    if ":" in host:
+        host = f"[{host}]"
+    if port is not None and (scheme, port) not in (("http", 80), ("https", 443)):
+        host = f"{host}:{port}"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{scheme}://{host}{parts.path or '/'}{query}"
+
+
+def create_proof(
+    node_key: NodeKey,
+    *,
+    method: str,
+    url: str,
+    token: str,
+    now: float,
+    jti: str | None = None,
+) -> str:
+    """A DPoP proof for one request: ``method`` and the full ``url`` (query included) as
+    the request will be sent, by the node whose token is ``token``."""
+    header = {"typ": DPOP_TYP, "alg": "EdDSA", "jwk": node_key.public_jwk()}
+    claims = {
+        "jti": jti if jti is not None else secrets.token_urlsafe(16),
+        "htm": method.upper(),
+        "htu": normalize_htu(url),
+        "iat": int(now),
+        "ath": access_token_hash(token),
+    }
+    signing_input = (
+        _b64url(json.dumps(header, separators=(",", ":")).encode())
+        + "."
+        + _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    )
+    signature = node_key.sign(signing_input.encode("ascii"))
+    return signing_input + "." + _b64url(signature)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedProof:
+    """A proof that verified; the caller still has to claim its nonce (``replay_key``)
+    in a replay cache until ``expires_at``, and refuse the request if it was taken."""
+
+    jti: str
+    issued_at: int
+    replay_key: bytes
+    expires_at: float
+
+
+def _json_part(part: str, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(_b64url_decode(part))
+    except (ValueError, UnicodeDecodeError, RecursionError, AuthError):
+        raise AuthError("bad_proof", f"proof {what} is not JSON") from None
+    if not isinstance(doc, dict):
+        raise AuthError("bad_proof", f"proof {what} is not an object")
+    return doc
+
+
+def verify_proof(
+    proof: str | None,
+    *,
+    token: NodeToken,
+    method: str,
+    url: str,
+    now: float,
+    window_s: float = DEFAULT_PROOF_WINDOW_S,
+) -> VerifiedProof:
+    """Check a DPoP proof for a request (``method``, ``url`` as the server received it)
+    made with the verified ``token``.
+
+    The proof must be a compact JWS with ``typ: dpop+jwt`` and ``alg: EdDSA``, signed by
+    the key the token binds (``cnf.jwk``; a ``jwk`` header, as RFC 9449 has it, must be
+    that same key and is never used to verify), with ``htm``/``htu`` naming this request,
+    ``iat`` within ``window_s`` of ``now``, a ``jti`` nonce and ``ath`` the token's hash.
+    Raises :class:`AuthError` whose ``reason`` names the failed check: ``missing_proof``,
+    ``bad_proof``, ``proof_key_mismatch``, ``proof_signature``, ``proof_method``,
+    ``proof_url``, ``proof_stale``, ``proof_token``.
+    """
+    if proof is None or proof == "":
+        raise AuthError("missing_proof", "a DPoP proof header is required")
+    if not isinstance(proof, str) or len(proof) > MAX_PROOF_BYTES or proof.count(".") != 2:
+        raise AuthError("bad_proof", "proof is not a compact JWS")
+    head_b64, claims_b64, sig_b64 = proof.split(".")
+    header = _json_part(head_b64, "header")
+    if header.get("typ") != DPOP_TYP:
+        raise AuthError("bad_proof", f"proof typ must be {DPOP_TYP!r}")
+    if header.get("alg") != "EdDSA":
+        raise AuthError("bad_proof", f"proof algorithm {header.get('alg')!r} not allowed")
+    embedded = header.get("jwk")
+    if not isinstance(embedded, dict) or "d" in embedded:
+        raise AuthError("bad_proof", "proof header needs the public jwk")
+    # cnf.jwk is an Ed25519 key (the token verifier insists): the same key is the same
+    # (kty, crv, x), which is what its RFC 7638 thumbprint covers.
+    cnf = token.cnf_jwk
+    if any(embedded.get(m) != cnf.get(m) for m in ("kty", "crv", "x")):
+        raise AuthError("proof_key_mismatch", "proof key is not the token's cnf.jwk")
+    try:
+        signature = _b64url_decode(sig_b64)
+    except AuthError:
+        raise AuthError("bad_proof", "proof signature is not base64url") from None
+    try:
+        verify_jwk_signature(token.cnf_jwk, signature, f"{head_b64}.{claims_b64}".encode("ascii"))
+    except AuthError:
+        raise AuthError("proof_signature", "proof signature does not verify") from None
+    except UnicodeEncodeError:
+        raise AuthError("bad_proof", "proof is not ASCII") from None
+    claims = _json_part(claims_b64, "claims")
+    jti, htm, htu, iat, ath = (claims.get(k) for k in ("jti", "htm", "htu", "iat", "ath"))
+    if not isinstance(jti, str) or not 0 < len(jti) <= MAX_JTI_CHARS:
+        raise AuthError("bad_proof", "proof jti must be a string of 1-64 characters")
+    if not isinstance(iat, int) or isinstance(iat, bool):
+        raise AuthError("bad_proof", "proof iat must be an integer")
+    if htm != method.upper():
+        raise AuthError("proof_method", f"proof is for method {htm!r}")
+    if not isinstance(htu, str) or normalize_htu(htu) != normalize_htu(url):
+        raise AuthError("proof_url", "proof is for another URL")
+    if abs(now - iat) > window_s:
+        raise AuthError("proof_stale", f"proof iat {iat} is outside the {window_s:.0f} s window")
+    if not isinstance(ath, str) or not hmac.compare_digest(ath, access_token_hash(token.raw)):
+        raise AuthError("proof_token", "proof is for another token (ath)")
+    replay_key = hashlib.sha256(f"{cnf['x']}.{jti}".encode()).digest()[:16]
+    return VerifiedProof(jti, iat, replay_key, iat + window_s + 1.0)
+
+
+class ProofReplayCache:
+    """The nonces (``VerifiedProof.replay_key``) seen in the last window, bounded. Pure:
+    callers pass ``now``. The tracker's Redis backend keeps the same set in Redis instead
+    (``SET NX`` with a TTL), so replicas share it.
+
+    When full of live entries it refuses new ones (``claim`` returns ``None``): forgetting
+    a live nonce would reopen replay, and only authenticated members can fill it.
+    """
+
+    def __init__(self, max_entries: int = DEFAULT_REPLAY_CACHE_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._expiry: dict[bytes, float] = {}
+        self._heap: list[tuple[float, bytes]] = []
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def claim(self, key: bytes, expires_at: float, now: float) -> bool | None:
+        """True if ``key`` was new (now remembered until ``expires_at``), False if it
+        was seen before (a replay), None if the cache is full."""
+        heap, expiry = self._heap, self._expiry
+        while heap and heap[0][0] <= now:
+            at, old = heapq.heappop(heap)
+            if expiry.get(old) == at:
+                del expiry[old]
+        seen = expiry.get(key)
+        if seen is not None and seen > now:
+            return False
+        if len(expiry) >= self.max_entries:
+            return None
+        expiry[key] = expires_at
+        heapq.heappush(heap, (expires_at, key))
+        return True

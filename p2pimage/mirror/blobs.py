@@ -88,7 +88,7 @@ class LayerStats:
     closed_swarms: Counter[str] = field(default_factory=Counter)
 
 
-_SWARM_BYTES: Final = ("downloaded_from_peers", "downloaded_from_origin", "uploaded")
+_SWARM_BYTES: Final = ("downloaded_from_peers", "downloaded_from_origin", "uploaded", "wasted")
 
 
 @dataclass(frozen=True)
@@ -409,6 +409,11 @@ class LayerService:
     def uploaded_bytes(self) -> int:
         """Layer bytes uploaded to peers."""
         return self._swarm_bytes("uploaded")
+
+    def wasted_bytes(self) -> int:
+        """Layer bytes received from peers and thrown away (blocks cancelled, timed out
+        and asked again, or of a piece already verified)."""
+        return self._swarm_bytes("wasted")
 
 
 class _CacheFull(P2PImageError):

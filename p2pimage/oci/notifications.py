@@ -10,7 +10,9 @@ distribution POSTs ``application/vnd.docker.distribution.events.v1+json`` bodies
 :func:`parse_envelope` turns such a body into :class:`RegistryEvent` values or raises
 :class:`NotificationError` (never anything else, whatever the bytes). What to do with an
 event is the caller's decision; :meth:`RegistryEvent.is_manifest_push` says whether it is
-one the sidecar indexes.
+one the sidecar indexes, :attr:`RegistryEvent.deleted_digest` which digest a delete event
+removed (distribution sends blob and manifest deletes alike, as ``target.digest`` and
+``target.repository`` with no media type; a tag delete names only the tag).
 """
 
 from __future__ import annotations
@@ -58,6 +60,14 @@ class RegistryEvent:
     def is_manifest_push(self) -> bool:
         return self.valid and self.action == "push" and self.media_type in MANIFEST_TYPES
 
+    @property
+    def deleted_digest(self) -> str | None:
+        """The blob or manifest digest a delete event removed from ``repository``, or
+        ``None`` (not a delete, or a tag delete)."""
+        if self.valid and self.action == "delete" and self.digest:
+            return self.digest
+        return None
+
 
 def _str(obj: dict[str, Any], key: str) -> str:
     value = obj.get(key)
@@ -89,6 +99,13 @@ def _event(raw: Any) -> RegistryEvent:
             problem = f"push event with a bad target.repository {ev.repository[:80]!r}"
         elif not is_digest(ev.digest):
             problem = f"push event with a bad target.digest {ev.digest[:80]!r}"
+    elif ev.action == "delete":
+        if not is_repository(ev.repository):
+            problem = f"delete event with a bad target.repository {ev.repository[:80]!r}"
+        elif ev.digest and not is_digest(ev.digest):
+            problem = f"delete event with a bad target.digest {ev.digest[:80]!r}"
+        elif not ev.digest and not ev.tag:
+            problem = "delete event without target.digest or target.tag"
     if problem is not None:
         return RegistryEvent(
             ev.id, ev.action, ev.media_type, ev.digest, ev.repository, ev.tag, problem

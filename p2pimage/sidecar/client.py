@@ -7,6 +7,9 @@ through the keeper, the node's).
 :class:`TokenKeeper` holds the node's key and keeps a fresh token (re-issued when
 :func:`~p2pimage.auth.tokens.renewal_due` says) and a fresh key set, so the tracker
 client and the peer authenticator always have valid credentials.
+:class:`DPoPAuth` signs every request made with the token (``Authorization: DPoP``
+and a fresh ``DPoP`` proof, RFC 9449): the tracker's and the sidecar's torrent endpoint
+refuse a bare token.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +26,22 @@ from typing import Any
 import httpx
 import trio
 
-from p2pimage.auth.tokens import KeySet, NodeKey, PeerAuthenticator, TokenVerifier, renewal_due
+from p2pimage.auth.tokens import (
+    KeySet,
+    NodeKey,
+    PeerAuthenticator,
+    TokenVerifier,
+    bound_peer_id,
+    create_proof,
+    renewal_due,
+)
 from p2pimage.errors import AuthError, MetainfoError, P2PImageError
 from p2pimage.metainfo.torrent import MAX_TORRENT_BYTES, Metainfo
 
 __all__ = [
     "DEFAULT_JWKS_MIN_REFRESH_S",
     "DEFAULT_JWKS_REFRESH_S",
+    "DPoPAuth",
     "JwksSource",
     "SidecarClient",
     "SidecarError",
@@ -57,6 +69,35 @@ class SidecarError(P2PImageError):
         self.status = status
 
 
+class DPoPAuth(httpx.Auth):
+    """httpx authentication by a node token with proof of possession: every request gets
+    ``Authorization: DPoP <token>`` and a ``DPoP`` proof, signed by ``node_key``, for its
+    own method and full URL (query included), with a fresh nonce."""
+
+    def __init__(
+        self,
+        *,
+        token: str | Callable[[], str],
+        node_key: NodeKey,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._token = token
+        self.node_key = node_key
+        self.clock = clock
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        token = self._token() if callable(self._token) else self._token
+        request.headers["Authorization"] = f"DPoP {token}"
+        request.headers["DPoP"] = create_proof(
+            self.node_key,
+            method=request.method,
+            url=str(request.url),
+            token=token,
+            now=self.clock(),
+        )
+        yield request
+
+
 @dataclass(frozen=True)
 class IssuedToken:
     token: str
@@ -66,10 +107,20 @@ class IssuedToken:
 class SidecarClient:
     """HTTP client of one sidecar base URL."""
 
-    def __init__(self, base_url: str, *, http: httpx.AsyncClient, timeout_s: float = 10.0):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        http: httpx.AsyncClient,
+        timeout_s: float = 10.0,
+        auth: httpx.Auth | None = None,
+    ):
+        """``auth`` signs torrent requests (a :class:`DPoPAuth`); a :class:`TokenKeeper`
+        built on this client sets it to the node's own credentials."""
         self.base_url = base_url.rstrip("/")
         self.http = http
         self.timeout_s = timeout_s
+        self.auth = auth
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -109,9 +160,11 @@ class SidecarClient:
             raise SidecarError(f"JWKS document is invalid: {exc}") from None
 
     async def torrent(self, digest: str, repository: str) -> Metainfo:
-        """The layer's torrent (generated on demand by the sidecar if needed)."""
+        """The layer's torrent (generated on demand by the sidecar if needed), asked for
+        with the node's token and a proof of possession (``auth``)."""
+        kwargs: dict[str, Any] = {} if self.auth is None else {"auth": self.auth}
         response = await self._request(
-            "GET", f"/torrents/{digest}", params={"repository": repository}
+            "GET", f"/torrents/{digest}", params={"repository": repository}, **kwargs
         )
         if response.status_code != 200:
             raise SidecarError(
@@ -236,6 +289,8 @@ class TokenKeeper:
         self._issued_at = 0.0
         self._cluster: str | None = None
         self.ready = trio.Event()
+        if sidecar.auth is None:
+            sidecar.auth = self.request_auth()
 
     @property
     def token(self) -> str:
@@ -284,6 +339,16 @@ class TokenKeeper:
                     backoff = min(backoff * 2, 60.0)
                     continue
             await trio.sleep(1.0)
+
+    def request_auth(self) -> DPoPAuth:
+        """Proof-of-possession authentication for HTTP requests (tracker, sidecar) made
+        with this node's current token."""
+        return DPoPAuth(token=lambda: self.token, node_key=self.node_key, clock=self.clock)
+
+    def peer_id(self) -> bytes:
+        """This node's peer id, bound to its name (the token subject) and its key: the
+        tracker and peers refuse a peer id that does not carry their tag."""
+        return bound_peer_id(self.node, self.node_key.public_jwk())
 
     def authenticator(self) -> PeerAuthenticator:
         """The peer authenticator for this node (call after ``ready`` is set)."""

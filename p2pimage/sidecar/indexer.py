@@ -133,6 +133,16 @@ class TorrentStore:
             os.close(dir_fd)
         self._verified.add(digest)
 
+    def delete(self, digest: str) -> bool:
+        """Remove the torrent of ``digest``; False when there was none."""
+        path = self.path(digest)
+        self._verified.discard(digest)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def digests(self) -> Iterator[str]:
         for p in self.directory.glob("*.torrent"):
             if len(p.stem) == 64:
@@ -287,6 +297,7 @@ class _Flight:
     done: trio.Event = field(default_factory=trio.Event)
     data: bytes | None = None
     error: BaseException | None = None
+    forgotten: bool = False  # the registry deleted the blob meanwhile: store nothing
 
 
 class Indexer:
@@ -391,6 +402,22 @@ class Indexer:
         log.info("backfill queued %d manifests", count)
         return count
 
+    def forget(self, digest: str) -> bool:
+        """The registry deleted ``digest`` (a delete event): drop its torrent, so nodes
+        asking for it get none and pull it from the registry, which answers 404.
+
+        Distribution sends blob deletes per repository and cannot tell them from manifest
+        deletes, so a blob deleted from one repository may live on in another: its torrent
+        is then generated again on its next request (one read of the blob), which is the
+        price of never serving a torrent for bytes the registry no longer has. A
+        generation running now is marked so that it stores nothing. Returns whether a
+        torrent was dropped."""
+        check_digest(digest)
+        flight = self._flights.get(digest)
+        if flight is not None:
+            flight.forgotten = True
+        return self.store.delete(digest)
+
     # -- on demand (single flight) --
 
     async def torrent(self, repository: str, digest: str) -> bytes:
@@ -429,7 +456,11 @@ class Indexer:
                         self.client, repository, digest, piece_length=self.piece_length
                     )
                     data = meta.to_bytes()
-                    await trio.to_thread.run_sync(self.store.save, digest, data)
+                    if not flight.forgotten:
+                        await trio.to_thread.run_sync(self.store.save, digest, data)
+                    if flight.forgotten:  # deleted before or while it was saved
+                        self.store.delete(digest)
+                        raise BlobUnavailableError(f"{digest} was deleted from the registry")
                     seconds = time.monotonic() - started
                     self.hooks.generated(digest, meta.length, seconds)
                     log.info(

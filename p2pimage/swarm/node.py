@@ -20,9 +20,17 @@ from p2pimage.auth.tokens import PeerAuthenticator
 from p2pimage.errors import LocalProtocolError
 from p2pimage.metainfo.torrent import Metainfo
 from p2pimage.storage.pieces import PieceStorage
+from p2pimage.swarm.admission import (
+    FIRST_BYTE_TIMEOUT_S,
+    HANDSHAKE_TIMEOUT_S,
+    MAX_PENDING_HANDSHAKES,
+    MAX_PENDING_PER_ADDRESS,
+    HandshakeAdmission,
+)
 from p2pimage.swarm.engine import Swarm, SwarmSettings
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.swarm.session import (
+    RECEIVE_SIZE,
     PeerClosed,
     PeerSession,
     SessionInfo,
@@ -36,7 +44,9 @@ __all__ = ["PeerNode", "open_peer_node"]
 
 log = logging.getLogger("p2pimage.swarm.node")
 
-# Total connections a node keeps across all swarms (libtorrent's connections_limit: 200).
+# Total authenticated connections a node keeps across all swarms (libtorrent's
+# connections_limit: 200). Connections still handshaking have their own budget
+# (swarm/admission.py) and never take one of these slots.
 DEFAULT_MAX_CONNECTIONS = 200
 
 
@@ -54,12 +64,19 @@ class PeerNode:
         download_rate: float | None = None,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         peer_id: bytes | None = None,
-        handshake_timeout_s: float = 10.0,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        first_byte_timeout_s: float = FIRST_BYTE_TIMEOUT_S,
+        max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+        max_pending_per_address: int = MAX_PENDING_PER_ADDRESS,
         max_block_length: int | None = None,
         encrypt: bool = True,
     ) -> None:
-        """``encrypt`` (authenticated nodes): every peer connection is encrypted, and a
-        peer that does not offer encryption is refused; all nodes of a cluster must agree."""
+        """``encrypt`` (authenticated nodes): piece traffic is encrypted too (the auth
+        messages always are), and a peer that does not is refused; all nodes of a
+        cluster must agree. An authenticated node's peer id is bound to its token
+        (``PeerAuthenticator.peer_id()``); ``peer_id`` is for open mode.
+        Inbound connections are admitted by :class:`HandshakeAdmission`
+        (``max_pending_*``) and must send a byte within ``first_byte_timeout_s``."""
         if authenticator is None and not open_mode:
             raise LocalProtocolError("an authenticator is required unless open_mode=True")
         if authenticator is not None and open_mode:
@@ -67,11 +84,21 @@ class PeerNode:
         self.authenticator = authenticator
         self.host = host
         self.port = port
-        self.peer_id = peer_id or new_peer_id()
+        if authenticator is not None:
+            bound = authenticator.peer_id()
+            if peer_id is not None and peer_id != bound:
+                raise LocalProtocolError("an authenticated node's peer id is bound to its token")
+            self.peer_id = bound
+        else:
+            self.peer_id = peer_id or new_peer_id()
         self.upload_limiter = RateLimiter(upload_rate)
         self.download_limiter = RateLimiter(download_rate)
         self.max_connections = max_connections
         self.handshake_timeout_s = handshake_timeout_s
+        self.first_byte_timeout_s = first_byte_timeout_s
+        self.admission: HandshakeAdmission[trio.CancelScope] = HandshakeAdmission(
+            max_pending=max_pending_handshakes, max_per_address=max_pending_per_address
+        )
         self.max_block_length = max_block_length
         self.encrypt = encrypt and authenticator is not None
         self.swarms: dict[bytes, Swarm] = {}
@@ -219,31 +246,73 @@ class PeerNode:
         except OSError:
             await stream.aclose()
             return
-        if self.connections >= self.max_connections:
+        # Admission before trust: the connection waits in the pending budget, bounded
+        # by a first-byte and a handshake deadline, and takes a peer slot only once
+        # the peer is verified. ``pending`` is also its handle for eviction.
+        pending = trio.CancelScope()
+        decision = self.admission.admit(pending, address[0])
+        if not decision.admitted:
+            log.debug("inbound connection from %s refused: %s", address, decision.reason)
             await stream.aclose()
             return
-        self.connections += 1
-        session = self._session(stream, Role.RESPONDER, None, address)
+        if decision.evict is not None:
+            decision.evict.cancel()
+        session: PeerSession | None = None
         try:
+            info: SessionInfo | None = None
             try:
-                with trio.fail_after(self.handshake_timeout_s):
-                    info = await session.handshake(accept=lambda ih: ih in self.swarms)
-            except (PeerClosed, trio.TooSlowError) as exc:
+                with pending:
+                    start = trio.current_time()
+                    pending.deadline = start + self.first_byte_timeout_s
+                    first = await _first_bytes(stream)
+                    if first:
+                        self.admission.started(pending)
+                        pending.deadline = start + self.handshake_timeout_s
+                        # The protocol state (a fresh X25519 key: ~0.1 ms) only now, so
+                        # an idle socket costs an accept and a wait, nothing more.
+                        session = self._session(stream, Role.RESPONDER, None, address)
+                        await session.feed(first)
+                        info = await session.handshake(accept=lambda ih: ih in self.swarms)
+            except PeerClosed as exc:
                 log.debug("inbound handshake from %s failed: %s", address, exc)
-                await session.aclose("handshake failed")
+            finally:
+                self.admission.release(pending)
+            if info is None or session is None:
+                if pending.cancelled_caught:
+                    log.debug("inbound handshake from %s: deadline passed or evicted", address)
+                if session is None:
+                    await trio.aclose_forcefully(stream)
+                else:
+                    await session.aclose("handshake failed")
                 return
             swarm = self.swarms.get(info.info_hash)
             if swarm is None:
                 await session.aclose("swarm gone")
                 return
-            await swarm.adopt(session, info)
+            if self.connections >= self.max_connections:
+                await session.aclose("node connection limit reached")
+                return
+            self.connections += 1
+            try:
+                await swarm.adopt(session, info)
+            finally:
+                self.connections -= 1
         except Exception:
             # The listener's boundary: whatever one connection does (or whatever bug it
             # hits), it must not escape into serve_tcp and stop the node with it.
             log.exception("inbound connection from %s failed", address)
-            await session.aclose("internal error")
-        finally:
-            self.connections -= 1
+            if session is None:
+                await trio.aclose_forcefully(stream)
+            else:
+                await session.aclose("internal error")
+
+
+async def _first_bytes(stream: trio.SocketStream) -> bytes:
+    """The connector's first bytes, or ``b""`` when it closed or reset instead."""
+    try:
+        return bytes(await stream.receive_some(RECEIVE_SIZE))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return b""
 
 
 @asynccontextmanager

@@ -12,6 +12,7 @@ paced by the upload limiter. On an encrypted connection each batch is sealed as 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections import deque
 from collections.abc import Callable
@@ -20,7 +21,13 @@ from dataclasses import dataclass, field
 import trio
 
 from p2pimage.auth.tokens import NodeToken, PeerAuthenticator
-from p2pimage.errors import AuthError, LocalProtocolError, PeerClosed, RemoteProtocolError
+from p2pimage.errors import (
+    AuthError,
+    LocalProtocolError,
+    PeerClosed,
+    ProtocolVersionError,
+    RemoteProtocolError,
+)
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.wire import (
     BLOCK_LENGTH,
@@ -37,6 +44,8 @@ from p2pimage.wire import (
 )
 
 __all__ = ["PeerSession", "SessionInfo", "PeerClosed"]
+
+log = logging.getLogger("p2pimage.swarm.session")
 
 # Bytes asked of the socket per receive: enough for several 16 KiB blocks per wakeup.
 RECEIVE_SIZE = 256 * 1024
@@ -100,6 +109,10 @@ class PeerSession:
             except AuthError as exc:
                 # Tell the peer nothing beyond closing; log the reason on our side.
                 raise PeerClosed(f"authentication failed: {exc}") from None
+            except ProtocolVersionError as exc:
+                # A rolling upgrade: operators must see it (the pull falls back meanwhile).
+                log.warning("peer %s:%d refused: %s", *self.address, exc)
+                raise PeerClosed(f"protocol version: {exc}") from None
             except RemoteProtocolError as exc:
                 raise PeerClosed(f"protocol error: {exc}") from None
             if event is NEED_DATA:
@@ -136,11 +149,19 @@ class PeerSession:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise PeerClosed(f"connection lost: {exc}") from None
 
+    async def feed(self, data: bytes) -> None:
+        """Bytes the caller already read off the stream (a listener that waited for the
+        first bytes before building the session); kept for :meth:`handshake`."""
+        await self._received(data)
+
     async def _receive_into_conn(self) -> None:
         try:
             data = await self.stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise PeerClosed(f"connection lost: {exc}") from None
+        await self._received(data)
+
+    async def _received(self, data: bytes | bytearray) -> None:
         if data:
             await self._download.acquire(len(data))
             self.bytes_received += len(data)
@@ -245,8 +266,9 @@ class PeerSession:
             await self.stream.aclose()
 
 
-def new_peer_id(prefix: bytes = b"-PI0100-") -> bytes:
-    """A 20-byte peer id in the Azureus style (client and version, then random bytes)."""
+def new_peer_id(prefix: bytes = b"-PI0300-") -> bytes:
+    """A 20-byte peer id in the Azureus style (client and version, then random bytes), for
+    open mode; authenticated nodes use ``PeerAuthenticator.peer_id()`` (bound to the token)."""
     return prefix + os.urandom(20 - len(prefix))
 
 
@@ -259,9 +281,9 @@ def make_connection(
     max_block_length: int | None = None,
     encrypt: bool = True,
 ) -> PeerConnection:
-    """A :class:`PeerConnection` with a fresh nonce (and, with ``encrypt``, a fresh
-    key-exchange key: the connection encrypts and requires the peer to); open mode when
-    no authenticator."""
+    """A :class:`PeerConnection` with a fresh nonce and key-exchange key (the auth
+    messages always travel encrypted; with ``encrypt`` the piece traffic too, and the
+    peer must agree); open mode when no authenticator."""
     block = BLOCK_LENGTH if max_block_length is None else max_block_length
     if authenticator is None:
         return PeerConnection(
@@ -278,6 +300,7 @@ def make_connection(
         peer_id=peer_id,
         authenticator=authenticator,
         nonce=os.urandom(32),
-        kx_key=os.urandom(32) if encrypt else None,
+        kx_key=os.urandom(32),
+        encrypt=encrypt,
         max_block_length=block,
     )

@@ -18,17 +18,28 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from ._protocol import AnnounceRequest, Event, OriginAssignment, ScrapeStats
+from ._protocol import (
+    AnnounceRequest,
+    Event,
+    OriginAssignment,
+    ScrapeStats,
+    TrackerRequestError,
+)
 
 __all__ = [
     "AnnounceOutcome",
     "FetcherRange",
+    "PeerIdTakenError",
     "PeerRecord",
     "PolicyConfig",
     "SwarmRecord",
     "TrackerPolicy",
     "origin_blob_url",
 ]
+
+
+class PeerIdTakenError(TrackerRequestError):
+    """The announce names a peer id another node (token subject) holds in this swarm."""
 
 
 def origin_blob_url(registry_url: str, repo: str, digest: str) -> str:
@@ -55,6 +66,13 @@ class PolicyConfig:
     * ``well_supplied_fraction``: a leecher with at most this fraction of the largest
       ``left`` seen in the swarm counts as well-supplied for peer selection.
     * ``zone_share``: the share of a response reserved for same-zone peers.
+    * ``seeder_stall_s``: a seeder's claim is one node's word. While a seeder is claimed
+      (no origin work), a leecher whose ``left`` has not fallen for this long reopens
+      origin work and is given a range, and every seeder that reported no upload for
+      as long is distrusted: its claims no longer close origin work and leechers are
+      not told about it. With the default 5 s a stalled leecher is caught at its first
+      re-announce (leechers of a seeded swarm are told ``fetcher_interval_s``, 5 s), well
+      inside the nodes' 15 s stall timeout.
     """
 
     interval_s: int = 30
@@ -75,6 +93,7 @@ class PolicyConfig:
     # Fetchers renew halfway through a lease, so its size only sets how finely the tail
     # can be stolen, not how often a fetcher waits.
     origin_lease_pieces: int | None = None
+    seeder_stall_s: float = 5.0
 
     def lease(self, pieces: int) -> int:
         if self.origin_lease_pieces is not None:
@@ -93,6 +112,18 @@ class PeerRecord:
     # When the peer was first seen with left == 0 (None while it is leeching).
     finished_at: float | None = None
     released: bool = False
+    # The token subject that announced this peer id (None in open mode).
+    subject: str | None = None
+    # When ``left`` last fell (or the peer joined); when ``uploaded`` last grew (or the
+    # peer became a seeder). What contradicts a claimed seeder is measured from these.
+    progress_at: float = 0.0
+    uploaded: int = 0
+    upload_at: float = 0.0
+
+    @property
+    def identity(self) -> str:
+        """Who stands behind this record: the token subject, else the peer id."""
+        return self.subject if self.subject is not None else self.peer_id.hex()
 
 
 @dataclass(slots=True)
@@ -124,6 +155,9 @@ class SwarmRecord:
     stalled: set[bytes] = field(default_factory=set)
     seeders: int = 0
     released: int = 0
+    # Identities (token subjects) whose seeder claims were contradicted by stalled
+    # leechers: their claims never close origin work and leechers are not told of them.
+    distrusted: set[str] = field(default_factory=set)
 
     @property
     def leechers(self) -> int:
@@ -200,15 +234,21 @@ class TrackerPolicy:
         now: float,
         zone: str | None = None,
         registry_url: str | None = None,
+        subject: str | None = None,
     ) -> AnnounceOutcome:
         """Apply one announce from ``host`` (the peer's address) to ``swarm``.
 
         ``registry_url`` (the tracker's configured registry) together with the request's
         ``repo`` and ``digest`` makes the origin URL; without all three the asker is never
-        named an origin fetcher.
+        named an origin fetcher. ``subject`` is the verified token's subject: a peer id
+        is held by one subject, and :class:`PeerIdTakenError` refuses another's
+        announce for it (before anything changes).
         """
         cfg = self.config
         swarm.expire(now, cfg.peer_timeout_s)
+        held = swarm.peers.get(req.peer_id)
+        if held is not None and held.subject != subject:
+            raise PeerIdTakenError("peer_id is held by another node")
         old = swarm.remove(req.peer_id)
         if (old is None and not swarm.peers) or (old is not None and old.left > 0):
             # A new (or emptied) swarm, or a leecher until this moment: the linger clock
@@ -229,6 +269,7 @@ class TrackerPolicy:
             finished_at = now
             if (old is not None and old.left > 0) or req.event is Event.COMPLETED:
                 swarm.downloads += 1
+        became_seeder = req.left == 0 and (old is None or old.left > 0)
         rec = PeerRecord(
             peer_id=req.peer_id,
             host=host,
@@ -238,13 +279,24 @@ class TrackerPolicy:
             zone=zone,
             finished_at=finished_at if req.left == 0 else None,
             released=old.released if old is not None else False,
+            subject=subject,
+            progress_at=now if old is None or req.left < old.left else old.progress_at,
+            uploaded=req.uploaded,
+            upload_at=(
+                now
+                if old is None or became_seeder or req.uploaded > old.uploaded
+                else old.upload_at
+            ),
         )
         swarm.add(rec)
         swarm.largest_left = max(swarm.largest_left, req.left)
         if req.left > 0:
             swarm.leecher_seen_at = now
-        elif not swarm.origin_done:
-            # A seeder holds every piece: the swarm no longer needs the registry.
+            if swarm.origin_done and swarm.pieces and now - rec.progress_at >= cfg.seeder_stall_s:
+                self._contradict_seeders(swarm, now)
+        elif became_seeder and not swarm.origin_done and rec.identity not in swarm.distrusted:
+            # A seeder holds every piece: the swarm no longer needs the registry (until
+            # a leecher stalls and contradicts it, see _contradict_seeders).
             swarm.origin_done = True
             swarm.fetchers.clear()
             swarm.unassigned.clear()
@@ -257,7 +309,10 @@ class TrackerPolicy:
             rec.released = True
             swarm.released += 1
         peers = [] if release else self._select(swarm, rec, req.numwant)
-        interval = cfg.fetcher_interval_s if origin is not None else cfg.interval_s
+        # Fetchers report progress often; so do leechers of a seeded swarm, so that a
+        # seeder claim that does not hold is caught within seeder_stall_s.
+        often = origin is not None or (rec.left > 0 and swarm.origin_done)
+        interval = cfg.fetcher_interval_s if often else cfg.interval_s
         return AnnounceOutcome(
             peers,
             swarm.seeders,
@@ -273,6 +328,21 @@ class TrackerPolicy:
             return ScrapeStats(0, 0, 0)
         swarm.expire(now, self.config.peer_timeout_s)
         return swarm.stats()
+
+    # ------------------------------------------------------------------ lying seeders
+
+    def _contradict_seeders(self, swarm: SwarmRecord, now: float) -> None:
+        """A leecher made no progress for ``seeder_stall_s`` although a seeder is claimed:
+        the claim is contradicted. Seeders that report no upload for as long are
+        distrusted, and origin work reopens over the whole layer (the next leechers to
+        announce are given ranges), so a lying member can slow a swarm, never stall it."""
+        stall = self.config.seeder_stall_s
+        for p in swarm.peers.values():
+            if p.left == 0 and now - p.upload_at >= stall:
+                swarm.distrusted.add(p.identity)
+        swarm.origin_done = False
+        swarm.fetchers.clear()
+        swarm.unassigned = [(0, swarm.pieces or 0)]
 
     # ------------------------------------------------------------------ origin ranges
 
@@ -323,12 +393,39 @@ class TrackerPolicy:
             return None
         if len(swarm.fetchers) >= self.target_fetchers(len(swarm.peers)):
             return None
+        if not self._zone_may_fetch(swarm, rec):
+            return None
         got = self._take_work(swarm)
         if got is None:
             return None
         first, end = got
         swarm.fetchers[rec.peer_id] = FetcherRange(rec.peer_id, first, end, now)
         return self._assignment(url, first, end, swarm.pieces)
+
+    def _zone_may_fetch(self, swarm: SwarmRecord, rec: PeerRecord) -> bool:
+        """Origin fetchers spread across zones: each zone with leechers that could fetch
+        has a fair share, ceil(k / zones), of the k fetcher slots. The asker's zone (None
+        is a zone of its own) may take a slot while it is under its share, or when no
+        other zone under its share has a leecher to give it to (no slot stays unused).
+        Spread, the registry's copies enter every zone and cross-zone traffic is one
+        range per zone rather than the whole layer. O(peers), only while a slot is open."""
+        per_zone: dict[str | None, int] = {}
+        for pid in swarm.fetchers:
+            fetcher = swarm.peers.get(pid)
+            zone = fetcher.zone if fetcher is not None else None
+            per_zone[zone] = per_zone.get(zone, 0) + 1
+        candidates = {
+            p.zone
+            for p in swarm.peers.values()
+            if p.left > 0 and p.peer_id not in swarm.fetchers and p.peer_id not in swarm.stalled
+        }
+        zones = candidates | set(per_zone)
+        if len(zones) <= 1:
+            return True
+        share = math.ceil(self.target_fetchers(len(swarm.peers)) / len(zones))
+        if per_zone.get(rec.zone, 0) < share:
+            return True
+        return not any(per_zone.get(z, 0) < share for z in candidates if z != rec.zone)
 
     def _assignment(self, url: str, first: int, end: int, pieces: int) -> OriginAssignment:
         lease = self.config.lease(pieces)
@@ -404,6 +501,7 @@ class TrackerPolicy:
         leecher = asker.left > 0
         well = swarm.largest_left * self.config.well_supplied_fraction
         fetchers = swarm.fetchers
+        distrusted = swarm.distrusted
         zone = asker.zone
         # tiers[same_zone][tier]
         tiers: tuple[list[list[PeerRecord]], list[list[PeerRecord]]] = (
@@ -414,7 +512,7 @@ class TrackerPolicy:
             if p.released or p is asker:
                 continue
             if p.left == 0:
-                if not leecher:
+                if not leecher or (distrusted and p.identity in distrusted):
                     continue
                 tier = 0
             elif leecher and (p.left <= well or p.peer_id in fetchers):

@@ -14,6 +14,7 @@ Responses are always compact (BEP 23): ``peers`` holds 6 bytes per IPv4 peer, ``
 from __future__ import annotations
 
 import enum
+import hashlib
 import ipaddress
 import re
 import socket
@@ -40,6 +41,8 @@ __all__ = [
     "ScrapeRequest",
     "ScrapeStats",
     "TrackerRequestError",
+    "batch_query",
+    "check_batch_digest",
     "encode_announce_batch",
     "encode_announce_batch_response",
     "encode_announce_response",
@@ -345,6 +348,19 @@ def encode_announce_batch(requests: Sequence[AnnounceRequest]) -> bytes:
             entry[name] = int(raw) if name in _BATCH_INTS else raw
         entries.append(entry)
     return bencode({b"announces": entries})
+
+
+def batch_query(body: bytes) -> str:
+    """The query string of the ``POST /announce/batch`` that carries ``body``: its
+    SHA-256, so that a proof of possession over the URL covers the body too."""
+    return "body_sha256=" + hashlib.sha256(body).hexdigest()
+
+
+def check_batch_digest(query: bytes, body: bytes) -> None:
+    """Raise :class:`TrackerRequestError` unless ``query`` is :func:`batch_query` of
+    ``body``."""
+    if query.decode("latin-1") != batch_query(body):
+        raise TrackerRequestError("batch: body_sha256 in the URL does not match the body")
 
 
 def parse_announce_batch(body: bytes) -> list[AnnounceRequest]:

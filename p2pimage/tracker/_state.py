@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
+from p2pimage.auth.tokens import ProofReplayCache
 from p2pimage.errors import StateUnavailableError
 
 from ._policy import FetcherRange, PeerRecord, SwarmRecord
@@ -79,12 +80,18 @@ class TrackerState(Protocol):
         """Expire silent peers in every swarm and drop empty swarms."""
         ...
 
+    async def claim_nonce(self, key: bytes, expires_at: float, now: float) -> bool | None:
+        """Remember a proof nonce until ``expires_at``: True if it is new, False if it was
+        claimed before (a replay), None if the replay cache is full."""
+        ...
+
 
 class MemoryState:
     """Swarms in a dict; the default, for one tracker replica."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, nonces: ProofReplayCache | None = None) -> None:
         self.swarms: dict[SwarmKey, SwarmRecord] = {}
+        self.nonces = nonces or ProofReplayCache()
 
     async def update(self, key: SwarmKey, fn: Callable[[SwarmRecord], T]) -> T:
         swarm = self.swarms.get(key)
@@ -111,6 +118,9 @@ class MemoryState:
             swarm.expire(now, timeout_s)
             if not swarm.peers:
                 del self.swarms[key]
+
+    async def claim_nonce(self, key: bytes, expires_at: float, now: float) -> bool | None:
+        return self.nonces.claim(key, expires_at, now)
 
 
 # ------------------------------------------------------------------------------ Redis
@@ -157,6 +167,7 @@ def swarm_to_json(swarm: SwarmRecord) -> bytes:
         "leecher_seen_at": swarm.leecher_seen_at,
         "unassigned": swarm.unassigned,
         "stalled": [p.hex() for p in swarm.stalled],
+        "distrusted": sorted(swarm.distrusted),
         "fetchers": [
             [f.peer_id.hex(), f.next, f.end, f.last_progress] for f in swarm.fetchers.values()
         ],
@@ -170,6 +181,10 @@ def swarm_to_json(swarm: SwarmRecord) -> bytes:
                 p.zone,
                 p.finished_at,
                 p.released,
+                p.subject,
+                p.progress_at,
+                p.uploaded,
+                p.upload_at,
             ]
             for p in swarm.peers.values()
         ],
@@ -187,12 +202,31 @@ def swarm_from_json(data: bytes) -> SwarmRecord:
         leecher_seen_at=doc["leecher_seen_at"],
         unassigned=[(a, b) for a, b in doc["unassigned"]],
         stalled={bytes.fromhex(p) for p in doc["stalled"]},
+        distrusted=set(doc.get("distrusted", ())),
     )
     for pid, nxt, end, progress in doc["fetchers"]:
         raw = bytes.fromhex(pid)
         swarm.fetchers[raw] = FetcherRange(raw, nxt, end, progress)
-    for pid, host, port, left, seen, zone, finished, released in doc["peers"]:
-        swarm.add(PeerRecord(bytes.fromhex(pid), host, port, left, seen, zone, finished, released))
+    for entry in doc["peers"]:
+        # Documents written before protocol 3 have the first eight fields only.
+        pid, host, port, left, seen, zone, finished, released, *more = entry
+        subject, progress_at, uploaded, upload_at = more or (None, seen, 0, seen)
+        swarm.add(
+            PeerRecord(
+                bytes.fromhex(pid),
+                host,
+                port,
+                left,
+                seen,
+                zone,
+                finished,
+                released,
+                subject,
+                progress_at,
+                uploaded,
+                upload_at,
+            )
+        )
     return swarm
 
 
@@ -212,9 +246,11 @@ class RedisState:
         self._locks: dict[SwarmKey, list[Any]] = {}
         # Our last write of each swarm (version, swarm), least recently used first.
         self._cache: dict[SwarmKey, tuple[str, SwarmRecord]] = {}
+        from coredis import PureToken
         from coredis.exceptions import RedisError
 
         self._errors = RedisError
+        self._nx = PureToken.NX
 
     def _key(self, key: SwarmKey) -> str:
         # Cluster names are free text: hex keeps the Redis key unambiguous.
@@ -311,9 +347,23 @@ class RedisState:
         # SwarmRecord documents expire by TTL; peers inside one expire at its next announce.
         return None
 
+    async def claim_nonce(self, key: bytes, expires_at: float, now: float) -> bool | None:
+        # SET NX with a TTL: one round trip, atomic across replicas; Redis expires it.
+        ttl_ms = max(1, int((expires_at - now) * 1000))
+        try:
+            done = await self.client.set(
+                f"{self.prefix}nonce:{key.hex()}", b"1", px=ttl_ms, condition=self._nx
+            )
+        except (self._errors, OSError) as exc:
+            raise _unavailable(exc) from None
+        return bool(done)
+
     async def clear(self) -> None:
         """Delete every key under the prefix (tests and benchmarks)."""
         members = list(await self.client.smembers(self._index))
         if members:
             await self.client.delete(members)
         await self.client.delete([self._index])
+        nonces = [k async for k in self.client.scan_iter(match=f"{self.prefix}nonce:*")]
+        if nonces:
+            await self.client.delete(nonces)

@@ -1,7 +1,9 @@
 """Talking to the tracker: the HTTP announce client and a swarm's announce loop.
 
-:class:`TrackerClient` sends BEP 3 announces (compact peers, BEP 23) with the node token
-as ``Authorization: Bearer``, and works against stock trackers (opentracker) too.
+:class:`TrackerClient` sends BEP 3 announces (compact peers, BEP 23) signed with the
+node token and a fresh proof of possession per request (``auth``, a
+:class:`~p2pimage.sidecar.client.DPoPAuth`), and works against stock trackers
+(opentracker) too.
 :func:`run_announcer` keeps a swarm announced: ``started`` at once, re-announces quickly
 while the swarm is short of peers, ``completed`` the moment the blob completes, and
 ``stopped`` on the way out. It acts on the tracker's p2pimage extras: an origin
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +30,7 @@ from p2pimage.tracker import (
     AnnounceRequest,
     AnnounceResponse,
     Event,
+    batch_query,
     encode_announce_batch,
     parse_announce_batch_response,
     parse_announce_response,
@@ -57,25 +60,24 @@ class TrackerClient:
         url: str,
         *,
         http: httpx.AsyncClient,
-        token: str | Callable[[], str] | None = None,
+        auth: httpx.Auth | None = None,
         timeout_s: float = 10.0,
     ) -> None:
+        """``auth`` signs each announce (``TokenKeeper.request_auth()``); without it the
+        announces carry no credentials (stock trackers, open mode)."""
         self.url = url
         self.http = http
-        self._token = token
+        self.auth = auth
         self.timeout_s = timeout_s
-
-    def _headers(self) -> dict[str, str]:
-        if self._token is None:
-            return {}
-        token = self._token() if callable(self._token) else self._token
-        return {"Authorization": f"Bearer {token}"}
 
     async def announce(self, request: AnnounceRequest) -> AnnounceResponse:
         sep = "&" if "?" in self.url else "?"
         url = self.url + sep + request.to_query().decode("ascii")
         try:
-            response = await self.http.get(url, headers=self._headers(), timeout=self.timeout_s)
+            if self.auth is None:
+                response = await self.http.get(url, timeout=self.timeout_s)
+            else:
+                response = await self.http.get(url, auth=self.auth, timeout=self.timeout_s)
         except httpx.HTTPError as exc:
             raise TrackerError(f"tracker {self.url} unreachable: {exc}") from None
         try:
@@ -100,11 +102,17 @@ class TrackerClient:
         docs/protocol.md, "Batched announces"). One answer per request, in order; a swarm
         the tracker refused has ``failure`` set, as from :meth:`announce`."""
         body = encode_announce_batch(requests)
-        headers = {**self._headers(), "Content-Type": "application/x-bittorrent"}
+        url = f"{self.batch_url}?{batch_query(body)}"  # the proof signs the body's digest
+        headers = {"Content-Type": "application/x-bittorrent"}
         try:
-            response = await self.http.post(
-                self.batch_url, content=body, headers=headers, timeout=self.timeout_s
-            )
+            if self.auth is None:
+                response = await self.http.post(
+                    url, content=body, headers=headers, timeout=self.timeout_s
+                )
+            else:
+                response = await self.http.post(
+                    url, content=body, headers=headers, auth=self.auth, timeout=self.timeout_s
+                )
         except httpx.HTTPError as exc:
             raise TrackerError(f"tracker {self.url} unreachable: {exc}") from None
         try:

@@ -12,8 +12,10 @@ from ._codec import (
     MAX_BLOCK_LENGTH_LIMIT,
     NONCE_KEY,
     NONCE_LENGTH,
+    PROTOCOL_VERSION,
     auth_transcript,
     encode_message,
+    handshake_context,
     piece_header,
 )
 from ._connection import Authenticator, PeerConnection
@@ -49,6 +51,7 @@ __all__ = [
     "NEED_DATA",
     "NONCE_KEY",
     "NONCE_LENGTH",
+    "PROTOCOL_VERSION",
     "Authenticator",
     "Bitfield",
     "Cancel",
@@ -73,6 +76,7 @@ __all__ = [
     "Role",
     "Unchoke",
     "auth_transcript",
+    "handshake_context",
     "encode_message",
     "piece_header",
 ]

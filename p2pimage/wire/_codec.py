@@ -54,19 +54,43 @@ EXT_HANDSHAKE_ID: Final = 0  # BEP 10: extended message id 0 is the extended han
 
 # --- our BEP 10 extension ---------------------------------------------------------------
 
-AUTH_EXTENSION: Final = b"p2pimage_auth"  # name in "m"; the auth message goes to its id
+# The peer protocol's version, carried in the auth extension's name so that peers of
+# different versions recognise each other in their extended handshakes and refuse each
+# other cleanly (docs/protocol.md, "Rolling upgrade"). Version 2 called the extension
+# plain "p2pimage_auth" (tokens in the clear, encryption after them); version 3 exchanges
+# keys first and carries both auth messages encrypted, the responder's last.
+PROTOCOL_VERSION: Final = 3
+AUTH_EXTENSION: Final = b"p2pimage_auth_v3"  # name in "m"; the auth message goes to its id
+_AUTH_PREFIX: Final = b"p2pimage_auth"
 NONCE_KEY: Final = b"p2pimage_nonce"  # extended-handshake key carrying the 32-byte nonce
 NONCE_LENGTH: Final = 32
 KX_LENGTH: Final = 32
-# Extended-handshake key carrying the sender's ephemeral X25519 public key (32 bytes):
-# offered by a side that encrypts (see _crypto.py), required by it from the peer.
+# Extended-handshake key carrying the sender's ephemeral X25519 public key (32 bytes);
+# required from both sides (the auth messages travel encrypted under it).
 KX_KEY: Final = b"p2pimage_kx"
+# Extended-handshake key (value 1) of a side configured to send piece traffic in the
+# clear after authentication (``peer_encryption = false``). Both sides must agree: a
+# side that encrypts refuses a peer that sends it, and the reverse.
+PLAIN_KEY: Final = b"p2pimage_plain"
 # The id we ask peers to send our auth message with. Any of 1..255 would do (BEP 10 ids are
 # chosen by the receiver); callers' own extensions must not reuse it.
 LOCAL_AUTH_ID: Final = 1
 # Transcript label: protocol name and version, NUL-terminated so no prefix collides.
-TRANSCRIPT_LABEL: Final = b"p2pimage-peer-auth/2\x00"
+TRANSCRIPT_LABEL: Final = b"p2pimage-peer-auth/3\x00"
 _ROLE_TAG: Final = {Role.INITIATOR: b"I", Role.RESPONDER: b"R"}
+
+
+def auth_extension_version(name: bytes) -> int | None:
+    """The peer protocol version an extension name announces: 2 for the unversioned
+    ``p2pimage_auth`` of version 2, N for ``p2pimage_auth_vN``, None for other names."""
+    if name == _AUTH_PREFIX:
+        return 2
+    prefix = _AUTH_PREFIX + b"_v"
+    digits = name[len(prefix) :]
+    if name.startswith(prefix) and digits.isdigit() and len(digits) <= 4:
+        return int(digits)
+    return None
+
 
 # --- bounds -----------------------------------------------------------------------------
 
@@ -140,53 +164,57 @@ def check_id(name: str, value: bytes, length: int = 20) -> None:
         raise LocalProtocolError(f"{name} must be {length} bytes")
 
 
-def auth_transcript(
+def handshake_context(
     *,
-    signer: Role,
     info_hash: bytes,
     initiator_peer_id: bytes,
     responder_peer_id: bytes,
     initiator_nonce: bytes,
     responder_nonce: bytes,
-    initiator_kx: bytes = b"",
-    responder_kx: bytes = b"",
+    initiator_kx: bytes,
+    responder_kx: bytes,
+    encrypted: bool = True,
 ) -> bytes:
-    """The bytes a side signs in its auth message.
+    """What both sides saw of the key exchange, in a fixed layout: the input of the key
+    derivation and the body of both auth transcripts.
 
-    ``TRANSCRIPT_LABEL || role tag (b"I" or b"R", the signer) || info_hash (20) ||
-    initiator peer id (20) || responder peer id (20) || initiator nonce (32) ||
-    responder nonce (32) || len(initiator kx) (1) || initiator kx || len(responder kx)
-    (1) || responder kx``, where a kx is a side's X25519 key-exchange key (32 bytes) or
-    empty when it offered none. Every field has a fixed length or a length prefix, so
-    the concatenation is unambiguous; the role tag means a signature cannot be reflected
-    back to its signer; the kx fields mean the key exchange cannot be altered or stripped
-    without breaking both signatures.
+    ``info_hash (20) || initiator peer id (20) || responder peer id (20) || initiator
+    nonce (32) || responder nonce (32) || initiator kx (32) || responder kx (32) || mode
+    (1: b"E" encrypted after authentication, b"P" plain)``. Every field has a fixed length,
+    so the concatenation is unambiguous.
     """
-    if signer not in _ROLE_TAG:
-        raise LocalProtocolError("signer must be a Role")
     check_id("info_hash", info_hash)
     check_id("initiator_peer_id", initiator_peer_id)
     check_id("responder_peer_id", responder_peer_id)
     check_id("initiator_nonce", initiator_nonce, NONCE_LENGTH)
     check_id("responder_nonce", responder_nonce, NONCE_LENGTH)
-    for name, kx in (("initiator_kx", initiator_kx), ("responder_kx", responder_kx)):
-        if not isinstance(kx, bytes) or len(kx) not in (0, KX_LENGTH):
-            raise LocalProtocolError(f"{name} must be empty or {KX_LENGTH} bytes")
+    check_id("initiator_kx", initiator_kx, KX_LENGTH)
+    check_id("responder_kx", responder_kx, KX_LENGTH)
     return b"".join(
         (
-            TRANSCRIPT_LABEL,
-            _ROLE_TAG[signer],
             info_hash,
             initiator_peer_id,
             responder_peer_id,
             initiator_nonce,
             responder_nonce,
-            bytes((len(initiator_kx),)),
             initiator_kx,
-            bytes((len(responder_kx),)),
             responder_kx,
+            b"E" if encrypted else b"P",
         )
     )
+
+
+def auth_transcript(*, signer: Role, context: bytes) -> bytes:
+    """The bytes a side signs in its auth message: ``TRANSCRIPT_LABEL || role tag (b"I"
+    or b"R", the signer) || handshake_context(...)``.
+
+    The role tag means a signature cannot be reflected back to its signer; the context
+    holds both nonces (fresh per connection: no replay), both peer ids, the info-hash and
+    both key-exchange keys (a man in the middle who swaps a key breaks both signatures).
+    """
+    if signer not in _ROLE_TAG:
+        raise LocalProtocolError("signer must be a Role")
+    return TRANSCRIPT_LABEL + _ROLE_TAG[signer] + context
 
 
 def build_extended(extended_id: int, payload: bytes) -> bytes:
@@ -204,6 +232,7 @@ def build_extended_handshake(
     reqq: int | None,
     nonce: bytes | None,
     kx: bytes | None = None,
+    plain: bool = False,
 ) -> bytes:
     payload: dict[bytes, Bencodable] = {b"m": dict(extensions)}
     if client is not None:
@@ -214,6 +243,8 @@ def build_extended_handshake(
         payload[NONCE_KEY] = nonce
     if kx is not None:
         payload[KX_KEY] = kx
+    if plain:
+        payload[PLAIN_KEY] = 1
     return build_extended(EXT_HANDSHAKE_ID, bencode(payload))
 
 

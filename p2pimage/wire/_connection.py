@@ -4,8 +4,8 @@ No sockets, no clock, no randomness: the caller passes the nonce, the key-exchan
 and peer ids, feeds received bytes to :meth:`PeerConnection.receive_data`, pulls events
 from :meth:`PeerConnection.next_event`, writes what :meth:`PeerConnection.send` returns
 and, after every event, what :meth:`PeerConnection.data_to_send` returns (bytes the
-protocol itself emits: handshake, extended handshake, auth message). On an encrypted
-connection everything written after the handshake goes through
+protocol itself emits: handshake, extended handshake, the encrypted auth message).
+Everything the caller writes after the connection is open goes through
 :meth:`PeerConnection.seal` first (a no-op on a connection that does not encrypt).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from p2pimage.errors import LocalProtocolError, RemoteProtocolError
+from p2pimage.errors import LocalProtocolError, ProtocolVersionError, RemoteProtocolError
 from p2pimage.metainfo.bencoding import bdecode
 
 from . import _codec as c
@@ -81,28 +81,32 @@ class Authenticator(Protocol):
     def credentials(self, transcript: bytes) -> tuple[bytes, bytes]: ...
 
     def verify_peer(
-        self, token: bytes, signature: bytes, transcript: bytes, info_hash: bytes
+        self, token: bytes, signature: bytes, transcript: bytes, info_hash: bytes, peer_id: bytes
     ) -> NodeToken: ...
 
 
 class PeerConnection:
     """Protocol state of one BitTorrent peer connection, with optional JWT proof of possession.
 
-    Authenticated mode (``authenticator=...``, ``nonce=...``) sequence, symmetric for both
-    roles: handshake -> BEP 10 extended handshake (with our nonce) -> one auth message
-    (token + signature over :func:`auth_transcript`) -> OPEN. A side sends its auth message
-    as soon as it has processed the peer's extended handshake (then it knows both nonces);
-    it is OPEN once it has verified the peer's auth message (``PeerAuthenticated``).
-    Before OPEN, ``send()`` raises :class:`LocalProtocolError` and any received message
-    other than the next expected handshake step raises :class:`RemoteProtocolError`.
+    Authenticated mode (``authenticator=...``, ``nonce=...``, ``kx_key=...``; protocol
+    version :data:`~p2pimage.wire._codec.PROTOCOL_VERSION`), key exchange first,
+    identities second, responder last:
 
-    Encryption (authenticated mode with ``kx_key=``, 32 random bytes): the extended
-    handshake also carries our ephemeral X25519 key, the peer must send one too (else
-    :class:`RemoteProtocolError`), both are signed in the transcript, and every byte
-    after a side's auth message travels in AES-GCM records (``wire/_crypto.py``). The
-    caller passes every write after the handshake through :meth:`seal`; decryption of
-    received bytes is internal. Without ``kx_key`` the connection is not encrypted, and
-    a peer that requires encryption refuses it.
+    1. handshake + BEP 10 extended handshake each way (nonce, ephemeral X25519 key; no
+       identity). Both sides derive the AES-GCM keys from the handshake context (both
+       nonces, both peer ids, the info-hash, both keys); every later byte is a record.
+    2. the initiator's auth message (token + signature over :func:`auth_transcript`),
+       encrypted. The responder verifies it (``PeerAuthenticated``, responder OPEN) and
+       only then sends its own, encrypted; the initiator verifies that (initiator OPEN).
+
+    A connector that never authenticates therefore never sees the responder's token, and
+    no token ever crosses the wire in the clear. Before OPEN, ``send()`` raises
+    :class:`LocalProtocolError` and any received message other than the next expected
+    handshake step raises :class:`RemoteProtocolError`; a peer of another protocol
+    version raises :class:`ProtocolVersionError`. After OPEN the caller passes every
+    write through :meth:`seal`; decryption is internal. With ``encrypt=False`` piece
+    traffic after authentication goes in the clear (the auth messages stay encrypted);
+    both sides must agree, or the connection is refused.
 
     Open mode (``authenticator=None, open_mode=True``) is for stock clients only: the
     connection is OPEN right after the 68-byte handshakes; extended handshakes are optional.
@@ -120,6 +124,7 @@ class PeerConnection:
         authenticator: Authenticator | None,
         nonce: bytes | None = None,
         kx_key: bytes | None = None,
+        encrypt: bool = True,
         open_mode: bool = False,
         info_hash: bytes | None = None,
         num_pieces: int | None = None,
@@ -147,6 +152,10 @@ class PeerConnection:
             if nonce is None:
                 raise LocalProtocolError("authenticated mode needs a fresh 32-byte nonce")
             c.check_id("nonce", nonce, c.NONCE_LENGTH)
+            if kx_key is None:
+                raise LocalProtocolError(
+                    "authenticated mode needs a fresh 32-byte key-exchange key (kx_key)"
+                )
         if role is Role.INITIATOR:
             if info_hash is None:
                 raise LocalProtocolError("an INITIATOR must know the info_hash")
@@ -180,11 +189,13 @@ class PeerConnection:
         self._nonce = nonce
         self._kx_key = kx_key
         self._kx_public = kx_public_key(kx_key) if kx_key is not None else None
+        self._encrypt = encrypt and authenticator is not None
         self._peer_kx: bytes | None = None
-        self._writer: RecordWriter | None = None  # set once our auth message is queued
-        self._reader: RecordReader | None = None  # set once the peer's auth message is read
-        self._send_key: bytes | None = None
-        self._receive_key: bytes | None = None
+        self._context: bytes | None = None  # handshake_context(), once both keys are known
+        # Both set once the peer's extended handshake is read: every byte after the
+        # extended handshakes is a record (until OPEN only, with encrypt=False).
+        self._writer: RecordWriter | None = None
+        self._reader: RecordReader | None = None
         self._client = client
         self._reqq = reqq
         self._local_ext = local_ext
@@ -252,9 +263,9 @@ class PeerConnection:
 
     @property
     def encrypted(self) -> bool:
-        """Whether this connection encrypts (known once the peer's extended handshake is
-        read: then :meth:`seal` must wrap every write after the handshake)."""
-        return self._send_key is not None
+        """Whether piece traffic after authentication is encrypted (authenticated mode
+        with ``encrypt``); :meth:`seal` must wrap every write once the connection is open."""
+        return self._encrypt
 
     @property
     def info_hash(self) -> bytes | None:
@@ -342,9 +353,8 @@ class PeerConnection:
     # --- output ---------------------------------------------------------------------------
 
     def data_to_send(self) -> bytes:
-        """Bytes the protocol itself must write (handshakes, auth); check after each event.
-        Written as they are: on an encrypted connection the protocol emits nothing after
-        its auth message."""
+        """Bytes the protocol itself must write (handshakes, the sealed auth message);
+        check after each event. Written as they are: they are already sealed."""
         out = bytes(self._outbox)
         self._outbox.clear()
         return out
@@ -352,11 +362,16 @@ class PeerConnection:
     def seal(self, data: bytes | bytearray | memoryview) -> bytes:
         """What to write for ``data`` (any run of :meth:`send` results, in order, and the
         block bytes after each :meth:`piece_header`): encrypted records on an encrypted
-        connection, ``data`` itself otherwise. Allowed once OPEN."""
+        connection, ``data`` itself otherwise. Allowed once OPEN. Pending protocol output
+        (``data_to_send()``) comes first."""
         self._check_open("seal")
         if self._writer is None:
             return bytes(data)
-        return self._writer.seal(data)
+        sealed = self._writer.seal(data)
+        if self._outbox:
+            sealed = bytes(self._outbox) + sealed
+            self._outbox.clear()
+        return sealed
 
     def send(self, message: Message) -> bytes:
         """Encode a caller-initiated message; allowed only when OPEN.
@@ -417,7 +432,9 @@ class PeerConnection:
         return self._flush_with(c.piece_header(index, begin, length))
 
     def _flush_with(self, encoded: bytes) -> bytes:
-        if self._outbox:
+        # Pending protocol output goes first: here when the caller writes our result as
+        # it is; in seal() when it is about to be sealed (the outbox is sealed already).
+        if self._outbox and self._writer is None:
             encoded = bytes(self._outbox) + encoded
             self._outbox.clear()
         return encoded
@@ -439,6 +456,7 @@ class PeerConnection:
             reqq=self._reqq,
             nonce=self._nonce,
             kx=self._kx_public,
+            plain=self._auth is not None and not self._encrypt,
         )
 
     # --- input ----------------------------------------------------------------------------
@@ -458,7 +476,7 @@ class PeerConnection:
                     "receive buffer full: drain next_event() until NEED_DATA before feeding more"
                 )
             try:
-                data = self._reader.feed(data)
+                data = self._open_records(data)
             except RemoteProtocolError as exc:
                 self._error = exc
                 self._state = _S.CLOSED
@@ -635,41 +653,61 @@ class PeerConnection:
         event = self._parse_extended_handshake(start, end)
         auth_id = event.extensions.get(c.AUTH_EXTENSION)
         if auth_id is None:
-            raise RemoteProtocolError("peer does not advertise the p2pimage_auth extension")
+            versions = [c.auth_extension_version(name) for name in event.extensions]
+            known = sorted(v for v in versions if v is not None and v != c.PROTOCOL_VERSION)
+            if known:
+                raise ProtocolVersionError(known[-1], c.PROTOCOL_VERSION)
+            raise RemoteProtocolError(
+                f"peer does not advertise the {c.AUTH_EXTENSION.decode()} extension"
+            )
         nonce = event.payload.get(c.NONCE_KEY)
         if not isinstance(nonce, bytes) or len(nonce) != c.NONCE_LENGTH:
             raise RemoteProtocolError("peer's extended handshake lacks a 32-byte nonce")
         if nonce == self._nonce:
             raise RemoteProtocolError("peer echoed our nonce")
         peer_kx = event.payload.get(c.KX_KEY)
-        if peer_kx is not None and (not isinstance(peer_kx, bytes) or len(peer_kx) != c.KX_LENGTH):
-            raise RemoteProtocolError("peer's key-exchange key is not 32 bytes")
-        if self._kx_key is not None and peer_kx is None:
+        if not isinstance(peer_kx, bytes) or len(peer_kx) != c.KX_LENGTH:
+            raise RemoteProtocolError("peer's extended handshake lacks a 32-byte key-exchange key")
+        peer_plain = event.payload.get(c.PLAIN_KEY, 0) != 0
+        if peer_plain and self._encrypt:
             raise RemoteProtocolError("peer does not offer encryption, which we require")
+        if not peer_plain and not self._encrypt:
+            raise RemoteProtocolError(
+                "peer encrypts piece traffic and we do not (peer_encryption must agree)"
+            )
         self._peer_nonce = nonce
         self._peer_auth_id = auth_id
         self._peer_kx = peer_kx
-        if self._kx_key is not None:
-            assert peer_kx is not None and self._info_hash is not None
-            assert self._nonce is not None
-            initiator, responder = self._by_role(self._nonce, nonce)
-            initiator_kx, responder_kx = self._kx_pair()
-            self._send_key, self._receive_key = derive_keys(
-                our_role=self.our_role,
-                private=self._kx_key,
-                peer_public=peer_kx,
-                info_hash=self._info_hash,
-                initiator_nonce=initiator,
-                responder_nonce=responder,
-                initiator_kx=initiator_kx,
-                responder_kx=responder_kx,
-            )
-        # We now know both nonces: sign our side of the transcript and queue the auth message.
-        assert self._auth is not None
-        token, signature = self._auth.credentials(self._transcript(self.our_role))
-        self._outbox += c.build_auth(auth_id, token, signature)
-        if self._send_key is not None:
-            self._writer = RecordWriter(self._send_key)  # every later byte we send
+        assert self._kx_key is not None and self._nonce is not None
+        assert self._info_hash is not None and self._remote_peer_id is not None
+        ids = self._by_role(self.our_peer_id, self._remote_peer_id)
+        nonces = self._by_role(self._nonce, nonce)
+        initiator_kx, responder_kx = self._kx_pair()
+        self._context = c.handshake_context(
+            info_hash=self._info_hash,
+            initiator_peer_id=ids[0],
+            responder_peer_id=ids[1],
+            initiator_nonce=nonces[0],
+            responder_nonce=nonces[1],
+            initiator_kx=initiator_kx,
+            responder_kx=responder_kx,
+            encrypted=self._encrypt,
+        )
+        send_key, receive_key = derive_keys(
+            our_role=self.our_role,
+            private=self._kx_key,
+            peer_public=peer_kx,
+            context=self._context,
+        )
+        self._writer = RecordWriter(send_key)
+        # Without encryption after OPEN, the peer's auth message is its only record.
+        self._reader = RecordReader(receive_key, limit=None if self._encrypt else 1)
+        rest = bytes(self._buf[self._pos :])
+        del self._buf[self._pos :]
+        if rest:
+            self._buf += self._open_records(rest)
+        if self.our_role is Role.INITIATOR:
+            self._queue_auth()  # the responder answers with its own only once it has verified us
         self._state = _S.AWAIT_AUTH
         return event
 
@@ -688,19 +726,37 @@ class PeerConnection:
         ):
             raise RemoteProtocolError("auth message lacks a signature")
         assert self._auth is not None and self._info_hash is not None
+        assert self._remote_peer_id is not None
         verified = self._auth.verify_peer(
-            token, signature, self._transcript(self.their_role), self._info_hash
+            token,
+            signature,
+            self._transcript(self.their_role),
+            self._info_hash,
+            self._remote_peer_id,
         )
         self._peer_token = verified
+        if self.our_role is Role.RESPONDER:
+            self._queue_auth()
+        if not self._encrypt:
+            self._writer = None  # piece traffic in the clear from here on
         self._state = _S.OPEN
-        if self._receive_key is not None:
-            # Every byte after the peer's auth message is a record: open what is buffered.
-            self._reader = RecordReader(self._receive_key)
-            rest = bytes(self._buf[self._pos :])
-            del self._buf[self._pos :]
-            if rest:
-                self._buf += self._reader.feed(rest)
         return PeerAuthenticated(verified)
+
+    def _queue_auth(self) -> None:
+        assert self._auth is not None and self._writer is not None
+        assert self._peer_auth_id is not None
+        token, signature = self._auth.credentials(self._transcript(self.our_role))
+        self._outbox += self._writer.seal(c.build_auth(self._peer_auth_id, token, signature))
+
+    def _open_records(self, data: bytes | bytearray | memoryview) -> bytes:
+        """Received bytes, decrypted; with a record limit reached, the reader steps aside."""
+        reader = self._reader
+        assert reader is not None
+        plain = reader.feed(data)
+        if reader.exhausted:
+            self._reader = None
+            plain += reader.take_raw()
+        return plain
 
     def _on_extended_open(self, ext_id: int, start: int, end: int) -> Event:
         if ext_id == c.EXT_HANDSHAKE_ID:
@@ -752,21 +808,9 @@ class PeerConnection:
         return (ours, theirs) if self.our_role is Role.INITIATOR else (theirs, ours)
 
     def _kx_pair(self) -> tuple[bytes, bytes]:
-        return self._by_role(self._kx_public or b"", self._peer_kx or b"")
+        assert self._kx_public is not None and self._peer_kx is not None
+        return self._by_role(self._kx_public, self._peer_kx)
 
     def _transcript(self, signer: Role) -> bytes:
-        assert self._nonce is not None and self._peer_nonce is not None
-        assert self._info_hash is not None and self._remote_peer_id is not None
-        ids = self._by_role(self.our_peer_id, self._remote_peer_id)
-        nonces = self._by_role(self._nonce, self._peer_nonce)
-        initiator_kx, responder_kx = self._kx_pair()
-        return c.auth_transcript(
-            signer=signer,
-            info_hash=self._info_hash,
-            initiator_peer_id=ids[0],
-            responder_peer_id=ids[1],
-            initiator_nonce=nonces[0],
-            responder_nonce=nonces[1],
-            initiator_kx=initiator_kx,
-            responder_kx=responder_kx,
-        )
+        assert self._context is not None
+        return c.auth_transcript(signer=signer, context=self._context)

@@ -1,11 +1,13 @@
 """Encryption of an authenticated peer connection (sans-I/O): key agreement and records.
 
-Each side offers an ephemeral X25519 public key in its extended handshake
-(``p2pimage_kx``); both keys are in the auth transcript, so the signatures that
-authenticate the peers also authenticate the key exchange, and a man in the middle can
-neither swap the keys nor strip them. The shared secret goes through HKDF-SHA256 into
-one AES-256-GCM key per direction. Every byte a side sends after its own auth message
-is then framed in records::
+Each side sends an ephemeral X25519 public key in its extended handshake
+(``p2pimage_kx``), before any identity. The shared secret goes through HKDF-SHA256, with
+the handshake context (both nonces, both peer ids, the info-hash, both keys) as its
+info, into one AES-256-GCM key per direction; the auth messages that follow travel
+encrypted and sign the same context, so the signatures that authenticate the peers also
+authenticate the key exchange, and a man in the middle can neither swap the keys nor
+read the tokens. Every byte a side sends after its extended handshake is framed in
+records::
 
     record = length (4 bytes, big-endian: ciphertext + 16-byte tag) || AES-GCM(plaintext)
 
@@ -47,7 +49,7 @@ __all__ = [
 MAX_RECORD_PLAINTEXT: Final = 256 * 1024
 TAG_LENGTH: Final = 16
 RECORD_OVERHEAD: Final = 4 + TAG_LENGTH
-_KDF_INFO: Final = b"p2pimage-peer-enc/1\x00"
+_KDF_INFO: Final = b"p2pimage-peer-enc/3\x00"
 _LEN: Final = struct.Struct(">I")
 _NONCE: Final = struct.Struct(">4xQ")
 
@@ -68,13 +70,10 @@ def derive_keys(
     our_role: Role,
     private: bytes,
     peer_public: bytes,
-    info_hash: bytes,
-    initiator_nonce: bytes,
-    responder_nonce: bytes,
-    initiator_kx: bytes,
-    responder_kx: bytes,
+    context: bytes,
 ) -> tuple[bytes, bytes]:
-    """(send key, receive key) for ``our_role``. A peer key of low order (an all-zero
+    """(send key, receive key) for ``our_role``; ``context`` is
+    :func:`~p2pimage.wire._codec.handshake_context`. A peer key of low order (an all-zero
     shared secret) raises :class:`RemoteProtocolError`."""
     try:
         shared = X25519PrivateKey.from_private_bytes(private).exchange(
@@ -87,8 +86,8 @@ def derive_keys(
     okm = HKDF(
         algorithm=hashes.SHA256(),
         length=64,
-        salt=initiator_nonce + responder_nonce,
-        info=_KDF_INFO + info_hash + initiator_kx + responder_kx,
+        salt=None,
+        info=_KDF_INFO + context,
     ).derive(shared)
     initiator_to_responder, responder_to_initiator = okm[:32], okm[32:]
     if our_role is Role.INITIATOR:
@@ -116,12 +115,29 @@ class RecordWriter:
 
 
 class RecordReader:
-    """Opens the other direction's records as their bytes arrive."""
+    """Opens the other direction's records as their bytes arrive.
 
-    def __init__(self, key: bytes) -> None:
+    With ``limit``, only that many records are opened; the bytes after them stay raw
+    (:meth:`take_raw`): a peer that sends piece traffic in the clear encrypts only its
+    auth message.
+    """
+
+    def __init__(self, key: bytes, *, limit: int | None = None) -> None:
         self._aead = AESGCM(key)
         self._counter = 0
         self._raw = bytearray()
+        self._limit = limit
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether ``limit`` records have been opened."""
+        return self._limit is not None and self._counter >= self._limit
+
+    def take_raw(self) -> bytes:
+        """The received bytes not opened (after the limit), handed back to the caller."""
+        out = bytes(self._raw)
+        self._raw.clear()
+        return out
 
     @property
     def pending(self) -> int:
@@ -134,7 +150,7 @@ class RecordReader:
         raw += data
         out: list[bytes] = []
         pos = 0
-        while len(raw) - pos >= 4:
+        while len(raw) - pos >= 4 and not self.exhausted:
             length = _LEN.unpack_from(raw, pos)[0]
             if not TAG_LENGTH < length <= MAX_RECORD_PLAINTEXT + TAG_LENGTH:
                 raise RemoteProtocolError(f"encrypted record of {length} bytes")
