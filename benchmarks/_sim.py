@@ -107,6 +107,7 @@ class _Transfer:
     dst: int
     piece: int
     left: float
+    ready: float = 0.0  # when the request reaches the uploader
 
 
 @dataclass(eq=False)
@@ -315,6 +316,16 @@ def simulate(p: SimParams) -> SimResult:
             soonest = max(now, node.last_announce + node.schedule.min_gap_s)
             node.next_announce = min(node.next_announce, soonest)
 
+    backlogs: dict[int, float] = {}
+
+    def backlog(node: _Node) -> float:
+        """Bytes queued on ``node``'s uplink (this step): its requests wait behind them,
+        as the engine's control messages share the upload limiter with its data."""
+        b = backlogs.get(node.index)
+        if b is None:
+            b = backlogs[node.index] = sum(t.left for t in node.queue)
+        return b
+
     def refill(node: _Node) -> None:
         if node.done_at is not None:
             return
@@ -327,9 +338,10 @@ def simulate(p: SimParams) -> SimResult:
             blocks = node.picker.pick(peer, want, now)
             if blocks:
                 src = nodes[peer]
+                ready = now + backlog(node) / p.up
                 for block in blocks:
                     src.queue.append(
-                        _Transfer(peer, node.index, block.index, piece_size(block.index))
+                        _Transfer(peer, node.index, block.index, piece_size(block.index), ready)
                     )
                 node.out[peer] = node.out.get(peer, 0) + len(blocks)
 
@@ -502,6 +514,8 @@ def simulate(p: SimParams) -> SimResult:
             for t in node.queue:
                 if budget <= 0:
                     break
+                if t.ready > now:
+                    continue
                 take = min(budget, down_left[t.dst], t.left)
                 if take <= 0:
                     continue
@@ -541,6 +555,7 @@ def simulate(p: SimParams) -> SimResult:
                 dirty.add(node.index)
             last_tick = now
             next_tick = now + ss.tick_s
+        backlogs.clear()
         while dirty:
             refill(nodes[dirty.pop()])
         if all(n.done_at is not None for n in nodes):

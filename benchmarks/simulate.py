@@ -17,6 +17,8 @@ simulator in the same setup (``SimParams(tracker=False)``, the sidecar's piece s
 16 MiB/s and this shared 2-core machine's CPU is not the bottleneck (``cpu_share``: CPU
 seconds per second of the run over both cores; at 64 MiB/s it was 0.7 and the real runs
 were 20 % slower than at 16 MiB/s for the same ratio to the bound).
+Each real configuration runs ``--repeat`` times (default 2) and the fastest run counts:
+other work on this shared machine only slows a run down.
 JSON keys: max_calibration_error (largest relative error of the completion time),
 max_registry_copies_error, configs (each with real and simulated figures).
 """
@@ -151,9 +153,26 @@ def calibrate(args: argparse.Namespace) -> int:
             blob = tmp / "layer.bin"
             write_random_file(blob, size)
             meta = create_metainfo_from_file(blob)
-            real = trio.run(
-                run_ours, meta, blob, tmp, nodes, args.workers, origin_rate, node_rate, node_rate
-            )
+            runs = []
+            for repeat in range(args.repeat):
+                fresh = tmp / f"run{repeat}"  # empty node stores for each run
+                fresh.mkdir()
+                runs.append(
+                    trio.run(
+                        run_ours,
+                        meta,
+                        blob,
+                        fresh,
+                        nodes,
+                        args.workers,
+                        origin_rate,
+                        node_rate,
+                        node_rate,
+                    )
+                )
+            # Other work on this shared machine only ever slows a run down: the fastest
+            # repeat is the least disturbed measurement of the swarm itself.
+            real = min(runs, key=lambda r: r["t_all_s"])
         sim = _run(
             SimParams(
                 nodes=nodes,
@@ -175,6 +194,7 @@ def calibrate(args: argparse.Namespace) -> int:
             "origin_mib_s": origin_mib_s,
             "t_bound_s": sim["t_bound_s"],
             "real_t_all_s": round(real["t_all_s"], 3),
+            "real_t_all_s_repeats": [round(r["t_all_s"], 3) for r in runs],
             "sim_t_all_s": sim["t_all_s"],
             "time_error": round(abs(sim["t_all_s"] - real["t_all_s"]) / real["t_all_s"], 4),
             "real_registry_copies": round(real_copies, 4),
@@ -246,6 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--calibrate", action="store_true", help="against the real swarm")
     parser.add_argument("--workers", type=int, default=2, help="--calibrate: processes")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=2,
+        help="--calibrate: real runs per config (the fastest counts)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="200 and 500 nodes only (--calibrate: 8, 16)"
     )
