@@ -60,6 +60,9 @@ def add(
 class PairResult:
     seconds: float
     ok: bool
+    # CPU of libtorrent's threads over the transfer (this process; the polling thread's
+    # own time taken out): both sessions, seeder and leecher.
+    cpu_s: float = 0.0
 
 
 def pair_transfer(torrent: bytes, blob_path: Path, *, timeout: float = 300.0) -> PairResult:
@@ -76,6 +79,7 @@ def pair_transfer(torrent: bytes, blob_path: Path, *, timeout: float = 300.0) ->
             time.sleep(0.01)
         port = seeder.listen_port()
         start = time.perf_counter()
+        cpu0, poll0 = time.process_time(), time.thread_time()
         leech_handle.connect_peer(("127.0.0.1", port))
         deadline = start + timeout
         while True:
@@ -86,9 +90,10 @@ def pair_transfer(torrent: bytes, blob_path: Path, *, timeout: float = 300.0) ->
                 return PairResult(time.perf_counter() - start, False)
             time.sleep(0.002)
         elapsed = time.perf_counter() - start
+        cpu_s = (time.process_time() - cpu0) - (time.thread_time() - poll0)
         out = Path(tmp) / blob_path.name
         ok = out.exists() and os.path.getsize(out) == os.path.getsize(blob_path)
         seeder.remove_torrent(seed_handle)
         leecher.remove_torrent(leech_handle)
         del seeder, leecher
-        return PairResult(elapsed, ok)
+        return PairResult(elapsed, ok, cpu_s)

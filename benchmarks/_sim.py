@@ -1,7 +1,7 @@
 """A discrete-event model of one layer spreading through a cluster, driven by the engine's
 own policies. Every decision a node makes comes from the object the trio engine uses:
-requests from its :class:`~p2pimage.swarm.picker.PiecePicker` (pipeline depth from
-:func:`~p2pimage.swarm.picker.pipeline_depth`), unchoking from its
+requests from its :class:`~p2pimage.swarm.picker.PiecePicker` (its pipeline depth, for
+blocks of a whole piece), unchoking from its
 :class:`~p2pimage.swarm.choker.Choker`, dialling from its
 :class:`~p2pimage.swarm.policy.DialPolicy`, which peer hears of an origin piece first from
 its :class:`~p2pimage.swarm.policy.RevealPolicy`, announce timing and events from its
@@ -36,7 +36,7 @@ from p2pimage.metainfo.torrent import choose_piece_length
 from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.engine import SwarmSettings
 from p2pimage.swarm.origin import MAX_REQUEST_BYTES
-from p2pimage.swarm.picker import PiecePicker, pipeline_depth
+from p2pimage.swarm.picker import PiecePicker
 from p2pimage.swarm.policy import (
     AnnounceSchedule,
     DialPolicy,
@@ -47,7 +47,6 @@ from p2pimage.swarm.policy import (
 from p2pimage.tracker import AnnounceRequest, Event, PolicyConfig, TrackerPolicy
 from p2pimage.tracker import SwarmRecord as TrackerSwarm
 from p2pimage.tracker.client import AnnounceSettings
-from p2pimage.wire import BLOCK_LENGTH
 
 __all__ = ["SimParams", "SimResult", "simulate"]
 
@@ -180,11 +179,6 @@ def simulate(p: SimParams) -> SimResult:
     dirty: set[int] = set()
 
     # ------------------------------------------------------------------ the engine's calls
-
-    def depth(node: _Node, peer: int) -> int:
-        """The engine's pipeline (in 16 KiB blocks) for this peer's rate, in pieces."""
-        blocks = pipeline_depth(node.rate.get(peer, 0.0), BLOCK_LENGTH, ss.picker)
-        return max(1, math.ceil(blocks * BLOCK_LENGTH / piece_len))
 
     def rechoke(node: _Node) -> None:
         stats = [
@@ -332,7 +326,7 @@ def simulate(p: SimParams) -> SimResult:
         for peer in node.neighbors:
             if node.index not in nodes[peer].unchoked:
                 continue
-            want = depth(node, peer) - node.out.get(peer, 0)
+            want = node.picker.pipeline_depth(peer) - node.out.get(peer, 0)
             if want <= 0:
                 continue
             blocks = node.picker.pick(peer, want, now)

@@ -14,7 +14,9 @@ longer ones are reported as N·F/R (they are link-bound by construction: the mea
 points check that) and marked ``direct_measured: false``.
 
 JSON keys (the largest run): nodes, t_all_s, t_bound_s, ratio_to_bound, registry_copies,
-t_direct_s, speedup_vs_direct, cpu_s; plus ``runs`` (every point).
+t_direct_s, speedup_vs_direct, cpu_s (every process, the whole run), node_cpu_s and
+node_cpu_ms_per_mib (the node processes during the p2p pulls, per MiB delivered); plus
+``runs`` (every point).
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         "speed-up",
         "digests",
         "CPU s",
+        "node CPU ms/MiB",
     ):
         table.add_column(col, justify="right")
     for r in runs:
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['speedup_vs_direct']:.1f}×",
             "ok" if r["digests_ok"] else "BAD",
             f"{r['cpu_s']:.0f}",
+            f"{r['node_cpu_ms_per_mib']}",
         )
     print_table(table)
     print("* direct pulls not measured (over --direct-max-s): N·F/R")
@@ -175,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             "t_direct_s",
             "speedup_vs_direct",
             "cpu_s",
+            "node_cpu_s",
+            "node_cpu_ms_per_mib",
         )
         out: dict[str, Any] = {k: largest[k] for k in keys}
         out["runs"] = runs

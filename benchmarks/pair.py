@@ -9,7 +9,9 @@ do by default (encrypted) and, for the cost of encryption, with it switched off.
 
 JSON keys: ours_mib_s (encrypted, the default), libtorrent_mib_s, ratio (the two
 before), ours_plain_mib_s (encryption off), encryption_cost (1 - encrypted / plain);
-medians over the runs.
+ours_cpu_ms_per_mib, ours_plain_cpu_ms_per_mib, libtorrent_cpu_ms_per_mib (CPU of both
+ends over the transfer, per MiB delivered) and cpu_ratio (ours / libtorrent's); medians
+over the runs.
 """
 
 from __future__ import annotations
@@ -44,28 +46,34 @@ async def _serve_seed(torrent: Path, blob: Path, key_pem: Path, encrypt: bool) -
     auth = local_authenticator(issuer, subject="seeder", cluster="bench")
     async with open_peer_node(authenticator=auth, encrypt=encrypt) as node:
         await node.add_swarm(meta, blob.parent, storage=PieceStorage.open_complete(blob, meta))
+        cpu0 = time.process_time()
         print(node.listen_address[1], flush=True)
-        # Serve until the parent closes our stdin.
+        # Serve until the parent closes our stdin, then report the CPU spent serving.
         await trio.to_thread.run_sync(sys.stdin.read)
+        print(time.process_time() - cpu0, flush=True)
 
 
 async def _leech(
     meta: Metainfo, issuer: TokenIssuer, port: int, directory: Path, encrypt: bool
-) -> float:
+) -> tuple[float, float]:
+    """(seconds to the last verified piece, CPU seconds until the blob is complete)."""
     auth = local_authenticator(issuer, subject="leecher", cluster="bench")
     async with open_peer_node(authenticator=auth, encrypt=encrypt) as node:
         swarm = await node.add_swarm(meta, directory)
         start = trio.current_time()
+        cpu0 = time.process_time()
         swarm.add_peers([("127.0.0.1", port)])
         with trio.fail_after(600):
             await swarm.complete.wait()
+        cpu = time.process_time() - cpu0
         assert swarm.stats.last_piece_at is not None
-        return swarm.stats.last_piece_at - start
+        return swarm.stats.last_piece_at - start, cpu
 
 
 def run_ours(
     meta: Metainfo, torrent: Path, blob: Path, key: SigningKey, tmp: Path, *, encrypt: bool
-) -> float:
+) -> tuple[float, float]:
+    """(seconds, CPU seconds of both ends)."""
     key_pem = tmp / "issuer.pem"
     key_pem.write_bytes(key.to_pem())
     child = subprocess.Popen(
@@ -88,7 +96,7 @@ def run_ours(
         port = int(child.stdout.readline())
         issuer = TokenIssuer([key], issuer=ISSUER)
         out = tmp / f"leech-{time.monotonic_ns()}"
-        seconds = trio.run(_leech, meta, issuer, port, out, encrypt)
+        seconds, cpu = trio.run(_leech, meta, issuer, port, out, encrypt)
     finally:
         if child.stdin:
             child.stdin.close()
@@ -96,11 +104,12 @@ def run_ours(
             child.wait(10)
         except subprocess.TimeoutExpired:
             child.kill()
+    cpu += float(child.stdout.readline())
     got = out / meta.digest_hex
     if not got.exists():
         raise RuntimeError("leecher finished without a complete blob")
     got.unlink()
-    return seconds
+    return seconds, cpu
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,14 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         ours: list[float] = []
         plain: list[float] = []
         theirs: list[float] = []
+        cpu: dict[str, list[float]] = {"ours": [], "plain": [], "libtorrent": []}
         for _ in range(runs):  # interleaved, so drift hits all alike
-            ours.append(run_ours(meta, torrent, blob, key, tmp, encrypt=True))
-            plain.append(run_ours(meta, torrent, blob, key, tmp, encrypt=False))
+            seconds, cpu_s = run_ours(meta, torrent, blob, key, tmp, encrypt=True)
+            ours.append(seconds)
+            cpu["ours"].append(cpu_s)
+            seconds, cpu_s = run_ours(meta, torrent, blob, key, tmp, encrypt=False)
+            plain.append(seconds)
+            cpu["plain"].append(cpu_s)
             result = pair_transfer(meta.to_bytes(), blob)
             if not result.ok:
                 raise RuntimeError("libtorrent transfer did not complete")
             theirs.append(result.seconds)
+            cpu["libtorrent"].append(result.cpu_s)
     size_mib = size / MIB
+    cpu_ms = {k: 1000 * statistics.median(v) / size_mib for k, v in cpu.items()}
     ours_rate = size_mib / statistics.median(ours)
     plain_rate = size_mib / statistics.median(plain)
     lt_rate = size_mib / statistics.median(theirs)
@@ -148,20 +164,27 @@ def main(argv: list[str] | None = None) -> int:
         "ratio": round(ours_rate / lt_rate, 3),
         "ours_plain_mib_s": round(plain_rate, 1),
         "encryption_cost": round(1 - ours_rate / plain_rate, 3),
+        "ours_cpu_ms_per_mib": round(cpu_ms["ours"], 2),
+        "ours_plain_cpu_ms_per_mib": round(cpu_ms["plain"], 2),
+        "libtorrent_cpu_ms_per_mib": round(cpu_ms["libtorrent"], 2),
+        "cpu_ratio": round(cpu_ms["ours"] / cpu_ms["libtorrent"], 3),
     }
     table = Table(title=f"pair transfer, {size_mib:.0f} MiB over loopback, {runs} run(s)")
     table.add_column("client")
     table.add_column("seconds (each run)")
     table.add_column("MiB/s (median)", justify="right")
-    table.add_row(
-        "p2pimage (auth, encrypted)", ", ".join(f"{s:.2f}" for s in ours), f"{ours_rate:.1f}"
+    table.add_column("CPU ms/MiB (median)", justify="right")
+    rows = (
+        ("p2pimage (auth, encrypted)", ours, ours_rate, "ours"),
+        ("p2pimage (auth, plaintext)", plain, plain_rate, "plain"),
+        ("libtorrent 2.1 (TCP)", theirs, lt_rate, "libtorrent"),
     )
-    table.add_row(
-        "p2pimage (auth, plaintext)", ", ".join(f"{s:.2f}" for s in plain), f"{plain_rate:.1f}"
-    )
-    table.add_row("libtorrent 2.1 (TCP)", ", ".join(f"{s:.2f}" for s in theirs), f"{lt_rate:.1f}")
+    for label, times, rate, key_ in rows:
+        table.add_row(
+            label, ", ".join(f"{s:.2f}" for s in times), f"{rate:.1f}", f"{cpu_ms[key_]:.2f}"
+        )
     print_table(table)
-    print(f"ratio ours/libtorrent: {report['ratio']}")
+    print(f"ratio ours/libtorrent: {report['ratio']}; CPU per MiB: {report['cpu_ratio']}")
     print(f"encryption cost: {100 * report['encryption_cost']:.1f}% of plaintext throughput")
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

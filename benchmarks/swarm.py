@@ -13,8 +13,16 @@ apply on loopback) in the same invocation.
     python -m benchmarks.swarm [--nodes 16] [--size-mib 32] [--origin-mib-s 8]
         [--node-up-mib-s 4] [--node-down-mib-s 4] [--workers 2] [--quick] [--json PATH]
 
+CPU is measured the same way for both: the CPU time (user + system, every thread) of
+the processes that run the N nodes, from the moment the transfer starts until the last
+node is done. Our nodes run in ``--workers`` processes; libtorrent's N sessions run in one
+child process (its main thread, which only polls for completion, is subtracted). The
+registry and its stand-in, the throttling relay and the libtorrent seed, are excluded.
+
 JSON keys: nodes, t_all_s, t_bound_s, ratio_to_bound, t_direct_s, registry_copies, cpu_s,
-libtorrent_t_all_s, libtorrent_ratio_to_bound, libtorrent_registry_copies.
+cpu_ms_per_mib (per MiB delivered to the N nodes), libtorrent_t_all_s,
+libtorrent_ratio_to_bound, libtorrent_registry_copies, libtorrent_cpu_s,
+libtorrent_cpu_ms_per_mib, cpu_ratio (ours / libtorrent's CPU per MiB).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import argparse
 import json
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,6 +87,8 @@ async def _worker(spec: dict[str, Any]) -> None:
             nodes.append((index, node))
         print(json.dumps({"ports": {i: n.port for i, n in nodes}}), flush=True)
         go = json.loads(await lines.__anext__())
+        cpu_start = _process_cpu_s()
+        sys_start = resource.getrusage(resource.RUSAGE_SELF).ru_stime
         peers = [("127.0.0.1", p) for p in go["ports"]]
         start = time.time()
         t_start = trio.current_time()
@@ -90,19 +101,13 @@ async def _worker(spec: dict[str, Any]) -> None:
             random.shuffle(others)
             swarm.add_peers(others)
         readers = []
-
-        async def read(reader: OriginReader) -> None:
-            await reader.run()
-            reader.done_at = trio.current_time()  # type: ignore[attr-defined]
-
         for index, first, end in go["plan"]:
             if index in swarms:
                 reader = OriginReader(swarms[index], spec["origin_url"], first, end, client=http)
                 readers.append(reader)
-                nursery.start_soon(read, reader)
+                nursery.start_soon(reader.run)
         for swarm in swarms.values():
             await swarm.complete.wait()
-        usage = resource.getrusage(resource.RUSAGE_SELF)
         report = {
             "start": start,
             # trio's clock is monotonic: convert each completion to wall time via `start`.
@@ -111,20 +116,22 @@ async def _worker(spec: dict[str, Any]) -> None:
             },
             "registry_bytes": sum(r.bytes_read for r in readers),
             "origin_failures": [r.failed for r in readers if r.failed],
-            "cpu_s": usage.ru_utime + usage.ru_stime,
             "hash_failures": sum(s.stats.hash_failures for s in swarms.values()),
-            "wasted_bytes": sum(s.stats.wasted for s in swarms.values()),
-            "peers_at_end": [len(s.peers) for s in swarms.values()],
-            "origin_done": [
-                start + t - t_start for r in readers if (t := getattr(r, "done_at", None))
-            ],
         }
         print(json.dumps(report), flush=True)
-        # Keep seeding until every worker is done: a worker whose nodes finish first
-        # must not take half of the other nodes' peers away.
-        with trio.move_on_after(600):
-            await lines.__anext__()
+        # Keep seeding for the other workers' nodes until every node is done: the CPU
+        # window is the whole transfer, as for libtorrent's sessions.
+        await lines.__anext__()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = {"cpu_s": _process_cpu_s() - cpu_start, "sys_s": usage.ru_stime - sys_start}
+        print(json.dumps(cpu), flush=True)
         nursery.cancel_scope.cancel()
+
+
+def _process_cpu_s() -> float:
+    """User + system CPU seconds of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def _start_node(nursery: trio.Nursery, auth: Any, up: float, down: float) -> Any:
@@ -211,9 +218,10 @@ async def run_ours(
             with trio.fail_after(600):
                 for lines in readers:
                     reports.append(json.loads(await lines.__anext__()))
-            for proc in procs:
-                assert proc.stdin is not None
-                await proc.stdin.send_all(b"stop\n")
+                for proc in procs:
+                    assert proc.stdin is not None
+                    await proc.stdin.send_all(b"stop\n")
+                cpu = [json.loads(await lines.__anext__()) for lines in readers]
             for proc in procs:
                 with trio.move_on_after(5):
                     await proc.wait()
@@ -221,17 +229,14 @@ async def run_ours(
                     proc.kill()
             nursery.cancel_scope.cancel()
     completions = [t for r in reports for t in r["completed"].values()]
-    own = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "t_all_s": max(completions) - t0,
         "t_first_s": min(completions) - t0,
         "registry_bytes": proxy.bytes_down,
         "registry_payload_bytes": sum(r["registry_bytes"] for r in reports),
-        "cpu_s": sum(r["cpu_s"] for r in reports) + own.ru_utime + own.ru_stime,
+        "cpu_s": sum(c["cpu_s"] for c in cpu),
+        "sys_s": sum(c["sys_s"] for c in cpu),
         "hash_failures": sum(r["hash_failures"] for r in reports),
-        "wasted_bytes": sum(r["wasted_bytes"] for r in reports),
-        "peers_at_end": [n for r in reports for n in r["peers_at_end"]],
-        "t_origin_s": max((t for r in reports for t in r["origin_done"]), default=t0) - t0,
         "origin_failures": [f for r in reports for f in r["origin_failures"]],
     }
 
@@ -239,37 +244,71 @@ async def run_ours(
 def run_libtorrent(
     meta: Metainfo, blob: Path, tmp: Path, nodes: int, origin_rate: float, up: float, down: float
 ) -> dict[str, Any]:
+    """The seed (the registry's stand-in) here; the N leechers in one child process."""
     from daemons.testbed.opentracker import run_opentracker
 
     from ._libtorrent import add, make_session
 
+    torrent = tmp / "layer.torrent"
+    torrent.write_bytes(meta.to_bytes())
     with run_opentracker([meta.info_hash]) as tracker:
         seed = make_session(upload_rate=int(origin_rate), throttle_local=True)
         seed_handle = add(
             seed, meta.to_bytes(), blob.parent, seed=True, trackers=[tracker.announce_url]
         )
-        leechers = []
-        for i in range(nodes):
-            ses = make_session(upload_rate=int(up), download_rate=int(down), throttle_local=True)
-            out = tmp / f"lt{i}"
-            out.mkdir()
-            leechers.append(
-                (ses, add(ses, meta.to_bytes(), out, seed=False, trackers=[tracker.announce_url]))
-            )
-        t0 = time.monotonic()
-        done: dict[int, float] = {}
-        while len(done) < nodes and time.monotonic() - t0 < 600:
-            for i, (_, handle) in enumerate(leechers):
-                if i not in done and handle.status().is_seeding:
-                    done[i] = time.monotonic() - t0
-            time.sleep(0.02)
+        spec = {
+            "torrent": str(torrent),
+            "dir": str(tmp),
+            "tracker": tracker.announce_url,
+            "nodes": nodes,
+            "up": up,
+            "down": down,
+        }
+        child = subprocess.run(
+            [sys.executable, "-m", "benchmarks.swarm", "--libtorrent-worker", json.dumps(spec)],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+            timeout=900,
+        )
         sent = seed_handle.status().all_time_upload
-        for ses, handle in leechers:
-            ses.remove_torrent(handle)
         seed.remove_torrent(seed_handle)
-    if len(done) < nodes:
-        raise RuntimeError(f"libtorrent: only {len(done)} of {nodes} finished")
-    return {"t_all_s": max(done.values()), "registry_bytes": sent}
+    result: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
+    if result["finished"] < nodes:
+        raise RuntimeError(f"libtorrent: only {result['finished']} of {nodes} finished")
+    result["registry_bytes"] = sent
+    return result
+
+
+def _libtorrent_leechers(spec: dict[str, Any]) -> None:
+    from ._libtorrent import add, make_session
+
+    torrent = Path(spec["torrent"]).read_bytes()
+    leechers = []
+    for i in range(spec["nodes"]):
+        ses = make_session(
+            upload_rate=int(spec["up"]), download_rate=int(spec["down"]), throttle_local=True
+        )
+        out = Path(spec["dir"]) / f"lt{i}"
+        out.mkdir()
+        leechers.append((ses, add(ses, torrent, out, seed=False, trackers=[spec["tracker"]])))
+    t0 = time.monotonic()
+    cpu0, poll0 = time.process_time(), time.thread_time()
+    done: dict[int, float] = {}
+    while len(done) < len(leechers) and time.monotonic() - t0 < 600:
+        for i, (_, handle) in enumerate(leechers):
+            if i not in done and handle.status().is_seeding:
+                done[i] = time.monotonic() - t0
+        time.sleep(0.02)
+    # libtorrent's own threads only: this (polling) thread's time is taken out.
+    cpu_s = (time.process_time() - cpu0) - (time.thread_time() - poll0)
+    for ses, handle in leechers:
+        ses.remove_torrent(handle)
+    print(
+        json.dumps(
+            {"t_all_s": max(done.values(), default=0.0), "finished": len(done), "cpu_s": cpu_s}
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,13 +319,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-up-mib-s", type=float, default=4)
     parser.add_argument("--node-down-mib-s", type=float, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--piece-kib", type=int, help="piece length (default: the sidecar's choice for the size)"
+    )
     parser.add_argument("--no-libtorrent", action="store_true")
     parser.add_argument("--quick", action="store_true", help="8 nodes, 8 MiB")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--libtorrent-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         trio.run(_worker, json.loads(args.worker))
+        return 0
+    if args.libtorrent_worker:
+        _libtorrent_leechers(json.loads(args.libtorrent_worker))
         return 0
     if args.quick:
         args.nodes, args.size_mib = 8, 8
@@ -300,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         blob = tmp / "layer.bin"
         write_random_file(blob, size)
-        meta = create_metainfo_from_file(blob)
+        meta = create_metainfo_from_file(
+            blob, piece_length=args.piece_kib * 1024 if args.piece_kib else None
+        )
         ours = trio.run(run_ours, meta, blob, tmp, args.nodes, args.workers, origin, up, down)
         lt = (
             None
@@ -308,20 +356,27 @@ def main(argv: list[str] | None = None) -> int:
             else run_libtorrent(meta, blob, tmp, args.nodes, origin, up, down)
         )
     bound = kumar_ross_bound(size, args.nodes, origin, up, down)
+    delivered_mib = args.nodes * size / MIB
     report: dict[str, Any] = {
         "nodes": args.nodes,
         "size_mib": args.size_mib,
+        "piece_kib": meta.piece_length // 1024,
         "t_all_s": round(ours["t_all_s"], 2),
         "t_bound_s": round(bound, 2),
         "ratio_to_bound": round(ours["t_all_s"] / bound, 3),
         "t_direct_s": round(direct_pull_time(size, args.nodes, origin), 2),
         "registry_copies": round(ours["registry_bytes"] / size, 3),
-        "cpu_s": round(ours["cpu_s"], 1),
+        "cpu_s": round(ours["cpu_s"], 2),
+        "cpu_ms_per_mib": round(1000 * ours["cpu_s"] / delivered_mib, 2),
+        "cpu_sys_s": round(ours["sys_s"], 2),
     }
     if lt is not None:
         report["libtorrent_t_all_s"] = round(lt["t_all_s"], 2)
         report["libtorrent_ratio_to_bound"] = round(lt["t_all_s"] / bound, 3)
         report["libtorrent_registry_copies"] = round(lt["registry_bytes"] / size, 3)
+        report["libtorrent_cpu_s"] = round(lt["cpu_s"], 2)
+        report["libtorrent_cpu_ms_per_mib"] = round(1000 * lt["cpu_s"] / delivered_mib, 2)
+        report["cpu_ratio"] = round(ours["cpu_s"] / lt["cpu_s"], 3)
     table = Table(
         title=(
             f"{args.nodes} nodes, {args.size_mib:g} MiB layer, "
@@ -329,14 +384,16 @@ def main(argv: list[str] | None = None) -> int:
             f"nodes {args.node_up_mib_s:g}/{args.node_down_mib_s:g} MiB/s up/down"
         )
     )
-    for col in ("", "all done (s)", "× bound", "registry copies"):
+    for col in ("", "all done (s)", "× bound", "registry copies", "CPU s", "CPU ms/MiB"):
         table.add_column(col, justify="right")
-    table.add_row("Kumar–Ross bound", f"{bound:.2f}", "1.00", "")
+    table.add_row("Kumar–Ross bound", f"{bound:.2f}", "1.00", "", "", "")
     table.add_row(
         "p2pimage",
         f"{ours['t_all_s']:.2f}",
         f"{report['ratio_to_bound']:.2f}",
         f"{report['registry_copies']:.2f}",
+        f"{report['cpu_s']:.2f}",
+        f"{report['cpu_ms_per_mib']:.2f}",
     )
     if lt is not None:
         table.add_row(
@@ -344,16 +401,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{lt['t_all_s']:.2f}",
             f"{report['libtorrent_ratio_to_bound']:.2f}",
             f"{report['libtorrent_registry_copies']:.2f}",
+            f"{report['libtorrent_cpu_s']:.2f}",
+            f"{report['libtorrent_cpu_ms_per_mib']:.2f}",
         )
     table.add_row(
         "direct pulls (N·F/R)",
         f"{report['t_direct_s']:.2f}",
         f"{report['t_direct_s'] / bound:.2f}",
         f"{args.nodes}",
+        "",
+        "",
     )
     print_table(table)
     print(
-        f"p2pimage CPU: {report['cpu_s']} s; hash failures: {ours['hash_failures']}; "
+        f"cpu_ratio (ours / libtorrent, per MiB): {report.get('cpu_ratio', 'n/a')}; "
+        f"hash failures: {ours['hash_failures']}; "
         f"origin failures: {ours['origin_failures'] or 'none'}"
     )
     if args.json:

@@ -15,6 +15,8 @@ Wiring only: configuration in, library objects constructed, endpoints mounted.
   sidecar indexes) are cached and shared; other configured upstreams pass through.
 - The node's identity (key, token, JWKS) comes from the sidecar; until it has one, and
   whenever p2p cannot serve, pulls go straight to the registry.
+- With ``proxy_listen``, a forward proxy (:mod:`p2pimage.mirror.proxy`) for runtimes set up
+  through ``HTTP_PROXY``/``HTTPS_PROXY`` hands the registries' requests to this same app.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import functools
 import logging
 import re
 import socket
+import ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -43,14 +46,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
-from daemons._http import ClosingStreamingResponse, TlsFiles, client_tls, serve_app
+from daemons._http import ClosingStreamingResponse, ListenError, TlsFiles, client_tls, serve_app
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.tokens import NodeKey
 from p2pimage.errors import LocalProtocolError
 from p2pimage.metainfo.torrent import is_digest
 from p2pimage.mirror.blobs import LayerService, LayerSettings
+from p2pimage.mirror.credentials import CredentialWatch, carries_credentials
 from p2pimage.mirror.kubernetes import InClusterConfig, KubernetesError, node_zone
+from p2pimage.mirror.proxy import ForwardProxy, HostCertificates, describe_upstream_error
 from p2pimage.sidecar.client import SidecarClient, TokenKeeper
 from p2pimage.storage.cache import BlobCache
 from p2pimage.swarm.node import open_peer_node
@@ -126,6 +131,17 @@ class NodeSettings(BaseModel):
         description="the ns (key of upstreams) whose layers the sidecar indexes and swarms "
         "share; default: the only key of upstreams, else default_upstream",
     )
+    proxy_listen: str | None = Field(
+        None, description="host:port of the forward proxy (HTTP_PROXY/HTTPS_PROXY); none: off"
+    )
+    proxy_intercept_hosts: list[str] = Field(
+        default_factory=list,
+        description="registry hosts (host or host:port) whose CONNECT tunnels are decrypted",
+    )
+    proxy_ca_cert_file: Path | None = Field(
+        None, description="CA certificate (PEM) that signs intercepted hosts' certificates"
+    )
+    proxy_ca_key_file: Path | None = Field(None, description="that CA's private key (PEM)")
     cache_dir: Path = Field(Path("/var/lib/p2pimage/cache"), description="layer cache")
     cache_quota_bytes: int = Field(20 * 1024**3, gt=0, description="cache size limit")
     upload_rate: float | None = Field(None, gt=0, description="peer upload cap, bytes/s")
@@ -144,6 +160,10 @@ class NodeSettings(BaseModel):
     tls_key_file: Path | None = Field(None, description="mirror serves HTTPS: its key (PEM)")
     ca_file: Path | None = Field(
         None, description="CA bundle the sidecar and tracker are verified against (default: system)"
+    )
+    registry_ca_file: Path | None = Field(
+        None,
+        description="CA bundle trusted for registries, beside the system's (a private CA)",
     )
     allow_plain_http_join: bool = Field(
         False, description="send the join credential to an http:// sidecar_url (insecure)"
@@ -189,6 +209,23 @@ class NodeSettings(BaseModel):
             return next(iter(self.upstreams.values())).rstrip("/")
         return self.default_upstream.rstrip("/")
 
+    def proxy_certificates(self) -> HostCertificates | None:
+        """The interception CA, when hosts are to be intercepted (checked at start-up)."""
+        if not self.proxy_intercept_hosts:
+            return None
+        if self.proxy_ca_cert_file is None or self.proxy_ca_key_file is None:
+            raise ConfigError(
+                "config key 'proxy_intercept_hosts' needs proxy_ca_cert_file and proxy_ca_key_file"
+            )
+        try:
+            return HostCertificates(
+                self.proxy_ca_cert_file.read_bytes(), self.proxy_ca_key_file.read_bytes()
+            )
+        except OSError as exc:
+            raise ConfigError(f"config key 'proxy_ca_cert_file': {exc}") from None
+        except LocalProtocolError as exc:
+            raise ConfigError(f"config key 'proxy_ca_key_file': {exc}") from None
+
 
 def check_settings(settings: NodeSettings) -> None:
     """Cross-field checks (exit 2 from the command; raised by :func:`run_node` too)."""
@@ -196,6 +233,8 @@ def check_settings(settings: NodeSettings) -> None:
     settings.swarm_upstream()
     TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file)
     client_tls(settings.ca_file)
+    settings.proxy_certificates()
+    _registry_tls(settings.registry_ca_file)
     plain = (settings.sidecar_url or "").lower().startswith("http://")
     if plain and credential and not settings.allow_plain_http_join:
         raise ConfigError(
@@ -280,9 +319,32 @@ class NodeMetrics:
         yield peers
         yield swarms
         yield failures
+        bypassed = CounterMetricFamily(
+            "p2pimage_node_bypassed_pulls",
+            "Pulls the runtime took to the registry directly, by reason",
+            labels=["reason"],
+        )
+        bypassed.add_metric(["no_credentials"], self.node.credentials.settle(time.monotonic()))
+        yield bypassed
         cache = GaugeMetricFamily("p2pimage_node_cache_bytes", "Bytes held in the layer cache")
         cache.add_metric([], layers.cache.used_bytes)
         yield cache
+        proxy = self.node.proxy
+        if proxy is not None:
+            requests = CounterMetricFamily(
+                "p2pimage_node_proxy_requests",
+                "Forward-proxy requests by how they were served",
+                labels=["kind"],
+            )
+            for kind in ("mirror", "forward", "tunnel", "intercept"):
+                requests.add_metric([kind], proxy.stats.requests[kind])
+            yield requests
+            errors = CounterMetricFamily(
+                "p2pimage_node_proxy_errors", "Forward-proxy failures by reason", labels=["reason"]
+            )
+            for reason, n in sorted(proxy.stats.errors.items()):
+                errors.add_metric([reason], n)
+            yield errors
 
 
 class NodeDaemon:
@@ -292,18 +354,18 @@ class NodeDaemon:
         self.layers = layers
         self.metrics = NodeMetrics(self)
         self.status_url: str | None = None  # the metrics_listen server's base URL, if any
+        self.credentials = CredentialWatch()  # pulls that bypass us: no credentials sent
+        self.proxy: ForwardProxy | None = None
+        self.proxy_url: str | None = None  # the forward proxy's URL, if any
 
 
 # --------------------------------------------------------------------------- the app
 
 
-def _forward_headers(request: Request) -> list[tuple[str, str]]:
-    # Raw pairs keep every repeated header (skopeo sends several Accept headers).
-    return [
-        (k.decode("latin-1"), v.decode("latin-1"))
-        for k, v in request.headers.raw
-        if k.decode("latin-1").lower() not in _HOP
-    ]
+def _forward_headers(request: Request) -> list[tuple[bytes, bytes]]:
+    # Raw pairs keep every repeated header (skopeo sends several Accept headers); bytes,
+    # so a value outside ASCII goes to the registry to judge instead of failing here.
+    return [(k, v) for k, v in request.headers.raw if k.decode("latin-1").lower() not in _HOP]
 
 
 def _response_headers(headers: httpx.Headers) -> list[tuple[str, str]]:
@@ -318,7 +380,11 @@ async def _proxy(daemon: NodeDaemon, request: Request, upstream: str, path: str)
         response = await daemon.http.send(req, stream=True)
     except httpx.HTTPError as exc:
         return JSONResponse(
-            {"errors": [{"code": "UNAVAILABLE", "message": f"upstream unreachable: {exc}"}]},
+            {
+                "errors": [
+                    {"code": "UNAVAILABLE", "message": f"upstream {describe_upstream_error(exc)}"}
+                ]
+            },
             status_code=502,
         )
     headers = _response_headers(response.headers)
@@ -451,9 +517,19 @@ def create_app(daemon: NodeDaemon) -> Starlette:
         if upstream is None:
             return unknown_registry(ns)
         name, kind, ref = m.group("name"), m.group("kind"), m.group("ref")
+        if not request.headers.get("authorization", "").isascii():
+            # No registry accepts it, and the access check could not even send it.
+            return _registry_error(400, "UNAUTHORIZED", "the Authorization header is not ASCII")
+        anonymous = not carries_credentials(request.headers.get("authorization"))
+        if not anonymous:
+            daemon.credentials.authenticated(upstream, name)
         if kind == "blobs" and request.method == "GET":
-            return await _blob_get(daemon, request, upstream, name, ref)
-        return await _proxy(daemon, request, upstream, f"/v2/{name}/{kind}/{ref}")
+            response = await _blob_get(daemon, request, upstream, name, ref)
+        else:
+            response = await _proxy(daemon, request, upstream, f"/v2/{name}/{kind}/{ref}")
+        if anonymous and response.status_code == 401:
+            daemon.credentials.refused_anonymous(upstream, name, time.monotonic())
+        return response
 
     return Starlette(
         routes=[
@@ -545,10 +621,13 @@ async def run_node(
     (and the daemon object to ``daemon_ready``, for in-process tests and the demo)."""
     check_settings(settings)
     credential = settings.credential_value()
+    certificates = settings.proxy_certificates()
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
     timeout = httpx.Timeout(30.0, connect=5.0)
     async with (
-        httpx.AsyncClient(timeout=timeout, limits=limits) as http,
+        httpx.AsyncClient(
+            timeout=timeout, limits=limits, verify=_registry_tls(settings.registry_ca_file)
+        ) as http,
         # The control plane (sidecar, tracker) is verified against ca_file alone.
         httpx.AsyncClient(
             timeout=timeout, limits=limits, verify=client_tls(settings.ca_file)
@@ -615,7 +694,37 @@ async def run_node(
                     serve_app, create_status_app(daemon), settings.metrics_listen
                 )
                 log.info("status serving", extra={"fields": {"url": daemon.status_url}})
+            if settings.proxy_listen is not None:
+                daemon.proxy = ForwardProxy(
+                    mirror=create_app(daemon),
+                    serves=lambda ns: bool(ns) and settings.upstream_for(ns) is not None,
+                    http=http,
+                    intercept_hosts=settings.proxy_intercept_hosts,
+                    certificates=certificates,
+                )
+                try:
+                    daemon.proxy_url = await nursery.start(
+                        daemon.proxy.serve, settings.proxy_listen
+                    )
+                except OSError as exc:
+                    raise ListenError(
+                        f"cannot listen on {settings.proxy_listen}: {exc.strerror or exc}"
+                    ) from None
+                log.info("proxy serving", extra={"fields": {"url": daemon.proxy_url}})
             task_status.started(url)
+
+
+def _registry_tls(ca_file: Path | None) -> ssl.SSLContext | bool:
+    """Registries are verified against the system's CAs (or ``SSL_CERT_FILE``), and
+    ``ca_file`` too when given."""
+    if ca_file is None:
+        return True
+    context = httpx.create_ssl_context()
+    try:
+        context.load_verify_locations(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"config key 'registry_ca_file': {exc}") from None
+    return context
 
 
 async def _zone(settings: NodeSettings) -> str | None:

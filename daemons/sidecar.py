@@ -122,6 +122,12 @@ class SidecarSettings(BaseModel):
     retry_initial_s: float = Field(_RETRY.initial_s, gt=0)
     retry_max_s: float = Field(_RETRY.max_s, gt=0)
     backfill_on_start: bool = Field(False, description="walk _catalog and tags at start")
+    reconcile_interval_s: float = Field(
+        3600.0,
+        ge=0,
+        description="drop torrents of blobs the registry no longer has (a HEAD per torrent) "
+        "this often; 0: never",
+    )
     piece_length: int | None = Field(
         _INDEXER.piece_length, description="fixed piece length (default: auto)"
     )
@@ -426,6 +432,9 @@ def create_app(sidecar: Sidecar) -> Starlette:
         if refusal is not None:
             return refusal
         data = sidecar.store.load(digest)
+        if data is not None and repository is not None:
+            # The blob lives (also) there: reconciliation checks it in this repository.
+            await trio.to_thread.run_sync(sidecar.store.note_repository, digest, repository)
         if data is None:
             if repository is None:
                 return _error(404, "unknown", "not indexed; pass ?repository=<name> to generate")
@@ -619,6 +628,10 @@ async def run_sidecar(
             await nursery.start(sidecar.indexer.run)
             if settings.backfill_on_start:
                 nursery.start_soon(_backfill, sidecar.indexer)
+            if settings.reconcile_interval_s > 0:
+                nursery.start_soon(
+                    _reconcile, sidecar.indexer, settings.reconcile_interval_s, sidecar.metrics
+                )
             url = await nursery.start(
                 functools.partial(serve_app, create_app(sidecar), settings.listen, tls=tls)
             )
@@ -642,6 +655,20 @@ async def _backfill(indexer: Indexer) -> None:
             log.warning("backfill: registry unavailable (%s); retrying in %.0fs", exc, delay)
             await trio.sleep(delay)
             delay = min(delay * 2, 60.0)
+
+
+async def _reconcile(indexer: Indexer, interval_s: float, metrics: SidecarMetrics) -> None:
+    """Every ``interval_s``: drop torrents of blobs the registry no longer has."""
+    while True:
+        await trio.sleep(interval_s)
+        try:
+            dropped = await indexer.reconcile()
+        except Exception:
+            # A bug here must not stop the sidecar: the next round tries again.
+            log.exception("reconciliation failed")
+            continue
+        metrics.torrents_deleted.inc(dropped)
+        log.info("reconciliation: %d torrents dropped", dropped)
 
 
 def check_settings(settings: SidecarSettings) -> None:

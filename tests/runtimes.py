@@ -1,7 +1,7 @@
 """Real container runtimes as clients of a registry or a registry mirror, for tests.
 
 Everything here drives the real binaries (Debian packages ``containerd``/``ctr``,
-``skopeo``, ``podman``) in throw-away state directories and leaves nothing running or
+``skopeo``, ``podman``, ``docker.io``) in throw-away state directories and leaves nothing running or
 mounted afterwards:
 
 * :class:`ContainerdProcess` — a private containerd (own root, state, sockets; CRI plugin
@@ -14,6 +14,9 @@ mounted afterwards:
   :func:`write_registries_conf`; returns the digest of the manifest skopeo pulled.
 * :func:`podman_pull` / :func:`apodman_pull` — ``podman pull`` into an isolated storage root
   that is removed afterwards; returns the image's ``.Digest``.
+* :class:`DockerdProcess` / :func:`start_dockerd` — a private dockerd (Debian ``docker.io``
+  20.10; own data root, exec root, socket; vfs, no iptables, no bridge) whose only
+  proxy setting is ``HTTP_PROXY``/``HTTPS_PROXY``; ``client_env`` points ``docker`` at it.
 * :class:`LoggingProxy` — a threaded HTTP reverse proxy that forwards every request to an
   upstream registry (every repeated header preserved) and records what it forwarded, to
   prove a runtime's bytes came through a "mirror" and not from its silent fallback.
@@ -654,6 +657,145 @@ async def apodman_pull(
         return (await _arun(store.inspect_command(ref), env=env)).strip()
     finally:
         await trio.to_thread.run_sync(store.cleanup)
+
+
+# --------------------------------------------------------------------------------------
+# Docker: a private dockerd
+# --------------------------------------------------------------------------------------
+
+
+CERTS_D = Path("/etc/docker/certs.d")
+
+
+def dockerd_skip_reason() -> str | None:
+    """Why a private dockerd cannot run here, or ``None``."""
+    if shutil.which("dockerd") is None or shutil.which("docker") is None:
+        return "dockerd is not installed (Debian package docker.io)"
+    if not _is_root():
+        return "dockerd runs as root only"
+    return None
+
+
+@dataclass
+class DockerdProcess(ManagedProcess):
+    """One private dockerd (Debian ``docker.io`` 20.10): own data root, exec root, socket
+    and ``daemon.json``, vfs storage, no iptables and no bridge (pulls need neither).
+
+    ``proxy`` is its whole proxy setting (``HTTP_PROXY``/``HTTPS_PROXY`` in its
+    environment, as the systemd drop-in sets them); ``insecure_registries`` and
+    ``certs`` (host:port → CA PEM, written to ``/etc/docker/certs.d/HOST:PORT/ca.crt``
+    and removed afterwards) are its registry trust. The client
+    runs with its own ``DOCKER_CONFIG``, so ``docker login`` stays in ``workdir``."""
+
+    name: ClassVar[str] = "dockerd"
+    start_timeout_s: ClassVar[float] = 60.0
+    stop_grace_s: ClassVar[float] = 20.0
+
+    proxy: str | None = None
+    insecure_registries: Sequence[str] = ()
+    certs: Mapping[str, bytes] = field(default_factory=dict)
+    workdir: Path | None = None  # short: containerd's socket path must fit in 108 bytes
+    socket: str = field(init=False)
+    log_path: Path = field(init=False)
+    _proc: subprocess.Popen[bytes] | None = field(init=False, default=None)
+    _own_workdir: bool = field(init=False, default=False)
+    _cert_dirs: list[Path] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="p2pi-dockerd-"))
+            self._own_workdir = True
+        self.workdir = Path(self.workdir)
+        self.socket = str(self.workdir / "docker.sock")
+        self.log_path = self.workdir / "dockerd.log"
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        assert self.workdir is not None
+        return {"DOCKER_HOST": f"unix://{self.socket}", "DOCKER_CONFIG": str(self.workdir / "cfg")}
+
+    def docker(self, *args: str) -> list[str]:
+        return ["docker", *args]
+
+    def _spawn(self) -> None:
+        reason = dockerd_skip_reason()
+        if reason is not None:
+            raise RuntimeError(reason)
+        assert self.workdir is not None
+        # dockerd reads registry CAs from /etc/docker/certs.d/HOST:PORT only (no flag):
+        # one directory per test registry (a test address and port), removed in cleanup.
+        for host, pem in self.certs.items():
+            directory = CERTS_D / host
+            if directory.exists():
+                raise RuntimeError(f"{directory} exists already: not overwriting it")
+            directory.mkdir(parents=True)
+            self._cert_dirs.append(directory)
+            (directory / "ca.crt").write_bytes(pem)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "daemon.json"
+        config.write_text(json.dumps({"insecure-registries": list(self.insecure_registries)}))
+        # Go takes the first non-empty of HTTP_PROXY and http_proxy: set (or blank) both.
+        proxy = self.proxy or ""
+        env = {
+            name: value
+            for upper, value in (("HTTP_PROXY", proxy), ("HTTPS_PROXY", proxy), ("NO_PROXY", ""))
+            for name in (upper, upper.lower())
+        }
+        w = self.workdir
+        self._popen(
+            [
+                "dockerd",
+                "--config-file",
+                str(config),
+                "--data-root",
+                str(w / "data"),
+                "--exec-root",
+                str(w / "exec"),
+                "--pidfile",
+                str(w / "dockerd.pid"),
+                "-H",
+                f"unix://{self.socket}",
+                "--storage-driver",
+                "vfs",
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+            ],
+            env=env,
+        )
+
+    def _ready(self) -> bool:
+        try:
+            _run(
+                self.docker("version", "--format", "{{.Server.Version}}"),
+                env=self.client_env,
+                timeout=5,
+            )
+        except (RuntimeCommandError, OSError):
+            return False
+        return True
+
+    def cleanup(self) -> None:
+        self.stop()
+        for directory in self._cert_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+        self._cert_dirs.clear()
+        if self.workdir is not None:
+            umount_under(self.workdir)
+            if self._own_workdir:
+                remove_tree(self.workdir)
+
+
+@contextlib.asynccontextmanager
+async def start_dockerd(**kwargs: object) -> AsyncIterator[DockerdProcess]:
+    """``async with start_dockerd(proxy=URL) as d:`` — a private dockerd, stopped and
+    removed after."""
+    d = DockerdProcess(**kwargs)  # type: ignore[arg-type]
+    try:
+        await d.start()
+        yield d
+    finally:
+        await trio.to_thread.run_sync(d.cleanup)
 
 
 # --------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from daemons._http import serve_app
 from daemons.cli import main
-from daemons.cli.fetch import EXIT_STALLED, FetchFailed
+from daemons.cli.fetch import EXIT_STALLED, FetchFailed, fetch_failed
 from daemons.testbed.localcluster import LocalCluster, local_cluster
 from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer, TokenVerifier
 from p2pimage.metainfo.torrent import Metainfo
@@ -83,11 +83,14 @@ def test_a_fetch_failure_keeps_its_exit_code(runner: CliRunner) -> None:
     # fetch's failures are click exceptions carrying the documented exit codes (3: stalled).
     @click.command()
     def stalls() -> None:
-        raise FetchFailed("no byte for 15 s", EXIT_STALLED)
+        raise fetch_failed("no byte for 15 s", EXIT_STALLED)
 
     result = runner.invoke(stalls, [])
     assert result.exit_code == EXIT_STALLED == 3
     assert one_line_error(result.stderr) == "Error: no byte for 15 s"
+    for code in (1, 3, 130):
+        failure = fetch_failed("x", code)
+        assert isinstance(failure, FetchFailed) and failure.exit_code == code
 
 
 # --- keys -------------------------------------------------------------------------------

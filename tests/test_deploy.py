@@ -234,11 +234,185 @@ def test_registry_notifications_reach_the_sidecar_beside_it(
     )
     (endpoint,) = config["notifications"]["endpoints"]
     url = urllib.parse.urlsplit(endpoint["url"])
+    assert url.scheme == "https"  # the sidecar serves HTTPS only
     assert url.hostname == "127.0.0.1"  # same pod
     assert url.port == port_of(settings.listen)  # type: ignore[attr-defined]
     assert url.path == "/events"
     registry_url = urllib.parse.urlsplit(settings.registry_url)  # type: ignore[attr-defined]
     assert registry_url.port == port_of(config["http"]["addr"])
+
+
+# ------------------------------------------------- TLS for the control plane
+
+
+def mounted_file(docs: list[Doc], workload: Doc, container: Doc, path: str) -> bytes | None:
+    """The file ``path`` as the container sees it when a ConfigMap or Secret volume holds
+    it (a Secret's data decoded); None when it is under no such mount."""
+    import base64
+
+    volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+    for mount in container.get("volumeMounts", []):
+        directory = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(directory):
+            continue
+        volume = volumes[mount["name"]]
+        key = path.removeprefix(directory)
+        for kind, field in (("ConfigMap", "configMap"), ("Secret", "secret")):
+            if field not in volume:
+                continue
+            name = volume[field]["name" if kind == "ConfigMap" else "secretName"]
+            (obj,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+            assert key in obj.get("data", {}), f"{path}: no key {key!r} in {kind} {name}"
+            value = obj["data"][key]
+            return base64.b64decode(value) if kind == "Secret" else str(value).encode()
+        return None
+    return None
+
+
+def started_settings(
+    docs: list[Doc], workload: Doc, container: Doc, daemon: str, tmp: Path
+) -> BaseModel:
+    """The daemon's settings with every file a ConfigMap or Secret mounts (TLS files,
+    keys, credentials) written under ``tmp`` and its path rewritten there, and values the
+    environment takes from Secrets resolved: what the daemon checks at start."""
+    import base64
+
+    settings = settings_of(docs, workload, container, daemon, tmp)
+    for env in container.get("env", []):
+        ref = env.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            (secret,) = [
+                d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == ref["name"]
+            ]
+            value = base64.b64decode(secret["data"][ref["key"]]).decode()
+            key = env["name"].removeprefix(f"P2PIMAGE_{daemon.upper()}_").lower()
+            parsed = json.loads(value) if value.lstrip().startswith(("{", "[")) else value
+            settings = settings.model_copy(update={key: parsed})
+
+    def local(path: Path) -> Path:
+        content = mounted_file(docs, workload, container, str(path))
+        if content is None:
+            return path
+        there = tmp / daemon / str(path).lstrip("/")
+        there.parent.mkdir(parents=True, exist_ok=True)
+        there.write_bytes(content)
+        return there
+
+    update: dict[str, Any] = {}
+    for name, value in settings:
+        if isinstance(value, Path):
+            update[name] = local(value)
+        elif isinstance(value, list) and value and all(isinstance(v, Path) for v in value):
+            update[name] = [local(v) for v in value]
+    return settings.model_copy(update=update)
+
+
+def _handshake(server: Any, client: Any, hostname: str) -> None:
+    """A TLS handshake in memory: ``client`` (an SSLContext) verifies ``server``'s
+    certificate for ``hostname``; raises ``ssl.SSLCertVerificationError`` if it fails."""
+    import ssl
+
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    ends = [
+        client.wrap_bio(c_in, c_out, server_hostname=hostname),
+        server.wrap_bio(s_in, s_out, server_side=True),
+    ]
+    done = [False, False]
+    for _ in range(8):
+        for i, end in enumerate(ends):
+            if not done[i]:
+                try:
+                    end.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if all(done):
+            return
+    raise AssertionError(f"the TLS handshake with {hostname} did not finish")
+
+
+def test_the_control_plane_speaks_tls_with_the_base_certificate(
+    rendered: list[Doc], tmp_path: Path
+) -> None:
+    import ssl
+
+    from daemons import node, sidecar, tracker
+
+    checks = {"sidecar": sidecar.check_settings, "tracker": tracker.check_settings}
+    checks["node"] = node.check_settings
+    started: dict[str, Any] = {}
+    for workload, container, daemon in daemon_containers(rendered):
+        settings = started_settings(rendered, workload, container, daemon, tmp_path)
+        # Each daemon starts as configured: its TLS pair loads, its CA bundle loads, and
+        # the node accepts its https sidecar with the join credential (no opt-out).
+        checks[daemon](settings)  # type: ignore[arg-type]
+        assert getattr(settings, "allow_plain_http_join", False) is False, daemon
+        started[daemon] = (workload, container, settings)
+    tracker_s, node_s = (started[d][2] for d in ("tracker", "node"))
+
+    # Servers: the sidecar and the tracker serve HTTPS from files the render holds.
+    servers = {}
+    for daemon in ("sidecar", "tracker"):
+        workload, container, settings = started[daemon]
+        assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+        assert settings.tls_cert_file.is_relative_to(tmp_path), f"{daemon}: TLS not mounted"
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(settings.tls_cert_file, settings.tls_key_file)
+        servers[daemon] = context
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"].get("scheme") == "HTTPS", (daemon, probe)
+    # Clients: every control-plane URL is https, verified against the base's CA (a file
+    # of the render), for the name the client dials.
+    clients = [
+        ("node", node_s.ca_file, node_s.sidecar_url, "sidecar"),
+        ("node", node_s.ca_file, node_s.tracker_url, "tracker"),
+        ("tracker", tracker_s.ca_file, tracker_s.sidecar_url, "sidecar"),
+    ]
+    workload, _, _ = started["sidecar"]
+    (registry,) = [
+        c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == "registry"
+    ]
+    config = yaml.safe_load(
+        config_text(rendered, workload, registry, "/etc/docker/registry/config.yml")
+    )
+    (endpoint,) = config["notifications"]["endpoints"]
+    # The registry (Go) trusts what SSL_CERT_FILE names, a file of the render.
+    (cert_file,) = [e["value"] for e in registry.get("env", []) if e["name"] == "SSL_CERT_FILE"]
+    registry_ca = mounted_file(rendered, workload, registry, cert_file)
+    assert registry_ca is not None, f"SSL_CERT_FILE {cert_file} is not mounted"
+    (tmp_path / "registry-ca.crt").write_bytes(registry_ca)
+    clients.append(("registry", tmp_path / "registry-ca.crt", endpoint["url"], "sidecar"))
+    for client, ca_file, url, server in clients:
+        assert ca_file is not None and Path(ca_file).is_relative_to(tmp_path), client
+        parts = urllib.parse.urlsplit(url)
+        assert parts.scheme == "https", f"{client}: {url}"
+        assert parts.hostname is not None
+        context = ssl.create_default_context(cafile=str(ca_file))
+        _handshake(servers[server], context, parts.hostname)
+        # The check can fail: a name the certificate does not hold is refused.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _handshake(servers[server], context, "p2pimage-elsewhere.example")
+    # Prometheus scrapes the HTTPS listeners over https.
+    for d in rendered:
+        annotations = d["metadata"].get("annotations", {})
+        if d["kind"] == "Service" and d["metadata"]["name"] in (
+            "p2pimage-registry",
+            "p2pimage-tracker",
+        ):
+            assert annotations.get("prometheus.io/scheme") == "https", d["metadata"]["name"]
+    # The nodes hold the CA, never the Secret with the server's key.
+    (daemonset,) = [d for d in rendered if d["kind"] == "DaemonSet"]
+    for volume in daemonset["spec"]["template"]["spec"]["volumes"]:
+        if "secret" in volume:
+            (secret,) = [
+                d
+                for d in rendered
+                if d["kind"] == "Secret" and d["metadata"]["name"] == volume["secret"]["secretName"]
+            ]
+            assert "tls.key" not in secret["data"], volume["name"]
+    assert "allow_plain_http_join" not in yaml.safe_dump_all(rendered)
 
 
 def test_the_containerd_init_container_points_at_the_node_mirror(
@@ -825,3 +999,28 @@ def test_the_released_protocol_version_is_the_wires() -> None:
     from p2pimage.wire._codec import PROTOCOL_VERSION as WIRE_VERSION
 
     assert p2pimage.PROTOCOL_VERSION == WIRE_VERSION
+
+
+def test_keys_tls_mints_a_ca_and_a_certificate_for_the_names_asked(tmp_path: Path) -> None:
+    import ssl
+
+    out = tmp_path / "tls"
+    args = ["keys", "tls", "-d", str(out), "--host", "tracker.internal", "--host", "10.0.0.7"]
+    result = CliRunner().invoke(main, [*args, "--days", "30"])
+    assert result.exit_code == 0, result.output
+    assert result.output.split() == ["tracker.internal", "10.0.0.7"]
+    assert (out / "tls.key").stat().st_mode & 0o077 == 0
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(out / "tls.crt", out / "tls.key")
+    client = ssl.create_default_context(cafile=str(out / "ca.crt"))
+    for name in ("tracker.internal", "10.0.0.7"):
+        _handshake(server, client, name)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        _handshake(server, client, "p2pimage-tracker.p2pimage.svc")
+    # Never overwritten by accident (a CA and its certificate go together).
+    before = (out / "ca.crt").read_bytes()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1 and "exists" in again.output
+    assert (out / "ca.crt").read_bytes() == before
+    assert CliRunner().invoke(main, [*args, "--force"]).exit_code == 0
+    assert (out / "ca.crt").read_bytes() != before

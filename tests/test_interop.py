@@ -19,7 +19,7 @@ import trio
 from benchmarks._libtorrent import make_session
 from daemons.testbed.opentracker import OpenTracker, opentracker_binary, run_opentracker
 from daemons.testbed.registry import free_port
-from p2pimage.metainfo.torrent import Metainfo
+from p2pimage.metainfo.torrent import Metainfo, create_metainfo_from_file
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.node import open_peer_node
 from p2pimage.tracker.client import AnnounceSettings, TrackerClient, run_announcer
@@ -100,6 +100,39 @@ async def test_we_download_from_libtorrent(
     assert sha256_file(swarm.storage.path) == meta.sha256
     assert swarm.storage.path.read_bytes() == path.read_bytes()
     ses.remove_torrent(handle)  # type: ignore[attr-defined]
+
+
+async def test_we_download_from_libtorrent_in_parts_of_our_large_blocks(tmp_path: Path) -> None:
+    """With 256 KiB pieces our picker asks for whole pieces; libtorrent never offered
+    large blocks (no p2pimage_block key), so each goes out as 16 KiB requests and the
+    piece is put together from their answers."""
+    path = tmp_path / "layer.bin"
+    path.write_bytes(bytes(range(256)) * (4 * MIB // 256 + 3))  # 16 pieces, a short last one
+    meta = create_metainfo_from_file(path, piece_length=256 * 1024)
+    seen_parts = 0
+    with run_opentracker([meta.info_hash]) as tracker:
+        ses = lt_session()
+        handle = lt_add(ses, meta, path.parent, tracker.announce_url, seed=True)
+        async with (
+            open_peer_node(authenticator=None, open_mode=True, download_rate=2 * MIB) as node,
+            httpx.AsyncClient() as http,
+        ):
+            swarm = await node.add_swarm(meta, tmp_path / "ours")
+            assert swarm.picker.block_size == 256 * 1024
+            client = TrackerClient(tracker.announce_url, http=http)
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(lambda: run_announcer(swarm, client, settings=FAST))
+                    while not swarm.complete.is_set():
+                        for peer in swarm.peers.values():
+                            assert peer.session.conn.peer_max_block_length == 16 * 1024
+                            seen_parts = max(seen_parts, len(peer.parts))
+                        await trio.sleep(0.01)
+                    nursery.cancel_scope.cancel()
+        ses.remove_torrent(handle)  # type: ignore[attr-defined]
+    assert seen_parts > 0
+    assert swarm.stats.downloaded_from_peers == meta.length
+    assert swarm.storage.path.read_bytes() == path.read_bytes()
 
 
 async def test_libtorrent_downloads_from_us(

@@ -6,10 +6,11 @@ registry pod: the Debian CNCF registry binary with the base's own ``registry-con
 the sidecar container; the tracker pod), ``n1`` and ``n2`` are nodes, each running the
 DaemonSet's init container and node container with host networking (``--network`` the
 node's namespace). Every container gets what the rendered base gives it: its image (the
-built image tagged with the manifests' reference), args, environment (``fieldRef
-spec.nodeName`` and ``secretKeyRef`` resolved), ConfigMaps and Secrets as files, hostPath
-and emptyDir volumes as directories, and its ``securityContext`` (user, fsGroup,
-read-only root, no capabilities, no privilege escalation). The Service names resolve, as
+built image, under a name private to the run, where the manifests name theirs), args,
+environment (``fieldRef spec.nodeName`` and ``secretKeyRef`` resolved), ConfigMaps and
+Secrets as files, hostPath and emptyDir volumes as directories, and its
+``securityContext`` (user, fsGroup, read-only root, no capabilities, no privilege
+escalation). The Service names resolve, as
 cluster DNS would, to the control plane's address (``--add-host``).
 
 A two-platform image is pushed to the registry; node 2 fetches its layers through its
@@ -19,7 +20,10 @@ container's ``hosts.toml`` tells it (merged into a ``hosts.toml`` the node alrea
 Checked: the index digest and every blob in containerd's content store, the layer bytes
 node 1 took from its peer and served from the swarm, node 2's uploads, every probe and
 ``prometheus.io/port`` of the manifests answering, and the DaemonSet's preStop leaving the
-node's own ``hosts.toml`` as it was.
+node's own ``hosts.toml`` as it was. The control plane speaks TLS as the base configures
+it (``deploy/kubernetes/secrets/generate.sh``'s CA and certificate): the sidecar and the
+tracker answer HTTPS only, the registry's webhook reaches the sidecar over HTTPS, and
+the nodes get their tokens with the join credential over HTTPS, verified against the CA.
 
 Needs root, podman, mmdebstrap, umoci, skopeo, kubectl, docker-registry and containerd
 (``.ci/install``). The image build is cached under /var/cache/p2pimage-image by a hash of
@@ -35,6 +39,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -102,10 +107,17 @@ def _run(cmd: list[str], timeout: float = 120, check: bool = True) -> str:
 
 
 def _get(url: str, netns_name: str | None = None, timeout: float = 10) -> tuple[int, bytes]:
-    """An HTTP GET as seen from a host: the root namespace, or inside ``netns_name``."""
+    """An HTTP GET as seen from a host: the root namespace, or inside ``netns_name``.
+    An https URL is read as a kubelet probe reads it: the certificate is not verified
+    (the daemons' own clients verify it: ``ca_file``, the registry's ``SSL_CERT_FILE``)."""
     if netns_name is None:
+        context = None
+        if url.startswith("https:"):
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
+            with urllib.request.urlopen(url, timeout=timeout, context=context) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
@@ -174,7 +186,8 @@ class Host:
 @dataclass
 class Box:
     docs: list[Doc]
-    image: str
+    image: str  # the manifests' reference to the p2pimage image
+    run_image: str  # the built image, as this run loaded it into podman
     tmp: Path
     services: dict[str, str]  # Service DNS name -> control plane address
     api: FakeApi  # the Kubernetes API the kubelet points pods at
@@ -280,7 +293,8 @@ class Box:
             args.append("--detach")
         else:
             args.append("--rm")
-        args += [container["image"], *container.get("args", [])]
+        image = self.run_image if container["image"] == self.image else container["image"]
+        args += [image, *container.get("args", [])]
         self.containers.append(name)
         out = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
         assert out.returncode == 0, f"podman run {name}: {out.stderr[-3000:]}"
@@ -323,20 +337,26 @@ def _port(container: Doc, port: int | str) -> int:
 
 
 @pytest.fixture(scope="module")
-def built_image() -> Iterator[tuple[str, float]]:
+def built_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, float]]:
     reason = _skip_reason()
     if reason is not None:
         pytest.skip(reason)
     started = time.monotonic()
+    archive = tmp_path_factory.mktemp("image") / "p2pimage.oci.tar"
     out = subprocess.run(
-        ["bash", str(BUILD), "--load", "podman"],
+        ["bash", str(BUILD), "--oci-archive", str(archive)],
         capture_output=True,
         text=True,
         timeout=1800,
         check=False,
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    image = out.stdout.split()[-1]
+    ref = out.stdout.split()[-1]  # p2pimage:VERSION
+    # Several checkouts may share this machine's podman store, and `build.sh --load`
+    # replaces localhost/p2pimage:VERSION: this run loads its own build under a name of
+    # its own, so it never runs (or removes) another checkout's image.
+    image = f"localhost/p2pimage-box{os.getpid()}:{ref.rsplit(':', 1)[1]}"
+    _run(["skopeo", "copy", "--quiet", f"oci-archive:{archive}", f"containers-storage:{image}"])
     # The image says which release and which protocol it is.
     labels = json.loads(
         _run(["podman", "image", "inspect", "--format", "{{json .Config.Labels}}", image])
@@ -346,25 +366,56 @@ def built_image() -> Iterator[tuple[str, float]]:
     assert labels["io.p2pimage.protocol-version"] == str(p2pimage.PROTOCOL_VERSION)
     said = _run(["podman", "run", "--rm", *ULIMITS, image, "p2pimage", "--version"])
     assert said.strip() == f"p2pimage, version {version}"
-    yield image, time.monotonic() - started
+    try:
+        yield image, time.monotonic() - started
+    finally:
+        _run(["podman", "rmi", "--force", image], check=False)
 
 
 def _start_registry(box: Box, host: Host) -> subprocess.Popen[bytes]:
     """The registry container's part, by the Debian CNCF registry binary: the base's own
-    ``registry-config``, its ``registry-data`` emptyDir under the box."""
+    ``registry-config``, its ``registry-data`` emptyDir under the box, and its
+    environment (``SSL_CERT_FILE``: the CA its webhook verifies the sidecar against) with
+    every path under one of its ConfigMap or Secret mounts mapped to the box's copy."""
     registry = box.workload("Deployment", "p2pimage-registry")
-    (cm_volume,) = [
-        v for v in registry["spec"]["template"]["spec"]["volumes"] if v["name"] == "registry-config"
-    ]
+    spec = registry["spec"]["template"]["spec"]
+    container = _container(registry, "registry")
+    (cm_volume,) = [v for v in spec["volumes"] if v["name"] == "registry-config"]
     config = yaml.safe_load(
         box._object("ConfigMap", cm_volume["configMap"]["name"])["data"]["config.yml"]
     )
     config["storage"]["filesystem"]["rootdirectory"] = str(box.tmp / "registry-data")
     path = box.tmp / "registry.yml"
     path.write_text(yaml.safe_dump(config))
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        if "configMap" in volume or "secret" in volume:
+            source, _ = box._volume_dir(
+                f"{registry['metadata']['name']}-{host.name}", volume, host, spec
+            )
+            mounts[mount["mountPath"].rstrip("/") + "/"] = source
+    env = {}
+    for e in container.get("env", []):
+        value = e["value"]
+        for mount_path, source in mounts.items():
+            if value.startswith(mount_path):
+                value = str(source / value.removeprefix(mount_path))
+        env[e["name"]] = value
     log = (box.tmp / "registry.log").open("wb")
     return subprocess.Popen(
-        ["ip", "netns", "exec", host.netns, "docker-registry", "serve", str(path)],
+        [
+            "ip",
+            "netns",
+            "exec",
+            host.netns,
+            "env",
+            *(f"{k}={v}" for k, v in env.items()),
+            "docker-registry",
+            "serve",
+            str(path),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -389,8 +440,8 @@ async def test_the_built_image_runs_the_base_and_containerd_pulls_through_the_sw
         if "p2pimage" in c["image"]
     }
     (manifest_image,) = names
+    # The manifests' tag is the built release.
     assert manifest_image.rsplit(":", 1)[1] == image.rsplit(":", 1)[1], (manifest_image, image)
-    _run(["podman", "tag", f"localhost/{image}", manifest_image])
 
     layers_by_arch = {
         arch: build_image([1_500_000 + 100_000 * i, 1_200_000], architecture=arch, seed=31 + i)
@@ -420,7 +471,7 @@ async def test_the_built_image_runs_the_base_and_containerd_pulls_through_the_sw
                 "apiVersion": "v1",
                 "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
             }
-        box = Box(docs, manifest_image, tmp_path / "box", services, api)
+        box = Box(docs, manifest_image, image, tmp_path / "box", services, api)
         try:
             # --- control plane: the registry pod (registry + sidecar), the tracker pod.
             registry_proc = _start_registry(box, control)
@@ -433,8 +484,12 @@ async def test_the_built_image_runs_the_base_and_containerd_pulls_through_the_sw
                 c = _container(workload, cname)
                 for probe in ("readinessProbe", "livenessProbe"):
                     get = c[probe]["httpGet"]
-                    url = f"http://{control.address}:{_port(c, get['port'])}{get['path']}"
+                    # The control plane serves HTTPS only (the base's TLS Secret).
+                    assert get.get("scheme") == "HTTPS", (cname, probe)
+                    url = f"https://{control.address}:{_port(c, get['port'])}{get['path']}"
                     _wait_ok(url, None, f"{cname} {probe}")
+                    plain = f"http://{control.address}:{_port(c, get['port'])}{get['path']}"
+                    assert _get(plain, None, timeout=5)[0] != 200, f"{cname} answers plain HTTP"
 
             # --- nodes: the DaemonSet's init container, then its node container.
             daemonset = box.workload("DaemonSet", "p2pimage-node")
@@ -521,11 +576,25 @@ async def test_the_built_image_runs_the_base_and_containerd_pulls_through_the_sw
             assert from_peer >= layer_bytes * 0.9, (from_peer, layer_bytes)
             assert uploaded >= from_peer * 0.9, (uploaded, from_peer)
             assert fallback == 0
+            service_metrics = {}
             for d in docs:
-                port_annotation = d["metadata"].get("annotations", {}).get("prometheus.io/port")
+                annotations = d["metadata"].get("annotations", {})
+                port_annotation = annotations.get("prometheus.io/port")
                 if d["kind"] == "Service" and port_annotation:
-                    code, body = _get(f"http://{control.address}:{port_annotation}/metrics")
+                    scheme = annotations.get("prometheus.io/scheme", "http")
+                    url = f"{scheme}://{control.address}:{port_annotation}/metrics"
+                    code, body = _get(url)
                     assert code == 200 and b"p2pimage_" in body, d["metadata"]["name"]
+                    service_metrics[d["metadata"]["name"]] = body.decode()
+            # Over HTTPS, verified against the base's CA: the registry's webhook reached
+            # the sidecar, and both nodes got their token with the join credential.
+            sidecar_m = service_metrics["p2pimage-registry"]
+            queued = _metric(sidecar_m, "p2pimage_sidecar_webhook_events_total", result="queued")
+            assert queued >= 1, queued
+            issued = _metric(sidecar_m, "p2pimage_sidecar_tokens_total", result="issued")
+            assert issued >= 2, issued
+            plain = _metric(sidecar_m, "p2pimage_sidecar_tokens_total", 0.0, result="plain_http")
+            assert plain == 0
 
             # --- the preStop of the node container takes back what the init added.
             stop = node["lifecycle"]["preStop"]["exec"]["command"]
@@ -556,4 +625,3 @@ async def test_the_built_image_runs_the_base_and_containerd_pulls_through_the_sw
             if registry_proc is not None:
                 registry_proc.terminate()
                 registry_proc.wait(timeout=20)
-            _run(["podman", "untag", manifest_image, manifest_image], check=False)

@@ -492,7 +492,11 @@ async def test_sidecar_process_killed_mid_generation_serves_only_complete_torren
                 r = await http.get(f"{url}/torrents/{layer}?repository=kill/app")
                 assert r.status_code == 200
                 assert check_torrent(r.content, layer).length == len(img.layers[0].data)
-                assert [p.name for p in store.iterdir()] == [f"{layer[7:]}.torrent"]
+                # The torrent and the repositories recorded with it; no temp file left.
+                assert sorted(p.name for p in store.iterdir()) == [
+                    f"{layer[7:]}.repositories",
+                    f"{layer[7:]}.torrent",
+                ]
             finally:
                 proc.terminate()
                 proc.wait()

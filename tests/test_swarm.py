@@ -24,6 +24,20 @@ from p2pimage.swarm.engine import Swarm, SwarmSettings
 from p2pimage.swarm.node import PeerNode, open_peer_node
 from p2pimage.swarm.origin import OriginReader
 from p2pimage.swarm.picker import PickerSettings
+from p2pimage.swarm.session import PeerSession, make_connection, new_peer_id
+from p2pimage.wire import (
+    HAVES_EXTENSION,
+    LOCAL_HAVES_ID,
+    NEED_DATA,
+    Extended,
+    ExtendedHandshake,
+    HandshakeReceived,
+    Have,
+    PeerConnection,
+    Role,
+    build_haves_payload,
+    decode_haves,
+)
 
 from .test_transfer import make_blob, sha256_file
 
@@ -360,7 +374,7 @@ async def test_a_block_of_the_wrong_length_closes_that_peer(
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
         swarm.add_peers([liar.listen_address])
         with trio.fail_after(10):
-            while "we asked for" not in caplog.text:
+            while "were asked" not in caplog.text:
                 await trio.sleep(0.02)
         assert swarm.storage.num_have == 0 and swarm.stats.hash_failures == 0
         assert not swarm.banned and "internal error" not in caplog.text
@@ -475,3 +489,55 @@ async def test_the_announcer_and_origin_api(tmp_path: Path) -> None:
         assert swarm.released and swarm.closed.is_set()
         with trio.fail_after(1):
             await swarm.wait_announce_due(10)  # closed: always due
+
+
+async def _open_session_pair(*, haves_on_b: bool) -> tuple[PeerSession, PeerConnection, Any]:
+    """A session (open mode, as make_connection builds it) and a bare peer connection
+    on the other end of an in-memory stream; the peer advertises p2pimage_haves or not."""
+    a_stream, b_stream = trio.testing.memory_stream_pair()
+    info_hash = bytes(range(20))
+    a = make_connection(
+        Role.INITIATOR, peer_id=new_peer_id(), info_hash=info_hash, authenticator=None
+    )
+    b = PeerConnection(
+        Role.RESPONDER,
+        peer_id=new_peer_id(),
+        authenticator=None,
+        open_mode=True,
+        extensions={HAVES_EXTENSION: LOCAL_HAVES_ID} if haves_on_b else None,
+    )
+    a.num_pieces = 100
+    session = PeerSession(a_stream, a, address=("127.0.0.1", 1))
+    # Handshake by hand: b accepts; each side then holds the other's extended handshake.
+    seen: list[Any] = []
+    for sender, receiver, stream in ((a, b, b_stream), (b, a, a_stream), (a, b, b_stream)):
+        await (a_stream if sender is a else b_stream).send_all(sender.data_to_send())
+        receiver.receive_data(await stream.receive_some())
+        while (event := receiver.next_event()) is not NEED_DATA:
+            seen.append(event)
+            if isinstance(event, HandshakeReceived) and receiver is b:
+                b.accept(num_pieces=100)
+    assert a.is_open and b.is_open
+    assert [type(e) for e in seen].count(ExtendedHandshake) == 2
+    return session, b, b_stream
+
+
+@pytest.mark.parametrize("haves_on_b", [True, False], ids=["p2pimage peer", "stock peer"])
+async def test_haves_of_one_batch_travel_in_one_message(haves_on_b: bool) -> None:
+    session, peer, stream = await _open_session_pair(haves_on_b=haves_on_b)
+    for index in (3, 7, 42, 99):
+        session.send_have(index)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer)
+        events: list[Any] = []
+        with trio.fail_after(5):
+            while sum(len(e.payload) // 4 if isinstance(e, Extended) else 1 for e in events) < 4:
+                peer.receive_data(await stream.receive_some())
+                while (event := peer.next_event()) is not NEED_DATA:
+                    events.append(event)
+        nursery.cancel_scope.cancel()
+    if haves_on_b:
+        assert events == [Extended(LOCAL_HAVES_ID, build_haves_payload([3, 7, 42, 99]))]
+        assert decode_haves(events[0].payload, 100) == (3, 7, 42, 99)
+    else:
+        assert events == [Have(3), Have(7), Have(42), Have(99)]

@@ -22,6 +22,9 @@ from p2pimage.auth.tokens import (
 from p2pimage.errors import LocalProtocolError, RemoteProtocolError
 from p2pimage.metainfo.bencoding import bencode
 from p2pimage.wire import (
+    BLOCK_LENGTH,
+    BLOCK_LENGTH_KEY,
+    MAX_BLOCK_LENGTH_LIMIT,
     NEED_DATA,
     Bitfield,
     Cancel,
@@ -45,9 +48,12 @@ from p2pimage.wire import (
     Role,
     Unchoke,
     auth_transcript,
+    build_haves_payload,
+    decode_haves,
     encode_message,
     handshake_context,
 )
+from p2pimage.wire._codec import build_extended, build_handshake
 
 NOW = 1_800_000_000.0
 INFO_HASH = bytes(range(20))
@@ -461,7 +467,10 @@ def test_garbage_raises_only_remote_protocol_error(state: str, data: st.DataObje
 def test_arbitrary_chunking_yields_the_same_events(
     msgs: list[Message], data: st.DataObject
 ) -> None:
-    i, r = initiator(extensions=EXT, max_block_length=MAX_BLOCK), responder(extensions=EXT)
+    i, r = (
+        initiator(extensions=EXT, max_block_length=MAX_BLOCK),
+        responder(extensions=EXT, max_block_length=MAX_BLOCK),
+    )
     sent_i, _ = handshake(i, r)
     stream = sent_i + i.seal(b"".join(i.send(m) for m in msgs))
 
@@ -671,3 +680,72 @@ def test_late_bitfield_refused_between_p2pimage_peers() -> None:
     b.receive_data(a.seal(a.send(Have(1)) + encode_message(Bitfield(b"\xc0"))))
     with pytest.raises(RemoteProtocolError):
         drain(b)
+
+
+# --- large blocks (p2pimage_block) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", [True, False], ids=["authenticated", "open"])
+def test_large_blocks_are_offered_in_the_extended_handshake(auth: bool) -> None:
+    a, b = open_pair(auth, max_block_length=MAX_BLOCK_LENGTH_LIMIT)
+    assert a.peer_max_block_length == b.peer_max_block_length == MAX_BLOCK_LENGTH_LIMIT
+    block = bytes(range(256)) * (MAX_BLOCK_LENGTH_LIMIT // 256)
+    b.receive_data(a.seal(a.send(Request(2, 0, MAX_BLOCK_LENGTH_LIMIT))))
+    assert drain(b) == [Request(2, 0, MAX_BLOCK_LENGTH_LIMIT)]
+    a.receive_data(b.seal(b.piece_header(2, 0, len(block)) + block))
+    assert drain(a) == [Piece(2, 0, block)]
+
+
+def test_a_peer_that_offers_nothing_gets_bep3_blocks_only() -> None:
+    """A stock client sends no p2pimage_block: we may accept large blocks ourselves,
+    but a request we send it stays within 16 KiB."""
+    ours, stock = initiator(False, max_block_length=MAX_BLOCK_LENGTH_LIMIT), responder(False)
+    handshake(ours, stock)
+    assert ours.peer_max_block_length == BLOCK_LENGTH
+    assert stock.peer_max_block_length == MAX_BLOCK_LENGTH_LIMIT
+    ours.send(Request(0, 0, BLOCK_LENGTH))
+    with pytest.raises(LocalProtocolError):
+        ours.send(Request(0, 0, BLOCK_LENGTH + 1))
+    with pytest.raises(LocalProtocolError):
+        ours.send(Cancel(0, 0, 2 * BLOCK_LENGTH))
+
+
+@pytest.mark.parametrize(
+    ("offered", "seen"),
+    [
+        (2**40, MAX_BLOCK_LENGTH_LIMIT),
+        (MAX_BLOCK_LENGTH_LIMIT + 1, MAX_BLOCK_LENGTH_LIMIT),
+        (64 * 1024, 64 * 1024),
+        (100, BLOCK_LENGTH),
+        (-5, BLOCK_LENGTH),
+        (b"262144", BLOCK_LENGTH),
+    ],
+)
+def test_an_offered_block_length_is_clamped_to_what_the_wire_allows(
+    offered: object, seen: int
+) -> None:
+    ours = initiator(False)
+    peer_handshake = build_handshake(INFO_HASH, ID_R, extensions=True)
+    payload = bencode({b"m": {}, BLOCK_LENGTH_KEY: offered})  # type: ignore[dict-item]
+    ours.receive_data(peer_handshake + build_extended(0, payload))
+    drain(ours)
+    assert ours.is_open
+    assert ours.peer_max_block_length == seen
+
+
+# --- p2pimage_haves -----------------------------------------------------------------------
+
+
+@given(indexes=st.lists(st.integers(0, 999), min_size=1, max_size=300))
+def test_haves_payload_round_trip(indexes: list[int]) -> None:
+    assert decode_haves(build_haves_payload(indexes), 1000) == tuple(indexes)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\x00\x00\x00", b"\x00\x00\x00\x01\x00", struct.pack(">II", 3, 1000)],
+    ids=["empty", "short", "ragged", "index out of range"],
+)
+def test_haves_garbage_is_the_peers_error(payload: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_haves(payload, 1000)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import resource
 import shutil
@@ -226,6 +227,22 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+def _nodes_cpu_seconds(cluster: LocalCluster) -> float | None:
+    """User + system CPU seconds of the node processes so far (/proc), or None when the
+    nodes do not run as processes of their own."""
+    total = 0.0
+    for node in cluster.nodes:
+        if node.process is None:
+            return None
+        try:
+            stat = Path(f"/proc/{node.process.pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 async def run_cluster(params: ClusterParams, console: Console | None = None) -> dict[str, Any]:
     cpu_before = _cpu_seconds()
     console = console or Console(stderr=True)
@@ -266,10 +283,12 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
             results = [NodeResult(n.name) for n in cluster.nodes]
             egress0 = cluster.registry_egress
             link0 = cluster.topology.registry_link_bytes() if cluster.topology else 0
+            nodes_cpu0 = _nodes_cpu_seconds(cluster)
             async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
                 done = trio.Event()
                 nursery.start_soon(_progress, console, cluster, http, results, image_bytes, done)
                 t_all = await _pull_all(cluster, ref, use_skopeo, True, tmp, results)
+                nodes_cpu1 = _nodes_cpu_seconds(cluster)
                 done.set()
                 metrics = [await _scrape(http, n.mirror_url) for n in cluster.nodes]
             p2p_egress = cluster.registry_egress - egress0
@@ -295,6 +314,10 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
     bound = kumar_ross_bound(image_bytes, params.nodes, origin, up, down)
     cpu_used = _cpu_seconds() - cpu_before
     digests_ok = all(r.digest == pushed and r.error is None for r in results)
+    delivered_mib = params.nodes * image_bytes / MIB
+    nodes_cpu = (
+        nodes_cpu1 - nodes_cpu0 if nodes_cpu0 is not None and nodes_cpu1 is not None else None
+    )
     report: dict[str, Any] = {
         "nodes": params.nodes,
         "network": params.network,
@@ -312,6 +335,11 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
         "t_direct_s": round(t_direct, 2),
         "speedup_vs_direct": round(t_direct / t_all, 2) if params.direct else None,
         "cpu_s": round(cpu_used, 1),
+        # The node processes only, over the p2p pulls: CPU per MiB delivered to the nodes.
+        "node_cpu_s": round(nodes_cpu, 2) if nodes_cpu is not None else None,
+        "node_cpu_ms_per_mib": (
+            round(1000 * nodes_cpu / delivered_mib, 2) if nodes_cpu is not None else None
+        ),
         "digests_ok": digests_ok,
         "per_node": [
             {
@@ -416,6 +444,11 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         summary.add_row("same pulls straight from the registry", f"{report['t_direct_s']:.2f} s")
         summary.add_row("speed-up", f"{report['speedup_vs_direct']:.1f}×")
     summary.add_row("CPU used (all processes)", f"{report['cpu_s']:.1f} s")
+    if report.get("node_cpu_s") is not None:
+        summary.add_row(
+            "CPU of the nodes during the pulls",
+            f"{report['node_cpu_s']:.1f} s ({report['node_cpu_ms_per_mib']:.1f} ms per MiB)",
+        )
     summary.add_row("every node's image digest matches", "yes" if report["digests_ok"] else "NO")
     console.print(summary)
 

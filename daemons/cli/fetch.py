@@ -58,6 +58,7 @@ from p2pimage.sidecar.client import SidecarClient, SidecarError, TokenKeeper
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm
 from p2pimage.swarm.node import open_peer_node
+from p2pimage.swarm.origin import OriginCredentials
 from p2pimage.tracker.client import TrackerClient
 
 __all__ = ["EXIT_FAILED", "EXIT_STALLED", "FetchFailed", "fetch"]
@@ -67,11 +68,30 @@ EXIT_STALLED = 3
 
 
 class FetchFailed(click.ClickException):
-    """The fetch failed; click prints the message and exits with ``exit_code``."""
+    """The fetch failed; click prints the message and exits with ``exit_code``.
 
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.exit_code = code
+    Click 8.2+ declares ``exit_code`` a class variable, so each code is its own subclass
+    (:func:`fetch_failed` picks it)."""
+
+    exit_code = EXIT_FAILED
+
+
+class _FetchStalled(FetchFailed):
+    exit_code = EXIT_STALLED
+
+
+class _FetchInterrupted(FetchFailed):
+    exit_code = 130
+
+
+def fetch_failed(message: str, code: int = EXIT_FAILED) -> FetchFailed:
+    """The :class:`FetchFailed` that exits with ``code`` (1, 3 or 130)."""
+    kinds: dict[int, type[FetchFailed]] = {
+        EXIT_FAILED: FetchFailed,
+        EXIT_STALLED: _FetchStalled,
+        130: _FetchInterrupted,
+    }
+    return kinds[code](message)
 
 
 def _default_node_name() -> str:
@@ -106,7 +126,7 @@ async def _stream(
                 with trio.move_on_after(stall_timeout_s):
                     chunk = await chunks.__anext__()
                 if not chunk:
-                    return written, FetchFailed(
+                    return written, fetch_failed(
                         f"swarm stalled: no data for {stall_timeout_s:g} s at byte "
                         f"{written} of {length}",
                         EXIT_STALLED,
@@ -135,6 +155,7 @@ async def run_fetch(
     stall_timeout_s: float,
     registry_authorization: str | None,
     progress: Progress | None,
+    registry: str | None = None,
     seed_for_s: float = 0.0,
     on_written: Callable[[], None] | None = None,
     encrypt: bool = True,
@@ -180,8 +201,14 @@ async def run_fetch(
                 storage=storage,
                 tracker=tracker,
                 repository=repository,
-                origin_headers=(
-                    {"Authorization": registry_authorization} if registry_authorization else None
+                # Credentials go to the registry named on the command line only, never to
+                # an origin URL the tracker names elsewhere.
+                origin_credentials=(
+                    OriginCredentials(
+                        registry, repository, {"Authorization": registry_authorization}
+                    )
+                    if registry is not None and registry_authorization
+                    else None
                 ),
             )
             resumed = swarm.storage.bytes_have  # verified pieces found in the work dir
@@ -318,6 +345,12 @@ def _work_dir(path: Path | None) -> Iterator[Path]:
     "(env P2PIMAGE_FETCH_REGISTRY_AUTHORIZATION).",
 )
 @click.option(
+    "--registry",
+    "registry_url",
+    help="Base URL of the registry: origin reads and --registry-authorization go there "
+    "only (required with --registry-authorization).",
+)
+@click.option(
     "--work-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Keep the pieces here; a later fetch of the same blob resumes from them "
@@ -348,6 +381,7 @@ def fetch(
     peer_host: str,
     stall_timeout: float,
     registry_authorization: str | None,
+    registry_url: str | None,
     work_dir: Path | None,
     seed_for: float,
     encryption: bool,
@@ -359,6 +393,11 @@ def fetch(
     """
     if not is_digest(digest):
         raise click.BadParameter("must be sha256:<64 lowercase hex>", param_hint="DIGEST")
+    if registry_authorization and not registry_url:
+        raise click.BadParameter(
+            "needs --registry (credentials go to that registry only)",
+            param_hint="--registry-authorization",
+        )
     try:
         credential = credential_file.read_text().strip()
     except OSError as exc:
@@ -399,6 +438,7 @@ def fetch(
                         peer_host=peer_host,
                         stall_timeout_s=stall_timeout,
                         registry_authorization=registry_authorization,
+                        registry=registry_url,
                         progress=progress,
                         seed_for_s=seed_for,
                         on_written=out.commit,
@@ -406,7 +446,7 @@ def fetch(
                     )
                 )
         except KeyboardInterrupt:
-            raise FetchFailed("interrupted", 130) from None
+            raise fetch_failed("interrupted", 130) from None
     if not quiet:
         seconds = time.monotonic() - started
         click.echo(

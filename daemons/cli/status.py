@@ -76,6 +76,20 @@ def node_status(
         "fallbacks": {
             k: _num(v) for k, v in _by(samples, "p2pimage_node_fallbacks_total", "reason").items()
         },
+        "bypassed": {
+            k: _num(v)
+            for k, v in _by(samples, "p2pimage_node_bypassed_pulls_total", "reason").items()
+            if v
+        },
+        # Forward proxy (proxy_listen): requests by how they were served, failures by reason.
+        "proxy": {
+            k: _num(v)
+            for k, v in _by(samples, "p2pimage_node_proxy_requests_total", "kind").items()
+        },
+        "proxy_errors": {
+            k: _num(v)
+            for k, v in _by(samples, "p2pimage_node_proxy_errors_total", "reason").items()
+        },
         "piece_hash_failures": _num(_total(samples, "p2pimage_node_piece_hash_failures_total")),
         "layers": swarms if swarms is not None else [],
     }
@@ -153,6 +167,21 @@ def _labelled(values: dict[str, Any], fmt: Any = str) -> str:
     return ", ".join(f"{k} {fmt(v)}" for k, v in sorted(values.items()))
 
 
+_BYPASS_HINT = {
+    "no_credentials": (
+        "the registry refused the runtime's request without credentials and the runtime"
+        " went to the registry directly (containers/image sends --creds and pull secrets"
+        " to the registry only: use proxy mode, docs/operations.md)"
+    ),
+}
+
+
+def _bypassed(values: dict[str, Any]) -> str:
+    if not values:
+        return "-"
+    return "; ".join(f"{n} {_BYPASS_HINT.get(k, k)}" for k, n in sorted(values.items()))
+
+
 def _print_table(report: dict[str, Any], url: str) -> None:
     table = Table(title=f"p2pimage {report['kind']} {url}", show_header=False, box=None)
     table.add_column(style="bold")
@@ -167,6 +196,9 @@ def _print_table(report: dict[str, Any], url: str) -> None:
             ("fetched", _labelled(report["fetched_bytes"], _bytes)),
             ("pulls", _labelled(report["pulls"])),
             ("fallbacks", _labelled(report["fallbacks"])),
+            ("bypassed", _bypassed(report["bypassed"])),
+            ("proxy", _labelled(report["proxy"]) if report["proxy"] else "off"),
+            ("proxy errors", _labelled(report["proxy_errors"])),
             ("piece hash failures", str(report["piece_hash_failures"])),
         ]
     else:

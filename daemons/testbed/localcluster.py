@@ -30,7 +30,7 @@ from daemons.testbed import netns as _netns
 from daemons.testbed.process import free_port
 from daemons.testbed.registry import RegistryProcess, TokenAuth, start_registry
 from daemons.testbed.throttle_proxy import ThrottleProxy
-from daemons.testbed.tls import TlsBundle, make_tls
+from daemons.testbed.tls import CaFiles, TlsBundle, make_tls
 from daemons.tracker import TrackerSettings, run_tracker
 from p2pimage.auth.join import generate_credential, hash_credential
 from p2pimage.auth.tokens import SigningKey
@@ -52,6 +52,7 @@ class ClusterNode:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     netns: str | None = None  # network-namespace mode: the node's own namespace
     log_start: int = 0  # node processes: where this run's lines begin in node.log
+    proxy_url: str | None = None  # the node's forward proxy (``forward_proxy=True``)
 
     def exec_prefix(self) -> list[str]:
         """Prefix for a command that must run on this node's host (its namespace)."""
@@ -80,11 +81,19 @@ class LocalCluster:
     network: Literal["loopback", "netns"] = "loopback"
     topology: _netns.Topology | None = None  # network-namespace mode only
     tls: TlsBundle | None = None  # the control plane's throwaway CA and certificate
+    registry_tls: TlsBundle | None = None  # the registry's own CA (``registry_tls=True``)
 
     @property
     def registry_host(self) -> str:
         """``host:port`` of the registry, as clients name it (and containerd's ``ns=``)."""
-        return self.registry.url.removeprefix("http://")
+        return self.registry.url.split("://", 1)[1]
+
+    @property
+    def relay_url(self) -> str:
+        """The registry through its relay (``proxy``), as the nodes read it: the name a
+        client outside loopback uses (``https://`` with ``registry_tls``)."""
+        scheme = "https" if self.registry_tls else "http"
+        return f"{scheme}://{self.proxy.url.removeprefix('http://')}"
 
     @property
     def registry_egress(self) -> int:
@@ -109,6 +118,9 @@ async def local_cluster(
     tls: bool = False,
     token_auth: TokenAuth | None = None,
     sidecar_login: tuple[str, str] | None = None,
+    forward_proxy: bool = False,
+    registry_tls: bool = False,
+    intercept: CaFiles | None = None,
 ) -> AsyncIterator[LocalCluster]:
     """Start everything; stop everything (and leave no process behind) on exit.
 
@@ -132,6 +144,13 @@ async def local_cluster(
     are enforced by ``tc`` on its veth link instead of token buckets, and the registry's
     relay, the sidecar and the tracker listen on the bridge's core addresses (the relay
     behind the capped registry link). Implies ``node_processes``.
+
+    With ``forward_proxy``, every node also runs its forward proxy (``ClusterNode.proxy_url``), and
+    serves the registry under the relay's name too (``host:port`` of ``LocalCluster.proxy``),
+    the name a client outside loopback uses. With ``registry_tls`` the registry serves
+    HTTPS with a throwaway CA of its own (``LocalCluster.registry_tls``; the sidecar and the
+    nodes trust it through ``registry_ca_file``); with ``intercept`` (a CA and its key) the
+    nodes' proxies decrypt the relay's host with certificates minted by that CA.
     """
     if network == "netns":
         node_processes = True
@@ -161,6 +180,9 @@ async def local_cluster(
             tls=tls,
             token_auth=token_auth,
             sidecar_login=sidecar_login or htpasswd,
+            forward_proxy=forward_proxy,
+            registry_tls=registry_tls,
+            intercept=intercept,
         ) as cluster:
             yield cluster
 
@@ -182,6 +204,9 @@ async def _local_cluster(
     tls: bool,
     token_auth: TokenAuth | None,
     sidecar_login: tuple[str, str] | None,
+    forward_proxy: bool,
+    registry_tls: bool = False,
+    intercept: CaFiles | None = None,
 ) -> AsyncIterator[LocalCluster]:
     # Loopback: everything on 127.0.0.1, rates by token buckets. Namespaces: services on
     # the core addresses, nodes on their own, rates by tc (so no token buckets here).
@@ -194,6 +219,12 @@ async def _local_cluster(
     key_path.chmod(0o600)
     credential = generate_credential()
     bundle = make_tls(workdir / "tls", (core_host, "localhost")) if tls else None
+    relay_host = topo.registry_address if topo else "127.0.0.1"
+    registry_bundle = (
+        make_tls(workdir / "registry-tls", ("127.0.0.1", "localhost", relay_host))
+        if registry_tls
+        else None
+    )
     async with trio.open_nursery() as nursery:
         sidecar_port = free_port(core_host)
         sidecar_url = f"{'https' if tls else 'http'}://{core_host}:{sidecar_port}"
@@ -203,18 +234,16 @@ async def _local_cluster(
             token_auth=token_auth,
             workdir=workdir / "registry",
             ca_file=bundle.ca_file if bundle else None,
+            tls=(registry_bundle.cert_file, registry_bundle.key_file) if registry_bundle else None,
         ) as registry:
-            host, port = registry.url.removeprefix("http://").split(":")
-            proxy = ThrottleProxy(
-                (host, int(port)),
-                registry_rate,
-                host=topo.registry_address if topo else "127.0.0.1",
-            )
+            proxy = ThrottleProxy((registry.host, registry.port), registry_rate, host=relay_host)
             await nursery.start(proxy.run)
+            relay_url = ("https://" if registry_bundle else "http://") + proxy.url.split("://")[1]
             sidecar_scope = trio.CancelScope()
             sidecar_settings = SidecarSettings(
                 listen=f"{core_host}:{sidecar_port}",
                 registry_url=registry.url,
+                registry_ca_file=registry_bundle.ca_file if registry_bundle else None,
                 registry_username=sidecar_login[0] if sidecar_login else None,
                 registry_password=SecretStr(sidecar_login[1]) if sidecar_login else None,
                 store_dir=workdir / "torrents",
@@ -230,7 +259,7 @@ async def _local_cluster(
             tracker_settings = TrackerSettings(
                 listen=f"{core_host}:0",
                 sidecar_url=sidecar_url,
-                registry_url=proxy.url,
+                registry_url=relay_url,
                 interval_s=10,
                 min_interval_s=1,
                 fetcher_interval_s=1,
@@ -242,6 +271,9 @@ async def _local_cluster(
             tracker_base = await nursery.start(
                 _scoped, tracker_scope, run_tracker, tracker_settings
             )
+            upstreams = {registry.url.split("://", 1)[1]: relay_url}
+            if forward_proxy:
+                upstreams[relay_url.split("://", 1)[1]] = relay_url
             cluster_nodes = []
             for i in range(nodes):
                 name = f"node-{i}"
@@ -253,8 +285,13 @@ async def _local_cluster(
                     sidecar_url=sidecar_url,
                     tracker_url=f"{tracker_base}/announce",
                     credential=SecretStr(credential),
-                    upstreams={registry.url.removeprefix("http://"): proxy.url},
-                    default_upstream=proxy.url,
+                    upstreams=upstreams,
+                    proxy_listen="127.0.0.1:0" if forward_proxy else None,
+                    default_upstream=relay_url,
+                    registry_ca_file=registry_bundle.ca_file if registry_bundle else None,
+                    proxy_intercept_hosts=[relay_host] if intercept else [],
+                    proxy_ca_cert_file=intercept.cert_file if intercept else None,
+                    proxy_ca_key_file=intercept.key_file if intercept else None,
                     cache_dir=workdir / name / "cache",
                     upload_rate=node_upload_rate,
                     download_rate=node_download_rate,
@@ -275,6 +312,7 @@ async def _local_cluster(
                             "listen": f"{link.address}:5000",
                             "peer_host": link.address,
                             "peer_port": 6881,
+                            "proxy_listen": f"{link.address}:3128" if forward_proxy else None,
                         }
                     )
                     await nursery.start(_run_node_process, node, workdir / name)
@@ -284,6 +322,8 @@ async def _local_cluster(
                     await nursery.start(_run_node_process, node, workdir / name)
                 else:
                     node.mirror_url = await nursery.start(_run_cluster_node, node)
+                    assert node.daemon is not None
+                    node.proxy_url = node.daemon.proxy_url
             if node_processes:
                 with trio.fail_after(30):
                     for node in cluster_nodes:
@@ -301,6 +341,7 @@ async def _local_cluster(
                 network="netns" if topo else "loopback",
                 topology=topo,
                 tls=bundle,
+                registry_tls=registry_bundle,
             )
             try:
                 yield cluster
@@ -342,6 +383,9 @@ async def _run_node_process(
     # With port 0 the URL comes from the node's "mirror serving" log line (_wait_healthy).
     listen = node.settings.listen
     node.mirror_url = "" if listen.endswith(":0") else "http://" + listen
+    proxy_listen = node.settings.proxy_listen
+    if proxy_listen is not None and not proxy_listen.endswith(":0"):
+        node.proxy_url = "http://" + proxy_listen
     log_file = (directory / "node.log").open("ab")
     node.log_start = log_file.tell()
     try:
@@ -368,9 +412,9 @@ async def _run_node_process(
         log_file.close()
 
 
-def _logged_mirror_url(log_path: Path, start: int) -> str:
-    """The URL in a node's JSON ``mirror serving`` log line after byte ``start``, or ""
-    before it is written."""
+def _logged_mirror_url(log_path: Path, start: int, message: str = "mirror serving") -> str:
+    """The URL in a node's JSON ``mirror serving`` (or other ``message``) log line after
+    byte ``start``, or "" before it is written."""
     try:
         with log_path.open("rb") as f:
             f.seek(start)
@@ -378,7 +422,7 @@ def _logged_mirror_url(log_path: Path, start: int) -> str:
     except FileNotFoundError:
         return ""
     for line in lines:
-        if '"mirror serving"' in line:
+        if f'"{message}"' in line:
             with contextlib.suppress(ValueError):
                 return str(json.loads(line).get("url", ""))
     return ""
@@ -396,6 +440,12 @@ async def _wait_healthy(node: ClusterNode, log_path: Path) -> None:
                 )
             if not node.mirror_url:
                 node.mirror_url = _logged_mirror_url(log_path, node.log_start)
+            if node.settings.proxy_listen is not None and not node.proxy_url:
+                url = _logged_mirror_url(log_path, node.log_start, "proxy serving")
+                node.proxy_url = url or None
+                if not url:
+                    await trio.sleep(0.1)
+                    continue
             if node.mirror_url:
                 with contextlib.suppress(httpx.HTTPError):
                     if (await http.get(f"{node.mirror_url}/healthz")).status_code == 200:

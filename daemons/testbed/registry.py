@@ -14,6 +14,7 @@ import contextlib
 import json
 import secrets
 import shutil
+import ssl
 import subprocess
 import tempfile
 import urllib.error
@@ -57,7 +58,7 @@ class TokenAuth:
 
 @dataclass
 class RegistryProcess(ManagedProcess):
-    """One registry process. ``url`` is ``http://127.0.0.1:<port>``; ``storage`` is the
+    """One registry process. ``url`` is ``http(s)://<host>:<port>``; ``storage`` is the
     filesystem driver's root (blobs under ``docker/registry/v2/blobs/sha256/``)."""
 
     name: ClassVar[str] = BINARY
@@ -72,6 +73,11 @@ class RegistryProcess(ManagedProcess):
     # CA bundle the registry trusts for its outgoing HTTPS (notifications to a TLS
     # sidecar); Go reads SSL_CERT_FILE.
     ca_file: Path | None = None
+    # (certificate chain PEM, key PEM): serve HTTPS; ``url`` is then ``https://``.
+    tls: tuple[Path, Path] | None = None
+    # Address to listen on (a test namespace's address, for clients that never proxy
+    # loopback hosts).
+    host: str = "127.0.0.1"
     workdir: Path | None = None
     port: int = 0
     url: str = field(init=False, default="")
@@ -90,8 +96,8 @@ class RegistryProcess(ManagedProcess):
         self.log_path = self.workdir / "registry.log"
         self._own_port = not self.port
         if not self.port:
-            self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+            self.port = free_port(self.host)
+        self.url = self._url()
         # The readiness probe carries this, and only our registry's log records it: a
         # registry of someone else's that took the port cannot pass for ours.
         self._probe_id = secrets.token_hex(8)
@@ -99,9 +105,12 @@ class RegistryProcess(ManagedProcess):
     def _repick_port(self) -> bool:
         if not self._own_port:
             return False
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = free_port(self.host)
+        self.url = self._url()
         return True
+
+    def _url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def blob_path(self, digest: str) -> Path:
         """Where the filesystem driver keeps a blob's bytes (for tamper tests)."""
@@ -119,8 +128,12 @@ class RegistryProcess(ManagedProcess):
                 # No blob descriptor cache: a tamper test must see the file as it is.
                 "maintenance": {"uploadpurging": {"enabled": False}},
             },
-            "http": {"addr": f"127.0.0.1:{self.port}", "secret": "p2pimage-test-secret"},
+            "http": {"addr": f"{self.host}:{self.port}", "secret": "p2pimage-test-secret"},
         }
+        if self.tls is not None:
+            http = cfg["http"]
+            assert isinstance(http, dict)
+            http["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
         if self.notifications_url:
             cfg["notifications"] = {
                 "events": {"includereferences": True},
@@ -165,8 +178,11 @@ class RegistryProcess(ManagedProcess):
         self._popen([binary, "serve", str(config_path)], env)
 
     def _ready(self) -> bool:
+        # A liveness probe only: the certificate is the tests' business.
+        context = ssl._create_unverified_context() if self.tls else None
+        url = f"{self.url}/v2/?probe={self._probe_id}"
         try:
-            with urllib.request.urlopen(f"{self.url}/v2/?probe={self._probe_id}", timeout=1) as r:
+            with urllib.request.urlopen(url, timeout=1, context=context) as r:
                 answered = r.status == 200
         except urllib.error.HTTPError as e:
             answered = e.code == 401  # up, and asking for credentials

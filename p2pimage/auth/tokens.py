@@ -595,16 +595,39 @@ class PeerAuthenticator:
     def credentials(self, transcript: bytes) -> tuple[bytes, bytes]:
         return self.current_token().encode("ascii"), self.node_key.sign(transcript)
 
-    def peer_id(self, prefix: bytes = DEFAULT_PEER_ID_PREFIX) -> bytes:
-        """Our peer id: bound to our token's subject and our node key."""
+    def _own_claims(self) -> dict[str, Any]:
         try:
             claims = json.loads(_b64url_decode(self.current_token().split(".")[1]))
         except (ValueError, IndexError, UnicodeDecodeError):
             raise LocalProtocolError("our own token is not a JWT") from None
-        subject = claims.get("sub") if isinstance(claims, dict) else None
+        if not isinstance(claims, dict):
+            raise LocalProtocolError("our own token has no claims")
+        return claims
+
+    def peer_id(self, prefix: bytes = DEFAULT_PEER_ID_PREFIX) -> bytes:
+        """Our peer id: bound to our token's subject and our node key."""
+        claims = self._own_claims()
+        subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
             raise LocalProtocolError("our own token has no subject")
         return bound_peer_id(subject, self.node_key.public_jwk(), prefix)
+
+    def own_expiry(self) -> float:
+        """``exp`` of the token :meth:`credentials` presents now (unverified: it is ours)."""
+        exp = self._own_claims().get("exp")
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
+            raise LocalProtocolError("our own token has no expiry")
+        return float(exp)
+
+    def admits(self, token: NodeToken) -> bool:
+        """Whether ``token`` (verified by :meth:`verify_peer` earlier) still passes the
+        expiry check now, with the verifier's leeway: a connection it admitted may stay
+        open only while this holds (docs/protocol.md, "Connection lifetime")."""
+        return self._clock() <= token.expires_at + self.verifier.leeway_s
+
+    def now(self) -> float:
+        """The wall clock this authenticator checks expiry against."""
+        return self._clock()
 
     def verify_peer(
         self, token: bytes, signature: bytes, transcript: bytes, info_hash: bytes, peer_id: bytes

@@ -43,6 +43,7 @@ from p2pimage.sidecar.client import SidecarClient, SidecarError
 from p2pimage.storage.cache import BlobCache, blob_key, registry_namespace
 from p2pimage.swarm.engine import Swarm, SwarmStalled
 from p2pimage.swarm.node import PeerNode
+from p2pimage.swarm.origin import OriginCredentials
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.tracker.client import TrackerClient
 
@@ -62,6 +63,10 @@ ACCESS_CACHE_S: Final = 30.0
 # Cached access answers kept at most; beyond that the cache is emptied, not grown
 # (rebuilding costs one HEAD per pull in flight).
 ACCESS_CACHE_MAX: Final = 10_000
+# Repositories remembered per blob for the deletion check. A layer shared by more
+# repositories may be dropped while an unremembered one still has it: that costs one
+# more fetch of it, never a wrong byte.
+_REPOSITORIES_PER_BLOB: Final = 16
 # Response headers worth relaying from a refused upstream answer (the token challenge).
 _RELAY_HEADERS = ("www-authenticate", "docker-distribution-api-version", "content-type")
 
@@ -129,6 +134,11 @@ class LayerService:
         self.stats = LayerStats()
         self._access: dict[tuple[str, str, str, str], tuple[float, AccessAnswer]] = {}
         self._starting: dict[tuple[str, str], trio.Event] = {}  # (registry, digest)
+        # Repositories this node fetched or served each blob for, by cache key: a 404
+        # from all of them drops the blob (_repository_lost).
+        self._repositories: dict[str, set[str]] = {}
+        # What each live swarm's origin reads send, by cache key (refreshed by read()).
+        self._origin_credentials: dict[str, OriginCredentials] = {}
         self._nursery: trio.Nursery | None = None
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -167,12 +177,14 @@ class LayerService:
         cached = self._access.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        headers = {"Authorization": authorization} if authorization else {}
+        headers = _authorization_headers(authorization)
         url = f"{upstream}/v2/{repository}/blobs/{digest}"
         try:
             response = await self.http.head(url, headers=headers, follow_redirects=True)
         except httpx.HTTPError as exc:
             return AccessAnswer(502, {}, None, f"registry unreachable: {exc}".encode())
+        if response.status_code == 404 and upstream == self.registry:
+            self._repository_lost(repository, digest)
         relay = {k: v for k, v in response.headers.items() if k.lower() in _RELAY_HEADERS}
         size: int | None = None
         if response.status_code == 200:
@@ -186,6 +198,64 @@ class LayerService:
                 self._access.clear()
             self._access[key] = (now + self.settings.access_cache_s, answer)
         return answer
+
+    def origin_credentials(self, digest: str) -> OriginCredentials | None:
+        """What the origin reads of ``digest``'s live swarm send (None: no swarm)."""
+        try:
+            return self._origin_credentials.get(
+                blob_key(self.namespace, digest.removeprefix("sha256:"))
+            )
+        except LocalProtocolError:
+            return None
+
+    def _note_repository(self, hex_: str, repository: str | None) -> None:
+        if repository is None:
+            return
+        if hex_ not in self._repositories and len(self._repositories) >= ACCESS_CACHE_MAX:
+            self._repositories.clear()  # forgetting only delays a drop to the next 404
+        known = self._repositories.setdefault(hex_, set())
+        if len(known) < _REPOSITORIES_PER_BLOB:
+            known.add(repository)
+
+    def _repository_lost(self, repository: str, digest: str) -> None:
+        """The swarm registry answered 404 for ``repository@digest``. Only a repository
+        this node fetched or served the blob for counts (a client naming some other
+        repository must not evict what the cluster uses); once no such repository has
+        it any more, the blob is dropped (:meth:`registry_lost`)."""
+        try:
+            hex_ = blob_key(self.namespace, digest.removeprefix("sha256:"))
+        except LocalProtocolError:
+            return
+        known = self._repositories.get(hex_)
+        if known is None or repository not in known:
+            return
+        known.discard(repository)
+        if not known:
+            del self._repositories[hex_]
+            self.registry_lost(digest)
+
+    def registry_lost(self, digest: str) -> bool:
+        """The swarm registry answered 404 for ``digest`` (deleted there, or never
+        pushed): close its swarm, so this node stops serving it to peers, drop every
+        cached access answer for it, and drop it from the cache (at once, or when the
+        last reader in flight lets go). Returns whether there was anything to drop."""
+        try:
+            hex_ = blob_key(self.namespace, digest.removeprefix("sha256:"))
+        except LocalProtocolError:
+            return False
+        dropped = False
+        if self.node is not None:
+            for swarm in list(self.node.swarms.values()):
+                if swarm.metainfo.sha256 == digest:
+                    self.node.remove_swarm(swarm.info_hash)
+                    dropped = True
+        for key in [k for k in self._access if k[1] == self.registry and k[3] == digest]:
+            del self._access[key]
+        if self.cache.discard(hex_):
+            dropped = True
+        if dropped:
+            log.info("the registry no longer has %s: swarm closed, cache entry dropped", digest)
+        return dropped
 
     # --- reading ------------------------------------------------------------------------
 
@@ -210,6 +280,12 @@ class LayerService:
         hasher = hashlib.sha256() if whole else None
         position = start
         source = "registry"
+        if shared:
+            self._note_repository(hex_, repository)
+        if shared and (credentials := self._origin_credentials.get(hex_)) is not None:
+            # The caller passed the access check with these: the swarm's origin reads
+            # use the most recent authorised client's credentials from now on.
+            credentials.offer(repository, _authorization_headers(authorization))
         try:
             if shared and self.cache.is_complete(hex_):
                 source = "cache"
@@ -299,7 +375,7 @@ class LayerService:
         start: int,
         end: int,
     ) -> AsyncIterator[bytes]:
-        headers = {"Authorization": authorization} if authorization else {}
+        headers = _authorization_headers(authorization)
         url = f"{upstream}/v2/{repository}/blobs/{digest}"
         async with open_blob_range(
             self.http,
@@ -364,21 +440,27 @@ class LayerService:
         self, meta: Metainfo, repository: str | None, authorization: str | None
     ) -> Swarm:
         assert self.node is not None
+        hex_ = blob_key(self.namespace, meta.digest_hex)
+        credentials = OriginCredentials(
+            self.registry, repository, _authorization_headers(authorization)
+        )
         swarm = await self.node.add_swarm(
             meta,
             self.cache.directory(self.namespace),
             tracker=self.tracker,
             repository=repository,
-            origin_headers={"Authorization": authorization} if authorization else None,
+            origin_credentials=credentials,
             origin_limiter=self.origin_limiter,
+            origin_http=self.http,  # the registry's client, not the control plane's
         )
-        hex_ = blob_key(self.namespace, meta.digest_hex)
+        self._origin_credentials[hex_] = credentials
         self.cache.pin(hex_)
         if self._nursery is not None:
             self._nursery.start_soon(self._watch, swarm, hex_)
         return swarm
 
     async def _watch(self, swarm: Swarm, hex_: str) -> None:
+        credentials = self._origin_credentials.get(hex_)
         try:
             async with trio.open_nursery() as nursery:
 
@@ -392,6 +474,8 @@ class LayerService:
         finally:
             for name in _SWARM_BYTES:
                 self.stats.closed_swarms[name] += getattr(swarm.stats, name)
+            if self._origin_credentials.get(hex_) is credentials:
+                del self._origin_credentials[hex_]
             self.cache.unpin(hex_)
 
     def _swarm_bytes(self, name: str) -> int:
@@ -418,3 +502,7 @@ class LayerService:
 
 class _CacheFull(P2PImageError):
     pass
+
+
+def _authorization_headers(authorization: str | None) -> dict[str, str]:
+    return {"Authorization": authorization} if authorization else {}

@@ -51,6 +51,7 @@ from p2pimage.oci.registry import (
     RegistryError,
     check_digest,
     is_digest,
+    is_repository,
 )
 
 log = logging.getLogger("p2pimage.sidecar.indexer")
@@ -59,6 +60,9 @@ log = logging.getLogger("p2pimage.sidecar.indexer")
 #: hand-offs vanish against ~2.5 ms of hashing each (docs/benchmarks.md, "Tuned
 #: defaults").
 HASH_CHUNK: Final = 4 * 1024 * 1024
+#: Repositories recorded per torrent for reconciliation: a blob shared by more is checked
+#: in these only (kept while any of them still has it).
+MAX_REPOSITORIES_PER_TORRENT: Final = 16
 _TMP_PREFIX: Final = ".tmp-"
 
 
@@ -134,14 +138,46 @@ class TorrentStore:
         self._verified.add(digest)
 
     def delete(self, digest: str) -> bool:
-        """Remove the torrent of ``digest``; False when there was none."""
+        """Remove the torrent of ``digest`` (and its repositories); False when there was
+        none."""
         path = self.path(digest)
         self._verified.discard(digest)
+        self._repositories_path(digest).unlink(missing_ok=True)
         try:
             path.unlink()
         except FileNotFoundError:
             return False
         return True
+
+    def _repositories_path(self, digest: str) -> Path:
+        return self.path(digest).with_suffix(".repositories")
+
+    def repositories(self, digest: str) -> list[str]:
+        """The repositories the blob was indexed or asked for from (what reconciliation
+        checks); empty for torrents stored before they were recorded."""
+        try:
+            text = self._repositories_path(digest).read_text(encoding="ascii")
+        except (FileNotFoundError, UnicodeDecodeError):
+            return []
+        return [line for line in text.splitlines() if is_repository(line)]
+
+    def note_repository(self, digest: str, repository: str) -> None:
+        """Record that ``repository`` holds the blob (up to
+        :data:`MAX_REPOSITORIES_PER_TORRENT`; atomic replace)."""
+        known = self.repositories(digest)
+        if repository in known or len(known) >= MAX_REPOSITORIES_PER_TORRENT:
+            return
+        if not is_repository(repository):
+            raise LocalProtocolError(f"not a repository name: {repository[:80]!r}")
+        path = self._repositories_path(digest)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.directory)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as f:
+                f.write("".join(f"{name}\n" for name in [*known, repository]))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
     def digests(self) -> Iterator[str]:
         for p in self.directory.glob("*.torrent"):
@@ -418,6 +454,36 @@ class Indexer:
             flight.forgotten = True
         return self.store.delete(digest)
 
+    async def reconcile(self) -> int:
+        """Drop the torrents of blobs the registry no longer has: a ``HEAD`` of each
+        stored digest in the repositories recorded with it; a torrent goes when every
+        one of them answers 404 (a lost delete event, a garbage collection). Any other
+        failure keeps the torrent for the next round; a torrent with no repository
+        recorded (stored by an older version) is kept. Returns how many were dropped."""
+        dropped = 0
+        for digest in list(self.store.digests()):
+            repositories = self.store.repositories(digest)
+            if not repositories or digest in self._flights:
+                continue
+            gone = True
+            for repository in repositories:
+                try:
+                    if await self.client.head_blob(repository, digest) is not None:
+                        gone = False
+                        break
+                except (RegistryError, LocalProtocolError) as exc:
+                    log.info("reconcile: cannot check %s@%s: %s", repository, digest, exc)
+                    gone = False
+                    break
+            if gone and self.forget(digest):
+                dropped += 1
+                log.info(
+                    "reconcile: the registry no longer has %s (%s): torrent dropped",
+                    digest,
+                    ", ".join(repositories),
+                )
+        return dropped
+
     # -- on demand (single flight) --
 
     async def torrent(self, repository: str, digest: str) -> bytes:
@@ -427,6 +493,8 @@ class Indexer:
         check_digest(digest)
         data = self.store.load(digest)
         if data is not None:
+            # Another repository may hold the blob too: reconciliation checks them all.
+            await trio.to_thread.run_sync(self.store.note_repository, digest, repository)
             return data
         flight = self._flights.get(digest)
         if flight is not None:
@@ -458,6 +526,9 @@ class Indexer:
                     data = meta.to_bytes()
                     if not flight.forgotten:
                         await trio.to_thread.run_sync(self.store.save, digest, data)
+                        await trio.to_thread.run_sync(
+                            self.store.note_repository, digest, repository
+                        )
                     if flight.forgotten:  # deleted before or while it was saved
                         self.store.delete(digest)
                         raise BlobUnavailableError(f"{digest} was deleted from the registry")

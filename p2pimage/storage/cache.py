@@ -74,6 +74,7 @@ class BlobCache:
         self.quota_bytes = quota_bytes
         self._entries: dict[str, CachedBlob] = {}
         self._pins: Counter[str] = Counter()
+        self._gone: set[str] = set()  # the registry no longer has these: evict at unpin
         self.evictions = 0
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -173,6 +174,21 @@ class BlobCache:
         self._pins[key] -= 1
         if self._pins[key] <= 0:
             del self._pins[key]
+            if key in self._gone:
+                self._gone.discard(key)
+                self.evict(key)
+
+    def discard(self, key: str) -> bool:
+        """The registry no longer has blob ``key``: evict it now, or, while it is
+        pinned (a reader or its swarm still on it), when the last pin goes. Returns
+        whether the cache held anything of it."""
+        if key not in self._entries and not any(p.exists() for p in self.files(key).all()):
+            return False
+        if self.is_pinned(key):
+            self._gone.add(key)
+        else:
+            self.evict(key)
+        return True
 
     def is_pinned(self, key: str) -> bool:
         return self._pins[key] > 0
@@ -198,6 +214,7 @@ class BlobCache:
 
         Returns False (and evicts nothing) when pinned blobs leave too little space.
         """
+        self._gone.discard(key)  # wanted again: the registry has it (again)
         existing = self._entries.get(key)
         if existing is not None:
             existing.last_used = now

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Mapping
+import math
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from p2pimage.auth.tokens import PeerAuthenticator
@@ -28,6 +30,7 @@ from p2pimage.swarm.admission import (
     HandshakeAdmission,
 )
 from p2pimage.swarm.engine import Swarm, SwarmSettings
+from p2pimage.swarm.origin import OriginCredentials
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.swarm.session import (
     RECEIVE_SIZE,
@@ -133,16 +136,19 @@ class PeerNode:
         storage: PieceStorage | None = None,
         tracker: TrackerClient | None = None,
         repository: str | None = None,
-        origin_headers: Mapping[str, str] | None = None,
+        origin_credentials: OriginCredentials | None = None,
         origin_limiter: RateLimiter | None = None,
+        origin_http: httpx.AsyncClient | None = None,
         announce_settings: AnnounceSettings | None = None,
     ) -> Swarm:
         """Open (or resume) the blob's storage under ``directory`` and start its swarm.
 
         With ``tracker``, the swarm announces itself and connects to the peers the tracker
         names; with ``repository`` too, the tracker may make this node an origin fetcher,
-        reading its range from the registry with ``origin_headers`` (the pulling client's
-        credentials) through ``origin_limiter``. The swarm stops on :meth:`Swarm.close`,
+        reading its range through ``origin_limiter`` from the registry of
+        ``origin_credentials`` only, with the latest credentials they hold (none: no
+        credentials, a public registry), with ``origin_http`` (the client that trusts the
+        registry; default: the tracker's). The swarm stops on :meth:`Swarm.close`,
         :meth:`remove_swarm`, a tracker release order, or when the node stops.
         """
         nursery = self._require_running()
@@ -166,8 +172,8 @@ class PeerNode:
                     swarm,
                     tracker,
                     repository=repository,
-                    origin_http=tracker.http,
-                    origin_headers=origin_headers,
+                    origin_http=origin_http or tracker.http,
+                    origin_credentials=origin_credentials,
                     origin_limiter=origin_limiter,
                     settings=announce_settings,
                 )
@@ -220,6 +226,12 @@ class PeerNode:
         """Connect to ``address`` and run the handshake for ``info_hash``."""
         if self.connections >= self.max_connections:
             raise PeerClosed("node connection limit reached")
+        if self.authenticator is not None and (
+            self.authenticator.now() > self.authenticator.own_expiry()
+        ):
+            # Not renewed (the sidecar away): a peer within the leeway would admit it for
+            # a moment, and the connection would end at once (and be dialed again).
+            raise PeerClosed("our token has expired")
         try:
             stream = await trio.open_tcp_stream(*address)
         except OSError as exc:
@@ -233,7 +245,23 @@ class PeerNode:
             self.connections -= 1
             await session.aclose("handshake failed")
             raise
+        info.admission_expired = self._admission_expiry(info, dialed=True)
         return session, info
+
+    def _admission_expiry(self, info: SessionInfo, *, dialed: bool) -> Callable[[], bool]:
+        """When a connection must end: once the peer's token fails the expiry check
+        (with the verifier's leeway), and on a connection we dialed also once the
+        token we presented expires (no leeway), so the dialer closes first and dials
+        again with its renewed token (docs/protocol.md, "Connection lifetime")."""
+        auth, token = self.authenticator, info.token
+        if auth is None or token is None:
+            return lambda: False  # open mode: no token admitted it
+        own = auth.own_expiry() if dialed else math.inf
+
+        def expired() -> bool:
+            return not auth.admits(token) or auth.now() > own
+
+        return expired
 
     def release_connection(self) -> None:
         """A dialed session from :meth:`dial` has ended."""
@@ -293,6 +321,7 @@ class PeerNode:
                 await session.aclose("node connection limit reached")
                 return
             self.connections += 1
+            info.admission_expired = self._admission_expiry(info, dialed=False)
             try:
                 await swarm.adopt(session, info)
             finally:

@@ -11,6 +11,7 @@ the range at any time (work stealing): the reader stops at the current end.
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -23,7 +24,7 @@ from p2pimage.oci.registry import ByteRange, RegistryError, open_blob_range
 from p2pimage.swarm.policy import OriginRange
 from p2pimage.swarm.ratelimit import RateLimiter
 
-__all__ = ["OriginError", "OriginReader", "OriginSwarm"]
+__all__ = ["OriginCredentials", "OriginError", "OriginReader", "OriginSwarm", "same_registry"]
 
 log = logging.getLogger("p2pimage.swarm.origin")
 
@@ -36,6 +37,100 @@ CHUNK_BYTES = 256 * 1024
 
 class OriginError(RemoteProtocolError):
     """The registry could not serve the range (status, short body, bad bytes)."""
+
+
+# How long a reader whose credentials the registry refused (401/403) waits for a client
+# pull to bring fresher ones before it hands its range back to the peers. A runtime
+# pulling the layer asks again within seconds (each Range GET passes the access check).
+REFRESH_WAIT_S = 5.0
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_of(url: str) -> tuple[str, str, int] | None:
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username is not None:
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
+
+
+def same_registry(url: str, registry: str) -> bool:
+    """Whether ``url`` is a blob URL on ``registry`` (a base URL): same scheme, host and
+    port, under its ``/v2/``. Origin reads go nowhere else."""
+    origin, base = _origin_of(url), _origin_of(registry)
+    if origin is None or origin != base:
+        return False
+    prefix = urllib.parse.urlsplit(registry).path.rstrip("/") + "/v2/"
+    return urllib.parse.urlsplit(url).path.startswith(prefix)
+
+
+class OriginCredentials:
+    """The registry credentials a swarm's origin reads send, and the one registry they
+    may go to.
+
+    ``registry`` is the base URL of the registry the node is configured for: a reader
+    refuses an origin URL the tracker names anywhere else (a hostile tracker must not
+    collect client credentials). The mirror :meth:`offer` s the headers of every client
+    request it authorised for this blob and ``repository``, so the readers always send
+    the most recent authorised client's; when the registry refuses them (401/403) a
+    reader calls :meth:`refused` and waits for fresher ones (:meth:`wait_renewed`).
+    """
+
+    def __init__(
+        self,
+        registry: str,
+        repository: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        *,
+        refresh_wait_s: float = REFRESH_WAIT_S,
+    ) -> None:
+        self.registry = registry.rstrip("/")
+        self.refresh_wait_s = refresh_wait_s
+        self.repository = repository
+        self._headers = dict(headers or {})
+        self._generation = 0
+        self._renewed = trio.Event()
+
+    def allows(self, url: str) -> bool:
+        return same_registry(url, self.registry)
+
+    def current(self) -> tuple[int, dict[str, str]]:
+        """The headers to send now, and their generation (for :meth:`refused`)."""
+        return self._generation, dict(self._headers)
+
+    def offer(self, repository: str, headers: Mapping[str, str]) -> None:
+        """A client request for this blob in ``repository`` passed the access check
+        with ``headers``: use them from now on (only for the swarm's own repository,
+        which the origin URL names: a registry token is scoped to one)."""
+        if self.repository is not None and repository != self.repository:
+            return
+        fresh = dict(headers)
+        if fresh == self._headers:
+            return
+        self._headers = fresh
+        self._generation += 1
+        self._renewed.set()
+        self._renewed = trio.Event()
+
+    def refused(self, generation: int) -> None:
+        """The registry refused the headers of ``generation``: never send them again
+        (unless a client brings them again through a passed access check)."""
+        if generation == self._generation and self._headers:
+            self._headers = {}
+            self._generation += 1
+
+    async def wait_renewed(self, generation: int) -> bool:
+        """Wait up to ``refresh_wait_s`` for headers newer than ``generation``."""
+        with trio.move_on_after(self.refresh_wait_s):
+            while self._generation <= generation or not self._headers:
+                await self._renewed.wait()
+            return True
+        return False
 
 
 class OriginSwarm(Protocol):
@@ -72,14 +167,16 @@ class OriginReader:
         end: int,
         *,
         client: httpx.AsyncClient,
-        headers: Mapping[str, str] | None = None,
+        credentials: OriginCredentials | None = None,
         limiter: RateLimiter | None = None,
     ) -> None:
+        """Without ``credentials`` the reader sends none (a public registry); with them
+        it reads only if ``url`` is on their registry."""
         self.swarm = swarm
         self.url = url
         self.range = OriginRange(first, end)  # what to read, where to stop, when to renew
         self.client = client
-        self.headers = dict(headers or {})
+        self.credentials = credentials
         self.limiter = limiter or RateLimiter(None)
         self.pieces_done = 0
         self.bytes_read = 0
@@ -115,6 +212,12 @@ class OriginReader:
         """Read the range; on failure, hand the unread pieces back to the swarm."""
         swarm = self.swarm
         mi = swarm.metainfo
+        if self.credentials is not None and not self.credentials.allows(self.url):
+            # Never a byte, nor a credential, to a host the node is not configured for.
+            self.failed = f"origin URL not on the configured registry {self.credentials.registry}"
+            log.warning("refusing origin read of %s: %s", self.url, self.failed)
+            self.finished.set()
+            return
         swarm.reserve_for_origin(self.range.first, self.range.end)
         try:
             while True:
@@ -125,7 +228,19 @@ class OriginReader:
                     swarm.return_to_peers(*step.give_back)
                 if step.read is None:
                     break
-                await self._read_run(*step.read)
+                generation, headers = (
+                    self.credentials.current() if self.credentials is not None else (0, {})
+                )
+                try:
+                    await self._read_run(*step.read, headers)
+                except RegistryError as exc:
+                    if exc.status not in (401, 403) or self.credentials is None:
+                        raise
+                    # Expired or revoked: never again; read on with a later client's.
+                    self.credentials.refused(generation)
+                    log.info("origin credentials for %s refused (%d)", self.url, exc.status)
+                    if not await self.credentials.wait_renewed(generation):
+                        raise
         except (OriginError, RegistryError, httpx.HTTPError, PieceHashError, OSError) as exc:
             self.failed = str(exc) or type(exc).__name__
             log.warning(
@@ -136,7 +251,7 @@ class OriginReader:
             self.shrink(self.next_index)
             self.finished.set()
 
-    async def _read_run(self, start: int, stop: int) -> None:
+    async def _read_run(self, start: int, stop: int, headers: Mapping[str, str]) -> None:
         mi = self.swarm.metainfo
         byte_range = ByteRange(
             mi.piece_offset(start), mi.piece_offset(stop - 1) + mi.piece_size(stop - 1)
@@ -144,7 +259,7 @@ class OriginReader:
         # A registry that ignores Range is fine only from byte 0 (skip_ignored=False):
         # reading and dropping a prefix would cost the registry another copy of it.
         async with open_blob_range(
-            self.client, self.url, byte_range, headers=self.headers, chunk_size=CHUNK_BYTES
+            self.client, self.url, byte_range, headers=headers, chunk_size=CHUNK_BYTES
         ) as chunks:
             index = start
             buffer = bytearray()

@@ -40,7 +40,7 @@ from typing import Final, Generic, TypeVar
 from p2pimage.errors import LocalProtocolError, RemoteProtocolError
 from p2pimage.wire import BLOCK_LENGTH
 
-__all__ = ["BlockRequest", "PickerSettings", "PiecePicker", "pipeline_depth"]
+__all__ = ["BlockRequest", "PickerSettings", "PiecePicker"]
 
 P = TypeVar("P", bound=Hashable)
 
@@ -83,6 +83,8 @@ class PickerSettings:
     #: Measurements: docs/benchmarks.md, "Tuned defaults".
     min_pipeline: int = 8
     #: Upper bound on the pipeline (libtorrent: ``max_out_request_queue`` = 500).
+    #: Both bounds count 16 KiB blocks (DEFAULT_BLOCK_SIZE): with larger blocks they
+    #: shrink in proportion (never under 2), so the bytes in flight stay the same.
     max_pipeline: int = 500
     #: A request is late once it has been outstanding this many times longer than the
     #: peer's rate and queue predicted; late urgent requests may be duplicated.
@@ -90,15 +92,6 @@ class PickerSettings:
     #: A peer at least this fraction as fast as the fastest known peer is "fast" and may
     #: take any urgent piece; slower peers take one only if they can meet its deadline.
     fast_peer_fraction: float = 0.5
-
-
-def pipeline_depth(rate: float, block_size: int, settings: PickerSettings) -> int:
-    """Requests of ``block_size`` bytes to keep outstanding at a peer that sends
-    ``rate`` bytes/s: ``request_queue_time`` seconds of data, within
-    ``[min_pipeline, max_pipeline]`` (:meth:`PiecePicker.pipeline_depth`; the simulator,
-    which moves whole pieces, converts the answer for 16 KiB blocks into pieces)."""
-    depth = math.ceil(rate * settings.request_queue_time / block_size)
-    return max(settings.min_pipeline, min(settings.max_pipeline, depth))
 
 
 class _Peer(Generic[P]):
@@ -179,6 +172,10 @@ class PiecePicker(Generic[P]):
         self._rng = rng if rng is not None else random.Random()
         self._last_piece_length = total_length - (num_pieces - 1) * piece_length
         self._blocks_per_piece = -(-piece_length // block_size)
+        scale = min(1.0, BLOCK_LENGTH / block_size)
+        floor = min(2, self.settings.min_pipeline)
+        self._min_pipeline = max(floor, math.ceil(self.settings.min_pipeline * scale))
+        self._max_pipeline = max(self._min_pipeline, math.ceil(self.settings.max_pipeline * scale))
         self._full = (1 << num_pieces) - 1
 
         self._peers: dict[P, _Peer[P]] = {}
@@ -342,7 +339,10 @@ class PiecePicker(Generic[P]):
         """How many requests to keep outstanding at the peer: ``request_queue_time``
         seconds of data at its measured rate, within ``[min_pipeline, max_pipeline]``."""
         ps = self._peers.get(peer)
-        return pipeline_depth(ps.rate if ps is not None else 0.0, self.block_size, self.settings)
+        rate = ps.rate if ps is not None else 0.0
+        s = self.settings
+        depth = math.ceil(rate * s.request_queue_time / self.block_size)
+        return max(self._min_pipeline, min(self._max_pipeline, depth))
 
     # ------------------------------------------------------------------ our progress
 

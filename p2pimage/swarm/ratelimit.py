@@ -84,10 +84,24 @@ class RateLimiter:
         self.total += amount
         if self.rate is None:
             return
+        if not self._lock.locked():
+            # Nobody queued: take the tokens without the lock's two checkpoints (a
+            # task switch per socket read and per write batch, most of them needless);
+            # hold the lock only to sleep, so later callers still queue behind us.
+            wait = self._reserve(amount)
+            if wait > 0:
+                async with self._lock:
+                    await trio.sleep(wait)
+            return
         async with self._lock:
-            now = trio.current_time()
-            if self._bucket is None:
-                self._bucket = TokenBucket(self.rate, self._burst, now=now)
-            wait = self._bucket.reserve(amount, now)
-            if wait > 0 and math.isfinite(wait):
+            wait = self._reserve(amount)
+            if wait > 0:
                 await trio.sleep(wait)
+
+    def _reserve(self, amount: int) -> float:
+        assert self.rate is not None
+        now = trio.current_time()
+        if self._bucket is None:
+            self._bucket = TokenBucket(self.rate, self._burst, now=now)
+        wait = self._bucket.reserve(amount, now)
+        return wait if math.isfinite(wait) else 0.0

@@ -30,16 +30,21 @@ from p2pimage.errors import (
 )
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.wire import (
-    BLOCK_LENGTH,
+    HAVES_EXTENSION,
+    LOCAL_HAVES_ID,
+    MAX_BLOCK_LENGTH_LIMIT,
     NEED_DATA,
     ConnectionClosed,
+    Extended,
     ExtendedHandshake,
     HandshakeReceived,
+    Have,
     Message,
     PeerAuthenticated,
     PeerConnection,
     Piece,
     Role,
+    build_haves_payload,
     piece_header,
 )
 
@@ -52,6 +57,8 @@ RECEIVE_SIZE = 256 * 1024
 # Flush a write batch once it holds this much; larger batches add latency, smaller ones
 # cost a system call per block (one send_all per block halves loopback throughput).
 WRITE_BATCH_BYTES = 512 * 1024
+# A p2pimage_haves message within the 64 KiB extended-message limit (4 bytes a piece).
+MAX_HAVES_PER_MESSAGE = 8192
 
 
 @dataclass
@@ -63,6 +70,9 @@ class SessionInfo:
     token: NodeToken | None = None
     extended: ExtendedHandshake | None = None
     messages: list[Message] = field(default_factory=list)  # arrived with the handshake
+    # Whether the tokens that admitted this connection have expired: set by the node
+    # after the handshake; the swarm closes the connection once it says so.
+    admission_expired: Callable[[], bool] = field(default=lambda: False)
 
 
 class PeerSession:
@@ -87,6 +97,7 @@ class PeerSession:
         self._wakeup = trio.Event()
         self._drained = trio.Event()
         self._closed: str | None = None
+        self._haves: list[int] = []  # for one p2pimage_haves message in the next batch
         self.bytes_sent = 0
         self.bytes_received = 0
         self.payload_sent = 0
@@ -172,6 +183,32 @@ class PeerSession:
 
     # --- after the handshake ------------------------------------------------------------
 
+    async def receive_batch(self) -> list[Message]:
+        """Every message parsed from the bytes at hand (at least one): one wakeup per
+        socket read, not one per message (a node hears a ``have`` from every peer for
+        every piece). Raises :class:`PeerClosed` at the end; messages parsed before an
+        error or EOF are returned first."""
+        batch: list[Message] = []
+        while True:
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                if batch:
+                    return batch  # the next call raises (the connection stays failed)
+                raise PeerClosed(f"protocol error: {exc}") from None
+            if event is NEED_DATA:
+                if batch:
+                    return batch
+                await self._receive_into_conn()
+                continue
+            if isinstance(event, ConnectionClosed):
+                if batch:
+                    return batch
+                raise PeerClosed("peer closed the connection")
+            if isinstance(event, HandshakeReceived | ExtendedHandshake | PeerAuthenticated):
+                continue
+            batch.append(event)
+
     async def receive(self) -> Message:
         """The next message from the peer; raises :class:`PeerClosed` at the end."""
         while True:
@@ -214,6 +251,30 @@ class PeerSession:
             self._outbox_bytes += len(data)
         self._wakeup.set()
 
+    def send_have(self, index: int) -> None:
+        """Tell the peer we have piece ``index``: gathered with the other haves of this
+        writer batch into one ``p2pimage_haves`` message when the peer advertised it, a
+        BEP 3 have otherwise."""
+        if self._closed is not None or not self.conn.is_open:
+            self.send(Have(index))  # (closes the session as send() would)
+            return
+        if self.conn.peer_extension_id(HAVES_EXTENSION) is None:
+            self.send(Have(index))
+            return
+        self._haves.append(index)
+        self._wakeup.set()
+
+    def _haves_message(self) -> bytes:
+        ext_id = self.conn.peer_extension_id(HAVES_EXTENSION)
+        assert ext_id is not None
+        haves, self._haves = self._haves, []
+        out = []
+        step = MAX_HAVES_PER_MESSAGE
+        for start in range(0, len(haves), step):
+            payload = build_haves_payload(haves[start : start + step])
+            out.append(self.conn.send(Extended(ext_id, payload)))
+        return b"".join(out)
+
     @property
     def queued_bytes(self) -> int:
         return self._outbox_bytes
@@ -228,6 +289,13 @@ class PeerSession:
     async def run_writer(self) -> None:
         """Write queued messages in batches until the session closes."""
         while True:
+            if self._haves and self._closed is None:
+                try:
+                    haves = self._haves_message()
+                    self._outbox.append(haves)
+                    self._outbox_bytes += len(haves)
+                except LocalProtocolError:
+                    raise PeerClosed("connection closed") from None
             if not self._outbox:
                 if self._closed is not None:
                     return
@@ -283,8 +351,11 @@ def make_connection(
 ) -> PeerConnection:
     """A :class:`PeerConnection` with a fresh nonce and key-exchange key (the auth
     messages always travel encrypted; with ``encrypt`` the piece traffic too, and the
-    peer must agree); open mode when no authenticator."""
-    block = BLOCK_LENGTH if max_block_length is None else max_block_length
+    peer must agree); open mode when no authenticator. ``max_block_length`` (default
+    :data:`MAX_BLOCK_LENGTH_LIMIT`) is the largest block we accept, offered in the
+    extended handshake; stock clients ignore the offer and keep 16 KiB blocks."""
+    block = MAX_BLOCK_LENGTH_LIMIT if max_block_length is None else max_block_length
+    extensions = {HAVES_EXTENSION: LOCAL_HAVES_ID}
     if authenticator is None:
         return PeerConnection(
             role=role,
@@ -293,6 +364,7 @@ def make_connection(
             authenticator=None,
             open_mode=True,
             max_block_length=block,
+            extensions=extensions,
         )
     return PeerConnection(
         role=role,
@@ -303,4 +375,5 @@ def make_connection(
         kx_key=os.urandom(32),
         encrypt=encrypt,
         max_block_length=block,
+        extensions=extensions,
     )

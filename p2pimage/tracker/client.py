@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +22,7 @@ import httpx
 import trio
 
 from p2pimage.errors import P2PImageError
-from p2pimage.swarm.origin import OriginReader
+from p2pimage.swarm.origin import OriginCredentials, OriginReader
 from p2pimage.swarm.policy import AnnounceSchedule, follow_origin
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.tracker import (
@@ -163,15 +162,15 @@ async def run_announcer(
     *,
     repository: str | None = None,
     origin_http: httpx.AsyncClient | None = None,
-    origin_headers: Mapping[str, str] | None = None,
+    origin_credentials: OriginCredentials | None = None,
     origin_limiter: RateLimiter | None = None,
     settings: AnnounceSettings | None = None,
 ) -> None:
     """Keep ``swarm`` announced until it closes; act on origin assignments and releases.
 
     ``repository`` (with the layer digest from the torrent) lets the tracker name this
-    node an origin fetcher; origin reads use ``origin_headers`` (the credentials of the
-    client whose pull this is) through ``origin_limiter``.
+    node an origin fetcher; origin reads use ``origin_credentials`` (the latest authorised
+    client's, and only on their registry) through ``origin_limiter``.
     """
     cfg = settings or AnnounceSettings()
     schedule = cfg.schedule(complete=swarm.complete.is_set())
@@ -221,7 +220,7 @@ async def run_announcer(
                         readers,
                         nursery,
                         origin_http,
-                        origin_headers,
+                        origin_credentials,
                         origin_limiter,
                     )
                 if response.release and swarm.complete.is_set():
@@ -252,7 +251,7 @@ def _apply_origin(
     readers: list[OriginReader],
     nursery: trio.Nursery,
     http: httpx.AsyncClient,
-    headers: Mapping[str, str] | None,
+    credentials: OriginCredentials | None,
     limiter: RateLimiter | None,
 ) -> None:
     """Follow the tracker's origin assignment (the rule: :func:`follow_origin`)."""
@@ -279,7 +278,7 @@ def _apply_origin(
         follow.first,
         follow.end,
         client=http,
-        headers=headers,
+        credentials=credentials,
         limiter=limiter,
     )
     readers[:] = [reader]  # only the latest range matters for progress reports

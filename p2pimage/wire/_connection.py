@@ -210,6 +210,7 @@ class PeerConnection:
         self._peer_auth_id: int | None = None
         self._peer_token: NodeToken | None = None
         self._peer_reqq: int | None = None
+        self._peer_max_block = c.BLOCK_LENGTH  # until its extended handshake says more
         self._num_pieces: int | None = None
         self._bitfield_length: int | None = None
         self._received_have_info = False  # a bitfield or have arrived: no bitfield after that
@@ -289,6 +290,12 @@ class PeerConnection:
     @property
     def peer_reqq(self) -> int | None:
         return self._peer_reqq
+
+    @property
+    def peer_max_block_length(self) -> int:
+        """The largest block the peer accepts (``p2pimage_block`` in its extended
+        handshake; 16 KiB for stock clients): requests we send are checked against it."""
+        return self._peer_max_block
 
     def peer_extension_id(self, name: bytes) -> int | None:
         return self._peer_ext.get(name)
@@ -404,7 +411,7 @@ class PeerConnection:
         elif kind is Request or kind is Cancel:
             assert isinstance(message, Request | Cancel)
             self._check_index(message.index)
-            if not 0 < message.length <= self.max_block_length:
+            if not 0 < message.length <= self._peer_max_block:
                 raise LocalProtocolError(f"block length {message.length} out of range")
         elif kind is Extended:
             assert isinstance(message, Extended)
@@ -457,6 +464,7 @@ class PeerConnection:
             nonce=self._nonce,
             kx=self._kx_public,
             plain=self._auth is not None and not self._encrypt,
+            max_block=self.max_block_length if self.max_block_length > c.BLOCK_LENGTH else None,
         )
 
     # --- input ----------------------------------------------------------------------------
@@ -801,6 +809,11 @@ class PeerConnection:
         self._peer_ext = dict(extensions)
         if event.reqq is not None:
             self._peer_reqq = event.reqq
+        max_block = payload.get(c.BLOCK_LENGTH_KEY)
+        if isinstance(max_block, int) and not isinstance(max_block, bool):
+            # Out-of-range values are clamped, not refused: the key can only raise the
+            # BEP 3 default, and never beyond MAX_BLOCK_LENGTH_LIMIT.
+            self._peer_max_block = min(max(max_block, c.BLOCK_LENGTH), c.MAX_BLOCK_LENGTH_LIMIT)
         return event
 
     def _by_role(self, ours: bytes, theirs: bytes) -> tuple[bytes, bytes]:
