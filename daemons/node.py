@@ -15,15 +15,22 @@ Wiring only: configuration in, library objects constructed, endpoints mounted.
   sidecar indexes) are cached and shared; other configured upstreams pass through.
 - The node's identity (key, token, JWKS) comes from the sidecar; until it has one, and
   whenever p2p cannot serve, pulls go straight to the registry.
+- With ``preheat_poll_s``, the node asks the tracker for preheat jobs of its cluster
+  (``GET /preheat``, with its token and a DPoP proof) and reads each job's layers through
+  the same :class:`~p2pimage.mirror.blobs.LayerService` path a runtime pull takes (access
+  check with the node's own ``preheat_registry_auth_file``, swarm, cache), then reports.
 - With ``proxy_listen``, a forward proxy (:mod:`p2pimage.mirror.proxy`) for runtimes set up
   through ``HTTP_PROXY``/``HTTPS_PROXY`` hands the registries' requests to this same app.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import dataclasses
 import functools
 import logging
+import random
 import re
 import socket
 import ssl
@@ -50,7 +57,7 @@ from daemons._http import ClosingStreamingResponse, ListenError, TlsFiles, clien
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.tokens import NodeKey
-from p2pimage.errors import LocalProtocolError
+from p2pimage.errors import LocalProtocolError, P2PImageError
 from p2pimage.metainfo.torrent import is_digest
 from p2pimage.mirror.blobs import LayerService, LayerSettings
 from p2pimage.mirror.credentials import CredentialWatch, carries_credentials
@@ -60,6 +67,7 @@ from p2pimage.sidecar.client import SidecarClient, TokenKeeper
 from p2pimage.storage.cache import BlobCache
 from p2pimage.swarm.node import open_peer_node
 from p2pimage.swarm.ratelimit import RateLimiter
+from p2pimage.tracker import PreheatError, PreheatSpec, parse_preheat_poll
 from p2pimage.tracker.client import TrackerClient
 
 __all__ = ["NodeSettings", "create_app", "run_node"]
@@ -168,6 +176,14 @@ class NodeSettings(BaseModel):
     allow_plain_http_join: bool = Field(
         False, description="send the join credential to an http:// sidecar_url (insecure)"
     )
+    preheat_poll_s: float | None = Field(
+        30.0, gt=0, description="poll the tracker for preheat jobs this often (none: off)"
+    )
+    preheat_registry_auth_file: Path | None = Field(
+        None,
+        description="'user:password' this node's preheats present to the swarm registry "
+        "(HTTP Basic); none: anonymous. Runtime pulls always use the runtime's own",
+    )
     log_level: LogLevel = "info"
     log_json: LogJson = None
 
@@ -180,6 +196,20 @@ class NodeSettings(BaseModel):
             except OSError as exc:
                 raise ConfigError(f"config key 'credential_file': {exc.strerror}") from None
         return None
+
+    def preheat_authorization(self) -> str | None:
+        """The ``Authorization`` header value preheats send to the swarm registry."""
+        if self.preheat_registry_auth_file is None:
+            return None
+        try:
+            text = self.preheat_registry_auth_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"config key 'preheat_registry_auth_file': {exc.strerror}") from None
+        if ":" not in text or not text.isascii():
+            raise ConfigError(
+                "config key 'preheat_registry_auth_file': want one ASCII line user:password"
+            )
+        return "Basic " + base64.b64encode(text.encode()).decode("ascii")
 
     def upstream_for(self, ns: str | None) -> str | None:
         """The base URL of the configured registry ``ns`` names, or None when this node
@@ -234,6 +264,7 @@ def check_settings(settings: NodeSettings) -> None:
     TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file)
     client_tls(settings.ca_file)
     settings.proxy_certificates()
+    settings.preheat_authorization()
     _registry_tls(settings.registry_ca_file)
     plain = (settings.sidecar_url or "").lower().startswith("http://")
     if plain and credential and not settings.allow_plain_http_join:
@@ -326,6 +357,14 @@ class NodeMetrics:
         )
         bypassed.add_metric(["no_credentials"], self.node.credentials.settle(time.monotonic()))
         yield bypassed
+        preheat = CounterMetricFamily(
+            "p2pimage_node_preheat_layers",
+            "Layers fetched for preheat jobs, by result",
+            labels=["result"],
+        )
+        for result, n in sorted(self.node.preheat_layers.items()):
+            preheat.add_metric([result], n)
+        yield preheat
         cache = GaugeMetricFamily("p2pimage_node_cache_bytes", "Bytes held in the layer cache")
         cache.add_metric([], layers.cache.used_bytes)
         yield cache
@@ -357,6 +396,7 @@ class NodeDaemon:
         self.credentials = CredentialWatch()  # pulls that bypass us: no credentials sent
         self.proxy: ForwardProxy | None = None
         self.proxy_url: str | None = None  # the forward proxy's URL, if any
+        self.preheat_layers: collections.Counter[str] = collections.Counter()  # by result
 
 
 # --------------------------------------------------------------------------- the app
@@ -611,14 +651,130 @@ async def _p2p(daemon: NodeDaemon, settings: NodeSettings, keeper: TokenKeeper) 
         )
 
 
+# Layers of one preheat job read at once (a runtime pulls a few layers in parallel too).
+_PREHEAT_PARALLEL = 4
+
+
+async def _preheat_layer(
+    daemon: NodeDaemon, repository: str, digest: str, authorization: str | None
+) -> str | None:
+    """Read one layer as a runtime pull would (access check, then swarm or cache);
+    None on success, else why not. A blob below ``swarm_threshold_bytes`` is left alone:
+    pulls read those from the registry, cached or not."""
+    layers, upstream = daemon.layers, daemon.settings.swarm_upstream()
+    access = await layers.check_access(upstream, repository, digest, authorization)
+    if access.status != 200 or access.size is None:
+        daemon.preheat_layers["denied" if access.status in (401, 403) else "error"] += 1
+        return f"{digest}: registry answered {access.status}"
+    if access.size < layers.settings.swarm_threshold_bytes:
+        daemon.preheat_layers["small"] += 1
+        return None
+    try:
+        async with aclosing(
+            layers.read(upstream, repository, digest, access.size, authorization)
+        ) as chunks:
+            async for _ in chunks:
+                pass
+    except (P2PImageError, httpx.HTTPError, OSError) as exc:
+        daemon.preheat_layers["error"] += 1
+        return f"{digest}: {exc}"[:300]
+    daemon.preheat_layers["done"] += 1
+    return None
+
+
+async def _preheat_job(
+    daemon: NodeDaemon,
+    http: httpx.AsyncClient,
+    base: str,
+    auth: httpx.Auth,
+    job_id: int,
+    spec: PreheatSpec,
+) -> None:
+    repository, errors = spec.repository, []
+    limiter = trio.CapacityLimiter(_PREHEAT_PARALLEL)
+    try:
+        authorization = daemon.settings.preheat_authorization()
+    except ConfigError as exc:  # the file changed since start-up
+        errors.append(str(exc))
+        spec = dataclasses.replace(spec, layers=())
+
+    async def one(digest: str) -> None:
+        async with limiter:
+            error = await _preheat_layer(daemon, repository, digest, authorization)
+        if error is not None:
+            errors.append(error)
+
+    started = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        for layer in spec.layers:
+            nursery.start_soon(one, layer.digest)
+    result = "failed" if errors else "done"
+    log.info(
+        "preheat job finished",
+        extra={
+            "fields": {
+                "job": job_id,
+                "repository": repository,
+                "result": result,
+                "seconds": round(time.monotonic() - started, 3),
+                "errors": errors[:3],
+            }
+        },
+    )
+    report = {"job": job_id, "result": result, "error": "; ".join(errors)[:300] or None}
+    response = await http.post(f"{base}/preheat/report", json=report, auth=auth)
+    if response.status_code != 200:
+        log.warning("preheat report refused: HTTP %d %s", response.status_code, response.text[:200])
+
+
+async def _preheat_poll(
+    daemon: NodeDaemon, http: httpx.AsyncClient, tracker_url: str, keeper: TokenKeeper
+) -> None:
+    """Every ``preheat_poll_s`` (±10 %), ask the tracker for this node's preheat jobs
+    and run them one after the other. A tracker that restarted (new epoch) is asked from
+    the start again; jobs this node reported on are not handed out twice."""
+    interval = daemon.settings.preheat_poll_s
+    assert interval is not None
+    base = tracker_url.rstrip("/").removesuffix("/announce")
+    auth = keeper.request_auth()
+    rng = random.Random()
+    epoch, since = None, 0
+    await keeper.ready.wait()
+    while True:
+        pause = interval * rng.uniform(0.9, 1.1)
+        if daemon.layers.node is None:
+            # Without a peer (not yet, or it cannot listen) a read would go to the
+            # registry and warm nothing: ask only once there is one.
+            await trio.sleep(pause)
+            continue
+        try:
+            response = await http.get(f"{base}/preheat", params={"since": since}, auth=auth)
+            if response.status_code == 200:
+                answer = parse_preheat_poll(response.content)
+                if answer.epoch != epoch and epoch is not None:
+                    epoch, since = answer.epoch, 0
+                    continue
+                epoch = answer.epoch
+                for job_id, spec in answer.jobs:
+                    await _preheat_job(daemon, http, base, auth, job_id, spec)
+                    since = max(since, job_id)
+            elif response.status_code != 404:  # 404: a tracker without preheat
+                log.warning("preheat poll: HTTP %d %s", response.status_code, response.text[:200])
+        except (httpx.HTTPError, PreheatError) as exc:
+            log.warning("preheat poll failed: %s", exc)
+        await trio.sleep(pause)
+
+
 async def run_node(
     settings: NodeSettings,
     *,
     daemon_ready: Callable[[NodeDaemon], object] | None = None,
+    clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the node until cancelled; reports the mirror's base URL through ``task_status``
-    (and the daemon object to ``daemon_ready``, for in-process tests and the demo)."""
+    (and the daemon object to ``daemon_ready``, for in-process tests and the demo).
+    ``clock`` is the node's wall clock (token times, proofs): a seam for clock-skew tests."""
     check_settings(settings)
     credential = settings.credential_value()
     certificates = settings.proxy_certificates()
@@ -649,6 +805,7 @@ async def run_node(
                 credential=credential,
                 zone=await _zone(settings),
                 node_key=node_key,
+                clock=clock,
             )
             k = keeper
             tracker = TrackerClient(settings.tracker_url, http=control, auth=k.request_auth())
@@ -674,6 +831,8 @@ async def run_node(
             if keeper is not None:
                 nursery.start_soon(keeper.run)
                 nursery.start_soon(_p2p, daemon, settings, keeper)
+                if settings.preheat_poll_s is not None and settings.tracker_url:
+                    nursery.start_soon(_preheat_poll, daemon, control, settings.tracker_url, keeper)
             else:
                 log.warning(
                     "p2p is off (needs sidecar_url, tracker_url and a credential); "

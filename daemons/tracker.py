@@ -6,6 +6,9 @@ Config in (TOML ``--config`` + ``P2PIMAGE_TRACKER_*``), library objects construc
 
 - ``GET /announce``: BEP 3 announce, compact peers (BEP 23), p2pimage extras;
 - ``GET /scrape``: BEP 48 scrape of the caller's own cluster;
+- ``POST /preheat``, ``GET /preheat``, ``GET /preheat/jobs``, ``GET /preheat/{id}``,
+  ``POST /preheat/report``: preheat jobs of the caller's cluster (JSON; docs/protocol.md §4.2),
+  kept in a :class:`~p2pimage.tracker.PreheatBoard` apart from the swarms;
 - ``GET /healthz``, ``GET /metrics`` (Prometheus).
 
 Every request proves possession of its token (RFC 9449 DPoP): ``Authorization: DPoP
@@ -28,12 +31,14 @@ import functools
 import gc
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
+import bencodepy
 import click
 import httpx
 import trio
@@ -48,7 +53,7 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
@@ -77,6 +82,8 @@ from p2pimage.tracker import (
     MemoryState,
     PeerIdTakenError,
     PolicyConfig,
+    PreheatBoard,
+    PreheatError,
     RedisState,
     ScrapeStats,
     StateUnavailableError,
@@ -91,7 +98,15 @@ from p2pimage.tracker import (
     encode_scrape_response,
     parse_announce,
     parse_announce_batch,
+    parse_preheat_report,
+    parse_preheat_request,
     parse_scrape,
+)
+from p2pimage.tracker._preheat import (
+    DEFAULT_JOB_TTL_S,
+    MAX_JOBS_PER_CLUSTER,
+    MAX_PREHEAT_BODY,
+    PreheatBoardFull,
 )
 
 log = logging.getLogger("p2pimage.tracker")
@@ -165,6 +180,12 @@ class TrackerSettings(BaseModel):
         description="pieces read per origin lease (none: max(4, pieces/8); 0: off)",
     )
     sweep_interval_s: float = Field(default=30.0, gt=0)
+    preheat_job_ttl_s: float = Field(
+        default=DEFAULT_JOB_TTL_S, gt=0, description="a preheat job is handed out this long"
+    )
+    preheat_max_jobs: int = Field(
+        default=MAX_JOBS_PER_CLUSTER, ge=1, le=10_000, description="live preheat jobs per cluster"
+    )
     tls_cert_file: Path | None = Field(default=None, description="serve HTTPS: certificate (PEM)")
     tls_key_file: Path | None = Field(default=None, description="serve HTTPS: its key (PEM)")
     ca_file: Path | None = Field(
@@ -291,6 +312,21 @@ class TrackerMetrics:
             registry=r,
         )
         self.swarms = Gauge("p2pimage_tracker_swarms", "Live swarms", registry=r)
+        self.preheat_requests = Counter(
+            "p2pimage_tracker_preheat_requests",
+            "Preheat requests by kind (submit, poll, report, read) and result",
+            ["kind", "result"],
+            registry=r,
+        )
+        self.preheat_jobs = Gauge(
+            "p2pimage_tracker_preheat_jobs", "Live preheat jobs (all clusters)", registry=r
+        )
+        self.preheat_nodes = Gauge(
+            "p2pimage_tracker_preheat_nodes",
+            "Nodes that reported on a live preheat job, by result",
+            ["result"],
+            registry=r,
+        )
         self.peers = Gauge("p2pimage_tracker_peers", "Live peers by state", ["state"], registry=r)
         self.largest_swarm = Gauge(
             "p2pimage_tracker_largest_swarm_peers", "Peers in the largest live swarm", registry=r
@@ -308,6 +344,7 @@ class Tracker:
     gate: TokenGate | None
     metrics: TrackerMetrics = field(default_factory=TrackerMetrics)
     clock: Callable[[], float] = time.time
+    preheat: PreheatBoard = field(default_factory=lambda: PreheatBoard(secrets.token_hex(8)))
 
 
 def _bencoded(status: int, body: bytes, **headers: str) -> Response:
@@ -386,6 +423,22 @@ async def _authenticate(tracker: Tracker, request: Request, now: float) -> NodeT
 
 def _refused_403(reason: str, message: str) -> _Refused:
     return _Refused(_bencoded(403, encode_failure(message, reason)))
+
+
+def _json_refusal(response: Response) -> JSONResponse:
+    """A bencoded refusal (``_authenticate``'s) as the JSON the preheat endpoints speak."""
+    try:
+        failure = bencodepy.decode(bytes(response.body))
+        message = failure[b"failure reason"].decode(errors="replace")
+        reason = failure.get(b"p2pimage", {}).get(b"error", b"").decode(errors="replace")
+    except (bencodepy.BencodeDecodeError, AttributeError, KeyError, TypeError):
+        message, reason = "refused", ""
+    headers = {k: v for k, v in response.headers.items() if k.lower() == "www-authenticate"}
+    return JSONResponse(
+        {"error": message, "reason": reason or None},
+        status_code=response.status_code,
+        headers=headers or None,
+    )
 
 
 def _remote(request: Request) -> str:
@@ -545,6 +598,133 @@ def create_app(tracker: Tracker) -> Starlette:
     async def healthz(request: Request) -> Response:
         return Response(b"ok\n", media_type="text/plain")
 
+    async def preheat_caller(request: Request, kind: str, now: float) -> tuple[str, str]:
+        """(cluster, subject) of an authenticated preheat request; refusals as JSON."""
+        try:
+            token = await _authenticate(tracker, request, now)
+        except _Refused as refused:
+            metrics.preheat_requests.labels(kind, "refused").inc()
+            raise _Refused(_json_refusal(refused.response)) from None
+        if token is None:
+            return OPEN_CLUSTER, OPEN_CLUSTER
+        return token.cluster, token.subject
+
+    def preheat_error(kind: str, status: int, message: str) -> JSONResponse:
+        metrics.preheat_requests.labels(kind, "bad_request" if status == 400 else "refused").inc()
+        return JSONResponse({"error": message}, status_code=status)
+
+    async def preheat_body(request: Request) -> bytes | None:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_PREHEAT_BODY:
+                return None
+        return bytes(body)
+
+    async def preheat_submit(request: Request) -> Response:
+        now = tracker.clock()
+        try:
+            cluster, subject = await preheat_caller(request, "submit", now)
+        except _Refused as refused:
+            return refused.response
+        body = await preheat_body(request)
+        if body is None:
+            return preheat_error("submit", 413, f"body exceeds {MAX_PREHEAT_BODY} bytes")
+        try:
+            job = tracker.preheat.submit(cluster, parse_preheat_request(body), subject, now)
+        except PreheatError as exc:
+            status = 429 if isinstance(exc, PreheatBoardFull) else 400
+            return preheat_error("submit", status, str(exc))
+        log.info(
+            "preheat job submitted",
+            extra={
+                "fields": {
+                    "job": job.id,
+                    "cluster": cluster,
+                    "by": subject,
+                    "repository": job.spec.repository,
+                    "layers": len(job.spec.layers),
+                    "nodes": job.spec.nodes,
+                }
+            },
+        )
+        metrics.preheat_requests.labels("submit", "ok").inc()
+        return JSONResponse({"epoch": tracker.preheat.epoch, "job": job.to_json()}, status_code=201)
+
+    async def preheat_poll(request: Request) -> Response:
+        now = tracker.clock()
+        try:
+            cluster, subject = await preheat_caller(request, "poll", now)
+        except _Refused as refused:
+            return refused.response
+        since_text = request.query_params.get("since", "0")
+        if not (since_text.isascii() and since_text.isdigit()) or len(since_text) > 18:
+            return preheat_error("poll", 400, "'since' must be a job id (0 for all)")
+        jobs = tracker.preheat.pending(cluster, subject, int(since_text), now)
+        metrics.preheat_requests.labels("poll", "ok").inc()
+        return JSONResponse(
+            {
+                "epoch": tracker.preheat.epoch,
+                "cursor": tracker.preheat.cursor(),
+                "jobs": [j.to_json(progress=False) for j in jobs],
+            }
+        )
+
+    async def preheat_jobs(request: Request) -> Response:
+        now = tracker.clock()
+        try:
+            cluster, _ = await preheat_caller(request, "read", now)
+        except _Refused as refused:
+            return refused.response
+        metrics.preheat_requests.labels("read", "ok").inc()
+        jobs = tracker.preheat.jobs(cluster, now)
+        return JSONResponse({"epoch": tracker.preheat.epoch, "jobs": [j.to_json() for j in jobs]})
+
+    async def preheat_job(request: Request) -> Response:
+        now = tracker.clock()
+        try:
+            cluster, _ = await preheat_caller(request, "read", now)
+        except _Refused as refused:
+            return refused.response
+        text = request.path_params["job"]
+        job = (
+            tracker.preheat.job(cluster, int(text), now)
+            if text.isascii() and text.isdigit() and len(text) < 19
+            else None
+        )
+        if job is None:
+            return preheat_error("read", 404, f"no live preheat job {text!r} in this cluster")
+        metrics.preheat_requests.labels("read", "ok").inc()
+        return JSONResponse({"epoch": tracker.preheat.epoch, "job": job.to_json()})
+
+    async def preheat_report(request: Request) -> Response:
+        now = tracker.clock()
+        try:
+            cluster, subject = await preheat_caller(request, "report", now)
+        except _Refused as refused:
+            return refused.response
+        body = await preheat_body(request)
+        if body is None:
+            return preheat_error("report", 413, f"body exceeds {MAX_PREHEAT_BODY} bytes")
+        try:
+            report = parse_preheat_report(body)
+            job = tracker.preheat.report(cluster, subject, report, now)
+        except PreheatError as exc:
+            return preheat_error("report", 400, str(exc))
+        log.info(
+            "preheat report",
+            extra={
+                "fields": {
+                    "job": job.id,
+                    "node": subject,
+                    "result": report.result,
+                    "error": report.error,
+                }
+            },
+        )
+        metrics.preheat_requests.labels("report", "ok").inc()
+        return JSONResponse({"epoch": tracker.preheat.epoch, "job": job.to_json(progress=False)})
+
     async def prometheus(request: Request) -> Response:
         with contextlib.suppress(StateUnavailableError):
             stats = await tracker.state.stats(tracker.clock(), settings.peer_timeout_s)
@@ -552,6 +732,10 @@ def create_app(tracker: Tracker) -> Starlette:
             metrics.peers.labels("seeder").set(stats.seeders)
             metrics.peers.labels("leecher").set(stats.leechers)
             metrics.largest_swarm.set(stats.largest_swarm)
+        jobs, done, failed = tracker.preheat.stats(tracker.clock())
+        metrics.preheat_jobs.set(jobs)
+        metrics.preheat_nodes.labels("done").set(done)
+        metrics.preheat_nodes.labels("failed").set(failed)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(
@@ -559,6 +743,11 @@ def create_app(tracker: Tracker) -> Starlette:
             Route("/announce", announce),
             Route("/announce/batch", announce_batch, methods=["POST"]),
             Route("/scrape", scrape),
+            Route("/preheat", preheat_submit, methods=["POST"]),
+            Route("/preheat", preheat_poll, methods=["GET"]),
+            Route("/preheat/jobs", preheat_jobs, methods=["GET"]),
+            Route("/preheat/report", preheat_report, methods=["POST"]),
+            Route("/preheat/{job}", preheat_job, methods=["GET"]),
             Route("/healthz", healthz),
             Route("/metrics", prometheus),
         ]
@@ -609,7 +798,17 @@ async def run_tracker(
                 min_refresh_s=settings.jwks_min_refresh_s,
             )
             gate = TokenGate(jwks, settings.issuer)
-        tracker = Tracker(settings, TrackerPolicy(settings.policy_config(), rng=rng), state, gate)
+        tracker = Tracker(
+            settings,
+            TrackerPolicy(settings.policy_config(), rng=rng),
+            state,
+            gate,
+            preheat=PreheatBoard(
+                secrets.token_hex(8),
+                ttl_s=settings.preheat_job_ttl_s,
+                max_jobs=settings.preheat_max_jobs,
+            ),
+        )
         async with trio.open_nursery() as nursery:
             if jwks is not None:
                 await nursery.start(jwks.run)

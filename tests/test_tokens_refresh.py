@@ -253,6 +253,42 @@ async def test_keeper_backs_off_while_the_sidecar_is_down(
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("skew_s", [600.0, -600.0])
+async def test_keeper_with_a_skewed_clock_reads_the_sidecars_time(
+    autojump_clock: trio.testing.MockClock, skew_s: float
+) -> None:
+    """A node whose clock is ten minutes off takes the sidecar's time from its token's
+    ``iat``: its token verifies at once, its proofs and peer checks are on the
+    sidecar's time, and it renews on the sidecar's schedule (not never, not at once)."""
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test", lifetime_s=300)
+    sidecar = FakeSidecar(issuer)
+    keeper = TokenKeeper(
+        sidecar,  # type: ignore[arg-type]
+        node="node-1",
+        credential=CREDENTIAL,
+        jwks_refresh_s=3600,
+        clock=lambda: fake_clock() + skew_s,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        with trio.fail_after(5):
+            await keeper.ready.wait()
+        assert abs(keeper.now() - fake_clock()) <= 1
+        assert abs(keeper.clock_offset_s + skew_s) <= 1
+        # Peers of the cluster with right clocks are accepted, by the sidecar's time.
+        peer = local_authenticator(issuer, subject="peer", cluster=CLUSTER, clock=fake_clock)
+        transcript = b"transcript"
+        token, signature = peer.credentials(transcript)
+        claims = keeper.authenticator().verify_peer(
+            token, signature, transcript, bytes(20), peer.peer_id()
+        )
+        assert claims.subject == "peer"
+        await trio.sleep(3600)
+        nursery.cancel_scope.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(sidecar.token_calls)]
+    assert gaps and all(200 <= g <= 201.5 for g in gaps), gaps
+
+
 async def test_wrong_credential_gets_no_token(autojump_clock: trio.testing.MockClock) -> None:
     issuer = TokenIssuer([SigningKey.generate()], issuer="test", lifetime_s=600)
     sidecar = FakeSidecar(issuer)
@@ -376,17 +412,17 @@ async def test_keeper_follows_a_sidecar_key_rotation(tmp_path: Path) -> None:
         assert kid_of(a_proof[0].decode()) == new.kid
         assert pb.verify_peer(*a_proof, transcript, info_hash, pa.peer_id()).subject == "node-a"
 
-        # And it keeps renewing with the new key. The token in hand was issued at keeper
-        # time +401 s and expires at wall time +600 s, so it is due at keeper time +534 s;
-        # +540 s is past that and still inside the new token's life (the sidecar issues
-        # on the wall clock).
+        # And it keeps renewing with the new key. The keeper took the jump of its clock
+        # for skew and reads the sidecar's time since that token (``a.now()``): the token
+        # in hand falls due two thirds of a lifetime later on that time again.
+        assert abs(a.now() - time.time()) < 5
         second_token = a.token
-        skew = lifetime * 0.9
+        skew += lifetime * 2 / 3 + 1
         with trio.fail_after(30):
             while a.token == second_token:
                 await trio.sleep(0.05)
         assert kid_of(a.token) == new.kid
-        strict(a.verifier.keys).verify(a.token, now=clock())
+        strict(a.verifier.keys).verify(a.token, now=a.now())
         nursery.cancel_scope.cancel()
 
 

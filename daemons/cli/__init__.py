@@ -49,5 +49,9 @@ def _register() -> None:
     main.add_command(fetch.fetch)
     main.add_command(status.status)
 
+    from daemons.cli import preheat
+
+    main.add_command(preheat.preheat)
+
 
 _register()

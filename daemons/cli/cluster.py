@@ -5,6 +5,11 @@ process) on loopback, builds and pushes an image, then has every node pull it th
 own mirror at the same moment — with skopeo, a real client, where installed — and then
 the same N pulls straight from the registry. Prints per-node times, registry egress in
 copies of the image, bytes exchanged between peers, and the Kumar–Ross lower bound.
+
+With ``--preheat``, a preheat job (``p2pimage preheat``) first has every node fetch the
+image's layers; the report then says what the preheat cost the registry
+(``preheat_registry_copies``) and how many layer bytes the later pulls still read from it
+(``pull_registry_bytes``, 0 when the preheat did its job).
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from daemons._http import client_tls
 from daemons._run import run_until_signalled
+from daemons.cli.preheat import submit_preheat, wait_preheat
 from daemons.testbed import netns as _netns
 from daemons.testbed.localcluster import LocalCluster, local_cluster
 from p2pimage.bound import kumar_ross_bound
@@ -57,6 +64,7 @@ class ClusterParams:
     workdir: Path | None = None
     network: Literal["loopback", "netns"] = "loopback"
     tls: bool = False  # control plane over HTTPS (throwaway CA)
+    preheat: bool = False  # preheat every node first, then pull
 
 
 class NetnsNotPermitted(click.ClickException):
@@ -276,8 +284,12 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
             node_processes=True,
             network=params.network,
             tls=params.tls,
+            preheat_poll_s=_PREHEAT_POLL_S if params.preheat else None,
         ) as cluster:
             pushed = await _push(cluster, image)
+            preheat: dict[str, Any] | None = None
+            if params.preheat:
+                preheat = await _preheat(cluster, console)
             control_plane = cluster.sidecar_url.partition("://")[0]  # the scheme really used
             ref = f"{cluster.registry_host}/{REPOSITORY}:{TAG}"
             results = [NodeResult(n.name) for n in cluster.nodes]
@@ -285,6 +297,7 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
             link0 = cluster.topology.registry_link_bytes() if cluster.topology else 0
             nodes_cpu0 = _nodes_cpu_seconds(cluster)
             async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
+                metrics0 = [await _scrape(http, n.mirror_url) for n in cluster.nodes]
                 done = trio.Event()
                 nursery.start_soon(_progress, console, cluster, http, results, image_bytes, done)
                 t_all = await _pull_all(cluster, ref, use_skopeo, True, tmp, results)
@@ -304,12 +317,15 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
                 )
                 t_direct = await _pull_all(cluster, ref, use_skopeo, False, tmp, direct_results)
     # Uploaded but not counted by any receiver: duplicates and cancelled blocks in flight.
-    uploaded = sum(m.get("p2pimage_node_uploaded_bytes_total", 0.0) for m in metrics)
+    # Over the pulls only (a preheat before them moved bytes too).
+    pairs = list(zip(metrics, metrics0, strict=True))
+    uploaded = sum(_delta(m, m0, "p2pimage_node_uploaded_bytes_total") for m, m0 in pairs)
     peer_bytes = sum(
-        m.get('p2pimage_node_fetched_bytes_total{source="peer"}', 0.0) for m in metrics
+        _delta(m, m0, 'p2pimage_node_fetched_bytes_total{source="peer"}') for m, m0 in pairs
     )
     fallback = sum(
-        m.get('p2pimage_node_fetched_bytes_total{source="registry_fallback"}', 0.0) for m in metrics
+        _delta(m, m0, 'p2pimage_node_fetched_bytes_total{source="registry_fallback"}')
+        for m, m0 in pairs
     )
     bound = kumar_ross_bound(image_bytes, params.nodes, origin, up, down)
     cpu_used = _cpu_seconds() - cpu_before
@@ -353,7 +369,75 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
         ],
         "direct_errors": [r.error for r in direct_results if r.error],
     }
+    if preheat is not None:
+        # Layer bytes the nodes read from the registry during the pulls: origin ranges,
+        # and direct reads beyond the config blob (below the swarm threshold, it always
+        # passes through; one read per node).
+        config_bytes = len(image.config.data)
+        pull_layer_bytes = sum(
+            _delta(m, m0, 'p2pimage_node_fetched_bytes_total{source="origin"}')
+            + max(
+                0.0,
+                _delta(m, m0, 'p2pimage_node_served_bytes_total{source="registry"}') - config_bytes,
+            )
+            for m, m0 in pairs
+        )
+        report.update(
+            {
+                "t_preheat_s": preheat["seconds"],
+                # The preheat is the cold distribution here (the pulls read caches).
+                "preheat_ratio_to_bound": round(preheat["seconds"] / bound, 3),
+                "preheat_nodes_done": preheat["nodes_done"],
+                "preheat_registry_copies": round(preheat["egress"] / image_bytes, 3),
+                "pull_registry_bytes": int(pull_layer_bytes),
+                # Everything the registry sent during the pulls: manifests, the config
+                # blob, HEADs of the access checks and HTTP headers included.
+                "pull_registry_total_bytes": p2p_egress,
+            }
+        )
     return report
+
+
+# The nodes' poll interval for preheat jobs in the demo (a real cluster polls every 30 s).
+_PREHEAT_POLL_S = 0.5
+
+
+def _delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+async def _preheat(cluster: LocalCluster, console: Console) -> dict[str, Any]:
+    """Submit a preheat job for the pushed image and wait until every node reports."""
+    console.print(f"[bold]preheating {len(cluster.nodes)} nodes…[/]")
+    egress0 = cluster.registry_egress
+    t0 = trio.current_time()
+    verify = client_tls(cluster.tls.ca_file if cluster.tls else None)
+    async with httpx.AsyncClient(timeout=30, verify=verify) as http:
+        job, auth = await submit_preheat(
+            registry_url=cluster.registry.url,
+            image=f"{cluster.registry_host}/{REPOSITORY}:{TAG}",
+            repository=REPOSITORY,
+            reference=TAG,
+            tracker_url=cluster.tracker_url,
+            sidecar_url=cluster.sidecar_url,
+            credential=cluster.credential,
+            http=http,
+        )
+        job = await wait_preheat(
+            tracker_url=cluster.tracker_url,
+            job_id=int(job["id"]),
+            auth=auth,
+            expect_nodes=len(cluster.nodes),
+            timeout_s=600,
+            http=http,
+        )
+    if job["nodes_failed"]:
+        raise click.ClickException(f"preheat failed on some nodes: {job['errors']}")
+    return {
+        "seconds": round(trio.current_time() - t0, 2),
+        "nodes_done": job["nodes_done"],
+        "egress": cluster.registry_egress - egress0,
+    }
 
 
 async def _push(cluster: LocalCluster, image: BuiltImage) -> str:
@@ -432,6 +516,17 @@ def print_report(report: dict[str, Any], console: Console) -> None:
     summary.add_row("all nodes done (p2p)", f"{report['t_all_s']:.2f} s")
     summary.add_row("Kumar–Ross lower bound", f"{report['t_bound_s']:.2f} s")
     summary.add_row("ratio to bound", f"{report['ratio_to_bound']:.2f}")
+    if report.get("preheat_registry_copies") is not None:
+        summary.add_row(
+            "preheat: all nodes done",
+            f"{report['t_preheat_s']:.2f} s ({report['preheat_nodes_done']} nodes)",
+        )
+        summary.add_row(
+            "preheat: registry egress", f"{report['preheat_registry_copies']:.2f} image copies"
+        )
+        summary.add_row(
+            "pulls after it: layer bytes from the registry", str(report["pull_registry_bytes"])
+        )
     summary.add_row("registry egress", f"{report['registry_copies']:.2f} image copies")
     if report.get("registry_link_copies") is not None:
         summary.add_row(
@@ -515,6 +610,12 @@ def _layer_list(value: str) -> list[float]:
     help="run the control plane (sidecar, tracker) over HTTPS with a throwaway CA",
 )
 @click.option(
+    "--preheat",
+    is_flag=True,
+    help="preheat every node first (p2pimage preheat), then pull: reports "
+    "preheat_registry_copies and pull_registry_bytes",
+)
+@click.option(
     "--json",
     "json_path",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -530,6 +631,7 @@ def cluster(
     no_direct: bool,
     network: Literal["loopback", "netns"],
     tls: bool,
+    preheat: bool,
     json_path: Path | None,
 ) -> None:
     """Run a local cluster (registry, sidecar, tracker, N nodes) and pull an image on
@@ -544,6 +646,7 @@ def cluster(
         direct=not no_direct,
         network=network,
         tls=tls,
+        preheat=preheat,
     )
     if network == "netns":
         check_netns()  # here, so click reports it (exit code 2) before anything starts

@@ -3,7 +3,8 @@
 A node is read from ``/healthz`` (is p2p up, how many swarms), ``/metrics`` (peers,
 bytes by source, pulls by result, fallbacks by reason) and ``/swarms`` (each layer's
 state, progress and traffic); a tracker from ``/metrics``
-(swarms, seeders and leechers, announces by result, token rejections). A human table by
+(swarms, seeders and leechers, announces by result, token rejections, preheat jobs and
+the nodes that finished them). A human table by
 default, ``--json`` for scripts.
 
 Exit codes: 0 the daemon answered, 1 it is unreachable or does not look like a p2pimage
@@ -128,6 +129,11 @@ def tracker_status(samples: Samples) -> dict[str, Any]:
         },
         "origin_assignments": _num(_total(samples, "p2pimage_tracker_origin_assignments_total")),
         "release_orders": _num(_total(samples, "p2pimage_tracker_release_orders_total")),
+        # Preheat: live jobs, and the nodes that reported on them (done / failed).
+        "preheat_jobs": _num(_total(samples, "p2pimage_tracker_preheat_jobs")),
+        "preheat_nodes": {
+            k: _num(v) for k, v in _by(samples, "p2pimage_tracker_preheat_nodes", "result").items()
+        },
     }
 
 
@@ -182,6 +188,14 @@ def _bypassed(values: dict[str, Any]) -> str:
     return "; ".join(f"{n} {_BYPASS_HINT.get(k, k)}" for k, n in sorted(values.items()))
 
 
+def _preheat(report: dict[str, Any]) -> str:
+    nodes = report.get("preheat_nodes", {})
+    return (
+        f"{report.get('preheat_jobs', 0)} live; nodes {nodes.get('done', 0)} done, "
+        f"{nodes.get('failed', 0)} failed"
+    )
+
+
 def _print_table(report: dict[str, Any], url: str) -> None:
     table = Table(title=f"p2pimage {report['kind']} {url}", show_header=False, box=None)
     table.add_column(style="bold")
@@ -210,6 +224,7 @@ def _print_table(report: dict[str, Any], url: str) -> None:
             ("token rejections", _labelled(report["auth_failures"])),
             ("origin assignments", str(report["origin_assignments"])),
             ("release orders", str(report["release_orders"])),
+            ("preheat jobs", _preheat(report)),
         ]
     for key, value in rows:
         table.add_row(key, value)

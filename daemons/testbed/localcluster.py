@@ -82,6 +82,34 @@ class LocalCluster:
     topology: _netns.Topology | None = None  # network-namespace mode only
     tls: TlsBundle | None = None  # the control plane's throwaway CA and certificate
     registry_tls: TlsBundle | None = None  # the registry's own CA (``registry_tls=True``)
+    # What (re)starting the sidecar or the tracker needs (fault injection).
+    sidecar_settings: SidecarSettings | None = None
+    tracker_settings: TrackerSettings | None = None
+    nursery: trio.Nursery | None = None
+
+    async def start_sidecar(self) -> None:
+        """Start the sidecar again on its address, after ``sidecar_scope.cancel()``."""
+        assert self.nursery is not None and self.sidecar_settings is not None
+        self.sidecar_scope = trio.CancelScope()
+        await self.nursery.start(_scoped, self.sidecar_scope, run_sidecar, self.sidecar_settings)
+
+    async def restart_tracker(self) -> None:
+        """Kill the tracker (its memory state goes with it) and start a fresh one on the
+        same address, as a restarted tracker pod behind its Service would be."""
+        assert self.nursery is not None and self.tracker_settings is not None
+        self.tracker_scope.cancel()
+        port = self.tracker_url.removesuffix("/announce").rsplit(":", 1)[1]
+        host = self.tracker_settings.listen.rsplit(":", 1)[0]
+        settings = self.tracker_settings.model_copy(update={"listen": f"{host}:{port}"})
+        for attempt in range(50):  # until the old listener has closed
+            self.tracker_scope = trio.CancelScope()
+            try:
+                await self.nursery.start(_scoped, self.tracker_scope, run_tracker, settings)
+                return
+            except OSError:
+                if attempt == 49:
+                    raise
+                await trio.sleep(0.1)
 
     @property
     def registry_host(self) -> str:
@@ -121,6 +149,8 @@ async def local_cluster(
     forward_proxy: bool = False,
     registry_tls: bool = False,
     intercept: CaFiles | None = None,
+    preheat_poll_s: float | None = None,
+    preheat_auth: tuple[str, str] | None = None,
 ) -> AsyncIterator[LocalCluster]:
     """Start everything; stop everything (and leave no process behind) on exit.
 
@@ -151,6 +181,9 @@ async def local_cluster(
     HTTPS with a throwaway CA of its own (``LocalCluster.registry_tls``; the sidecar and the
     nodes trust it through ``registry_ca_file``); with ``intercept`` (a CA and its key) the
     nodes' proxies decrypt the relay's host with certificates minted by that CA.
+
+    ``preheat_poll_s``: how often the nodes ask the tracker for preheat jobs (None: off);
+    ``preheat_auth``: the (user, password) their preheats present to the registry.
     """
     if network == "netns":
         node_processes = True
@@ -183,6 +216,8 @@ async def local_cluster(
             forward_proxy=forward_proxy,
             registry_tls=registry_tls,
             intercept=intercept,
+            preheat_poll_s=preheat_poll_s,
+            preheat_auth=preheat_auth,
         ) as cluster:
             yield cluster
 
@@ -207,6 +242,8 @@ async def _local_cluster(
     forward_proxy: bool,
     registry_tls: bool = False,
     intercept: CaFiles | None = None,
+    preheat_poll_s: float | None = None,
+    preheat_auth: tuple[str, str] | None = None,
 ) -> AsyncIterator[LocalCluster]:
     # Loopback: everything on 127.0.0.1, rates by token buckets. Namespaces: services on
     # the core addresses, nodes on their own, rates by tc (so no token buckets here).
@@ -218,6 +255,11 @@ async def _local_cluster(
     key_path.write_bytes(SigningKey.generate().to_pem())
     key_path.chmod(0o600)
     credential = generate_credential()
+    preheat_auth_file = None
+    if preheat_auth is not None:
+        preheat_auth_file = workdir / "preheat-registry-auth"
+        preheat_auth_file.write_text(f"{preheat_auth[0]}:{preheat_auth[1]}\n")
+        preheat_auth_file.chmod(0o600)
     bundle = make_tls(workdir / "tls", (core_host, "localhost")) if tls else None
     relay_host = topo.registry_address if topo else "127.0.0.1"
     registry_bundle = (
@@ -299,6 +341,8 @@ async def _local_cluster(
                     stall_timeout_s=stall_timeout_s,
                     ca_file=bundle.ca_file if bundle else None,
                     allow_plain_http_join=bundle is None,
+                    preheat_poll_s=preheat_poll_s,
+                    preheat_registry_auth_file=preheat_auth_file,
                     log_json=True,
                 )
                 node = ClusterNode(name, "", settings)
@@ -342,6 +386,9 @@ async def _local_cluster(
                 topology=topo,
                 tls=bundle,
                 registry_tls=registry_bundle,
+                sidecar_settings=sidecar_settings,
+                tracker_settings=tracker_settings,
+                nursery=nursery,
             )
             try:
                 yield cluster

@@ -35,17 +35,19 @@ def _answer_pid(port: int) -> int | None:
 
 
 @contextmanager
-def run_redis() -> Iterator[int]:
+def run_redis(port: int | None = None) -> Iterator[int]:
     """Run redis-server (no persistence) until the block exits; yields its port.
 
     Ready means *this* process answers (its ``INFO`` process id), not just anything on the
     port; one that lost its free_port() to another process before binding it is started
-    again on a new port."""
+    again on a new port. With ``port`` (a Redis started again where clients expect it),
+    that port only."""
     binary = redis_binary()
     if binary is None:
         raise FileNotFoundError("redis-server is not installed (Debian package redis-server)")
-    for _attempt in range(3):
-        port = free_port()
+    fixed = port
+    for _attempt in range(3 if fixed is None else 1):
+        port = fixed or free_port()
         proc = subprocess.Popen(
             [
                 binary,
@@ -73,7 +75,7 @@ def run_redis() -> Iterator[int]:
         if proc.poll() is None:
             break
     else:
-        raise RuntimeError("redis-server could not bind a free port (3 attempts)")
+        raise RuntimeError(f"redis-server could not bind port {port}")
     try:
         yield port
     finally:

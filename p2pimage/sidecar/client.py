@@ -14,6 +14,7 @@ refuse a bare token.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import math
@@ -288,6 +289,10 @@ class TokenKeeper:
         self._token: IssuedToken | None = None
         self._issued_at = 0.0
         self._cluster: str | None = None
+        # The sidecar's clock minus ours, learnt from each token's ``iat``: token times,
+        # proofs and peer checks all read the sidecar's time, so a node whose clock is
+        # off (no NTP yet, a paused VM) still agrees with the tracker and its peers.
+        self.clock_offset_s = 0.0
         self.ready = trio.Event()
         if sidecar.auth is None:
             sidecar.auth = self.request_auth()
@@ -307,19 +312,30 @@ class TokenKeeper:
     def _token_due(self, now: float) -> bool:
         return self._token is None or renewal_due(self._issued_at, self._token.expires_at, now)
 
+    def now(self) -> float:
+        """The time as the sidecar counts it (our clock corrected by its last token)."""
+        return self.clock() + self.clock_offset_s
+
     async def refresh(self) -> None:
-        now = self.clock()
+        now = self.now()
         await self.jwks.reload()
         keys = self.jwks.keys
         if self._token_due(now):
+            asked = self.clock()
             issued = await self.sidecar.issue_token(
                 node=self.node,
                 jwk=self.node_key.public_jwk(),
                 credential=self.credential,
                 zone=self.zone,
             )
-            # Our own token tells us our cluster; verifying it proves the JWKS matches.
+            local = (asked + self.clock()) / 2
+            offset = _issued_at(issued.token, default=local) - local
+            now = self.clock() + offset
+            # Our own token tells us our cluster; verifying it proves the JWKS matches
+            # (and the signature covers the iat the offset was taken from: a token that
+            # fails leaves the offset as it was).
             claims = TokenVerifier(keys).verify(issued.token, now=now)
+            self.clock_offset_s = offset
             self._token, self._issued_at, self._cluster = issued, now, claims.cluster
         self.verifier.keys = keys
         self.ready.set()
@@ -328,7 +344,7 @@ class TokenKeeper:
         """Keep the token and keys fresh until cancelled; retry with backoff on failure."""
         backoff = 1.0
         while True:
-            now = self.clock()
+            now = self.now()
             if self._token_due(now) or self.jwks.stale():
                 try:
                     await self.refresh()
@@ -343,7 +359,7 @@ class TokenKeeper:
     def request_auth(self) -> DPoPAuth:
         """Proof-of-possession authentication for HTTP requests (tracker, sidecar) made
         with this node's current token."""
-        return DPoPAuth(token=lambda: self.token, node_key=self.node_key, clock=self.clock)
+        return DPoPAuth(token=lambda: self.token, node_key=self.node_key, clock=self.now)
 
     def peer_id(self) -> bytes:
         """This node's peer id, bound to its name (the token subject) and its key: the
@@ -357,5 +373,16 @@ class TokenKeeper:
             token=lambda: self.token,
             verifier=self.verifier,
             cluster=self.cluster,
-            clock=self.clock,
+            clock=self.now,
         )
+
+
+def _issued_at(token: str, *, default: float) -> float:
+    """The ``iat`` claim of a JWT, read before verification (``default`` when it has
+    none readable); the caller verifies the token next, at the time this gives."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["iat"])
+    except (IndexError, ValueError, KeyError, TypeError):
+        return default

@@ -222,6 +222,9 @@ class _Peer:
     uploads: deque[Request] = field(default_factory=deque)
     upload_wakeup: trio.Event = field(default_factory=trio.Event)
     last_data_at: float = 0.0
+    # When we sent the latest request this peer answered: peers answer requests in order,
+    # so one that answers a later request has skipped (not merely queued) an older one.
+    answered_sent_at: float = 0.0
     last_sent_at: float = 0.0
     connected_at: float = 0.0
     down_bytes_window: int = 0
@@ -623,7 +626,8 @@ class Swarm:
             # Unrequested, or cancelled and arrived anyway: harmless, but not counted.
             self.stats.wasted += length
             return
-        block = peer.outstanding[key][0]
+        block, sent = peer.outstanding[key]
+        peer.answered_sent_at = max(peer.answered_sent_at, sent)
         expected = block.length
         if parts is not None:
             part = peer.session.conn.peer_max_block_length
@@ -912,17 +916,25 @@ class Swarm:
         peer.down_bytes_window = peer.up_bytes_window = 0
         self.picker.update_rate(peer.key, peer.down_rate)
         timed_out = [
-            block
+            (block, sent)
             for block, sent in peer.outstanding.values()
             if now - sent > self.settings.request_timeout_s
         ]
-        for block in timed_out:
+        for block, _ in timed_out:
             del peer.outstanding[(block.index, block.begin)]
             peer.parts.pop((block.index, block.begin), None)
             self.picker.request_timed_out(peer.key, block)
+        if any(sent < peer.answered_sent_at for _, sent in timed_out):
+            # It serves later requests and not this one: it claims pieces it will not
+            # send (a liar keeps the swarm's other sources, origin readers included, off
+            # the pieces it claims).
+            self.ban(peer.key, f"skipped a request for {self.settings.request_timeout_s:g} s")
+            return
         if peer.outstanding and now - peer.last_data_at > self.settings.stall_timeout_s:
-            log.info("dropping stalled peer %s", peer.session.address)
-            peer.scope.cancel()
+            # Banned, not just dropped: dialed again, a peer that unchokes and then sits
+            # on our requests would hold the pieces it claims hostage once more (and the
+            # origin readers leave pieces a peer claims to the peers).
+            self.ban(peer.key, f"no block for {self.settings.stall_timeout_s:g} s")
         elif now - peer.last_sent_at > self.settings.keepalive_s:
             peer.session.send(KeepAlive())
             peer.last_sent_at = now

@@ -16,6 +16,18 @@ from ._policy import (
     TrackerPolicy,
     origin_blob_url,
 )
+from ._preheat import (
+    PreheatBoard,
+    PreheatError,
+    PreheatJob,
+    PreheatLayer,
+    PreheatPoll,
+    PreheatReport,
+    PreheatSpec,
+    parse_preheat_poll,
+    parse_preheat_report,
+    parse_preheat_request,
+)
 from ._protocol import (
     DEFAULT_NUMWANT,
     MAX_BATCH_BYTES,
@@ -72,6 +84,13 @@ __all__ = [
     "PeerIdTakenError",
     "PeerRecord",
     "PolicyConfig",
+    "PreheatBoard",
+    "PreheatError",
+    "PreheatJob",
+    "PreheatLayer",
+    "PreheatPoll",
+    "PreheatReport",
+    "PreheatSpec",
     "RedisState",
     "ScrapeRequest",
     "ScrapeStats",
@@ -95,5 +114,8 @@ __all__ = [
     "parse_announce_batch",
     "parse_announce_batch_response",
     "parse_announce_response",
+    "parse_preheat_poll",
+    "parse_preheat_report",
+    "parse_preheat_request",
     "parse_scrape",
 ]
