@@ -21,6 +21,7 @@ import trio
 from p2pimage.errors import PieceHashError, RemoteProtocolError
 from p2pimage.metainfo.torrent import Metainfo
 from p2pimage.oci.registry import ByteRange, RegistryError, open_blob_range
+from p2pimage.swarm.policy import OriginRange
 from p2pimage.swarm.ratelimit import RateLimiter
 
 __all__ = ["OriginCredentials", "OriginError", "OriginReader", "OriginSwarm", "same_registry"]
@@ -173,68 +174,65 @@ class OriginReader:
         it reads only if ``url`` is on their registry."""
         self.swarm = swarm
         self.url = url
-        self.first = first
-        self.end = end
+        self.range = OriginRange(first, end)  # what to read, where to stop, when to renew
         self.client = client
         self.credentials = credentials
         self.limiter = limiter or RateLimiter(None)
-        self.next_index = first
         self.pieces_done = 0
         self.bytes_read = 0
         self.failed: str | None = None
         self.finished = trio.Event()
-        # Ask the tracker to renew a lease halfway through it, so the renewal arrives
-        # before the reader reaches the end and reading never pauses.
-        self._renew_at = first + (end - first) // 2
+
+    @property
+    def first(self) -> int:
+        return self.range.first
+
+    @property
+    def end(self) -> int:
+        return self.range.end
+
+    @property
+    def next_index(self) -> int:
+        return self.range.next_index
 
     def shrink(self, end: int) -> None:
-        """The tracker gave ``[end, old end)`` to another fetcher."""
-        if end < self.end:
-            self.swarm.return_to_peers(max(end, self.next_index), self.end)
-            self.end = max(end, self.next_index)
+        """The tracker gave ``[end, old end)`` to another fetcher (or we stop at ``end``)."""
+        returned = self.range.shrink(end)
+        if returned is not None:
+            self.swarm.return_to_peers(*returned)
 
     def extend(self, end: int) -> None:
         """The tracker renewed our lease up to ``end``: read on (if still running)."""
-        if end > self.end and not self.finished.is_set():
-            self.swarm.reserve_for_origin(self.end, end)
-            self.end = end
-            self._renew_at = self.next_index + (end - self.next_index) // 2
+        if not self.finished.is_set():
+            added = self.range.extend(end)
+            if added is not None:
+                self.swarm.reserve_for_origin(*added)
 
     async def run(self) -> None:
         """Read the range; on failure, hand the unread pieces back to the swarm."""
-        mi = self.swarm.metainfo
+        swarm = self.swarm
+        mi = swarm.metainfo
         if self.credentials is not None and not self.credentials.allows(self.url):
             # Never a byte, nor a credential, to a host the node is not configured for.
             self.failed = f"origin URL not on the configured registry {self.credentials.registry}"
             log.warning("refusing origin read of %s: %s", self.url, self.failed)
             self.finished.set()
             return
-        self.swarm.reserve_for_origin(self.first, self.end)
+        swarm.reserve_for_origin(self.range.first, self.range.end)
         try:
             while True:
-                index = self.next_index
-                while index < self.end and self.swarm.has_piece(index):
-                    index += 1
-                self.next_index = index
-                if index < self.end and self._taken(index):
-                    self.shrink(index)
-                if index >= self.end:
+                step = self.range.next_request(
+                    swarm.has_piece, swarm.held_by_peer, mi.piece_size, MAX_REQUEST_BYTES
+                )
+                if step.give_back is not None:
+                    swarm.return_to_peers(*step.give_back)
+                if step.read is None:
                     break
-                stop = index + 1
-                span = mi.piece_size(index)
-                while (
-                    stop < self.end
-                    and not self.swarm.has_piece(stop)
-                    and not self._taken(stop)
-                    and span + mi.piece_size(stop) <= MAX_REQUEST_BYTES
-                ):
-                    span += mi.piece_size(stop)
-                    stop += 1
                 generation, headers = (
                     self.credentials.current() if self.credentials is not None else (0, {})
                 )
                 try:
-                    await self._read_run(index, stop, headers)
+                    await self._read_run(*step.read, headers)
                 except RegistryError as exc:
                     if exc.status not in (401, 403) or self.credentials is None:
                         raise
@@ -249,16 +247,9 @@ class OriginReader:
                 "origin read of %s failed at piece %d: %s", self.url, self.next_index, self.failed
             )
         finally:
-            if self.next_index < self.end:
-                # Whatever we did not read goes back to the peers.
-                self.swarm.return_to_peers(self.next_index, self.end)
+            # Whatever we did not read goes back to the peers.
+            self.shrink(self.next_index)
             self.finished.set()
-
-    def _taken(self, index: int) -> bool:
-        """A peer already has this piece of our range: another fetcher was given the
-        rest of the range (work stealing) and we have not heard yet. Stop here instead of
-        reading the registry twice; the peers supply the rest."""
-        return self.swarm.held_by_peer(index)
 
     async def _read_run(self, start: int, stop: int, headers: Mapping[str, str]) -> None:
         mi = self.swarm.metainfo
@@ -282,18 +273,18 @@ class OriginReader:
                     size = mi.piece_size(index)
                     piece = bytes(buffer[:size])
                     del buffer[:size]
-                    if index >= self.end:
-                        return  # stolen while in flight
-                    if self._taken(index) and not self.swarm.has_piece(index):
-                        self.shrink(index)
+                    if not self.range.piece_arrived(
+                        index,
+                        have=self.swarm.has_piece(index),
+                        held_by_peer=self.swarm.held_by_peer(index),
+                    ):
+                        self.shrink(index)  # stolen while in flight, or a peer has it
                         return
                     await self.swarm.accept_origin_piece(index, piece)
                     self.pieces_done += 1
-                    index += 1
-                    self.next_index = index
-                    if index >= self._renew_at:
-                        self._renew_at = self.end + 1  # once per lease
+                    if self.range.advanced(index):
                         self.swarm.announce_soon()  # report progress, renew the lease
+                    index += 1
                 if index >= stop:
                     break
             if index < stop:
