@@ -147,8 +147,6 @@ class LayerService:
         self.clock = clock
         self.swarm_salt = swarm_salt
         self.stats = stats if stats is not None else LayerStats()
-        # This service's swarms on the (possibly shared) peer node: cache key -> info-hash.
-        self._info_hashes: dict[str, bytes] = {}
         self._access: dict[tuple[str, str, str, str], tuple[float, AccessAnswer]] = {}
         self._starting: dict[tuple[str, str], trio.Event] = {}  # (registry, digest)
         # Repositories this node fetched or served each blob for, by cache key: a 404
@@ -262,10 +260,10 @@ class LayerService:
         except LocalProtocolError:
             return False
         dropped = False
-        swarm = self._own_swarm(hex_)
-        if swarm is not None and self.node is not None:
-            self.node.remove_swarm(swarm.info_hash)
-            dropped = True
+        if self.node is not None:
+            for swarm in self._own_swarms(digest):
+                self.node.remove_swarm(swarm.info_hash)
+                dropped = True
         for key in [k for k in self._access if k[1] == self.registry and k[3] == digest]:
             del self._access[key]
         if self.cache.discard(hex_):
@@ -436,9 +434,9 @@ class LayerService:
         flight = (self.registry, digest)
         while flight in self._starting:  # single flight: one torrent fetch per blob
             await self._starting[flight].wait()
-        own = self._own_swarm(hex_)
-        if own is not None and not own.closed.is_set():
-            return own
+        for swarm in self._own_swarms(digest):
+            if not swarm.closed.is_set():
+                return swarm
         done = self._starting[flight] = trio.Event()
         try:
             meta = self._swarm_metainfo(await self.sidecar.torrent(digest, repository))
@@ -475,7 +473,6 @@ class LayerService:
             origin_http=self.http,  # the registry's client, not the control plane's
         )
         self._origin_credentials[hex_] = credentials
-        self._info_hashes[hex_] = swarm.info_hash
         self.cache.pin(hex_)
         if self._nursery is not None:
             self._nursery.start_soon(self._watch, swarm, hex_)
@@ -498,8 +495,6 @@ class LayerService:
                 self.stats.closed_swarms[name] += getattr(swarm.stats, name)
             if self._origin_credentials.get(hex_) is credentials:
                 del self._origin_credentials[hex_]
-            if self._info_hashes.get(hex_) == swarm.info_hash:
-                del self._info_hashes[hex_]
             self.cache.unpin(hex_)
 
     def _swarm_metainfo(self, meta: Metainfo) -> Metainfo:
@@ -509,12 +504,23 @@ class LayerService:
             return meta
         return dataclasses.replace(meta, name=f"{meta.name}@{self.swarm_salt}")
 
-    def _own_swarm(self, hex_: str) -> Swarm | None:
-        """This service's live swarm of cache key ``hex_`` (never another registry's)."""
-        info_hash = self._info_hashes.get(hex_)
-        if info_hash is None or self.node is None:
-            return None
-        return self.node.swarms.get(info_hash)
+    def _own_swarms(self, digest: str) -> list[Swarm]:
+        """The peer's swarms of ``digest`` that are this registry's (never another's):
+        named ``…@<salt>`` for a salted service, with no ``@`` (the sidecar's name)
+        otherwise."""
+        if self.node is None:
+            return []
+        suffix = None if self.swarm_salt is None else "@" + self.swarm_salt
+        return [
+            swarm
+            for swarm in list(self.node.swarms.values())
+            if swarm.metainfo.sha256 == digest
+            and (
+                "@" not in swarm.metainfo.name
+                if suffix is None
+                else swarm.metainfo.name.endswith(suffix)
+            )
+        ]
 
     def _swarm_bytes(self, name: str) -> int:
         live = sum(getattr(s.stats, name) for s in self.node.swarms.values()) if self.node else 0
