@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import functools
 import shutil
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -18,7 +19,7 @@ import pytest
 import trio
 from pydantic import SecretStr
 
-from daemons._config import ConfigError
+from daemons._config import ConfigError, dump_settings
 from daemons.node import NodeDaemon, NodeSettings, SwarmUpstream, check_settings, run_node
 from daemons.sidecar import run_sidecar
 from daemons.testbed.localcluster import local_cluster
@@ -57,6 +58,13 @@ def test_swarm_upstreams_resolve_through_upstreams() -> None:
     assert s.swarm_upstream() == "https://a.example:5000"
     assert s.swarm_upstream_urls() == {"b.example": "https://b.example"}
     assert s.swarm_upstreams["b.example"].tracker_url is None  # the node's tracker
+
+
+def test_swarm_upstreams_survive_the_config_file_a_node_process_gets() -> None:
+    entry = SwarmUpstream(sidecar_url="https://sidecar-b", credential_file=Path("/join-b"))
+    s = _settings(swarm_upstreams={"b.example": entry})
+    back = NodeSettings.model_validate(tomllib.loads(dump_settings(s, secrets=True)))
+    assert back.swarm_upstreams == {"b.example": entry}
 
 
 @pytest.mark.parametrize(
