@@ -290,7 +290,108 @@ def test_audience_list_without_ours_refused(issuer: TokenIssuer, node_key: NodeK
         forged = active.sign_jwt(_claims(node_key, aud=aud))
         with pytest.raises(AuthError) as info:
             verifier_for(issuer).verify(forged, now=NOW)
-        assert info.value.reason in ("wrong_audience", "missing_claim")
+        assert info.value.reason == "wrong_audience"
+
+
+# ------------------------------------------------------------------ survivors of mutation testing
+# (docs/testing.md, "Mutation testing"): each test below kills mutants of the safety code
+# that every other test let pass.
+
+
+def test_audience_list_with_ours_accepted(issuer: TokenIssuer, node_key: NodeKey) -> None:
+    forged = issuer.active_key.sign_jwt(_claims(node_key, aud=["registry", AUDIENCE]))
+    assert verifier_for(issuer).verify(forged, now=NOW).subject == "evil"
+
+
+def test_not_before_edge_nbf_minus_leeway(issuer: TokenIssuer, node_key: NodeKey) -> None:
+    """nbf - leeway is the first accepted instant, one second earlier is refused."""
+    forged = issuer.active_key.sign_jwt(_claims(node_key, nbf=int(NOW)))
+    verifier = verifier_for(issuer)
+    assert verifier.verify(forged, now=NOW - DEFAULT_LEEWAY_S).subject == "evil"
+    with pytest.raises(AuthError) as info:
+        verifier.verify(forged, now=NOW - DEFAULT_LEEWAY_S - 1)
+    assert info.value.reason == "not_yet_valid"
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"exp": True}, "missing_claim"),  # a bool is not a time, though Python's bool is int
+        ({"iss": None}, "missing_claim"),
+        ({"zone": 5}, "missing_claim"),
+        ({"scope": "00" * 20}, "malformed"),  # a string, not a list of them
+        ({"scope": [1]}, "malformed"),
+        ({"cnf": {"jwk": SigningKey.generate("ES256").public_jwk()}}, "missing_cnf"),
+    ],
+)
+def test_claims_of_the_wrong_kind_refused_with_their_reason(
+    issuer: TokenIssuer, node_key: NodeKey, extra: dict[str, Any], reason: str
+) -> None:
+    forged = issuer.active_key.sign_jwt(_claims(node_key, **extra))
+    with pytest.raises(AuthError) as info:
+        verifier_for(issuer).verify(forged, now=NOW)
+    assert info.value.reason == reason
+
+
+def test_verified_token_carries_every_claim(issuer: TokenIssuer, node_key: NodeKey) -> None:
+    claims = _claims(node_key, iat=int(NOW) - 7, nbf=int(NOW) - 5, jti="nonce-1")
+    token = verifier_for(issuer).verify(issuer.active_key.sign_jwt(claims), now=NOW)
+    assert (token.issuer, token.issued_at, token.not_before, token.jti) == (
+        "sidecar-test",
+        int(NOW) - 7,
+        int(NOW) - 5,
+        "nonce-1",
+    )
+
+
+def test_peer_id_tag_is_the_documented_digest() -> None:
+    """The tag is SHA-256("p2pimage-peer-id/1\\0" || sub || "\\0" || thumbprint)[:6] and the
+    default suffix the next 6 bytes (docs/protocol.md): computed here independently."""
+    key = NodeKey.generate()
+    digest = hashlib.sha256(
+        b"p2pimage-peer-id/1\0" + b"node-1" + b"\0" + jwk_thumbprint(key.public_jwk()).encode()
+    ).digest()
+    assert bound_peer_id("node-1", key.public_jwk()) == b"-PI0300-" + digest[:12]
+
+
+def test_peer_id_prefix_and_suffix_lengths_are_checked() -> None:
+    jwk = NodeKey.generate().public_jwk()
+    with pytest.raises(LocalProtocolError, match="prefix"):
+        bound_peer_id("n", jwk, b"-PI0300")
+    with pytest.raises(LocalProtocolError, match="suffix"):
+        bound_peer_id("n", jwk, suffix=b"12345")
+
+
+def test_proof_fields_and_replay_key(bound: NodeToken, node_key: NodeKey) -> None:
+    proof = create_proof(node_key, method="GET", url=ANNOUNCE, token=bound.raw, now=NOW)
+    jti = json.loads(base64.urlsafe_b64decode(proof.split(".")[1] + "=="))["jti"]
+    checked = verify_proof(proof, token=bound, method="GET", url=ANNOUNCE, now=NOW)
+    assert checked.jti == jti
+    x = node_key.public_jwk()["x"]
+    assert checked.replay_key == hashlib.sha256(f"{x}.{jti}".encode()).digest()[:16]
+
+
+def test_proof_jti_length_edges_and_odd_encodings(bound: NodeToken, node_key: NodeKey) -> None:
+    def signed(claims: dict[str, Any], sig: str | None = None) -> str:
+        header = {"typ": "dpop+jwt", "alg": "EdDSA", "jwk": node_key.public_jwk()}
+        h, c = b64url(json.dumps(header).encode()), b64url(json.dumps(claims).encode())
+        return f"{h}.{c}.{sig or b64url(node_key.sign(f'{h}.{c}'.encode()))}"
+
+    def check(proof: Any) -> str:
+        return verify_proof(proof, token=bound, method="GET", url=ANNOUNCE, now=NOW).jti
+
+    base = {"htm": "GET", "htu": ANNOUNCE, "iat": int(NOW), "ath": access_token_hash(bound.raw)}
+    assert check(signed({**base, "jti": "j"})) == "j"
+    assert check(signed({**base, "jti": "j" * 64})) == "j" * 64
+    for proof in (
+        signed({**base, "jti": ""}),
+        signed({**base, "jti": "j"}, sig="A"),  # not base64url (one character: no byte)
+        signed({**base, "jti": "j"}).replace(".", ".\u00e9", 1),  # not ASCII
+        b"a.b.c",  # bytes, not a string
+    ):
+        with pytest.raises(AuthError) as info:
+            check(proof)
+        assert info.value.reason == "bad_proof", proof
 
 
 # ------------------------------------------------------------------ DPoP proofs
@@ -442,3 +543,50 @@ def test_peer_id_is_bound_to_the_subject_and_key() -> None:
     assert not token.binds_peer_id(pid[:19])
     with pytest.raises(LocalProtocolError):
         bound_peer_id("node-1", key.public_jwk(), suffix=b"\0" * 5)
+
+
+def test_header_that_is_not_a_json_object_is_malformed(issuer: TokenIssuer) -> None:
+    for head in (b"not json", b"[1]"):
+        with pytest.raises(AuthError) as info:
+            verifier_for(issuer).verify(f"{b64url(head)}.e30.c2ln", now=NOW)
+        assert info.value.reason == "malformed", head
+
+
+def test_proof_key_must_match_in_type_and_curve(bound: NodeToken, node_key: NodeKey) -> None:
+    """The same ``x`` under another ``kty`` or ``crv`` is another key (RFC 7638)."""
+    body = {"jti": "j", "htm": "GET", "htu": ANNOUNCE, "iat": int(NOW)}
+    body["ath"] = access_token_hash(bound.raw)
+    for change in ({"crv": "X25519"}, {"kty": "EC"}):
+        header = {"typ": "dpop+jwt", "alg": "EdDSA", "jwk": {**node_key.public_jwk(), **change}}
+        h, c = b64url(json.dumps(header).encode()), b64url(json.dumps(body).encode())
+        proof = f"{h}.{c}.{b64url(node_key.sign(f'{h}.{c}'.encode()))}"
+        with pytest.raises(AuthError) as info:
+            verify_proof(proof, token=bound, method="GET", url=ANNOUNCE, now=NOW)
+        assert info.value.reason == "proof_key_mismatch", change
+
+
+def test_replay_cache_entry_is_gone_at_its_expiry() -> None:
+    cache = ProofReplayCache(max_entries=1)
+    assert cache.claim(b"a", NOW + 10, NOW) is True
+    assert cache.claim(b"b", NOW + 20, NOW + 9) is None  # full of a live entry
+    assert cache.claim(b"b", NOW + 20, NOW + 10) is True  # a expired at NOW + 10, exactly
+
+
+def test_header_and_payload_refusals_name_their_reason(
+    issuer: TokenIssuer, node_key: NodeKey
+) -> None:
+    key = issuer.active_key
+    other_alg = "ES256" if key.alg == "EdDSA" else "EdDSA"
+    unsigned = lambda _: b"x" * 64  # noqa: E731 (refused before the signature is checked)
+    payload_not_json = jwt.api_jws.PyJWS().encode(
+        b"not json", key._key, algorithm=key.alg, headers={"kid": key.kid}
+    )
+    for token, reason in [
+        (_forge({"alg": key.alg}, _claims(node_key), unsigned), "unknown_kid"),
+        (_forge({"alg": other_alg, "kid": key.kid}, _claims(node_key), unsigned), "bad_algorithm"),
+        (payload_not_json, "malformed"),
+        (123, "malformed"),  # neither str nor bytes
+    ]:
+        with pytest.raises(AuthError) as info:
+            verifier_for(issuer).verify(token, now=NOW)  # type: ignore[arg-type]
+        assert info.value.reason == reason, token

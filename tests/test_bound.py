@@ -77,6 +77,12 @@ def test_unequal_nodes_use_the_slowest_download_and_the_sum_of_uploads() -> None
     assert (bound.seconds, bound.limit) == (4.0, "download")
 
 
+def test_one_node_is_a_swarm_of_one() -> None:
+    # F = 60, u_s = 30, one node uploading 10 and downloading 20: origin 2 s, download 3 s,
+    # upload 60 / 40 = 1.5 s. One node is the smallest swarm, not bad input.
+    assert kumar_ross_bound(60, 1, 30, 10, 20) == 3.0
+
+
 def test_direct_pulls() -> None:
     assert direct_pull_time(120, 10, 20) == 60.0
     assert direct_pull_time(0, 1, 1) == 0.0
@@ -85,17 +91,17 @@ def test_direct_pulls() -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: kumar_ross(-1, 1, [1], [1]), "size"),
-        (lambda: kumar_ross(1, 0, [1], [1]), "origin_upload"),
-        (lambda: kumar_ross(1, math.nan, [1], [1]), "origin_upload"),
-        (lambda: kumar_ross(1, 1, [1, 1], [1]), "2 upload rates for 1"),
-        (lambda: kumar_ross(1, 1, [], []), "no nodes"),
-        (lambda: kumar_ross(1, 1, [-1], [1]), "upload rates"),
-        (lambda: kumar_ross(1, 1, [1], [0]), "download rate"),
-        (lambda: kumar_ross_bound(1, 0, 1, 1, 1), "nodes"),
-        (lambda: direct_pull_time(1, 0, 1), "nodes"),
-        (lambda: direct_pull_time(1, 1, 0), "origin"),
-        (lambda: direct_pull_time(-1, 1, 1), "size"),
+        (lambda: kumar_ross(-1, 1, [1], [1]), "^size must be >= 0, got -1$"),
+        (lambda: kumar_ross(1, 0, [1], [1]), "^origin_upload must be positive, got 0$"),
+        (lambda: kumar_ross(1, math.nan, [1], [1]), "^origin_upload must be positive, got nan$"),
+        (lambda: kumar_ross(1, 1, [1, 1], [1]), "^2 upload rates for 1 download rates$"),
+        (lambda: kumar_ross(1, 1, [], []), "^no nodes$"),
+        (lambda: kumar_ross(1, 1, [-1], [1]), "^upload rates must be >= 0, got -1$"),
+        (lambda: kumar_ross(1, 1, [1], [0]), "^download rate must be positive, got 0$"),
+        (lambda: kumar_ross_bound(1, 0, 1, 1, 1), "^nodes must be >= 1, got 0$"),
+        (lambda: direct_pull_time(1, 0, 1), "^nodes must be >= 1, got 0$"),
+        (lambda: direct_pull_time(1, 1, 0), "^origin must be positive, got 0$"),
+        (lambda: direct_pull_time(-1, 1, 1), "^size must be >= 0, got -1$"),
     ],
 )
 def test_bad_input_is_a_value_error(call: object, message: str) -> None:

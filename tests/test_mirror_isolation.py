@@ -204,11 +204,24 @@ async def test_access_answers_are_cached_per_credential_and_expire(tmp_path: Pat
             return answer.status
 
         assert await check(None) == 401
-        assert await check(alice) == 200
+        # What the client needs from the answer: the registry's challenge on a refusal,
+        # the size on a success (mutation testing found neither checked).
+        refused = await layers.check_access(reg.url, PRIVATE_REPO, layer.digest, None)
+        assert refused.size is None and "www-authenticate" in refused.headers
+        assert set(refused.headers) <= {
+            "www-authenticate",
+            "docker-distribution-api-version",
+            "content-type",
+        }
+        granted = await layers.check_access(reg.url + "/", PRIVATE_REPO, layer.digest, alice)
+        assert (granted.status, granted.size) == (200, len(layer.data))
+        assert "docker-distribution-api-version" in granted.headers
         assert await check(None) == 401  # alice's answer is hers alone
         # Another registry is another key, for the same credential, repository and digest.
         other = await layers.check_access("http://127.0.0.1:9", PRIVATE_REPO, layer.digest, alice)
         assert other.status == 502
+        assert other.headers == {} and other.size is None
+        assert other.body.startswith(b"registry unreachable: ")
         assert await check("Basic " + base64.b64encode(b"alice:guess").decode()) == 401
         # The blob is deleted upstream: alice's answer stands until it expires, no longer.
         r = await http.delete(
@@ -217,7 +230,7 @@ async def test_access_answers_are_cached_per_credential_and_expire(tmp_path: Pat
         assert r.status_code == 202
         now[0] += ACCESS_CACHE_S - 1
         assert await check(alice) == 200
-        now[0] += 2
+        now[0] += 1  # exactly ACCESS_CACHE_S after the answer: expired
         assert await check(alice) == 404
         # Refusals are not cached: the next answer comes from the registry again.
         assert await check(alice) == 404

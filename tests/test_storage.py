@@ -468,3 +468,20 @@ def test_any_permutation_and_chunking(
         assert store.all_pieces_verified
         store.finalize_sync()
     assert (root / meta.digest_hex).read_bytes() == data
+
+
+def test_read_verified_edges(tmp_path: Path) -> None:
+    """Bounds of read_verified (survivors of mutation testing, docs/testing.md): no empty
+    read, none at or past the end, one byte is a read, and a run of verified pieces that
+    ends exactly at the end of a blob whose length is a multiple of the piece length."""
+    data, meta = make_blob(2 * PL)
+    with PieceStorage.open(tmp_path, meta) as store:
+        store.write_piece(0, piece(data, meta, 0))
+        store.write_piece(1, piece(data, meta, 1))
+        for offset, max_bytes in [(0, 0), (0, -1), (2 * PL, 1), (-1, 1)]:
+            with pytest.raises(LocalProtocolError):
+                store.read_verified(offset, max_bytes)
+        assert store.read_verified(0, 1) == data[:1]
+        assert store.read_verified(PL - 1, 1) == data[PL - 1 : PL]
+        assert store.read_verified(0, 2 * PL) == data
+        assert store.read_verified(5, 10 * PL) == data[5:]

@@ -22,6 +22,7 @@ from p2pimage.tracker import (
     SwarmRecord,
     TrackerPolicy,
     TrackerState,
+    origin_blob_url,
 )
 from tests._tracker_fixtures import redis_port, state
 
@@ -668,3 +669,9 @@ async def test_a_liar_claiming_uploads_and_rejoining_still_never_stalls(
         now += 1
     swarm = await h.swarm()
     assert swarm is not None and "liar" not in swarm.distrusted
+
+
+def test_origin_url_from_a_registry_url_with_a_trailing_slash() -> None:
+    want = "http://registry:5000/v2/team/app/blobs/sha256:ab"
+    assert origin_blob_url("http://registry:5000/", "team/app", "sha256:ab") == want
+    assert origin_blob_url("http://registry:5000", "team/app", "sha256:ab") == want
