@@ -200,15 +200,15 @@ async def test_two_registries_swarm_apart_and_serve_each_its_own_clients(tmp_pat
             r = await _get(http, urls[0], host_b, "team/app", lc.digest, auth)
             assert r.status_code == 401 and lc.data[:64] not in r.content
         assert node0.layers.stats.pulls["denied"] == 2
+        assert node0.layers.node is not None and node1.layers.node is not None
         swarms_of_c = [
             s for s in node0.layers.node.swarms.values() if s.metainfo.sha256 == lc.digest
-        ]  # type: ignore[union-attr]
+        ]
         assert len(swarms_of_c) == 1  # no swarm of B was started for the refused clients
         # Bob is served from B's own swarm: another info-hash, other peers.
         for url in urls:
             r = await _get(http, url, host_b, "team/app", lc.digest, BOB_AUTH)
             assert r.status_code == 200 and r.content == lc.data
-        assert node0.layers.node is not None and node1.layers.node is not None
         swarms_of_c = [
             s for s in node0.layers.node.swarms.values() if s.metainfo.sha256 == lc.digest
         ]
