@@ -11,6 +11,7 @@ the range at any time (work stealing): the reader stops at the current end.
 from __future__ import annotations
 
 import logging
+import re
 import urllib.parse
 from collections.abc import Mapping
 from typing import Protocol
@@ -45,6 +46,8 @@ class OriginError(RemoteProtocolError):
 REFRESH_WAIT_S = 5.0
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# The blob part of an origin URL: what a rebased read keeps (OriginCredentials.read_url).
+_BLOB_PATH = re.compile(r"/v2/[a-z0-9._/-]+/blobs/sha256:[0-9a-f]{64}$")
 
 
 def _origin_of(url: str) -> tuple[str, str, int] | None:
@@ -79,6 +82,11 @@ class OriginCredentials:
     request it authorised for this blob and ``repository``, so the readers always send
     the most recent authorised client's; when the registry refuses them (401/403) a
     reader calls :meth:`refused` and waits for fresher ones (:meth:`wait_renewed`).
+
+    With ``rebase`` (a registry the tracker's ``registry_url`` is not, on a node serving
+    several), a blob URL elsewhere is read from ``registry`` at the same
+    ``/v2/<repository>/blobs/<digest>`` path instead of being refused: the tracker still
+    names the range, and the bytes still come only from the node's own registry.
     """
 
     def __init__(
@@ -88,8 +96,10 @@ class OriginCredentials:
         headers: Mapping[str, str] | None = None,
         *,
         refresh_wait_s: float = REFRESH_WAIT_S,
+        rebase: bool = False,
     ) -> None:
         self.registry = registry.rstrip("/")
+        self.rebase = rebase
         self.refresh_wait_s = refresh_wait_s
         self.repository = repository
         self._headers = dict(headers or {})
@@ -98,6 +108,17 @@ class OriginCredentials:
 
     def allows(self, url: str) -> bool:
         return same_registry(url, self.registry)
+
+    def read_url(self, url: str) -> str | None:
+        """Where a reader told to read ``url`` reads: ``url`` itself on this registry,
+        the same blob path on it with ``rebase``, else nowhere (None)."""
+        if self.allows(url):
+            return url
+        if self.rebase:
+            blob = _BLOB_PATH.search(urllib.parse.urlsplit(url).path)
+            if blob is not None:
+                return self.registry + blob.group(0)
+        return None
 
     def current(self) -> tuple[int, dict[str, str]]:
         """The headers to send now, and their generation (for :meth:`refused`)."""
@@ -173,7 +194,8 @@ class OriginReader:
         """Without ``credentials`` the reader sends none (a public registry); with them
         it reads only if ``url`` is on their registry."""
         self.swarm = swarm
-        self.url = url
+        self.url = url  # as the tracker named it
+        self._read_url = url  # where it is read (OriginCredentials.read_url)
         self.range = OriginRange(first, end)  # what to read, where to stop, when to renew
         self.client = client
         self.credentials = credentials
@@ -212,12 +234,15 @@ class OriginReader:
         """Read the range; on failure, hand the unread pieces back to the swarm."""
         swarm = self.swarm
         mi = swarm.metainfo
-        if self.credentials is not None and not self.credentials.allows(self.url):
+        credentials = self.credentials
+        read_url = self.url if credentials is None else credentials.read_url(self.url)
+        if credentials is not None and read_url is None:
             # Never a byte, nor a credential, to a host the node is not configured for.
-            self.failed = f"origin URL not on the configured registry {self.credentials.registry}"
+            self.failed = f"origin URL not on the configured registry {credentials.registry}"
             log.warning("refusing origin read of %s: %s", self.url, self.failed)
             self.finished.set()
             return
+        self._read_url = read_url or self.url
         swarm.reserve_for_origin(self.range.first, self.range.end)
         try:
             while True:
@@ -259,7 +284,7 @@ class OriginReader:
         # A registry that ignores Range is fine only from byte 0 (skip_ignored=False):
         # reading and dropping a prefix would cost the registry another copy of it.
         async with open_blob_range(
-            self.client, self.url, byte_range, headers=headers, chunk_size=CHUNK_BYTES
+            self.client, self._read_url, byte_range, headers=headers, chunk_size=CHUNK_BYTES
         ) as chunks:
             index = start
             buffer = bytearray()
