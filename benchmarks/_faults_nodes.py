@@ -91,7 +91,12 @@ async def nodes_killed(bed: FaultBed) -> FaultResult:
                         clients.start_soon(kill_at, node, rng.uniform(0.05, 0.9))
                     else:
                         clients.start_soon(pulls.pull, node.mirror_url, layer.digest)
-            holding = await count_holding([n.daemon for n in survivors], cluster, [layer.digest])
+            # A victim may have been an origin fetcher: its range goes back to the others
+            # after the tracker's origin_stall_s (20 s) and their next announce, so the
+            # survivors' swarms may finish well after their clients fell back.
+            holding = await count_holding(
+                [n.daemon for n in survivors], cluster, [layer.digest], timeout_s=90
+            )
             fallbacks = sum(sum(n.daemon.layers.stats.fallbacks.values()) for n in survivors)
             nursery.cancel_scope.cancel()
     where = ", ".join(f"{100 * b // size}%" for b in sorted(killed_at))

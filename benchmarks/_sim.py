@@ -1,14 +1,27 @@
-"""A discrete-event model of one layer spreading through a cluster, driven by the real
-policies: every node's requests come from its own :class:`~p2pimage.swarm.picker.PiecePicker`,
-and peer lists, origin ranges and their work stealing come from the real
-:class:`~p2pimage.tracker.TrackerPolicy`. Only the network is modelled.
+"""A discrete-event model of one layer spreading through a cluster, driven by the engine's
+own policies. Every decision a node makes comes from the object the trio engine uses:
+requests from its :class:`~p2pimage.swarm.picker.PiecePicker` (its pipeline depth, for
+blocks of a whole piece), unchoking from its
+:class:`~p2pimage.swarm.choker.Choker`, dialling from its
+:class:`~p2pimage.swarm.policy.DialPolicy`, which peer hears of an origin piece first from
+its :class:`~p2pimage.swarm.policy.RevealPolicy`, announce timing and events from its
+:class:`~p2pimage.swarm.policy.AnnounceSchedule`, which origin pieces to read, when to stop
+and when to renew the lease from its :class:`~p2pimage.swarm.policy.OriginRange` and
+:func:`~p2pimage.swarm.policy.follow_origin`; peer lists, origin ranges, work stealing and
+release orders from the real :class:`~p2pimage.tracker.TrackerPolicy`. The settings are
+the engine's defaults (:class:`~p2pimage.swarm.engine.SwarmSettings`,
+:class:`~p2pimage.tracker.client.AnnounceSettings`).
 
-The network is a time-stepped fluid model (step ``dt``): each node's uplink serves its
-queue of piece requests in order, each node's downlink caps what it takes in per step, and
-the registry's egress (``origin_rate``) is shared fairly by the origin fetchers. One
-request is one piece. Like the engine, a fetcher reveals each piece it read from the
-registry to one neighbour first (the least loaded), and to everyone once that neighbour
-has it or ``reveal_timeout_s`` passes.
+Only the network is modelled, as a time-stepped fluid (step ``dt``): each node's uplink
+serves its queue of piece requests in order; each node's downlink caps what it takes in
+per step, and an origin fetcher's registry reads share that one downlink with its peers
+(the reader is one flow among the peers sending to it, as the engine's one download
+limiter serves them in turn); the registry's egress (``origin_rate``) is shared fairly by
+the readers. One request is one piece; a connection or a message takes one step.
+
+With ``tracker=False`` the model runs the swarm benchmark's setup (``benchmarks.swarm``):
+no tracker, every node is given every other node, and the fetchers read the static
+``origin_plan`` ranges from the start.
 """
 
 from __future__ import annotations
@@ -19,32 +32,55 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from p2pimage.bound import direct_pull_time, kumar_ross_bound
+from p2pimage.metainfo.torrent import choose_piece_length
+from p2pimage.swarm.choker import Choker, PeerStats
+from p2pimage.swarm.engine import SwarmSettings
+from p2pimage.swarm.origin import MAX_REQUEST_BYTES
 from p2pimage.swarm.picker import PiecePicker
+from p2pimage.swarm.policy import (
+    AnnounceSchedule,
+    DialPolicy,
+    OriginRange,
+    RevealPolicy,
+    follow_origin,
+)
 from p2pimage.tracker import AnnounceRequest, Event, PolicyConfig, TrackerPolicy
 from p2pimage.tracker import SwarmRecord as TrackerSwarm
+from p2pimage.tracker.client import AnnounceSettings
 
 __all__ = ["SimParams", "SimResult", "simulate"]
 
 _HOST = "10.0.0.1"
 _PORT0 = 10_000
+_REGISTRY = "http://registry"
+_REPO = "sim/layer"
+_DIGEST = "sha256:" + "0" * 64
+
+
+def _tracker_config() -> PolicyConfig:
+    # The daemon's defaults, except ``min interval``: 1 s lets a node short of peers come
+    # back after AnnounceSettings.hungry_interval_s (as a tracker configured for cold starts).
+    return PolicyConfig(min_interval_s=1)
 
 
 @dataclass
 class SimParams:
     nodes: int = 200
     size: int = 256 * 1024 * 1024
-    pieces: int = 256
+    pieces: int | None = 128  # None: as the sidecar would cut the layer
     origin_rate: float = 64 * 1024 * 1024  # registry egress, bytes/s
     up: float = 16 * 1024 * 1024  # per node
     down: float = 16 * 1024 * 1024
     dt: float = 0.05
-    max_peers: int = 40
-    dial_target: int = 20
-    slots: int = 4  # pieces a node downloads at once
-    hungry_interval_s: float = 1.0
-    want_peers: int = 8
-    reveal_timeout_s: float = 2.0
-    announce_jitter_s: float = 0.5
+    announce_jitter_s: float = 0.5  # nodes start announcing within this
+    # An origin reader's share of its node's downlink against one peer sending to it:
+    # the download limiter serves them in turn, the reader a 256 KiB chunk
+    # (origin.CHUNK_BYTES) per turn, a peer session what one receive brought.
+    origin_weight: float = 16.0
+    tracker: bool = True  # False: the swarm benchmark's static setup
+    swarm: SwarmSettings = field(default_factory=SwarmSettings)
+    announce: AnnounceSettings = field(default_factory=AnnounceSettings)
+    policy: PolicyConfig = field(default_factory=_tracker_config)
     seed: int = 1
     max_time_s: float = 3600.0
 
@@ -52,241 +88,418 @@ class SimParams:
 @dataclass
 class SimResult:
     nodes: int
+    pieces: int
     t_all_s: float
     t_median_s: float
     t_bound_s: float
     t_direct_s: float
     registry_copies: float
+    t_origin_s: float  # the last registry read
     fetchers: int
+    released: int
     events: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Transfer:
     src: int
     dst: int
     piece: int
     left: float
+    ready: float = 0.0  # when the request reaches the uploader
 
 
 @dataclass(eq=False)
 class _Node:
     index: int
     picker: PiecePicker[int]
-    neighbors: set[int] = field(default_factory=set)
+    choker: Choker[int]
+    reveal: RevealPolicy[int]
+    schedule: AnnounceSchedule
+    neighbors: dict[int, None] = field(default_factory=dict)  # in connection order
+    unchoked: set[int] = field(default_factory=set)  # peers we let request
     queue: deque[_Transfer] = field(default_factory=deque)  # uploads, in order
-    active: int = 0  # downloads in flight
+    out: dict[int, int] = field(default_factory=dict)  # pieces in flight from each peer
+    recv: dict[int, float] = field(default_factory=dict)  # bytes from each peer this tick
+    rate: dict[int, float] = field(default_factory=dict)
     have: set[int] = field(default_factory=set)
     done_at: float | None = None
+    released: bool = False
     next_announce: float = 0.0
-    started_sent: bool = False
-    completed_sent: bool = False
+    last_announce: float = -math.inf
     was_fetcher: bool = False
-    renew_at: int = 0
-    origin: tuple[int, int] | None = None  # [next, end) to read from the registry
-    origin_partial: float = 0.0
-    hidden: dict[int, tuple[int, float]] = field(default_factory=dict)  # piece -> (to, at)
-    reveals: dict[int, int] = field(default_factory=dict)  # neighbour -> pending reveals
-    known_to: dict[int, set[int]] = field(default_factory=dict)  # piece -> who was told
+    origin: OriginRange | None = None  # the latest range (its progress is reported)
+    reading: bool = False  # ``origin`` is still being read
+    request: list[int] | None = None  # [next piece, stop) of the registry read in flight
+    partial: float = 0.0  # bytes of request[0] read so far
 
 
 def simulate(p: SimParams) -> SimResult:
     rng = random.Random(p.seed)
-    piece_size = p.size / p.pieces
-    policy = TrackerPolicy(
-        PolicyConfig(min_interval_s=1, fetcher_interval_s=5, interval_s=30),
-        rng=random.Random(p.seed + 1),
-    )
+    pieces = p.pieces or -(-p.size // choose_piece_length(p.size))
+    piece_len = -(-p.size // pieces)
+    last_len = p.size - (pieces - 1) * piece_len
+
+    def piece_size(i: int) -> int:
+        return last_len if i == pieces - 1 else piece_len
+
+    ss, an = p.swarm, p.announce
+    dial = DialPolicy(ss.dial_target, ss.max_peers)
+    policy = TrackerPolicy(p.policy, rng=random.Random(p.seed + 1))
     swarm = TrackerSwarm()
-    nodes = [
-        # One block per piece: the model moves whole pieces.
-        _Node(
+    url = f"{_REGISTRY}/v2/{_REPO}/blobs/{_DIGEST}"
+
+    def make_node(i: int) -> _Node:
+        node_rng = random.Random(p.seed * 7919 + i)
+        return _Node(
             i,
-            PiecePicker(p.pieces, 1, p.pieces, block_size=1, rng=random.Random(p.seed * 7919 + i)),
+            # One block per piece: the model moves whole pieces.
+            PiecePicker(
+                pieces, piece_len, p.size, block_size=piece_len, rng=node_rng, settings=ss.picker
+            ),
+            Choker(
+                upload_slots=ss.upload_slots,
+                optimistic_slots=ss.optimistic_slots,
+                rechoke_interval=ss.rechoke_interval_s,
+                rng=node_rng,
+            ),
+            RevealPolicy(
+                enabled=ss.reveal_origin_pieces, timeout_s=ss.reveal_timeout_s, rng=node_rng
+            ),
+            an.schedule(),
         )
-        for i in range(p.nodes)
-    ]
+
+    nodes = [make_node(i) for i in range(p.nodes)]
     for node in nodes:
-        node.next_announce = rng.uniform(0, p.announce_jitter_s)
+        node.next_announce = rng.uniform(0, p.announce_jitter_s) if p.tracker else math.inf
     registry_bytes = 0.0
+    t_origin = 0.0
     events = 0
     now = 0.0
     dirty: set[int] = set()
 
+    # ------------------------------------------------------------------ the engine's calls
+
+    def rechoke(node: _Node) -> None:
+        stats = [
+            PeerStats(
+                key=k,
+                interested=nodes[k].done_at is None,
+                download_rate=node.rate.get(k, 0.0),
+            )
+            for k in node.neighbors
+        ]
+        unchoked = node.choker.rechoke(stats, seeding=node.done_at is not None, now=now)
+        for k in node.unchoked - unchoked:
+            choked(node, k)
+        for k in unchoked - node.unchoked:
+            dirty.add(k)
+        node.unchoked = unchoked
+
+    def choked(node: _Node, k: int) -> None:
+        """``node`` chokes ``k``: the requests ``k`` queued at it are dropped (BEP 3)."""
+        node.queue = deque(t for t in node.queue if t.dst != k)
+        other = nodes[k]
+        other.out.pop(node.index, None)
+        other.picker.peer_choked(node.index)
+        dirty.add(k)
+
+    def bitfield(node: _Node) -> bytes | None:
+        visible = node.have - node.reveal.hidden
+        if not visible:
+            return None
+        out = bytearray((pieces + 7) // 8)
+        for i in visible:
+            out[i >> 3] |= 0x80 >> (i & 7)
+        return bytes(out)
+
     def connect(a: int, b: int) -> None:
-        """``a`` dials ``b``, as the engine does: only while ``a`` has fewer than
-        ``dial_target`` peers, and ``b`` accepts up to ``max_peers``."""
+        """``a`` dialled ``b``; ``b`` accepts while under its accept limit."""
         na, nb = nodes[a], nodes[b]
-        if b in na.neighbors or a == b:
+        if b in na.neighbors or a == b or nb.released or na.released:
             return
-        if len(na.neighbors) >= p.dial_target or len(nb.neighbors) >= p.max_peers:
+        if not dial.may_accept(len(nb.neighbors)) or not dial.may_accept(len(na.neighbors)):
             return
-        na.neighbors.add(b)
-        nb.neighbors.add(a)
+        na.neighbors[b] = None
+        nb.neighbors[a] = None
         for x, y in ((na, nb), (nb, na)):
-            visible = [i for i in y.have if i not in y.hidden]
-            if visible:
-                x.picker.peer_bitfield(y.index, _bitfield(visible, p.pieces))
-            dirty.add(x.index)
+            bits = bitfield(y)
+            if bits is not None:
+                x.picker.peer_bitfield(y.index, bits)
+        rechoke(na)
+        rechoke(nb)
+        dirty.add(a)
+        dirty.add(b)
+
+    def disconnect(node: _Node) -> None:
+        """``node`` closes every connection (a release order)."""
+        for k in list(node.neighbors):
+            other = nodes[k]
+            del other.neighbors[node.index]
+            other.out.pop(node.index, None)
+            other.rate.pop(node.index, None)
+            other.picker.peer_lost(node.index)
+            other.queue = deque(t for t in other.queue if t.dst != node.index)
+            other.unchoked.discard(node.index)
+            for index in other.reveal.peer_lost(node.index):
+                show_to_all(other, index, node.index)
+            rechoke(other)
+            dirty.add(k)
+        node.neighbors.clear()
+        node.queue.clear()
+
+    def add_peers(node: _Node, candidates: list[int]) -> None:
+        for b in dial.to_dial(
+            candidates,
+            connected=len(node.neighbors),
+            dialing=0,
+            skip=lambda b: b in node.neighbors or b == node.index,
+        ):
+            connect(node.index, b)
 
     def tell(src: _Node, dst: int, piece: int) -> None:
+        """``dst`` receives ``have piece`` from ``src``."""
         nonlocal events
         events += 1
         target = nodes[dst]
-        if piece in target.have:
-            return
         target.picker.peer_have(src.index, piece)
-        src.known_to.setdefault(piece, set()).add(dst)
-        if target.active < p.slots:
+        told = target.reveal.peer_has(piece)
+        if told is not None:
+            show_to_all(target, piece, told)
+        if piece not in target.have:
             dirty.add(dst)
+
+    def show_to_all(node: _Node, piece: int, told: int) -> None:
+        for k in node.neighbors:
+            if k != told and not node.picker.peer_has(k, piece):
+                tell(node, k, piece)
+
+    def cancel(node: _Node, cancels: list[tuple[int, object]], piece: int) -> None:
+        for peer, _block in cancels:
+            queue = nodes[peer].queue
+            for t in queue:
+                if t.dst == node.index and t.piece == piece:
+                    queue.remove(t)
+                    node.out[peer] -= 1
+                    break
 
     def got_piece(node: _Node, piece: int, from_origin: bool) -> None:
         node.have.add(piece)
-        for peer, _block in node.picker.we_have(piece):  # endgame duplicates: cancel
-            queue = nodes[peer].queue
-            for t in list(queue):
-                if t.dst == node.index and t.piece == piece:
-                    queue.remove(t)
-                    node.active -= 1
-        if from_origin and node.neighbors:
-            candidates = [n for n in node.neighbors if piece not in nodes[n].have]
-            if candidates:
-                to = min(candidates, key=lambda n: (node.reveals.get(n, 0), rng.random()))
-                node.reveals[to] = node.reveals.get(to, 0) + 1
-                node.hidden[piece] = (to, now)
-                tell(node, to, piece)
+        cancel(node, node.picker.we_have(piece), piece)
+        if from_origin:
+            candidates = [k for k in node.neighbors if not node.picker.peer_has(k, piece)]
+            target = node.reveal.reveal(piece, candidates, now)
+            if target is not None:
+                tell(node, target, piece)
                 check_done(node)
                 return
-        for n in list(node.neighbors):
-            tell(node, n, piece)
-        # Anyone who revealed this piece to us only can now show it to everyone.
-        for n in list(node.neighbors):
-            other = nodes[n]
-            hidden = other.hidden.get(piece)
-            if hidden is not None and hidden[0] == node.index:
-                unhide(other, piece)
+        for k in node.neighbors:
+            if not node.picker.peer_has(k, piece):
+                tell(node, k, piece)
         check_done(node)
 
     def check_done(node: _Node) -> None:
-        if len(node.have) == p.pieces and node.done_at is None:
+        if len(node.have) == pieces and node.done_at is None:
             node.done_at = now
-            node.next_announce = now
+            news(node)
+            rechoke(node)
 
-    def unhide(node: _Node, piece: int) -> None:
-        to, _ = node.hidden.pop(piece)
-        node.reveals[to] = max(0, node.reveals.get(to, 0) - 1)
-        told = node.known_to.get(piece, set())
-        for n in list(node.neighbors):
-            if n not in told:
-                tell(node, n, piece)
+    def news(node: _Node) -> None:
+        """Something worth telling the tracker now (``Swarm.announce_soon``)."""
+        if p.tracker and not node.released:
+            soonest = max(now, node.last_announce + node.schedule.min_gap_s)
+            node.next_announce = min(node.next_announce, soonest)
+
+    backlogs: dict[int, float] = {}
+
+    def backlog(node: _Node) -> float:
+        """Bytes queued on ``node``'s uplink (this step): its requests wait behind them,
+        as the engine's control messages share the upload limiter with its data."""
+        b = backlogs.get(node.index)
+        if b is None:
+            b = backlogs[node.index] = sum(t.left for t in node.queue)
+        return b
 
     def refill(node: _Node) -> None:
         if node.done_at is not None:
             return
-        peers = list(node.neighbors)
-        rng.shuffle(peers)
-        for peer in peers:
-            if node.active >= p.slots:
-                return
-            blocks = node.picker.pick(peer, 1, now)
-            for block in blocks:
-                nodes[peer].queue.append(_Transfer(peer, node.index, block.index, piece_size))
-                node.active += 1
+        for peer in node.neighbors:
+            if node.index not in nodes[peer].unchoked:
+                continue
+            want = node.picker.pipeline_depth(peer) - node.out.get(peer, 0)
+            if want <= 0:
+                continue
+            blocks = node.picker.pick(peer, want, now)
+            if blocks:
+                src = nodes[peer]
+                ready = now + backlog(node) / p.up
+                for block in blocks:
+                    src.queue.append(
+                        _Transfer(peer, node.index, block.index, piece_size(block.index), ready)
+                    )
+                node.out[peer] = node.out.get(peer, 0) + len(blocks)
 
-    def set_origin(node: _Node, new: tuple[int, int] | None) -> None:
-        """What the engine's OriginReader does: pieces it will read are not asked of
-        peers; pieces it gives up go back to the peers."""
-        old = node.origin
-        keep = set(range(*new)) if new else set()
-        if old is not None:
-            for i in range(old[0], old[1]):
-                if i not in keep and i not in node.have:
-                    node.picker.set_priority(i, 1)
-            if new is None or new[0] != old[0]:
-                node.origin_partial = 0.0
-        for i in keep:
-            if i not in node.have:
-                node.picker.set_priority(i, 0)
-        node.origin = new
-        dirty.add(node.index)
+    # ------------------------------------------------------------------ origin reads
+
+    def start_range(node: _Node, first: int, end: int) -> None:
+        node.was_fetcher = True
+        node.origin = OriginRange(first, end)
+        node.reading = True
+        node.picker.set_range_priority(first, end, 0)  # Swarm.reserve_for_origin
+        next_request(node)
+
+    def give_back(node: _Node, back: tuple[int, int] | None) -> None:
+        if back is not None:
+            node.picker.set_range_priority(back[0], back[1], 1)  # Swarm.return_to_peers
+            dirty.add(node.index)
+
+    def stop_range(node: _Node) -> None:
+        if node.origin is not None and node.reading:
+            give_back(node, node.origin.shrink(node.origin.next_index))
+            node.reading = False
+            node.request = None
+            news(node)  # the announcer reports a finished range at once
+
+    def next_request(node: _Node) -> None:
+        assert node.origin is not None
+        step = node.origin.next_request(
+            node.have.__contains__,
+            lambda i: node.picker.availability(i) > 0,
+            piece_size,
+            MAX_REQUEST_BYTES,
+        )
+        give_back(node, step.give_back)
+        node.partial = 0.0
+        if step.read is None:
+            stop_range(node)
+        else:
+            node.request = list(step.read)
+
+    def origin_bytes(node: _Node, got: float) -> None:
+        node.partial += got
+        while node.request is not None and node.origin is not None:
+            index, stop = node.request
+            size = piece_size(index)
+            if node.partial < size:
+                return
+            node.partial -= size
+            held = node.picker.availability(index) > 0
+            have = index in node.have
+            if not node.origin.piece_arrived(index, have=have, held_by_peer=held):
+                give_back(node, node.origin.shrink(index))
+                next_request(node)
+                continue
+            if not have:
+                got_piece(node, index, from_origin=True)
+            if node.origin.advanced(index):
+                news(node)  # renew the lease
+            if index + 1 >= stop:
+                next_request(node)
+            else:
+                node.request[0] = index + 1
+
+    # ------------------------------------------------------------------ the tracker
 
     def announce(node: _Node) -> None:
         nonlocal events
         events += 1
-        left = 0 if node.done_at is not None else int(p.size - len(node.have) * piece_size)
-        event = Event.NONE
-        if not node.started_sent:
-            event = Event.STARTED
-            node.started_sent = True
-        if node.done_at is not None and not node.completed_sent:
-            event = Event.COMPLETED
-            node.completed_sent = True
-        origin_next = node.origin[0] if node.origin else None
+        complete = node.done_at is not None
+        event = node.schedule.event(complete)
+        left = 0 if complete else p.size - sum(piece_size(i) for i in node.have)
         req = AnnounceRequest(
             info_hash=b"\x01" * 20,
             peer_id=node.index.to_bytes(20, "big"),
             port=_PORT0 + node.index,
             left=left,
             event=event,
-            numwant=p.max_peers,
-            pieces=p.pieces,
-            digest="sha256:" + "0" * 64,
-            repo="sim/layer",
-            origin_next=origin_next,
+            numwant=an.numwant,
+            pieces=pieces,
+            digest=_DIGEST,
+            repo=_REPO,
+            origin_next=node.origin.next_index if node.origin is not None else None,
         )
-        out = policy.announce(swarm, req, host=_HOST, now=now, registry_url="http://registry")
-        for _, port in out.peers:
-            connect(node.index, port - _PORT0)
-        if out.origin is not None:
-            node.was_fetcher = True
-            # Like the engine: read only up to the lease end; renew halfway.
-            first, end = out.origin.first_piece, out.origin.read_end
-            if node.origin is not None and node.origin[0] <= first and end <= node.origin[1]:
-                set_origin(node, (node.origin[0], end))  # the tail was stolen
-            else:
-                set_origin(node, (first, end))
-            node.renew_at = first + (end - first) // 2
-        elif node.origin is not None:
-            set_origin(node, None)
-        if node.done_at is not None:
-            node.next_announce = now + out.interval
-        elif len(node.neighbors) < p.want_peers:
-            node.next_announce = now + max(p.hungry_interval_s, out.min_interval)
+        out = policy.announce(swarm, req, host=_HOST, now=now, registry_url=_REGISTRY)
+        node.last_announce = now
+        add_peers(node, [port - _PORT0 for _, port in out.peers])
+        current = node.origin if node.reading else None
+        follow = follow_origin(current, url if current is not None else None, out.origin)
+        if current is not None and follow.action == "shrink":
+            give_back(node, current.shrink(follow.end))
+        elif current is not None and follow.action == "extend":
+            added = current.extend(follow.end)
+            if added is not None:
+                node.picker.set_range_priority(added[0], added[1], 0)
         else:
-            node.next_announce = now + min(out.interval, 1.0 if node.origin else out.interval)
+            if current is not None:
+                stop_range(node)
+            if follow.action == "start":
+                start_range(node, follow.first, follow.end)
+        if out.release and complete:
+            node.released = True
+            node.next_announce = math.inf
+            disconnect(node)
+            stopped = AnnounceRequest(
+                info_hash=req.info_hash,
+                peer_id=req.peer_id,
+                port=req.port,
+                left=0,
+                event=Event.STOPPED,
+            )
+            policy.announce(swarm, stopped, host=_HOST, now=now)
+            return
+        wait = node.schedule.succeeded(
+            event,
+            interval=out.interval,
+            min_interval=out.min_interval,
+            complete=complete,
+            peers=len(node.neighbors),
+        )
+        node.next_announce = now + wait
 
+    # ------------------------------------------------------------------ the benchmark's setup
+
+    if not p.tracker:
+        from benchmarks.swarm import origin_plan
+
+        for node in nodes:
+            others = [k for k in range(p.nodes) if k != node.index]
+            rng.shuffle(others)
+            add_peers(node, others)
+        for index, first, end in origin_plan(pieces, p.nodes):
+            start_range(nodes[index], first, end)
+
+    # ------------------------------------------------------------------ the network
+
+    next_tick = ss.tick_s
+    last_tick = 0.0
     while now < p.max_time_s:
         for node in nodes:
             if node.next_announce <= now:
                 announce(node)
-        # Registry: fair share of the egress among fetchers still reading.
-        readers = [n for n in nodes if n.origin is not None and n.origin[0] < n.origin[1]]
-        if readers:
-            share = p.origin_rate * p.dt / len(readers)
-            for node in readers:
-                got = min(share, p.down * p.dt)
-                registry_bytes += got
-                node.origin_partial += got
-                while (
-                    node.origin is not None
-                    and node.origin_partial >= piece_size
-                    and node.origin[0] < node.origin[1]
-                ):
-                    piece = node.origin[0]
-                    if piece not in node.have and node.picker.availability(piece) > 0:
-                        # As the engine's OriginReader: a peer has it, so the rest of
-                        # this range went to another fetcher; stop reading here.
-                        set_origin(node, (piece, piece))
-                        break
-                    node.origin_partial -= piece_size
-                    node.origin = (piece + 1, node.origin[1])
-                    if piece + 1 >= node.renew_at:
-                        node.renew_at = node.origin[1] + 1
-                        node.next_announce = min(node.next_announce, now)  # renew the lease
-                    if piece not in node.have:
-                        got_piece(node, piece, from_origin=True)
-        # Uplinks and downlinks.
+        # The registry: its egress shared fairly by the readers, each reader one flow on
+        # its own downlink among the peers sending to it.
         down_left = [p.down * p.dt for _ in nodes]
+        readers = [n for n in nodes if n.request is not None]
+        if readers:
+            caps = sorted(
+                (
+                    p.down
+                    * p.dt
+                    * p.origin_weight
+                    / (p.origin_weight + sum(1 for c in n.out.values() if c > 0)),
+                    n.index,
+                )
+                for n in readers
+            )
+            budget = p.origin_rate * p.dt
+            t_origin = now + p.dt
+            for position, (cap, index) in enumerate(caps):
+                got = min(cap, budget / (len(caps) - position))
+                budget -= got
+                registry_bytes += got
+                down_left[index] -= got
+                origin_bytes(nodes[index], got)
+        # Uplinks and downlinks.
         for node in nodes:
             if not node.queue:
                 continue
@@ -295,6 +508,8 @@ def simulate(p: SimParams) -> SimResult:
             for t in node.queue:
                 if budget <= 0:
                     break
+                if t.ready > now:
+                    continue
                 take = min(budget, down_left[t.dst], t.left)
                 if take <= 0:
                     continue
@@ -306,37 +521,50 @@ def simulate(p: SimParams) -> SimResult:
             for t in finished:
                 node.queue.remove(t)
                 dst = nodes[t.dst]
-                dst.active -= 1
-                dst.picker.block_received(node.index, t.piece, 0)
+                dst.out[node.index] -= 1
+                dst.recv[node.index] = dst.recv.get(node.index, 0.0) + piece_size(t.piece)
+                cancels = dst.picker.block_received(node.index, t.piece, 0)
                 if t.piece not in dst.have:
+                    cancel(dst, cancels, t.piece)
                     got_piece(dst, t.piece, from_origin=False)
                 dirty.add(dst.index)
-        # Reveal timeouts.
-        for node in nodes:
-            for piece, (_, at) in list(node.hidden.items()):
-                if now - at > p.reveal_timeout_s:
-                    unhide(node, piece)
+        now += p.dt
+        if now >= next_tick:
+            # The engine's tick: rates (EWMA over ~2 s), reveal timeouts, rechoke.
+            elapsed = now - last_tick
+            alpha = min(1.0, elapsed / 2.0)
+            for node in nodes:
+                if node.released:
+                    continue
+                for k in node.neighbors:
+                    r = node.rate.get(k, 0.0)
+                    r += alpha * (node.recv.get(k, 0.0) / elapsed - r)
+                    node.rate[k] = r
+                    node.picker.update_rate(k, r)
+                node.recv.clear()
+                for index, told in node.reveal.expired(now):
+                    show_to_all(node, index, told)
+                if node.choker.rechoke_due(now):
+                    rechoke(node)
+                dirty.add(node.index)
+            last_tick = now
+            next_tick = now + ss.tick_s
+        backlogs.clear()
         while dirty:
             refill(nodes[dirty.pop()])
-        now += p.dt
         if all(n.done_at is not None for n in nodes):
             break
     times = sorted(n.done_at if n.done_at is not None else math.inf for n in nodes)
-    fetchers = sum(1 for n in nodes if n.was_fetcher)
     return SimResult(
         nodes=p.nodes,
+        pieces=pieces,
         t_all_s=times[-1],
         t_median_s=times[len(times) // 2],
         t_bound_s=kumar_ross_bound(p.size, p.nodes, p.origin_rate, p.up, p.down),
         t_direct_s=direct_pull_time(p.size, p.nodes, p.origin_rate),
         registry_copies=registry_bytes / p.size,
-        fetchers=fetchers,
+        t_origin_s=t_origin,
+        fetchers=sum(1 for n in nodes if n.was_fetcher),
+        released=sum(1 for n in nodes if n.released),
         events=events,
     )
-
-
-def _bitfield(indices: list[int], pieces: int) -> bytes:
-    out = bytearray((pieces + 7) // 8)
-    for i in indices:
-        out[i >> 3] |= 0x80 >> (i & 7)
-    return bytes(out)

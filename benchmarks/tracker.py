@@ -14,8 +14,11 @@ what token and proof checks cost.
     python -m benchmarks.tracker [--quick] [--swarms 100] [--peers 100] [--rounds 3]
                                  [--connections 8] [--json PATH]
 
-JSON keys: memory_announces_s, redis_announces_s, opentracker_announces_s,
-memory_open_announces_s (and *_errors counts).
+``memory_swarm`` sends the same announces batched (p2pimage's ``POST /announce/batch``,
+one request per node carrying all S of its swarms) and counts swarm announces.
+
+JSON keys: memory_announces_s, memory_swarm_announces_s, redis_announces_s,
+opentracker_announces_s, memory_open_announces_s (and *_errors counts).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from daemons.testbed.opentracker import opentracker_binary, run_opentracker
 from daemons.testbed.process import free_port, stop_process
 from daemons.testbed.redis import redis_binary, run_redis
 from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer, bound_peer_id, create_proof
-from p2pimage.tracker import AnnounceRequest, Event
+from p2pimage.tracker import AnnounceRequest, Event, batch_query, encode_announce_batch
 
 ISSUER = "benchmark-sidecar"
 SERVER_CPU, LOAD_CPU = 0, 1
@@ -93,6 +96,39 @@ def _requests(
                 proof = create_proof(key, method="GET", url=url, token=token, now=now)
                 head += f"Authorization: DPoP {token}\r\nDPoP: {proof}\r\n"
             out.append((head + "\r\n").encode())
+    return out
+
+
+def _batches(
+    swarms: int, peers: int, event: Event, tokens: list[tuple[str, NodeKey]], port: int
+) -> list[bytes]:
+    """The same announces as :func:`_requests`, one ``POST /announce/batch`` per node
+    carrying all of its swarms (p2pimage's extension), with its proof made here."""
+    out = []
+    now = time.time()
+    for p in range(peers):
+        token, key = tokens[p]
+        jwk = key.public_jwk()
+        reqs = [
+            AnnounceRequest(
+                info_hash=s.to_bytes(4, "big") * 5,
+                peer_id=bound_peer_id(f"node-{p}", jwk, b"-BM0001-", suffix=s.to_bytes(6, "big")),
+                port=10000 + p,
+                left=0 if p % 10 == 0 else 1_000_000,
+                event=event,
+            )
+            for s in range(swarms)
+        ]
+        body = encode_announce_batch(reqs)
+        target = f"/announce/batch?{batch_query(body)}"
+        url = f"http://127.0.0.1:{port}{target}"
+        proof = create_proof(key, method="POST", url=url, token=token, now=now)
+        head = (
+            f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Authorization: DPoP {token}\r\nDPoP: {proof}\r\n"
+            f"Content-Type: application/x-bittorrent\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        out.append(head.encode() + body)
     return out
 
 
@@ -183,14 +219,16 @@ def _load_main(
 
 
 def measure(
-    port: int, warmup: list[bytes], timed: list[bytes], connections: int
+    port: int, warmup: list[bytes], timed: list[bytes], connections: int, per_request: int = 1
 ) -> dict[str, float]:
+    """Announces per second; ``per_request`` swarm announces ride in each request."""
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_load_main, args=(port, warmup, timed, connections, queue))
     proc.start()
     seconds, ok, bad = queue.get(timeout=600)
     proc.join()
+    ok *= per_request
     return {"announces_s": ok / seconds, "errors": bad, "seconds": seconds, "announces": ok}
 
 
@@ -267,6 +305,15 @@ def main(argv: list[str] | None = None) -> int:
         ]
         results[name] = measure(port, warm, timed, args.connections)
 
+    def run_batched(name: str, port: int) -> None:
+        warm = _batches(args.swarms, args.peers, Event.STARTED, tokens, port)
+        timed = [
+            r
+            for _ in range(args.rounds)
+            for r in _batches(args.swarms, args.peers, Event.NONE, tokens, port)
+        ]
+        results[name] = measure(port, warm, timed, args.connections, per_request=args.swarms)
+
     with tempfile.TemporaryDirectory(prefix="bench-tracker-") as tmpdir:
         tmp = Path(tmpdir)
         jwks = tmp / "jwks.json"
@@ -281,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         with our_tracker(tmp, **auth) as port:
             run("memory", port, auth=True)
+        with our_tracker(tmp, **auth) as port:
+            run_batched("memory_swarm", port)
         with our_tracker(tmp, open_mode=True, peer_timeout_s=3600.0) as port:
             run("memory_open", port, auth=False)
         if redis_binary() is None:
@@ -304,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="right" if col != "tracker" else "left")
     labels = {
         "memory": "ours, memory, auth on",
+        "memory_swarm": "ours, memory, auth on, batched (one request per node)",
         "memory_open": "ours, memory, open mode",
         "redis": "ours, redis, auth on",
         "opentracker": "opentracker",

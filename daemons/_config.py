@@ -80,8 +80,10 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        inner = ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items())
+    if isinstance(value, dict):  # TOML has no null: an unset nested value is left out
+        inner = ", ".join(
+            f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None
+        )
         return "{ " + inner + " }" if inner else "{}"
     return json.dumps(str(value))
 

@@ -18,6 +18,7 @@ import click
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -240,6 +241,24 @@ async def serve_app(
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(_serve)
         task_status.started(binds[0])
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or ``None`` when it exceeds ``limit`` (read no further than that)."""
+    declared = request.headers.get("content-length")
+    if (
+        declared is not None
+        and declared.isascii()
+        and declared.isdigit()
+        and (len(declared) > len(str(limit)) or int(declared) > limit)
+    ):
+        return None  # (a length with more digits than the limit is over it: no int() of it)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 def request_url(scope: Scope, host: str, public_url: str | None = None) -> str:

@@ -11,8 +11,10 @@ Wiring only: configuration in, library objects constructed, endpoints mounted.
   ``ns=`` naming a registry this node is not configured for is answered 404
   ``NAME_UNKNOWN`` (containerd then goes to that registry itself), never from the
   swarm or the cache, and never proxied (docs/operations.md, "Trust model").
-- Only the layers of the swarm registry (``swarm_registry``: the registry the cluster's
-  sidecar indexes) are cached and shared; other configured upstreams pass through.
+- Only the layers of swarm registries are cached and shared: ``swarm_registry`` (the
+  registry ``sidecar_url`` indexes) and each key of ``swarm_upstreams`` (its own sidecar,
+  optionally its own tracker), one :class:`~p2pimage.mirror.blobs.LayerService` each over
+  the same peer; other configured upstreams pass through.
 - The node's identity (key, token, JWKS) comes from the sidecar; until it has one, and
   whenever p2p cannot serve, pulls go straight to the registry.
 - With ``preheat_poll_s``, the node asks the tracker for preheat jobs of its cluster
@@ -104,6 +106,20 @@ _HOP = frozenset(
 _LAYERS: Final = LayerSettings()
 
 
+class SwarmUpstream(BaseModel):
+    """One more registry whose layers go through swarms (a ``swarm_upstreams`` entry)."""
+
+    sidecar_url: str = Field(description="base URL of the sidecar fronting this registry")
+    tracker_url: str | None = Field(
+        None,
+        description="tracker announce URL for this registry's swarms (default: the node's "
+        "tracker_url); it must trust the node's identity sidecar (sidecar_url)'s keys",
+    )
+    credential_file: Path | None = Field(
+        None, description="join credential for this sidecar (default: the node's credential)"
+    )
+
+
 class NodeSettings(BaseModel):
     """Configuration of the node peer (TOML file and ``P2PIMAGE_NODE_*`` environment)."""
 
@@ -138,6 +154,11 @@ class NodeSettings(BaseModel):
         None,
         description="the ns (key of upstreams) whose layers the sidecar indexes and swarms "
         "share; default: the only key of upstreams, else default_upstream",
+    )
+    swarm_upstreams: dict[str, SwarmUpstream] = Field(
+        default_factory=dict,
+        description="more swarm registries: ns (key of upstreams) → {sidecar_url, "
+        "tracker_url, credential_file}; each registry's swarms are its own",
     )
     proxy_listen: str | None = Field(
         None, description="host:port of the forward proxy (HTTP_PROXY/HTTPS_PROXY); none: off"
@@ -239,6 +260,35 @@ class NodeSettings(BaseModel):
             return next(iter(self.upstreams.values())).rstrip("/")
         return self.default_upstream.rstrip("/")
 
+    def swarm_upstream_urls(self) -> dict[str, str]:
+        """Base URL of each ``swarm_upstreams`` registry, by its key (checked: configured
+        in upstreams, not the swarm_registry, no two keys for one URL)."""
+        primary = self.swarm_upstream()
+        urls: dict[str, str] = {}
+        for ns in self.swarm_upstreams:
+            url = self.upstream_for(ns)
+            where = f"config key 'swarm_upstreams.{ns}'"
+            if "/" in ns or "@" in ns or not ns:
+                raise ConfigError(f"{where}: want a registry host[:port]")
+            if url is None:
+                raise ConfigError(f"{where}: not a key of upstreams (nor the default's host)")
+            if url == primary or url in urls.values():
+                raise ConfigError(f"{where}: {url} already has a swarm (swarm_registry?)")
+            urls[ns] = url
+        return urls
+
+    def swarm_credential(self, ns: str) -> str | None:
+        """The join credential for ``swarm_upstreams[ns]``'s sidecar."""
+        path = self.swarm_upstreams[ns].credential_file
+        if path is None:
+            return self.credential_value()
+        try:
+            return path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"config key 'swarm_upstreams.{ns}.credential_file': {exc.strerror}"
+            ) from None
+
     def proxy_certificates(self) -> HostCertificates | None:
         """The interception CA, when hosts are to be intercepted (checked at start-up)."""
         if not self.proxy_intercept_hosts:
@@ -261,17 +311,25 @@ def check_settings(settings: NodeSettings) -> None:
     """Cross-field checks (exit 2 from the command; raised by :func:`run_node` too)."""
     credential = settings.credential_value()
     settings.swarm_upstream()
+    settings.swarm_upstream_urls()
     TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file)
     client_tls(settings.ca_file)
     settings.proxy_certificates()
     settings.preheat_authorization()
     _registry_tls(settings.registry_ca_file)
-    plain = (settings.sidecar_url or "").lower().startswith("http://")
-    if plain and credential and not settings.allow_plain_http_join:
-        raise ConfigError(
-            "config key 'sidecar_url': an http:// sidecar would receive the join credential "
-            "in clear text; use https:// (with ca_file) or set allow_plain_http_join = true"
+    sidecars = {"sidecar_url": (settings.sidecar_url, credential)}
+    for ns, entry in settings.swarm_upstreams.items():
+        sidecars[f"swarm_upstreams.{ns}.sidecar_url"] = (
+            entry.sidecar_url,
+            settings.swarm_credential(ns),
         )
+    for key, (url, secret) in sidecars.items():
+        plain = (url or "").lower().startswith("http://")
+        if plain and secret and not settings.allow_plain_http_join:
+            raise ConfigError(
+                f"config key '{key}': an http:// sidecar would receive the join credential "
+                "in clear text; use https:// (with ca_file) or set allow_plain_http_join = true"
+            )
 
 
 class NodeMetrics:
@@ -387,16 +445,29 @@ class NodeMetrics:
 
 
 class NodeDaemon:
-    def __init__(self, settings: NodeSettings, http: httpx.AsyncClient, layers: LayerService):
+    def __init__(
+        self,
+        settings: NodeSettings,
+        http: httpx.AsyncClient,
+        layers: LayerService,
+        more_layers: Iterable[LayerService] = (),
+    ):
         self.settings = settings
         self.http = http
-        self.layers = layers
+        self.layers = layers  # the swarm_registry's; its stats are every service's
+        # Every swarm registry's service, by base URL (the swarm_registry's first).
+        self.services = {s.registry: s for s in (layers, *more_layers)}
         self.metrics = NodeMetrics(self)
         self.status_url: str | None = None  # the metrics_listen server's base URL, if any
         self.credentials = CredentialWatch()  # pulls that bypass us: no credentials sent
         self.proxy: ForwardProxy | None = None
         self.proxy_url: str | None = None  # the forward proxy's URL, if any
         self.preheat_layers: collections.Counter[str] = collections.Counter()  # by result
+
+    def layers_for(self, upstream: str) -> LayerService:
+        """The service of swarm registry ``upstream``; for any other registry the
+        swarm_registry's, which reads it directly (no cache, no swarm)."""
+        return self.services.get(upstream.rstrip("/"), self.layers)
 
 
 # --------------------------------------------------------------------------- the app
@@ -480,7 +551,7 @@ async def _blob_get(
         # Not a digest we can verify: let the registry answer it.
         return await _proxy(daemon, request, upstream, f"/v2/{name}/blobs/{digest}")
     authorization = request.headers.get("authorization")
-    layers = daemon.layers
+    layers = daemon.layers_for(upstream)
     access = await layers.check_access(upstream, name, digest, authorization)
     if access.status != 200 or access.size is None:
         layers.stats.pulls["denied" if access.status in (401, 403) else "upstream_error"] += 1
@@ -634,15 +705,18 @@ async def _p2p(daemon: NodeDaemon, settings: NodeSettings, keeper: TokenKeeper) 
             download_rate=settings.download_rate,
             encrypt=settings.peer_encryption,
         ) as peer:
-            daemon.layers.node = peer
+            for service in daemon.services.values():
+                service.node = peer
             log.info(
                 "p2p ready",
                 extra={"fields": {"cluster": keeper.cluster, "peer_port": peer.port}},
             )
-            await daemon.layers.resume_seeding()
+            for service in daemon.services.values():
+                await service.resume_seeding()
             await trio.sleep_forever()
     except* OSError as group:
-        daemon.layers.node = None
+        for service in daemon.services.values():
+            service.node = None
         log.error(
             "p2p disabled: cannot listen for peers on %s:%d (%s); every pull goes to the registry",
             settings.peer_host,
@@ -809,6 +883,12 @@ async def run_node(
             )
             k = keeper
             tracker = TrackerClient(settings.tracker_url, http=control, auth=k.request_auth())
+        layer_settings = LayerSettings(
+            swarm_threshold_bytes=settings.swarm_threshold_bytes,
+            stall_timeout_s=settings.stall_timeout_s,
+            setup_timeout_s=settings.setup_timeout_s,
+        )
+        origin_limiter = RateLimiter(settings.origin_rate)
         layers = LayerService(
             registry=settings.swarm_upstream(),
             node=None,
@@ -816,18 +896,56 @@ async def run_node(
             http=http,
             sidecar=sidecar,
             tracker=tracker,
-            settings=LayerSettings(
-                swarm_threshold_bytes=settings.swarm_threshold_bytes,
-                stall_timeout_s=settings.stall_timeout_s,
-                setup_timeout_s=settings.setup_timeout_s,
-            ),
-            origin_limiter=RateLimiter(settings.origin_rate),
+            settings=layer_settings,
+            origin_limiter=origin_limiter,
         )
-        daemon = NodeDaemon(settings, http, layers)
+        # One more service per swarm_upstreams entry: the same peer, cache and stats; its
+        # own sidecar (and token from it, for the torrent endpoint) and salted swarms.
+        more_layers, more_keepers = [], []
+        for ns, url in settings.swarm_upstream_urls().items():
+            entry = settings.swarm_upstreams[ns]
+            their_sidecar, their_tracker = None, None
+            if keeper is not None:
+                their_sidecar = sidecar
+                if entry.sidecar_url.rstrip("/") != (settings.sidecar_url or "").rstrip("/"):
+                    their_sidecar = SidecarClient(entry.sidecar_url, http=control)
+                    more_keepers.append(
+                        TokenKeeper(
+                            their_sidecar,
+                            node=settings.node_name,
+                            credential=settings.swarm_credential(ns) or credential or "",
+                            zone=keeper.zone,
+                            node_key=keeper.node_key,
+                            clock=clock,
+                        )
+                    )
+                their_tracker = tracker
+                if entry.tracker_url is not None:
+                    their_tracker = TrackerClient(
+                        entry.tracker_url, http=control, auth=keeper.request_auth()
+                    )
+            more_layers.append(
+                LayerService(
+                    registry=url,
+                    node=None,
+                    cache=cache,
+                    http=http,
+                    sidecar=their_sidecar,
+                    tracker=their_tracker,
+                    settings=layer_settings,
+                    origin_limiter=origin_limiter,
+                    swarm_salt=ns,
+                    stats=layers.stats,
+                )
+            )
+        daemon = NodeDaemon(settings, http, layers, more_layers)
         if daemon_ready is not None:
             daemon_ready(daemon)
         async with trio.open_nursery() as nursery:
-            await nursery.start(layers.run)
+            for service in daemon.services.values():
+                await nursery.start(service.run)
+            for their_keeper in more_keepers:
+                nursery.start_soon(their_keeper.run)
             if keeper is not None:
                 nursery.start_soon(keeper.run)
                 nursery.start_soon(_p2p, daemon, settings, keeper)

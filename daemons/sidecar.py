@@ -46,7 +46,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
-from daemons._http import JsonLimitError, TlsFiles, load_json, request_url
+from daemons._http import JsonLimitError, TlsFiles, load_json, read_body, request_url
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.join import JoinCredentials
@@ -298,24 +298,6 @@ def _error(status: int, code: str, message: str, **headers: str) -> JSONResponse
     return JSONResponse({"error": code, "message": message}, status, headers=headers or None)
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or ``None`` when it exceeds ``limit`` (read no further than that)."""
-    declared = request.headers.get("content-length")
-    if (
-        declared is not None
-        and declared.isascii()
-        and declared.isdigit()
-        and (len(declared) > len(str(limit)) or int(declared) > limit)
-    ):
-        return None  # (a length with more digits than the limit is over it: no int() of it)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
-
-
 async def _torrent_refusal(
     sidecar: Sidecar, request: Request, digest: str, repository: str | None
 ) -> Response | None:
@@ -401,7 +383,7 @@ def create_app(sidecar: Sidecar) -> Starlette:
             if not hmac.compare_digest(given.encode(), f"Bearer {sidecar.webhook_token}".encode()):
                 m.webhook_events.labels("unauthorized").inc()
                 return _error(401, "unauthorized", "webhook token required")
-        body = await _read_body(request, MAX_ENVELOPE_SIZE)
+        body = await read_body(request, MAX_ENVELOPE_SIZE)
         if body is None:
             m.webhook_events.labels("malformed").inc()
             # The registry retries a refused envelope and holds later events behind it.
@@ -488,7 +470,7 @@ def create_app(sidecar: Sidecar) -> Starlette:
                 "join credentials are accepted over HTTPS only (sidecar: tls_cert_file and "
                 "tls_key_file; or allow_plain_http_join = true)",
             )
-        body = await _read_body(request, MAX_TOKEN_REQUEST)
+        body = await read_body(request, MAX_TOKEN_REQUEST)
         try:
             doc = load_json(body, max_bytes=MAX_TOKEN_REQUEST) if body is not None else None
         except JsonLimitError:

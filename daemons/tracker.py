@@ -57,7 +57,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
-from daemons._http import TlsFiles, client_tls, request_url
+from daemons._http import TlsFiles, client_tls, read_body, request_url
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import run_until_signalled
 from p2pimage.auth.tokens import (
@@ -76,6 +76,8 @@ from p2pimage.sidecar.client import (
     load_jwks_file,
 )
 from p2pimage.tracker import (
+    MAX_BATCH_BYTES,
+    AnnounceRequest,
     AnnounceResponse,
     MemoryState,
     PeerIdTakenError,
@@ -89,10 +91,13 @@ from p2pimage.tracker import (
     TrackerPolicy,
     TrackerRequestError,
     TrackerState,
+    check_batch_digest,
+    encode_announce_batch_response,
     encode_announce_response,
     encode_failure,
     encode_scrape_response,
     parse_announce,
+    parse_announce_batch,
     parse_preheat_report,
     parse_preheat_request,
     parse_scrape,
@@ -277,6 +282,12 @@ class TrackerMetrics:
         r = self.registry
         self.announces = Counter(
             "p2pimage_tracker_announces", "Announces by result", ["result"], registry=r
+        )
+        self.batches = Counter(
+            "p2pimage_tracker_announce_batches",
+            "Batched announce requests by result (their swarms count in announces)",
+            ["result"],
+            registry=r,
         )
         self.scrapes = Counter(
             "p2pimage_tracker_scrapes", "Scrapes by result", ["result"], registry=r
@@ -467,6 +478,15 @@ def create_app(tracker: Tracker) -> Starlette:
                 {403: "forbidden", 503: "unavailable"}.get(status, "unauthorized")
             ).inc()
             return refused.response
+        status, body = await apply(req, token, request, now)
+        if status == 200:
+            metrics.announce_seconds.observe(time.perf_counter() - started)
+        return _bencoded(status, body)
+
+    async def apply(
+        req: AnnounceRequest, token: NodeToken | None, request: Request, now: float
+    ) -> tuple[int, bytes]:
+        """One swarm's announce, authenticated and in scope: (status, encoded answer)."""
         cluster = token.cluster if token is not None else OPEN_CLUSTER
         host = req.ip if settings.trust_query_ip and req.ip else _remote(request)
         decide = functools.partial(
@@ -483,11 +503,11 @@ def create_app(tracker: Tracker) -> Starlette:
         except PeerIdTakenError as exc:
             metrics.announces.labels("forbidden").inc()
             metrics.auth_failures.labels("peer_id_taken").inc()
-            return _bencoded(403, encode_failure(str(exc), "peer_id_taken"))
+            return 403, encode_failure(str(exc), "peer_id_taken")
         except (StateUnavailableError, OSError, trio.TooSlowError) as exc:
             metrics.announces.labels("unavailable").inc()
             log.warning("state unavailable", extra={"fields": {"error": str(exc)}})
-            return _bencoded(503, encode_failure("tracker state unavailable", "unavailable"))
+            return 503, encode_failure("tracker state unavailable", "unavailable")
         if outcome.origin is not None:
             metrics.origin_assignments.inc()
         if outcome.release:
@@ -504,8 +524,50 @@ def create_app(tracker: Tracker) -> Starlette:
             )
         )
         metrics.announces.labels("ok").inc()
-        metrics.announce_seconds.observe(time.perf_counter() - started)
-        return _bencoded(200, body)
+        return 200, body
+
+    async def announce_batch(request: Request) -> Response:
+        """A p2pimage extension: every swarm of one node in one request
+        (docs/protocol.md, "Batched announces"); the same authentication as /announce,
+        each swarm checked against the token's scope and answered on its own."""
+        started = time.perf_counter()
+        now = tracker.clock()
+        try:
+            token = await _authenticate(tracker, request, now)
+        except _Refused as refused:
+            metrics.batches.labels(
+                "forbidden" if refused.response.status_code == 403 else "unauthorized"
+            ).inc()
+            return refused.response
+        raw = await read_body(request, MAX_BATCH_BYTES)
+        try:
+            if raw is None:
+                raise TrackerRequestError(f"batch body over {MAX_BATCH_BYTES} bytes")
+            # The body's digest is in the URL, which the DPoP proof signs (htu): the
+            # proof covers the announces as a single announce's covers its query.
+            check_batch_digest(request.scope["query_string"], raw)
+            reqs = parse_announce_batch(raw)
+        except TrackerRequestError as exc:
+            metrics.batches.labels("bad_request").inc()
+            return _bencoded(400, encode_failure(str(exc), "bad_request"))
+        answers = []
+        for req in reqs:
+            if token is not None and not token.covers(req.info_hash):
+                metrics.announces.labels("forbidden").inc()
+                answers.append(encode_failure("token rejected: out_of_scope", "out_of_scope"))
+            elif token is not None and not token.binds_peer_id(req.peer_id):
+                metrics.announces.labels("forbidden").inc()
+                metrics.auth_failures.labels("peer_id_mismatch").inc()
+                answers.append(
+                    encode_failure(
+                        "peer_id does not carry the token subject's tag", "peer_id_mismatch"
+                    )
+                )
+            else:
+                answers.append((await apply(req, token, request, now))[1])
+        metrics.batches.labels("ok").inc()
+        metrics.announce_seconds.observe((time.perf_counter() - started) / len(reqs))
+        return _bencoded(200, encode_announce_batch_response(answers))
 
     async def scrape(request: Request) -> Response:
         now = tracker.clock()
@@ -679,6 +741,7 @@ def create_app(tracker: Tracker) -> Starlette:
     return Starlette(
         routes=[
             Route("/announce", announce),
+            Route("/announce/batch", announce_batch, methods=["POST"]),
             Route("/scrape", scrape),
             Route("/preheat", preheat_submit, methods=["POST"]),
             Route("/preheat", preheat_poll, methods=["GET"]),

@@ -491,3 +491,88 @@ async def test_public_url_names_the_tracker_behind_a_tls_proxy(
             assert r.status_code == status, (signed, r.content)
     with pytest.raises(ValueError):
         TrackerSettings(open_mode=True, public_url="https://tracker.example/announce")
+
+
+async def test_batched_announces_answer_each_swarm_as_a_single_announce_would(
+    jwks_file: Path, issuer: TokenIssuer
+) -> None:
+    """POST /announce/batch: one node's swarms in one request, the same token and proof
+    check (the proof signs the URL, which carries the body's digest), each swarm in its
+    own (cluster, info-hash) and scope- and peer-id-checked on its own."""
+    from p2pimage.tracker import batch_query, encode_announce_batch
+    from p2pimage.tracker.client import TrackerClient, TrackerError
+
+    settings = TrackerSettings(
+        listen="127.0.0.1:0", jwks_file=jwks_file, registry_url="http://registry.test:5000"
+    )
+    hashes = [bytes([h]) * 20 for h in range(1, 4)]
+    digest = "sha256:" + "cd" * 32
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        for h in hashes:  # node 1 alone in three swarms, through single announces
+            url = announce_url(base, 1, left=5, info_hash=h)
+            assert (await http.get(url, auth=token(issuer, "c"))).status_code == 200
+        client = TrackerClient(f"{base}/announce", http=http, auth=token(issuer, "c", "node-2"))
+        reqs = [
+            AnnounceRequest(
+                info_hash=h, peer_id=pid(2, "node-2"), port=6002, left=5, event=Event.STARTED
+            )
+            for h in hashes
+        ]
+        reqs.append(
+            AnnounceRequest(
+                info_hash=b"\x09" * 20,
+                peer_id=pid(2, "node-2"),
+                port=6002,
+                left=5,
+                pieces=40,
+                digest=digest,
+                repo="team/app",
+            )
+        )
+        answers = await client.announce_batch(reqs)
+        assert [a.failure for a in answers] == [None] * 4
+        assert [[p for _, p in a.peers] for a in answers[:3]] == [[6001]] * 3
+        assert answers[3].peers == [] and answers[3].origin is not None
+        assert answers[3].origin.first_piece == 0 and answers[3].interval == 5
+        # Node 1 sees node 2 in every swarm, as if node 2 had announced them one by one.
+        for h in hashes:
+            url = announce_url(base, 1, left=5, info_hash=h)
+            r = await http.get(url, auth=token(issuer, "c"))
+            assert [p for _, p in parse_announce_response(r.content).peers] == [6002]
+        # Another cluster's batch sees none of it.
+        blue = TrackerClient(f"{base}/announce", http=http, auth=token(issuer, "blue", "node-2"))
+        assert [a.peers for a in await blue.announce_batch(reqs[:3])] == [[], [], []]
+        # Scope and peer-id binding are checked per swarm.
+        scoped = token(issuer, "c", "node-2", scope=[hashes[0].hex()])
+        out = await TrackerClient(f"{base}/announce", http=http, auth=scoped).announce_batch(
+            reqs[:2]
+        )
+        assert out[0].failure is None and out[1].error == "out_of_scope"
+        other = AnnounceRequest(info_hash=hashes[0], peer_id=pid(3, "node-3"), port=6003)
+        out = await client.announce_batch([other, reqs[1]])
+        assert out[0].error == "peer_id_mismatch" and out[1].failure is None
+        # No credentials: the whole request is refused, as a single announce is.
+        with pytest.raises(TrackerError) as refused:
+            await TrackerClient(f"{base}/announce", http=http).announce_batch(reqs[:1])
+        assert refused.value.reason == "missing"
+        # The proof signs the URL and the URL the body's digest: another body is refused.
+        body = encode_announce_batch(reqs[:1])
+        swapped = encode_announce_batch(reqs[1:2])
+        r = await http.post(
+            f"{base}/announce/batch?{batch_query(body)}",
+            content=swapped,
+            auth=token(issuer, "c", "node-2"),
+        )
+        assert r.status_code == 400 and b"body_sha256" in r.content
+        # Garbage bodies get a 400 with a reason, never a 500.
+        for junk in (b"", b"de", b"d9:announceslee", b"x" * 2_000_000, b"d9:announcesli1eee"):
+            r = await http.post(
+                f"{base}/announce/batch?{batch_query(junk)}",
+                content=junk,
+                auth=token(issuer, "c", "node-2"),
+            )
+            assert r.status_code == 400, junk[:20]
+            assert parse_announce_response(r.content).error == "bad_request"
+        metrics = (await http.get(f"{base}/metrics")).text
+        assert 'p2pimage_tracker_announce_batches_total{result="ok"} 4.0' in metrics
+        assert 'p2pimage_tracker_announce_batches_total{result="bad_request"} 6.0' in metrics

@@ -8,9 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pimage.errors import RemoteProtocolError
+from p2pimage.errors import LocalProtocolError, RemoteProtocolError
 from p2pimage.metainfo.bencoding import bdecode, bencode
 from p2pimage.tracker import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_SWARMS,
     MAX_NUMWANT,
     AnnounceRequest,
     AnnounceResponse,
@@ -18,10 +20,14 @@ from p2pimage.tracker import (
     OriginAssignment,
     ScrapeStats,
     TrackerRequestError,
+    encode_announce_batch,
+    encode_announce_batch_response,
     encode_announce_response,
     encode_failure,
     encode_scrape_response,
     parse_announce,
+    parse_announce_batch,
+    parse_announce_batch_response,
     parse_announce_response,
     parse_scrape,
 )
@@ -261,3 +267,68 @@ def test_origin_lease_round_trips_and_is_checked() -> None:
 
     with pytest.raises(TrackerRequestError):
         parse_announce_response(bad)
+
+
+# --------------------------------------------------------------------- batched announces
+
+
+@given(st.lists(requests, min_size=1, max_size=5, unique_by=lambda r: r.info_hash))
+def test_announce_batch_round_trip(reqs: list[AnnounceRequest]) -> None:
+    assert parse_announce_batch(encode_announce_batch(reqs)) == reqs
+
+
+def test_announce_batch_entries_are_checked_like_queries() -> None:
+    good = encode_announce_batch([BASE])
+    assert parse_announce_batch(good) == [BASE]
+    entry = bdecode(good)[b"announces"][0]  # type: ignore[index]
+    bad_entries = [
+        {**entry, b"port": 0},
+        {**entry, b"left": -1},
+        {**entry, b"info_hash": b"short"},
+        {**entry, b"event": b"bogus"},
+        {**entry, b"p2pimage_repo": b"UPPER"},
+        {**entry, b"numwant": [1]},
+    ]
+    for bad in bad_entries:
+        with pytest.raises(TrackerRequestError):
+            parse_announce_batch(bencode({b"announces": [bad]}))
+    for body in (
+        b"",
+        b"le",
+        bencode({b"announces": []}),
+        bencode({b"announces": [entry, entry]}),  # one swarm twice
+        bencode({b"announces": [entry] * (MAX_BATCH_SWARMS + 1)}),
+        bencode({b"other": [entry]}),
+        b"x" * (MAX_BATCH_BYTES + 1),
+    ):
+        with pytest.raises(TrackerRequestError):
+            parse_announce_batch(body)
+    with pytest.raises(LocalProtocolError):
+        encode_announce_batch([])
+
+
+@settings(max_examples=300)
+@given(st.binary(max_size=300))
+def test_garbage_batch_raises_only_our_error(body: bytes) -> None:
+    with contextlib.suppress(TrackerRequestError):
+        parse_announce_batch(body)
+    with contextlib.suppress(TrackerRequestError):
+        parse_announce_batch(b"d9:announcesl" + body + b"ee")
+
+
+def test_announce_batch_response_round_trip_and_whole_failure() -> None:
+    ok = AnnounceResponse(interval=30, min_interval=5, peers=[("10.0.0.1", 6881)])
+    refused = AnnounceResponse(failure="token rejected: out_of_scope", error="out_of_scope")
+    body = encode_announce_batch_response(
+        [
+            encode_announce_response(ok),
+            encode_failure("token rejected: out_of_scope", "out_of_scope"),
+        ]
+    )
+    assert parse_announce_batch_response(body, 2) == [ok, refused]
+    with pytest.raises(TrackerRequestError):
+        parse_announce_batch_response(body, 3)
+    whole = parse_announce_batch_response(encode_failure("missing bearer token", "missing"), 2)
+    assert [r.error for r in whole] == ["missing", "missing"]
+    with pytest.raises(TrackerRequestError):
+        parse_announce_batch_response(b"d9:responsesli1eee", 1)

@@ -7,6 +7,14 @@ every swarm, cache entry and torrent lookup is keyed by (registry, digest). Blob
 other registry the caller names are read from that registry directly, byte for byte
 (isolation by registry, not by digest: docs/operations.md, "Trust model").
 
+A node serving several swarm registries runs one service per registry over the same
+:class:`~p2pimage.swarm.node.PeerNode` and shared :class:`LayerStats`. The same digest in
+two registries has the same torrent, hence the same info-hash; a service given a
+``swarm_salt`` (the registry's name) appends it to the torrent's name (``<hex>@<salt>``),
+which changes the info-hash every node computes for that registry's swarm: the tracker
+(which keys swarms by cluster and info-hash) and the peer handshake (which names the
+info-hash) then never put two registries' swarms of one digest together.
+
 1. **Access check** (private-image isolation): an authorized ``HEAD`` of the blob at the
    registry the blob will be served for, with the client's own ``Authorization``;
    anything but 200 is relayed to the client as the registry said it, and no swarm or
@@ -23,6 +31,7 @@ other registry the caller names are read from that registry directly, byte for b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -120,7 +129,12 @@ class LayerService:
         settings: LayerSettings | None = None,
         origin_limiter: RateLimiter | None = None,
         clock: Callable[[], float] = time.time,
+        swarm_salt: str | None = None,
+        stats: LayerStats | None = None,
     ) -> None:
+        """``swarm_salt`` keeps this registry's swarms apart from other registries'
+        swarms of the same digest (module docstring); ``stats`` may be shared by the
+        services of one node."""
         self.registry = registry.rstrip("/")
         self.namespace = registry_namespace(self.registry)
         self.node = node
@@ -131,7 +145,8 @@ class LayerService:
         self.settings = settings or LayerSettings()
         self.origin_limiter = origin_limiter
         self.clock = clock
-        self.stats = LayerStats()
+        self.swarm_salt = swarm_salt
+        self.stats = stats if stats is not None else LayerStats()
         self._access: dict[tuple[str, str, str, str], tuple[float, AccessAnswer]] = {}
         self._starting: dict[tuple[str, str], trio.Event] = {}  # (registry, digest)
         # Repositories this node fetched or served each blob for, by cache key: a 404
@@ -155,7 +170,8 @@ class LayerService:
         """A restarted node seeds the complete blobs it kept until the tracker releases them."""
         if self.node is None or self.tracker is None:
             return
-        for meta in self.cache.complete_with_torrents(self.namespace):
+        for saved in self.cache.complete_with_torrents(self.namespace):
+            meta = self._swarm_metainfo(saved)
             if meta.info_hash in self.node.swarms:
                 continue
             try:
@@ -245,10 +261,9 @@ class LayerService:
             return False
         dropped = False
         if self.node is not None:
-            for swarm in list(self.node.swarms.values()):
-                if swarm.metainfo.sha256 == digest:
-                    self.node.remove_swarm(swarm.info_hash)
-                    dropped = True
+            for swarm in self._own_swarms(digest):
+                self.node.remove_swarm(swarm.info_hash)
+                dropped = True
         for key in [k for k in self._access if k[1] == self.registry and k[3] == digest]:
             del self._access[key]
         if self.cache.discard(hex_):
@@ -419,13 +434,12 @@ class LayerService:
         flight = (self.registry, digest)
         while flight in self._starting:  # single flight: one torrent fetch per blob
             await self._starting[flight].wait()
-        # Every swarm of this node is a swarm of self.registry (the sidecar's registry).
-        for swarm in self.node.swarms.values():
-            if swarm.metainfo.sha256 == digest and not swarm.closed.is_set():
+        for swarm in self._own_swarms(digest):
+            if not swarm.closed.is_set():
                 return swarm
         done = self._starting[flight] = trio.Event()
         try:
-            meta = await self.sidecar.torrent(digest, repository)
+            meta = self._swarm_metainfo(await self.sidecar.torrent(digest, repository))
             if meta.length != size:
                 raise SidecarError(f"torrent says {meta.length} bytes, registry says {size}")
             if not self.cache.reserve(hex_, size, self.clock()):
@@ -441,8 +455,13 @@ class LayerService:
     ) -> Swarm:
         assert self.node is not None
         hex_ = blob_key(self.namespace, meta.digest_hex)
+        # A salted registry is one of several: the tracker's origin URLs name its own
+        # registry_url, so they are read from this registry at the same blob path.
         credentials = OriginCredentials(
-            self.registry, repository, _authorization_headers(authorization)
+            self.registry,
+            repository,
+            _authorization_headers(authorization),
+            rebase=self.swarm_salt is not None,
         )
         swarm = await self.node.add_swarm(
             meta,
@@ -477,6 +496,31 @@ class LayerService:
             if self._origin_credentials.get(hex_) is credentials:
                 del self._origin_credentials[hex_]
             self.cache.unpin(hex_)
+
+    def _swarm_metainfo(self, meta: Metainfo) -> Metainfo:
+        """The torrent as this registry's swarm runs it: renamed ``<name>@<salt>`` (a
+        different info-hash, the same pieces) when the service has a salt."""
+        if self.swarm_salt is None or meta.name.endswith("@" + self.swarm_salt):
+            return meta
+        return dataclasses.replace(meta, name=f"{meta.name}@{self.swarm_salt}")
+
+    def _own_swarms(self, digest: str) -> list[Swarm]:
+        """The peer's swarms of ``digest`` that are this registry's (never another's):
+        named ``…@<salt>`` for a salted service, with no ``@`` (the sidecar's name)
+        otherwise."""
+        if self.node is None:
+            return []
+        suffix = None if self.swarm_salt is None else "@" + self.swarm_salt
+        return [
+            swarm
+            for swarm in list(self.node.swarms.values())
+            if swarm.metainfo.sha256 == digest
+            and (
+                "@" not in swarm.metainfo.name
+                if suffix is None
+                else swarm.metainfo.name.endswith(suffix)
+            )
+        ]
 
     def _swarm_bytes(self, name: str) -> int:
         live = sum(getattr(s.stats, name) for s in self.node.swarms.values()) if self.node else 0

@@ -41,6 +41,7 @@ from p2pimage.metainfo.torrent import Metainfo
 from p2pimage.storage.pieces import BlobCursor, PieceStorage
 from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
+from p2pimage.swarm.policy import DialPolicy, RevealPolicy
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.swarm.session import PeerSession, SessionInfo
 from p2pimage.wire import (
@@ -219,7 +220,6 @@ class _Peer:
     # still due, by (index, begin) of the block.
     parts: dict[tuple[int, int], set[int]] = field(default_factory=dict)
     uploads: deque[Request] = field(default_factory=deque)
-    revealed: set[int] = field(default_factory=set)  # origin pieces shown to this peer only
     upload_wakeup: trio.Event = field(default_factory=trio.Event)
     last_data_at: float = 0.0
     # When we sent the latest request this peer answered: peers answer requests in order,
@@ -274,9 +274,14 @@ class Swarm:
             rechoke_interval=self.settings.rechoke_interval_s,
             rng=self._rng,
         )
+        self.dial_policy = DialPolicy(self.settings.dial_target, self.settings.max_peers)
+        self.reveal: RevealPolicy[bytes] = RevealPolicy(
+            enabled=self.settings.reveal_origin_pieces,
+            timeout_s=self.settings.reveal_timeout_s,
+            rng=self._rng,
+        )
         self.stats = SwarmStats()
         self.peers: dict[bytes, _Peer] = {}
-        self._hidden: dict[int, float] = {}  # origin pieces revealed to one peer, and when
         self.banned: set[bytes] = set()
         self._banned_addresses: set[tuple[str, int]] = set()
         self._dialing: set[tuple[str, int]] = set()
@@ -407,20 +412,21 @@ class Swarm:
     # --- peers --------------------------------------------------------------------------
 
     def want_more_peers(self) -> bool:
-        return len(self.peers) + len(self._dialing) < self.settings.dial_target
+        return self.dial_policy.want_more(len(self.peers), len(self._dialing))
 
     def add_peers(self, addresses: Iterable[tuple[str, int]]) -> None:
         """Dial peers (tracker results, or a static list) that we are not connected to."""
         if self._nursery is None:
             return
         connected = {p.session.address for p in self.peers.values()}
-        for address in addresses:
-            if not self.want_more_peers():
-                break
-            if address in connected or address in self._dialing:
-                continue
-            if address in self._banned_addresses or address == self._dialer.listen_address:
-                continue
+        unwanted = connected | self._dialing | self._banned_addresses
+        unwanted.add(self._dialer.listen_address)
+        for address in self.dial_policy.to_dial(
+            addresses,
+            connected=len(self.peers),
+            dialing=len(self._dialing),
+            skip=unwanted.__contains__,
+        ):
             self._dialing.add(address)
             self._nursery.start_soon(self._dial, address)
 
@@ -460,7 +466,7 @@ class Swarm:
             key in self.peers
             or key in self.banned
             or key == self._dialer.peer_id
-            or len(self.peers) >= self.settings.max_peers
+            or not self.dial_policy.may_accept(len(self.peers))
             or self.closed.is_set()
         ):
             await session.aclose("duplicate or unwanted")
@@ -500,6 +506,8 @@ class Swarm:
             if self.peers.get(key) is peer:
                 del self.peers[key]
                 self.picker.peer_lost(key)
+                for index in self.reveal.peer_lost(key):
+                    self._show_to_all(index, key)
             self.stats.peers_connected = len(self.peers)
             self._rechoke(trio.current_time())
             await session.aclose(reason)
@@ -519,9 +527,10 @@ class Swarm:
     def _greet(self, peer: _Peer) -> None:
         if self.storage.num_have:
             have = self.storage.have
-            if self._hidden:
+            hidden = self.reveal.hidden
+            if hidden:
                 bits = bytearray(have)
-                for index in self._hidden:
+                for index in hidden:
                     bits[index >> 3] &= ~(0x80 >> (index & 7))
                 have = bytes(bits)
             peer.session.send(Bitfield(have))
@@ -553,8 +562,9 @@ class Swarm:
             if message.index >= self.metainfo.num_pieces:
                 raise PeerClosed(f"have for piece {message.index} out of range")
             self.picker.peer_have(peer.key, message.index)
-            if message.index in self._hidden:
-                self._unhide(message.index)  # an origin piece we revealed is out: show all
+            told = self.reveal.peer_has(message.index)
+            if told is not None:
+                self._show_to_all(message.index, told)  # an origin piece we revealed is out
             if not peer.am_interested:  # a have never makes a peer less interesting
                 self._update_interest(peer)
         elif isinstance(message, Extended) and message.extended_id == LOCAL_HAVES_ID:
@@ -564,8 +574,9 @@ class Swarm:
                 raise PeerClosed(f"bad haves: {exc}") from None
             for index in indexes:
                 self.picker.peer_have(peer.key, index)
-                if index in self._hidden:
-                    self._unhide(index)
+                told = self.reveal.peer_has(index)
+                if told is not None:
+                    self._show_to_all(index, told)
             if not peer.am_interested:
                 self._update_interest(peer)
         elif isinstance(message, Bitfield):
@@ -719,13 +730,9 @@ class Swarm:
         Takes the same path into storage as peer blocks. Raises :class:`PieceHashError`
         if ``data`` is not the piece the torrent names (nothing is stored).
 
-        The piece is revealed (``have``) to one peer only, the one with the fewest
-        revealed pieces it has not yet passed on: that peer fetches it and relays it,
-        so this node's uplink carries the first copy of each origin piece and not seven
-        copies of the newest one (the rarest piece, which every peer would ask for).
-        Like BEP 16 super-seeding, but only for the pieces this node alone holds. A
-        piece is shown to everyone once another peer announces it, or after
-        ``reveal_timeout_s``.
+        The piece is revealed (``have``) to the one peer the
+        :class:`~p2pimage.swarm.policy.RevealPolicy` names, and to everyone once another
+        peer announces it or after ``reveal_timeout_s``.
         """
         if self.storage.has_piece(index) or not self.storage.write_block(index, 0, data):
             return False
@@ -736,22 +743,18 @@ class Swarm:
 
     def _reveal_origin_piece(self, index: int) -> None:
         self._record_verified(index)
-        candidates = [p for p in self.peers.values() if not self.picker.peer_has(p.key, index)]
-        if not candidates or not self.settings.reveal_origin_pieces:
+        candidates = [k for k in self.peers if not self.picker.peer_has(k, index)]
+        target = self.reveal.reveal(index, candidates, trio.current_time())
+        if target is None:
             self._announce(index)
-            return
-        target = min(candidates, key=lambda p: (len(p.revealed), self._rng.random()))
-        target.revealed.add(index)
-        target.session.send(Have(index))
-        self._hidden[index] = trio.current_time()
+        else:
+            self.peers[target].session.send(Have(index))
 
-    def _unhide(self, index: int) -> None:
-        if self._hidden.pop(index, None) is not None:
-            for peer in self.peers.values():
-                if index in peer.revealed:
-                    peer.revealed.discard(index)
-                elif not self.picker.peer_has(peer.key, index):
-                    peer.session.send(Have(index))
+    def _show_to_all(self, index: int, told: bytes) -> None:
+        """A hidden origin piece is shown to every peer but ``told``, which knows it."""
+        for peer in self.peers.values():
+            if peer.key != told and not self.picker.peer_has(peer.key, index):
+                peer.session.send(Have(index))
 
     def _piece_verified(self, index: int) -> None:
         self._record_verified(index)
@@ -895,9 +898,8 @@ class Swarm:
             last_tick = now
             for peer in list(self.peers.values()):
                 self._tick_peer(peer, now, elapsed)
-            for index, since in list(self._hidden.items()):
-                if now - since > self.settings.reveal_timeout_s:
-                    self._unhide(index)
+            for index, told in self.reveal.expired(now):
+                self._show_to_all(index, told)
             if self.choker.rechoke_due(now):
                 self._rechoke(now)
             self._refill_all()

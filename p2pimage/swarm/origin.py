@@ -11,6 +11,7 @@ the range at any time (work stealing): the reader stops at the current end.
 from __future__ import annotations
 
 import logging
+import re
 import urllib.parse
 from collections.abc import Mapping
 from typing import Protocol
@@ -21,6 +22,7 @@ import trio
 from p2pimage.errors import PieceHashError, RemoteProtocolError
 from p2pimage.metainfo.torrent import Metainfo
 from p2pimage.oci.registry import ByteRange, RegistryError, open_blob_range
+from p2pimage.swarm.policy import OriginRange
 from p2pimage.swarm.ratelimit import RateLimiter
 
 __all__ = ["OriginCredentials", "OriginError", "OriginReader", "OriginSwarm", "same_registry"]
@@ -44,6 +46,8 @@ class OriginError(RemoteProtocolError):
 REFRESH_WAIT_S = 5.0
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# The blob part of an origin URL: what a rebased read keeps (OriginCredentials.read_url).
+_BLOB_PATH = re.compile(r"/v2/[a-z0-9._/-]+/blobs/sha256:[0-9a-f]{64}$")
 
 
 def _origin_of(url: str) -> tuple[str, str, int] | None:
@@ -78,6 +82,11 @@ class OriginCredentials:
     request it authorised for this blob and ``repository``, so the readers always send
     the most recent authorised client's; when the registry refuses them (401/403) a
     reader calls :meth:`refused` and waits for fresher ones (:meth:`wait_renewed`).
+
+    With ``rebase`` (a registry the tracker's ``registry_url`` is not, on a node serving
+    several), a blob URL elsewhere is read from ``registry`` at the same
+    ``/v2/<repository>/blobs/<digest>`` path instead of being refused: the tracker still
+    names the range, and the bytes still come only from the node's own registry.
     """
 
     def __init__(
@@ -87,8 +96,10 @@ class OriginCredentials:
         headers: Mapping[str, str] | None = None,
         *,
         refresh_wait_s: float = REFRESH_WAIT_S,
+        rebase: bool = False,
     ) -> None:
         self.registry = registry.rstrip("/")
+        self.rebase = rebase
         self.refresh_wait_s = refresh_wait_s
         self.repository = repository
         self._headers = dict(headers or {})
@@ -97,6 +108,17 @@ class OriginCredentials:
 
     def allows(self, url: str) -> bool:
         return same_registry(url, self.registry)
+
+    def read_url(self, url: str) -> str | None:
+        """Where a reader told to read ``url`` reads: ``url`` itself on this registry,
+        the same blob path on it with ``rebase``, else nowhere (None)."""
+        if self.allows(url):
+            return url
+        if self.rebase:
+            blob = _BLOB_PATH.search(urllib.parse.urlsplit(url).path)
+            if blob is not None:
+                return self.registry + blob.group(0)
+        return None
 
     def current(self) -> tuple[int, dict[str, str]]:
         """The headers to send now, and their generation (for :meth:`refused`)."""
@@ -172,69 +194,70 @@ class OriginReader:
         """Without ``credentials`` the reader sends none (a public registry); with them
         it reads only if ``url`` is on their registry."""
         self.swarm = swarm
-        self.url = url
-        self.first = first
-        self.end = end
+        self.url = url  # as the tracker named it
+        self._read_url = url  # where it is read (OriginCredentials.read_url)
+        self.range = OriginRange(first, end)  # what to read, where to stop, when to renew
         self.client = client
         self.credentials = credentials
         self.limiter = limiter or RateLimiter(None)
-        self.next_index = first
         self.pieces_done = 0
         self.bytes_read = 0
         self.failed: str | None = None
         self.finished = trio.Event()
-        # Ask the tracker to renew a lease halfway through it, so the renewal arrives
-        # before the reader reaches the end and reading never pauses.
-        self._renew_at = first + (end - first) // 2
+
+    @property
+    def first(self) -> int:
+        return self.range.first
+
+    @property
+    def end(self) -> int:
+        return self.range.end
+
+    @property
+    def next_index(self) -> int:
+        return self.range.next_index
 
     def shrink(self, end: int) -> None:
-        """The tracker gave ``[end, old end)`` to another fetcher."""
-        if end < self.end:
-            self.swarm.return_to_peers(max(end, self.next_index), self.end)
-            self.end = max(end, self.next_index)
+        """The tracker gave ``[end, old end)`` to another fetcher (or we stop at ``end``)."""
+        returned = self.range.shrink(end)
+        if returned is not None:
+            self.swarm.return_to_peers(*returned)
 
     def extend(self, end: int) -> None:
         """The tracker renewed our lease up to ``end``: read on (if still running)."""
-        if end > self.end and not self.finished.is_set():
-            self.swarm.reserve_for_origin(self.end, end)
-            self.end = end
-            self._renew_at = self.next_index + (end - self.next_index) // 2
+        if not self.finished.is_set():
+            added = self.range.extend(end)
+            if added is not None:
+                self.swarm.reserve_for_origin(*added)
 
     async def run(self) -> None:
         """Read the range; on failure, hand the unread pieces back to the swarm."""
-        mi = self.swarm.metainfo
-        if self.credentials is not None and not self.credentials.allows(self.url):
+        swarm = self.swarm
+        mi = swarm.metainfo
+        credentials = self.credentials
+        read_url = self.url if credentials is None else credentials.read_url(self.url)
+        if credentials is not None and read_url is None:
             # Never a byte, nor a credential, to a host the node is not configured for.
-            self.failed = f"origin URL not on the configured registry {self.credentials.registry}"
+            self.failed = f"origin URL not on the configured registry {credentials.registry}"
             log.warning("refusing origin read of %s: %s", self.url, self.failed)
             self.finished.set()
             return
-        self.swarm.reserve_for_origin(self.first, self.end)
+        self._read_url = read_url or self.url
+        swarm.reserve_for_origin(self.range.first, self.range.end)
         try:
             while True:
-                index = self.next_index
-                while index < self.end and self.swarm.has_piece(index):
-                    index += 1
-                self.next_index = index
-                if index < self.end and self._taken(index):
-                    self.shrink(index)
-                if index >= self.end:
+                step = self.range.next_request(
+                    swarm.has_piece, swarm.held_by_peer, mi.piece_size, MAX_REQUEST_BYTES
+                )
+                if step.give_back is not None:
+                    swarm.return_to_peers(*step.give_back)
+                if step.read is None:
                     break
-                stop = index + 1
-                span = mi.piece_size(index)
-                while (
-                    stop < self.end
-                    and not self.swarm.has_piece(stop)
-                    and not self._taken(stop)
-                    and span + mi.piece_size(stop) <= MAX_REQUEST_BYTES
-                ):
-                    span += mi.piece_size(stop)
-                    stop += 1
                 generation, headers = (
                     self.credentials.current() if self.credentials is not None else (0, {})
                 )
                 try:
-                    await self._read_run(index, stop, headers)
+                    await self._read_run(*step.read, headers)
                 except RegistryError as exc:
                     if exc.status not in (401, 403) or self.credentials is None:
                         raise
@@ -249,16 +272,9 @@ class OriginReader:
                 "origin read of %s failed at piece %d: %s", self.url, self.next_index, self.failed
             )
         finally:
-            if self.next_index < self.end:
-                # Whatever we did not read goes back to the peers.
-                self.swarm.return_to_peers(self.next_index, self.end)
+            # Whatever we did not read goes back to the peers.
+            self.shrink(self.next_index)
             self.finished.set()
-
-    def _taken(self, index: int) -> bool:
-        """A peer already has this piece of our range: another fetcher was given the
-        rest of the range (work stealing) and we have not heard yet. Stop here instead of
-        reading the registry twice; the peers supply the rest."""
-        return self.swarm.held_by_peer(index)
 
     async def _read_run(self, start: int, stop: int, headers: Mapping[str, str]) -> None:
         mi = self.swarm.metainfo
@@ -268,7 +284,7 @@ class OriginReader:
         # A registry that ignores Range is fine only from byte 0 (skip_ignored=False):
         # reading and dropping a prefix would cost the registry another copy of it.
         async with open_blob_range(
-            self.client, self.url, byte_range, headers=headers, chunk_size=CHUNK_BYTES
+            self.client, self._read_url, byte_range, headers=headers, chunk_size=CHUNK_BYTES
         ) as chunks:
             index = start
             buffer = bytearray()
@@ -282,18 +298,18 @@ class OriginReader:
                     size = mi.piece_size(index)
                     piece = bytes(buffer[:size])
                     del buffer[:size]
-                    if index >= self.end:
-                        return  # stolen while in flight
-                    if self._taken(index) and not self.swarm.has_piece(index):
-                        self.shrink(index)
+                    if not self.range.piece_arrived(
+                        index,
+                        have=self.swarm.has_piece(index),
+                        held_by_peer=self.swarm.held_by_peer(index),
+                    ):
+                        self.shrink(index)  # stolen while in flight, or a peer has it
                         return
                     await self.swarm.accept_origin_piece(index, piece)
                     self.pieces_done += 1
-                    index += 1
-                    self.next_index = index
-                    if index >= self._renew_at:
-                        self._renew_at = self.end + 1  # once per lease
+                    if self.range.advanced(index):
                         self.swarm.announce_soon()  # report progress, renew the lease
+                    index += 1
                 if index >= stop:
                     break
             if index < stop:

@@ -14,6 +14,7 @@ Responses are always compact (BEP 23): ``peers`` holds 6 bytes per IPv4 peer, ``
 from __future__ import annotations
 
 import enum
+import hashlib
 import ipaddress
 import re
 import socket
@@ -27,6 +28,8 @@ from p2pimage.metainfo.torrent import is_digest
 
 __all__ = [
     "DEFAULT_NUMWANT",
+    "MAX_BATCH_BYTES",
+    "MAX_BATCH_SWARMS",
     "MAX_NUMWANT",
     "MAX_PIECES",
     "MAX_QUERY_BYTES",
@@ -38,10 +41,16 @@ __all__ = [
     "ScrapeRequest",
     "ScrapeStats",
     "TrackerRequestError",
+    "batch_query",
+    "check_batch_digest",
+    "encode_announce_batch",
+    "encode_announce_batch_response",
     "encode_announce_response",
     "encode_failure",
     "encode_scrape_response",
     "parse_announce",
+    "parse_announce_batch",
+    "parse_announce_batch_response",
     "parse_announce_response",
     "parse_scrape",
 ]
@@ -64,6 +73,25 @@ _MAX_INT_DIGITS = len(str(_MAX_INT))
 # Tracker responses we parse as a client: a 200-peer compact response is ~1.5 KB; a
 # non-compact one ~15 KB. 256 KiB refuses nothing real and bounds a hostile tracker.
 _MAX_RESPONSE_BYTES = 256 * 1024
+
+# Announces in one ``POST /announce/batch``: one per layer a node holds or pulls in one
+# cluster. 256 is a node with a very large image cache; a client with more sends several
+# batches. Each entry is bounded like a query string (MAX_QUERY_BYTES).
+MAX_BATCH_SWARMS = 256
+MAX_BATCH_BYTES = MAX_BATCH_SWARMS * MAX_QUERY_BYTES
+# The batch entries' integer parameters (the others are byte strings).
+_BATCH_INTS = frozenset(
+    {
+        b"port",
+        b"uploaded",
+        b"downloaded",
+        b"left",
+        b"compact",
+        b"numwant",
+        b"p2pimage_pieces",
+        b"p2pimage_origin_next",
+    }
+)
 
 # OCI distribution spec repository name grammar, with its 255-character limit.
 _REPO_RE = re.compile(
@@ -257,7 +285,10 @@ def _ip(raw: bytes | None) -> str | None:
 
 def parse_announce(query: bytes) -> AnnounceRequest:
     """Parse the raw query string of an announce; raise :class:`TrackerRequestError`."""
-    pairs = _pairs(query, frozenset())
+    return _announce_from_pairs(_pairs(query, frozenset()))
+
+
+def _announce_from_pairs(pairs: dict[bytes, list[bytes]]) -> AnnounceRequest:
     port = _uint(pairs, b"port")
     if not 1 <= port <= 65535:
         raise TrackerRequestError("invalid port")
@@ -301,6 +332,98 @@ def parse_announce(query: bytes) -> AnnounceRequest:
         repo=repo.decode("ascii") if repo is not None else None,
         origin_next=origin_next,
     )
+
+
+def encode_announce_batch(requests: Sequence[AnnounceRequest]) -> bytes:
+    """The body of ``POST /announce/batch``: ``{"announces": [entry, ...]}``, each entry a
+    dictionary of one announce's query parameters (integers as integers)."""
+    if not 1 <= len(requests) <= MAX_BATCH_SWARMS:
+        raise LocalProtocolError(f"a batch holds 1 to {MAX_BATCH_SWARMS} announces")
+    entries: list[Bencodable] = []
+    for req in requests:
+        entry: dict[bytes, Bencodable] = {}
+        for part in req.to_query().split(b"&"):
+            name, _, value = part.partition(b"=")
+            raw = unquote_to_bytes(value)
+            entry[name] = int(raw) if name in _BATCH_INTS else raw
+        entries.append(entry)
+    return bencode({b"announces": entries})
+
+
+def batch_query(body: bytes) -> str:
+    """The query string of the ``POST /announce/batch`` that carries ``body``: its
+    SHA-256, so that a proof of possession over the URL covers the body too."""
+    return "body_sha256=" + hashlib.sha256(body).hexdigest()
+
+
+def check_batch_digest(query: bytes, body: bytes) -> None:
+    """Raise :class:`TrackerRequestError` unless ``query`` is :func:`batch_query` of
+    ``body``."""
+    if query.decode("latin-1") != batch_query(body):
+        raise TrackerRequestError("batch: body_sha256 in the URL does not match the body")
+
+
+def parse_announce_batch(body: bytes) -> list[AnnounceRequest]:
+    """Parse the body of ``POST /announce/batch``: 1 to :data:`MAX_BATCH_SWARMS` announces
+    of distinct swarms, each validated exactly as a single announce's query string;
+    raise :class:`TrackerRequestError` for anything else."""
+    if not isinstance(body, bytes | bytearray) or len(body) > MAX_BATCH_BYTES:
+        raise TrackerRequestError(f"batch body over {MAX_BATCH_BYTES} bytes")
+    try:
+        value = bdecode(
+            body, max_size=MAX_BATCH_BYTES, max_depth=3, max_tokens=MAX_BATCH_SWARMS * 40
+        )
+    except BencodeError as exc:
+        raise TrackerRequestError(f"batch: {exc}") from None
+    entries = value.get(b"announces") if isinstance(value, dict) else None
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_BATCH_SWARMS:
+        raise TrackerRequestError(f"batch: announces must list 1 to {MAX_BATCH_SWARMS} swarms")
+    out: list[AnnounceRequest] = []
+    seen: set[bytes] = set()
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise TrackerRequestError("batch: an announce is not a dictionary")
+        pairs: dict[bytes, list[bytes]] = {}
+        for name, raw in entry.items():
+            if isinstance(raw, int):
+                pairs[name] = [b"%d" % raw]  # a negative one fails as in a query
+            elif isinstance(raw, bytes):
+                pairs[name] = [raw]
+            else:
+                raise TrackerRequestError(f"batch: bad {name.decode('latin-1')!r}")
+        req = _announce_from_pairs(pairs)
+        if req.info_hash in seen:
+            raise TrackerRequestError("batch: a swarm announced twice")
+        seen.add(req.info_hash)
+        out.append(req)
+    return out
+
+
+def encode_announce_batch_response(responses: Sequence[bytes]) -> bytes:
+    """``{"responses": [...]}``: one encoded single-announce answer (or failure) per
+    announce of the batch, in its order (:func:`encode_announce_response`,
+    :func:`encode_failure`)."""
+    return b"d9:responsesl" + b"".join(responses) + b"ee"
+
+
+def parse_announce_batch_response(data: bytes, count: int) -> list[AnnounceResponse]:
+    """Parse a batch answer (client side) into ``count`` responses. A failure of the whole
+    request (``failure reason`` at the top) is that failure for every announce."""
+    try:
+        value = bdecode(
+            data,
+            max_size=_MAX_RESPONSE_BYTES * 4,
+            max_depth=10,
+            max_tokens=20_000 + 40 * MAX_BATCH_SWARMS,
+        )
+    except BencodeError as exc:
+        raise TrackerRequestError(f"tracker response: {exc}") from None
+    if isinstance(value, dict) and b"failure reason" in value:
+        return [_announce_response(value)] * count
+    responses = value.get(b"responses") if isinstance(value, dict) else None
+    if not isinstance(responses, list) or len(responses) != count:
+        raise TrackerRequestError(f"tracker response: expected {count} responses")
+    return [_announce_response(r) for r in responses]
 
 
 def parse_scrape(query: bytes) -> ScrapeRequest:
@@ -430,6 +553,10 @@ def parse_announce_response(data: bytes) -> AnnounceResponse:
         value = bdecode(data, max_size=_MAX_RESPONSE_BYTES, max_depth=8, max_tokens=20_000)
     except BencodeError as exc:
         raise TrackerRequestError(f"tracker response: {exc}") from None
+    return _announce_response(value)
+
+
+def _announce_response(value: Bencodable) -> AnnounceResponse:
     if not isinstance(value, dict):
         raise TrackerRequestError("tracker response is not a dictionary")
     extras = value.get(b"p2pimage", {})

@@ -23,8 +23,17 @@ import trio
 
 from p2pimage.errors import P2PImageError
 from p2pimage.swarm.origin import OriginCredentials, OriginReader
+from p2pimage.swarm.policy import AnnounceSchedule, follow_origin
 from p2pimage.swarm.ratelimit import RateLimiter
-from p2pimage.tracker import AnnounceRequest, AnnounceResponse, Event, parse_announce_response
+from p2pimage.tracker import (
+    AnnounceRequest,
+    AnnounceResponse,
+    Event,
+    batch_query,
+    encode_announce_batch,
+    parse_announce_batch_response,
+    parse_announce_response,
+)
 
 if TYPE_CHECKING:
     from p2pimage.swarm.engine import Swarm
@@ -82,10 +91,45 @@ class TrackerClient:
             raise TrackerError(f"tracker answered HTTP {response.status_code}")
         return parsed
 
+    @property
+    def batch_url(self) -> str:
+        """``POST`` here to announce several swarms at once (a p2pimage tracker only)."""
+        return self.url.partition("?")[0].rstrip("/") + "/batch"
+
+    async def announce_batch(self, requests: list[AnnounceRequest]) -> list[AnnounceResponse]:
+        """Announce every swarm of ``requests`` in one request (p2pimage trackers; see
+        docs/protocol.md, "Batched announces"). One answer per request, in order; a swarm
+        the tracker refused has ``failure`` set, as from :meth:`announce`."""
+        body = encode_announce_batch(requests)
+        url = f"{self.batch_url}?{batch_query(body)}"  # the proof signs the body's digest
+        headers = {"Content-Type": "application/x-bittorrent"}
+        try:
+            if self.auth is None:
+                response = await self.http.post(
+                    url, content=body, headers=headers, timeout=self.timeout_s
+                )
+            else:
+                response = await self.http.post(
+                    url, content=body, headers=headers, auth=self.auth, timeout=self.timeout_s
+                )
+        except httpx.HTTPError as exc:
+            raise TrackerError(f"tracker {self.url} unreachable: {exc}") from None
+        try:
+            parsed = parse_announce_batch_response(response.content, len(requests))
+        except P2PImageError as exc:
+            raise TrackerError(
+                f"tracker answered HTTP {response.status_code} with garbage: {exc}"
+            ) from None
+        if response.status_code != 200 and parsed and parsed[0].failure is not None:
+            raise TrackerError(f"tracker refused: {parsed[0].failure}", reason=parsed[0].error)
+        if response.status_code != 200:
+            raise TrackerError(f"tracker answered HTTP {response.status_code}")
+        return parsed
+
 
 @dataclass
 class AnnounceSettings:
-    """How a swarm announces."""
+    """How a swarm announces (the rules: :class:`~p2pimage.swarm.policy.AnnounceSchedule`)."""
 
     numwant: int = 50
     # Re-announce this soon while the swarm has fewer than ``want_peers`` peers (a cold
@@ -98,6 +142,18 @@ class AnnounceSettings:
     retry_max_s: float = 30.0
     stop_timeout_s: float = 2.0
     min_gap_s: float = 0.1
+
+    def schedule(self, *, complete: bool = False) -> AnnounceSchedule:
+        """A fresh schedule; ``complete``: the blob was here before the first announce
+        (no ``completed`` event is ever sent then)."""
+        return AnnounceSchedule(
+            hungry_interval_s=self.hungry_interval_s,
+            want_peers=self.want_peers,
+            retry_s=self.retry_s,
+            retry_max_s=self.retry_max_s,
+            min_gap_s=self.min_gap_s,
+            completed_sent=complete,
+        )
 
 
 async def run_announcer(
@@ -117,10 +173,8 @@ async def run_announcer(
     client's, and only on their registry) through ``origin_limiter``.
     """
     cfg = settings or AnnounceSettings()
+    schedule = cfg.schedule(complete=swarm.complete.is_set())
     readers: list[OriginReader] = []
-    event = Event.STARTED
-    completed_sent = swarm.complete.is_set()
-    retry = cfg.retry_s
     last_announce = -math.inf
 
     def request(ev: Event) -> AnnounceRequest:
@@ -148,20 +202,16 @@ async def run_announcer(
             while not swarm.closed.is_set():
                 # Never faster than min_gap_s, whatever wakes us (a lease that ends at once
                 # must not turn into a tight loop against the tracker).
-                await trio.sleep_until(last_announce + cfg.min_gap_s)
+                await trio.sleep_until(last_announce + schedule.min_gap_s)
                 last_announce = trio.current_time()
+                event = schedule.event(swarm.complete.is_set())
                 try:
                     response = await tracker.announce(request(event))
                 except TrackerError as exc:
                     log.warning("announce %s: %s", swarm.metainfo.sha256[:19], exc)
-                    with trio.move_on_after(retry):
+                    with trio.move_on_after(schedule.failed()):
                         await swarm.closed.wait()
-                    retry = min(retry * 2, cfg.retry_max_s)
                     continue
-                retry = cfg.retry_s
-                if event is Event.COMPLETED:
-                    completed_sent = True
-                event = Event.NONE
                 swarm.add_peers(response.peers)
                 if origin_http is not None:
                     _apply_origin(
@@ -177,12 +227,14 @@ async def run_announcer(
                     log.info("tracker released %s", swarm.metainfo.sha256[:19])
                     swarm.release()
                     break
-                interval = float(max(response.interval, 1))
-                if not swarm.complete.is_set() and swarm.peer_count < cfg.want_peers:
-                    interval = max(cfg.hungry_interval_s, float(response.min_interval or 0))
+                interval = schedule.succeeded(
+                    event,
+                    interval=response.interval,
+                    min_interval=response.min_interval,
+                    complete=swarm.complete.is_set(),
+                    peers=swarm.peer_count,
+                )
                 await swarm.wait_announce_due(interval)  # completed, closed, or news: now
-                if swarm.complete.is_set() and not completed_sent:
-                    event = Event.COMPLETED
             nursery.cancel_scope.cancel()
     finally:
         with trio.move_on_after(cfg.stop_timeout_s) as scope:
@@ -202,37 +254,29 @@ def _apply_origin(
     credentials: OriginCredentials | None,
     limiter: RateLimiter | None,
 ) -> None:
-    """Follow the tracker's origin assignment.
-
-    The tracker names our unfetched remainder ``[first, end)`` on every answer while we
-    are a fetcher. Inside the current reader's range: the tail was stolen, shrink. No
-    assignment: stop reading (the range went elsewhere). A range elsewhere: stop the
-    current reader and read the new one.
-    """
-    origin = response.origin
+    """Follow the tracker's origin assignment (the rule: :func:`follow_origin`)."""
     current = readers[-1] if readers and not readers[-1].finished.is_set() else None
-    if origin is None:
-        if current is not None:
-            current.shrink(current.next_index)
-        return
-    read_end = origin.read_end  # within the lease, when the tracker gives one
+    follow = follow_origin(
+        current.range if current is not None else None,
+        current.url if current is not None else None,
+        response.origin,
+    )
     if current is not None:
-        if (
-            current.url == origin.url
-            and current.first <= origin.first_piece
-            and read_end <= current.end
-        ):
-            current.shrink(read_end)
+        if follow.action == "shrink":
+            current.shrink(follow.end)
             return
-        if current.url == origin.url and origin.first_piece <= current.next_index < read_end:
-            current.extend(read_end)  # a new lease on the range we are reading
+        if follow.action == "extend":
+            current.extend(follow.end)  # a new lease on the range we are reading
             return
-        current.shrink(current.next_index)
+        current.shrink(current.next_index)  # stop, or start another range
+    origin = response.origin
+    if follow.action != "start" or origin is None:
+        return
     reader = OriginReader(
         swarm,
         origin.url,
-        origin.first_piece,
-        read_end,
+        follow.first,
+        follow.end,
         client=http,
         credentials=credentials,
         limiter=limiter,

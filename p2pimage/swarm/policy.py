@@ -1,0 +1,355 @@
+"""The swarm engine's remaining decisions, as pure classes: whom to dial, which origin
+pieces to show to whom, when to announce, which origin pieces to read and when to stop.
+
+Like the picker and the choker, nothing here does I/O or reads a clock: callers pass
+``now`` and a :class:`random.Random`. The trio engine (:mod:`p2pimage.swarm.engine`,
+:mod:`p2pimage.swarm.origin`, :mod:`p2pimage.tracker.client`) and the simulator
+(``benchmarks/_sim.py``) call the same objects, so the simulator validates this code and
+not a copy of it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from p2pimage.errors import LocalProtocolError
+from p2pimage.tracker import Event, OriginAssignment
+
+__all__ = [
+    "AnnounceSchedule",
+    "DialPolicy",
+    "OriginFollow",
+    "OriginRange",
+    "OriginStep",
+    "RevealPolicy",
+    "follow_origin",
+]
+
+K = TypeVar("K", bound=Hashable)
+A = TypeVar("A", bound=Hashable)
+
+
+# --------------------------------------------------------------------------- dialling
+
+
+@dataclass(frozen=True, slots=True)
+class DialPolicy:
+    """Whom a swarm dials and whom it accepts.
+
+    ``dial_target``: dial only while fewer peers than this are connected or being dialled;
+    ``max_peers``: accept connections up to this many. (Why the two differ:
+    :class:`~p2pimage.swarm.engine.SwarmSettings`.)
+    """
+
+    dial_target: int
+    max_peers: int
+
+    def want_more(self, connected: int, dialing: int) -> bool:
+        return connected + dialing < self.dial_target
+
+    def may_accept(self, connected: int) -> bool:
+        return connected < self.max_peers
+
+    def to_dial(
+        self,
+        candidates: Iterable[A],
+        *,
+        connected: int,
+        dialing: int,
+        skip: Callable[[A], bool],
+    ) -> list[A]:
+        """The candidates to dial now, in the order given: those ``skip`` does not rule
+        out (connected, being dialled, banned, ourselves), until the dial target is met.
+        Duplicates in ``candidates`` are dialled once."""
+        out: list[A] = []
+        seen: set[A] = set()
+        for candidate in candidates:
+            if not self.want_more(connected, dialing + len(out)):
+                break
+            if candidate in seen or skip(candidate):
+                continue
+            seen.add(candidate)
+            out.append(candidate)
+        return out
+
+
+# --------------------------------------------------------------------------- origin reveal
+
+
+class RevealPolicy(Generic[K]):
+    """Which peer hears first of a piece this node read from the registry.
+
+    Each origin piece is revealed (``have``) to one peer only, the one with the fewest
+    revealed pieces it has not yet passed on: that peer fetches it and relays it, so the
+    fetcher's uplink carries the first copy of each origin piece rather than many copies
+    of the newest one (the rarest piece, which every peer would ask for). Like BEP 16
+    super-seeding, but only for pieces this node alone holds. A piece is shown to
+    everyone once another peer announces it (:meth:`peer_has`) or ``timeout_s`` after it
+    was revealed (:meth:`expired`).
+    """
+
+    def __init__(self, *, enabled: bool, timeout_s: float, rng: random.Random) -> None:
+        if timeout_s < 0:
+            raise LocalProtocolError("reveal timeout must be >= 0")
+        self.enabled = enabled
+        self.timeout_s = timeout_s
+        self._rng = rng
+        self._hidden: dict[int, tuple[K, float]] = {}  # piece -> (told, when)
+        self._pending: dict[K, int] = {}  # peer -> hidden pieces revealed to it
+
+    @property
+    def hidden(self) -> frozenset[int]:
+        """Pieces shown to one peer only (leave them out of bitfields to others)."""
+        return frozenset(self._hidden)
+
+    def is_hidden(self, index: int) -> bool:
+        return index in self._hidden
+
+    def reveal(self, index: int, candidates: Sequence[K], now: float) -> K | None:
+        """A piece arrived from the registry. ``candidates``: the connected peers that do
+        not have it. Returns the one peer to tell, or None: tell every peer."""
+        if not self.enabled or not candidates or index in self._hidden:
+            return None
+        pending = self._pending
+        target = min(candidates, key=lambda k: (pending.get(k, 0), self._rng.random()))
+        pending[target] = pending.get(target, 0) + 1
+        self._hidden[index] = (target, now)
+        return target
+
+    def peer_has(self, index: int) -> K | None:
+        """A peer announced ``index``: if it was hidden, it is now shown to everyone.
+        Returns the peer it had been revealed to (already told), or None if it was not
+        hidden."""
+        return self._show(index)
+
+    def expired(self, now: float) -> list[tuple[int, K]]:
+        """Hidden pieces whose timeout passed: show them to everyone now. Each item is
+        (piece, the peer already told)."""
+        due = [i for i, (_, at) in self._hidden.items() if now - at > self.timeout_s]
+        out: list[tuple[int, K]] = []
+        for index in due:
+            told = self._show(index)
+            if told is not None:
+                out.append((index, told))
+        return out
+
+    def peer_lost(self, key: K) -> list[int]:
+        """``key`` disconnected: the pieces revealed only to it are shown to everyone
+        (returned), since nobody else will pass them on."""
+        pieces = [i for i, (k, _) in self._hidden.items() if k == key]
+        for index in pieces:
+            self._show(index)
+        return pieces
+
+    def _show(self, index: int) -> K | None:
+        entry = self._hidden.pop(index, None)
+        if entry is None:
+            return None
+        told = entry[0]
+        left = self._pending.get(told, 0) - 1
+        if left > 0:
+            self._pending[told] = left
+        else:
+            self._pending.pop(told, None)
+        return told
+
+
+# --------------------------------------------------------------------------- announcing
+
+
+@dataclass(slots=True)
+class AnnounceSchedule:
+    """When a swarm announces next, and which event it sends.
+
+    ``started`` first; the normal interval the tracker gave (at least 1 s); while the swarm
+    is incomplete and short of ``want_peers``, every ``hungry_interval_s`` (or the
+    tracker's ``min interval``, if larger); at once on news (completion, close, origin
+    progress worth a lease renewal), but never sooner than ``min_gap_s`` after the last
+    announce; ``completed`` once. After a failure, retry after ``retry_s``, doubling up to
+    ``retry_max_s``.
+    """
+
+    hungry_interval_s: float = 1.0
+    want_peers: int = 8
+    retry_s: float = 1.0
+    retry_max_s: float = 30.0
+    min_gap_s: float = 0.1
+    started_sent: bool = False
+    completed_sent: bool = False
+    _retry: float | None = None
+
+    def event(self, complete: bool) -> Event:
+        """The event of the next announce."""
+        if not self.started_sent:
+            return Event.STARTED
+        if complete and not self.completed_sent:
+            return Event.COMPLETED
+        return Event.NONE
+
+    def succeeded(
+        self,
+        event: Event,
+        *,
+        interval: float,
+        min_interval: float | None,
+        complete: bool,
+        peers: int,
+    ) -> float:
+        """The announce carrying ``event`` was answered: seconds until the next one
+        (news may shorten it, down to ``min_gap_s``)."""
+        self._retry = None
+        if event is Event.STARTED:
+            self.started_sent = True
+        elif event is Event.COMPLETED:
+            self.completed_sent = True
+        wait = float(max(interval, 1))
+        if not complete and peers < self.want_peers:
+            wait = max(self.hungry_interval_s, float(min_interval or 0))
+        return wait
+
+    def failed(self) -> float:
+        """The announce failed: seconds until the retry."""
+        wait = self.retry_s if self._retry is None else min(self._retry * 2, self.retry_max_s)
+        self._retry = wait
+        return wait
+
+
+# --------------------------------------------------------------------------- origin reads
+
+
+@dataclass(frozen=True, slots=True)
+class OriginStep:
+    """The answer of :meth:`OriginRange.next_request`: pieces ``[start, stop)`` to read
+    next (None: the range is done), and a range to give back to the peers, if any."""
+
+    read: tuple[int, int] | None
+    give_back: tuple[int, int] | None
+
+
+class OriginRange:
+    """An origin fetcher's range ``[first, end)`` of pieces to read from the registry, and
+    the rules for reading it: skip pieces already here, stop where a peer already holds
+    a piece (the tracker gave the rest of the range to another fetcher and we have not
+    heard yet), group consecutive pieces into requests of at most ``max_request_bytes``,
+    and ask the tracker to renew the lease halfway through it, so the renewal arrives
+    before the reader reaches the end and reading never pauses.
+
+    The caller reserves ``[first, end)`` for the registry in its picker, and gives back to
+    the peers every range that :meth:`shrink` returns.
+    """
+
+    def __init__(self, first: int, end: int) -> None:
+        if not 0 <= first <= end:
+            raise LocalProtocolError(f"bad origin range [{first}, {end})")
+        self.first = first
+        self.end = end
+        self.next_index = first
+        self._renew_at = first + (end - first) // 2
+
+    @property
+    def done(self) -> bool:
+        return self.next_index >= self.end
+
+    def shrink(self, end: int) -> tuple[int, int] | None:
+        """Stop at ``end`` (the tracker gave ``[end, old end)`` away, or we stop): the
+        range to hand back to the peers, if any."""
+        if end >= self.end:
+            return None
+        new_end = max(end, self.next_index)
+        returned = (new_end, self.end)
+        self.end = new_end
+        return returned if returned[0] < returned[1] else None
+
+    def extend(self, end: int) -> tuple[int, int] | None:
+        """The tracker renewed the lease up to ``end``: the newly reserved range."""
+        if end <= self.end:
+            return None
+        added = (self.end, end)
+        self.end = end
+        self._renew_at = self.next_index + (end - self.next_index) // 2
+        return added
+
+    def next_request(
+        self,
+        has_piece: Callable[[int], bool],
+        held_by_peer: Callable[[int], bool],
+        piece_size: Callable[[int], int],
+        max_request_bytes: int,
+    ) -> OriginStep:
+        """The pieces to read in the next request (consecutive missing pieces, up to
+        ``max_request_bytes``), or none: the range is done, read or stopped where a peer
+        already holds a piece (``give_back`` is then the unread rest, for the peers)."""
+        index = self.next_index
+        while index < self.end and has_piece(index):
+            index += 1
+        self.next_index = index
+        give_back = None
+        if index < self.end and held_by_peer(index):
+            give_back = self.shrink(index)
+        if index >= self.end:
+            return OriginStep(None, give_back)
+        stop = index + 1
+        span = piece_size(index)
+        while (
+            stop < self.end
+            and not has_piece(stop)
+            and not held_by_peer(stop)
+            and span + piece_size(stop) <= max_request_bytes
+        ):
+            span += piece_size(stop)
+            stop += 1
+        return OriginStep((index, stop), None)
+
+    def piece_arrived(self, index: int, *, have: bool, held_by_peer: bool) -> bool:
+        """Piece ``index`` of the current request was read. True: store it; False: stop
+        reading (it was stolen while in flight, or a peer holds it: the rest of the range
+        went to another fetcher; call :meth:`shrink` with ``index``)."""
+        if index >= self.end:
+            return False
+        return not (held_by_peer and not have)
+
+    def advanced(self, index: int) -> bool:
+        """Piece ``index`` was stored: True if now is the time to renew the lease."""
+        self.next_index = index + 1
+        if self.next_index >= self._renew_at:
+            self._renew_at = self.end + 1  # once per lease
+            return True
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class OriginFollow:
+    """What a fetcher does on the tracker's answer (:func:`follow_origin`).
+
+    ``action``: ``"none"`` (not a fetcher, nothing running), ``"stop"`` (stop the current
+    range where it is), ``"shrink"`` / ``"extend"`` the current range to ``end``, or
+    ``"start"`` a new range ``[first, end)`` (stopping the current one first, if any).
+    """
+
+    action: str
+    first: int = 0
+    end: int = 0
+
+
+def follow_origin(
+    current: OriginRange | None, current_url: str | None, origin: OriginAssignment | None
+) -> OriginFollow:
+    """The fetcher's rule for the tracker's origin assignment.
+
+    The tracker names our unfetched remainder ``[first, end)`` on every answer while we
+    are a fetcher (the lease end when it gives one). Inside the current range: the tail
+    was stolen, shrink. A lease renewal of the range we read: extend. No assignment: stop
+    reading (the range went elsewhere). A range elsewhere: start it.
+    """
+    if origin is None:
+        return OriginFollow("none" if current is None else "stop")
+    read_end = origin.read_end
+    if current is not None and current_url == origin.url:
+        if current.first <= origin.first_piece and read_end <= current.end:
+            return OriginFollow("shrink", end=read_end)
+        if origin.first_piece <= current.next_index < read_end:
+            return OriginFollow("extend", end=read_end)
+    return OriginFollow("start", first=origin.first_piece, end=read_end)

@@ -1,0 +1,153 @@
+"""The swarm engine's pure policies (p2pimage/swarm/policy.py), which the engine and the
+simulator both call."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pimage.errors import LocalProtocolError
+from p2pimage.swarm.policy import (
+    AnnounceSchedule,
+    DialPolicy,
+    OriginRange,
+    RevealPolicy,
+    follow_origin,
+)
+from p2pimage.tracker import Event, OriginAssignment
+
+URL = "http://registry/v2/r/blobs/sha256:" + "0" * 64
+
+
+def test_dial_policy_stops_at_the_dial_target_and_skips_the_unwanted() -> None:
+    policy = DialPolicy(dial_target=3, max_peers=5)
+    got = policy.to_dial([1, 2, 2, 3, 4, 5], connected=1, dialing=0, skip=lambda a: a == 1)
+    assert got == [2, 3]  # 1 skipped, 2 once, then the target (3) is met
+    assert policy.to_dial([7], connected=2, dialing=1, skip=lambda a: False) == []
+    assert policy.want_more(2, 0) and not policy.want_more(2, 1)
+    assert policy.may_accept(4) and not policy.may_accept(5)
+
+
+def test_reveal_goes_to_the_least_loaded_peer_then_to_everyone() -> None:
+    reveal: RevealPolicy[str] = RevealPolicy(enabled=True, timeout_s=2.0, rng=random.Random(1))
+    first = reveal.reveal(0, ["a", "b"], now=0.0)
+    second = reveal.reveal(1, ["a", "b"], now=0.5)
+    assert {first, second} == {"a", "b"}  # one each: the second goes to the idle peer
+    assert reveal.hidden == {0, 1}
+    assert reveal.peer_has(0) == first  # someone relayed it: shown to all
+    assert reveal.peer_has(0) is None  # only once
+    assert reveal.expired(2.4) == []
+    assert reveal.expired(2.6) == [(1, second)]
+    assert reveal.hidden == frozenset()
+
+
+def test_reveal_disabled_or_without_candidates_tells_everyone() -> None:
+    off: RevealPolicy[str] = RevealPolicy(enabled=False, timeout_s=2.0, rng=random.Random(1))
+    assert off.reveal(0, ["a"], now=0.0) is None
+    on: RevealPolicy[str] = RevealPolicy(enabled=True, timeout_s=2.0, rng=random.Random(1))
+    assert on.reveal(0, [], now=0.0) is None
+    assert on.hidden == frozenset()
+
+
+def test_reveal_to_a_peer_that_leaves_is_shown_to_everyone() -> None:
+    reveal: RevealPolicy[str] = RevealPolicy(enabled=True, timeout_s=2.0, rng=random.Random(1))
+    assert reveal.reveal(3, ["a"], now=0.0) == "a"
+    assert reveal.peer_lost("a") == [3]
+    assert not reveal.is_hidden(3)
+    # Its load is gone too: the next reveal may go to it again once it returns.
+    assert reveal.reveal(4, ["a", "b"], now=1.0) in {"a", "b"}
+
+
+def test_announce_schedule_events_intervals_and_retries() -> None:
+    s = AnnounceSchedule(hungry_interval_s=1.0, want_peers=8, retry_s=1.0, retry_max_s=4.0)
+    assert s.event(complete=False) is Event.STARTED
+    assert [s.failed(), s.failed(), s.failed(), s.failed()] == [1.0, 2.0, 4.0, 4.0]
+    assert s.event(complete=False) is Event.STARTED  # not answered yet: still started
+    # Short of peers: hungry (the tracker's min interval wins if larger).
+    assert s.succeeded(Event.STARTED, interval=30, min_interval=5, complete=False, peers=2) == 5
+    assert s.failed() == 1.0  # a success resets the back-off
+    assert s.succeeded(Event.NONE, interval=30, min_interval=0, complete=False, peers=2) == 1.0
+    assert s.succeeded(Event.NONE, interval=30, min_interval=5, complete=False, peers=9) == 30
+    assert s.event(complete=False) is Event.NONE
+    assert s.event(complete=True) is Event.COMPLETED
+    s.succeeded(Event.COMPLETED, interval=30, min_interval=5, complete=True, peers=0)
+    assert s.event(complete=True) is Event.NONE
+    seeded = AnnounceSchedule(completed_sent=True)  # complete before the first announce
+    seeded.succeeded(Event.STARTED, interval=30, min_interval=5, complete=True, peers=0)
+    assert seeded.event(complete=True) is Event.NONE
+
+
+def test_origin_range_groups_requests_skips_held_and_stops_at_a_stolen_piece() -> None:
+    r = OriginRange(0, 10)
+    have = {0, 1}
+    held = {6}
+    step = r.next_request(have.__contains__, held.__contains__, lambda i: 4, 12)
+    assert step.read == (2, 5) and step.give_back is None  # three pieces fit in 12 bytes
+    for i in range(2, 5):
+        assert r.piece_arrived(i, have=False, held_by_peer=False)
+        r.advanced(i)
+    step = r.next_request(have.__contains__, held.__contains__, lambda i: 4, 12)
+    assert step.read == (5, 6)  # stops before the piece a peer holds
+    r.advanced(5)
+    step = r.next_request(have.__contains__, held.__contains__, lambda i: 4, 12)
+    assert step.read is None and step.give_back == (6, 10)
+    assert r.done and r.end == 6
+
+
+def test_origin_range_renews_halfway_through_each_lease() -> None:
+    r = OriginRange(0, 8)
+    assert [r.advanced(i) for i in range(4)] == [False, False, False, True]
+    assert r.extend(16) == (8, 16)
+    renewals = [i for i in range(4, 16) if r.advanced(i)]
+    assert renewals == [9]  # halfway from 4 to 16
+    assert r.extend(10) is None  # never shrinks
+    assert r.shrink(20) is None
+
+
+def test_origin_range_a_piece_stolen_in_flight_is_not_stored() -> None:
+    r = OriginRange(0, 8)
+    assert r.shrink(4) == (4, 8)
+    assert not r.piece_arrived(5, have=False, held_by_peer=False)  # past the new end
+    assert not r.piece_arrived(2, have=False, held_by_peer=True)  # a peer has it
+    assert r.piece_arrived(2, have=True, held_by_peer=True)  # ours already: harmless
+    with pytest.raises(LocalProtocolError):
+        OriginRange(5, 4)
+
+
+@given(
+    first=st.integers(0, 50),
+    length=st.integers(0, 50),
+    cut=st.integers(0, 120),
+    read=st.integers(0, 50),
+)
+def test_origin_range_shrink_never_gives_back_read_pieces(
+    first: int, length: int, cut: int, read: int
+) -> None:
+    r = OriginRange(first, first + length)
+    for i in range(first, min(first + read, first + length)):
+        r.advanced(i)
+    old_end = r.end
+    back = r.shrink(cut)
+    assert r.next_index <= r.end or r.end == old_end
+    if back is not None:
+        assert r.next_index <= back[0] < back[1] == old_end
+        assert back[0] == r.end
+
+
+def test_follow_origin_rules() -> None:
+    cur = OriginRange(10, 20)
+    cur.advanced(10)
+    cur.advanced(11)
+    assert follow_origin(None, None, None).action == "none"
+    assert follow_origin(cur, URL, None).action == "stop"
+    shrink = follow_origin(cur, URL, OriginAssignment(URL, 12, 16))
+    assert (shrink.action, shrink.end) == ("shrink", 16)
+    extend = follow_origin(cur, URL, OriginAssignment(URL, 12, 40, 30))
+    assert (extend.action, extend.end) == ("extend", 30)
+    elsewhere = follow_origin(cur, URL, OriginAssignment(URL, 50, 60))
+    assert (elsewhere.action, elsewhere.first, elsewhere.end) == ("start", 50, 60)
+    other_blob = follow_origin(cur, URL, OriginAssignment(URL + "x", 12, 16))
+    assert other_blob.action == "start"
