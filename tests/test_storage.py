@@ -233,6 +233,18 @@ def test_state_with_spare_bits_or_wrong_partial_size_starts_clean(
         assert store.num_have == 0
 
 
+def test_a_whole_piece_in_one_block_frees_its_assembly(tmp_path: Path) -> None:
+    """A piece that was being assembled and then arrives whole in one block is stored,
+    and its assembly buffer no longer counts against max_pieces_in_progress."""
+    data, meta = make_blob(8 * PL)
+    with PieceStorage.open(tmp_path, meta, max_buffered_bytes=2 * PL) as store:
+        assert store.write_block(0, 0, piece(data, meta, 0)[:BLOCK]) is False
+        assert store.write_block(1, 0, piece(data, meta, 1)[:BLOCK]) is False
+        assert store.write_block(0, 0, piece(data, meta, 0)) is True
+        assert store.has_piece(0)
+        assert store.write_block(2, 0, piece(data, meta, 2)[:BLOCK]) is False  # room again
+
+
 def _padded_state(good: bytes, size: int) -> bytes:
     """``good`` (a bencoded dict) with an unknown trailing key that makes it ``size`` bytes."""
     for n in range(size):
