@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def main() -> int:
                     messages += 1
                 elif status == "survived" and pair and isinstance(pair[0], ast.Assert):
                     kind = "invariant"
-                elif name in section:
+                elif re.search(re.escape(name) + r"(?![0-9])", section):  # not _1 for _16
                     kind = "explained"
                 else:
                     kind = "unexplained"

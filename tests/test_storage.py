@@ -22,7 +22,7 @@ from p2pimage.errors import (
     StorageError,
 )
 from p2pimage.metainfo.torrent import MIN_PIECE_LENGTH, Metainfo, MetainfoBuilder
-from p2pimage.storage.pieces import PieceStorage
+from p2pimage.storage.pieces import PieceStorage, _Assembly
 
 PL = MIN_PIECE_LENGTH
 BLOCK = 4096
@@ -231,6 +231,115 @@ def test_state_with_spare_bits_or_wrong_partial_size_starts_clean(
     os.truncate(tmp_path / f"{meta.digest_hex}.partial", 5)
     with PieceStorage.open(tmp_path, meta) as store:
         assert store.num_have == 0
+
+
+def test_a_whole_piece_in_one_block_frees_its_assembly(tmp_path: Path) -> None:
+    """A piece that was being assembled and then arrives whole in one block is stored,
+    and its assembly buffer no longer counts against max_pieces_in_progress."""
+    data, meta = make_blob(8 * PL)
+    with PieceStorage.open(tmp_path, meta, max_buffered_bytes=2 * PL) as store:
+        assert store.write_block(0, 0, piece(data, meta, 0)[:BLOCK]) is False
+        assert store.write_block(1, 0, piece(data, meta, 1)[:BLOCK]) is False
+        assert store.write_block(0, 0, piece(data, meta, 0)) is True
+        assert store.has_piece(0)
+        assert store.write_block(2, 0, piece(data, meta, 2)[:BLOCK]) is False  # room again
+
+
+def _padded_state(good: bytes, size: int) -> bytes:
+    """``good`` (a bencoded dict) with an unknown trailing key that makes it ``size`` bytes."""
+    for n in range(size):
+        out = good[:-1] + b"2:zz" + str(n).encode() + b":" + b"x" * n + b"e"
+        if len(out) == size:
+            return out
+    raise AssertionError(f"no padding makes {size} bytes")
+
+
+def test_state_size_cap_edges(tmp_path: Path, blob: tuple[bytes, Metainfo]) -> None:
+    """The resume state is read up to 64 + 2 * (bytes of the bitfield) + 100 bytes, and
+    refused (a clean start) one byte beyond."""
+    data, meta = blob
+    with PieceStorage.open(tmp_path, meta) as store:
+        store.write_piece(0, piece(data, meta, 0))
+    state = tmp_path / f"{meta.digest_hex}.state"
+    good = state.read_bytes()
+    cap = 64 + 2 * ((meta.num_pieces + 7) // 8) + 100
+    state.write_bytes(_padded_state(good, cap))
+    with PieceStorage.open(tmp_path, meta) as store:
+        assert store.num_have == 1
+    state.write_bytes(_padded_state(good, cap + 1))
+    with PieceStorage.open(tmp_path, meta) as store:
+        assert store.num_have == 0
+        assert not state.exists()
+
+
+def test_state_counts_only_the_pieces_it_claims(
+    tmp_path: Path, blob: tuple[bytes, Metainfo]
+) -> None:
+    """Good bytes on disk for a piece the state does not claim are not taken."""
+    data, meta = blob
+    with PieceStorage.open(tmp_path, meta) as store:
+        for i in (0, 7, 8):
+            store.write_piece(i, piece(data, meta, i))
+    state = tmp_path / f"{meta.digest_hex}.state"
+    good = state.read_bytes()
+    assert b"4:have2:\x81\x80" in good
+    state.write_bytes(good.replace(b"4:have2:\x81\x80", b"4:have2:\x01\x00"))
+    with PieceStorage.open(tmp_path, meta) as store:
+        assert [i for i in range(meta.num_pieces) if store.has_piece(i)] == [7]
+
+
+def test_state_with_one_spare_bit_set_starts_clean(tmp_path: Path) -> None:
+    data, meta = make_blob(22 * PL + 5)  # 23 pieces: a 3-byte bitfield, one spare bit
+    assert meta.num_pieces == 23
+    with PieceStorage.open(tmp_path, meta) as store:
+        store.write_piece(0, piece(data, meta, 0))
+    state = tmp_path / f"{meta.digest_hex}.state"
+    good = state.read_bytes()
+    assert b"4:have3:\x80\x00\x00" in good
+    state.write_bytes(good.replace(b"4:have3:\x80\x00\x00", b"4:have3:\x80\x00\x01"))
+    with PieceStorage.open(tmp_path, meta) as store:
+        assert store.num_have == 0
+
+
+def test_finalize_a_blob_longer_than_one_read(tmp_path: Path) -> None:
+    """finalize hashes the blob in 4 MiB reads; the last one is short."""
+    data = random.Random(5).randbytes(4 * 1024 * 1024 + 1234)
+    builder = MetainfoBuilder(len(data), "layer", 1024 * 1024)
+    builder.update(data)
+    meta = builder.finish()
+    with PieceStorage.open(tmp_path, meta) as store:
+        for i in range(meta.num_pieces):
+            store.write_piece(i, piece(data, meta, i))
+        assert store.finalize_sync().read_bytes() == data
+
+
+def test_finalize_survives_a_directory_that_cannot_be_synced(
+    tmp_path: Path, blob: tuple[bytes, Metainfo], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fsync of the directory after the rename is best effort: its failure is not
+    the blob's."""
+    data, meta = blob
+    real_open = os.open
+
+    def no_directories(path: object, flags: int, *args: object) -> int:
+        if Path(str(path)) == tmp_path:
+            raise OSError(errno.EIO, "simulated")
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    with PieceStorage.open(tmp_path, meta) as store:
+        for i in range(meta.num_pieces):
+            store.write_piece(i, piece(data, meta, i))
+        monkeypatch.setattr(os, "open", no_directories)
+        assert store.finalize_sync().read_bytes() == data
+
+
+def test_assembly_does_not_take_a_range_from_byte_1_for_a_leading_one() -> None:
+    """A piece whose byte 0 is missing is not complete, however the rest arrived."""
+    asm = _Assembly(10)
+    assert asm.add(1, memoryview(b"x" * 3)) is False  # [1, 4)
+    assert asm.add(4, memoryview(b"x" * 6)) is False  # [1, 10): byte 0 still missing
+    assert asm.ranges == [[1, 10]]
+    assert asm.add(0, memoryview(b"x")) is True
 
 
 async def test_stream_in_order_while_writing(tmp_path: Path) -> None:

@@ -547,6 +547,23 @@ async def test_steals_never_take_leased_pieces(state: TrackerState) -> None:
     assert (await h2.announce(1, 2, pieces=100, info_hash=b"\x02" * 20)).origin is None
 
 
+async def test_a_lease_of_one_piece_and_no_lease(state: TrackerState) -> None:
+    """A lease of one piece is a lease (not the whole range); a lease of 0 is none."""
+    out = await harness(state, origin_lease_pieces=1).announce(0, 0, pieces=100)
+    assert out.origin is not None
+    assert (out.origin.first_piece, out.origin.end_piece, out.origin.lease_end) == (0, 100, 1)
+    out = await harness(state, origin_lease_pieces=0).announce(0, 0, pieces=100, cluster="c2")
+    assert out.origin is not None
+    assert (out.origin.first_piece, out.origin.end_piece, out.origin.lease_end) == (0, 100, None)
+
+
+def test_unowned_work_is_taken_largest_range_first() -> None:
+    policy = TrackerPolicy(PolicyConfig(origin_lease_pieces=0), rng=random.Random(7))
+    swarm = SwarmRecord(pieces=100, unassigned=[(0, 10), (10, 60), (60, 70), (90, 100)])
+    assert policy._take_work(swarm) == (10, 60)
+    assert swarm.unassigned == [(0, 10), (60, 70), (90, 100)]
+
+
 def test_default_lease_scales_with_the_layer() -> None:
     config = PolicyConfig()
     assert config.lease(16) == 4

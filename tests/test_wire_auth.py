@@ -51,6 +51,8 @@ from p2pimage.wire import (
     auth_transcript,
 )
 from p2pimage.wire._codec import (
+    MAX_AUTH_SIGNATURE_LENGTH,
+    MAX_AUTH_TOKEN_LENGTH,
     build_extended,
     build_extended_handshake,
     build_handshake,
@@ -762,3 +764,128 @@ def test_whatever_an_unverified_connector_sends_the_responder_reveals_nothing(
     victim, out = _responder_facing(tail)
     _, records = split_wire(out)
     assert records == [] and not victim.is_open
+
+
+# --- edges of the auth message and the handshake context (mutation testing) -------------
+
+
+def _auth_with(token: Any, sig: Any) -> tuple[PeerConnection, bytes]:
+    """A victim responder, and the initiator's opening with an auth message carrying
+    ``token`` and ``sig`` (the real ones where given as None)."""
+    victim, hs, ext, auth, writer = _attacker_frames()
+    payload = bdecode(auth[6:])
+    assert isinstance(payload, dict)
+    if token is not None:
+        payload[b"token"] = token
+    if sig is not None:
+        payload[b"sig"] = sig
+    return victim, hs + ext + writer().seal(build_extended(1, bencode(payload)))
+
+
+@pytest.mark.parametrize(
+    ("token", "sig", "refusal"),
+    [
+        (5, None, "lacks a token"),
+        ([b"a.b.c"], None, "lacks a token"),
+        (b"", None, "lacks a token"),
+        (b"x" * (MAX_AUTH_TOKEN_LENGTH + 1), None, "lacks a token"),
+        (None, 7, "lacks a signature"),
+        (None, b"", "lacks a signature"),
+        (None, b"s" * (MAX_AUTH_SIGNATURE_LENGTH + 1), "lacks a signature"),
+    ],
+)
+def test_auth_message_fields_of_the_wrong_type_or_size(token: Any, sig: Any, refusal: str) -> None:
+    """Refused as a protocol error naming the field, before any verification."""
+    victim, data = _auth_with(token, sig)
+    err = _feed_until_error(victim, data)
+    assert type(err) is RemoteProtocolError and refusal in str(err)
+
+
+@pytest.mark.parametrize(
+    ("token", "sig"),
+    [
+        (b"x", None),
+        (b"x" * MAX_AUTH_TOKEN_LENGTH, None),
+        (None, b"s"),
+        (None, b"s" * MAX_AUTH_SIGNATURE_LENGTH),
+    ],
+)
+def test_auth_message_fields_within_their_size_reach_verification(token: Any, sig: Any) -> None:
+    """A token or signature of 1 byte or of the maximum length is not refused for its
+    size: verification refuses it (AuthError), not the frame check."""
+    victim, data = _auth_with(token, sig)
+    victim.receive_data(data)
+    with pytest.raises(AuthError):
+        drain_all_accepting(victim)
+    assert not victim.is_open and victim.peer_token is None
+
+
+def test_extended_handshake_resent_after_auth_with_more_behind_it() -> None:
+    """An extended handshake re-sent once open (BEP 10) is parsed to its own end: the
+    message in the same record behind it is the next event."""
+    victim, hs, ext, auth, writer = _attacker_frames()
+    w = writer()
+    victim.receive_data(hs + ext + w.seal(auth))
+    assert isinstance(drain_all_accepting(victim)[-1], PeerAuthenticated)
+    victim.receive_data(w.seal(ext + b"\x00\x00\x00\x01\x02"))  # then "interested"
+    events = drain_all_accepting(victim)
+    assert [type(e).__name__ for e in events] == ["ExtendedHandshake", "Interested"]
+    assert victim.is_open
+
+
+def _context(mode: bytes, id_i: bytes, id_r: bytes) -> bytes:
+    """The handshake context as docs/protocol.md §3.2 writes it, built by hand."""
+    return b"".join(
+        (INFO_HASH, id_i, id_r, NONCE_I, NONCE_R, kx_public_key(KX_I), kx_public_key(KX_R), mode)
+    )
+
+
+def test_handshake_context_known_answer() -> None:
+    fields = {
+        "info_hash": INFO_HASH,
+        "initiator_peer_id": ID_I,
+        "responder_peer_id": ID_R,
+        "initiator_nonce": NONCE_I,
+        "responder_nonce": NONCE_R,
+        "initiator_kx": kx_public_key(KX_I),
+        "responder_kx": kx_public_key(KX_R),
+    }
+    assert handshake_context(**fields) == _context(b"E", ID_I, ID_R)
+    assert handshake_context(**fields, encrypted=True) == _context(b"E", ID_I, ID_R)
+    assert handshake_context(**fields, encrypted=False) == _context(b"P", ID_I, ID_R)
+    assert len(_context(b"P", ID_I, ID_R)) == 20 * 3 + 32 * 4 + 1
+
+
+@pytest.mark.parametrize("encrypt", [True, False])
+def test_record_keys_come_from_the_context_naming_the_mode(encrypt: bool) -> None:
+    """A responder in either mode accepts the initiator's auth message sealed under the
+    keys of the documented context with its own mode byte, and refuses it under the
+    other mode's."""
+    key_i, key_r = NodeKey.generate(), NodeKey.generate()
+    a = connection(Role.INITIATOR, honest_authenticator(key_i, issue(key_i)), encrypt=encrypt)
+    b = connection(Role.RESPONDER, honest_authenticator(key_r, issue(key_r)), encrypt=encrypt)
+    _, _, wire_a, _ = run(a, b)
+    ext_end = 72 + struct.unpack_from(">I", wire_a, 68)[0]
+    hs, ext = wire_a[:68], wire_a[68:ext_end]
+    records = split_wire(wire_a)[1]
+    own = _context(b"E" if encrypt else b"P", a.our_peer_id, b.our_peer_id)
+    i2r, _ = derive_keys(
+        our_role=Role.INITIATOR, private=KX_I, peer_public=kx_public_key(KX_R), context=own
+    )
+    auth = RecordReader(i2r).feed(records[0])
+    assert auth[4] == 20
+    for mode in (b"E", b"P"):
+        victim = connection(
+            Role.RESPONDER, honest_authenticator(key_r, issue(key_r)), encrypt=encrypt
+        )
+        context = _context(mode, a.our_peer_id, victim.our_peer_id)
+        i2r, _ = derive_keys(
+            our_role=Role.INITIATOR, private=KX_I, peer_public=kx_public_key(KX_R), context=context
+        )
+        victim.receive_data(hs + ext + RecordWriter(i2r).seal(auth))
+        if mode == (b"E" if encrypt else b"P"):
+            assert isinstance(drain_all_accepting(victim)[-1], PeerAuthenticated)
+            assert victim.encrypted is encrypt
+        else:
+            with pytest.raises(RemoteProtocolError, match="record failed authentication"):
+                drain_all_accepting(victim)
