@@ -347,6 +347,12 @@ async def test_a_blob_the_registry_deleted_leaves_the_cache(tmp_path: Path, regi
         assert await mirror.pull("team/other", digest) == data
         assert mirror.layers.stats.pulls["cache"] == 2
 
+        # The registry's yes, asked again for each served repository, drops nothing:
+        # only its 404 counts.
+        assert await mirror.status("team/app", digest) == 200
+        assert await mirror.status("team/other", digest) == 200
+        assert mirror.cache.is_complete(key)
+
         assert await mirror.status("team/never-had-it", digest) == 404
         assert mirror.cache.is_complete(key)  # a stranger's 404 evicts nothing
 
