@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -28,3 +31,27 @@ def write_random_file(path: Path, size: int) -> None:
             chunk = os.urandom(min(remaining, 4 * MIB))
             f.write(chunk)
             remaining -= len(chunk)
+
+
+def collect(prefix: str, attribute: str) -> list[Any]:
+    """The items of the list ``attribute`` of every ``benchmarks.<prefix>*`` module, in
+    module then list order (the attack suite's and the fault matrix's registries). Their
+    ``name`` attributes must be unique: each is a row of a table and a test id."""
+    import benchmarks
+
+    found: list[Any] = []
+    for info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda i: i.name):
+        if info.name.startswith(prefix):
+            found.extend(getattr(importlib.import_module(f"benchmarks.{info.name}"), attribute))
+    names = [item.name for item in found]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise RuntimeError(f"names in benchmarks.{prefix}* must be unique: {sorted(duplicates)}")
+    return found
+
+
+def replace_between(path: Path, begin: str, end: str, text: str) -> None:
+    """Rewrite what stands between the markers ``begin`` and ``end`` in ``path``."""
+    head, _, rest = path.read_text().partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")

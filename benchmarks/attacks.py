@@ -13,9 +13,7 @@ docs/security.md between its ``attack-table`` markers. The same attacks run as t
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import pkgutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +21,8 @@ from pathlib import Path
 import trio
 from rich.table import Table
 
-import benchmarks
 from benchmarks._attack import Attack, AttackBed, AttackResult
-from benchmarks._util import print_table
+from benchmarks._util import collect, print_table, replace_between
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "security.md"
 BEGIN, END = "<!-- attack-table:begin -->", "<!-- attack-table:end -->"
@@ -33,16 +30,7 @@ BEGIN, END = "<!-- attack-table:begin -->", "<!-- attack-table:end -->"
 
 def all_attacks() -> list[Attack]:
     """Every attack of every ``benchmarks._attacks_*`` module, in module then list order."""
-    found: list[Attack] = []
-    for info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda i: i.name):
-        if info.name.startswith("_attacks_"):
-            module = importlib.import_module(f"benchmarks.{info.name}")
-            found.extend(module.ATTACKS)
-    names = [a.name for a in found]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:
-        raise RuntimeError(f"attack names must be unique: {sorted(duplicates)}")
-    return found
+    return collect("_attacks_", "ATTACKS")
 
 
 async def run_attack(attack: Attack, tmp: Path) -> AttackResult:
@@ -67,10 +55,7 @@ def _markdown(rows: list[tuple[Attack, AttackResult]]) -> str:
 
 
 def write_doc(rows: list[tuple[Attack, AttackResult]]) -> None:
-    text = DOC.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    DOC.write_text(f"{head}{BEGIN}\n{_markdown(rows)}\n{END}{tail}")
+    replace_between(DOC, BEGIN, END, _markdown(rows))
 
 
 def main() -> None:

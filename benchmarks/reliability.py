@@ -14,10 +14,8 @@ run as tests (tests/test_reliability.py).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
-import pkgutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +23,8 @@ from pathlib import Path
 import trio
 from rich.table import Table
 
-import benchmarks
 from benchmarks._fault import Fault, FaultBed, FaultResult
-from benchmarks._util import print_table
+from benchmarks._util import collect, print_table, replace_between
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 BEGIN, END = "<!-- fault-table:begin -->", "<!-- fault-table:end -->"
@@ -35,16 +32,7 @@ BEGIN, END = "<!-- fault-table:begin -->", "<!-- fault-table:end -->"
 
 def all_faults() -> list[Fault]:
     """Every scenario of every ``benchmarks._faults_*`` module, in module then list order."""
-    found: list[Fault] = []
-    for info in sorted(pkgutil.iter_modules(benchmarks.__path__), key=lambda i: i.name):
-        if info.name.startswith("_faults_"):
-            module = importlib.import_module(f"benchmarks.{info.name}")
-            found.extend(module.FAULTS)
-    names = [f.name for f in found]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:
-        raise RuntimeError(f"scenario names must be unique: {sorted(duplicates)}")
-    return found
+    return collect("_faults_", "FAULTS")
 
 
 async def run_fault(fault: Fault, tmp: Path) -> FaultResult:
@@ -71,10 +59,7 @@ def _markdown(rows: list[tuple[Fault, FaultResult, float]]) -> str:
 
 
 def write_doc(rows: list[tuple[Fault, FaultResult, float]]) -> None:
-    text = DOC.read_text()
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    DOC.write_text(f"{head}{BEGIN}\n{_markdown(rows)}\n{END}{tail}")
+    replace_between(DOC, BEGIN, END, _markdown(rows))
 
 
 def main() -> None:
