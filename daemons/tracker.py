@@ -613,21 +613,13 @@ def create_app(tracker: Tracker) -> Starlette:
         metrics.preheat_requests.labels(kind, "bad_request" if status == 400 else "refused").inc()
         return JSONResponse({"error": message}, status_code=status)
 
-    async def preheat_body(request: Request) -> bytes | None:
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_PREHEAT_BODY:
-                return None
-        return bytes(body)
-
     async def preheat_submit(request: Request) -> Response:
         now = tracker.clock()
         try:
             cluster, subject = await preheat_caller(request, "submit", now)
         except _Refused as refused:
             return refused.response
-        body = await preheat_body(request)
+        body = await read_body(request, MAX_PREHEAT_BODY)
         if body is None:
             return preheat_error("submit", 413, f"body exceeds {MAX_PREHEAT_BODY} bytes")
         try:
@@ -703,7 +695,7 @@ def create_app(tracker: Tracker) -> Starlette:
             cluster, subject = await preheat_caller(request, "report", now)
         except _Refused as refused:
             return refused.response
-        body = await preheat_body(request)
+        body = await read_body(request, MAX_PREHEAT_BODY)
         if body is None:
             return preheat_error("report", 413, f"body exceeds {MAX_PREHEAT_BODY} bytes")
         try:

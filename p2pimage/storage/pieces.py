@@ -421,15 +421,12 @@ class PieceStorage:
         if self.has_piece(index):
             return False
         if begin == 0 and len(view) == size:
+            # A whole piece in one block (large blocks between p2pimage peers): hash and
+            # write it where it lies, no assembly buffer, no copy; drop any partial one.
             self._assembling.pop(index, None)
             self._store_verified(index, view)
             return True
         assembly = self._assembling.get(index)
-        if assembly is None and begin == 0 and len(view) == size:
-            # A whole piece in one block (large blocks between p2pimage peers): hash and
-            # write it where it lies, no assembly buffer, no copy.
-            self._store_verified(index, view)
-            return True
         if assembly is None:
             if len(self._assembling) >= self.max_pieces_in_progress:
                 raise StorageBusyError(
