@@ -23,6 +23,7 @@ from daemons.tracker import TrackerSettings, run_tracker, tracker
 from p2pimage.auth.tokens import (
     DEFAULT_PROOF_WINDOW_S,
     NodeKey,
+    ProofReplayCache,
     SigningKey,
     TokenIssuer,
     bound_peer_id,
@@ -30,7 +31,7 @@ from p2pimage.auth.tokens import (
 )
 from p2pimage.metainfo.bencoding import bdecode
 from p2pimage.sidecar.client import DPoPAuth
-from p2pimage.tracker import AnnounceRequest, Event, parse_announce_response
+from p2pimage.tracker import AnnounceRequest, Event, MemoryState, parse_announce_response
 from tests._tracker_fixtures import redis_port
 
 __all__ = ["redis_port"]
@@ -360,6 +361,27 @@ async def test_redis_outage_is_a_503_with_a_reason(jwks_file: Path, issuer: Toke
         r = await http.get(announce_url(base, 1, left=3), auth=token(issuer, "c"))
         assert r.status_code == 503
         assert parse_announce_response(r.content).failure == "tracker state unavailable"
+
+
+async def test_a_full_replay_cache_is_a_503_not_a_pass(
+    jwks_file: Path, issuer: TokenIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay cache full of live nonces refuses the next proof (503, ``unavailable``)
+    rather than forgetting a nonce, which would let a captured proof be replayed."""
+    import daemons.tracker
+
+    monkeypatch.setattr(
+        daemons.tracker, "MemoryState", lambda: MemoryState(nonces=ProofReplayCache(1))
+    )
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        first = await http.get(announce_url(base, 1, left=5), auth=token(issuer, "c"))
+        assert first.status_code == 200
+        full = await http.get(announce_url(base, 2, left=5), auth=token(issuer, "c"))
+        assert full.status_code == 503, full.content
+        refusal = parse_announce_response(full.content)
+        assert (refusal.failure, refusal.error) == ("replay cache full", "unavailable")
+        assert "www-authenticate" not in full.headers
 
 
 async def test_open_mode_needs_no_token() -> None:
