@@ -149,6 +149,9 @@ async def test_bad_tokens_get_401_or_403_with_a_failure_reason(
         assert 'p2pimage_tracker_announces_total{result="unauthorized"}' in metrics
         assert 'p2pimage_tracker_auth_failures_total{reason="expired"} 2.0' in metrics
         assert 'p2pimage_tracker_auth_failures_total{reason="dpop_required"} 3.0' in metrics
+        # The 403 refusals are counted under their reasons too (announce and scrape).
+        for reason in ("wrong_audience", "wrong_issuer"):
+            assert f'p2pimage_tracker_auth_failures_total{{reason="{reason}"}} 2.0' in metrics
 
 
 def _dpop(raw: str) -> DPoPAuth:
