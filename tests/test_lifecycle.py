@@ -421,6 +421,32 @@ async def test_registry_lost_drops_that_blob_and_its_access_answers_only(
         assert mirror.cache.is_complete(kept_key)
 
 
+async def test_registry_lost_counts_a_closed_swarm_without_a_cache_entry(
+    tmp_path: Path, registry: Any
+) -> None:
+    """A swarm of the digest seeded from outside the cache: closing it is what
+    ``registry_lost`` dropped, and it says so."""
+    data = os.urandom(256 * 1024)
+    blob = tmp_path / "blob"
+    blob.write_bytes(data)
+    meta = create_metainfo_from_file(blob)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        two_nodes((time.time, time.time)) as (node, _),
+    ):
+        mirror = Mirror(tmp_path, registry, http, node=node)
+        seeding = await node.add_swarm(
+            meta, tmp_path / "seed", storage=PieceStorage.open_complete(blob, meta)
+        )
+        assert mirror.cache.entry(blob_key(mirror.layers.namespace, digest[7:])) is None
+        assert mirror.layers.registry_lost(digest) is True
+        with trio.fail_after(10):
+            await seeding.closed.wait()
+        assert meta.info_hash not in node.swarms
+        assert mirror.layers.registry_lost(digest) is False
+
+
 async def test_a_deleted_blob_stops_being_served_to_peers(tmp_path: Path, registry: Any) -> None:
     """The node seeding a layer closes that swarm when the registry answers 404: peers
     asking for it are refused at the handshake, and the cached blob is gone."""
