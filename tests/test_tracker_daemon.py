@@ -366,6 +366,21 @@ async def test_redis_outage_is_a_503_with_a_reason(jwks_file: Path, issuer: Toke
         assert parse_announce_response(r.content).failure == "tracker state unavailable"
 
 
+async def test_the_scheme_is_case_insensitive_and_may_be_followed_by_several_spaces(
+    jwks_file: Path, issuer: TokenIssuer
+) -> None:
+    """RFC 7235: ``credentials = auth-scheme [ 1*SP token68 ]``, the scheme compared
+    without case; the tracker splits at the first space and strips the rest."""
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
+    raw = raw_token(issuer, "c")
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        for n, scheme in enumerate(("dpop", "DPoP  ", "DPOP   "), start=1):
+            url = announce_url(base, n, left=5)
+            proof = create_proof(NODE_KEY, method="GET", url=url, token=raw, now=time.time())
+            r = await http.get(url, headers={"Authorization": f"{scheme} {raw}", "DPoP": proof})
+            assert r.status_code == 200, (scheme, r.content)
+
+
 async def test_a_full_replay_cache_is_a_503_not_a_pass(
     jwks_file: Path, issuer: TokenIssuer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
