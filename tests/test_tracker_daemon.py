@@ -381,6 +381,50 @@ async def test_the_scheme_is_case_insensitive_and_may_be_followed_by_several_spa
             assert r.status_code == 200, (scheme, r.content)
 
 
+async def test_the_proof_window_is_the_configured_one(
+    jwks_file: Path, issuer: TokenIssuer
+) -> None:
+    """``proof_window_s`` = 120: a proof a minute old (beyond the default 30 s) passes,
+    one 130 s old is stale."""
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file, proof_window_s=120)
+    raw = raw_token(issuer, "c")
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        for n, age, status in ((1, 60, 200), (2, 130, 401)):
+            auth = DPoPAuth(token=raw, node_key=NODE_KEY, clock=lambda a=age: time.time() - a)
+            r = await http.get(announce_url(base, n, left=5), auth=auth)
+            assert r.status_code == status, (age, r.content)
+        assert parse_announce_response(r.content).error == "proof_stale"
+
+
+async def test_a_request_without_a_host_header_matches_no_proof(
+    jwks_file: Path, issuer: TokenIssuer
+) -> None:
+    """An HTTP/1.0 request may leave out ``Host``; no proof's ``htu`` (which must name a
+    host) then matches the URL it was sent to, whatever host the proof names."""
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
+    raw = raw_token(issuer, "c")
+    async with running(settings) as base:
+        target = announce_url(base, 1, left=5).removeprefix(base)
+        for host in ("None", "127.0.0.1", base.split("/")[2]):
+            proof = create_proof(
+                NODE_KEY, method="GET", url=f"http://{host}{target}", token=raw, now=time.time()
+            )
+            host_, port = base.split("/")[2].rsplit(":", 1)
+            stream = await trio.open_tcp_stream(host_, int(port))
+            async with stream:
+                await stream.send_all(
+                    f"GET {target} HTTP/1.0\r\nAuthorization: DPoP {raw}\r\n"
+                    f"DPoP: {proof}\r\n\r\n".encode()
+                )
+                answer = b""
+                while chunk := await stream.receive_some():
+                    answer += chunk
+            status_line, _, rest = answer.partition(b"\r\n")
+            assert status_line.split()[1] == b"401", (host, answer)
+            body = rest.partition(b"\r\n\r\n")[2]
+            assert parse_announce_response(body).error == "bad_proof", (host, body)
+
+
 async def test_a_full_replay_cache_is_a_503_not_a_pass(
     jwks_file: Path, issuer: TokenIssuer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
