@@ -381,16 +381,18 @@ async def test_the_scheme_is_case_insensitive_and_may_be_followed_by_several_spa
             assert r.status_code == 200, (scheme, r.content)
 
 
-async def test_the_proof_window_is_the_configured_one(
-    jwks_file: Path, issuer: TokenIssuer
-) -> None:
+async def test_the_proof_window_is_the_configured_one(jwks_file: Path, issuer: TokenIssuer) -> None:
     """``proof_window_s`` = 120: a proof a minute old (beyond the default 30 s) passes,
     one 130 s old is stale."""
     settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file, proof_window_s=120)
     raw = raw_token(issuer, "c")
     async with running(settings) as base, httpx.AsyncClient() as http:
         for n, age, status in ((1, 60, 200), (2, 130, 401)):
-            auth = DPoPAuth(token=raw, node_key=NODE_KEY, clock=lambda a=age: time.time() - a)
+
+            def clock(age: float = age) -> float:
+                return time.time() - age
+
+            auth = DPoPAuth(token=raw, node_key=NODE_KEY, clock=clock)
             r = await http.get(announce_url(base, n, left=5), auth=auth)
             assert r.status_code == status, (age, r.content)
         assert parse_announce_response(r.content).error == "proof_stale"
