@@ -407,7 +407,7 @@ async def test_a_request_without_a_host_header_matches_no_proof(
     raw = raw_token(issuer, "c")
     async with running(settings) as base:
         target = announce_url(base, 1, left=5).removeprefix(base)
-        for host in ("None", "127.0.0.1", base.split("/")[2]):
+        for host in ("None", "XXXX", "localhost", "127.0.0.1", base.split("/")[2]):
             proof = create_proof(
                 NODE_KEY, method="GET", url=f"http://{host}{target}", token=raw, now=time.time()
             )
