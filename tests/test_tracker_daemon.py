@@ -363,7 +363,8 @@ async def test_redis_outage_is_a_503_with_a_reason(jwks_file: Path, issuer: Toke
     async with running(settings) as base, httpx.AsyncClient() as http:
         r = await http.get(announce_url(base, 1, left=3), auth=token(issuer, "c"))
         assert r.status_code == 503
-        assert parse_announce_response(r.content).failure == "tracker state unavailable"
+        refusal = parse_announce_response(r.content)
+        assert (refusal.failure, refusal.error) == ("tracker state unavailable", "unavailable")
 
 
 async def test_the_scheme_is_case_insensitive_and_may_be_followed_by_several_spaces(
