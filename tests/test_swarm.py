@@ -18,6 +18,7 @@ import trio.testing
 
 from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
 from p2pimage.errors import StorageError
+from p2pimage.metainfo.torrent import MIN_PIECES
 from p2pimage.oci.registry import RegistryClient
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm, SwarmSettings
@@ -122,7 +123,7 @@ async def test_origin_failure_hands_pieces_back_to_peers(tmp_path: Path, registr
 
 async def test_stream_in_order_first_bytes_before_ten_percent(tmp_path: Path) -> None:
     blob, meta = make_blob(tmp_path, 16 * MIB)
-    assert meta.num_pieces >= 100
+    assert meta.num_pieces >= MIN_PIECES  # the sidecar's fewest: 10 % of them is 6
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
     seed_auth = local_authenticator(issuer, subject="seeder", cluster="prod")
     leech_auth = local_authenticator(issuer, subject="leecher", cluster="prod")
@@ -422,6 +423,34 @@ async def test_peer_traffic_is_encrypted_on_the_wire(tmp_path: Path, encrypt: bo
     samples = [data[i : i + 64] for i in range(0, len(data), len(data) // 16)]
     leaked = sum(sample in seen for sample in samples)
     assert leaked == (0 if encrypt else len(samples))
+
+
+async def test_two_nodes_dialing_each_other_keep_the_same_one_connection(
+    tmp_path: Path,
+) -> None:
+    """Both dial at once: each side keeps the connection the node with the smaller peer
+    id opened and closes the other, waiting for the replaced peer to be gone (an event,
+    no polling) before it adopts the new one."""
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer) as (seeder, leecher):
+        seeding = await seeder.add_swarm(
+            meta, tmp_path, storage=PieceStorage.open_complete(blob, meta)
+        )
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
+        seeding.add_peers([leecher.listen_address])
+        swarm.add_peers([seeder.listen_address])
+        with trio.fail_after(30):
+            await swarm.complete.wait()
+            while len(seeding.peers) != 1 or len(swarm.peers) != 1:
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)  # both dials over: one connection replaced or refused per side
+        assert len(seeding.peers) == len(swarm.peers) == 1
+        ((_, kept_by_leecher),) = swarm.peers.items()
+        ((_, kept_by_seeder),) = seeding.peers.items()
+        # One TCP connection, seen from its two ends.
+        assert kept_by_leecher.session.conn.our_role is not kept_by_seeder.session.conn.our_role
+    assert sha256_file(swarm.storage.path) == meta.sha256
 
 
 async def test_a_node_requiring_encryption_refuses_one_without(tmp_path: Path) -> None:

@@ -232,6 +232,7 @@ class _Peer:
     down_rate: float = 0.0
     up_rate: float = 0.0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    gone: trio.Event = field(default_factory=trio.Event)  # set once out of Swarm.peers
     refill_deferred: bool = False  # inside a batch of received messages
 
 
@@ -460,8 +461,7 @@ class Swarm:
         if existing is not None and self._keep_new_connection(session, existing.session, key):
             existing.scope.cancel()
             with trio.move_on_after(1):
-                while self.peers.get(key) is existing:
-                    await trio.sleep(0.005)
+                await existing.gone.wait()
         if (
             key in self.peers
             or key in self.banned
@@ -505,6 +505,7 @@ class Swarm:
                 reason = "token expired"
             if self.peers.get(key) is peer:
                 del self.peers[key]
+                peer.gone.set()
                 self.picker.peer_lost(key)
                 for index in self.reveal.peer_lost(key):
                     self._show_to_all(index, key)
