@@ -453,6 +453,37 @@ async def test_two_nodes_dialing_each_other_keep_the_same_one_connection(
     assert sha256_file(swarm.storage.path) == meta.sha256
 
 
+async def test_a_peer_asked_after_an_idle_spell_is_not_taken_for_a_staller(
+    tmp_path: Path,
+) -> None:
+    """The stall clock starts at the first request after a spell with nothing to ask: a
+    peer that had nothing we needed for longer than ``stall_timeout_s`` and then gets a
+    piece is asked for it, and its first (paced) block is no stall."""
+    blob, meta = make_blob(tmp_path, 16 * MIB)  # 256 KiB pieces
+    data = blob.read_bytes()
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(stall_timeout_s=3.0, tick_s=0.1)
+    auth = [local_authenticator(issuer, subject=f"node-{i}", cluster="prod") for i in range(2)]
+    async with (
+        # A 256 KiB piece takes ~0.75 s at 256 KiB/s beyond the 64 KiB burst: several
+        # ticks pass between the request and the block.
+        open_peer_node(authenticator=auth[0], upload_rate=256 * 1024) as holder,
+        open_peer_node(authenticator=auth[1]) as leecher,
+    ):
+        source = await holder.add_swarm(meta, tmp_path / "holder", settings=settings)
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
+        swarm.add_peers([holder.listen_address])
+        with trio.fail_after(10):
+            while len(swarm.peers) != 1 or len(source.peers) != 1:
+                await trio.sleep(0.05)
+        await trio.sleep(settings.stall_timeout_s + 0.5)  # nothing to ask the holder yet
+        assert await source.accept_origin_piece(0, data[: meta.piece_size(0)])
+        with trio.fail_after(10):
+            while not swarm.has_piece(0):
+                await swarm.wait_changed()
+        assert swarm.stats.peers_banned == 0 and len(swarm.peers) == 1
+
+
 async def test_a_node_requiring_encryption_refuses_one_without(tmp_path: Path) -> None:
     blob, meta = make_blob(tmp_path, 256 * 1024)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")

@@ -221,7 +221,7 @@ class _Peer:
     parts: dict[tuple[int, int], set[int]] = field(default_factory=dict)
     uploads: deque[Request] = field(default_factory=deque)
     upload_wakeup: trio.Event = field(default_factory=trio.Event)
-    last_data_at: float = 0.0
+    last_data_at: float = 0.0  # the last block, or the first request since we had none out
     # When we sent the latest request this peer answered: peers answer requests in order,
     # so one that answers a later request has skipped (not merely queued) an older one.
     answered_sent_at: float = 0.0
@@ -836,6 +836,11 @@ class Swarm:
         if want <= 0:
             return
         now = trio.current_time()
+        if not peer.outstanding:
+            # The stall clock starts when we start waiting: a spell with nothing to ask
+            # of this peer is no stall (else the first request after 20 idle seconds
+            # banned it at the next tick; frequent with few pieces, see #15).
+            peer.last_data_at = now
         part = peer.session.conn.peer_max_block_length
         for block in self.picker.pick(peer.key, want, now):
             peer.outstanding[(block.index, block.begin)] = (block, now)
