@@ -221,7 +221,10 @@ class _Peer:
     parts: dict[tuple[int, int], set[int]] = field(default_factory=dict)
     uploads: deque[Request] = field(default_factory=deque)
     upload_wakeup: trio.Event = field(default_factory=trio.Event)
-    last_data_at: float = 0.0  # the last block, or the first request since we had none out
+    last_data_at: float = 0.0  # the last block, or the first request after an idle spell
+    # A request timed out since the last block: an empty request queue is then no idle
+    # spell, and the stall clock keeps running.
+    timed_out: bool = False
     # When we sent the latest request this peer answered: peers answer requests in order,
     # so one that answers a later request has skipped (not merely queued) an older one.
     answered_sent_at: float = 0.0
@@ -613,6 +616,7 @@ class Swarm:
         now = trio.current_time()
         length = len(message.data)
         peer.last_data_at = now
+        peer.timed_out = False
         peer.down_bytes_window += length
         index, begin = message.index, message.begin
         block_begin = begin - begin % self.picker.block_size
@@ -836,7 +840,7 @@ class Swarm:
         if want <= 0:
             return
         now = trio.current_time()
-        if not peer.outstanding:
+        if not peer.outstanding and not peer.timed_out:
             # The stall clock starts when we start waiting: a spell with nothing to ask
             # of this peer is no stall (else the first request after 20 idle seconds
             # banned it at the next tick; frequent with few pieces, see #15).
@@ -926,6 +930,8 @@ class Swarm:
             for block, sent in peer.outstanding.values()
             if now - sent > self.settings.request_timeout_s
         ]
+        if timed_out:
+            peer.timed_out = True
         for block, _ in timed_out:
             del peer.outstanding[(block.index, block.begin)]
             peer.parts.pop((block.index, block.begin), None)
