@@ -9,6 +9,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from p2pimage.auth.tokens import SigningKey, TokenIssuer
 from p2pimage.errors import DigestMismatchError
 from p2pimage.metainfo.torrent import Metainfo, create_metainfo_from_file
 from p2pimage.mirror.blobs import CHUNK, LayerService, _in_page_cache
+from p2pimage.oci.registry import RegistryClient
 from p2pimage.sidecar.client import SidecarClient
 from p2pimage.storage.cache import BlobCache, blob_key
 from p2pimage.swarm.engine import Swarm
@@ -32,9 +34,13 @@ MIB = 1024 * 1024
 NOWHERE = "http://127.0.0.1:9"
 
 
-def _service(tmp_path: Path, http: httpx.AsyncClient, node: object = None) -> LayerService:
+def _service(
+    tmp_path: Path, http: httpx.AsyncClient, node: object = None, registry: str = NOWHERE
+) -> LayerService:
+    """A service whose swarm registry is ``registry``; with ``node``, a sidecar and a
+    tracker that must never be asked (the swarm is there already)."""
     return LayerService(
-        registry=NOWHERE,
+        registry=registry,
         node=node,  # type: ignore[arg-type]
         cache=BlobCache(tmp_path / "cache", 64 * MIB),
         http=http,
@@ -167,3 +173,26 @@ async def test_a_whole_read_from_a_swarm_whose_blob_fails_its_digest_never_compl
     assert bytes(received) == data[: len(data) - len(last)]
     assert layers.stats.pulls["digest_mismatch"] == 1
     assert layers.stats.bytes_served["registry"] == 0
+
+
+async def test_a_whole_read_from_the_registry_stops_before_the_last_chunk_of_wrong_bytes(
+    tmp_path: Path, registry: Any
+) -> None:
+    """A whole blob read from the registry is hashed on the way, and the check comes
+    before its last chunk goes out: bytes that are not the digest (a corrupted registry
+    store here) never reach the client whole."""
+    data = os.urandom(2 * CHUNK + 1000)
+    async with httpx.AsyncClient(timeout=10) as http:
+        async with RegistryClient(registry.url) as client:
+            digest = await client.push_blob("team/app", data)
+        stored = registry.blob_path(digest)
+        stored.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        layers = _service(tmp_path, http, registry=registry.url)  # no node: a direct read
+        received = bytearray()
+        chunks = layers.read(registry.url, "team/app", digest, len(data), None)
+        with pytest.raises(DigestMismatchError):
+            async with aclosing(chunks):
+                async for chunk in chunks:
+                    received += chunk
+    assert bytes(received) == data[: 2 * CHUNK]
+    assert layers.stats.pulls["digest_mismatch"] == 1

@@ -356,8 +356,8 @@ class LayerService:
                     self.cache.unpin(hex_)
             elif shared and size >= self.settings.swarm_threshold_bytes:
                 source = "fallback"
-            # The registry's bytes of a whole blob are checked here: a direct read, or a
-            # fallback before the swarm served anything.
+            # The registry's bytes of a whole blob are checked here, before its last
+            # chunk goes out: a direct read, or a fallback before the swarm served any.
             hasher = hashlib.sha256() if whole and position == start else None
             if position < end:
                 async for chunk in self._read_registry(
@@ -365,19 +365,25 @@ class LayerService:
                 ):
                     if hasher is not None:
                         hasher.update(chunk)
+                        if position + len(chunk) >= end:  # checked before the last byte
+                            self._check_digest(hasher, digest)
                     position += len(chunk)
                     self.stats.bytes_served["registry"] += len(chunk)
                     yield chunk
                 if source == "swarm":
                     source = "fallback"
-            if hasher is not None and "sha256:" + hasher.hexdigest() != digest:
-                self.stats.pulls["digest_mismatch"] += 1
-                raise DigestMismatchError(f"blob {digest} did not match its digest")
+            if hasher is not None:
+                self._check_digest(hasher, digest)
             self.stats.pulls[source if source != "registry" else "direct"] += 1
         except BaseException:
             if position < end:
                 self.stats.pulls["error"] += 1
             raise
+
+    def _check_digest(self, hasher: hashlib._Hash, digest: str) -> None:
+        if "sha256:" + hasher.hexdigest() != digest:
+            self.stats.pulls["digest_mismatch"] += 1
+            raise DigestMismatchError(f"blob {digest} did not match its digest")
 
     async def _verified(self, swarm: Swarm, digest: str) -> None:
         """Return once ``swarm``'s store has checked the whole blob against its digest;
