@@ -18,8 +18,9 @@ as their own ``p2pimage node`` processes (the real registry, sidecar and tracker
   (the real CNCF distribution) serving the same blob to the same client, both from
   ``/proc/<pid>/stat`` over the transfer. *Cache*: the large layer, complete in the
   second node's cache, alternately from the registry and from that node's mirror
-  (``--cpu-samples`` each, every sample at least 512 MiB of repeated reads so the
-  10 ms clock ticks stay below 2 %; the lowest of each counts). *Stream*: the first
+  (``--cpu-samples`` each, every sample at least 512 MiB of repeated reads so the 10 ms
+  clock ticks stay below 4 %; ``--quick``: 2 of 256 MiB; the lowest of each counts).
+  *Stream*: the first
   node pulls the same layer, which it does not hold, so its mirror streams it from the
   swarm (the second node seeds it) while it downloads: the node's CPU then includes the
   download (peer wire, piece hashes, writes, the final SHA-256). For context, the
@@ -61,7 +62,8 @@ REPO = "bench/mirror"
 TTFB_NODE_RATE = 64 * MIB
 TTFB_REGISTRY_SECONDS = 8.0
 # Bytes read per CPU sample (the blob again and again): /proc counts CPU in 10 ms ticks,
-# and the registry spends well under 1 ms per MiB.
+# and the registry spends about 0.5 ms per MiB, so 512 MiB keep a tick under 4 % of a
+# sample (``--quick``: 256 MiB, 8 %).
 CPU_SAMPLE_BYTES = 512 * MIB
 
 
@@ -199,7 +201,9 @@ async def _cpu_per_mib(pid: int, url: str, size: int, times: int = 1) -> float:
     return (cpu_seconds(pid) - before) * 1000 / (times * size / MIB)
 
 
-async def _bench_cpu(cluster: LocalCluster, digest: str, size: int, samples: int) -> dict[str, Any]:
+async def _bench_cpu(
+    cluster: LocalCluster, digest: str, size: int, samples: int, sample_bytes: int
+) -> dict[str, Any]:
     """CPU per MiB: registry and mirror (cache, alternately), then a streaming pull."""
     seeder, streamer = cluster.nodes[1], cluster.nodes[0]
     assert seeder.process is not None and streamer.process is not None
@@ -208,7 +212,7 @@ async def _bench_cpu(cluster: LocalCluster, digest: str, size: int, samples: int
     path = f"/v2/{REPO}/blobs/{digest}"
     registry_url = f"{cluster.registry.url}{path}"
     ns = f"?ns={cluster.registry_host}"
-    times = max(1, -(-CPU_SAMPLE_BYTES // size))
+    times = max(1, -(-sample_bytes // size))
     registry: list[float] = []
     mirror: list[float] = []
     for _ in range(samples):
@@ -236,7 +240,7 @@ async def _bench_cpu(cluster: LocalCluster, digest: str, size: int, samples: int
 
 
 async def _bench_rss_cpu(
-    tmp: Path, small_mib: int, large_mib: int, cpu_samples: int
+    tmp: Path, small_mib: int, large_mib: int, cpu_samples: int, sample_bytes: int
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     async with local_cluster(tmp / "rss", nodes=2, node_processes=True) as cluster:
@@ -256,14 +260,16 @@ async def _bench_rss_cpu(
             out[f"rss_{key}_swarm_fraction"] = await _swarm_served(node) / size
         # The large layer is complete in nodes[1]'s cache and unknown to nodes[0].
         out["mirror_origin_stream_cpu_ms_per_mib"] = cpu * 1000 / large_mib
-        out.update(await _bench_cpu(cluster, digest, large_mib * MIB, cpu_samples))
+        out.update(await _bench_cpu(cluster, digest, large_mib * MIB, cpu_samples, sample_bytes))
     return out
 
 
-async def _bench(ttfb_mib: int, small_mib: int, large_mib: int, cpu_samples: int) -> dict[str, Any]:
+async def _bench(
+    ttfb_mib: int, small_mib: int, large_mib: int, cpu_samples: int, sample_bytes: int
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="p2pimage-bench-mirror-") as tmp:
         r = await _bench_ttfb(Path(tmp), ttfb_mib)
-        r.update(await _bench_rss_cpu(Path(tmp), small_mib, large_mib, cpu_samples))
+        r.update(await _bench_rss_cpu(Path(tmp), small_mib, large_mib, cpu_samples, sample_bytes))
     r["cpus"] = os.cpu_count() or 0
     r["loadavg_1m"] = os.getloadavg()[0]
     return r
@@ -271,7 +277,9 @@ async def _bench(ttfb_mib: int, small_mib: int, large_mib: int, cpu_samples: int
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mirror", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="64 MiB ttfb, 32/128 MiB rss")
+    parser.add_argument(
+        "--quick", action="store_true", help="64 MiB ttfb, 32/128 MiB rss, 2 CPU samples of 256 MiB"
+    )
     parser.add_argument("--ttfb-mib", type=int, default=256)
     parser.add_argument("--rss-mib", type=int, nargs=2, default=[64, 512], metavar=("S", "L"))
     parser.add_argument(
@@ -280,10 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     ttfb_mib, (small_mib, large_mib) = args.ttfb_mib, args.rss_mib
-    cpu_samples = args.cpu_samples
+    cpu_samples, sample_bytes = args.cpu_samples, CPU_SAMPLE_BYTES
     if args.quick:
         ttfb_mib, small_mib, large_mib, cpu_samples = 64, 32, 128, 2
-    r = trio.run(_bench, ttfb_mib, small_mib, large_mib, cpu_samples)
+        sample_bytes = CPU_SAMPLE_BYTES // 2
+    r = trio.run(_bench, ttfb_mib, small_mib, large_mib, cpu_samples, sample_bytes)
     ok_ttfb = r["ttfb_s"] < 1
     ok_rss = r["rss_mib_large"] <= r["rss_mib_small"] + 20 and r["rss_mib_large"] <= 150
     print("node mirror: time to first byte, and peak RSS while serving")
