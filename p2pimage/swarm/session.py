@@ -125,6 +125,10 @@ class PeerSession:
         self._closed: str | None = None
         self._haves: list[int] = []  # for one p2pimage_haves message in the next batch
         self._can_send_file: bool | None = None
+        self._receive_buffer: bytearray | None = None
+        if isinstance(stream, trio.SocketStream):
+            self._receive_buffer = bytearray(RECEIVE_SIZE)
+            self._receive_view = memoryview(self._receive_buffer)
         self.bytes_sent = 0
         self.bytes_received = 0
         self.payload_sent = 0
@@ -194,17 +198,23 @@ class PeerSession:
 
     async def _receive_into_conn(self) -> None:
         try:
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if self._receive_buffer is not None:
+                # One reusable buffer per session: no bytes object allocated per read.
+                assert isinstance(self.stream, trio.SocketStream)
+                n = await self.stream.socket.recv_into(self._receive_buffer)
+                data: bytes | bytearray | memoryview = self._receive_view[:n]
+            else:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise PeerClosed(f"connection lost: {exc}") from None
         await self._received(data)
 
-    async def _received(self, data: bytes | bytearray) -> None:
+    async def _received(self, data: bytes | bytearray | memoryview) -> None:
         if data:
             await self._download.acquire(len(data))
             self.bytes_received += len(data)
         try:
-            self.conn.receive_data(bytes(data))
+            self.conn.receive_data(data)  # (copied in: the view may be reused after)
         except RemoteProtocolError as exc:
             raise PeerClosed(f"protocol error: {exc}") from None
 

@@ -470,7 +470,8 @@ class PeerConnection:
     # --- input ----------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes read from the socket; ``b""`` means the peer closed (EOF)."""
+        """Feed bytes read from the socket; ``b""`` means the peer closed (EOF). The bytes
+        are copied in: the caller may reuse ``data``'s buffer for its next read."""
         if self._state is _S.CLOSED:
             raise LocalProtocolError("connection is closed")
         if self._eof:
