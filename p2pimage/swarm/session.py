@@ -389,6 +389,8 @@ class PeerSession:
             if regions:
                 # (Only queued in the clear: nothing to seal.) One quantum of the
                 # limiter for the whole batch, as for a batch of bytes.
+                if not self.conn.is_open:
+                    raise PeerClosed("connection closed")
                 await self._upload.acquire(size)
                 await self._write_with_regions(batch)
                 self.bytes_sent += size

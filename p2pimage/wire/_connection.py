@@ -366,7 +366,7 @@ class PeerConnection:
         self._outbox.clear()
         return out
 
-    def seal(self, data: bytes | bytearray | memoryview) -> bytes:
+    def seal(self, data: bytes | bytearray | memoryview) -> bytes | bytearray:
         """What to write for ``data`` (any run of :meth:`send` results, in order, and the
         block bytes after each :meth:`piece_header`): encrypted records on an encrypted
         connection, ``data`` itself otherwise. Allowed once OPEN. Pending protocol output
@@ -376,8 +376,8 @@ class PeerConnection:
             return bytes(data)
         sealed = self._writer.seal(data)
         if self._outbox:
-            sealed = bytes(self._outbox) + sealed
-            self._outbox.clear()
+            self._outbox += sealed
+            sealed, self._outbox = self._outbox, bytearray()
         return sealed
 
     def send(self, message: Message) -> bytes:
