@@ -19,13 +19,19 @@ import trio.testing
 
 from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
 from p2pimage.errors import LocalProtocolError, PeerClosed, RemoteProtocolError, StorageError
+from p2pimage.metainfo.torrent import create_metainfo_from_file
 from p2pimage.oci.registry import RegistryClient
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm, SwarmSettings
 from p2pimage.swarm.node import PeerNode, open_peer_node
 from p2pimage.swarm.origin import OriginReader
 from p2pimage.swarm.picker import PickerSettings
-from p2pimage.swarm.session import PeerSession, make_connection, new_peer_id
+from p2pimage.swarm.session import (
+    SENDFILE_MIN_BLOCK,
+    PeerSession,
+    make_connection,
+    new_peer_id,
+)
 from p2pimage.wire import (
     HAVES_EXTENSION,
     LOCAL_HAVES_ID,
@@ -617,13 +623,23 @@ async def test_file_blocks_need_a_plaintext_tcp_session(tmp_path: Path) -> None:
         session.send_piece_from_file(0, 0, store, 0, 100)
 
 
-@pytest.mark.parametrize("encrypt", [True, False])
+@pytest.mark.parametrize(
+    ("encrypt", "piece_kib", "by_sendfile"),
+    [(True, 256, False), (False, 256, True), (False, 16, False)],
+)
 async def test_a_complete_seed_serves_plaintext_peers_by_sendfile(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encrypt: bool
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    encrypt: bool,
+    piece_kib: int,
+    by_sendfile: bool,
 ) -> None:
-    """Between nodes with encryption off, a complete layer goes out by sendfile and
-    arrives verified; encrypted, every block is sealed (no sendfile)."""
-    blob, meta = make_blob(tmp_path, 4 * MIB)
+    """Between nodes with encryption off, a complete layer's blocks of at least
+    SENDFILE_MIN_BLOCK go out by sendfile and arrive verified; encrypted, every block is
+    sealed, and small blocks are read and batched (sendfile would cost more calls)."""
+    assert 16 * 1024 < SENDFILE_MIN_BLOCK <= 256 * 1024
+    blob, _ = make_blob(tmp_path, 4 * MIB)
+    meta = create_metainfo_from_file(blob, piece_length=piece_kib * 1024)
     calls: list[int] = []
     real_sendfile = os.sendfile
 
@@ -641,4 +657,4 @@ async def test_a_complete_seed_serves_plaintext_peers_by_sendfile(
         with trio.fail_after(30):
             await swarm.complete.wait()
     assert sha256_file(swarm.storage.path) == meta.sha256
-    assert sum(calls) == (0 if encrypt else meta.length)
+    assert sum(calls) == (meta.length if by_sendfile else 0)

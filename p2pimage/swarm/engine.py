@@ -43,7 +43,7 @@ from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
 from p2pimage.swarm.policy import DialPolicy, RevealPolicy
 from p2pimage.swarm.ratelimit import RateLimiter
-from p2pimage.swarm.session import PeerSession, SessionInfo
+from p2pimage.swarm.session import SENDFILE_MIN_BLOCK, PeerSession, SessionInfo
 from p2pimage.wire import (
     LOCAL_HAVES_ID,
     MAX_BLOCK_LENGTH_LIMIT,
@@ -870,7 +870,7 @@ class Swarm:
         index, begin, length = request.index, request.begin, request.length
         storage, session = self.storage, peer.session
         try:
-            if storage.complete and session.can_send_file:
+            if length >= SENDFILE_MIN_BLOCK and storage.complete and session.can_send_file:
                 # Plaintext from a complete blob: sendfile, no copy through Python.
                 offset = storage.block_offset(index, begin, length)
                 session.send_piece_from_file(index, begin, storage, offset, length)
