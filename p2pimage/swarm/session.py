@@ -64,9 +64,10 @@ RECEIVE_SIZE = 256 * 1024
 WRITE_BATCH_BYTES = 512 * 1024
 # The smallest block worth sending by sendfile: each file region costs a send_all for
 # the bytes before it and at least one sendfile, where a batch of blocks read into
-# memory costs one send_all. Measured (a session's writer, loopback, CPU per MiB):
-# 16 KiB blocks 1.9-2.0 ms by sendfile against 1.1 read, 32 KiB 1.0-1.5 against 0.8,
-# 64 KiB 0.62-0.68 against 0.69-0.75, 128 KiB 0.32-0.36 against 0.36-0.38.
+# memory costs one send_all. Measured with benchmarks.wire_path (a session's writer,
+# loopback, CPU ms per MiB, by sendfile against read and batched): 16 KiB blocks 1.79
+# against 1.00, 32 KiB 0.92 / 0.75, 64 KiB 0.58 / 0.63, 128 KiB 0.38 / 0.53, 256 KiB
+# 0.28 / 0.53 (docs/benchmarks.md, "CPU per delivered MiB").
 SENDFILE_MIN_BLOCK = 64 * 1024
 # A p2pimage_haves message within the 64 KiB extended-message limit (4 bytes a piece).
 MAX_HAVES_PER_MESSAGE = 8192
@@ -133,6 +134,8 @@ class PeerSession:
         self._can_send_file: bool | None = None
         self._receive_buffer: bytearray | None = None
         if isinstance(stream, trio.SocketStream):
+            # Socket reads land here (recv_into), not in a new bytes object per read: the
+            # RECEIVE_SIZE each read allocated before is now held for the session's life.
             self._receive_buffer = bytearray(RECEIVE_SIZE)
             self._receive_view = memoryview(self._receive_buffer)
         self.bytes_sent = 0
