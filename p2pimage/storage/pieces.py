@@ -63,8 +63,8 @@ __all__ = [
     "PieceStorage",
 ]
 
-# Memory for pieces being assembled. With 1,000-2,000 pieces per blob (metainfo's policy),
-# a 1 GiB layer has 1 MiB pieces, so 64 MiB holds 64 pieces in progress, more than the
+# Memory for pieces being assembled. With metainfo's policy (256 KiB pieces, at most 2,000
+# per blob), a 1 GiB layer has 1 MiB pieces, so 64 MiB holds 64 pieces in progress, more than the
 # peers a node downloads one blob from at once (libtorrent's default unchoke slots: 8;
 # connections per torrent: ~50 but few hold a piece each). Always at least one piece.
 DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024
