@@ -117,6 +117,8 @@ _BENCODE_TYPE = "text/plain"
 # about a token is an authentication failure, 401.
 _FORBIDDEN_REASONS = frozenset({"wrong_audience", "wrong_issuer", "wrong_cluster", "out_of_scope"})
 _CHALLENGE = {"WWW-Authenticate": 'DPoP algs="EdDSA"'}
+# An announce's metrics result and the HTTP status a single announce answers it with.
+_STATUS: Final = {"ok": 200, "forbidden": 403, "unavailable": 503}
 # Verified tokens cached by raw string; at 600 s lifetimes and one token per node this
 # holds ~10 renewals of a 5,000-node cluster. Beyond it the cache is emptied, not grown.
 _TOKEN_CACHE_MAX = 100_000
@@ -488,8 +490,16 @@ def create_app(tracker: Tracker) -> Starlette:
     ) -> tuple[int, bytes]:
         """One swarm's announce, authenticated and in scope: (status, encoded answer)."""
         cluster = token.cluster if token is not None else OPEN_CLUSTER
-        host = req.ip if settings.trust_query_ip and req.ip else _remote(request)
-        decide = functools.partial(
+        result, body = await decide(req, token, cluster, _remote(request), now)
+        metrics.announces.labels(result).inc()
+        return _STATUS[result], body
+
+    async def decide(
+        req: AnnounceRequest, token: NodeToken | None, cluster: str, remote: str, now: float
+    ) -> tuple[str, bytes]:
+        """Apply one swarm's announce: (its metrics result, its encoded answer)."""
+        host = req.ip if settings.trust_query_ip and req.ip else remote
+        rule = functools.partial(
             tracker.policy.announce,
             req=req,
             host=host,
@@ -499,15 +509,13 @@ def create_app(tracker: Tracker) -> Starlette:
             subject=token.subject if token is not None else None,
         )
         try:
-            outcome = await tracker.state.update(SwarmKey(cluster, req.info_hash), decide)
+            outcome = await tracker.state.update(SwarmKey(cluster, req.info_hash), rule)
         except PeerIdTakenError as exc:
-            metrics.announces.labels("forbidden").inc()
             metrics.auth_failures.labels("peer_id_taken").inc()
-            return 403, encode_failure(str(exc), "peer_id_taken")
+            return "forbidden", encode_failure(str(exc), "peer_id_taken")
         except (StateUnavailableError, OSError, trio.TooSlowError) as exc:
-            metrics.announces.labels("unavailable").inc()
             log.warning("state unavailable", extra={"fields": {"error": str(exc)}})
-            return 503, encode_failure("tracker state unavailable", "unavailable")
+            return "unavailable", encode_failure("tracker state unavailable", "unavailable")
         if outcome.origin is not None:
             metrics.origin_assignments.inc()
         if outcome.release:
@@ -521,10 +529,10 @@ def create_app(tracker: Tracker) -> Starlette:
                 peers=outcome.peers,
                 origin=outcome.origin,
                 release=outcome.release,
+                compact=outcome.compact,
             )
         )
-        metrics.announces.labels("ok").inc()
-        return 200, body
+        return "ok", body
 
     async def announce_batch(request: Request) -> Response:
         """A p2pimage extension: every swarm of one node in one request
@@ -550,21 +558,28 @@ def create_app(tracker: Tracker) -> Starlette:
         except TrackerRequestError as exc:
             metrics.batches.labels("bad_request").inc()
             return _bencoded(400, encode_failure(str(exc), "bad_request"))
+        # What every swarm of the batch shares is worked out once: the caller, its
+        # address, its peer id tag; results are counted once per kind at the end.
+        cluster = token.cluster if token is not None else OPEN_CLUSTER
+        remote = _remote(request)
+        counts: dict[str, int] = {}
         answers = []
         for req in reqs:
             if token is not None and not token.covers(req.info_hash):
-                metrics.announces.labels("forbidden").inc()
-                answers.append(encode_failure("token rejected: out_of_scope", "out_of_scope"))
+                result = "forbidden"
+                answer = encode_failure("token rejected: out_of_scope", "out_of_scope")
             elif token is not None and not token.binds_peer_id(req.peer_id):
-                metrics.announces.labels("forbidden").inc()
+                result = "forbidden"
                 metrics.auth_failures.labels("peer_id_mismatch").inc()
-                answers.append(
-                    encode_failure(
-                        "peer_id does not carry the token subject's tag", "peer_id_mismatch"
-                    )
+                answer = encode_failure(
+                    "peer_id does not carry the token subject's tag", "peer_id_mismatch"
                 )
             else:
-                answers.append((await apply(req, token, request, now))[1])
+                result, answer = await decide(req, token, cluster, remote, now)
+            counts[result] = counts.get(result, 0) + 1
+            answers.append(answer)
+        for result, n in counts.items():
+            metrics.announces.labels(result).inc(n)
         metrics.batches.labels("ok").inc()
         metrics.announce_seconds.observe((time.perf_counter() - started) / len(reqs))
         return _bencoded(200, encode_announce_batch_response(answers))

@@ -692,3 +692,54 @@ def test_origin_url_from_a_registry_url_with_a_trailing_slash() -> None:
     want = "http://registry:5000/v2/team/app/blobs/sha256:ab"
     assert origin_blob_url("http://registry:5000/", "team/app", "sha256:ab") == want
     assert origin_blob_url("http://registry:5000", "team/app", "sha256:ab") == want
+
+
+_steps = st.lists(
+    st.tuples(
+        st.integers(0, 7),  # peer
+        st.sampled_from([0, 10, 400, 600, 1000, 2000]),  # left
+        st.sampled_from([None, "a", "b"]),  # zone
+        st.sampled_from([Event.NONE, Event.NONE, Event.STOPPED, Event.COMPLETED]),
+        st.sampled_from([0.0, 1.0, 7.0, 40.0]),  # time since the previous step
+        st.integers(1, 2),  # port variant: a peer that comes back on another port
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_steps, st.booleans())
+def test_peer_selection_view_is_what_a_fresh_walk_of_the_swarm_gives(
+    steps: list, origin: bool
+) -> None:
+    """Selection keeps its tier lists across announces that change nothing they depend
+    on; after any sequence of announces (joins, leaves, progress, zones, fetchers,
+    releases, expiry, stalls) the kept lists equal a fresh classification of the swarm."""
+    policy = TrackerPolicy(
+        PolicyConfig(release_min_seeders=1, release_seeder_ratio=0.0, seeder_stall_s=5.0),
+        rng=random.Random(7),
+    )
+    swarm = SwarmRecord()
+    now = 1000.0
+    for peer, left, zone, event, dt, variant in steps:
+        now += dt
+        req = AnnounceRequest(
+            IH, pid(peer), 6000 + peer * 2 + variant, left=left, event=event, numwant=5,
+            pieces=8, digest=DIGEST, repo="library/app" if origin else None,
+        )  # fmt: skip
+        out = policy.announce(
+            swarm, req, host=f"10.0.0.{peer + 1}", now=now, zone=zone, registry_url=REGISTRY
+        )
+        assert (f"10.0.0.{peer + 1}", req.port) not in out.peers
+        kept = _all_tiers(policy, swarm)
+        swarm.view = None
+        assert _all_tiers(policy, swarm) == kept
+
+
+def _all_tiers(policy: TrackerPolicy, swarm: SwarmRecord) -> list[object]:
+    """Every kind of asker's tiers; order within a tier is not kept (a re-announce moves
+    a peer to the end of the swarm's last-seen order) and does not matter (sampled)."""
+    kinds = itertools.product([None, "a", "b"], [True, False])
+    views = [policy._tiers(swarm, z, leecher) for z, leecher in kinds]
+    return [([[sorted(t) for t in side] for side in ts], where) for ts, where in views]
