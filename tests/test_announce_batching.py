@@ -99,9 +99,7 @@ async def test_swarms_started_apart_fall_into_one_request_per_interval(
     batches (never before half their interval): after a few intervals the node sends
     one request per interval for all of them."""
     blobs = _blobs(tmp_path, 3)
-    settings = TrackerSettings(
-        listen="127.0.0.1:0", open_mode=True, interval_s=2, min_interval_s=1
-    )
+    settings = TrackerSettings(listen="127.0.0.1:0", open_mode=True, interval_s=2, min_interval_s=1)
     async with (
         running(settings) as base,
         httpx.AsyncClient() as http,
@@ -132,8 +130,7 @@ async def test_one_swarms_cancelled_announce_leaves_the_others_answered(
             f"{base}/announce", http=http, auth=token(issuer, "c"), batch_window_s=0.3
         )
         reqs = [
-            AnnounceRequest(bytes([i]) * 20, pid(1), 6001, event=Event.STARTED)
-            for i in range(1, 4)
+            AnnounceRequest(bytes([i]) * 20, pid(1), 6001, event=Event.STARTED) for i in range(1, 4)
         ]
         answers: dict[int, AnnounceResponse] = {}
 
