@@ -23,6 +23,7 @@ from p2pimage.tracker import (
     TrackerPolicy,
     TrackerState,
     origin_blob_url,
+    pack_peer,
 )
 from tests._tracker_fixtures import redis_port, state
 
@@ -728,10 +729,15 @@ def test_peer_selection_view_is_what_a_fresh_walk_of_the_swarm_gives(
             IH, pid(peer), 6000 + peer * 2 + variant, left=left, event=event, numwant=5,
             pieces=8, digest=DIGEST, repo="library/app" if origin else None,
         )  # fmt: skip
-        out = policy.announce(
-            swarm, req, host=f"10.0.0.{peer + 1}", now=now, zone=zone, registry_url=REGISTRY
+        host = f"10.0.0.{peer + 1}" if peer % 3 else f"fd00::{peer + 1}"
+        out = policy.announce(swarm, req, host=host, now=now, zone=zone, registry_url=REGISTRY)
+        assert (host, req.port) not in out.peers
+        # The compact form handed to the encoder is the peers' own, IPv4 and IPv6 apart.
+        packed = [pack_peer(h, p) for h, p in out.peers]
+        assert out.compact == (
+            b"".join(p for p in packed if len(p) == 6),
+            b"".join(p for p in packed if len(p) == 18),
         )
-        assert (f"10.0.0.{peer + 1}", req.port) not in out.peers
         kept = _all_tiers(policy, swarm)
         swarm.view = None
         assert _all_tiers(policy, swarm) == kept

@@ -290,7 +290,12 @@ class TrackerPolicy:
             self._forget_fetcher(swarm, req.peer_id)
             swarm.stalled.discard(req.peer_id)
             return AnnounceOutcome(
-                [], swarm.seeders, swarm.leechers, cfg.interval_s, cfg.min_interval_s
+                [],
+                swarm.seeders,
+                swarm.leechers,
+                cfg.interval_s,
+                cfg.min_interval_s,
+                compact=(b"", b""),
             )
         if swarm.pieces is None and req.pieces is not None:
             swarm.pieces = req.pieces
@@ -348,14 +353,17 @@ class TrackerPolicy:
         # seeder claim that does not hold is caught within seeder_stall_s.
         often = origin is not None or (rec.left > 0 and swarm.origin_done)
         interval = cfg.fetcher_interval_s if often else cfg.interval_s
-        v4: list[bytes] = []
-        v6: list[bytes] = []
-        for _, _, packed in chosen:
-            if packed is None:
-                break
-            (v4 if len(packed) == 6 else v6).append(packed)
-        else:
-            compact = (b"".join(v4), b"".join(v6))
+        packed = [p for _, _, p in chosen if p is not None]
+        compact = None
+        if len(packed) == len(chosen):
+            joined = b"".join(packed)
+            if len(joined) == 6 * len(packed):  # all IPv4, the common case
+                compact = (joined, b"")
+            else:
+                compact = (
+                    b"".join(p for p in packed if len(p) == 6),
+                    b"".join(p for p in packed if len(p) != 6),
+                )
         return AnnounceOutcome(
             [address for _, address, _ in chosen],
             swarm.seeders,
@@ -364,7 +372,7 @@ class TrackerPolicy:
             min(cfg.min_interval_s, interval),
             origin,
             release,
-            compact if len(v4) + len(v6) == len(chosen) else None,
+            compact,
         )
 
     def scrape(self, swarm: SwarmRecord | None, now: float) -> ScrapeStats:
