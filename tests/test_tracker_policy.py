@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -695,7 +696,7 @@ def test_origin_url_from_a_registry_url_with_a_trailing_slash() -> None:
     assert origin_blob_url("http://registry:5000", "team/app", "sha256:ab") == want
 
 
-_steps = st.lists(
+_walk_steps = st.lists(
     st.tuples(
         st.integers(0, 7),  # peer
         st.sampled_from([0, 10, 400, 600, 1000, 2000]),  # left
@@ -710,7 +711,7 @@ _steps = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(_steps, st.booleans())
+@given(_walk_steps, st.booleans())
 def test_peer_selection_view_is_what_a_fresh_walk_of_the_swarm_gives(
     steps: list, origin: bool
 ) -> None:
@@ -749,3 +750,66 @@ def _all_tiers(policy: TrackerPolicy, swarm: SwarmRecord) -> list[object]:
     kinds = itertools.product([None, "a", "b"], [True, False])
     views = [policy._tiers(swarm, z, leecher) for z, leecher in kinds]
     return [([[sorted(t) for t in side] for side in ts], where) for ts, where in views]
+
+
+async def test_update_many_is_update_for_each_swarm(state: TrackerState) -> None:
+    """A batched announce's swarms go to the backend together (Redis: one pipeline):
+    each result is its own swarm's, an error is that swarm's alone, and every swarm is
+    stored as by update."""
+    policy = TrackerPolicy(rng=random.Random(3))
+    hashes = [bytes([i]) * 20 for i in range(1, 4)]
+    for h in hashes:  # peer 1 of node "a" in each swarm
+        req = AnnounceRequest(h, pid(1), 6001, left=5)
+        await state.update(SwarmKey("c", h), lambda s, r=req: policy.announce(
+            s, r, host="10.0.0.1", now=100.0, subject="a"
+        ))  # fmt: skip
+
+    def rule(h: bytes, subject: str) -> Callable[[SwarmRecord], AnnounceOutcome]:
+        req = AnnounceRequest(h, pid(2 if subject == "b" else 1), 6002, left=5)
+        return lambda s: policy.announce(s, req, host="10.0.0.2", now=101.0, subject=subject)
+
+    out = await state.update_many(
+        [
+            (SwarmKey("c", hashes[0]), rule(hashes[0], "b")),
+            (SwarmKey("c", hashes[1]), rule(hashes[1], "z")),  # peer 1 is node a's
+            (SwarmKey("c", hashes[2]), rule(hashes[2], "b")),
+        ]
+    )
+    assert isinstance(out[1], PeerIdTakenError)
+    assert [o.peers for o in (out[0], out[2]) if isinstance(o, AnnounceOutcome)] == [
+        [("10.0.0.1", 6001)]
+    ] * 2
+    stored = await state.read(SwarmKey("c", h) for h in hashes)
+    assert [sorted(s.peers) if s else None for s in stored] == [
+        sorted([pid(1), pid(2)]),
+        [pid(1)],
+        sorted([pid(1), pid(2)]),
+    ]
+
+
+async def test_update_many_redoes_a_swarm_another_replica_wrote(redis_port: int) -> None:
+    """Replica a answers from its cached copy; when replica b wrote the swarm since,
+    a's compare-and-set in the pipeline loses and that swarm is redone on b's write."""
+    import coredis
+
+    from p2pimage.tracker import RedisState
+
+    policy = TrackerPolicy(rng=random.Random(3))
+    client = coredis.Redis("127.0.0.1", redis_port, decode_responses=False)
+    async with client:
+        a = RedisState(client, prefix="many:")
+        b = RedisState(client, prefix="many:")
+
+        def rule(n: int) -> Callable[[SwarmRecord], AnnounceOutcome]:
+            req = AnnounceRequest(IH, pid(n), 6000 + n, left=5, numwant=10)
+            return lambda s: policy.announce(s, req, host="10.0.0.1", now=100.0 + n)
+
+        key, other = SwarmKey("c", IH), SwarmKey("c", b"\x07" * 20)
+        await a.update(key, rule(1))  # a caches the swarm
+        await b.update(key, rule(2))  # b writes it: a's copy is stale
+        out = await a.update_many([(key, rule(3)), (other, rule(4))])
+        assert isinstance(out[0], AnnounceOutcome) and isinstance(out[1], AnnounceOutcome)
+        assert sorted(p for _, p in out[0].peers) == [6001, 6002]
+        (swarm,) = await b.read([key])
+        assert swarm is not None and sorted(swarm.peers) == [pid(1), pid(2), pid(3)]
+        await a.clear()
