@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from p2pimage.errors import LocalProtocolError
@@ -236,15 +237,21 @@ class _PeerView:
 class AnnounceOutcome:
     """The policy's answer to one announce (the daemon encodes it)."""
 
-    peers: list[tuple[str, int]]
     complete: int
     incomplete: int
     interval: int
     min_interval: int
     origin: OriginAssignment | None = None
     release: bool = False
-    # ``peers`` in BEP 23 compact form (IPv4, IPv6), when every host is an IP literal.
+    # The peers chosen, in BEP 23 compact form (IPv4, IPv6) when every host is an IP
+    # literal: what the daemon sends. ``peers`` lists their addresses.
     compact: tuple[bytes, bytes] | None = None
+    chosen: Sequence[_Entry] = ()
+
+    @property
+    def peers(self) -> list[tuple[str, int]]:
+        """The chosen peers' (host, port)."""
+        return [address for _, address, _ in self.chosen]
 
 
 class TrackerPolicy:
@@ -290,7 +297,6 @@ class TrackerPolicy:
             self._forget_fetcher(swarm, req.peer_id)
             swarm.stalled.discard(req.peer_id)
             return AnnounceOutcome(
-                [],
                 swarm.seeders,
                 swarm.leechers,
                 cfg.interval_s,
@@ -353,19 +359,21 @@ class TrackerPolicy:
         # seeder claim that does not hold is caught within seeder_stall_s.
         often = origin is not None or (rec.left > 0 and swarm.origin_done)
         interval = cfg.fetcher_interval_s if often else cfg.interval_s
-        packed = [p for _, _, p in chosen if p is not None]
         compact = None
-        if len(packed) == len(chosen):
-            joined = b"".join(packed)
-            if len(joined) == 6 * len(packed):  # all IPv4, the common case
+        try:
+            joined = b"".join([p for _, _, p in chosen])  # type: ignore[misc]
+        except TypeError:
+            pass  # a host that is no IP literal (never from the daemon): no compact form
+        else:
+            if len(joined) == 6 * len(chosen):  # all IPv4, the common case
                 compact = (joined, b"")
             else:
+                packed: list[bytes] = [p for _, _, p in chosen]  # type: ignore[misc]
                 compact = (
                     b"".join(p for p in packed if len(p) == 6),
                     b"".join(p for p in packed if len(p) != 6),
                 )
         return AnnounceOutcome(
-            [address for _, address, _ in chosen],
             swarm.seeders,
             swarm.leechers,
             interval,
@@ -373,6 +381,7 @@ class TrackerPolicy:
             origin,
             release,
             compact,
+            chosen,
         )
 
     def scrape(self, swarm: SwarmRecord | None, now: float) -> ScrapeStats:
