@@ -12,13 +12,18 @@ the nodes' signing is not); ``memory_open`` repeats the memory run with auth off
 what token and proof checks cost.
 
     python -m benchmarks.tracker [--quick] [--swarms 100] [--peers 100] [--rounds 3]
-                                 [--connections 8] [--json PATH]
+                                 [--connections 8] [--batch 20,5,50,100]
+                                 [--only memory,memory_swarm,...] [--json PATH]
 
 ``memory_swarm`` sends the same announces batched (p2pimage's ``POST /announce/batch``,
-one request per node carrying all S of its swarms) and counts swarm announces.
+each request carrying ``--batch`` swarms of one node, the first size the headline, each
+further size a point of the curve) and counts swarm announces; ``redis_swarm`` does the
+same against the Redis backend at the headline size.
 
-JSON keys: memory_announces_s, memory_swarm_announces_s, redis_announces_s,
-opentracker_announces_s, memory_open_announces_s (and *_errors counts).
+JSON keys: memory_announces_s, memory_swarm_announces_s (headline batch size, also
+``batch``), memory_swarm_b<N>_announces_s (the other sizes), redis_announces_s,
+redis_swarm_announces_s, opentracker_announces_s, memory_open_announces_s (and
+*_errors counts).
 """
 
 from __future__ import annotations
