@@ -94,6 +94,10 @@ _BATCH_INTS = frozenset(
     }
 )
 
+# Parameters a batch entry leaves out at these values, the tracker's defaults (answers
+# to a batch are always compact); the counters stay, as a real node's are rarely zero.
+_BATCH_DEFAULTS = {b"compact": b"1", b"numwant": b"%d" % DEFAULT_NUMWANT}
+
 # OCI distribution spec repository name grammar, with its 255-character limit.
 _REPO_RE = re.compile(
     rb"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*\Z"
@@ -358,6 +362,8 @@ def encode_announce_batch(requests: Sequence[AnnounceRequest]) -> bytes:
         for part in req.to_query().split(b"&"):
             name, _, value = part.partition(b"=")
             raw = unquote_to_bytes(value)
+            if _BATCH_DEFAULTS.get(name) == raw:
+                continue  # what the tracker assumes anyway: fewer bytes to read per swarm
             entry[name] = int(raw) if name in _BATCH_INTS else raw
         entries.append(entry)
     return bencode({b"announces": entries})
