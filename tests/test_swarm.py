@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -17,14 +18,20 @@ import trio
 import trio.testing
 
 from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
-from p2pimage.errors import StorageError
+from p2pimage.errors import LocalProtocolError, PeerClosed, RemoteProtocolError, StorageError
+from p2pimage.metainfo.torrent import create_metainfo_from_file
 from p2pimage.oci.registry import RegistryClient
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm, SwarmSettings
 from p2pimage.swarm.node import PeerNode, open_peer_node
 from p2pimage.swarm.origin import OriginReader
 from p2pimage.swarm.picker import PickerSettings
-from p2pimage.swarm.session import PeerSession, make_connection, new_peer_id
+from p2pimage.swarm.session import (
+    SENDFILE_MIN_BLOCK,
+    PeerSession,
+    make_connection,
+    new_peer_id,
+)
 from p2pimage.wire import (
     HAVES_EXTENSION,
     LOCAL_HAVES_ID,
@@ -34,6 +41,7 @@ from p2pimage.wire import (
     HandshakeReceived,
     Have,
     PeerConnection,
+    Piece,
     Role,
     build_haves_payload,
     decode_haves,
@@ -491,10 +499,25 @@ async def test_the_announcer_and_origin_api(tmp_path: Path) -> None:
             await swarm.wait_announce_due(10)  # closed: always due
 
 
-async def _open_session_pair(*, haves_on_b: bool) -> tuple[PeerSession, PeerConnection, Any]:
+async def _tcp_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listener:
+        a = await trio.open_tcp_stream(*listener.socket.getsockname()[:2])
+        return a, await listener.accept()
+
+
+async def _open_session_pair(
+    *, haves_on_b: bool, tcp: bool = False
+) -> tuple[PeerSession, PeerConnection, Any]:
     """A session (open mode, as make_connection builds it) and a bare peer connection
-    on the other end of an in-memory stream; the peer advertises p2pimage_haves or not."""
-    a_stream, b_stream = trio.testing.memory_stream_pair()
+    on the other end of an in-memory stream (or of a loopback TCP connection); the peer
+    advertises p2pimage_haves or not."""
+    a_stream: Any
+    b_stream: Any
+    if tcp:
+        a_stream, b_stream = await _tcp_stream_pair()
+    else:
+        a_stream, b_stream = trio.testing.memory_stream_pair()
     info_hash = bytes(range(20))
     a = make_connection(
         Role.INITIATOR, peer_id=new_peer_id(), info_hash=info_hash, authenticator=None
@@ -541,3 +564,97 @@ async def test_haves_of_one_batch_travel_in_one_message(haves_on_b: bool) -> Non
         assert decode_haves(events[0].payload, 100) == (3, 7, 42, 99)
     else:
         assert events == [Have(3), Have(7), Have(42), Have(99)]
+
+
+async def test_file_blocks_go_out_by_sendfile_in_order(tmp_path: Path) -> None:
+    """A plaintext TCP session sends a complete blob's blocks from the file (sendfile),
+    between the messages queued before and after them; a closed store ends only that
+    connection (its header is out already), as a PeerClosed."""
+    blob, meta = make_blob(tmp_path, 3 * 256 * 1024)
+    data = blob.read_bytes()
+    session, peer, stream = await _open_session_pair(haves_on_b=False, tcp=True)
+    assert session.can_send_file
+    store = PieceStorage.open_complete(blob, meta)
+    session.send(Have(1))
+    size = meta.piece_size(1)
+    session.send_piece_from_file(1, 0, store, store.block_offset(1, 0, size), size)
+    session.send_piece_from_file(2, 5, store, store.block_offset(2, 5, 1000), 1000)
+    session.send(Have(2))
+    events: list[Any] = []
+    ended: list[str] = []
+
+    async def write() -> None:
+        try:
+            await session.run_writer()
+        except PeerClosed as exc:  # as the swarm does: the session ends, nothing else
+            ended.append(str(exc))
+            await session.aclose(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        with trio.fail_after(10):
+            while len(events) < 4:
+                peer.receive_data(await stream.receive_some())
+                while (event := peer.next_event()) is not NEED_DATA:
+                    events.append(event)
+        store.close()
+        session.send_piece_from_file(0, 0, store, 0, 1000)
+        with trio.fail_after(10), pytest.raises(RemoteProtocolError, match="middle"):
+            while True:
+                peer.receive_data(await stream.receive_some())
+                while (event := peer.next_event()) is not NEED_DATA:
+                    events.append(event)
+    assert ended and "cannot serve the block" in ended[0] and "closed" in ended[0]
+    offset = meta.piece_offset(1)
+    assert events[:4] == [
+        Have(1),
+        Piece(1, 0, data[offset : offset + size]),
+        Piece(2, 5, data[meta.piece_offset(2) + 5 : meta.piece_offset(2) + 1005]),
+        Have(2),
+    ]
+    assert session.payload_sent == size + 1000 + 1000
+
+
+async def test_file_blocks_need_a_plaintext_tcp_session(tmp_path: Path) -> None:
+    blob, meta = make_blob(tmp_path, 256 * 1024)
+    session, _, _ = await _open_session_pair(haves_on_b=False)  # in-memory stream
+    assert not session.can_send_file
+    with PieceStorage.open_complete(blob, meta) as store, pytest.raises(LocalProtocolError):
+        session.send_piece_from_file(0, 0, store, 0, 100)
+
+
+@pytest.mark.parametrize(
+    ("encrypt", "piece_kib", "by_sendfile"),
+    [(True, 256, False), (False, 256, True), (False, 16, False)],
+)
+async def test_a_complete_seed_serves_plaintext_peers_by_sendfile(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    encrypt: bool,
+    piece_kib: int,
+    by_sendfile: bool,
+) -> None:
+    """Between nodes with encryption off, a complete layer's blocks of at least
+    SENDFILE_MIN_BLOCK go out by sendfile and arrive verified; encrypted, every block is
+    sealed, and small blocks are read and batched (sendfile would cost more calls)."""
+    assert 16 * 1024 < SENDFILE_MIN_BLOCK <= 256 * 1024
+    blob, _ = make_blob(tmp_path, 4 * MIB)
+    meta = create_metainfo_from_file(blob, piece_length=piece_kib * 1024)
+    calls: list[int] = []
+    real_sendfile = os.sendfile
+
+    def counting_sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        sent = real_sendfile(out_fd, in_fd, offset, count)
+        calls.append(sent)
+        return sent
+
+    monkeypatch.setattr(os, "sendfile", counting_sendfile)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer, encrypt=encrypt) as (seeder, leecher):
+        await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
+        swarm.add_peers([seeder.listen_address])
+        with trio.fail_after(30):
+            await swarm.complete.wait()
+    assert sha256_file(swarm.storage.path) == meta.sha256
+    assert sum(calls) == (meta.length if by_sendfile else 0)

@@ -43,7 +43,7 @@ from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
 from p2pimage.swarm.policy import DialPolicy, RevealPolicy
 from p2pimage.swarm.ratelimit import RateLimiter
-from p2pimage.swarm.session import PeerSession, SessionInfo
+from p2pimage.swarm.session import SENDFILE_MIN_BLOCK, PeerSession, SessionInfo
 from p2pimage.wire import (
     LOCAL_HAVES_ID,
     MAX_BLOCK_LENGTH_LIMIT,
@@ -867,13 +867,21 @@ class Swarm:
         peer.upload_wakeup.set()
 
     def _serve_request(self, peer: _Peer, request: Request) -> None:
+        index, begin, length = request.index, request.begin, request.length
+        storage, session = self.storage, peer.session
         try:
-            data = self.storage.read_block(request.index, request.begin, request.length)
+            if length >= SENDFILE_MIN_BLOCK and storage.complete and session.can_send_file:
+                # Plaintext from a complete blob: sendfile, no copy through Python.
+                offset = storage.block_offset(index, begin, length)
+                session.send_piece_from_file(index, begin, storage, offset, length)
+            else:
+                data = storage.read_block(index, begin, length)
+                length = len(data)
+                session.send(Piece(index, begin, data))
         except LocalProtocolError as exc:  # outside the piece: the peer's mistake
             raise PeerClosed(f"bad request: {exc}") from None
-        peer.session.send(Piece(request.index, request.begin, data))
-        peer.up_bytes_window += len(data)
-        self.stats.uploaded += len(data)
+        peer.up_bytes_window += length
+        self.stats.uploaded += length
         peer.last_sent_at = trio.current_time()
 
     async def _uploader(self, peer: _Peer) -> None:
