@@ -14,6 +14,7 @@ from p2pimage.swarm.policy import (
     AnnounceSchedule,
     DialPolicy,
     OriginRange,
+    PeerTimeouts,
     RevealPolicy,
     follow_origin,
 )
@@ -29,6 +30,23 @@ def test_dial_policy_stops_at_the_dial_target_and_skips_the_unwanted() -> None:
     assert policy.to_dial([7], connected=2, dialing=1, skip=lambda a: False) == []
     assert policy.want_more(2, 0) and not policy.want_more(2, 1)
     assert policy.may_accept(4) and not policy.may_accept(5)
+
+
+def test_peer_timeouts_grow_with_the_drain_time_of_what_was_requested() -> None:
+    timeouts = PeerTimeouts(request_timeout_s=15.0, stall_timeout_s=20.0, factor=3.0)
+    # A fast link: 4 MiB requested at 100 MiB/s drains in 0.04 s, the floors hold.
+    fast = timeouts.drain_s(4 << 20, 100 * 2**20)
+    assert fast == pytest.approx(0.04)
+    assert timeouts.request_timeout(fast) == 15.0 and timeouts.stall_timeout(fast) == 20.0
+    # 30 peers x 8 blocks of 16 KiB at 0.5 MiB/s: 7.5 s to drain, a silent peer may be
+    # served last, so 20 s of silence is no evidence (the calibration runs' bans).
+    slow = timeouts.drain_s(30 * 8 * 16384, 0.5 * 2**20)
+    assert slow == pytest.approx(7.5)
+    assert timeouts.stall_timeout(slow) == pytest.approx(22.5)
+    assert timeouts.request_timeout(slow) == pytest.approx(22.5)
+    # Nothing requested, or nothing arriving from anyone: no rate to scale by, the floors.
+    assert timeouts.drain_s(0, 1e6) == 0.0 and timeouts.drain_s(1 << 20, 0.0) == 0.0
+    assert timeouts.stall_timeout(0.0) == 20.0
 
 
 def test_reveal_goes_to_the_least_loaded_peer_then_to_everyone() -> None:

@@ -41,7 +41,7 @@ from p2pimage.metainfo.torrent import Metainfo
 from p2pimage.storage.pieces import BlobCursor, PieceStorage
 from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
-from p2pimage.swarm.policy import DialPolicy, RevealPolicy
+from p2pimage.swarm.policy import DialPolicy, PeerTimeouts, RevealPolicy
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.swarm.session import PeerSession, SessionInfo
 from p2pimage.wire import (
@@ -120,7 +120,8 @@ class SwarmSettings:
     optimistic_slots: int = 1
     handshake_timeout_s: float = 10.0
     # A request outstanding this long goes back to the pool (libtorrent: request_timeout 60 s;
-    # inside a cluster a block should never take more than a few seconds).
+    # inside a cluster a block should never take more than a few seconds). Both timeouts
+    # are floors: on a slow link they grow with what we have requested (PeerTimeouts).
     request_timeout_s: float = 15.0
     # A peer with outstanding requests that delivered nothing for this long is dropped.
     stall_timeout_s: float = 20.0
@@ -160,6 +161,7 @@ class SwarmStats:
     hash_failures: int = 0
     peers_connected: int = 0
     peers_banned: int = 0
+    requests_timed_out: int = 0  # requests given back to the pool by request_timeout_s
     started_at: float = 0.0
     first_piece_at: float | None = None
     last_piece_at: float | None = None  # every piece verified (before the whole-blob check)
@@ -275,6 +277,7 @@ class Swarm:
             rng=self._rng,
         )
         self.dial_policy = DialPolicy(self.settings.dial_target, self.settings.max_peers)
+        self.timeouts = PeerTimeouts(self.settings.request_timeout_s, self.settings.stall_timeout_s)
         self.reveal: RevealPolicy[bytes] = RevealPolicy(
             enabled=self.settings.reveal_origin_pieces,
             timeout_s=self.settings.reveal_timeout_s,
@@ -896,15 +899,21 @@ class Swarm:
             now = trio.current_time()
             elapsed = max(now - last_tick, 1e-6)
             last_tick = now
-            for peer in list(self.peers.values()):
-                self._tick_peer(peer, now, elapsed)
+            peers = list(self.peers.values())
+            # Rates as of the last tick, like the picker's depths.
+            drain = self.timeouts.drain_s(
+                sum(b.length for p in peers for b, _ in p.outstanding.values()),
+                sum(p.down_rate for p in peers),
+            )
+            for peer in peers:
+                self._tick_peer(peer, now, elapsed, drain)
             for index, told in self.reveal.expired(now):
                 self._show_to_all(index, told)
             if self.choker.rechoke_due(now):
                 self._rechoke(now)
             self._refill_all()
 
-    def _tick_peer(self, peer: _Peer, now: float, elapsed: float) -> None:
+    def _tick_peer(self, peer: _Peer, now: float, elapsed: float, drain_s: float) -> None:
         if peer.info.admission_expired():
             log.info("closing peer %s: the token that admitted it expired", peer.session.address)
             peer.scope.cancel()
@@ -915,11 +924,13 @@ class Swarm:
         peer.up_rate += alpha * (peer.up_bytes_window / elapsed - peer.up_rate)
         peer.down_bytes_window = peer.up_bytes_window = 0
         self.picker.update_rate(peer.key, peer.down_rate)
+        request_timeout = self.timeouts.request_timeout(drain_s)
         timed_out = [
             (block, sent)
             for block, sent in peer.outstanding.values()
-            if now - sent > self.settings.request_timeout_s
+            if now - sent > request_timeout
         ]
+        self.stats.requests_timed_out += len(timed_out)
         for block, _ in timed_out:
             del peer.outstanding[(block.index, block.begin)]
             peer.parts.pop((block.index, block.begin), None)
@@ -928,13 +939,14 @@ class Swarm:
             # It serves later requests and not this one: it claims pieces it will not
             # send (a liar keeps the swarm's other sources, origin readers included, off
             # the pieces it claims).
-            self.ban(peer.key, f"skipped a request for {self.settings.request_timeout_s:g} s")
+            self.ban(peer.key, f"skipped a request for {request_timeout:.3g} s")
             return
-        if peer.outstanding and now - peer.last_data_at > self.settings.stall_timeout_s:
+        stall_timeout = self.timeouts.stall_timeout(drain_s)
+        if peer.outstanding and now - peer.last_data_at > stall_timeout:
             # Banned, not just dropped: dialed again, a peer that unchokes and then sits
             # on our requests would hold the pieces it claims hostage once more (and the
             # origin readers leave pieces a peer claims to the peers).
-            self.ban(peer.key, f"no block for {self.settings.stall_timeout_s:g} s")
+            self.ban(peer.key, f"no block for {stall_timeout:.3g} s")
         elif now - peer.last_sent_at > self.settings.keepalive_s:
             peer.session.send(KeepAlive())
             peer.last_sent_at = now

@@ -24,6 +24,7 @@ __all__ = [
     "OriginFollow",
     "OriginRange",
     "OriginStep",
+    "PeerTimeouts",
     "RevealPolicy",
     "follow_origin",
 ]
@@ -74,6 +75,47 @@ class DialPolicy:
             seen.add(candidate)
             out.append(candidate)
         return out
+
+
+# --------------------------------------------------------------------------- timeouts
+
+
+@dataclass(frozen=True, slots=True)
+class PeerTimeouts:
+    """When an outstanding request, or a peer that sends nothing, has taken too long.
+
+    An absolute timeout misfires on a slow link: at 0.5 MiB/s a node with 8 requests of
+    16 KiB at each of 30 peers has asked for ~7 s of its downlink, and a peer served last
+    stays silent for most of that; a CPU-starved process stretches it further (the
+    calibration runs in docs/benchmarks.md lost a hundred connections to "no block for
+    20 s" that way). So each timeout is the larger of its floor and ``factor`` times the
+    *drain time*: the bytes this swarm has requested from all its peers over the rate all
+    of them deliver together. A peer is late only measured against what the others
+    deliver. With nothing arriving from anyone there is no rate to measure, and the
+    floors apply as before.
+    """
+
+    request_timeout_s: float
+    stall_timeout_s: float
+    # Requests are answered in turn with other peers' and other swarms' data: a block
+    # may come last in a full drain, and rates measured over ~2 s lag behind bursts.
+    factor: float = 3.0
+
+    @staticmethod
+    def drain_s(outstanding_bytes: int, download_rate: float) -> float:
+        """Seconds to receive ``outstanding_bytes`` at ``download_rate`` (0: unknown)."""
+        if outstanding_bytes <= 0 or download_rate <= 0:
+            return 0.0
+        return outstanding_bytes / download_rate
+
+    def request_timeout(self, drain_s: float) -> float:
+        """An outstanding request older than this goes back to the pool."""
+        return max(self.request_timeout_s, self.factor * drain_s)
+
+    def stall_timeout(self, drain_s: float) -> float:
+        """A peer with outstanding requests that delivered nothing for this long is
+        dropped."""
+        return max(self.stall_timeout_s, self.factor * drain_s)
 
 
 # --------------------------------------------------------------------------- origin reveal
