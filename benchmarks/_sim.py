@@ -128,7 +128,9 @@ class _Node:
     out: dict[int, int] = field(default_factory=dict)  # pieces in flight from each peer
     recv: dict[int, float] = field(default_factory=dict)  # bytes from each peer this tick
     rate: dict[int, float] = field(default_factory=dict)
-    last_data: dict[int, float] = field(default_factory=dict)  # from each peer
+    last_data: dict[int, tuple[float, float]] = field(default_factory=dict)  # from each
+    # peer: (when, ``received`` then)
+    received: float = 0.0  # bytes from all peers
     banned: set[int] = field(default_factory=set)
     have: set[int] = field(default_factory=set)
     done_at: float | None = None
@@ -234,7 +236,8 @@ def simulate(p: SimParams) -> SimResult:
             return
         na.neighbors[b] = None
         nb.neighbors[a] = None
-        na.last_data[b] = nb.last_data[a] = now
+        na.last_data[b] = (now, na.received)
+        nb.last_data[a] = (now, nb.received)
         for x, y in ((na, nb), (nb, na)):
             bits = bitfield(y)
             if bits is not None:
@@ -546,7 +549,9 @@ def simulate(p: SimParams) -> SimResult:
                 take = min(budget, down_left[t.dst], t.left)
                 if take <= 0:
                     continue
-                nodes[t.dst].last_data[node.index] = now
+                receiver = nodes[t.dst]
+                receiver.received += take
+                receiver.last_data[node.index] = (now, receiver.received)
                 t.left -= take
                 budget -= take
                 down_left[t.dst] -= take
@@ -571,10 +576,7 @@ def simulate(p: SimParams) -> SimResult:
             for node in nodes:
                 if node.released:
                     continue
-                drain = timeouts.drain_s(
-                    sum(node.out.values()) * block_len, sum(node.rate.values())
-                )
-                stall = timeouts.stall_timeout(drain)
+                outstanding = sum(node.out.values()) * block_len
                 for k in node.neighbors:
                     r = node.rate.get(k, 0.0)
                     r += alpha * (node.recv.get(k, 0.0) / elapsed - r)
@@ -584,7 +586,12 @@ def simulate(p: SimParams) -> SimResult:
                 for k in [
                     k
                     for k, n in node.out.items()
-                    if n > 0 and now - node.last_data.get(k, now) > stall
+                    if n > 0
+                    and timeouts.stalled(
+                        silent_s=now - node.last_data[k][0],
+                        others_bytes=int(node.received - node.last_data[k][1]),
+                        outstanding_bytes=outstanding,
+                    )
                 ]:
                     ban(node, k)
                 for index, told in node.reveal.expired(now):

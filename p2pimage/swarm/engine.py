@@ -224,6 +224,7 @@ class _Peer:
     uploads: deque[Request] = field(default_factory=deque)
     upload_wakeup: trio.Event = field(default_factory=trio.Event)
     last_data_at: float = 0.0
+    received_at_last_data: int = 0  # Swarm.received_bytes at last_data_at
     # When we sent the latest request this peer answered: peers answer requests in order,
     # so one that answers a later request has skipped (not merely queued) an older one.
     answered_sent_at: float = 0.0
@@ -284,6 +285,7 @@ class Swarm:
             rng=self._rng,
         )
         self.stats = SwarmStats()
+        self.received_bytes = 0  # block bytes from all peers (PeerTimeouts.stalled)
         self.peers: dict[bytes, _Peer] = {}
         self.banned: set[bytes] = set()
         self._banned_addresses: set[tuple[str, int]] = set()
@@ -475,7 +477,14 @@ class Swarm:
             await session.aclose("duplicate or unwanted")
             return
         now = trio.current_time()
-        peer = _Peer(session=session, info=info, key=key, connected_at=now, last_data_at=now)
+        peer = _Peer(
+            session=session,
+            info=info,
+            key=key,
+            connected_at=now,
+            last_data_at=now,
+            received_at_last_data=self.received_bytes,
+        )
         self.peers[key] = peer
         self.stats.peers_connected = len(self.peers)
         reason = "done"
@@ -615,6 +624,8 @@ class Swarm:
         now = trio.current_time()
         length = len(message.data)
         peer.last_data_at = now
+        self.received_bytes += length
+        peer.received_at_last_data = self.received_bytes
         peer.down_bytes_window += length
         index, begin = message.index, message.begin
         block_begin = begin - begin % self.picker.block_size
@@ -901,19 +912,19 @@ class Swarm:
             last_tick = now
             peers = list(self.peers.values())
             # Rates as of the last tick, like the picker's depths.
-            drain = self.timeouts.drain_s(
-                sum(b.length for p in peers for b, _ in p.outstanding.values()),
-                sum(p.down_rate for p in peers),
-            )
+            outstanding = sum(b.length for p in peers for b, _ in p.outstanding.values())
+            drain = self.timeouts.drain_s(outstanding, sum(p.down_rate for p in peers))
             for peer in peers:
-                self._tick_peer(peer, now, elapsed, drain)
+                self._tick_peer(peer, now, elapsed, drain, outstanding)
             for index, told in self.reveal.expired(now):
                 self._show_to_all(index, told)
             if self.choker.rechoke_due(now):
                 self._rechoke(now)
             self._refill_all()
 
-    def _tick_peer(self, peer: _Peer, now: float, elapsed: float, drain_s: float) -> None:
+    def _tick_peer(
+        self, peer: _Peer, now: float, elapsed: float, drain_s: float, outstanding: int
+    ) -> None:
         if peer.info.admission_expired():
             log.info("closing peer %s: the token that admitted it expired", peer.session.address)
             peer.scope.cancel()
@@ -941,12 +952,16 @@ class Swarm:
             # the pieces it claims).
             self.ban(peer.key, f"skipped a request for {request_timeout:.3g} s")
             return
-        stall_timeout = self.timeouts.stall_timeout(drain_s)
-        if peer.outstanding and now - peer.last_data_at > stall_timeout:
+        silent = now - peer.last_data_at
+        if peer.outstanding and self.timeouts.stalled(
+            silent_s=silent,
+            others_bytes=self.received_bytes - peer.received_at_last_data,
+            outstanding_bytes=outstanding,
+        ):
             # Banned, not just dropped: dialed again, a peer that unchokes and then sits
             # on our requests would hold the pieces it claims hostage once more (and the
             # origin readers leave pieces a peer claims to the peers).
-            self.ban(peer.key, f"no block for {stall_timeout:.3g} s")
+            self.ban(peer.key, f"no block for {silent:.3g} s while the others sent theirs")
         elif now - peer.last_sent_at > self.settings.keepalive_s:
             peer.session.send(KeepAlive())
             peer.last_sent_at = now

@@ -84,19 +84,26 @@ class DialPolicy:
 class PeerTimeouts:
     """When an outstanding request, or a peer that sends nothing, has taken too long.
 
-    An absolute timeout misfires on a slow link: at 0.5 MiB/s a node with 8 requests of
-    16 KiB at each of 30 peers has asked for ~7 s of its downlink, and a peer served last
-    stays silent for most of that; a CPU-starved process stretches it further (the
-    calibration runs in docs/benchmarks.md lost a hundred connections to "no block for
-    20 s" that way). So each timeout is the larger of its floor and ``factor`` times the
-    *drain time*: the bytes this swarm has requested from all its peers over the rate all
-    of them deliver together. A peer is late only measured against what the others
-    deliver. With nothing arriving from anyone there is no rate to measure, and the
-    floors apply as before.
+    Absolute timeouts misfire on slow links and in starved processes: at 0.5 MiB/s a node
+    with 8 requests of 16 KiB at each of 30 peers has asked for ~7 s of its downlink, a
+    peer served last stays silent for most of that, and a process that gets a fraction
+    of a core stretches every wait (the calibration runs in docs/benchmarks.md lost
+    hundreds of connections to "no block for 20 s" on a loaded machine, some nodes
+    keeping 1 of 31). So silence is measured against what the others deliver meanwhile:
+
+    - a request times out after the larger of ``request_timeout_s`` and ``factor``
+      times the *drain time* (the bytes requested from all peers over the rate they
+      deliver together);
+    - a peer is stalled once it has been silent for ``stall_timeout_s`` *and* the other
+      peers delivered ``factor`` times everything we have requested meanwhile (its
+      requests would have been answered in any fair order), or once it has been silent
+      for ``max_stall_s`` whatever the others did (a peer that holds the only copy
+      hostage when nobody else sends).
     """
 
     request_timeout_s: float
     stall_timeout_s: float
+    max_stall_s: float = 120.0
     # Requests are answered in turn with other peers' and other swarms' data: a block
     # may come last in a full drain, and rates measured over ~2 s lag behind bursts.
     factor: float = 3.0
@@ -112,10 +119,15 @@ class PeerTimeouts:
         """An outstanding request older than this goes back to the pool."""
         return max(self.request_timeout_s, self.factor * drain_s)
 
-    def stall_timeout(self, drain_s: float) -> float:
-        """A peer with outstanding requests that delivered nothing for this long is
-        dropped."""
-        return max(self.stall_timeout_s, self.factor * drain_s)
+    def stalled(self, *, silent_s: float, others_bytes: int, outstanding_bytes: int) -> bool:
+        """Whether a peer with requests outstanding, silent for ``silent_s`` while the
+        other peers sent ``others_bytes``, is to be dropped; ``outstanding_bytes``: all
+        that is requested from all peers now."""
+        if silent_s > self.max_stall_s:
+            return True
+        return silent_s > self.stall_timeout_s and others_bytes >= self.factor * max(
+            outstanding_bytes, 1
+        )
 
 
 # --------------------------------------------------------------------------- origin reveal
