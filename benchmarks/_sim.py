@@ -352,7 +352,8 @@ def simulate(p: SimParams) -> SimResult:
         if node.done_at is not None:
             return
         for peer in node.neighbors:
-            if node.index not in nodes[peer].unchoked:
+            # The engine asks only peers it is interested in and not choked by.
+            if node.index not in nodes[peer].unchoked or not node.picker.peer_is_interesting(peer):
                 continue
             want = node.picker.pipeline_depth(peer) - node.out.get(peer, 0)
             if want <= 0:

@@ -41,4 +41,3 @@ def test_slow_links_with_queued_requests_drop_no_peer() -> None:
     )
     assert result.t_all_s < result.t_direct_s
     assert result.stalls == 0
-

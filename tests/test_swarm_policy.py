@@ -56,9 +56,12 @@ def test_a_peer_is_stalled_only_while_the_others_deliver() -> None:
     assert timeouts.stalled(silent_s=30.0, others_bytes=3 * requested, outstanding_bytes=requested)
     # Never before the floor, however much the others sent.
     assert not timeouts.stalled(silent_s=19.0, others_bytes=1 << 40, outstanding_bytes=1)
-    # The only source, sitting on our requests: dropped after max_stall_s.
-    assert not timeouts.stalled(silent_s=119.0, others_bytes=0, outstanding_bytes=requested)
-    assert timeouts.stalled(silent_s=121.0, others_bytes=0, outstanding_bytes=requested)
+    # Nothing arrives from anyone: the swarm is stuck, the silent peer that holds our
+    # requests (and keeps the origin readers off the pieces it claims) goes.
+    assert timeouts.stalled(silent_s=21.0, others_bytes=0, outstanding_bytes=requested)
+    # Waiting its turn behind slow others, at most max_stall_s.
+    assert not timeouts.stalled(silent_s=119.0, others_bytes=1, outstanding_bytes=requested)
+    assert timeouts.stalled(silent_s=121.0, others_bytes=1, outstanding_bytes=requested)
 
 
 def test_reveal_goes_to_the_least_loaded_peer_then_to_everyone() -> None:

@@ -285,7 +285,7 @@ class Swarm:
             rng=self._rng,
         )
         self.stats = SwarmStats()
-        self.received_bytes = 0  # block bytes from all peers (PeerTimeouts.stalled)
+        self.received_bytes = 0  # from peers and the registry (PeerTimeouts.stalled)
         self.peers: dict[bytes, _Peer] = {}
         self.banned: set[bytes] = set()
         self._banned_addresses: set[tuple[str, int]] = set()
@@ -751,6 +751,7 @@ class Swarm:
         if self.storage.has_piece(index) or not self.storage.write_block(index, 0, data):
             return False
         self.stats.downloaded_from_origin += len(data)
+        self.received_bytes += len(data)  # evidence our link works, as peer blocks are
         self._reveal_origin_piece(index)
         await self.finalize_if_done()
         return True
@@ -911,7 +912,7 @@ class Swarm:
             elapsed = max(now - last_tick, 1e-6)
             last_tick = now
             peers = list(self.peers.values())
-            # Rates as of the last tick, like the picker's depths.
+            # Rates as of the previous tick (this one updates them peer by peer).
             outstanding = sum(b.length for p in peers for b, _ in p.outstanding.values())
             drain = self.timeouts.drain_s(outstanding, sum(p.down_rate for p in peers))
             for peer in peers:
@@ -961,7 +962,7 @@ class Swarm:
             # Banned, not just dropped: dialed again, a peer that unchokes and then sits
             # on our requests would hold the pieces it claims hostage once more (and the
             # origin readers leave pieces a peer claims to the peers).
-            self.ban(peer.key, f"no block for {silent:.3g} s while the others sent theirs")
+            self.ban(peer.key, f"no block for {silent:.3g} s")
         elif now - peer.last_sent_at > self.settings.keepalive_s:
             peer.session.send(KeepAlive())
             peer.last_sent_at = now

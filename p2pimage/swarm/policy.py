@@ -94,11 +94,12 @@ class PeerTimeouts:
     - a request times out after the larger of ``request_timeout_s`` and ``factor``
       times the *drain time* (the bytes requested from all peers over the rate they
       deliver together);
-    - a peer is stalled once it has been silent for ``stall_timeout_s`` *and* the other
-      peers delivered ``factor`` times everything we have requested meanwhile (its
-      requests would have been answered in any fair order), or once it has been silent
-      for ``max_stall_s`` whatever the others did (a peer that holds the only copy
-      hostage when nobody else sends).
+    - a peer is stalled once it has been silent for ``stall_timeout_s`` and the other
+      peers (and origin reads) delivered either ``factor`` times everything we have
+      requested meanwhile (its requests would have been answered in any fair order) or
+      nothing at all (the swarm is stuck, and a peer that claims pieces keeps the origin
+      readers off them: the hostage case of docs/reliability.md); while the others
+      deliver some but less, it is waiting its turn behind them, until ``max_stall_s``.
     """
 
     request_timeout_s: float
@@ -125,9 +126,9 @@ class PeerTimeouts:
         that is requested from all peers now."""
         if silent_s > self.max_stall_s:
             return True
-        return silent_s > self.stall_timeout_s and others_bytes >= self.factor * max(
-            outstanding_bytes, 1
-        )
+        if silent_s <= self.stall_timeout_s:
+            return False
+        return others_bytes <= 0 or others_bytes >= self.factor * outstanding_bytes
 
 
 # --------------------------------------------------------------------------- origin reveal
