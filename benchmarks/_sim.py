@@ -1,13 +1,14 @@
 """A discrete-event model of one layer spreading through a cluster, driven by the engine's
 own policies. Every decision a node makes comes from the object the trio engine uses:
-requests from its :class:`~p2pimage.swarm.picker.PiecePicker` (its pipeline depth, for
-blocks of a whole piece), unchoking from its
+requests from its :class:`~p2pimage.swarm.picker.PiecePicker` (its pipeline depth, in
+blocks of the engine's block size), unchoking from its
 :class:`~p2pimage.swarm.choker.Choker`, dialling from its
 :class:`~p2pimage.swarm.policy.DialPolicy`, which peer hears of an origin piece first from
 its :class:`~p2pimage.swarm.policy.RevealPolicy`, announce timing and events from its
 :class:`~p2pimage.swarm.policy.AnnounceSchedule`, which origin pieces to read, when to stop
 and when to renew the lease from its :class:`~p2pimage.swarm.policy.OriginRange` and
-:func:`~p2pimage.swarm.policy.follow_origin`; peer lists, origin ranges, work stealing and
+:func:`~p2pimage.swarm.policy.follow_origin`, which silent peer to drop from its
+:class:`~p2pimage.swarm.policy.PeerTimeouts`; peer lists, origin ranges, work stealing and
 release orders from the real :class:`~p2pimage.tracker.TrackerPolicy`. The settings are
 the engine's defaults (:class:`~p2pimage.swarm.engine.SwarmSettings`,
 :class:`~p2pimage.tracker.client.AnnounceSettings`).
