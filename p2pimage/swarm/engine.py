@@ -43,7 +43,7 @@ from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
 from p2pimage.swarm.policy import DialPolicy, PeerTimeouts, RevealPolicy
 from p2pimage.swarm.ratelimit import RateLimiter
-from p2pimage.swarm.session import PeerSession, SessionInfo
+from p2pimage.swarm.session import SENDFILE_MIN_BLOCK, PeerSession, SessionInfo
 from p2pimage.wire import (
     LOCAL_HAVES_ID,
     MAX_BLOCK_LENGTH_LIMIT,
@@ -223,8 +223,11 @@ class _Peer:
     parts: dict[tuple[int, int], set[int]] = field(default_factory=dict)
     uploads: deque[Request] = field(default_factory=deque)
     upload_wakeup: trio.Event = field(default_factory=trio.Event)
-    last_data_at: float = 0.0
+    last_data_at: float = 0.0  # the last block, or the first request after an idle spell
     received_at_last_data: int = 0  # Swarm.received_bytes at last_data_at
+    # A request timed out since the last block: an empty request queue is then no idle
+    # spell, and the stall clock keeps running.
+    timed_out: bool = False
     # When we sent the latest request this peer answered: peers answer requests in order,
     # so one that answers a later request has skipped (not merely queued) an older one.
     answered_sent_at: float = 0.0
@@ -235,6 +238,7 @@ class _Peer:
     down_rate: float = 0.0
     up_rate: float = 0.0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    gone: trio.Event = field(default_factory=trio.Event)  # set once out of Swarm.peers
     refill_deferred: bool = False  # inside a batch of received messages
 
 
@@ -465,8 +469,7 @@ class Swarm:
         if existing is not None and self._keep_new_connection(session, existing.session, key):
             existing.scope.cancel()
             with trio.move_on_after(1):
-                while self.peers.get(key) is existing:
-                    await trio.sleep(0.005)
+                await existing.gone.wait()
         if (
             key in self.peers
             or key in self.banned
@@ -517,6 +520,7 @@ class Swarm:
                 reason = "token expired"
             if self.peers.get(key) is peer:
                 del self.peers[key]
+                peer.gone.set()
                 self.picker.peer_lost(key)
                 for index in self.reveal.peer_lost(key):
                     self._show_to_all(index, key)
@@ -626,6 +630,7 @@ class Swarm:
         peer.last_data_at = now
         self.received_bytes += length
         peer.received_at_last_data = self.received_bytes
+        peer.timed_out = False
         peer.down_bytes_window += length
         index, begin = message.index, message.begin
         block_begin = begin - begin % self.picker.block_size
@@ -850,6 +855,12 @@ class Swarm:
         if want <= 0:
             return
         now = trio.current_time()
+        if not peer.outstanding and not peer.timed_out:
+            # The stall clock starts when we start waiting: a spell with nothing to ask
+            # of this peer is no stall (else the first request after 20 idle seconds
+            # banned it at the next tick; frequent with few pieces, see #15).
+            peer.last_data_at = now
+            peer.received_at_last_data = self.received_bytes
         part = peer.session.conn.peer_max_block_length
         for block in self.picker.pick(peer.key, want, now):
             peer.outstanding[(block.index, block.begin)] = (block, now)
@@ -882,13 +893,21 @@ class Swarm:
         peer.upload_wakeup.set()
 
     def _serve_request(self, peer: _Peer, request: Request) -> None:
+        index, begin, length = request.index, request.begin, request.length
+        storage, session = self.storage, peer.session
         try:
-            data = self.storage.read_block(request.index, request.begin, request.length)
+            if length >= SENDFILE_MIN_BLOCK and storage.complete and session.can_send_file:
+                # Plaintext from a complete blob: sendfile, no copy through Python.
+                offset = storage.block_offset(index, begin, length)
+                session.send_piece_from_file(index, begin, storage, offset, length)
+            else:
+                data = storage.read_block(index, begin, length)
+                length = len(data)
+                session.send(Piece(index, begin, data))
         except LocalProtocolError as exc:  # outside the piece: the peer's mistake
             raise PeerClosed(f"bad request: {exc}") from None
-        peer.session.send(Piece(request.index, request.begin, data))
-        peer.up_bytes_window += len(data)
-        self.stats.uploaded += len(data)
+        peer.up_bytes_window += length
+        self.stats.uploaded += length
         peer.last_sent_at = trio.current_time()
 
     async def _uploader(self, peer: _Peer) -> None:
@@ -943,6 +962,8 @@ class Swarm:
             if now - sent > request_timeout
         ]
         self.stats.requests_timed_out += len(timed_out)
+        if timed_out:
+            peer.timed_out = True
         for block, _ in timed_out:
             del peer.outstanding[(block.index, block.begin)]
             peer.parts.pop((block.index, block.begin), None)
