@@ -13,9 +13,25 @@ as their own ``p2pimage node`` processes (the real registry, sidecar and tracker
   node's peak resident set (``VmHWM`` of ``/proc/<pid>/status``) after the pull is
   ``rss_mib_small`` / ``rss_mib_large``. Streaming means the large one is no bigger.
 
-Prints a table; ``--json PATH`` writes ``ttfb_s``, ``rss_mib_small``, ``rss_mib_large``
-(and context). Targets: ``ttfb_s`` < 1; ``rss_mib_large`` <= ``rss_mib_small`` + 20 and
-<= 150.
+- **cpu**: in the rss cluster, CPU per MiB the node process spends serving a blob to a
+  fast reader (``curl`` to /dev/null, another process), beside the registry process
+  (the real CNCF distribution) serving the same blob to the same client, both from
+  ``/proc/<pid>/stat`` over the transfer. *Cache*: the large layer, complete in the
+  second node's cache, alternately from the registry and from that node's mirror
+  (``--cpu-samples`` each, every sample at least 512 MiB of repeated reads so the 10 ms
+  clock ticks stay below 4 %; ``--quick``: 2 of 256 MiB; the lowest of each counts).
+  *Stream*: the first
+  node pulls the same layer, which it does not hold, so its mirror streams it from the
+  swarm (the second node seeds it) while it downloads: the node's CPU then includes the
+  download (peer wire, piece hashes, writes, the final SHA-256). For context, the
+  second node's CPU during its rss pull (streamed while it read the layer from the
+  registry as the swarm's origin) is ``mirror_origin_stream_cpu_ms_per_mib``.
+
+Prints a table; ``--json PATH`` writes ``ttfb_s``, ``rss_mib_small``, ``rss_mib_large``,
+``mirror_cpu_ms_per_mib``, ``registry_cpu_ms_per_mib``, ``mirror_cpu_ratio``,
+``mirror_stream_cpu_ms_per_mib``, ``mirror_stream_cpu_ratio`` (and context). Targets:
+``ttfb_s`` < 1; ``rss_mib_large`` <= ``rss_mib_small`` + 20 and <= 150. The CPU figures
+have no target yet: issue #15 asks for them beside the registry's.
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ import trio
 
 from benchmarks._util import MIB, write_random_file
 from daemons.testbed.localcluster import ClusterNode, LocalCluster, local_cluster
+from daemons.testbed.process import cpu_seconds
 from p2pimage.oci.registry import RegistryClient
 from p2pimage.sidecar.client import SidecarClient, TokenKeeper
 
@@ -44,6 +61,10 @@ REPO = "bench/mirror"
 # several seconds for the layer, so first bytes must come long before the layer is whole.
 TTFB_NODE_RATE = 64 * MIB
 TTFB_REGISTRY_SECONDS = 8.0
+# Bytes read per CPU sample (the blob again and again): /proc counts CPU in 10 ms ticks,
+# and the registry spends about 0.5 ms per MiB, so 512 MiB keep a tick under 4 % of a
+# sample (``--quick``: 256 MiB, 8 %).
+CPU_SAMPLE_BYTES = 512 * MIB
 
 
 def _write_blob(path: Path, size: int) -> str:
@@ -160,7 +181,67 @@ async def _bench_ttfb(tmp: Path, size_mib: int) -> dict[str, Any]:
         }
 
 
-async def _bench_rss(tmp: Path, small_mib: int, large_mib: int) -> dict[str, Any]:
+async def _curl(url: str, size: int) -> None:
+    """Read ``url`` with curl into /dev/null (a fast reader in a process of its own)."""
+    result = await trio.run_process(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", url],
+        capture_stdout=True,
+    )
+    code, got = result.stdout.decode().split()
+    if code not in ("200", "206") or int(got) != size:
+        raise RuntimeError(f"{url}: HTTP {code}, {got} of {size} bytes")
+
+
+async def _cpu_per_mib(pid: int, url: str, size: int, times: int = 1) -> float:
+    """CPU milliseconds process ``pid`` spends per MiB while curl reads ``url``
+    ``times`` times in a row."""
+    before = cpu_seconds(pid)
+    for _ in range(times):
+        await _curl(url, size)
+    return (cpu_seconds(pid) - before) * 1000 / (times * size / MIB)
+
+
+async def _bench_cpu(
+    cluster: LocalCluster, digest: str, size: int, samples: int, sample_bytes: int
+) -> dict[str, Any]:
+    """CPU per MiB: registry and mirror (cache, alternately), then a streaming pull."""
+    seeder, streamer = cluster.nodes[1], cluster.nodes[0]
+    assert seeder.process is not None and streamer.process is not None
+    registry_pid = cluster.registry.pid
+    assert registry_pid is not None
+    path = f"/v2/{REPO}/blobs/{digest}"
+    registry_url = f"{cluster.registry.url}{path}"
+    ns = f"?ns={cluster.registry_host}"
+    times = max(1, -(-sample_bytes // size))
+    registry: list[float] = []
+    mirror: list[float] = []
+    for _ in range(samples):
+        registry.append(await _cpu_per_mib(registry_pid, registry_url, size, times))
+        mirror.append(
+            await _cpu_per_mib(seeder.process.pid, seeder.mirror_url + path + ns, size, times)
+        )
+    egress0, served0 = cluster.registry_egress, await _swarm_served(streamer)
+    stream = await _cpu_per_mib(streamer.process.pid, streamer.mirror_url + path + ns, size)
+    registry_ms, mirror_ms = min(registry), min(mirror)
+    return {
+        "registry_cpu_ms_per_mib": registry_ms,
+        "mirror_cpu_ms_per_mib": mirror_ms,
+        "mirror_cpu_ratio": mirror_ms / registry_ms,
+        "mirror_stream_cpu_ms_per_mib": stream,
+        "mirror_stream_cpu_ratio": stream / registry_ms,
+        "registry_cpu_ms_per_mib_samples": registry,
+        "mirror_cpu_ms_per_mib_samples": mirror,
+        "cpu_layer_mib": size / MIB,
+        "cpu_sample_mib": times * size / MIB,
+        # 1.0 and 0.0: the streamed pull came from the swarm, none of it from the registry.
+        "mirror_stream_swarm_fraction": (await _swarm_served(streamer) - served0) / size,
+        "mirror_stream_registry_copies": (cluster.registry_egress - egress0) / size,
+    }
+
+
+async def _bench_rss_cpu(
+    tmp: Path, small_mib: int, large_mib: int, cpu_samples: int, sample_bytes: int
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     async with local_cluster(tmp / "rss", nodes=2, node_processes=True) as cluster:
         for i, (key, mib) in enumerate((("small", small_mib), ("large", large_mib))):
@@ -169,19 +250,26 @@ async def _bench_rss(tmp: Path, small_mib: int, large_mib: int) -> dict[str, Any
             node = cluster.nodes[i]
             assert node.process is not None
             before = _vm_hwm_mib(node.process.pid)
+            cpu_before = cpu_seconds(node.process.pid)
             _, seconds = await _pull(node, cluster, digest, size)
+            cpu = cpu_seconds(node.process.pid) - cpu_before
             out[f"rss_mib_{key}"] = _vm_hwm_mib(node.process.pid)
             out[f"rss_mib_{key}_idle"] = before
             out[f"rss_{key}_layer_mib"] = mib
             out[f"rss_{key}_pull_mib_s"] = mib / seconds
             out[f"rss_{key}_swarm_fraction"] = await _swarm_served(node) / size
+        # The large layer is complete in nodes[1]'s cache and unknown to nodes[0].
+        out["mirror_origin_stream_cpu_ms_per_mib"] = cpu * 1000 / large_mib
+        out.update(await _bench_cpu(cluster, digest, large_mib * MIB, cpu_samples, sample_bytes))
     return out
 
 
-async def _bench(ttfb_mib: int, small_mib: int, large_mib: int) -> dict[str, Any]:
+async def _bench(
+    ttfb_mib: int, small_mib: int, large_mib: int, cpu_samples: int, sample_bytes: int
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="p2pimage-bench-mirror-") as tmp:
         r = await _bench_ttfb(Path(tmp), ttfb_mib)
-        r.update(await _bench_rss(Path(tmp), small_mib, large_mib))
+        r.update(await _bench_rss_cpu(Path(tmp), small_mib, large_mib, cpu_samples, sample_bytes))
     r["cpus"] = os.cpu_count() or 0
     r["loadavg_1m"] = os.getloadavg()[0]
     return r
@@ -189,15 +277,22 @@ async def _bench(ttfb_mib: int, small_mib: int, large_mib: int) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mirror", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="64 MiB ttfb, 32/128 MiB rss")
+    parser.add_argument(
+        "--quick", action="store_true", help="64 MiB ttfb, 32/128 MiB rss, 2 CPU samples of 256 MiB"
+    )
     parser.add_argument("--ttfb-mib", type=int, default=256)
     parser.add_argument("--rss-mib", type=int, nargs=2, default=[64, 512], metavar=("S", "L"))
+    parser.add_argument(
+        "--cpu-samples", type=int, default=3, help="CPU samples of registry and mirror each"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     ttfb_mib, (small_mib, large_mib) = args.ttfb_mib, args.rss_mib
+    cpu_samples, sample_bytes = args.cpu_samples, CPU_SAMPLE_BYTES
     if args.quick:
-        ttfb_mib, small_mib, large_mib = 64, 32, 128
-    r = trio.run(_bench, ttfb_mib, small_mib, large_mib)
+        ttfb_mib, small_mib, large_mib, cpu_samples = 64, 32, 128, 2
+        sample_bytes = CPU_SAMPLE_BYTES // 2
+    r = trio.run(_bench, ttfb_mib, small_mib, large_mib, cpu_samples, sample_bytes)
     ok_ttfb = r["ttfb_s"] < 1
     ok_rss = r["rss_mib_large"] <= r["rss_mib_small"] + 20 and r["rss_mib_large"] <= 150
     print("node mirror: time to first byte, and peak RSS while serving")
@@ -229,6 +324,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['rss_small_swarm_fraction']:.2f} / {r['rss_large_swarm_fraction']:.2f}",
         ),
         (f"  pull rate, {large_mib} MiB (MiB/s)", r["rss_large_pull_mib_s"], ""),
+        ("CPU per MiB, registry serving the large layer (ms)", r["registry_cpu_ms_per_mib"], ""),
+        ("CPU per MiB, mirror serving it from its cache (ms)", r["mirror_cpu_ms_per_mib"], ""),
+        ("  ratio mirror / registry", r["mirror_cpu_ratio"], ""),
+        (
+            "CPU per MiB, mirror streaming it from the swarm (ms)",
+            r["mirror_stream_cpu_ms_per_mib"],
+            f"swarm share {r['mirror_stream_swarm_fraction']:.2f}",
+        ),
+        ("  ratio stream / registry", r["mirror_stream_cpu_ratio"], ""),
+        (
+            "  stream while the node reads it as origin (ms per MiB)",
+            r["mirror_origin_stream_cpu_ms_per_mib"],
+            "",
+        ),
     ]
     for name, value, target in rows:
         print(f"{name:<58} {value:>9.3f}  {target}")

@@ -21,6 +21,9 @@ from p2pimage.metainfo.bencoding import bdecode, bencode
 from p2pimage.metainfo.torrent import (
     MAX_PIECE_LENGTH,
     MIN_PIECE_LENGTH,
+    MIN_PIECES,
+    PREFERRED_PIECE_LENGTH,
+    TARGET_MAX_PIECES,
     Metainfo,
     MetainfoBuilder,
     choose_piece_length,
@@ -123,10 +126,19 @@ def test_garbage_raises_only_metainfo_error(data: bytes) -> None:
     [
         (1, 16 * KiB),
         (16 * KiB, 16 * KiB),
-        (10 * MiB, 16 * KiB),  # 640 pieces: too small to reach 1,000 at the minimum
-        (2000 * 16 * KiB, 16 * KiB),  # exactly 2,000 pieces
-        (2000 * 16 * KiB + 1, 32 * KiB),  # 1,001 pieces
-        (100 * MiB, 64 * KiB),  # 1,600 pieces
+        (100 * KiB, 16 * KiB),  # 7 pieces: the smallest pieces, however few
+        (1 * MiB, 16 * KiB),  # 64 pieces: 32 KiB would give 32
+        (126 * 16 * KiB, 16 * KiB),  # 126 pieces: 32 KiB would give 63
+        (126 * 16 * KiB + 1, 32 * KiB),  # 64 pieces
+        (4 * MiB, 64 * KiB),  # 64 pieces
+        (15 * MiB, 128 * KiB),  # 120 pieces: 256 KiB would give 60
+        (63 * 256 * KiB, 128 * KiB),  # 126 pieces
+        (63 * 256 * KiB + 1, 256 * KiB),  # 64 pieces at the preferred length
+        (16 * MiB, 256 * KiB),  # 64 pieces
+        (32 * MiB, 256 * KiB),  # 128 pieces
+        (100 * MiB, 256 * KiB),  # 400 pieces
+        (2000 * 256 * KiB, 256 * KiB),  # exactly 2,000 pieces
+        (2000 * 256 * KiB + 1, 512 * KiB),  # 1,001 pieces
         (1 * GiB, 1 * MiB),  # 1,024 pieces
         (1 * GiB + 1, 1 * MiB),  # 1,025 pieces
         (2 * GiB, 2 * MiB),
@@ -139,14 +151,33 @@ def test_choose_piece_length(size: int, piece_length: int) -> None:
 
 
 @given(st.integers(1, 1 << 45))
-def test_choose_piece_length_targets_1000_to_2000(size: int) -> None:
+def test_choose_piece_length_prefers_256_kib_within_64_to_2000_pieces(size: int) -> None:
     pl = choose_piece_length(size)
     assert pl & (pl - 1) == 0 and MIN_PIECE_LENGTH <= pl <= MAX_PIECE_LENGTH
     count = -(-size // pl)
-    if pl > MIN_PIECE_LENGTH:
-        assert count > 1000
+    if pl < PREFERRED_PIECE_LENGTH:
+        # Shrunk below the preferred length only to keep MIN_PIECES, and no further.
+        assert count <= 2 * MIN_PIECES - 2
+        if pl > MIN_PIECE_LENGTH:
+            assert count >= MIN_PIECES
+    elif pl > PREFERRED_PIECE_LENGTH:
+        # Grown past it only to keep TARGET_MAX_PIECES, and no further.
+        assert count > TARGET_MAX_PIECES // 2
+    else:
+        assert count >= MIN_PIECES
     if pl < MAX_PIECE_LENGTH:
-        assert count <= 2000
+        assert count <= TARGET_MAX_PIECES
+
+
+@given(st.integers(1, 1 << 45), st.integers(1, 1 << 45))
+def test_choose_piece_length_never_shrinks_for_a_larger_blob(a: int, b: int) -> None:
+    small, large = sorted((a, b))
+    assert choose_piece_length(small) <= choose_piece_length(large)
+
+
+def test_choose_piece_length_refuses_a_negative_size() -> None:
+    with pytest.raises(LocalProtocolError):
+        choose_piece_length(-1)
 
 
 @given(

@@ -94,3 +94,54 @@ def test_acquires_are_served_in_arrival_order() -> None:
     trio.run(main, clock=clock)
     assert 0.5 <= finished["late"] < 1.2
     assert finished["bulk"] >= 2.0  # the late bytes were charged too
+
+
+def test_many_waiters_finish_in_arrival_order_at_the_rate() -> None:
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    done: list[int] = []
+
+    async def main() -> float:
+        limiter = RateLimiter(1_000_000, burst=64 * 1024)
+        start = trio.current_time()
+
+        async def one(i: int) -> None:
+            await trio.sleep(i * 0.001)  # arrive in order i, all while the first waits
+            await limiter.acquire(100_000)
+            done.append(i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(one, i)
+        return trio.current_time() - start
+
+    elapsed = trio.run(main, clock=clock)
+    assert done == list(range(20))
+    # 2 MB at 1 MB/s after a 64 KiB burst.
+    assert 1.9 <= elapsed <= 2.0
+
+
+def test_a_cancelled_waiter_gives_its_bytes_back() -> None:
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    finished: dict[str, float] = {}
+
+    async def main() -> None:
+        limiter = RateLimiter(1_000_000, burst=64 * 1024)
+        start = trio.current_time()
+        await limiter.acquire(64 * 1024)  # the burst, spent
+        with trio.move_on_after(0.1) as scope:
+            await limiter.acquire(5_000_000)  # 5 s of debt, given up after 0.1 s
+        assert scope.cancelled_caught
+        await limiter.acquire(100_000)
+        finished["next"] = trio.current_time() - start
+
+    trio.run(main, clock=clock)
+    # The bucket is full again (a burst) at 0.1 s: the next caller waits only for its
+    # own 100 kB beyond the burst (34 ms), not behind the abandoned 5 MB.
+    assert finished["next"] == pytest.approx(0.1 + (100_000 - 64 * 1024) / 1_000_000)
+
+
+def test_bucket_refund_is_capped_at_the_burst() -> None:
+    bucket = TokenBucket(1000, burst=500, now=0.0)
+    assert bucket.reserve(2000, 0.0) == pytest.approx(1.5)
+    bucket.refund(10_000, 0.0)
+    assert bucket.available(0.0) == pytest.approx(500)

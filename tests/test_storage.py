@@ -594,3 +594,43 @@ def test_read_verified_edges(tmp_path: Path) -> None:
         assert store.read_verified(PL - 1, 1) == data[PL - 1 : PL]
         assert store.read_verified(0, 2 * PL) == data
         assert store.read_verified(5, 10 * PL) == data[5:]
+
+
+def test_sendfile_serves_a_complete_blob_only(tmp_path: Path, blob: tuple[bytes, Metainfo]) -> None:
+    """The plaintext fast path: block_offset checks the block as read_block does, and
+    sendfile writes the blob's own bytes to a socket, only from a complete store."""
+    import socket
+
+    data, meta = blob
+    path = tmp_path / "seed.bin"
+    path.write_bytes(data)
+    a, b = socket.socketpair()
+    with a, b, PieceStorage.open_complete(path, meta) as store:
+        offset = store.block_offset(10, 100, 1000)
+        assert offset == meta.piece_offset(10) + 100
+        sent = 0
+        while sent < 1000:
+            sent += store.sendfile(a.fileno(), offset + sent, 1000 - sent)
+        got = b""
+        while len(got) < 1000:
+            got += b.recv(1000 - len(got))
+        assert got == piece(data, meta, 10)[100:1100]
+        for bad in ((10, 0, 1235), (10, -1, 10), (11, 0, 1), (0, 0, 0)):
+            with pytest.raises(LocalProtocolError):
+                store.block_offset(*bad)
+        with pytest.raises(LocalProtocolError):
+            store.sendfile(a.fileno(), meta.length - 10, 11)
+    with pytest.raises(StorageError, match="closed"):
+        store.sendfile(a.fileno(), 0, 1)
+    with PieceStorage.open(tmp_path / "partial", meta) as partial:
+        partial.write_piece(0, piece(data, meta, 0))
+        assert partial.block_offset(0, 0, 10) == 0
+        with pytest.raises(LocalProtocolError, match="not verified"):
+            partial.block_offset(1, 0, 10)
+        with pytest.raises(StorageError, match="not complete"):
+            partial.sendfile(a.fileno(), 0, 10)
+    c, d = socket.socketpair()
+    with c, d, PieceStorage.open_complete(path, meta) as store:
+        os.truncate(path, 500)  # shortened behind the store's back
+        with pytest.raises(StorageError, match="shorter"):
+            store.sendfile(c.fileno(), 600, 10)

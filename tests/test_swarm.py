@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -17,14 +18,20 @@ import trio
 import trio.testing
 
 from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
-from p2pimage.errors import StorageError
+from p2pimage.errors import LocalProtocolError, PeerClosed, RemoteProtocolError, StorageError
+from p2pimage.metainfo.torrent import MIN_PIECES, create_metainfo_from_file
 from p2pimage.oci.registry import RegistryClient
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm, SwarmSettings
 from p2pimage.swarm.node import PeerNode, open_peer_node
 from p2pimage.swarm.origin import OriginReader
 from p2pimage.swarm.picker import PickerSettings
-from p2pimage.swarm.session import PeerSession, make_connection, new_peer_id
+from p2pimage.swarm.session import (
+    SENDFILE_MIN_BLOCK,
+    PeerSession,
+    make_connection,
+    new_peer_id,
+)
 from p2pimage.wire import (
     HAVES_EXTENSION,
     LOCAL_HAVES_ID,
@@ -34,6 +41,7 @@ from p2pimage.wire import (
     HandshakeReceived,
     Have,
     PeerConnection,
+    Piece,
     Role,
     build_haves_payload,
     decode_haves,
@@ -122,7 +130,7 @@ async def test_origin_failure_hands_pieces_back_to_peers(tmp_path: Path, registr
 
 async def test_stream_in_order_first_bytes_before_ten_percent(tmp_path: Path) -> None:
     blob, meta = make_blob(tmp_path, 16 * MIB)
-    assert meta.num_pieces >= 100
+    assert meta.num_pieces >= MIN_PIECES  # the sidecar's fewest: 10 % of them is 6
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
     seed_auth = local_authenticator(issuer, subject="seeder", cluster="prod")
     leech_auth = local_authenticator(issuer, subject="leecher", cluster="prod")
@@ -424,6 +432,65 @@ async def test_peer_traffic_is_encrypted_on_the_wire(tmp_path: Path, encrypt: bo
     assert leaked == (0 if encrypt else len(samples))
 
 
+async def test_two_nodes_dialing_each_other_keep_the_same_one_connection(
+    tmp_path: Path,
+) -> None:
+    """Both dial at once: each side keeps the connection the node with the smaller peer
+    id opened and closes the other, waiting for the replaced peer to be gone (an event,
+    no polling) before it adopts the new one."""
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer) as (seeder, leecher):
+        seeding = await seeder.add_swarm(
+            meta, tmp_path, storage=PieceStorage.open_complete(blob, meta)
+        )
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
+        seeding.add_peers([leecher.listen_address])
+        swarm.add_peers([seeder.listen_address])
+        with trio.fail_after(30):
+            await swarm.complete.wait()
+            while len(seeding.peers) != 1 or len(swarm.peers) != 1:
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)  # both dials over: one connection replaced or refused per side
+        assert len(seeding.peers) == len(swarm.peers) == 1
+        ((_, kept_by_leecher),) = swarm.peers.items()
+        ((_, kept_by_seeder),) = seeding.peers.items()
+        # One TCP connection, seen from its two ends.
+        assert kept_by_leecher.session.conn.our_role is not kept_by_seeder.session.conn.our_role
+    assert sha256_file(swarm.storage.path) == meta.sha256
+
+
+async def test_a_peer_asked_after_an_idle_spell_is_not_taken_for_a_staller(
+    tmp_path: Path,
+) -> None:
+    """The stall clock starts at the first request after a spell with nothing to ask: a
+    peer that had nothing we needed for longer than ``stall_timeout_s`` and then gets a
+    piece is asked for it, and its first (paced) block is no stall."""
+    blob, meta = make_blob(tmp_path, 16 * MIB)  # 256 KiB pieces
+    data = blob.read_bytes()
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(stall_timeout_s=3.0, tick_s=0.1)
+    auth = [local_authenticator(issuer, subject=f"node-{i}", cluster="prod") for i in range(2)]
+    async with (
+        # A 256 KiB piece takes ~0.75 s at 256 KiB/s beyond the 64 KiB burst: several
+        # ticks pass between the request and the block.
+        open_peer_node(authenticator=auth[0], upload_rate=256 * 1024) as holder,
+        open_peer_node(authenticator=auth[1]) as leecher,
+    ):
+        source = await holder.add_swarm(meta, tmp_path / "holder", settings=settings)
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
+        swarm.add_peers([holder.listen_address])
+        with trio.fail_after(10):
+            while len(swarm.peers) != 1 or len(source.peers) != 1:
+                await trio.sleep(0.05)
+        await trio.sleep(settings.stall_timeout_s + 0.5)  # nothing to ask the holder yet
+        assert await source.accept_origin_piece(0, data[: meta.piece_size(0)])
+        with trio.fail_after(10):
+            while not swarm.has_piece(0):
+                await swarm.wait_changed()
+        assert swarm.stats.peers_banned == 0 and len(swarm.peers) == 1
+
+
 async def test_a_node_requiring_encryption_refuses_one_without(tmp_path: Path) -> None:
     blob, meta = make_blob(tmp_path, 256 * 1024)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
@@ -491,10 +558,25 @@ async def test_the_announcer_and_origin_api(tmp_path: Path) -> None:
             await swarm.wait_announce_due(10)  # closed: always due
 
 
-async def _open_session_pair(*, haves_on_b: bool) -> tuple[PeerSession, PeerConnection, Any]:
+async def _tcp_stream_pair() -> tuple[trio.SocketStream, trio.SocketStream]:
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listener:
+        a = await trio.open_tcp_stream(*listener.socket.getsockname()[:2])
+        return a, await listener.accept()
+
+
+async def _open_session_pair(
+    *, haves_on_b: bool, tcp: bool = False
+) -> tuple[PeerSession, PeerConnection, Any]:
     """A session (open mode, as make_connection builds it) and a bare peer connection
-    on the other end of an in-memory stream; the peer advertises p2pimage_haves or not."""
-    a_stream, b_stream = trio.testing.memory_stream_pair()
+    on the other end of an in-memory stream (or of a loopback TCP connection); the peer
+    advertises p2pimage_haves or not."""
+    a_stream: Any
+    b_stream: Any
+    if tcp:
+        a_stream, b_stream = await _tcp_stream_pair()
+    else:
+        a_stream, b_stream = trio.testing.memory_stream_pair()
     info_hash = bytes(range(20))
     a = make_connection(
         Role.INITIATOR, peer_id=new_peer_id(), info_hash=info_hash, authenticator=None
@@ -541,3 +623,97 @@ async def test_haves_of_one_batch_travel_in_one_message(haves_on_b: bool) -> Non
         assert decode_haves(events[0].payload, 100) == (3, 7, 42, 99)
     else:
         assert events == [Have(3), Have(7), Have(42), Have(99)]
+
+
+async def test_file_blocks_go_out_by_sendfile_in_order(tmp_path: Path) -> None:
+    """A plaintext TCP session sends a complete blob's blocks from the file (sendfile),
+    between the messages queued before and after them; a closed store ends only that
+    connection (its header is out already), as a PeerClosed."""
+    blob, meta = make_blob(tmp_path, 3 * 256 * 1024)
+    data = blob.read_bytes()
+    session, peer, stream = await _open_session_pair(haves_on_b=False, tcp=True)
+    assert session.can_send_file
+    store = PieceStorage.open_complete(blob, meta)
+    session.send(Have(1))
+    size = meta.piece_size(1)
+    session.send_piece_from_file(1, 0, store, store.block_offset(1, 0, size), size)
+    session.send_piece_from_file(2, 5, store, store.block_offset(2, 5, 1000), 1000)
+    session.send(Have(2))
+    events: list[Any] = []
+    ended: list[str] = []
+
+    async def write() -> None:
+        try:
+            await session.run_writer()
+        except PeerClosed as exc:  # as the swarm does: the session ends, nothing else
+            ended.append(str(exc))
+            await session.aclose(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        with trio.fail_after(10):
+            while len(events) < 4:
+                peer.receive_data(await stream.receive_some())
+                while (event := peer.next_event()) is not NEED_DATA:
+                    events.append(event)
+        store.close()
+        session.send_piece_from_file(0, 0, store, 0, 1000)
+        with trio.fail_after(10), pytest.raises(RemoteProtocolError, match="middle"):
+            while True:
+                peer.receive_data(await stream.receive_some())
+                while (event := peer.next_event()) is not NEED_DATA:
+                    events.append(event)
+    assert ended and "cannot serve the block" in ended[0] and "closed" in ended[0]
+    offset = meta.piece_offset(1)
+    assert events[:4] == [
+        Have(1),
+        Piece(1, 0, data[offset : offset + size]),
+        Piece(2, 5, data[meta.piece_offset(2) + 5 : meta.piece_offset(2) + 1005]),
+        Have(2),
+    ]
+    assert session.payload_sent == size + 1000 + 1000
+
+
+async def test_file_blocks_need_a_plaintext_tcp_session(tmp_path: Path) -> None:
+    blob, meta = make_blob(tmp_path, 256 * 1024)
+    session, _, _ = await _open_session_pair(haves_on_b=False)  # in-memory stream
+    assert not session.can_send_file
+    with PieceStorage.open_complete(blob, meta) as store, pytest.raises(LocalProtocolError):
+        session.send_piece_from_file(0, 0, store, 0, 100)
+
+
+@pytest.mark.parametrize(
+    ("encrypt", "piece_kib", "by_sendfile"),
+    [(True, 256, False), (False, 256, True), (False, 16, False)],
+)
+async def test_a_complete_seed_serves_plaintext_peers_by_sendfile(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    encrypt: bool,
+    piece_kib: int,
+    by_sendfile: bool,
+) -> None:
+    """Between nodes with encryption off, a complete layer's blocks of at least
+    SENDFILE_MIN_BLOCK go out by sendfile and arrive verified; encrypted, every block is
+    sealed, and small blocks are read and batched (sendfile would cost more calls)."""
+    assert 16 * 1024 < SENDFILE_MIN_BLOCK <= 256 * 1024
+    blob, _ = make_blob(tmp_path, 4 * MIB)
+    meta = create_metainfo_from_file(blob, piece_length=piece_kib * 1024)
+    calls: list[int] = []
+    real_sendfile = os.sendfile
+
+    def counting_sendfile(out_fd: int, in_fd: int, offset: int | None, count: int) -> int:
+        sent = real_sendfile(out_fd, in_fd, offset, count)
+        calls.append(sent)
+        return sent
+
+    monkeypatch.setattr(os, "sendfile", counting_sendfile)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer, encrypt=encrypt) as (seeder, leecher):
+        await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
+        swarm.add_peers([seeder.listen_address])
+        with trio.fail_after(30):
+            await swarm.complete.wait()
+    assert sha256_file(swarm.storage.path) == meta.sha256
+    assert sum(calls) == (meta.length if by_sendfile else 0)

@@ -490,6 +490,44 @@ def test_arbitrary_chunking_yields_the_same_events(
     assert chunked.data_to_send() == whole.data_to_send()
 
 
+@pytest.mark.parametrize("mode", ["encrypted", "plaintext", "open"])
+@settings(max_examples=60, deadline=None)
+@given(msgs=message_sequences, data=st.data())
+def test_reads_into_one_reused_buffer_yield_the_same_events(
+    mode: str, msgs: list[Message], data: st.DataObject
+) -> None:
+    """What PeerSession does over TCP: every socket read lands in one reusable buffer
+    and is fed as a memoryview of it, which the next read overwrites. receive_data keeps
+    copies, so the events are those of the whole stream fed at once."""
+    auth = mode != "open"
+    kw: dict[str, Any] = {"extensions": EXT, "max_block_length": MAX_BLOCK}
+    if mode == "plaintext":
+        kw["encrypt"] = False
+    i, r = initiator(auth, **kw), responder(auth, **kw)
+    sent_i, _ = handshake(i, r)
+    stream = sent_i + i.seal(b"".join(i.send(m) for m in msgs))
+
+    whole = responder(auth, **kw)
+    whole.receive_data(stream)
+    expected = drain(whole)
+    assert [e for e in expected if isinstance(e, Message)] == msgs
+
+    reader = responder(auth, **kw)
+    size = data.draw(st.integers(1, 4096), label="read size")
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got: list[Event] = []
+    pos = 0
+    while pos < len(stream):
+        n = data.draw(st.integers(1, min(size, len(stream) - pos)), label="read")
+        buffer[:n] = stream[pos : pos + n]
+        pos += n
+        reader.receive_data(view[:n])
+        buffer[:] = b"\xee" * size  # the next read overwrites what was fed
+        got += drain(reader)
+    assert got == expected
+
+
 def test_byte_at_a_time() -> None:
     msgs: Sequence[Message] = [Bitfield(b"\x01"), Have(0), Piece(0, 0, b"z" * 50), KeepAlive()]
     i, r = initiator(), responder()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +29,13 @@ from p2pimage.wire import (
     Role,
 )
 from p2pimage.wire._codec import build_extended
-from p2pimage.wire._crypto import kx_public_key
+from p2pimage.wire._crypto import (
+    MAX_RECORD_PLAINTEXT,
+    RECORD_OVERHEAD,
+    RecordReader,
+    RecordWriter,
+    kx_public_key,
+)
 
 from .test_wire_auth import (
     BITFIELD,
@@ -353,3 +360,53 @@ def test_any_batching_and_any_split_delivers_the_same_messages(
         if pos >= len(stream):
             break
     assert received == [m for batch in batches for m in batch]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(
+        st.sampled_from([1, 13, 4096, MAX_RECORD_PLAINTEXT - 1, MAX_RECORD_PLAINTEXT])
+        | st.integers(1, 2 * MAX_RECORD_PLAINTEXT + 5),
+        min_size=1,
+        max_size=4,
+    ),
+    cuts=st.lists(st.integers(1, 300_000), max_size=12),
+    limit=st.none() | st.integers(1, 4),
+)
+def test_records_sealed_and_opened_in_place_match_one_shot_aead(
+    sizes: list[int], cuts: list[int], limit: int | None
+) -> None:
+    """The record layer encrypts into and decrypts out of single buffers: its records
+    are byte for byte AES-GCM's one-shot output (length header as associated data,
+    counter nonces), and however the stream is split, the reader returns exactly the
+    plaintext of the records it may open (``limit``), leaving the rest raw."""
+    key = bytes(range(32))
+    aead = AESGCM(key)
+    writer = RecordWriter(key)
+    payloads = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    expected_records: list[bytes] = []
+    stream = bytearray()
+    for payload in payloads:
+        sealed = writer.seal(payload)
+        one_shot = bytearray()
+        for start in range(0, len(payload), MAX_RECORD_PLAINTEXT):
+            chunk = payload[start : start + MAX_RECORD_PLAINTEXT]
+            header = struct.pack(">I", len(chunk) + 16)
+            nonce = struct.pack(">4xQ", len(expected_records))
+            one_shot += header + aead.encrypt(nonce, chunk, header)
+            expected_records.append(chunk)
+        assert sealed == one_shot
+        stream += sealed
+    reader = RecordReader(key, limit=limit)
+    opened = bytearray()
+    pos = 0
+    for cut in [*cuts, len(stream)]:
+        piece = stream[pos : pos + cut]
+        pos += len(piece)
+        opened += reader.feed(piece)
+        if pos >= len(stream):
+            break
+    kept = expected_records if limit is None else expected_records[:limit]
+    assert opened == b"".join(kept)
+    assert reader.exhausted == (limit is not None and limit <= len(expected_records))
+    assert reader.pending == len(stream) - sum(len(r) + RECORD_OVERHEAD for r in kept)

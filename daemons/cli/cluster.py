@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import resource
 import shutil
@@ -40,6 +39,7 @@ from daemons._run import run_until_signalled
 from daemons.cli.preheat import submit_preheat, wait_preheat
 from daemons.testbed import netns as _netns
 from daemons.testbed.localcluster import LocalCluster, local_cluster
+from daemons.testbed.process import cpu_seconds
 from p2pimage.bound import kumar_ross_bound
 from p2pimage.mirror.runtime_config import write_registries_conf
 from p2pimage.oci.image import BuiltImage, build_image, push_image
@@ -243,11 +243,9 @@ def _nodes_cpu_seconds(cluster: LocalCluster) -> float | None:
         if node.process is None:
             return None
         try:
-            stat = Path(f"/proc/{node.process.pid}/stat").read_text()
+            total += cpu_seconds(node.process.pid)
         except OSError:
             return None
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import trio
 
-__all__ = ["ManagedProcess", "free_port", "stop_process"]
+__all__ = ["ManagedProcess", "cpu_seconds", "free_port", "stop_process"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -23,6 +23,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used so far, its exited threads
+    included (``/proc/<pid>/stat``, in clock ticks: 10 ms here). Raises
+    :class:`OSError` when the process is gone."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> None:

@@ -23,14 +23,17 @@ from pathlib import Path
 
 from p2pimage.errors import BencodeError, DigestMismatchError, LocalProtocolError, MetainfoError
 from p2pimage.metainfo.bencoding import Bencodable, bdecode, bencode
-from p2pimage.wire import BLOCK_LENGTH
+from p2pimage.wire import BLOCK_LENGTH, MAX_BLOCK_LENGTH_LIMIT
 
 __all__ = [
     "MAX_PIECE_LENGTH",
     "MAX_TORRENT_BYTES",
+    "MIN_PIECES",
     "MIN_PIECE_LENGTH",
     "Metainfo",
     "MetainfoBuilder",
+    "PREFERRED_PIECE_LENGTH",
+    "TARGET_MAX_PIECES",
     "choose_piece_length",
     "create_metainfo_from_file",
     "is_digest",
@@ -44,10 +47,26 @@ MIN_PIECE_LENGTH = BLOCK_LENGTH
 # a whole piece before it touches disk) and the unit a peer must re-send after a bad hash.
 # Torrents with larger pieces are refused when read, for the same reason.
 MAX_PIECE_LENGTH = 16 * 1024 * 1024
-# 1,000-2,000 pieces is the usual target (libtorrent's create_torrent and mktorrent aim at
-# about 1,500): enough pieces for rarest-first to spread the swarm and for streaming to
-# start early, few enough that the piece list (20 bytes each), the bitfield and the
-# per-piece bookkeeping stay small.
+# The piece length a layer gets when it is large enough: one whole-piece block between
+# p2pimage peers (MAX_BLOCK_LENGTH_LIMIT), so each piece costs one request, one piece
+# message, one have per peer, one hash and one write. Haves, requests, picker and storage
+# work all scale with the piece count, and in Python that per-message work, not hashing
+# or copying, is most of a node's CPU: 256 KiB pieces cost 30-35 % less CPU per
+# delivered MiB than 32 KiB ones in the 16-node swarm benchmark (docs/benchmarks.md,
+# "Piece length"). Stock clients still request 16 KiB parts of it (BEP 3 allows any
+# power of two; libtorrent's own create_torrent picks 256 KiB+ for most sizes).
+PREFERRED_PIECE_LENGTH = MAX_BLOCK_LENGTH_LIMIT
+# The fewest pieces a layer is cut into while pieces can still shrink (down to
+# MIN_PIECE_LENGTH): smaller layers get smaller pieces, 64-127 of them. 64 pieces give
+# each of up to max_origin_fetchers (16) origin fetchers a disjoint range of at least 4
+# pieces (room to re-split when a fetcher joins or leaves), give rarest-first something
+# to spread over 32 nodes, and keep the store-and-forward delay of one piece per hop a
+# few percent of the layer's time (a 1 MiB layer: 64 pieces of 16 KiB).
+MIN_PIECES = 64
+# The most pieces a large layer is cut into before pieces grow past the preferred
+# length (up to MAX_PIECE_LENGTH): 1,000-2,000 pieces, the usual target of libtorrent's
+# create_torrent and mktorrent (~1,500), keep the piece list (20 bytes each), the
+# bitfield and the per-piece bookkeeping small.
 TARGET_MAX_PIECES = 2000
 # The largest .torrent the sidecar keeps and a node accepts: 20 bytes a piece, 8 MiB hold
 # ~400,000 pieces (a 6 GiB layer at the smallest piece length); automatic piece lengths
@@ -62,14 +81,19 @@ _READ_CHUNK = 4 * 1024 * 1024
 
 
 def choose_piece_length(size: int) -> int:
-    """The power of two that gives ``size`` between 1,000 and 2,000 pieces.
+    """The sidecar's piece length for a blob of ``size`` bytes: a power of two.
 
-    Clamped to [``MIN_PIECE_LENGTH``, ``MAX_PIECE_LENGTH``]: blobs under ~16 MiB get fewer
-    pieces, blobs over ~32 GiB more.
+    ``PREFERRED_PIECE_LENGTH`` (256 KiB) for blobs of 16-500 MiB; smaller blobs get
+    smaller pieces so that they still have ``MIN_PIECES`` (64) to 127 pieces, down to
+    ``MIN_PIECE_LENGTH`` (blobs under 2 MiB: 1-126 pieces of 16 KiB); larger blobs get
+    larger pieces so that they have at most ``TARGET_MAX_PIECES`` (2,000), up to
+    ``MAX_PIECE_LENGTH`` (blobs over ~32 GiB have more).
     """
     if size < 0:
         raise LocalProtocolError("size must not be negative")
     piece_length = MIN_PIECE_LENGTH
+    while piece_length < PREFERRED_PIECE_LENGTH and -(-size // (2 * piece_length)) >= MIN_PIECES:
+        piece_length *= 2
     while piece_length < MAX_PIECE_LENGTH and -(-size // piece_length) > TARGET_MAX_PIECES:
         piece_length *= 2
     return piece_length

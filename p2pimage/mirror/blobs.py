@@ -23,7 +23,11 @@ info-hash) then never put two registries' swarms of one digest together.
 2. **Cache**: a complete, verified blob of the swarm registry on disk is served from disk.
 3. **Swarm**: blobs of the swarm registry above a size threshold come through the swarm
    (torrent from the sidecar, peers from the tracker), streamed in order while later
-   pieces still download; the whole-blob SHA-256 is checked as it streams.
+   pieces still download. The swarm's store checks every piece against the torrent and
+   then the whole blob against its SHA-256; a whole read holds its last chunk back until
+   that check has passed, so a blob that fails it never reaches its client whole.
+   Bytes read from the registry for a whole blob (a direct read, or a fallback before
+   the swarm served any) are hashed here.
 4. **Fallback**: when the sidecar, tracker or swarm cannot serve (unreachable, cache full,
    no progress for ``stall_timeout_s``), the rest of the blob is read directly from the
    registry with the client's credentials, from the byte the client has reached.
@@ -34,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -292,7 +297,6 @@ class LayerService:
         shared = upstream == self.registry  # cache and swarm only for the swarm registry
         hex_ = blob_key(self.namespace, digest.removeprefix("sha256:"))
         whole = start == 0 and end == size
-        hasher = hashlib.sha256() if whole else None
         position = start
         source = "registry"
         if shared:
@@ -315,70 +319,127 @@ class LayerService:
                 swarm = await self._swarm_or_none(repository, digest, size, authorization)
             if swarm is not None:
                 source = "swarm"
+                # The store checks what the swarm serves: every piece against the
+                # torrent, the whole blob against its SHA-256 once complete. A whole read
+                # holds its last chunk back until that check has passed; hashing here
+                # again would cost a second SHA-256 of every byte (docs/benchmarks.md).
                 self.cache.pin(hex_)
                 try:
                     stream = swarm.stream(
                         start, end, CHUNK, stall_timeout_s=self.settings.stall_timeout_s
                     )
+                    held: bytes | None = None
                     async with aclosing(stream) as chunks:
                         async for chunk in chunks:
-                            if hasher is not None:
-                                hasher.update(chunk)
+                            if whole and position + len(chunk) == end:
+                                held = chunk  # the stream ends after it
+                                continue
                             position += len(chunk)
                             self.stats.bytes_served["swarm"] += len(chunk)
                             yield chunk
+                    if held is not None:
+                        await self._verified(swarm, digest)
+                        position += len(held)
+                        self.stats.bytes_served["swarm"] += len(held)
+                        yield held
                 except SwarmStalled:
                     self._fallback("stalled", digest, position)
-                except (StorageError, DigestMismatchError, LocalProtocolError) as exc:
+                except DigestMismatchError:
+                    if position > start:  # the client has bytes of a blob that failed
+                        self.stats.pulls["digest_mismatch"] += 1
+                        raise
+                    self._fallback("DigestMismatchError", digest, position)
+                except (StorageError, LocalProtocolError) as exc:
                     if position < end:
                         self._fallback(type(exc).__name__, digest, position)
                 finally:
                     self.cache.unpin(hex_)
             elif shared and size >= self.settings.swarm_threshold_bytes:
                 source = "fallback"
+            # The registry's bytes of a whole blob are checked here, before its last
+            # chunk goes out: a direct read, or a fallback before the swarm served any.
+            hasher = hashlib.sha256() if whole and position == start else None
             if position < end:
                 async for chunk in self._read_registry(
                     upstream, repository, digest, authorization, position, end
                 ):
                     if hasher is not None:
                         hasher.update(chunk)
+                        if position + len(chunk) >= end:  # checked before the last byte
+                            self._check_digest(hasher, digest)
                     position += len(chunk)
                     self.stats.bytes_served["registry"] += len(chunk)
                     yield chunk
                 if source == "swarm":
                     source = "fallback"
-            if hasher is not None and "sha256:" + hasher.hexdigest() != digest:
-                self.stats.pulls["digest_mismatch"] += 1
-                raise DigestMismatchError(f"blob {digest} did not match its digest")
+            if hasher is not None:
+                self._check_digest(hasher, digest)
             self.stats.pulls[source if source != "registry" else "direct"] += 1
         except BaseException:
             if position < end:
                 self.stats.pulls["error"] += 1
             raise
 
+    def _check_digest(self, hasher: hashlib._Hash, digest: str) -> None:
+        if "sha256:" + hasher.hexdigest() != digest:
+            self.stats.pulls["digest_mismatch"] += 1
+            raise DigestMismatchError(f"blob {digest} did not match its digest")
+
+    async def _verified(self, swarm: Swarm, digest: str) -> None:
+        """Return once ``swarm``'s store has checked the whole blob against its digest;
+        raise :class:`DigestMismatchError` when the swarm closes without that (the check
+        failed, or the swarm ended first). A check that takes longer than
+        ``stall_timeout_s`` is logged and not waited for: every piece has matched the
+        torrent, and the runtime checks the digest itself."""
+        with trio.move_on_after(self.settings.stall_timeout_s):
+            async with trio.open_nursery() as nursery:
+
+                async def until(event: trio.Event) -> None:
+                    await event.wait()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(until, swarm.complete)
+                nursery.start_soon(until, swarm.closed)
+        if swarm.complete.is_set():
+            return
+        if swarm.closed.is_set():
+            raise DigestMismatchError(f"blob {digest} was not verified against its digest")
+        log.warning("%s: whole-blob check still running; last chunk sent unchecked", digest)
+
     def _fallback(self, reason: str, digest: str, position: int) -> None:
         self.stats.fallbacks[reason] += 1
         log.warning("falling back to the registry for %s at byte %d: %s", digest, position, reason)
 
     async def _read_file(self, path: Path, start: int, end: int, hex_: str) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end)`` of a cached blob, :data:`CHUNK` at a time. A chunk
+        already in the page cache is read at once (a copy); only one that would wait
+        for the disk goes through a worker thread (a thread hop costs about as much CPU
+        as the copy of a MiB: docs/benchmarks.md, "The mirror's stream to the runtime")."""
         self.cache.pin(hex_)
         self.cache.touch(hex_, self.clock())
         try:
-            f = await trio.open_file(path, "rb")
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             self.cache.unpin(hex_)
             raise StorageError(f"cannot open cached blob {path}: {exc.strerror}") from None
         try:
-            await f.seek(start)
-            remaining = end - start
-            while remaining > 0:
-                data = await f.read(min(CHUNK, remaining))
+            position = start
+            while position < end:
+                size = min(CHUNK, end - position)
+                try:
+                    if _in_page_cache(fd, position, size):
+                        data = os.pread(fd, size, position)
+                        await trio.lowlevel.checkpoint()
+                    else:
+                        data = await trio.to_thread.run_sync(os.pread, fd, size, position)
+                except OSError as exc:
+                    raise StorageError(f"cannot read cached blob {path}: {exc.strerror}") from None
                 if not data:
                     raise StorageError(f"cached blob {path} is shorter than expected")
-                remaining -= len(data)
+                position += len(data)
                 yield data
         finally:
-            await f.aclose()
+            os.close(fd)
             self.cache.unpin(hex_)
 
     async def _read_registry(
@@ -546,6 +607,23 @@ class LayerService:
 
 class _CacheFull(P2PImageError):
     pass
+
+
+_PROBE = bytearray(1)
+
+
+def _in_page_cache(fd: int, offset: int, size: int) -> bool:
+    """Whether the first and the last byte of ``[offset, offset + size)`` of ``fd`` are
+    in the page cache: a one-byte ``RWF_NOWAIT`` read of each succeeds without waiting
+    for the disk. Readahead fills the pages between, so a read of the range then costs a
+    copy, not a disk wait. False where the kernel or file system cannot tell."""
+    try:
+        return (
+            os.preadv(fd, [_PROBE], offset, os.RWF_NOWAIT) == 1
+            and os.preadv(fd, [_PROBE], offset + size - 1, os.RWF_NOWAIT) == 1
+        )
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here
+        return False
 
 
 def _authorization_headers(authorization: str | None) -> dict[str, str]:

@@ -63,8 +63,8 @@ __all__ = [
     "PieceStorage",
 ]
 
-# Memory for pieces being assembled. With 1,000-2,000 pieces per blob (metainfo's policy),
-# a 1 GiB layer has 1 MiB pieces, so 64 MiB holds 64 pieces in progress, more than the
+# Memory for pieces being assembled. With metainfo's policy (256 KiB pieces, at most 2,000
+# per blob), a 1 GiB layer has 1 MiB pieces, so 64 MiB holds 64 pieces in progress, more than the
 # peers a node downloads one blob from at once (libtorrent's default unchoke slots: 8;
 # connections per torrent: ~50 but few hold a piece each). Always at least one piece.
 DEFAULT_MAX_BUFFERED_BYTES = 64 * 1024 * 1024
@@ -548,6 +548,12 @@ class PieceStorage:
 
     def read_block(self, index: int, begin: int, length: int) -> bytes:
         """Bytes of a verified piece. Raises :class:`LocalProtocolError` otherwise."""
+        return self._pread(self.block_offset(index, begin, length), length)
+
+    def block_offset(self, index: int, begin: int, length: int) -> int:
+        """The blob offset of a block of a verified piece (what :meth:`read_block` would
+        read). Raises :class:`LocalProtocolError` for a block outside the piece or a piece
+        not verified, :class:`StorageError` if the store is closed."""
         self._check_open()
         self._check_index(index)
         size = self.metainfo.piece_size(index)
@@ -555,7 +561,27 @@ class PieceStorage:
             raise LocalProtocolError(f"block {begin}+{length} outside piece {index} of {size}")
         if not self.has_piece(index):
             raise LocalProtocolError(f"piece {index} is not verified")
-        return self._pread(self.metainfo.piece_offset(index) + begin, length)
+        return self.metainfo.piece_offset(index) + begin
+
+    def sendfile(self, out_fd: int, offset: int, count: int) -> int:
+        """Zero-copy write of up to ``count`` bytes of the complete blob, from ``offset``,
+        to the (non-blocking) socket ``out_fd`` with :func:`os.sendfile`; returns the bytes
+        the kernel took. Only a :attr:`complete` store serves this way: its bytes are
+        verified as a whole and never reset (a partial file can be truncated by a failed
+        digest check while the bytes are still queued). Raises :class:`StorageError` if the
+        store is closed or not complete, :class:`LocalProtocolError` for a range outside
+        the blob; a full socket raises :class:`BlockingIOError` (wait until it is writable
+        and call again), a broken one :class:`OSError`."""
+        fd = self._check_open()
+        if not self._complete:
+            raise StorageError(f"store for {self.metainfo.sha256} is not complete")
+        if offset < 0 or count <= 0 or offset + count > self.metainfo.length:
+            raise LocalProtocolError(f"bad range {offset}+{count} of {self.metainfo.length}")
+        sent = os.sendfile(out_fd, fd, offset, count)
+        if sent == 0:
+            # sendfile returns 0 only at the input file's end: someone shortened the blob.
+            raise StorageError(f"{self._final_path} is shorter than its torrent")
+        return sent
 
     def read_verified(self, offset: int, max_bytes: int) -> bytes:
         """Bytes from ``offset`` over the run of verified pieces that starts there, at

@@ -4,7 +4,10 @@
 trio wrapper that sleeps until the bytes are allowed. A limiter with ``rate=None`` is
 unlimited and costs nothing. One limiter may be shared by many tasks (a node's upload
 cap over all its peer connections, the registry's egress cap over all origin readers):
-callers queue in FIFO order, so a large read cannot starve small ones forever.
+callers are served in arrival order, so a large read cannot starve small ones forever.
+The order needs no lock: each caller takes its bytes from the bucket when it arrives,
+into debt, and sleeps until the debt up to its bytes is paid, so every later caller
+sleeps longer than every earlier one.
 """
 
 from __future__ import annotations
@@ -52,6 +55,12 @@ class TokenBucket:
             return 0.0
         return -self._tokens / self.rate
 
+    def refund(self, amount: int, now: float) -> None:
+        """Give back ``amount`` bytes taken by :meth:`reserve` that never passed (the
+        caller gave up waiting), up to the burst."""
+        self._refill(now)
+        self._tokens = min(self.burst, self._tokens + amount)
+
     def available(self, now: float) -> float:
         self._refill(now)
         return self._tokens
@@ -66,7 +75,6 @@ class RateLimiter:
         self.rate = rate
         self._burst = burst
         self._bucket: TokenBucket | None = None
-        self._lock = trio.Lock()
         self.total = 0
 
     @property
@@ -79,29 +87,22 @@ class RateLimiter:
         Origin reads share a fetcher's downlink with its peers in this same order. (They
         once skipped the queue: with 3 s request queues twenty peer connections could
         starve them; with 1 s queues the skip only cost, see docs/benchmarks.md, "Tuned
-        defaults".)
+        defaults".) The bytes are taken on arrival (no lock: a queued caller costs one
+        timed sleep, not a lock's park, wake and hand-over as well); a caller cancelled
+        while it waits gives them back.
         """
         self.total += amount
         if self.rate is None:
             return
-        if not self._lock.locked():
-            # Nobody queued: take the tokens without the lock's two checkpoints (a
-            # task switch per socket read and per write batch, most of them needless);
-            # hold the lock only to sleep, so later callers still queue behind us.
-            wait = self._reserve(amount)
-            if wait > 0:
-                async with self._lock:
-                    await trio.sleep(wait)
-            return
-        async with self._lock:
-            wait = self._reserve(amount)
-            if wait > 0:
-                await trio.sleep(wait)
-
-    def _reserve(self, amount: int) -> float:
-        assert self.rate is not None
+        bucket = self._bucket
         now = trio.current_time()
-        if self._bucket is None:
-            self._bucket = TokenBucket(self.rate, self._burst, now=now)
-        wait = self._bucket.reserve(amount, now)
-        return wait if math.isfinite(wait) else 0.0
+        if bucket is None:
+            bucket = self._bucket = TokenBucket(self.rate, self._burst, now=now)
+        wait = bucket.reserve(amount, now)
+        if wait <= 0 or not math.isfinite(wait):
+            return
+        try:
+            await trio.sleep(wait)
+        except trio.Cancelled:
+            bucket.refund(amount, trio.current_time())
+            raise

@@ -366,7 +366,7 @@ class PeerConnection:
         self._outbox.clear()
         return out
 
-    def seal(self, data: bytes | bytearray | memoryview) -> bytes:
+    def seal(self, data: bytes | bytearray | memoryview) -> bytes | bytearray:
         """What to write for ``data`` (any run of :meth:`send` results, in order, and the
         block bytes after each :meth:`piece_header`): encrypted records on an encrypted
         connection, ``data`` itself otherwise. Allowed once OPEN. Pending protocol output
@@ -376,8 +376,8 @@ class PeerConnection:
             return bytes(data)
         sealed = self._writer.seal(data)
         if self._outbox:
-            sealed = bytes(self._outbox) + sealed
-            self._outbox.clear()
+            self._outbox += sealed
+            sealed, self._outbox = self._outbox, bytearray()
         return sealed
 
     def send(self, message: Message) -> bytes:
@@ -470,7 +470,8 @@ class PeerConnection:
     # --- input ----------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed bytes read from the socket; ``b""`` means the peer closed (EOF)."""
+        """Feed bytes read from the socket; ``b""`` means the peer closed (EOF). The bytes
+        are copied in: the caller may reuse ``data``'s buffer for its next read."""
         if self._state is _S.CLOSED:
             raise LocalProtocolError("connection is closed")
         if self._eof:
@@ -598,9 +599,7 @@ class PeerConnection:
         if msg_id == c.MSG_PIECE:  # hot path first
             index, begin = c._PIECE_HEADER.unpack_from(buf, pos)[2:]
             self._check_remote_index(index)
-            with memoryview(buf) as view:
-                data = bytes(view[start + 8 : end])
-            return Piece(index, begin, data)
+            return Piece(index, begin, self._copy(start + 8, end))
         if msg_id == c.MSG_EXTENDED:
             return self._extended_handlers[self._state](buf[start], start + 1, end)
         simple = _SIMPLE.get(msg_id)
@@ -628,13 +627,20 @@ class PeerConnection:
             # never do it, so authenticated connections stay strict.
             if self._received_have_info and self._auth is not None:
                 raise RemoteProtocolError("bitfield after a bitfield or have")
-            bits = bytes(buf[start:end])
+            bits = self._copy(start, end)
             if self._num_pieces is not None:
                 self._check_bitfield(bits, RemoteProtocolError)
             self._received_have_info = True
             return Bitfield(bits)
         # MSG_PORT: the only id left in the limits table
         return Port(c._PORT.unpack_from(buf, pos)[2])
+
+    def _copy(self, start: int, end: int) -> bytes:
+        """Received bytes ``[start, end)`` as bytes: one copy through a view (a slice of
+        the bytearray, then bytes(), would be two). The view is released at once, so the
+        buffer stays resizable."""
+        with memoryview(self._buf) as view:
+            return bytes(view[start:end])
 
     def _not_yet(self, what: str) -> str:
         return f"peer sent {what} in state {self._state.name}, before authentication completed"
@@ -774,11 +780,11 @@ class PeerConnection:
             raise RemoteProtocolError("peer sent a second auth message")
         if ext_id not in self._local_ext_ids:
             raise RemoteProtocolError(f"extended message {ext_id} is not an id we advertised")
-        return Extended(ext_id, bytes(self._buf[start:end]))
+        return Extended(ext_id, self._copy(start, end))
 
     def _decode_dict(self, start: int, end: int, what: str) -> dict[bytes, Any]:
         value = bdecode(
-            bytes(self._buf[start:end]),
+            self._copy(start, end),
             max_size=self.max_extended_length,
             max_depth=c.EXT_MAX_DEPTH,
             max_tokens=c.EXT_MAX_TOKENS,
