@@ -559,6 +559,34 @@ async def test_a_lease_of_one_piece_and_no_lease(state: TrackerState) -> None:
     assert (out.origin.first_piece, out.origin.end_piece, out.origin.lease_end) == (0, 100, None)
 
 
+async def test_a_remainder_of_exactly_one_lease_is_read_without_one(state: TrackerState) -> None:
+    """A lease that would end exactly at the range's end is no lease: the fetcher reads
+    the tail as a whole, as it does any remainder shorter than a lease."""
+    h = harness(state, origin_lease_pieces=10)
+    await h.announce(0, 0, pieces=100)
+    out = await h.announce(0, 1, pieces=100, origin_next=89)
+    assert out.origin is not None
+    assert (out.origin.first_piece, out.origin.end_piece, out.origin.lease_end) == (89, 100, 99)
+    out = await h.announce(0, 2, pieces=100, origin_next=90)
+    assert out.origin is not None
+    assert (out.origin.first_piece, out.origin.end_piece, out.origin.lease_end) == (90, 100, None)
+
+
+async def test_steals_skip_the_default_lease_of_the_layer_size(state: TrackerState) -> None:
+    """With the default lease (max(4, pieces / 8): 13 of 100 pieces) a thief's range
+    starts after the victim's lease as the layer's size sets it, not after 4 pieces."""
+    h = harness(state, origin_ratio=1.0, max_origin_fetchers=4, origin_lease_pieces=None)
+    first = await h.announce(0, 0, pieces=100)
+    assert first.origin is not None and first.origin.lease_end == 13
+    out = await h.announce(1, 1, pieces=100)
+    assert out.origin is not None
+    # The tail half of [13, 100): 13 + ceil(87 / 2).
+    assert (out.origin.first_piece, out.origin.end_piece) == (57, 100)
+    swarm = await h.swarm()
+    assert swarm is not None
+    _assert_cover(swarm, 0, 100)
+
+
 def test_unowned_work_is_taken_largest_range_first() -> None:
     policy = TrackerPolicy(PolicyConfig(origin_lease_pieces=0), rng=random.Random(7))
     swarm = SwarmRecord(pieces=100, unassigned=[(0, 10), (10, 60), (60, 70), (90, 100)])

@@ -84,3 +84,38 @@ async def test_a_node_with_one_byte_left_gives_its_zone_a_share(state: TrackerSt
     await h.announce(7, 0, zone="b", left=1, pieces=1000, registry=None)
     named = [n for n in range(7) if (await h.announce(n, 1, zone="a", pieces=1000)).origin]
     assert named == [0, 1]
+
+
+async def test_a_seeders_zone_holds_no_share_of_the_slots(state: TrackerState) -> None:
+    """A seeder still in a swarm with origin work open (here: distrusted after a
+    leecher's stall) cannot fetch, so its zone gets no share: zone b's three leechers
+    take all k = 4 slots (k counts the seeder), none is kept for zone a."""
+    h = harness(state, origin_ratio=1.0, max_origin_fetchers=16)
+    stall = h.policy.config.seeder_stall_s
+    await h.announce(9, 0.0, subject="liar", left=0, zone="a", pieces=1000)
+    for n in (1, 2, 3):
+        assert (await h.announce(n, 0.0, zone="b", pieces=1000)).origin is None
+    named = [n for n in (1, 2, 3) if (await h.announce(n, stall, zone="b", pieces=1000)).origin]
+    assert named == [1, 2, 3]
+    swarm = await h.swarm()
+    assert swarm is not None and swarm.distrusted == {"liar"} and pid(9) in swarm.peers
+    assert _fetcher_zones(swarm) == {"b": 3}
+    _assert_cover(swarm, 0, 1000)
+
+
+async def test_a_zone_at_its_share_leaves_the_last_slot_to_another(state: TrackerState) -> None:
+    """k = 8 over zones a, b, c (share 3 each): c's only node fetches, a and b hold 3
+    slots each. Zone b still has a leecher but is not under its share, so zone a may
+    take the last slot (no slot stays unused)."""
+    h = harness(state, origin_ratio=1.0, max_origin_fetchers=8)
+    zones: list[str | None] = ["c"] + ["a"] * 4 + ["b"] * 4
+    await _join(h, zones)
+    for n in (0, 1, 2, 3, 5, 6, 7):  # c, then three of a, three of b
+        assert (await h.announce(n, 1, zone=zones[n], pieces=1000)).origin is not None
+    swarm = await h.swarm()
+    assert swarm is not None and _fetcher_zones(swarm) == {"a": 3, "b": 3, "c": 1}
+    assert (await h.announce(4, 1, zone="a", pieces=1000)).origin is not None
+    assert (await h.announce(8, 1, zone="b", pieces=1000)).origin is None  # k = 8 reached
+    swarm = await h.swarm()
+    assert swarm is not None and _fetcher_zones(swarm) == {"a": 4, "b": 3, "c": 1}
+    _assert_cover(swarm, 0, 1000)
