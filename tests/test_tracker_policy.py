@@ -365,6 +365,7 @@ async def test_stalled_fetcher_loses_its_range(state: TrackerState) -> None:
     await h.announce(0, 5, pieces=100, origin_next=10)
     await h.announce(0, 15, pieces=100, origin_next=10)
     assert (await h.announce(1, 20, pieces=100)).origin is None  # 15 s: not stalled yet
+    assert (await h.announce(1, 25, pieces=100)).origin is None  # exactly 20 s: not yet
     stalled = await h.announce(0, 26, pieces=100, origin_next=10)
     assert stalled.origin is None  # 21 s without progress: dropped, not re-named
     out = await h.announce(1, 27, pieces=100)
@@ -384,6 +385,36 @@ async def test_no_origin_without_registry_or_layer_info(state: TrackerState) -> 
     h = harness(state)
     assert (await h.announce(0, 0, pieces=100, registry=None)).origin is None
     assert (await h.announce(1, 0)).origin is None  # a stock client: no p2pimage extras
+
+
+def test_a_peer_without_repo_or_digest_is_never_a_fetcher() -> None:
+    """The origin URL needs the registry, the repository and the digest: a request
+    lacking either of the last two is never named a fetcher (no URL with "None" in it)."""
+    policy = TrackerPolicy(PolicyConfig(origin_lease_pieces=0), rng=random.Random(7))
+    extras = [("library/app", None), (None, DIGEST), ("library/app", DIGEST)]
+    origins = []
+    for n, (repo, digest) in enumerate(extras):
+        req = AnnounceRequest(IH, pid(n), 6000, left=SIZE, pieces=100, repo=repo, digest=digest)
+        outcome = policy.announce(SwarmRecord(), req, host="10.0.0.1", now=0, registry_url=REGISTRY)
+        origins.append(outcome.origin)
+    assert origins[:2] == [None, None]
+    assert origins[2] is not None
+    assert origins[2].url == f"{REGISTRY}/v2/library/app/blobs/{DIGEST}"
+
+
+async def test_a_remainder_of_two_pieces_is_split_one_of_one_is_not(state: TrackerState) -> None:
+    """Without leases, a fetcher with two pieces left gives the second to a new fetcher;
+    with one piece left there is nothing to split."""
+    h = harness(state, origin_ratio=1.0, max_origin_fetchers=4)
+    await h.announce(0, 0, pieces=100)
+    await h.announce(0, 1, pieces=100, origin_next=98)
+    out = await h.announce(1, 2, pieces=100)
+    assert out.origin is not None
+    assert (out.origin.first_piece, out.origin.end_piece) == (99, 100)
+    other = b"\x03" * 20
+    await h.announce(0, 0, pieces=100, info_hash=other)
+    await h.announce(0, 1, pieces=100, origin_next=99, info_hash=other)
+    assert (await h.announce(1, 2, pieces=100, info_hash=other)).origin is None
 
 
 async def test_progress_beyond_the_range_is_clamped(state: TrackerState) -> None:
@@ -516,6 +547,7 @@ async def test_fetcher_reads_under_a_lease_and_extends_it_by_announcing(
     out = await h.announce(0, 0, pieces=100)
     assert out.origin is not None
     assert (out.origin.first_piece, out.origin.end_piece, out.origin.lease_end) == (0, 100, 10)
+    assert out.origin.url == f"{REGISTRY}/v2/library/app/blobs/{DIGEST}"
     out = await h.announce(0, 1, pieces=100, origin_next=10)  # lease used up: report
     assert out.origin is not None
     assert (out.origin.first_piece, out.origin.lease_end) == (10, 20)
