@@ -595,8 +595,8 @@ def create_app(tracker: Tracker) -> ASGIApp:
         A bare ASGI endpoint: the body comes from ``receive`` and the answer goes out as
         one ``http.response.start`` and one ``http.response.body``, without Starlette's
         middleware, router and Request/Response objects: sending the answer through them
-        took about 12 % of the tracker's CPU at 20 swarms a request, 7 % now
-        (docs/benchmarks.md, "Batched announces")."""
+        took about 12 % of the tracker's CPU at 20 swarms a request, 7 % now (one py-spy
+        profile each; docs/benchmarks.md, "Batched announces")."""
         started = time.perf_counter()
         now = tracker.clock()
         # A view of the headers for the checks /announce shares; nothing reads the body
