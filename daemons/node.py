@@ -57,7 +57,7 @@ from starlette.routing import Route
 from daemons._config import ConfigError, config_options, settings_for_command
 from daemons._http import ClosingStreamingResponse, ListenError, TlsFiles, client_tls, serve_app
 from daemons._logging import LogJson, LogLevel, setup_logging
-from daemons._run import run_until_signalled
+from daemons._run import exit_after_shutdown, run_until_signalled
 from p2pimage.auth.tokens import NodeKey
 from p2pimage.errors import LocalProtocolError, P2PImageError
 from p2pimage.metainfo.torrent import is_digest
@@ -1051,6 +1051,7 @@ def node(config_path: Path | None, print_config: bool) -> None:
         return
     setup_logging(settings.log_level, json_lines=settings.log_json)
     run_until_signalled(run_node, settings)
+    exit_after_shutdown()
 
 
 if __name__ == "__main__":

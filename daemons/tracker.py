@@ -59,7 +59,7 @@ from starlette.routing import Route
 from daemons._config import ConfigError, config_options, settings_for_command
 from daemons._http import TlsFiles, client_tls, read_body, request_url
 from daemons._logging import LogJson, LogLevel, setup_logging
-from daemons._run import run_until_signalled
+from daemons._run import exit_after_shutdown, run_until_signalled
 from p2pimage.auth.tokens import (
     DEFAULT_LEEWAY_S,
     DEFAULT_PROOF_WINDOW_S,
@@ -847,6 +847,7 @@ def tracker(config_path: Path | None, print_config: bool) -> None:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     run_until_signalled(run_tracker, settings)
+    exit_after_shutdown()
 
 
 if __name__ == "__main__":
