@@ -67,7 +67,7 @@ from p2pimage.auth.tokens import (
     TokenVerifier,
     verify_proof,
 )
-from p2pimage.errors import AuthError
+from p2pimage.errors import AuthError, P2PImageError
 from p2pimage.sidecar.client import (
     DEFAULT_JWKS_MIN_REFRESH_S,
     DEFAULT_JWKS_REFRESH_S,
@@ -77,6 +77,7 @@ from p2pimage.sidecar.client import (
 )
 from p2pimage.tracker import (
     MAX_BATCH_BYTES,
+    AnnounceOutcome,
     AnnounceRequest,
     AnnounceResponse,
     MemoryState,
@@ -88,6 +89,7 @@ from p2pimage.tracker import (
     ScrapeStats,
     StateUnavailableError,
     SwarmKey,
+    SwarmRecord,
     TrackerPolicy,
     TrackerRequestError,
     TrackerState,
@@ -117,6 +119,8 @@ _BENCODE_TYPE = "text/plain"
 # about a token is an authentication failure, 401.
 _FORBIDDEN_REASONS = frozenset({"wrong_audience", "wrong_issuer", "wrong_cluster", "out_of_scope"})
 _CHALLENGE = {"WWW-Authenticate": 'DPoP algs="EdDSA"'}
+# An announce's metrics result and the HTTP status a single announce answers it with.
+_STATUS: Final = {"ok": 200, "forbidden": 403, "unavailable": 503}
 # Verified tokens cached by raw string; at 600 s lifetimes and one token per node this
 # holds ~10 renewals of a 5,000-node cluster. Beyond it the cache is emptied, not grown.
 _TOKEN_CACHE_MAX = 100_000
@@ -488,26 +492,40 @@ def create_app(tracker: Tracker) -> Starlette:
     ) -> tuple[int, bytes]:
         """One swarm's announce, authenticated and in scope: (status, encoded answer)."""
         cluster = token.cluster if token is not None else OPEN_CLUSTER
-        host = req.ip if settings.trust_query_ip and req.ip else _remote(request)
-        decide = functools.partial(
+        key = SwarmKey(cluster, req.info_hash)
+        outcome: AnnounceOutcome | P2PImageError
+        try:
+            outcome = await tracker.state.update(key, rule(req, token, _remote(request), now))
+        except (P2PImageError, OSError, trio.TooSlowError) as exc:
+            outcome = exc if isinstance(exc, P2PImageError) else StateUnavailableError(str(exc))
+        result, body = answer(outcome)
+        metrics.announces.labels(result).inc()
+        return _STATUS[result], body
+
+    def rule(
+        req: AnnounceRequest, token: NodeToken | None, remote: str, now: float
+    ) -> Callable[[SwarmRecord], AnnounceOutcome]:
+        """The policy's announce for one swarm, as the state backend runs it."""
+        return functools.partial(
             tracker.policy.announce,
             req=req,
-            host=host,
+            host=req.ip if settings.trust_query_ip and req.ip else remote,
             now=now,
             zone=token.zone if token is not None else None,
             registry_url=settings.registry_url,
             subject=token.subject if token is not None else None,
         )
-        try:
-            outcome = await tracker.state.update(SwarmKey(cluster, req.info_hash), decide)
-        except PeerIdTakenError as exc:
-            metrics.announces.labels("forbidden").inc()
+
+    def answer(outcome: AnnounceOutcome | P2PImageError) -> tuple[str, bytes]:
+        """One swarm's outcome (or its error): (its metrics result, its encoded answer)."""
+        if isinstance(outcome, PeerIdTakenError):
             metrics.auth_failures.labels("peer_id_taken").inc()
-            return 403, encode_failure(str(exc), "peer_id_taken")
-        except (StateUnavailableError, OSError, trio.TooSlowError) as exc:
-            metrics.announces.labels("unavailable").inc()
-            log.warning("state unavailable", extra={"fields": {"error": str(exc)}})
-            return 503, encode_failure("tracker state unavailable", "unavailable")
+            return "forbidden", encode_failure(str(outcome), "peer_id_taken")
+        if isinstance(outcome, StateUnavailableError):
+            log.warning("state unavailable", extra={"fields": {"error": str(outcome)}})
+            return "unavailable", encode_failure("tracker state unavailable", "unavailable")
+        if isinstance(outcome, P2PImageError):
+            raise outcome
         if outcome.origin is not None:
             metrics.origin_assignments.inc()
         if outcome.release:
@@ -521,10 +539,10 @@ def create_app(tracker: Tracker) -> Starlette:
                 peers=outcome.peers,
                 origin=outcome.origin,
                 release=outcome.release,
+                compact=outcome.compact,
             )
         )
-        metrics.announces.labels("ok").inc()
-        return 200, body
+        return "ok", body
 
     async def announce_batch(request: Request) -> Response:
         """A p2pimage extension: every swarm of one node in one request
@@ -550,24 +568,42 @@ def create_app(tracker: Tracker) -> Starlette:
         except TrackerRequestError as exc:
             metrics.batches.labels("bad_request").inc()
             return _bencoded(400, encode_failure(str(exc), "bad_request"))
-        answers = []
+        # What every swarm of the batch shares is worked out once (the caller, its
+        # address, its peer id tag); the swarms in scope go to the state backend together
+        # (one Redis pipeline); results are counted once per kind at the end.
+        cluster = token.cluster if token is not None else OPEN_CLUSTER
+        remote = _remote(request)
+        answers: list[tuple[str, bytes] | None] = []
+        updates = []
         for req in reqs:
             if token is not None and not token.covers(req.info_hash):
-                metrics.announces.labels("forbidden").inc()
-                answers.append(encode_failure("token rejected: out_of_scope", "out_of_scope"))
-            elif token is not None and not token.binds_peer_id(req.peer_id):
-                metrics.announces.labels("forbidden").inc()
-                metrics.auth_failures.labels("peer_id_mismatch").inc()
                 answers.append(
-                    encode_failure(
-                        "peer_id does not carry the token subject's tag", "peer_id_mismatch"
-                    )
+                    ("forbidden", encode_failure("token rejected: out_of_scope", "out_of_scope"))
                 )
+            elif token is not None and not token.binds_peer_id(req.peer_id):
+                metrics.auth_failures.labels("peer_id_mismatch").inc()
+                message = "peer_id does not carry the token subject's tag"
+                answers.append(("forbidden", encode_failure(message, "peer_id_mismatch")))
             else:
-                answers.append((await apply(req, token, request, now))[1])
+                answers.append(None)
+                updates.append((SwarmKey(cluster, req.info_hash), rule(req, token, remote, now)))
+        outcomes: list[AnnounceOutcome | P2PImageError]
+        try:
+            outcomes = await tracker.state.update_many(updates) if updates else []
+        except (OSError, trio.TooSlowError) as exc:
+            outcomes = [StateUnavailableError(str(exc))] * len(updates)
+        decided = iter(outcomes)
+        counts: dict[str, int] = {}
+        bodies = []
+        for done in answers:
+            result, body = done if done is not None else answer(next(decided))
+            counts[result] = counts.get(result, 0) + 1
+            bodies.append(body)
+        for result, n in counts.items():
+            metrics.announces.labels(result).inc(n)
         metrics.batches.labels("ok").inc()
         metrics.announce_seconds.observe((time.perf_counter() - started) / len(reqs))
-        return _bencoded(200, encode_announce_batch_response(answers))
+        return _bencoded(200, encode_announce_batch_response(bodies))
 
     async def scrape(request: Request) -> Response:
         now = tracker.clock()

@@ -22,7 +22,7 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -350,6 +350,13 @@ class NodeToken:
     cnf_jwk: dict[str, Any]
     zone: str | None = None
     scope: frozenset[str] | None = None
+    # The tag every peer id of this node carries (see bound_peer_id), worked out once:
+    # a tracker checks it for each swarm of a batched announce.
+    _peer_id_tag: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tag = _peer_id_digest(self.subject, self.cnf_jwk)[:_TAG_LENGTH]
+        object.__setattr__(self, "_peer_id_tag", tag)
 
     def covers(self, info_hash: bytes) -> bool:
         """Whether the token may be used for the swarm ``info_hash``."""
@@ -359,8 +366,7 @@ class NodeToken:
         """Whether ``peer_id`` carries this token's tag (see :func:`bound_peer_id`)."""
         if not isinstance(peer_id, bytes) or len(peer_id) != 20:
             return False
-        tag = _peer_id_digest(self.subject, self.cnf_jwk)[:_TAG_LENGTH]
-        return hmac.compare_digest(peer_id[_PEER_ID_TAG], tag)
+        return hmac.compare_digest(peer_id[_PEER_ID_TAG], self._peer_id_tag)
 
 
 class TokenIssuer:
