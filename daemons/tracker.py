@@ -67,7 +67,7 @@ from daemons._http import (
     request_url,
 )
 from daemons._logging import LogJson, LogLevel, setup_logging
-from daemons._run import run_until_signalled
+from daemons._run import exit_after_shutdown, run_until_signalled
 from p2pimage.auth.tokens import (
     DEFAULT_LEEWAY_S,
     DEFAULT_PROOF_WINDOW_S,
@@ -953,6 +953,7 @@ def tracker(config_path: Path | None, print_config: bool) -> None:
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     run_until_signalled(run_tracker, settings)
+    exit_after_shutdown()
 
 
 if __name__ == "__main__":

@@ -612,3 +612,28 @@ def test_header_and_payload_refusals_name_their_reason(
         with pytest.raises(AuthError) as info:
             verifier_for(issuer).verify(token, now=NOW)  # type: ignore[arg-type]
         assert info.value.reason == reason, token
+
+
+def test_admits_until_expiry_plus_leeway_and_no_longer(issuer: TokenIssuer) -> None:
+    """A connection stays open while its token passes the expiry check: up to and
+    including ``exp + leeway`` (the same edge as ``verify``), never past it."""
+    alice = NodeKey.generate()
+    token = issuer.issue(subject="alice", cluster="prod", node_jwk=alice.public_jwk(), now=NOW)
+    verifier = TokenVerifier(KeySet.from_jwks(issuer.jwks()), issuer="sidecar-test", leeway_s=7)
+    now = [NOW]
+    auth = PeerAuthenticator(
+        node_key=alice, token=token, verifier=verifier, cluster="prod", clock=lambda: now[0]
+    )
+    tok, sig = auth.credentials(b"t")
+    admitted = auth.verify_peer(tok, sig, b"t", INFO_HASH, auth.peer_id())
+    exp = admitted.expires_at
+    assert exp > NOW
+    for at, admits in [
+        (NOW, True),
+        (exp, True),
+        (exp + 7, True),
+        (exp + 7.001, False),
+        (exp + 3600, False),
+    ]:
+        now[0] = at
+        assert auth.admits(admitted) is admits, at

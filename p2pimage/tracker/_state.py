@@ -100,7 +100,8 @@ class MemoryState:
 
     def __init__(self, *, nonces: ProofReplayCache | None = None) -> None:
         self.swarms: dict[SwarmKey, SwarmRecord] = {}
-        self.nonces = nonces or ProofReplayCache()
+        # Not `nonces or ...`: an empty cache is falsy (it has __len__).
+        self.nonces = nonces if nonces is not None else ProofReplayCache()
 
     async def update(self, key: SwarmKey, fn: Callable[[SwarmRecord], T]) -> T:
         swarm = self.swarms.get(key)
