@@ -25,6 +25,10 @@ from mutmut.stats import status_by_exit_code
 
 # Arguments of these calls that are not message text (the rest are).
 CODE_ARGUMENTS = {"AuthError": 1, "_unauthorized": 2}
+# Refusals built of nested calls (the tracker's ``_Refused(_bencoded(status,
+# encode_failure(message, reason)))``): only the argument at the index given is message
+# text (None: no argument is); every other argument is compared the same way, nested.
+NESTED = {"_Refused": None, "_bencoded": None, "encode_failure": 0}
 LOGGERS = {"log", "logger", "logging"}
 
 
@@ -38,6 +42,27 @@ def _name(func: ast.expr) -> str:
 
 def _dump(node: ast.AST | None) -> str:
     return "" if node is None else ast.dump(node)
+
+
+def _text_only(x: ast.expr, y: ast.expr) -> bool:
+    """Whether ``x`` and ``y`` differ only in message arguments of the NESTED calls."""
+    if ast.dump(x) == ast.dump(y):
+        return True
+    if not (isinstance(x, ast.Call) and isinstance(y, ast.Call)):
+        return False
+    name = _name(x.func)
+    if (
+        name not in NESTED
+        or ast.dump(x.func) != ast.dump(y.func)
+        or len(x.args) != len(y.args)
+        or [ast.dump(k) for k in x.keywords] != [ast.dump(k) for k in y.keywords]
+    ):
+        return False
+    message = NESTED[name]
+    return all(
+        i == message or _text_only(a, b)
+        for i, (a, b) in enumerate(zip(x.args, y.args, strict=True))
+    )
 
 
 def _is_log_call(stmt: ast.stmt) -> bool:
@@ -81,6 +106,8 @@ def message_only(orig: ast.FunctionDef, mutant: ast.FunctionDef) -> bool:
         return False
     if ast.dump(cx.func) != ast.dump(cy.func):
         return False
+    if _name(cx.func) in NESTED:  # a status or reason code inside is not message text
+        return _text_only(cx, cy)
     codes = CODE_ARGUMENTS.get(_name(cx.func), 0)
     if [ast.dump(v) for v in cx.args[:codes]] != [ast.dump(v) for v in cy.args[:codes]]:
         return False

@@ -1,23 +1,26 @@
 """A discrete-event model of one layer spreading through a cluster, driven by the engine's
 own policies. Every decision a node makes comes from the object the trio engine uses:
-requests from its :class:`~p2pimage.swarm.picker.PiecePicker` (its pipeline depth, for
-blocks of a whole piece), unchoking from its
+requests from its :class:`~p2pimage.swarm.picker.PiecePicker` (its pipeline depth, in
+blocks of the engine's block size), unchoking from its
 :class:`~p2pimage.swarm.choker.Choker`, dialling from its
 :class:`~p2pimage.swarm.policy.DialPolicy`, which peer hears of an origin piece first from
 its :class:`~p2pimage.swarm.policy.RevealPolicy`, announce timing and events from its
 :class:`~p2pimage.swarm.policy.AnnounceSchedule`, which origin pieces to read, when to stop
 and when to renew the lease from its :class:`~p2pimage.swarm.policy.OriginRange` and
-:func:`~p2pimage.swarm.policy.follow_origin`; peer lists, origin ranges, work stealing and
+:func:`~p2pimage.swarm.policy.follow_origin`, which silent peer to drop from its
+:class:`~p2pimage.swarm.policy.PeerTimeouts`; peer lists, origin ranges, work stealing and
 release orders from the real :class:`~p2pimage.tracker.TrackerPolicy`. The settings are
 the engine's defaults (:class:`~p2pimage.swarm.engine.SwarmSettings`,
 :class:`~p2pimage.tracker.client.AnnounceSettings`).
 
 Only the network is modelled, as a time-stepped fluid (step ``dt``): each node's uplink
-serves its queue of piece requests in order; each node's downlink caps what it takes in
+serves its queue of block requests in order; each node's downlink caps what it takes in
 per step, and an origin fetcher's registry reads share that one downlink with its peers
 (the reader is one flow among the peers sending to it, as the engine's one download
 limiter serves them in turn); the registry's egress (``origin_rate``) is shared fairly by
-the readers. One request is one piece; a connection or a message takes one step.
+the readers. One request is one block of the engine's block size (``SwarmSettings.block_size``,
+whole pieces up to 256 KiB, as between p2pimage peers); a piece is held once all its blocks
+arrived. A connection or a message takes one step.
 
 With ``tracker=False`` the model runs the swarm benchmark's setup (``benchmarks.swarm``):
 no tracker, every node is given every other node, and the fetchers read the static
@@ -36,11 +39,12 @@ from p2pimage.metainfo.torrent import choose_piece_length
 from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.engine import SwarmSettings
 from p2pimage.swarm.origin import MAX_REQUEST_BYTES
-from p2pimage.swarm.picker import PiecePicker
+from p2pimage.swarm.picker import BlockRequest, PiecePicker
 from p2pimage.swarm.policy import (
     AnnounceSchedule,
     DialPolicy,
     OriginRange,
+    PeerTimeouts,
     RevealPolicy,
     follow_origin,
 )
@@ -98,6 +102,7 @@ class SimResult:
     fetchers: int
     released: int
     events: int
+    stalls: int  # peers dropped for sending nothing within the stall timeout
 
 
 @dataclass(eq=False, slots=True)
@@ -105,6 +110,8 @@ class _Transfer:
     src: int
     dst: int
     piece: int
+    begin: int  # the block's offset in the piece
+    length: int
     left: float
     ready: float = 0.0  # when the request reaches the uploader
 
@@ -122,6 +129,10 @@ class _Node:
     out: dict[int, int] = field(default_factory=dict)  # pieces in flight from each peer
     recv: dict[int, float] = field(default_factory=dict)  # bytes from each peer this tick
     rate: dict[int, float] = field(default_factory=dict)
+    last_data: dict[int, tuple[float, float]] = field(default_factory=dict)  # from each
+    # peer: (when, ``received`` then)
+    received: float = 0.0  # bytes from all peers
+    banned: set[int] = field(default_factory=set)
     have: set[int] = field(default_factory=set)
     done_at: float | None = None
     released: bool = False
@@ -139,12 +150,15 @@ def simulate(p: SimParams) -> SimResult:
     pieces = p.pieces or -(-p.size // choose_piece_length(p.size))
     piece_len = -(-p.size // pieces)
     last_len = p.size - (pieces - 1) * piece_len
+    block_len = min(p.swarm.block_size, piece_len)  # the engine's requests
 
     def piece_size(i: int) -> int:
         return last_len if i == pieces - 1 else piece_len
 
     ss, an = p.swarm, p.announce
     dial = DialPolicy(ss.dial_target, ss.max_peers)
+    timeouts = PeerTimeouts(ss.request_timeout_s, ss.stall_timeout_s)
+    stalls = 0
     policy = TrackerPolicy(p.policy, rng=random.Random(p.seed + 1))
     swarm = TrackerSwarm()
     url = f"{_REGISTRY}/v2/{_REPO}/blobs/{_DIGEST}"
@@ -153,9 +167,8 @@ def simulate(p: SimParams) -> SimResult:
         node_rng = random.Random(p.seed * 7919 + i)
         return _Node(
             i,
-            # One block per piece: the model moves whole pieces.
             PiecePicker(
-                pieces, piece_len, p.size, block_size=piece_len, rng=node_rng, settings=ss.picker
+                pieces, piece_len, p.size, block_size=block_len, rng=node_rng, settings=ss.picker
             ),
             Choker(
                 upload_slots=ss.upload_slots,
@@ -218,10 +231,14 @@ def simulate(p: SimParams) -> SimResult:
         na, nb = nodes[a], nodes[b]
         if b in na.neighbors or a == b or nb.released or na.released:
             return
+        if b in na.banned or a in nb.banned:
+            return
         if not dial.may_accept(len(nb.neighbors)) or not dial.may_accept(len(na.neighbors)):
             return
         na.neighbors[b] = None
         nb.neighbors[a] = None
+        na.last_data[b] = (now, na.received)
+        nb.last_data[a] = (now, nb.received)
         for x, y in ((na, nb), (nb, na)):
             bits = bitfield(y)
             if bits is not None:
@@ -231,22 +248,34 @@ def simulate(p: SimParams) -> SimResult:
         dirty.add(a)
         dirty.add(b)
 
+    def lose(node: _Node, k: int) -> None:
+        """``node``'s connection to ``k`` has closed: its side of it."""
+        del node.neighbors[k]
+        node.out.pop(k, None)
+        node.rate.pop(k, None)
+        node.last_data.pop(k, None)
+        node.picker.peer_lost(k)
+        node.queue = deque(t for t in node.queue if t.dst != k)
+        node.unchoked.discard(k)
+        for index in node.reveal.peer_lost(k):
+            show_to_all(node, index, k)
+        rechoke(node)
+        dirty.add(node.index)
+
     def disconnect(node: _Node) -> None:
         """``node`` closes every connection (a release order)."""
         for k in list(node.neighbors):
-            other = nodes[k]
-            del other.neighbors[node.index]
-            other.out.pop(node.index, None)
-            other.rate.pop(node.index, None)
-            other.picker.peer_lost(node.index)
-            other.queue = deque(t for t in other.queue if t.dst != node.index)
-            other.unchoked.discard(node.index)
-            for index in other.reveal.peer_lost(node.index):
-                show_to_all(other, index, node.index)
-            rechoke(other)
-            dirty.add(k)
+            lose(nodes[k], node.index)
         node.neighbors.clear()
         node.queue.clear()
+
+    def ban(node: _Node, k: int) -> None:
+        """``node`` drops and bans ``k`` (``Swarm.ban``: no block within the stall timeout)."""
+        nonlocal stalls
+        stalls += 1
+        node.banned.add(k)
+        lose(node, k)
+        lose(nodes[k], node.index)
 
     def add_peers(node: _Node, candidates: list[int]) -> None:
         for b in dial.to_dial(
@@ -274,18 +303,18 @@ def simulate(p: SimParams) -> SimResult:
             if k != told and not node.picker.peer_has(k, piece):
                 tell(node, k, piece)
 
-    def cancel(node: _Node, cancels: list[tuple[int, object]], piece: int) -> None:
-        for peer, _block in cancels:
+    def cancel(node: _Node, cancels: list[tuple[int, BlockRequest]]) -> None:
+        for peer, block in cancels:
             queue = nodes[peer].queue
             for t in queue:
-                if t.dst == node.index and t.piece == piece:
+                if t.dst == node.index and t.piece == block.index and t.begin == block.begin:
                     queue.remove(t)
                     node.out[peer] -= 1
                     break
 
     def got_piece(node: _Node, piece: int, from_origin: bool) -> None:
         node.have.add(piece)
-        cancel(node, node.picker.we_have(piece), piece)
+        cancel(node, node.picker.we_have(piece))
         if from_origin:
             candidates = [k for k in node.neighbors if not node.picker.peer_has(k, piece)]
             target = node.reveal.reveal(piece, candidates, now)
@@ -324,7 +353,8 @@ def simulate(p: SimParams) -> SimResult:
         if node.done_at is not None:
             return
         for peer in node.neighbors:
-            if node.index not in nodes[peer].unchoked:
+            # The engine asks only peers it is interested in and not choked by.
+            if node.index not in nodes[peer].unchoked or not node.picker.peer_is_interesting(peer):
                 continue
             want = node.picker.pipeline_depth(peer) - node.out.get(peer, 0)
             if want <= 0:
@@ -335,7 +365,15 @@ def simulate(p: SimParams) -> SimResult:
                 ready = now + backlog(node) / p.up
                 for block in blocks:
                     src.queue.append(
-                        _Transfer(peer, node.index, block.index, piece_size(block.index), ready)
+                        _Transfer(
+                            peer,
+                            node.index,
+                            block.index,
+                            block.begin,
+                            block.length,
+                            block.length,
+                            ready,
+                        )
                     )
                 node.out[peer] = node.out.get(peer, 0) + len(blocks)
 
@@ -513,6 +551,9 @@ def simulate(p: SimParams) -> SimResult:
                 take = min(budget, down_left[t.dst], t.left)
                 if take <= 0:
                     continue
+                receiver = nodes[t.dst]
+                receiver.received += take
+                receiver.last_data[node.index] = (now, receiver.received)
                 t.left -= take
                 budget -= take
                 down_left[t.dst] -= take
@@ -522,12 +563,13 @@ def simulate(p: SimParams) -> SimResult:
                 node.queue.remove(t)
                 dst = nodes[t.dst]
                 dst.out[node.index] -= 1
-                dst.recv[node.index] = dst.recv.get(node.index, 0.0) + piece_size(t.piece)
-                cancels = dst.picker.block_received(node.index, t.piece, 0)
-                if t.piece not in dst.have:
-                    cancel(dst, cancels, t.piece)
-                    got_piece(dst, t.piece, from_origin=False)
+                dst.recv[node.index] = dst.recv.get(node.index, 0.0) + t.length
                 dirty.add(dst.index)
+                if t.piece in dst.have:
+                    continue
+                cancel(dst, dst.picker.block_received(node.index, t.piece, t.begin))
+                if dst.picker.is_finished(t.piece):
+                    got_piece(dst, t.piece, from_origin=False)
         now += p.dt
         if now >= next_tick:
             # The engine's tick: rates (EWMA over ~2 s), reveal timeouts, rechoke.
@@ -536,12 +578,24 @@ def simulate(p: SimParams) -> SimResult:
             for node in nodes:
                 if node.released:
                     continue
+                outstanding = sum(node.out.values()) * block_len
                 for k in node.neighbors:
                     r = node.rate.get(k, 0.0)
                     r += alpha * (node.recv.get(k, 0.0) / elapsed - r)
                     node.rate[k] = r
                     node.picker.update_rate(k, r)
                 node.recv.clear()
+                for k in [
+                    k
+                    for k, n in node.out.items()
+                    if n > 0
+                    and timeouts.stalled(
+                        silent_s=now - node.last_data[k][0],
+                        others_bytes=int(node.received - node.last_data[k][1]),
+                        outstanding_bytes=outstanding,
+                    )
+                ]:
+                    ban(node, k)
                 for index, told in node.reveal.expired(now):
                     show_to_all(node, index, told)
                 if node.choker.rechoke_due(now):
@@ -567,4 +621,5 @@ def simulate(p: SimParams) -> SimResult:
         fetchers=sum(1 for n in nodes if n.was_fetcher),
         released=sum(1 for n in nodes if n.released),
         events=events,
+        stalls=stalls,
     )

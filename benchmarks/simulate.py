@@ -3,11 +3,15 @@
 the real swarm benchmark.
 
     python -m benchmarks.simulate [--nodes 200,500,5000] [--size-mib 256] [--pieces 128]
-        [--origin-mib-s 64] [--node-mib-s 16] [--quick] [--json PATH]
+        [--origin-mib-s 64] [--node-mib-s 16] [--quick] [--json PATH] [--plot PATH]
     python -m benchmarks.simulate --calibrate [--quick] [--json PATH]
 
-JSON keys (the largest run): nodes, t_all_s, t_median_s, t_bound_s, ratio_to_bound,
-t_direct_s, speedup_vs_direct, registry_copies, wall_s; plus ``runs``.
+``--size-mib`` takes a list (``32,256``): every node count runs with every size.
+``--pieces 0`` cuts the layer as the sidecar would (``choose_piece_length``).
+JSON keys (the largest run): nodes, size_mib, t_all_s, t_median_s, t_bound_s,
+ratio_to_bound, t_direct_s, speedup_vs_direct, registry_copies, wall_s; plus ``runs``.
+``--plot PATH`` draws every run against direct pulls (the source system's experiment:
+``--nodes 200,500 --size-mib 32,256``).
 
 ``--calibrate`` runs the swarm benchmark's configurations (``benchmarks.swarm``'s runner:
 real nodes, real registry behind a throttle, no tracker, a static origin plan) and the
@@ -55,30 +59,35 @@ def _run(params: SimParams) -> dict[str, Any]:
 
 def scale(args: argparse.Namespace) -> int:
     sizes = [int(v) for v in args.nodes.split(",") if v]
-    if args.quick:
-        sizes = [n for n in sizes if n <= 500] or [200]
+    if args.quick:  # under a minute here
+        sizes = [n for n in sizes if n <= 200] or [200]
+    layers = [float(v) for v in args.size_mib.split(",") if v]
     runs: list[dict[str, Any]] = []
-    for n in sizes:
-        params = SimParams(
-            nodes=n,
-            size=int(args.size_mib * MIB),
-            pieces=args.pieces or None,
-            origin_rate=args.origin_mib_s * MIB,
-            up=args.node_mib_s * MIB,
-            down=args.node_mib_s * MIB,
-            seed=args.seed,
-        )
-        result = _run(params)
-        runs.append(result)
-        print(f"  {n} nodes simulated in {result['wall_s']} s", flush=True)
+    for size_mib in layers:
+        for n in sizes:
+            params = SimParams(
+                nodes=n,
+                size=int(size_mib * MIB),
+                pieces=args.pieces or None,
+                origin_rate=args.origin_mib_s * MIB,
+                up=args.node_mib_s * MIB,
+                down=args.node_mib_s * MIB,
+                seed=args.seed,
+            )
+            result = _run(params)
+            result["size_mib"] = size_mib
+            runs.append(result)
+            print(f"  {n} nodes, {size_mib:g} MiB simulated in {result['wall_s']} s", flush=True)
     table = Table(
         title=(
-            f"simulation: {args.size_mib:g} MiB layer in {runs[0]['pieces']} pieces, registry "
-            f"{args.origin_mib_s:g} MiB/s, nodes {args.node_mib_s:g} MiB/s up and down"
+            f"simulation: registry {args.origin_mib_s:g} MiB/s, "
+            f"nodes {args.node_mib_s:g} MiB/s up and down"
         )
     )
     for col in (
         "nodes",
+        "MiB",
+        "pieces",
         "all done s",
         "median s",
         "bound s",
@@ -88,12 +97,15 @@ def scale(args: argparse.Namespace) -> int:
         "registry copies",
         "origin fetchers",
         "released",
+        "stalls",
         "wall s",
     ):
         table.add_column(col, justify="right")
     for r in runs:
         table.add_row(
             str(r["nodes"]),
+            f"{r['size_mib']:g}",
+            str(r["pieces"]),
             f"{r['t_all_s']:.1f}",
             f"{r['t_median_s']:.1f}",
             f"{r['t_bound_s']:.1f}",
@@ -103,13 +115,17 @@ def scale(args: argparse.Namespace) -> int:
             f"{r['registry_copies']:.3f}",
             str(r["fetchers"]),
             str(r["released"]),
+            str(r["stalls"]),
             f"{r['wall_s']:.0f}",
         )
     print_table(table)
+    if args.plot:
+        plot(runs, args.plot, args.origin_mib_s, args.node_mib_s)
     if args.json:
-        largest = max(runs, key=lambda r: r["nodes"])
+        largest = max(runs, key=lambda r: (r["nodes"], r["size_mib"]))
         keys = (
             "nodes",
+            "size_mib",
             "t_all_s",
             "t_median_s",
             "t_bound_s",
@@ -123,6 +139,43 @@ def scale(args: argparse.Namespace) -> int:
         out["runs"] = runs
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def plot(runs: list[dict[str, Any]], path: Path, origin_mib_s: float, node_mib_s: float) -> None:
+    """Completion times against direct pulls, one group of bars per (layer, nodes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(runs, key=lambda r: (r["size_mib"], r["nodes"]))
+    labels = [f"{r['size_mib']:g} MiB\n{r['nodes']} nodes" for r in runs]
+    x = list(range(len(runs)))
+    width = 0.2
+    series = (
+        ("p2pimage, median node", "t_median_s", "tab:cyan"),
+        ("p2pimage, all nodes", "t_all_s", "tab:blue"),
+        ("Kumar–Ross bound", "t_bound_s", "0.6"),
+        ("direct pulls (N·F/R)", "t_direct_s", "tab:red"),
+    )
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (label, key, color) in enumerate(series):
+        values = [r[key] for r in runs]
+        bars = ax.bar([v + (i - 1.5) * width for v in x], values, width, label=label, color=color)
+        if key in ("t_all_s", "t_direct_s"):
+            ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("seconds until the nodes hold the layer")
+    ax.set_title(
+        f"simulated cold start: registry capped at {origin_mib_s:g} MiB/s, "
+        f"nodes {node_mib_s:g} MiB/s up and down"
+    )
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def calibration_configs(quick: bool) -> list[tuple[int, float, float, float]]:
@@ -259,7 +312,7 @@ def calibrate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="200,500,5000")
-    parser.add_argument("--size-mib", type=float, default=256)
+    parser.add_argument("--size-mib", default="256", help="layer sizes, comma-separated")
     parser.add_argument("--pieces", type=int, default=128, help="0: the sidecar's piece size")
     parser.add_argument("--origin-mib-s", type=float, default=64)
     parser.add_argument("--node-mib-s", type=float, default=16)
@@ -272,10 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="--calibrate: real runs per config (the fastest counts)",
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="200 and 500 nodes only (--calibrate: 8, 16)"
-    )
+    parser.add_argument("--quick", action="store_true", help="200 nodes only (--calibrate: 8, 16)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, help="draw the runs against direct pulls (PNG)")
     args = parser.parse_args(argv)
     return calibrate(args) if args.calibrate else scale(args)
 

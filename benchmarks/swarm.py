@@ -117,6 +117,11 @@ async def _worker(spec: dict[str, Any]) -> None:
             "registry_bytes": sum(r.bytes_read for r in readers),
             "origin_failures": [r.failed for r in readers if r.failed],
             "hash_failures": sum(s.stats.hash_failures for s in swarms.values()),
+            # The engine's absolute timeouts firing (bans include "no block for
+            # stall_timeout_s"), and the connections each node still held at the end.
+            "peers_banned": sum(s.stats.peers_banned for s in swarms.values()),
+            "requests_timed_out": sum(s.stats.requests_timed_out for s in swarms.values()),
+            "peers_connected": [len(s.peers) for s in swarms.values()],
         }
         print(json.dumps(report), flush=True)
         # Keep seeding for the other workers' nodes until every node is done: the CPU
@@ -237,6 +242,9 @@ async def run_ours(
         "cpu_s": sum(c["cpu_s"] for c in cpu),
         "sys_s": sum(c["sys_s"] for c in cpu),
         "hash_failures": sum(r["hash_failures"] for r in reports),
+        "peers_banned": sum(r["peers_banned"] for r in reports),
+        "requests_timed_out": sum(r["requests_timed_out"] for r in reports),
+        "peers_connected": [c for r in reports for c in r["peers_connected"]],
         "origin_failures": [f for r in reports for f in r["origin_failures"]],
     }
 

@@ -12,13 +12,18 @@ the nodes' signing is not); ``memory_open`` repeats the memory run with auth off
 what token and proof checks cost.
 
     python -m benchmarks.tracker [--quick] [--swarms 100] [--peers 100] [--rounds 3]
-                                 [--connections 8] [--json PATH]
+                                 [--connections 8] [--batch 20,5,50,100]
+                                 [--only memory,memory_swarm,...] [--json PATH]
 
 ``memory_swarm`` sends the same announces batched (p2pimage's ``POST /announce/batch``,
-one request per node carrying all S of its swarms) and counts swarm announces.
+each request carrying ``--batch`` swarms of one node, the first size the headline, each
+further size a point of the curve) and counts swarm announces; ``redis_swarm`` does the
+same against the Redis backend at the headline size.
 
-JSON keys: memory_announces_s, memory_swarm_announces_s, redis_announces_s,
-opentracker_announces_s, memory_open_announces_s (and *_errors counts).
+JSON keys: memory_announces_s, memory_swarm_announces_s (headline batch size, also
+``batch``), memory_swarm_b<N>_announces_s (the other sizes), redis_announces_s,
+redis_swarm_announces_s, opentracker_announces_s, memory_open_announces_s (and
+*_errors counts).
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer, bound_peer_id
 from p2pimage.tracker import AnnounceRequest, Event, batch_query, encode_announce_batch
 
 ISSUER = "benchmark-sidecar"
+# Swarms per batched request in the headline figure: a node in a rollout pulls a new
+# image of ~10 layers while it still seeds the ~10 of the version it replaces
+# (docs/benchmarks.md, "Batched announces").
+HEADLINE_BATCH = 20
+RUNS = ("memory", "memory_swarm", "memory_open", "redis", "redis_swarm", "opentracker")
 SERVER_CPU, LOAD_CPU = 0, 1
 
 
@@ -100,16 +110,21 @@ def _requests(
 
 
 def _batches(
-    swarms: int, peers: int, event: Event, tokens: list[tuple[str, NodeKey]], port: int
+    swarms: int,
+    peers: int,
+    event: Event,
+    tokens: list[tuple[str, NodeKey]],
+    port: int,
+    batch: int,
 ) -> list[bytes]:
-    """The same announces as :func:`_requests`, one ``POST /announce/batch`` per node
-    carrying all of its swarms (p2pimage's extension), with its proof made here."""
+    """The same announces as :func:`_requests`, as ``POST /announce/batch`` requests
+    (p2pimage's extension) of ``batch`` swarms of one node each, with proofs made here."""
     out = []
     now = time.time()
     for p in range(peers):
         token, key = tokens[p]
         jwk = key.public_jwk()
-        reqs = [
+        mine = [
             AnnounceRequest(
                 info_hash=s.to_bytes(4, "big") * 5,
                 peer_id=bound_peer_id(f"node-{p}", jwk, b"-BM0001-", suffix=s.to_bytes(6, "big")),
@@ -119,17 +134,21 @@ def _batches(
             )
             for s in range(swarms)
         ]
-        body = encode_announce_batch(reqs)
-        target = f"/announce/batch?{batch_query(body)}"
-        url = f"http://127.0.0.1:{port}{target}"
-        proof = create_proof(key, method="POST", url=url, token=token, now=now)
-        head = (
-            f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Authorization: DPoP {token}\r\nDPoP: {proof}\r\n"
-            f"Content-Type: application/x-bittorrent\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        out.append(head.encode() + body)
+        out += [_batch(mine[i : i + batch], token, key, port, now) for i in range(0, swarms, batch)]
     return out
+
+
+def _batch(reqs: list[AnnounceRequest], token: str, key: NodeKey, port: int, now: float) -> bytes:
+    body = encode_announce_batch(reqs)
+    target = f"/announce/batch?{batch_query(body)}"
+    url = f"http://127.0.0.1:{port}{target}"
+    proof = create_proof(key, method="POST", url=url, token=token, now=now)
+    head = (
+        f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: DPoP {token}\r\nDPoP: {proof}\r\n"
+        f"Content-Type: application/x-bittorrent\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def _replay(port: int, requests: list[bytes], connections: int) -> tuple[float, int, int]:
@@ -219,16 +238,17 @@ def _load_main(
 
 
 def measure(
-    port: int, warmup: list[bytes], timed: list[bytes], connections: int, per_request: int = 1
+    port: int, warmup: list[bytes], timed: list[bytes], connections: int, per_request: float = 1
 ) -> dict[str, float]:
-    """Announces per second; ``per_request`` swarm announces ride in each request."""
+    """Announces per second; ``per_request`` swarm announces ride in each request (on
+    average)."""
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
     proc = ctx.Process(target=_load_main, args=(port, warmup, timed, connections, queue))
     proc.start()
     seconds, ok, bad = queue.get(timeout=600)
     proc.join()
-    ok *= per_request
+    ok = round(ok * per_request)
     return {"announces_s": ok / seconds, "errors": bad, "seconds": seconds, "announces": ok}
 
 
@@ -276,10 +296,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3, help="timed announce rounds")
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument(
+        "--batch",
+        default=f"{HEADLINE_BATCH},5,50,100",
+        help="swarms per batched request, comma-separated; the first is the headline "
+        "(memory_swarm_announces_s), each gets memory_swarm_b<N>_announces_s",
+    )
+    parser.add_argument(
+        "--only", default=None, help=f"run only these, comma-separated: {','.join(RUNS)}"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.swarms, args.peers, args.rounds = 20, 50, 1
+    batches = [int(b) for b in args.batch.split(",")]
+    if not batches or min(batches) < 1 or args.swarms % batches[0]:
+        parser.error("--batch: sizes of at least 1, the first dividing --swarms")
+    only = set(RUNS if args.only is None else args.only.split(","))
+    if only - set(RUNS):
+        parser.error(f"--only: unknown {sorted(only - set(RUNS))}")
 
     issuer = TokenIssuer([SigningKey.generate()], issuer=ISSUER, lifetime_s=3600)
     now = time.time()
@@ -305,14 +340,15 @@ def main(argv: list[str] | None = None) -> int:
         ]
         results[name] = measure(port, warm, timed, args.connections)
 
-    def run_batched(name: str, port: int) -> None:
-        warm = _batches(args.swarms, args.peers, Event.STARTED, tokens, port)
+    def run_batched(name: str, port: int, batch: int) -> None:
+        warm = _batches(args.swarms, args.peers, Event.STARTED, tokens, port, batch)
         timed = [
             r
             for _ in range(args.rounds)
-            for r in _batches(args.swarms, args.peers, Event.NONE, tokens, port)
+            for r in _batches(args.swarms, args.peers, Event.NONE, tokens, port, batch)
         ]
-        results[name] = measure(port, warm, timed, args.connections, per_request=args.swarms)
+        per_request = args.swarms * args.peers * args.rounds / len(timed)
+        results[name] = measure(port, warm, timed, args.connections, per_request=per_request)
 
     with tempfile.TemporaryDirectory(prefix="bench-tracker-") as tmpdir:
         tmp = Path(tmpdir)
@@ -326,20 +362,36 @@ def main(argv: list[str] | None = None) -> int:
             "peer_timeout_s": 3600.0,
             "proof_window_s": 300.0,
         }
-        with our_tracker(tmp, **auth) as port:
-            run("memory", port, auth=True)
-        with our_tracker(tmp, **auth) as port:
-            run_batched("memory_swarm", port)
-        with our_tracker(tmp, open_mode=True, peer_timeout_s=3600.0) as port:
-            run("memory_open", port, auth=False)
-        if redis_binary() is None:
-            skipped["redis"] = "redis-server not installed"
+        if "memory" in only:
+            with our_tracker(tmp, **auth) as port:
+                run("memory", port, auth=True)
+        if "memory_swarm" in only:
+            for i, batch in enumerate(batches):
+                with our_tracker(tmp, **auth) as port:
+                    run_batched("memory_swarm" if i == 0 else f"memory_swarm_b{batch}", port, batch)
+        if "memory_open" in only:
+            with our_tracker(tmp, open_mode=True, peer_timeout_s=3600.0) as port:
+                run("memory_open", port, auth=False)
+        if not only & {"redis", "redis_swarm"}:
+            pass
+        elif redis_binary() is None:
+            skipped["redis"] = skipped["redis_swarm"] = "redis-server not installed"
         else:
             with run_redis() as redis_port:
                 redis_url = f"redis://127.0.0.1:{redis_port}/0"
-                with our_tracker(tmp, backend="redis", redis_url=redis_url, **auth) as port:
-                    run("redis", port, auth=True)
-        if opentracker_binary() is None:
+                if "redis" in only:
+                    with our_tracker(
+                        tmp, backend="redis", redis_url=redis_url, redis_prefix="single:", **auth
+                    ) as port:
+                        run("redis", port, auth=True)
+                if "redis_swarm" in only:
+                    with our_tracker(
+                        tmp, backend="redis", redis_url=redis_url, redis_prefix="batch:", **auth
+                    ) as port:
+                        run_batched("redis_swarm", port, batches[0])
+        if "opentracker" not in only:
+            pass
+        elif opentracker_binary() is None:
             skipped["opentracker"] = "opentracker not installed"
         else:
             hashes = [s.to_bytes(4, "big") * 5 for s in range(args.swarms)]
@@ -353,11 +405,14 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="right" if col != "tracker" else "left")
     labels = {
         "memory": "ours, memory, auth on",
-        "memory_swarm": "ours, memory, auth on, batched (one request per node)",
+        "memory_swarm": f"ours, memory, auth on, batched ({batches[0]} swarms a request)",
         "memory_open": "ours, memory, open mode",
         "redis": "ours, redis, auth on",
+        "redis_swarm": f"ours, redis, auth on, batched ({batches[0]} swarms a request)",
         "opentracker": "opentracker",
     }
+    for batch in batches[1:]:
+        labels[f"memory_swarm_b{batch}"] = f"ours, memory, auth on, batched ({batch} a request)"
     flat: dict[str, object] = {}
     for name, r in results.items():
         table.add_row(
@@ -373,7 +428,14 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(labels[name], "skipped", "", "", why)
         flat[f"{name}_announces_s"] = None
     print_table(table)
-    flat.update({"swarms": args.swarms, "peers": args.peers, "rounds": args.rounds})
+    flat.update(
+        {
+            "swarms": args.swarms,
+            "peers": args.peers,
+            "rounds": args.rounds,
+            "batch": batches[0],
+        }
+    )
     if args.json is not None:
         args.json.write_text(json.dumps(flat, indent=2) + "\n")
     return 0

@@ -420,6 +420,28 @@ def test_proof_round_trip(bound: NodeToken, node_key: NodeKey) -> None:
     assert normalize_htu("http://[::1]:80") == "http://[::1]/"
 
 
+def test_a_tokens_proof_key_is_made_once_and_still_refuses_others(
+    bound: NodeToken, node_key: NodeKey, issuer: TokenIssuer
+) -> None:
+    """The cnf key object and ``ath`` a tracker checks every proof against are worked out
+    at the first proof and kept on the (cached) token; later proofs are checked against
+    them exactly as the first."""
+    key, ath = bound.proof_key()
+    assert bound.proof_key()[0] is key and ath == access_token_hash(bound.raw)
+    for _ in range(2):
+        proof = create_proof(node_key, method="GET", url=ANNOUNCE, token=bound.raw, now=NOW)
+        assert verify_proof(proof, token=bound, method="GET", url=ANNOUNCE, now=NOW).jti
+    other = issuer.issue(subject="node-1", cluster="prod", node_jwk=node_key.public_jwk(), now=NOW)
+    stolen = create_proof(node_key, method="GET", url=ANNOUNCE, token=other, now=NOW)
+    with pytest.raises(AuthError) as info:
+        verify_proof(stolen, token=bound, method="GET", url=ANNOUNCE, now=NOW)
+    assert _reason(info) == "proof_token"
+    thief = create_proof(NodeKey.generate(), method="GET", url=ANNOUNCE, token=bound.raw, now=NOW)
+    with pytest.raises(AuthError) as info:
+        verify_proof(thief, token=bound, method="GET", url=ANNOUNCE, now=NOW)
+    assert _reason(info) == "proof_key_mismatch"
+
+
 def _reason(exc: pytest.ExceptionInfo[AuthError]) -> str:
     return exc.value.reason
 
@@ -590,3 +612,28 @@ def test_header_and_payload_refusals_name_their_reason(
         with pytest.raises(AuthError) as info:
             verifier_for(issuer).verify(token, now=NOW)  # type: ignore[arg-type]
         assert info.value.reason == reason, token
+
+
+def test_admits_until_expiry_plus_leeway_and_no_longer(issuer: TokenIssuer) -> None:
+    """A connection stays open while its token passes the expiry check: up to and
+    including ``exp + leeway`` (the same edge as ``verify``), never past it."""
+    alice = NodeKey.generate()
+    token = issuer.issue(subject="alice", cluster="prod", node_jwk=alice.public_jwk(), now=NOW)
+    verifier = TokenVerifier(KeySet.from_jwks(issuer.jwks()), issuer="sidecar-test", leeway_s=7)
+    now = [NOW]
+    auth = PeerAuthenticator(
+        node_key=alice, token=token, verifier=verifier, cluster="prod", clock=lambda: now[0]
+    )
+    tok, sig = auth.credentials(b"t")
+    admitted = auth.verify_peer(tok, sig, b"t", INFO_HASH, auth.peer_id())
+    exp = admitted.expires_at
+    assert exp > NOW
+    for at, admits in [
+        (NOW, True),
+        (exp, True),
+        (exp + 7, True),
+        (exp + 7.001, False),
+        (exp + 3600, False),
+    ]:
+        now[0] = at
+        assert auth.admits(admitted) is admits, at

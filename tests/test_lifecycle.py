@@ -389,6 +389,64 @@ async def test_a_reader_in_flight_finishes_and_the_blob_goes_after_it(
         assert mirror.cache.entry(key) is None
 
 
+async def test_registry_lost_drops_that_blob_and_its_access_answers_only(
+    tmp_path: Path, registry: Any
+) -> None:
+    """``registry_lost(digest)`` drops the cached blob and every cached access answer
+    for that digest (so the next check asks the registry again at once), and nothing of
+    another digest; it says whether it dropped anything, and a malformed digest is a
+    no-op."""
+    data, other = os.urandom(64 * 1024), os.urandom(64 * 1024)
+    async with httpx.AsyncClient(timeout=10) as http:
+        async with RegistryClient(registry.url) as client:
+            digest = await client.push_blob("team/app", data)
+            kept = await client.push_blob("team/app", other)
+        mirror = Mirror(tmp_path, registry, http)
+        key = mirror.hold(data)
+        kept_key = mirror.hold(other)
+        assert await mirror.pull("team/app", digest) == data
+        assert await mirror.pull("team/app", kept) == other
+        # Both gone from the registry; within access_cache_s the cached yes still stands.
+        await delete_blob(http, registry, "team/app", digest)
+        await delete_blob(http, registry, "team/app", kept)
+        assert mirror.layers.registry_lost(digest) is True
+        assert mirror.cache.entry(key) is None
+        assert mirror.cache.is_complete(kept_key)
+        layers = mirror.layers
+        assert (await layers.check_access(registry.url, "team/app", digest, None)).status == 404
+        assert (await layers.check_access(registry.url, "team/app", kept, None)).status == 200
+        assert layers.registry_lost(digest) is False  # nothing left to drop
+        assert layers.registry_lost("sha256:not-hex") is False
+        assert layers.registry_lost("sha256:" + "0" * 64) is False
+        assert mirror.cache.is_complete(kept_key)
+
+
+async def test_registry_lost_counts_a_closed_swarm_without_a_cache_entry(
+    tmp_path: Path, registry: Any
+) -> None:
+    """A swarm of the digest seeded from outside the cache: closing it is what
+    ``registry_lost`` dropped, and it says so."""
+    data = os.urandom(256 * 1024)
+    blob = tmp_path / "blob"
+    blob.write_bytes(data)
+    meta = create_metainfo_from_file(blob)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    async with (
+        httpx.AsyncClient(timeout=10) as http,
+        two_nodes((time.time, time.time)) as (node, _),
+    ):
+        mirror = Mirror(tmp_path, registry, http, node=node)
+        seeding = await node.add_swarm(
+            meta, tmp_path / "seed", storage=PieceStorage.open_complete(blob, meta)
+        )
+        assert mirror.cache.entry(blob_key(mirror.layers.namespace, digest[7:])) is None
+        assert mirror.layers.registry_lost(digest) is True
+        with trio.fail_after(10):
+            await seeding.closed.wait()
+        assert meta.info_hash not in node.swarms
+        assert mirror.layers.registry_lost(digest) is False
+
+
 async def test_a_deleted_blob_stops_being_served_to_peers(tmp_path: Path, registry: Any) -> None:
     """The node seeding a layer closes that swarm when the registry answers 404: peers
     asking for it are refused at the handshake, and the cached blob is gone."""

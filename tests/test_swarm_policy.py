@@ -14,6 +14,7 @@ from p2pimage.swarm.policy import (
     AnnounceSchedule,
     DialPolicy,
     OriginRange,
+    PeerTimeouts,
     RevealPolicy,
     follow_origin,
 )
@@ -29,6 +30,38 @@ def test_dial_policy_stops_at_the_dial_target_and_skips_the_unwanted() -> None:
     assert policy.to_dial([7], connected=2, dialing=1, skip=lambda a: False) == []
     assert policy.want_more(2, 0) and not policy.want_more(2, 1)
     assert policy.may_accept(4) and not policy.may_accept(5)
+
+
+def test_request_timeout_grows_with_the_drain_time_of_what_was_requested() -> None:
+    timeouts = PeerTimeouts(request_timeout_s=15.0, stall_timeout_s=20.0, factor=3.0)
+    # A fast link: 4 MiB requested at 100 MiB/s drains in 0.04 s, the floor holds.
+    fast = timeouts.drain_s(4 << 20, 100 * 2**20)
+    assert fast == pytest.approx(0.04)
+    assert timeouts.request_timeout(fast) == 15.0
+    # 30 peers x 8 blocks of 16 KiB at 0.5 MiB/s: 7.5 s to drain.
+    slow = timeouts.drain_s(30 * 8 * 16384, 0.5 * 2**20)
+    assert slow == pytest.approx(7.5)
+    assert timeouts.request_timeout(slow) == pytest.approx(22.5)
+    # Nothing requested, or nothing arriving from anyone: no rate to scale by.
+    assert timeouts.drain_s(0, 1e6) == 0.0 and timeouts.drain_s(1 << 20, 0.0) == 0.0
+
+
+def test_a_peer_is_stalled_only_while_the_others_deliver() -> None:
+    timeouts = PeerTimeouts(request_timeout_s=15.0, stall_timeout_s=20.0, max_stall_s=120.0)
+    requested = 4 << 20
+    # Silent for 30 s, but our whole process or link was starved: the others sent less
+    # than three times what we asked for. Not this peer's fault.
+    assert not timeouts.stalled(silent_s=30.0, others_bytes=requested, outstanding_bytes=requested)
+    # The others delivered three times everything we asked for: it skipped its turn.
+    assert timeouts.stalled(silent_s=30.0, others_bytes=3 * requested, outstanding_bytes=requested)
+    # Never before the floor, however much the others sent.
+    assert not timeouts.stalled(silent_s=19.0, others_bytes=1 << 40, outstanding_bytes=1)
+    # Nothing arrives from anyone: the swarm is stuck, the silent peer that holds our
+    # requests (and keeps the origin readers off the pieces it claims) goes.
+    assert timeouts.stalled(silent_s=21.0, others_bytes=0, outstanding_bytes=requested)
+    # Waiting its turn behind slow others, at most max_stall_s.
+    assert not timeouts.stalled(silent_s=119.0, others_bytes=1, outstanding_bytes=requested)
+    assert timeouts.stalled(silent_s=121.0, others_bytes=1, outstanding_bytes=requested)
 
 
 def test_reveal_goes_to_the_least_loaded_peer_then_to_everyone() -> None:

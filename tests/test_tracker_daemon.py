@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from daemons.tracker import TrackerSettings, run_tracker, tracker
 from p2pimage.auth.tokens import (
     DEFAULT_PROOF_WINDOW_S,
     NodeKey,
+    ProofReplayCache,
     SigningKey,
     TokenIssuer,
     bound_peer_id,
@@ -30,7 +32,7 @@ from p2pimage.auth.tokens import (
 )
 from p2pimage.metainfo.bencoding import bdecode
 from p2pimage.sidecar.client import DPoPAuth
-from p2pimage.tracker import AnnounceRequest, Event, parse_announce_response
+from p2pimage.tracker import AnnounceRequest, Event, MemoryState, parse_announce_response
 from tests._tracker_fixtures import redis_port
 
 __all__ = ["redis_port"]
@@ -148,6 +150,9 @@ async def test_bad_tokens_get_401_or_403_with_a_failure_reason(
         assert 'p2pimage_tracker_announces_total{result="unauthorized"}' in metrics
         assert 'p2pimage_tracker_auth_failures_total{reason="expired"} 2.0' in metrics
         assert 'p2pimage_tracker_auth_failures_total{reason="dpop_required"} 3.0' in metrics
+        # The 403 refusals are counted under their reasons too (announce and scrape).
+        for reason in ("wrong_audience", "wrong_issuer"):
+            assert f'p2pimage_tracker_auth_failures_total{{reason="{reason}"}} 2.0' in metrics
 
 
 def _dpop(raw: str) -> DPoPAuth:
@@ -359,7 +364,90 @@ async def test_redis_outage_is_a_503_with_a_reason(jwks_file: Path, issuer: Toke
     async with running(settings) as base, httpx.AsyncClient() as http:
         r = await http.get(announce_url(base, 1, left=3), auth=token(issuer, "c"))
         assert r.status_code == 503
-        assert parse_announce_response(r.content).failure == "tracker state unavailable"
+        refusal = parse_announce_response(r.content)
+        assert (refusal.failure, refusal.error) == ("tracker state unavailable", "unavailable")
+
+
+async def test_the_scheme_is_case_insensitive_and_may_be_followed_by_several_spaces(
+    jwks_file: Path, issuer: TokenIssuer
+) -> None:
+    """RFC 7235: ``credentials = auth-scheme [ 1*SP token68 ]``, the scheme compared
+    without case; the tracker splits at the first space and strips the rest."""
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
+    raw = raw_token(issuer, "c")
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        for n, scheme in enumerate(("dpop", "DPoP  ", "DPOP   "), start=1):
+            url = announce_url(base, n, left=5)
+            proof = create_proof(NODE_KEY, method="GET", url=url, token=raw, now=time.time())
+            r = await http.get(url, headers={"Authorization": f"{scheme} {raw}", "DPoP": proof})
+            assert r.status_code == 200, (scheme, r.content)
+
+
+async def test_the_proof_window_is_the_configured_one(jwks_file: Path, issuer: TokenIssuer) -> None:
+    """``proof_window_s`` = 120: a proof a minute old (beyond the default 30 s) passes,
+    one 130 s old is stale."""
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file, proof_window_s=120)
+    raw = raw_token(issuer, "c")
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        for n, age, status in ((1, 60, 200), (2, 130, 401)):
+
+            def clock(age: float = age) -> float:
+                return time.time() - age
+
+            auth = DPoPAuth(token=raw, node_key=NODE_KEY, clock=clock)
+            r = await http.get(announce_url(base, n, left=5), auth=auth)
+            assert r.status_code == status, (age, r.content)
+        assert parse_announce_response(r.content).error == "proof_stale"
+
+
+async def test_a_request_without_a_host_header_matches_no_proof(
+    jwks_file: Path, issuer: TokenIssuer
+) -> None:
+    """An HTTP/1.0 request may leave out ``Host``; no proof's ``htu`` (which must name a
+    host) then matches the URL it was sent to, whatever host the proof names."""
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
+    raw = raw_token(issuer, "c")
+    async with running(settings) as base:
+        target = announce_url(base, 1, left=5).removeprefix(base)
+        for host in ("None", "XXXX", "localhost", "127.0.0.1", base.split("/")[2]):
+            proof = create_proof(
+                NODE_KEY, method="GET", url=f"http://{host}{target}", token=raw, now=time.time()
+            )
+            host_, port = base.split("/")[2].rsplit(":", 1)
+            stream = await trio.open_tcp_stream(host_, int(port))
+            async with stream:
+                await stream.send_all(
+                    f"GET {target} HTTP/1.0\r\nAuthorization: DPoP {raw}\r\n"
+                    f"DPoP: {proof}\r\n\r\n".encode()
+                )
+                answer = b""
+                while chunk := await stream.receive_some():
+                    answer += chunk
+            status_line, _, rest = answer.partition(b"\r\n")
+            assert status_line.split()[1] == b"401", (host, answer)
+            body = rest.partition(b"\r\n\r\n")[2]
+            assert parse_announce_response(body).error == "bad_proof", (host, body)
+
+
+async def test_a_full_replay_cache_is_a_503_not_a_pass(
+    jwks_file: Path, issuer: TokenIssuer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replay cache full of live nonces refuses the next proof (503, ``unavailable``)
+    rather than forgetting a nonce, which would let a captured proof be replayed."""
+    import daemons.tracker
+
+    monkeypatch.setattr(
+        daemons.tracker, "MemoryState", lambda: MemoryState(nonces=ProofReplayCache(1))
+    )
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        first = await http.get(announce_url(base, 1, left=5), auth=token(issuer, "c"))
+        assert first.status_code == 200
+        full = await http.get(announce_url(base, 2, left=5), auth=token(issuer, "c"))
+        assert full.status_code == 503, full.content
+        refusal = parse_announce_response(full.content)
+        assert (refusal.failure, refusal.error) == ("replay cache full", "unavailable")
+        assert "www-authenticate" not in full.headers
 
 
 async def test_open_mode_needs_no_token() -> None:
@@ -576,3 +664,65 @@ async def test_batched_announces_answer_each_swarm_as_a_single_announce_would(
         metrics = (await http.get(f"{base}/metrics")).text
         assert 'p2pimage_tracker_announce_batches_total{result="ok"} 4.0' in metrics
         assert 'p2pimage_tracker_announce_batches_total{result="bad_request"} 6.0' in metrics
+
+
+async def test_the_bare_batch_endpoint_answers_as_the_starlette_one_did(
+    jwks_file: Path, issuer: TokenIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """POST /announce/batch bypasses Starlette: the same headers, refusals with the DPoP
+    challenge, the size limit on a body streamed without Content-Length, 405 for other
+    methods, and a client gone mid-body is no server error."""
+    from p2pimage.tracker import (
+        MAX_BATCH_BYTES,
+        batch_query,
+        encode_announce_batch,
+        parse_announce_batch_response,
+    )
+
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
+    body = encode_announce_batch([AnnounceRequest(info_hash=IH, peer_id=pid(1), port=6001)])
+    path = f"/announce/batch?{batch_query(body)}"
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        r = await http.post(base + path, content=body, auth=token(issuer, "c"))
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/plain; charset=utf-8"
+        assert int(r.headers["content-length"]) == len(r.content)
+        [only] = parse_announce_batch_response(r.content, 1)
+        assert only.failure is None and only.interval > 0
+        # Refused before the body is read: 401, the challenge, a bencoded reason.
+        r = await http.post(base + path, content=body)
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == 'DPoP algs="EdDSA"'
+        assert parse_announce_response(r.content).error == "missing"
+        # A chunked body (no Content-Length) is cut off at the limit, not read whole.
+        chunk = b"x" * 65_536
+        n = MAX_BATCH_BYTES // len(chunk) + 1
+
+        async def stream() -> AsyncIterator[bytes]:
+            for _ in range(n):
+                yield chunk
+
+        big = f"/announce/batch?{batch_query(chunk * n)}"
+        r = await http.post(base + big, content=stream(), auth=token(issuer, "c"))
+        assert "content-length" not in r.request.headers
+        assert r.status_code == 400
+        assert parse_announce_response(r.content).error == "bad_request"
+        assert f"over {MAX_BATCH_BYTES} bytes" in parse_announce_response(r.content).failure
+        # Other methods still get Starlette's routing.
+        assert (await http.get(base + path, auth=token(issuer, "c"))).status_code == 405
+        # A client that goes away mid-body gets no answer and logs no server error.
+        raw = raw_token(issuer, "c")
+        proof = create_proof(NODE_KEY, method="POST", url=base + path, token=raw, now=time.time())
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        stream_ = await trio.open_tcp_stream(host, int(port))
+        await stream_.send_all(
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: DPoP {raw}\r\n"
+            f"DPoP: {proof}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body[: len(body) // 2]
+        )
+        await trio.sleep(0.2)
+        await stream_.aclose()
+        await trio.sleep(0.2)
+        r = await http.post(base + path, content=body, auth=token(issuer, "c"))
+        assert r.status_code == 200
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -23,6 +24,7 @@ from p2pimage.tracker import (
     TrackerPolicy,
     TrackerState,
     origin_blob_url,
+    pack_peer,
 )
 from tests._tracker_fixtures import redis_port, state
 
@@ -692,3 +694,122 @@ def test_origin_url_from_a_registry_url_with_a_trailing_slash() -> None:
     want = "http://registry:5000/v2/team/app/blobs/sha256:ab"
     assert origin_blob_url("http://registry:5000/", "team/app", "sha256:ab") == want
     assert origin_blob_url("http://registry:5000", "team/app", "sha256:ab") == want
+
+
+_walk_steps = st.lists(
+    st.tuples(
+        st.integers(0, 7),  # peer
+        st.sampled_from([0, 10, 400, 600, 1000, 2000]),  # left
+        st.sampled_from([None, "a", "b"]),  # zone
+        st.sampled_from([Event.NONE, Event.NONE, Event.STOPPED, Event.COMPLETED]),
+        st.sampled_from([0.0, 1.0, 7.0, 40.0]),  # time since the previous step
+        st.integers(1, 2),  # port variant: a peer that comes back on another port
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_walk_steps, st.booleans())
+def test_peer_selection_view_is_what_a_fresh_walk_of_the_swarm_gives(
+    steps: list, origin: bool
+) -> None:
+    """Selection keeps its tier lists across announces that change nothing they depend
+    on; after any sequence of announces (joins, leaves, progress, zones, fetchers,
+    releases, expiry, stalls) the kept lists equal a fresh classification of the swarm."""
+    policy = TrackerPolicy(
+        PolicyConfig(release_min_seeders=1, release_seeder_ratio=0.0, seeder_stall_s=5.0),
+        rng=random.Random(7),
+    )
+    swarm = SwarmRecord()
+    now = 1000.0
+    for peer, left, zone, event, dt, variant in steps:
+        now += dt
+        req = AnnounceRequest(
+            IH, pid(peer), 6000 + peer * 2 + variant, left=left, event=event, numwant=5,
+            pieces=8, digest=DIGEST, repo="library/app" if origin else None,
+        )  # fmt: skip
+        host = f"10.0.0.{peer + 1}" if peer % 3 else f"fd00::{peer + 1}"
+        out = policy.announce(swarm, req, host=host, now=now, zone=zone, registry_url=REGISTRY)
+        assert (host, req.port) not in out.peers
+        # The compact form handed to the encoder is the peers' own, IPv4 and IPv6 apart.
+        packed = [pack_peer(h, p) for h, p in out.peers]
+        assert out.compact == (
+            b"".join(p for p in packed if len(p) == 6),
+            b"".join(p for p in packed if len(p) == 18),
+        )
+        kept = _all_tiers(policy, swarm)
+        swarm.view = None
+        assert _all_tiers(policy, swarm) == kept
+
+
+def _all_tiers(policy: TrackerPolicy, swarm: SwarmRecord) -> list[object]:
+    """Every kind of asker's tiers; order within a tier is not kept (a re-announce moves
+    a peer to the end of the swarm's last-seen order) and does not matter (sampled)."""
+    kinds = itertools.product([None, "a", "b"], [True, False])
+    views = [policy._tiers(swarm, z, leecher) for z, leecher in kinds]
+    return [([[sorted(t) for t in side] for side in ts], where) for ts, where in views]
+
+
+async def test_update_many_is_update_for_each_swarm(state: TrackerState) -> None:
+    """A batched announce's swarms go to the backend together (Redis: one pipeline):
+    each result is its own swarm's, an error is that swarm's alone, and every swarm is
+    stored as by update."""
+    policy = TrackerPolicy(rng=random.Random(3))
+    hashes = [bytes([i]) * 20 for i in range(1, 4)]
+    for h in hashes:  # peer 1 of node "a" in each swarm
+        req = AnnounceRequest(h, pid(1), 6001, left=5)
+        await state.update(SwarmKey("c", h), lambda s, r=req: policy.announce(
+            s, r, host="10.0.0.1", now=100.0, subject="a"
+        ))  # fmt: skip
+
+    def rule(h: bytes, subject: str) -> Callable[[SwarmRecord], AnnounceOutcome]:
+        req = AnnounceRequest(h, pid(2 if subject == "b" else 1), 6002, left=5)
+        return lambda s: policy.announce(s, req, host="10.0.0.2", now=101.0, subject=subject)
+
+    out = await state.update_many(
+        [
+            (SwarmKey("c", hashes[0]), rule(hashes[0], "b")),
+            (SwarmKey("c", hashes[1]), rule(hashes[1], "z")),  # peer 1 is node a's
+            (SwarmKey("c", hashes[2]), rule(hashes[2], "b")),
+        ]
+    )
+    assert isinstance(out[1], PeerIdTakenError)
+    assert [o.peers for o in (out[0], out[2]) if isinstance(o, AnnounceOutcome)] == [
+        [("10.0.0.1", 6001)]
+    ] * 2
+    stored = await state.read(SwarmKey("c", h) for h in hashes)
+    assert [sorted(s.peers) if s else None for s in stored] == [
+        sorted([pid(1), pid(2)]),
+        [pid(1)],
+        sorted([pid(1), pid(2)]),
+    ]
+
+
+async def test_update_many_redoes_a_swarm_another_replica_wrote(redis_port: int) -> None:
+    """Replica a answers from its cached copy; when replica b wrote the swarm since,
+    a's compare-and-set in the pipeline loses and that swarm is redone on b's write."""
+    import coredis
+
+    from p2pimage.tracker import RedisState
+
+    policy = TrackerPolicy(rng=random.Random(3))
+    client = coredis.Redis("127.0.0.1", redis_port, decode_responses=False)
+    async with client:
+        a = RedisState(client, prefix="many:")
+        b = RedisState(client, prefix="many:")
+
+        def rule(n: int) -> Callable[[SwarmRecord], AnnounceOutcome]:
+            req = AnnounceRequest(IH, pid(n), 6000 + n, left=5, numwant=10)
+            return lambda s: policy.announce(s, req, host="10.0.0.1", now=100.0 + n)
+
+        key, other = SwarmKey("c", IH), SwarmKey("c", b"\x07" * 20)
+        await a.update(key, rule(1))  # a caches the swarm
+        await b.update(key, rule(2))  # b writes it: a's copy is stale
+        out = await a.update_many([(key, rule(3)), (other, rule(4))])
+        assert isinstance(out[0], AnnounceOutcome) and isinstance(out[1], AnnounceOutcome)
+        assert sorted(p for _, p in out[0].peers) == [6001, 6002]
+        (swarm,) = await b.read([key])
+        assert swarm is not None and sorted(swarm.peers) == [pid(1), pid(2), pid(3)]
+        await a.clear()

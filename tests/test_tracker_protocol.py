@@ -332,3 +332,130 @@ def test_announce_batch_response_round_trip_and_whole_failure() -> None:
     assert [r.error for r in whole] == ["missing", "missing"]
     with pytest.raises(TrackerRequestError):
         parse_announce_batch_response(b"d9:responsesli1eee", 1)
+
+
+# The batch body's one shape, with arbitrary names and values: what the one-pass parser
+# must read exactly as the general (canonical) decoder does.
+_entry_values = st.one_of(st.binary(max_size=30), st.integers(-(2**63), 2**63 - 1))
+_entries = st.dictionaries(st.binary(max_size=12), _entry_values, max_size=8)
+_bencodable = st.recursive(
+    st.one_of(st.binary(max_size=8), st.integers(-(2**63), 2**63 - 1)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.binary(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@given(st.lists(_entries, min_size=1, max_size=4))
+def test_batch_body_parser_reads_what_the_general_decoder_reads(entries: list[dict]) -> None:
+    from p2pimage.tracker._protocol import _batch_entries
+
+    body = bencode({b"announces": entries})
+    assert _batch_entries(body) == bdecode(body)[b"announces"]  # type: ignore[index]
+
+
+@settings(max_examples=300)
+@given(st.one_of(_bencodable, st.lists(_bencodable, max_size=3)))
+def test_batch_body_parser_refuses_every_other_shape(value: object) -> None:
+    from p2pimage.tracker._protocol import _batch_entries
+
+    body = bencode({b"announces": value})  # type: ignore[dict-item]
+    shaped = (
+        isinstance(value, list)
+        and 1 <= len(value) <= MAX_BATCH_SWARMS
+        and all(
+            isinstance(e, dict) and all(isinstance(v, int | bytes) for v in e.values())
+            for e in value
+        )
+    )
+    if shaped:
+        assert _batch_entries(body) == value
+    else:
+        with pytest.raises(TrackerRequestError):
+            _batch_entries(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"d9:announcesld4:porti01eeee",  # a leading zero
+        b"d9:announcesld4:porti-0eeee",
+        b"d9:announcesld04:porti1eeee",  # a length with a leading zero
+        b"d9:announcesld4:porti1e4:leftie0eeee",  # keys out of order
+        b"d9:announcesld4:porti1e4:porti1eeee",  # a key twice
+        b"d9:announcesld4:porti1eeeex",  # trailing bytes
+        b"d9:announcesld4:porti1eee",  # truncated
+        b"d9:announcesld4:portl1eeeee",  # a list value
+        b"d9:announcesld4:porti" + b"9" * 30 + b"eeee",  # an integer too long
+        b"d9:announcesld4:port99999999999:xeeee",  # a string past the end
+    ],
+)
+def test_batch_body_parser_refuses_non_canonical_and_broken_bodies(body: bytes) -> None:
+    with pytest.raises(TrackerRequestError):
+        parse_announce_batch(body)
+
+
+_addresses = st.one_of(st.ip_addresses(v=4).map(str), st.ip_addresses(v=6).map(str)).flatmap(
+    lambda h: st.tuples(st.just(h), st.integers(1, 65535))
+)
+
+
+@given(
+    st.builds(
+        AnnounceResponse,
+        interval=st.integers(0, 10**6),
+        min_interval=st.none() | st.integers(0, 10**6),
+        complete=st.integers(0, 10**6),
+        incomplete=st.integers(0, 10**6),
+        peers=st.lists(_addresses, max_size=6),
+        origin=st.none()
+        | st.builds(
+            OriginAssignment,
+            url=st.text(max_size=20),
+            first_piece=st.integers(0, 10),
+            end_piece=st.integers(11, 20),
+            lease_end=st.none() | st.integers(11, 20),
+        ),
+        release=st.booleans(),
+    ),
+    st.booleans(),
+)
+def test_hand_written_response_encoding_is_the_canonical_bencoding(
+    response: AnnounceResponse, precompacted: bool
+) -> None:
+    """encode_announce_response writes the dictionary by hand: byte for byte what the
+    general encoder writes for it, with peers given as addresses or already packed."""
+    from dataclasses import replace
+
+    from p2pimage.tracker import pack_peer
+
+    packed = [pack_peer(h, p) for h, p in response.peers]  # IPv4-mapped IPv6 packs as IPv4
+    v4 = b"".join(p for p in packed if len(p) == 6)
+    v6 = b"".join(p for p in packed if len(p) == 18)
+    expected: dict[bytes, object] = {
+        b"complete": response.complete,
+        b"incomplete": response.incomplete,
+        b"interval": response.interval,
+        b"peers": v4,
+    }
+    if response.min_interval is not None:
+        expected[b"min interval"] = response.min_interval
+    if v6:
+        expected[b"peers6"] = v6
+    extras: dict[bytes, object] = {}
+    if response.origin is not None:
+        o = response.origin
+        extras[b"origin"] = {
+            b"end_piece": o.end_piece,
+            b"first_piece": o.first_piece,
+            b"url": o.url.encode(),
+            **({b"lease_end": o.lease_end} if o.lease_end is not None else {}),
+        }
+    if response.release:
+        extras[b"release"] = 1
+    if extras:
+        expected[b"p2pimage"] = extras
+    if precompacted:
+        response = replace(response, compact=(v4, v6))
+    assert encode_announce_response(response) == bencode(expected)  # type: ignore[arg-type]

@@ -73,3 +73,14 @@ async def test_one_zone_is_unchanged(state: TrackerState) -> None:
     await _join(h, ["a"] * 8)
     named = [n for n in range(8) if (await h.announce(n, 1, zone="a", pieces=1000)).origin]
     assert named == [0, 1, 2, 3]
+
+
+async def test_a_node_with_one_byte_left_gives_its_zone_a_share(state: TrackerState) -> None:
+    """Zone b's only node has 1 byte left: it can still fetch, so b keeps its share of
+    the slots and zone a gets only its own (k = 4, two zones: 2 each)."""
+    h = harness(state, origin_ratio=0.5, max_origin_fetchers=4)
+    for n in range(7):
+        await h.announce(n, 0, zone="a", pieces=1000, registry=None)
+    await h.announce(7, 0, zone="b", left=1, pieces=1000, registry=None)
+    named = [n for n in range(7) if (await h.announce(n, 1, zone="a", pieces=1000)).origin]
+    assert named == [0, 1]

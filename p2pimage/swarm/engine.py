@@ -41,7 +41,7 @@ from p2pimage.metainfo.torrent import Metainfo
 from p2pimage.storage.pieces import BlobCursor, PieceStorage
 from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
-from p2pimage.swarm.policy import DialPolicy, RevealPolicy
+from p2pimage.swarm.policy import DialPolicy, PeerTimeouts, RevealPolicy
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.swarm.session import SENDFILE_MIN_BLOCK, PeerSession, SessionInfo
 from p2pimage.wire import (
@@ -120,7 +120,8 @@ class SwarmSettings:
     optimistic_slots: int = 1
     handshake_timeout_s: float = 10.0
     # A request outstanding this long goes back to the pool (libtorrent: request_timeout 60 s;
-    # inside a cluster a block should never take more than a few seconds).
+    # inside a cluster a block should never take more than a few seconds). Both timeouts
+    # are floors: on a slow link they grow with what we have requested (PeerTimeouts).
     request_timeout_s: float = 15.0
     # A peer with outstanding requests that delivered nothing for this long is dropped.
     stall_timeout_s: float = 20.0
@@ -160,6 +161,7 @@ class SwarmStats:
     hash_failures: int = 0
     peers_connected: int = 0
     peers_banned: int = 0
+    requests_timed_out: int = 0  # requests given back to the pool by request_timeout_s
     started_at: float = 0.0
     first_piece_at: float | None = None
     last_piece_at: float | None = None  # every piece verified (before the whole-blob check)
@@ -222,6 +224,7 @@ class _Peer:
     uploads: deque[Request] = field(default_factory=deque)
     upload_wakeup: trio.Event = field(default_factory=trio.Event)
     last_data_at: float = 0.0  # the last block, or the first request after an idle spell
+    received_at_last_data: int = 0  # Swarm.received_bytes at last_data_at
     # A request timed out since the last block: an empty request queue is then no idle
     # spell, and the stall clock keeps running.
     timed_out: bool = False
@@ -279,12 +282,14 @@ class Swarm:
             rng=self._rng,
         )
         self.dial_policy = DialPolicy(self.settings.dial_target, self.settings.max_peers)
+        self.timeouts = PeerTimeouts(self.settings.request_timeout_s, self.settings.stall_timeout_s)
         self.reveal: RevealPolicy[bytes] = RevealPolicy(
             enabled=self.settings.reveal_origin_pieces,
             timeout_s=self.settings.reveal_timeout_s,
             rng=self._rng,
         )
         self.stats = SwarmStats()
+        self.received_bytes = 0  # from peers and the registry (PeerTimeouts.stalled)
         self.peers: dict[bytes, _Peer] = {}
         self.banned: set[bytes] = set()
         self._banned_addresses: set[tuple[str, int]] = set()
@@ -475,7 +480,14 @@ class Swarm:
             await session.aclose("duplicate or unwanted")
             return
         now = trio.current_time()
-        peer = _Peer(session=session, info=info, key=key, connected_at=now, last_data_at=now)
+        peer = _Peer(
+            session=session,
+            info=info,
+            key=key,
+            connected_at=now,
+            last_data_at=now,
+            received_at_last_data=self.received_bytes,
+        )
         self.peers[key] = peer
         self.stats.peers_connected = len(self.peers)
         reason = "done"
@@ -616,6 +628,8 @@ class Swarm:
         now = trio.current_time()
         length = len(message.data)
         peer.last_data_at = now
+        self.received_bytes += length
+        peer.received_at_last_data = self.received_bytes
         peer.timed_out = False
         peer.down_bytes_window += length
         index, begin = message.index, message.begin
@@ -742,6 +756,7 @@ class Swarm:
         if self.storage.has_piece(index) or not self.storage.write_block(index, 0, data):
             return False
         self.stats.downloaded_from_origin += len(data)
+        self.received_bytes += len(data)  # evidence our link works, as peer blocks are
         self._reveal_origin_piece(index)
         await self.finalize_if_done()
         return True
@@ -845,6 +860,7 @@ class Swarm:
             # of this peer is no stall (else the first request after 20 idle seconds
             # banned it at the next tick; frequent with few pieces, see #15).
             peer.last_data_at = now
+            peer.received_at_last_data = self.received_bytes
         part = peer.session.conn.peer_max_block_length
         for block in self.picker.pick(peer.key, want, now):
             peer.outstanding[(block.index, block.begin)] = (block, now)
@@ -914,15 +930,21 @@ class Swarm:
             now = trio.current_time()
             elapsed = max(now - last_tick, 1e-6)
             last_tick = now
-            for peer in list(self.peers.values()):
-                self._tick_peer(peer, now, elapsed)
+            peers = list(self.peers.values())
+            # Rates as of the previous tick (this one updates them peer by peer).
+            outstanding = sum(b.length for p in peers for b, _ in p.outstanding.values())
+            drain = self.timeouts.drain_s(outstanding, sum(p.down_rate for p in peers))
+            for peer in peers:
+                self._tick_peer(peer, now, elapsed, drain, outstanding)
             for index, told in self.reveal.expired(now):
                 self._show_to_all(index, told)
             if self.choker.rechoke_due(now):
                 self._rechoke(now)
             self._refill_all()
 
-    def _tick_peer(self, peer: _Peer, now: float, elapsed: float) -> None:
+    def _tick_peer(
+        self, peer: _Peer, now: float, elapsed: float, drain_s: float, outstanding: int
+    ) -> None:
         if peer.info.admission_expired():
             log.info("closing peer %s: the token that admitted it expired", peer.session.address)
             peer.scope.cancel()
@@ -933,11 +955,13 @@ class Swarm:
         peer.up_rate += alpha * (peer.up_bytes_window / elapsed - peer.up_rate)
         peer.down_bytes_window = peer.up_bytes_window = 0
         self.picker.update_rate(peer.key, peer.down_rate)
+        request_timeout = self.timeouts.request_timeout(drain_s)
         timed_out = [
             (block, sent)
             for block, sent in peer.outstanding.values()
-            if now - sent > self.settings.request_timeout_s
+            if now - sent > request_timeout
         ]
+        self.stats.requests_timed_out += len(timed_out)
         if timed_out:
             peer.timed_out = True
         for block, _ in timed_out:
@@ -948,13 +972,18 @@ class Swarm:
             # It serves later requests and not this one: it claims pieces it will not
             # send (a liar keeps the swarm's other sources, origin readers included, off
             # the pieces it claims).
-            self.ban(peer.key, f"skipped a request for {self.settings.request_timeout_s:g} s")
+            self.ban(peer.key, f"skipped a request for {request_timeout:.3g} s")
             return
-        if peer.outstanding and now - peer.last_data_at > self.settings.stall_timeout_s:
+        silent = now - peer.last_data_at
+        if peer.outstanding and self.timeouts.stalled(
+            silent_s=silent,
+            others_bytes=self.received_bytes - peer.received_at_last_data,
+            outstanding_bytes=outstanding,
+        ):
             # Banned, not just dropped: dialed again, a peer that unchokes and then sits
             # on our requests would hold the pieces it claims hostage once more (and the
             # origin readers leave pieces a peer claims to the peers).
-            self.ban(peer.key, f"no block for {self.settings.stall_timeout_s:g} s")
+            self.ban(peer.key, f"no block for {silent:.3g} s")
         elif now - peer.last_sent_at > self.settings.keepalive_s:
             peer.session.send(KeepAlive())
             peer.last_sent_at = now

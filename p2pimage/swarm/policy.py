@@ -24,6 +24,7 @@ __all__ = [
     "OriginFollow",
     "OriginRange",
     "OriginStep",
+    "PeerTimeouts",
     "RevealPolicy",
     "follow_origin",
 ]
@@ -74,6 +75,60 @@ class DialPolicy:
             seen.add(candidate)
             out.append(candidate)
         return out
+
+
+# --------------------------------------------------------------------------- timeouts
+
+
+@dataclass(frozen=True, slots=True)
+class PeerTimeouts:
+    """When an outstanding request, or a peer that sends nothing, has taken too long.
+
+    Absolute timeouts misfire on slow links and in starved processes: at 0.5 MiB/s a node
+    with 8 requests of 16 KiB at each of 30 peers has asked for ~7 s of its downlink, a
+    peer served last stays silent for most of that, and a process that gets a fraction
+    of a core stretches every wait (the calibration runs in docs/benchmarks.md lost
+    hundreds of connections to "no block for 20 s" on a loaded machine, some nodes
+    keeping 1 of 31). So silence is measured against what the others deliver meanwhile:
+
+    - a request times out after the larger of ``request_timeout_s`` and ``factor``
+      times the *drain time* (the bytes requested from all peers over the rate they
+      deliver together);
+    - a peer is stalled once it has been silent for ``stall_timeout_s`` and the other
+      peers (and origin reads) delivered either ``factor`` times everything we have
+      requested meanwhile (its requests would have been answered in any fair order) or
+      nothing at all (the swarm is stuck, and a peer that claims pieces keeps the origin
+      readers off them: the hostage case of docs/reliability.md); while the others
+      deliver some but less, it is waiting its turn behind them, until ``max_stall_s``.
+    """
+
+    request_timeout_s: float
+    stall_timeout_s: float
+    max_stall_s: float = 120.0
+    # Requests are answered in turn with other peers' and other swarms' data: a block
+    # may come last in a full drain, and rates measured over ~2 s lag behind bursts.
+    factor: float = 3.0
+
+    @staticmethod
+    def drain_s(outstanding_bytes: int, download_rate: float) -> float:
+        """Seconds to receive ``outstanding_bytes`` at ``download_rate`` (0: unknown)."""
+        if outstanding_bytes <= 0 or download_rate <= 0:
+            return 0.0
+        return outstanding_bytes / download_rate
+
+    def request_timeout(self, drain_s: float) -> float:
+        """An outstanding request older than this goes back to the pool."""
+        return max(self.request_timeout_s, self.factor * drain_s)
+
+    def stalled(self, *, silent_s: float, others_bytes: int, outstanding_bytes: int) -> bool:
+        """Whether a peer with requests outstanding, silent for ``silent_s`` while the
+        other peers sent ``others_bytes``, is to be dropped; ``outstanding_bytes``: all
+        that is requested from all peers now."""
+        if silent_s > self.max_stall_s:
+            return True
+        if silent_s <= self.stall_timeout_s:
+            return False
+        return others_bytes <= 0 or others_bytes >= self.factor * outstanding_bytes
 
 
 # --------------------------------------------------------------------------- origin reveal

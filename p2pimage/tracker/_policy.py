@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from p2pimage.errors import LocalProtocolError
 
 from ._protocol import (
     AnnounceRequest,
@@ -24,6 +27,7 @@ from ._protocol import (
     OriginAssignment,
     ScrapeStats,
     TrackerRequestError,
+    pack_peer,
 )
 
 __all__ = [
@@ -158,12 +162,19 @@ class SwarmRecord:
     # Identities (token subjects) whose seeder claims were contradicted by stalled
     # leechers: their claims never close origin work and leechers are not told of them.
     distrusted: set[str] = field(default_factory=set)
+    # Bumped by every add and remove that may change whom peer selection offers (a plain
+    # re-announce puts it back); with the swarm-wide inputs it keys ``view``.
+    epoch: int = 0
+    # Peer selection's tier lists, kept while nothing they depend on changes (see
+    # TrackerPolicy._tiers); never persisted.
+    view: _PeerView | None = None
 
     @property
     def leechers(self) -> int:
         return len(self.peers) - self.seeders
 
     def add(self, rec: PeerRecord) -> None:
+        self.epoch += 1
         self.peers[rec.peer_id] = rec
         if rec.left == 0:
             self.seeders += 1
@@ -173,6 +184,7 @@ class SwarmRecord:
     def remove(self, peer_id: bytes) -> PeerRecord | None:
         rec = self.peers.pop(peer_id, None)
         if rec is not None:
+            self.epoch += 1
             if rec.left == 0:
                 self.seeders -= 1
             if rec.released:
@@ -203,17 +215,43 @@ def _take_while_old(
     return out
 
 
+# One peer as selection hands it out: (peer id, (host, port), compact form or None when
+# the host is not an IP literal). Built once per view, shared by every answer.
+_Entry = tuple[bytes, tuple[str, int], bytes | None]
+# tiers[same_zone][tier] for one kind of asker (its zone, leecher or seeder).
+_Tiers = tuple[tuple[list[_Entry], ...], tuple[list[_Entry], ...]]
+
+
+@dataclass(slots=True)
+class _PeerView:
+    """Peer selection's tier lists of one swarm, valid while ``key`` holds: the swarm's
+    ``epoch`` and the swarm-wide inputs of the tiers (the well-supplied threshold, the
+    fetchers, the distrusted). A regular re-announce changes none of them, so a swarm's
+    answers share one classification instead of walking every peer per announce."""
+
+    key: tuple[object, ...]
+    by_asker: dict[tuple[str | None, bool], tuple[_Tiers, dict[bytes, tuple[int, int, _Entry]]]]
+
+
 @dataclass(frozen=True, slots=True)
 class AnnounceOutcome:
     """The policy's answer to one announce (the daemon encodes it)."""
 
-    peers: list[tuple[str, int]]
     complete: int
     incomplete: int
     interval: int
     min_interval: int
     origin: OriginAssignment | None = None
     release: bool = False
+    # The peers chosen, in BEP 23 compact form (IPv4, IPv6) when every host is an IP
+    # literal: what the daemon sends. ``peers`` lists their addresses.
+    compact: tuple[bytes, bytes] | None = None
+    chosen: Sequence[_Entry] = ()
+
+    @property
+    def peers(self) -> list[tuple[str, int]]:
+        """The chosen peers' (host, port)."""
+        return [address for _, address, _ in self.chosen]
 
 
 class TrackerPolicy:
@@ -249,6 +287,7 @@ class TrackerPolicy:
         held = swarm.peers.get(req.peer_id)
         if held is not None and held.subject != subject:
             raise PeerIdTakenError("peer_id is held by another node")
+        epoch = swarm.epoch
         old = swarm.remove(req.peer_id)
         if (old is None and not swarm.peers) or (old is not None and old.left > 0):
             # A new (or emptied) swarm, or a leecher until this moment: the linger clock
@@ -258,7 +297,11 @@ class TrackerPolicy:
             self._forget_fetcher(swarm, req.peer_id)
             swarm.stalled.discard(req.peer_id)
             return AnnounceOutcome(
-                [], swarm.seeders, swarm.leechers, cfg.interval_s, cfg.min_interval_s
+                swarm.seeders,
+                swarm.leechers,
+                cfg.interval_s,
+                cfg.min_interval_s,
+                compact=(b"", b""),
             )
         if swarm.pieces is None and req.pieces is not None:
             swarm.pieces = req.pieces
@@ -289,6 +332,8 @@ class TrackerPolicy:
             ),
         )
         swarm.add(rec)
+        if old is not None and self._same_tier(swarm, old, rec):
+            swarm.epoch = epoch  # a plain re-announce: selection's view still holds
         swarm.largest_left = max(swarm.largest_left, req.left)
         if req.left > 0:
             swarm.leecher_seen_at = now
@@ -308,19 +353,35 @@ class TrackerPolicy:
         if release and not rec.released:
             rec.released = True
             swarm.released += 1
-        peers = [] if release else self._select(swarm, rec, req.numwant)
+            swarm.epoch += 1
+        chosen = [] if release else self._choose(swarm, rec, req.numwant)
         # Fetchers report progress often; so do leechers of a seeded swarm, so that a
         # seeder claim that does not hold is caught within seeder_stall_s.
         often = origin is not None or (rec.left > 0 and swarm.origin_done)
         interval = cfg.fetcher_interval_s if often else cfg.interval_s
+        compact = None
+        try:
+            joined = b"".join([p for _, _, p in chosen])  # type: ignore[misc]
+        except TypeError:
+            pass  # a host that is no IP literal (never from the daemon): no compact form
+        else:
+            if len(joined) == 6 * len(chosen):  # all IPv4, the common case
+                compact = (joined, b"")
+            else:
+                packed: list[bytes] = [p for _, _, p in chosen]  # type: ignore[misc]
+                compact = (
+                    b"".join(p for p in packed if len(p) == 6),
+                    b"".join(p for p in packed if len(p) != 6),
+                )
         return AnnounceOutcome(
-            peers,
             swarm.seeders,
             swarm.leechers,
             interval,
             min(cfg.min_interval_s, interval),
             origin,
             release,
+            compact,
+            chosen,
         )
 
     def scrape(self, swarm: SwarmRecord | None, now: float) -> ScrapeStats:
@@ -489,27 +550,85 @@ class TrackerPolicy:
 
     # ------------------------------------------------------------------ peer selection
 
+    def _same_tier(self, swarm: SwarmRecord, old: PeerRecord, new: PeerRecord) -> bool:
+        """Whether ``new`` (a re-announce of ``old``) sits where ``old`` did in every
+        selection tier: same address, zone and release, and the same side of the
+        seeder and well-supplied lines (the fetchers and the line are in the view key)."""
+        if (old.host, old.port, old.zone, old.released) != (
+            new.host,
+            new.port,
+            new.zone,
+            new.released,
+        ):
+            return False
+        well = swarm.largest_left * self.config.well_supplied_fraction
+        return _tier_class(old.left, well) == _tier_class(new.left, well)
+
     def _select(self, swarm: SwarmRecord, asker: PeerRecord, numwant: int) -> list[tuple[str, int]]:
+        """Up to ``numwant`` peers' addresses (see :meth:`_choose`)."""
+        return [address for _, address, _ in self._choose(swarm, asker, numwant)]
+
+    def _choose(self, swarm: SwarmRecord, asker: PeerRecord, numwant: int) -> list[_Entry]:
         """Up to ``numwant`` peers, never the asker nor released peers.
 
         For a leecher: seeders, then origin fetchers and well-supplied leechers, then the
         rest; random within a tier. A seeder gets leechers only, at random. Same-zone peers
-        fill up to ``zone_share`` of the answer first. O(peers + numwant).
+        fill up to ``zone_share`` of the answer first. O(numwant) while the swarm's view
+        holds; O(peers) to rebuild it.
         """
         if numwant <= 0:
             return []
-        leecher = asker.left > 0
+        zone = asker.zone
+        tiers, where = self._tiers(swarm, zone, asker.left > 0)
+        own = where.get(asker.peer_id)
+        if zone is None:
+            # One pass over the shared lists, which are never changed: only the asker's
+            # own tier is copied, without it.
+            far = list(tiers[0])
+            if own is not None:
+                _, tier, entry = own
+                far[tier] = list(far[tier])
+                far[tier].remove(entry)
+            out: list[_Entry] = []
+            for group in far:
+                need = numwant - len(out)
+                if len(group) <= need:
+                    out += group
+                else:
+                    out += self.rng.sample(group, need)
+                    break
+            return out
+        # Two passes over the same-zone tiers: copies, as taking removes from them.
+        near = [list(t) for t in tiers[1]]
+        far = [list(t) for t in tiers[0]]
+        if own is not None:
+            same, tier, entry = own
+            (near if same else far)[tier].remove(entry)
+        quota = max(1, math.ceil(numwant * self.config.zone_share))
+        chosen = self._take(near, quota)
+        chosen += self._take(far, numwant - len(chosen))
+        chosen += self._take(near, numwant - len(chosen))
+        return chosen
+
+    def _tiers(
+        self, swarm: SwarmRecord, zone: str | None, leecher: bool
+    ) -> tuple[_Tiers, dict[bytes, tuple[int, int, _Entry]]]:
+        """The swarm's tier lists for an asker in ``zone`` (a leecher or not), and where
+        each peer sits in them; rebuilt only when something they depend on changed."""
         well = swarm.largest_left * self.config.well_supplied_fraction
+        key = (swarm.epoch, well, tuple(swarm.fetchers), len(swarm.distrusted))
+        view = swarm.view
+        if view is None or view.key != key:
+            view = swarm.view = _PeerView(key, {})
+        cached = view.by_asker.get((zone, leecher))
+        if cached is not None:
+            return cached
         fetchers = swarm.fetchers
         distrusted = swarm.distrusted
-        zone = asker.zone
-        # tiers[same_zone][tier]
-        tiers: tuple[list[list[PeerRecord]], list[list[PeerRecord]]] = (
-            [[], [], []],
-            [[], [], []],
-        )
+        tiers: _Tiers = (([], [], []), ([], [], []))
+        where: dict[bytes, tuple[int, int, _Entry]] = {}
         for p in swarm.peers.values():
-            if p.released or p is asker:
+            if p.released:
                 continue
             if p.left == 0:
                 if not leecher or (distrusted and p.identity in distrusted):
@@ -519,20 +638,17 @@ class TrackerPolicy:
                 tier = 1
             else:
                 tier = 2
-            tiers[zone is not None and p.zone == zone][tier].append(p)
-        if zone is None:
-            chosen = self._take(tiers[0], numwant)
-        else:
-            quota = max(1, math.ceil(numwant * self.config.zone_share))
-            chosen = self._take(tiers[1], quota)
-            chosen += self._take(tiers[0], numwant - len(chosen))
-            chosen += self._take(tiers[1], numwant - len(chosen))
-        return [(p.host, p.port) for p in chosen]
+            same = int(zone is not None and p.zone == zone)
+            entry = (p.peer_id, (p.host, p.port), _packed(p.host, p.port))
+            tiers[same][tier].append(entry)
+            where[p.peer_id] = (same, tier, entry)
+        view.by_asker[(zone, leecher)] = (tiers, where)
+        return tiers, where
 
-    def _take(self, tiers: list[list[PeerRecord]], k: int) -> list[PeerRecord]:
+    def _take(self, tiers: list[list[_Entry]], k: int) -> list[_Entry]:
         """Up to ``k`` peers, best tier first, a random subset of the last tier needed.
         Taken peers are removed from ``tiers``."""
-        out: list[PeerRecord] = []
+        out: list[_Entry] = []
         for group in tiers:
             if k <= len(out):
                 break
@@ -547,6 +663,17 @@ class TrackerPolicy:
                     group[i] = group[-1]
                     group.pop()
         return out
+
+
+def _tier_class(left: int, well: float) -> int:
+    return 0 if left == 0 else 1 if left <= well else 2
+
+
+def _packed(host: str, port: int) -> bytes | None:
+    try:
+        return pack_peer(host, port)
+    except LocalProtocolError:
+        return None
 
 
 def _span(r: tuple[int, int]) -> int:

@@ -48,6 +48,7 @@ __all__ = [
     "encode_announce_response",
     "encode_failure",
     "encode_scrape_response",
+    "pack_peer",
     "parse_announce",
     "parse_announce_batch",
     "parse_announce_batch_response",
@@ -92,6 +93,10 @@ _BATCH_INTS = frozenset(
         b"p2pimage_origin_next",
     }
 )
+
+# Parameters a batch entry leaves out at these values, the tracker's defaults (answers
+# to a batch are always compact); the counters stay, as a real node's are rarely zero.
+_BATCH_DEFAULTS = {b"compact": b"1", b"numwant": b"%d" % DEFAULT_NUMWANT}
 
 # OCI distribution spec repository name grammar, with its 255-character limit.
 _REPO_RE = re.compile(
@@ -220,6 +225,8 @@ class AnnounceResponse:
     failure: str | None = None
     # Machine-readable failure code under p2pimage.error (e.g. an AuthError reason).
     error: str | None = None
+    # Server side: ``peers`` already in compact form (IPv4, IPv6), to encode as is.
+    compact: tuple[bytes, bytes] | None = None
 
 
 _QUOTE_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -247,21 +254,31 @@ def _pairs(query: bytes, repeatable: frozenset[bytes]) -> dict[bytes, list[bytes
     return out
 
 
-def _one(pairs: dict[bytes, list[bytes]], name: bytes) -> bytes | None:
-    values = pairs.get(name)
-    return values[0] if values else None
+# One announce's parameters by name: a query's values (bytes), or a batch entry's
+# (integers as integers).
+_Params = dict[bytes, bytes | int]
 
 
-def _uint(pairs: dict[bytes, list[bytes]], name: bytes, *, default: int | None = None) -> int:
-    raw = _one(pairs, name)
+def _one(params: _Params, name: bytes) -> bytes | None:
+    value = params.get(name)
+    if isinstance(value, int):
+        raise TrackerRequestError(f"invalid {name.decode()}")
+    return value
+
+
+def _uint(params: _Params, name: bytes, *, default: int | None = None) -> int:
+    raw = params.get(name)
     if raw is None:
         if default is None:
             raise TrackerRequestError(f"missing {name.decode()}")
         return default
-    if not raw.isdigit() or not raw.isascii() or len(raw) > _MAX_INT_DIGITS:
+    if isinstance(raw, int):
+        value = raw
+    elif not raw.isdigit() or not raw.isascii() or len(raw) > _MAX_INT_DIGITS:
         raise TrackerRequestError(f"invalid {name.decode()}")
-    value = int(raw)
-    if value > _MAX_INT:
+    else:
+        value = int(raw)
+    if not 0 <= value <= _MAX_INT:
         raise TrackerRequestError(f"invalid {name.decode()}")
     return value
 
@@ -285,10 +302,10 @@ def _ip(raw: bytes | None) -> str | None:
 
 def parse_announce(query: bytes) -> AnnounceRequest:
     """Parse the raw query string of an announce; raise :class:`TrackerRequestError`."""
-    return _announce_from_pairs(_pairs(query, frozenset()))
+    return _announce_from_pairs({k: v[0] for k, v in _pairs(query, frozenset()).items()})
 
 
-def _announce_from_pairs(pairs: dict[bytes, list[bytes]]) -> AnnounceRequest:
+def _announce_from_pairs(pairs: _Params) -> AnnounceRequest:
     port = _uint(pairs, b"port")
     if not 1 <= port <= 65535:
         raise TrackerRequestError("invalid port")
@@ -345,6 +362,8 @@ def encode_announce_batch(requests: Sequence[AnnounceRequest]) -> bytes:
         for part in req.to_query().split(b"&"):
             name, _, value = part.partition(b"=")
             raw = unquote_to_bytes(value)
+            if _BATCH_DEFAULTS.get(name) == raw:
+                continue  # what the tracker assumes anyway: fewer bytes to read per swarm
             entry[name] = int(raw) if name in _BATCH_INTS else raw
         entries.append(entry)
     return bencode({b"announces": entries})
@@ -369,34 +388,77 @@ def parse_announce_batch(body: bytes) -> list[AnnounceRequest]:
     raise :class:`TrackerRequestError` for anything else."""
     if not isinstance(body, bytes | bytearray) or len(body) > MAX_BATCH_BYTES:
         raise TrackerRequestError(f"batch body over {MAX_BATCH_BYTES} bytes")
-    try:
-        value = bdecode(
-            body, max_size=MAX_BATCH_BYTES, max_depth=3, max_tokens=MAX_BATCH_SWARMS * 40
-        )
-    except BencodeError as exc:
-        raise TrackerRequestError(f"batch: {exc}") from None
-    entries = value.get(b"announces") if isinstance(value, dict) else None
-    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_BATCH_SWARMS:
-        raise TrackerRequestError(f"batch: announces must list 1 to {MAX_BATCH_SWARMS} swarms")
     out: list[AnnounceRequest] = []
     seen: set[bytes] = set()
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise TrackerRequestError("batch: an announce is not a dictionary")
-        pairs: dict[bytes, list[bytes]] = {}
-        for name, raw in entry.items():
-            if isinstance(raw, int):
-                pairs[name] = [b"%d" % raw]  # a negative one fails as in a query
-            elif isinstance(raw, bytes):
-                pairs[name] = [raw]
-            else:
-                raise TrackerRequestError(f"batch: bad {name.decode('latin-1')!r}")
+    for pairs in _batch_entries(bytes(body)):
         req = _announce_from_pairs(pairs)
         if req.info_hash in seen:
             raise TrackerRequestError("batch: a swarm announced twice")
         seen.add(req.info_hash)
         out.append(req)
     return out
+
+
+_BATCH_HEAD = b"d9:announcesl"
+# Parameters one batch entry may carry: every name a query may hold, with room to spare.
+_MAX_ENTRY_PARAMS = 32
+
+
+def _batch_entries(body: bytes) -> list[_Params]:
+    """The entries of a batch body, in one pass: exactly ``d9:announcesl`` + 1 to
+    :data:`MAX_BATCH_SWARMS` dictionaries of byte strings and integers (keys in
+    ascending order, canonical integers and lengths) + ``ee``. Built for the one shape
+    the extension allows, it costs a fraction of a general decoder's three passes."""
+    if not body.startswith(_BATCH_HEAD):
+        raise TrackerRequestError("batch: the body must be {announces: [...]}")
+    n = len(body)
+    pos = len(_BATCH_HEAD)
+    entries: list[_Params] = []
+    try:
+        while body[pos] != 0x65:  # e: the list ends
+            if body[pos] != 0x64:  # d
+                raise TrackerRequestError("batch: an announce is not a dictionary")
+            if len(entries) == MAX_BATCH_SWARMS:
+                raise TrackerRequestError(f"batch: more than {MAX_BATCH_SWARMS} announces")
+            pos += 1
+            entry: _Params = {}
+            prev = b""
+            while body[pos] != 0x65:
+                colon = body.find(b":", pos, pos + 8)
+                digits = body[pos:colon]
+                if colon < 0 or not digits.isdigit() or (digits[0] == 0x30 and colon > pos + 1):
+                    raise TrackerRequestError("batch: bad string")
+                pos = colon + 1 + int(digits)
+                key = body[colon + 1 : pos]
+                if entry and key <= prev:
+                    raise TrackerRequestError("batch: keys out of order")
+                if len(entry) == _MAX_ENTRY_PARAMS:
+                    raise TrackerRequestError("batch: too many parameters in an announce")
+                if body[pos] == 0x69:  # i
+                    end = body.find(b"e", pos + 1, pos + 3 + _MAX_INT_DIGITS)
+                    digits = body[pos + 1 : end]
+                    raw = digits[1:] if digits[:1] == b"-" else digits
+                    if end < 0 or not raw.isdigit() or (raw[0] == 0x30 and digits != b"0"):
+                        raise TrackerRequestError("batch: bad integer")
+                    entry[key] = int(digits)
+                    pos = end + 1
+                else:
+                    colon = body.find(b":", pos, pos + 8)
+                    digits = body[pos:colon]
+                    if colon < 0 or not digits.isdigit() or (digits[0] == 0x30 and colon > pos + 1):
+                        raise TrackerRequestError("batch: bad value")
+                    pos = colon + 1 + int(digits)
+                    entry[key] = body[colon + 1 : pos]
+                prev = key
+            pos += 1
+            entries.append(entry)
+    except IndexError:
+        raise TrackerRequestError("batch: truncated body") from None
+    if pos != n - 2 or body[pos + 1] != 0x65:
+        raise TrackerRequestError("batch: the body must be {announces: [...]} alone")
+    if not entries:
+        raise TrackerRequestError(f"batch: announces must list 1 to {MAX_BATCH_SWARMS} swarms")
+    return entries
 
 
 def encode_announce_batch_response(responses: Sequence[bytes]) -> bytes:
@@ -457,12 +519,18 @@ def _pack_host(host: str) -> bytes:
     return raw[12:] if raw.startswith(_V4_MAPPED) else raw
 
 
+def pack_peer(host: str, port: int) -> bytes:
+    """One peer in BEP 23 compact form: 6 bytes (IPv4) or 18 (IPv6); raise
+    :class:`LocalProtocolError` for a host that is not an IP literal."""
+    return _pack_host(host) + port.to_bytes(2, "big")
+
+
 def _compact(peers: Iterable[tuple[str, int]]) -> tuple[bytes, bytes]:
     v4: list[bytes] = []
     v6: list[bytes] = []
     for host, port in peers:
-        raw = _pack_host(host)
-        (v4 if len(raw) == 4 else v6).append(raw + port.to_bytes(2, "big"))
+        raw = pack_peer(host, port)
+        (v4 if len(raw) == 6 else v6).append(raw)
     return b"".join(v4), b"".join(v6)
 
 
@@ -471,21 +539,20 @@ def encode_announce_response(response: AnnounceResponse) -> bytes:
 
     ``p2pimage`` holds ``origin`` (``{url, first_piece, end_piece}``) for an origin
     fetcher and ``release: 1`` for a peer that should stop seeding; it is left out when
-    neither applies, so stock clients see a plain BEP 3/23 response.
+    neither applies, so stock clients see a plain BEP 3/23 response. ``compact``, when
+    set, is ``peers`` already packed (the tracker policy's shared form).
     """
     if response.failure is not None:
         return encode_failure(response.failure, response.error)
-    peers, peers6 = _compact(response.peers)
-    out: dict[bytes, Bencodable] = {
-        b"complete": response.complete,
-        b"incomplete": response.incomplete,
-        b"interval": response.interval,
-        b"peers": peers,
-    }
+    peers, peers6 = response.compact or _compact(response.peers)
+    # Written by hand, keys in bencoding's sorted order: this runs once per swarm of
+    # every announce, and the general encoder's checks cost more than the answer.
+    out = [
+        b"d8:completei%de10:incompletei%de8:intervali%de"
+        % (response.complete, response.incomplete, response.interval)
+    ]
     if response.min_interval is not None:
-        out[b"min interval"] = response.min_interval
-    if peers6:
-        out[b"peers6"] = peers6
+        out.append(b"12:min intervali%de" % response.min_interval)
     extras: dict[bytes, Bencodable] = {}
     if response.origin is not None:
         origin: dict[bytes, Bencodable] = {
@@ -499,8 +566,14 @@ def encode_announce_response(response: AnnounceResponse) -> bytes:
     if response.release:
         extras[b"release"] = 1
     if extras:
-        out[b"p2pimage"] = extras
-    return bencode(out)
+        out.append(b"8:p2pimage" + bencode(extras))
+    out.append(b"5:peers%d:" % len(peers))
+    out.append(peers)
+    if peers6:
+        out.append(b"6:peers6%d:" % len(peers6))
+        out.append(peers6)
+    out.append(b"e")
+    return b"".join(out)
 
 
 def encode_failure(reason: str, error: str | None = None) -> bytes:

@@ -18,16 +18,17 @@ token, never from the request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import trio
 
 from p2pimage.auth.tokens import ProofReplayCache
-from p2pimage.errors import StateUnavailableError
+from p2pimage.errors import P2PImageError, StateUnavailableError
 
 from ._policy import FetcherRange, PeerRecord, SwarmRecord
 
@@ -68,6 +69,14 @@ class TrackerState(Protocol):
         """
         ...
 
+    async def update_many(
+        self, updates: Sequence[tuple[SwarmKey, Callable[[SwarmRecord], T]]]
+    ) -> list[T | P2PImageError]:
+        """:meth:`update` for several distinct swarms at once (a batched announce): one
+        result per update, in order, each ``fn``'s value or the error (``fn``'s own, or
+        the state's unavailability) of that update alone."""
+        ...
+
     async def read(self, keys: Iterable[SwarmKey]) -> list[SwarmRecord | None]:
         """Snapshots of the given swarms (``None`` when absent). Read-only."""
         ...
@@ -91,7 +100,8 @@ class MemoryState:
 
     def __init__(self, *, nonces: ProofReplayCache | None = None) -> None:
         self.swarms: dict[SwarmKey, SwarmRecord] = {}
-        self.nonces = nonces or ProofReplayCache()
+        # Not `nonces or ...`: an empty cache is falsy (it has __len__).
+        self.nonces = nonces if nonces is not None else ProofReplayCache()
 
     async def update(self, key: SwarmKey, fn: Callable[[SwarmRecord], T]) -> T:
         swarm = self.swarms.get(key)
@@ -101,6 +111,22 @@ class MemoryState:
         if not swarm.peers:
             del self.swarms[key]
         return result
+
+    async def update_many(
+        self, updates: Sequence[tuple[SwarmKey, Callable[[SwarmRecord], T]]]
+    ) -> list[T | P2PImageError]:
+        out: list[T | P2PImageError] = []
+        for key, fn in updates:
+            swarm = self.swarms.get(key)
+            if swarm is None:
+                swarm = self.swarms[key] = SwarmRecord()
+            try:
+                out.append(fn(swarm))
+            except P2PImageError as exc:
+                out.append(exc)
+            if not swarm.peers:
+                del self.swarms[key]
+        return out
 
     async def read(self, keys: Iterable[SwarmKey]) -> list[SwarmRecord | None]:
         return [self.swarms.get(k) for k in keys]
@@ -279,12 +305,17 @@ class RedisState:
             if entry[1] == 0:
                 del self._locks[key]
 
-    async def _update(self, key: SwarmKey, fn: Callable[[SwarmRecord], T]) -> T:
+    async def _update(
+        self,
+        key: SwarmKey,
+        fn: Callable[[SwarmRecord], T],
+        current: tuple[str, SwarmRecord | None] | None = None,
+    ) -> T:
         rkey = self._key(key)
         # Optimistic: start from our own last write of this swarm, if any. When no other
         # replica wrote since, the compare-and-set succeeds and the announce costs one
         # round trip and no decoding; otherwise the script hands back the current document.
-        cached = self._cache.pop(key, None)
+        cached = self._cache.pop(key, None) if current is None else current
         if cached is None:
             version, swarm = self._decode(await self.client.get(rkey))
         else:
@@ -298,12 +329,90 @@ class RedisState:
             reply = await self._cas(keys=[rkey, self._index], args=[version, doc, str(self.ttl_ms)])
             if reply == 1:
                 if swarm.peers:
-                    if len(self._cache) >= _CACHE_MAX_SWARMS:
-                        del self._cache[next(iter(self._cache))]
-                    self._cache[key] = (new_version, swarm)
+                    self._remember(key, new_version, swarm)
                 return result
             version, swarm = self._decode(reply)
         raise StateConflictError(f"swarm {key.info_hash.hex()} kept changing under us")
+
+    def _remember(self, key: SwarmKey, version: str, swarm: SwarmRecord) -> None:
+        if len(self._cache) >= _CACHE_MAX_SWARMS:
+            del self._cache[next(iter(self._cache))]
+        self._cache[key] = (version, swarm)
+
+    async def update_many(
+        self, updates: Sequence[tuple[SwarmKey, Callable[[SwarmRecord], T]]]
+    ) -> list[T | P2PImageError]:
+        """Every swarm's compare-and-set in one pipeline (and the documents this replica
+        has not cached in one MGET): a batch costs about two round trips, not one per
+        swarm. A swarm whose compare-and-set lost a race is redone alone."""
+        keys = [key for key, _ in updates]
+        entries = []
+        for key in keys:
+            entry = self._locks.get(key)
+            if entry is None:
+                entry = self._locks[key] = [trio.Lock(), 0]
+            entry[1] += 1
+            entries.append((key, entry))
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                # Batches share swarms: every replica task takes their locks in one order.
+                for _, entry in sorted(entries, key=lambda e: e[0]):
+                    await stack.enter_async_context(entry[0])
+                try:
+                    return await self._update_many(updates)
+                except (self._errors, OSError) as exc:
+                    return [_unavailable(exc)] * len(updates)
+        finally:
+            for key, entry in entries:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._locks[key]
+
+    async def _update_many(
+        self, updates: Sequence[tuple[SwarmKey, Callable[[SwarmRecord], T]]]
+    ) -> list[T | P2PImageError]:
+        rkeys = [self._key(key) for key, _ in updates]
+        current: list[tuple[str, SwarmRecord | None] | None] = [
+            self._cache.pop(key, None) for key, _ in updates
+        ]
+        missing = [i for i, c in enumerate(current) if c is None]
+        if missing:
+            raws = await self.client.mget([rkeys[i] for i in missing])
+            for i, raw in zip(missing, raws, strict=True):
+                current[i] = self._decode(raw)
+        results: list[T | P2PImageError] = []
+        writes = []  # (index, new version, swarm, document)
+        for i, ((_, fn), cur) in enumerate(zip(updates, current, strict=True)):
+            assert cur is not None
+            version, swarm = cur
+            swarm = swarm if swarm is not None else SwarmRecord()
+            try:
+                results.append(fn(swarm))
+            except P2PImageError as exc:
+                results.append(exc)  # fn refused before changing anything: nothing to write
+                continue
+            new_version = secrets.token_hex(_VERSION_LEN // 2) if swarm.peers else ""
+            doc = new_version.encode() + swarm_to_json(swarm) if swarm.peers else b""
+            writes.append((i, version, new_version, swarm, doc))
+        ttl = str(self.ttl_ms)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pending = [
+                self._cas(keys=[rkeys[i], self._index], args=[version, doc, ttl], client=pipe)
+                for i, version, _, _, doc in writes
+            ]
+        for (i, _, new_version, swarm, _), request in zip(writes, pending, strict=True):
+            reply = await request
+            if reply == 1:
+                if swarm.peers:
+                    self._remember(updates[i][0], new_version, swarm)
+                continue
+            # Another replica wrote this swarm since: run its announce again on that.
+            key, fn = updates[i]
+            try:
+                results[i] = await self._update(key, fn, current=self._decode(reply))
+            except P2PImageError as exc:
+                results[i] = exc
+        return results
 
     async def read(self, keys: Iterable[SwarmKey]) -> list[SwarmRecord | None]:
         rkeys = [self._key(k) for k in keys]

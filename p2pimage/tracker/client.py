@@ -6,17 +6,18 @@ node token and a fresh proof of possession per request (``auth``, a
 (opentracker) too.
 :func:`run_announcer` keeps a swarm announced: ``started`` at once, re-announces quickly
 while the swarm is short of peers, ``completed`` the moment the blob completes, and
-``stopped`` on the way out. It acts on the tracker's p2pimage extras: an origin
-assignment starts (or shrinks) an :class:`~p2pimage.swarm.origin.OriginReader`; a release order
-closes the swarm.
+``stopped`` on the way out. The swarms of one node that share a :class:`TrackerClient`
+announce together, in one batched request per interval, where the tracker supports it.
+It acts on the tracker's p2pimage extras: an origin assignment starts (or shrinks) an
+:class:`~p2pimage.swarm.origin.OriginReader`; a release order closes the swarm.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import httpx
 import trio
@@ -26,6 +27,7 @@ from p2pimage.swarm.origin import OriginCredentials, OriginReader
 from p2pimage.swarm.policy import AnnounceSchedule, follow_origin
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.tracker import (
+    MAX_BATCH_SWARMS,
     AnnounceRequest,
     AnnounceResponse,
     Event,
@@ -51,8 +53,56 @@ class TrackerError(P2PImageError):
         self.reason = reason
 
 
+# How long the first announce of a batch waits for the node's other swarms to join it.
+# Announcers pulled forward (see TrackerClient.wait_due) join within microseconds; the
+# rest is slack for a busy event loop. It delays a lone swarm's announce by as much.
+DEFAULT_BATCH_WINDOW_S = 0.05
+# After a tracker showed it has no batch endpoint, announce singly this long before
+# asking again (it may be upgraded in place).
+_BATCH_REPROBE_S = 600.0
+# Answers to a batch that mean "no such endpoint": a stock tracker, or an older one.
+_NO_BATCH_STATUS = frozenset({404, 405, 501})
+
+
+class _Due(Protocol):
+    async def wait_announce_due(self, interval_s: float) -> None: ...
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One swarm's announce waiting for its batch."""
+
+    request: AnnounceRequest
+    done: trio.Event = field(default_factory=trio.Event)
+    # lead: collect and send the batch (the first in line); retry: announce again (the
+    # batch was abandoned or the tracker has no batch endpoint); answered: see below.
+    state: Literal["queued", "lead", "retry", "answered"] = "queued"
+    response: AnnounceResponse | None = None
+    error: TrackerError | None = None
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """A swarm waiting for its next announce (:meth:`TrackerClient.wait_due`)."""
+
+    not_before: float
+    scope: trio.CancelScope
+
+
+class _NoBatchEndpoint(TrackerError):
+    """The tracker has no ``POST /announce/batch`` (a stock or older tracker)."""
+
+
 class TrackerClient:
-    """Announces to one tracker URL over a shared ``httpx.AsyncClient``."""
+    """Announces to one tracker URL over a shared ``httpx.AsyncClient``.
+
+    With ``batch_window_s`` (the default), :meth:`announce` calls from the node's swarms
+    that arrive within that window of each other go out as one batched request (a
+    p2pimage tracker's ``POST /announce/batch``, docs/protocol.md §4.3), and each caller
+    gets its own swarm's answer or error as from a single announce. A tracker without the
+    extension (404, 405 or 501 to a batch, or an answer that is no batch answer) is then
+    announced to singly; ``batch_window_s=None`` always announces singly.
+    """
 
     def __init__(
         self,
@@ -61,6 +111,7 @@ class TrackerClient:
         http: httpx.AsyncClient,
         auth: httpx.Auth | None = None,
         timeout_s: float = 10.0,
+        batch_window_s: float | None = DEFAULT_BATCH_WINDOW_S,
     ) -> None:
         """``auth`` signs each announce (``TokenKeeper.request_auth()``); without it the
         announces carry no credentials (stock trackers, open mode)."""
@@ -68,8 +119,139 @@ class TrackerClient:
         self.http = http
         self.auth = auth
         self.timeout_s = timeout_s
+        self.batch_window_s = batch_window_s
+        # Requests sent, by kind (tests and metrics read them).
+        self.requests_sent = {"single": 0, "batch": 0}
+        self._queue: list[_Pending] = []
+        self._waiters: set[_Waiter] = set()
+        self._single_until = -math.inf
+
+    @property
+    def batching(self) -> bool:
+        """Whether announces go out batched now."""
+        return self.batch_window_s is not None and trio.current_time() >= self._single_until
 
     async def announce(self, request: AnnounceRequest) -> AnnounceResponse:
+        """Announce one swarm (batched with the node's other swarms when the tracker
+        supports it); raise :class:`TrackerError` for this swarm's failure."""
+        while self.batching:
+            if len(self._queue) >= MAX_BATCH_SWARMS or any(
+                p.request.info_hash == request.info_hash for p in self._queue
+            ):
+                break  # a full batch, or this swarm already in it (a stop racing a
+                # regular announce): this one goes alone
+            slot = _Pending(request)
+            self._queue.append(slot)
+            try:
+                if len(self._queue) == 1:
+                    await self._lead(slot)
+                else:
+                    await self._follow(slot)
+            except BaseException:
+                self._abandon(slot)
+                raise
+            if slot.state == "retry":
+                continue
+            if slot.error is not None:
+                raise slot.error
+            assert slot.response is not None
+            return slot.response
+        return await self._announce_one(request)
+
+    async def _lead(self, slot: _Pending) -> None:
+        """Collect the batch ``slot`` heads for the window, send it, hand out answers."""
+        assert self.batch_window_s is not None
+        now = trio.current_time()
+        for waiter in list(self._waiters):
+            if now >= waiter.not_before:
+                waiter.scope.cancel()  # its announce is due soon: ride in this batch
+        await trio.sleep(self.batch_window_s)
+        batch, self._queue = self._queue, []
+        try:
+            if len(batch) == 1:
+                # Nobody joined: a single announce says the same in a smaller request.
+                results: list[AnnounceResponse | TrackerError] = []
+                try:
+                    results.append(await self._announce_one(slot.request))
+                except TrackerError as exc:
+                    results.append(exc)
+            else:
+                results = await self._announce_batch_or_none([p.request for p in batch])
+        except BaseException:
+            for p in batch:
+                if p is not slot:
+                    p.state = "retry"
+                    p.done.set()
+            raise
+        if not results:  # no batch endpoint: everyone announces singly
+            self._single_until = trio.current_time() + _BATCH_REPROBE_S
+            for p in batch:
+                p.state = "retry"
+                p.done.set()
+            return
+        for p, result in zip(batch, results, strict=True):
+            p.state = "answered"
+            if isinstance(result, TrackerError):
+                p.error = result
+            else:
+                p.response = result
+            p.done.set()
+
+    async def _follow(self, slot: _Pending) -> None:
+        await slot.done.wait()
+        if slot.state == "lead":  # the first in line gave up: collect and send instead
+            slot.state, slot.done = "queued", trio.Event()
+            await self._lead(slot)
+
+    def _abandon(self, slot: _Pending) -> None:
+        """``slot``'s caller was cancelled: take it out of a batch still collecting, and
+        hand the lead on if it had it."""
+        if slot in self._queue:
+            first = self._queue[0] is slot
+            self._queue.remove(slot)
+            if first and self._queue:
+                self._queue[0].state = "lead"
+                self._queue[0].done.set()
+
+    async def wait_due(self, swarm: _Due, interval_s: float, *, earliest_s: float = 0.0) -> None:
+        """Sleep until ``swarm``'s next announce is due (``swarm.wait_announce_due``), or
+        until another swarm of this node starts a batch once at least ``earliest_s`` (the
+        tracker's ``min interval``) and half of ``interval_s`` have passed: the swarm
+        then announces in that batch, and the node's swarms fall into step, one request
+        per interval for all of them."""
+        if self.batch_window_s is None:
+            await swarm.wait_announce_due(interval_s)
+            return
+        not_before = trio.current_time() + max(earliest_s, interval_s / 2)
+        with trio.CancelScope() as scope:
+            waiter = _Waiter(not_before, scope)
+            self._waiters.add(waiter)
+            try:
+                await swarm.wait_announce_due(interval_s)
+            finally:
+                self._waiters.discard(waiter)
+
+    async def _announce_batch_or_none(
+        self, requests: list[AnnounceRequest]
+    ) -> list[AnnounceResponse | TrackerError]:
+        """One batch: per swarm its answer or its error; [] when the tracker has no batch
+        endpoint."""
+        try:
+            answers = await self.announce_batch(requests)
+        except _NoBatchEndpoint:
+            log.info("tracker %s has no batch endpoint: announcing singly", self.url)
+            return []
+        except TrackerError as exc:
+            return [exc] * len(requests)
+        return [
+            a
+            if a.failure is None
+            else TrackerError(f"tracker refused: {a.failure}", reason=a.error)
+            for a in answers
+        ]
+
+    async def _announce_one(self, request: AnnounceRequest) -> AnnounceResponse:
+        self.requests_sent["single"] += 1
         sep = "&" if "?" in self.url else "?"
         url = self.url + sep + request.to_query().decode("ascii")
         try:
@@ -114,9 +296,14 @@ class TrackerClient:
                 )
         except httpx.HTTPError as exc:
             raise TrackerError(f"tracker {self.url} unreachable: {exc}") from None
+        self.requests_sent["batch"] += 1
+        if response.status_code in _NO_BATCH_STATUS:
+            raise _NoBatchEndpoint(f"tracker answered HTTP {response.status_code}")
         try:
             parsed = parse_announce_batch_response(response.content, len(requests))
         except P2PImageError as exc:
+            if not response.content.startswith(b"d"):
+                raise _NoBatchEndpoint(f"not a bencoded answer: {exc}") from None
             raise TrackerError(
                 f"tracker answered HTTP {response.status_code} with garbage: {exc}"
             ) from None
@@ -234,7 +421,8 @@ async def run_announcer(
                     complete=swarm.complete.is_set(),
                     peers=swarm.peer_count,
                 )
-                await swarm.wait_announce_due(interval)  # completed, closed, or news: now
+                # Completed, closed, or news: at once; another swarm's batch: early.
+                await tracker.wait_due(swarm, interval, earliest_s=response.min_interval or 0)
             nursery.cancel_scope.cancel()
     finally:
         with trio.move_on_after(cfg.stop_timeout_s) as scope:
