@@ -16,7 +16,8 @@ points check that) and marked ``direct_measured: false``.
 JSON keys (the largest run): nodes, t_all_s, t_bound_s, ratio_to_bound, registry_copies,
 t_direct_s, speedup_vs_direct, cpu_s (every process, the whole run), node_cpu_s and
 node_cpu_ms_per_mib (the node processes during the p2p pulls, per MiB delivered); plus
-``runs`` (every point).
+``runs`` (every point, each with ``cpu_phases`` and ``cpu_kinds``: ``cpu_s`` by phase
+and kind of process, as ``p2pimage cluster`` prints it).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from p2pimage.errors import leaf_exceptions
 
 __all__ = [
     "MAX_JSON_DEPTH",
+    "ClientGone",
     "ClosingStreamingResponse",
     "JsonLimitError",
     "ListenError",
@@ -34,6 +35,8 @@ __all__ = [
     "TlsFiles",
     "client_tls",
     "load_json",
+    "read_body",
+    "receive_body",
     "request_url",
     "serve_app",
 ]
@@ -243,22 +246,52 @@ async def serve_app(
         task_status.started(binds[0])
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or ``None`` when it exceeds ``limit`` (read no further than that)."""
-    declared = request.headers.get("content-length")
-    if (
+def _declared_over(declared: str | None, limit: int) -> bool:
+    """Whether a ``Content-Length`` value already says the body exceeds ``limit``."""
+    return (
         declared is not None
         and declared.isascii()
         and declared.isdigit()
+        # (a length with more digits than the limit is over it: no int() of it)
         and (len(declared) > len(str(limit)) or int(declared) > limit)
-    ):
-        return None  # (a length with more digits than the limit is over it: no int() of it)
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or ``None`` when it exceeds ``limit`` (read no further than that)."""
+    if _declared_over(request.headers.get("content-length"), limit):
+        return None
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
             return None
     return bytes(body)
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was complete."""
+
+
+async def receive_body(receive: Receive, content_length: str | None, limit: int) -> bytes | None:
+    """:func:`read_body` for a bare ASGI endpoint: the body from ``receive`` (no Starlette
+    :class:`Request`), or ``None`` when it exceeds ``limit`` (declared in
+    ``content_length`` or as read: no further than that); :class:`ClientGone` when the
+    client disconnected first."""
+    if _declared_over(content_length, limit):
+        return None
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            body += chunk
+            if len(body) > limit:
+                return None
+        if not message.get("more_body", False):
+            return bytes(body)
 
 
 def request_url(scope: Scope, host: str, public_url: str | None = None) -> str:

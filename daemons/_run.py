@@ -7,17 +7,20 @@ terminated, temporary directories removed) before the process exits.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 import trio
 
 from p2pimage.errors import leaf_exceptions
 
-__all__ = ["run_until_signalled"]
+__all__ = ["exit_after_shutdown", "run_until_signalled"]
 
 log = logging.getLogger("p2pimage")
 
@@ -66,3 +69,19 @@ def run_until_signalled(async_fn: Callable[..., Awaitable[T]], *args: Any) -> T 
         # to a stderr that nobody collects.
         log.critical("stopped by an unhandled error", exc_info=True)
         raise
+
+
+def exit_after_shutdown() -> NoReturn:
+    """End a daemon process whose task tree has shut down cleanly (every ``finally`` has
+    run): flush the log handlers and the standard streams, then ``os._exit(0)``.
+
+    This skips the interpreter's own teardown — freeing every module and object, and
+    joining idle worker threads — which a process about to vanish does not need: it cost
+    a node process 0.15–0.25 CPU-seconds and about a second of wall time here (the local
+    cluster's teardown, docs/benchmarks.md). ``atexit`` handlers do not run; the daemons
+    register none."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)

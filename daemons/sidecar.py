@@ -48,7 +48,7 @@ from starlette.routing import Route
 from daemons._config import ConfigError, config_options, settings_for_command
 from daemons._http import JsonLimitError, TlsFiles, load_json, read_body, request_url
 from daemons._logging import LogJson, LogLevel, setup_logging
-from daemons._run import run_until_signalled
+from daemons._run import exit_after_shutdown, run_until_signalled
 from p2pimage.auth.join import JoinCredentials
 from p2pimage.auth.tokens import (
     DEFAULT_ISSUER,
@@ -714,6 +714,7 @@ def sidecar(config_path: Path | None, print_config: bool) -> None:
         return
     setup_logging(settings.log_level, json_lines=settings.log_json)
     run_until_signalled(run_sidecar, settings)
+    exit_after_shutdown()
 
 
 if __name__ == "__main__":

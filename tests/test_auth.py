@@ -420,6 +420,28 @@ def test_proof_round_trip(bound: NodeToken, node_key: NodeKey) -> None:
     assert normalize_htu("http://[::1]:80") == "http://[::1]/"
 
 
+def test_a_tokens_proof_key_is_made_once_and_still_refuses_others(
+    bound: NodeToken, node_key: NodeKey, issuer: TokenIssuer
+) -> None:
+    """The cnf key object and ``ath`` a tracker checks every proof against are worked out
+    at the first proof and kept on the (cached) token; later proofs are checked against
+    them exactly as the first."""
+    key, ath = bound.proof_key()
+    assert bound.proof_key()[0] is key and ath == access_token_hash(bound.raw)
+    for _ in range(2):
+        proof = create_proof(node_key, method="GET", url=ANNOUNCE, token=bound.raw, now=NOW)
+        assert verify_proof(proof, token=bound, method="GET", url=ANNOUNCE, now=NOW).jti
+    other = issuer.issue(subject="node-1", cluster="prod", node_jwk=node_key.public_jwk(), now=NOW)
+    stolen = create_proof(node_key, method="GET", url=ANNOUNCE, token=other, now=NOW)
+    with pytest.raises(AuthError) as info:
+        verify_proof(stolen, token=bound, method="GET", url=ANNOUNCE, now=NOW)
+    assert _reason(info) == "proof_token"
+    thief = create_proof(NodeKey.generate(), method="GET", url=ANNOUNCE, token=bound.raw, now=NOW)
+    with pytest.raises(AuthError) as info:
+        verify_proof(thief, token=bound, method="GET", url=ANNOUNCE, now=NOW)
+    assert _reason(info) == "proof_key_mismatch"
+
+
 def _reason(exc: pytest.ExceptionInfo[AuthError]) -> str:
     return exc.value.reason
 

@@ -336,6 +336,31 @@ def test_cluster_command_three_nodes(tmp_path: Path) -> None:
     printed = re.search(r"registry egress\s*│\s*([0-9.]+) image copies", proc.stdout)
     assert printed is not None
     assert abs(float(printed.group(1)) - report["registry_copies"]) < 0.006
+    # cpu_s explained: every phase, split by kind of process, adding up to the whole.
+    phases = report["cpu_phases"]
+    assert list(phases) == [
+        "image",
+        "startup",
+        "push",
+        "p2p_pulls",
+        "direct_pulls",
+        "teardown",
+    ]
+    for spent in phases.values():
+        assert set(spent) == {"harness", "nodes", "registry", "reaped", "total"}
+        assert abs(sum(v for k, v in spent.items() if k != "total") - spent["total"]) < 0.05
+    assert abs(sum(p["total"] for p in phases.values()) - report["cpu_s"]) < 0.2
+    # Three node processes start (Python, imports) and serve the pulls; the registry
+    # serves the direct pulls.
+    assert phases["startup"]["nodes"] > 0.1
+    assert phases["p2p_pulls"]["nodes"] > 0
+    if report["client"] == "skopeo":  # a child process per pull
+        assert phases["p2p_pulls"]["reaped"] > 0 and phases["direct_pulls"]["reaped"] > 0
+    assert phases["direct_pulls"]["registry"] > 0
+    assert report["cpu_kinds"]["nodes"] == pytest.approx(
+        sum(p["nodes"] for p in phases.values()), abs=0.05
+    )
+    assert "where the CPU went" in proc.stdout
 
 
 async def test_a_fake_seeder_slows_the_next_pull_never_stalls_it(tmp_path: Path) -> None:

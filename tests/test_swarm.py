@@ -717,3 +717,68 @@ async def test_a_complete_seed_serves_plaintext_peers_by_sendfile(
             await swarm.complete.wait()
     assert sha256_file(swarm.storage.path) == meta.sha256
     assert sum(calls) == (meta.length if by_sendfile else 0)
+
+
+class _WatchedStream(trio.abc.Stream):
+    """A stream whose ``send_all`` yields to the other tasks several times before it
+    passes the bytes on (a slow socket), and notes whether the bytes it was handed
+    changed meanwhile, and which buffer they were a view of."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.buffers: list[object] = []
+        self.overwritten = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        before = bytes(data)
+        self.buffers.append(data.obj if isinstance(data, memoryview) else None)
+        for _ in range(5):
+            await trio.lowlevel.checkpoint()
+        self.overwritten += bytes(data) != before
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_the_writer_reuses_its_send_buffer_only_after_each_send() -> None:
+    """Messages queued while a batch is in flight are sealed into the session's one send
+    buffer only once the send returns: every batch reaches the peer as it was sealed, the
+    peer gets every message in order, and the batches share one buffer."""
+    session, peer, stream = await _open_session_pair(haves_on_b=False)
+    watched = _WatchedStream(session.stream)
+    session.stream = watched
+    expected: list[Any] = []
+    events: list[Any] = []
+
+    async def queue() -> None:
+        for wave in range(6):
+            for k in range(24):
+                message = Piece((wave * 24 + k) % 100, 0, bytes([wave, k]) * 8192)
+                session.send(message)
+                expected.append(message)
+                if k % 7 == 0:
+                    await trio.lowlevel.checkpoint()  # a send may be in flight now
+            session.send(Have(wave))
+            expected.append(Have(wave))
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer)
+        nursery.start_soon(queue)
+        with trio.fail_after(20):
+            while len(events) < 6 * 25:
+                peer.receive_data(await stream.receive_some())
+                while (event := peer.next_event()) is not NEED_DATA:
+                    events.append(event)
+        nursery.cancel_scope.cancel()
+    assert events == expected
+    assert watched.overwritten == 0
+    reused = [b for b in watched.buffers if b is not None]
+    assert len(reused) >= 3 and all(b is reused[0] for b in reused)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -663,3 +664,65 @@ async def test_batched_announces_answer_each_swarm_as_a_single_announce_would(
         metrics = (await http.get(f"{base}/metrics")).text
         assert 'p2pimage_tracker_announce_batches_total{result="ok"} 4.0' in metrics
         assert 'p2pimage_tracker_announce_batches_total{result="bad_request"} 6.0' in metrics
+
+
+async def test_the_bare_batch_endpoint_answers_as_the_starlette_one_did(
+    jwks_file: Path, issuer: TokenIssuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """POST /announce/batch bypasses Starlette: the same headers, refusals with the DPoP
+    challenge, the size limit on a body streamed without Content-Length, 405 for other
+    methods, and a client gone mid-body is no server error."""
+    from p2pimage.tracker import (
+        MAX_BATCH_BYTES,
+        batch_query,
+        encode_announce_batch,
+        parse_announce_batch_response,
+    )
+
+    settings = TrackerSettings(listen="127.0.0.1:0", jwks_file=jwks_file)
+    body = encode_announce_batch([AnnounceRequest(info_hash=IH, peer_id=pid(1), port=6001)])
+    path = f"/announce/batch?{batch_query(body)}"
+    async with running(settings) as base, httpx.AsyncClient() as http:
+        r = await http.post(base + path, content=body, auth=token(issuer, "c"))
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/plain; charset=utf-8"
+        assert int(r.headers["content-length"]) == len(r.content)
+        [only] = parse_announce_batch_response(r.content, 1)
+        assert only.failure is None and only.interval > 0
+        # Refused before the body is read: 401, the challenge, a bencoded reason.
+        r = await http.post(base + path, content=body)
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"] == 'DPoP algs="EdDSA"'
+        assert parse_announce_response(r.content).error == "missing"
+        # A chunked body (no Content-Length) is cut off at the limit, not read whole.
+        chunk = b"x" * 65_536
+        n = MAX_BATCH_BYTES // len(chunk) + 1
+
+        async def stream() -> AsyncIterator[bytes]:
+            for _ in range(n):
+                yield chunk
+
+        big = f"/announce/batch?{batch_query(chunk * n)}"
+        r = await http.post(base + big, content=stream(), auth=token(issuer, "c"))
+        assert "content-length" not in r.request.headers
+        assert r.status_code == 400
+        assert parse_announce_response(r.content).error == "bad_request"
+        assert f"over {MAX_BATCH_BYTES} bytes" in parse_announce_response(r.content).failure
+        # Other methods still get Starlette's routing.
+        assert (await http.get(base + path, auth=token(issuer, "c"))).status_code == 405
+        # A client that goes away mid-body gets no answer and logs no server error.
+        raw = raw_token(issuer, "c")
+        proof = create_proof(NODE_KEY, method="POST", url=base + path, token=raw, now=time.time())
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        stream_ = await trio.open_tcp_stream(host, int(port))
+        await stream_.send_all(
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: DPoP {raw}\r\n"
+            f"DPoP: {proof}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body[: len(body) // 2]
+        )
+        await trio.sleep(0.2)
+        await stream_.aclose()
+        await trio.sleep(0.2)
+        r = await http.post(base + path, content=body, auth=token(issuer, "c"))
+        assert r.status_code == 200
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]

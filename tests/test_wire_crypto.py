@@ -35,6 +35,7 @@ from p2pimage.wire._crypto import (
     RecordReader,
     RecordWriter,
     kx_public_key,
+    sealed_length,
 )
 
 from .test_wire_auth import (
@@ -410,3 +411,95 @@ def test_records_sealed_and_opened_in_place_match_one_shot_aead(
     assert opened == b"".join(kept)
     assert reader.exhausted == (limit is not None and limit <= len(expected_records))
     assert reader.pending == len(stream) - sum(len(r) + RECORD_OVERHEAD for r in kept)
+
+
+def _as(kind: int, data: bytes) -> bytes | bytearray | memoryview:
+    return (data, bytearray(data), memoryview(data))[kind]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batches=st.lists(
+        st.lists(
+            st.tuples(
+                st.sampled_from([0, 1, 13, MAX_RECORD_PLAINTEXT - 13, MAX_RECORD_PLAINTEXT])
+                | st.integers(0, 300_000),
+                st.integers(0, 2),
+            ),
+            max_size=6,
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    capacity=st.integers(0, 3 * MAX_RECORD_PLAINTEXT),
+)
+def test_sealing_into_one_reused_buffer_gives_the_records_of_fresh_buffers(
+    batches: list[list[tuple[int, int]]], capacity: int
+) -> None:
+    """A writer that seals each batch's chunks into one buffer, sent (copied out) before
+    the next batch overwrites it, puts on the wire exactly the records that a writer
+    sealing each joined batch into a new buffer does; a batch that does not fit is
+    refused before anything is written or a nonce is used, and goes through a new buffer
+    instead (as the session's writer does)."""
+    key = bytes(range(32))
+    fresh, reused = RecordWriter(key), RecordWriter(key)
+    buffer = bytearray(capacity)
+    expected, wire = bytearray(), bytearray()
+    for n, batch in enumerate(batches):
+        chunks = [_as(kind, bytes([(n + i) % 251]) * size) for i, (size, kind) in enumerate(batch)]
+        plain = b"".join(chunks)
+        expected += fresh.seal(plain)
+        if sealed_length(len(plain)) > capacity:
+            before = bytes(buffer)
+            with pytest.raises(LocalProtocolError, match="do not fit"):
+                reused.seal_into(buffer, chunks)
+            assert buffer == before
+            wire += reused.seal(plain)
+            continue
+        written = reused.seal_into(buffer, chunks)
+        assert written == sealed_length(len(plain))
+        wire += buffer[:written]  # "sent": the next batch may overwrite the buffer
+    assert wire == expected
+    reader = RecordReader(key)
+    assert reader.feed(wire) == b"".join(
+        bytes([(n + i) % 251]) * size
+        for n, batch in enumerate(batches)
+        for i, (size, _) in enumerate(batch)
+    )
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batches=st.lists(st.tuples(messages, st.booleans()), min_size=1, max_size=6),
+    encrypt=st.booleans(),
+)
+def test_a_connection_mixing_seal_and_seal_into_delivers_every_message(
+    batches: list[tuple[list[Any], bool]], encrypt: bool
+) -> None:
+    """``PeerConnection.seal_into`` continues the same record stream as ``seal`` (one
+    counter, one order), encrypted or in the clear, whichever each batch takes."""
+    a = connection(Role.INITIATOR, encrypt=encrypt)
+    b = connection(Role.RESPONDER, encrypt=encrypt)
+    sa, sb = Side(a, []), Side(b, [])
+    sa.step(b"")
+    for _ in range(4):
+        sb.step(sa.take())
+        sa.step(sb.take())
+    assert a.is_open and b.is_open
+    buffer = bytearray(64 * 1024)
+    for batch, into in batches:
+        if not batch:
+            continue  # (no bytes: receive_data(b"") would mean the peer closed)
+        chunks = [a.send(m) for m in batch]
+        if into:
+            size = a.sealed_length(sum(map(len, chunks)))
+            assert a.seal_into(buffer, chunks) == size
+            b.receive_data(buffer[:size])
+        else:
+            b.receive_data(a.seal(b"".join(chunks)))
+    received = []
+    while (event := b.next_event()) is not NEED_DATA:
+        received.append(event)
+    assert received == [m for batch, _ in batches for m in batch]
+    with pytest.raises(LocalProtocolError, match="do not fit"):
+        a.seal_into(bytearray(10), [a.send(Have(1)), a.send(Have(2))])

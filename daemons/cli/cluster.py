@@ -14,6 +14,7 @@ image's layers; the report then says what the preheat cost the registry
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -235,6 +236,77 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
+@dataclass(frozen=True)
+class _CpuSample:
+    """CPU seconds so far, by kind of process (see :class:`CpuLedger`)."""
+
+    harness: float  # this process: the sidecar, tracker, relay, push client, display
+    reaped: float  # its reaped children: clients (skopeo) at once, nodes and registry at exit
+    nodes: float  # the live node processes (/proc)
+    registry: float  # the live registry process (/proc)
+
+
+# The kinds a phase's CPU is split into, as printed and written to JSON.
+_KINDS = ("harness", "nodes", "registry", "reaped")
+
+
+class CpuLedger:
+    """The whole run's CPU (``cpu_s``) split into phases and kinds of process.
+
+    Each :meth:`mark` closes a phase. Live node and registry processes are read from
+    /proc; the skopeo clients are counted when they are reaped (during the phase that ran
+    them); node and registry processes are reaped at teardown, where ``reaped`` is their
+    CPU after the last /proc reading (their exit). The phases add up to ``cpu_s``."""
+
+    def __init__(self) -> None:
+        self._last = _CpuSample(*_own_and_reaped(), 0.0, 0.0)
+        self.phases: dict[str, dict[str, float]] = {}
+
+    def mark(self, phase: str, cluster: LocalCluster | None) -> None:
+        harness, reaped = _own_and_reaped()
+        nodes, registry = _live_cpu(cluster) if cluster is not None else (0.0, 0.0)
+        now = _CpuSample(harness, reaped, nodes, registry)
+        before = self._last
+        if cluster is None:  # after teardown: what the live processes used until they exited
+            now = _CpuSample(harness, reaped, before.nodes, before.registry)
+        spent = {
+            "harness": now.harness - before.harness,
+            "nodes": now.nodes - before.nodes,
+            "registry": now.registry - before.registry,
+            # Reaped at exit: subtract what /proc already counted for nodes and registry.
+            "reaped": now.reaped
+            - before.reaped
+            - (before.nodes + before.registry if cluster is None else 0.0),
+        }
+        spent["total"] = sum(spent.values())
+        self.phases[phase] = {k: round(v, 2) for k, v in spent.items()}
+        self._last = now
+
+    def kinds(self) -> dict[str, float]:
+        """Each kind's CPU over the whole run."""
+        return {k: round(sum(p[k] for p in self.phases.values()), 2) for k in _KINDS}
+
+
+def _own_and_reaped() -> tuple[float, float]:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+
+def _live_cpu(cluster: LocalCluster) -> tuple[float, float]:
+    """CPU seconds so far of the live node processes and of the registry (/proc); a
+    process not started yet or already gone counts 0."""
+    pids = [n.process.pid for n in cluster.nodes if n.process is not None]
+    out = []
+    for group in (pids, [cluster.registry.pid] if cluster.registry.pid else []):
+        total = 0.0
+        for pid in group:
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(pid)
+        out.append(total)
+    return out[0], out[1]
+
+
 def _nodes_cpu_seconds(cluster: LocalCluster) -> float | None:
     """User + system CPU seconds of the node processes so far (/proc), or None when the
     nodes do not run as processes of their own."""
@@ -251,6 +323,7 @@ def _nodes_cpu_seconds(cluster: LocalCluster) -> float | None:
 
 async def run_cluster(params: ClusterParams, console: Console | None = None) -> dict[str, Any]:
     cpu_before = _cpu_seconds()
+    ledger = CpuLedger()
     console = console or Console(stderr=True)
     if params.network == "netns":
         await trio.to_thread.run_sync(check_netns)
@@ -266,6 +339,7 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
     sizes = [int(m * MIB) for m in params.layer_mib]
     image = build_image(sizes, seed=int(time.time()))
     image_bytes = sum(len(layer.data) for layer in image.layers) + len(image.config.data)
+    ledger.mark("image", None)
     origin, up, down = (
         params.registry_mib_s * MIB,
         params.node_up_mib_s * MIB,
@@ -284,10 +358,13 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
             tls=params.tls,
             preheat_poll_s=_PREHEAT_POLL_S if params.preheat else None,
         ) as cluster:
+            ledger.mark("startup", cluster)
             pushed = await _push(cluster, image)
+            ledger.mark("push", cluster)
             preheat: dict[str, Any] | None = None
             if params.preheat:
                 preheat = await _preheat(cluster, console)
+                ledger.mark("preheat", cluster)
             control_plane = cluster.sidecar_url.partition("://")[0]  # the scheme really used
             ref = f"{cluster.registry_host}/{REPOSITORY}:{TAG}"
             results = [NodeResult(n.name) for n in cluster.nodes]
@@ -307,6 +384,7 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
             link_bytes = cluster.topology.registry_link_bytes() - link0 if cluster.topology else 0
             for node, result in zip(cluster.nodes, results, strict=True):
                 result.ttfb_s = _ttfb_from_log(tmp / "cluster" / node.name / "node.log")
+            ledger.mark("p2p_pulls", cluster)
             direct_results = [NodeResult(n.name) for n in cluster.nodes]
             t_direct = math.nan
             if params.direct:
@@ -314,6 +392,7 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
                     f"[bold]now the same {params.nodes} pulls straight from the registry…[/]"
                 )
                 t_direct = await _pull_all(cluster, ref, use_skopeo, False, tmp, direct_results)
+                ledger.mark("direct_pulls", cluster)
     # Uploaded but not counted by any receiver: duplicates and cancelled blocks in flight.
     # Over the pulls only (a preheat before them moved bytes too).
     pairs = list(zip(metrics, metrics0, strict=True))
@@ -326,6 +405,7 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
         for m, m0 in pairs
     )
     bound = kumar_ross_bound(image_bytes, params.nodes, origin, up, down)
+    ledger.mark("teardown", None)
     cpu_used = _cpu_seconds() - cpu_before
     digests_ok = all(r.digest == pushed and r.error is None for r in results)
     delivered_mib = params.nodes * image_bytes / MIB
@@ -349,6 +429,9 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
         "t_direct_s": round(t_direct, 2),
         "speedup_vs_direct": round(t_direct / t_all, 2) if params.direct else None,
         "cpu_s": round(cpu_used, 1),
+        # cpu_s by phase and by kind of process (CpuLedger): they add up to it.
+        "cpu_phases": ledger.phases,
+        "cpu_kinds": ledger.kinds(),
         # The node processes only, over the p2p pulls: CPU per MiB delivered to the nodes.
         "node_cpu_s": round(nodes_cpu, 2) if nodes_cpu is not None else None,
         "node_cpu_ms_per_mib": (
@@ -544,6 +627,33 @@ def print_report(report: dict[str, Any], console: Console) -> None:
         )
     summary.add_row("every node's image digest matches", "yes" if report["digests_ok"] else "NO")
     console.print(summary)
+    if report.get("cpu_phases"):
+        console.print(_cpu_table(report["cpu_phases"], report["cpu_kinds"]))
+
+
+_KIND_HEADINGS = {
+    "harness": "this process¹",
+    "nodes": "nodes",
+    "registry": "registry",
+    "reaped": "reaped²",
+}
+
+
+def _cpu_table(phases: dict[str, dict[str, float]], kinds: dict[str, float]) -> Table:
+    """``cpu_s`` by phase (rows) and kind of process (columns), in CPU seconds."""
+    table = Table(
+        title="where the CPU went (CPU seconds)",
+        caption="¹ sidecar, tracker, registry relay, image build and push, display; "
+        "² skopeo clients, and at teardown the nodes' and registry's exit",
+    )
+    table.add_column("phase")
+    for kind in _KINDS:
+        table.add_column(_KIND_HEADINGS[kind], justify="right")
+    table.add_column("total", justify="right")
+    for phase, spent in phases.items():
+        table.add_row(phase, *(f"{spent[k]:.2f}" for k in (*_KINDS, "total")))
+    table.add_row("all", *(f"{kinds[k]:.2f}" for k in _KINDS), f"{sum(kinds.values()):.2f}")
+    return table
 
 
 def _layer_list(value: str) -> list[float]:

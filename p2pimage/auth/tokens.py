@@ -167,7 +167,10 @@ def verify_jwk_signature(jwk: Mapping[str, Any], signature: bytes, data: bytes) 
 
     P-256 signatures are the 64-byte ``r || s`` form, as in JWS.
     """
-    key, _ = _key_from_jwk(jwk)
+    _verify_with_key(_key_from_jwk(jwk)[0], signature, data)
+
+
+def _verify_with_key(key: _PublicKey, signature: bytes, data: bytes) -> None:
     try:
         if isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(signature, data)
@@ -353,10 +356,25 @@ class NodeToken:
     # The tag every peer id of this node carries (see bound_peer_id), worked out once:
     # a tracker checks it for each swarm of a batched announce.
     _peer_id_tag: bytes = field(init=False, repr=False, compare=False)
+    # The cnf key as a key object and the token's ``ath``, made at the first DPoP proof
+    # checked against this token: a tracker caches verified tokens and checks a proof
+    # with every request.
+    _proof_key: tuple[_PublicKey, str] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         tag = _peer_id_digest(self.subject, self.cnf_jwk)[:_TAG_LENGTH]
         object.__setattr__(self, "_peer_id_tag", tag)
+
+    def proof_key(self) -> tuple[_PublicKey, str]:
+        """The ``cnf.jwk`` key object and the token's ``ath`` (:func:`access_token_hash`),
+        worked out once; :class:`AuthError` ("malformed") for an unusable key."""
+        if self._proof_key is None:
+            key = (_key_from_jwk(self.cnf_jwk)[0], access_token_hash(self.raw))
+            object.__setattr__(self, "_proof_key", key)
+            return key
+        return self._proof_key
 
     def covers(self, info_hash: bytes) -> bool:
         """Whether the token may be used for the swarm ``info_hash``."""
@@ -838,7 +856,8 @@ def verify_proof(
     except AuthError:
         raise AuthError("bad_proof", "proof signature is not base64url") from None
     try:
-        verify_jwk_signature(token.cnf_jwk, signature, f"{head_b64}.{claims_b64}".encode("ascii"))
+        key, ath_expected = token.proof_key()
+        _verify_with_key(key, signature, f"{head_b64}.{claims_b64}".encode("ascii"))
     except AuthError:
         raise AuthError("proof_signature", "proof signature does not verify") from None
     except UnicodeEncodeError:
@@ -855,7 +874,7 @@ def verify_proof(
         raise AuthError("proof_url", "proof is for another URL")
     if abs(now - iat) > window_s:
         raise AuthError("proof_stale", f"proof iat {iat} is outside the {window_s:.0f} s window")
-    if not isinstance(ath, str) or not hmac.compare_digest(ath, access_token_hash(token.raw)):
+    if not isinstance(ath, str) or not hmac.compare_digest(ath, ath_expected):
         raise AuthError("proof_token", "proof is for another token (ath)")
     replay_key = hashlib.sha256(f"{cnf['x']}.{jti}".encode()).digest()[:16]
     return VerifiedProof(jti, iat, replay_key, iat + window_s + 1.0)

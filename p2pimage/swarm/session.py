@@ -6,7 +6,8 @@ Short and boring on purpose. A :class:`PeerSession` owns a stream and a protocol
 Queued messages are written by one writer task in batches (one ``send_all`` per batch,
 not per 16 KiB block: measured on loopback, batching is worth 2-3x), with piece bytes
 paced by the upload limiter. On an encrypted connection each batch is sealed as a whole
-(``PeerConnection.seal``), so encryption costs one AEAD call per batch, not per block.
+(``PeerConnection.seal_into``), so encryption costs one AEAD call per batch, not per
+block, into a send buffer the session keeps (reused once the previous send returned).
 On a connection in the clear over a TCP socket, blocks of a complete blob can be queued
 as file regions (:meth:`PeerSession.send_piece_from_file`): the writer sends their bytes
 with ``os.sendfile``, from the page cache to the socket without a copy in Python.
@@ -51,6 +52,7 @@ from p2pimage.wire import (
     Role,
     build_haves_payload,
     piece_header,
+    sealed_length,
 )
 
 __all__ = ["PeerSession", "SessionInfo", "PeerClosed"]
@@ -62,6 +64,17 @@ RECEIVE_SIZE = 256 * 1024
 # Flush a write batch once it holds this much; larger batches add latency, smaller ones
 # cost a system call per block (one send_all per block halves loopback throughput).
 WRITE_BATCH_BYTES = 512 * 1024
+# A batch may pass WRITE_BATCH_BYTES by this much, so that two 256 KiB blocks with their
+# headers (or 32 blocks of 16 KiB) still make one batch; a chunk that would go beyond it
+# waits for the next batch. Batches then fit the session's send buffer.
+WRITE_BATCH_SLACK = 4 * 1024
+WRITE_BATCH_LIMIT = WRITE_BATCH_BYTES + WRITE_BATCH_SLACK
+# The session's reusable send buffer: the records of the largest batch. Allocated at the
+# first batch of at least SEND_BUFFER_MIN bytes (a session that only asks for pieces never
+# holds one) and kept for the session's life: ~516 KiB per uploading session, where each
+# batch used to allocate a joined and a sealed buffer of its size (a ~1 MiB transient).
+SEND_BUFFER_BYTES = sealed_length(WRITE_BATCH_BYTES + WRITE_BATCH_SLACK)
+SEND_BUFFER_MIN = 64 * 1024
 # The smallest block worth sending by sendfile: each file region costs a send_all for
 # the bytes before it and at least one sendfile, where a batch of blocks read into
 # memory costs one send_all. Measured with benchmarks.wire_path (a session's writer,
@@ -133,6 +146,8 @@ class PeerSession:
         self._haves: list[int] = []  # for one p2pimage_haves message in the next batch
         self._can_send_file: bool | None = None
         self._receive_buffer: bytearray | None = None
+        self._send_buffer: bytearray | None = None
+        self._send_buffer_busy = False  # its bytes are in send_all: not to be overwritten
         if isinstance(stream, trio.SocketStream):
             # Socket reads land here (recv_into), not in a new bytes object per read: the
             # RECEIVE_SIZE each read allocated before is now held for the session's life.
@@ -389,7 +404,11 @@ class PeerSession:
             batch: list[_Chunk] = []
             size = 0
             regions = False
-            while self._outbox and size < WRITE_BATCH_BYTES:
+            while (
+                self._outbox
+                and size < WRITE_BATCH_BYTES
+                and (not batch or size + len(self._outbox[0]) <= WRITE_BATCH_LIMIT)
+            ):
                 chunk = self._outbox.popleft()
                 batch.append(chunk)
                 size += len(chunk)
@@ -405,17 +424,39 @@ class PeerSession:
                 await self._write_with_regions(batch)
                 self.bytes_sent += size
                 continue
-            try:
-                # One AEAD pass per batch on an encrypted connection; as is otherwise.
-                data = self.conn.seal(b"".join(batch))  # type: ignore[arg-type]
-            except LocalProtocolError:
-                raise PeerClosed("connection closed") from None
-            await self._upload.acquire(len(data))
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise PeerClosed(f"connection lost: {exc}") from None
-            self.bytes_sent += len(data)
+            await self._write_batch(batch, size)  # type: ignore[arg-type]
+
+    async def _write_batch(self, batch: list[bytes | bytearray | memoryview], size: int) -> None:
+        """Seal a batch (one AEAD pass on an encrypted connection; as is otherwise) and
+        send it: into the session's send buffer when it fits and is free, so a batch
+        allocates nothing, or else into a new buffer."""
+        try:
+            need = self.conn.sealed_length(size)
+            buffer = self._send_buffer
+            if buffer is None and SEND_BUFFER_MIN <= need <= SEND_BUFFER_BYTES:
+                buffer = self._send_buffer = bytearray(SEND_BUFFER_BYTES)
+            if buffer is None or self._send_buffer_busy or need > len(buffer):
+                data: bytes | bytearray | memoryview = self.conn.seal(b"".join(batch))
+                buffer = None
+            else:
+                # Never resized, so the views handed to send_all stay valid; reused only
+                # once send_all has returned (the busy flag guards against a second writer).
+                data = memoryview(buffer)[: self.conn.seal_into(buffer, batch)]
+        except LocalProtocolError:
+            raise PeerClosed("connection closed") from None
+        sent = len(data)
+        await self._upload.acquire(sent)
+        if buffer is not None:
+            self._send_buffer_busy = True
+        try:
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise PeerClosed(f"connection lost: {exc}") from None
+        finally:
+            if buffer is not None:
+                self._send_buffer_busy = False
+                data.release()  # type: ignore[union-attr]
+        self.bytes_sent += sent
 
     async def _write_with_regions(self, batch: list[_Chunk]) -> None:
         """Write a batch in order: runs of bytes with ``send_all``, file regions with

@@ -24,6 +24,7 @@ from ._codec import (
     piece_header,
 )
 from ._connection import Authenticator, PeerConnection
+from ._crypto import sealed_length
 from ._events import (
     NEED_DATA,
     Bitfield,
@@ -89,4 +90,5 @@ __all__ = [
     "decode_haves",
     "encode_message",
     "piece_header",
+    "sealed_length",
 ]

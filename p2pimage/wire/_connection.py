@@ -11,14 +11,14 @@ Everything the caller writes after the connection is open goes through
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from p2pimage.errors import LocalProtocolError, ProtocolVersionError, RemoteProtocolError
 from p2pimage.metainfo.bencoding import bdecode
 
 from . import _codec as c
-from ._crypto import RecordReader, RecordWriter, derive_keys, kx_public_key
+from ._crypto import RecordReader, RecordWriter, derive_keys, kx_public_key, sealed_length
 from ._events import (
     NEED_DATA,
     Bitfield,
@@ -379,6 +379,34 @@ class PeerConnection:
             self._outbox += sealed
             sealed, self._outbox = self._outbox, bytearray()
         return sealed
+
+    def sealed_length(self, size: int) -> int:
+        """Bytes :meth:`seal_into` writes for ``size`` bytes of chunks: their records (or
+        the bytes themselves in the clear), after any pending protocol output."""
+        self._check_open("seal")
+        return len(self._outbox) + (size if self._writer is None else sealed_length(size))
+
+    def seal_into(
+        self, out: bytearray | memoryview, chunks: Sequence[bytes | bytearray | memoryview]
+    ) -> int:
+        """:meth:`seal` of the concatenation of ``chunks``, written into the start of
+        ``out`` (a buffer the caller reuses: it must not be in flight); returns the bytes
+        written. Raises :class:`LocalProtocolError`, consuming nothing, when they would
+        not fit (:meth:`sealed_length`)."""
+        need = self.sealed_length(sum(len(chunk) for chunk in chunks))
+        if need > len(out):
+            raise LocalProtocolError(f"{need} bytes to write do not fit a {len(out)}-byte buffer")
+        pending = len(self._outbox)
+        with memoryview(out) as dest:
+            dest[:pending] = self._outbox
+            self._outbox.clear()
+            if self._writer is not None:
+                return pending + self._writer.seal_into(dest[pending:], chunks)
+            pos = pending
+            for chunk in chunks:
+                dest[pos : pos + len(chunk)] = chunk
+                pos += len(chunk)
+            return pos
 
     def send(self, message: Message) -> bytes:
         """Encode a caller-initiated message; allowed only when OPEN.

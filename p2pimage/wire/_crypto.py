@@ -20,6 +20,7 @@ fails its tag.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Final
 
 from cryptography.exceptions import InvalidTag
@@ -42,6 +43,7 @@ __all__ = [
     "RecordWriter",
     "derive_keys",
     "kx_public_key",
+    "sealed_length",
 ]
 
 # Large enough that sealing a 512 KiB write batch costs two AEAD calls, small enough
@@ -52,6 +54,11 @@ RECORD_OVERHEAD: Final = 4 + TAG_LENGTH
 _KDF_INFO: Final = b"p2pimage-peer-enc/3\x00"
 _LEN: Final = struct.Struct(">I")
 _NONCE: Final = struct.Struct(">4xQ")
+
+
+def sealed_length(size: int) -> int:
+    """Bytes of the records that carry ``size`` plaintext bytes."""
+    return size + -(-size // MAX_RECORD_PLAINTEXT) * RECORD_OVERHEAD
 
 
 def kx_public_key(private: bytes) -> bytes:
@@ -103,25 +110,63 @@ class RecordWriter:
         self._counter = 0
 
     def seal(self, data: bytes | bytearray | memoryview) -> bytearray:
-        """The records of ``data``, encrypted in place in one new buffer (no ciphertext
-        object per record, no join: sealing 512 KiB batches 1.1 -> 0.7 ms/MiB here)."""
+        """The records of ``data``, in one new buffer."""
         view = memoryview(data).cast("B")
-        size = len(view)
-        records = -(-size // MAX_RECORD_PLAINTEXT)
-        out = bytearray(size + records * RECORD_OVERHEAD)
-        with memoryview(out) as dest:
-            pos = 0
-            for start in range(0, size, MAX_RECORD_PLAINTEXT):
-                chunk = view[start : start + MAX_RECORD_PLAINTEXT]
-                header = _LEN.pack(len(chunk) + TAG_LENGTH)
-                end = pos + 4 + len(chunk) + TAG_LENGTH
-                dest[pos : pos + 4] = header
-                self._aead.encrypt_into(
-                    _NONCE.pack(self._counter), chunk, header, dest[pos + 4 : end]
-                )
-                self._counter += 1
-                pos = end
+        out = bytearray(sealed_length(len(view)))
+        self.seal_into(out, (view,))
         return out
+
+    def seal_into(
+        self, out: bytearray | memoryview, chunks: Sequence[bytes | bytearray | memoryview]
+    ) -> int:
+        """Seal the concatenation of ``chunks`` (bytes-like of 1-byte items) into the
+        start of ``out``; return the bytes written (:func:`sealed_length`). Each chunk is
+        copied to its place in its record and the record encrypted there, in place: no
+        joined plaintext, no ciphertext object per record, and a caller that keeps ``out``
+        allocates nothing per batch (glibc gives freed 512 KiB buffers back to the kernel
+        and faults them in again: sealing 512 KiB batches into new buffers costs
+        0.7 ms/MiB here, into one reused buffer about a quarter of that). ``out`` must
+        not be in flight: its first bytes are overwritten. Raises
+        :class:`LocalProtocolError`, writing nothing, if the records do not fit."""
+        left = sum(len(chunk) for chunk in chunks)
+        if sealed_length(left) > len(out):
+            raise LocalProtocolError(
+                f"{sealed_length(left)} bytes of records do not fit a {len(out)}-byte buffer"
+            )
+        aead, counter = self._aead, self._counter
+        with memoryview(out) as dest:
+            record = 0  # where the current record starts in dest
+            fill = 0  # where its next plaintext byte goes
+            room = 0  # plaintext bytes it still takes
+            length = 0
+            for chunk in chunks:
+                size = len(chunk)
+                offset = 0
+                while offset < size:
+                    if not room:
+                        length = room = min(left, MAX_RECORD_PLAINTEXT)
+                        fill = record + 4
+                    take = min(room, size - offset)
+                    if take == size:
+                        dest[fill : fill + take] = chunk
+                    else:
+                        with memoryview(chunk) as part:
+                            dest[fill : fill + take] = part[offset : offset + take]
+                    fill += take
+                    offset += take
+                    room -= take
+                    left -= take
+                    if not room:
+                        # The record is complete (and still in cache): encrypt it.
+                        header = _LEN.pack(length + TAG_LENGTH)
+                        dest[record : record + 4] = header
+                        body = dest[record + 4 : fill + TAG_LENGTH]
+                        aead.encrypt_into(_NONCE.pack(counter), body[:length], header, body)
+                        body.release()
+                        counter += 1
+                        record = fill + TAG_LENGTH
+        self._counter = counter
+        return record
 
 
 class RecordReader:
