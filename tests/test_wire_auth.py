@@ -289,6 +289,29 @@ def test_sequencing_key_exchange_first_responder_last() -> None:
     assert isinstance(a.next_event(), PeerAuthenticated) and a.is_open
 
 
+def test_protocol_output_drained_late_is_not_lost() -> None:
+    """A caller may drain data_to_send() late: the initiator's opening, still queued
+    when the responder's answer arrives, goes out before its auth message, not replaced
+    by it. (A twin initiator, same nonce and keys, sends the same opening bytes.)"""
+    key_i, key_r = NodeKey.generate(), NodeKey.generate()
+    token_i = issue(key_i)
+    a = connection(Role.INITIATOR, honest_authenticator(key_i, token_i))
+    twin = connection(Role.INITIATOR, honest_authenticator(key_i, token_i))
+    first = twin.data_to_send()
+    b = connection(Role.RESPONDER, honest_authenticator(key_r, issue(key_r)))
+    b.receive_data(first)
+    assert isinstance(b.next_event(), HandshakeReceived)
+    b.accept()
+    b.next_event()
+    a.receive_data(b.data_to_send())  # a's own opening not drained yet
+    drain_all(a)
+    assert a.state is ConnectionState.AWAIT_AUTH
+    out = a.data_to_send()
+    assert out.startswith(first) and len(split_wire(out)[1]) == 1
+    b.receive_data(out[len(first) :])
+    assert isinstance(b.next_event(), PeerAuthenticated) and b.is_open
+
+
 def drain_all(conn: PeerConnection) -> list[Any]:
     events = []
     while (event := conn.next_event()) is not NEED_DATA:
