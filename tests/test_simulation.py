@@ -80,3 +80,18 @@ def test_requests_ahead_of_uploads_takes_the_backlog_out_of_the_request_path() -
     assert max(r["idle_in_transit"] for r in behind.timeline) > 0.1
     assert all(r["idle_in_transit"] == 0 for r in ahead.timeline)
     assert ahead.t_all_s != behind.t_all_s
+
+
+def test_the_run_gives_the_garbage_collector_back() -> None:
+    """The simulator turns cyclic collection off for its run only."""
+    import gc
+
+    assert gc.isenabled()
+    simulate(SimParams(nodes=8, size=4 * 1024 * 1024, pieces=8, seed=1))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        simulate(SimParams(nodes=8, size=4 * 1024 * 1024, pieces=8, seed=1))
+        assert not gc.isenabled()  # a caller's choice is left as it was
+    finally:
+        gc.enable()
