@@ -22,7 +22,10 @@ registry and its stand-in, the throttling relay and the libtorrent seed, are exc
 JSON keys: nodes, t_all_s, t_bound_s, ratio_to_bound, t_direct_s, registry_copies, cpu_s,
 cpu_ms_per_mib (per MiB delivered to the N nodes), libtorrent_t_all_s,
 libtorrent_ratio_to_bound, libtorrent_registry_copies, libtorrent_cpu_s,
-libtorrent_cpu_ms_per_mib, cpu_ratio (ours / libtorrent's CPU per MiB).
+libtorrent_cpu_ms_per_mib, cpu_ratio (ours / libtorrent's CPU per MiB); and ours in detail:
+t_first_s and t_median_s (the first and the median node done), t_origin_s (the last
+origin reader done with its range), peers_banned, requests_timed_out,
+min_peers_connected (the fewest connections a node still held at the end).
 """
 
 from __future__ import annotations
@@ -101,11 +104,17 @@ async def _worker(spec: dict[str, Any]) -> None:
             random.shuffle(others)
             swarm.add_peers(others)
         readers = []
+        origin_done: list[float] = []
+
+        async def read_origin(reader: OriginReader) -> None:
+            await reader.run()
+            origin_done.append(start + trio.current_time() - t_start)
+
         for index, first, end in go["plan"]:
             if index in swarms:
                 reader = OriginReader(swarms[index], spec["origin_url"], first, end, client=http)
                 readers.append(reader)
-                nursery.start_soon(reader.run)
+                nursery.start_soon(read_origin, reader)
         for swarm in swarms.values():
             await swarm.complete.wait()
         report = {
@@ -115,6 +124,7 @@ async def _worker(spec: dict[str, Any]) -> None:
                 i: start + (s.stats.completed_at or 0.0) - t_start for i, s in swarms.items()
             },
             "registry_bytes": sum(r.bytes_read for r in readers),
+            "origin_done": origin_done,
             "origin_failures": [r.failed for r in readers if r.failed],
             "hash_failures": sum(s.stats.hash_failures for s in swarms.values()),
             # The engine's absolute timeouts firing (bans include "no block for
@@ -237,6 +247,9 @@ async def run_ours(
     return {
         "t_all_s": max(completions) - t0,
         "t_first_s": min(completions) - t0,
+        "t_median_s": sorted(completions)[len(completions) // 2] - t0,
+        # When the last origin reader finished its range (the registry's part done).
+        "t_origin_s": max((t for r in reports for t in r["origin_done"]), default=t0) - t0,
         "registry_bytes": proxy.bytes_down,
         "registry_payload_bytes": sum(r["registry_bytes"] for r in reports),
         "cpu_s": sum(c["cpu_s"] for c in cpu),
@@ -377,6 +390,12 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_s": round(ours["cpu_s"], 2),
         "cpu_ms_per_mib": round(1000 * ours["cpu_s"] / delivered_mib, 2),
         "cpu_sys_s": round(ours["sys_s"], 2),
+        "t_first_s": round(ours["t_first_s"], 2),
+        "t_median_s": round(ours["t_median_s"], 2),
+        "t_origin_s": round(ours["t_origin_s"], 2),
+        "peers_banned": ours["peers_banned"],
+        "requests_timed_out": ours["requests_timed_out"],
+        "min_peers_connected": min(ours["peers_connected"], default=0),
     }
     if lt is not None:
         report["libtorrent_t_all_s"] = round(lt["t_all_s"], 2)
