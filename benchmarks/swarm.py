@@ -11,7 +11,8 @@ the registry, N leechers capped at U/D, opentracker, peer classes mapped so the 
 apply on loopback) in the same invocation.
 
     python -m benchmarks.swarm [--nodes 16] [--size-mib 32] [--origin-mib-s 8]
-        [--node-up-mib-s 4] [--node-down-mib-s 4] [--workers 2] [--quick] [--json PATH]
+        [--node-up-mib-s 4] [--node-down-mib-s 4] [--workers 2] [--piece-kib K]
+        [--dial-target D] [--no-libtorrent] [--quick] [--json PATH]
 
 CPU is measured the same way for both: the CPU time (user + system, every thread) of
 the processes that run the N nodes, from the moment the transfer starts until the last
@@ -51,6 +52,7 @@ from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
 from p2pimage.bound import direct_pull_time, kumar_ross_bound
 from p2pimage.metainfo.torrent import Metainfo, create_metainfo_from_file
 from p2pimage.oci.registry import RegistryClient
+from p2pimage.swarm.engine import SwarmSettings
 from p2pimage.swarm.node import open_peer_node
 from p2pimage.swarm.origin import OriginReader
 from p2pimage.tracker import TrackerPolicy
@@ -97,7 +99,12 @@ async def _worker(spec: dict[str, Any]) -> None:
         t_start = trio.current_time()
         swarms = {}
         for index, node in nodes:
-            swarm = await node.add_swarm(meta, Path(spec["dir"]) / f"node{index}")
+            settings = SwarmSettings()
+            if spec.get("dial_target"):
+                settings.dial_target = spec["dial_target"]
+            swarm = await node.add_swarm(
+                meta, Path(spec["dir"]) / f"node{index}", settings=settings
+            )
             swarms[index] = swarm
         for index, swarm in swarms.items():
             others = [p for p in peers if p[1] != dict(nodes)[index].port]
@@ -188,7 +195,9 @@ async def run_ours(
     origin_rate: float,
     up: float,
     down: float,
+    dial_target: int | None = None,
 ) -> dict[str, Any]:
+    """``dial_target``: the swarms' ``SwarmSettings.dial_target`` (None: the default)."""
     key = SigningKey.generate()
     (tmp / "issuer.pem").write_bytes(key.to_pem())
     torrent = tmp / "layer.torrent"
@@ -210,6 +219,7 @@ async def run_ours(
                     "indices": group,
                     "up": up,
                     "down": down,
+                    "dial_target": dial_target,
                     "dir": str(tmp / "nodes"),
                     "origin_url": origin_url,
                 }
@@ -343,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--piece-kib", type=int, help="piece length (default: the sidecar's choice for the size)"
     )
+    parser.add_argument(
+        "--dial-target", type=int, help="SwarmSettings.dial_target (default: the engine's)"
+    )
     parser.add_argument("--no-libtorrent", action="store_true")
     parser.add_argument("--quick", action="store_true", help="8 nodes, 8 MiB")
     parser.add_argument("--json", type=Path)
@@ -370,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = create_metainfo_from_file(
             blob, piece_length=args.piece_kib * 1024 if args.piece_kib else None
         )
-        ours = trio.run(run_ours, meta, blob, tmp, args.nodes, args.workers, origin, up, down)
+        ours = trio.run(
+            run_ours, meta, blob, tmp, args.nodes, args.workers, origin, up, down, args.dial_target
+        )
         lt = (
             None
             if args.no_libtorrent
