@@ -357,6 +357,10 @@ def simulate(p: SimParams) -> SimResult:
                 continue
             blocks = node.picker.pick(peer, want, now)
             if blocks:
+                if not node.out.get(peer, 0):
+                    # The engine's stall clock starts when we start waiting (Swarm._refill):
+                    # a spell with nothing to ask of this peer is no stall.
+                    node.last_data[peer] = (now, node.received)
                 src = nodes[peer]
                 ready = now + backlog(node) / p.up
                 for block in blocks:
