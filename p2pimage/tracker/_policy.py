@@ -679,8 +679,9 @@ _COMPACT_FORM: Final = operator.itemgetter(2)
 def _sample(rng: random.Random, group: list[_Entry], k: int) -> list[_Entry]:
     """``k`` distinct entries of ``group`` (``k < len(group)``), uniformly at random: a
     partial Fisher-Yates shuffle of a copy. ``random.sample`` draws the same way, one
-    Python-level ``_randbelow`` call per entry; ``int(random() * m)`` (bias under
-    m / 2**53) costs a third of that, and this runs once per swarm of every announce."""
+    Python-level ``_randbelow`` call per entry; drawing ``int(random() * m)`` (bias under
+    m / 2**53) takes 0.6-0.7 of its time (40 of 89 entries: 12-14 against 18-21 µs under
+    load), and this runs once per swarm of every announce."""
     pool = group.copy()
     n = len(pool)
     draw = rng.random
