@@ -105,7 +105,7 @@ class RateLimiter:
 
         Origin reads go first on a fetcher's downlink. In arrival order, one fetcher's
         registry reads got one turn in 32 at 32 nodes (a turn per peer sending to it):
-        the registry's part took 8.8 s where its cap allowed 4, and every node waited
+        the registry's part took 5-8.8 s where its cap allowed 4, and every node waited
         for it (docs/benchmarks.md, "The 32-node swarm"). The bytes are taken on arrival
         (no lock: a queued caller costs one timed sleep, not a lock's park, wake and
         hand-over as well); a caller cancelled while it waits gives them back.
