@@ -67,8 +67,9 @@ MAX_TOKEN_BYTES = 8192
 # Tokens whose signature a TokenVerifier has checked, kept (oldest dropped first) so that
 # a token seen again costs its claim checks and not its signature: a node meets the same
 # peer token on each layer it shares with that peer (a connection per swarm) and on each
-# duplicate connection of two nodes that dialed each other at once; a tracker on every
-# announce of a node. A signature check with PyJWT costs ~10x the claim checks here.
+# duplicate connection of two nodes that dialed each other at once. (The tracker daemon
+# keeps its own cache of verified tokens in front of this one.) A signature check with
+# PyJWT costs ~10x the claim checks here.
 # 1,024 tokens of ~600 bytes with their claims: under 2 MiB.
 VERIFIED_TOKEN_CACHE = 1024
 # Default clock-skew allowance for exp/nbf checks: nodes run NTP, a minute of skew is rare.
