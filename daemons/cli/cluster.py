@@ -297,6 +297,8 @@ def _live_cpu(cluster: LocalCluster) -> tuple[float, float]:
     """CPU seconds so far of the live node processes and of the registry (/proc); a
     process not started yet or already gone counts 0."""
     pids = [n.process.pid for n in cluster.nodes if n.process is not None]
+    if cluster.launcher is not None and cluster.launcher.pid is not None:
+        pids.append(cluster.launcher.pid)  # the imports the forked nodes share
     out = []
     for group in (pids, [cluster.registry.pid] if cluster.registry.pid else []):
         total = 0.0

@@ -27,6 +27,7 @@ from daemons._config import dump_settings
 from daemons.node import NodeDaemon, NodeSettings, run_node
 from daemons.sidecar import SidecarSettings, run_sidecar
 from daemons.testbed import netns as _netns
+from daemons.testbed.nodefork import ForkedNode, NodeLauncher
 from daemons.testbed.process import free_port
 from daemons.testbed.registry import RegistryProcess, TokenAuth, start_registry
 from daemons.testbed.throttle_proxy import ThrottleProxy
@@ -48,7 +49,9 @@ class ClusterNode:
     mirror_url: str
     settings: NodeSettings
     daemon: NodeDaemon | None = None  # in-process nodes only
-    process: trio.Process | None = None  # nodes run as their own OS process
+    # Nodes run as their own OS process: started by ``python -m daemons.node``
+    # (namespaces), or forked by the cluster's ``NodeLauncher`` (loopback).
+    process: trio.Process | ForkedNode | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     netns: str | None = None  # network-namespace mode: the node's own namespace
     log_start: int = 0  # node processes: where this run's lines begin in node.log
@@ -86,6 +89,7 @@ class LocalCluster:
     sidecar_settings: SidecarSettings | None = None
     tracker_settings: TrackerSettings | None = None
     nursery: trio.Nursery | None = None
+    launcher: NodeLauncher | None = None  # forks the node processes (loopback)
 
     async def start_sidecar(self) -> None:
         """Start the sidecar again on its address, after ``sidecar_scope.cancel()``."""
@@ -268,6 +272,11 @@ async def _local_cluster(
         else None
     )
     async with trio.open_nursery() as nursery:
+        launcher = None
+        if node_processes and topo is None:
+            # Imports once for all nodes, while the registry and the control plane start.
+            launcher = NodeLauncher()
+            nursery.start_soon(launcher.run)
         sidecar_port = free_port(core_host)
         sidecar_url = f"{'https' if tls else 'http'}://{core_host}:{sidecar_port}"
         async with start_registry(
@@ -360,10 +369,10 @@ async def _local_cluster(
                         }
                     )
                     await nursery.start(_run_node_process, node, workdir / name)
-                elif node_processes:
+                elif launcher is not None:
                     # Port 0: the node binds a free port itself and logs its URL (a port
                     # picked here could be taken by another connection before it binds).
-                    await nursery.start(_run_node_process, node, workdir / name)
+                    await nursery.start(_run_node_process, node, workdir / name, launcher)
                 else:
                     node.mirror_url = await nursery.start(_run_cluster_node, node)
                     assert node.daemon is not None
@@ -389,6 +398,7 @@ async def _local_cluster(
                 sidecar_settings=sidecar_settings,
                 tracker_settings=tracker_settings,
                 nursery=nursery,
+                launcher=launcher,
             )
             try:
                 yield cluster
@@ -421,9 +431,12 @@ async def _run_cluster_node(
 async def _run_node_process(
     node: ClusterNode,
     directory: Path,
+    launcher: NodeLauncher | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Run ``p2pimage node --config ...`` for ``node``: forked by ``launcher``, or
+    ``python -m daemons.node`` under the node's ``exec_prefix`` without one."""
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "node.toml"
     config.write_text(dump_settings(node.settings, secrets=True))
@@ -433,30 +446,31 @@ async def _run_node_process(
     proxy_listen = node.settings.proxy_listen
     if proxy_listen is not None and not proxy_listen.endswith(":0"):
         node.proxy_url = "http://" + proxy_listen
-    log_file = (directory / "node.log").open("ab")
-    node.log_start = log_file.tell()
-    try:
-        with node.scope:
+    log_path = directory / "node.log"
+    args = ["--config", str(config)]
+    with node.scope:
+        if launcher is not None:
+            node.log_start = log_path.stat().st_size if log_path.exists() else 0
+            forked = node.process = await launcher.start(args, log_path)
+            task_status.started()
+            await forked.run()
+            return
+        log_file = log_path.open("ab")
+        node.log_start = log_file.tell()
+        try:
             async with trio.open_nursery() as nursery:
                 node.process = await nursery.start(
                     functools.partial(
                         trio.run_process,
-                        [
-                            *node.exec_prefix(),
-                            sys.executable,
-                            "-m",
-                            "daemons.node",
-                            "--config",
-                            str(config),
-                        ],
+                        [*node.exec_prefix(), sys.executable, "-m", "daemons.node", *args],
                         stdout=log_file,
                         stderr=log_file,
                         check=False,
                     )
                 )
                 task_status.started()
-    finally:
-        log_file.close()
+        finally:
+            log_file.close()
 
 
 def _logged_mirror_url(log_path: Path, start: int, message: str = "mirror serving") -> str:
