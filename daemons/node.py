@@ -55,7 +55,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
-from daemons._http import ClosingStreamingResponse, ListenError, TlsFiles, client_tls, serve_app
+from daemons._http import (
+    ClosingStreamingResponse,
+    ListenError,
+    TlsFiles,
+    client_tls,
+    serve_app,
+    system_tls,
+)
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import exit_after_shutdown, run_until_signalled
 from p2pimage.auth.tokens import NodeKey
@@ -860,7 +867,7 @@ async def run_node(
     if registry_verify is True and control_verify is True:
         # Both trust the system's CAs: one context for both clients (building one loads
         # the CA bundle, ~22 ms of CPU, once per client otherwise).
-        registry_verify = control_verify = httpx.create_ssl_context()
+        registry_verify = control_verify = system_tls()
     async with (
         httpx.AsyncClient(timeout=timeout, limits=limits, verify=registry_verify) as http,
         httpx.AsyncClient(timeout=timeout, limits=limits, verify=control_verify) as control,

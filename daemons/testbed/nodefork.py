@@ -153,7 +153,14 @@ class _Launcher:
         # A terminal's Ctrl-C reaches the whole process group: the owner and the nodes
         # stop on it themselves; the launcher then stops when told (SIGTERM, stdin's end).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        import daemons.node  # noqa: F401  (the imports every node shares)
+        # What every node imports or builds first, done once here. anyio's trio backend
+        # is imported on httpx's first request; the trust store is loaded per process.
+        import anyio._backends._trio  # noqa: F401
+
+        import daemons.node  # noqa: F401
+        from daemons._http import system_tls
+
+        system_tls()
 
         self.send({"ready": True})
         while True:
