@@ -154,7 +154,10 @@ class _Launcher:
         # stop on it themselves; the launcher then stops when told (SIGTERM, stdin's end).
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # What every node imports or builds first, done once here. anyio's trio backend
-        # is imported on httpx's first request; the trust store is loaded per process.
+        # is imported on httpx's first request, the IDNA codec on its first name lookup;
+        # the trust store is loaded once per process.
+        import encodings.idna  # noqa: F401
+
         import anyio._backends._trio  # noqa: F401
 
         import daemons.node  # noqa: F401
