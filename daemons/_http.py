@@ -119,11 +119,11 @@ class TlsFiles:
         return cls(cert_file, key_file)
 
 
-def client_tls(ca_file: Path | None) -> ssl.SSLContext | bool:
+def client_tls(ca_file: Path | None) -> ssl.SSLContext:
     """What a daemon's control-plane client verifies servers against: ``ca_file`` (a PEM
-    bundle, and only it) when set, else the system's trust store."""
+    bundle, and only it) when set, else the system's trust store (:func:`system_tls`)."""
     if ca_file is None:
-        return True
+        return system_tls()
     try:
         return ssl.create_default_context(cafile=str(ca_file))
     except (OSError, ssl.SSLError) as exc:

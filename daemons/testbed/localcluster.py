@@ -24,6 +24,7 @@ import trio
 from pydantic import SecretStr
 
 from daemons._config import dump_settings
+from daemons._http import system_tls
 from daemons.node import NodeDaemon, NodeSettings, run_node
 from daemons.sidecar import SidecarSettings, run_sidecar
 from daemons.testbed import netns as _netns
@@ -492,7 +493,7 @@ def _logged_mirror_url(log_path: Path, start: int, message: str = "mirror servin
 async def _wait_healthy(node: ClusterNode, log_path: Path) -> None:
     """Until the node process answers ``/healthz``; a node that exits first is an error
     that quotes its log."""
-    async with httpx.AsyncClient(timeout=2) as http:
+    async with httpx.AsyncClient(timeout=2, verify=system_tls()) as http:
         while True:
             if node.process is not None and node.process.returncode is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]
