@@ -44,6 +44,9 @@ __all__ = ["ForkedNode", "NodeLauncher", "STOP_GRACE_S"]
 #: sends SIGTERM itself; and then again before SIGKILL.
 STOP_GRACE_S = 2.0
 
+# The signals the launcher handles itself, and a node process for itself.
+_HANDLED = {signal.SIGCHLD, signal.SIGTERM, signal.SIGINT}
+
 
 # --------------------------------------------------------------------------- the launcher
 
@@ -102,9 +105,15 @@ class _Launcher:
         log_path = str(request["log"])
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            self._run_child(argv, log_path)
+        # Until the child has its own handlers, a signal for it stays pending: the
+        # launcher's handlers, inherited, would swallow it (and wake the launcher).
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                self._run_child(argv, log_path)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
         self.children.add(pid)
         self.send({"pid": pid})
 
@@ -116,6 +125,7 @@ class _Launcher:
             for sig in (signal.SIGCHLD, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED)
             os.close(self.wake_r)
             os.close(self.wake_w)
             log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
