@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from daemons._config import dump_settings
@@ -149,3 +150,15 @@ def test_launcher_whose_owner_is_gone_terminates_its_nodes(tmp_path: Path) -> No
     finally:
         launcher.kill()
         launcher.wait()
+
+
+async def test_start_after_the_launcher_died_is_an_error(tmp_path: Path) -> None:
+    launcher = NodeLauncher()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(launcher.run)
+        assert launcher.process is not None and launcher.pid is not None
+        os.kill(launcher.pid, signal.SIGKILL)
+        with trio.fail_after(10):
+            await launcher.process.wait()
+            with pytest.raises(RuntimeError, match="it has exited"):
+                await launcher.start(["--config", str(_node_config(tmp_path))], tmp_path / "log")

@@ -195,6 +195,8 @@ class _Launcher:
                         self.start_node(json.loads(line))
                     except (ValueError, KeyError, TypeError) as exc:
                         self.send({"error": f"bad request: {exc}"})
+                    except OSError as exc:  # fork failed (EAGAIN, ENOMEM)
+                        self.send({"error": f"cannot start a node: {exc}"})
 
 
 # --------------------------------------------------------------------------- its owner
@@ -298,6 +300,7 @@ class NodeLauncher:
                 async for line in lines:
                     self._dispatch(json.loads(line))
             finally:
+                self._send_reply.close()  # a start() waiting for its pid fails
                 for node in self._nodes.values():  # no more news of them
                     if node.returncode is None:
                         node._ended_with(-signal.SIGKILL)
@@ -320,8 +323,11 @@ class NodeLauncher:
         assert self.process is not None and self.process.stdin is not None
         request = json.dumps({"argv": list(argv), "log": str(log_path)}).encode() + b"\n"
         async with self._lock:
-            await self.process.stdin.send_all(request)
-            reply = await self._replies.receive()
+            try:
+                await self.process.stdin.send_all(request)
+                reply = await self._replies.receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.EndOfChannel):
+                raise RuntimeError("node launcher: it has exited") from None
         if isinstance(reply, str):
             raise RuntimeError(f"node launcher: {reply}")
         return reply
