@@ -23,7 +23,10 @@ same against the Redis backend at the headline size.
 JSON keys: memory_announces_s, memory_swarm_announces_s (headline batch size, also
 ``batch``), memory_swarm_b<N>_announces_s (the other sizes), redis_announces_s,
 redis_swarm_announces_s, opentracker_announces_s, memory_open_announces_s (and
-*_errors counts).
+*_errors counts). Beside each ``<run>_announces_s``: ``<run>_server_cpu`` and
+``<run>_load_cpu``, the CPU the server process and the load generator used over the
+timed part (fractions of one core: a server well below 1 on a quiet machine waits for
+the generator), and ``<run>_server_cpu_us``, the server's CPU per (swarm) announce.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from rich.table import Table
 
 from benchmarks._util import print_table
 from daemons.testbed.opentracker import opentracker_binary, run_opentracker
-from daemons.testbed.process import free_port, stop_process
+from daemons.testbed.process import cpu_seconds, free_port, stop_process
 from daemons.testbed.redis import redis_binary, run_redis
 from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer, bound_peer_id, create_proof
 from p2pimage.tracker import AnnounceRequest, Event, batch_query, encode_announce_batch
@@ -229,34 +232,64 @@ def _replay(port: int, requests: list[bytes], connections: int) -> tuple[float, 
 
 
 def _load_main(
-    port: int, warmup: list[bytes], timed: list[bytes], connections: int, out: object
+    port: int,
+    server_pid: int,
+    warmup: list[bytes],
+    timed: list[bytes],
+    connections: int,
+    out: object,
 ) -> None:
     _pin(os.getpid(), LOAD_CPU)
     _replay(port, warmup, connections)
+    server_before, load_before = cpu_seconds(server_pid), time.process_time()
     seconds, ok, bad = _replay(port, timed, connections)
-    out.put((seconds, ok, bad))  # type: ignore[attr-defined]
+    server_cpu = cpu_seconds(server_pid) - server_before
+    load_cpu = time.process_time() - load_before
+    out.put((seconds, ok, bad, server_cpu, load_cpu))  # type: ignore[attr-defined]
 
 
 def measure(
-    port: int, warmup: list[bytes], timed: list[bytes], connections: int, per_request: float = 1
+    port: int,
+    server_pid: int,
+    warmup: list[bytes],
+    timed: list[bytes],
+    connections: int,
+    per_request: float = 1,
 ) -> dict[str, float]:
     """Announces per second; ``per_request`` swarm announces ride in each request (on
-    average)."""
+    average).
+
+    Also which side limits the figure: the CPU the server process (``server_pid``) and
+    the load generator used over the timed part, as a fraction of one core. A server
+    below ~0.95 on a quiet machine is waiting for the generator or for round trips, and
+    the figure measures the client; ``server_cpu_us`` (server CPU per announce) stays a
+    fair comparison then."""
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_load_main, args=(port, warmup, timed, connections, queue))
+    proc = ctx.Process(
+        target=_load_main, args=(port, server_pid, warmup, timed, connections, queue)
+    )
     proc.start()
-    seconds, ok, bad = queue.get(timeout=600)
+    seconds, ok, bad, server_cpu, load_cpu = queue.get(timeout=600)
     proc.join()
     ok = round(ok * per_request)
-    return {"announces_s": ok / seconds, "errors": bad, "seconds": seconds, "announces": ok}
+    return {
+        "announces_s": ok / seconds,
+        "errors": bad,
+        "seconds": seconds,
+        "announces": ok,
+        "server_cpu": server_cpu / seconds,
+        "server_cpu_us": server_cpu * 1e6 / max(ok, 1),
+        "load_cpu": load_cpu / seconds,
+    }
 
 
 # ---------------------------------------------------------------------- the trackers
 
 
 @contextlib.contextmanager
-def our_tracker(tmp: Path, **settings: object) -> Iterator[int]:
+def our_tracker(tmp: Path, **settings: object) -> Iterator[tuple[int, int]]:
+    """A tracker daemon pinned to ``SERVER_CPU``: (its port, its pid)."""
     port = free_port()
     lines = [f'listen = "127.0.0.1:{port}"', 'log_level = "warning"']
     for key, value in settings.items():
@@ -284,7 +317,7 @@ def our_tracker(tmp: Path, **settings: object) -> Iterator[int]:
                 raise RuntimeError("tracker did not start")
             time.sleep(0.1)
         _pin(proc.pid, SERVER_CPU)
-        yield port
+        yield port, proc.pid
     finally:
         stop_process(proc, grace=10)
 
@@ -329,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}
 
-    def run(name: str, port: int, auth: bool) -> None:
+    def run(name: str, server: tuple[int, int], auth: bool) -> None:
+        port, pid = server
         toks = tokens if auth else None
         warm = _requests(args.swarms, args.peers, Event.STARTED, toks, port)
         # A proof is good once: every round gets its own.
@@ -338,9 +372,10 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds)
             for r in _requests(args.swarms, args.peers, Event.NONE, toks, port)
         ]
-        results[name] = measure(port, warm, timed, args.connections)
+        results[name] = measure(port, pid, warm, timed, args.connections)
 
-    def run_batched(name: str, port: int, batch: int) -> None:
+    def run_batched(name: str, server: tuple[int, int], batch: int) -> None:
+        port, pid = server
         warm = _batches(args.swarms, args.peers, Event.STARTED, tokens, port, batch)
         timed = [
             r
@@ -348,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in _batches(args.swarms, args.peers, Event.NONE, tokens, port, batch)
         ]
         per_request = args.swarms * args.peers * args.rounds / len(timed)
-        results[name] = measure(port, warm, timed, args.connections, per_request=per_request)
+        results[name] = measure(port, pid, warm, timed, args.connections, per_request=per_request)
 
     with tempfile.TemporaryDirectory(prefix="bench-tracker-") as tmpdir:
         tmp = Path(tmpdir)
@@ -363,15 +398,17 @@ def main(argv: list[str] | None = None) -> int:
             "proof_window_s": 300.0,
         }
         if "memory" in only:
-            with our_tracker(tmp, **auth) as port:
-                run("memory", port, auth=True)
+            with our_tracker(tmp, **auth) as server:
+                run("memory", server, auth=True)
         if "memory_swarm" in only:
             for i, batch in enumerate(batches):
-                with our_tracker(tmp, **auth) as port:
-                    run_batched("memory_swarm" if i == 0 else f"memory_swarm_b{batch}", port, batch)
+                with our_tracker(tmp, **auth) as server:
+                    run_batched(
+                        "memory_swarm" if i == 0 else f"memory_swarm_b{batch}", server, batch
+                    )
         if "memory_open" in only:
-            with our_tracker(tmp, open_mode=True, peer_timeout_s=3600.0) as port:
-                run("memory_open", port, auth=False)
+            with our_tracker(tmp, open_mode=True, peer_timeout_s=3600.0) as server:
+                run("memory_open", server, auth=False)
         if not only & {"redis", "redis_swarm"}:
             pass
         elif redis_binary() is None:
@@ -382,13 +419,13 @@ def main(argv: list[str] | None = None) -> int:
                 if "redis" in only:
                     with our_tracker(
                         tmp, backend="redis", redis_url=redis_url, redis_prefix="single:", **auth
-                    ) as port:
-                        run("redis", port, auth=True)
+                    ) as server:
+                        run("redis", server, auth=True)
                 if "redis_swarm" in only:
                     with our_tracker(
                         tmp, backend="redis", redis_url=redis_url, redis_prefix="batch:", **auth
-                    ) as port:
-                        run_batched("redis_swarm", port, batches[0])
+                    ) as server:
+                        run_batched("redis_swarm", server, batches[0])
         if "opentracker" not in only:
             pass
         elif opentracker_binary() is None:
@@ -397,11 +434,21 @@ def main(argv: list[str] | None = None) -> int:
             hashes = [s.to_bytes(4, "big") * 5 for s in range(args.swarms)]
             with run_opentracker(hashes) as ot:
                 _pin(ot.process.pid, SERVER_CPU)
-                run("opentracker", ot.port, auth=False)
+                run("opentracker", (ot.port, ot.process.pid), auth=False)
 
     table = Table(title=f"tracker announces/s: {args.swarms} swarms x {args.peers} peers, "
                   f"{args.rounds} timed round(s), {args.connections} connections")  # fmt: skip
-    for col in ("tracker", "announces/s", "announces", "errors", "seconds"):
+    columns = (
+        "tracker",
+        "announces/s",
+        "announces",
+        "errors",
+        "seconds",
+        "server CPU",
+        "server µs/announce",
+        "generator CPU",
+    )
+    for col in columns:
         table.add_column(col, justify="right" if col != "tracker" else "left")
     labels = {
         "memory": "ours, memory, auth on",
@@ -421,9 +468,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{int(r['announces']):,}",
             str(int(r["errors"])),
             f"{r['seconds']:.2f}",
+            f"{r['server_cpu']:.0%}",
+            f"{r['server_cpu_us']:.1f}",
+            f"{r['load_cpu']:.0%}",
         )
         flat[f"{name}_announces_s"] = round(r["announces_s"], 1)
         flat[f"{name}_errors"] = int(r["errors"])
+        flat[f"{name}_server_cpu"] = round(r["server_cpu"], 3)
+        flat[f"{name}_server_cpu_us"] = round(r["server_cpu_us"], 2)
+        flat[f"{name}_load_cpu"] = round(r["load_cpu"], 3)
     for name, why in skipped.items():
         table.add_row(labels[name], "skipped", "", "", why)
         flat[f"{name}_announces_s"] = None

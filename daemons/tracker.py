@@ -579,7 +579,8 @@ def create_app(tracker: Tracker) -> ASGIApp:
                 min_interval=outcome.min_interval,
                 complete=outcome.complete,
                 incomplete=outcome.incomplete,
-                peers=outcome.peers,
+                # The addresses only where the compact form cannot carry them.
+                peers=outcome.peers if outcome.compact is None else (),
                 origin=outcome.origin,
                 release=outcome.release,
                 compact=outcome.compact,

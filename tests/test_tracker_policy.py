@@ -26,6 +26,7 @@ from p2pimage.tracker import (
     origin_blob_url,
     pack_peer,
 )
+from p2pimage.tracker._policy import _sample
 from tests._tracker_fixtures import redis_port, state
 
 __all__ = ["redis_port", "state"]
@@ -192,6 +193,45 @@ async def test_selection_is_random_within_a_tier(state: TrackerState) -> None:
     for t in range(10):
         seen |= set((await h.announce(60, 1 + t, numwant=5)).peers)
     assert len(seen) > 20  # not always the same five
+
+
+@pytest.mark.parametrize("numwant", [3, 8, 9])
+def test_selection_in_the_askers_own_tier_is_uniform_and_never_the_asker(numwant: int) -> None:
+    """The asker's own tier is sampled without copying it: a sample one larger with the
+    asker dropped (numwant 3), or the whole tier but the asker (8 and 9 of 9 others).
+    Every other peer must still be equally likely."""
+    policy = TrackerPolicy(rng=random.Random(5))
+    swarm = SwarmRecord()
+
+    def announce(n: int, now: float) -> list[tuple[str, int]]:
+        host, port = addr(n)
+        req = AnnounceRequest(info_hash=IH, peer_id=pid(n), port=port, left=500, numwant=numwant)
+        return policy.announce(swarm, req, host=host, now=now).peers
+
+    for n in range(10):  # ten leechers, one tier
+        announce(n, 0.0)
+    counts = dict.fromkeys((addr(n) for n in range(1, 10)), 0)
+    rounds = 3_000
+    for t in range(rounds):
+        peers = announce(0, 1.0 + t * 1e-3)
+        assert addr(0) not in peers and len(set(peers)) == len(peers) == min(numwant, 9)
+        for p in peers:
+            counts[p] += 1
+    expected = rounds * min(numwant, 9) / 9
+    assert all(abs(c - expected) < 0.1 * expected for c in counts.values()), counts
+
+
+def test_sample_draws_distinct_entries_uniformly() -> None:
+    rng = random.Random(11)
+    group = [(bytes([i]) * 20, ("10.0.0.1", 1000 + i), None) for i in range(7)]
+    seen = dict.fromkeys(range(7), 0)
+    for _ in range(7_000):
+        picked = _sample(rng, group, 3)
+        assert len(picked) == 3 and len(set(picked)) == 3
+        for entry in picked:
+            seen[entry[1][1] - 1000] += 1
+    assert group == [(bytes([i]) * 20, ("10.0.0.1", 1000 + i), None) for i in range(7)]
+    assert all(2_700 < c < 3_300 for c in seen.values()), seen  # 3,000 each expected
 
 
 async def test_same_zone_preferred(state: TrackerState) -> None:

@@ -768,13 +768,13 @@ class Swarm:
         if target is None:
             self._announce(index)
         else:
-            self.peers[target].session.send(Have(index))
+            self.peers[target].session.send_have(index)
 
     def _show_to_all(self, index: int, told: bytes) -> None:
         """A hidden origin piece is shown to every peer but ``told``, which knows it."""
         for peer in self.peers.values():
             if peer.key != told and not self.picker.peer_has(peer.key, index):
-                peer.session.send(Have(index))
+                peer.session.send_have(index)  # (with the batch's other haves)
 
     def _piece_verified(self, index: int) -> None:
         self._record_verified(index)
