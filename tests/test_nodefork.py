@@ -92,8 +92,13 @@ async def test_bad_command_line_exits_with_the_commands_code(tmp_path: Path) -> 
         second = await launcher.start(["--config", str(_node_config(tmp_path))], log)
         await _serving_url(log)
         assert isinstance(second, ForkedNode) and _alive(second.pid)
-        nursery.cancel_scope.cancel()  # stops the node and then the launcher
-    assert not _alive(second.pid)
+        second.kill()  # fault injection: gone at once
+        with trio.fail_after(10):
+            await second.wait()
+            assert await second.wait_returncode() == -signal.SIGKILL
+        assert not _alive(second.pid)
+        nursery.cancel_scope.cancel()  # stops the launcher
+    assert launcher.process is not None and launcher.process.returncode == 0
 
 
 async def test_launcher_told_to_stop_ends_a_node_nobody_stopped(tmp_path: Path) -> None:

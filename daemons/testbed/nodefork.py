@@ -247,6 +247,13 @@ class ForkedNode:
             else:
                 os.kill(self.pid, sig)
 
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: the node stops at once, as on a power loss (fault injection)."""
+        self.send_signal(signal.SIGKILL)
+
     async def run(self) -> None:
         """Wait for the process; cancelled, stop it as :func:`trio.run_process` would
         (SIGTERM, up to 5 seconds, SIGKILL) and wait until it has ended."""
@@ -254,11 +261,11 @@ class ForkedNode:
             await self.wait()
         except trio.Cancelled:
             with trio.CancelScope(shield=True):
-                self.send_signal(signal.SIGTERM)
+                self.terminate()
                 with trio.move_on_after(5):
                     await self.wait()
                 if not self._gone:
-                    self.send_signal(signal.SIGKILL)
+                    self.kill()
                     await self.wait()
             raise
 
