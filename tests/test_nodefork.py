@@ -16,7 +16,7 @@ import trio
 
 from daemons._config import dump_settings
 from daemons.node import NodeSettings
-from daemons.testbed.localcluster import _logged_mirror_url
+from daemons.testbed.localcluster import _logged_mirror_url, local_cluster
 from daemons.testbed.nodefork import STOP_GRACE_S, ForkedNode, NodeLauncher
 
 
@@ -167,3 +167,24 @@ async def test_start_after_the_launcher_died_is_an_error(tmp_path: Path) -> None
             await launcher.process.wait()
             with pytest.raises(RuntimeError, match="it has exited"):
                 await launcher.start(["--config", str(_node_config(tmp_path))], tmp_path / "log")
+
+
+async def test_local_cluster_forks_its_node_processes_or_execs_them(tmp_path: Path) -> None:
+    for fork in (True, False):
+        async with local_cluster(
+            tmp_path / str(fork), nodes=2, node_processes=True, fork_nodes=fork
+        ) as cluster:
+            async with httpx.AsyncClient() as http:
+                for node in cluster.nodes:
+                    assert (await http.get(f"{node.mirror_url}/healthz")).status_code == 200
+            processes = [n.process for n in cluster.nodes]
+            if fork:
+                assert cluster.launcher is not None
+                for p in processes:
+                    assert isinstance(p, ForkedNode) and _parent_pid(p.pid) == cluster.launcher.pid
+            else:
+                assert cluster.launcher is None
+                for p in processes:
+                    assert isinstance(p, trio.Process) and _parent_pid(p.pid) == os.getpid()
+        for p in processes:
+            assert p is not None and not _alive(p.pid)

@@ -147,6 +147,7 @@ async def local_cluster(
     htpasswd: tuple[str, str] | None = None,
     notifications: bool = True,
     node_processes: bool = False,
+    fork_nodes: bool = True,
     network: Literal["loopback", "netns"] = "loopback",
     tls: bool = False,
     token_auth: TokenAuth | None = None,
@@ -172,7 +173,10 @@ async def local_cluster(
 
     With ``node_processes``, each node runs as its own ``p2pimage node`` process (as on a
     real cluster, and using every core); otherwise all nodes share this trio loop, which
-    is faster to start and lets tests reach into each node's daemon object.
+    is faster to start and lets tests reach into each node's daemon object. On loopback
+    the node processes are forked from one launcher that has imported the node once
+    (:mod:`daemons.testbed.nodefork`); ``fork_nodes=False`` starts each with
+    ``python -m daemons.node`` instead, as a pod does (its memory as a pod's).
 
     With ``network="netns"`` (root only, see :mod:`daemons.testbed.netns`), each node is its own
     host: its process runs in its own network namespace with its own address, the rates
@@ -214,6 +218,7 @@ async def local_cluster(
             htpasswd=htpasswd,
             notifications=notifications,
             node_processes=node_processes,
+            fork_nodes=fork_nodes,
             topo=topo,
             tls=tls,
             token_auth=token_auth,
@@ -241,6 +246,7 @@ async def _local_cluster(
     notifications: bool,
     node_processes: bool,
     topo: _netns.Topology | None,
+    fork_nodes: bool = True,
     tls: bool,
     token_auth: TokenAuth | None,
     sidecar_login: tuple[str, str] | None,
@@ -274,7 +280,7 @@ async def _local_cluster(
     )
     async with trio.open_nursery() as nursery:
         launcher = None
-        if node_processes and topo is None:
+        if node_processes and fork_nodes and topo is None:
             # Imports once for all nodes, while the registry and the control plane start.
             launcher = NodeLauncher()
             nursery.start_soon(launcher.run)
@@ -370,7 +376,7 @@ async def _local_cluster(
                         }
                     )
                     await nursery.start(_run_node_process, node, workdir / name)
-                elif launcher is not None:
+                elif node_processes:
                     # Port 0: the node binds a free port itself and logs its URL (a port
                     # picked here could be taken by another connection before it binds).
                     await nursery.start(_run_node_process, node, workdir / name, launcher)
