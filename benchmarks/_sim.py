@@ -125,7 +125,7 @@ class _Transfer:
     ready: float = 0.0  # when the request reaches the uploader
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Node:
     index: int
     picker: PiecePicker[int]
@@ -146,6 +146,7 @@ class _Node:
     have: set[int] = field(default_factory=set)
     done_at: float | None = None
     released: bool = False
+    heard: int = 0  # haves received (each one an event)
     next_announce: float = 0.0
     last_announce: float = -math.inf
     was_fetcher: bool = False
@@ -242,7 +243,7 @@ def _simulate(p: SimParams) -> SimResult:
         node.next_announce = rng.uniform(0, p.announce_jitter_s) if p.tracker else math.inf
     registry_bytes = 0.0
     t_origin = 0.0
-    events = 0
+    announces = 0
     now = 0.0
     dirty: set[int] = set()
 
@@ -344,9 +345,8 @@ def _simulate(p: SimParams) -> SimResult:
 
     def tell(src: _Node, dst: int, piece: int) -> None:
         """``dst`` receives ``have piece`` from ``src``."""
-        nonlocal events
-        events += 1
         target = nodes[dst]
+        target.heard += 1
         target.picker.peer_have(src.index, piece)
         told = target.reveal.peer_has(piece)
         if told is not None:
@@ -354,10 +354,22 @@ def _simulate(p: SimParams) -> SimResult:
         if piece not in target.have:
             dirty.add(dst)
 
-    def show_to_all(node: _Node, piece: int, told: int) -> None:
-        for k in node.neighbors:
-            if k != told and not node.picker.peer_has(k, piece):
-                tell(node, k, piece)
+    def show_to_all(node: _Node, piece: int, told: int | None) -> None:
+        """``node`` tells every peer not known to have ``piece`` (but ``told``) of it."""
+        me, heard, picker = node.index, node.heard, node.picker
+        for k in picker.peers_without(piece, node.neighbors):
+            # A have that reached ``node`` meanwhile (a hidden piece shown on by a peer
+            # it told) may say that ``k`` has the piece: then ``k`` is not told.
+            if k == told or (node.heard != heard and picker.peer_has(k, piece)):
+                continue
+            target = nodes[k]  # tell(node, k, piece), inlined: the model's commonest event
+            target.heard += 1
+            target.picker.peer_have(me, piece)
+            shown = target.reveal.peer_has(piece)
+            if shown is not None:
+                show_to_all(target, piece, shown)
+            if piece not in target.have:
+                dirty.add(k)
 
     def cancel(node: _Node, cancels: list[tuple[int, BlockRequest]]) -> None:
         for peer, block in cancels:
@@ -372,15 +384,13 @@ def _simulate(p: SimParams) -> SimResult:
         node.have.add(piece)
         cancel(node, node.picker.we_have(piece))
         if from_origin:
-            candidates = [k for k in node.neighbors if not node.picker.peer_has(k, piece)]
+            candidates = node.picker.peers_without(piece, node.neighbors)
             target = node.reveal.reveal(piece, candidates, now)
             if target is not None:
                 tell(node, target, piece)
                 check_done(node)
                 return
-        for k in node.neighbors:
-            if not node.picker.peer_has(k, piece):
-                tell(node, k, piece)
+        show_to_all(node, piece, None)
         check_done(node)
 
     def check_done(node: _Node) -> None:
@@ -414,11 +424,13 @@ def _simulate(p: SimParams) -> SimResult:
         for peer in node.neighbors:
             # The engine asks only peers it is interested in and not choked by, for up to
             # their pipeline depth (cached per rate update: the hot path of the model).
+            # ``pick`` returns nothing for a peer that is not interesting (has nothing we
+            # want), so it is not asked ``peer_is_interesting`` first.
             src = nodes[peer]
             if me not in src.unchoked:
                 continue
             want = depth.get(peer, min_depth) - out.get(peer, 0)
-            if want <= 0 or not picker.peer_is_interesting(peer):
+            if want <= 0:
                 continue
             blocks = picker.pick(peer, want, now)
             if blocks:
@@ -494,8 +506,8 @@ def _simulate(p: SimParams) -> SimResult:
     # ------------------------------------------------------------------ the tracker
 
     def announce(node: _Node) -> None:
-        nonlocal events
-        events += 1
+        nonlocal announces
+        announces += 1
         complete = node.done_at is not None
         event = node.schedule.event(complete)
         left = 0 if complete else p.size - sum(piece_size(i) for i in node.have)
@@ -691,7 +703,7 @@ def _simulate(p: SimParams) -> SimResult:
         t_origin_s=t_origin,
         fetchers=sum(1 for n in nodes if n.was_fetcher),
         released=sum(1 for n in nodes if n.released),
-        events=events,
+        events=announces + sum(n.heard for n in nodes),
         stalls=stalls,
         t_p10_s=times[len(times) // 10],
         t_p99_s=times[min(len(times) - 1, len(times) * 99 // 100)],

@@ -31,9 +31,10 @@ per-block calls are O(1) plus a few bitset operations (each a C loop over
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -138,6 +139,11 @@ class _Piece(Generic[P]):
 
 def _nth_set_bit(mask: int, n: int) -> int:
     """Position of the ``n``-th (from 0, counting from the least significant) set bit."""
+    if n < 8:
+        # Few bits to skip (the rarest pieces are often few): clear the lowest n set bits.
+        for _ in range(n):
+            mask &= mask - 1
+        return (mask & -mask).bit_length() - 1
     lo, hi = 0, mask.bit_length()
     # Invariant: fewer than n+1 set bits below lo, more than n below hi.
     while hi - lo > 1:
@@ -194,6 +200,12 @@ class PiecePicker(Generic[P]):
         self._partial = 0  # pieces with download state and a free block
         self._busy = 0  # download state, no free block, some block still requested
         self._outstanding = 0  # outstanding (peer, block) requests, duplicates included
+        # Which requests are late, for the endgame without a scan of every busy piece:
+        # requests not yet known late in a heap by ``expected_by``, and the pieces that may
+        # have a late one (a superset: cleared when a piece has no request left).
+        self._expiry: list[tuple[float, int, int, int, _Request[P]]] = []
+        self._expiry_seq = 0
+        self._late = 0
 
         self._blocked: int | None = None
         self._explicit_deadlines: dict[int, float] = {}
@@ -294,11 +306,26 @@ class PiecePicker(Generic[P]):
 
     def peer_have(self, peer: P, index: int) -> None:
         """The peer announced piece ``index`` (HAVE). Repeats are harmless."""
-        bit = self._bit(index)
-        ps = self._peer(peer)
+        # _bit, _peer and _avail_add inlined: one call per HAVE, the commonest event of a
+        # swarm (each piece a node gets is announced to all its peers).
+        if not 0 <= index < self.num_pieces:
+            self._bit(index)  # raises
+        bit = 1 << (self.num_pieces - 1 - index)
+        ps = self._peers.get(peer)
+        if ps is None:
+            ps = self._peers[peer] = _Peer(peer)
         if not ps.bits & bit:
             ps.bits |= bit
-            self._avail_add(bit)
+            planes = self._planes
+            k = 0
+            while bit:
+                if k == len(planes):
+                    planes.append(bit)
+                    return
+                p = planes[k]
+                planes[k] = p ^ bit
+                bit &= p
+                k += 1
 
     def peer_have_all(self, peer: P) -> None:
         """The peer has every piece (BEP 6 HAVE ALL, or a seed)."""
@@ -378,6 +405,7 @@ class PiecePicker(Generic[P]):
                 self._outstanding -= len(reqs)
         self._have |= bit
         self._num_have += 1
+        self._late &= ~bit
         self._wanted &= ~bit
         self._open &= ~bit
         self._partial &= ~bit
@@ -605,7 +633,20 @@ class PiecePicker(Generic[P]):
         req = _Request(ps, now, now + wait * self.settings.timeout_factor)
         ps.requests[(index, block)] = req
         self._outstanding += 1
+        self._expiry_seq += 1
+        heapq.heappush(self._expiry, (req.expected_by, self._expiry_seq, index, block, req))
+        if self._expiry[0][0] < now:
+            self._mark_late(now)
         return req
+
+    def _mark_late(self, now: float) -> None:
+        """Move the requests late at ``now`` (``now > expected_by``) out of the heap,
+        marking their pieces in ``_late``; requests no longer outstanding are dropped."""
+        expiry, n1 = self._expiry, self.num_pieces - 1
+        while expiry and expiry[0][0] < now:
+            _, _, index, block, req = heapq.heappop(expiry)
+            if req.peer.requests.get((index, block)) is req:
+                self._late |= 1 << (n1 - index)
 
     def _take_free(
         self, ps: _Peer[P], index: int, want: int, now: float, out: list[BlockRequest]
@@ -673,27 +714,31 @@ class PiecePicker(Generic[P]):
         best possible), so a pick costs O(want) plus the already-duplicated blocks it
         skips, not O(all outstanding blocks)."""
         limit = 1 + self.settings.max_duplicates
-        n1 = self.num_pieces - 1
         mine = ps.requests
+        pieces = self._pieces
         single: list[tuple[int, int]] = []
         others: list[tuple[int, float, int, int]] = []
-        m = self._busy & cand_bits
-        while m and len(single) < want:
-            top = m.bit_length() - 1  # lowest piece index first
-            m ^= 1 << top
-            index = n1 - top
-            for block, reqs in self._pieces[index].requests.items():
-                if (
-                    len(reqs) < limit
-                    and (index, block) not in mine
-                    and now > min(r.expected_by for r in reqs)
-                ):
-                    if len(reqs) == 1:
+        # The busy pieces the peer has that may hold a late request (no other piece has a
+        # block to offer), lowest index first: the bitset's binary digits, most
+        # significant first (one C call, not two bitset operations per piece).
+        self._mark_late(now)
+        digits = format(self._busy & cand_bits & self._late, "b").lstrip("0")
+        first = self.num_pieces - len(digits)  # the piece of digits[0]
+        j = digits.find("1")
+        while j >= 0 and len(single) < want:
+            index = first + j
+            j = digits.find("1", j + 1)
+            for block, reqs in pieces[index].requests.items():
+                n = len(reqs)
+                if n >= limit or (index, block) in mine:
+                    continue
+                if n == 1:
+                    if now > reqs[0].expected_by:
                         single.append((index, block))
                         if len(single) == want:
                             break
-                    else:
-                        others.append((len(reqs), reqs[0].requested_at, index, block))
+                elif now > min(r.expected_by for r in reqs):
+                    others.append((n, reqs[0].requested_at, index, block))
         options = single
         if len(single) < want and others:
             others.sort()
@@ -723,6 +768,8 @@ class PiecePicker(Generic[P]):
         else:
             self._partial &= ~bit
             self._busy &= ~bit
+        if not dl.requests:
+            self._late &= ~bit
 
     def _drop_request(self, ps: _Peer[P], key: tuple[int, int]) -> None:
         index, block = key
@@ -777,6 +824,13 @@ class PiecePicker(Generic[P]):
     def peer_has(self, peer: P, index: int) -> bool:
         ps = self._peers.get(peer)
         return ps is not None and bool(ps.bits & self._bit(index))
+
+    def peers_without(self, index: int, peers: Iterable[P]) -> list[P]:
+        """Those of ``peers`` not known to have piece ``index`` (the ones to tell of it),
+        in their order: ``[k for k in peers if not peer_has(k, index)]`` in one call."""
+        bit = self._bit(index)
+        known = self._peers
+        return [k for k in peers if (ps := known.get(k)) is None or not ps.bits & bit]
 
     def peer_is_interesting(self, peer: P) -> bool:
         """The peer has a piece we lack and want from peers (send INTERESTED)."""

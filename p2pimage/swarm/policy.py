@@ -178,7 +178,7 @@ class RevealPolicy(Generic[K]):
         """A peer announced ``index``: if it was hidden, it is now shown to everyone.
         Returns the peer it had been revealed to (already told), or None if it was not
         hidden."""
-        return self._show(index)
+        return self._show(index) if index in self._hidden else None
 
     def expired(self, now: float) -> list[tuple[int, K]]:
         """Hidden pieces whose timeout passed: show them to everyone now. Each item is
