@@ -75,7 +75,7 @@ def _tracker_config() -> PolicyConfig:
 class SimParams:
     nodes: int = 200
     size: int = 256 * 1024 * 1024
-    pieces: int | None = 128  # None: as the sidecar would cut the layer
+    pieces: int | None = None  # None: as the sidecar cuts the layer (choose_piece_length)
     origin_rate: float = 64 * 1024 * 1024  # registry egress, bytes/s
     up: float = 16 * 1024 * 1024  # per node
     down: float = 16 * 1024 * 1024

@@ -2,13 +2,14 @@
 5,000 nodes, against the Kumar–Ross bound and direct pulls; and its calibration against
 the real swarm benchmark.
 
-    python -m benchmarks.simulate [--nodes 200,500,5000] [--size-mib 256] [--pieces 128]
+    python -m benchmarks.simulate [--nodes 200,500,5000] [--size-mib 256] [--pieces 0]
         [--origin-mib-s 64] [--node-mib-s 16] [--quick] [--json PATH] [--plot PATH]
         [--timeline]
     python -m benchmarks.simulate --calibrate [--quick] [--json PATH]
 
 ``--size-mib`` takes a list (``32,256``): every node count runs with every size.
-``--pieces 0`` cuts the layer as the sidecar would (``choose_piece_length``).
+``--pieces 0`` (the default) cuts the layer as the sidecar does (``choose_piece_length``:
+1,024 pieces of 256 KiB for 256 MiB); ``--pieces N`` cuts it into N pieces.
 JSON keys (the largest run): nodes, size_mib, t_all_s, t_median_s, t_p10_s, t_p99_s,
 t_bound_s, ratio_to_bound, t_direct_s, speedup_vs_direct, registry_copies, wall_s, cpu_s
 (the simulator's CPU seconds: wall time depends on the machine's load); plus ``runs``.
@@ -356,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", default="200,500,5000")
     parser.add_argument("--size-mib", default="256", help="layer sizes, comma-separated")
-    parser.add_argument("--pieces", type=int, default=128, help="0: the sidecar's piece size")
+    parser.add_argument(
+        "--pieces", type=int, default=0, help="0 (default): the sidecar's piece size"
+    )
     parser.add_argument("--origin-mib-s", type=float, default=64)
     parser.add_argument("--node-mib-s", type=float, default=16)
     parser.add_argument("--seed", type=int, default=1)
