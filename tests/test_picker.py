@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pimage.errors import LocalProtocolError, RemoteProtocolError
-from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
+from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker, _nth_set_bit
 
 BS = 16 * 1024
 
@@ -524,6 +524,121 @@ def test_property_after_peer_lost_everything_requestable(
     assert pp.num_outstanding == 0
     got = drain(pp, "seed")
     assert len(got) == n * bpp and len(set(got)) == len(got)
+
+
+class _ScanningPicker(PiecePicker[str]):
+    """The endgame as it was before the late-request heap: every busy piece the peer
+    has is scanned for late requests. The reference the faster picker must agree with."""
+
+    def _take_endgame(
+        self, ps: Any, cand_bits: int, want: int, now: float, out: list[BlockRequest]
+    ) -> None:
+        limit = 1 + self.settings.max_duplicates
+        n1 = self.num_pieces - 1
+        single: list[tuple[int, int]] = []
+        others: list[tuple[int, float, int, int]] = []
+        m = self._busy & cand_bits
+        while m and len(single) < want:
+            top = m.bit_length() - 1
+            m ^= 1 << top
+            index = n1 - top
+            for block, reqs in self._pieces[index].requests.items():
+                if (
+                    len(reqs) < limit
+                    and (index, block) not in ps.requests
+                    and now > min(r.expected_by for r in reqs)
+                ):
+                    if len(reqs) == 1:
+                        single.append((index, block))
+                        if len(single) == want:
+                            break
+                    else:
+                        others.append((len(reqs), reqs[0].requested_at, index, block))
+        options = single
+        if len(single) < want and others:
+            others.sort()
+            options += [(index, block) for _, _, index, block in others[: want - len(single)]]
+        for index, block in options:
+            dl = self._pieces[index]
+            dl.requests[block].append(self._new_request(ps, index, block, now))
+            out.append(self._piece_block(index, dl, block))
+
+
+@settings(max_examples=150)
+@given(swarms(), st.data())
+def test_property_endgame_same_as_scanning_every_busy_piece(
+    swarm: tuple[int, int, list[list[int]], int], data: st.DataObject
+) -> None:
+    """The endgame finds late requests through a heap of expiries and a bitset of pieces
+    that may hold one; in lockstep with a picker that scans every busy piece, under
+    random picks, receipts, timeouts, chokes, losses, rates and a clock moving on, both
+    ask for exactly the same blocks."""
+    n, bpp, peer_sets, seed = swarm
+    fast = PiecePicker[str](n, bpp * BS, n * bpp * BS, rng=random.Random(seed))
+    ref = _ScanningPicker(n, bpp * BS, n * bpp * BS, rng=random.Random(seed))
+    names = [f"p{i}" for i in range(len(peer_sets))]
+    for pp in (fast, ref):
+        for name, s in zip(names, peer_sets, strict=True):
+            pp.peer_bitfield(name, bitfield(n, s))
+    now = 0.0
+    kinds = "pick pick pick pick recv recv timeout choke lost have rate"
+    for _ in range(data.draw(st.integers(1, 80))):
+        op = data.draw(st.sampled_from(kinds.split()))
+        peer = data.draw(st.sampled_from(names))
+        now += data.draw(st.sampled_from([0.0, 0.01, 0.5, 3.0]))
+        if op == "pick":
+            want = data.draw(st.integers(0, 12))
+            assert fast.pick(peer, want, now) == ref.pick(peer, want, now)
+        elif op in ("recv", "timeout"):
+            mine = fast.outstanding(peer)
+            assert mine == ref.outstanding(peer)
+            if mine:
+                b = data.draw(st.sampled_from(mine))
+                for pp in (fast, ref):
+                    if op == "timeout":
+                        pp.request_timed_out(peer, b)
+                    else:
+                        pp.block_received(peer, b.index, b.begin)
+                        if pp.is_finished(b.index):
+                            pp.we_have(b.index)
+        elif op == "choke":
+            fast.peer_choked(peer)
+            ref.peer_choked(peer)
+        elif op == "lost":
+            bits = bitfield(n, data.draw(st.lists(st.integers(0, n - 1))))
+            for pp in (fast, ref):
+                pp.peer_lost(peer)
+                pp.peer_bitfield(peer, bits)
+        elif op == "have":
+            i = data.draw(st.integers(0, n - 1))
+            assert fast.we_have(i) == ref.we_have(i)
+        else:
+            rate = data.draw(st.sampled_from([0.0, 1e3, 1e5, 1e7]))
+            fast.update_rate(peer, rate)
+            ref.update_rate(peer, rate)
+    fast.check_invariants()
+
+
+@given(st.integers(1, 2**1100), st.data())
+def test_nth_set_bit_matches_a_count(mask: int, data: st.DataObject) -> None:
+    n = data.draw(st.integers(0, mask.bit_count() - 1))
+    positions = [i for i in range(mask.bit_length()) if mask >> i & 1]
+    assert _nth_set_bit(mask, n) == positions[n]
+
+
+@given(swarms(), st.data())
+def test_peers_without_is_peer_has_for_each(
+    swarm: tuple[int, int, list[list[int]], int], data: st.DataObject
+) -> None:
+    n, bpp, peer_sets, seed = swarm
+    pp = PiecePicker[str](n, bpp * BS, n * bpp * BS, rng=random.Random(seed))
+    for i, s in enumerate(peer_sets):
+        pp.peer_bitfield(f"p{i}", bitfield(n, s))
+    index = data.draw(st.integers(0, n - 1))
+    asked = data.draw(st.lists(st.sampled_from([f"p{i}" for i in range(8)] + ["stranger"])))
+    assert pp.peers_without(index, asked) == [k for k in asked if not pp.peer_has(k, index)]
+    with pytest.raises(LocalProtocolError):
+        pp.peers_without(n, asked)
 
 
 # ---------------------------------------------------------------- whole downloads

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 from benchmarks._sim import SimParams, simulate
+from benchmarks.simulate import main
+from p2pimage.metainfo.torrent import choose_piece_length
 
 
 def test_small_cluster_completes_with_about_one_registry_copy() -> None:
@@ -95,3 +99,19 @@ def test_the_run_gives_the_garbage_collector_back() -> None:
         assert not gc.isenabled()  # a caller's choice is left as it was
     finally:
         gc.enable()
+
+
+def test_the_layer_is_cut_as_the_sidecar_cuts_it_unless_told(tmp_path: Path) -> None:
+    """A node shares only whole verified pieces, so the piece size is part of what is
+    simulated: by default the model and ``benchmarks.simulate`` cut the layer with the
+    sidecar's ``choose_piece_length``; ``pieces`` / ``--pieces N`` override it."""
+    size = 8 * 1024 * 1024
+    sidecar = size // choose_piece_length(size)
+    assert sidecar == 64  # 128 KiB pieces for 8 MiB
+    assert simulate(SimParams(nodes=8, size=size, seed=1)).pieces == sidecar
+    assert simulate(SimParams(nodes=8, size=size, pieces=16, seed=1)).pieces == 16
+    out = tmp_path / "sim.json"
+    assert main(["--nodes", "8", "--size-mib", "8", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"][0]["pieces"] == sidecar
+    assert main(["--nodes", "8", "--size-mib", "8", "--pieces", "16", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"][0]["pieces"] == 16
