@@ -325,17 +325,18 @@ async def test_reader_waiting_for_the_frontier_is_not_stalled_while_pieces_arriv
 async def test_request_queue_follows_the_swarm_picker_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SwarmSettings.picker reaches the wire: with ``min_pipeline=2`` and a request queue
-    time too short to ask for more at any loopback rate, the leecher never has more than
-    2 requests outstanding, where the defaults (floor 8, one second of data: 64 blocks at
-    the 1 MiB/s link) would put 8 and more on the wire.
+    """SwarmSettings.picker reaches the wire: with ``min_pipeline=4`` (16 KiB blocks; the
+    layer's 32 KiB blocks: 2) and a request queue time too short to ask for more at any
+    loopback rate, the leecher never has more than 2 requests outstanding, where the
+    defaults (floor 8 x 16 KiB, one second of data: 32 blocks at the 1 MiB/s link) would
+    put 4 and more on the wire.
 
     Every pick is recorded as it happens (no sampling), so the result does not depend on
     how fast the machine is."""
     blob, meta = make_blob(tmp_path, 2 * MIB)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
-    # ceil(rate * 1e-4 s / 16 KiB) <= 1 below 160 MB/s: the depth is the floor, 2.
-    settings = SwarmSettings(picker=PickerSettings(request_queue_time=1e-4, min_pipeline=2))
+    # ceil(rate * 1e-4 s / 32 KiB) <= 1 below 320 MB/s: the depth is the floor, 2.
+    settings = SwarmSettings(picker=PickerSettings(request_queue_time=1e-4, min_pipeline=4))
     async with (
         open_peer_node(authenticator=local_authenticator(issuer, subject="s", cluster="c")) as s,
         open_peer_node(

@@ -770,8 +770,9 @@ class Swarm:
         self.picker.set_range_priority(first, end, 1)
 
     async def pace_download(self, nbytes: int) -> None:
-        """Wait until the node's download link has room for ``nbytes`` more."""
-        await self._download_limiter.acquire(nbytes)
+        """Wait until the node's download link has room for ``nbytes`` more registry
+        bytes: ahead of the peers' blocks queued for it (``RateLimiter.acquire(first=True)``)."""
+        await self._download_limiter.acquire(nbytes, first=True)
 
     async def accept_origin_piece(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         """Store a whole piece read from the registry and show it to the swarm; once every
