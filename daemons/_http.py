@@ -1,4 +1,5 @@
-"""Serve a Starlette (any ASGI) app under trio with hypercorn's trio worker.
+"""Serve a Starlette (any ASGI) app under trio: with hypercorn's trio worker, or with the
+lean HTTP/1.1 server of :mod:`daemons._asgi_server` (the tracker's).
 
 Shared by the three daemons: TLS for a listener (:class:`TlsFiles`) and for a client
 (:func:`client_tls`), bounded JSON (:func:`load_json`), and :class:`LogServerErrors`,
@@ -7,12 +8,13 @@ which logs every 5xx answer and every unhandled error (with its traceback).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import click
 import trio
@@ -22,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from daemons._asgi_server import ServerLimits, serve_asgi, server_tls_context
 from daemons._config import ConfigError
 from p2pimage.errors import leaf_exceptions
 
@@ -40,6 +43,10 @@ __all__ = [
     "request_url",
     "serve_app",
 ]
+
+#: Which HTTP server :func:`serve_app` runs: ``hypercorn`` or ``lean``
+#: (:mod:`daemons._asgi_server`).
+HttpServer = Literal["hypercorn", "lean"]
 
 log = logging.getLogger("p2pimage.http")
 # hypercorn's own error log (TLS handshakes, protocol errors, its own failures); its
@@ -207,6 +214,7 @@ async def serve_app(
     *,
     keep_alive_max_requests: int = 1000,
     tls: TlsFiles | None = None,
+    server: HttpServer = "hypercorn",
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` (``host:port``; port 0 picks a free one) until cancelled,
@@ -216,8 +224,14 @@ async def serve_app(
     ``task_status``; raises :class:`ListenError` when the address cannot be bound.
     Access logs are off: daemons log the events that matter themselves. hypercorn's
     warnings and errors go to the ``p2pimage.http.server`` logger, and the app is
-    wrapped in :class:`LogServerErrors`.
+    wrapped in :class:`LogServerErrors`. ``server`` picks hypercorn or the lean server
+    (same limits, same loggers).
     """
+    if server == "lean":
+        await _serve_lean(
+            LogServerErrors(app), listen, keep_alive_max_requests, tls, task_status=task_status
+        )
+        return
     config = Config()
     config.bind = [listen]
     config.accesslog = None
@@ -244,6 +258,26 @@ async def serve_app(
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(_serve)
         task_status.started(binds[0])
+
+
+async def _serve_lean(
+    app: ASGIApp,
+    listen: str,
+    keep_alive_max_requests: int,
+    tls: TlsFiles | None,
+    *,
+    task_status: trio.TaskStatus[str],
+) -> None:
+    context = None if tls is None else server_tls_context(str(tls.cert_file), str(tls.key_file))
+    limits = ServerLimits(keep_alive_max_requests=keep_alive_max_requests)
+    serve = functools.partial(serve_asgi, app, listen, limits=limits, tls=context)  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        try:
+            urls: list[str] = await nursery.start(serve)
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise ListenError(f"cannot listen on {listen}: {reason}") from None
+        task_status.started(urls[0])
 
 
 def _declared_over(declared: str | None, limit: int) -> bool:
