@@ -189,13 +189,37 @@ class _Connection:
                 return  # idle too long, or the request head came too slowly
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed: the client is done
+            if event.http_version not in (b"1.1", b"1.0"):
+                await self._refuse(505, "HTTP/1.0 or HTTP/1.1 only")
+                return
+            # h11 bounds a head that arrives in pieces; one that came in a single read
+            # is measured here (the headers as h11 keeps them, a little under the wire's).
+            size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+            if size > self.limits.max_head_bytes:
+                await self._refuse(431, "request head too large")
+                return
             served += 1
             await self._cycle(event, last=served >= self.limits.keep_alive_max_requests)
             if not self.reusable or self.gone or self.h11.our_state is not h11.DONE:
                 return
-            if self.h11.their_state is not h11.DONE:
-                return  # the app left part of the body unread: no way to find the next request
+            if self.h11.their_state is not h11.DONE and not self._skip_body():
+                await self._linger()
+                return
             self.h11.start_next_cycle()
+
+    def _skip_body(self) -> bool:
+        """Drop the rest of a request body the app did not read (most often the empty
+        body of a GET) if h11 already holds all of it; whether the connection may go on
+        to the next request (otherwise the client may still be sending it: close)."""
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            if isinstance(event, h11.EndOfMessage):
+                return True
+            if not isinstance(event, h11.Data):
+                return False
 
     async def _refuse(self, status: int, reason: str) -> None:
         """Answer a malformed request with ``status`` (400, 431...) and end the connection."""
@@ -256,9 +280,14 @@ class _Connection:
         # the first body message sends them with it.
         start: _Message | None = None
         started = complete = body_done = False
+        # A body message taken from h11 when the answer started, for the next receive.
+        unread: _Message | None = None
 
         async def receive() -> _Message:
-            nonlocal body_done
+            nonlocal body_done, unread
+            if unread is not None:
+                message, unread = unread, None
+                return message
             if body_done or self.gone:
                 return await wait_disconnect()
             if h.they_are_waiting_for_100_continue and not started:
@@ -314,6 +343,24 @@ class _Connection:
                 h.receive_data(bytes(data))
             return {"type": "http.disconnect"}
 
+        def body_complete() -> bool:
+            # Whether the whole request body has arrived (consumed by the app or not), so
+            # the connection can go on after this answer. Most often the app did not read
+            # an empty body (a GET), whose end h11 gives without reading the socket.
+            nonlocal body_done, unread
+            if body_done or unread is not None or self.gone:
+                return body_done
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError:
+                return False
+            if isinstance(event, h11.EndOfMessage):
+                body_done = True
+                unread = {"type": "http.request", "body": b"", "more_body": False}
+            elif isinstance(event, h11.Data):
+                unread = {"type": "http.request", "body": bytes(event.data), "more_body": True}
+            return body_done
+
         async def send(message: _Message) -> None:
             nonlocal start, started, complete
             kind = message["type"]
@@ -348,7 +395,9 @@ class _Connection:
                     headers.append((b"content-length", str(len(body)).encode()))
                 if b"date" not in names:
                     headers.append((b"date", _date.value()))
-                if last:
+                if last or not body_complete():
+                    # The last request, or one whose body is still coming (an answer
+                    # before it was read): close after this answer, and say so.
                     headers.append((b"connection", b"close"))
                 data = h.send(h11.Response(status_code=status, headers=headers)) or b""
             if body and not head:

@@ -8,7 +8,6 @@ which logs every 5xx answer and every unhandled error (with its traceback).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import ssl
@@ -270,14 +269,26 @@ async def _serve_lean(
 ) -> None:
     context = None if tls is None else server_tls_context(str(tls.cert_file), str(tls.key_file))
     limits = ServerLimits(keep_alive_max_requests=keep_alive_max_requests)
-    serve = functools.partial(serve_asgi, app, listen, limits=limits, tls=context)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        try:
-            urls: list[str] = await nursery.start(serve)
-        except (OSError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-            raise ListenError(f"cannot listen on {listen}: {reason}") from None
-        task_status.started(urls[0])
+    status = _FirstUrl(task_status)
+    try:
+        await serve_asgi(app, listen, limits=limits, tls=context, task_status=status)  # type: ignore[arg-type]
+    except (OSError, ValueError) as exc:
+        if status.done:
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ListenError(f"cannot listen on {listen}: {reason}") from None
+
+
+class _FirstUrl:
+    """Reports the first of a server's URLs on, remembering that it happened."""
+
+    def __init__(self, inner: trio.TaskStatus[str]) -> None:
+        self.inner = inner
+        self.done = False
+
+    def started(self, value: list[str]) -> None:
+        self.done = True
+        self.inner.started(value[0])
 
 
 def _declared_over(declared: str | None, limit: int) -> bool:
