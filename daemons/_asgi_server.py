@@ -411,7 +411,9 @@ class _Connection:
         try:
             await self.app(scope, receive, send)
         except Exception:
-            log.exception("unhandled error in the ASGI app", extra={"fields": {"path": path}})
+            log.exception(
+                "unhandled error in the ASGI app", extra={"fields": {"path": scope["path"]}}
+            )
         if not complete:
             self.reusable = False
             if not started and h.our_state is h11.SEND_RESPONSE:
