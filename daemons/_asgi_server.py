@@ -13,7 +13,8 @@ Limits as hypercorn's defaults, which the daemons relied on: a request head of a
 the connection opens or the previous answer ends (an idle keep-alive connection, or a
 slowloris head, is closed); :data:`TLS_HANDSHAKE_TIMEOUT_S` for a TLS handshake; at most
 ``keep_alive_max_requests`` requests per connection. Neither hypercorn nor this server
-caps the number of connections or times a slow body (``read_timeout`` was None).
+caps the number of connections; a body that pauses longer than :data:`BODY_TIMEOUT_S`
+ends the request (hypercorn had no bound there).
 
 ASGI: HTTP only (none of our apps uses lifespan or websockets), spec 2.1 as hypercorn
 declared it: a ``send`` after the client has gone is a no-op, and ``receive`` returns
@@ -22,6 +23,7 @@ declared it: a ``send`` after the client has gone is a no-op, and ``receive`` re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -36,6 +38,7 @@ import h11
 import trio
 
 __all__ = [
+    "BODY_TIMEOUT_S",
     "KEEP_ALIVE_TIMEOUT_S",
     "MAX_HEAD_BYTES",
     "TLS_HANDSHAKE_TIMEOUT_S",
@@ -58,6 +61,10 @@ MAX_HEAD_BYTES: Final = 16 * 1024
 #: hypercorn's ``keep_alive_timeout`` default: an idle connection, or one whose request
 #: head is not complete this long after it opened or its previous answer ended, is closed.
 KEEP_ALIVE_TIMEOUT_S: Final = 5.0
+#: How long a request body may pause (no byte at all) before the client counts as gone
+#: (``http.disconnect``). hypercorn had no such bound (``read_timeout`` None): a client
+#: trickling a body could hold a connection and a request task without end.
+BODY_TIMEOUT_S: Final = 30.0
 #: hypercorn's ``ssl_handshake_timeout`` default.
 TLS_HANDSHAKE_TIMEOUT_S: Final = 60.0
 #: hypercorn's ``backlog`` default.
@@ -79,6 +86,7 @@ class ServerLimits:
     max_head_bytes: int = MAX_HEAD_BYTES
     keep_alive_timeout_s: float = KEEP_ALIVE_TIMEOUT_S
     keep_alive_max_requests: int = 1000
+    body_timeout_s: float = BODY_TIMEOUT_S
     tls_handshake_timeout_s: float = TLS_HANDSHAKE_TIMEOUT_S
 
 
@@ -294,9 +302,11 @@ class _Connection:
                 await self._write(
                     h.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
                 )
-            try:
-                event = await self._next_event()
-            except (h11.RemoteProtocolError, _ClientGone):
+            event = None
+            with trio.move_on_after(self.limits.body_timeout_s):
+                with contextlib.suppress(h11.RemoteProtocolError, _ClientGone):
+                    event = await self._next_event()
+            if event is None:  # gone, garbled, or silent too long
                 self.gone = True
                 return {"type": "http.disconnect"}
             if isinstance(event, h11.EndOfMessage):

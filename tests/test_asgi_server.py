@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import socket
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,9 @@ class EchoApp:
         body = b""
         while True:
             message = await receive()
-            assert message["type"] == "http.request"
+            if message["type"] == "http.disconnect":
+                self.gone.append(path)
+                return
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
@@ -551,3 +554,57 @@ async def test_cancellation_closes_every_connection_and_leaves_no_task() -> None
         assert not busy.buffer
     with pytest.raises(OSError):
         await trio.open_tcp_stream(host, port)
+
+
+async def test_garbage_never_breaks_the_server(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="p2pimage.http.server")
+    rng = random.Random(17)
+    valid = get("/x") + b"POST /p HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"
+    async with trio.open_nursery() as nursery:
+        host, port = await start(nursery, EchoApp(), keep_alive_timeout_s=0.3, body_timeout_s=0.3)
+        payloads = []
+        for _ in range(60):
+            # Random bytes, or a valid start with bytes flipped and cut anywhere.
+            if rng.random() < 0.5:
+                payloads.append(rng.randbytes(rng.randrange(1, 300)))
+            else:
+                mutated = bytearray(valid[: rng.randrange(1, len(valid))])
+                for _ in range(rng.randrange(0, 4)):
+                    mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+                payloads.append(bytes(mutated))
+        closed: list[bool] = []
+
+        async def one(payload: bytes) -> None:
+            client = await connect(host, port)
+            try:
+                await client.stream.send_all(payload)
+                closed.append(await client.closed())
+            except trio.BrokenResourceError:
+                closed.append(True)
+            await client.stream.aclose()
+
+        async with trio.open_nursery() as clients:
+            for payload in payloads:
+                clients.start_soon(one, payload)
+        assert closed == [True] * len(payloads)
+        client = await connect(host, port)
+        await client.stream.send_all(get("/still-here"))
+        assert (await client.answer()).json()["path"] == "/still-here"
+        nursery.cancel_scope.cancel()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_a_body_that_stops_coming_is_a_disconnect_after_the_body_timeout() -> None:
+    app = EchoApp()
+    async with trio.open_nursery() as nursery:
+        host, port = await start(nursery, app, body_timeout_s=0.3)
+        client = await connect(host, port)
+        await client.stream.send_all(
+            b"POST /p HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n\r\nten bytes."
+        )
+        with trio.fail_after(3):
+            while not app.gone:
+                await trio.sleep(0.02)
+        assert app.gone == ["/p"]
+        assert await client.closed()
+        nursery.cancel_scope.cancel()
