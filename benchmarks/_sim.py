@@ -16,11 +16,11 @@ the engine's defaults (:class:`~p2pimage.swarm.engine.SwarmSettings`,
 Only the network is modelled, as a time-stepped fluid (step ``dt``): each node's uplink
 serves its queue of block requests in order; each node's downlink caps what it takes in
 per step, and an origin fetcher's registry reads share that one downlink with its peers
-(the reader is one flow among the peers sending to it, as the engine's one download
-limiter serves them in turn); the registry's egress (``origin_rate``) is shared fairly by
-the readers. One request is one block of the engine's block size (``SwarmSettings.block_size``,
-whole pieces up to 256 KiB, as between p2pimage peers); a piece is held once all its blocks
-arrived. A connection or a message takes one step.
+(the reader first, as the engine's download limiter lets registry reads go ahead of the
+peers' blocks, the peers sharing the rest); the registry's egress (``origin_rate``) is
+shared fairly by the readers. One request is one block of the engine's block size
+(``SwarmSettings.block_size``, whole pieces up to 256 KiB, as between p2pimage peers); a
+piece is held once all its blocks arrived. A connection or a message takes one step.
 
 With ``tracker=False`` the model runs the swarm benchmark's setup (``benchmarks.swarm``):
 no tracker, every node is given every other node, and the fetchers read the static
@@ -77,10 +77,6 @@ class SimParams:
     down: float = 16 * 1024 * 1024
     dt: float = 0.05
     announce_jitter_s: float = 0.5  # nodes start announcing within this
-    # An origin reader's share of its node's downlink against one peer sending to it:
-    # the download limiter serves them in turn, the reader a 256 KiB chunk
-    # (origin.CHUNK_BYTES) per turn, a peer session what one receive brought.
-    origin_weight: float = 16.0
     tracker: bool = True  # False: the swarm benchmark's static setup
     swarm: SwarmSettings = field(default_factory=SwarmSettings)
     announce: AnnounceSettings = field(default_factory=AnnounceSettings)
@@ -361,6 +357,10 @@ def simulate(p: SimParams) -> SimResult:
                 continue
             blocks = node.picker.pick(peer, want, now)
             if blocks:
+                if not node.out.get(peer, 0):
+                    # The engine's stall clock starts when we start waiting (Swarm._refill):
+                    # a spell with nothing to ask of this peer is no stall.
+                    node.last_data[peer] = (now, node.received)
                 src = nodes[peer]
                 ready = now + backlog(node) / p.up
                 for block in blocks:
@@ -514,21 +514,13 @@ def simulate(p: SimParams) -> SimResult:
         for node in nodes:
             if node.next_announce <= now:
                 announce(node)
-        # The registry: its egress shared fairly by the readers, each reader one flow on
-        # its own downlink among the peers sending to it.
+        # The registry: its egress shared fairly by the readers, each reader first on its
+        # own downlink (Swarm.pace_download goes ahead of the peers' blocks), the peers
+        # sending to it sharing what is left.
         down_left = [p.down * p.dt for _ in nodes]
         readers = [n for n in nodes if n.request is not None]
         if readers:
-            caps = sorted(
-                (
-                    p.down
-                    * p.dt
-                    * p.origin_weight
-                    / (p.origin_weight + sum(1 for c in n.out.values() if c > 0)),
-                    n.index,
-                )
-                for n in readers
-            )
+            caps = sorted((p.down * p.dt, n.index) for n in readers)
             budget = p.origin_rate * p.dt
             t_origin = now + p.dt
             for position, (cap, index) in enumerate(caps):

@@ -11,7 +11,8 @@ the registry, N leechers capped at U/D, opentracker, peer classes mapped so the 
 apply on loopback) in the same invocation.
 
     python -m benchmarks.swarm [--nodes 16] [--size-mib 32] [--origin-mib-s 8]
-        [--node-up-mib-s 4] [--node-down-mib-s 4] [--workers 2] [--quick] [--json PATH]
+        [--node-up-mib-s 4] [--node-down-mib-s 4] [--workers 2] [--piece-kib K]
+        [--dial-target D] [--no-libtorrent] [--quick] [--json PATH]
 
 CPU is measured the same way for both: the CPU time (user + system, every thread) of
 the processes that run the N nodes, from the moment the transfer starts until the last
@@ -22,7 +23,10 @@ registry and its stand-in, the throttling relay and the libtorrent seed, are exc
 JSON keys: nodes, t_all_s, t_bound_s, ratio_to_bound, t_direct_s, registry_copies, cpu_s,
 cpu_ms_per_mib (per MiB delivered to the N nodes), libtorrent_t_all_s,
 libtorrent_ratio_to_bound, libtorrent_registry_copies, libtorrent_cpu_s,
-libtorrent_cpu_ms_per_mib, cpu_ratio (ours / libtorrent's CPU per MiB).
+libtorrent_cpu_ms_per_mib, cpu_ratio (ours / libtorrent's CPU per MiB); and ours in detail:
+t_first_s and t_median_s (the first and the median node done), t_origin_s (the last
+origin reader done with its range), peers_banned, requests_timed_out,
+min_peers_connected (the fewest connections a node still held at the end).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
 from p2pimage.bound import direct_pull_time, kumar_ross_bound
 from p2pimage.metainfo.torrent import Metainfo, create_metainfo_from_file
 from p2pimage.oci.registry import RegistryClient
+from p2pimage.swarm.engine import SwarmSettings
 from p2pimage.swarm.node import open_peer_node
 from p2pimage.swarm.origin import OriginReader
 from p2pimage.tracker import TrackerPolicy
@@ -94,18 +99,29 @@ async def _worker(spec: dict[str, Any]) -> None:
         t_start = trio.current_time()
         swarms = {}
         for index, node in nodes:
-            swarm = await node.add_swarm(meta, Path(spec["dir"]) / f"node{index}")
+            settings = SwarmSettings()
+            if spec.get("dial_target"):
+                settings.dial_target = spec["dial_target"]
+            swarm = await node.add_swarm(
+                meta, Path(spec["dir"]) / f"node{index}", settings=settings
+            )
             swarms[index] = swarm
         for index, swarm in swarms.items():
             others = [p for p in peers if p[1] != dict(nodes)[index].port]
             random.shuffle(others)
             swarm.add_peers(others)
         readers = []
+        origin_done: list[float] = []
+
+        async def read_origin(reader: OriginReader) -> None:
+            await reader.run()
+            origin_done.append(start + trio.current_time() - t_start)
+
         for index, first, end in go["plan"]:
             if index in swarms:
                 reader = OriginReader(swarms[index], spec["origin_url"], first, end, client=http)
                 readers.append(reader)
-                nursery.start_soon(reader.run)
+                nursery.start_soon(read_origin, reader)
         for swarm in swarms.values():
             await swarm.complete.wait()
         report = {
@@ -115,6 +131,7 @@ async def _worker(spec: dict[str, Any]) -> None:
                 i: start + (s.stats.completed_at or 0.0) - t_start for i, s in swarms.items()
             },
             "registry_bytes": sum(r.bytes_read for r in readers),
+            "origin_done": origin_done,
             "origin_failures": [r.failed for r in readers if r.failed],
             "hash_failures": sum(s.stats.hash_failures for s in swarms.values()),
             # The engine's absolute timeouts firing (bans include "no block for
@@ -178,7 +195,9 @@ async def run_ours(
     origin_rate: float,
     up: float,
     down: float,
+    dial_target: int | None = None,
 ) -> dict[str, Any]:
+    """``dial_target``: the swarms' ``SwarmSettings.dial_target`` (None: the default)."""
     key = SigningKey.generate()
     (tmp / "issuer.pem").write_bytes(key.to_pem())
     torrent = tmp / "layer.torrent"
@@ -200,6 +219,7 @@ async def run_ours(
                     "indices": group,
                     "up": up,
                     "down": down,
+                    "dial_target": dial_target,
                     "dir": str(tmp / "nodes"),
                     "origin_url": origin_url,
                 }
@@ -237,6 +257,9 @@ async def run_ours(
     return {
         "t_all_s": max(completions) - t0,
         "t_first_s": min(completions) - t0,
+        "t_median_s": sorted(completions)[len(completions) // 2] - t0,
+        # When the last origin reader finished its range (the registry's part done).
+        "t_origin_s": max((t for r in reports for t in r["origin_done"]), default=t0) - t0,
         "registry_bytes": proxy.bytes_down,
         "registry_payload_bytes": sum(r["registry_bytes"] for r in reports),
         "cpu_s": sum(c["cpu_s"] for c in cpu),
@@ -330,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--piece-kib", type=int, help="piece length (default: the sidecar's choice for the size)"
     )
+    parser.add_argument(
+        "--dial-target", type=int, help="SwarmSettings.dial_target (default: the engine's)"
+    )
     parser.add_argument("--no-libtorrent", action="store_true")
     parser.add_argument("--quick", action="store_true", help="8 nodes, 8 MiB")
     parser.add_argument("--json", type=Path)
@@ -357,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = create_metainfo_from_file(
             blob, piece_length=args.piece_kib * 1024 if args.piece_kib else None
         )
-        ours = trio.run(run_ours, meta, blob, tmp, args.nodes, args.workers, origin, up, down)
+        ours = trio.run(
+            run_ours, meta, blob, tmp, args.nodes, args.workers, origin, up, down, args.dial_target
+        )
         lt = (
             None
             if args.no_libtorrent
@@ -377,6 +405,12 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_s": round(ours["cpu_s"], 2),
         "cpu_ms_per_mib": round(1000 * ours["cpu_s"] / delivered_mib, 2),
         "cpu_sys_s": round(ours["sys_s"], 2),
+        "t_first_s": round(ours["t_first_s"], 2),
+        "t_median_s": round(ours["t_median_s"], 2),
+        "t_origin_s": round(ours["t_origin_s"], 2),
+        "peers_banned": ours["peers_banned"],
+        "requests_timed_out": ours["requests_timed_out"],
+        "min_peers_connected": min(ours["peers_connected"], default=0),
     }
     if lt is not None:
         report["libtorrent_t_all_s"] = round(lt["t_all_s"], 2)

@@ -637,3 +637,59 @@ def test_admits_until_expiry_plus_leeway_and_no_longer(issuer: TokenIssuer) -> N
     ]:
         now[0] = at
         assert auth.admits(admitted) is admits, at
+
+
+def test_a_token_seen_again_skips_its_signature_but_not_its_claims(
+    issuer: TokenIssuer, node_key: NodeKey, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The verifier keeps tokens whose signature verified: seen again, a token costs its
+    claim checks only, which still run in full; a key set that maps the kid to another
+    key checks the signature again; the cache is bounded."""
+    import p2pimage.auth.tokens as tokens
+
+    decodes = 0
+    real_decode = jwt.decode
+
+    def counting_decode(*args: Any, **kwargs: Any) -> Any:
+        nonlocal decodes
+        decodes += 1
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(tokens.jwt, "decode", counting_decode)
+    verifier = verifier_for(issuer)
+    token = issuer.issue(subject="n", cluster="prod", node_jwk=node_key.public_jwk(), now=NOW)
+    for _ in range(3):
+        assert verifier.verify(token, now=NOW, cluster="prod").subject == "n"
+    assert decodes == 1
+    for now, cluster, reason in [
+        (NOW + 10_000, "prod", "expired"),
+        (NOW - 10_000, "prod", "not_yet_valid"),
+        (NOW, "other", "wrong_cluster"),
+    ]:
+        with pytest.raises(AuthError) as caught:
+            verifier.verify(token, now=now, cluster=cluster)
+        assert caught.value.reason == reason
+    assert decodes == 1
+    # The same kid now names another key (a new key set): the signature is checked again.
+    header = jwt.get_unverified_header(token)
+    other = TokenIssuer([SigningKey.generate(header["alg"])], issuer="sidecar-test")
+    doc = other.jwks()
+    doc["keys"][0]["kid"] = header["kid"]
+    verifier.keys = KeySet.from_jwks(doc)
+    with pytest.raises(AuthError) as caught:
+        verifier.verify(token, now=NOW, cluster="prod")
+    assert caught.value.reason == "bad_signature" and decodes == 2
+    # Bounded: with room for two, the first of three tokens is verified afresh.
+    monkeypatch.setattr(tokens, "VERIFIED_TOKEN_CACHE", 2)
+    fresh = verifier_for(issuer)
+    three = [
+        issuer.issue(subject=f"n{i}", cluster="prod", node_jwk=node_key.public_jwk(), now=NOW)
+        for i in range(3)
+    ]
+    for t in three:
+        fresh.verify(t, now=NOW)
+    decodes = 0
+    fresh.verify(three[2], now=NOW)
+    assert decodes == 0
+    fresh.verify(three[0], now=NOW)
+    assert decodes == 1

@@ -635,3 +635,23 @@ def test_larger_download_completes_with_endgame(seed: int) -> None:
     assert pp.is_complete and pp.num_outstanding == 0
     assert saw_endgame and cancelled > 0
     pp.check_invariants()
+
+
+def test_pipeline_floor_keeps_the_bytes_in_flight_of_16_kib_blocks() -> None:
+    """The floors count 16 KiB blocks: with larger blocks they shrink in proportion, down
+    to one block, so the bytes asked of a slow peer stay ~min_pipeline x 16 KiB (8 x 16
+    KiB = 128 KiB: one 256 KiB block, not two)."""
+
+    def floor(block: int) -> int:
+        picker: PiecePicker[str] = PiecePicker(
+            16, 256 * 1024, 16 * 256 * 1024, block_size=block, rng=random.Random(0)
+        )
+        return picker.pipeline_depth("slow")
+
+    assert [floor(kib * 1024) for kib in (16, 32, 64, 128, 256)] == [8, 4, 2, 1, 1]
+    # Its rate still deepens it: 1 s of 1 MiB/s in 256 KiB blocks.
+    picker: PiecePicker[str] = PiecePicker(
+        16, 256 * 1024, 16 * 256 * 1024, block_size=256 * 1024, rng=random.Random(0)
+    )
+    picker.update_rate("fast", 1024 * 1024)
+    assert picker.pipeline_depth("fast") == 4

@@ -145,3 +145,66 @@ def test_bucket_refund_is_capped_at_the_burst() -> None:
     assert bucket.reserve(2000, 0.0) == pytest.approx(1.5)
     bucket.refund(10_000, 0.0)
     assert bucket.available(0.0) == pytest.approx(500)
+
+
+def test_bucket_reserve_first_waits_for_its_own_bytes_only() -> None:
+    bucket = TokenBucket(1000, burst=500, now=0.0)
+    assert bucket.reserve(3000, 0.0) == pytest.approx(2.5)  # a queue of 2.5 s
+    # Ahead of that queue: 200 bytes wait 0.2 s, not 2.7 s.
+    assert bucket.reserve_first(200, 0.0) == pytest.approx(0.2)
+    # The next caller in arrival order waits for both.
+    assert bucket.reserve(100, 0.0) == pytest.approx(2.8)
+    # With tokens at hand, a first caller takes them at once.
+    fresh = TokenBucket(1000, burst=500, now=0.0)
+    assert fresh.reserve_first(400, 0.0) == 0.0
+    assert fresh.reserve_first(300, 0.0) == pytest.approx(0.2)
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(min_value=1, max_value=100_000), st.booleans()),
+        min_size=1,
+        max_size=50,
+    )
+)
+def test_bucket_going_first_never_exceeds_the_rate(calls: list[tuple[int, bool]]) -> None:
+    rate, burst = 10_000.0, 20_000.0
+    bucket = TokenBucket(rate, burst=burst, now=0.0)
+    now = 0.0
+    for size, first in calls:
+        now += bucket.reserve_first(size, now) if first else bucket.reserve(size, now)
+    # One caller at a time (each waits before the next arrives): everything sent by
+    # `now` fits in burst + rate * elapsed, whichever way each went.
+    assert sum(size for size, _ in calls) <= burst + rate * now + 1e-6
+
+
+def test_a_first_caller_passes_the_queue_and_the_queue_pays_for_it() -> None:
+    """A fetcher's registry reads on its downlink: queued peer blocks do not delay them,
+    and the link's rate holds (the peers' bytes wait for the registry's)."""
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    finished: dict[str, float] = {}
+
+    async def main() -> None:
+        limiter = RateLimiter(1_000_000, burst=64 * 1024)
+        start = trio.current_time()
+
+        async def peer(i: int) -> None:
+            await limiter.acquire(500_000)  # 8 peers: 4 MB queued, ~4 s
+            finished[f"peer{i}"] = trio.current_time() - start
+
+        async def origin() -> None:
+            await trio.sleep(0.1)
+            for _ in range(4):  # 4 x 250 kB, each after the last
+                await limiter.acquire(250_000, first=True)
+            finished["origin"] = trio.current_time() - start
+
+        async with trio.open_nursery() as nursery:
+            for i in range(8):
+                nursery.start_soon(peer, i)
+            nursery.start_soon(origin)
+
+    trio.run(main, clock=clock)
+    # 1 MB at the link's rate from 0.1 s, not behind the 4 MB queued before it.
+    assert finished["origin"] == pytest.approx(1.1, abs=0.01)
+    # The last peers' bytes waited for the registry's as well: 5 MB at 1 MB/s in all.
+    assert max(v for k, v in finished.items() if k.startswith("peer")) >= 4.9

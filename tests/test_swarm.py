@@ -29,6 +29,8 @@ from p2pimage.swarm.picker import PickerSettings
 from p2pimage.swarm.session import (
     SENDFILE_MIN_BLOCK,
     PeerSession,
+    _recv_into,
+    _send_all,
     make_connection,
     new_peer_id,
 )
@@ -323,17 +325,18 @@ async def test_reader_waiting_for_the_frontier_is_not_stalled_while_pieces_arriv
 async def test_request_queue_follows_the_swarm_picker_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """SwarmSettings.picker reaches the wire: with ``min_pipeline=2`` and a request queue
-    time too short to ask for more at any loopback rate, the leecher never has more than
-    2 requests outstanding, where the defaults (floor 8, one second of data: 64 blocks at
-    the 1 MiB/s link) would put 8 and more on the wire.
+    """SwarmSettings.picker reaches the wire: with ``min_pipeline=4`` (16 KiB blocks; the
+    layer's 32 KiB blocks: 2) and a request queue time too short to ask for more at any
+    loopback rate, the leecher never has more than 2 requests outstanding, where the
+    defaults (floor 8 x 16 KiB, one second of data: 32 blocks at the 1 MiB/s link) would
+    put 4 and more on the wire.
 
     Every pick is recorded as it happens (no sampling), so the result does not depend on
     how fast the machine is."""
     blob, meta = make_blob(tmp_path, 2 * MIB)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
-    # ceil(rate * 1e-4 s / 16 KiB) <= 1 below 160 MB/s: the depth is the floor, 2.
-    settings = SwarmSettings(picker=PickerSettings(request_queue_time=1e-4, min_pipeline=2))
+    # ceil(rate * 1e-4 s / 32 KiB) <= 1 below 320 MB/s: the depth is the floor, 2.
+    settings = SwarmSettings(picker=PickerSettings(request_queue_time=1e-4, min_pipeline=4))
     async with (
         open_peer_node(authenticator=local_authenticator(issuer, subject="s", cluster="c")) as s,
         open_peer_node(
@@ -782,3 +785,51 @@ async def test_the_writer_reuses_its_send_buffer_only_after_each_send() -> None:
     assert watched.overwritten == 0
     reused = [b for b in watched.buffers if b is not None]
     assert len(reused) >= 3 and all(b is reused[0] for b in reused)
+
+
+async def test_data_path_socket_calls_move_every_byte_and_keep_trio_semantics() -> None:
+    """The session's own socket calls (``_send_all``, ``_recv_into``): a send far beyond
+    the socket buffers completes through waits, in order; a receive waits for bytes and
+    returns 0 at EOF; each call is a checkpoint (a cancelled scope stops it even when
+    the socket is ready, and a wait can be cancelled); a closed socket is an OSError."""
+    a, b = await _tcp_stream_pair()
+    payload = os.urandom(8 * 1024 * 1024)  # far more than loopback's socket buffers
+    received = bytearray()
+    buffer = bytearray(64 * 1024)
+
+    async def drain() -> None:
+        reads = 0
+        while n := await _recv_into(b.socket, buffer):
+            received.extend(buffer[:n])
+            reads += 1
+            if reads % 8 == 0:
+                await trio.sleep(0.002)  # a slow reader: the sender must wait
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
+            await _send_all(a.socket, memoryview(payload))
+            await _send_all(a.socket, b"")
+            await a.send_eof()
+    assert received == payload
+
+    c, d = await _tcp_stream_pair()
+    await _send_all(c.socket, b"ready")
+    await trio.sleep(0.05)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await _recv_into(d.socket, buffer)  # bytes wait, but the scope is cancelled
+    assert scope.cancelled_caught
+    with trio.move_on_after(0.05) as scope:
+        assert await _recv_into(d.socket, buffer) == 5
+        await _recv_into(d.socket, buffer)  # nothing more: waits until cancelled
+    assert scope.cancelled_caught and bytes(buffer[:5]) == b"ready"
+    await c.aclose()
+    assert await _recv_into(d.socket, buffer) == 0
+    await d.aclose()
+    with pytest.raises(OSError):
+        await _send_all(d.socket, b"after close")
+    with pytest.raises(OSError):
+        await _recv_into(d.socket, buffer)
+    await a.aclose()
+    await b.aclose()

@@ -64,6 +64,14 @@ AUDIENCE = "p2pimage"
 ALLOWED_ALGORITHMS = ("EdDSA", "ES256")
 # A JWT larger than this is not one of ours (ours are ~600 bytes); it bounds parsing work.
 MAX_TOKEN_BYTES = 8192
+# Tokens whose signature a TokenVerifier has checked, kept (oldest dropped first) so that
+# a token seen again costs its claim checks and not its signature: a node meets the same
+# peer token on each layer it shares with that peer (a connection per swarm) and on each
+# duplicate connection of two nodes that dialed each other at once. (The tracker daemon
+# keeps its own cache of verified tokens in front of this one.) A signature check with
+# PyJWT costs ~10x the claim checks here.
+# 1,024 tokens of ~600 bytes with their claims: under 2 MiB.
+VERIFIED_TOKEN_CACHE = 1024
 # Default clock-skew allowance for exp/nbf checks: nodes run NTP, a minute of skew is rare.
 DEFAULT_LEEWAY_S = 30.0
 # The sidecar's ``iss`` unless configured otherwise (and the CLI's, so its tokens verify
@@ -466,6 +474,10 @@ class TokenVerifier:
         self.issuer = issuer
         self.audience = audience
         self.leeway_s = leeway_s
+        # token -> (the key that verified its signature, its claims); see
+        # VERIFIED_TOKEN_CACHE. An entry counts only while the key set still maps the
+        # token's kid to that same key object (a new key set never reuses one).
+        self._verified: dict[str, tuple[object, dict[str, Any]]] = {}
 
     def verify(
         self,
@@ -492,6 +504,11 @@ class TokenVerifier:
         key, key_alg = self.keys.lookup(kid)
         if alg != key_alg:
             raise AuthError("bad_algorithm", f"key {kid} is {key_alg}, token says {alg}")
+        cached = self._verified.get(token)
+        if cached is not None and cached[0] is key:
+            return self._check_claims(
+                token, cached[1], now=now, cluster=cluster, info_hash=info_hash
+            )
         try:
             claims = jwt.decode(
                 token,
@@ -510,6 +527,9 @@ class TokenVerifier:
             raise AuthError("bad_signature", "token signature does not verify") from None
         except jwt.PyJWTError as exc:
             raise AuthError("malformed", str(exc)) from None
+        if len(self._verified) >= VERIFIED_TOKEN_CACHE:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = (key, claims)
         return self._check_claims(token, claims, now=now, cluster=cluster, info_hash=info_hash)
 
     @staticmethod

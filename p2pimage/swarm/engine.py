@@ -739,8 +739,9 @@ class Swarm:
         self.picker.set_range_priority(first, end, 1)
 
     async def pace_download(self, nbytes: int) -> None:
-        """Wait until the node's download link has room for ``nbytes`` more."""
-        await self._download_limiter.acquire(nbytes)
+        """Wait until the node's download link has room for ``nbytes`` more registry
+        bytes: ahead of the peers' blocks queued for it (``RateLimiter.acquire(first=True)``)."""
+        await self._download_limiter.acquire(nbytes, first=True)
 
     async def accept_origin_piece(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         """Store a whole piece read from the registry and show it to the swarm; once every
@@ -768,13 +769,13 @@ class Swarm:
         if target is None:
             self._announce(index)
         else:
-            self.peers[target].session.send(Have(index))
+            self.peers[target].session.send_have(index)
 
     def _show_to_all(self, index: int, told: bytes) -> None:
         """A hidden origin piece is shown to every peer but ``told``, which knows it."""
         for peer in self.peers.values():
             if peer.key != told and not self.picker.peer_has(peer.key, index):
-                peer.session.send(Have(index))
+                peer.session.send_have(index)  # (with the batch's other haves)
 
     def _piece_verified(self, index: int) -> None:
         self._record_verified(index)

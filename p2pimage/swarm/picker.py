@@ -84,7 +84,11 @@ class PickerSettings:
     min_pipeline: int = 8
     #: Upper bound on the pipeline (libtorrent: ``max_out_request_queue`` = 500).
     #: Both bounds count 16 KiB blocks (DEFAULT_BLOCK_SIZE): with larger blocks they
-    #: shrink in proportion (never under 2), so the bytes in flight stay the same.
+    #: shrink in proportion (never under 1), so the bytes in flight stay the same. (A
+    #: floor of 2 doubled them for 256 KiB blocks: with 31 slow peers each node asked
+    #: for 2 x 31 x 256 KiB, a 16 MiB layer's every piece at once, and each uplink's queue
+    #: held ~4 s of requests, a wait paid at every hop a piece makes through the swarm:
+    #: docs/benchmarks.md, "The 32-node swarm".)
     max_pipeline: int = 500
     #: A request is late once it has been outstanding this many times longer than the
     #: peer's rate and queue predicted; late urgent requests may be duplicated.
@@ -173,8 +177,7 @@ class PiecePicker(Generic[P]):
         self._last_piece_length = total_length - (num_pieces - 1) * piece_length
         self._blocks_per_piece = -(-piece_length // block_size)
         scale = min(1.0, BLOCK_LENGTH / block_size)
-        floor = min(2, self.settings.min_pipeline)
-        self._min_pipeline = max(floor, math.ceil(self.settings.min_pipeline * scale))
+        self._min_pipeline = max(1, math.ceil(self.settings.min_pipeline * scale))
         self._max_pipeline = max(self._min_pipeline, math.ceil(self.settings.max_pipeline * scale))
         self._full = (1 << num_pieces) - 1
 

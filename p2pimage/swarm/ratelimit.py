@@ -7,7 +7,9 @@ cap over all its peer connections, the registry's egress cap over all origin rea
 callers are served in arrival order, so a large read cannot starve small ones forever.
 The order needs no lock: each caller takes its bytes from the bucket when it arrives,
 into debt, and sleeps until the debt up to its bytes is paid, so every later caller
-sleeps longer than every earlier one.
+sleeps longer than every earlier one. A caller may instead go first (``first=True``):
+it waits only for its own bytes and leaves its debt to the callers after it (a
+fetcher's registry reads on its downlink: the registry is the scarcest link).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class TokenBucket:
         self.burst = float(burst if burst is not None else default_burst)
         self._tokens = self.burst
         self._stamp = now
+        # Bytes taken by reserve_first so far: a caller already waiting when some went
+        # first waits that much longer (RateLimiter.acquire), so the rate holds.
+        self.first_bytes = 0
 
     def _refill(self, now: float) -> None:
         if now > self._stamp:
@@ -54,6 +59,18 @@ class TokenBucket:
         if self._tokens >= 0:
             return 0.0
         return -self._tokens / self.rate
+
+    def reserve_first(self, amount: int, now: float) -> float:
+        """Take ``amount`` bytes now ahead of the debt of earlier callers: wait only for
+        the part of ``amount`` not covered by tokens at hand (at most ``amount / rate``).
+        The debt grows by ``amount``, so later callers wait for these bytes, and so do
+        earlier callers still waiting (they see :attr:`first_bytes` grow): the rate
+        holds; only the order changes."""
+        self._refill(now)
+        at_hand = max(self._tokens, 0.0)
+        self._tokens -= amount
+        self.first_bytes += amount
+        return max(0.0, amount - at_hand) / self.rate
 
     def refund(self, amount: int, now: float) -> None:
         """Give back ``amount`` bytes taken by :meth:`reserve` that never passed (the
@@ -81,15 +98,17 @@ class RateLimiter:
     def limited(self) -> bool:
         return self.rate is not None
 
-    async def acquire(self, amount: int) -> None:
-        """Wait until ``amount`` bytes may pass; callers are served in arrival order.
+    async def acquire(self, amount: int, *, first: bool = False) -> None:
+        """Wait until ``amount`` bytes may pass; callers are served in arrival order,
+        except that a caller with ``first`` waits only for its own bytes
+        (:meth:`TokenBucket.reserve_first`).
 
-        Origin reads share a fetcher's downlink with its peers in this same order. (They
-        once skipped the queue: with 3 s request queues twenty peer connections could
-        starve them; with 1 s queues the skip only cost, see docs/benchmarks.md, "Tuned
-        defaults".) The bytes are taken on arrival (no lock: a queued caller costs one
-        timed sleep, not a lock's park, wake and hand-over as well); a caller cancelled
-        while it waits gives them back.
+        Origin reads go first on a fetcher's downlink. In arrival order, one fetcher's
+        registry reads got one turn in 32 at 32 nodes (a turn per peer sending to it):
+        the registry's part took 5-8.8 s where its cap allowed 4, and every node waited
+        for it (docs/benchmarks.md, "The 32-node swarm"). The bytes are taken on arrival
+        (no lock: a queued caller costs one timed sleep, not a lock's park, wake and
+        hand-over as well); a caller cancelled while it waits gives them back.
         """
         self.total += amount
         if self.rate is None:
@@ -98,11 +117,16 @@ class RateLimiter:
         now = trio.current_time()
         if bucket is None:
             bucket = self._bucket = TokenBucket(self.rate, self._burst, now=now)
-        wait = bucket.reserve(amount, now)
+        wait = bucket.reserve_first(amount, now) if first else bucket.reserve(amount, now)
         if wait <= 0 or not math.isfinite(wait):
             return
         try:
+            passed = bucket.first_bytes
             await trio.sleep(wait)
+            # Bytes that went first while we waited were meant to pass before ours.
+            while not first and bucket.first_bytes > passed:
+                ahead, passed = bucket.first_bytes - passed, bucket.first_bytes
+                await trio.sleep(ahead / bucket.rate)
         except trio.Cancelled:
             bucket.refund(amount, trio.current_time())
             raise
