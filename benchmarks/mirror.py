@@ -243,7 +243,10 @@ async def _bench_rss_cpu(
     tmp: Path, small_mib: int, large_mib: int, cpu_samples: int, sample_bytes: int
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    async with local_cluster(tmp / "rss", nodes=2, node_processes=True) as cluster:
+    # Started as a pod starts them (not forked from a launcher): a pod's memory.
+    async with local_cluster(
+        tmp / "rss", nodes=2, node_processes=True, fork_nodes=False
+    ) as cluster:
         for i, (key, mib) in enumerate((("small", small_mib), ("large", large_mib))):
             size = mib * MIB
             digest = await _push_blob(cluster, tmp, size)

@@ -55,7 +55,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from daemons._config import ConfigError, config_options, settings_for_command
-from daemons._http import ClosingStreamingResponse, ListenError, TlsFiles, client_tls, serve_app
+from daemons._http import (
+    ClosingStreamingResponse,
+    ListenError,
+    TlsFiles,
+    client_tls,
+    serve_app,
+    system_tls,
+)
 from daemons._logging import LogJson, LogLevel, setup_logging
 from daemons._run import exit_after_shutdown, run_until_signalled
 from p2pimage.auth.tokens import NodeKey
@@ -857,10 +864,6 @@ async def run_node(
     registry_verify = _registry_tls(settings.registry_ca_file)
     # The control plane (sidecar, tracker) is verified against ca_file alone.
     control_verify = client_tls(settings.ca_file)
-    if registry_verify is True and control_verify is True:
-        # Both trust the system's CAs: one context for both clients (building one loads
-        # the CA bundle, ~22 ms of CPU, once per client otherwise).
-        registry_verify = control_verify = httpx.create_ssl_context()
     async with (
         httpx.AsyncClient(timeout=timeout, limits=limits, verify=registry_verify) as http,
         httpx.AsyncClient(timeout=timeout, limits=limits, verify=control_verify) as control,
@@ -993,11 +996,12 @@ async def run_node(
             task_status.started(url)
 
 
-def _registry_tls(ca_file: Path | None) -> ssl.SSLContext | bool:
-    """Registries are verified against the system's CAs (or ``SSL_CERT_FILE``), and
-    ``ca_file`` too when given."""
+def _registry_tls(ca_file: Path | None) -> ssl.SSLContext:
+    """Registries are verified against the system's CAs (or ``SSL_CERT_FILE``: the
+    process's one context, :func:`~daemons._http.system_tls`), and ``ca_file`` too when
+    given."""
     if ca_file is None:
-        return True
+        return system_tls()
     context = httpx.create_ssl_context()
     try:
         context.load_verify_locations(cafile=str(ca_file))

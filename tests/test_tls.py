@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from daemons._config import ConfigError
-from daemons._http import TlsFiles, client_tls
+from daemons._http import TlsFiles, client_tls, system_tls
 from daemons.node import NodeSettings, check_settings
 from daemons.testbed.localcluster import local_cluster
 from daemons.testbed.tls import make_tls
@@ -65,7 +65,7 @@ def test_tls_settings_are_checked_at_start(tmp_path: Path) -> None:
         client_tls(tmp_path / "missing.pem")
     context = client_tls(tls.ca_file)
     assert isinstance(context, ssl.SSLContext) and context.verify_mode == ssl.CERT_REQUIRED
-    assert client_tls(None) is True
+    assert client_tls(None) is system_tls()  # the system's trust store, built once
 
 
 @needs_registry

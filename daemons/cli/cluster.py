@@ -35,7 +35,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from daemons._http import client_tls
+from daemons._http import client_tls, system_tls
 from daemons._run import run_until_signalled
 from daemons.cli.preheat import submit_preheat, wait_preheat
 from daemons.testbed import netns as _netns
@@ -297,6 +297,8 @@ def _live_cpu(cluster: LocalCluster) -> tuple[float, float]:
     """CPU seconds so far of the live node processes and of the registry (/proc); a
     process not started yet or already gone counts 0."""
     pids = [n.process.pid for n in cluster.nodes if n.process is not None]
+    if cluster.launcher is not None and cluster.launcher.pid is not None:
+        pids.append(cluster.launcher.pid)  # the imports the forked nodes share
     out = []
     for group in (pids, [cluster.registry.pid] if cluster.registry.pid else []):
         total = 0.0
@@ -371,7 +373,10 @@ async def run_cluster(params: ClusterParams, console: Console | None = None) -> 
             egress0 = cluster.registry_egress
             link0 = cluster.topology.registry_link_bytes() if cluster.topology else 0
             nodes_cpu0 = _nodes_cpu_seconds(cluster)
-            async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
+            async with (
+                httpx.AsyncClient(verify=system_tls()) as http,
+                trio.open_nursery() as nursery,
+            ):
                 metrics0 = [await _scrape(http, n.mirror_url) for n in cluster.nodes]
                 done = trio.Event()
                 nursery.start_soon(_progress, console, cluster, http, results, image_bytes, done)

@@ -24,9 +24,11 @@ import trio
 from pydantic import SecretStr
 
 from daemons._config import dump_settings
+from daemons._http import system_tls
 from daemons.node import NodeDaemon, NodeSettings, run_node
 from daemons.sidecar import SidecarSettings, run_sidecar
 from daemons.testbed import netns as _netns
+from daemons.testbed.nodefork import ForkedNode, NodeLauncher
 from daemons.testbed.process import free_port
 from daemons.testbed.registry import RegistryProcess, TokenAuth, start_registry
 from daemons.testbed.throttle_proxy import ThrottleProxy
@@ -48,7 +50,9 @@ class ClusterNode:
     mirror_url: str
     settings: NodeSettings
     daemon: NodeDaemon | None = None  # in-process nodes only
-    process: trio.Process | None = None  # nodes run as their own OS process
+    # Nodes run as their own OS process: started by ``python -m daemons.node``
+    # (namespaces), or forked by the cluster's ``NodeLauncher`` (loopback).
+    process: trio.Process | ForkedNode | None = None
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     netns: str | None = None  # network-namespace mode: the node's own namespace
     log_start: int = 0  # node processes: where this run's lines begin in node.log
@@ -86,6 +90,7 @@ class LocalCluster:
     sidecar_settings: SidecarSettings | None = None
     tracker_settings: TrackerSettings | None = None
     nursery: trio.Nursery | None = None
+    launcher: NodeLauncher | None = None  # forks the node processes (loopback)
 
     async def start_sidecar(self) -> None:
         """Start the sidecar again on its address, after ``sidecar_scope.cancel()``."""
@@ -142,6 +147,7 @@ async def local_cluster(
     htpasswd: tuple[str, str] | None = None,
     notifications: bool = True,
     node_processes: bool = False,
+    fork_nodes: bool = True,
     network: Literal["loopback", "netns"] = "loopback",
     tls: bool = False,
     token_auth: TokenAuth | None = None,
@@ -167,7 +173,10 @@ async def local_cluster(
 
     With ``node_processes``, each node runs as its own ``p2pimage node`` process (as on a
     real cluster, and using every core); otherwise all nodes share this trio loop, which
-    is faster to start and lets tests reach into each node's daemon object.
+    is faster to start and lets tests reach into each node's daemon object. On loopback
+    the node processes are forked from one launcher that has imported the node once
+    (:mod:`daemons.testbed.nodefork`); ``fork_nodes=False`` starts each with
+    ``python -m daemons.node`` instead, as a pod does (its memory as a pod's).
 
     With ``network="netns"`` (root only, see :mod:`daemons.testbed.netns`), each node is its own
     host: its process runs in its own network namespace with its own address, the rates
@@ -209,6 +218,7 @@ async def local_cluster(
             htpasswd=htpasswd,
             notifications=notifications,
             node_processes=node_processes,
+            fork_nodes=fork_nodes,
             topo=topo,
             tls=tls,
             token_auth=token_auth,
@@ -236,6 +246,7 @@ async def _local_cluster(
     notifications: bool,
     node_processes: bool,
     topo: _netns.Topology | None,
+    fork_nodes: bool = True,
     tls: bool,
     token_auth: TokenAuth | None,
     sidecar_login: tuple[str, str] | None,
@@ -268,6 +279,11 @@ async def _local_cluster(
         else None
     )
     async with trio.open_nursery() as nursery:
+        launcher = None
+        if node_processes and fork_nodes and topo is None:
+            # Imports once for all nodes, while the registry and the control plane start.
+            launcher = NodeLauncher()
+            nursery.start_soon(launcher.run)
         sidecar_port = free_port(core_host)
         sidecar_url = f"{'https' if tls else 'http'}://{core_host}:{sidecar_port}"
         async with start_registry(
@@ -363,7 +379,7 @@ async def _local_cluster(
                 elif node_processes:
                     # Port 0: the node binds a free port itself and logs its URL (a port
                     # picked here could be taken by another connection before it binds).
-                    await nursery.start(_run_node_process, node, workdir / name)
+                    await nursery.start(_run_node_process, node, workdir / name, launcher)
                 else:
                     node.mirror_url = await nursery.start(_run_cluster_node, node)
                     assert node.daemon is not None
@@ -389,6 +405,7 @@ async def _local_cluster(
                 sidecar_settings=sidecar_settings,
                 tracker_settings=tracker_settings,
                 nursery=nursery,
+                launcher=launcher,
             )
             try:
                 yield cluster
@@ -421,9 +438,12 @@ async def _run_cluster_node(
 async def _run_node_process(
     node: ClusterNode,
     directory: Path,
+    launcher: NodeLauncher | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Run ``p2pimage node --config ...`` for ``node``: forked by ``launcher``, or
+    ``python -m daemons.node`` under the node's ``exec_prefix`` without one."""
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "node.toml"
     config.write_text(dump_settings(node.settings, secrets=True))
@@ -433,30 +453,31 @@ async def _run_node_process(
     proxy_listen = node.settings.proxy_listen
     if proxy_listen is not None and not proxy_listen.endswith(":0"):
         node.proxy_url = "http://" + proxy_listen
-    log_file = (directory / "node.log").open("ab")
-    node.log_start = log_file.tell()
-    try:
-        with node.scope:
+    log_path = directory / "node.log"
+    args = ["--config", str(config)]
+    with node.scope:
+        if launcher is not None:
+            node.log_start = log_path.stat().st_size if log_path.exists() else 0
+            forked = node.process = await launcher.start(args, log_path)
+            task_status.started()
+            await forked.run()
+            return
+        log_file = log_path.open("ab")
+        node.log_start = log_file.tell()
+        try:
             async with trio.open_nursery() as nursery:
                 node.process = await nursery.start(
                     functools.partial(
                         trio.run_process,
-                        [
-                            *node.exec_prefix(),
-                            sys.executable,
-                            "-m",
-                            "daemons.node",
-                            "--config",
-                            str(config),
-                        ],
+                        [*node.exec_prefix(), sys.executable, "-m", "daemons.node", *args],
                         stdout=log_file,
                         stderr=log_file,
                         check=False,
                     )
                 )
                 task_status.started()
-    finally:
-        log_file.close()
+        finally:
+            log_file.close()
 
 
 def _logged_mirror_url(log_path: Path, start: int, message: str = "mirror serving") -> str:
@@ -478,7 +499,7 @@ def _logged_mirror_url(log_path: Path, start: int, message: str = "mirror servin
 async def _wait_healthy(node: ClusterNode, log_path: Path) -> None:
     """Until the node process answers ``/healthz``; a node that exits first is an error
     that quotes its log."""
-    async with httpx.AsyncClient(timeout=2) as http:
+    async with httpx.AsyncClient(timeout=2, verify=system_tls()) as http:
         while True:
             if node.process is not None and node.process.returncode is not None:
                 tail = log_path.read_text(errors="replace")[-2000:]

@@ -6,28 +6,9 @@ for the wire format of the ``p2pimage`` extras.
 
 from __future__ import annotations
 
-from ._policy import (
-    AnnounceOutcome,
-    FetcherRange,
-    PeerIdTakenError,
-    PeerRecord,
-    PolicyConfig,
-    SwarmRecord,
-    TrackerPolicy,
-    origin_blob_url,
-)
-from ._preheat import (
-    PreheatBoard,
-    PreheatError,
-    PreheatJob,
-    PreheatLayer,
-    PreheatPoll,
-    PreheatReport,
-    PreheatSpec,
-    parse_preheat_poll,
-    parse_preheat_report,
-    parse_preheat_request,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._protocol import (
     DEFAULT_NUMWANT,
     MAX_BATCH_BYTES,
@@ -57,15 +38,83 @@ from ._protocol import (
     parse_announce_response,
     parse_scrape,
 )
-from ._state import (
-    MemoryState,
-    RedisState,
-    StateConflictError,
-    StateStats,
-    StateUnavailableError,
-    SwarmKey,
-    TrackerState,
-)
+
+if TYPE_CHECKING:
+    from ._policy import (
+        AnnounceOutcome,
+        FetcherRange,
+        PeerIdTakenError,
+        PeerRecord,
+        PolicyConfig,
+        SwarmRecord,
+        TrackerPolicy,
+        origin_blob_url,
+    )
+    from ._preheat import (
+        PreheatBoard,
+        PreheatError,
+        PreheatJob,
+        PreheatLayer,
+        PreheatPoll,
+        PreheatReport,
+        PreheatSpec,
+        parse_preheat_poll,
+        parse_preheat_report,
+        parse_preheat_request,
+    )
+    from ._state import (
+        MemoryState,
+        RedisState,
+        StateConflictError,
+        StateStats,
+        StateUnavailableError,
+        SwarmKey,
+        TrackerState,
+    )
+
+# The server side (policy, state backends, preheat board) is imported on first use
+# (module ``__getattr__``, PEP 562): a node needs the messages, not the tracker.
+_LAZY: dict[str, str] = {
+    "AnnounceOutcome": "p2pimage.tracker._policy",
+    "FetcherRange": "p2pimage.tracker._policy",
+    "MemoryState": "p2pimage.tracker._state",
+    "PeerIdTakenError": "p2pimage.tracker._policy",
+    "PeerRecord": "p2pimage.tracker._policy",
+    "PolicyConfig": "p2pimage.tracker._policy",
+    "PreheatBoard": "p2pimage.tracker._preheat",
+    "PreheatError": "p2pimage.tracker._preheat",
+    "PreheatJob": "p2pimage.tracker._preheat",
+    "PreheatLayer": "p2pimage.tracker._preheat",
+    "PreheatPoll": "p2pimage.tracker._preheat",
+    "PreheatReport": "p2pimage.tracker._preheat",
+    "PreheatSpec": "p2pimage.tracker._preheat",
+    "RedisState": "p2pimage.tracker._state",
+    "StateConflictError": "p2pimage.tracker._state",
+    "StateStats": "p2pimage.tracker._state",
+    "StateUnavailableError": "p2pimage.tracker._state",
+    "SwarmKey": "p2pimage.tracker._state",
+    "SwarmRecord": "p2pimage.tracker._policy",
+    "TrackerPolicy": "p2pimage.tracker._policy",
+    "TrackerState": "p2pimage.tracker._state",
+    "origin_blob_url": "p2pimage.tracker._policy",
+    "parse_preheat_poll": "p2pimage.tracker._preheat",
+    "parse_preheat_report": "p2pimage.tracker._preheat",
+    "parse_preheat_request": "p2pimage.tracker._preheat",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups find it directly
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "DEFAULT_NUMWANT",
