@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import socket
 from pathlib import Path
@@ -25,7 +26,9 @@ from daemons._http import (
     receive_body,
     serve_app,
 )
+from daemons.node import NodeSettings, run_node
 from daemons.testbed.tls import make_tls
+from p2pimage.oci.registry import RegistryClient
 
 Scope = dict[str, Any]
 
@@ -607,4 +610,37 @@ async def test_a_body_that_stops_coming_is_a_disconnect_after_the_body_timeout()
                 await trio.sleep(0.02)
         assert app.gone == ["/p"]
         assert await client.closed()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_node_mirror_on_the_lean_server_streams_blobs_whole_and_in_ranges(
+    registry: Any, tmp_path: Path
+) -> None:
+    """The node's opt-in (``http_server = "lean"``): its mirror's streaming answers (a
+    blob read through from the real registry, then from its cache) whole and in ranges,
+    on one kept-alive connection, the same bytes as the registry's."""
+    data = os.urandom(3 * 1024 * 1024 + 4321)
+    async with RegistryClient(registry.url) as client:
+        digest = await client.push_blob("team/app", data)
+    host = registry.url.removeprefix("http://")
+    settings = NodeSettings(
+        listen="127.0.0.1:0",
+        node_name="lean",
+        upstreams={host: registry.url},
+        default_upstream=registry.url,
+        cache_dir=tmp_path / "cache",
+        http_server="lean",
+    )
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(run_node, settings)
+        blob = f"{url}/v2/team/app/blobs/{digest}"
+        async with httpx.AsyncClient() as http:
+            for _ in range(2):  # read through, then (cached) again
+                r = await http.get(blob, params={"ns": host})
+                assert r.status_code == 200 and r.content == data
+                assert "server" not in r.headers  # hypercorn's would name itself
+            r = await http.get(blob, params={"ns": host}, headers={"Range": "bytes=1000-2000999"})
+            assert r.status_code == 206 and r.content == data[1000:2001000]
+            r = await http.head(blob, params={"ns": host})
+            assert r.status_code == 200 and int(r.headers["content-length"]) == len(data)
         nursery.cancel_scope.cancel()
