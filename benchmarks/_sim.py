@@ -29,10 +29,12 @@ no tracker, every node is given every other node, and the fetchers read the stat
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from p2pimage.bound import direct_pull_time, kumar_ross_bound
 from p2pimage.metainfo.torrent import choose_piece_length
@@ -53,6 +55,8 @@ from p2pimage.tracker import SwarmRecord as TrackerSwarm
 from p2pimage.tracker.client import AnnounceSettings
 
 __all__ = ["SimParams", "SimResult", "simulate"]
+
+_left = attrgetter("left")
 
 _HOST = "10.0.0.1"
 _PORT0 = 10_000
@@ -81,6 +85,12 @@ class SimParams:
     swarm: SwarmSettings = field(default_factory=SwarmSettings)
     announce: AnnounceSettings = field(default_factory=AnnounceSettings)
     policy: PolicyConfig = field(default_factory=_tracker_config)
+    # A node's requests wait behind the uploads already queued on its own uplink, as the
+    # engine sends control messages through the same per-connection queue and upload
+    # limiter as piece data. False: an engine that sends them ahead of queued data (a
+    # what-if; docs/benchmarks.md, "Where the time goes at scale").
+    requests_behind_uploads: bool = True
+    timeline: bool = False  # record the time course, one row per simulated second
     seed: int = 1
     max_time_s: float = 3600.0
 
@@ -99,6 +109,9 @@ class SimResult:
     released: int
     events: int
     stalls: int  # peers dropped for sending nothing within the stall timeout
+    t_p10_s: float  # the 10th percentile node
+    t_p99_s: float  # the 99th percentile node
+    timeline: list[dict[str, float]] | None = None  # SimParams.timeline: see _timeline_row
 
 
 @dataclass(eq=False, slots=True)
@@ -125,6 +138,7 @@ class _Node:
     out: dict[int, int] = field(default_factory=dict)  # pieces in flight from each peer
     recv: dict[int, float] = field(default_factory=dict)  # bytes from each peer this tick
     rate: dict[int, float] = field(default_factory=dict)
+    depth: dict[int, int] = field(default_factory=dict)  # picker.pipeline_depth, per rate
     last_data: dict[int, tuple[float, float]] = field(default_factory=dict)  # from each
     # peer: (when, ``received`` then)
     received: float = 0.0  # bytes from all peers
@@ -141,7 +155,50 @@ class _Node:
     partial: float = 0.0  # bytes of request[0] read so far
 
 
+def _timeline_row(
+    t: float, acc: dict[str, float], nodes: list[_Node], pieces: int, p: SimParams
+) -> dict[str, float]:
+    """The last simulated second: link use and where the swarm stands."""
+    steps, n = acc["steps"], len(nodes)
+    leechers = [node for node in nodes if node.done_at is None]
+    union = 0
+    for node in nodes:
+        for i in node.have:
+            union |= 1 << i
+    return {
+        "t": round(t, 2),
+        # Shares of all uplinks' and downlinks' capacity used.
+        "up_use": round(acc["up"] / (steps * p.dt * p.up * n), 3),
+        "down_use": round(acc["down"] / (steps * p.dt * p.down * n), 3),
+        # Share of uplinks with capacity left while requests for them were still on
+        # their way (queued behind the requester's own uploads).
+        "idle_in_transit": round(acc["idle_in_transit"] / (steps * n), 3),
+        "held": round(sum(len(node.have) for node in nodes) / (n * pieces), 3),
+        "in_swarm": union.bit_count() / pieces,
+        "queued_mib": round(sum(sum(map(_left, node.queue)) for node in nodes) / n / 2**20, 2),
+        "in_flight": round(
+            sum(sum(node.out.values()) for node in leechers) / max(1, len(leechers)), 1
+        ),
+        "done": n - len(leechers),
+    }
+
+
 def simulate(p: SimParams) -> SimResult:
+    """Run the model once (deterministic for a given ``p.seed``)."""
+    # The cyclic garbage collector is off for the run: the model keeps millions of
+    # objects alive at 5,000 nodes, and the collections its allocations set off walked
+    # them all (40 % of a 5,000-node run: 467 -> 276 CPU s, the same results). What the
+    # run leaves in cycles (~18,000 objects at 200 nodes) is collected once it is back on.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _simulate(p)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _simulate(p: SimParams) -> SimResult:
     rng = random.Random(p.seed)
     pieces = p.pieces or -(-p.size // choose_piece_length(p.size))
     piece_len = -(-p.size // pieces)
@@ -179,6 +236,8 @@ def simulate(p: SimParams) -> SimResult:
         )
 
     nodes = [make_node(i) for i in range(p.nodes)]
+    min_depth = nodes[0].picker.pipeline_depth(-1)  # a peer whose rate is not known yet
+    done = 0
     for node in nodes:
         node.next_announce = rng.uniform(0, p.announce_jitter_s) if p.tracker else math.inf
     registry_bytes = 0.0
@@ -249,6 +308,7 @@ def simulate(p: SimParams) -> SimResult:
         del node.neighbors[k]
         node.out.pop(k, None)
         node.rate.pop(k, None)
+        node.depth.pop(k, None)
         node.last_data.pop(k, None)
         node.picker.peer_lost(k)
         node.queue = deque(t for t in node.queue if t.dst != k)
@@ -324,8 +384,10 @@ def simulate(p: SimParams) -> SimResult:
         check_done(node)
 
     def check_done(node: _Node) -> None:
+        nonlocal done
         if len(node.have) == pieces and node.done_at is None:
             node.done_at = now
+            done += 1
             news(node)
             rechoke(node)
 
@@ -342,40 +404,33 @@ def simulate(p: SimParams) -> SimResult:
         as the engine's control messages share the upload limiter with its data."""
         b = backlogs.get(node.index)
         if b is None:
-            b = backlogs[node.index] = sum(t.left for t in node.queue)
+            b = backlogs[node.index] = sum(map(_left, node.queue))
         return b
 
     def refill(node: _Node) -> None:
         if node.done_at is not None:
             return
+        me, picker, out, depth = node.index, node.picker, node.out, node.depth
         for peer in node.neighbors:
-            # The engine asks only peers it is interested in and not choked by.
-            if node.index not in nodes[peer].unchoked or not node.picker.peer_is_interesting(peer):
+            # The engine asks only peers it is interested in and not choked by, for up to
+            # their pipeline depth (cached per rate update: the hot path of the model).
+            src = nodes[peer]
+            if me not in src.unchoked:
                 continue
-            want = node.picker.pipeline_depth(peer) - node.out.get(peer, 0)
-            if want <= 0:
+            want = depth.get(peer, min_depth) - out.get(peer, 0)
+            if want <= 0 or not picker.peer_is_interesting(peer):
                 continue
-            blocks = node.picker.pick(peer, want, now)
+            blocks = picker.pick(peer, want, now)
             if blocks:
-                if not node.out.get(peer, 0):
+                if not out.get(peer, 0):
                     # The engine's stall clock starts when we start waiting (Swarm._refill):
                     # a spell with nothing to ask of this peer is no stall.
                     node.last_data[peer] = (now, node.received)
-                src = nodes[peer]
-                ready = now + backlog(node) / p.up
-                for block in blocks:
-                    src.queue.append(
-                        _Transfer(
-                            peer,
-                            node.index,
-                            block.index,
-                            block.begin,
-                            block.length,
-                            block.length,
-                            ready,
-                        )
-                    )
-                node.out[peer] = node.out.get(peer, 0) + len(blocks)
+                ready = now + backlog(node) / p.up if p.requests_behind_uploads else now
+                src.queue.extend(
+                    _Transfer(peer, me, b.index, b.begin, b.length, b.length, ready) for b in blocks
+                )
+                out[peer] = out.get(peer, 0) + len(blocks)
 
     # ------------------------------------------------------------------ origin reads
 
@@ -509,6 +564,9 @@ def simulate(p: SimParams) -> SimResult:
     # ------------------------------------------------------------------ the network
 
     next_tick = ss.tick_s
+    timeline: list[dict[str, float]] | None = [] if p.timeline else None
+    acc = dict.fromkeys(("steps", "up", "down", "idle_in_transit"), 0.0)
+    next_row = 1.0
     last_tick = 0.0
     while now < p.max_time_s:
         for node in nodes:
@@ -530,27 +588,38 @@ def simulate(p: SimParams) -> SimResult:
                 down_left[index] -= got
                 origin_bytes(nodes[index], got)
         # Uplinks and downlinks.
+        up_step = p.up * p.dt
         for node in nodes:
             if not node.queue:
                 continue
-            budget = p.up * p.dt
+            budget = up_step
             finished = []
+            me = node.index
             for t in node.queue:
                 if budget <= 0:
                     break
                 if t.ready > now:
                     continue
-                take = min(budget, down_left[t.dst], t.left)
+                dst = t.dst
+                take = t.left  # min(budget, downlink left, block left), inlined
+                if budget < take:
+                    take = budget
+                if down_left[dst] < take:
+                    take = down_left[dst]
                 if take <= 0:
                     continue
-                receiver = nodes[t.dst]
+                receiver = nodes[dst]
                 receiver.received += take
-                receiver.last_data[node.index] = (now, receiver.received)
+                receiver.last_data[me] = (now, receiver.received)
                 t.left -= take
                 budget -= take
-                down_left[t.dst] -= take
+                down_left[dst] -= take
                 if t.left <= 1e-9:
                     finished.append(t)
+            if timeline is not None:
+                acc["up"] += up_step - budget
+                if budget > 1e-9 and any(t.ready > now for t in node.queue):
+                    acc["idle_in_transit"] += 1
             for t in finished:
                 node.queue.remove(t)
                 dst = nodes[t.dst]
@@ -562,6 +631,13 @@ def simulate(p: SimParams) -> SimResult:
                 cancel(dst, dst.picker.block_received(node.index, t.piece, t.begin))
                 if dst.picker.is_finished(t.piece):
                     got_piece(dst, t.piece, from_origin=False)
+        if timeline is not None:
+            acc["steps"] += 1
+            acc["down"] += sum(p.down * p.dt - d for d in down_left)
+            if now + p.dt >= next_row:
+                timeline.append(_timeline_row(now + p.dt, acc, nodes, pieces, p))
+                acc = dict.fromkeys(acc, 0.0)
+                next_row += 1.0
         now += p.dt
         if now >= next_tick:
             # The engine's tick: rates (EWMA over ~2 s), reveal timeouts, rechoke.
@@ -576,6 +652,7 @@ def simulate(p: SimParams) -> SimResult:
                     r += alpha * (node.recv.get(k, 0.0) / elapsed - r)
                     node.rate[k] = r
                     node.picker.update_rate(k, r)
+                    node.depth[k] = node.picker.pipeline_depth(k)
                 node.recv.clear()
                 for k in [
                     k
@@ -598,8 +675,10 @@ def simulate(p: SimParams) -> SimResult:
         backlogs.clear()
         while dirty:
             refill(nodes[dirty.pop()])
-        if all(n.done_at is not None for n in nodes):
+        if done == len(nodes):
             break
+    if timeline is not None and acc["steps"]:
+        timeline.append(_timeline_row(now, acc, nodes, pieces, p))  # the last, partial second
     times = sorted(n.done_at if n.done_at is not None else math.inf for n in nodes)
     return SimResult(
         nodes=p.nodes,
@@ -614,4 +693,7 @@ def simulate(p: SimParams) -> SimResult:
         released=sum(1 for n in nodes if n.released),
         events=events,
         stalls=stalls,
+        t_p10_s=times[len(times) // 10],
+        t_p99_s=times[min(len(times) - 1, len(times) * 99 // 100)],
+        timeline=timeline,
     )

@@ -4,12 +4,16 @@ the real swarm benchmark.
 
     python -m benchmarks.simulate [--nodes 200,500,5000] [--size-mib 256] [--pieces 128]
         [--origin-mib-s 64] [--node-mib-s 16] [--quick] [--json PATH] [--plot PATH]
+        [--timeline]
     python -m benchmarks.simulate --calibrate [--quick] [--json PATH]
 
 ``--size-mib`` takes a list (``32,256``): every node count runs with every size.
 ``--pieces 0`` cuts the layer as the sidecar would (``choose_piece_length``).
-JSON keys (the largest run): nodes, size_mib, t_all_s, t_median_s, t_bound_s,
-ratio_to_bound, t_direct_s, speedup_vs_direct, registry_copies, wall_s; plus ``runs``.
+JSON keys (the largest run): nodes, size_mib, t_all_s, t_median_s, t_p10_s, t_p99_s,
+t_bound_s, ratio_to_bound, t_direct_s, speedup_vs_direct, registry_copies, wall_s, cpu_s
+(the simulator's CPU seconds: wall time depends on the machine's load); plus ``runs``.
+``--timeline`` prints each run's time course (one row per simulated second: link use,
+pieces held, requests queued and in flight, nodes done) and adds it to the runs' JSON.
 ``--plot PATH`` draws every run against direct pulls (the source system's experiment:
 ``--nodes 200,500 --size-mib 32,256``).
 
@@ -46,13 +50,17 @@ from ._sim import SimParams, simulate
 
 
 def _run(params: SimParams) -> dict[str, Any]:
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     result = asdict(simulate(params))
     result["ratio_to_bound"] = round(result["t_all_s"] / result["t_bound_s"], 3)
     result["speedup_vs_direct"] = round(result["t_direct_s"] / result["t_all_s"], 1)
     result["wall_s"] = round(time.monotonic() - started, 1)
-    for key in ("t_all_s", "t_median_s", "t_bound_s", "t_direct_s", "t_origin_s"):
+    result["cpu_s"] = round(time.process_time() - cpu, 1)
+    keys = ("t_all_s", "t_median_s", "t_p10_s", "t_p99_s", "t_bound_s", "t_direct_s", "t_origin_s")
+    for key in keys:
         result[key] = round(result[key], 3)
+    if result["timeline"] is None:
+        del result["timeline"]
     result["registry_copies"] = round(result["registry_copies"], 4)
     return result
 
@@ -73,11 +81,18 @@ def scale(args: argparse.Namespace) -> int:
                 up=args.node_mib_s * MIB,
                 down=args.node_mib_s * MIB,
                 seed=args.seed,
+                timeline=args.timeline,
             )
             result = _run(params)
             result["size_mib"] = size_mib
             runs.append(result)
-            print(f"  {n} nodes, {size_mib:g} MiB simulated in {result['wall_s']} s", flush=True)
+            print(
+                f"  {n} nodes, {size_mib:g} MiB simulated in {result['wall_s']} s "
+                f"({result['cpu_s']} CPU s)",
+                flush=True,
+            )
+            if args.timeline:
+                print_timeline(result["timeline"], f"{n} nodes, {size_mib:g} MiB")
     table = Table(
         title=(
             f"simulation: registry {args.origin_mib_s:g} MiB/s, "
@@ -90,6 +105,7 @@ def scale(args: argparse.Namespace) -> int:
         "pieces",
         "all done s",
         "median s",
+        "p10 / p99 s",
         "bound s",
         "× bound",
         "direct s",
@@ -99,6 +115,7 @@ def scale(args: argparse.Namespace) -> int:
         "released",
         "stalls",
         "wall s",
+        "CPU s",
     ):
         table.add_column(col, justify="right")
     for r in runs:
@@ -108,6 +125,7 @@ def scale(args: argparse.Namespace) -> int:
             str(r["pieces"]),
             f"{r['t_all_s']:.1f}",
             f"{r['t_median_s']:.1f}",
+            f"{r['t_p10_s']:.1f} / {r['t_p99_s']:.1f}",
             f"{r['t_bound_s']:.1f}",
             f"{r['ratio_to_bound']:.2f}",
             f"{r['t_direct_s']:.0f}",
@@ -117,6 +135,7 @@ def scale(args: argparse.Namespace) -> int:
             str(r["released"]),
             str(r["stalls"]),
             f"{r['wall_s']:.0f}",
+            f"{r['cpu_s']:.0f}",
         )
     print_table(table)
     if args.plot:
@@ -128,17 +147,41 @@ def scale(args: argparse.Namespace) -> int:
             "size_mib",
             "t_all_s",
             "t_median_s",
+            "t_p10_s",
+            "t_p99_s",
             "t_bound_s",
             "ratio_to_bound",
             "t_direct_s",
             "speedup_vs_direct",
             "registry_copies",
             "wall_s",
+            "cpu_s",
         )
         out: dict[str, Any] = {k: largest[k] for k in keys}
         out["runs"] = runs
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def print_timeline(rows: list[dict[str, float]], title: str) -> None:
+    """One run's time course (``SimParams.timeline``), a row per simulated second."""
+    table = Table(title=f"time course: {title}")
+    columns = (
+        ("t", "s", "{:g}"),
+        ("up_use", "uplinks used", "{:.2f}"),
+        ("down_use", "downlinks used", "{:.2f}"),
+        ("idle_in_transit", "uplinks idle, requests in transit", "{:.2f}"),
+        ("held", "pieces held", "{:.2f}"),
+        ("in_swarm", "pieces in swarm", "{:.2f}"),
+        ("queued_mib", "queued MiB per uplink", "{:.1f}"),
+        ("in_flight", "requests in flight per leecher", "{:.0f}"),
+        ("done", "nodes done", "{:.0f}"),
+    )
+    for _, label, _ in columns:
+        table.add_column(label, justify="right")
+    for row in rows:
+        table.add_row(*(fmt.format(row[key]) for key, _, fmt in columns))
+    print_table(table)
 
 
 def plot(runs: list[dict[str, Any]], path: Path, origin_mib_s: float, node_mib_s: float) -> None:
@@ -328,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="200 nodes only (--calibrate: 8, 16)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, help="draw the runs against direct pulls (PNG)")
+    parser.add_argument("--timeline", action="store_true", help="print each run's time course")
     args = parser.parse_args(argv)
     return calibrate(args) if args.calibrate else scale(args)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from benchmarks._sim import SimParams, simulate
 
 
@@ -41,3 +43,55 @@ def test_slow_links_with_queued_requests_drop_no_peer() -> None:
     )
     assert result.t_all_s < result.t_direct_s
     assert result.stalls == 0
+
+
+def test_percentiles_and_timeline_describe_the_run() -> None:
+    """The figures the scale study reads: per-node finish percentiles in order, and a
+    time course whose link use stays within capacity and whose nodes all end done."""
+    params = SimParams(nodes=30, size=16 * 1024 * 1024, pieces=32, seed=4, timeline=True)
+    result = simulate(params)
+    assert result.t_p10_s <= result.t_median_s <= result.t_p99_s <= result.t_all_s
+    rows = result.timeline
+    assert rows is not None and len(rows) >= 2
+    assert all(
+        0.0 <= r["up_use"] <= 1.0 + 1e-9 and 0.0 <= r["down_use"] <= 1.0 + 1e-9 for r in rows
+    )
+    assert [r["t"] for r in rows] == sorted(r["t"] for r in rows)
+    assert rows[-1]["done"] == 30 and rows[-1]["held"] == 1.0
+    assert max(r["up_use"] for r in rows) > 0.3  # the swarm did move data between nodes
+    # The time course is an observer: it changes nothing the model computes.
+    plain = simulate(SimParams(nodes=30, size=16 * 1024 * 1024, pieces=32, seed=4))
+    assert plain.timeline is None
+    assert (plain.t_all_s, plain.registry_copies, plain.events) == (
+        result.t_all_s,
+        result.registry_copies,
+        result.events,
+    )
+
+
+def test_requests_ahead_of_uploads_takes_the_backlog_out_of_the_request_path() -> None:
+    """``requests_behind_uploads=False`` models an engine that sends its requests ahead
+    of queued piece data: no uplink then ever waits for a request still on its way,
+    where the default (the engine today) has uplinks idle while requests are in transit."""
+    base = SimParams(nodes=40, size=32 * 1024 * 1024, pieces=64, seed=6, timeline=True)
+    behind = simulate(base)
+    ahead = simulate(replace(base, requests_behind_uploads=False))
+    assert behind.timeline is not None and ahead.timeline is not None
+    assert max(r["idle_in_transit"] for r in behind.timeline) > 0.1
+    assert all(r["idle_in_transit"] == 0 for r in ahead.timeline)
+    assert ahead.t_all_s != behind.t_all_s
+
+
+def test_the_run_gives_the_garbage_collector_back() -> None:
+    """The simulator turns cyclic collection off for its run only."""
+    import gc
+
+    assert gc.isenabled()
+    simulate(SimParams(nodes=8, size=4 * 1024 * 1024, pieces=8, seed=1))
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        simulate(SimParams(nodes=8, size=4 * 1024 * 1024, pieces=8, seed=1))
+        assert not gc.isenabled()  # a caller's choice is left as it was
+    finally:
+        gc.enable()

@@ -123,10 +123,13 @@ class _Request(Generic[P]):
 class _Piece(Generic[P]):
     """Download state of a piece with at least one block requested or received."""
 
-    __slots__ = ("num_free", "num_received", "requests", "sources", "state")
+    __slots__ = ("blocks", "num_free", "num_received", "requests", "sources", "state")
 
     def __init__(self, num_blocks: int) -> None:
         self.state = bytearray(num_blocks)  # all _FREE
+        # Its BlockRequests, made once each: a block is asked for, cancelled and asked
+        # again; a frozen dataclass costs a microsecond to build (half of a pick at scale).
+        self.blocks: list[BlockRequest | None] = [None] * num_blocks
         self.num_free = num_blocks
         self.num_received = 0
         self.requests: dict[int, list[_Request[P]]] = {}  # block number -> requesters
@@ -213,6 +216,13 @@ class PiecePicker(Generic[P]):
         begin = block * self.block_size
         plen = self._last_piece_length if index == self.num_pieces - 1 else self.piece_length
         return BlockRequest(index, begin, min(self.block_size, plen - begin))
+
+    def _piece_block(self, index: int, dl: _Piece[P], block: int) -> BlockRequest:
+        """``_block`` for a piece with download state, built once."""
+        request = dl.blocks[block]
+        if request is None:
+            request = dl.blocks[block] = self._block(index, block)
+        return request
 
     def _bit(self, index: int) -> int:
         if not 0 <= index < self.num_pieces:
@@ -364,7 +374,7 @@ class PiecePicker(Generic[P]):
             for block, reqs in dl.requests.items():
                 for r in reqs:
                     del r.peer.requests[(index, block)]
-                    cancels.append((r.peer.key, self._block(index, block)))
+                    cancels.append((r.peer.key, self._piece_block(index, dl, block)))
                 self._outstanding -= len(reqs)
         self._have |= bit
         self._num_have += 1
@@ -431,7 +441,7 @@ class PiecePicker(Generic[P]):
             for r in reqs:
                 del r.peer.requests[(index, block)]
                 if r.peer.key != peer:
-                    cancels.append((r.peer.key, self._block(index, block)))
+                    cancels.append((r.peer.key, self._piece_block(index, dl, block)))
         dl.state[block] = _RECEIVED
         dl.num_received += 1
         dl.sources.add(peer)
@@ -612,7 +622,7 @@ class PiecePicker(Generic[P]):
         while block >= 0 and taken < want:
             state[block] = _REQUESTED
             dl.requests[block] = [self._new_request(ps, index, block, now)]
-            out.append(self._block(index, block))
+            out.append(self._piece_block(index, dl, block))
             taken += 1
             block = state.find(_FREE, block + 1)
         dl.num_free -= taken
@@ -642,7 +652,7 @@ class PiecePicker(Generic[P]):
                 continue
             if now > min(r.expected_by for r in reqs):
                 reqs.append(self._new_request(ps, index, block, now))
-                out.append(self._block(index, block))
+                out.append(self._piece_block(index, dl, block))
                 taken += 1
                 if taken == want:
                     break
@@ -689,8 +699,9 @@ class PiecePicker(Generic[P]):
             others.sort()
             options += [(index, block) for _, _, index, block in others[: want - len(single)]]
         for index, block in options:
-            self._pieces[index].requests[block].append(self._new_request(ps, index, block, now))
-            out.append(self._block(index, block))
+            dl = self._pieces[index]
+            dl.requests[block].append(self._new_request(ps, index, block, now))
+            out.append(self._piece_block(index, dl, block))
 
     # ------------------------------------------------------------------ bookkeeping
 
