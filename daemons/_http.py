@@ -1,4 +1,5 @@
-"""Serve a Starlette (any ASGI) app under trio with hypercorn's trio worker.
+"""Serve a Starlette (any ASGI) app under trio: with hypercorn's trio worker, or with the
+lean HTTP/1.1 server of :mod:`daemons._asgi_server` (the tracker's).
 
 Shared by the three daemons: TLS for a listener (:class:`TlsFiles`) and for a client
 (:func:`client_tls`), bounded JSON (:func:`load_json`), and :class:`LogServerErrors`,
@@ -14,7 +15,7 @@ import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import click
 import httpx
@@ -25,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from daemons._asgi_server import ServerLimits, serve_asgi, server_tls_context
 from daemons._config import ConfigError
 from p2pimage.errors import leaf_exceptions
 
@@ -44,6 +46,10 @@ __all__ = [
     "serve_app",
     "system_tls",
 ]
+
+#: Which HTTP server :func:`serve_app` runs: ``hypercorn`` or ``lean``
+#: (:mod:`daemons._asgi_server`).
+HttpServer = Literal["hypercorn", "lean"]
 
 log = logging.getLogger("p2pimage.http")
 # hypercorn's own error log (TLS handshakes, protocol errors, its own failures); its
@@ -224,6 +230,7 @@ async def serve_app(
     *,
     keep_alive_max_requests: int = 1000,
     tls: TlsFiles | None = None,
+    server: HttpServer = "hypercorn",
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``listen`` (``host:port``; port 0 picks a free one) until cancelled,
@@ -233,8 +240,14 @@ async def serve_app(
     ``task_status``; raises :class:`ListenError` when the address cannot be bound.
     Access logs are off: daemons log the events that matter themselves. hypercorn's
     warnings and errors go to the ``p2pimage.http.server`` logger, and the app is
-    wrapped in :class:`LogServerErrors`.
+    wrapped in :class:`LogServerErrors`. ``server`` picks hypercorn or the lean server
+    (same limits, same loggers).
     """
+    if server == "lean":
+        await _serve_lean(
+            LogServerErrors(app), listen, keep_alive_max_requests, tls, task_status=task_status
+        )
+        return
     config = Config()
     config.bind = [listen]
     config.accesslog = None
@@ -261,6 +274,38 @@ async def serve_app(
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(_serve)
         task_status.started(binds[0])
+
+
+async def _serve_lean(
+    app: ASGIApp,
+    listen: str,
+    keep_alive_max_requests: int,
+    tls: TlsFiles | None,
+    *,
+    task_status: trio.TaskStatus[str],
+) -> None:
+    context = None if tls is None else server_tls_context(str(tls.cert_file), str(tls.key_file))
+    limits = ServerLimits(keep_alive_max_requests=keep_alive_max_requests)
+    status = _FirstUrl(task_status)
+    try:
+        await serve_asgi(app, listen, limits=limits, tls=context, task_status=status)  # type: ignore[arg-type]
+    except (OSError, ValueError) as exc:
+        if status.done:
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ListenError(f"cannot listen on {listen}: {reason}") from None
+
+
+class _FirstUrl:
+    """Reports the first of a server's URLs on, remembering that it happened."""
+
+    def __init__(self, inner: trio.TaskStatus[str]) -> None:
+        self.inner = inner
+        self.done = False
+
+    def started(self, value: list[str]) -> None:
+        self.done = True
+        self.inner.started(value[0])
 
 
 def _declared_over(declared: str | None, limit: int) -> bool:

@@ -41,7 +41,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import click
 import httpx
@@ -194,6 +194,11 @@ class NodeSettings(BaseModel):
     )
     tls_cert_file: Path | None = Field(None, description="mirror serves HTTPS: certificate (PEM)")
     tls_key_file: Path | None = Field(None, description="mirror serves HTTPS: its key (PEM)")
+    http_server: Literal["hypercorn", "lean"] = Field(
+        "hypercorn",
+        description="the mirror's HTTP/1.1 server: hypercorn, or lean (daemons/_asgi_server.py, "
+        "the tracker's; not yet measured on a node's streams)",
+    )
     ca_file: Path | None = Field(
         None, description="CA bundle the sidecar and tracker are verified against (default: system)"
     )
@@ -966,6 +971,7 @@ async def run_node(
                     serve_app,
                     keep_alive_max_requests=100_000,
                     tls=TlsFiles.from_settings(settings.tls_cert_file, settings.tls_key_file),
+                    server=settings.http_server,
                 ),
                 create_app(daemon),
                 settings.listen,

@@ -51,6 +51,18 @@ def test_seeding_uses_upload_rate() -> None:
     assert ch.rechoke(stats(10), seeding=True, now=0.0) == {"p0", "p1", "p2"}
 
 
+def test_interest_matters_only_with_limited_slots() -> None:
+    # With unlimited slots every connected peer is unchoked whatever its interest, so
+    # the engine need not rechoke on each interested / not interested.
+    unlimited: Choker[str] = Choker(upload_slots=None)
+    assert not unlimited.interest_matters
+    assert unlimited.rechoke(stats(3, interested=False), False, 0.0) == unlimited.rechoke(
+        stats(3, interested=True), False, 1.0
+    )
+    assert Choker[str](upload_slots=0).interest_matters
+    assert Choker[str](upload_slots=4).interest_matters
+
+
 def test_uninterested_never_take_a_slot() -> None:
     peers = [*stats(6), PeerStats("idle", False, download_rate=1e9, upload_rate=1e9)]
     ch = Choker[str](upload_slots=2, optimistic_slots=1, rng=random.Random(3))

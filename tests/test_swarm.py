@@ -463,6 +463,93 @@ async def test_two_nodes_dialing_each_other_keep_the_same_one_connection(
     assert sha256_file(swarm.storage.path) == meta.sha256
 
 
+async def test_the_deferred_dial_of_a_pair_stops_before_the_key_exchange(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Both nodes know each other: the one whose address orders higher dials later, finds
+    the peer id of the other's connection in the 68-byte handshake, and stops there (no
+    second key exchange, no token checks); one connection remains, both sides agree."""
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(dial_defer_s=1.0)
+    caplog.set_level(logging.DEBUG, logger="p2pimage.swarm.engine")
+    async with nodes(2, issuer) as (seeder, leecher):
+        seeding = await seeder.add_swarm(
+            meta, tmp_path, storage=PieceStorage.open_complete(blob, meta), settings=settings
+        )
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
+        early = min(seeder.listen_address, leecher.listen_address)
+        seeding.add_peers([leecher.listen_address])
+        swarm.add_peers([seeder.listen_address])
+
+        def stopped() -> list[str]:
+            return [m for r in caplog.records if "already connected" in (m := r.getMessage())]
+
+        with trio.fail_after(30):
+            await swarm.complete.wait()
+            while not stopped():
+                await trio.sleep(0.05)
+        assert len(seeding.peers) == len(swarm.peers) == 1
+        # Only the late node's dial (to the node with the lower address) stopped.
+        assert stopped() == [f"dial {early} failed: already connected to this peer"]
+    assert sha256_file(swarm.storage.path) == meta.sha256
+
+
+async def test_a_dial_stops_after_the_handshake_names_an_unwanted_peer(tmp_path: Path) -> None:
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer) as (seeder, leecher):
+        seeding = await seeder.add_swarm(
+            meta, tmp_path, storage=PieceStorage.open_complete(blob, meta)
+        )
+        named: list[bytes] = []
+
+        def unwanted(peer_id: bytes) -> bool:
+            named.append(peer_id)
+            return True
+
+        with pytest.raises(PeerClosed, match="already connected"):
+            await leecher.dial(seeder.listen_address, meta.info_hash, unwanted=unwanted)
+        assert named == [seeder.peer_id] and leecher.connections == 0
+        await trio.sleep(0.2)
+        assert not seeding.peers
+
+
+@pytest.mark.parametrize("grace", [2.0, 0.0])
+async def test_interest_in_a_cooperative_peer_outlasts_a_spell_with_nothing_new(
+    tmp_path: Path, grace: float
+) -> None:
+    """A leecher that has caught up with a p2pimage peer stays interested for
+    ``interest_grace_s`` (that peer may soon get another piece: no not-interested /
+    interested pair), then says not interested; with no grace at once (BEP 3)."""
+    blob, meta = make_blob(tmp_path, 4 * MIB)
+    data = blob.read_bytes()
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(tick_s=0.1, interest_grace_s=grace)
+    async with nodes(2, issuer) as (holder, leecher):
+        source = await holder.add_swarm(meta, tmp_path / "holder", settings=settings)
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
+        swarm.add_peers([holder.listen_address])
+        with trio.fail_after(10):
+            while leecher.peer_id not in source.peers or holder.peer_id not in swarm.peers:
+                await trio.sleep(0.05)
+        assert await source.accept_origin_piece(0, data[: meta.piece_size(0)])
+        with trio.fail_after(10):
+            while not swarm.has_piece(0):
+                await swarm.wait_changed()
+        caught_up = trio.current_time()
+        seen = source.peers[leecher.peer_id]
+        with trio.fail_after(10):
+            while seen.peer_interested:
+                await trio.sleep(0.02)
+        waited = trio.current_time() - caught_up
+        if grace:
+            assert waited >= grace - 0.1
+        else:
+            assert waited < 1.0
+        assert swarm.peers[holder.peer_id].idle_since is None
+
+
 async def test_a_peer_asked_after_an_idle_spell_is_not_taken_for_a_staller(
     tmp_path: Path,
 ) -> None:

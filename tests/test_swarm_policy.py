@@ -13,6 +13,7 @@ from p2pimage.errors import LocalProtocolError
 from p2pimage.swarm.policy import (
     AnnounceSchedule,
     DialPolicy,
+    InterestPolicy,
     OriginRange,
     PeerTimeouts,
     RevealPolicy,
@@ -30,6 +31,32 @@ def test_dial_policy_stops_at_the_dial_target_and_skips_the_unwanted() -> None:
     assert policy.to_dial([7], connected=2, dialing=1, skip=lambda a: False) == []
     assert policy.want_more(2, 0) and not policy.want_more(2, 1)
     assert policy.may_accept(4) and not policy.may_accept(5)
+
+
+def test_of_two_nodes_only_the_higher_address_defers_its_dial() -> None:
+    policy = DialPolicy(dial_target=3, max_peers=5, defer_s=0.2)
+    low, high = ("127.0.0.1", 4000), ("127.0.0.1", 5000)
+    rng = random.Random(1)
+    delays = [policy.dial_delay_s(high, low, rng) for _ in range(200)]
+    assert all(0.1 <= d <= 0.2 for d in delays) and len(set(delays)) > 100  # jittered
+    assert policy.dial_delay_s(low, high, rng) == 0.0  # the other side dials at once
+    # Any total order will do, as long as both ends of a pair see the same one.
+    assert policy.dial_delay_s(("10.0.0.2", 1), ("10.0.0.10", 1), rng) > 0
+    assert policy.dial_delay_s(("10.0.0.10", 1), ("10.0.0.2", 1), rng) == 0.0
+    assert DialPolicy(3, 5).dial_delay_s(high, low, rng) == 0.0  # off by default
+
+
+def test_interest_is_kept_for_a_grace_toward_cooperative_peers_only() -> None:
+    policy = InterestPolicy(grace_s=2.0)
+    assert policy.keep_interest(idle_s=0.0, cooperative=True, complete=False)
+    assert policy.keep_interest(idle_s=1.9, cooperative=True, complete=False)
+    assert not policy.keep_interest(idle_s=2.0, cooperative=True, complete=False)
+    # BEP 3 toward stock clients (they may give slots by interest), and once complete.
+    assert not policy.keep_interest(idle_s=0.0, cooperative=False, complete=False)
+    assert not policy.keep_interest(idle_s=0.0, cooperative=True, complete=True)
+    assert not InterestPolicy(grace_s=0.0).keep_interest(
+        idle_s=0.0, cooperative=True, complete=False
+    )
 
 
 def test_request_timeout_grows_with_the_drain_time_of_what_was_requested() -> None:

@@ -19,7 +19,7 @@ The rules are BEP 3's and the original client's, as libtorrent implements them:
 * Uninterested peers never take a slot and are never in the returned set. (The original
   client also unchoked uninterested peers faster than the downloaders so they could
   start at once on becoming interested; here the caller simply rechokes when a peer's
-  interest changes.)
+  interest changes, where that can matter: :attr:`Choker.interest_matters`.)
 * When there are no more interested peers than slots, every interested peer is
   unchoked.
 * ``upload_slots=None`` means unlimited, and nothing else does: no peer ever waits for a
@@ -110,6 +110,13 @@ class Choker(Generic[K]):
     def optimistic(self) -> tuple[K, ...]:
         """The current optimistic unchokes."""
         return tuple(self._optimistic)
+
+    @property
+    def interest_matters(self) -> bool:
+        """Whether a peer's change of interest can change :meth:`rechoke`'s answer: not
+        with unlimited slots (every connected peer is unchoked), so a caller need not
+        rechoke on each ``interested`` / ``not interested``."""
+        return self.upload_slots is not None
 
     def rechoke_due(self, now: float) -> bool:
         return self._last_rechoke is None or now - self._last_rechoke >= self.rechoke_interval

@@ -41,10 +41,11 @@ from p2pimage.metainfo.torrent import Metainfo
 from p2pimage.storage.pieces import BlobCursor, PieceStorage
 from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
-from p2pimage.swarm.policy import DialPolicy, PeerTimeouts, RevealPolicy
+from p2pimage.swarm.policy import DialPolicy, InterestPolicy, PeerTimeouts, RevealPolicy
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.swarm.session import SENDFILE_MIN_BLOCK, PeerSession, SessionInfo
 from p2pimage.wire import (
+    HAVES_EXTENSION,
     LOCAL_HAVES_ID,
     MAX_BLOCK_LENGTH_LIMIT,
     Bitfield,
@@ -88,9 +89,14 @@ class Dialer(Protocol):
     listen_address: tuple[str, int]
 
     async def dial(
-        self, address: tuple[str, int], info_hash: bytes
+        self,
+        address: tuple[str, int],
+        info_hash: bytes,
+        *,
+        unwanted: Callable[[bytes], bool] | None = None,
     ) -> tuple[PeerSession, SessionInfo]:
-        """Connect and handshake; raises :class:`PeerClosed` or ``trio.TooSlowError``."""
+        """Connect and handshake; raises :class:`PeerClosed` or ``trio.TooSlowError``,
+        also when ``unwanted`` is true of the peer id the peer's handshake names."""
         ...
 
     def release_connection(self) -> None:
@@ -112,6 +118,11 @@ class SwarmSettings:
     # swarm in two (the simulator in benchmarks/_sim.py shows it at 200 nodes). Half,
     # like libtorrent keeping slots free for incoming connections.
     dial_target: int = 20
+    # Of two nodes that know each other, the one whose listen address orders higher
+    # dials this much later (DialPolicy.dial_delay_s): the other's connection usually
+    # stands by then, and the late dial stops after the 68-byte handshake, before the
+    # key exchange and token checks. 0: both dial at once (two full handshakes).
+    dial_defer_s: float = 0.15
     # The choker's regular upload slots; None is unlimited (nobody is ever choked). Inside
     # one cluster all nodes cooperate, so tit-for-tat only slows the swarm down: None is
     # the default. A number turns on tit-for-tat with that many slots (0: optimistic
@@ -129,6 +140,11 @@ class SwarmSettings:
     keepalive_s: float = 90.0
     rechoke_interval_s: float = 10.0
     tick_s: float = 0.5
+    # Stay interested in a p2pimage peer this long after it last had a piece we need
+    # (InterestPolicy; checked each tick): in a cold start it soon gets another, and
+    # each not-interested/interested pair was two messages and two rechokes. 0: BEP 3's
+    # immediate not-interested, as toward stock clients always.
+    interest_grace_s: float = 2.0
     # Pieces ahead of the read cursor given deadlines (streaming window). Kept short on
     # purpose: in a cold start every node reads the same layer from the same offset, and
     # a long window makes them all chase the same few frontier pieces (a convoy on the
@@ -240,6 +256,9 @@ class _Peer:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     gone: trio.Event = field(default_factory=trio.Event)  # set once out of Swarm.peers
     refill_deferred: bool = False  # inside a batch of received messages
+    # Interested, but the peer has had nothing we need since then (InterestPolicy):
+    # nothing to request; the tick decides when to say not interested.
+    idle_since: float | None = None
 
 
 class Swarm:
@@ -281,7 +300,10 @@ class Swarm:
             rechoke_interval=self.settings.rechoke_interval_s,
             rng=self._rng,
         )
-        self.dial_policy = DialPolicy(self.settings.dial_target, self.settings.max_peers)
+        self.dial_policy = DialPolicy(
+            self.settings.dial_target, self.settings.max_peers, self.settings.dial_defer_s
+        )
+        self.interest = InterestPolicy(self.settings.interest_grace_s)
         self.timeouts = PeerTimeouts(self.settings.request_timeout_s, self.settings.stall_timeout_s)
         self.reveal: RevealPolicy[bytes] = RevealPolicy(
             enabled=self.settings.reveal_origin_pieces,
@@ -442,7 +464,15 @@ class Swarm:
     async def _dial(self, address: tuple[str, int]) -> None:
         try:
             try:
-                session, info = await self._dialer.dial(address, self.info_hash)
+                delay = self.dial_policy.dial_delay_s(
+                    self._dialer.listen_address, address, self._rng
+                )
+                if delay:
+                    await trio.sleep(delay)
+                # A peer already connected (it dialed us meanwhile) is not dialed twice.
+                session, info = await self._dialer.dial(
+                    address, self.info_hash, unwanted=self.peers.__contains__
+                )
             except (PeerClosed, trio.TooSlowError) as exc:
                 log.debug("dial %s failed: %s", address, exc)
                 return
@@ -581,8 +611,8 @@ class Swarm:
             told = self.reveal.peer_has(message.index)
             if told is not None:
                 self._show_to_all(message.index, told)  # an origin piece we revealed is out
-            if not peer.am_interested:  # a have never makes a peer less interesting
-                self._update_interest(peer)
+            if not peer.am_interested or peer.idle_since is not None:
+                self._update_interest(peer)  # (a have never makes a peer less interesting)
         elif isinstance(message, Extended) and message.extended_id == LOCAL_HAVES_ID:
             try:
                 indexes = decode_haves(message.payload, self.metainfo.num_pieces)
@@ -593,7 +623,7 @@ class Swarm:
                 told = self.reveal.peer_has(index)
                 if told is not None:
                     self._show_to_all(index, told)
-            if not peer.am_interested:
+            if not peer.am_interested or peer.idle_since is not None:
                 self._update_interest(peer)
         elif isinstance(message, Bitfield):
             try:
@@ -622,7 +652,8 @@ class Swarm:
             interested = isinstance(message, Interested)
             if interested != peer.peer_interested:
                 peer.peer_interested = interested
-                self._rechoke(trio.current_time())
+                if self.choker.interest_matters:
+                    self._rechoke(trio.current_time())
 
     def _on_block(self, peer: _Peer, message: Piece) -> None:
         now = trio.current_time()
@@ -790,9 +821,12 @@ class Swarm:
         if self.storage.all_pieces_verified:
             self.stats.last_piece_at = now
         for peer in self.peers.values():
-            if peer.am_interested and not self._peer_has_something_we_need(peer):
-                peer.am_interested = False
-                peer.session.send(NotInterested())
+            if (
+                peer.am_interested
+                and peer.idle_since is None
+                and not self._peer_has_something_we_need(peer)
+            ):
+                self._lose_interest(peer, now)
         self._changed.set()
         self._changed = trio.Event()
 
@@ -824,6 +858,7 @@ class Swarm:
         for peer in self.peers.values():
             if peer.am_interested:
                 peer.am_interested = False
+                peer.idle_since = None
                 peer.session.send(NotInterested())
         log.info("swarm %s complete", self.metainfo.sha256)
 
@@ -834,13 +869,51 @@ class Swarm:
         interesting = not self.storage.all_pieces_verified and self._peer_has_something_we_need(
             peer
         )
-        if interesting and not peer.am_interested:
-            peer.am_interested = True
-            peer.session.send(Interested())
-        elif not interesting and peer.am_interested:
-            peer.am_interested = False
-            peer.session.send(NotInterested())
+        if interesting:
+            peer.idle_since = None
+            if not peer.am_interested:
+                peer.am_interested = True
+                peer.session.send(Interested())
+        elif peer.am_interested and peer.idle_since is None:
+            self._lose_interest(peer, trio.current_time())
         self._refill(peer)
+
+    def _lose_interest(self, peer: _Peer, now: float) -> None:
+        """The peer has nothing we need now: say so, or (InterestPolicy) wait a while,
+        since it may soon get something; :meth:`_review_interest` decides later."""
+        if self.interest.keep_interest(
+            idle_s=0.0,
+            cooperative=self._cooperative(peer),
+            complete=self.storage.all_pieces_verified,
+        ):
+            peer.idle_since = now
+            return
+        peer.am_interested = False
+        peer.idle_since = None
+        peer.session.send(NotInterested())
+
+    def _review_interest(self, peer: _Peer, now: float) -> None:
+        """At a tick, for a peer kept interested while idle: interesting again (a
+        request given back to the pool, a piece that failed its hash), or time to say
+        not interested."""
+        since = peer.idle_since
+        if since is None:
+            return
+        if self._peer_has_something_we_need(peer) and not self.storage.all_pieces_verified:
+            peer.idle_since = None
+        elif not self.interest.keep_interest(
+            idle_s=now - since,
+            cooperative=self._cooperative(peer),
+            complete=self.storage.all_pieces_verified,
+        ):
+            peer.am_interested = False
+            peer.idle_since = None
+            peer.session.send(NotInterested())
+
+    @staticmethod
+    def _cooperative(peer: _Peer) -> bool:
+        """A p2pimage node (it speaks our extensions), not a stock client."""
+        return peer.session.conn.peer_extension_id(HAVES_EXTENSION) is not None
 
     # --- requesting ---------------------------------------------------------------------
 
@@ -849,6 +922,7 @@ class Swarm:
             peer.refill_deferred
             or peer.peer_choking
             or not peer.am_interested
+            or peer.idle_since is not None  # (nothing it has is needed)
             or self.storage.complete
         ):
             return
@@ -985,7 +1059,9 @@ class Swarm:
             # on our requests would hold the pieces it claims hostage once more (and the
             # origin readers leave pieces a peer claims to the peers).
             self.ban(peer.key, f"no block for {silent:.3g} s")
-        elif now - peer.last_sent_at > self.settings.keepalive_s:
+            return
+        self._review_interest(peer, now)
+        if now - peer.last_sent_at > self.settings.keepalive_s:
             peer.session.send(KeepAlive())
             peer.last_sent_at = now
 

@@ -221,9 +221,15 @@ class PeerNode:
         )
 
     async def dial(
-        self, address: tuple[str, int], info_hash: bytes
+        self,
+        address: tuple[str, int],
+        info_hash: bytes,
+        *,
+        unwanted: Callable[[bytes], bool] | None = None,
     ) -> tuple[PeerSession, SessionInfo]:
-        """Connect to ``address`` and run the handshake for ``info_hash``."""
+        """Connect to ``address`` and run the handshake for ``info_hash``; stop with
+        :class:`PeerClosed` after the peer's 68-byte handshake if ``unwanted`` is true of
+        the peer id it names (a peer already connected: no key exchange, no tokens)."""
         if self.connections >= self.max_connections:
             raise PeerClosed("node connection limit reached")
         if self.authenticator is not None and (
@@ -240,7 +246,7 @@ class PeerNode:
         session = self._session(stream, Role.INITIATOR, info_hash, address)
         try:
             with trio.fail_after(self.handshake_timeout_s):
-                info = await session.handshake()
+                info = await session.handshake(unwanted=unwanted)
         except BaseException:
             self.connections -= 1
             await session.aclose("handshake failed")

@@ -21,6 +21,7 @@ from p2pimage.tracker import Event, OriginAssignment
 __all__ = [
     "AnnounceSchedule",
     "DialPolicy",
+    "InterestPolicy",
     "OriginFollow",
     "OriginRange",
     "OriginStep",
@@ -47,6 +48,24 @@ class DialPolicy:
 
     dial_target: int
     max_peers: int
+    # Simultaneous dials: see dial_delay_s.
+    defer_s: float = 0.0
+
+    def dial_delay_s(
+        self, own: tuple[str, int], other: tuple[str, int], rng: random.Random
+    ) -> float:
+        """How long to wait before dialing ``other`` from ``own`` (listen addresses).
+
+        When every node of a cold start dials every other, most pairs dial each other
+        at once and each pair handshakes twice (key exchange, two token checks), then
+        keeps one connection. Of each pair, the node whose address orders higher waits
+        ``defer_s`` (with jitter) so the other's connection usually stands by then, and
+        its own dial stops after the 68-byte handshake names a peer already connected.
+        It still dials: a pair where only one side knows the other is never left
+        unconnected, at worst connected ``defer_s`` later."""
+        if self.defer_s <= 0 or not other < own:
+            return 0.0
+        return self.defer_s * rng.uniform(0.5, 1.0)
 
     def want_more(self, connected: int, dialing: int) -> bool:
         return connected + dialing < self.dial_target
@@ -75,6 +94,32 @@ class DialPolicy:
             seen.add(candidate)
             out.append(candidate)
         return out
+
+
+# --------------------------------------------------------------------------- interest
+
+
+@dataclass(frozen=True, slots=True)
+class InterestPolicy:
+    """When to tell a peer we are no longer interested in it.
+
+    BEP 3 says a downloader that has nothing to request from a peer should say so, so
+    that a peer with few upload slots gives them to those who will use them. In a cold
+    start the peers are leechers of the same layer: a peer we have caught up with gets a
+    piece we lack again within milliseconds, and each ``not interested`` came back as an
+    ``interested`` (docs/benchmarks.md: ~8 flips per connection, each a message on both
+    sides and a rechoke). So toward a *cooperative* peer (a p2pimage node: its choker
+    gives every peer a slot by default, and at most a brief one otherwise) interest is
+    kept for ``grace_s`` after the peer last had something we need; toward stock
+    clients, and once we are complete, it is dropped at once, as BEP 3 asks.
+    """
+
+    grace_s: float
+
+    def keep_interest(self, *, idle_s: float, cooperative: bool, complete: bool) -> bool:
+        """Whether to stay interested in a peer that has had nothing we need for
+        ``idle_s`` seconds."""
+        return cooperative and not complete and idle_s < self.grace_s
 
 
 # --------------------------------------------------------------------------- timeouts

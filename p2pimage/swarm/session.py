@@ -159,10 +159,17 @@ class PeerSession:
 
     # --- handshake ----------------------------------------------------------------------
 
-    async def handshake(self, *, accept: Callable[[bytes], bool] | None = None) -> SessionInfo:
+    async def handshake(
+        self,
+        *,
+        accept: Callable[[bytes], bool] | None = None,
+        unwanted: Callable[[bytes], bool] | None = None,
+    ) -> SessionInfo:
         """Run the handshake until the connection is open (and, unless open mode, the peer
         is authenticated). ``accept`` decides, for a responder, whether the info-hash the
-        peer asked for is one we serve. Callers bound the time with a cancel scope.
+        peer asked for is one we serve; ``unwanted``, for an initiator, ends the
+        handshake (:class:`PeerClosed`) when true of the peer id in the peer's 68-byte
+        handshake, before anything costly. Callers bound the time with a cancel scope.
         """
         await self._flush_protocol_output()
         info: SessionInfo | None = None
@@ -195,6 +202,8 @@ class PeerSession:
                         self.conn.reject()
                         raise PeerClosed("unknown info-hash")
                     self.conn.accept()
+                elif unwanted is not None and unwanted(event.peer_id):
+                    raise PeerClosed("already connected to this peer")
                 await self._flush_protocol_output()
             elif isinstance(event, ExtendedHandshake):
                 extended = event
