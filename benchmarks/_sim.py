@@ -143,7 +143,10 @@ class _Node:
     # peer: (when, ``received`` then)
     received: float = 0.0  # bytes from all peers
     banned: set[int] = field(default_factory=set)
-    have: set[int] = field(default_factory=set)
+    # Pieces held, one byte each (a set of 1,024 ints is ~32 KiB per node, touched at
+    # random by every have: at 5,000 nodes the model waits on memory).
+    have: bytearray = field(default_factory=bytearray)
+    num_have: int = 0
     done_at: float | None = None
     released: bool = False
     heard: int = 0  # haves received (each one an event)
@@ -164,8 +167,7 @@ def _timeline_row(
     leechers = [node for node in nodes if node.done_at is None]
     union = 0
     for node in nodes:
-        for i in node.have:
-            union |= 1 << i
+        union |= int.from_bytes(node.have, "little")
     return {
         "t": round(t, 2),
         # Shares of all uplinks' and downlinks' capacity used.
@@ -174,7 +176,7 @@ def _timeline_row(
         # Share of uplinks with capacity left while requests for them were still on
         # their way (queued behind the requester's own uploads).
         "idle_in_transit": round(acc["idle_in_transit"] / (steps * n), 3),
-        "held": round(sum(len(node.have) for node in nodes) / (n * pieces), 3),
+        "held": round(sum(node.num_have for node in nodes) / (n * pieces), 3),
         "in_swarm": union.bit_count() / pieces,
         "queued_mib": round(sum(sum(map(_left, node.queue)) for node in nodes) / n / 2**20, 2),
         "in_flight": round(
@@ -234,6 +236,7 @@ def _simulate(p: SimParams) -> SimResult:
                 enabled=ss.reveal_origin_pieces, timeout_s=ss.reveal_timeout_s, rng=node_rng
             ),
             an.schedule(),
+            have=bytearray(pieces),
         )
 
     nodes = [make_node(i) for i in range(p.nodes)]
@@ -274,7 +277,7 @@ def _simulate(p: SimParams) -> SimResult:
         dirty.add(k)
 
     def bitfield(node: _Node) -> bytes | None:
-        visible = node.have - node.reveal.hidden
+        visible = {i for i, held in enumerate(node.have) if held} - node.reveal.hidden
         if not visible:
             return None
         out = bytearray((pieces + 7) // 8)
@@ -351,7 +354,7 @@ def _simulate(p: SimParams) -> SimResult:
         told = target.reveal.peer_has(piece)
         if told is not None:
             show_to_all(target, piece, told)
-        if piece not in target.have:
+        if not target.have[piece]:
             dirty.add(dst)
 
     def show_to_all(node: _Node, piece: int, told: int | None) -> None:
@@ -368,7 +371,7 @@ def _simulate(p: SimParams) -> SimResult:
             shown = target.reveal.peer_has(piece)
             if shown is not None:
                 show_to_all(target, piece, shown)
-            if piece not in target.have:
+            if not target.have[piece]:
                 dirty.add(k)
 
     def cancel(node: _Node, cancels: list[tuple[int, BlockRequest]]) -> None:
@@ -381,7 +384,9 @@ def _simulate(p: SimParams) -> SimResult:
                     break
 
     def got_piece(node: _Node, piece: int, from_origin: bool) -> None:
-        node.have.add(piece)
+        if not node.have[piece]:
+            node.have[piece] = 1
+            node.num_have += 1
         cancel(node, node.picker.we_have(piece))
         if from_origin:
             candidates = node.picker.peers_without(piece, node.neighbors)
@@ -395,7 +400,7 @@ def _simulate(p: SimParams) -> SimResult:
 
     def check_done(node: _Node) -> None:
         nonlocal done
-        if len(node.have) == pieces and node.done_at is None:
+        if node.num_have == pieces and node.done_at is None:
             node.done_at = now
             done += 1
             news(node)
@@ -468,7 +473,7 @@ def _simulate(p: SimParams) -> SimResult:
     def next_request(node: _Node) -> None:
         assert node.origin is not None
         step = node.origin.next_request(
-            node.have.__contains__,
+            lambda i: node.have[i] == 1,
             lambda i: node.picker.availability(i) > 0,
             piece_size,
             MAX_REQUEST_BYTES,
@@ -489,7 +494,7 @@ def _simulate(p: SimParams) -> SimResult:
                 return
             node.partial -= size
             held = node.picker.availability(index) > 0
-            have = index in node.have
+            have = node.have[index] == 1
             if not node.origin.piece_arrived(index, have=have, held_by_peer=held):
                 give_back(node, node.origin.shrink(index))
                 next_request(node)
@@ -510,7 +515,8 @@ def _simulate(p: SimParams) -> SimResult:
         announces += 1
         complete = node.done_at is not None
         event = node.schedule.event(complete)
-        left = 0 if complete else p.size - sum(piece_size(i) for i in node.have)
+        held = node.num_have * piece_len - (piece_len - last_len) * node.have[pieces - 1]
+        left = 0 if complete else p.size - held
         req = AnnounceRequest(
             info_hash=b"\x01" * 20,
             peer_id=node.index.to_bytes(20, "big"),
@@ -587,7 +593,7 @@ def _simulate(p: SimParams) -> SimResult:
         # The registry: its egress shared fairly by the readers, each reader first on its
         # own downlink (Swarm.pace_download goes ahead of the peers' blocks), the peers
         # sending to it sharing what is left.
-        down_left = [p.down * p.dt for _ in nodes]
+        down_left = [p.down * p.dt] * len(nodes)
         readers = [n for n in nodes if n.request is not None]
         if readers:
             caps = sorted((p.down * p.dt, n.index) for n in readers)
@@ -638,7 +644,7 @@ def _simulate(p: SimParams) -> SimResult:
                 dst.out[node.index] -= 1
                 dst.recv[node.index] = dst.recv.get(node.index, 0.0) + t.length
                 dirty.add(dst.index)
-                if t.piece in dst.have:
+                if dst.have[t.piece]:
                     continue
                 cancel(dst, dst.picker.block_received(node.index, t.piece, t.begin))
                 if dst.picker.is_finished(t.piece):
