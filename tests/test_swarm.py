@@ -26,7 +26,9 @@ from p2pimage.swarm.engine import Swarm, SwarmSettings
 from p2pimage.swarm.node import PeerNode, open_peer_node
 from p2pimage.swarm.origin import OriginReader
 from p2pimage.swarm.picker import PickerSettings
+from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.swarm.session import (
+    CONTROL_READ_MAX,
     SENDFILE_MIN_BLOCK,
     PeerSession,
     _recv_into,
@@ -920,3 +922,39 @@ async def test_data_path_socket_calls_move_every_byte_and_keep_trio_semantics() 
         await _recv_into(d.socket, buffer)
     await a.aclose()
     await b.aclose()
+
+
+@pytest.mark.parametrize("size", [20, CONTROL_READ_MAX + 1], ids=["control read", "bulk read"])
+def test_control_reads_are_not_held_behind_origin_reads(size: int) -> None:
+    """A fetcher's downlink full of registry reads (which go first on its download
+    limiter) must not hold back a small socket read: it carries its peers' requests, and
+    behind the origin reads the fetcher's uplink, the swarm's only source of first
+    copies, idled until its whole range was read (docs/benchmarks.md, "Calibration").
+    A bulk read (piece data) still waits behind them."""
+    clock = trio.testing.MockClock(autojump_threshold=0)
+
+    async def main() -> float:
+        limiter = RateLimiter(64 * 1024, burst=16 * 1024)
+        stream, _ = trio.testing.memory_stream_pair()
+        conn = make_connection(
+            Role.INITIATOR, peer_id=new_peer_id(), info_hash=bytes(20), authenticator=None
+        )
+        session = PeerSession(stream, conn, address=("127.0.0.1", 1), download=limiter)
+
+        async def origin_reads() -> None:
+            for _ in range(5):  # 5 s of registry reads at the link's rate
+                await limiter.acquire(64 * 1024, first=True)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(origin_reads)
+            await trio.sleep(0.01)  # the origin reads hold the link
+            start = trio.current_time()
+            # A handshake's first bytes, padded: the connection just waits for more.
+            await session._received(b"\x13BitTorrent protocol".ljust(size, b"\0")[:size])
+            return trio.current_time() - start
+
+    elapsed = trio.run(main, clock=clock)
+    if size <= CONTROL_READ_MAX:
+        assert elapsed < 0.1  # its own 20 bytes, nothing else
+    else:
+        assert elapsed > 3.0  # behind the origin reads

@@ -82,6 +82,10 @@ SEND_BUFFER_MIN = 64 * 1024
 # against 1.00, 32 KiB 0.92 / 0.75, 64 KiB 0.58 / 0.63, 128 KiB 0.38 / 0.53, 256 KiB
 # 0.28 / 0.53 (docs/benchmarks.md, "CPU per delivered MiB").
 SENDFILE_MIN_BLOCK = 64 * 1024
+# A socket read no larger than this holds control messages, not piece data (a request
+# is 17 bytes, 45 encrypted; the smallest block is 16 KiB): it goes first on the node's
+# download limiter (RateLimiter.acquire(first=True)), never behind an origin read.
+CONTROL_READ_MAX = 4 * 1024
 # A p2pimage_haves message within the 64 KiB extended-message limit (4 bytes a piece).
 MAX_HAVES_PER_MESSAGE = 8192
 
@@ -244,7 +248,12 @@ class PeerSession:
 
     async def _received(self, data: bytes | bytearray | memoryview) -> None:
         if data:
-            await self._download.acquire(len(data))
+            # A read this small carries control messages (requests, haves, interest): it
+            # passes ahead of bulk reads like an origin read does, so a fetcher whose
+            # downlink is full of registry reads still hears its peers' requests (behind
+            # them, its uplink idled until its range was read: docs/benchmarks.md,
+            # "Calibration").
+            await self._download.acquire(len(data), first=len(data) <= CONTROL_READ_MAX)
             self.bytes_received += len(data)
         try:
             self.conn.receive_data(data)  # (copied in: the view may be reused after)
