@@ -85,10 +85,11 @@ class SimParams:
     swarm: SwarmSettings = field(default_factory=SwarmSettings)
     announce: AnnounceSettings = field(default_factory=AnnounceSettings)
     policy: PolicyConfig = field(default_factory=_tracker_config)
-    # A node's requests wait behind the uploads already queued on its own uplink, as the
-    # engine sends control messages through the same per-connection queue and upload
-    # limiter as piece data. False: an engine that sends them ahead of queued data (a
-    # what-if; docs/benchmarks.md, "Where the time goes at scale").
+    # A node's request to a peer waits behind the blocks it has already queued for that
+    # same peer (those it has been asked for), as the engine sends a request through that
+    # connection's send queue (PeerSession.send), behind its piece data; not behind its
+    # uploads to other peers. False: an engine that sends requests ahead of queued data
+    # (a what-if; docs/benchmarks.md, "Where the time goes at scale").
     requests_behind_uploads: bool = True
     timeline: bool = False  # record the time course, one row per simulated second
     seed: int = 1
@@ -412,15 +413,21 @@ def _simulate(p: SimParams) -> SimResult:
             soonest = max(now, node.last_announce + node.schedule.min_gap_s)
             node.next_announce = min(node.next_announce, soonest)
 
-    backlogs: dict[int, float] = {}
+    backlogs: dict[int, dict[int, float]] = {}
 
-    def backlog(node: _Node) -> float:
-        """Bytes queued on ``node``'s uplink (this step): its requests wait behind them,
-        as the engine's control messages share the upload limiter with its data."""
-        b = backlogs.get(node.index)
-        if b is None:
-            b = backlogs[node.index] = sum(map(_left, node.queue))
-        return b
+    def backlog(node: _Node, peer: int) -> float:
+        """Bytes ``node`` has queued for ``peer`` (this step; requests from ``peer``
+        still on their way are not queued yet): its requests to ``peer`` wait behind them,
+        as the engine sends them through the same connection's send queue. Its uploads to
+        other peers go through their own connections (and the download limiter no longer
+        holds small reads behind origin reads: ``CONTROL_READ_MAX``), so they hold nothing."""
+        per_peer = backlogs.get(node.index)
+        if per_peer is None:
+            per_peer = backlogs[node.index] = {}
+            for t in node.queue:
+                if t.ready <= now:
+                    per_peer[t.dst] = per_peer.get(t.dst, 0.0) + t.left
+        return per_peer.get(peer, 0.0)
 
     def refill(node: _Node) -> None:
         if node.done_at is not None:
@@ -443,7 +450,7 @@ def _simulate(p: SimParams) -> SimResult:
                     # The engine's stall clock starts when we start waiting (Swarm._refill):
                     # a spell with nothing to ask of this peer is no stall.
                     node.last_data[peer] = (now, node.received)
-                ready = now + backlog(node) / p.up if p.requests_behind_uploads else now
+                ready = now + backlog(node, peer) / p.up if p.requests_behind_uploads else now
                 src.queue.extend(
                     _Transfer(peer, me, b.index, b.begin, b.length, b.length, ready) for b in blocks
                 )

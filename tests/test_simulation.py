@@ -76,14 +76,40 @@ def test_percentiles_and_timeline_describe_the_run() -> None:
 def test_requests_ahead_of_uploads_takes_the_backlog_out_of_the_request_path() -> None:
     """``requests_behind_uploads=False`` models an engine that sends its requests ahead
     of queued piece data: no uplink then ever waits for a request still on its way,
-    where the default (the engine today) has uplinks idle while requests are in transit."""
+    where the default (the engine today: a request waits behind the blocks queued on the
+    same connection) has uplinks idle while requests are in transit."""
     base = SimParams(nodes=40, size=32 * 1024 * 1024, pieces=64, seed=6, timeline=True)
     behind = simulate(base)
     ahead = simulate(replace(base, requests_behind_uploads=False))
     assert behind.timeline is not None and ahead.timeline is not None
-    assert max(r["idle_in_transit"] for r in behind.timeline) > 0.1
+    assert max(r["idle_in_transit"] for r in behind.timeline) > 0.01
     assert all(r["idle_in_transit"] == 0 for r in ahead.timeline)
     assert ahead.t_all_s != behind.t_all_s
+
+
+def test_a_request_waits_only_behind_its_own_connection() -> None:
+    """The swarm benchmark's 8 nodes x 8 MiB at 2 MiB/s, one origin fetcher: every first
+    copy leaves through the fetcher's uplink, so it idles whenever the requests for it
+    wait. In the engine a request waits behind the blocks queued on its own connection
+    (none: nobody uploads to the fetcher), and the real swarm takes 4.56-4.62 s, 1.14-1.16x
+    the bound (docs/benchmarks.md, "Calibration"). Held behind the requester's whole
+    uplink, as the model had it, the requests left the fetcher idle: 6.15 s, 1.54x."""
+    mib = 1024 * 1024
+    params = SimParams(
+        nodes=8,
+        size=8 * mib,
+        origin_rate=4 * mib,
+        up=2 * mib,
+        down=2 * mib,
+        tracker=False,
+        seed=1,
+        timeline=True,
+    )
+    result = simulate(params)
+    assert result.fetchers == 1
+    assert result.t_all_s <= 1.3 * result.t_bound_s
+    assert result.timeline is not None
+    assert max(r["idle_in_transit"] for r in result.timeline) < 0.2  # was 0.49
 
 
 def test_the_run_gives_the_garbage_collector_back() -> None:
