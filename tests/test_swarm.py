@@ -337,8 +337,12 @@ async def test_request_queue_follows_the_swarm_picker_settings(
     how fast the machine is."""
     blob, meta = make_blob(tmp_path, 2 * MIB)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
-    # ceil(rate * 1e-4 s / 32 KiB) <= 1 below 320 MB/s: the depth is the floor, 2.
-    settings = SwarmSettings(picker=PickerSettings(request_queue_time=1e-4, min_pipeline=4))
+    # ceil(rate * 1e-4 s / 32 KiB) <= 1 below 320 MB/s: the depth is the floor, 2 (slow
+    # start off: it would deepen the pipeline before the first tick's rate, see
+    # test_slow_start_deepens_the_pipeline_with_each_block_before_any_rate).
+    settings = SwarmSettings(
+        picker=PickerSettings(request_queue_time=1e-4, min_pipeline=4, slow_start=False)
+    )
     async with (
         open_peer_node(authenticator=local_authenticator(issuer, subject="s", cluster="c")) as s,
         open_peer_node(
