@@ -100,7 +100,7 @@ class PickerSettings:
     #: ~0.6 s), while a slow peer keeps the floor: one that delivers at most one block
     #: before its rate is known (under ~2 blocks a tick, where the rate would ask for
     #: about the floor anyway) never grows. Growing on the first block too cost the
-    #: simulator's 32-node rows 2-6 % (docs/benchmarks.md, "Pair: the evening's
+    #: simulator's 32-node rows 1-6 % (docs/benchmarks.md, "Pair: the evening's
     #: regression").
     slow_start: bool = True
     #: A request is late once it has been outstanding this many times longer than the
