@@ -20,7 +20,9 @@ per step, and an origin fetcher's registry reads share that one downlink with it
 peers' blocks, the peers sharing the rest); the registry's egress (``origin_rate``) is
 shared fairly by the readers. One request is one block of the engine's block size
 (``SwarmSettings.block_size``, whole pieces up to 256 KiB, as between p2pimage peers); a
-piece is held once all its blocks arrived. A connection or a message takes one step.
+piece is held once all its blocks arrived. A connection or a message takes one step; a
+request also waits behind the blocks its sender has queued for the same peer (the
+engine's per-connection send queue; ``SimParams.requests_behind_uploads``).
 
 With ``tracker=False`` the model runs the swarm benchmark's setup (``benchmarks.swarm``):
 no tracker, every node is given every other node, and the fetchers read the static
