@@ -235,9 +235,11 @@ class _PeerView:
     by_asker: dict[tuple[str | None, bool], tuple[_Tiers, dict[bytes, tuple[int, int, _Entry]]]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AnnounceOutcome:
-    """The policy's answer to one announce (the daemon encodes it)."""
+    """The policy's answer to one announce (the daemon encodes it); a value, never
+    changed once made (not frozen: one is made per swarm of every announce, and a frozen
+    dataclass's constructor costs several times a plain one's)."""
 
     complete: int
     incomplete: int
@@ -315,23 +317,20 @@ class TrackerPolicy:
             if (old is not None and old.left > 0) or req.event is Event.COMPLETED:
                 swarm.downloads += 1
         became_seeder = req.left == 0 and (old is None or old.left > 0)
+        # Positional, in field order (keywords cost a microsecond per announce here).
         rec = PeerRecord(
-            peer_id=req.peer_id,
-            host=host,
-            port=req.port,
-            left=req.left,
-            last_seen=now,
-            zone=zone,
-            finished_at=finished_at if req.left == 0 else None,
-            released=old.released if old is not None else False,
-            subject=subject,
-            progress_at=now if old is None or req.left < old.left else old.progress_at,
-            uploaded=req.uploaded,
-            upload_at=(
-                now
-                if old is None or became_seeder or req.uploaded > old.uploaded
-                else old.upload_at
-            ),
+            req.peer_id,
+            host,
+            req.port,
+            req.left,
+            now,
+            zone,
+            finished_at if req.left == 0 else None,
+            old.released if old is not None else False,
+            subject,
+            now if old is None or req.left < old.left else old.progress_at,
+            req.uploaded,
+            (now if old is None or became_seeder or req.uploaded > old.uploaded else old.upload_at),
         )
         swarm.add(rec)
         if old is not None and self._same_tier(swarm, old, rec):
