@@ -196,6 +196,10 @@ class SwarmRecord:
     def expire(self, now: float, timeout_s: float) -> int:
         """Drop peers not seen for ``timeout_s``; amortised O(expired)."""
         cutoff = now - timeout_s
+        # The oldest peer first: most calls end at it (nothing expired), without a list.
+        oldest = next(iter(self.peers.values()), None)
+        if oldest is None or oldest.last_seen >= cutoff:
+            return 0
         dropped = [pid for pid, rec in _take_while_old(self.peers, cutoff)]
         for pid in dropped:
             self.remove(pid)
