@@ -566,6 +566,8 @@ class TrackerPolicy:
             new.released,
         ):
             return False
+        if old.left == new.left:  # the common re-announce: the same side of every line
+            return True
         well = swarm.largest_left * self.config.well_supplied_fraction
         return _tier_class(old.left, well) == _tier_class(new.left, well)
 
