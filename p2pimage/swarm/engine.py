@@ -185,6 +185,7 @@ class SwarmStats:
     peers_connected: int = 0
     peers_banned: int = 0
     requests_timed_out: int = 0  # requests given back to the pool by request_timeout_s
+    ticks: int = 0  # housekeeping ticks run (a quiet swarm ticks every idle_tick_s)
     started_at: float = 0.0
     first_piece_at: float | None = None
     last_piece_at: float | None = None  # every piece verified (before the whole-blob check)
@@ -1023,6 +1024,7 @@ class Swarm:
             now = trio.current_time()
             elapsed = max(now - last_tick, 1e-6)
             last_tick = now
+            self.stats.ticks += 1
             peers = list(self.peers.values())
             moved = any(p.down_bytes_window or p.up_bytes_window for p in peers)
             # Rates as of the previous tick (this one updates them peer by peer).
