@@ -960,6 +960,17 @@ def test_control_reads_are_not_held_behind_origin_reads(size: int) -> None:
         assert elapsed > 3.0  # behind the origin reads
 
 
+async def quiet_ticks(swarms: list[Swarm]) -> list[int]:
+    """Wait until ``swarms`` tick no more for a second (20 ticks at ``tick_s`` 0.05; the
+    handshakes' last messages may still wake them at first); their tick counts then."""
+    with trio.fail_after(10):
+        while True:
+            ticks = [s.stats.ticks for s in swarms]
+            await trio.sleep(1.0)
+            if [s.stats.ticks for s in swarms] == ticks:
+                return ticks
+
+
 async def test_a_quiet_swarm_stops_ticking_and_wakes_for_a_newcomer(tmp_path: Path) -> None:
     """Two seeds connected to each other have nothing to do: their ticks stop (an idle
     node sleeps) until a leecher connects, which is then served at full speed; once it is
@@ -981,19 +992,17 @@ async def test_a_quiet_swarm_stops_ticking_and_wakes_for_a_newcomer(tmp_path: Pa
         with trio.fail_after(10):
             while not all(s.peers for s in seeds):
                 await trio.sleep(0.02)
-        await trio.sleep(0.3)  # a tick or two to find nothing moves
-        ticks = [s.stats.ticks for s in seeds]
-        await trio.sleep(1.0)  # 20 ticks at tick_s
-        assert [s.stats.ticks for s in seeds] == ticks
+        ticks = await quiet_ticks(seeds)
 
         leecher = await c.add_swarm(meta, tmp_path / "c", settings=settings)
         leecher.add_peers([a.listen_address, b.listen_address])
         with trio.fail_after(10):
             await leecher.complete.wait()
         assert sha256_file(leecher.storage.path) == sha256_file(blob)
+        with trio.fail_after(10):
+            while len(leecher.peers) < 2:
+                await trio.sleep(0.02)
+        await trio.sleep(0.2)
         # The newcomer woke both seeds (rates and timeouts tick again while they serve).
         assert all(s.stats.ticks > t for s, t in zip(seeds, ticks, strict=True))
-        await trio.sleep(0.5)
-        ticks = [s.stats.ticks for s in [*seeds, leecher]]
-        await trio.sleep(1.0)
-        assert [s.stats.ticks for s in [*seeds, leecher]] == ticks
+        await quiet_ticks([*seeds, leecher])
