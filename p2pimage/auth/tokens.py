@@ -693,7 +693,12 @@ def renewal_due(issued_at: float, expires_at: float, now: float) -> bool:
     """Whether a token issued at ``issued_at`` and expiring at ``expires_at`` should be
     replaced at ``now``: once two thirds of its lifetime have passed, which leaves the
     last third for retries while the sidecar is slow or away."""
-    return now >= issued_at + (expires_at - issued_at) * 2 / 3
+    return now >= renewal_at(issued_at, expires_at)
+
+
+def renewal_at(issued_at: float, expires_at: float) -> float:
+    """When :func:`renewal_due` turns true for that token."""
+    return issued_at + (expires_at - issued_at) * 2 / 3
 
 
 def local_authenticator(
