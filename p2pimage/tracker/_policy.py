@@ -130,6 +130,9 @@ class PeerRecord:
     upload_at: float = 0.0
     # How selection hands this peer out (built on first need, never persisted).
     entry: _Entry | None = field(default=None, compare=False, repr=False)
+    # This record's JSON in a Redis swarm document (built on first need, never persisted;
+    # a record is not changed once its announce is over, a re-announce makes a new one).
+    doc: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def identity(self) -> str:
