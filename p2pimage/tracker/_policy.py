@@ -21,6 +21,7 @@ import math
 import operator
 import random
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -180,8 +181,10 @@ class SwarmRecord:
     def leechers(self) -> int:
         return len(self.peers) - self.seeders
 
-    def add(self, rec: PeerRecord) -> None:
-        if self.view is not None:
+    def add(self, rec: PeerRecord, *, view: bool = True) -> None:
+        """Add ``rec``; ``view=False`` leaves selection's lists alone (for a record that
+        replaces one they list, taken out with ``view=False``, in exactly its place)."""
+        if view and self.view is not None:
             self.view.add(rec)
         self.peers[rec.peer_id] = rec
         if rec.left == 0:
@@ -189,10 +192,10 @@ class SwarmRecord:
         if rec.released:
             self.released += 1
 
-    def remove(self, peer_id: bytes) -> PeerRecord | None:
+    def remove(self, peer_id: bytes, *, view: bool = True) -> PeerRecord | None:
         rec = self.peers.pop(peer_id, None)
         if rec is not None:
-            if self.view is not None:
+            if view and self.view is not None:
                 self.view.discard(peer_id)
             if rec.left == 0:
                 self.seeders -= 1
@@ -366,11 +369,23 @@ class TrackerPolicy:
         held = swarm.peers.get(req.peer_id)
         if held is not None and held.subject != subject:
             raise PeerIdTakenError("peer_id is held by another node")
-        old = swarm.remove(req.peer_id)
+        # Selection's lists keep the old record's place until the new record is known.
+        old = swarm.remove(req.peer_id, view=False)
         if (old is None and not swarm.peers) or (old is not None and old.left > 0):
             # A new (or emptied) swarm, or a leecher until this moment: the linger clock
             # (time since a leecher was last present) restarts now.
             swarm.leecher_seen_at = now
+        same_place = False
+        if old is not None and swarm.view is not None:
+            same_place = (
+                req.event is not Event.STOPPED
+                and old.left == req.left
+                and old.host == host
+                and old.port == req.port
+                and old.zone == zone
+            )
+            if not same_place:
+                swarm.view.discard(req.peer_id)
         if req.event is Event.STOPPED:
             self._forget_fetcher(swarm, req.peer_id)
             swarm.stalled.discard(req.peer_id)
@@ -408,7 +423,9 @@ class TrackerPolicy:
         )
         if old is not None and old.host == host and old.port == req.port:
             rec.entry = old.entry
-        swarm.add(rec)
+        # A plain re-announce (nothing its place depends on changed; subject and release
+        # carry over) keeps its place in selection's lists: no work for them.
+        swarm.add(rec, view=not same_place)
         swarm.largest_left = max(swarm.largest_left, req.left)
         if req.left > 0:
             swarm.leecher_seen_at = now
@@ -642,18 +659,29 @@ class TrackerPolicy:
         For a leecher: seeders, then origin fetchers and well-supplied leechers, then the
         rest; random within a tier. A seeder gets leechers only, at random. Same-zone peers
         fill up to ``zone_share`` of the answer first. O(numwant): the shared tier lists
-        are sampled in place, never copied nor searched.
+        are sampled (see :func:`_pick`), never searched nor rebuilt.
         """
         if numwant <= 0:
             return []
-        tiers = self._tiers(swarm, asker.zone, asker.left > 0).tiers
-        skip = {asker.peer_id}
+        built = self._tiers(swarm, asker.zone, asker.left > 0)
+        tiers = built.tiers
+        # Only the asker's own tier has to skip it (one dict lookup, no search).
+        own = built.where.get(asker.peer_id, (-1, -1, 0))
         if asker.zone is None:
-            return self._take(tiers[0], numwant, skip)
+            return self._take(tiers[0], numwant, asker.peer_id, own[1])
         quota = max(1, math.ceil(numwant * self.config.zone_share))
-        chosen = self._take(tiers[1], quota, skip)
-        chosen += self._take(tiers[0], numwant - len(chosen), skip)
-        chosen += self._take(tiers[1], numwant - len(chosen), skip)
+        near_own = own[1] if own[0] == 1 else -1
+        far_own = own[1] if own[0] == 0 else -1
+        chosen = self._take(tiers[1], quota, asker.peer_id, near_own)
+        chosen += self._take(tiers[0], numwant - len(chosen), asker.peer_id, far_own)
+        if len(chosen) < numwant:  # the far tiers ran out: more near peers, not the same
+            skip = {e[0] for e in chosen}
+            skip.add(asker.peer_id)
+            for group in tiers[1]:
+                need = numwant - len(chosen)
+                if need <= 0:
+                    break
+                chosen += _pick(self.rng, group, need, skip)
         return chosen
 
     def _tiers(self, swarm: SwarmRecord, zone: str | None, leecher: bool) -> _AskerTiers:
@@ -671,17 +699,15 @@ class TrackerPolicy:
             built = view.build(swarm.peers, zone, leecher)
         return built
 
-    def _take(self, tiers: Sequence[list[_Entry]], k: int, skip: set[bytes]) -> list[_Entry]:
-        """Up to ``k`` peers not in ``skip``, best tier first, a random subset of the last
-        tier needed; the ids taken join ``skip``."""
+    def _take(self, tiers: Sequence[list[_Entry]], k: int, asker: bytes, own: int) -> list[_Entry]:
+        """Up to ``k`` peers, best tier first, a random subset of the last tier needed;
+        never ``asker``, which may sit in tier ``own`` only."""
         out: list[_Entry] = []
-        for group in tiers:
+        for tier, group in enumerate(tiers):
             need = k - len(out)
             if need <= 0:
                 break
-            picked = _pick(self.rng, group, need, skip)
-            skip.update(e[0] for e in picked)
-            out += picked
+            out += _pick(self.rng, group, need, {asker} if tier == own else _NO_SKIP)
         return out
 
 
@@ -705,16 +731,28 @@ def _sample(rng: random.Random, group: list[_Entry], k: int) -> list[_Entry]:
     return pool
 
 
-def _pick(rng: random.Random, group: list[_Entry], k: int, skip: set[bytes]) -> list[_Entry]:
+_NO_SKIP: Final[frozenset[bytes]] = frozenset()
+# Groups up to this many times the entries wanted are sampled from a copy (a C-speed
+# copy beats drawing and checking indices there); larger ones by drawing indices.
+_COPY_FACTOR: Final = 32
+
+
+def _pick(
+    rng: random.Random, group: list[_Entry], k: int, skip: AbstractSet[bytes]
+) -> list[_Entry]:
     """Up to ``k`` distinct entries of ``group`` whose peer id is not in ``skip``,
-    uniformly at random, without changing ``group``. O(k + len(skip)) expected: a large
-    group is sampled by drawing indices (repeats and skipped ids drawn again, at most
-    half of the group, so under two draws per entry taken); a small one is filtered and
-    shuffled."""
+    uniformly at random, without changing ``group`` (which may be what is returned: the
+    caller must not change it). O(k + len(skip)) for a group over ``_COPY_FACTOR``
+    times that, drawing indices (repeats and skipped ids drawn again: under two draws per
+    entry taken); below, a partial shuffle of a copy, ``k + len(skip)`` long, whose
+    entries not skipped are a uniform choice."""
     n = len(group)
-    if n <= 2 * (k + len(skip)):
-        pool = [e for e in group if e[0] not in skip]
-        return pool if len(pool) <= k else _sample(rng, pool, k)
+    s = len(skip)
+    if n <= k:
+        return group if not s else [e for e in group if e[0] not in skip]
+    if n <= _COPY_FACTOR * (k + s):
+        picked = _sample(rng, group, min(n, k + s))
+        return picked if not s else [e for e in picked if e[0] not in skip][:k]
     draw = rng.random
     seen: set[int] = set()
     out: list[_Entry] = []
