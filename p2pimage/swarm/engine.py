@@ -76,6 +76,11 @@ __all__ = [
 
 log = logging.getLogger("p2pimage.swarm.engine")
 
+# A peer that lacks at most this many pieces hears of ours at once (no have_delay_s):
+# in its last pieces a have can decide when it finishes, where in the bulk of a
+# transfer it has many pieces to choose from and a have only adds one more.
+HAVE_DELAY_TAIL_PIECES = 8
+
 
 class SwarmStalled(P2PImageError):
     """The swarm verified no piece for the reader's stall timeout."""
@@ -144,9 +149,10 @@ class SwarmSettings:
     # with the next batch to that peer (a request, a piece) or with the other haves of
     # this interval, instead of one write each (a node verifies a piece every ~30 ms at
     # 8 MiB/s and tells every peer that lacks it: most writes were haves). A peer not
-    # interested hears at once (the piece may make it interested). 0: every have at
-    # once. Measurements: docs/benchmarks.md, "CPU per delivered MiB".
-    have_delay_s: float = 0.1
+    # interested hears at once (the piece may make it interested), and so does a peer
+    # near its end (HAVE_DELAY_TAIL_PIECES: there a have can decide when it finishes).
+    # 0: every have at once. Measurements: docs/benchmarks.md, "CPU per delivered MiB".
+    have_delay_s: float = 0.25
     # Stay interested in a p2pimage peer this long after it last had a piece we need
     # (InterestPolicy; checked each tick): in a cold start it soon gets another, and
     # each not-interested/interested pair was two messages and two rechokes. 0: BEP 3's
@@ -848,8 +854,13 @@ class Swarm:
 
     def _send_have(self, peer: _Peer, index: int) -> None:
         """A have for ``peer``: deferred by up to ``have_delay_s`` when the peer is
-        interested in us already (it has our other pieces to ask for meanwhile)."""
-        if peer.peer_interested and self.settings.have_delay_s > 0:
+        interested in us already (it has our other pieces to ask for meanwhile) and
+        still lacks more than :data:`HAVE_DELAY_TAIL_PIECES`."""
+        if (
+            peer.peer_interested
+            and self.settings.have_delay_s > 0
+            and self.picker.peer_missing(peer.key) > HAVE_DELAY_TAIL_PIECES
+        ):
             peer.session.send_have(index, defer=True)
             self._haves_deferred.set()
         else:
