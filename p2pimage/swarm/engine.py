@@ -3,8 +3,9 @@
 A :class:`Swarm` owns the piece store of one blob, a :class:`~p2pimage.swarm.picker.PiecePicker`
 and a :class:`~p2pimage.swarm.choker.Choker`, and the peer sessions of that torrent. Its nursery
 holds one reader, one writer and one uploader task per peer, a housekeeping tick
-(request timeouts, stall detection, rates, rechoke), the tracker announce loop and the
-origin reader, when the tracker assigns one. The policies make every decision; this
+(request timeouts, stall detection, rates, rechoke), a flush of deferred haves (asleep
+while none wait), the tracker announce loop and the origin reader, when the tracker
+assigns one. The policies make every decision; this
 module only moves bytes and events between them and the sockets.
 
 What others may ask of a swarm is its small API: the announcer calls
