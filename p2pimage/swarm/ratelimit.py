@@ -98,11 +98,10 @@ class RateLimiter:
     def limited(self) -> bool:
         return self.rate is not None
 
-    async def acquire(self, amount: int, *, first: bool = False) -> bool:
+    async def acquire(self, amount: int, *, first: bool = False) -> None:
         """Wait until ``amount`` bytes may pass; callers are served in arrival order,
         except that a caller with ``first`` waits only for its own bytes
-        (:meth:`TokenBucket.reserve_first`). Returns whether it slept (a yield to the
-        scheduler); without a wait it is no checkpoint at all.
+        (:meth:`TokenBucket.reserve_first`).
 
         Origin reads go first on a fetcher's downlink. In arrival order, one fetcher's
         registry reads got one turn in 32 at 32 nodes (a turn per peer sending to it):
@@ -113,14 +112,14 @@ class RateLimiter:
         """
         self.total += amount
         if self.rate is None:
-            return False
+            return
         bucket = self._bucket
         now = trio.current_time()
         if bucket is None:
             bucket = self._bucket = TokenBucket(self.rate, self._burst, now=now)
         wait = bucket.reserve_first(amount, now) if first else bucket.reserve(amount, now)
         if wait <= 0 or not math.isfinite(wait):
-            return False
+            return
         try:
             passed = bucket.first_bytes
             await trio.sleep(wait)
@@ -131,4 +130,3 @@ class RateLimiter:
         except trio.Cancelled:
             bucket.refund(amount, trio.current_time())
             raise
-        return True

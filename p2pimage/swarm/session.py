@@ -456,20 +456,12 @@ class PeerSession:
                 await self._write_with_regions(batch)
                 self.bytes_sent += size
                 continue
-            if not await self._write_batch(batch, size) and (  # type: ignore[arg-type]
-                self._outbox or (self._haves and self._haves_due) or self._closed is not None
-            ):
-                # Written at once: yield before the next batch. Otherwise the writer
-                # parks on its wakeup next, which is the yield (one task switch less
-                # per small write: most writes are a few haves or a request).
-                await trio.lowlevel.cancel_shielded_checkpoint()
+            await self._write_batch(batch, size)  # type: ignore[arg-type]
 
-    async def _write_batch(self, batch: list[bytes | bytearray | memoryview], size: int) -> bool:
+    async def _write_batch(self, batch: list[bytes | bytearray | memoryview], size: int) -> None:
         """Seal a batch (one AEAD pass on an encrypted connection; as is otherwise) and
         send it: into the session's send buffer when it fits and is free, so a batch
-        allocates nothing, or else into a new buffer. Returns whether it yielded to the
-        scheduler (the limiter slept or the socket was full); if not, it was a
-        cancellation point only, and the caller must yield or park next."""
+        allocates nothing, or else into a new buffer."""
         try:
             need = self.conn.sealed_length(size)
             buffer = self._send_buffer
@@ -485,15 +477,14 @@ class PeerSession:
         except LocalProtocolError:
             raise PeerClosed("connection closed") from None
         sent = len(data)
-        waited = await self._upload.acquire(sent)
+        await self._upload.acquire(sent)
         if buffer is not None:
             self._send_buffer_busy = True
         try:
             if isinstance(self.stream, trio.SocketStream):
-                waited = await _send_all(self.stream.socket, data, checkpoint=False) or waited
+                await _send_all(self.stream.socket, data)
             else:
                 await self.stream.send_all(data)
-                waited = True
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise PeerClosed(f"connection lost: {exc}") from None
         finally:
@@ -501,7 +492,6 @@ class PeerSession:
                 self._send_buffer_busy = False
                 data.release()  # type: ignore[union-attr]
         self.bytes_sent += sent
-        return waited
 
     async def _write_with_regions(self, batch: list[_Chunk]) -> None:
         """Write a batch in order: runs of bytes with ``send_all``, file regions with
@@ -573,12 +563,8 @@ async def _recv_into(sock: trio.socket.SocketType, buffer: bytearray) -> int:
     return n
 
 
-async def _send_all(
-    sock: trio.socket.SocketType, data: bytes | bytearray | memoryview, *, checkpoint: bool = True
-) -> bool:
-    """``await trio.SocketStream(sock).send_all(data)``, at less cost. Returns whether it
-    waited for the socket (a yield). Without ``checkpoint``, a send that went through at
-    once does not yield: the caller yields or parks next."""
+async def _send_all(sock: trio.socket.SocketType, data: bytes | bytearray | memoryview) -> None:
+    """``await trio.SocketStream(sock).send_all(data)``, at less cost."""
     await trio.lowlevel.checkpoint_if_cancelled()
     waited = False
     with memoryview(data) as view:
@@ -590,9 +576,8 @@ async def _send_all(
             except BlockingIOError:
                 await trio.lowlevel.wait_writable(sock)
                 waited = True
-    if not waited and checkpoint:
+    if not waited:
         await trio.lowlevel.cancel_shielded_checkpoint()
-    return waited
 
 
 def new_peer_id(prefix: bytes = b"-PI0300-") -> bytes:
