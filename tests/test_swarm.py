@@ -77,7 +77,7 @@ async def push(registry: Any, blob: Path, repository: str = "test/layer") -> str
 
 def mesh(swarms: list[Swarm], node_list: list[PeerNode]) -> None:
     for swarm in swarms:
-        swarm.add_peers([n.listen_address for n in node_list])
+        swarm.add_peers([n.listen_address for n in node_list], mutual=True)
 
 
 @pytest.mark.parametrize("fetchers", [1, 2])
@@ -338,8 +338,12 @@ async def test_request_queue_follows_the_swarm_picker_settings(
     how fast the machine is."""
     blob, meta = make_blob(tmp_path, 2 * MIB)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
-    # ceil(rate * 1e-4 s / 32 KiB) <= 1 below 320 MB/s: the depth is the floor, 2.
-    settings = SwarmSettings(picker=PickerSettings(request_queue_time=1e-4, min_pipeline=4))
+    # ceil(rate * 1e-4 s / 32 KiB) <= 1 below 320 MB/s: the depth is the floor, 2 (slow
+    # start off: it would deepen the pipeline before the first tick's rate, see
+    # test_slow_start_deepens_the_pipeline_with_each_block_before_any_rate).
+    settings = SwarmSettings(
+        picker=PickerSettings(request_queue_time=1e-4, min_pipeline=4, slow_start=False)
+    )
     async with (
         open_peer_node(authenticator=local_authenticator(issuer, subject="s", cluster="c")) as s,
         open_peer_node(
@@ -451,8 +455,8 @@ async def test_two_nodes_dialing_each_other_keep_the_same_one_connection(
             meta, tmp_path, storage=PieceStorage.open_complete(blob, meta)
         )
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
-        seeding.add_peers([leecher.listen_address])
-        swarm.add_peers([seeder.listen_address])
+        seeding.add_peers([leecher.listen_address], mutual=True)
+        swarm.add_peers([seeder.listen_address], mutual=True)
         with trio.fail_after(30):
             await swarm.complete.wait()
             while len(seeding.peers) != 1 or len(swarm.peers) != 1:
@@ -482,8 +486,8 @@ async def test_the_deferred_dial_of_a_pair_stops_before_the_key_exchange(
         )
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
         early = min(seeder.listen_address, leecher.listen_address)
-        seeding.add_peers([leecher.listen_address])
-        swarm.add_peers([seeder.listen_address])
+        seeding.add_peers([leecher.listen_address], mutual=True)
+        swarm.add_peers([seeder.listen_address], mutual=True)
 
         def stopped() -> list[str]:
             return [m for r in caplog.records if "already connected" in (m := r.getMessage())]
@@ -496,6 +500,70 @@ async def test_the_deferred_dial_of_a_pair_stops_before_the_key_exchange(
         # Only the late node's dial (to the node with the lower address) stopped.
         assert stopped() == [f"dial {early} failed: already connected to this peer"]
     assert sha256_file(swarm.storage.path) == meta.sha256
+
+
+async def test_a_peer_named_to_us_alone_is_dialled_at_once(tmp_path: Path) -> None:
+    """A static peer list that the peer was not given (a seed we were pointed at, the
+    pair benchmark) is dialled without the pair's deferral, which would only delay the
+    first byte: the other side never dials. The same list marked ``mutual`` waits."""
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(dial_defer_s=60.0)
+    async with nodes(2, issuer) as pair:
+        # The node whose address orders higher is the one that would defer.
+        seeder, leecher = sorted(pair, key=lambda n: n.listen_address)
+        await seeder.add_swarm(
+            meta, tmp_path, storage=PieceStorage.open_complete(blob, meta), settings=settings
+        )
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
+        swarm.add_peers([seeder.listen_address], mutual=True)
+        await trio.sleep(0.5)
+        assert not swarm.peers  # deferred: 30-60 s
+        swarm.add_peers([seeder.listen_address])  # still dialing: not dialled twice
+        assert not swarm.peers
+    async with nodes(2, issuer) as pair:
+        seeder, leecher = sorted(pair, key=lambda n: n.listen_address)
+        await seeder.add_swarm(
+            meta, tmp_path, storage=PieceStorage.open_complete(blob, meta), settings=settings
+        )
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher2", settings=settings)
+        swarm.add_peers([seeder.listen_address])
+        with trio.fail_after(20):  # far below the 30 s the deferral would take
+            await swarm.complete.wait()
+    assert sha256_file(swarm.storage.path) == meta.sha256
+
+
+async def test_slow_start_deepens_the_pipeline_with_each_block_before_any_rate(
+    tmp_path: Path,
+) -> None:
+    """No rate is measured (no tick within the transfer), yet the leecher's pipeline to
+    its seeder grows with the blocks it delivers, so the transfer does not run
+    stop-and-wait at the one-block floor of large blocks; without slow start it does."""
+    blob, meta = make_blob(tmp_path, 16 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    for slow_start in (True, False):
+        settings = SwarmSettings(tick_s=120.0, picker=PickerSettings(slow_start=slow_start))
+        async with nodes(2, issuer) as (seeder, leecher):
+            await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+            swarm = await leecher.add_swarm(
+                meta, tmp_path / f"leecher-{slow_start}", settings=settings
+            )
+            swarm.add_peers([seeder.listen_address])
+            deepest = 0
+            with trio.fail_after(60):
+                while not swarm.complete.is_set():
+                    deepest = max([deepest, *(len(p.outstanding) for p in swarm.peers.values())])
+                    await trio.sleep(0.001)
+            assert swarm.picker.block_size == 256 * 1024  # a floor of one block
+            blocks = meta.length // swarm.picker.block_size
+            (seed_key,) = swarm.peers
+            if slow_start:  # the floor plus one per block after the first, up to the cap
+                assert swarm.picker.pipeline_depth(seed_key) == min(32, blocks)
+                assert deepest > 4
+            else:
+                assert swarm.picker.pipeline_depth(seed_key) == 1
+                assert deepest == 1
+        assert sha256_file(swarm.storage.path) == meta.sha256
 
 
 async def test_a_dial_stops_after_the_handshake_names_an_unwanted_peer(tmp_path: Path) -> None:

@@ -462,8 +462,13 @@ class Swarm:
     def want_more_peers(self) -> bool:
         return self.dial_policy.want_more(len(self.peers), len(self._dialing))
 
-    def add_peers(self, addresses: Iterable[tuple[str, int]]) -> None:
-        """Dial peers (tracker results, or a static list) that we are not connected to."""
+    def add_peers(self, addresses: Iterable[tuple[str, int]], *, mutual: bool = False) -> None:
+        """Dial peers (tracker results, or a static list) that we are not connected to.
+
+        ``mutual``: they were given our address too and may dial us at the same time (a
+        tracker's peer lists), so of each pair one side defers its dial
+        (``DialPolicy.dial_delay_s``); otherwise (a list only we were given) all are
+        dialled at once."""
         if self._nursery is None:
             return
         connected = {p.session.address for p in self.peers.values()}
@@ -476,13 +481,13 @@ class Swarm:
             skip=unwanted.__contains__,
         ):
             self._dialing.add(address)
-            self._nursery.start_soon(self._dial, address)
+            self._nursery.start_soon(self._dial, address, mutual)
 
-    async def _dial(self, address: tuple[str, int]) -> None:
+    async def _dial(self, address: tuple[str, int], mutual: bool) -> None:
         try:
             try:
                 delay = self.dial_policy.dial_delay_s(
-                    self._dialer.listen_address, address, self._rng
+                    self._dialer.listen_address, address, self._rng, mutual=mutual
                 )
                 if delay:
                     await trio.sleep(delay)
