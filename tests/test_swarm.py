@@ -1075,3 +1075,51 @@ def test_control_reads_are_not_held_behind_origin_reads(size: int) -> None:
         assert elapsed < 0.1  # its own 20 bytes, nothing else
     else:
         assert elapsed > 3.0  # behind the origin reads
+
+
+async def quiet_ticks(swarms: list[Swarm]) -> list[int]:
+    """Wait until ``swarms`` tick no more for a second (20 ticks at ``tick_s`` 0.05; the
+    handshakes' last messages may still wake them at first); their tick counts then."""
+    with trio.fail_after(10):
+        while True:
+            ticks = [s.stats.ticks for s in swarms]
+            await trio.sleep(1.0)
+            if [s.stats.ticks for s in swarms] == ticks:
+                return ticks
+
+
+async def test_a_quiet_swarm_stops_ticking_and_wakes_for_a_newcomer(tmp_path: Path) -> None:
+    """Two seeds connected to each other have nothing to do: their ticks stop (an idle
+    node sleeps) until a leecher connects, which is then served at full speed; once it is
+    done, they fall quiet again."""
+    blob, meta = make_blob(tmp_path, 4 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(tick_s=0.05, idle_tick_s=60.0)
+    async with nodes(3, issuer) as (a, b, c):
+        seeds = [
+            await node.add_swarm(
+                meta,
+                tmp_path / name,
+                storage=PieceStorage.open_complete(blob, meta),
+                settings=settings,
+            )
+            for node, name in ((a, "a"), (b, "b"))
+        ]
+        seeds[0].add_peers([b.listen_address])
+        with trio.fail_after(10):
+            while not all(s.peers for s in seeds):
+                await trio.sleep(0.02)
+        ticks = await quiet_ticks(seeds)
+
+        leecher = await c.add_swarm(meta, tmp_path / "c", settings=settings)
+        leecher.add_peers([a.listen_address, b.listen_address])
+        with trio.fail_after(10):
+            await leecher.complete.wait()
+        assert sha256_file(leecher.storage.path) == sha256_file(blob)
+        with trio.fail_after(10):
+            while len(leecher.peers) < 2:
+                await trio.sleep(0.02)
+        await trio.sleep(0.2)
+        # The newcomer woke both seeds (rates and timeouts tick again while they serve).
+        assert all(s.stats.ticks > t for s, t in zip(seeds, ticks, strict=True))
+        await quiet_ticks([*seeds, leecher])

@@ -154,6 +154,13 @@ class SwarmSettings:
     # near its end (HAVE_DELAY_TAIL_PIECES: there a have can decide when it finishes).
     # 0: every have at once. Measurements: docs/benchmarks.md, "CPU per delivered MiB".
     have_delay_s: float = 0.25
+    # A quiet swarm (complete, nothing requested either way, nobody interested, no byte
+    # moved in the last tick: a seeding swarm on an idle node) ticks this seldom
+    # instead, and at once again on any peer's message or a new peer. Its tick then only
+    # checks token expiries and keep-alives: a token a key rotation revoked closes its
+    # connection within this delay, not ``tick_s``. Idle nodes cost next to no CPU
+    # (docs/benchmarks.md, "Idle nodes").
+    idle_tick_s: float = 5.0
     # Stay interested in a p2pimage peer this long after it last had a piece we need
     # (InterestPolicy; checked each tick): in a cold start it soon gets another, and
     # each not-interested/interested pair was two messages and two rechokes. 0: BEP 3's
@@ -192,6 +199,7 @@ class SwarmStats:
     peers_connected: int = 0
     peers_banned: int = 0
     requests_timed_out: int = 0  # requests given back to the pool by request_timeout_s
+    ticks: int = 0  # housekeeping ticks run (a quiet swarm ticks every idle_tick_s)
     started_at: float = 0.0
     first_piece_at: float | None = None
     last_piece_at: float | None = None  # every piece verified (before the whole-blob check)
@@ -343,6 +351,8 @@ class Swarm:
         self.closed = trio.Event()
         self._changed = trio.Event()
         self._haves_deferred = trio.Event()  # a have waits for _haves_loop
+        # Set while the tick loop waits out a quiet spell: activity sets it (_stir).
+        self._quiet_wait: trio.Event | None = None
         if storage.complete:
             self.complete.set()
 
@@ -542,6 +552,7 @@ class Swarm:
         )
         self.peers[key] = peer
         self.stats.peers_connected = len(self.peers)
+        self._stir()
         reason = "done"
         try:
             with peer.scope:
@@ -619,6 +630,7 @@ class Swarm:
             finally:
                 peer.refill_deferred = False
             self._refill(peer)
+            self._stir()
             if self.storage.all_pieces_verified and not self.complete.is_set():
                 # A verified last piece: finish the blob (hash, rename) outside _handle.
                 await self.finalize_if_done()
@@ -1036,12 +1048,21 @@ class Swarm:
 
     async def _tick_loop(self) -> None:
         last_tick = trio.current_time()
+        quiet = False
         while True:
-            await trio.sleep(self.settings.tick_s)
+            if quiet:
+                self._quiet_wait = trio.Event()
+                with trio.move_on_after(self.settings.idle_tick_s):
+                    await self._quiet_wait.wait()
+                self._quiet_wait = None
+            else:
+                await trio.sleep(self.settings.tick_s)
             now = trio.current_time()
             elapsed = max(now - last_tick, 1e-6)
             last_tick = now
+            self.stats.ticks += 1
             peers = list(self.peers.values())
+            moved = any(p.down_bytes_window or p.up_bytes_window for p in peers)
             # Rates as of the previous tick (this one updates them peer by peer).
             outstanding = sum(b.length for p in peers for b, _ in p.outstanding.values())
             drain = self.timeouts.drain_s(outstanding, sum(p.down_rate for p in peers))
@@ -1052,6 +1073,27 @@ class Swarm:
             if self.choker.rechoke_due(now):
                 self._rechoke(now)
             self._refill_all()
+            quiet = not moved and self._quiet()
+            if quiet:
+                for peer in self.peers.values():
+                    peer.down_rate = peer.up_rate = 0.0  # (true: nothing moved this tick)
+
+    def _quiet(self) -> bool:
+        """Whether the tick has nothing to do but token expiries and keep-alives: the
+        blob complete, no piece held back for a reveal, and no peer with requests either
+        way or interest on either side (no rates, timeouts, interest reviews or
+        refills to keep)."""
+        if not self.complete.is_set() or self.reveal.hidden:
+            return False
+        return not any(
+            p.outstanding or p.uploads or p.peer_interested or p.am_interested
+            for p in self.peers.values()
+        )
+
+    def _stir(self) -> None:
+        """Activity: a quiet swarm's tick loop goes back to ticking every ``tick_s``."""
+        if self._quiet_wait is not None:
+            self._quiet_wait.set()
 
     async def _haves_loop(self) -> None:
         """``have_delay_s`` after a have was deferred (:meth:`_send_have`), send the haves
