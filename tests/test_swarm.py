@@ -46,6 +46,7 @@ from p2pimage.wire import (
     Have,
     PeerConnection,
     Piece,
+    Request,
     Role,
     build_haves_payload,
     decode_haves,
@@ -783,6 +784,54 @@ async def test_haves_of_one_batch_travel_in_one_message(haves_on_b: bool) -> Non
         assert decode_haves(events[0].payload, 100) == (3, 7, 42, 99)
     else:
         assert events == [Have(3), Have(7), Have(42), Have(99)]
+
+
+async def _events_until(peer: PeerConnection, stream: Any, done: Any) -> list[Any]:
+    events: list[Any] = []
+    with trio.fail_after(5):
+        while not done(events):
+            peer.receive_data(await stream.receive_some())
+            while (event := peer.next_event()) is not NEED_DATA:
+                events.append(event)
+    return events
+
+
+async def test_deferred_haves_wait_for_the_next_batch_or_a_flush() -> None:
+    """A deferred have wakes nobody: it leaves with the next message queued to the peer
+    (here a request), or when flush_haves() is called; never alone before that."""
+    session, peer, stream = await _open_session_pair(haves_on_b=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer)
+        session.send_have(3, defer=True)
+        session.send_have(7, defer=True)
+        await trio.sleep(0.2)
+        with trio.move_on_after(0.2):
+            data = await stream.receive_some()
+            pytest.fail(f"deferred haves were sent alone: {data!r}")
+        session.send(Request(1, 0, 16384))  # the haves ride along, in the same batch
+        events = await _events_until(peer, stream, lambda e: len(e) >= 2)
+        assert events == [
+            Request(1, 0, 16384),
+            Extended(LOCAL_HAVES_ID, build_haves_payload([3, 7])),
+        ]
+        session.send_have(42, defer=True)
+        session.flush_haves()
+        events = await _events_until(peer, stream, lambda e: len(e) >= 1)
+        assert events == [Extended(LOCAL_HAVES_ID, build_haves_payload([42]))]
+        session.flush_haves()  # nothing deferred: no write
+        session.send_have(50)  # not deferred: at once
+        events = await _events_until(peer, stream, lambda e: len(e) >= 1)
+        assert events == [Extended(LOCAL_HAVES_ID, build_haves_payload([50]))]
+        nursery.cancel_scope.cancel()
+
+
+async def test_deferred_have_to_a_stock_client_goes_at_once() -> None:
+    session, peer, stream = await _open_session_pair(haves_on_b=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer)
+        session.send_have(5, defer=True)  # a BEP 3 have: no batching to wait for
+        assert await _events_until(peer, stream, lambda e: len(e) >= 1) == [Have(5)]
+        nursery.cancel_scope.cancel()
 
 
 async def test_file_blocks_go_out_by_sendfile_in_order(tmp_path: Path) -> None:
