@@ -574,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         cold_table.add_column("joins per CPU-second", justify="right")
         for name, us in cold.items():
             label = name.removesuffix("_us_per_join").replace("_", " ")
+            label = label.replace("zoned", f"{COLD_SIZES[-1]}, 3 zones")
             cold_table.add_row(label, f"{us:,.1f}", f"{1e6 / us:,.0f}")
             flat[name] = round(us, 2)
         flat["cold_start_announces_s"] = round(
