@@ -46,6 +46,7 @@ from p2pimage.wire import (
     Have,
     PeerConnection,
     Piece,
+    Request,
     Role,
     build_haves_payload,
     decode_haves,
@@ -785,6 +786,54 @@ async def test_haves_of_one_batch_travel_in_one_message(haves_on_b: bool) -> Non
         assert events == [Have(3), Have(7), Have(42), Have(99)]
 
 
+async def _events_until(peer: PeerConnection, stream: Any, done: Any) -> list[Any]:
+    events: list[Any] = []
+    with trio.fail_after(5):
+        while not done(events):
+            peer.receive_data(await stream.receive_some())
+            while (event := peer.next_event()) is not NEED_DATA:
+                events.append(event)
+    return events
+
+
+async def test_deferred_haves_wait_for_the_next_batch_or_a_flush() -> None:
+    """A deferred have wakes nobody: it leaves with the next message queued to the peer
+    (here a request), or when flush_haves() is called; never alone before that."""
+    session, peer, stream = await _open_session_pair(haves_on_b=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer)
+        session.send_have(3, defer=True)
+        session.send_have(7, defer=True)
+        await trio.sleep(0.2)
+        with trio.move_on_after(0.2):
+            data = await stream.receive_some()
+            pytest.fail(f"deferred haves were sent alone: {data!r}")
+        session.send(Request(1, 0, 16384))  # the haves ride along, in the same batch
+        events = await _events_until(peer, stream, lambda e: len(e) >= 2)
+        assert events == [
+            Request(1, 0, 16384),
+            Extended(LOCAL_HAVES_ID, build_haves_payload([3, 7])),
+        ]
+        session.send_have(42, defer=True)
+        session.flush_haves()
+        events = await _events_until(peer, stream, lambda e: len(e) >= 1)
+        assert events == [Extended(LOCAL_HAVES_ID, build_haves_payload([42]))]
+        session.flush_haves()  # nothing deferred: no write
+        session.send_have(50)  # not deferred: at once
+        events = await _events_until(peer, stream, lambda e: len(e) >= 1)
+        assert events == [Extended(LOCAL_HAVES_ID, build_haves_payload([50]))]
+        nursery.cancel_scope.cancel()
+
+
+async def test_deferred_have_to_a_stock_client_goes_at_once() -> None:
+    session, peer, stream = await _open_session_pair(haves_on_b=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer)
+        session.send_have(5, defer=True)  # a BEP 3 have: no batching to wait for
+        assert await _events_until(peer, stream, lambda e: len(e) >= 1) == [Have(5)]
+        nursery.cancel_scope.cancel()
+
+
 async def test_file_blocks_go_out_by_sendfile_in_order(tmp_path: Path) -> None:
     """A plaintext TCP session sends a complete blob's blocks from the file (sendfile),
     between the messages queued before and after them; a closed store ends only that
@@ -1026,3 +1075,51 @@ def test_control_reads_are_not_held_behind_origin_reads(size: int) -> None:
         assert elapsed < 0.1  # its own 20 bytes, nothing else
     else:
         assert elapsed > 3.0  # behind the origin reads
+
+
+async def quiet_ticks(swarms: list[Swarm]) -> list[int]:
+    """Wait until ``swarms`` tick no more for a second (20 ticks at ``tick_s`` 0.05; the
+    handshakes' last messages may still wake them at first); their tick counts then."""
+    with trio.fail_after(10):
+        while True:
+            ticks = [s.stats.ticks for s in swarms]
+            await trio.sleep(1.0)
+            if [s.stats.ticks for s in swarms] == ticks:
+                return ticks
+
+
+async def test_a_quiet_swarm_stops_ticking_and_wakes_for_a_newcomer(tmp_path: Path) -> None:
+    """Two seeds connected to each other have nothing to do: their ticks stop (an idle
+    node sleeps) until a leecher connects, which is then served at full speed; once it is
+    done, they fall quiet again."""
+    blob, meta = make_blob(tmp_path, 4 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(tick_s=0.05, idle_tick_s=60.0)
+    async with nodes(3, issuer) as (a, b, c):
+        seeds = [
+            await node.add_swarm(
+                meta,
+                tmp_path / name,
+                storage=PieceStorage.open_complete(blob, meta),
+                settings=settings,
+            )
+            for node, name in ((a, "a"), (b, "b"))
+        ]
+        seeds[0].add_peers([b.listen_address])
+        with trio.fail_after(10):
+            while not all(s.peers for s in seeds):
+                await trio.sleep(0.02)
+        ticks = await quiet_ticks(seeds)
+
+        leecher = await c.add_swarm(meta, tmp_path / "c", settings=settings)
+        leecher.add_peers([a.listen_address, b.listen_address])
+        with trio.fail_after(10):
+            await leecher.complete.wait()
+        assert sha256_file(leecher.storage.path) == sha256_file(blob)
+        with trio.fail_after(10):
+            while len(leecher.peers) < 2:
+                await trio.sleep(0.02)
+        await trio.sleep(0.2)
+        # The newcomer woke both seeds (rates and timeouts tick again while they serve).
+        assert all(s.stats.ticks > t for s, t in zip(seeds, ticks, strict=True))
+        await quiet_ticks([*seeds, leecher])

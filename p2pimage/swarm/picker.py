@@ -860,6 +860,12 @@ class PiecePicker(Generic[P]):
         known = self._peers
         return [k for k in peers if (ps := known.get(k)) is None or not ps.bits & bit]
 
+    def peer_missing(self, peer: P) -> int:
+        """How many pieces the peer lacks, by what it announced (all of them for a peer
+        never heard of)."""
+        ps = self._peers.get(peer)
+        return self.num_pieces - (0 if ps is None else ps.bits.bit_count())
+
     def peer_is_interesting(self, peer: P) -> bool:
         """The peer has a piece we lack and want from peers (send INTERESTED)."""
         ps = self._peers.get(peer)
