@@ -41,7 +41,13 @@ from p2pimage.metainfo.torrent import Metainfo
 from p2pimage.storage.pieces import BlobCursor, PieceStorage
 from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
-from p2pimage.swarm.policy import DialPolicy, InterestPolicy, PeerTimeouts, RevealPolicy
+from p2pimage.swarm.policy import (
+    DialPolicy,
+    InterestPolicy,
+    PeerTimeouts,
+    RevealPolicy,
+    UploadOrder,
+)
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.swarm.session import SENDFILE_MIN_BLOCK, PeerSession, SessionInfo
 from p2pimage.wire import (
@@ -152,8 +158,22 @@ class SwarmSettings:
     # blocked on keeps strict priority either way. Measurements: docs/benchmarks.md,
     # "Tuned defaults".
     stream_window: int = 4
-    # Upload queue cap per peer (bytes) before the uploader waits for the writer.
-    upload_queue_bytes: int = 1 << 20
+    # Bytes queued for sending over all the swarm's connections (batches waiting for the
+    # upload limiter included) before the uploader waits: the next request to serve is
+    # chosen (upload_order) as late as this allows, so it must stay small next to the
+    # requests waiting. 1.5 MiB: one connection holds what it held when this was a cap
+    # per connection (1 MiB queued plus the batch being written).
+    upload_queue_bytes: int = 1536 * 1024
+    # Whose waiting requests are served first (UploadOrder): "need", the peer holding the
+    # fewest pieces; "arrival", the oldest request. Measurements: docs/benchmarks.md,
+    # "Requests ahead, the neediest first".
+    upload_order: str = "need"
+    # Tell every peer of each piece we verify, also those that announced it themselves:
+    # an uploader orders requesters by the pieces they hold (upload_order "need"), and
+    # without these haves it saw about half of them (the haves it was not sent are those
+    # of pieces it held itself). One have more per peer and piece, four bytes in a
+    # p2pimage_haves message. False: only those not known to have it (BEP 3 allows both).
+    haves_to_all: bool = True
     # Reveal each origin-read piece to one peer first (see Swarm.accept_origin_piece).
     reveal_origin_pieces: bool = True
     reveal_timeout_s: float = 2.0
@@ -238,7 +258,9 @@ class _Peer:
     # still due, by (index, begin) of the block.
     parts: dict[tuple[int, int], set[int]] = field(default_factory=dict)
     uploads: deque[Request] = field(default_factory=deque)
-    upload_wakeup: trio.Event = field(default_factory=trio.Event)
+    # When the peer's turn in UploadOrder's ties began: its first waiting request's
+    # arrival, or its last request served.
+    waiting_since: float = 0.0
     last_data_at: float = 0.0  # the last block, or the first request after an idle spell
     received_at_last_data: int = 0  # Swarm.received_bytes at last_data_at
     # A request timed out since the last block: an empty request queue is then no idle
@@ -305,6 +327,9 @@ class Swarm:
         )
         self.interest = InterestPolicy(self.settings.interest_grace_s)
         self.timeouts = PeerTimeouts(self.settings.request_timeout_s, self.settings.stall_timeout_s)
+        self.upload_order = UploadOrder(self.settings.upload_order)
+        self._upload_wakeup = trio.Event()  # a request arrived
+        self._upload_room = trio.lowlevel.ParkingLot()  # a session wrote a batch
         self.reveal: RevealPolicy[bytes] = RevealPolicy(
             enabled=self.settings.reveal_origin_pieces,
             timeout_s=self.settings.reveal_timeout_s,
@@ -340,6 +365,7 @@ class Swarm:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._tick_loop)
+                nursery.start_soon(self._uploader)
                 task_status.started()
                 await self.closed.wait()
                 nursery.cancel_scope.cancel()
@@ -524,8 +550,8 @@ class Swarm:
         try:
             with peer.scope:
                 async with trio.open_nursery() as nursery:
+                    session.set_sent_lot(self._upload_room)
                     nursery.start_soon(session.run_writer)
-                    nursery.start_soon(self._uploader, peer)
                     self._greet(peer)
                     for message in info.messages:
                         self._handle(peer, message)
@@ -804,8 +830,9 @@ class Swarm:
 
     def _show_to_all(self, index: int, told: bytes) -> None:
         """A hidden origin piece is shown to every peer but ``told``, which knows it."""
+        to_all = self.settings.haves_to_all
         for peer in self.peers.values():
-            if peer.key != told and not self.picker.peer_has(peer.key, index):
+            if peer.key != told and (to_all or not self.picker.peer_has(peer.key, index)):
                 peer.session.send_have(index)  # (with the batch's other haves)
 
     def _piece_verified(self, index: int) -> None:
@@ -831,9 +858,11 @@ class Swarm:
         self._changed = trio.Event()
 
     def _announce(self, index: int) -> None:
+        to_all = self.settings.haves_to_all
         for peer in self.peers.values():
-            # A peer that announced the piece itself does not need to hear it back.
-            if not self.picker.peer_has(peer.key, index):
+            # A peer that announced the piece itself does not need it for picking, but
+            # its uploader orders requesters by what they hold (UploadOrder).
+            if to_all or not self.picker.peer_has(peer.key, index):
                 peer.session.send_have(index)
 
     async def finalize_if_done(self) -> None:
@@ -960,12 +989,10 @@ class Swarm:
             return  # BEP 3: requests while choked are dropped
         if len(peer.uploads) >= 2048:
             raise PeerClosed("request flood")
-        if not peer.uploads and peer.session.queued_bytes <= self.settings.upload_queue_bytes:
-            # Room in the send queue: answer here, without waking the uploader task.
-            self._serve_request(peer, request)
-            return
+        if not peer.uploads:
+            peer.waiting_since = trio.current_time()
         peer.uploads.append(request)
-        peer.upload_wakeup.set()
+        self._upload_wakeup.set()
 
     def _serve_request(self, peer: _Peer, request: Request) -> None:
         index, begin, length = request.index, request.begin, request.length
@@ -985,16 +1012,36 @@ class Swarm:
         self.stats.uploaded += length
         peer.last_sent_at = trio.current_time()
 
-    async def _uploader(self, peer: _Peer) -> None:
-        session = peer.session
+    async def _uploader(self) -> None:
+        """Serve the peers' requests, whose first by :attr:`upload_order`, each chosen
+        once the swarm's sessions hold at most ``upload_queue_bytes`` unsent."""
+        limit = self.settings.upload_queue_bytes
         while True:
-            if not peer.uploads:
-                peer.upload_wakeup = trio.Event()
-                await peer.upload_wakeup.wait()
+            waiting = [p for p in self.peers.values() if p.uploads]
+            if not waiting:
+                self._upload_wakeup = trio.Event()
+                await self._upload_wakeup.wait()
                 continue
-            await session.wait_queue_below(self.settings.upload_queue_bytes)
-            if peer.uploads:  # (a cancel may have emptied it meanwhile)
+            if sum(p.session.unsent_bytes for p in self.peers.values()) > limit:
+                await self._upload_room.park()  # until a session has written a batch
+                continue
+            picker = self.picker
+            key = self.upload_order.next(
+                ((p.key, picker.peer_piece_count(p.key), p.waiting_since) for p in waiting),
+                now=trio.current_time(),
+            )
+            peer = self.peers[key]  # type: ignore[index]
+            try:
                 self._serve_request(peer, peer.uploads.popleft())
+            except (PeerClosed, StorageError) as exc:
+                # That peer's fault or its block's: the connection goes, the swarm goes on.
+                log.warning("closing peer %s: %s", peer.session.address, exc)
+                peer.uploads.clear()
+                peer.scope.cancel()
+                continue
+            if peer.uploads:
+                peer.waiting_since = trio.current_time()
+            await trio.lowlevel.checkpoint()
 
     # --- housekeeping -------------------------------------------------------------------
 
