@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import httpx
@@ -209,7 +210,9 @@ async def against(bed: FaultBed, misbehaviour: Misbehaviour, seed: int) -> Fault
             holding = await count_holding(
                 [n.daemon for n in nodes], cluster, [layer.digest], timeout_s=40
             )
-            fallbacks = sum(sum(n.daemon.layers.stats.fallbacks.values()) for n in nodes)
+            fallbacks: Counter[str] = sum(
+                (n.daemon.layers.stats.fallbacks for n in nodes), Counter()
+            )
             nursery.cancel_scope.cancel()
     s = peer.stats
     return pulls.result(
@@ -219,7 +222,8 @@ async def against(bed: FaultBed, misbehaviour: Misbehaviour, seed: int) -> Fault
             f"{s.connections} connections from nodes, {s.closed_by_node} closed by them; "
             f"{s.blocks_sent} blocks sent"
             + (f", {s.messages_flooded} messages flooded" if s.messages_flooded else "")
-            + f"; {fallbacks} fallbacks"
+            + f"; {fallbacks.total()} fallbacks"
+            + (f" {dict(fallbacks)}" if fallbacks else "")
         ),
     )
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first. A module may import modules of its own layer or of a lower one.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("errors", ["p2pimage.errors"]),
+    ("errors", ["p2pimage.errors", "p2pimage._lazy"]),
     (
         "codecs and identity",
         ["p2pimage.metainfo", "p2pimage.wire", "p2pimage.tracker._protocol", "p2pimage.auth"],
