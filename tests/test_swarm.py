@@ -925,6 +925,28 @@ async def test_control_messages_go_ahead_of_queued_piece_data(
         assert first_control == 0
 
 
+async def test_a_peer_that_stops_reading_stops_counting_against_the_upload_budget(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """The swarm's uploader waits while its connections hold ``upload_queue_bytes``
+    unsent; a connection whose writer moves nothing for ``stuck_s`` (a peer that stopped
+    reading) stops counting, so one frozen peer cannot hold every other peer's uploads."""
+    mock_clock.autojump_threshold = 0
+    session, _, _ = await _open_session_pair(haves_on_b=False)
+    stuck, _unread = trio.testing.lockstep_stream_pair()  # send_all waits for a reader
+    session.stream = stuck
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer)
+        session.send(Piece(1, 0, b"x" * 16384))
+        await trio.sleep(0.5)
+        assert session.unsent_bytes > 16384  # the block and its header, being written
+        assert session.unsent_bytes_moving(trio.current_time(), 2.0) == session.unsent_bytes
+        await trio.sleep(2)
+        assert session.unsent_bytes > 16384
+        assert session.unsent_bytes_moving(trio.current_time(), 2.0) == 0
+        nursery.cancel_scope.cancel()
+
+
 async def test_data_path_socket_calls_move_every_byte_and_keep_trio_semantics() -> None:
     """The session's own socket calls (``_send_all``, ``_recv_into``): a send far beyond
     the socket buffers completes through waits, in order; a receive waits for bytes and

@@ -110,6 +110,12 @@ class Dialer(Protocol):
         ...
 
 
+# A connection whose writer has moved nothing for this long (a peer that stopped reading)
+# no longer counts against the swarm's upload_queue_bytes: one frozen peer must not hold
+# every other peer's uploads. A 512 KiB batch takes 0.06 s at 8 MiB/s.
+STUCK_WRITER_S = 2.0
+
+
 @dataclass
 class SwarmSettings:
     """Every tunable of a swarm, with its default and the reason for it."""
@@ -1022,8 +1028,14 @@ class Swarm:
                 self._upload_wakeup = trio.Event()
                 await self._upload_wakeup.wait()
                 continue
-            if sum(p.session.unsent_bytes for p in self.peers.values()) > limit:
-                await self._upload_room.park()  # until a session has written a batch
+            now = trio.current_time()
+            # A peer that stopped reading holds its bytes, not the link: they do not count.
+            unsent = sum(
+                p.session.unsent_bytes_moving(now, STUCK_WRITER_S) for p in self.peers.values()
+            )
+            if unsent > limit:
+                with trio.move_on_after(STUCK_WRITER_S):
+                    await self._upload_room.park()  # until a session has written a batch
                 continue
             picker = self.picker
             key = self.upload_order.next(

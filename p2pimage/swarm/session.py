@@ -174,6 +174,9 @@ class PeerSession:
         self._outbox_pieces = 0  # _PieceOut items in the outbox
         self._control: deque[bytes] = deque()  # control messages, ahead of the pieces
         self._writing = 0  # bytes of the batch being written
+        # When the writer last showed progress: a batch written, or bytes queued while
+        # nothing was unsent (PeerSession.unsent_bytes_moving).
+        self._progress_at = 0.0
         # Parked on by the owner of several sessions (the swarm's uploader), woken after
         # each batch written: PeerSession.set_sent_lot.
         self._sent_lot: trio.lowlevel.ParkingLot | None = None
@@ -341,6 +344,8 @@ class PeerSession:
         """Queue ``message``; the writer task sends it. Never blocks."""
         if self._not_sending():
             return
+        if not self._outbox_bytes and not self._writing:
+            self._progress_at = trio.current_time()
         if isinstance(message, Piece):
             pending = self.conn.data_to_send()
             if pending:
@@ -406,6 +411,8 @@ class PeerSession:
             return
         if not self.can_send_file:
             raise LocalProtocolError("send_piece_from_file needs a plaintext TCP connection")
+        if not self._outbox_bytes and not self._writing:
+            self._progress_at = trio.current_time()
         header = self.conn.piece_header(index, begin, length)  # with pending protocol output
         self._outbox.append(_PieceOut(header, _FileRegion(source, offset, length)))
         self._outbox_pieces += 1
@@ -446,6 +453,12 @@ class PeerSession:
         """Bytes queued or in the batch being written (waiting for the upload limiter or
         the socket): what this session holds of its node's uplink."""
         return self._outbox_bytes + self._writing
+
+    def unsent_bytes_moving(self, now: float, stuck_s: float) -> int:
+        """:attr:`unsent_bytes`, or 0 while the writer has shown no progress for
+        ``stuck_s`` (a peer that stopped reading: its bytes are not the link's to wait for)."""
+        unsent = self._outbox_bytes + self._writing
+        return unsent if unsent and now - self._progress_at < stuck_s else 0
 
     def set_sent_lot(self, lot: trio.lowlevel.ParkingLot) -> None:
         """Wake ``lot`` after each batch written (and when the session closes): its
@@ -513,6 +526,7 @@ class PeerSession:
                 await self._write_batch(batch, size)  # type: ignore[arg-type]
             finally:
                 self._writing = 0
+                self._progress_at = trio.current_time()
                 if self._sent_lot is not None:
                     self._sent_lot.unpark_all()
 
