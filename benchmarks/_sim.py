@@ -366,9 +366,9 @@ def _simulate(p: SimParams) -> SimResult:
 
     def show_to_all(node: _Node, piece: int, told: int | None) -> None:
         """``node`` tells every peer (but ``told``) of ``piece``; without
-        ``SwarmSettings.haves_to_all``, only those not known to have it."""
+        the need order (``SwarmSettings.upload_order``), only those not known to have it."""
         me, heard, picker = node.index, node.heard, node.picker
-        to_all = ss.haves_to_all
+        to_all = upload_order.mode == "need"  # as the engine: Swarm._announce
         for k in list(node.neighbors) if to_all else picker.peers_without(piece, node.neighbors):
             # A have that reached ``node`` meanwhile (a hidden piece shown on by a peer
             # it told) may say that ``k`` has the piece: then ``k`` is not told.

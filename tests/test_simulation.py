@@ -123,9 +123,9 @@ def test_serving_the_neediest_first_pulls_the_last_nodes_in() -> None:
     in arrival order a node that fell behind stays behind (an uploader shares its link
     by the requests queued there, and a node asks by the rate it already gets); served
     neediest first, the last node finishes close to the median."""
-    base = SimParams(nodes=80, size=128 * 1024 * 1024, seed=2)
-    need = simulate(base)
-    arrival = simulate(replace(base, swarm=SwarmSettings(upload_order="arrival")))
+    arrival_order = SimParams(nodes=80, size=128 * 1024 * 1024, seed=2)
+    arrival = simulate(arrival_order)
+    need = simulate(replace(arrival_order, swarm=SwarmSettings(upload_order="need")))
     assert need.t_all_s < arrival.t_all_s
     assert need.t_all_s - need.t_median_s < (arrival.t_all_s - arrival.t_median_s) / 2
     assert need.stalls == arrival.stalls == 0

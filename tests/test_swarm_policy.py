@@ -229,7 +229,7 @@ def test_upload_order_serves_the_neediest_unless_someone_waited_too_long(
     pieces (ties: the longest waiting); a peer waiting ``max_wait_s`` or more goes before
     all of them (the longest waiting first). ``arrival``: the longest waiting first."""
     peers = [(i, held, min(since, now)) for i, (held, since) in enumerate(waiting)]
-    need, arrival = UploadOrder(), UploadOrder("arrival")
+    need, arrival = UploadOrder("need"), UploadOrder()
     chosen = need.next(peers, now)
     if not peers:
         assert chosen is None and arrival.next(peers, now) is None

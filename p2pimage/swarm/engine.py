@@ -170,16 +170,16 @@ class SwarmSettings:
     # requests waiting. 1.5 MiB: one connection holds what it held when this was a cap
     # per connection (1 MiB queued plus the batch being written).
     upload_queue_bytes: int = 1536 * 1024
-    # Whose waiting requests are served first (UploadOrder): "need", the peer holding the
-    # fewest pieces; "arrival", the oldest request. Measurements: docs/benchmarks.md,
-    # "Requests ahead, the neediest first".
-    upload_order: str = "need"
-    # Tell every peer of each piece we verify, also those that announced it themselves:
-    # an uploader orders requesters by the pieces they hold (upload_order "need"), and
-    # without these haves it saw about half of them (the haves it was not sent are those
-    # of pieces it held itself). One have more per peer and piece, four bytes in a
-    # p2pimage_haves message. False: only those not known to have it (BEP 3 allows both).
-    haves_to_all: bool = True
+    # Whose waiting requests are served first (UploadOrder): "arrival", the peer waiting
+    # longest; "need", the peer holding the fewest pieces. In the simulator "need" takes
+    # 200-500 nodes from 1.39-1.47x the bound to 1.09-1.10x, but the swarm benchmark's
+    # 16 nodes from 1.35x to 1.73x (a full mesh where only the origin fetchers, rich in
+    # their own range, differ: served last everywhere, they finish last), so it is not
+    # the default: docs/benchmarks.md, "Requests ahead, the neediest first". With
+    # "need" a node also tells every peer of each piece it verifies, also peers that
+    # announced it themselves, so that their uploaders know what it holds (without these
+    # haves an uploader saw about half of a requester's pieces).
+    upload_order: str = "arrival"
     # Reveal each origin-read piece to one peer first (see Swarm.accept_origin_piece).
     reveal_origin_pieces: bool = True
     reveal_timeout_s: float = 2.0
@@ -836,7 +836,7 @@ class Swarm:
 
     def _show_to_all(self, index: int, told: bytes) -> None:
         """A hidden origin piece is shown to every peer but ``told``, which knows it."""
-        to_all = self.settings.haves_to_all
+        to_all = self.upload_order.mode == "need"
         for peer in self.peers.values():
             if peer.key != told and (to_all or not self.picker.peer_has(peer.key, index)):
                 peer.session.send_have(index)  # (with the batch's other haves)
@@ -864,7 +864,7 @@ class Swarm:
         self._changed = trio.Event()
 
     def _announce(self, index: int) -> None:
-        to_all = self.settings.haves_to_all
+        to_all = self.upload_order.mode == "need"
         for peer in self.peers.values():
             # A peer that announced the piece itself does not need it for picking, but
             # its uploader orders requesters by what they hold (UploadOrder).

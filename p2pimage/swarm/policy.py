@@ -130,22 +130,23 @@ class InterestPolicy:
 class UploadOrder:
     """Whose request an uploader serves next, of the peers with requests waiting.
 
-    ``need`` (the default): the peer that holds the fewest pieces first, ties to the one
-    whose oldest waiting request came first. In arrival order an uploader shares its
+    ``arrival`` (the default): the peer waiting longest first (since its first waiting
+    request came, or since it was last served). ``need``: the peer that holds the fewest
+    pieces first, ties to the one waiting longest. In arrival order an uploader shares its
     link by the requests each peer keeps queued there, and a peer's pipeline follows
     the rate it already gets: a node that started behind (fewer peers, later in its
     neighbours' queues) stayed behind, and the last node of a 200-node swarm finished
     1.4x the bound after the median at 1.05x. Serving the neediest first lets the ones
-    behind catch up (docs/benchmarks.md, "Requests ahead, the neediest first"). A peer
-    kept waiting ``max_wait_s`` goes ahead of the need order (the longest waiting
-    first), so no peer starves: its requests would time out, and its stall clock
-    (:class:`PeerTimeouts`) would take the uploader for a peer that skips its turn.
-    ``arrival``: the longest waiting first, whoever it is. A peer's own requests are
-    always served in the order it sent them (it may judge a peer that answers out of
-    order as skipping).
+    behind catch up at scale, but in a small full mesh it serves the origin fetchers
+    (rich in their own range) last everywhere, and they finish last (docs/benchmarks.md,
+    "Requests ahead, the neediest first"). A peer kept waiting ``max_wait_s`` goes
+    ahead of the need order (the longest waiting first), so no peer starves: its
+    requests would time out, and its stall clock (:class:`PeerTimeouts`) would take the
+    uploader for a peer that skips its turn. A peer's own requests are always served in
+    the order it sent them (it may judge a peer that answers out of order as skipping).
     """
 
-    mode: str = "need"
+    mode: str = "arrival"
     #: Well under ``SwarmSettings.request_timeout_s`` (15 s).
     max_wait_s: float = 5.0
 
