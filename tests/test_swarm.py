@@ -929,8 +929,10 @@ async def test_a_peer_that_stops_reading_stops_counting_against_the_upload_budge
     mock_clock: trio.testing.MockClock,
 ) -> None:
     """The swarm's uploader waits while its connections hold ``upload_queue_bytes``
-    unsent; a connection whose writer moves nothing for ``stuck_s`` (a peer that stopped
-    reading) stops counting, so one frozen peer cannot hold every other peer's uploads."""
+    unsent. A batch past the upload limiter no longer counts (a receiver that reads
+    slowly holds it in TCP, not in our uplink), and what queues behind a writer that
+    moves nothing for ``stuck_s`` (a peer that stopped reading) stops counting, so one
+    frozen peer cannot hold every other peer's uploads."""
     mock_clock.autojump_threshold = 0
     session, _, _ = await _open_session_pair(haves_on_b=False)
     stuck, _unread = trio.testing.lockstep_stream_pair()  # send_all waits for a reader
@@ -939,7 +941,10 @@ async def test_a_peer_that_stops_reading_stops_counting_against_the_upload_budge
         nursery.start_soon(session.run_writer)
         session.send(Piece(1, 0, b"x" * 16384))
         await trio.sleep(0.5)
-        assert session.unsent_bytes > 16384  # the block and its header, being written
+        assert session.unsent_bytes == 0  # past the limiter, stuck in send_all
+        session.send(Piece(2, 0, b"y" * 16384))
+        await trio.sleep(0.5)
+        assert session.unsent_bytes > 16384  # queued behind it
         assert session.unsent_bytes_moving(trio.current_time(), 2.0) == session.unsent_bytes
         await trio.sleep(2)
         assert session.unsent_bytes > 16384

@@ -450,8 +450,8 @@ class PeerSession:
 
     @property
     def unsent_bytes(self) -> int:
-        """Bytes queued or in the batch being written (waiting for the upload limiter or
-        the socket): what this session holds of its node's uplink."""
+        """Bytes queued or in the batch waiting for the upload limiter: what this session
+        holds of its node's uplink."""
         return self._outbox_bytes + self._writing
 
     def unsent_bytes_moving(self, now: float, stuck_s: float) -> int:
@@ -460,9 +460,18 @@ class PeerSession:
         unsent = self._outbox_bytes + self._writing
         return unsent if unsent and now - self._progress_at < stuck_s else 0
 
+    def _granted(self) -> None:
+        """The upload limiter let the batch being written pass: its bytes are the link's
+        now (a receiver that reads slowly holds them in TCP, not in the node's uplink)."""
+        self._writing = 0
+        self._progress_at = trio.current_time()
+        if self._sent_lot is not None:
+            self._sent_lot.unpark_all()
+
     def set_sent_lot(self, lot: trio.lowlevel.ParkingLot) -> None:
-        """Wake ``lot`` after each batch written (and when the session closes): its
-        owner waits there for room under a budget shared by several sessions."""
+        """Wake ``lot`` each time a batch passes the upload limiter (and when the session
+        closes): its owner waits there for room under a budget shared by several
+        sessions."""
         self._sent_lot = lot
 
     async def wait_queue_below(self, limit: int) -> None:
@@ -520,6 +529,7 @@ class PeerSession:
                     if not self.conn.is_open:
                         raise PeerClosed("connection closed")
                     await self._upload.acquire(size)
+                    self._granted()
                     await self._write_with_regions(batch)
                     self.bytes_sent += size
                     continue
@@ -550,6 +560,7 @@ class PeerSession:
             raise PeerClosed("connection closed") from None
         sent = len(data)
         await self._upload.acquire(sent)
+        self._granted()
         if buffer is not None:
             self._send_buffer_busy = True
         try:
