@@ -443,7 +443,8 @@ def _simulate(p: SimParams) -> SimResult:
         me, picker, out, depth = node.index, node.picker, node.out, node.depth
         for peer in node.neighbors:
             # The engine asks only peers it is interested in and not choked by, for up to
-            # their pipeline depth (cached per rate update: the hot path of the model).
+            # their pipeline depth (cached per rate update and per block received while
+            # slow start lasts: the hot path of the model).
             # ``pick`` returns nothing for a peer that is not interesting (has nothing we
             # want), so it is not asked ``peer_is_interesting`` first.
             src = nodes[peer]
@@ -668,6 +669,8 @@ def _simulate(p: SimParams) -> SimResult:
                 if dst.have[t.piece]:
                     continue
                 cancel(dst, dst.picker.block_received(node.index, t.piece, t.begin))
+                # Slow start: the depth grows with each block until the rate is measured.
+                dst.depth[node.index] = dst.picker.pipeline_depth(node.index)
                 if dst.picker.is_finished(t.piece):
                     got_piece(dst, t.piece, from_origin=False)
         if timeline is not None:

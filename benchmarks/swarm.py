@@ -109,7 +109,7 @@ async def _worker(spec: dict[str, Any]) -> None:
         for index, swarm in swarms.items():
             others = [p for p in peers if p[1] != dict(nodes)[index].port]
             random.shuffle(others)
-            swarm.add_peers(others)
+            swarm.add_peers(others, mutual=True)  # a full mesh: every node knows every other
         readers = []
         origin_done: list[float] = []
 

@@ -102,6 +102,7 @@ from p2pimage.tracker import (
     TrackerRequestError,
     TrackerState,
     check_batch_digest,
+    encode_announce_answer,
     encode_announce_batch_response,
     encode_announce_response,
     encode_failure,
@@ -578,19 +579,28 @@ def create_app(tracker: Tracker) -> ASGIApp:
             metrics.origin_assignments.inc()
         if outcome.release:
             metrics.release_orders.inc()
-        body = encode_announce_response(
-            AnnounceResponse(
-                interval=outcome.interval,
-                min_interval=outcome.min_interval,
-                complete=outcome.complete,
-                incomplete=outcome.incomplete,
-                # The addresses only where the compact form cannot carry them.
-                peers=outcome.peers if outcome.compact is None else (),
-                origin=outcome.origin,
-                release=outcome.release,
-                compact=outcome.compact,
+        if outcome.compact is None:  # a host that is no IP literal: the general encoder
+            body = encode_announce_response(
+                AnnounceResponse(
+                    interval=outcome.interval,
+                    min_interval=outcome.min_interval,
+                    complete=outcome.complete,
+                    incomplete=outcome.incomplete,
+                    peers=outcome.peers,
+                    origin=outcome.origin,
+                    release=outcome.release,
+                )
             )
-        )
+        else:
+            body = encode_announce_answer(
+                outcome.complete,
+                outcome.incomplete,
+                outcome.interval,
+                outcome.min_interval,
+                outcome.compact,
+                outcome.origin,
+                outcome.release,
+            )
         return "ok", body
 
     async def announce_batch(scope: Scope, receive: Receive, send: Send) -> None:

@@ -431,6 +431,8 @@ def test_a_tokens_proof_key_is_made_once_and_still_refuses_others(
     for _ in range(2):
         proof = create_proof(node_key, method="GET", url=ANNOUNCE, token=bound.raw, now=NOW)
         assert verify_proof(proof, token=bound, method="GET", url=ANNOUNCE, now=NOW).jti
+    # The header checked once is kept too; any other header is checked in full (below).
+    assert bound._proof_header == proof.split(".")[0]
     other = issuer.issue(subject="node-1", cluster="prod", node_jwk=node_key.public_jwk(), now=NOW)
     stolen = create_proof(node_key, method="GET", url=ANNOUNCE, token=other, now=NOW)
     with pytest.raises(AuthError) as info:

@@ -306,6 +306,20 @@ def test_peer_is_interesting() -> None:
     assert not pp.peer_is_interesting("a")
 
 
+def test_peer_missing_counts_what_the_peer_announced() -> None:
+    pp = make(num_pieces=12)
+    assert pp.peer_missing("never heard of") == 12
+    pp.peer_bitfield("a", bytes([0b1010_0000, 0b0001_0000]))  # pieces 0, 2, 11
+    assert pp.peer_missing("a") == 9
+    pp.peer_have("a", 5)
+    pp.peer_have("a", 5)  # a repeat changes nothing
+    assert pp.peer_missing("a") == 8
+    pp.peer_have_all("b")
+    assert pp.peer_missing("b") == 0
+    pp.peer_lost("a")
+    assert pp.peer_missing("a") == 12
+
+
 def test_pipeline_depth_from_rate() -> None:
     pp = make()
     assert pp.pipeline_depth("new") == 8

@@ -79,7 +79,7 @@ async def push(registry: Any, blob: Path, repository: str = "test/layer") -> str
 
 def mesh(swarms: list[Swarm], node_list: list[PeerNode]) -> None:
     for swarm in swarms:
-        swarm.add_peers([n.listen_address for n in node_list])
+        swarm.add_peers([n.listen_address for n in node_list], mutual=True)
 
 
 @pytest.mark.parametrize("fetchers", [1, 2])
@@ -340,8 +340,12 @@ async def test_request_queue_follows_the_swarm_picker_settings(
     how fast the machine is."""
     blob, meta = make_blob(tmp_path, 2 * MIB)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
-    # ceil(rate * 1e-4 s / 32 KiB) <= 1 below 320 MB/s: the depth is the floor, 2.
-    settings = SwarmSettings(picker=PickerSettings(request_queue_time=1e-4, min_pipeline=4))
+    # ceil(rate * 1e-4 s / 32 KiB) <= 1 below 320 MB/s: the depth is the floor, 2 (slow
+    # start off: it would deepen the pipeline before the first tick's rate, see
+    # test_slow_start_deepens_the_pipeline_with_each_block_before_any_rate).
+    settings = SwarmSettings(
+        picker=PickerSettings(request_queue_time=1e-4, min_pipeline=4, slow_start=False)
+    )
     async with (
         open_peer_node(authenticator=local_authenticator(issuer, subject="s", cluster="c")) as s,
         open_peer_node(
@@ -453,8 +457,8 @@ async def test_two_nodes_dialing_each_other_keep_the_same_one_connection(
             meta, tmp_path, storage=PieceStorage.open_complete(blob, meta)
         )
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
-        seeding.add_peers([leecher.listen_address])
-        swarm.add_peers([seeder.listen_address])
+        seeding.add_peers([leecher.listen_address], mutual=True)
+        swarm.add_peers([seeder.listen_address], mutual=True)
         with trio.fail_after(30):
             await swarm.complete.wait()
             while len(seeding.peers) != 1 or len(swarm.peers) != 1:
@@ -484,8 +488,8 @@ async def test_the_deferred_dial_of_a_pair_stops_before_the_key_exchange(
         )
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
         early = min(seeder.listen_address, leecher.listen_address)
-        seeding.add_peers([leecher.listen_address])
-        swarm.add_peers([seeder.listen_address])
+        seeding.add_peers([leecher.listen_address], mutual=True)
+        swarm.add_peers([seeder.listen_address], mutual=True)
 
         def stopped() -> list[str]:
             return [m for r in caplog.records if "already connected" in (m := r.getMessage())]
@@ -498,6 +502,70 @@ async def test_the_deferred_dial_of_a_pair_stops_before_the_key_exchange(
         # Only the late node's dial (to the node with the lower address) stopped.
         assert stopped() == [f"dial {early} failed: already connected to this peer"]
     assert sha256_file(swarm.storage.path) == meta.sha256
+
+
+async def test_a_peer_named_to_us_alone_is_dialled_at_once(tmp_path: Path) -> None:
+    """A static peer list that the peer was not given (a seed we were pointed at, the
+    pair benchmark) is dialled without the pair's deferral, which would only delay the
+    first byte: the other side never dials. The same list marked ``mutual`` waits."""
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(dial_defer_s=60.0)
+    async with nodes(2, issuer) as pair:
+        # The node whose address orders higher is the one that would defer.
+        seeder, leecher = sorted(pair, key=lambda n: n.listen_address)
+        await seeder.add_swarm(
+            meta, tmp_path, storage=PieceStorage.open_complete(blob, meta), settings=settings
+        )
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
+        swarm.add_peers([seeder.listen_address], mutual=True)
+        await trio.sleep(0.5)
+        assert not swarm.peers  # deferred: 30-60 s
+        swarm.add_peers([seeder.listen_address])  # still dialing: not dialled twice
+        assert not swarm.peers
+    async with nodes(2, issuer) as pair:
+        seeder, leecher = sorted(pair, key=lambda n: n.listen_address)
+        await seeder.add_swarm(
+            meta, tmp_path, storage=PieceStorage.open_complete(blob, meta), settings=settings
+        )
+        swarm = await leecher.add_swarm(meta, tmp_path / "leecher2", settings=settings)
+        swarm.add_peers([seeder.listen_address])
+        with trio.fail_after(20):  # far below the 30 s the deferral would take
+            await swarm.complete.wait()
+    assert sha256_file(swarm.storage.path) == meta.sha256
+
+
+async def test_slow_start_deepens_the_pipeline_with_each_block_before_any_rate(
+    tmp_path: Path,
+) -> None:
+    """No rate is measured (no tick within the transfer), yet the leecher's pipeline to
+    its seeder grows with the blocks it delivers, so the transfer does not run
+    stop-and-wait at the one-block floor of large blocks; without slow start it does."""
+    blob, meta = make_blob(tmp_path, 16 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    for slow_start in (True, False):
+        settings = SwarmSettings(tick_s=120.0, picker=PickerSettings(slow_start=slow_start))
+        async with nodes(2, issuer) as (seeder, leecher):
+            await seeder.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+            swarm = await leecher.add_swarm(
+                meta, tmp_path / f"leecher-{slow_start}", settings=settings
+            )
+            swarm.add_peers([seeder.listen_address])
+            deepest = 0
+            with trio.fail_after(60):
+                while not swarm.complete.is_set():
+                    deepest = max([deepest, *(len(p.outstanding) for p in swarm.peers.values())])
+                    await trio.sleep(0.001)
+            assert swarm.picker.block_size == 256 * 1024  # a floor of one block
+            blocks = meta.length // swarm.picker.block_size
+            (seed_key,) = swarm.peers
+            if slow_start:  # the floor plus one per block after the first, up to the cap
+                assert swarm.picker.pipeline_depth(seed_key) == min(32, blocks)
+                assert deepest > 4
+            else:
+                assert swarm.picker.pipeline_depth(seed_key) == 1
+                assert deepest == 1
+        assert sha256_file(swarm.storage.path) == meta.sha256
 
 
 async def test_a_dial_stops_after_the_handshake_names_an_unwanted_peer(tmp_path: Path) -> None:
@@ -718,6 +786,54 @@ async def test_haves_of_one_batch_travel_in_one_message(haves_on_b: bool) -> Non
         assert decode_haves(events[0].payload, 100) == (3, 7, 42, 99)
     else:
         assert events == [Have(3), Have(7), Have(42), Have(99)]
+
+
+async def _events_until(peer: PeerConnection, stream: Any, done: Any) -> list[Any]:
+    events: list[Any] = []
+    with trio.fail_after(5):
+        while not done(events):
+            peer.receive_data(await stream.receive_some())
+            while (event := peer.next_event()) is not NEED_DATA:
+                events.append(event)
+    return events
+
+
+async def test_deferred_haves_wait_for_the_next_batch_or_a_flush() -> None:
+    """A deferred have wakes nobody: it leaves with the next message queued to the peer
+    (here a request), or when flush_haves() is called; never alone before that."""
+    session, peer, stream = await _open_session_pair(haves_on_b=True)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer)
+        session.send_have(3, defer=True)
+        session.send_have(7, defer=True)
+        await trio.sleep(0.2)
+        with trio.move_on_after(0.2):
+            data = await stream.receive_some()
+            pytest.fail(f"deferred haves were sent alone: {data!r}")
+        session.send(Request(1, 0, 16384))  # the haves ride along, in the same batch
+        events = await _events_until(peer, stream, lambda e: len(e) >= 2)
+        assert events == [
+            Request(1, 0, 16384),
+            Extended(LOCAL_HAVES_ID, build_haves_payload([3, 7])),
+        ]
+        session.send_have(42, defer=True)
+        session.flush_haves()
+        events = await _events_until(peer, stream, lambda e: len(e) >= 1)
+        assert events == [Extended(LOCAL_HAVES_ID, build_haves_payload([42]))]
+        session.flush_haves()  # nothing deferred: no write
+        session.send_have(50)  # not deferred: at once
+        events = await _events_until(peer, stream, lambda e: len(e) >= 1)
+        assert events == [Extended(LOCAL_HAVES_ID, build_haves_payload([50]))]
+        nursery.cancel_scope.cancel()
+
+
+async def test_deferred_have_to_a_stock_client_goes_at_once() -> None:
+    session, peer, stream = await _open_session_pair(haves_on_b=False)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer)
+        session.send_have(5, defer=True)  # a BEP 3 have: no batching to wait for
+        assert await _events_until(peer, stream, lambda e: len(e) >= 1) == [Have(5)]
+        nursery.cancel_scope.cancel()
 
 
 async def test_file_blocks_go_out_by_sendfile_in_order(tmp_path: Path) -> None:
@@ -1034,3 +1150,51 @@ def test_control_reads_are_not_held_behind_origin_reads(size: int) -> None:
         assert elapsed < 0.1  # its own 20 bytes, nothing else
     else:
         assert elapsed > 3.0  # behind the origin reads
+
+
+async def quiet_ticks(swarms: list[Swarm]) -> list[int]:
+    """Wait until ``swarms`` tick no more for a second (20 ticks at ``tick_s`` 0.05; the
+    handshakes' last messages may still wake them at first); their tick counts then."""
+    with trio.fail_after(10):
+        while True:
+            ticks = [s.stats.ticks for s in swarms]
+            await trio.sleep(1.0)
+            if [s.stats.ticks for s in swarms] == ticks:
+                return ticks
+
+
+async def test_a_quiet_swarm_stops_ticking_and_wakes_for_a_newcomer(tmp_path: Path) -> None:
+    """Two seeds connected to each other have nothing to do: their ticks stop (an idle
+    node sleeps) until a leecher connects, which is then served at full speed; once it is
+    done, they fall quiet again."""
+    blob, meta = make_blob(tmp_path, 4 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(tick_s=0.05, idle_tick_s=60.0)
+    async with nodes(3, issuer) as (a, b, c):
+        seeds = [
+            await node.add_swarm(
+                meta,
+                tmp_path / name,
+                storage=PieceStorage.open_complete(blob, meta),
+                settings=settings,
+            )
+            for node, name in ((a, "a"), (b, "b"))
+        ]
+        seeds[0].add_peers([b.listen_address])
+        with trio.fail_after(10):
+            while not all(s.peers for s in seeds):
+                await trio.sleep(0.02)
+        ticks = await quiet_ticks(seeds)
+
+        leecher = await c.add_swarm(meta, tmp_path / "c", settings=settings)
+        leecher.add_peers([a.listen_address, b.listen_address])
+        with trio.fail_after(10):
+            await leecher.complete.wait()
+        assert sha256_file(leecher.storage.path) == sha256_file(blob)
+        with trio.fail_after(10):
+            while len(leecher.peers) < 2:
+                await trio.sleep(0.02)
+        await trio.sleep(0.2)
+        # The newcomer woke both seeds (rates and timeouts tick again while they serve).
+        assert all(s.stats.ticks > t for s, t in zip(seeds, ticks, strict=True))
+        await quiet_ticks([*seeds, leecher])

@@ -38,13 +38,15 @@ def test_of_two_nodes_only_the_higher_address_defers_its_dial() -> None:
     policy = DialPolicy(dial_target=3, max_peers=5, defer_s=0.2)
     low, high = ("127.0.0.1", 4000), ("127.0.0.1", 5000)
     rng = random.Random(1)
-    delays = [policy.dial_delay_s(high, low, rng) for _ in range(200)]
+    delays = [policy.dial_delay_s(high, low, rng, mutual=True) for _ in range(200)]
     assert all(0.1 <= d <= 0.2 for d in delays) and len(set(delays)) > 100  # jittered
-    assert policy.dial_delay_s(low, high, rng) == 0.0  # the other side dials at once
+    assert policy.dial_delay_s(low, high, rng, mutual=True) == 0.0  # the other dials at once
     # Any total order will do, as long as both ends of a pair see the same one.
-    assert policy.dial_delay_s(("10.0.0.2", 1), ("10.0.0.10", 1), rng) > 0
-    assert policy.dial_delay_s(("10.0.0.10", 1), ("10.0.0.2", 1), rng) == 0.0
-    assert DialPolicy(3, 5).dial_delay_s(high, low, rng) == 0.0  # off by default
+    assert policy.dial_delay_s(("10.0.0.2", 1), ("10.0.0.10", 1), rng, mutual=True) > 0
+    assert policy.dial_delay_s(("10.0.0.10", 1), ("10.0.0.2", 1), rng, mutual=True) == 0.0
+    assert DialPolicy(3, 5).dial_delay_s(high, low, rng, mutual=True) == 0.0  # off by default
+    # A peer that was not given our address never dials us: nothing to wait for.
+    assert policy.dial_delay_s(high, low, rng, mutual=False) == 0.0
 
 
 def test_interest_is_kept_for_a_grace_toward_cooperative_peers_only() -> None:

@@ -185,6 +185,37 @@ async def test_jwks_file_loads_and_refuses_garbage(tmp_path: Path) -> None:
 # --- fake clock -------------------------------------------------------------------------
 
 
+async def test_the_keeper_sleeps_until_its_token_is_due(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Between renewals the keeper does not poll (an idle node's wake-ups): over an
+    hour with a 600 s token it renews on time and reads its clock a few hundred times,
+    not each second."""
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test", lifetime_s=600)
+    sidecar = FakeSidecar(issuer)
+    reads = [0]
+
+    def counted_clock() -> float:
+        reads[0] += 1
+        return fake_clock()
+
+    keeper = TokenKeeper(
+        sidecar,  # type: ignore[arg-type]
+        node="node-1",
+        credential=CREDENTIAL,
+        jwks_refresh_s=3600,
+        clock=counted_clock,
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keeper.run)
+        await trio.sleep(3500)
+        nursery.cancel_scope.cancel()
+    assert len(sidecar.token_calls) == 1 + 3500 // 400
+    # It wakes at renewals and at least once a minute (a wall clock may jump): a few
+    # hundred clock reads, where polling each second read it over 3,600 times.
+    assert reads[0] < 3500 / 6
+
+
 async def test_token_is_renewed_before_it_expires(autojump_clock: trio.testing.MockClock) -> None:
     issuer = TokenIssuer([SigningKey.generate()], issuer="test", lifetime_s=600)
     sidecar = FakeSidecar(issuer)
@@ -204,7 +235,7 @@ async def test_token_is_renewed_before_it_expires(autojump_clock: trio.testing.M
             await trio.sleep(1)
         nursery.cancel_scope.cancel()
     # Renewed when two thirds of the lifetime (400 s) have passed, not at every check
-    # (the keeper wakes each second) and not at the last moment.
+    # and not at the last moment.
     gaps = [b - a for a, b in itertools.pairwise(sidecar.token_calls)]
     assert gaps and all(400 <= g <= 401.5 for g in gaps), gaps
     # Every token issued was the one in hand for a while (the last one perhaps after the

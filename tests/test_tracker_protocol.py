@@ -20,6 +20,7 @@ from p2pimage.tracker import (
     OriginAssignment,
     ScrapeStats,
     TrackerRequestError,
+    encode_announce_answer,
     encode_announce_batch,
     encode_announce_batch_response,
     encode_announce_response,
@@ -459,3 +460,7 @@ def test_hand_written_response_encoding_is_the_canonical_bencoding(
     if precompacted:
         response = replace(response, compact=(v4, v6))
     assert encode_announce_response(response) == bencode(expected)  # type: ignore[arg-type]
+    # The tracker's path: the same answer from its parts, without the AnnounceResponse.
+    parts = (response.complete, response.incomplete, response.interval, response.min_interval)
+    answer = encode_announce_answer(*parts, (v4, v6), response.origin, response.release)
+    assert answer == bencode(expected)  # type: ignore[arg-type]

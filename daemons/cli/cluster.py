@@ -568,9 +568,14 @@ async def _progress(
         t.caption = f"registry egress {cluster.registry_egress / image_bytes:.2f} image copies"
         return t
 
+    metrics: list[dict[str, float]] = [{} for _ in cluster.nodes]
     with Live(console=console, refresh_per_second=4, transient=False) as live:
         while True:
-            metrics = [await _scrape(http, n.mirror_url) for n in cluster.nodes]
+            # A node whose pull is done fetches nothing more: its row stays as last read
+            # (each scrape costs the node and this process a few ms).
+            for i, (node, result) in enumerate(zip(cluster.nodes, results, strict=True)):
+                if not metrics[i] or math.isnan(result.seconds):
+                    metrics[i] = await _scrape(http, node.mirror_url)
             live.update(table(metrics))
             if done.is_set():
                 return

@@ -370,6 +370,10 @@ class NodeToken:
     _proof_key: tuple[_PublicKey, str] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    # The last DPoP proof header (base64url, as sent) that passed verify_proof's header
+    # checks against this token: a node sends the same header with every proof, and the
+    # checks depend on nothing else, so the next proof skips decoding it again.
+    _proof_header: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         tag = _peer_id_digest(self.subject, self.cnf_jwk)[:_TAG_LENGTH]
@@ -689,7 +693,12 @@ def renewal_due(issued_at: float, expires_at: float, now: float) -> bool:
     """Whether a token issued at ``issued_at`` and expiring at ``expires_at`` should be
     replaced at ``now``: once two thirds of its lifetime have passed, which leaves the
     last third for retries while the sidecar is slow or away."""
-    return now >= issued_at + (expires_at - issued_at) * 2 / 3
+    return now >= renewal_at(issued_at, expires_at)
+
+
+def renewal_at(issued_at: float, expires_at: float) -> float:
+    """When :func:`renewal_due` turns true for that token."""
+    return issued_at + (expires_at - issued_at) * 2 / 3
 
 
 def local_authenticator(
@@ -833,6 +842,23 @@ def _json_part(part: str, what: str) -> dict[str, Any]:
     return doc
 
 
+def _check_proof_header(head_b64: str, cnf: dict[str, Any]) -> None:
+    """A proof header's checks: ``typ``, ``alg`` and the embedded key, which must be
+    ``cnf`` (the token's key)."""
+    header = _json_part(head_b64, "header")
+    if header.get("typ") != DPOP_TYP:
+        raise AuthError("bad_proof", f"proof typ must be {DPOP_TYP!r}")
+    if header.get("alg") != "EdDSA":
+        raise AuthError("bad_proof", f"proof algorithm {header.get('alg')!r} not allowed")
+    embedded = header.get("jwk")
+    if not isinstance(embedded, dict) or "d" in embedded:
+        raise AuthError("bad_proof", "proof header needs the public jwk")
+    # cnf.jwk is an Ed25519 key (the token verifier insists): the same key is the same
+    # (kty, crv, x), which is what its RFC 7638 thumbprint covers.
+    if any(embedded.get(m) != cnf.get(m) for m in ("kty", "crv", "x")):
+        raise AuthError("proof_key_mismatch", "proof key is not the token's cnf.jwk")
+
+
 def verify_proof(
     proof: str | None,
     *,
@@ -858,19 +884,10 @@ def verify_proof(
     if not isinstance(proof, str) or len(proof) > MAX_PROOF_BYTES or proof.count(".") != 2:
         raise AuthError("bad_proof", "proof is not a compact JWS")
     head_b64, claims_b64, sig_b64 = proof.split(".")
-    header = _json_part(head_b64, "header")
-    if header.get("typ") != DPOP_TYP:
-        raise AuthError("bad_proof", f"proof typ must be {DPOP_TYP!r}")
-    if header.get("alg") != "EdDSA":
-        raise AuthError("bad_proof", f"proof algorithm {header.get('alg')!r} not allowed")
-    embedded = header.get("jwk")
-    if not isinstance(embedded, dict) or "d" in embedded:
-        raise AuthError("bad_proof", "proof header needs the public jwk")
-    # cnf.jwk is an Ed25519 key (the token verifier insists): the same key is the same
-    # (kty, crv, x), which is what its RFC 7638 thumbprint covers.
     cnf = token.cnf_jwk
-    if any(embedded.get(m) != cnf.get(m) for m in ("kty", "crv", "x")):
-        raise AuthError("proof_key_mismatch", "proof key is not the token's cnf.jwk")
+    if head_b64 != token._proof_header:
+        _check_proof_header(head_b64, cnf)
+        object.__setattr__(token, "_proof_header", head_b64)
     try:
         signature = _b64url_decode(sig_b64)
     except AuthError:
@@ -890,7 +907,11 @@ def verify_proof(
         raise AuthError("bad_proof", "proof iat must be an integer")
     if htm != method.upper():
         raise AuthError("proof_method", f"proof is for method {htm!r}")
-    if not isinstance(htu, str) or normalize_htu(htu) != normalize_htu(url):
+    if not isinstance(htu, str):
+        raise AuthError("proof_url", "proof is for another URL")
+    # Equal strings (the common case) normalise alike, or fail alike: normalised once.
+    here = normalize_htu(htu)
+    if htu != url and here != normalize_htu(url):
         raise AuthError("proof_url", "proof is for another URL")
     if abs(now - iat) > window_s:
         raise AuthError("proof_stale", f"proof iat {iat} is outside the {window_s:.0f} s window")

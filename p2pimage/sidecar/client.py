@@ -34,6 +34,7 @@ from p2pimage.auth.tokens import (
     TokenVerifier,
     bound_peer_id,
     create_proof,
+    renewal_at,
     renewal_due,
 )
 from p2pimage.errors import AuthError, MetainfoError, P2PImageError
@@ -60,6 +61,8 @@ DEFAULT_JWKS_REFRESH_S = 300.0
 #: At most one extra reload this often for tokens signed by a key not yet known, so a
 #: stream of forged kids cannot turn every request into a fetch.
 DEFAULT_JWKS_MIN_REFRESH_S = 10.0
+# The token keeper's longest sleep between checks of its wall clock.
+_MAX_CHECK_S = 60.0
 
 
 class SidecarError(P2PImageError):
@@ -354,7 +357,18 @@ class TokenKeeper:
                     await trio.sleep(backoff)
                     backoff = min(backoff * 2, 60.0)
                     continue
-            await trio.sleep(1.0)
+            # Asleep until the token or the key set is due, not polling each second
+            # (an idle node's wake-ups); at least a second apart as ever, and at most
+            # _MAX_CHECK_S, so a wall clock that jumps (a resumed VM) is noticed.
+            await trio.sleep(min(max(self._due_in_s(), 1.0), _MAX_CHECK_S))
+
+    def _due_in_s(self) -> float:
+        """Seconds until :meth:`run` must refresh the token or the key set."""
+        if self._token is None:
+            return 0.0
+        token_in = renewal_at(self._issued_at, self._token.expires_at) - self.now()
+        jwks_in = self.jwks.loaded_at + self.jwks.refresh_s - self.jwks.clock()
+        return min(token_in, jwks_in)
 
     def request_auth(self) -> DPoPAuth:
         """Proof-of-possession authentication for HTTP requests (tracker, sidecar) made

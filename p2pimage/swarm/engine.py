@@ -3,8 +3,9 @@
 A :class:`Swarm` owns the piece store of one blob, a :class:`~p2pimage.swarm.picker.PiecePicker`
 and a :class:`~p2pimage.swarm.choker.Choker`, and the peer sessions of that torrent. Its nursery
 holds one reader, one writer and one uploader task per peer, a housekeeping tick
-(request timeouts, stall detection, rates, rechoke), the tracker announce loop and the
-origin reader, when the tracker assigns one. The policies make every decision; this
+(request timeouts, stall detection, rates, rechoke), a flush of deferred haves (asleep
+while none wait), the tracker announce loop and the origin reader, when the tracker
+assigns one. The policies make every decision; this
 module only moves bytes and events between them and the sockets.
 
 What others may ask of a swarm is its small API: the announcer calls
@@ -82,6 +83,11 @@ __all__ = [
 
 log = logging.getLogger("p2pimage.swarm.engine")
 
+# A peer that lacks at most this many pieces hears of ours at once (no have_delay_s):
+# in its last pieces a have can decide when it finishes, where in the bulk of a
+# transfer it has many pieces to choose from and a have only adds one more.
+HAVE_DELAY_TAIL_PIECES = 8
+
 
 class SwarmStalled(P2PImageError):
     """The swarm verified no piece for the reader's stall timeout."""
@@ -152,6 +158,21 @@ class SwarmSettings:
     keepalive_s: float = 90.0
     rechoke_interval_s: float = 10.0
     tick_s: float = 0.5
+    # Haves to a p2pimage peer already interested in us wait up to this long, to leave
+    # with the next batch to that peer (a request, a piece) or with the other haves of
+    # this interval, instead of one write each (a node verifies a piece every ~30 ms at
+    # 8 MiB/s and tells every peer that lacks it: most writes were haves). A peer not
+    # interested hears at once (the piece may make it interested), and so does a peer
+    # near its end (HAVE_DELAY_TAIL_PIECES: there a have can decide when it finishes).
+    # 0: every have at once. Measurements: docs/benchmarks.md, "CPU per delivered MiB".
+    have_delay_s: float = 0.25
+    # A quiet swarm (complete, nothing requested either way, nobody interested, no byte
+    # moved in the last tick: a seeding swarm on an idle node) ticks this seldom
+    # instead, and at once again on any peer's message or a new peer. Its tick then only
+    # checks token expiries and keep-alives: a token a key rotation revoked closes its
+    # connection within this delay, not ``tick_s``. Idle nodes cost next to no CPU
+    # (docs/benchmarks.md, "Idle nodes").
+    idle_tick_s: float = 5.0
     # Stay interested in a p2pimage peer this long after it last had a piece we need
     # (InterestPolicy; checked each tick): in a cold start it soon gets another, and
     # each not-interested/interested pair was two messages and two rechokes. 0: BEP 3's
@@ -204,6 +225,7 @@ class SwarmStats:
     peers_connected: int = 0
     peers_banned: int = 0
     requests_timed_out: int = 0  # requests given back to the pool by request_timeout_s
+    ticks: int = 0  # housekeeping ticks run (a quiet swarm ticks every idle_tick_s)
     started_at: float = 0.0
     first_piece_at: float | None = None
     last_piece_at: float | None = None  # every piece verified (before the whole-blob check)
@@ -359,6 +381,9 @@ class Swarm:
         self._announce_news = trio.Event()
         self.closed = trio.Event()
         self._changed = trio.Event()
+        self._haves_deferred = trio.Event()  # a have waits for _haves_loop
+        # Set while the tick loop waits out a quiet spell: activity sets it (_stir).
+        self._quiet_wait: trio.Event | None = None
         if storage.complete:
             self.complete.set()
 
@@ -372,6 +397,8 @@ class Swarm:
                 self._nursery = nursery
                 nursery.start_soon(self._tick_loop)
                 nursery.start_soon(self._uploader)
+                if self.settings.have_delay_s > 0:
+                    nursery.start_soon(self._haves_loop)
                 task_status.started()
                 await self.closed.wait()
                 nursery.cancel_scope.cancel()
@@ -477,8 +504,13 @@ class Swarm:
     def want_more_peers(self) -> bool:
         return self.dial_policy.want_more(len(self.peers), len(self._dialing))
 
-    def add_peers(self, addresses: Iterable[tuple[str, int]]) -> None:
-        """Dial peers (tracker results, or a static list) that we are not connected to."""
+    def add_peers(self, addresses: Iterable[tuple[str, int]], *, mutual: bool = False) -> None:
+        """Dial peers (tracker results, or a static list) that we are not connected to.
+
+        ``mutual``: they were given our address too and may dial us at the same time (a
+        tracker's peer lists), so of each pair one side defers its dial
+        (``DialPolicy.dial_delay_s``); otherwise (a list only we were given) all are
+        dialled at once."""
         if self._nursery is None:
             return
         connected = {p.session.address for p in self.peers.values()}
@@ -491,13 +523,13 @@ class Swarm:
             skip=unwanted.__contains__,
         ):
             self._dialing.add(address)
-            self._nursery.start_soon(self._dial, address)
+            self._nursery.start_soon(self._dial, address, mutual)
 
-    async def _dial(self, address: tuple[str, int]) -> None:
+    async def _dial(self, address: tuple[str, int], mutual: bool) -> None:
         try:
             try:
                 delay = self.dial_policy.dial_delay_s(
-                    self._dialer.listen_address, address, self._rng
+                    self._dialer.listen_address, address, self._rng, mutual=mutual
                 )
                 if delay:
                     await trio.sleep(delay)
@@ -552,6 +584,7 @@ class Swarm:
         )
         self.peers[key] = peer
         self.stats.peers_connected = len(self.peers)
+        self._stir()
         reason = "done"
         try:
             with peer.scope:
@@ -629,6 +662,7 @@ class Swarm:
             finally:
                 peer.refill_deferred = False
             self._refill(peer)
+            self._stir()
             if self.storage.all_pieces_verified and not self.complete.is_set():
                 # A verified last piece: finish the blob (hash, rename) outside _handle.
                 await self.finalize_if_done()
@@ -839,7 +873,7 @@ class Swarm:
         to_all = self.upload_order.mode == "need"
         for peer in self.peers.values():
             if peer.key != told and (to_all or not self.picker.peer_has(peer.key, index)):
-                peer.session.send_have(index)  # (with the batch's other haves)
+                self._send_have(peer, index)  # (with the batch's other haves)
 
     def _piece_verified(self, index: int) -> None:
         self._record_verified(index)
@@ -867,9 +901,23 @@ class Swarm:
         to_all = self.upload_order.mode == "need"
         for peer in self.peers.values():
             # A peer that announced the piece itself does not need it for picking, but
-            # its uploader orders requesters by what they hold (UploadOrder).
+            # with the need order its uploader orders requesters by what they hold.
             if to_all or not self.picker.peer_has(peer.key, index):
-                peer.session.send_have(index)
+                self._send_have(peer, index)
+
+    def _send_have(self, peer: _Peer, index: int) -> None:
+        """A have for ``peer``: deferred by up to ``have_delay_s`` when the peer is
+        interested in us already (it has our other pieces to ask for meanwhile) and
+        still lacks more than :data:`HAVE_DELAY_TAIL_PIECES`."""
+        if (
+            peer.peer_interested
+            and self.settings.have_delay_s > 0
+            and self.picker.peer_missing(peer.key) > HAVE_DELAY_TAIL_PIECES
+        ):
+            peer.session.send_have(index, defer=True)
+            self._haves_deferred.set()
+        else:
+            peer.session.send_have(index)
 
     async def finalize_if_done(self) -> None:
         """Once every piece is verified: check the whole SHA-256 and complete the blob."""
@@ -1059,12 +1107,21 @@ class Swarm:
 
     async def _tick_loop(self) -> None:
         last_tick = trio.current_time()
+        quiet = False
         while True:
-            await trio.sleep(self.settings.tick_s)
+            if quiet:
+                self._quiet_wait = trio.Event()
+                with trio.move_on_after(self.settings.idle_tick_s):
+                    await self._quiet_wait.wait()
+                self._quiet_wait = None
+            else:
+                await trio.sleep(self.settings.tick_s)
             now = trio.current_time()
             elapsed = max(now - last_tick, 1e-6)
             last_tick = now
+            self.stats.ticks += 1
             peers = list(self.peers.values())
+            moved = any(p.down_bytes_window or p.up_bytes_window for p in peers)
             # Rates as of the previous tick (this one updates them peer by peer).
             outstanding = sum(b.length for p in peers for b, _ in p.outstanding.values())
             drain = self.timeouts.drain_s(outstanding, sum(p.down_rate for p in peers))
@@ -1075,6 +1132,37 @@ class Swarm:
             if self.choker.rechoke_due(now):
                 self._rechoke(now)
             self._refill_all()
+            quiet = not moved and self._quiet()
+            if quiet:
+                for peer in self.peers.values():
+                    peer.down_rate = peer.up_rate = 0.0  # (true: nothing moved this tick)
+
+    def _quiet(self) -> bool:
+        """Whether the tick has nothing to do but token expiries and keep-alives: the
+        blob complete, no piece held back for a reveal, and no peer with requests either
+        way or interest on either side (no rates, timeouts, interest reviews or
+        refills to keep)."""
+        if not self.complete.is_set() or self.reveal.hidden:
+            return False
+        return not any(
+            p.outstanding or p.uploads or p.peer_interested or p.am_interested
+            for p in self.peers.values()
+        )
+
+    def _stir(self) -> None:
+        """Activity: a quiet swarm's tick loop goes back to ticking every ``tick_s``."""
+        if self._quiet_wait is not None:
+            self._quiet_wait.set()
+
+    async def _haves_loop(self) -> None:
+        """``have_delay_s`` after a have was deferred (:meth:`_send_have`), send the haves
+        deferred since; asleep while none are (an idle seed never wakes)."""
+        while True:
+            await self._haves_deferred.wait()
+            await trio.sleep(self.settings.have_delay_s)
+            self._haves_deferred = trio.Event()
+            for peer in self.peers.values():
+                peer.session.flush_haves()
 
     def _tick_peer(
         self, peer: _Peer, now: float, elapsed: float, drain_s: float, outstanding: int

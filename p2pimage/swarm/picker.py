@@ -91,6 +91,18 @@ class PickerSettings:
     #: held ~4 s of requests, a wait paid at every hop a piece makes through the swarm:
     #: docs/benchmarks.md, "The 32-node swarm".)
     max_pipeline: int = 500
+    #: Slow start, as TCP's window: until a peer's rate is first measured (the first
+    #: :meth:`PiecePicker.update_rate` above zero; the engine measures at its 0.5 s
+    #: ticks), its depth starts at the floor and grows by one block per block it delivers
+    #: after its first, up to ``max_pipeline``; from then on it follows the rate. So a
+    #: fast peer's link fills within a few round trips instead of running stop-and-wait
+    #: at the one-block floor until the first tick (a 128 MiB pair transfer lasts
+    #: ~0.6 s), while a slow peer keeps the floor: one that delivers at most one block
+    #: before its rate is known (under ~2 blocks a tick, where the rate would ask for
+    #: about the floor anyway) never grows. Growing on the first block too cost the
+    #: simulator's 32-node rows 1-6 % (docs/benchmarks.md, "Pair: the evening's
+    #: regression").
+    slow_start: bool = True
     #: A request is late once it has been outstanding this many times longer than the
     #: peer's rate and queue predicted; late urgent requests may be duplicated.
     timeout_factor: float = 2.0
@@ -100,12 +112,15 @@ class PickerSettings:
 
 
 class _Peer(Generic[P]):
-    __slots__ = ("bits", "key", "rate", "requests")
+    __slots__ = ("bits", "delivered", "key", "rate", "requests")
 
-    def __init__(self, key: P) -> None:
+    def __init__(self, key: P, slow_start: bool) -> None:
         self.key = key
         self.bits = 0  # pieces the peer has, as a bitset
         self.rate = 0.0  # bytes/s we receive from it, as reported by the caller
+        # Blocks it delivered while in slow start (until its rate is first measured);
+        # -1 once out of slow start.
+        self.delivered = 0 if slow_start else -1
         # (piece, block number) -> its request, in the order the requests were made
         self.requests: dict[tuple[int, int], _Request[P]] = {}
 
@@ -188,6 +203,7 @@ class PiecePicker(Generic[P]):
         scale = min(1.0, BLOCK_LENGTH / block_size)
         self._min_pipeline = max(1, math.ceil(self.settings.min_pipeline * scale))
         self._max_pipeline = max(self._min_pipeline, math.ceil(self.settings.max_pipeline * scale))
+        self._slow_start = self.settings.slow_start
         self._full = (1 << num_pieces) - 1
 
         self._peers: dict[P, _Peer[P]] = {}
@@ -252,7 +268,7 @@ class PiecePicker(Generic[P]):
     def _peer(self, key: P) -> _Peer[P]:
         ps = self._peers.get(key)
         if ps is None:
-            ps = self._peers[key] = _Peer(key)
+            ps = self._peers[key] = _Peer(key, self._slow_start)
         return ps
 
     def _avail_add(self, mask: int) -> None:
@@ -313,7 +329,7 @@ class PiecePicker(Generic[P]):
         bit = 1 << (self.num_pieces - 1 - index)
         ps = self._peers.get(peer)
         if ps is None:
-            ps = self._peers[peer] = _Peer(peer)
+            ps = self._peers[peer] = _Peer(peer, self._slow_start)
         if not ps.bits & bit:
             ps.bits |= bit
             planes = self._planes
@@ -364,6 +380,8 @@ class PiecePicker(Generic[P]):
         """The measured rate at which we receive payload from the peer."""
         ps = self._peer(peer)
         ps.rate = max(0.0, float(bytes_per_s))
+        if ps.rate > 0.0:
+            ps.delivered = -1  # measured: slow start is over
         if ps.rate >= self._best_rate:
             self._best_rate, self._best_peer = ps.rate, peer
         elif self._best_peer == peer:
@@ -377,9 +395,16 @@ class PiecePicker(Generic[P]):
 
     def pipeline_depth(self, peer: P) -> int:
         """How many requests to keep outstanding at the peer: ``request_queue_time``
-        seconds of data at its measured rate, within ``[min_pipeline, max_pipeline]``."""
+        seconds of data at its measured rate, within ``[min_pipeline, max_pipeline]``;
+        before its rate is first measured, the slow-start window: the floor plus one per
+        block it delivered after its first, up to ``max_pipeline``
+        (``PickerSettings.slow_start``)."""
         ps = self._peers.get(peer)
-        rate = ps.rate if ps is not None else 0.0
+        if ps is None:
+            return self._min_pipeline
+        if ps.delivered >= 0:  # slow start
+            return min(self._max_pipeline, self._min_pipeline + max(0, ps.delivered - 1))
+        rate = ps.rate
         s = self.settings
         depth = math.ceil(rate * s.request_queue_time / self.block_size)
         return max(self._min_pipeline, min(self._max_pipeline, depth))
@@ -450,6 +475,9 @@ class PiecePicker(Generic[P]):
         plen = self.piece_size(index)
         if begin < 0 or begin >= plen or begin % self.block_size:
             raise RemoteProtocolError(f"block at offset {begin} of piece {index}")
+        sender = self._peers.get(peer)
+        if sender is not None and 0 <= sender.delivered < self._max_pipeline:
+            sender.delivered += 1  # slow start: one more in flight per block (see settings)
         bit = 1 << (self.num_pieces - 1 - index)
         if self._have & bit:
             return []
@@ -837,6 +865,12 @@ class PiecePicker(Generic[P]):
         known = self._peers
         return [k for k in peers if (ps := known.get(k)) is None or not ps.bits & bit]
 
+    def peer_missing(self, peer: P) -> int:
+        """How many pieces the peer lacks, by what it announced (all of them for a peer
+        never heard of)."""
+        ps = self._peers.get(peer)
+        return self.num_pieces - (0 if ps is None else ps.bits.bit_count())
+
     def peer_is_interesting(self, peer: P) -> bool:
         """The peer has a piece we lack and want from peers (send INTERESTED)."""
         ps = self._peers.get(peer)
@@ -902,4 +936,6 @@ class PiecePicker(Generic[P]):
                 assert len({id(r.peer) for r in reqs or ()}) == len(reqs or ()), (i, b)
         total = sum(len(ps.requests) for ps in self._peers.values())
         assert total == self._outstanding, (total, self._outstanding)
+        for ps in self._peers.values():  # slow start lasts until a rate is measured
+            assert ps.delivered == -1 or (ps.rate == 0.0 and self._slow_start), ps.key
         assert not self._wanted & self._have

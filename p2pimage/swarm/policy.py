@@ -53,7 +53,12 @@ class DialPolicy:
     defer_s: float = 0.0
 
     def dial_delay_s(
-        self, own: tuple[str, int], other: tuple[str, int], rng: random.Random
+        self,
+        own: tuple[str, int],
+        other: tuple[str, int],
+        rng: random.Random,
+        *,
+        mutual: bool,
     ) -> float:
         """How long to wait before dialing ``other`` from ``own`` (listen addresses).
 
@@ -63,8 +68,14 @@ class DialPolicy:
         ``defer_s`` (with jitter) so the other's connection usually stands by then, and
         its own dial stops after the 68-byte handshake names a peer already connected.
         It still dials: a pair where only one side knows the other is never left
-        unconnected, at worst connected ``defer_s`` later."""
-        if self.defer_s <= 0 or not other < own:
+        unconnected, at worst connected ``defer_s`` later.
+
+        Only where ``other`` is expected to dial us too (``mutual``: a tracker lists
+        each member to the others, a full mesh given to every node). A peer named to us
+        alone (a static list, a seed we were pointed at) is dialled at once: the wait
+        would save nothing and delay the first byte (0.075-0.15 s of a 0.6 s pair
+        transfer: docs/benchmarks.md, "Pair: the evening's regression")."""
+        if not mutual or self.defer_s <= 0 or not other < own:
             return 0.0
         return self.defer_s * rng.uniform(0.5, 1.0)
 

@@ -184,6 +184,9 @@ class PeerSession:
         self._drained = trio.Event()
         self._closed: str | None = None
         self._haves: list[int] = []  # for one p2pimage_haves message in the next batch
+        # The haves must go out now (not only with the next batch): send_have without
+        # defer, or flush_haves.
+        self._haves_due = False
         self._can_send_file: bool | None = None
         self._receive_buffer: bytearray | None = None
         self._send_buffer: bytearray | None = None
@@ -420,10 +423,12 @@ class PeerSession:
         self.payload_sent += length
         self._wakeup.set()
 
-    def send_have(self, index: int) -> None:
+    def send_have(self, index: int, *, defer: bool = False) -> None:
         """Tell the peer we have piece ``index``: gathered with the other haves of this
         writer batch into one ``p2pimage_haves`` message when the peer advertised it, a
-        BEP 3 have otherwise."""
+        BEP 3 have otherwise. With ``defer`` (a peer that advertised it only), the have
+        does not wake the writer: it leaves with whatever the writer sends next, or at
+        the next :meth:`flush_haves`."""
         if self._closed is not None or not self.conn.is_open:
             self.send(Have(index))  # (closes the session as send() would)
             return
@@ -431,7 +436,15 @@ class PeerSession:
             self.send(Have(index))
             return
         self._haves.append(index)
-        self._wakeup.set()
+        if not defer:
+            self._haves_due = True
+            self._wakeup.set()
+
+    def flush_haves(self) -> None:
+        """Send the deferred haves now (wake the writer if any wait)."""
+        if self._haves:
+            self._haves_due = True
+            self._wakeup.set()
 
     def _haves_message(self) -> bytes:
         ext_id = self.conn.peer_extension_id(HAVES_EXTENSION)
@@ -484,7 +497,8 @@ class PeerSession:
     async def run_writer(self) -> None:
         """Write queued messages in batches until the session closes."""
         while True:
-            if self._haves and self._closed is None:
+            if self._haves and self._closed is None and (self._haves_due or self._outbox):
+                self._haves_due = False
                 try:
                     self._queue_control(self._haves_message())
                 except LocalProtocolError:

@@ -44,6 +44,7 @@ __all__ = [
     "batch_query",
     "check_batch_digest",
     "encode_announce_batch",
+    "encode_announce_answer",
     "encode_announce_batch_response",
     "encode_announce_response",
     "encode_failure",
@@ -119,9 +120,15 @@ class Event(enum.Enum):
     PAUSED = b"paused"
 
 
-@dataclass(frozen=True, slots=True)
+# Event by its query value: a dict lookup is a fifth of Enum's own lookup by value.
+_EVENTS: dict[bytes, Event] = {e.value: e for e in Event}
+
+
+@dataclass(slots=True)
 class AnnounceRequest:
-    """A validated announce.
+    """A validated announce; a value, never changed once made (not frozen: a frozen
+    dataclass's constructor costs ~4 µs for these 14 fields, ~0.4 µs here, and the
+    tracker makes one per swarm of every batched announce).
 
     p2pimage extras (all optional; stock clients send none of them):
 
@@ -309,11 +316,9 @@ def _announce_from_pairs(pairs: _Params) -> AnnounceRequest:
     port = _uint(pairs, b"port")
     if not 1 <= port <= 65535:
         raise TrackerRequestError("invalid port")
-    raw_event = _one(pairs, b"event") or b""
-    try:
-        event = Event(raw_event)
-    except ValueError:
-        raise TrackerRequestError("unknown event") from None
+    event = _EVENTS.get(_one(pairs, b"event") or b"")
+    if event is None:
+        raise TrackerRequestError("unknown event")
     pieces: int | None = None
     if b"p2pimage_pieces" in pairs:
         pieces = _uint(pairs, b"p2pimage_pieces")
@@ -333,21 +338,22 @@ def _announce_from_pairs(pairs: _Params) -> AnnounceRequest:
     key = _one(pairs, b"key")
     if key is not None and len(key) > 64:
         raise TrackerRequestError("invalid key")
+    # Positional, in field order: keywords cost a microsecond per request here.
     return AnnounceRequest(
-        info_hash=_hash20(_one(pairs, b"info_hash"), "info_hash"),
-        peer_id=_hash20(_one(pairs, b"peer_id"), "peer_id"),
-        port=port,
-        uploaded=_uint(pairs, b"uploaded", default=0),
-        downloaded=_uint(pairs, b"downloaded", default=0),
-        left=_uint(pairs, b"left", default=0),
-        event=event,
-        numwant=min(_uint(pairs, b"numwant", default=DEFAULT_NUMWANT), MAX_NUMWANT),
-        ip=_ip(_one(pairs, b"ip")),
-        key=key,
-        pieces=pieces,
-        digest=digest.decode("ascii") if digest is not None else None,
-        repo=repo.decode("ascii") if repo is not None else None,
-        origin_next=origin_next,
+        _hash20(_one(pairs, b"info_hash"), "info_hash"),
+        _hash20(_one(pairs, b"peer_id"), "peer_id"),
+        port,
+        _uint(pairs, b"uploaded", default=0),
+        _uint(pairs, b"downloaded", default=0),
+        _uint(pairs, b"left", default=0),
+        event,
+        min(_uint(pairs, b"numwant", default=DEFAULT_NUMWANT), MAX_NUMWANT),
+        _ip(_one(pairs, b"ip")),
+        key,
+        pieces,
+        digest.decode("ascii") if digest is not None else None,
+        repo.decode("ascii") if repo is not None else None,
+        origin_next,
     )
 
 
@@ -544,36 +550,52 @@ def encode_announce_response(response: AnnounceResponse) -> bytes:
     """
     if response.failure is not None:
         return encode_failure(response.failure, response.error)
-    peers, peers6 = response.compact or _compact(response.peers)
+    return encode_announce_answer(
+        response.complete,
+        response.incomplete,
+        response.interval,
+        response.min_interval,
+        response.compact or _compact(response.peers),
+        response.origin,
+        response.release,
+    )
+
+
+def encode_announce_answer(
+    complete: int,
+    incomplete: int,
+    interval: int,
+    min_interval: int | None,
+    compact: tuple[bytes, bytes],
+    origin: OriginAssignment | None = None,
+    release: bool = False,
+) -> bytes:
+    """:func:`encode_announce_response` of a successful answer from its parts, the
+    peers already in compact form (IPv4, IPv6): the tracker encodes one per swarm of
+    every announce, and making the :class:`AnnounceResponse` first cost as much again."""
+    peers, peers6 = compact
     # Written by hand, keys in bencoding's sorted order: this runs once per swarm of
     # every announce, and the general encoder's checks cost more than the answer.
-    out = [
-        b"d8:completei%de10:incompletei%de8:intervali%de"
-        % (response.complete, response.incomplete, response.interval)
-    ]
-    if response.min_interval is not None:
-        out.append(b"12:min intervali%de" % response.min_interval)
-    extras: dict[bytes, Bencodable] = {}
-    if response.origin is not None:
-        origin: dict[bytes, Bencodable] = {
-            b"end_piece": response.origin.end_piece,
-            b"first_piece": response.origin.first_piece,
-            b"url": response.origin.url.encode(),
-        }
-        if response.origin.lease_end is not None:
-            origin[b"lease_end"] = response.origin.lease_end
-        extras[b"origin"] = origin
-    if response.release:
-        extras[b"release"] = 1
-    if extras:
-        out.append(b"8:p2pimage" + bencode(extras))
-    out.append(b"5:peers%d:" % len(peers))
-    out.append(peers)
+    head = b"d8:completei%de10:incompletei%de8:intervali%de" % (complete, incomplete, interval)
+    if min_interval is not None:
+        head += b"12:min intervali%de" % min_interval
+    if origin is not None or release:
+        extras: dict[bytes, Bencodable] = {}
+        if origin is not None:
+            where: dict[bytes, Bencodable] = {
+                b"end_piece": origin.end_piece,
+                b"first_piece": origin.first_piece,
+                b"url": origin.url.encode(),
+            }
+            if origin.lease_end is not None:
+                where[b"lease_end"] = origin.lease_end
+            extras[b"origin"] = where
+        if release:
+            extras[b"release"] = 1
+        head += b"8:p2pimage" + bencode(extras)
     if peers6:
-        out.append(b"6:peers6%d:" % len(peers6))
-        out.append(peers6)
-    out.append(b"e")
-    return b"".join(out)
+        return b"%b5:peers%d:%b6:peers6%d:%be" % (head, len(peers), peers, len(peers6), peers6)
+    return b"%b5:peers%d:%be" % (head, len(peers), peers)
 
 
 def encode_failure(reason: str, error: str | None = None) -> bytes:

@@ -399,7 +399,7 @@ async def run_announcer(
                     with trio.move_on_after(schedule.failed()):
                         await swarm.closed.wait()
                     continue
-                swarm.add_peers(response.peers)
+                swarm.add_peers(response.peers, mutual=True)
                 if origin_http is not None:
                     _apply_origin(
                         swarm,

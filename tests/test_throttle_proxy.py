@@ -1,0 +1,60 @@
+"""The capped registry link of the benchmarks and the local cluster
+(:class:`daemons.testbed.throttle_proxy.ThrottleProxy`): every byte arrives intact, and
+the registry's readers together never get more than the cap, on the spliced path
+(Linux) and the plain one."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from daemons.testbed import throttle_proxy
+from daemons.testbed.throttle_proxy import BURST, ThrottleProxy
+from p2pimage.oci.registry import RegistryClient
+
+MIB = 1024 * 1024
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "plain"])
+async def test_readers_share_the_cap_and_get_every_byte(
+    registry: Any, splice: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if splice and not hasattr(os, "splice"):
+        pytest.skip("os.splice is Linux only")
+    monkeypatch.setattr(throttle_proxy, "SPLICE", splice)
+    blob = os.urandom(3 * MIB)
+    async with RegistryClient(registry.url) as client:
+        digest = await client.push_blob("test/relay", blob)
+    host, port = registry.url.removeprefix("http://").rsplit(":", 1)
+    rate = 4 * MIB
+    proxy = ThrottleProxy((host, int(port)), rate)
+    readers = 4
+    got: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        url = f"{proxy.url}/v2/test/relay/blobs/{digest}"
+
+        async def read(http: httpx.AsyncClient) -> None:
+            sha = hashlib.sha256()
+            async with http.stream("GET", url) as response:
+                assert response.status_code == 200
+                async for chunk in response.aiter_bytes():
+                    sha.update(chunk)
+            got.append(f"sha256:{sha.hexdigest()}")
+
+        start = trio.current_time()
+        async with httpx.AsyncClient(timeout=30) as http, trio.open_nursery() as reads:
+            for _ in range(readers):
+                reads.start_soon(read, http)
+        took = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    assert got == [digest] * readers
+    assert proxy.bytes_down >= readers * len(blob)  # (and the HTTP headers)
+    # Never faster than the cap allows beyond its burst: 12 MiB at 4 MiB/s.
+    assert took >= (readers * len(blob) - BURST) / rate
+    assert took < 4 * readers * len(blob) / rate  # and no stall
