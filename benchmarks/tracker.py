@@ -13,7 +13,7 @@ what token and proof checks cost.
 
     python -m benchmarks.tracker [--quick] [--swarms 100] [--peers 100] [--rounds 3]
                                  [--connections 8] [--batch 20,5,50,100]
-                                 [--only memory,memory_swarm,...] [--json PATH]
+                                 [--only memory,memory_swarm,...,cold] [--json PATH]
 
 ``memory_swarm`` sends the same announces batched (p2pimage's ``POST /announce/batch``,
 each request carrying ``--batch`` swarms of one node, the first size the headline, each
@@ -27,6 +27,14 @@ redis_swarm_announces_s, opentracker_announces_s, memory_open_announces_s (and
 ``<run>_load_cpu``, the CPU the server process and the load generator used over the
 timed part (fractions of one core: a server well below 1 on a quiet machine waits for
 the generator), and ``<run>_server_cpu_us``, the server's CPU per (swarm) announce.
+
+``cold`` (no server; issue #17) times a cluster's cold start in this process: N first
+announces (``event=started``) into one empty swarm through the policy and the in-memory
+state, for N in 500, 1,000, 2,000, 5,000 (and 5,000 over 3 zones; the Redis backend at
+1,000), as CPU per join: ``cold_start_<N>_us_per_join``, ``cold_start_zoned_us_per_join``,
+``redis_cold_start_1000_us_per_join``, and ``cold_start_announces_s``, joins per
+CPU-second at 5,000. Flat per-join figures mean a join costs nothing proportional to the
+swarm.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import random
 import selectors
 import socket
 import subprocess
@@ -46,6 +55,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import trio
 from rich.table import Table
 
 from benchmarks._util import print_table
@@ -54,13 +64,19 @@ from daemons.testbed.process import cpu_seconds, free_port, stop_process
 from daemons.testbed.redis import redis_binary, run_redis
 from p2pimage.auth.tokens import NodeKey, SigningKey, TokenIssuer, bound_peer_id, create_proof
 from p2pimage.tracker import AnnounceRequest, Event, batch_query, encode_announce_batch
+from p2pimage.tracker._policy import TrackerPolicy
+from p2pimage.tracker._state import MemoryState, RedisState, SwarmKey, TrackerState
 
 ISSUER = "benchmark-sidecar"
 # Swarms per batched request in the headline figure: a node in a rollout pulls a new
 # image of ~10 layers while it still seeds the ~10 of the version it replaces
 # (docs/benchmarks.md, "Batched announces").
 HEADLINE_BATCH = 20
-RUNS = ("memory", "memory_swarm", "memory_open", "redis", "redis_swarm", "opentracker")
+RUNS = ("memory", "memory_swarm", "memory_open", "redis", "redis_swarm", "opentracker", "cold")
+# Swarm sizes of the cold-start line (``cold``): every peer's first announce into one
+# swarm; the Redis backend's at one size (its per-join cost grows with the swarm).
+COLD_SIZES = (500, 1_000, 2_000, 5_000)
+COLD_REDIS_PEERS = 1_000
 SERVER_CPU, LOAD_CPU = 0, 1
 
 
@@ -110,6 +126,62 @@ def _requests(
                 head += f"Authorization: DPoP {token}\r\nDPoP: {proof}\r\n"
             out.append((head + "\r\n").encode())
     return out
+
+
+def cold_start(peers: int, *, zones: int = 0, redis_port: int | None = None) -> float:
+    """CPU seconds (this process's) for ``peers`` first announces (``event=started``,
+    leechers, origin bookkeeping on) into one empty swarm through the in-memory state
+    (or, with ``redis_port``, the Redis backend), driven in this process: a cluster's cold
+    start, where every join changes the swarm (the timed rounds re-announce into warm
+    swarms). ``zones`` > 0 spreads the peers over that many zones."""
+    policy = TrackerPolicy(rng=random.Random(1))
+    key = SwarmKey("bench", b"\x01" * 20)
+    reqs = [
+        AnnounceRequest(
+            info_hash=key.info_hash,
+            peer_id=p.to_bytes(20, "big"),
+            port=10_000 + p % 50_000,
+            left=64 << 20,
+            event=Event.STARTED,
+            pieces=64,
+            digest="sha256:" + "ab" * 32,
+            repo="bench/layer",
+        )
+        for p in range(peers)
+    ]
+    hosts = [f"10.{p >> 16 & 255}.{p >> 8 & 255}.{p & 255}" for p in range(peers)]
+    zone_of = [f"zone-{p % zones}" if zones else None for p in range(peers)]
+
+    async def joins(state: TrackerState) -> float:
+        start = time.process_time()
+        for p, req in enumerate(reqs):
+            await state.update(
+                key,
+                lambda swarm, req=req, p=p: policy.announce(
+                    swarm,
+                    req,
+                    host=hosts[p],
+                    now=1_000.0 + p * 1e-3,
+                    zone=zone_of[p],
+                    registry_url="http://registry:5000",
+                ),
+            )
+        return time.process_time() - start
+
+    async def run() -> float:
+        if redis_port is None:
+            return await joins(MemoryState())
+        import coredis
+
+        client = coredis.Redis("127.0.0.1", redis_port, decode_responses=False)
+        async with client:
+            state = RedisState(client, prefix=f"cold{peers}:")
+            try:
+                return await joins(state)
+            finally:
+                await state.clear()
+
+    return trio.run(run)
 
 
 def _batches(
@@ -361,6 +433,18 @@ def main(argv: list[str] | None = None) -> int:
     ]
     results: dict[str, dict[str, float]] = {}
     skipped: dict[str, str] = {}
+    cold: dict[str, float] = {}
+    if "cold" in only:
+        for n in COLD_SIZES:
+            cold[f"cold_start_{n}_us_per_join"] = cold_start(n) / n * 1e6
+        zoned = cold_start(COLD_SIZES[-1], zones=3)
+        cold["cold_start_zoned_us_per_join"] = zoned / COLD_SIZES[-1] * 1e6
+        if redis_binary() is not None:
+            with run_redis() as redis_port:
+                n = COLD_REDIS_PEERS
+                cold[f"redis_cold_start_{n}_us_per_join"] = (
+                    cold_start(n, redis_port=redis_port) / n * 1e6
+                )
 
     def run(name: str, server: tuple[int, int], auth: bool) -> None:
         port, pid = server
@@ -480,7 +564,23 @@ def main(argv: list[str] | None = None) -> int:
     for name, why in skipped.items():
         table.add_row(labels[name], "skipped", "", "", why)
         flat[f"{name}_announces_s"] = None
-    print_table(table)
+    if results or skipped:
+        print_table(table)
+    if cold:
+        cold_table = Table(title="tracker cold start: first announces into one empty swarm, "
+                           "in process (tracker CPU per join)")  # fmt: skip
+        cold_table.add_column("backend, peers", justify="left")
+        cold_table.add_column("µs per join", justify="right")
+        cold_table.add_column("joins per CPU-second", justify="right")
+        for name, us in cold.items():
+            label = name.removesuffix("_us_per_join").replace("_", " ")
+            label = label.replace("zoned", f"{COLD_SIZES[-1]}, 3 zones")
+            cold_table.add_row(label, f"{us:,.1f}", f"{1e6 / us:,.0f}")
+            flat[name] = round(us, 2)
+        flat["cold_start_announces_s"] = round(
+            1e6 / cold[f"cold_start_{COLD_SIZES[-1]}_us_per_join"], 1
+        )
+        print_table(cold_table)
     flat.update(
         {
             "swarms": args.swarms,

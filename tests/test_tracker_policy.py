@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ from p2pimage.tracker import (
     origin_blob_url,
     pack_peer,
 )
-from p2pimage.tracker._policy import _sample
+from p2pimage.tracker._policy import _pick, _sample
+from p2pimage.tracker._state import swarm_from_json, swarm_to_json
 from tests._tracker_fixtures import redis_port, state
 
 __all__ = ["redis_port", "state"]
@@ -232,6 +234,31 @@ def test_sample_draws_distinct_entries_uniformly() -> None:
             seen[entry[1][1] - 1000] += 1
     assert group == [(bytes([i]) * 20, ("10.0.0.1", 1000 + i), None) for i in range(7)]
     assert all(2_700 < c < 3_300 for c in seen.values()), seen  # 3,000 each expected
+
+
+@pytest.mark.parametrize("size", [9, 400])  # filtered and shuffled; indices drawn
+def test_pick_draws_distinct_entries_uniformly_never_a_skipped_one(size: int) -> None:
+    """Selection samples the shared tier lists in place: uniform among the entries not
+    skipped, distinct, the list unchanged, in both of ``_pick``'s ways."""
+    rng = random.Random(5)
+    group = [(i.to_bytes(20, "big"), ("10.0.0.1", 1000 + i), None) for i in range(size)]
+    before = list(group)
+    skip = {group[0][0], group[size // 2][0]}
+    seen = dict.fromkeys(range(size), 0)
+    rounds = 300 * size // 3
+    for _ in range(rounds):
+        picked = _pick(rng, group, 3, set(skip))
+        assert len(picked) == 3 and len({e[0] for e in picked}) == 3
+        for entry in picked:
+            seen[entry[1][1] - 1000] += 1
+    assert group == before
+    assert seen[0] == seen[size // 2] == 0
+    expected = rounds * 3 / (size - 2)
+    assert all(
+        0.8 * expected < c < 1.2 * expected for i, c in seen.items() if i not in (0, size // 2)
+    ), seen
+    # Fewer entries than asked: every one not skipped.
+    assert sorted(_pick(rng, group[:4], 10, {group[0][0]})) == sorted(group[1:4])
 
 
 async def test_same_zone_preferred(state: TrackerState) -> None:
@@ -815,9 +842,10 @@ _walk_steps = st.lists(
 def test_peer_selection_view_is_what_a_fresh_walk_of_the_swarm_gives(
     steps: list, origin: bool
 ) -> None:
-    """Selection keeps its tier lists across announces that change nothing they depend
-    on; after any sequence of announces (joins, leaves, progress, zones, fetchers,
-    releases, expiry, stalls) the kept lists equal a fresh classification of the swarm."""
+    """Selection keeps its tier lists across announces, updating them in place (append,
+    swap-remove) on every join, leave, tier change and expiry; after any sequence of
+    announces (joins, leaves, progress, zones, fetchers, releases, expiry, stalls) the
+    kept lists equal a from-scratch classification of the swarm."""
     policy = TrackerPolicy(
         PolicyConfig(release_min_seeders=1, release_seeder_ratio=0.0, seeder_stall_s=5.0),
         rng=random.Random(7),
@@ -839,17 +867,25 @@ def test_peer_selection_view_is_what_a_fresh_walk_of_the_swarm_gives(
             b"".join(p for p in packed if len(p) == 6),
             b"".join(p for p in packed if len(p) == 18),
         )
-        kept = _all_tiers(policy, swarm)
-        swarm.view = None
+        kept = _all_tiers(policy, swarm)  # every asker kind's lists, now kept current
+        view, swarm.view = swarm.view, None
         assert _all_tiers(policy, swarm) == kept
+        swarm.view = view  # the next steps update the kept lists, not fresh ones
 
 
 def _all_tiers(policy: TrackerPolicy, swarm: SwarmRecord) -> list[object]:
     """Every kind of asker's tiers; order within a tier is not kept (a re-announce moves
     a peer to the end of the swarm's last-seen order) and does not matter (sampled)."""
-    kinds = itertools.product([None, "a", "b"], [True, False])
-    views = [policy._tiers(swarm, z, leecher) for z, leecher in kinds]
-    return [([[sorted(t) for t in side] for side in ts], where) for ts, where in views]
+    out: list[object] = []
+    for zone, leecher in itertools.product([None, "a", "b"], [True, False]):
+        built = policy._tiers(swarm, zone, leecher)
+        # The index of each peer points at its entry, and every entry is indexed.
+        for peer_id, (same, tier, index) in built.where.items():
+            assert built.tiers[same][tier][index][0] == peer_id
+        assert len(built.where) == sum(len(t) for side in built.tiers for t in side)
+        tiers = [[sorted(t) for t in side] for side in built.tiers]
+        out.append((tiers, {p: w[:2] for p, w in built.where.items()}))
+    return out
 
 
 async def test_update_many_is_update_for_each_swarm(state: TrackerState) -> None:
@@ -913,3 +949,27 @@ async def test_update_many_redoes_a_swarm_another_replica_wrote(redis_port: int)
         (swarm,) = await b.read([key])
         assert swarm is not None and sorted(swarm.peers) == [pid(1), pid(2), pid(3)]
         await a.clear()
+
+
+@settings(max_examples=100, deadline=None)
+@given(_walk_steps)
+def test_redis_document_with_kept_peer_parts_is_a_fresh_encoding(steps: list) -> None:
+    """The Redis backend keeps each record's JSON and re-encodes only new records: after
+    any sequence of announces on a swarm written before, its document decodes to what a
+    fresh encoding (no kept parts) does, and round-trips."""
+    policy = TrackerPolicy(PolicyConfig(release_min_seeders=1), rng=random.Random(3))
+    swarm = SwarmRecord()
+    now = 1000.0
+    for peer, left, zone, event, dt, variant in steps:
+        now += dt
+        req = AnnounceRequest(
+            IH, pid(peer), 6000 + peer * 2 + variant, left=left, event=event, pieces=8,
+            digest=DIGEST, repo="library/app",
+        )  # fmt: skip
+        policy.announce(swarm, req, host=f"10.0.0.{peer + 1}", now=now, zone=zone,
+                        registry_url=REGISTRY, subject=f"node-{peer}")  # fmt: skip
+        kept = swarm_to_json(swarm)  # parts of earlier records come from their cache
+        fresh = swarm_from_json(kept)
+        assert json.loads(swarm_to_json(fresh)) == json.loads(kept)
+        assert list(fresh.peers.values()) == list(swarm.peers.values())
+        assert (fresh.seeders, fresh.released) == (swarm.seeders, swarm.released)

@@ -7,8 +7,11 @@ One :class:`SwarmRecord` object holds the state of one (cluster, info-hash) swar
 backends (:mod:`._state`) hand the policy a swarm to mutate; the memory backend gives the
 live object, the Redis backend a decoded snapshot that it writes back atomically.
 
-Per-announce cost is O(numwant log numwant + peers) for peer selection; expiry, counts
-and origin bookkeeping are amortised O(1) (peers are kept in last-seen order, counts are
+Per-announce cost is O(numwant) for peer selection, a join, a leave or a tier change
+included: each swarm keeps its selection tiers as index lists updated in place (append,
+swap-remove) and samples from them; only a swarm-wide change (the fetchers, the
+well-supplied line, a distrusted seeder) rebuilds them, O(peers). Expiry, counts and
+origin bookkeeping are amortised O(1) (peers are kept in last-seen order, counts are
 maintained incrementally, the fetcher table holds at most ``max_origin_fetchers``).
 """
 
@@ -18,6 +21,7 @@ import math
 import operator
 import random
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -125,6 +129,11 @@ class PeerRecord:
     progress_at: float = 0.0
     uploaded: int = 0
     upload_at: float = 0.0
+    # How selection hands this peer out (built on first need, never persisted).
+    entry: _Entry | None = field(default=None, compare=False, repr=False)
+    # This record's JSON in a Redis swarm document (built on first need, never persisted;
+    # a record is not changed once its announce is over, a re-announce makes a new one).
+    doc: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def identity(self) -> str:
@@ -164,29 +173,30 @@ class SwarmRecord:
     # Identities (token subjects) whose seeder claims were contradicted by stalled
     # leechers: their claims never close origin work and leechers are not told of them.
     distrusted: set[str] = field(default_factory=set)
-    # Bumped by every add and remove that may change whom peer selection offers (a plain
-    # re-announce puts it back); with the swarm-wide inputs it keys ``view``.
-    epoch: int = 0
-    # Peer selection's tier lists, kept while nothing they depend on changes (see
-    # TrackerPolicy._tiers); never persisted.
+    # Peer selection's tier lists, updated by every add and remove while the swarm-wide
+    # inputs they depend on hold (see TrackerPolicy._tiers); never persisted.
     view: _PeerView | None = None
 
     @property
     def leechers(self) -> int:
         return len(self.peers) - self.seeders
 
-    def add(self, rec: PeerRecord) -> None:
-        self.epoch += 1
+    def add(self, rec: PeerRecord, *, view: bool = True) -> None:
+        """Add ``rec``; ``view=False`` leaves selection's lists alone (for a record that
+        replaces one they list, taken out with ``view=False``, in exactly its place)."""
+        if view and self.view is not None:
+            self.view.add(rec)
         self.peers[rec.peer_id] = rec
         if rec.left == 0:
             self.seeders += 1
         if rec.released:
             self.released += 1
 
-    def remove(self, peer_id: bytes) -> PeerRecord | None:
+    def remove(self, peer_id: bytes, *, view: bool = True) -> PeerRecord | None:
         rec = self.peers.pop(peer_id, None)
         if rec is not None:
-            self.epoch += 1
+            if view and self.view is not None:
+                self.view.discard(peer_id)
             if rec.left == 0:
                 self.seeders -= 1
             if rec.released:
@@ -228,15 +238,79 @@ _Entry = tuple[bytes, tuple[str, int], bytes | None]
 _Tiers = tuple[tuple[list[_Entry], ...], tuple[list[_Entry], ...]]
 
 
+def _entry(p: PeerRecord) -> _Entry:
+    entry = p.entry
+    if entry is None:
+        entry = p.entry = (p.peer_id, (p.host, p.port), _packed(p.host, p.port))
+    return entry
+
+
+@dataclass(slots=True)
+class _AskerTiers:
+    """The tier lists for one kind of asker (its zone, leecher or not) and where each
+    peer sits in them: ``where[peer id] = (same zone, tier, index)``."""
+
+    tiers: _Tiers
+    where: dict[bytes, tuple[int, int, int]]
+
+
 @dataclass(slots=True)
 class _PeerView:
-    """Peer selection's tier lists of one swarm, valid while ``key`` holds: the swarm's
-    ``epoch`` and the swarm-wide inputs of the tiers (the well-supplied threshold, the
-    fetchers, the distrusted). A regular re-announce changes none of them, so a swarm's
-    answers share one classification instead of walking every peer per announce."""
+    """Peer selection's tier lists of one swarm, valid while ``key`` holds: the swarm-wide
+    inputs of the tiers (the well-supplied line, the fetchers, the distrusted). Within
+    it, :meth:`add` and :meth:`discard` keep every asker kind's lists equal (as sets) to
+    a from-scratch classification in O(asker kinds): a join, a leave, an expiry or a
+    tier change costs no walk over the swarm."""
 
     key: tuple[object, ...]
-    by_asker: dict[tuple[str | None, bool], tuple[_Tiers, dict[bytes, tuple[int, int, _Entry]]]]
+    well: float
+    fetchers: frozenset[bytes]
+    distrusted: frozenset[str]
+    by_asker: dict[tuple[str | None, bool], _AskerTiers] = field(default_factory=dict)
+
+    def place(self, p: PeerRecord, zone: str | None, leecher: bool) -> tuple[int, int] | None:
+        """``(same zone, tier)`` of ``p`` for an asker of this kind; None: never offered."""
+        if p.released:
+            return None
+        if p.left == 0:
+            if not leecher or (self.distrusted and p.identity in self.distrusted):
+                return None
+            tier = 0
+        elif leecher and (p.left <= self.well or p.peer_id in self.fetchers):
+            tier = 1
+        else:
+            tier = 2
+        return int(zone is not None and p.zone == zone), tier
+
+    def build(self, peers: dict[bytes, PeerRecord], zone: str | None, leecher: bool) -> _AskerTiers:
+        built = self.by_asker[(zone, leecher)] = _AskerTiers((([], [], []), ([], [], [])), {})
+        for p in peers.values():
+            self._append(built, p, zone, leecher)
+        return built
+
+    def _append(self, built: _AskerTiers, p: PeerRecord, zone: str | None, leecher: bool) -> None:
+        placed = self.place(p, zone, leecher)
+        if placed is not None:
+            same, tier = placed
+            group = built.tiers[same][tier]
+            built.where[p.peer_id] = (same, tier, len(group))
+            group.append(_entry(p))
+
+    def add(self, p: PeerRecord) -> None:
+        for (zone, leecher), built in self.by_asker.items():
+            self._append(built, p, zone, leecher)
+
+    def discard(self, peer_id: bytes) -> None:
+        for built in self.by_asker.values():
+            pos = built.where.pop(peer_id, None)
+            if pos is None:
+                continue
+            same, tier, index = pos
+            group = built.tiers[same][tier]
+            last = group.pop()
+            if index < len(group):  # swap-remove: the last entry fills the hole
+                group[index] = last
+                built.where[last[0]] = (same, tier, index)
 
 
 @dataclass(slots=True)
@@ -295,12 +369,23 @@ class TrackerPolicy:
         held = swarm.peers.get(req.peer_id)
         if held is not None and held.subject != subject:
             raise PeerIdTakenError("peer_id is held by another node")
-        epoch = swarm.epoch
-        old = swarm.remove(req.peer_id)
+        # Selection's lists keep the old record's place until the new record is known.
+        old = swarm.remove(req.peer_id, view=False)
         if (old is None and not swarm.peers) or (old is not None and old.left > 0):
             # A new (or emptied) swarm, or a leecher until this moment: the linger clock
             # (time since a leecher was last present) restarts now.
             swarm.leecher_seen_at = now
+        same_place = False
+        if old is not None and swarm.view is not None:
+            same_place = (
+                req.event is not Event.STOPPED
+                and old.left == req.left
+                and old.host == host
+                and old.port == req.port
+                and old.zone == zone
+            )
+            if not same_place:
+                swarm.view.discard(req.peer_id)
         if req.event is Event.STOPPED:
             self._forget_fetcher(swarm, req.peer_id)
             swarm.stalled.discard(req.peer_id)
@@ -336,9 +421,11 @@ class TrackerPolicy:
             req.uploaded,
             (now if old is None or became_seeder or req.uploaded > old.uploaded else old.upload_at),
         )
-        swarm.add(rec)
-        if old is not None and self._same_tier(swarm, old, rec):
-            swarm.epoch = epoch  # a plain re-announce: selection's view still holds
+        if old is not None and old.host == host and old.port == req.port:
+            rec.entry = old.entry
+        # A plain re-announce (nothing its place depends on changed; subject and release
+        # carry over) keeps its place in selection's lists: no work for them.
+        swarm.add(rec, view=not same_place)
         swarm.largest_left = max(swarm.largest_left, req.left)
         if req.left > 0:
             swarm.leecher_seen_at = now
@@ -356,9 +443,9 @@ class TrackerPolicy:
             origin = self._origin(swarm, req, rec, now, registry_url)
         release = rec.left == 0 and self._should_release(swarm, rec, now)
         if release and not rec.released:
+            swarm.remove(rec.peer_id)  # the last peer: put back where it was, released
             rec.released = True
-            swarm.released += 1
-            swarm.epoch += 1
+            swarm.add(rec)
         chosen = [] if release else self._choose(swarm, rec, req.numwant)
         # Fetchers report progress often; so do leechers of a seeded swarm, so that a
         # seeder claim that does not hold is caught within seeder_stall_s.
@@ -459,8 +546,8 @@ class TrackerPolicy:
             return None
         if len(swarm.fetchers) >= self.target_fetchers(len(swarm.peers)):
             return None
-        if not self._zone_may_fetch(swarm, rec):
-            return None
+        if not self._has_work(swarm) or not self._zone_may_fetch(swarm, rec):
+            return None  # the cheap test first: the zone check walks the swarm
         got = self._take_work(swarm)
         if got is None:
             return None
@@ -498,6 +585,13 @@ class TrackerPolicy:
         if lease <= 0 or first + lease >= end:
             return OriginAssignment(url, first, end)
         return OriginAssignment(url, first, end, first + lease)
+
+    def _has_work(self, swarm: SwarmRecord) -> bool:
+        """Whether :meth:`_take_work` would find a range; O(fetchers)."""
+        if swarm.unassigned:
+            return True
+        lease = self.config.lease(swarm.pieces or 0)
+        return any(f.end - min(f.end, f.next + lease) >= 2 for f in swarm.fetchers.values())
 
     def _take_work(self, swarm: SwarmRecord) -> tuple[int, int] | None:
         """An unowned remainder whole (largest first), else the tail half of the largest
@@ -555,22 +649,6 @@ class TrackerPolicy:
 
     # ------------------------------------------------------------------ peer selection
 
-    def _same_tier(self, swarm: SwarmRecord, old: PeerRecord, new: PeerRecord) -> bool:
-        """Whether ``new`` (a re-announce of ``old``) sits where ``old`` did in every
-        selection tier: same address, zone and release, and the same side of the
-        seeder and well-supplied lines (the fetchers and the line are in the view key)."""
-        if (old.host, old.port, old.zone, old.released) != (
-            new.host,
-            new.port,
-            new.zone,
-            new.released,
-        ):
-            return False
-        if old.left == new.left:  # the common re-announce: the same side of every line
-            return True
-        well = swarm.largest_left * self.config.well_supplied_fraction
-        return _tier_class(old.left, well) == _tier_class(new.left, well)
-
     def _select(self, swarm: SwarmRecord, asker: PeerRecord, numwant: int) -> list[tuple[str, int]]:
         """Up to ``numwant`` peers' addresses (see :meth:`_choose`)."""
         return [address for _, address, _ in self._choose(swarm, asker, numwant)]
@@ -580,100 +658,56 @@ class TrackerPolicy:
 
         For a leecher: seeders, then origin fetchers and well-supplied leechers, then the
         rest; random within a tier. A seeder gets leechers only, at random. Same-zone peers
-        fill up to ``zone_share`` of the answer first. O(numwant) while the swarm's view
-        holds; O(peers) to rebuild it.
+        fill up to ``zone_share`` of the answer first. O(numwant): the shared tier lists
+        are sampled (see :func:`_pick`), never searched nor rebuilt.
         """
         if numwant <= 0:
             return []
-        zone = asker.zone
-        tiers, where = self._tiers(swarm, zone, asker.left > 0)
-        own = where.get(asker.peer_id)
-        if zone is None:
-            # One pass over the shared lists, which are never changed nor copied. The
-            # asker's own tier is sampled one larger and the asker dropped from the
-            # sample (or, if it was not drawn, the last one): a uniform choice among the
-            # others still, without an O(tier) copy and search per announce.
-            own_tier, mine = (own[1], own[2]) if own is not None else (-1, None)
-            out: list[_Entry] = []
-            for tier, group in enumerate(tiers[0]):
-                need = numwant - len(out)
-                if tier != own_tier:
-                    if len(group) <= need:
-                        out += group
-                        continue
-                    out += _sample(self.rng, group, need)
-                elif len(group) <= need + 1:
-                    out += [e for e in group if e is not mine]
-                    continue
-                else:
-                    picked = _sample(self.rng, group, need + 1)
-                    out += [e for e in picked if e is not mine][:need]
-                break
-            return out
-        # Two passes over the same-zone tiers: copies, as taking removes from them.
-        near = [list(t) for t in tiers[1]]
-        far = [list(t) for t in tiers[0]]
-        if own is not None:
-            same, tier, entry = own
-            (near if same else far)[tier].remove(entry)
+        built = self._tiers(swarm, asker.zone, asker.left > 0)
+        tiers = built.tiers
+        # Only the asker's own tier has to skip it (one dict lookup, no search).
+        own = built.where.get(asker.peer_id, (-1, -1, 0))
+        if asker.zone is None:
+            return self._take(tiers[0], numwant, asker.peer_id, own[1])
         quota = max(1, math.ceil(numwant * self.config.zone_share))
-        chosen = self._take(near, quota)
-        chosen += self._take(far, numwant - len(chosen))
-        chosen += self._take(near, numwant - len(chosen))
+        near_own = own[1] if own[0] == 1 else -1
+        far_own = own[1] if own[0] == 0 else -1
+        chosen = self._take(tiers[1], quota, asker.peer_id, near_own)
+        chosen += self._take(tiers[0], numwant - len(chosen), asker.peer_id, far_own)
+        if len(chosen) < numwant:  # the far tiers ran out: more near peers, not the same
+            skip = {e[0] for e in chosen}
+            skip.add(asker.peer_id)
+            for group in tiers[1]:
+                need = numwant - len(chosen)
+                if need <= 0:
+                    break
+                chosen += _pick(self.rng, group, need, skip)
         return chosen
 
-    def _tiers(
-        self, swarm: SwarmRecord, zone: str | None, leecher: bool
-    ) -> tuple[_Tiers, dict[bytes, tuple[int, int, _Entry]]]:
-        """The swarm's tier lists for an asker in ``zone`` (a leecher or not), and where
-        each peer sits in them; rebuilt only when something they depend on changed."""
+    def _tiers(self, swarm: SwarmRecord, zone: str | None, leecher: bool) -> _AskerTiers:
+        """The swarm's tier lists for an asker in ``zone`` (a leecher or not); rebuilt
+        only when a swarm-wide input changed, else kept current by every add and remove."""
         well = swarm.largest_left * self.config.well_supplied_fraction
-        key = (swarm.epoch, well, tuple(swarm.fetchers), len(swarm.distrusted))
+        key = (well, tuple(swarm.fetchers), len(swarm.distrusted))
         view = swarm.view
         if view is None or view.key != key:
-            view = swarm.view = _PeerView(key, {})
-        cached = view.by_asker.get((zone, leecher))
-        if cached is not None:
-            return cached
-        fetchers = swarm.fetchers
-        distrusted = swarm.distrusted
-        tiers: _Tiers = (([], [], []), ([], [], []))
-        where: dict[bytes, tuple[int, int, _Entry]] = {}
-        for p in swarm.peers.values():
-            if p.released:
-                continue
-            if p.left == 0:
-                if not leecher or (distrusted and p.identity in distrusted):
-                    continue
-                tier = 0
-            elif leecher and (p.left <= well or p.peer_id in fetchers):
-                tier = 1
-            else:
-                tier = 2
-            same = int(zone is not None and p.zone == zone)
-            entry = (p.peer_id, (p.host, p.port), _packed(p.host, p.port))
-            tiers[same][tier].append(entry)
-            where[p.peer_id] = (same, tier, entry)
-        view.by_asker[(zone, leecher)] = (tiers, where)
-        return tiers, where
+            view = swarm.view = _PeerView(
+                key, well, frozenset(swarm.fetchers), frozenset(swarm.distrusted)
+            )
+        built = view.by_asker.get((zone, leecher))
+        if built is None:
+            built = view.build(swarm.peers, zone, leecher)
+        return built
 
-    def _take(self, tiers: list[list[_Entry]], k: int) -> list[_Entry]:
-        """Up to ``k`` peers, best tier first, a random subset of the last tier needed.
-        Taken peers are removed from ``tiers``."""
+    def _take(self, tiers: Sequence[list[_Entry]], k: int, asker: bytes, own: int) -> list[_Entry]:
+        """Up to ``k`` peers, best tier first, a random subset of the last tier needed;
+        never ``asker``, which may sit in tier ``own`` only."""
         out: list[_Entry] = []
-        for group in tiers:
-            if k <= len(out):
-                break
+        for tier, group in enumerate(tiers):
             need = k - len(out)
-            if len(group) <= need:
-                out += group
-                group.clear()
-            else:
-                picked = self.rng.sample(range(len(group)), need)
-                out += [group[i] for i in picked]
-                for i in sorted(picked, reverse=True):
-                    group[i] = group[-1]
-                    group.pop()
+            if need <= 0:
+                break
+            out += _pick(self.rng, group, need, {asker} if tier == own else _NO_SKIP)
         return out
 
 
@@ -697,8 +731,40 @@ def _sample(rng: random.Random, group: list[_Entry], k: int) -> list[_Entry]:
     return pool
 
 
-def _tier_class(left: int, well: float) -> int:
-    return 0 if left == 0 else 1 if left <= well else 2
+_NO_SKIP: Final[frozenset[bytes]] = frozenset()
+# Groups up to this many times the entries wanted are sampled from a copy (a C-speed
+# copy beats drawing and checking indices there); larger ones by drawing indices.
+_COPY_FACTOR: Final = 32
+
+
+def _pick(
+    rng: random.Random, group: list[_Entry], k: int, skip: AbstractSet[bytes]
+) -> list[_Entry]:
+    """Up to ``k`` distinct entries of ``group`` whose peer id is not in ``skip``,
+    uniformly at random, without changing ``group`` (which may be what is returned: the
+    caller must not change it). O(k + len(skip)) for a group over ``_COPY_FACTOR``
+    times that, drawing indices (repeats and skipped ids drawn again: under two draws per
+    entry taken); below, a partial shuffle of a copy, ``k + len(skip)`` long, whose
+    entries not skipped are a uniform choice."""
+    n = len(group)
+    s = len(skip)
+    if n <= k:
+        return group if not s else [e for e in group if e[0] not in skip]
+    if n <= _COPY_FACTOR * (k + s):
+        picked = _sample(rng, group, min(n, k + s))
+        return picked if not s else [e for e in picked if e[0] not in skip][:k]
+    draw = rng.random
+    seen: set[int] = set()
+    out: list[_Entry] = []
+    while len(out) < k:
+        i = int(draw() * n)
+        if i in seen:
+            continue
+        seen.add(i)
+        entry = group[i]
+        if entry[0] not in skip:
+            out.append(entry)
+    return out
 
 
 def _packed(host: str, port: int) -> bytes | None:

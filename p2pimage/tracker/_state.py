@@ -10,7 +10,10 @@ a pure function of one :class:`~._policy.SwarmRecord`; a backend's job is to run
   stamp; on a lost race it re-reads and re-runs (optimistic concurrency, like WATCH/MULTI
   but in one round trip). SwarmRecord documents carry a TTL of twice the peer timeout, so
   abandoned swarms vanish without a sweeper. The document grows with the swarm (≈60
-  bytes per peer): fine for hundreds of peers per swarm, the case it is built for.
+  bytes per peer): fine for hundreds of peers per swarm, the case it is built for. Each
+  record's part is encoded once and kept, but every write still copies and sends the
+  whole document: a join costs O(peers) bytes (a cold start of N peers into one swarm,
+  O(N²) bytes; docs/benchmarks.md, "Tracker cold start").
 
 A swarm is keyed by ``(cluster, info_hash)``; the cluster always comes from the verified
 token, never from the request.
@@ -188,6 +191,9 @@ def _unavailable(exc: Exception) -> StateUnavailableError:
 
 
 def swarm_to_json(swarm: SwarmRecord) -> bytes:
+    """The swarm's document. Each peer's part is encoded once and kept on its record, so
+    a replica re-writing the swarm it wrote last (the common case) encodes only the
+    records that announce made: a join costs a copy of the document, not its encoding."""
     doc = {
         "pieces": swarm.pieces,
         "origin_done": swarm.origin_done,
@@ -200,25 +206,33 @@ def swarm_to_json(swarm: SwarmRecord) -> bytes:
         "fetchers": [
             [f.peer_id.hex(), f.next, f.end, f.last_progress] for f in swarm.fetchers.values()
         ],
-        "peers": [
-            [
-                p.peer_id.hex(),
-                p.host,
-                p.port,
-                p.left,
-                p.last_seen,
-                p.zone,
-                p.finished_at,
-                p.released,
-                p.subject,
-                p.progress_at,
-                p.uploaded,
-                p.upload_at,
-            ]
-            for p in swarm.peers.values()
-        ],
     }
-    return json.dumps(doc, separators=(",", ":")).encode()
+    head = _ENCODE(doc).encode()
+    peers = b",".join([p.doc or _peer_json(p) for p in swarm.peers.values()])
+    return b"".join((head[:-1], b',"peers":[', peers, b"]}"))
+
+
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _peer_json(p: PeerRecord) -> bytes:
+    p.doc = _ENCODE(
+        [
+            p.peer_id.hex(),
+            p.host,
+            p.port,
+            p.left,
+            p.last_seen,
+            p.zone,
+            p.finished_at,
+            p.released,
+            p.subject,
+            p.progress_at,
+            p.uploaded,
+            p.upload_at,
+        ]
+    ).encode()
+    return p.doc
 
 
 def swarm_from_json(data: bytes) -> SwarmRecord:
