@@ -2,7 +2,8 @@
 own policies. Every decision a node makes comes from the object the trio engine uses:
 requests from its :class:`~p2pimage.swarm.picker.PiecePicker` (its pipeline depth, in
 blocks of the engine's block size), unchoking from its
-:class:`~p2pimage.swarm.choker.Choker`, dialling from its
+:class:`~p2pimage.swarm.choker.Choker`, whose waiting requests an uploader serves first
+from its :class:`~p2pimage.swarm.policy.UploadOrder`, dialling from its
 :class:`~p2pimage.swarm.policy.DialPolicy`, which peer hears of an origin piece first from
 its :class:`~p2pimage.swarm.policy.RevealPolicy`, announce timing and events from its
 :class:`~p2pimage.swarm.policy.AnnounceSchedule`, which origin pieces to read, when to stop
@@ -14,15 +15,17 @@ the engine's defaults (:class:`~p2pimage.swarm.engine.SwarmSettings`,
 :class:`~p2pimage.tracker.client.AnnounceSettings`).
 
 Only the network is modelled, as a time-stepped fluid (step ``dt``): each node's uplink
-serves its queue of block requests in order; each node's downlink caps what it takes in
-per step, and an origin fetcher's registry reads share that one downlink with its peers
-(the reader first, as the engine's download limiter lets registry reads go ahead of the
-peers' blocks, the peers sharing the rest); the registry's egress (``origin_rate``) is
-shared fairly by the readers. One request is one block of the engine's block size
+serves its queue of block requests in the upload order (by what the uploader knows of
+each sender at that step); each node's downlink caps what it takes in per step, and an
+origin fetcher's registry reads share that one downlink with its peers (the reader
+first, as the engine's download limiter lets registry reads go ahead of the peers'
+blocks, the peers sharing the rest); the registry's egress (``origin_rate``) is shared
+fairly by the readers. One request is one block of the engine's block size
 (``SwarmSettings.block_size``, whole pieces up to 256 KiB, as between p2pimage peers); a
-piece is held once all its blocks arrived. A connection or a message takes one step; a
-request also waits behind the blocks its sender has queued for the same peer (the
-engine's per-connection send queue; ``SimParams.requests_behind_uploads``).
+piece is held once all its blocks arrived. A connection or a message takes one step;
+requests, haves and interest go ahead of queued piece data, as the engine's control queue
+sends them (``SimParams.requests_behind_uploads`` models the older engine, where a request
+waited behind the blocks its sender had queued for the same peer).
 
 With ``tracker=False`` the model runs the swarm benchmark's setup (``benchmarks.swarm``):
 no tracker, every node is given every other node, and the fetchers read the static
@@ -35,6 +38,7 @@ import gc
 import math
 import random
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
 
@@ -50,6 +54,7 @@ from p2pimage.swarm.policy import (
     OriginRange,
     PeerTimeouts,
     RevealPolicy,
+    UploadOrder,
     follow_origin,
 )
 from p2pimage.tracker import AnnounceRequest, Event, PolicyConfig, TrackerPolicy
@@ -87,12 +92,12 @@ class SimParams:
     swarm: SwarmSettings = field(default_factory=SwarmSettings)
     announce: AnnounceSettings = field(default_factory=AnnounceSettings)
     policy: PolicyConfig = field(default_factory=_tracker_config)
-    # A node's request to a peer waits behind the blocks it has already queued for that
-    # same peer (those it has been asked for), as the engine sends a request through that
-    # connection's send queue (PeerSession.send), behind its piece data; not behind its
-    # uploads to other peers. False: an engine that sends requests ahead of queued data
-    # (a what-if; docs/benchmarks.md, "Where the time goes at scale").
-    requests_behind_uploads: bool = True
+    # False (the engine now): a node's requests go ahead of the piece data it has queued
+    # (``PeerSession``'s control queue, branch ``simpolicy``). True: the older engine, where
+    # a request to a peer waited behind the blocks already queued for that same peer (the
+    # connection's send queue), not behind its uploads to other peers (a what-if;
+    # docs/benchmarks.md, "The model's request order").
+    requests_behind_uploads: bool = False
     timeline: bool = False  # record the time course, one row per simulated second
     seed: int = 1
     max_time_s: float = 3600.0
@@ -246,6 +251,8 @@ def _simulate(p: SimParams) -> SimResult:
         )
 
     nodes = [make_node(i) for i in range(p.nodes)]
+    upload_order = UploadOrder(ss.upload_order)
+    by_need = upload_order.mode != "arrival"  # else arrival order is queue order
     min_depth = nodes[0].picker.pipeline_depth(-1)  # a peer whose rate is not known yet
     done = 0
     for node in nodes:
@@ -368,12 +375,14 @@ def _simulate(p: SimParams) -> SimResult:
             dirty.add(dst)
 
     def show_to_all(node: _Node, piece: int, told: int | None) -> None:
-        """``node`` tells every peer not known to have ``piece`` (but ``told``) of it."""
+        """``node`` tells every peer (but ``told``) of ``piece``; without
+        the need order (``SwarmSettings.upload_order``), only those not known to have it."""
         me, heard, picker = node.index, node.heard, node.picker
-        for k in picker.peers_without(piece, node.neighbors):
+        to_all = upload_order.mode == "need"  # as the engine: Swarm._announce
+        for k in list(node.neighbors) if to_all else picker.peers_without(piece, node.neighbors):
             # A have that reached ``node`` meanwhile (a hidden piece shown on by a peer
             # it told) may say that ``k`` has the piece: then ``k`` is not told.
-            if k == told or (node.heard != heard and picker.peer_has(k, piece)):
+            if k == told or (not to_all and node.heard != heard and picker.peer_has(k, piece)):
                 continue
             target = nodes[k]  # tell(node, k, piece), inlined: the model's commonest event
             target.heard += 1
@@ -423,6 +432,12 @@ def _simulate(p: SimParams) -> SimResult:
             node.next_announce = min(node.next_announce, soonest)
 
     backlogs: dict[int, dict[int, float]] = {}
+
+    def need_key(node: _Node, held: dict[int, int], t: _Transfer) -> tuple[int, float]:
+        count = held.get(t.dst)
+        if count is None:
+            count = held[t.dst] = node.picker.peer_piece_count(t.dst)
+        return upload_order.key(count, t.ready, now)
 
     def backlog(node: _Node, peer: int) -> float:
         """Bytes ``node`` has queued for ``peer`` (this step; requests from ``peer``
@@ -633,7 +648,13 @@ def _simulate(p: SimParams) -> SimResult:
             budget = up_step
             finished = []
             me = node.index
-            for t in node.queue:
+            order: Iterable[_Transfer] = node.queue
+            if by_need and len(node.queue) > 1:
+                # The neediest requester first (the engine's Swarm._uploader asks
+                # UploadOrder at each block it serves); each one's requests in order.
+                held: dict[int, int] = {}
+                order = sorted(node.queue, key=lambda t: need_key(node, held, t))
+            for t in order:
                 if budget <= 0:
                     break
                 if t.ready > now:

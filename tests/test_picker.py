@@ -784,3 +784,18 @@ def test_pipeline_floor_keeps_the_bytes_in_flight_of_16_kib_blocks() -> None:
     )
     picker.update_rate("fast", 1024 * 1024)
     assert picker.pipeline_depth("fast") == 4
+
+
+@given(st.sets(st.integers(0, 63)), st.sets(st.integers(0, 63)))
+def test_peer_piece_count_is_what_the_peer_announced(first: set[int], later: set[int]) -> None:
+    """The count the uploader orders requesters by (UploadOrder): a bitfield, then haves
+    (repeats counted once); 0 for a peer never heard of or lost."""
+    pp = make(num_pieces=64)
+    assert pp.peer_piece_count("a") == 0
+    pp.peer_bitfield("a", bitfield(64, first))
+    assert pp.peer_piece_count("a") == len(first)
+    for index in later:
+        pp.peer_have("a", index)
+    assert pp.peer_piece_count("a") == len(first | later)
+    pp.peer_lost("a")
+    assert pp.peer_piece_count("a") == 0

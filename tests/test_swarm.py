@@ -40,10 +40,12 @@ from p2pimage.wire import (
     HAVES_EXTENSION,
     LOCAL_HAVES_ID,
     NEED_DATA,
+    Cancel,
     Extended,
     ExtendedHandshake,
     HandshakeReceived,
     Have,
+    Interested,
     PeerConnection,
     Piece,
     Request,
@@ -959,7 +961,9 @@ class _WatchedStream(trio.abc.Stream):
 async def test_the_writer_reuses_its_send_buffer_only_after_each_send() -> None:
     """Messages queued while a batch is in flight are sealed into the session's one send
     buffer only once the send returns: every batch reaches the peer as it was sealed, the
-    peer gets every message in order, and the batches share one buffer."""
+    peer gets every piece and every have in order (a have may pass queued pieces:
+    test_control_messages_go_ahead_of_queued_piece_data), and the batches share one
+    buffer."""
     session, peer, stream = await _open_session_pair(haves_on_b=False)
     watched = _WatchedStream(session.stream)
     session.stream = watched
@@ -987,10 +991,81 @@ async def test_the_writer_reuses_its_send_buffer_only_after_each_send() -> None:
                 while (event := peer.next_event()) is not NEED_DATA:
                     events.append(event)
         nursery.cancel_scope.cancel()
-    assert events == expected
+    for kind in (Piece, Have):
+        assert [e for e in events if isinstance(e, kind)] == [
+            m for m in expected if isinstance(m, kind)
+        ]
+    assert len(events) == len(expected)
     assert watched.overwritten == 0
     reused = [b for b in watched.buffers if b is not None]
     assert len(reused) >= 3 and all(b is reused[0] for b in reused)
+
+
+@pytest.mark.parametrize("queued_pieces", [48, 0])
+async def test_control_messages_go_ahead_of_queued_piece_data(
+    queued_pieces: int, mock_clock: trio.testing.MockClock
+) -> None:
+    """A request (or have, cancel, interest) queued behind piece data on a paced uplink
+    goes out at the head of the next batch, ahead of the pieces still queued: behind
+    them, at scale, requests reached the uploaders ~1 s late (docs/benchmarks.md,
+    "Requests ahead, the neediest first"). Control messages keep their own order, pieces
+    theirs, and no piece is split; with no piece data queued a control message keeps its
+    place in line."""
+    mock_clock.autojump_threshold = 0
+    session, peer, stream = await _open_session_pair(haves_on_b=False)
+    # 48 blocks of 16 KiB at 1 MiB/s: one batch of 512 KiB (0.5 s), then 256 KiB more.
+    session._upload = RateLimiter(1024 * 1024, burst=16 * 1024)
+    pieces = [Piece(i % 100, 0, bytes([i]) * 16384) for i in range(queued_pieces)]
+    for message in pieces:
+        session.send(message)
+    controls: list[Any] = [Request(9, 0, 16384), Have(5), Interested(), Cancel(9, 0, 16384)]
+    events: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer)
+        await trio.sleep(0.1)  # the first batch is waiting for the limiter
+        for message in controls:
+            session.send(message)
+        with trio.fail_after(10):
+            while len(events) < len(pieces) + len(controls):
+                peer.receive_data(await stream.receive_some())
+                while (event := peer.next_event()) is not NEED_DATA:
+                    events.append(event)
+        nursery.cancel_scope.cancel()
+    assert [e for e in events if isinstance(e, Piece)] == pieces
+    assert [e for e in events if not isinstance(e, Piece)] == controls
+    first_control = next(i for i, e in enumerate(events) if not isinstance(e, Piece))
+    if queued_pieces:
+        # Behind the batch on its way (32 blocks), ahead of the 16 still queued.
+        assert first_control == 32
+    else:
+        assert first_control == 0
+
+
+async def test_a_peer_that_stops_reading_stops_counting_against_the_upload_budget(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """The swarm's uploader waits while its connections hold ``upload_queue_bytes``
+    unsent. A batch past the upload limiter no longer counts (a receiver that reads
+    slowly holds it in TCP, not in our uplink), and what queues behind a writer that
+    moves nothing for ``stuck_s`` (a peer that stopped reading) stops counting, so one
+    frozen peer cannot hold every other peer's uploads."""
+    mock_clock.autojump_threshold = 0
+    session, _, _ = await _open_session_pair(haves_on_b=False)
+    stuck, _unread = trio.testing.lockstep_stream_pair()  # send_all waits for a reader
+    session.stream = stuck
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer)
+        session.send(Piece(1, 0, b"x" * 16384))
+        await trio.sleep(0.5)
+        assert session.unsent_bytes == 0  # past the limiter, stuck in send_all
+        session.send(Piece(2, 0, b"y" * 16384))
+        await trio.sleep(0.5)
+        assert session.unsent_bytes > 16384  # queued behind it
+        assert session.unsent_bytes_moving(trio.current_time(), 2.0) == session.unsent_bytes
+        await trio.sleep(2)
+        assert session.unsent_bytes > 16384
+        assert session.unsent_bytes_moving(trio.current_time(), 2.0) == 0
+        nursery.cancel_scope.cancel()
 
 
 async def test_data_path_socket_calls_move_every_byte_and_keep_trio_semantics() -> None:

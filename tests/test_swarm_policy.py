@@ -17,6 +17,7 @@ from p2pimage.swarm.policy import (
     OriginRange,
     PeerTimeouts,
     RevealPolicy,
+    UploadOrder,
     follow_origin,
 )
 from p2pimage.tracker import Event, OriginAssignment
@@ -213,3 +214,40 @@ def test_follow_origin_rules() -> None:
     assert (elsewhere.action, elsewhere.first, elsewhere.end) == ("start", 50, 60)
     other_blob = follow_origin(cur, URL, OriginAssignment(URL + "x", 12, 16))
     assert other_blob.action == "start"
+
+
+_waiting = st.lists(
+    st.tuples(st.integers(0, 1024), st.floats(0, 100, allow_nan=False)),
+    min_size=0,
+    max_size=30,
+)
+
+
+@given(_waiting, st.floats(0, 200, allow_nan=False))
+def test_upload_order_serves_the_neediest_unless_someone_waited_too_long(
+    waiting: list[tuple[int, float]], now: float
+) -> None:
+    """``need``: of the peers waiting under ``max_wait_s``, the one holding the fewest
+    pieces (ties: the longest waiting); a peer waiting ``max_wait_s`` or more goes before
+    all of them (the longest waiting first). ``arrival``: the longest waiting first."""
+    peers = [(i, held, min(since, now)) for i, (held, since) in enumerate(waiting)]
+    need, arrival = UploadOrder("need"), UploadOrder()
+    chosen = need.next(peers, now)
+    if not peers:
+        assert chosen is None and arrival.next(peers, now) is None
+        return
+    _, held, since = peers[chosen]  # type: ignore[index]
+    overdue = [p for p in peers if now - p[2] >= need.max_wait_s]
+    if overdue:
+        assert since == min(p[2] for p in overdue)
+    else:
+        assert (held, since) == min((p[1], p[2]) for p in peers)
+    first = arrival.next(peers, now)
+    assert peers[first][2] == min(p[2] for p in peers)  # type: ignore[index]
+
+
+def test_upload_order_refuses_unknown_modes() -> None:
+    with pytest.raises(LocalProtocolError):
+        UploadOrder("rarest")
+    with pytest.raises(LocalProtocolError):
+        UploadOrder(max_wait_s=0)

@@ -853,6 +853,11 @@ class PiecePicker(Generic[P]):
         ps = self._peers.get(peer)
         return ps is not None and bool(ps.bits & self._bit(index))
 
+    def peer_piece_count(self, peer: P) -> int:
+        """How many pieces ``peer`` has, as far as we know (0 for an unknown peer)."""
+        ps = self._peers.get(peer)
+        return 0 if ps is None else ps.bits.bit_count()
+
     def peers_without(self, index: int, peers: Iterable[P]) -> list[P]:
         """Those of ``peers`` not known to have piece ``index`` (the ones to tell of it),
         in their order: ``[k for k in peers if not peer_has(k, index)]`` in one call."""

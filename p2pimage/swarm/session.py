@@ -40,16 +40,21 @@ from p2pimage.wire import (
     LOCAL_HAVES_ID,
     MAX_BLOCK_LENGTH_LIMIT,
     NEED_DATA,
+    Cancel,
     ConnectionClosed,
     Extended,
     ExtendedHandshake,
     HandshakeReceived,
     Have,
+    Interested,
     Message,
+    NotInterested,
     PeerAuthenticated,
     PeerConnection,
     Piece,
+    Request,
     Role,
+    Unchoke,
     build_haves_payload,
     piece_header,
     sealed_length,
@@ -111,6 +116,28 @@ class _FileRegion:
 _Chunk = bytes | bytearray | memoryview | _FileRegion
 
 
+@dataclass(slots=True)
+class _PieceOut:
+    """A piece message in the outbox: its header and its block, written in one batch (a
+    control message may go out between two pieces, never between a header and its block)."""
+
+    header: bytes
+    body: bytes | bytearray | memoryview | _FileRegion
+
+    def __len__(self) -> int:
+        return len(self.header) + len(self.body)
+
+
+_Queued = bytes | bytearray | memoryview | _PieceOut
+
+# Messages that go out ahead of the piece data queued on a connection, at the head of the
+# next batch: a request, a cancel or a have waiting behind up to a MiB of blocks reached
+# the uploader ~1 s late at scale, and a node's pipeline of 1 s could not keep the
+# uploaders busy (docs/benchmarks.md, "Requests ahead, the neediest first"). Their order
+# among themselves is kept; a choke or a bitfield keeps its place in line.
+_CONTROL_TYPES = (Request, Cancel, Have, Interested, NotInterested, Unchoke)
+
+
 @dataclass
 class SessionInfo:
     """What the handshake established about the peer."""
@@ -142,8 +169,17 @@ class PeerSession:
         self.address = address
         self._upload = upload or RateLimiter(None)
         self._download = download or RateLimiter(None)
-        self._outbox: deque[_Chunk] = deque()
+        self._outbox: deque[_Queued] = deque()
         self._outbox_bytes = 0
+        self._outbox_pieces = 0  # _PieceOut items in the outbox
+        self._control: deque[bytes] = deque()  # control messages, ahead of the pieces
+        self._writing = 0  # bytes of the batch being written
+        # When the writer last showed progress: a batch written, or bytes queued while
+        # nothing was unsent (PeerSession.unsent_bytes_moving).
+        self._progress_at = 0.0
+        # Parked on by the owner of several sessions (the swarm's uploader), woken after
+        # each batch written: PeerSession.set_sent_lot.
+        self._sent_lot: trio.lowlevel.ParkingLot | None = None
         self._wakeup = trio.Event()
         self._drained = trio.Event()
         self._closed: str | None = None
@@ -311,20 +347,34 @@ class PeerSession:
         """Queue ``message``; the writer task sends it. Never blocks."""
         if self._not_sending():
             return
+        if not self._outbox_bytes and not self._writing:
+            self._progress_at = trio.current_time()
         if isinstance(message, Piece):
             pending = self.conn.data_to_send()
             if pending:
                 self._outbox.append(pending)
                 self._outbox_bytes += len(pending)
-            self._outbox.append(piece_header(message.index, message.begin, len(message.data)))
-            self._outbox.append(message.data)
+            header = piece_header(message.index, message.begin, len(message.data))
+            self._outbox.append(_PieceOut(header, message.data))
+            self._outbox_pieces += 1
             self._outbox_bytes += 13 + len(message.data)
             self.payload_sent += len(message.data)
+        elif isinstance(message, _CONTROL_TYPES):
+            self._queue_control(self.conn.send(message))
         else:
             data = self.conn.send(message)
             self._outbox.append(data)
             self._outbox_bytes += len(data)
         self._wakeup.set()
+
+    def _queue_control(self, data: bytes) -> None:
+        """A control message goes ahead of the piece data queued (behind the control
+        messages before it); with no piece data queued, in line."""
+        if self._control or self._outbox_pieces:
+            self._control.append(data)
+        else:
+            self._outbox.append(data)
+            self._outbox_bytes += len(data)
 
     def _not_sending(self) -> bool:
         """True when nothing more goes out: the session closed, or the protocol closed
@@ -364,9 +414,11 @@ class PeerSession:
             return
         if not self.can_send_file:
             raise LocalProtocolError("send_piece_from_file needs a plaintext TCP connection")
+        if not self._outbox_bytes and not self._writing:
+            self._progress_at = trio.current_time()
         header = self.conn.piece_header(index, begin, length)  # with pending protocol output
-        self._outbox.append(header)
-        self._outbox.append(_FileRegion(source, offset, length))
+        self._outbox.append(_PieceOut(header, _FileRegion(source, offset, length)))
+        self._outbox_pieces += 1
         self._outbox_bytes += len(header) + length
         self.payload_sent += length
         self._wakeup.set()
@@ -409,6 +461,32 @@ class PeerSession:
     def queued_bytes(self) -> int:
         return self._outbox_bytes
 
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes queued or in the batch waiting for the upload limiter: what this session
+        holds of its node's uplink."""
+        return self._outbox_bytes + self._writing
+
+    def unsent_bytes_moving(self, now: float, stuck_s: float) -> int:
+        """:attr:`unsent_bytes`, or 0 while the writer has shown no progress for
+        ``stuck_s`` (a peer that stopped reading: its bytes are not the link's to wait for)."""
+        unsent = self._outbox_bytes + self._writing
+        return unsent if unsent and now - self._progress_at < stuck_s else 0
+
+    def _granted(self) -> None:
+        """The upload limiter let the batch being written pass: its bytes are the link's
+        now (a receiver that reads slowly holds them in TCP, not in the node's uplink)."""
+        self._writing = 0
+        self._progress_at = trio.current_time()
+        if self._sent_lot is not None:
+            self._sent_lot.unpark_all()
+
+    def set_sent_lot(self, lot: trio.lowlevel.ParkingLot) -> None:
+        """Wake ``lot`` each time a batch passes the upload limiter (and when the session
+        closes): its owner waits there for room under a budget shared by several
+        sessions."""
+        self._sent_lot = lot
+
     async def wait_queue_below(self, limit: int) -> None:
         """Return once at most ``limit`` bytes wait to be written (back-pressure for
         uploaders); returns at once if the session has closed."""
@@ -422,12 +500,10 @@ class PeerSession:
             if self._haves and self._closed is None and (self._haves_due or self._outbox):
                 self._haves_due = False
                 try:
-                    haves = self._haves_message()
-                    self._outbox.append(haves)
-                    self._outbox_bytes += len(haves)
+                    self._queue_control(self._haves_message())
                 except LocalProtocolError:
                     raise PeerClosed("connection closed") from None
-            if not self._outbox:
+            if not self._outbox and not self._control:
                 if self._closed is not None:
                     return
                 self._wakeup = trio.Event()
@@ -436,27 +512,47 @@ class PeerSession:
             batch: list[_Chunk] = []
             size = 0
             regions = False
+            if self._control and (not self._outbox or type(self._outbox[0]) is _PieceOut):
+                # Between two piece messages: the control messages open this batch, ahead
+                # of the pieces queued (one write for both, as when they queued in line).
+                batch.append(b"".join(self._control))
+                self._control.clear()
+                size = len(batch[0])
+            control_bytes = size
             while (
                 self._outbox
                 and size < WRITE_BATCH_BYTES
                 and (not batch or size + len(self._outbox[0]) <= WRITE_BATCH_LIMIT)
             ):
-                chunk = self._outbox.popleft()
-                batch.append(chunk)
-                size += len(chunk)
-                regions = regions or type(chunk) is _FileRegion
-            self._outbox_bytes -= size
+                item = self._outbox.popleft()
+                size += len(item)
+                if type(item) is _PieceOut:
+                    self._outbox_pieces -= 1
+                    batch.append(item.header)
+                    batch.append(item.body)
+                    regions = regions or type(item.body) is _FileRegion
+                else:
+                    batch.append(item)  # type: ignore[arg-type]
+            self._outbox_bytes -= size - control_bytes
+            self._writing = size
             self._drained.set()
-            if regions:
-                # (Only queued in the clear: nothing to seal.) One quantum of the
-                # limiter for the whole batch, as for a batch of bytes.
-                if not self.conn.is_open:
-                    raise PeerClosed("connection closed")
-                await self._upload.acquire(size)
-                await self._write_with_regions(batch)
-                self.bytes_sent += size
-                continue
-            await self._write_batch(batch, size)  # type: ignore[arg-type]
+            try:
+                if regions:
+                    # (Only queued in the clear: nothing to seal.) One quantum of the
+                    # limiter for the whole batch, as for a batch of bytes.
+                    if not self.conn.is_open:
+                        raise PeerClosed("connection closed")
+                    await self._upload.acquire(size)
+                    self._granted()
+                    await self._write_with_regions(batch)
+                    self.bytes_sent += size
+                    continue
+                await self._write_batch(batch, size)  # type: ignore[arg-type]
+            finally:
+                self._writing = 0
+                self._progress_at = trio.current_time()
+                if self._sent_lot is not None:
+                    self._sent_lot.unpark_all()
 
     async def _write_batch(self, batch: list[bytes | bytearray | memoryview], size: int) -> None:
         """Seal a batch (one AEAD pass on an encrypted connection; as is otherwise) and
@@ -478,6 +574,7 @@ class PeerSession:
             raise PeerClosed("connection closed") from None
         sent = len(data)
         await self._upload.acquire(sent)
+        self._granted()
         if buffer is not None:
             self._send_buffer_busy = True
         try:
@@ -529,6 +626,8 @@ class PeerSession:
             self._closed = reason
         self._wakeup.set()
         self._drained.set()
+        if self._sent_lot is not None:
+            self._sent_lot.unpark_all()
         with contextlib.suppress(LocalProtocolError):
             self.conn.close()
         with trio.move_on_after(1) as scope:
