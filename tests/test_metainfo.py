@@ -127,15 +127,16 @@ def test_garbage_raises_only_metainfo_error(data: bytes) -> None:
         (1, 16 * KiB),
         (16 * KiB, 16 * KiB),
         (100 * KiB, 16 * KiB),  # 7 pieces: the smallest pieces, however few
-        (1 * MiB, 16 * KiB),  # 64 pieces: 32 KiB would give 32
-        (126 * 16 * KiB, 16 * KiB),  # 126 pieces: 32 KiB would give 63
-        (126 * 16 * KiB + 1, 32 * KiB),  # 64 pieces
-        (4 * MiB, 64 * KiB),  # 64 pieces
-        (15 * MiB, 128 * KiB),  # 120 pieces: 256 KiB would give 60
-        (63 * 256 * KiB, 128 * KiB),  # 126 pieces
-        (63 * 256 * KiB + 1, 256 * KiB),  # 64 pieces at the preferred length
-        (16 * MiB, 256 * KiB),  # 64 pieces
-        (32 * MiB, 256 * KiB),  # 128 pieces
+        (1 * MiB, 16 * KiB),  # 64 pieces: the smallest pieces
+        (4 * MiB, 16 * KiB),  # 256 pieces: 32 KiB would give 128
+        (510 * 16 * KiB, 16 * KiB),  # 510 pieces: 32 KiB would give 255
+        (510 * 16 * KiB + 1, 32 * KiB),  # 256 pieces
+        (15 * MiB, 32 * KiB),  # 480 pieces: 64 KiB would give 240
+        (16 * MiB, 64 * KiB),  # 256 pieces
+        (32 * MiB, 128 * KiB),  # 256 pieces
+        (255 * 256 * KiB, 128 * KiB),  # 510 pieces
+        (255 * 256 * KiB + 1, 256 * KiB),  # 256 pieces at the preferred length
+        (64 * MiB, 256 * KiB),  # 256 pieces
         (100 * MiB, 256 * KiB),  # 400 pieces
         (2000 * 256 * KiB, 256 * KiB),  # exactly 2,000 pieces
         (2000 * 256 * KiB + 1, 512 * KiB),  # 1,001 pieces
@@ -151,7 +152,7 @@ def test_choose_piece_length(size: int, piece_length: int) -> None:
 
 
 @given(st.integers(1, 1 << 45))
-def test_choose_piece_length_prefers_256_kib_within_64_to_2000_pieces(size: int) -> None:
+def test_choose_piece_length_prefers_256_kib_within_256_to_2000_pieces(size: int) -> None:
     pl = choose_piece_length(size)
     assert pl & (pl - 1) == 0 and MIN_PIECE_LENGTH <= pl <= MAX_PIECE_LENGTH
     count = -(-size // pl)

@@ -107,6 +107,7 @@ def test_a_request_waits_only_behind_its_own_connection() -> None:
         seed=1,
         timeline=True,
         requests_behind_uploads=True,
+        pieces=64,  # the sidecar's cut when these figures were measured (128 KiB)
     )
     result = simulate(params)
     assert result.fetchers == 1
@@ -136,7 +137,7 @@ def test_the_layer_is_cut_as_the_sidecar_cuts_it_unless_told(tmp_path: Path) -> 
     sidecar's ``choose_piece_length``; ``pieces`` / ``--pieces N`` override it."""
     size = 8 * 1024 * 1024
     sidecar = size // choose_piece_length(size)
-    assert sidecar == 64  # 128 KiB pieces for 8 MiB
+    assert sidecar == 256  # 32 KiB pieces for 8 MiB
     assert simulate(SimParams(nodes=8, size=size, seed=1)).pieces == sidecar
     assert simulate(SimParams(nodes=8, size=size, pieces=16, seed=1)).pieces == 16
     out = tmp_path / "sim.json"

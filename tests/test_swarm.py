@@ -137,7 +137,7 @@ async def test_origin_failure_hands_pieces_back_to_peers(tmp_path: Path, registr
 
 async def test_stream_in_order_first_bytes_before_ten_percent(tmp_path: Path) -> None:
     blob, meta = make_blob(tmp_path, 16 * MIB)
-    assert meta.num_pieces >= MIN_PIECES  # the sidecar's fewest: 10 % of them is 6
+    assert meta.num_pieces >= MIN_PIECES  # the sidecar's fewest: 10 % of them is 25
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
     seed_auth = local_authenticator(issuer, subject="seeder", cluster="prod")
     leech_auth = local_authenticator(issuer, subject="leecher", cluster="prod")
@@ -338,7 +338,7 @@ async def test_request_queue_follows_the_swarm_picker_settings(
 
     Every pick is recorded as it happens (no sampling), so the result does not depend on
     how fast the machine is."""
-    blob, meta = make_blob(tmp_path, 2 * MIB)
+    blob, meta = make_blob(tmp_path, 2 * MIB, piece_length=32 * 1024)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
     # ceil(rate * 1e-4 s / 32 KiB) <= 1 below 320 MB/s: the depth is the floor, 2 (slow
     # start off: it would deepen the pipeline before the first tick's rate, see
@@ -541,7 +541,7 @@ async def test_slow_start_deepens_the_pipeline_with_each_block_before_any_rate(
     """No rate is measured (no tick within the transfer), yet the leecher's pipeline to
     its seeder grows with the blocks it delivers, so the transfer does not run
     stop-and-wait at the one-block floor of large blocks; without slow start it does."""
-    blob, meta = make_blob(tmp_path, 16 * MIB)
+    blob, meta = make_blob(tmp_path, 16 * MIB, piece_length=256 * 1024)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
     for slow_start in (True, False):
         settings = SwarmSettings(tick_s=120.0, picker=PickerSettings(slow_start=slow_start))

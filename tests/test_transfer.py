@@ -17,7 +17,9 @@ from p2pimage.swarm.node import open_peer_node
 MIB = 1024 * 1024
 
 
-def make_blob(directory: Path, size: int, name: str = "blob") -> tuple[Path, Metainfo]:
+def make_blob(
+    directory: Path, size: int, name: str = "blob", piece_length: int | None = None
+) -> tuple[Path, Metainfo]:
     path = directory / name
     with open(path, "wb") as f:
         remaining = size
@@ -25,7 +27,7 @@ def make_blob(directory: Path, size: int, name: str = "blob") -> tuple[Path, Met
             chunk = os.urandom(min(remaining, 4 * MIB))
             f.write(chunk)
             remaining -= len(chunk)
-    return path, create_metainfo_from_file(path)
+    return path, create_metainfo_from_file(path, piece_length=piece_length)
 
 
 def sha256_file(path: Path) -> str:

@@ -57,12 +57,15 @@ MAX_PIECE_LENGTH = 16 * 1024 * 1024
 # power of two; libtorrent's own create_torrent picks 256 KiB+ for most sizes).
 PREFERRED_PIECE_LENGTH = MAX_BLOCK_LENGTH_LIMIT
 # The fewest pieces a layer is cut into while pieces can still shrink (down to
-# MIN_PIECE_LENGTH): smaller layers get smaller pieces, 64-127 of them. 64 pieces give
-# each of up to max_origin_fetchers (16) origin fetchers a disjoint range of at least 4
-# pieces (room to re-split when a fetcher joins or leaves), give rarest-first something
-# to spread over 32 nodes, and keep the store-and-forward delay of one piece per hop a
-# few percent of the layer's time (a 1 MiB layer: 64 pieces of 16 KiB).
-MIN_PIECES = 64
+# MIN_PIECE_LENGTH): layers under 64 MiB get smaller pieces, 256-511 of them (a 16 MiB
+# layer: 256 of 64 KiB; 32 MiB: 256 of 128 KiB). A swarm that must keep up with the
+# registry forwards each piece only once it is whole, so a piece is the unit of delay
+# at every hop: with 64 pieces (256 KiB for 16 MiB) 32 nodes at 4 MiB/s finished at
+# 2.2-2.3x the bound, with 256 (64 KiB) at 1.58-1.59x, for ~35 % more CPU per MiB
+# (libtorrent, given the same torrent, pays as much more); 16 nodes x 32 MiB at 8 MiB/s
+# went from 1.35x to 1.25-1.26x with 128 KiB pieces (docs/benchmarks.md, "Piece length").
+# Layers of 64 MiB and more keep 256 KiB pieces; a 1 MiB layer still has 64 of 16 KiB.
+MIN_PIECES = 256
 # The most pieces a large layer is cut into before pieces grow past the preferred
 # length (up to MAX_PIECE_LENGTH): 1,000-2,000 pieces, the usual target of libtorrent's
 # create_torrent and mktorrent (~1,500), keep the piece list (20 bytes each), the
@@ -83,9 +86,9 @@ _READ_CHUNK = 4 * 1024 * 1024
 def choose_piece_length(size: int) -> int:
     """The sidecar's piece length for a blob of ``size`` bytes: a power of two.
 
-    ``PREFERRED_PIECE_LENGTH`` (256 KiB) for blobs of 16-500 MiB; smaller blobs get
-    smaller pieces so that they still have ``MIN_PIECES`` (64) to 127 pieces, down to
-    ``MIN_PIECE_LENGTH`` (blobs under 2 MiB: 1-126 pieces of 16 KiB); larger blobs get
+    ``PREFERRED_PIECE_LENGTH`` (256 KiB) for blobs of 64-500 MiB; smaller blobs get
+    smaller pieces so that they still have ``MIN_PIECES`` (256) to 511 pieces, down to
+    ``MIN_PIECE_LENGTH`` (blobs under 8 MiB: 1-510 pieces of 16 KiB); larger blobs get
     larger pieces so that they have at most ``TARGET_MAX_PIECES`` (2,000), up to
     ``MAX_PIECE_LENGTH`` (blobs over ~32 GiB have more).
     """
