@@ -13,6 +13,7 @@ from p2pimage.errors import LocalProtocolError
 from p2pimage.swarm.policy import (
     AnnounceSchedule,
     DialPolicy,
+    HavePolicy,
     InterestPolicy,
     OriginRange,
     PeerTimeouts,
@@ -251,3 +252,26 @@ def test_upload_order_refuses_unknown_modes() -> None:
         UploadOrder("rarest")
     with pytest.raises(LocalProtocolError):
         UploadOrder(max_wait_s=0)
+
+
+@given(
+    delay=st.sampled_from([0.0, 0.25]),
+    interested=st.booleans(),
+    missing=st.integers(0, 600),
+    holders=st.integers(0, 40),
+)
+def test_a_have_waits_only_for_an_interested_peer_far_from_its_end_and_a_piece_others_hold(
+    delay: float, interested: bool, missing: int, holders: int
+) -> None:
+    policy = HavePolicy(delay)
+    waits = policy.may_wait(interested=interested, missing=missing, holders=holders)
+    assert waits == (delay > 0 and interested and missing > 8 and holders > 1)
+
+
+def test_a_fresh_piece_is_told_at_once_and_a_common_one_waits() -> None:
+    policy = HavePolicy(0.25)
+    assert not policy.may_wait(interested=True, missing=200, holders=0)  # ours alone
+    assert not policy.may_wait(interested=True, missing=200, holders=1)  # one more holder
+    assert policy.may_wait(interested=True, missing=200, holders=2)
+    assert not policy.may_wait(interested=True, missing=8, holders=5)  # its last pieces
+    assert not policy.may_wait(interested=False, missing=200, holders=5)

@@ -44,6 +44,7 @@ from p2pimage.swarm.choker import Choker, PeerStats
 from p2pimage.swarm.picker import BlockRequest, PickerSettings, PiecePicker
 from p2pimage.swarm.policy import (
     DialPolicy,
+    HavePolicy,
     InterestPolicy,
     PeerTimeouts,
     RevealPolicy,
@@ -82,11 +83,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("p2pimage.swarm.engine")
-
-# A peer that lacks at most this many pieces hears of ours at once (no have_delay_s):
-# in its last pieces a have can decide when it finishes, where in the bulk of a
-# transfer it has many pieces to choose from and a have only adds one more.
-HAVE_DELAY_TAIL_PIECES = 8
 
 
 class SwarmStalled(P2PImageError):
@@ -163,8 +159,9 @@ class SwarmSettings:
     # this interval, instead of one write each (a node verifies a piece every ~30 ms at
     # 8 MiB/s and tells every peer that lacks it: most writes were haves). A peer not
     # interested hears at once (the piece may make it interested), and so does a peer
-    # near its end (HAVE_DELAY_TAIL_PIECES: there a have can decide when it finishes).
-    # 0: every have at once. Measurements: docs/benchmarks.md, "CPU per delivered MiB".
+    # near its end, and every peer of a piece at most one of our peers holds (HavePolicy:
+    # a fresh piece spreads through those haves, hop by hop). 0: every have at once.
+    # Measurements: docs/benchmarks.md, "CPU per delivered MiB" and "Rare haves at once".
     have_delay_s: float = 0.25
     # A quiet swarm (complete, nothing requested either way, nobody interested, no byte
     # moved in the last tick: a seeding swarm on an idle node) ticks this seldom
@@ -356,6 +353,7 @@ class Swarm:
         self.interest = InterestPolicy(self.settings.interest_grace_s)
         self.timeouts = PeerTimeouts(self.settings.request_timeout_s, self.settings.stall_timeout_s)
         self.upload_order = UploadOrder(self.settings.upload_order)
+        self.have_policy = HavePolicy(self.settings.have_delay_s)
         self._upload_wakeup = trio.Event()  # a request arrived
         self._upload_room = trio.lowlevel.ParkingLot()  # a session wrote a batch
         self.reveal: RevealPolicy[bytes] = RevealPolicy(
@@ -871,9 +869,10 @@ class Swarm:
     def _show_to_all(self, index: int, told: bytes) -> None:
         """A hidden origin piece is shown to every peer but ``told``, which knows it."""
         to_all = self.upload_order.mode == "need"
+        holders = self._holders(index)
         for peer in self.peers.values():
             if peer.key != told and (to_all or not self.picker.peer_has(peer.key, index)):
-                self._send_have(peer, index)  # (with the batch's other haves)
+                self._send_have(peer, index, holders)  # (with the batch's other haves)
 
     def _piece_verified(self, index: int) -> None:
         self._record_verified(index)
@@ -899,20 +898,24 @@ class Swarm:
 
     def _announce(self, index: int) -> None:
         to_all = self.upload_order.mode == "need"
+        holders = self._holders(index)
         for peer in self.peers.values():
             # A peer that announced the piece itself does not need it for picking, but
             # with the need order its uploader orders requesters by what they hold.
             if to_all or not self.picker.peer_has(peer.key, index):
-                self._send_have(peer, index)
+                self._send_have(peer, index, holders)
 
-    def _send_have(self, peer: _Peer, index: int) -> None:
-        """A have for ``peer``: deferred by up to ``have_delay_s`` when the peer is
-        interested in us already (it has our other pieces to ask for meanwhile) and
-        still lacks more than :data:`HAVE_DELAY_TAIL_PIECES`."""
-        if (
-            peer.peer_interested
-            and self.settings.have_delay_s > 0
-            and self.picker.peer_missing(peer.key) > HAVE_DELAY_TAIL_PIECES
+    def _holders(self, index: int) -> int:
+        """How many of our peers hold piece ``index`` (for :class:`HavePolicy`)."""
+        return self.picker.availability(index)
+
+    def _send_have(self, peer: _Peer, index: int, holders: int) -> None:
+        """A have for ``peer``: deferred by up to ``have_delay_s`` when
+        :class:`HavePolicy` lets it wait (``holders``: how many of our peers hold it)."""
+        if self.have_policy.may_wait(
+            interested=peer.peer_interested,
+            missing=self.picker.peer_missing(peer.key),
+            holders=holders,
         ):
             peer.session.send_have(index, defer=True)
             self._haves_deferred.set()

@@ -21,6 +21,7 @@ from p2pimage.tracker import Event, OriginAssignment
 __all__ = [
     "AnnounceSchedule",
     "DialPolicy",
+    "HavePolicy",
     "InterestPolicy",
     "OriginFollow",
     "OriginRange",
@@ -132,6 +133,34 @@ class InterestPolicy:
         """Whether to stay interested in a peer that has had nothing we need for
         ``idle_s`` seconds."""
         return cooperative and not complete and idle_s < self.grace_s
+
+
+@dataclass(frozen=True, slots=True)
+class HavePolicy:
+    """Which haves may wait to leave with the next batch to a peer (``delay_s``, one
+    write instead of one each: most of a node's small writes were haves).
+
+    A have waits only when the peer is interested in us already (it has our other pieces
+    to ask for meanwhile), still lacks more than ``tail_pieces`` (in its last pieces a
+    have can decide when it finishes), and the piece is not rare: held by at most
+    ``rare_holders`` of our peers. A fresh piece spreads hop by hop through the haves of
+    its first holders, and a delay there is paid at every hop; a piece that other peers
+    can serve already changes little by waiting.
+    """
+
+    delay_s: float
+    tail_pieces: int = 8
+    rare_holders: int = 1
+
+    def may_wait(self, *, interested: bool, missing: int, holders: int) -> bool:
+        """Whether a have of a piece ``holders`` of our peers hold, to a peer that lacks
+        ``missing`` pieces, may wait up to ``delay_s``."""
+        return (
+            self.delay_s > 0
+            and interested
+            and holders > self.rare_holders
+            and missing > self.tail_pieces
+        )
 
 
 # --------------------------------------------------------------------------- uploading
