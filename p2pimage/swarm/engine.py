@@ -869,7 +869,7 @@ class Swarm:
     def _show_to_all(self, index: int, told: bytes) -> None:
         """A hidden origin piece is shown to every peer but ``told``, which knows it."""
         to_all = self.upload_order.mode == "need"
-        holders = self._holders(index)
+        holders = self.picker.availability(index)  # for HavePolicy
         for peer in self.peers.values():
             if peer.key != told and (to_all or not self.picker.peer_has(peer.key, index)):
                 self._send_have(peer, index, holders)  # (with the batch's other haves)
@@ -898,16 +898,12 @@ class Swarm:
 
     def _announce(self, index: int) -> None:
         to_all = self.upload_order.mode == "need"
-        holders = self._holders(index)
+        holders = self.picker.availability(index)  # for HavePolicy
         for peer in self.peers.values():
             # A peer that announced the piece itself does not need it for picking, but
             # with the need order its uploader orders requesters by what they hold.
             if to_all or not self.picker.peer_has(peer.key, index):
                 self._send_have(peer, index, holders)
-
-    def _holders(self, index: int) -> int:
-        """How many of our peers hold piece ``index`` (for :class:`HavePolicy`)."""
-        return self.picker.availability(index)
 
     def _send_have(self, peer: _Peer, index: int, holders: int) -> None:
         """A have for ``peer``: deferred by up to ``have_delay_s`` when
