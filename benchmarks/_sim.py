@@ -387,9 +387,12 @@ def _simulate(p: SimParams) -> SimResult:
             target = nodes[k]  # tell(node, k, piece), inlined: the model's commonest event
             target.heard += 1
             target.picker.peer_have(me, piece)
-            shown = target.reveal.peer_has(piece)
-            if shown is not None:
-                show_to_all(target, piece, shown)
+            # Only an origin fetcher ever hides a piece (RevealPolicy.reveal, on an
+            # origin read): nobody else's reveal policy need be asked.
+            if target.was_fetcher:
+                shown = target.reveal.peer_has(piece)
+                if shown is not None:
+                    show_to_all(target, piece, shown)
             if not target.have[piece]:
                 dirty.add(k)
 

@@ -31,6 +31,7 @@ per-block calls are O(1) plus a few bitset operations (each a C loop over
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import random
@@ -152,6 +153,34 @@ class _Piece(Generic[P]):
         self.sources: set[P] = set()  # peers that delivered blocks of it
 
 
+#: Torrents of up to this many pieces share one table of their single-bit masks
+#: (:func:`_piece_bits`; 4,096 pieces: ~1.1 MiB of ints, once per piece count). The
+#: sidecar cuts at most ``TARGET_MAX_PIECES`` (2,000) below ~32 GiB.
+_PIECE_BITS_TABLE_MAX: Final = 4096
+
+
+class _ShiftedBits:
+    """``_piece_bits`` of a torrent too large for a shared table: computed per call."""
+
+    def __init__(self, num_pieces: int) -> None:
+        self._n1 = num_pieces - 1
+
+    def __getitem__(self, index: int) -> int:
+        return 1 << (self._n1 - index)
+
+
+@functools.lru_cache(maxsize=8)
+def _piece_bits(num_pieces: int) -> tuple[int, ...] | _ShiftedBits:
+    """Piece ``i``'s bit in a piece set (``1 << (num_pieces - 1 - i)``), by index: a
+    tuple shared by every picker of that many pieces. The per-have and per-peer bit
+    tests and updates (the simulator's commonest calls) then look the bit up instead of
+    building a new ``num_pieces``-bit int by a shift each time."""
+    if num_pieces > _PIECE_BITS_TABLE_MAX:
+        return _ShiftedBits(num_pieces)
+    n1 = num_pieces - 1
+    return tuple(1 << (n1 - i) for i in range(num_pieces))
+
+
 def _nth_set_bit(mask: int, n: int) -> int:
     """Position of the ``n``-th (from 0, counting from the least significant) set bit."""
     if n < 8:
@@ -205,6 +234,7 @@ class PiecePicker(Generic[P]):
         self._max_pipeline = max(self._min_pipeline, math.ceil(self.settings.max_pipeline * scale))
         self._slow_start = self.settings.slow_start
         self._full = (1 << num_pieces) - 1
+        self._bits: Final = _piece_bits(num_pieces)  # piece index -> its bit
 
         self._peers: dict[P, _Peer[P]] = {}
         self._planes: list[int] = []  # availability counts as bit-planes
@@ -255,7 +285,7 @@ class PiecePicker(Generic[P]):
     def _bit(self, index: int) -> int:
         if not 0 <= index < self.num_pieces:
             raise LocalProtocolError(f"piece index {index} out of range 0..{self.num_pieces - 1}")
-        return 1 << (self.num_pieces - 1 - index)
+        return self._bits[index]
 
     def _range_mask(self, start: int, stop: int) -> int:
         if not 0 <= start <= stop <= self.num_pieces:
@@ -326,7 +356,7 @@ class PiecePicker(Generic[P]):
         # swarm (each piece a node gets is announced to all its peers).
         if not 0 <= index < self.num_pieces:
             self._bit(index)  # raises
-        bit = 1 << (self.num_pieces - 1 - index)
+        bit = self._bits[index]
         ps = self._peers.get(peer)
         if ps is None:
             ps = self._peers[peer] = _Peer(peer, self._slow_start)
@@ -478,7 +508,7 @@ class PiecePicker(Generic[P]):
         sender = self._peers.get(peer)
         if sender is not None and 0 <= sender.delivered < self._max_pipeline:
             sender.delivered += 1  # slow start: one more in flight per block (see settings)
-        bit = 1 << (self.num_pieces - 1 - index)
+        bit = self._bits[index]
         if self._have & bit:
             return []
         block = begin // self.block_size
@@ -682,7 +712,7 @@ class PiecePicker(Generic[P]):
         dl = self._pieces.get(index)
         if dl is None:
             dl = self._pieces[index] = _Piece(self.blocks_in_piece(index))
-            self._open &= ~(1 << (self.num_pieces - 1 - index))
+            self._open &= ~self._bits[index]
         if not dl.num_free:
             return 0
         state = dl.state
@@ -780,7 +810,7 @@ class PiecePicker(Generic[P]):
 
     def _refresh(self, index: int, dl: _Piece[P]) -> None:
         """Put piece ``index`` in the right one of open / partial / busy / finished."""
-        bit = 1 << (self.num_pieces - 1 - index)
+        bit = self._bits[index]
         if dl.num_free == len(dl.state):
             # nothing requested or received any more: back to a fresh piece
             del self._pieces[index]
