@@ -64,6 +64,8 @@ from p2pimage.tracker.client import AnnounceSettings
 __all__ = ["SimParams", "SimResult", "simulate"]
 
 _left = attrgetter("left")
+# A node's pieces held (one byte each, 0 or 1) as the digits "0" and "1".
+_BINARY_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
 
 _HOST = "10.0.0.1"
 _PORT0 = 10_000
@@ -160,7 +162,6 @@ class _Node:
     num_have: int = 0
     done_at: float | None = None
     released: bool = False
-    heard: int = 0  # haves received (each one an event)
     next_announce: float = 0.0
     last_announce: float = -math.inf
     was_fetcher: bool = False
@@ -260,6 +261,8 @@ def _simulate(p: SimParams) -> SimResult:
     registry_bytes = 0.0
     t_origin = 0.0
     announces = 0
+    haves = 0  # haves received, each one an event
+    shows = 0  # show_to_all calls (a nested one may tell a node what it is telling)
     now = 0.0
     dirty: set[int] = set()
 
@@ -293,13 +296,13 @@ def _simulate(p: SimParams) -> SimResult:
         dirty.add(k)
 
     def bitfield(node: _Node) -> bytes | None:
-        visible = {i for i, held in enumerate(node.have) if held} - node.reveal.hidden
+        # Piece 0 the most significant bit: the held bytes read as one binary numeral.
+        visible = int(node.have.translate(_BINARY_DIGITS), 2)
+        for i in node.reveal.hidden:
+            visible &= ~(1 << (pieces - 1 - i))
         if not visible:
             return None
-        out = bytearray((pieces + 7) // 8)
-        for i in visible:
-            out[i >> 3] |= 0x80 >> (i & 7)
-        return bytes(out)
+        return (visible << (-pieces % 8)).to_bytes((pieces + 7) // 8, "big")
 
     def connect(a: int, b: int) -> None:
         """``a`` dialled ``b``; ``b`` accepts while under its accept limit."""
@@ -365,8 +368,9 @@ def _simulate(p: SimParams) -> SimResult:
 
     def tell(src: _Node, dst: int, piece: int) -> None:
         """``dst`` receives ``have piece`` from ``src``."""
+        nonlocal haves
+        haves += 1
         target = nodes[dst]
-        target.heard += 1
         target.picker.peer_have(src.index, piece)
         told = target.reveal.peer_has(piece)
         if told is not None:
@@ -377,15 +381,19 @@ def _simulate(p: SimParams) -> SimResult:
     def show_to_all(node: _Node, piece: int, told: int | None) -> None:
         """``node`` tells every peer (but ``told``) of ``piece``; without
         the need order (``SwarmSettings.upload_order``), only those not known to have it."""
-        me, heard, picker = node.index, node.heard, node.picker
+        nonlocal haves, shows
+        shows += 1
+        me, picker = node.index, node.picker
+        shown_before = shows
         to_all = upload_order.mode == "need"  # as the engine: Swarm._announce
         for k in list(node.neighbors) if to_all else picker.peers_without(piece, node.neighbors):
             # A have that reached ``node`` meanwhile (a hidden piece shown on by a peer
-            # it told) may say that ``k`` has the piece: then ``k`` is not told.
-            if k == told or (not to_all and node.heard != heard and picker.peer_has(k, piece)):
+            # it told, in a nested show_to_all) may say that ``k`` has the piece: then
+            # ``k`` is not told.
+            if k == told or (not to_all and shows != shown_before and picker.peer_has(k, piece)):
                 continue
+            haves += 1
             target = nodes[k]  # tell(node, k, piece), inlined: the model's commonest event
-            target.heard += 1
             target.picker.peer_have(me, piece)
             # Only an origin fetcher ever hides a piece (RevealPolicy.reveal, on an
             # origin read): nobody else's reveal policy need be asked.
@@ -755,7 +763,7 @@ def _simulate(p: SimParams) -> SimResult:
         t_origin_s=t_origin,
         fetchers=sum(1 for n in nodes if n.was_fetcher),
         released=sum(1 for n in nodes if n.released),
-        events=announces + sum(n.heard for n in nodes),
+        events=announces + haves,
         stalls=stalls,
         t_p10_s=times[len(times) // 10],
         t_p99_s=times[min(len(times) - 1, len(times) * 99 // 100)],

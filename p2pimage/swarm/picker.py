@@ -35,7 +35,7 @@ import functools
 import heapq
 import math
 import random
-from collections.abc import Hashable, Iterable
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -888,12 +888,16 @@ class PiecePicker(Generic[P]):
         ps = self._peers.get(peer)
         return 0 if ps is None else ps.bits.bit_count()
 
-    def peers_without(self, index: int, peers: Iterable[P]) -> list[P]:
+    def peers_without(self, index: int, peers: Collection[P]) -> list[P]:
         """Those of ``peers`` not known to have piece ``index`` (the ones to tell of it),
-        in their order: ``[k for k in peers if not peer_has(k, index)]`` in one call."""
+        in their order: ``[k for k in peers if not peer_has(k, index)]`` in one call
+        (``peers`` is iterated twice: the keys, and their states looked up in C)."""
         bit = self._bit(index)
-        known = self._peers
-        return [k for k in peers if (ps := known.get(k)) is None or not ps.bits & bit]
+        return [
+            k
+            for k, ps in zip(peers, map(self._peers.get, peers), strict=True)
+            if ps is None or not ps.bits & bit
+        ]
 
     def peer_missing(self, peer: P) -> int:
         """How many pieces the peer lacks, by what it announced (all of them for a peer
