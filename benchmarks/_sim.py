@@ -164,7 +164,6 @@ class _Node:
     released: bool = False
     next_announce: float = 0.0
     last_announce: float = -math.inf
-    was_fetcher: bool = False
     origin: OriginRange | None = None  # the latest range (its progress is reported)
     reading: bool = False  # ``origin`` is still being read
     request: list[int] | None = None  # [next piece, stop) of the registry read in flight
@@ -252,6 +251,11 @@ def _simulate(p: SimParams) -> SimResult:
         )
 
     nodes = [make_node(i) for i in range(p.nodes)]
+    pickers = [node.picker for node in nodes]
+    # Every node's ``have`` again, in one array (node k's piece i at k * pieces + i): the
+    # have broadcast's check touches one cache line, not a node object and its bytearray.
+    holds = bytearray(p.nodes * pieces)
+    fetchers: set[int] = set()  # the nodes ever given an origin range
     upload_order = UploadOrder(ss.upload_order)
     by_need = upload_order.mode != "arrival"  # else arrival order is queue order
     min_depth = nodes[0].picker.pipeline_depth(-1)  # a peer whose rate is not known yet
@@ -393,15 +397,17 @@ def _simulate(p: SimParams) -> SimResult:
             if k == told or (not to_all and shows != shown_before and picker.peer_has(k, piece)):
                 continue
             haves += 1
-            target = nodes[k]  # tell(node, k, piece), inlined: the model's commonest event
-            target.picker.peer_have(me, piece)
+            # tell(node, k, piece), inlined: the model's commonest event. At 5,000 nodes
+            # it waits on memory: it reads the picker from a list and the held flag from
+            # ``holds``, not through ``k``'s node object.
+            pickers[k].peer_have(me, piece)
             # Only an origin fetcher ever hides a piece (RevealPolicy.reveal, on an
             # origin read): nobody else's reveal policy need be asked.
-            if target.was_fetcher:
-                shown = target.reveal.peer_has(piece)
+            if k in fetchers:
+                shown = nodes[k].reveal.peer_has(piece)
                 if shown is not None:
-                    show_to_all(target, piece, shown)
-            if not target.have[piece]:
+                    show_to_all(nodes[k], piece, shown)
+            if not holds[k * pieces + piece]:
                 dirty.add(k)
 
     def cancel(node: _Node, cancels: list[tuple[int, BlockRequest]]) -> None:
@@ -416,6 +422,7 @@ def _simulate(p: SimParams) -> SimResult:
     def got_piece(node: _Node, piece: int, from_origin: bool) -> None:
         if not node.have[piece]:
             node.have[piece] = 1
+            holds[node.index * pieces + piece] = 1
             node.num_have += 1
         cancel(node, node.picker.we_have(piece))
         if from_origin:
@@ -498,7 +505,7 @@ def _simulate(p: SimParams) -> SimResult:
     # ------------------------------------------------------------------ origin reads
 
     def start_range(node: _Node, first: int, end: int) -> None:
-        node.was_fetcher = True
+        fetchers.add(node.index)
         node.origin = OriginRange(first, end)
         node.reading = True
         node.picker.set_range_priority(first, end, 0)  # Swarm.reserve_for_origin
@@ -696,7 +703,7 @@ def _simulate(p: SimParams) -> SimResult:
                 dst.out[node.index] -= 1
                 dst.recv[node.index] = dst.recv.get(node.index, 0.0) + t.length
                 dirty.add(dst.index)
-                if dst.have[t.piece]:
+                if holds[t.dst * pieces + t.piece]:
                     continue
                 cancel(dst, dst.picker.block_received(node.index, t.piece, t.begin))
                 # Slow start: the depth grows with each block until the rate is measured.
@@ -761,7 +768,7 @@ def _simulate(p: SimParams) -> SimResult:
         t_direct_s=direct_pull_time(p.size, p.nodes, p.origin_rate),
         registry_copies=registry_bytes / p.size,
         t_origin_s=t_origin,
-        fetchers=sum(1 for n in nodes if n.was_fetcher),
+        fetchers=len(fetchers),
         released=sum(1 for n in nodes if n.released),
         events=announces + haves,
         stalls=stalls,
