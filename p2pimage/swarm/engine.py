@@ -208,6 +208,15 @@ class SwarmSettings:
     block_size: int = MAX_BLOCK_LENGTH_LIMIT
     # Expected streaming rate (bytes/s) for deadline spacing in the streaming window.
     stream_rate: float = 50 * 1024 * 1024
+    # A reader (Swarm.stream) that has sent its first chunk gathers at least this many
+    # verified bytes per chunk, waiting up to stream_gather_s for the pieces after its
+    # position; the first chunk and the blob's end go out at once. While a layer
+    # downloads, pieces verify one at a time (64 KiB each in a 16 MiB layer), and each
+    # was a chunk of its own through the HTTP layer to the runtime: a wake-up, a pass
+    # through the ASGI stack and a socket send per piece (docs/benchmarks.md, "The
+    # cluster demo's mirror stream"). 0 turns gathering off.
+    stream_gather_bytes: int = 256 * 1024
+    stream_gather_s: float = 0.05
     # The piece picker's tunables (request queue depth, endgame duplicates, ...).
     picker: PickerSettings = field(default_factory=PickerSettings)
 
@@ -1268,10 +1277,15 @@ class Swarm:
         self._streams += 1
         try:
             cursor = self.storage.cursor(start, end)
+            gather = min(self.settings.stream_gather_bytes, chunk_size)
+            first = True
             while not cursor.done:
                 if cursor.missing():
                     await self._wait_missing(cursor, stall_timeout_s)
                 await cursor.wait()  # a checkpoint once the piece is there
+                if not first and gather > 0:
+                    await self._gather(cursor, gather)
+                first = False
                 yield cursor.read(chunk_size)
             if not self.closed.is_set():
                 self.picker.set_blocked(None)
@@ -1279,6 +1293,16 @@ class Swarm:
             self._streams -= 1
             if self._streams == 0 and self._close_storage_when_idle:
                 self.storage.close()
+
+    async def _gather(self, cursor: BlobCursor, nbytes: int) -> None:
+        """Return once ``nbytes`` verified bytes (or the rest of the range) lie ahead of
+        the reader, or after ``stream_gather_s``, whichever comes first."""
+        with trio.move_on_after(self.settings.stream_gather_s):
+            while True:
+                ready = cursor.ready(nbytes)
+                if ready >= nbytes or cursor.position + ready >= cursor.end:
+                    return
+                await cursor.wait_at(cursor.position + ready)
 
     async def _wait_missing(self, cursor: BlobCursor, stall_timeout_s: float | None) -> None:
         """The reader's policy while the piece under its position is missing: make that
