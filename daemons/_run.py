@@ -56,7 +56,7 @@ def run_until_signalled(async_fn: Callable[..., Awaitable[T]], *args: Any) -> T 
     # Everything allocated so far (the imported modules, the settings) lives as long as
     # the process: moved out of the collector's reach, a full collection no longer walks
     # it, and a node forked from a pre-imported launcher no longer dirties the pages it
-    # shares with it (docs/benchmarks.md, "The cluster demo: half the CPU?").
+    # shares with it (docs/benchmarks.md, "The cluster demo by phase and kind").
     gc.freeze()
     try:
         try:

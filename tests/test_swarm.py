@@ -377,6 +377,39 @@ async def test_stream_gathers_pieces_into_larger_chunks_after_the_first(
         assert all(len(c) >= gather for c in chunks[3:-1])
 
 
+async def test_a_peer_that_dialled_us_is_not_dialled_again_at_every_tracker_answer(
+    tmp_path: Path,
+) -> None:
+    """A peer that dialled us is known by an ephemeral source port, the tracker lists its
+    listen address: the first dial there stops after the 68-byte handshake (already
+    connected), and the swarm remembers whose address it is, so later tracker answers
+    dial it no more while it stays connected."""
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer) as (a, b):
+        swarm_a = await a.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+        swarm_b = await b.add_swarm(meta, tmp_path / "b")
+        dials: list[tuple[str, int]] = []
+        dial = a.dial
+
+        async def counted(address: tuple[str, int], *args: Any, **kwargs: Any) -> Any:
+            dials.append(address)
+            return await dial(address, *args, **kwargs)
+
+        a.dial = counted  # type: ignore[method-assign]
+        swarm_b.add_peers([a.listen_address])
+        with trio.fail_after(10):
+            while b.peer_id not in swarm_a.peers:
+                await trio.sleep(0.01)
+        for _ in range(3):  # three tracker answers naming b
+            swarm_a.add_peers([b.listen_address])
+            with trio.fail_after(10):
+                while swarm_a.want_more_peers() and swarm_a._dialing:
+                    await trio.sleep(0.01)
+        assert dials == [b.listen_address]  # the first answer's dial only
+        assert list(swarm_a.peers) == [b.peer_id]
+
+
 async def test_request_queue_follows_the_swarm_picker_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,6 +23,7 @@ import random
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import trio
@@ -116,6 +117,9 @@ class Dialer(Protocol):
 # no longer counts against the swarm's upload_queue_bytes: one frozen peer must not hold
 # every other peer's uploads. A 512 KiB batch takes 0.06 s at 8 MiB/s.
 STUCK_WRITER_S = 2.0
+# Addresses whose peer id a swarm remembers (Swarm._named): far above the peers a swarm
+# is given (a tracker answer names up to 50), a bound for long-lived swarms in churn.
+MAX_KNOWN_ADDRESSES = 4096
 
 
 @dataclass
@@ -214,7 +218,7 @@ class SwarmSettings:
     # downloads, pieces verify one at a time (64 KiB each in a 16 MiB layer), and each
     # was a chunk of its own through the HTTP layer to the runtime: a wake-up, a pass
     # through the ASGI stack and a socket send per piece (docs/benchmarks.md, "The
-    # cluster demo's mirror stream"). 0 turns gathering off.
+    # cluster demo by phase and kind"). 0 turns gathering off.
     stream_gather_bytes: int = 256 * 1024
     stream_gather_s: float = 0.05
     # The piece picker's tunables (request queue depth, endgame duplicates, ...).
@@ -376,6 +380,12 @@ class Swarm:
         self.banned: set[bytes] = set()
         self._banned_addresses: set[tuple[str, int]] = set()
         self._dialing: set[tuple[str, int]] = set()
+        # The peer id each dialled address named in its handshake. A peer that dialled us
+        # is known by its id and an ephemeral source port, not by the listen address the
+        # tracker lists: without this, every tracker answer dialled it again, to stop
+        # after the 68-byte handshake (3 such dials per connected pair in the cluster
+        # demo's pulls: docs/benchmarks.md, "The cluster demo by phase and kind").
+        self._peer_at: dict[tuple[str, int], bytes] = {}
         self._nursery: trio.Nursery | None = None
         self.complete = trio.Event()
         self._finalizing = False
@@ -523,11 +533,16 @@ class Swarm:
         connected = {p.session.address for p in self.peers.values()}
         unwanted = connected | self._dialing | self._banned_addresses
         unwanted.add(self._dialer.listen_address)
+        peer_at, peers = self._peer_at, self.peers
+
+        def skip(address: tuple[str, int]) -> bool:
+            return address in unwanted or peer_at.get(address, b"") in peers
+
         for address in self.dial_policy.to_dial(
             addresses,
             connected=len(self.peers),
             dialing=len(self._dialing),
-            skip=unwanted.__contains__,
+            skip=skip,
         ):
             self._dialing.add(address)
             self._nursery.start_soon(self._dial, address, mutual)
@@ -542,7 +557,7 @@ class Swarm:
                     await trio.sleep(delay)
                 # A peer already connected (it dialed us meanwhile) is not dialed twice.
                 session, info = await self._dialer.dial(
-                    address, self.info_hash, unwanted=self.peers.__contains__
+                    address, self.info_hash, unwanted=partial(self._named, address)
                 )
             except (PeerClosed, trio.TooSlowError) as exc:
                 log.debug("dial %s failed: %s", address, exc)
@@ -559,6 +574,14 @@ class Swarm:
                 self.add_peers([address])
         except PeerClosed as exc:
             log.debug("peer %s: %s", address, exc.reason)
+
+    def _named(self, address: tuple[str, int], peer_id: bytes) -> bool:
+        """The peer at ``address`` named ``peer_id`` in its handshake: remember it, and
+        say whether that peer is connected already (the dial then stops)."""
+        if len(self._peer_at) >= MAX_KNOWN_ADDRESSES and address not in self._peer_at:
+            self._peer_at.clear()  # (a bound; what is forgotten costs one dial each)
+        self._peer_at[address] = peer_id
+        return peer_id in self.peers
 
     async def adopt(self, session: PeerSession, info: SessionInfo) -> None:
         """Take over an accepted session (called by the node's listener)."""
