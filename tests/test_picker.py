@@ -655,42 +655,6 @@ def test_peers_without_is_peer_has_for_each(
         pp.peers_without(n, asked)
 
 
-@settings(max_examples=60)
-@given(st.integers(1, 70), st.data())
-def test_peers_pieces_by_slot_follow_haves_bitfields_and_losses(
-    n: int, data: st.DataObject
-) -> None:
-    """Up to 80 peers (the per-piece rows of peer slots widen past 16 and 32, and lost
-    peers' slots are reused): ``peer_has`` and ``peers_without`` answer as the pieces
-    each peer announced, and the rows match the peers' bitsets (check_invariants)."""
-    pp = PiecePicker[int](n, BS, n * BS, rng=random.Random(0))
-    known: dict[int, set[int]] = {}
-    peer_keys = st.integers(0, 79)
-    for _ in range(data.draw(st.integers(1, 150))):
-        op = data.draw(st.sampled_from(["have", "have", "bitfield", "have_all", "lost"]))
-        peer = data.draw(peer_keys)
-        if op == "have":
-            index = data.draw(st.integers(0, n - 1))
-            pp.peer_have(peer, index)
-            known.setdefault(peer, set()).add(index)
-        elif op == "bitfield":
-            pieces = set(data.draw(st.lists(st.integers(0, n - 1))))
-            pp.peer_bitfield(peer, bitfield(n, pieces))
-            known[peer] = pieces
-        elif op == "have_all":
-            pp.peer_have_all(peer)
-            known[peer] = set(range(n))
-        else:
-            pp.peer_lost(peer)
-            known.pop(peer, None)
-    pp.check_invariants()
-    asked = data.draw(st.lists(peer_keys, max_size=90))
-    for index in range(n):
-        assert pp.peers_without(index, asked) == [k for k in asked if index not in known.get(k, ())]
-        assert all(pp.peer_has(k, index) == (index in known.get(k, ())) for k in asked)
-        assert pp.availability(index) == sum(index in held for held in known.values())
-
-
 # ---------------------------------------------------------------- whole downloads
 
 

@@ -113,12 +113,11 @@ class PickerSettings:
 
 
 class _Peer(Generic[P]):
-    __slots__ = ("bits", "delivered", "key", "rate", "requests", "slot")
+    __slots__ = ("bits", "delivered", "key", "rate", "requests")
 
-    def __init__(self, key: P, slow_start: bool, slot: int) -> None:
+    def __init__(self, key: P, slow_start: bool) -> None:
         self.key = key
         self.bits = 0  # pieces the peer has, as a bitset
-        self.slot = slot  # its column in PiecePicker._holders
         self.rate = 0.0  # bytes/s we receive from it, as reported by the caller
         # Blocks it delivered while in slow start (until its rate is first measured);
         # -1 once out of slow start.
@@ -182,11 +181,6 @@ def _piece_bits(num_pieces: int) -> tuple[int, ...] | _ShiftedBits:
     return tuple(1 << (n1 - i) for i in range(num_pieces))
 
 
-#: Peer slots per row of ``PiecePicker._holders`` at first (doubled when full).
-_INITIAL_SLOTS: Final = 16
-_DIGITS_TO_BYTES: Final = bytes.maketrans(b"01", b"\x00\x01")
-
-
 def _nth_set_bit(mask: int, n: int) -> int:
     """Position of the ``n``-th (from 0, counting from the least significant) set bit."""
     if n < 8:
@@ -243,15 +237,6 @@ class PiecePicker(Generic[P]):
         self._bits: Final = _piece_bits(num_pieces)  # piece index -> its bit
 
         self._peers: dict[P, _Peer[P]] = {}
-        # The peers' pieces again, transposed: byte ``index * _stride + slot`` is 1 if the
-        # peer in that slot has piece ``index``. "Which of these peers lack piece i" (a
-        # have's broadcast) then reads one row instead of every peer's bitset: at scale
-        # each of those is a cache miss (the simulator's 5,000 nodes). ``_stride`` slots
-        # per row, doubled when full; a lost peer's slot is cleared and reused.
-        self._stride = _INITIAL_SLOTS
-        self._holders = bytearray(num_pieces * self._stride)
-        self._slots: dict[P, int] = {}  # peer -> its slot
-        self._free_slots: list[int] = list(range(self._stride - 1, -1, -1))
         self._planes: list[int] = []  # availability counts as bit-planes
         self._pieces: dict[int, _Piece[P]] = {}  # pieces being downloaded
         self._have = 0  # verified pieces
@@ -313,29 +298,8 @@ class PiecePicker(Generic[P]):
     def _peer(self, key: P) -> _Peer[P]:
         ps = self._peers.get(key)
         if ps is None:
-            ps = self._new_peer(key)
+            ps = self._peers[key] = _Peer(key, self._slow_start)
         return ps
-
-    def _new_peer(self, key: P) -> _Peer[P]:
-        if not self._free_slots:
-            self._widen_holders()
-        slot = self._slots[key] = self._free_slots.pop()
-        ps = self._peers[key] = _Peer(key, self._slow_start, slot)
-        return ps
-
-    def _widen_holders(self) -> None:
-        """Twice the slots per row, each slot's column copied over."""
-        old, stride = self._holders, self._stride
-        wide = stride * 2
-        holders = bytearray(self.num_pieces * wide)
-        for slot in range(stride):
-            holders[slot::wide] = old[slot::stride]
-        self._holders, self._stride = holders, wide
-        self._free_slots = list(range(wide - 1, stride - 1, -1))
-
-    def _column(self, bits: int) -> bytes:
-        """A piece set as one byte per piece (0 or 1), piece 0 first."""
-        return format(bits, f"0{self.num_pieces}b").encode().translate(_DIGITS_TO_BYTES)
 
     def _avail_add(self, mask: int) -> None:
         planes = self._planes
@@ -369,7 +333,6 @@ class PiecePicker(Generic[P]):
         if bits & ~old:
             self._avail_add(bits & ~old)
         ps.bits = bits
-        self._holders[ps.slot :: self._stride] = self._column(bits)
 
     def peer_bitfield(self, peer: P, have: bytes | bytearray | memoryview) -> None:
         """The peer's BEP 3 bitfield message payload (piece 0 = high bit of byte 0).
@@ -396,10 +359,9 @@ class PiecePicker(Generic[P]):
         bit = self._bits[index]
         ps = self._peers.get(peer)
         if ps is None:
-            ps = self._new_peer(peer)
+            ps = self._peers[peer] = _Peer(peer, self._slow_start)
         if not ps.bits & bit:
             ps.bits |= bit
-            self._holders[index * self._stride + ps.slot] = 1
             planes = self._planes
             k = 0
             while bit:
@@ -423,9 +385,6 @@ class PiecePicker(Generic[P]):
         self._drop_all_requests(ps)
         self._avail_sub(ps.bits)
         del self._peers[peer]
-        del self._slots[peer]
-        self._holders[ps.slot :: self._stride] = bytes(self.num_pieces)
-        self._free_slots.append(ps.slot)
         if self._best_peer == peer:
             self._recompute_best_rate()
 
@@ -921,11 +880,8 @@ class PiecePicker(Generic[P]):
         return bool(self._have & self._bit(index))
 
     def peer_has(self, peer: P, index: int) -> bool:
-        slot = self._slots.get(peer)
-        if slot is None:
-            return False
-        self._bit(index)  # raises if out of range
-        return bool(self._holders[index * self._stride + slot])
+        ps = self._peers.get(peer)
+        return ps is not None and bool(ps.bits & self._bit(index))
 
     def peer_piece_count(self, peer: P) -> int:
         """How many pieces ``peer`` has, as far as we know (0 for an unknown peer)."""
@@ -936,13 +892,11 @@ class PiecePicker(Generic[P]):
         """Those of ``peers`` not known to have piece ``index`` (the ones to tell of it),
         in their order: ``[k for k in peers if not peer_has(k, index)]`` in one call
         (``peers`` is iterated twice: the keys, and their states looked up in C)."""
-        self._bit(index)  # raises if out of range
-        stride = self._stride
-        row = self._holders[index * stride : index * stride + stride]
+        bit = self._bit(index)
         return [
             k
-            for k, slot in zip(peers, map(self._slots.get, peers), strict=True)
-            if slot is None or not row[slot]
+            for k, ps in zip(peers, map(self._peers.get, peers), strict=True)
+            if ps is None or not ps.bits & bit
         ]
 
     def peer_missing(self, peer: P) -> int:
@@ -1016,15 +970,6 @@ class PiecePicker(Generic[P]):
                 assert len({id(r.peer) for r in reqs or ()}) == len(reqs or ()), (i, b)
         total = sum(len(ps.requests) for ps in self._peers.values())
         assert total == self._outstanding, (total, self._outstanding)
-        assert set(self._slots) == set(self._peers)
-        taken = {ps.slot for ps in self._peers.values()}
-        assert len(taken) == len(self._peers) and not taken & set(self._free_slots)
-        assert taken | set(self._free_slots) == set(range(self._stride))
-        for slot in self._free_slots:
-            assert not any(self._holders[slot :: self._stride]), slot
-        for ps in self._peers.values():
-            assert self._slots[ps.key] == ps.slot
-            assert self._holders[ps.slot :: self._stride] == self._column(ps.bits), ps.key
         for ps in self._peers.values():  # slow start lasts until a rate is measured
             assert ps.delivered == -1 or (ps.rate == 0.0 and self._slow_start), ps.key
         assert not self._wanted & self._have
