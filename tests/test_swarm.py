@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -623,6 +624,49 @@ async def test_interest_in_a_cooperative_peer_outlasts_a_spell_with_nothing_new(
         assert swarm.peers[holder.peer_id].idle_since is None
 
 
+@pytest.mark.parametrize("rare_delay", [0.0, 0.5])
+async def test_the_have_of_a_rare_piece_waits_rare_have_delay_s_not_have_delay_s(
+    tmp_path: Path, rare_delay: float
+) -> None:
+    """A have of a piece no other peer holds, to a peer already interested in us, leaves
+    after ``rare_have_delay_s`` (with whatever haves wait by then), not ``have_delay_s``;
+    with 0 at once."""
+    blob, meta = make_blob(tmp_path, 4 * MIB)  # 256 pieces
+    data = blob.read_bytes()
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(
+        have_delay_s=3.0,
+        rare_have_delay_s=rare_delay,
+        reveal_origin_pieces=False,
+        interest_grace_s=30.0,  # the watcher stays interested after catching up
+    )
+    async with nodes(2, issuer) as (holder, watcher):
+        source = await holder.add_swarm(meta, tmp_path / "holder", settings=settings)
+        swarm = await watcher.add_swarm(meta, tmp_path / "watcher", settings=settings)
+        swarm.add_peers([holder.listen_address])
+        with trio.fail_after(10):
+            while watcher.peer_id not in source.peers or holder.peer_id not in swarm.peers:
+                await trio.sleep(0.05)
+        assert await source.accept_origin_piece(0, data[: meta.piece_size(0)])
+        with trio.fail_after(10):  # told at once (not interested yet), asked, fetched
+            while not swarm.has_piece(0):
+                await swarm.wait_changed()
+        seen = source.peers[watcher.peer_id]
+        assert seen.peer_interested
+        await trio.sleep(0.2)  # the holder's writer is idle: nothing to ride along with
+        start = trio.current_time()
+        piece = data[meta.piece_offset(1) :][: meta.piece_size(1)]
+        assert await source.accept_origin_piece(1, piece)
+        with trio.fail_after(10):
+            while not swarm.picker.peer_has(holder.peer_id, 1):
+                await trio.sleep(0.01)
+        waited = trio.current_time() - start
+        if rare_delay:
+            assert rare_delay - 0.05 <= waited < settings.have_delay_s - 1.0
+        else:
+            assert waited < 0.3
+
+
 async def test_a_peer_asked_after_an_idle_spell_is_not_taken_for_a_staller(
     tmp_path: Path,
 ) -> None:
@@ -1039,6 +1083,35 @@ async def test_control_messages_go_ahead_of_queued_piece_data(
         assert first_control == 32
     else:
         assert first_control == 0
+
+
+async def test_an_idle_writer_leaves_control_messages_to_their_sender_in_order() -> None:
+    """While the writer idles, a control message is written by its sender (the writer
+    is not woken) and charged to the upload limiter; once the socket takes only part of
+    one, the writer sends the rest first and what follows queues behind it: the peer
+    sees every message, whole and in order."""
+    session, peer, stream = await _open_session_pair(haves_on_b=True, tcp=True)
+    session._upload = RateLimiter(1e9)
+    assert isinstance(session.stream, trio.SocketStream)
+    session.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer)
+        await trio.sleep(0.05)  # the writer idles
+        session.send_have(7)
+        session.send(Request(1, 0, 16384))
+        assert not session._wakeup.is_set()  # written at once: the writer slept on
+        assert session.bytes_sent == session._upload.total == 10 + 17  # have, request
+        sent: list[Any] = [Extended(LOCAL_HAVES_ID, build_haves_payload([7])), Request(1, 0, 16384)]
+        for i in range(4000):  # 68 KB unread: more than the two socket buffers hold
+            sent.append(Request(i % 100, (i // 100) * 16384, 16384))
+            session.send(sent[-1])
+        assert session._sealed_rest or session._control or session._outbox  # it filled
+        events = await _events_until(peer, stream, lambda e: len(e) >= len(sent))
+        assert events == sent
+        await trio.sleep(0.05)
+        assert session._writer_idle and session.bytes_sent == session._upload.total
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_peer_that_stops_reading_stops_counting_against_the_upload_budget(

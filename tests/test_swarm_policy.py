@@ -256,22 +256,32 @@ def test_upload_order_refuses_unknown_modes() -> None:
 
 @given(
     delay=st.sampled_from([0.0, 0.25]),
+    rare_delay=st.sampled_from([0.0, 0.03, 0.5]),
     interested=st.booleans(),
     missing=st.integers(0, 600),
     holders=st.integers(0, 40),
 )
-def test_a_have_waits_only_for_an_interested_peer_far_from_its_end_and_a_piece_others_hold(
-    delay: float, interested: bool, missing: int, holders: int
+def test_a_have_waits_only_for_an_interested_peer_far_from_its_end_and_less_for_a_rare_piece(
+    delay: float, rare_delay: float, interested: bool, missing: int, holders: int
 ) -> None:
-    policy = HavePolicy(delay)
-    waits = policy.may_wait(interested=interested, missing=missing, holders=holders)
-    assert waits == (delay > 0 and interested and missing > 8 and holders > 1)
+    policy = HavePolicy(delay, rare_delay_s=rare_delay)
+    wait = policy.wait_s(interested=interested, missing=missing, holders=holders)
+    if not (delay > 0 and interested and missing > 8):
+        assert wait == 0.0
+    elif holders > 1:
+        assert wait == delay
+    else:
+        assert wait == min(rare_delay, delay)  # never longer than a common piece's
 
 
-def test_a_fresh_piece_is_told_at_once_and_a_common_one_waits() -> None:
+def test_a_fresh_piece_is_told_at_once_or_soon_and_a_common_one_waits() -> None:
     policy = HavePolicy(0.25)
-    assert not policy.may_wait(interested=True, missing=200, holders=0)  # ours alone
-    assert not policy.may_wait(interested=True, missing=200, holders=1)  # one more holder
-    assert policy.may_wait(interested=True, missing=200, holders=2)
-    assert not policy.may_wait(interested=True, missing=8, holders=5)  # its last pieces
-    assert not policy.may_wait(interested=False, missing=200, holders=5)
+    assert policy.wait_s(interested=True, missing=200, holders=0) == 0.0  # ours alone
+    assert policy.wait_s(interested=True, missing=200, holders=1) == 0.0  # one more holder
+    assert policy.wait_s(interested=True, missing=200, holders=2) == 0.25
+    assert policy.wait_s(interested=True, missing=8, holders=5) == 0.0  # its last pieces
+    assert policy.wait_s(interested=False, missing=200, holders=5) == 0.0
+    soon = HavePolicy(0.25, rare_delay_s=0.03)
+    assert soon.wait_s(interested=True, missing=200, holders=1) == 0.03
+    assert soon.wait_s(interested=True, missing=200, holders=2) == 0.25
+    assert soon.wait_s(interested=True, missing=8, holders=0) == 0.0  # its last pieces

@@ -137,30 +137,32 @@ class InterestPolicy:
 
 @dataclass(frozen=True, slots=True)
 class HavePolicy:
-    """Which haves may wait to leave with the next batch to a peer (``delay_s``, one
-    write instead of one each: most of a node's small writes were haves).
+    """How long a have may wait to leave with the next batch to a peer (one write
+    instead of one each: most of a node's small writes were haves).
 
-    A have waits only when the peer is interested in us already (it has our other pieces
-    to ask for meanwhile), still lacks more than ``tail_pieces`` (in its last pieces a
-    have can decide when it finishes), and the piece is not rare: held by at most
-    ``rare_holders`` of our peers. A fresh piece spreads hop by hop through the haves of
-    its first holders, and a delay there is paid at every hop; a piece that other peers
-    can serve already changes little by waiting.
+    A have waits ``delay_s`` only when the peer is interested in us already (it has our
+    other pieces to ask for meanwhile), still lacks more than ``tail_pieces`` (in its
+    last pieces a have can decide when it finishes), and the piece is not rare: held by
+    at most ``rare_holders`` of our peers. A fresh piece spreads hop by hop through the
+    haves of its first holders, and a delay there is paid at every hop: its have waits
+    only ``rare_delay_s``, enough to leave with the haves of the next piece or two
+    (one write for several pieces) and short next to a hop's transfer. A piece that
+    other peers can serve already changes little by waiting.
     """
 
     delay_s: float
     tail_pieces: int = 8
     rare_holders: int = 1
+    rare_delay_s: float = 0.0
 
-    def may_wait(self, *, interested: bool, missing: int, holders: int) -> bool:
-        """Whether a have of a piece ``holders`` of our peers hold, to a peer that lacks
-        ``missing`` pieces, may wait up to ``delay_s``."""
-        return (
-            self.delay_s > 0
-            and interested
-            and holders > self.rare_holders
-            and missing > self.tail_pieces
-        )
+    def wait_s(self, *, interested: bool, missing: int, holders: int) -> float:
+        """How long a have of a piece ``holders`` of our peers hold, to a peer that lacks
+        ``missing`` pieces, may wait (0: at once)."""
+        if self.delay_s <= 0 or not interested or missing <= self.tail_pieces:
+            return 0.0
+        if holders <= self.rare_holders:
+            return min(self.rare_delay_s, self.delay_s)
+        return self.delay_s
 
 
 # --------------------------------------------------------------------------- uploading
