@@ -5,9 +5,12 @@ Short and boring on purpose. A :class:`PeerSession` owns a stream and a protocol
 :meth:`PeerSession.receive` returns messages and :meth:`PeerSession.send` queues them.
 Queued messages are written by one writer task in batches (one ``send_all`` per batch,
 not per 16 KiB block: measured on loopback, batching is worth 2-3x), with piece bytes
-paced by the upload limiter. On an encrypted connection each batch is sealed as a whole
-(``PeerConnection.seal_into``), so encryption costs one AEAD call per batch, not per
-block, into a send buffer the session keeps (reused once the previous send returned).
+paced by the upload limiter; a control message sent while the writer idles (a have, a
+request) is written by its sender at once instead (:meth:`PeerSession._write_now`), so
+the writer wakes for piece data, not for every few bytes. On an encrypted connection
+each batch is sealed as a whole (``PeerConnection.seal_into``), so encryption costs one
+AEAD call per batch, not per block, into a send buffer the session keeps (reused once
+the previous send returned).
 On a connection in the clear over a TCP socket, blocks of a complete blob can be queued
 as file regions (:meth:`PeerSession.send_piece_from_file`): the writer sends their bytes
 with ``os.sendfile``, from the page cache to the socket without a copy in Python.
