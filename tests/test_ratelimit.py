@@ -208,21 +208,3 @@ def test_a_first_caller_passes_the_queue_and_the_queue_pays_for_it() -> None:
     assert finished["origin"] == pytest.approx(1.1, abs=0.01)
     # The last peers' bytes waited for the registry's as well: 5 MB at 1 MB/s in all.
     assert max(v for k, v in finished.items() if k.startswith("peer")) >= 4.9
-
-
-async def test_charged_bytes_pass_at_once_and_the_next_caller_waits_for_them(
-    mock_clock: trio.testing.MockClock,
-) -> None:
-    """``charge`` (a control message written at once) never waits, but its bytes count:
-    the next caller pays for them, so the rate holds; unlimited, it only counts."""
-    mock_clock.autojump_threshold = 0
-    limiter = RateLimiter(1000, burst=100)
-    start = trio.current_time()
-    limiter.charge(100)  # the burst
-    limiter.charge(400)  # into debt, still at once
-    assert trio.current_time() == start and limiter.total == 500
-    await limiter.acquire(100)
-    assert trio.current_time() - start == pytest.approx(0.5)  # 400 + 100 bytes at 1000/s
-    unlimited = RateLimiter(None)
-    unlimited.charge(10)
-    assert unlimited.total == 10

@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -1083,35 +1082,6 @@ async def test_control_messages_go_ahead_of_queued_piece_data(
         assert first_control == 32
     else:
         assert first_control == 0
-
-
-async def test_an_idle_writer_leaves_control_messages_to_their_sender_in_order() -> None:
-    """While the writer idles, a control message is written by its sender (the writer
-    is not woken) and charged to the upload limiter; once the socket takes only part of
-    one, the writer sends the rest first and what follows queues behind it: the peer
-    sees every message, whole and in order."""
-    session, peer, stream = await _open_session_pair(haves_on_b=True, tcp=True)
-    session._upload = RateLimiter(1e9)
-    assert isinstance(session.stream, trio.SocketStream)
-    session.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(session.run_writer)
-        await trio.sleep(0.05)  # the writer idles
-        session.send_have(7)
-        session.send(Request(1, 0, 16384))
-        assert not session._wakeup.is_set()  # written at once: the writer slept on
-        assert session.bytes_sent == session._upload.total == 10 + 17  # have, request
-        sent: list[Any] = [Extended(LOCAL_HAVES_ID, build_haves_payload([7])), Request(1, 0, 16384)]
-        for i in range(4000):  # 68 KB unread: more than the two socket buffers hold
-            sent.append(Request(i % 100, (i // 100) * 16384, 16384))
-            session.send(sent[-1])
-        assert session._sealed_rest or session._control or session._outbox  # it filled
-        events = await _events_until(peer, stream, lambda e: len(e) >= len(sent))
-        assert events == sent
-        await trio.sleep(0.05)
-        assert session._writer_idle and session.bytes_sent == session._upload.total
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_peer_that_stops_reading_stops_counting_against_the_upload_budget(

@@ -98,17 +98,6 @@ class RateLimiter:
     def limited(self) -> bool:
         return self.rate is not None
 
-    def charge(self, amount: int) -> None:
-        """Count ``amount`` bytes that passed without waiting (a few bytes written at
-        once): they go into debt, which the callers after them wait out."""
-        self.total += amount
-        if self.rate is None:
-            return
-        now = trio.current_time()
-        if self._bucket is None:
-            self._bucket = TokenBucket(self.rate, self._burst, now=now)
-        self._bucket.reserve(amount, now)
-
     async def acquire(self, amount: int, *, first: bool = False) -> None:
         """Wait until ``amount`` bytes may pass; callers are served in arrival order,
         except that a caller with ``first`` waits only for its own bytes

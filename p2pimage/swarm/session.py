@@ -5,12 +5,9 @@ Short and boring on purpose. A :class:`PeerSession` owns a stream and a protocol
 :meth:`PeerSession.receive` returns messages and :meth:`PeerSession.send` queues them.
 Queued messages are written by one writer task in batches (one ``send_all`` per batch,
 not per 16 KiB block: measured on loopback, batching is worth 2-3x), with piece bytes
-paced by the upload limiter; a control message sent while the writer idles (a have, a
-request) is written by its sender at once instead (:meth:`PeerSession._write_now`), so
-the writer wakes for piece data, not for every few bytes. On an encrypted connection
-each batch is sealed as a whole (``PeerConnection.seal_into``), so encryption costs one
-AEAD call per batch, not per block, into a send buffer the session keeps (reused once
-the previous send returned).
+paced by the upload limiter. On an encrypted connection each batch is sealed as a whole
+(``PeerConnection.seal_into``), so encryption costs one AEAD call per batch, not per
+block, into a send buffer the session keeps (reused once the previous send returned).
 On a connection in the clear over a TCP socket, blocks of a complete blob can be queued
 as file regions (:meth:`PeerSession.send_piece_from_file`): the writer sends their bytes
 with ``os.sendfile``, from the page cache to the socket without a copy in Python.
@@ -194,12 +191,6 @@ class PeerSession:
         self._receive_buffer: bytearray | None = None
         self._send_buffer: bytearray | None = None
         self._send_buffer_busy = False  # its bytes are in send_all: not to be overwritten
-        # The writer waits for work with nothing queued or in hand: a control message
-        # may then be written at once by its sender (_write_now).
-        self._writer_idle = False
-        # Sealed bytes a direct write (_write_now) left unsent: the writer sends them
-        # before anything else.
-        self._sealed_rest = b""
         if isinstance(stream, trio.SocketStream):
             # Socket reads land here (recv_into), not in a new bytes object per read: the
             # RECEIVE_SIZE each read allocated before is now held for the session's life.
@@ -369,46 +360,12 @@ class PeerSession:
             self._outbox_bytes += 13 + len(message.data)
             self.payload_sent += len(message.data)
         elif isinstance(message, _CONTROL_TYPES):
-            data = self.conn.send(message)
-            if self._write_now(data):
-                return
-            self._queue_control(data)
+            self._queue_control(self.conn.send(message))
         else:
             data = self.conn.send(message)
             self._outbox.append(data)
             self._outbox_bytes += len(data)
         self._wakeup.set()
-
-    def _write_now(self, data: bytes) -> bool:
-        """Write a control message from the caller, without waking the writer: only while
-        the writer is idle (nothing queued, nothing in hand) on a TCP socket. True if
-        written (or left to the writer as sealed bytes, in order); False: queue it.
-
-        Most of a node's writes are small control messages, haves and requests above all
-        (in a 16-node swarm 3 of 4 writes). Through the writer each cost a wake-up, a
-        batch, a turn of the upload limiter and a yield after the send, besides the
-        send itself; written here, only the send. The upload limiter is charged the
-        bytes without a wait (they pass into debt that the next batch waits out), so
-        the rate holds."""
-        if not self._writer_idle or self._outbox or self._control or self._sealed_rest:
-            return False
-        stream = self.stream
-        if type(stream) is not trio.SocketStream:
-            return False
-        try:
-            wire = self.conn.seal(data)
-        except LocalProtocolError:
-            return False  # (the writer meets the closed connection itself)
-        self._upload.charge(len(wire))
-        try:
-            sent = os.write(stream.socket.fileno(), wire)
-        except OSError:
-            sent = 0  # a full or broken socket: the writer waits for it or fails on it
-        self.bytes_sent += sent
-        if sent < len(wire):
-            self._sealed_rest = bytes(wire[sent:])
-            self._wakeup.set()
-        return True
 
     def _queue_control(self, data: bytes) -> None:
         """A control message goes ahead of the piece data queued (behind the control
@@ -480,27 +437,14 @@ class PeerSession:
             return
         self._haves.append(index)
         if not defer:
-            self._send_haves()
+            self._haves_due = True
+            self._wakeup.set()
 
     def flush_haves(self) -> None:
         """Send the deferred haves now (wake the writer if any wait)."""
         if self._haves:
-            self._send_haves()
-
-    def _send_haves(self) -> None:
-        """The haves waiting go now: written at once while the writer is idle, else
-        with the writer's next batch."""
-        if self._writer_idle and not self._outbox and not self._control:
-            try:
-                data = self._haves_message()
-            except LocalProtocolError:
-                data = b""
-            if data and self._write_now(data):
-                return
-            if data:
-                self._queue_control(data)
-        self._haves_due = True
-        self._wakeup.set()
+            self._haves_due = True
+            self._wakeup.set()
 
     def _haves_message(self) -> bytes:
         ext_id = self.conn.peer_extension_id(HAVES_EXTENSION)
@@ -553,10 +497,6 @@ class PeerSession:
     async def run_writer(self) -> None:
         """Write queued messages in batches until the session closes."""
         while True:
-            if self._sealed_rest:
-                rest, self._sealed_rest = self._sealed_rest, b""
-                await self._send_sealed(rest)
-                continue
             if self._haves and self._closed is None and (self._haves_due or self._outbox):
                 self._haves_due = False
                 try:
@@ -567,11 +507,7 @@ class PeerSession:
                 if self._closed is not None:
                     return
                 self._wakeup = trio.Event()
-                self._writer_idle = True
-                try:
-                    await self._wakeup.wait()
-                finally:
-                    self._writer_idle = False
+                await self._wakeup.wait()
                 continue
             batch: list[_Chunk] = []
             size = 0
@@ -653,15 +589,6 @@ class PeerSession:
                 self._send_buffer_busy = False
                 data.release()  # type: ignore[union-attr]
         self.bytes_sent += sent
-
-    async def _send_sealed(self, data: bytes) -> None:
-        """Send bytes sealed (and charged to the upload limiter) already."""
-        assert isinstance(self.stream, trio.SocketStream)  # (only _write_now leaves them)
-        try:
-            await _send_all(self.stream.socket, data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise PeerClosed(f"connection lost: {exc}") from None
-        self.bytes_sent += len(data)
 
     async def _write_with_regions(self, batch: list[_Chunk]) -> None:
         """Write a batch in order: runs of bytes with ``send_all``, file regions with
