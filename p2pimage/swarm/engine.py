@@ -46,6 +46,7 @@ from p2pimage.swarm.policy import (
     DialPolicy,
     HavePolicy,
     InterestPolicy,
+    OriginShare,
     PeerTimeouts,
     RevealPolicy,
     UploadOrder,
@@ -354,6 +355,7 @@ class Swarm:
         self.timeouts = PeerTimeouts(self.settings.request_timeout_s, self.settings.stall_timeout_s)
         self.upload_order = UploadOrder(self.settings.upload_order)
         self.have_policy = HavePolicy(self.settings.have_delay_s)
+        self.origin_share = OriginShare(self._download_limiter.rate)
         self._upload_wakeup = trio.Event()  # a request arrived
         self._upload_room = trio.lowlevel.ParkingLot()  # a session wrote a batch
         self.reveal: RevealPolicy[bytes] = RevealPolicy(
@@ -837,6 +839,7 @@ class Swarm:
         """Wait until the node's download link has room for ``nbytes`` more registry
         bytes: ahead of the peers' blocks queued for it (``RateLimiter.acquire(first=True)``)."""
         await self._download_limiter.acquire(nbytes, first=True)
+        self.origin_share.read(nbytes, trio.current_time())
 
     async def accept_origin_piece(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         """Store a whole piece read from the registry and show it to the swarm; once every
@@ -1012,6 +1015,12 @@ class Swarm:
         if want <= 0:
             return
         now = trio.current_time()
+        budget = self.origin_share.peer_budget(now, self.picker.settings.request_queue_time)
+        if budget is not None:  # registry reads hold most of our downlink (OriginShare)
+            asked = sum(b.length for p in self.peers.values() for b, _ in p.outstanding.values())
+            want = min(want, int((budget - asked) // self.picker.block_size))
+            if want <= 0:
+                return
         if not peer.outstanding and not peer.timed_out:
             # The stall clock starts when we start waiting: a spell with nothing to ask
             # of this peer is no stall (else the first request after 20 idle seconds
