@@ -841,6 +841,10 @@ class Swarm:
         await self._download_limiter.acquire(nbytes, first=True)
         self.origin_share.read(nbytes, trio.current_time())
 
+    def origin_read_size(self, largest: int) -> int:
+        """Bytes per registry read on our download link (:meth:`OriginShare.read_size`)."""
+        return self.origin_share.read_size(largest)
+
     async def accept_origin_piece(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         """Store a whole piece read from the registry and show it to the swarm; once every
         piece is verified, complete the blob. False if the piece was here already.

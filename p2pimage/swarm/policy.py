@@ -353,6 +353,14 @@ class RevealPolicy(Generic[K]):
         return told
 
 
+# A registry read on a capped downlink covers this much of the link's time, so a piece
+# reaches the swarm once its own bytes are here: reads of 256 KiB at 1 MiB/s held each
+# 32 KiB piece back for up to 0.25 s, and the swarm's first piece for ~0.45 s.
+ORIGIN_READ_S = 1 / 32
+# ... but never less than this (per-read CPU; 16 KiB is the smallest piece).
+ORIGIN_MIN_READ_BYTES = 16 * 1024
+
+
 class OriginShare:
     """How many bytes a fetcher may keep asked of its peers while it reads the registry.
 
@@ -400,6 +408,13 @@ class OriginShare:
             return 0.0
         span = min(self.window_s, now - self._since)
         return self._bytes / max(span, 1e-3)
+
+    def read_size(self, largest: int) -> int:
+        """Bytes per registry read: ``ORIGIN_READ_S`` of a capped downlink, at least
+        ``ORIGIN_MIN_READ_BYTES``, at most ``largest`` (the reader's own unit)."""
+        if self.down_rate is None:
+            return largest
+        return max(ORIGIN_MIN_READ_BYTES, min(largest, int(self.down_rate * ORIGIN_READ_S)))
 
     def peer_budget(self, now: float, queue_time_s: float) -> float | None:
         """Bytes the fetcher may have outstanding at all its peers together (None: no
