@@ -154,6 +154,7 @@ class _Node:
     last_data: dict[int, tuple[float, float]] = field(default_factory=dict)  # from each
     # peer: (when, ``received`` then)
     received: float = 0.0  # bytes from all peers
+    received_at: float = 0.0  # when the last of them arrived
     banned: set[int] = field(default_factory=set)
     # Pieces held, one byte each (a set of 1,024 ints is ~32 KiB per node, touched at
     # random by every have: at 5,000 nodes the model waits on memory).
@@ -687,6 +688,7 @@ def _simulate(p: SimParams) -> SimResult:
                     continue
                 receiver = nodes[dst]
                 receiver.received += take
+                receiver.received_at = now
                 receiver.last_data[me] = (now, receiver.received)
                 t.left -= take
                 budget -= take
@@ -741,6 +743,7 @@ def _simulate(p: SimParams) -> SimResult:
                         silent_s=now - node.last_data[k][0],
                         others_bytes=int(node.received - node.last_data[k][1]),
                         outstanding_bytes=outstanding,
+                        swarm_silent_s=now - node.received_at,
                     )
                 ]:
                     ban(node, k)

@@ -79,22 +79,48 @@ def test_request_timeout_grows_with_the_drain_time_of_what_was_requested() -> No
     assert timeouts.drain_s(0, 1e6) == 0.0 and timeouts.drain_s(1 << 20, 0.0) == 0.0
 
 
+def test_request_timeout_is_capped_when_nothing_arrives() -> None:
+    timeouts = PeerTimeouts(request_timeout_s=15.0, stall_timeout_s=20.0, max_stall_s=120.0)
+    # Nothing arrived for a while: the decayed rates put the drain time at hours, but a
+    # request sat on for max_stall_s goes back to the pool (the liar of
+    # docs/reliability.md kept 40 requests this way, and the swarm stuck behind it).
+    decayed = timeouts.drain_s(40 * 16384, 1e-3)
+    assert timeouts.request_timeout(decayed) == 120.0
+
+
 def test_a_peer_is_stalled_only_while_the_others_deliver() -> None:
     timeouts = PeerTimeouts(request_timeout_s=15.0, stall_timeout_s=20.0, max_stall_s=120.0)
     requested = 4 << 20
+
+    def stalled(
+        silent_s: float, others: int, outstanding: int, swarm_silent_s: float = 0.5
+    ) -> bool:
+        return timeouts.stalled(
+            silent_s=silent_s,
+            others_bytes=others,
+            outstanding_bytes=outstanding,
+            swarm_silent_s=swarm_silent_s,
+        )
+
     # Silent for 30 s, but our whole process or link was starved: the others sent less
     # than three times what we asked for. Not this peer's fault.
-    assert not timeouts.stalled(silent_s=30.0, others_bytes=requested, outstanding_bytes=requested)
+    assert not stalled(30.0, requested, requested)
     # The others delivered three times everything we asked for: it skipped its turn.
-    assert timeouts.stalled(silent_s=30.0, others_bytes=3 * requested, outstanding_bytes=requested)
+    assert stalled(30.0, 3 * requested, requested)
     # Never before the floor, however much the others sent.
-    assert not timeouts.stalled(silent_s=19.0, others_bytes=1 << 40, outstanding_bytes=1)
+    assert not stalled(19.0, 1 << 40, 1)
+    assert not stalled(19.0, 0, requested, swarm_silent_s=19.0)
     # Nothing arrives from anyone: the swarm is stuck, the silent peer that holds our
     # requests (and keeps the origin readers off the pieces it claims) goes.
-    assert timeouts.stalled(silent_s=21.0, others_bytes=0, outstanding_bytes=requested)
+    assert stalled(21.0, 0, requested, swarm_silent_s=21.0)
+    # The others sent a little after its last block, then nothing for stall_timeout_s:
+    # stuck all the same (the liar's case: every other piece exchanged, the rest claimed
+    # by it alone).
+    assert stalled(30.0, 1, requested, swarm_silent_s=21.0)
+    assert not stalled(30.0, 1, requested, swarm_silent_s=19.0)
     # Waiting its turn behind slow others, at most max_stall_s.
-    assert not timeouts.stalled(silent_s=119.0, others_bytes=1, outstanding_bytes=requested)
-    assert timeouts.stalled(silent_s=121.0, others_bytes=1, outstanding_bytes=requested)
+    assert not stalled(119.0, 1, requested)
+    assert stalled(121.0, 1, requested)
 
 
 def test_reveal_goes_to_the_least_loaded_peer_then_to_everyone() -> None:

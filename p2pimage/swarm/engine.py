@@ -365,6 +365,7 @@ class Swarm:
         )
         self.stats = SwarmStats()
         self.received_bytes = 0  # from peers and the registry (PeerTimeouts.stalled)
+        self.received_at = trio.current_time()  # the last of them (or the start)
         self.peers: dict[bytes, _Peer] = {}
         self.banned: set[bytes] = set()
         self._banned_addresses: set[tuple[str, int]] = set()
@@ -726,6 +727,7 @@ class Swarm:
         length = len(message.data)
         peer.last_data_at = now
         self.received_bytes += length
+        self.received_at = now
         peer.received_at_last_data = self.received_bytes
         peer.timed_out = False
         peer.down_bytes_window += length
@@ -860,6 +862,7 @@ class Swarm:
             return False
         self.stats.downloaded_from_origin += len(data)
         self.received_bytes += len(data)  # evidence our link works, as peer blocks are
+        self.received_at = trio.current_time()
         self._reveal_origin_piece(index)
         await self.finalize_if_done()
         return True
@@ -1212,6 +1215,7 @@ class Swarm:
         if peer.outstanding and self.timeouts.stalled(
             silent_s=silent,
             others_bytes=self.received_bytes - peer.received_at_last_data,
+            swarm_silent_s=now - self.received_at,
             outstanding_bytes=outstanding,
         ):
             # Banned, not just dropped: dialed again, a peer that unchokes and then sits

@@ -238,9 +238,13 @@ class PeerTimeouts:
     - a peer is stalled once it has been silent for ``stall_timeout_s`` and the other
       peers (and origin reads) delivered either ``factor`` times everything we have
       requested meanwhile (its requests would have been answered in any fair order) or
-      nothing at all (the swarm is stuck, and a peer that claims pieces keeps the origin
-      readers off them: the hostage case of docs/reliability.md); while the others
-      deliver some but less, it is waiting its turn behind them, until ``max_stall_s``.
+      nothing for the last ``stall_timeout_s`` (the swarm is stuck, and a peer that
+      claims pieces keeps the origin readers off them: the hostage case of
+      docs/reliability.md); while the others deliver some but less, it is waiting its
+      turn behind them, until ``max_stall_s``.
+
+    A request never waits longer than ``max_stall_s`` either: when nothing arrives, the
+    measured rates decay towards zero and the drain time grows without bound.
     """
 
     request_timeout_s: float
@@ -259,17 +263,24 @@ class PeerTimeouts:
 
     def request_timeout(self, drain_s: float) -> float:
         """An outstanding request older than this goes back to the pool."""
-        return max(self.request_timeout_s, self.factor * drain_s)
+        return min(max(self.request_timeout_s, self.factor * drain_s), self.max_stall_s)
 
-    def stalled(self, *, silent_s: float, others_bytes: int, outstanding_bytes: int) -> bool:
+    def stalled(
+        self, *, silent_s: float, others_bytes: int, outstanding_bytes: int, swarm_silent_s: float
+    ) -> bool:
         """Whether a peer with requests outstanding, silent for ``silent_s`` while the
         other peers sent ``others_bytes``, is to be dropped; ``outstanding_bytes``: all
-        that is requested from all peers now."""
+        that is requested from all peers now; ``swarm_silent_s``: since anything (a
+        block from any peer, an origin read) last arrived."""
         if silent_s > self.max_stall_s:
             return True
         if silent_s <= self.stall_timeout_s:
             return False
-        return others_bytes <= 0 or others_bytes >= self.factor * outstanding_bytes
+        return (
+            swarm_silent_s > self.stall_timeout_s
+            or others_bytes <= 0
+            or others_bytes >= self.factor * outstanding_bytes
+        )
 
 
 # --------------------------------------------------------------------------- origin reveal
