@@ -302,10 +302,17 @@ class _Connection:
                 await self._write(
                     h.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
                 )
-            event = None
-            with trio.move_on_after(self.limits.body_timeout_s):
-                with contextlib.suppress(h11.RemoteProtocolError, _ClientGone):
-                    event = await self._next_event()
+            # Most bodies came in the head's read: no timer, no socket read for them.
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError:
+                event = None
+            else:
+                if event is h11.NEED_DATA:
+                    event = None
+                    with trio.move_on_after(self.limits.body_timeout_s):
+                        with contextlib.suppress(h11.RemoteProtocolError, _ClientGone):
+                            event = await self._next_event()
             if event is None:  # gone, garbled, or silent too long
                 self.gone = True
                 return {"type": "http.disconnect"}

@@ -8,6 +8,7 @@ terminated, temporary directories removed) before the process exits.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -52,6 +53,11 @@ def run_until_signalled(async_fn: Callable[..., Awaitable[T]], *args: Any) -> T 
             nursery.start_soon(work)
         return result[0] if result else None
 
+    # Everything allocated so far (the imported modules, the settings) lives as long as
+    # the process: moved out of the collector's reach, a full collection no longer walks
+    # it, and a node forked from a pre-imported launcher no longer dirties the pages it
+    # shares with it (docs/benchmarks.md, "The cluster demo by phase and kind").
+    gc.freeze()
     try:
         try:
             return trio.run(main)

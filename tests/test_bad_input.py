@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import shutil
@@ -234,3 +235,19 @@ def test_a_daemon_that_dies_logs_why(caplog: pytest.LogCaptureFixture) -> None:
         run_until_signalled(daemon)
     record = next(r for r in caplog.records if r.levelno == logging.CRITICAL)
     assert record.exc_info is not None and "lost state" in str(record.exc_info[1])
+
+
+def test_a_daemon_runs_with_its_start_up_objects_out_of_the_collectors_reach() -> None:
+    """run_until_signalled freezes what was allocated before the daemon's loop starts
+    (imports, settings): full collections skip it, and forked nodes keep sharing it."""
+    gc.unfreeze()
+    alive = object.__new__(type("StartUp", (), {}))  # a tracked object made before the run
+
+    async def daemon() -> tuple[int, bool]:
+        return gc.get_freeze_count(), any(o is alive for o in gc.get_objects())
+
+    try:
+        frozen, visible = run_until_signalled(daemon) or (0, True)
+    finally:
+        gc.unfreeze()
+    assert frozen > 0 and not visible

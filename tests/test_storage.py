@@ -505,6 +505,7 @@ async def test_cursor_tells_the_caller_what_is_missing_and_guards_the_generation
     with PieceStorage.open(tmp_path, meta) as store:
         cursor = store.cursor(PL - 10, 2 * PL + 3)
         assert (cursor.position, cursor.done, cursor.missing()) == (PL - 10, False, True)
+        assert cursor.ready(1 << 20) == 0
         with pytest.raises(LocalProtocolError):
             cursor.read(100)  # its piece is not verified
         with trio.move_on_after(0.05) as waited:
@@ -512,11 +513,18 @@ async def test_cursor_tells_the_caller_what_is_missing_and_guards_the_generation
         assert waited.cancelled_caught  # still missing: wait() waits
         store.write_piece(0, piece(data, meta, 0))
         await cursor.wait()
+        assert (cursor.ready(1 << 20), cursor.ready(4)) == (10, 4)  # what read() would give
         assert cursor.read(1 << 20) == data[PL - 10 : PL]  # stops at the verified run's end
         assert cursor.position == PL and cursor.missing()
-        store.write_piece(1, piece(data, meta, 1))
         store.write_piece(2, piece(data, meta, 2))
+        with trio.move_on_after(0.05) as waited:
+            await cursor.wait_at(2 * PL)
+        assert not waited.cancelled_caught  # the piece under that offset is there
+        with pytest.raises(LocalProtocolError):
+            await cursor.wait_at(2 * PL + 3)  # beyond the cursor's end
+        store.write_piece(1, piece(data, meta, 1))
         assert not cursor.missing()
+        assert cursor.ready(1 << 20) == PL + 3  # up to the cursor's end
         assert cursor.read(PL) == data[PL : 2 * PL]
         store.write_piece(3, piece(data, meta, 3))
         with pytest.raises(DigestMismatchError):

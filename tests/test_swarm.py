@@ -327,6 +327,89 @@ async def test_reader_waiting_for_the_frontier_is_not_stalled_while_pieces_arriv
         assert stall <= trio.current_time() - start < 2 * stall
 
 
+async def test_stream_gathers_pieces_into_larger_chunks_after_the_first(
+    tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """Pieces that verify one at a time reach the reader as chunks of at least
+    ``stream_gather_bytes``: the first chunk goes at once (time to first byte), later ones
+    wait for the pieces after the position, but never longer than ``stream_gather_s``,
+    and the range's end never waits. On trio's MockClock, moved only by this test."""
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    data = blob.read_bytes()
+    settings = SwarmSettings()
+    gather = settings.stream_gather_bytes
+    per_chunk = gather // meta.piece_length
+    assert per_chunk >= 4 and meta.num_pieces > 2 * per_chunk + 2
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(1, issuer) as (node,):
+        swarm = await node.add_swarm(meta, tmp_path / "node")
+        chunks: list[bytes] = []
+
+        async def read() -> None:
+            async for chunk in swarm.stream():
+                chunks.append(chunk)
+
+        async def put(index: int) -> None:
+            offset = meta.piece_offset(index)
+            await swarm.accept_origin_piece(index, data[offset : offset + meta.piece_size(index)])
+            await trio.testing.wait_all_tasks_blocked()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            await put(0)
+            assert [len(c) for c in chunks] == [meta.piece_size(0)]  # the first: at once
+            for index in range(1, per_chunk):
+                await put(index)
+                assert len(chunks) == 1  # gathering: fewer than gather bytes ahead
+            await put(per_chunk)
+            assert [len(c) for c in chunks[1:]] == [gather]
+            # One more piece, then nothing for stream_gather_s: it goes out alone.
+            await put(per_chunk + 1)
+            assert len(chunks) == 2
+            mock_clock.jump(settings.stream_gather_s)
+            await trio.testing.wait_all_tasks_blocked()
+            assert [len(c) for c in chunks[2:]] == [meta.piece_length]
+            # The rest, last piece first: the range's end goes without waiting.
+            for index in reversed(range(per_chunk + 2, meta.num_pieces)):
+                await put(index)
+        assert b"".join(chunks) == data
+        assert all(len(c) >= gather for c in chunks[3:-1])
+
+
+async def test_a_peer_that_dialled_us_is_not_dialled_again_at_every_tracker_answer(
+    tmp_path: Path,
+) -> None:
+    """A peer that dialled us is known by an ephemeral source port, the tracker lists its
+    listen address: the first dial there stops after the 68-byte handshake (already
+    connected), and the swarm remembers whose address it is, so later tracker answers
+    dial it no more while it stays connected."""
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer) as (a, b):
+        swarm_a = await a.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
+        swarm_b = await b.add_swarm(meta, tmp_path / "b")
+        dials: list[tuple[str, int]] = []
+        dial = a.dial
+
+        async def counted(address: tuple[str, int], *args: Any, **kwargs: Any) -> Any:
+            dials.append(address)
+            return await dial(address, *args, **kwargs)
+
+        a.dial = counted  # type: ignore[method-assign]
+        swarm_b.add_peers([a.listen_address])
+        with trio.fail_after(10):
+            while b.peer_id not in swarm_a.peers:
+                await trio.sleep(0.01)
+        for _ in range(3):  # three tracker answers naming b
+            swarm_a.add_peers([b.listen_address])
+            with trio.fail_after(10):
+                while swarm_a.want_more_peers() and swarm_a._dialing:
+                    await trio.sleep(0.01)
+        assert dials == [b.listen_address]  # the first answer's dial only
+        assert list(swarm_a.peers) == [b.peer_id]
+
+
 async def test_request_queue_follows_the_swarm_picker_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,7 +27,7 @@ from p2pimage.tracker import (
     origin_blob_url,
     pack_peer,
 )
-from p2pimage.tracker._policy import _pick, _sample
+from p2pimage.tracker._policy import _pick, _pick_without, _sample
 from p2pimage.tracker._state import swarm_from_json, swarm_to_json
 from tests._tracker_fixtures import redis_port, state
 
@@ -259,6 +259,36 @@ def test_pick_draws_distinct_entries_uniformly_never_a_skipped_one(size: int) ->
     ), seen
     # Fewer entries than asked: every one not skipped.
     assert sorted(_pick(rng, group[:4], 10, {group[0][0]})) == sorted(group[1:4])
+
+
+@pytest.mark.parametrize("size", [9, 400])  # a shuffled copy; indices drawn
+@pytest.mark.parametrize("where", ["first", "middle", "last", "stale"])
+def test_pick_without_leaves_out_the_asker_and_draws_the_rest_uniformly(
+    size: int, where: str
+) -> None:
+    """The asker's own tier is sampled without it, by the index the view keeps (or, when
+    that index does not hold the asker, by its peer id): never the asker, distinct,
+    uniform over the others, the shared list unchanged."""
+    rng = random.Random(7)
+    group = [(i.to_bytes(20, "big"), ("10.0.0.1", 1000 + i), None) for i in range(size)]
+    before = list(group)
+    asker = {"first": 0, "middle": size // 2, "last": size - 1, "stale": 3}[where]
+    index = size - 2 if where == "stale" else asker
+    seen = dict.fromkeys(range(size), 0)
+    rounds = 300 * size // 3
+    for _ in range(rounds):
+        picked = _pick_without(rng, group, 3, index, group[asker][0])
+        assert len(picked) == 3 and len({e[0] for e in picked}) == 3
+        for entry in picked:
+            seen[entry[1][1] - 1000] += 1
+    assert group == before
+    assert seen[asker] == 0
+    expected = rounds * 3 / (size - 1)
+    assert all(0.8 * expected < c < 1.2 * expected for i, c in seen.items() if i != asker), seen
+    # As many entries as asked, or fewer: every one but the asker's.
+    small = group[:4]
+    assert sorted(_pick_without(rng, small, 3, 1, small[1][0])) == sorted([small[0], *small[2:]])
+    assert sorted(_sample(rng, small, 3, 3)) == small[:3]
 
 
 async def test_same_zone_preferred(state: TrackerState) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from p2pimage.tracker import (
     OriginAssignment,
     ScrapeStats,
     TrackerRequestError,
+    _protocol,
     encode_announce_answer,
     encode_announce_batch,
     encode_announce_batch_response,
@@ -375,6 +377,85 @@ def test_batch_body_parser_refuses_every_other_shape(value: object) -> None:
     else:
         with pytest.raises(TrackerRequestError):
             _batch_entries(body)
+
+
+# Entries in (and near) the shape every node sends, which the parser reads in one match
+# (_FAST_ENTRY): its parameter names and the values they take, and values just beside
+# them (lengths off by one, negative and huge integers, other names among them).
+_node_names = st.sampled_from([*_protocol._FAST_NAMES, b"ip", b"key", b"pee", b"zz"])
+_node_values = st.one_of(
+    st.integers(-(2**63), 2**63 - 1),
+    st.integers(0, 70_000),
+    st.binary(min_size=19, max_size=21),
+    st.binary(max_size=8),
+    st.sampled_from(
+        [
+            *(b"", b"started", b"completed", b"stopped", b"paused", b"a" * 255, b"a" * 256),
+            *(b"sha256:" + b"ab" * 32, b"sha256:" + b"AB" * 32, b"library/python:1"),
+        ]
+    ),
+    st.from_regex(rb"\A[a-z0-9._/-]{1,12}\Z"),
+)
+_node_entries = st.dictionaries(_node_names, _node_values, max_size=14)
+
+
+@settings(max_examples=300)
+@given(st.lists(_node_entries, min_size=1, max_size=4))
+def test_batch_body_parser_reads_node_entries_as_the_general_decoder(entries: list[dict]) -> None:
+    body = bencode({b"announces": entries})
+    assert _protocol._batch_entries(body) == bdecode(body)[b"announces"]  # type: ignore[index]
+
+
+def _batch_outcome(body: bytes) -> object:
+    try:
+        return parse_announce_batch(body)
+    except TrackerRequestError as exc:
+        return ("refused", str(exc))
+
+
+@settings(max_examples=500)
+@given(
+    st.lists(_node_entries, min_size=1, max_size=3),
+    st.lists(st.tuples(st.integers(0, 10_000), st.binary(max_size=3)), max_size=3),
+)
+def test_one_match_entries_and_general_steps_agree_even_on_damaged_bodies(
+    entries: list[dict], damage: list[tuple[int, bytes]]
+) -> None:
+    """Whatever the body, reading node entries in one match changes no outcome: the same
+    announces, or the same refusal, as the general steps alone."""
+    body = bytearray(bencode({b"announces": entries}))
+    for at, replacement in damage:
+        at %= len(body)
+        body[at : at + len(replacement)] = replacement
+    fast = _batch_outcome(bytes(body))
+    with mock.patch.object(_protocol, "_fast_entry", lambda body, pos: None):
+        general = _batch_outcome(bytes(body))
+    assert fast == general
+
+
+def test_node_entries_take_the_one_match_path() -> None:
+    """The shape nodes send (every p2pimage extra set) is read by the match, not by the
+    general steps; another parameter (``key``) by the general steps."""
+    req = AnnounceRequest(
+        info_hash=b"\x01" * 20,
+        peer_id=b"-P20001-" + b"\x00" * 12,
+        port=6881,
+        uploaded=5,
+        downloaded=7,
+        left=9,
+        event=Event.STARTED,
+        pieces=64,
+        digest="sha256:" + "ab" * 32,
+        repo="library/python",
+        origin_next=3,
+    )
+    body = encode_announce_batch([req])
+    pos = len(_protocol._BATCH_HEAD)
+    assert _protocol._fast_entry(body, pos) is not None
+    assert parse_announce_batch(body) == [req]
+    keyed = encode_announce_batch([AnnounceRequest(b"\x01" * 20, b"\x02" * 20, 1, key=b"k")])
+    assert _protocol._fast_entry(keyed, pos) is None
+    assert parse_announce_batch(keyed)[0].key == b"k"
 
 
 @pytest.mark.parametrize(

@@ -163,6 +163,21 @@ class BlobCursor:
         )
         self._check_generation()
 
+    def ready(self, max_bytes: int) -> int:
+        """How many bytes from :attr:`position` (at most ``max_bytes``, up to :attr:`end`)
+        :meth:`read` would return now: the run of verified pieces there (0 if the piece
+        under the position is missing)."""
+        self._check_generation()
+        return self._storage.verified_run(self.position, min(self.end - self.position, max_bytes))
+
+    async def wait_at(self, offset: int) -> None:
+        """Return once the piece under ``offset`` (in ``[position, end)``) is verified,
+        as :meth:`wait` does for the piece under the position."""
+        if not self.position <= offset < self.end:
+            raise LocalProtocolError(f"offset {offset} outside {self.position}..{self.end}")
+        await self._storage._wait(offset // self._storage.metainfo.piece_length, self._generation)
+        self._check_generation()
+
     def read(self, max_bytes: int) -> bytes:
         """The next verified bytes from :attr:`position` (at most ``max_bytes``, up to
         :attr:`end`), advancing past them. The piece under the position must be verified
@@ -593,12 +608,20 @@ class PieceStorage:
         piece_length = self.metainfo.piece_length
         if not self.has_piece(offset // piece_length):
             raise LocalProtocolError(f"piece {offset // piece_length} is not verified")
+        return self._pread(offset, self.verified_run(offset, max_bytes))
+
+    def verified_run(self, offset: int, max_bytes: int) -> int:
+        """The length of the run of verified bytes from ``offset``: at most ``max_bytes``,
+        up to the blob's end, 0 when the piece under ``offset`` is not verified."""
+        length = self.metainfo.length
+        if not 0 <= offset < length or max_bytes <= 0:
+            return 0
+        piece_length = self.metainfo.piece_length
+        limit = offset - offset % piece_length
         stop = min(length, offset + max_bytes)
-        limit = (offset // piece_length + 1) * piece_length
         while limit < stop and self.has_piece(limit // piece_length):
             limit += piece_length
-        stop = min(stop, limit)
-        return self._pread(offset, stop - offset)
+        return max(0, min(stop, limit) - offset)
 
     def _pread(self, offset: int, length: int) -> bytes:
         fd = self._check_open()

@@ -23,6 +23,7 @@ import random
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import trio
@@ -117,6 +118,9 @@ class Dialer(Protocol):
 # no longer counts against the swarm's upload_queue_bytes: one frozen peer must not hold
 # every other peer's uploads. A 512 KiB batch takes 0.06 s at 8 MiB/s.
 STUCK_WRITER_S = 2.0
+# Addresses whose peer id a swarm remembers (Swarm._named): far above the peers a swarm
+# is given (a tracker answer names up to 50), a bound for long-lived swarms in churn.
+MAX_KNOWN_ADDRESSES = 4096
 
 
 @dataclass
@@ -209,6 +213,15 @@ class SwarmSettings:
     block_size: int = MAX_BLOCK_LENGTH_LIMIT
     # Expected streaming rate (bytes/s) for deadline spacing in the streaming window.
     stream_rate: float = 50 * 1024 * 1024
+    # A reader (Swarm.stream) that has sent its first chunk gathers at least this many
+    # verified bytes per chunk, waiting up to stream_gather_s for the pieces after its
+    # position; the first chunk and the blob's end go out at once. While a layer
+    # downloads, pieces verify one at a time (64 KiB each in a 16 MiB layer), and each
+    # was a chunk of its own through the HTTP layer to the runtime: a wake-up, a pass
+    # through the ASGI stack and a socket send per piece (docs/benchmarks.md, "The
+    # cluster demo by phase and kind"). 0 turns gathering off.
+    stream_gather_bytes: int = 256 * 1024
+    stream_gather_s: float = 0.05
     # The piece picker's tunables (request queue depth, endgame duplicates, ...).
     picker: PickerSettings = field(default_factory=PickerSettings)
 
@@ -370,6 +383,12 @@ class Swarm:
         self.banned: set[bytes] = set()
         self._banned_addresses: set[tuple[str, int]] = set()
         self._dialing: set[tuple[str, int]] = set()
+        # The peer id each dialled address named in its handshake. A peer that dialled us
+        # is known by its id and an ephemeral source port, not by the listen address the
+        # tracker lists: without this, every tracker answer dialled it again, to stop
+        # after the 68-byte handshake (3 such dials per connected pair in the cluster
+        # demo's pulls: docs/benchmarks.md, "The cluster demo by phase and kind").
+        self._peer_at: dict[tuple[str, int], bytes] = {}
         self._nursery: trio.Nursery | None = None
         self.complete = trio.Event()
         self._finalizing = False
@@ -517,11 +536,16 @@ class Swarm:
         connected = {p.session.address for p in self.peers.values()}
         unwanted = connected | self._dialing | self._banned_addresses
         unwanted.add(self._dialer.listen_address)
+        peer_at, peers = self._peer_at, self.peers
+
+        def skip(address: tuple[str, int]) -> bool:
+            return address in unwanted or peer_at.get(address, b"") in peers
+
         for address in self.dial_policy.to_dial(
             addresses,
             connected=len(self.peers),
             dialing=len(self._dialing),
-            skip=unwanted.__contains__,
+            skip=skip,
         ):
             self._dialing.add(address)
             self._nursery.start_soon(self._dial, address, mutual)
@@ -536,7 +560,7 @@ class Swarm:
                     await trio.sleep(delay)
                 # A peer already connected (it dialed us meanwhile) is not dialed twice.
                 session, info = await self._dialer.dial(
-                    address, self.info_hash, unwanted=self.peers.__contains__
+                    address, self.info_hash, unwanted=partial(self._named, address)
                 )
             except (PeerClosed, trio.TooSlowError) as exc:
                 log.debug("dial %s failed: %s", address, exc)
@@ -553,6 +577,14 @@ class Swarm:
                 self.add_peers([address])
         except PeerClosed as exc:
             log.debug("peer %s: %s", address, exc.reason)
+
+    def _named(self, address: tuple[str, int], peer_id: bytes) -> bool:
+        """The peer at ``address`` named ``peer_id`` in its handshake: remember it, and
+        say whether that peer is connected already (the dial then stops)."""
+        if len(self._peer_at) >= MAX_KNOWN_ADDRESSES and address not in self._peer_at:
+            self._peer_at.clear()  # (a bound; what is forgotten costs one dial each)
+        self._peer_at[address] = peer_id
+        return peer_id in self.peers
 
     async def adopt(self, session: PeerSession, info: SessionInfo) -> None:
         """Take over an accepted session (called by the node's listener)."""
@@ -1285,10 +1317,15 @@ class Swarm:
         self._streams += 1
         try:
             cursor = self.storage.cursor(start, end)
+            gather = min(self.settings.stream_gather_bytes, chunk_size)
+            first = True
             while not cursor.done:
                 if cursor.missing():
                     await self._wait_missing(cursor, stall_timeout_s)
                 await cursor.wait()  # a checkpoint once the piece is there
+                if not first and gather > 0:
+                    await self._gather(cursor, gather)
+                first = False
                 yield cursor.read(chunk_size)
             if not self.closed.is_set():
                 self.picker.set_blocked(None)
@@ -1296,6 +1333,16 @@ class Swarm:
             self._streams -= 1
             if self._streams == 0 and self._close_storage_when_idle:
                 self.storage.close()
+
+    async def _gather(self, cursor: BlobCursor, nbytes: int) -> None:
+        """Return once ``nbytes`` verified bytes (or the rest of the range) lie ahead of
+        the reader, or after ``stream_gather_s``, whichever comes first."""
+        with trio.move_on_after(self.settings.stream_gather_s):
+            while True:
+                ready = cursor.ready(nbytes)
+                if ready >= nbytes or cursor.position + ready >= cursor.end:
+                    return
+                await cursor.wait_at(cursor.position + ready)
 
     async def _wait_missing(self, cursor: BlobCursor, stall_timeout_s: float | None) -> None:
         """The reader's policy while the piece under its position is missing: make that

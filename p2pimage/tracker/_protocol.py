@@ -316,7 +316,9 @@ def _announce_from_pairs(pairs: _Params) -> AnnounceRequest:
     port = _uint(pairs, b"port")
     if not 1 <= port <= 65535:
         raise TrackerRequestError("invalid port")
-    event = _EVENTS.get(_one(pairs, b"event") or b"")
+    # Parameters most announces leave out are looked up only when present (a call
+    # fewer each: a microsecond per swarm of a batch).
+    event = _EVENTS.get(_one(pairs, b"event") or b"") if b"event" in pairs else Event.NONE
     if event is None:
         raise TrackerRequestError("unknown event")
     pieces: int | None = None
@@ -324,10 +326,10 @@ def _announce_from_pairs(pairs: _Params) -> AnnounceRequest:
         pieces = _uint(pairs, b"p2pimage_pieces")
         if not 1 <= pieces <= MAX_PIECES:
             raise TrackerRequestError("invalid p2pimage_pieces")
-    digest = _one(pairs, b"p2pimage_digest")
+    digest = _one(pairs, b"p2pimage_digest") if b"p2pimage_digest" in pairs else None
     if digest is not None and not (digest.isascii() and is_digest(digest.decode("ascii"))):
         raise TrackerRequestError("invalid p2pimage_digest")
-    repo = _one(pairs, b"p2pimage_repo")
+    repo = _one(pairs, b"p2pimage_repo") if b"p2pimage_repo" in pairs else None
     if repo is not None and (len(repo) > _MAX_REPO_BYTES or not _REPO_RE.match(repo)):
         raise TrackerRequestError("invalid p2pimage_repo")
     origin_next = None
@@ -335,7 +337,7 @@ def _announce_from_pairs(pairs: _Params) -> AnnounceRequest:
         origin_next = _uint(pairs, b"p2pimage_origin_next")
         if origin_next > MAX_PIECES:
             raise TrackerRequestError("invalid p2pimage_origin_next")
-    key = _one(pairs, b"key")
+    key = _one(pairs, b"key") if b"key" in pairs else None
     if key is not None and len(key) > 64:
         raise TrackerRequestError("invalid key")
     # Positional, in field order: keywords cost a microsecond per request here.
@@ -347,8 +349,8 @@ def _announce_from_pairs(pairs: _Params) -> AnnounceRequest:
         _uint(pairs, b"downloaded", default=0),
         _uint(pairs, b"left", default=0),
         event,
-        min(_uint(pairs, b"numwant", default=DEFAULT_NUMWANT), MAX_NUMWANT),
-        _ip(_one(pairs, b"ip")),
+        min(_uint(pairs, b"numwant"), MAX_NUMWANT) if b"numwant" in pairs else DEFAULT_NUMWANT,
+        _ip(_one(pairs, b"ip")) if b"ip" in pairs else None,
         key,
         pieces,
         digest.decode("ascii") if digest is not None else None,
@@ -409,6 +411,74 @@ _BATCH_HEAD = b"d9:announcesl"
 # Parameters one batch entry may carry: every name a query may hold, with room to spare.
 _MAX_ENTRY_PARAMS = 32
 
+# The entry every p2pimage node sends, read in one C-level match rather than a dozen
+# Python steps a parameter (2.5-3x less CPU an entry): these parameters, each at most
+# once, in ascending order, integers canonical (no leading zero, no "-0", at most 19
+# digits), info_hash and peer_id of 20 bytes, a sha256 digest, a repository of the
+# characters its grammar allows (so the match cannot run past it: ":" ends it) whose
+# length is then checked against the one declared. An entry that does not match
+# (another parameter, another spelling, a bad value) goes through the general steps,
+# which accept or refuse it exactly as before; the match accepts nothing they refuse.
+_FAST_INT = rb"i(0|-?[1-9][0-9]{0,18})e"
+_FAST_ENTRY = re.compile(
+    rb"d(?:7:compact" + _FAST_INT + rb")?"
+    rb"(?:10:downloaded" + _FAST_INT + rb")?"
+    rb"(?:5:event(0:|7:started|9:completed|7:stopped|6:paused))?"
+    rb"(?:9:info_hash20:(.{20}))?"
+    rb"(?:4:left" + _FAST_INT + rb")?"
+    rb"(?:7:numwant" + _FAST_INT + rb")?"
+    rb"(?:15:p2pimage_digest71:(sha256:[0-9a-f]{64}))?"
+    rb"(?:20:p2pimage_origin_next" + _FAST_INT + rb")?"
+    rb"(?:15:p2pimage_pieces" + _FAST_INT + rb")?"
+    rb"(?:13:p2pimage_repo([1-9][0-9]{0,2}):([a-z0-9._/-]{1,255}))?"
+    rb"(?:7:peer_id20:(.{20}))?"
+    rb"(?:4:port" + _FAST_INT + rb")?"
+    rb"(?:8:uploaded" + _FAST_INT + rb")?"
+    rb"e",
+    re.DOTALL,
+)
+# The parameter of each value group of _FAST_ENTRY, in order (integers as integers, as
+# the general steps keep them); the repository's declared length (group 10) is checked,
+# not kept.
+_FAST_NAMES = (
+    b"compact",
+    b"downloaded",
+    b"event",
+    b"info_hash",
+    b"left",
+    b"numwant",
+    b"p2pimage_digest",
+    b"p2pimage_origin_next",
+    b"p2pimage_pieces",
+    b"p2pimage_repo",
+    b"peer_id",
+    b"port",
+    b"uploaded",
+)
+_FAST_INTS = tuple(name in _BATCH_INTS for name in _FAST_NAMES)
+_FAST_VALUES = (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 13, 14)
+_FAST_REPO_LENGTH = 10
+
+
+def _fast_entry(body: bytes, pos: int) -> tuple[_Params, int] | None:
+    """The entry at ``pos`` and where it ends, when it has the usual shape
+    (``_FAST_ENTRY``); None sends it through the general steps."""
+    m = _FAST_ENTRY.match(body, pos)
+    if m is None:
+        return None
+    length = m[_FAST_REPO_LENGTH]
+    values = m.group(*_FAST_VALUES)
+    if length is not None and int(length) != len(values[9]):
+        return None
+    entry: _Params = {}
+    for name, number, value in zip(_FAST_NAMES, _FAST_INTS, values, strict=True):
+        if value is not None:
+            entry[name] = int(value) if number else value
+    event = values[2]
+    if event is not None:
+        entry[b"event"] = event[event.index(b":") + 1 :]
+    return entry, m.end()
+
 
 def _batch_entries(body: bytes) -> list[_Params]:
     """The entries of a batch body, in one pass: exactly ``d9:announcesl`` + 1 to
@@ -426,6 +496,11 @@ def _batch_entries(body: bytes) -> list[_Params]:
                 raise TrackerRequestError("batch: an announce is not a dictionary")
             if len(entries) == MAX_BATCH_SWARMS:
                 raise TrackerRequestError(f"batch: more than {MAX_BATCH_SWARMS} announces")
+            fast = _fast_entry(body, pos)
+            if fast is not None:
+                entries.append(fast[0])
+                pos = fast[1]
+                continue
             pos += 1
             entry: _Params = {}
             prev = b""

@@ -201,7 +201,7 @@ def swarm_to_json(swarm: SwarmRecord) -> bytes:
         "largest_left": swarm.largest_left,
         "leecher_seen_at": swarm.leecher_seen_at,
         "unassigned": swarm.unassigned,
-        "stalled": [p.hex() for p in swarm.stalled],
+        "stalled": sorted(p.hex() for p in swarm.stalled),  # sorted: one document per state
         "distrusted": sorted(swarm.distrusted),
         "fetchers": [
             [f.peer_id.hex(), f.next, f.end, f.last_progress] for f in swarm.fetchers.values()
