@@ -1324,3 +1324,49 @@ async def test_a_quiet_swarm_stops_ticking_and_wakes_for_a_newcomer(tmp_path: Pa
         # The newcomer woke both seeds (rates and timeouts tick again while they serve).
         assert all(s.stats.ticks > t for s, t in zip(seeds, ticks, strict=True))
         await quiet_ticks([*seeds, leecher])
+
+
+async def test_a_fetcher_whose_registry_reads_fill_its_downlink_asks_its_peers_for_nothing(
+    tmp_path: Path,
+) -> None:
+    """Blocks a fetcher asks of a peer while its registry reads take its whole downlink
+    wait for those reads to end, and hold up the requests that peer sends behind them:
+    the fetcher's uplink idled (docs/benchmarks.md, "Calibration"). So it asks for
+    nothing meanwhile (``OriginShare``), and for everything once the reads end."""
+    blob, meta = make_blob(tmp_path, 2 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    rate = 1 * MIB
+    # A deep pipeline: without the rule the fetcher asks the seed for 32 blocks at once.
+    settings = SwarmSettings(picker=PickerSettings(min_pipeline=64))
+    auth = local_authenticator(issuer, subject="fetcher", cluster="prod")
+    async with (
+        nodes(1, issuer) as (seed_node,),
+        open_peer_node(authenticator=auth, download_rate=rate) as fetcher_node,
+    ):
+        await seed_node.add_swarm(
+            meta, tmp_path / "seed", storage=PieceStorage.open_complete(blob, meta)
+        )
+        fetcher = await fetcher_node.add_swarm(meta, tmp_path / "fetcher", settings=settings)
+        reading = True
+
+        async def registry_reads() -> None:
+            nonlocal reading
+            for _ in range(40):  # 64 KiB at a time at the link's rate: 2.5 s
+                await fetcher.pace_download(64 * 1024)
+            reading = False
+
+        most = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(registry_reads)
+            await trio.sleep(1.0)  # the reads hold the link
+            fetcher.add_peers([seed_node.listen_address])
+            while reading:
+                asked = sum(len(p.outstanding) for p in fetcher.peers.values())
+                most = max(most, asked)
+                await trio.sleep(0.02)
+        assert fetcher.peers  # it was connected while it read
+        # At most the link's slack (the reads' pace wobbles): a block or two of 8 KiB.
+        assert most <= 4, most
+        with trio.fail_after(20):
+            await fetcher.complete.wait()
+        assert sha256_file(fetcher.storage.path) == sha256_file(blob)

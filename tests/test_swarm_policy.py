@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 
 from p2pimage.errors import LocalProtocolError
 from p2pimage.swarm.policy import (
+    ORIGIN_MIN_READ_BYTES,
     AnnounceSchedule,
     DialPolicy,
     HavePolicy,
     InterestPolicy,
     OriginRange,
+    OriginShare,
     PeerTimeouts,
     RevealPolicy,
     UploadOrder,
@@ -311,3 +313,57 @@ def test_a_fresh_piece_is_told_at_once_or_soon_and_a_common_one_waits() -> None:
     assert soon.wait_s(interested=True, missing=200, holders=1) == 0.03
     assert soon.wait_s(interested=True, missing=200, holders=2) == 0.25
     assert soon.wait_s(interested=True, missing=8, holders=0) == 0.0  # its last pieces
+
+
+MIB = 1024 * 1024
+
+
+def test_a_fetcher_whose_registry_reads_fill_its_downlink_asks_its_peers_for_nothing() -> None:
+    share = OriginShare(1 * MIB)
+    assert share.peer_budget(0.0, 1.0) is None  # no registry bytes yet: no limit
+    now = 0.0
+    for _ in range(12):  # 256 KiB every 0.25 s: 1 MiB/s, the whole link
+        now += 0.25
+        share.read(256 * 1024, now)
+        assert share.peer_budget(now, 1.0) == 0.0
+    # The reads ended: the peers get the link back as the window passes.
+    assert share.peer_budget(now + 0.5, 1.0) == pytest.approx(0.5 * MIB)
+    assert share.peer_budget(now + 1.0, 1.0) is None
+
+
+def test_a_fetcher_keeps_what_its_registry_reads_leave_for_its_peers() -> None:
+    share = OriginShare(1 * MIB, window_s=1.0)
+    now = 0.0
+    for _ in range(20):  # 64 KiB every 0.25 s: a quarter of the link
+        now += 0.25
+        share.read(64 * 1024, now)
+    assert share.origin_rate(now) == pytest.approx(256 * 1024)
+    assert share.peer_budget(now, 1.0) == pytest.approx(0.75 * MIB)
+    assert share.peer_budget(now, 2.0) == pytest.approx(1.5 * MIB)
+
+
+def test_the_first_reads_of_a_spell_count_high() -> None:
+    """In its first window the rate is taken over the spell so far (the safe side: a
+    fetcher starting to read asks its peers for less, never for more)."""
+    share = OriginShare(4 * MIB)
+    share.read(MIB, 10.0)
+    assert share.origin_rate(10.0) >= 4 * MIB
+    assert share.peer_budget(10.0, 1.0) == 0.0
+    assert share.origin_rate(10.5) == pytest.approx(2 * MIB)
+
+
+def test_an_uncapped_downlink_sets_no_budget() -> None:
+    share = OriginShare(None)
+    share.read(MIB, 1.0)
+    assert share.peer_budget(1.0, 1.0) is None
+    with pytest.raises(LocalProtocolError):
+        OriginShare(MIB, window_s=0)
+
+
+def test_registry_reads_on_a_slow_downlink_are_short() -> None:
+    """A piece reaches the swarm once its bytes are here: 1/32 s of a capped link per
+    read (32 KiB at 1 MiB/s, not 256 KiB: a quarter second), within the bounds."""
+    assert OriginShare(1 * MIB).read_size(256 * 1024) == 32 * 1024
+    assert OriginShare(64 * MIB).read_size(256 * 1024) == 256 * 1024
+    assert OriginShare(64 * 1024).read_size(256 * 1024) == ORIGIN_MIN_READ_BYTES
+    assert OriginShare(None).read_size(256 * 1024) == 256 * 1024

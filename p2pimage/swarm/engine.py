@@ -48,6 +48,7 @@ from p2pimage.swarm.policy import (
     DialPolicy,
     HavePolicy,
     InterestPolicy,
+    OriginShare,
     PeerTimeouts,
     RevealPolicy,
     UploadOrder,
@@ -376,6 +377,7 @@ class Swarm:
         self.have_policy = HavePolicy(
             self.settings.have_delay_s, rare_delay_s=self.settings.rare_have_delay_s
         )
+        self.origin_share = OriginShare(self._download_limiter.rate)
         self._upload_wakeup = trio.Event()  # a request arrived
         self._upload_room = trio.lowlevel.ParkingLot()  # a session wrote a batch
         self.reveal: RevealPolicy[bytes] = RevealPolicy(
@@ -883,6 +885,11 @@ class Swarm:
         """Wait until the node's download link has room for ``nbytes`` more registry
         bytes: ahead of the peers' blocks queued for it (``RateLimiter.acquire(first=True)``)."""
         await self._download_limiter.acquire(nbytes, first=True)
+        self.origin_share.read(nbytes, trio.current_time())
+
+    def origin_read_size(self, largest: int) -> int:
+        """Bytes per registry read on our download link (:meth:`OriginShare.read_size`)."""
+        return self.origin_share.read_size(largest)
 
     async def accept_origin_piece(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         """Store a whole piece read from the registry and show it to the swarm; once every
@@ -1063,6 +1070,12 @@ class Swarm:
         if want <= 0:
             return
         now = trio.current_time()
+        budget = self.origin_share.peer_budget(now, self.picker.settings.request_queue_time)
+        if budget is not None:  # registry reads hold most of our downlink (OriginShare)
+            asked = sum(b.length for p in self.peers.values() for b, _ in p.outstanding.values())
+            want = min(want, int((budget - asked) // self.picker.block_size))
+            if want <= 0:
+                return
         if not peer.outstanding and not peer.timed_out:
             # The stall clock starts when we start waiting: a spell with nothing to ask
             # of this peer is no stall (else the first request after 20 idle seconds
