@@ -52,6 +52,7 @@ from p2pimage.swarm.policy import (
     AnnounceSchedule,
     DialPolicy,
     OriginRange,
+    OriginShare,
     PeerTimeouts,
     RevealPolicy,
     UploadOrder,
@@ -168,6 +169,7 @@ class _Node:
     origin: OriginRange | None = None  # the latest range (its progress is reported)
     reading: bool = False  # ``origin`` is still being read
     request: list[int] | None = None  # [next piece, stop) of the registry read in flight
+    share: OriginShare | None = None  # a fetcher's: what its registry reads leave its peers
     partial: float = 0.0  # bytes of request[0] read so far
 
 
@@ -260,6 +262,7 @@ def _simulate(p: SimParams) -> SimResult:
     upload_order = UploadOrder(ss.upload_order)
     by_need = upload_order.mode != "arrival"  # else arrival order is queue order
     min_depth = nodes[0].picker.pipeline_depth(-1)  # a peer whose rate is not known yet
+    queue_time_s = ss.picker.request_queue_time
     done = 0
     for node in nodes:
         node.next_announce = rng.uniform(0, p.announce_jitter_s) if p.tracker else math.inf
@@ -479,6 +482,13 @@ def _simulate(p: SimParams) -> SimResult:
             return
         me, picker, out, depth = node.index, node.picker, node.out, node.depth
         unchoking = node.unchoking
+        room: int | None = None  # blocks the fetcher's downlink leaves (Swarm._refill)
+        if node.share is not None:
+            budget = node.share.peer_budget(now, queue_time_s)
+            if budget is not None:
+                room = int((budget - sum(out.values()) * block_len) // block_len)
+                if room <= 0:
+                    return
         for peer in node.neighbors:
             # The engine asks only peers it is interested in and not choked by, for up to
             # their pipeline depth (cached per rate update and per block received while
@@ -488,10 +498,14 @@ def _simulate(p: SimParams) -> SimResult:
             if peer not in unchoking:
                 continue
             want = depth.get(peer, min_depth) - out.get(peer, 0)
+            if room is not None:
+                want = min(want, room)
             if want <= 0:
                 continue
             blocks = picker.pick(peer, want, now)
             if blocks:
+                if room is not None:
+                    room -= len(blocks)
                 src = nodes[peer]
                 if not out.get(peer, 0):
                     # The engine's stall clock starts when we start waiting (Swarm._refill):
@@ -507,6 +521,8 @@ def _simulate(p: SimParams) -> SimResult:
 
     def start_range(node: _Node, first: int, end: int) -> None:
         fetchers.add(node.index)
+        if node.share is None:
+            node.share = OriginShare(p.down)  # Swarm.origin_share
         node.origin = OriginRange(first, end)
         node.reading = True
         node.picker.set_range_priority(first, end, 0)  # Swarm.reserve_for_origin
@@ -540,6 +556,8 @@ def _simulate(p: SimParams) -> SimResult:
             node.request = list(step.read)
 
     def origin_bytes(node: _Node, got: float) -> None:
+        if node.share is not None:
+            node.share.read(round(got), now)  # Swarm.pace_download
         node.partial += got
         while node.request is not None and node.origin is not None:
             index, stop = node.request

@@ -706,6 +706,49 @@ async def test_interest_in_a_cooperative_peer_outlasts_a_spell_with_nothing_new(
         assert swarm.peers[holder.peer_id].idle_since is None
 
 
+@pytest.mark.parametrize("rare_delay", [0.0, 0.5])
+async def test_the_have_of_a_rare_piece_waits_rare_have_delay_s_not_have_delay_s(
+    tmp_path: Path, rare_delay: float
+) -> None:
+    """A have of a piece no other peer holds, to a peer already interested in us, leaves
+    after ``rare_have_delay_s`` (with whatever haves wait by then), not ``have_delay_s``;
+    with 0 at once."""
+    blob, meta = make_blob(tmp_path, 4 * MIB)  # 256 pieces
+    data = blob.read_bytes()
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(
+        have_delay_s=3.0,
+        rare_have_delay_s=rare_delay,
+        reveal_origin_pieces=False,
+        interest_grace_s=30.0,  # the watcher stays interested after catching up
+    )
+    async with nodes(2, issuer) as (holder, watcher):
+        source = await holder.add_swarm(meta, tmp_path / "holder", settings=settings)
+        swarm = await watcher.add_swarm(meta, tmp_path / "watcher", settings=settings)
+        swarm.add_peers([holder.listen_address])
+        with trio.fail_after(10):
+            while watcher.peer_id not in source.peers or holder.peer_id not in swarm.peers:
+                await trio.sleep(0.05)
+        assert await source.accept_origin_piece(0, data[: meta.piece_size(0)])
+        with trio.fail_after(10):  # told at once (not interested yet), asked, fetched
+            while not swarm.has_piece(0):
+                await swarm.wait_changed()
+        seen = source.peers[watcher.peer_id]
+        assert seen.peer_interested
+        await trio.sleep(0.2)  # the holder's writer is idle: nothing to ride along with
+        start = trio.current_time()
+        piece = data[meta.piece_offset(1) :][: meta.piece_size(1)]
+        assert await source.accept_origin_piece(1, piece)
+        with trio.fail_after(10):
+            while not swarm.picker.peer_has(holder.peer_id, 1):
+                await trio.sleep(0.01)
+        waited = trio.current_time() - start
+        if rare_delay:
+            assert rare_delay - 0.05 <= waited < settings.have_delay_s - 1.0
+        else:
+            assert waited < 0.3
+
+
 async def test_a_peer_asked_after_an_idle_spell_is_not_taken_for_a_staller(
     tmp_path: Path,
 ) -> None:
@@ -1281,3 +1324,49 @@ async def test_a_quiet_swarm_stops_ticking_and_wakes_for_a_newcomer(tmp_path: Pa
         # The newcomer woke both seeds (rates and timeouts tick again while they serve).
         assert all(s.stats.ticks > t for s, t in zip(seeds, ticks, strict=True))
         await quiet_ticks([*seeds, leecher])
+
+
+async def test_a_fetcher_whose_registry_reads_fill_its_downlink_asks_its_peers_for_nothing(
+    tmp_path: Path,
+) -> None:
+    """Blocks a fetcher asks of a peer while its registry reads take its whole downlink
+    wait for those reads to end, and hold up the requests that peer sends behind them:
+    the fetcher's uplink idled (docs/benchmarks.md, "Calibration"). So it asks for
+    nothing meanwhile (``OriginShare``), and for everything once the reads end."""
+    blob, meta = make_blob(tmp_path, 2 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    rate = 1 * MIB
+    # A deep pipeline: without the rule the fetcher asks the seed for 32 blocks at once.
+    settings = SwarmSettings(picker=PickerSettings(min_pipeline=64))
+    auth = local_authenticator(issuer, subject="fetcher", cluster="prod")
+    async with (
+        nodes(1, issuer) as (seed_node,),
+        open_peer_node(authenticator=auth, download_rate=rate) as fetcher_node,
+    ):
+        await seed_node.add_swarm(
+            meta, tmp_path / "seed", storage=PieceStorage.open_complete(blob, meta)
+        )
+        fetcher = await fetcher_node.add_swarm(meta, tmp_path / "fetcher", settings=settings)
+        reading = True
+
+        async def registry_reads() -> None:
+            nonlocal reading
+            for _ in range(40):  # 64 KiB at a time at the link's rate: 2.5 s
+                await fetcher.pace_download(64 * 1024)
+            reading = False
+
+        most = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(registry_reads)
+            await trio.sleep(1.0)  # the reads hold the link
+            fetcher.add_peers([seed_node.listen_address])
+            while reading:
+                asked = sum(len(p.outstanding) for p in fetcher.peers.values())
+                most = max(most, asked)
+                await trio.sleep(0.02)
+        assert fetcher.peers  # it was connected while it read
+        # At most the link's slack (the reads' pace wobbles): a block or two of 8 KiB.
+        assert most <= 4, most
+        with trio.fail_after(20):
+            await fetcher.complete.wait()
+        assert sha256_file(fetcher.storage.path) == sha256_file(blob)

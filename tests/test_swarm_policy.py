@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 
 from p2pimage.errors import LocalProtocolError
 from p2pimage.swarm.policy import (
+    ORIGIN_MIN_READ_BYTES,
     AnnounceSchedule,
     DialPolicy,
     HavePolicy,
     InterestPolicy,
     OriginRange,
+    OriginShare,
     PeerTimeouts,
     RevealPolicy,
     UploadOrder,
@@ -282,22 +284,86 @@ def test_upload_order_refuses_unknown_modes() -> None:
 
 @given(
     delay=st.sampled_from([0.0, 0.25]),
+    rare_delay=st.sampled_from([0.0, 0.03, 0.5]),
     interested=st.booleans(),
     missing=st.integers(0, 600),
     holders=st.integers(0, 40),
 )
-def test_a_have_waits_only_for_an_interested_peer_far_from_its_end_and_a_piece_others_hold(
-    delay: float, interested: bool, missing: int, holders: int
+def test_a_have_waits_only_for_an_interested_peer_far_from_its_end_and_less_for_a_rare_piece(
+    delay: float, rare_delay: float, interested: bool, missing: int, holders: int
 ) -> None:
-    policy = HavePolicy(delay)
-    waits = policy.may_wait(interested=interested, missing=missing, holders=holders)
-    assert waits == (delay > 0 and interested and missing > 8 and holders > 1)
+    policy = HavePolicy(delay, rare_delay_s=rare_delay)
+    wait = policy.wait_s(interested=interested, missing=missing, holders=holders)
+    if not (delay > 0 and interested and missing > 8):
+        assert wait == 0.0
+    elif holders > 1:
+        assert wait == delay
+    else:
+        assert wait == min(rare_delay, delay)  # never longer than a common piece's
 
 
-def test_a_fresh_piece_is_told_at_once_and_a_common_one_waits() -> None:
+def test_a_fresh_piece_is_told_at_once_or_soon_and_a_common_one_waits() -> None:
     policy = HavePolicy(0.25)
-    assert not policy.may_wait(interested=True, missing=200, holders=0)  # ours alone
-    assert not policy.may_wait(interested=True, missing=200, holders=1)  # one more holder
-    assert policy.may_wait(interested=True, missing=200, holders=2)
-    assert not policy.may_wait(interested=True, missing=8, holders=5)  # its last pieces
-    assert not policy.may_wait(interested=False, missing=200, holders=5)
+    assert policy.wait_s(interested=True, missing=200, holders=0) == 0.0  # ours alone
+    assert policy.wait_s(interested=True, missing=200, holders=1) == 0.0  # one more holder
+    assert policy.wait_s(interested=True, missing=200, holders=2) == 0.25
+    assert policy.wait_s(interested=True, missing=8, holders=5) == 0.0  # its last pieces
+    assert policy.wait_s(interested=False, missing=200, holders=5) == 0.0
+    soon = HavePolicy(0.25, rare_delay_s=0.03)
+    assert soon.wait_s(interested=True, missing=200, holders=1) == 0.03
+    assert soon.wait_s(interested=True, missing=200, holders=2) == 0.25
+    assert soon.wait_s(interested=True, missing=8, holders=0) == 0.0  # its last pieces
+
+
+MIB = 1024 * 1024
+
+
+def test_a_fetcher_whose_registry_reads_fill_its_downlink_asks_its_peers_for_nothing() -> None:
+    share = OriginShare(1 * MIB)
+    assert share.peer_budget(0.0, 1.0) is None  # no registry bytes yet: no limit
+    now = 0.0
+    for _ in range(12):  # 256 KiB every 0.25 s: 1 MiB/s, the whole link
+        now += 0.25
+        share.read(256 * 1024, now)
+        assert share.peer_budget(now, 1.0) == 0.0
+    # The reads ended: the peers get the link back as the window passes.
+    assert share.peer_budget(now + 0.5, 1.0) == pytest.approx(0.5 * MIB)
+    assert share.peer_budget(now + 1.0, 1.0) is None
+
+
+def test_a_fetcher_keeps_what_its_registry_reads_leave_for_its_peers() -> None:
+    share = OriginShare(1 * MIB, window_s=1.0)
+    now = 0.0
+    for _ in range(20):  # 64 KiB every 0.25 s: a quarter of the link
+        now += 0.25
+        share.read(64 * 1024, now)
+    assert share.origin_rate(now) == pytest.approx(256 * 1024)
+    assert share.peer_budget(now, 1.0) == pytest.approx(0.75 * MIB)
+    assert share.peer_budget(now, 2.0) == pytest.approx(1.5 * MIB)
+
+
+def test_the_first_reads_of_a_spell_count_high() -> None:
+    """In its first window the rate is taken over the spell so far (the safe side: a
+    fetcher starting to read asks its peers for less, never for more)."""
+    share = OriginShare(4 * MIB)
+    share.read(MIB, 10.0)
+    assert share.origin_rate(10.0) >= 4 * MIB
+    assert share.peer_budget(10.0, 1.0) == 0.0
+    assert share.origin_rate(10.5) == pytest.approx(2 * MIB)
+
+
+def test_an_uncapped_downlink_sets_no_budget() -> None:
+    share = OriginShare(None)
+    share.read(MIB, 1.0)
+    assert share.peer_budget(1.0, 1.0) is None
+    with pytest.raises(LocalProtocolError):
+        OriginShare(MIB, window_s=0)
+
+
+def test_registry_reads_on_a_slow_downlink_are_short() -> None:
+    """A piece reaches the swarm once its bytes are here: 1/32 s of a capped link per
+    read (32 KiB at 1 MiB/s, not 256 KiB: a quarter second), within the bounds."""
+    assert OriginShare(1 * MIB).read_size(256 * 1024) == 32 * 1024
+    assert OriginShare(64 * MIB).read_size(256 * 1024) == 256 * 1024
+    assert OriginShare(64 * 1024).read_size(256 * 1024) == ORIGIN_MIN_READ_BYTES
+    assert OriginShare(None).read_size(256 * 1024) == 256 * 1024

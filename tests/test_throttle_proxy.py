@@ -58,3 +58,44 @@ async def test_readers_share_the_cap_and_get_every_byte(
     # Never faster than the cap allows beyond its burst: 12 MiB at 4 MiB/s.
     assert took >= (readers * len(blob) - BURST) / rate
     assert took < 4 * readers * len(blob) / rate  # and no stall
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "plain"])
+async def test_readers_share_the_cap_slice_by_slice(
+    registry: Any, splice: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two readers of the capped registry advance together, as two flows on one link
+    do: neither gets a whole chunk's worth of the link while the other waits (with the
+    relay paying 1 MiB chunks whole, one reader got 1 MiB ahead)."""
+    if splice and not hasattr(os, "splice"):
+        pytest.skip("os.splice is Linux only")
+    monkeypatch.setattr(throttle_proxy, "SPLICE", splice)
+    blob = os.urandom(3 * MIB)
+    async with RegistryClient(registry.url) as client:
+        digest = await client.push_blob("test/relay", blob)
+    host, port = registry.url.removeprefix("http://").rsplit(":", 1)
+    proxy = ThrottleProxy((host, int(port)), 4 * MIB)
+    assert proxy.slice < throttle_proxy.CHUNK
+    received = [0, 0]
+    lead = 0  # the most one reader was ahead of the other while both were reading
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        url = f"{proxy.url}/v2/test/relay/blobs/{digest}"
+
+        async def read(http: httpx.AsyncClient, me: int) -> None:
+            nonlocal lead
+            async with http.stream("GET", url) as response:
+                assert response.status_code == 200
+                async for chunk in response.aiter_bytes():
+                    received[me] += len(chunk)
+                    if 0 < received[1 - me] < len(blob) and received[me] < len(blob):
+                        lead = max(lead, abs(received[0] - received[1]))
+
+        async with httpx.AsyncClient(timeout=30) as http, trio.open_nursery() as reads:
+            for me in (0, 1):
+                reads.start_soon(read, http, me)
+        nursery.cancel_scope.cancel()
+    assert received == [len(blob), len(blob)]
+    # A slice each in turn (82 KiB at 4 MiB/s), plus the burst and one socket read:
+    # well under the 1 MiB one reader was ahead by when chunks were paid whole.
+    assert lead <= 2 * proxy.slice + BURST + 64 * 1024 <= MIB // 2, lead

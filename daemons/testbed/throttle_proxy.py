@@ -3,6 +3,8 @@ in the local cluster demo.
 
 Every byte the upstream (the registry) sends to any client passes one token bucket, so
 the cap holds for the registry as a whole, as a real uplink would, and not per reader.
+Its readers share the cap as flows share a real link: each gets its part every few tens
+of milliseconds (:data:`SLICE_S`), never a whole chunk's worth of the link at a time.
 Bytes sent upstream (requests) are not limited.
 """
 
@@ -21,12 +23,20 @@ __all__ = ["ThrottleProxy"]
 
 log = logging.getLogger("p2pimage.throttle")
 
-# Relay granularity: at most one chunk per receive (or splice), token-bucket
-# reservation and send. The relay's CPU (this process's, in the local cluster) is per
-# chunk: 1 MiB, not 256 or 64 KiB; readers stay interleaved fairly, in arrival order, by
-# the bucket's debt, and no byte goes on before it is paid for, so a larger chunk adds
-# no overshoot (docs/benchmarks.md, "Where the cluster demo's CPU goes").
+# Receive granularity: at most one chunk per receive (or splice into the pipe). The
+# relay's CPU (this process's, in the local cluster) is mostly per chunk: 1 MiB, not 256
+# or 64 KiB (docs/benchmarks.md, "Where the cluster demo's CPU goes").
 CHUNK = 1024 * 1024
+# Pacing granularity: a chunk is paid for and sent on in slices of at most SLICE_S of
+# the cap (and at least MIN_SLICE bytes), so readers interleave, in arrival order by the
+# bucket's debt, slice by slice. Paying a whole 1 MiB chunk at once held each of two
+# readers at 2 MiB/s for a second between its chunks; an origin fetcher whose own
+# downlink took exactly its half of the registry then idled and never caught up (the
+# registry's part of 16 calibration nodes ended at 5.4-5.8 s where its cap allows 4;
+# docs/benchmarks.md, "Calibration"). No byte goes on before it is paid for, so the
+# cap's overshoot stays the burst.
+SLICE_S = 0.02
+MIN_SLICE = 16 * 1024
 # The bucket's burst: the cap's short-term overshoot.
 BURST = 128 * 1024
 # Linux: the registry's bytes go from socket to socket through a pipe in the kernel
@@ -41,6 +51,7 @@ class ThrottleProxy:
     def __init__(self, upstream: tuple[str, int], rate: float | None, host: str = "127.0.0.1"):
         self.upstream = upstream
         self.limiter = RateLimiter(rate, burst=BURST if rate else None)
+        self.slice = CHUNK if rate is None else min(CHUNK, max(MIN_SLICE, int(rate * SLICE_S)))
         self.host = host
         self.port = 0
         self.bytes_down = 0
@@ -70,10 +81,15 @@ class ThrottleProxy:
                         await self._splice(src, dst)
                     else:
                         while data := await src.receive_some(CHUNK):
-                            if limit:
-                                await self.limiter.acquire(len(data))
-                                self.bytes_down += len(data)
-                            await dst.send_all(data)
+                            if not limit:
+                                await dst.send_all(data)
+                                continue
+                            view = memoryview(data)
+                            for at in range(0, len(view), self.slice):
+                                part = view[at : at + self.slice]
+                                await self.limiter.acquire(len(part))
+                                self.bytes_down += len(part)
+                                await dst.send_all(part)
                     await dst.send_eof()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     nursery.cancel_scope.cancel()
@@ -86,7 +102,7 @@ class ThrottleProxy:
 
     async def _splice(self, src: trio.SocketStream, dst: trio.SocketStream) -> None:
         """Relay ``src`` to ``dst`` through a pipe in the kernel (``splice``), a chunk
-        at a time, each paid for before it goes on."""
+        at a time, each slice of it paid for before it goes on."""
         s_in, s_out = src.socket, dst.socket
         fd_in, fd_out = s_in.fileno(), s_out.fileno()
         flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -102,13 +118,16 @@ class ThrottleProxy:
                     continue
                 if n == 0:
                     return
-                await self.limiter.acquire(n)
-                self.bytes_down += n
                 while n:
-                    try:
-                        n -= os.splice(pipe_r, fd_out, n, flags=flags)
-                    except BlockingIOError:
-                        await trio.lowlevel.wait_writable(s_out)
+                    part = min(n, self.slice)
+                    await self.limiter.acquire(part)
+                    self.bytes_down += part
+                    n -= part
+                    while part:
+                        try:
+                            part -= os.splice(pipe_r, fd_out, part, flags=flags)
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_writable(s_out)
                 await trio.lowlevel.checkpoint()
         finally:
             os.close(pipe_r)

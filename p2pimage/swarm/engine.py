@@ -19,6 +19,7 @@ only as a :class:`Dialer`.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
@@ -47,6 +48,7 @@ from p2pimage.swarm.policy import (
     DialPolicy,
     HavePolicy,
     InterestPolicy,
+    OriginShare,
     PeerTimeouts,
     RevealPolicy,
     UploadOrder,
@@ -167,6 +169,12 @@ class SwarmSettings:
     # a fresh piece spreads through those haves, hop by hop). 0: every have at once.
     # Measurements: docs/benchmarks.md, "CPU per delivered MiB" and "Rare haves at once".
     have_delay_s: float = 0.25
+    # How long the have of a rare piece (HavePolicy) waits instead: one write carries
+    # the haves of the pieces verified meanwhile (a node verifies one every ~16 ms at
+    # 8 MiB/s with 128 KiB pieces), where each was a write of its own to every peer and a
+    # wake-up of every peer's reader (most of a node's system calls). 0: at once.
+    # Measurements: docs/benchmarks.md, "Rare haves, coalesced".
+    rare_have_delay_s: float = 0.03
     # A quiet swarm (complete, nothing requested either way, nobody interested, no byte
     # moved in the last tick: a seeding swarm on an idle node) ticks this seldom
     # instead, and at once again on any peer's message or a new peer. Its tick then only
@@ -366,7 +374,10 @@ class Swarm:
         self.interest = InterestPolicy(self.settings.interest_grace_s)
         self.timeouts = PeerTimeouts(self.settings.request_timeout_s, self.settings.stall_timeout_s)
         self.upload_order = UploadOrder(self.settings.upload_order)
-        self.have_policy = HavePolicy(self.settings.have_delay_s)
+        self.have_policy = HavePolicy(
+            self.settings.have_delay_s, rare_delay_s=self.settings.rare_have_delay_s
+        )
+        self.origin_share = OriginShare(self._download_limiter.rate)
         self._upload_wakeup = trio.Event()  # a request arrived
         self._upload_room = trio.lowlevel.ParkingLot()  # a session wrote a batch
         self.reveal: RevealPolicy[bytes] = RevealPolicy(
@@ -399,7 +410,10 @@ class Swarm:
         self._announce_news = trio.Event()
         self.closed = trio.Event()
         self._changed = trio.Event()
-        self._haves_deferred = trio.Event()  # a have waits for _haves_loop
+        # When _haves_loop sends the deferred haves (inf: none wait); the event wakes it
+        # when that moves earlier.
+        self._haves_flush_at = math.inf
+        self._haves_flush_moved = trio.Event()
         # Set while the tick loop waits out a quiet spell: activity sets it (_stir).
         self._quiet_wait: trio.Event | None = None
         if storage.complete:
@@ -871,6 +885,11 @@ class Swarm:
         """Wait until the node's download link has room for ``nbytes`` more registry
         bytes: ahead of the peers' blocks queued for it (``RateLimiter.acquire(first=True)``)."""
         await self._download_limiter.acquire(nbytes, first=True)
+        self.origin_share.read(nbytes, trio.current_time())
+
+    def origin_read_size(self, largest: int) -> int:
+        """Bytes per registry read on our download link (:meth:`OriginShare.read_size`)."""
+        return self.origin_share.read_size(largest)
 
     async def accept_origin_piece(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         """Store a whole piece read from the registry and show it to the swarm; once every
@@ -941,17 +960,21 @@ class Swarm:
                 self._send_have(peer, index, holders)
 
     def _send_have(self, peer: _Peer, index: int, holders: int) -> None:
-        """A have for ``peer``: deferred by up to ``have_delay_s`` when
-        :class:`HavePolicy` lets it wait (``holders``: how many of our peers hold it)."""
-        if self.have_policy.may_wait(
+        """A have for ``peer``: deferred by as long as :class:`HavePolicy` lets it wait
+        (``holders``: how many of our peers hold it), with the haves deferred before it."""
+        wait = self.have_policy.wait_s(
             interested=peer.peer_interested,
             missing=self.picker.peer_missing(peer.key),
             holders=holders,
-        ):
-            peer.session.send_have(index, defer=True)
-            self._haves_deferred.set()
-        else:
+        )
+        if wait <= 0:
             peer.session.send_have(index)
+            return
+        peer.session.send_have(index, defer=True)
+        due = trio.current_time() + wait
+        if due < self._haves_flush_at:
+            self._haves_flush_at = due
+            self._haves_flush_moved.set()
 
     async def finalize_if_done(self) -> None:
         """Once every piece is verified: check the whole SHA-256 and complete the blob."""
@@ -1047,6 +1070,12 @@ class Swarm:
         if want <= 0:
             return
         now = trio.current_time()
+        budget = self.origin_share.peer_budget(now, self.picker.settings.request_queue_time)
+        if budget is not None:  # registry reads hold most of our downlink (OriginShare)
+            asked = sum(b.length for p in self.peers.values() for b, _ in p.outstanding.values())
+            want = min(want, int((budget - asked) // self.picker.block_size))
+            if want <= 0:
+                return
         if not peer.outstanding and not peer.timed_out:
             # The stall clock starts when we start waiting: a spell with nothing to ask
             # of this peer is no stall (else the first request after 20 idle seconds
@@ -1189,12 +1218,14 @@ class Swarm:
             self._quiet_wait.set()
 
     async def _haves_loop(self) -> None:
-        """``have_delay_s`` after a have was deferred (:meth:`_send_have`), send the haves
-        deferred since; asleep while none are (an idle seed never wakes)."""
+        """When the earliest deferred have is due (:meth:`_send_have`), send every have
+        deferred so far; asleep while none are (an idle seed never wakes)."""
         while True:
-            await self._haves_deferred.wait()
-            await trio.sleep(self.settings.have_delay_s)
-            self._haves_deferred = trio.Event()
+            with trio.move_on_at(self._haves_flush_at):
+                await self._haves_flush_moved.wait()
+                self._haves_flush_moved = trio.Event()
+                continue  # deferred haves, or one due sooner
+            self._haves_flush_at = math.inf
             for peer in self.peers.values():
                 peer.session.flush_haves()
 

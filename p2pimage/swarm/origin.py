@@ -32,7 +32,8 @@ log = logging.getLogger("p2pimage.swarm.origin")
 # One HTTP request covers up to this many bytes of consecutive missing pieces: long enough
 # that request overhead vanishes, short enough that a steal or a failure wastes little.
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
-# Read granularity from the response body (and the limiter's unit).
+# Read granularity from the response body (and the limiter's unit), at most: on a
+# capped downlink, less (OriginSwarm.origin_read_size).
 CHUNK_BYTES = 256 * 1024
 
 
@@ -170,6 +171,8 @@ class OriginSwarm(Protocol):
 
     async def pace_download(self, nbytes: int) -> None: ...
 
+    def origin_read_size(self, largest: int) -> int: ...
+
     async def accept_origin_piece(
         self, index: int, data: bytes | bytearray | memoryview
     ) -> bool: ...
@@ -284,7 +287,11 @@ class OriginReader:
         # A registry that ignores Range is fine only from byte 0 (skip_ignored=False):
         # reading and dropping a prefix would cost the registry another copy of it.
         async with open_blob_range(
-            self.client, self._read_url, byte_range, headers=headers, chunk_size=CHUNK_BYTES
+            self.client,
+            self._read_url,
+            byte_range,
+            headers=headers,
+            chunk_size=self.swarm.origin_read_size(CHUNK_BYTES),
         ) as chunks:
             index = start
             buffer = bytearray()

@@ -11,6 +11,7 @@ not a copy of it.
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -25,6 +26,7 @@ __all__ = [
     "InterestPolicy",
     "OriginFollow",
     "OriginRange",
+    "OriginShare",
     "OriginStep",
     "PeerTimeouts",
     "RevealPolicy",
@@ -137,30 +139,32 @@ class InterestPolicy:
 
 @dataclass(frozen=True, slots=True)
 class HavePolicy:
-    """Which haves may wait to leave with the next batch to a peer (``delay_s``, one
-    write instead of one each: most of a node's small writes were haves).
+    """How long a have may wait to leave with the next batch to a peer (one write
+    instead of one each: most of a node's small writes were haves).
 
-    A have waits only when the peer is interested in us already (it has our other pieces
-    to ask for meanwhile), still lacks more than ``tail_pieces`` (in its last pieces a
-    have can decide when it finishes), and the piece is not rare: held by at most
-    ``rare_holders`` of our peers. A fresh piece spreads hop by hop through the haves of
-    its first holders, and a delay there is paid at every hop; a piece that other peers
-    can serve already changes little by waiting.
+    A have waits ``delay_s`` only when the peer is interested in us already (it has our
+    other pieces to ask for meanwhile), still lacks more than ``tail_pieces`` (in its
+    last pieces a have can decide when it finishes), and the piece is not rare: held by
+    at most ``rare_holders`` of our peers. A fresh piece spreads hop by hop through the
+    haves of its first holders, and a delay there is paid at every hop: its have waits
+    only ``rare_delay_s``, enough to leave with the haves of the next piece or two
+    (one write for several pieces) and short next to a hop's transfer. A piece that
+    other peers can serve already changes little by waiting.
     """
 
     delay_s: float
     tail_pieces: int = 8
     rare_holders: int = 1
+    rare_delay_s: float = 0.0
 
-    def may_wait(self, *, interested: bool, missing: int, holders: int) -> bool:
-        """Whether a have of a piece ``holders`` of our peers hold, to a peer that lacks
-        ``missing`` pieces, may wait up to ``delay_s``."""
-        return (
-            self.delay_s > 0
-            and interested
-            and holders > self.rare_holders
-            and missing > self.tail_pieces
-        )
+    def wait_s(self, *, interested: bool, missing: int, holders: int) -> float:
+        """How long a have of a piece ``holders`` of our peers hold, to a peer that lacks
+        ``missing`` pieces, may wait (0: at once)."""
+        if self.delay_s <= 0 or not interested or missing <= self.tail_pieces:
+            return 0.0
+        if holders <= self.rare_holders:
+            return min(self.rare_delay_s, self.delay_s)
+        return self.delay_s
 
 
 # --------------------------------------------------------------------------- uploading
@@ -360,6 +364,80 @@ class RevealPolicy(Generic[K]):
         else:
             self._pending.pop(told, None)
         return told
+
+
+# A registry read on a capped downlink covers this much of the link's time, so a piece
+# reaches the swarm once its own bytes are here: reads of 256 KiB at 1 MiB/s held each
+# 32 KiB piece back for up to 0.25 s, and the swarm's first piece for ~0.45 s.
+ORIGIN_READ_S = 1 / 32
+# ... but never less than this (per-read CPU; 16 KiB is the smallest piece).
+ORIGIN_MIN_READ_BYTES = 16 * 1024
+
+
+class OriginShare:
+    """How many bytes a fetcher may keep asked of its peers while it reads the registry.
+
+    Registry reads go first on the node's capped downlink (``Swarm.pace_download``). A
+    block asked of a peer beyond what those reads leave of the link waits until they
+    end, and so does everything that peer sends behind it on the same connection: its
+    requests for the pieces the fetcher just read. With origin reads taking the whole
+    link (16 nodes at 1 MiB/s, two fetchers sharing a 2 MiB/s registry), the fetcher's
+    uplink, the only source of the first copies, idled, and a fresh piece reached a
+    second node after a median 2.8-3.2 s (docs/benchmarks.md, "Calibration"). So while
+    registry bytes flow, a fetcher keeps at most ``queue_time_s`` of the link's
+    remainder (the downlink rate less the registry's rate over the last ``window_s``)
+    asked of its peers; with no cap, or no registry bytes in the window, no limit.
+    """
+
+    def __init__(self, down_rate: float | None, *, window_s: float = 1.0) -> None:
+        if window_s <= 0:
+            raise LocalProtocolError("window must be positive")
+        self.down_rate = down_rate
+        self.window_s = window_s
+        self._reads: deque[tuple[float, int]] = deque()  # (when, bytes) in the window
+        self._bytes = 0
+        self._since = 0.0  # the first read since the window was last empty
+
+    def read(self, nbytes: int, now: float) -> None:
+        """``nbytes`` registry bytes passed the downlink at ``now``."""
+        if self.down_rate is None:
+            return
+        self._expire(now)
+        if not self._reads:
+            self._since = now
+        self._reads.append((now, nbytes))
+        self._bytes += nbytes
+
+    def _expire(self, now: float) -> None:
+        reads = self._reads
+        while reads and reads[0][0] <= now - self.window_s:
+            self._bytes -= reads.popleft()[1]
+
+    def origin_rate(self, now: float) -> float:
+        """The registry's bytes per second on the downlink over the last window (in the
+        first window of a spell of reads, over the spell: a high estimate, the safe side)."""
+        self._expire(now)
+        if not self._reads:
+            return 0.0
+        span = min(self.window_s, now - self._since)
+        return self._bytes / max(span, 1e-3)
+
+    def read_size(self, largest: int) -> int:
+        """Bytes per registry read: ``ORIGIN_READ_S`` of a capped downlink, at least
+        ``ORIGIN_MIN_READ_BYTES``, at most ``largest`` (the reader's own unit)."""
+        if self.down_rate is None:
+            return largest
+        return max(ORIGIN_MIN_READ_BYTES, min(largest, int(self.down_rate * ORIGIN_READ_S)))
+
+    def peer_budget(self, now: float, queue_time_s: float) -> float | None:
+        """Bytes the fetcher may have outstanding at all its peers together (None: no
+        limit)."""
+        if self.down_rate is None:
+            return None
+        rate = self.origin_rate(now)
+        if rate <= 0:
+            return None
+        return max(0.0, self.down_rate - rate) * queue_time_s
 
 
 # --------------------------------------------------------------------------- announcing
