@@ -149,6 +149,9 @@ class _Node:
     # need not touch every neighbour's node (a cache miss each at 5,000 nodes).
     unchoking: set[int] = field(default_factory=set)
     queue: deque[_Transfer] = field(default_factory=deque)  # uploads, in order
+    # When each requester was last served (a block of its started): arrival order's
+    # ``waiting_since`` for a requester with more requests queued (Swarm._uploader).
+    served: dict[int, float] = field(default_factory=dict)
     out: dict[int, int] = field(default_factory=dict)  # pieces in flight from each peer
     recv: dict[int, float] = field(default_factory=dict)  # bytes from each peer this tick
     rate: dict[int, float] = field(default_factory=dict)
@@ -249,7 +252,7 @@ def _simulate(p: SimParams) -> SimResult:
             RevealPolicy(
                 enabled=ss.reveal_origin_pieces, timeout_s=ss.reveal_timeout_s, rng=node_rng
             ),
-            an.schedule(),
+            an.schedule(dial_target=ss.dial_target),
             have=bytearray(pieces),
         )
 
@@ -260,7 +263,7 @@ def _simulate(p: SimParams) -> SimResult:
     holds = bytearray(p.nodes * pieces)
     fetchers: set[int] = set()  # the nodes ever given an origin range
     upload_order = UploadOrder(ss.upload_order)
-    by_need = upload_order.mode != "arrival"  # else arrival order is queue order
+    by_need = upload_order.mode != "arrival"
     min_depth = nodes[0].picker.pipeline_depth(-1)  # a peer whose rate is not known yet
     queue_time_s = ss.picker.request_queue_time
     done = 0
@@ -477,6 +480,38 @@ def _simulate(p: SimParams) -> SimResult:
                     per_peer[dst] = get(dst, 0.0) + t.left
         return per_peer.get(peer, 0.0)
 
+    def round_robin(node: _Node) -> list[_Transfer]:
+        """``node``'s waiting requests in arrival order, as the engine's uploader serves
+        them (``UploadOrder("arrival")``): the requester waiting longest first (since its
+        first waiting request came, or since it was last served), one block each in turn,
+        each one's requests in order; the blocks already started ahead of all. Not the
+        queue's order: there a requester's share of the link grew with the requests it
+        kept queued, and a node with a short pipeline (an origin fetcher whose peers'
+        rates were measured while its registry reads held its downlink) stayed behind."""
+        started: list[_Transfer] = []
+        waiting: dict[int, list[_Transfer]] = {}
+        t_now = now
+        for t in node.queue:
+            if t.ready > t_now:
+                continue
+            if t.left < t.length:
+                started.append(t)
+            else:
+                mine = waiting.get(t.dst)
+                if mine is None:
+                    waiting[t.dst] = [t]
+                else:
+                    mine.append(t)
+        served = node.served
+        turns = sorted(
+            waiting.items(), key=lambda item: max(served.get(item[0], -1.0), item[1][0].ready)
+        )
+        started.extend(mine[0] for _, mine in turns)
+        deepest = max(len(mine) for _, mine in turns) if turns else 0
+        for turn in range(1, deepest):
+            started.extend(mine[turn] for _, mine in turns if len(mine) > turn)
+        return started
+
     def refill(node: _Node) -> None:
         if node.done_at is not None:
             return
@@ -636,6 +671,7 @@ def _simulate(p: SimParams) -> SimResult:
             min_interval=out.min_interval,
             complete=complete,
             peers=len(node.neighbors),
+            members=out.complete + out.incomplete,
         )
         node.next_announce = now + wait
 
@@ -686,11 +722,14 @@ def _simulate(p: SimParams) -> SimResult:
             finished = []
             me = node.index
             order: Iterable[_Transfer] = node.queue
-            if by_need and len(node.queue) > 1:
-                # The neediest requester first (the engine's Swarm._uploader asks
-                # UploadOrder at each block it serves); each one's requests in order.
-                held: dict[int, int] = {}
-                order = sorted(node.queue, key=lambda t: need_key(node, held, t))
+            if len(node.queue) > 1:
+                if by_need:
+                    # The neediest requester first (the engine's Swarm._uploader asks
+                    # UploadOrder at each block it serves); each one's requests in order.
+                    held: dict[int, int] = {}
+                    order = sorted(node.queue, key=lambda t: need_key(node, held, t))
+                else:
+                    order = round_robin(node)
             for t in order:
                 if budget <= 0:
                     break
@@ -704,6 +743,8 @@ def _simulate(p: SimParams) -> SimResult:
                     take = down_left[dst]
                 if take <= 0:
                     continue
+                if t.left == t.length:
+                    node.served[dst] = now  # the uploader picked this block
                 receiver = nodes[dst]
                 receiver.received += take
                 receiver.received_at = now

@@ -24,6 +24,7 @@ from p2pimage.swarm.policy import (
     follow_origin,
 )
 from p2pimage.tracker import Event, OriginAssignment
+from p2pimage.tracker.client import AnnounceSettings
 
 URL = "http://registry/v2/r/blobs/sha256:" + "0" * 64
 
@@ -170,6 +171,25 @@ def test_announce_schedule_events_intervals_and_retries() -> None:
     seeded = AnnounceSchedule(completed_sent=True)  # complete before the first announce
     seeded.succeeded(Event.STARTED, interval=30, min_interval=5, complete=True, peers=0)
     assert seeded.event(complete=True) is Event.NONE
+
+
+def test_announce_schedule_stays_hungry_until_the_dial_target_while_members_remain() -> None:
+    # A node whose dials were half refused (the first nodes of a cold start are full)
+    # keeps asking the tracker for more peers until it has its dial target, not only
+    # until 8: with 8, most of a 500-node swarm stopped at 12-15 peers.
+    s = AnnounceSettings(hungry_interval_s=1.0).schedule(dial_target=20)
+    assert s.want_peers == 20
+    ask = {"interval": 30, "min_interval": 1, "complete": False}
+    assert s.succeeded(Event.STARTED, peers=12, members=500, **ask) == 1.0
+    assert s.succeeded(Event.NONE, peers=19, members=0, **ask) == 1.0  # not counted
+    assert s.succeeded(Event.NONE, peers=20, members=500, **ask) == 30
+    # Connected to every other member: nobody more to ask for, however small the swarm.
+    assert s.succeeded(Event.NONE, peers=15, members=16, **ask) == 30
+    assert s.succeeded(Event.NONE, peers=14, members=16, **ask) == 1.0
+    # Complete: never hungry. A fixed want_peers still wins over the dial target.
+    assert s.succeeded(Event.NONE, peers=2, members=500, **ask | {"complete": True}) == 30
+    fixed = AnnounceSettings(want_peers=8).schedule(dial_target=20)
+    assert fixed.succeeded(Event.NONE, peers=12, members=500, **ask) == 30
 
 
 def test_origin_range_groups_requests_skips_held_and_stops_at_a_stolen_piece() -> None:

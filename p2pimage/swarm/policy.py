@@ -10,6 +10,7 @@ not a copy of it.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
@@ -448,15 +449,16 @@ class AnnounceSchedule:
     """When a swarm announces next, and which event it sends.
 
     ``started`` first; the normal interval the tracker gave (at least 1 s); while the swarm
-    is incomplete and short of ``want_peers``, every ``hungry_interval_s`` (or the
-    tracker's ``min interval``, if larger); at once on news (completion, close, origin
+    is incomplete, short of ``want_peers`` and connected to fewer peers than the tracker
+    counts other members, every ``hungry_interval_s`` (or the tracker's ``min
+    interval``, if larger); at once on news (completion, close, origin
     progress worth a lease renewal), but never sooner than ``min_gap_s`` after the last
     announce; ``completed`` once. After a failure, retry after ``retry_s``, doubling up to
     ``retry_max_s``.
     """
 
     hungry_interval_s: float = 1.0
-    want_peers: int = 8
+    want_peers: int = 20  # AnnounceSettings.schedule passes the swarm's dial target
     retry_s: float = 1.0
     retry_max_s: float = 30.0
     min_gap_s: float = 0.1
@@ -480,16 +482,21 @@ class AnnounceSchedule:
         min_interval: float | None,
         complete: bool,
         peers: int,
+        members: int = 0,
     ) -> float:
         """The announce carrying ``event`` was answered: seconds until the next one
-        (news may shorten it, down to ``min_gap_s``)."""
+        (news may shorten it, down to ``min_gap_s``). ``peers``: connected now;
+        ``members``: the tracker's count of the swarm's members, us included
+        (``complete + incomplete``; 0: not counted). A swarm connected to every other
+        member has nobody more to ask for: it is not hungry, however small."""
         self._retry = None
         if event is Event.STARTED:
             self.started_sent = True
         elif event is Event.COMPLETED:
             self.completed_sent = True
         wait = float(max(interval, 1))
-        if not complete and peers < self.want_peers:
+        others = members - 1 if members > 0 else math.inf
+        if not complete and peers < self.want_peers and peers < others:
             wait = max(self.hungry_interval_s, float(min_interval or 0))
         return wait
 
