@@ -38,8 +38,9 @@ import gc
 import math
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from operator import attrgetter
 
 from p2pimage.bound import direct_pull_time, kumar_ross_bound
@@ -62,9 +63,10 @@ from p2pimage.tracker import AnnounceRequest, Event, PolicyConfig, TrackerPolicy
 from p2pimage.tracker import SwarmRecord as TrackerSwarm
 from p2pimage.tracker.client import AnnounceSettings
 
-__all__ = ["SimParams", "SimResult", "simulate"]
+__all__ = ["SimParams", "SimResult", "arrival_order", "simulate"]
 
 _left = attrgetter("left")
+_dst = attrgetter("dst")
 # A node's pieces held (one byte each, 0 or 1) as the digits "0" and "1".
 _BINARY_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
 
@@ -201,6 +203,59 @@ def _timeline_row(
         ),
         "done": n - len(leechers),
     }
+
+
+def arrival_order(
+    queue: Sequence[_Transfer], served: dict[int, float], now: float
+) -> Iterable[_Transfer]:
+    """An uploader's waiting requests (``queue``, in arrival order) in the order the
+    engine's uploader serves them in ``UploadOrder("arrival")``: the blocks already
+    started first; then the requester waiting longest (since its first waiting request
+    came, or since ``served[requester]``, when it was last served), one block each in
+    turn, each one's requests in order. Requests not yet arrived (``ready > now``) are
+    left out. Not the queue's order: there a requester's share of the link grew with the
+    requests it kept queued, and a node that asked for few (a slow start, an origin
+    fetcher whose peers' rates were measured while its registry reads held its
+    downlink) stayed behind.
+
+    A step serves a few blocks, so the later turns are worked out only when reached
+    (the first turn is one C-level pass: each requester's first request)."""
+    heads = dict(zip(map(_dst, reversed(queue)), reversed(queue), strict=True))  # first wins
+    get = served.get
+    first = sorted(
+        (t for t in heads.values() if t.ready <= now),
+        key=lambda t: (t.left == t.length, max(get(t.dst, -1.0), t.ready)),
+    )
+    if len(heads) == len(queue):
+        return first
+    return chain(first, _later_turns(queue, heads, served, now))
+
+
+def _later_turns(
+    queue: Sequence[_Transfer], heads: dict[int, _Transfer], served: dict[int, float], now: float
+) -> Iterator[_Transfer]:
+    """:func:`arrival_order` after the first turn: each requester's second request, in
+    the same order of requesters, then the third..."""
+    waiting: dict[int, list[_Transfer]] = {}
+    for t in queue:
+        if t.ready > now or heads[t.dst] is t:
+            continue
+        mine = waiting.get(t.dst)
+        if mine is None:
+            waiting[t.dst] = [t]
+        else:
+            mine.append(t)
+    get = served.get
+    turns = [
+        mine
+        for _, mine in sorted(
+            waiting.items(), key=lambda item: max(get(item[0], -1.0), heads[item[0]].ready)
+        )
+    ]
+    for turn in range(max(map(len, turns), default=0)):
+        for mine in turns:
+            if len(mine) > turn:
+                yield mine[turn]
 
 
 def simulate(p: SimParams) -> SimResult:
@@ -480,38 +535,6 @@ def _simulate(p: SimParams) -> SimResult:
                     per_peer[dst] = get(dst, 0.0) + t.left
         return per_peer.get(peer, 0.0)
 
-    def round_robin(node: _Node) -> list[_Transfer]:
-        """``node``'s waiting requests in arrival order, as the engine's uploader serves
-        them (``UploadOrder("arrival")``): the requester waiting longest first (since its
-        first waiting request came, or since it was last served), one block each in turn,
-        each one's requests in order; the blocks already started ahead of all. Not the
-        queue's order: there a requester's share of the link grew with the requests it
-        kept queued, and a node with a short pipeline (an origin fetcher whose peers'
-        rates were measured while its registry reads held its downlink) stayed behind."""
-        started: list[_Transfer] = []
-        waiting: dict[int, list[_Transfer]] = {}
-        t_now = now
-        for t in node.queue:
-            if t.ready > t_now:
-                continue
-            if t.left < t.length:
-                started.append(t)
-            else:
-                mine = waiting.get(t.dst)
-                if mine is None:
-                    waiting[t.dst] = [t]
-                else:
-                    mine.append(t)
-        served = node.served
-        turns = sorted(
-            waiting.items(), key=lambda item: max(served.get(item[0], -1.0), item[1][0].ready)
-        )
-        started.extend(mine[0] for _, mine in turns)
-        deepest = max(len(mine) for _, mine in turns) if turns else 0
-        for turn in range(1, deepest):
-            started.extend(mine[turn] for _, mine in turns if len(mine) > turn)
-        return started
-
     def refill(node: _Node) -> None:
         if node.done_at is not None:
             return
@@ -729,7 +752,7 @@ def _simulate(p: SimParams) -> SimResult:
                     held: dict[int, int] = {}
                     order = sorted(node.queue, key=lambda t: need_key(node, held, t))
                 else:
-                    order = round_robin(node)
+                    order = arrival_order(node.queue, node.served, now)
             for t in order:
                 if budget <= 0:
                     break

@@ -6,7 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from benchmarks._sim import SimParams, simulate
+from benchmarks._sim import SimParams, arrival_order, simulate
 from benchmarks.simulate import main
 from p2pimage.metainfo.torrent import choose_piece_length
 from p2pimage.swarm.engine import SwarmSettings
@@ -158,3 +158,23 @@ def test_serving_the_neediest_first_pulls_the_last_nodes_in() -> None:
     assert need.t_all_s < arrival.t_all_s
     assert need.t_all_s - need.t_median_s < (arrival.t_all_s - arrival.t_median_s) / 2
     assert need.stalls == arrival.stalls == 0
+
+
+def test_arrival_order_serves_requesters_in_turn_not_by_requests_queued() -> None:
+    """The engine's uploader in arrival order (``UploadOrder``) serves the requester
+    waiting longest, one block at a time: a requester with one request waiting gets its
+    turn as often as one with many (in the queue's own order it waited behind all of
+    them, and a node with a short pipeline stayed behind)."""
+    from benchmarks._sim import _Transfer
+
+    def t(dst: int, ready: float, left: int = 10) -> _Transfer:
+        return _Transfer(src=0, dst=dst, piece=0, begin=0, length=10, left=left, ready=ready)
+
+    deep = [t(1, 0.0), t(1, 0.0), t(1, 0.1)]
+    short, later, started, unsent = t(2, 0.2), t(3, 0.3), t(4, 0.0, left=5), t(5, 2.0)
+    queue = [*deep, started, short, later, unsent]
+    order = list(arrival_order(queue, served={}, now=1.0))
+    assert order == [started, deep[0], short, later, deep[1], deep[2]]  # unsent: not here
+    # Requester 1, served at 0.5, waits since then: behind 2 and 3, which came earlier.
+    order = list(arrival_order(queue, served={1: 0.5}, now=1.0))
+    assert order == [started, short, later, deep[0], deep[1], deep[2]]
