@@ -1242,6 +1242,51 @@ async def test_data_path_socket_calls_move_every_byte_and_keep_trio_semantics() 
     await b.aclose()
 
 
+async def test_a_control_message_wakes_the_writer_once_and_is_read_in_one_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Wake-ups and system calls per control message (issue #15): the writer, woken by
+    a have, writes it without a second yield; the reader, whose last read emptied the
+    socket, waits until it is readable before reading, so no read fails with EAGAIN
+    first (half of a swarm's reads did)."""
+    session, peer, stream = await _open_session_pair(haves_on_b=True, tcp=True)
+    receiver = PeerSession(stream, peer, address=("127.0.0.1", 2))
+    reads = 0
+    readv = os.readv
+
+    def counting_readv(fd: int, buffers: Any) -> int:
+        nonlocal reads
+        reads += 1
+        return readv(fd, buffers)
+
+    monkeypatch.setattr(os, "readv", counting_readv)
+    writer_steps = 0
+
+    class WriterSteps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            nonlocal writer_steps
+            writer_steps += task.name == "writer"
+
+    count = 40
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer, name="writer")
+        await trio.sleep(0.05)
+        instrument = WriterSteps()
+        trio.lowlevel.add_instrument(instrument)
+        try:
+            for index in range(count):
+                session.send_have(index)
+                with trio.fail_after(5):
+                    messages = await receiver.receive_batch()
+                assert messages == [Extended(LOCAL_HAVES_ID, build_haves_payload([index]))]
+        finally:
+            trio.lowlevel.remove_instrument(instrument)
+        nursery.cancel_scope.cancel()
+    # One step and one read per message (two each before), plus the first read's try.
+    assert writer_steps <= count + 1
+    assert count <= reads <= count + 1
+
+
 @pytest.mark.parametrize("size", [20, CONTROL_READ_MAX + 1], ids=["control read", "bulk read"])
 def test_control_reads_are_not_held_behind_origin_reads(size: int) -> None:
     """A fetcher's downlink full of registry reads (which go first on its download

@@ -580,7 +580,13 @@ class PeerSession:
             buffer = self._send_buffer
             if buffer is None and SEND_BUFFER_MIN <= need <= SEND_BUFFER_BYTES:
                 buffer = self._send_buffer = bytearray(SEND_BUFFER_BYTES)
-            if buffer is None or self._send_buffer_busy or need > len(buffer):
+            if (
+                buffer is None
+                or need < SEND_BUFFER_MIN
+                or self._send_buffer_busy
+                or need > len(buffer)
+            ):
+                # (A small batch, control messages mostly, is sealed in one AEAD call.)
                 data: bytes | bytearray | memoryview = self.conn.seal(b"".join(batch))
                 buffer = None
             else:

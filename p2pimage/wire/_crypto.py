@@ -111,6 +111,15 @@ class RecordWriter:
 
     def seal(self, data: bytes | bytearray | memoryview) -> bytearray:
         """The records of ``data``, in one new buffer."""
+        size = len(data)
+        if 0 < size <= MAX_RECORD_PLAINTEXT and type(data) is not memoryview:
+            # One record (a batch of control messages, most of a node's writes): one AEAD
+            # call on ``data`` as it is, not the chunk-by-chunk in-place path.
+            header = _LEN.pack(size + TAG_LENGTH)
+            out = bytearray(header)
+            out += self._aead.encrypt(_NONCE.pack(self._counter), data, header)
+            self._counter += 1
+            return out
         view = memoryview(data).cast("B")
         out = bytearray(sealed_length(len(view)))
         self.seal_into(out, (view,))
@@ -203,6 +212,20 @@ class RecordReader:
         """Add received bytes (copied: the caller may reuse ``data``'s buffer); return
         the plaintext of every record now complete."""
         raw = self._raw
+        if not raw and self._limit is None and len(data) > 4:
+            # Exactly one whole record (a read of control messages, most of a node's
+            # reads): opened from ``data`` itself, without passing through the buffer.
+            length = _LEN.unpack_from(data)[0]
+            if len(data) == 4 + length and TAG_LENGTH < length <= MAX_RECORD_PLAINTEXT + TAG_LENGTH:
+                with memoryview(data) as view:
+                    try:
+                        plain = self._aead.decrypt(_NONCE.pack(self._counter), view[4:], view[:4])
+                    except InvalidTag:
+                        raise RemoteProtocolError(
+                            "encrypted record failed authentication"
+                        ) from None
+                self._counter += 1
+                return plain
         raw += data
         out: list[bytes] = []
         pos = 0
