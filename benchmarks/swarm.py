@@ -26,8 +26,7 @@ libtorrent_ratio_to_bound, libtorrent_registry_copies, libtorrent_cpu_s,
 libtorrent_cpu_ms_per_mib, cpu_ratio (ours / libtorrent's CPU per MiB); and ours in detail:
 t_first_s and t_median_s (the first and the median node done), t_origin_s (the last
 origin reader done with its range), peers_banned, requests_timed_out,
-min_peers_connected (the fewest connections a node still held at the end), requests_sent
-(request messages of all nodes) and pieces_in_runs (pieces asked in runs, p2pimage_runs).
+min_peers_connected (the fewest connections a node still held at the end).
 """
 
 from __future__ import annotations
@@ -139,8 +138,6 @@ async def _worker(spec: dict[str, Any]) -> None:
             # stall_timeout_s"), and the connections each node still held at the end.
             "peers_banned": sum(s.stats.peers_banned for s in swarms.values()),
             "requests_timed_out": sum(s.stats.requests_timed_out for s in swarms.values()),
-            "requests_sent": sum(s.stats.requests_sent for s in swarms.values()),
-            "pieces_in_runs": sum(s.stats.pieces_in_runs for s in swarms.values()),
             "peers_connected": [len(s.peers) for s in swarms.values()],
         }
         print(json.dumps(report), flush=True)
@@ -270,8 +267,6 @@ async def run_ours(
         "hash_failures": sum(r["hash_failures"] for r in reports),
         "peers_banned": sum(r["peers_banned"] for r in reports),
         "requests_timed_out": sum(r["requests_timed_out"] for r in reports),
-        "requests_sent": sum(r["requests_sent"] for r in reports),
-        "pieces_in_runs": sum(r["pieces_in_runs"] for r in reports),
         "peers_connected": [c for r in reports for c in r["peers_connected"]],
         "origin_failures": [f for r in reports for f in r["origin_failures"]],
     }
@@ -415,8 +410,6 @@ def main(argv: list[str] | None = None) -> int:
         "t_origin_s": round(ours["t_origin_s"], 2),
         "peers_banned": ours["peers_banned"],
         "requests_timed_out": ours["requests_timed_out"],
-        "requests_sent": ours["requests_sent"],
-        "pieces_in_runs": ours["pieces_in_runs"],
         "min_peers_connected": min(ours["peers_connected"], default=0),
     }
     if lt is not None:
