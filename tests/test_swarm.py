@@ -442,8 +442,8 @@ async def test_request_queue_follows_the_swarm_picker_settings(
         picks: list[tuple[int, int]] = []  # (depth, outstanding after the pick)
         real_pick = picker.pick
 
-        def recording_pick(peer: Any, count: int, now: float, *rest: Any) -> Any:
-            blocks = real_pick(peer, count, now, *rest)
+        def recording_pick(peer: Any, count: int, now: float) -> Any:
+            blocks = real_pick(peer, count, now)
             picks.append((picker.pipeline_depth(peer), picker.outstanding_count(peer)))
             return blocks
 
@@ -468,12 +468,11 @@ async def test_a_block_of_the_wrong_length_closes_that_peer(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A block that is not the length we asked for is the peer's fault: its session ends
-    at once (not a storage error, not a ban, nothing stored). (Without runs, whose
-    pieces come from one read: tests/test_runs.py has a peer that answers a run wrong.)"""
+    at once (not a storage error, not a ban, nothing stored)."""
     caplog.set_level(logging.DEBUG, logger="p2pimage.swarm.engine")
     blob, meta = make_blob(tmp_path, 1 * MIB)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
-    async with nodes(2, issuer, runs=False) as (liar, leecher):
+    async with nodes(2, issuer) as (liar, leecher):
         await liar.add_swarm(meta, tmp_path, storage=_ShortBlocks.open_complete(blob, meta))
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher")
         swarm.add_peers([liar.listen_address])

@@ -73,7 +73,6 @@ from p2pimage.wire import (
     Role,
     Unchoke,
     decode_haves,
-    run_pieces,
 )
 
 __all__ = [
@@ -244,8 +243,6 @@ class SwarmStats:
     peers_connected: int = 0
     peers_banned: int = 0
     requests_timed_out: int = 0  # requests given back to the pool by request_timeout_s
-    requests_sent: int = 0  # request messages (a run, or a stock client's part, is one)
-    pieces_in_runs: int = 0  # pieces asked for in runs of two or more (p2pimage_runs)
     ticks: int = 0  # housekeeping ticks run (a quiet swarm ticks every idle_tick_s)
     started_at: float = 0.0
     first_piece_at: float | None = None
@@ -306,11 +303,6 @@ class _Peer:
     # Blocks asked in parts (a peer with smaller blocks than ours): the part offsets
     # still due, by (index, begin) of the block.
     parts: dict[tuple[int, int], set[int]] = field(default_factory=dict)
-    # Runs asked of a peer that serves them (p2pimage_runs): by first piece, the request
-    # sent and the pieces of it still due; and the first piece of the run of each
-    # outstanding piece asked in one.
-    runs: dict[int, tuple[Request, set[int]]] = field(default_factory=dict)
-    run_of: dict[int, int] = field(default_factory=dict)
     uploads: deque[Request] = field(default_factory=deque)
     # When the peer's turn in UploadOrder's ties began: its first waiting request's
     # arrival, or its last request served.
@@ -758,8 +750,6 @@ class Swarm:
             self.picker.peer_choked(peer.key)
             peer.outstanding.clear()
             peer.parts.clear()
-            peer.runs.clear()
-            peer.run_of.clear()
             self._refill_all()
         elif isinstance(message, Request):
             self._on_request(peer, message)
@@ -811,8 +801,6 @@ class Swarm:
         if done:
             del peer.outstanding[key]
             peer.parts.pop(key, None)
-            if peer.run_of:
-                self._run_piece_gone(peer, index)
             try:
                 cancels = self.picker.block_received(peer.key, index, block_begin)
             except RemoteProtocolError as exc:
@@ -834,7 +822,6 @@ class Swarm:
             self.stats.wasted += length
             peer.outstanding.pop(key, None)
             peer.parts.pop(key, None)
-            self._run_piece_gone(peer, index)
             self.picker.request_timed_out(peer.key, BlockRequest(index, block_begin, length))
             self._refill(peer)
             return
@@ -848,12 +835,6 @@ class Swarm:
             key = (block.index, block.begin)
             if other is not None and key in other.outstanding:
                 del other.outstanding[key]
-                if block.index in other.run_of:
-                    # One piece of a run: the run's cancel goes once no piece of it is due.
-                    run = self._run_piece_gone(other, block.index)
-                    if run is not None:
-                        other.session.send(Cancel(run.index, run.begin, run.length))
-                    continue
                 parts = other.parts.pop(key, None)
                 if parts is None:
                     other.session.send(Cancel(block.index, block.begin, block.length))
@@ -862,20 +843,6 @@ class Swarm:
                 part = other.session.conn.peer_max_block_length
                 for begin in sorted(parts):
                     other.session.send(Cancel(block.index, begin, min(part, end - begin)))
-
-    @staticmethod
-    def _run_piece_gone(peer: _Peer, index: int) -> Request | None:
-        """Piece ``index`` is no longer due from ``peer`` (arrived, cancelled, timed out):
-        if it was asked in a run, the run's request once no piece of it is due."""
-        first = peer.run_of.pop(index, None)
-        if first is None:
-            return None
-        request, due = peer.runs[first]
-        due.discard(index)
-        if due:
-            return None
-        del peer.runs[first]
-        return request
 
     def _piece_failed(self, index: int) -> None:
         self.stats.hash_failures += 1
@@ -1115,46 +1082,18 @@ class Swarm:
             # banned it at the next tick; frequent with few pieces, see #15).
             peer.last_data_at = now
             peer.received_at_last_data = self.received_bytes
-        conn = peer.session.conn
-        part = conn.peer_max_block_length
-        if conn.runs and conn.peer_runs and part >= 2 * self.metainfo.piece_length:
-            self._request_runs(peer, want, part, now)
-            return
+        part = peer.session.conn.peer_max_block_length
         for block in self.picker.pick(peer.key, want, now):
             peer.outstanding[(block.index, block.begin)] = (block, now)
             if block.length <= part:
-                self.stats.requests_sent += 1
                 peer.session.send(Request(block.index, block.begin, block.length))
                 continue
             # A stock client: ask for the block in parts it accepts (16 KiB, BEP 3).
             end = block.begin + block.length
             begins = range(block.begin, end, part)
-            self.stats.requests_sent += len(begins)
             peer.parts[(block.index, block.begin)] = set(begins)
             for begin in begins:
                 peer.session.send(Request(block.index, begin, min(part, end - begin)))
-
-    def _request_runs(self, peer: _Peer, want: int, part: int, now: float) -> None:
-        """:meth:`_refill` toward a peer that serves runs (whole pieces of at most half
-        its block limit): consecutive pieces the picker gives it alone go in one request
-        (:meth:`PiecePicker.runs`), answered by one piece message each."""
-        picker = self.picker
-        blocks = picker.pick(peer.key, want, now, part // self.metainfo.piece_length)
-        send = peer.session.send
-        for run in picker.runs(peer.key, blocks, part):
-            first = run[0]
-            self.stats.requests_sent += 1
-            if len(run) == 1:
-                peer.outstanding[(first.index, first.begin)] = (first, now)
-                send(Request(first.index, first.begin, first.length))
-                continue
-            self.stats.pieces_in_runs += len(run)
-            request = Request(first.index, 0, sum(block.length for block in run))
-            peer.runs[first.index] = (request, {block.index for block in run})
-            for block in run:
-                peer.outstanding[(block.index, 0)] = (block, now)
-                peer.run_of[block.index] = first.index
-            send(request)
 
     def _refill_all(self) -> None:
         for peer in list(self.peers.values()):
@@ -1163,23 +1102,8 @@ class Swarm:
     # --- uploading ----------------------------------------------------------------------
 
     def _on_request(self, peer: _Peer, request: Request) -> None:
-        if peer.am_choking:
+        if peer.am_choking or not self.storage.has_piece(request.index):
             return  # BEP 3: requests while choked are dropped
-        if peer.session.conn.runs:
-            try:
-                pieces = run_pieces(
-                    request.index,
-                    request.begin,
-                    request.length,
-                    piece_length=self.metainfo.piece_length,
-                    total_length=self.metainfo.length,
-                )
-            except RemoteProtocolError as exc:
-                raise PeerClosed(f"bad request: {exc}") from None
-            if not all(map(self.storage.has_piece, pieces)):
-                return  # (as for one piece we lack: dropped)
-        elif not self.storage.has_piece(request.index):
-            return
         if len(peer.uploads) >= 2048:
             raise PeerClosed("request flood")
         if not peer.uploads:
@@ -1191,9 +1115,7 @@ class Swarm:
         index, begin, length = request.index, request.begin, request.length
         storage, session = self.storage, peer.session
         try:
-            if begin + length > self.metainfo.piece_size(index) and session.conn.runs:
-                self._serve_run(session, index, length)
-            elif length >= SENDFILE_MIN_BLOCK and storage.complete and session.can_send_file:
+            if length >= SENDFILE_MIN_BLOCK and storage.complete and session.can_send_file:
                 # Plaintext from a complete blob: sendfile, no copy through Python.
                 offset = storage.block_offset(index, begin, length)
                 session.send_piece_from_file(index, begin, storage, offset, length)
@@ -1206,32 +1128,6 @@ class Swarm:
         peer.up_bytes_window += length
         self.stats.uploaded += length
         peer.last_sent_at = trio.current_time()
-
-    def _serve_run(self, session: PeerSession, index: int, length: int) -> None:
-        """A run (checked by :meth:`_on_request`): one piece message per piece, queued
-        together, from one read (or file regions of a complete blob sent by sendfile).
-        Raises :class:`LocalProtocolError` when a piece of it is no longer verified."""
-        metainfo, storage = self.metainfo, self.storage
-        offset = metainfo.piece_offset(index)
-        end = index + -(-length // metainfo.piece_length)
-        if (
-            metainfo.piece_length >= SENDFILE_MIN_BLOCK
-            and storage.complete
-            and session.can_send_file
-        ):
-            for i in range(index, end):
-                size = metainfo.piece_size(i)
-                session.send_piece_from_file(i, 0, storage, storage.block_offset(i, 0, size), size)
-            return
-        data = storage.read_verified(offset, length)
-        if len(data) != length:
-            raise LocalProtocolError(f"run of {length} bytes from piece {index} is not verified")
-        view = memoryview(data)  # (its slices wait in the outbox: not released here)
-        start = 0
-        for i in range(index, end):
-            size = metainfo.piece_size(i)
-            session.send(Piece(i, 0, view[start : start + size]))
-            start += size
 
     async def _uploader(self) -> None:
         """Serve the peers' requests, whose first by :attr:`upload_order`, each chosen
@@ -1358,7 +1254,6 @@ class Swarm:
         for block, _ in timed_out:
             del peer.outstanding[(block.index, block.begin)]
             peer.parts.pop((block.index, block.begin), None)
-            self._run_piece_gone(peer, block.index)
             self.picker.request_timed_out(peer.key, block)
         if any(sent < peer.answered_sent_at for _, sent in timed_out):
             # It serves later requests and not this one: it claims pieces it will not

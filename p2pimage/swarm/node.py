@@ -73,16 +73,13 @@ class PeerNode:
         max_pending_per_address: int = MAX_PENDING_PER_ADDRESS,
         max_block_length: int | None = None,
         encrypt: bool = True,
-        runs: bool = True,
     ) -> None:
         """``encrypt`` (authenticated nodes): piece traffic is encrypted too (the auth
         messages always are), and a peer that does not is refused; all nodes of a
         cluster must agree. An authenticated node's peer id is bound to its token
         (``PeerAuthenticator.peer_id()``); ``peer_id`` is for open mode.
         Inbound connections are admitted by :class:`HandshakeAdmission`
-        (``max_pending_*``) and must send a byte within ``first_byte_timeout_s``.
-        ``runs``: offer runs of whole pieces per request to p2pimage peers
-        (``p2pimage_runs``, docs/protocol.md §3.6); both sides must offer it."""
+        (``max_pending_*``) and must send a byte within ``first_byte_timeout_s``."""
         if authenticator is None and not open_mode:
             raise LocalProtocolError("an authenticator is required unless open_mode=True")
         if authenticator is not None and open_mode:
@@ -106,7 +103,6 @@ class PeerNode:
             max_pending=max_pending_handshakes, max_per_address=max_pending_per_address
         )
         self.max_block_length = max_block_length
-        self.runs = runs
         self.encrypt = encrypt and authenticator is not None
         self.swarms: dict[bytes, Swarm] = {}
         self.connections = 0
@@ -215,7 +211,6 @@ class PeerNode:
             authenticator=self.authenticator,
             max_block_length=self.max_block_length,
             encrypt=self.encrypt,
-            runs=self.runs,
         )
         return PeerSession(
             stream,

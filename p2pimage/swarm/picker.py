@@ -601,17 +601,11 @@ class PiecePicker(Generic[P]):
 
     # ------------------------------------------------------------------ picking
 
-    def pick(self, peer: P, max_blocks: int, now: float, run_pieces: int = 1) -> list[BlockRequest]:
+    def pick(self, peer: P, max_blocks: int, now: float) -> list[BlockRequest]:
         """Up to ``max_blocks`` blocks to request from ``peer`` now, already recorded
         as outstanding at it. Only pieces the peer has, we lack, and that have priority 1;
         a block is asked of a second peer only as an endgame or time-critical duplicate.
-        Typically ``max_blocks = pipeline_depth(peer) - len(outstanding(peer))``.
-
-        ``run_pieces`` > 1 (whole-piece blocks, a peer that serves runs): a fresh piece
-        taken by rarest first (or random first) is followed in the answer by the pieces
-        after it that are as rare, fresh and held by the peer, up to ``run_pieces`` in
-        all, so that the caller can ask for them in one request (:meth:`runs`); a tie
-        among the rarest broken towards the neighbour, rarest first otherwise kept."""
+        Typically ``max_blocks = pipeline_depth(peer) - len(outstanding(peer))``."""
         out: list[BlockRequest] = []
         if max_blocks <= 0:
             return out
@@ -662,13 +656,6 @@ class PiecePicker(Generic[P]):
             count = mask.bit_count()
             pos = mask.bit_length() - 1 if count == 1 else _nth_set_bit(mask, rng.randrange(count))
             remaining -= self._take_free(ps, n1 - pos, remaining, now, out)
-            if run_pieces > 1 and not partial and self._blocks_per_piece == 1:
-                # The fresh pieces after it, as rare (in ``mask``): one run.
-                taken = 1
-                while remaining and taken < run_pieces and pos and mask >> (pos - 1) & 1:
-                    pos -= 1
-                    remaining -= self._take_free(ps, n1 - pos, remaining, now, out)
-                    taken += 1
 
         # 6. endgame, for a peer that is (nearly) idle: as in libtorrent, a peer with a
         # full queue gets no duplicates, which bounds the waste to min_pipeline blocks
@@ -818,42 +805,6 @@ class PiecePicker(Generic[P]):
             dl = self._pieces[index]
             dl.requests[block].append(self._new_request(ps, index, block, now))
             out.append(self._piece_block(index, dl, block))
-
-    def runs(
-        self, peer: P, blocks: list[BlockRequest], max_bytes: int
-    ) -> list[tuple[BlockRequest, ...]]:
-        """``blocks`` (a :meth:`pick` answer for ``peer``) grouped into runs to request
-        in one message each: consecutive whole pieces, none outstanding at another peer
-        (a duplicate's cancel must be able to name it alone), at most ``max_bytes`` in
-        all; every other block is a group of its own. Order is kept."""
-        out: list[tuple[BlockRequest, ...]] = []
-        run: list[BlockRequest] = []
-        size = 0
-        for block in blocks:
-            alone = block.begin == 0 and block.length == self.piece_size(block.index)
-            if alone:
-                dl = self._pieces.get(block.index)
-                reqs = dl.requests.get(0) if dl is not None else None
-                alone = reqs is not None and len(reqs) == 1 and reqs[0].peer.key == peer
-            if (
-                run
-                and alone
-                and block.index == run[-1].index + 1
-                and size + block.length <= max_bytes
-            ):
-                run.append(block)
-                size += block.length
-                continue
-            if run:
-                out.append(tuple(run))
-            if alone:
-                run, size = [block], block.length
-            else:
-                run, size = [], 0
-                out.append((block,))
-        if run:
-            out.append(tuple(run))
-        return out
 
     # ------------------------------------------------------------------ bookkeeping
 

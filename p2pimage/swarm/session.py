@@ -36,7 +36,6 @@ from p2pimage.errors import (
 )
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.wire import (
-    BLOCK_LENGTH,
     HAVES_EXTENSION,
     LOCAL_HAVES_ID,
     MAX_BLOCK_LENGTH_LIMIT,
@@ -694,17 +693,13 @@ def make_connection(
     authenticator: PeerAuthenticator | None,
     max_block_length: int | None = None,
     encrypt: bool = True,
-    runs: bool = True,
 ) -> PeerConnection:
     """A :class:`PeerConnection` with a fresh nonce and key-exchange key (the auth
     messages always travel encrypted; with ``encrypt`` the piece traffic too, and the
     peer must agree); open mode when no authenticator. ``max_block_length`` (default
     :data:`MAX_BLOCK_LENGTH_LIMIT`) is the largest block we accept, offered in the
-    extended handshake; stock clients ignore the offer and keep 16 KiB blocks. ``runs``:
-    we serve runs of whole pieces in one request (``p2pimage_runs``; only with blocks
-    above 16 KiB)."""
+    extended handshake; stock clients ignore the offer and keep 16 KiB blocks."""
     block = MAX_BLOCK_LENGTH_LIMIT if max_block_length is None else max_block_length
-    runs = runs and block > BLOCK_LENGTH
     extensions = {HAVES_EXTENSION: LOCAL_HAVES_ID}
     if authenticator is None:
         return PeerConnection(
@@ -714,7 +709,6 @@ def make_connection(
             authenticator=None,
             open_mode=True,
             max_block_length=block,
-            runs=runs,
             extensions=extensions,
         )
     return PeerConnection(
@@ -726,6 +720,5 @@ def make_connection(
         kx_key=os.urandom(32),
         encrypt=encrypt,
         max_block_length=block,
-        runs=runs,
         extensions=extensions,
     )

@@ -16,14 +16,12 @@ from ._codec import (
     NONCE_KEY,
     NONCE_LENGTH,
     PROTOCOL_VERSION,
-    RUNS_KEY,
     auth_transcript,
     build_haves_payload,
     decode_haves,
     encode_message,
     handshake_context,
     piece_header,
-    run_pieces,
 )
 from ._connection import Authenticator, PeerConnection
 from ._crypto import sealed_length
@@ -63,7 +61,6 @@ __all__ = [
     "NONCE_KEY",
     "NONCE_LENGTH",
     "PROTOCOL_VERSION",
-    "RUNS_KEY",
     "Authenticator",
     "Bitfield",
     "Cancel",
@@ -93,6 +90,5 @@ __all__ = [
     "decode_haves",
     "encode_message",
     "piece_header",
-    "run_pieces",
     "sealed_length",
 ]

@@ -77,13 +77,6 @@ PLAIN_KEY: Final = b"p2pimage_plain"
 # BLOCK_LENGTH. Two p2pimage peers then request whole pieces up to this size, one
 # message, one storage write and one hash per piece instead of one per 16 KiB.
 BLOCK_LENGTH_KEY: Final = b"p2pimage_block"
-# Extended-handshake key (value 1) of a side that serves *runs*: a request whose length
-# covers consecutive whole pieces, ``request(first, 0, sum of their sizes)`` up to the
-# block limit, answered by one piece message per piece, in order, in one write
-# (docs/protocol.md §3.6). Small pieces keep the swarm's re-sharing latency low; a run
-# costs the two sides one request, one upload turn and one read for several of them.
-# Absent (stock clients, older nodes): every request stays within one piece.
-RUNS_KEY: Final = b"p2pimage_runs"
 # BEP 10 extension between p2pimage peers: many haves in one message, its payload the
 # piece indexes as u32 big-endian. Every node tells every peer about every piece it
 # verifies (pieces x peers haves per node: a million at 32 nodes and 1,024 pieces), so
@@ -255,7 +248,6 @@ def build_extended_handshake(
     kx: bytes | None = None,
     plain: bool = False,
     max_block: int | None = None,
-    runs: bool = False,
 ) -> bytes:
     payload: dict[bytes, Bencodable] = {b"m": dict(extensions)}
     if client is not None:
@@ -270,8 +262,6 @@ def build_extended_handshake(
         payload[PLAIN_KEY] = 1
     if max_block is not None:
         payload[BLOCK_LENGTH_KEY] = max_block
-    if runs:
-        payload[RUNS_KEY] = 1
     return build_extended(EXT_HANDSHAKE_ID, bencode(payload))
 
 
@@ -295,34 +285,6 @@ def decode_haves(payload: bytes, num_pieces: int) -> tuple[int, ...]:
     if max(indexes) >= num_pieces:
         raise RemoteProtocolError(f"p2pimage_haves index {max(indexes)} >= {num_pieces}")
     return indexes
-
-
-def run_pieces(
-    index: int, begin: int, length: int, *, piece_length: int, total_length: int
-) -> range:
-    """The pieces a request covers: ``range(index, index + 1)`` for a request within one
-    piece (its bounds are the storage's to check), or, for a *run* (a request longer
-    than the rest of piece ``index``), the consecutive whole pieces it names. A run must
-    start at ``begin`` 0 and end on a piece boundary or at the blob's end; anything else
-    (a hostile length, a run past the end of the blob) raises
-    :class:`RemoteProtocolError`. The block limit is the connection's to check."""
-    if piece_length <= 0 or total_length <= 0:
-        raise LocalProtocolError("piece_length and total_length must be > 0")
-    num_pieces = -(-total_length // piece_length)
-    if not 0 <= index < num_pieces:
-        raise RemoteProtocolError(f"request for piece {index} of {num_pieces}")
-    start = index * piece_length
-    size = min(piece_length, total_length - start)
-    if begin + length <= size:
-        return range(index, index + 1)
-    if begin != 0:
-        raise RemoteProtocolError(f"run from offset {begin} of piece {index}")
-    end = start + length
-    if end > total_length:
-        raise RemoteProtocolError(f"run of {length} bytes from piece {index} passes the blob's end")
-    if end != total_length and end % piece_length:
-        raise RemoteProtocolError(f"run of {length} bytes from piece {index} splits a piece")
-    return range(index, -(-end // piece_length))
 
 
 def piece_header(index: int, begin: int, length: int) -> bytes:

@@ -132,7 +132,6 @@ class PeerConnection:
         client: bytes | None = DEFAULT_CLIENT,
         reqq: int | None = c.DEFAULT_REQQ,
         max_block_length: int = c.BLOCK_LENGTH,
-        runs: bool = False,
         max_extended_length: int = c.DEFAULT_MAX_EXTENDED_LENGTH,
         max_receive_buffer: int = c.DEFAULT_MAX_RECEIVE_BUFFER,
     ) -> None:
@@ -165,8 +164,6 @@ class PeerConnection:
             raise LocalProtocolError("a RESPONDER learns the info_hash from the peer's handshake")
         if not 0 < max_block_length <= c.MAX_BLOCK_LENGTH_LIMIT:
             raise LocalProtocolError(f"max_block_length must be in 1..{c.MAX_BLOCK_LENGTH_LIMIT}")
-        if runs and max_block_length <= c.BLOCK_LENGTH:
-            raise LocalProtocolError("runs need a max_block_length above 16 KiB")
         if max_extended_length < 1024:
             raise LocalProtocolError("max_extended_length must be at least 1 KiB")
         local_ext = dict(extensions or {})
@@ -186,8 +183,6 @@ class PeerConnection:
         self.their_role: Final = Role.RESPONDER if role is Role.INITIATOR else Role.INITIATOR
         self.our_peer_id: Final = peer_id
         self.max_block_length: Final = max_block_length
-        # We serve runs of whole pieces (RUNS_KEY in our extended handshake).
-        self.runs: Final = runs
         self.max_extended_length: Final = max_extended_length
         self.max_receive_buffer: Final = max(max_receive_buffer, 2 * c.MAX_BITFIELD_LENGTH)
         self._auth = authenticator
@@ -216,7 +211,6 @@ class PeerConnection:
         self._peer_token: NodeToken | None = None
         self._peer_reqq: int | None = None
         self._peer_max_block = c.BLOCK_LENGTH  # until its extended handshake says more
-        self._peer_runs = False
         self._num_pieces: int | None = None
         self._bitfield_length: int | None = None
         self._received_have_info = False  # a bitfield or have arrived: no bitfield after that
@@ -302,13 +296,6 @@ class PeerConnection:
         """The largest block the peer accepts (``p2pimage_block`` in its extended
         handshake; 16 KiB for stock clients): requests we send are checked against it."""
         return self._peer_max_block
-
-    @property
-    def peer_runs(self) -> bool:
-        """Whether the peer serves runs of whole pieces in one request (``p2pimage_runs``
-        in its extended handshake, with a block limit above 16 KiB): requests we send
-        may then cover consecutive pieces up to :attr:`peer_max_block_length`."""
-        return self._peer_runs
 
     def peer_extension_id(self, name: bytes) -> int | None:
         return self._peer_ext.get(name)
@@ -506,7 +493,6 @@ class PeerConnection:
             kx=self._kx_public,
             plain=self._auth is not None and not self._encrypt,
             max_block=self.max_block_length if self.max_block_length > c.BLOCK_LENGTH else None,
-            runs=self.runs,
         )
 
     # --- input ----------------------------------------------------------------------------
@@ -862,9 +848,6 @@ class PeerConnection:
             # Out-of-range values are clamped, not refused: the key can only raise the
             # BEP 3 default, and never beyond MAX_BLOCK_LENGTH_LIMIT.
             self._peer_max_block = min(max(max_block, c.BLOCK_LENGTH), c.MAX_BLOCK_LENGTH_LIMIT)
-        # Runs only with blocks above 16 KiB: a run of 16 KiB pieces gains nothing, and a
-        # stock-sized limit keeps the peer a stock peer. Any value but 1 is "no".
-        self._peer_runs = payload.get(c.RUNS_KEY) == 1 and self._peer_max_block > c.BLOCK_LENGTH
         return event
 
     def _by_role(self, ours: bytes, theirs: bytes) -> tuple[bytes, bytes]:
