@@ -53,7 +53,9 @@ async def _rounds(
         async def one(*, duplicate: bool) -> None:
             try:
                 session, _ = await b.dial(
-                    a.listen_address, meta.info_hash, unwanted=(lambda _: True) if duplicate else None
+                    a.listen_address,
+                    meta.info_hash,
+                    unwanted=(lambda _: True) if duplicate else None,
                 )
             except Exception:
                 if duplicate:

@@ -383,10 +383,12 @@ async def test_a_peer_that_dialled_us_is_not_dialled_again_at_every_tracker_answ
     """A peer that dialled us is known by an ephemeral source port, the tracker lists its
     listen address: the first dial there stops after the 68-byte handshake (already
     connected), and the swarm remembers whose address it is, so later tracker answers
-    dial it no more while it stays connected."""
+    dial it no more while it stays connected. (b names no listen port, as a client
+    without BEP 10's ``p``; with it, not even the first dial happens: the next test.)"""
     blob, meta = make_blob(tmp_path, 1 * MIB)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
     async with nodes(2, issuer) as (a, b):
+        b.port = 0  # (what its handshakes advertise: nothing)
         swarm_a = await a.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
         swarm_b = await b.add_swarm(meta, tmp_path / "b")
         dials: list[tuple[str, int]] = []
@@ -407,6 +409,46 @@ async def test_a_peer_that_dialled_us_is_not_dialled_again_at_every_tracker_answ
                 while swarm_a.want_more_peers() and swarm_a._dialing:
                     await trio.sleep(0.01)
         assert dials == [b.listen_address]  # the first answer's dial only
+        assert list(swarm_a.peers) == [b.peer_id]
+
+
+async def test_a_peer_that_dialled_us_and_named_its_listen_port_is_never_dialled(
+    tmp_path: Path,
+) -> None:
+    """BEP 10's ``p``: a peer that dialled us names the port it listens on, so the
+    tracker's listing of it (its listen address) is known as a connected peer before
+    any dial: neither a tracker answer (``add_peers``) nor the deferred side's dial of a
+    mutual pair (``dial_defer_s``, the peer connecting during the wait) opens a
+    connection to it. Before, each cost a TCP connection and the 68-byte handshakes."""
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer) as (a, b):
+        # a is the side of the pair that defers (its address orders higher).
+        if a.listen_address < b.listen_address:
+            a, b = b, a
+        settings = SwarmSettings(dial_defer_s=1.0)
+        swarm_a = await a.add_swarm(
+            meta, tmp_path, storage=PieceStorage.open_complete(blob, meta), settings=settings
+        )
+        swarm_b = await b.add_swarm(meta, tmp_path / "b")
+        dials: list[tuple[str, int]] = []
+        dial = a.dial
+
+        async def counted(address: tuple[str, int], *args: Any, **kwargs: Any) -> Any:
+            dials.append(address)
+            return await dial(address, *args, **kwargs)
+
+        a.dial = counted  # type: ignore[method-assign]
+        swarm_a.add_peers([b.listen_address], mutual=True)  # waits 0.5-1 s, then dials
+        assert swarm_a._dialing == {b.listen_address}
+        swarm_b.add_peers([a.listen_address])  # b dials a meanwhile
+        with trio.fail_after(10):
+            while swarm_a._dialing:
+                await trio.sleep(0.01)
+        assert b.peer_id in swarm_a.peers
+        swarm_a.add_peers([b.listen_address])  # a later tracker answer
+        assert not swarm_a._dialing
+        assert dials == []
         assert list(swarm_a.peers) == [b.peer_id]
 
 

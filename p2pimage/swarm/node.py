@@ -211,6 +211,7 @@ class PeerNode:
             authenticator=self.authenticator,
             max_block_length=self.max_block_length,
             encrypt=self.encrypt,
+            listen_port=self.port or None,
         )
         return PeerSession(
             stream,
