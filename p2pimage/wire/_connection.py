@@ -18,7 +18,14 @@ from p2pimage.errors import LocalProtocolError, ProtocolVersionError, RemoteProt
 from p2pimage.metainfo.bencoding import bdecode
 
 from . import _codec as c
-from ._crypto import RecordReader, RecordWriter, derive_keys, kx_public_key, sealed_length
+from ._crypto import (
+    RecordReader,
+    RecordWriter,
+    derive_keys,
+    kx_private_key,
+    kx_public_key,
+    sealed_length,
+)
 from ._events import (
     NEED_DATA,
     Bitfield,
@@ -190,8 +197,8 @@ class PeerConnection:
         self.max_receive_buffer: Final = max(max_receive_buffer, 2 * c.MAX_BITFIELD_LENGTH)
         self._auth = authenticator
         self._nonce = nonce
-        self._kx_key = kx_key
-        self._kx_public = kx_public_key(kx_key) if kx_key is not None else None
+        self._kx_key = kx_private_key(kx_key) if kx_key is not None else None
+        self._kx_public = kx_public_key(self._kx_key) if self._kx_key is not None else None
         self._encrypt = encrypt and authenticator is not None
         self._peer_kx: bytes | None = None
         self._context: bytes | None = None  # handshake_context(), once both keys are known
