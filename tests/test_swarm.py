@@ -23,7 +23,7 @@ from p2pimage.metainfo.torrent import MIN_PIECES, create_metainfo_from_file
 from p2pimage.oci.registry import RegistryClient
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm, SwarmSettings
-from p2pimage.swarm.node import PeerNode, open_peer_node
+from p2pimage.swarm.node import PeerNode, _connect, open_peer_node
 from p2pimage.swarm.origin import OriginReader
 from p2pimage.swarm.picker import PickerSettings
 from p2pimage.swarm.ratelimit import RateLimiter
@@ -450,6 +450,29 @@ async def test_a_peer_that_dialled_us_and_named_its_listen_port_is_never_dialled
         assert not swarm_a._dialing
         assert dials == []
         assert list(swarm_a.peers) == [b.peer_id]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+async def test_a_dial_reaches_ip_literals_directly_and_names_through_the_resolver(
+    host: str,
+) -> None:
+    """``PeerNode.dial``'s connect: an IPv4 or IPv6 literal (every tracker answer) is
+    connected without open_tcp_stream, a host name still resolves; both arrive."""
+    if host == "::1":
+        try:
+            listeners = await trio.open_tcp_listeners(0, host="::1")
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+    else:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listener = listeners[0]
+    port = listener.socket.getsockname()[1]
+    async with listener:
+        stream = await _connect(host, port)
+        async with stream, await listener.accept() as accepted:
+            await stream.send_all(b"ping")
+            assert await accepted.receive_some(4) == b"ping"
+            assert stream.socket.getpeername()[1] == port
 
 
 async def test_request_queue_follows_the_swarm_picker_settings(
