@@ -620,12 +620,14 @@ async def test_two_nodes_dialing_each_other_keep_the_same_one_connection(
     assert sha256_file(swarm.storage.path) == meta.sha256
 
 
-async def test_the_deferred_dial_of_a_pair_stops_before_the_key_exchange(
+async def test_the_deferred_dial_of_a_pair_is_not_made(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Both nodes know each other: the one whose address orders higher dials later, finds
-    the peer id of the other's connection in the 68-byte handshake, and stops there (no
-    second key exchange, no token checks); one connection remains, both sides agree."""
+    """Both nodes know each other: the one whose address orders higher waits, meanwhile
+    the other's connection arrives naming its listen port (BEP 10's ``p``), and the
+    deferred dial is skipped (no connection at all; a peer that names no port is found
+    in the 68-byte handshake instead: the dial stops there, before the key exchange);
+    one connection remains, both sides agree."""
     blob, meta = make_blob(tmp_path, 1 * MIB)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
     settings = SwarmSettings(dial_defer_s=1.0)
@@ -640,15 +642,16 @@ async def test_the_deferred_dial_of_a_pair_stops_before_the_key_exchange(
         swarm.add_peers([seeder.listen_address], mutual=True)
 
         def stopped() -> list[str]:
-            return [m for r in caplog.records if "already connected" in (m := r.getMessage())]
+            return [m for r in caplog.records if "connected to it already" in (m := r.getMessage())]
 
         with trio.fail_after(30):
             await swarm.complete.wait()
             while not stopped():
                 await trio.sleep(0.05)
         assert len(seeding.peers) == len(swarm.peers) == 1
-        # Only the late node's dial (to the node with the lower address) stopped.
-        assert stopped() == [f"dial {early} failed: already connected to this peer"]
+        # Only the late node's dial (to the node with the lower address) was skipped.
+        assert stopped() == [f"dial {early} skipped: connected to it already"]
+        assert not [r for r in caplog.records if "already connected" in r.getMessage()]
     assert sha256_file(swarm.storage.path) == meta.sha256
 
 
