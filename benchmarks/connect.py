@@ -9,9 +9,16 @@ A second table row is a *duplicate dial*: the dialer stops after the 68-byte han
 because it already holds that peer (what ``Swarm._named`` does), the cost a node pays
 for each dial of a peer it is connected to.
 
+Per side: a trio instrument adds up the CPU time of each task step, the dialing task's
+to the dialer, every other task's to the acceptor (its listener, the connection's
+handler, the adopted peer's tasks; the dialer's session runs no task of its own), and
+what runs between task steps (the scheduler, epoll) to the loop.
+
 Prints a table and writes JSON (``--json PATH``): ``setup_us`` and ``duplicate_us`` (CPU
-microseconds per connection, both ends), their wall-clock times, and with ``--profile``
-the functions with the most cumulative time per set-up.
+microseconds per connection, both ends), their wall-clock times, ``*_dialer_us``,
+``*_acceptor_us`` and ``*_loop_us`` (the split, measured with the instrument on, so
+a little above the totals), and with ``--profile`` the functions with the most
+cumulative time per set-up.
 """
 
 from __future__ import annotations
@@ -34,6 +41,28 @@ from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.node import open_peer_node
 
 from ._util import MIB, print_table, write_random_file
+
+POLL_S = 0.0002
+
+
+class _SideClock(trio.abc.Instrument):
+    """CPU time of task steps: the dialing task's, and every other task's."""
+
+    def __init__(self, dialer: trio.lowlevel.Task) -> None:
+        self.dialer_task = dialer
+        self.dialer = 0.0
+        self.acceptor = 0.0
+        self._started = time.thread_time()  # (added in the middle of a dialer step)
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._started = time.thread_time()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        spent = time.thread_time() - self._started
+        if task is self.dialer_task:
+            self.dialer += spent
+        else:
+            self.acceptor += spent
 
 
 async def _rounds(
@@ -61,12 +90,14 @@ async def _rounds(
                 if duplicate:
                     return
                 raise
+            # Polled with a short timer, not sleep(0): a checkpoint loop would spin the
+            # event loop (epoll with no timeout) while the other side waits for bytes.
             while b.peer_id not in swarm.peers:  # the acceptor's side is adopted
-                await trio.sleep(0)
+                await trio.sleep(POLL_S)
             await session.aclose("done")
             b.release_connection()
             while b.peer_id in swarm.peers:  # and gone again, before the next round
-                await trio.sleep(0)
+                await trio.sleep(POLL_S)
 
         for duplicate in (False, True):
             for _ in range(max(2, rounds // 10)):  # warm-up: caches, imports, first keys
@@ -82,6 +113,17 @@ async def _rounds(
             name = "duplicate" if duplicate else "setup"
             results[f"{name}_us"] = cpu / rounds * 1e6
             results[f"{name}_wall_us"] = wall / rounds * 1e6
+            # The split, in rounds of their own: the instrument costs a little itself.
+            sides = _SideClock(trio.lowlevel.current_task())
+            trio.lowlevel.add_instrument(sides)
+            cpu = time.thread_time()
+            for _ in range(rounds):
+                await one(duplicate=duplicate)
+            cpu = time.thread_time() - cpu
+            trio.lowlevel.remove_instrument(sides)
+            results[f"{name}_dialer_us"] = sides.dialer / rounds * 1e6
+            results[f"{name}_acceptor_us"] = sides.acceptor / rounds * 1e6
+            results[f"{name}_loop_us"] = (cpu - sides.dialer - sides.acceptor) / rounds * 1e6
     return results
 
 
@@ -97,14 +139,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = trio.run(_rounds, Path(tmp), rounds, profile)
     table = Table(title=f"peer connection set-up, both ends, {rounds} rounds")
-    for column in ("connection", "CPU µs", "wall µs"):
+    columns = ("connection", "CPU µs", "wall µs", "dialer µs", "acceptor µs", "loop µs")
+    for column in columns:
         table.add_column(column, justify="right" if column != "connection" else "left")
-    table.add_row("full set-up", f"{results['setup_us']:,.0f}", f"{results['setup_wall_us']:,.0f}")
-    table.add_row(
-        "duplicate dial",
-        f"{results['duplicate_us']:,.0f}",
-        f"{results['duplicate_wall_us']:,.0f}",
-    )
+    for label, name in (("full set-up", "setup"), ("duplicate dial", "duplicate")):
+        table.add_row(
+            label,
+            *(
+                f"{results[f'{name}{part}_us']:,.0f}"
+                for part in ("", "_wall", "_dialer", "_acceptor", "_loop")
+            ),
+        )
     print_table(table)
     report: dict[str, Any] = {"rounds": rounds, **results}
     if profile is not None:
