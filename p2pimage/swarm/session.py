@@ -740,12 +740,14 @@ def make_connection(
     authenticator: PeerAuthenticator | None,
     max_block_length: int | None = None,
     encrypt: bool = True,
+    listen_port: int | None = None,
 ) -> PeerConnection:
     """A :class:`PeerConnection` with a fresh nonce and key-exchange key (the auth
     messages always travel encrypted; with ``encrypt`` the piece traffic too, and the
     peer must agree); open mode when no authenticator. ``max_block_length`` (default
     :data:`MAX_BLOCK_LENGTH_LIMIT`) is the largest block we accept, offered in the
-    extended handshake; stock clients ignore the offer and keep 16 KiB blocks."""
+    extended handshake; stock clients ignore the offer and keep 16 KiB blocks.
+    ``listen_port`` goes out as BEP 10's ``p``: the peer learns our listen address."""
     block = MAX_BLOCK_LENGTH_LIMIT if max_block_length is None else max_block_length
     extensions = {HAVES_EXTENSION: LOCAL_HAVES_ID}
     if authenticator is None:
@@ -757,6 +759,7 @@ def make_connection(
             open_mode=True,
             max_block_length=block,
             extensions=extensions,
+            listen_port=listen_port,
         )
     return PeerConnection(
         role=role,
@@ -768,4 +771,5 @@ def make_connection(
         encrypt=encrypt,
         max_block_length=block,
         extensions=extensions,
+        listen_port=listen_port,
     )

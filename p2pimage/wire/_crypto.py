@@ -61,31 +61,34 @@ def sealed_length(size: int) -> int:
     return size + -(-size // MAX_RECORD_PLAINTEXT) * RECORD_OVERHEAD
 
 
-def kx_public_key(private: bytes) -> bytes:
-    """The X25519 public key of a 32-byte private key (from a CSPRNG, one per connection)."""
+def kx_private_key(private: bytes) -> X25519PrivateKey:
+    """The X25519 key object of a 32-byte private key (from a CSPRNG, one per connection):
+    made once per connection, for its public key and then its exchange (~30 µs each
+    time it is made from bytes)."""
     if not isinstance(private, bytes) or len(private) != KX_LENGTH:
         raise LocalProtocolError("the key-exchange key must be 32 random bytes")
-    return (
-        X25519PrivateKey.from_private_bytes(private)
-        .public_key()
-        .public_bytes(Encoding.Raw, PublicFormat.Raw)
-    )
+    return X25519PrivateKey.from_private_bytes(private)
+
+
+def kx_public_key(private: bytes | X25519PrivateKey) -> bytes:
+    """The X25519 public key of a 32-byte private key, or of its key object."""
+    key = private if isinstance(private, X25519PrivateKey) else kx_private_key(private)
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def derive_keys(
     *,
     our_role: Role,
-    private: bytes,
+    private: bytes | X25519PrivateKey,
     peer_public: bytes,
     context: bytes,
 ) -> tuple[bytes, bytes]:
     """(send key, receive key) for ``our_role``; ``context`` is
     :func:`~p2pimage.wire._codec.handshake_context`. A peer key of low order (an all-zero
     shared secret) raises :class:`RemoteProtocolError`."""
+    key = private if isinstance(private, X25519PrivateKey) else kx_private_key(private)
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(peer_public)
-        )
+        shared = key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError:
         raise RemoteProtocolError("peer's key-exchange key is invalid") from None
     if shared == bytes(len(shared)):
