@@ -1299,8 +1299,14 @@ async def test_data_path_socket_calls_move_every_byte_and_keep_trio_semantics() 
         assert await _recv_into(d.socket, buffer) == 5
         await _recv_into(d.socket, buffer)  # nothing more: waits until cancelled
     assert scope.cancelled_caught and bytes(buffer[:5]) == b"ready"
+    # wait_first (the last read came back short): a wait, cancellable, then the bytes.
+    with trio.move_on_after(0.05) as scope:
+        await _recv_into(d.socket, buffer, wait_first=True)
+    assert scope.cancelled_caught
+    await _send_all(c.socket, b"again", yielded=True)
+    assert await _recv_into(d.socket, buffer, wait_first=True) == 5
     await c.aclose()
-    assert await _recv_into(d.socket, buffer) == 0
+    assert await _recv_into(d.socket, buffer, wait_first=True) == 0
     await d.aclose()
     with pytest.raises(OSError):
         await _send_all(d.socket, b"after close")
