@@ -12,7 +12,7 @@ apply on loopback) in the same invocation.
 
     python -m benchmarks.swarm [--nodes 16] [--size-mib 32] [--origin-mib-s 8]
         [--node-up-mib-s 4] [--node-down-mib-s 4] [--workers 2] [--piece-kib K]
-        [--dial-target D] [--no-libtorrent] [--quick] [--json PATH]
+        [--dial-target D] [--no-libtorrent] [--count-steps] [--quick] [--json PATH]
 
 CPU is measured the same way for both: the CPU time (user + system, every thread) of
 the processes that run the N nodes, from the moment the transfer starts until the last
@@ -26,7 +26,11 @@ libtorrent_ratio_to_bound, libtorrent_registry_copies, libtorrent_cpu_s,
 libtorrent_cpu_ms_per_mib, cpu_ratio (ours / libtorrent's CPU per MiB); and ours in detail:
 t_first_s and t_median_s (the first and the median node done), t_origin_s (the last
 origin reader done with its range), peers_banned, requests_timed_out,
-min_peers_connected (the fewest connections a node still held at the end).
+min_peers_connected (the fewest connections a node still held at the end). With
+``--count-steps``, task_steps_per_mib: trio task steps in our worker processes over the
+same window, by task kind (session readers and writers, the uploader, the haves and tick
+loops, the rest), per delivered MiB: the wake-ups behind the CPU (issue #15; the counting
+costs about 1 % more CPU).
 """
 
 from __future__ import annotations
@@ -92,6 +96,9 @@ async def _worker(spec: dict[str, Any]) -> None:
             nodes.append((index, node))
         print(json.dumps({"ports": {i: n.port for i, n in nodes}}), flush=True)
         go = json.loads(await lines.__anext__())
+        steps = _TaskSteps()
+        if spec.get("count_steps"):
+            trio.lowlevel.add_instrument(steps)
         cpu_start = _process_cpu_s()
         sys_start = resource.getrusage(resource.RUSAGE_SELF).ru_stime
         peers = [("127.0.0.1", p) for p in go["ports"]]
@@ -145,9 +152,40 @@ async def _worker(spec: dict[str, Any]) -> None:
         # window is the whole transfer, as for libtorrent's sessions.
         await lines.__anext__()
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = {"cpu_s": _process_cpu_s() - cpu_start, "sys_s": usage.ru_stime - sys_start}
+        cpu = {
+            "cpu_s": _process_cpu_s() - cpu_start,
+            "sys_s": usage.ru_stime - sys_start,
+            "task_steps": steps.steps,
+        }
         print(json.dumps(cpu), flush=True)
         nursery.cancel_scope.cancel()
+
+
+class _TaskSteps(trio.abc.Instrument):
+    """Counts trio task steps by task kind (:func:`_task_kind`)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, int] = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        kind = _task_kind(task.name)
+        self.steps[kind] = self.steps.get(kind, 0) + 1
+
+
+def _task_kind(name: str) -> str:
+    """A task's kind from its name: a session's reader runs in the task that dialed or
+    accepted the connection, its writer in ``run_writer``."""
+    for marker, kind in (
+        ("run_writer", "session writers"),
+        ("Swarm._dial", "session readers"),
+        ("_run_handler", "session readers"),
+        ("Swarm._uploader", "uploader"),
+        ("Swarm._haves_loop", "haves loop"),
+        ("Swarm._tick_loop", "tick loop"),
+    ):
+        if marker in name:
+            return kind
+    return "other"
 
 
 def _process_cpu_s() -> float:
@@ -196,8 +234,10 @@ async def run_ours(
     up: float,
     down: float,
     dial_target: int | None = None,
+    count_steps: bool = False,
 ) -> dict[str, Any]:
-    """``dial_target``: the swarms' ``SwarmSettings.dial_target`` (None: the default)."""
+    """``dial_target``: the swarms' ``SwarmSettings.dial_target`` (None: the default);
+    ``count_steps``: count the workers' trio task steps (:class:`_TaskSteps`)."""
     key = SigningKey.generate()
     (tmp / "issuer.pem").write_bytes(key.to_pem())
     torrent = tmp / "layer.torrent"
@@ -220,6 +260,7 @@ async def run_ours(
                     "up": up,
                     "down": down,
                     "dial_target": dial_target,
+                    "count_steps": count_steps,
                     "dir": str(tmp / "nodes"),
                     "origin_url": origin_url,
                 }
@@ -254,6 +295,10 @@ async def run_ours(
                     proc.kill()
             nursery.cancel_scope.cancel()
     completions = [t for r in reports for t in r["completed"].values()]
+    steps: dict[str, int] = {}
+    for c in cpu:
+        for kind, n in c["task_steps"].items():
+            steps[kind] = steps.get(kind, 0) + n
     return {
         "t_all_s": max(completions) - t0,
         "t_first_s": min(completions) - t0,
@@ -269,6 +314,7 @@ async def run_ours(
         "requests_timed_out": sum(r["requests_timed_out"] for r in reports),
         "peers_connected": [c for r in reports for c in r["peers_connected"]],
         "origin_failures": [f for r in reports for f in r["origin_failures"]],
+        "task_steps": steps,
     }
 
 
@@ -357,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dial-target", type=int, help="SwarmSettings.dial_target (default: the engine's)"
     )
     parser.add_argument("--no-libtorrent", action="store_true")
+    parser.add_argument(
+        "--count-steps", action="store_true", help="count our workers' trio task steps by kind"
+    )
     parser.add_argument("--quick", action="store_true", help="8 nodes, 8 MiB")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -384,7 +433,17 @@ def main(argv: list[str] | None = None) -> int:
             blob, piece_length=args.piece_kib * 1024 if args.piece_kib else None
         )
         ours = trio.run(
-            run_ours, meta, blob, tmp, args.nodes, args.workers, origin, up, down, args.dial_target
+            run_ours,
+            meta,
+            blob,
+            tmp,
+            args.nodes,
+            args.workers,
+            origin,
+            up,
+            down,
+            args.dial_target,
+            args.count_steps,
         )
         lt = (
             None
@@ -412,6 +471,11 @@ def main(argv: list[str] | None = None) -> int:
         "requests_timed_out": ours["requests_timed_out"],
         "min_peers_connected": min(ours["peers_connected"], default=0),
     }
+    if args.count_steps:
+        report["task_steps_per_mib"] = {
+            kind: round(n / delivered_mib, 1)
+            for kind, n in sorted(ours["task_steps"].items(), key=lambda kv: -kv[1])
+        }
     if lt is not None:
         report["libtorrent_t_all_s"] = round(lt["t_all_s"], 2)
         report["libtorrent_ratio_to_bound"] = round(lt["t_all_s"] / bound, 3)
@@ -460,6 +524,13 @@ def main(argv: list[str] | None = None) -> int:
         f"hash failures: {ours['hash_failures']}; "
         f"origin failures: {ours['origin_failures'] or 'none'}"
     )
+    if args.count_steps:
+        per_mib = report["task_steps_per_mib"]
+        print(
+            f"trio task steps per delivered MiB: {sum(per_mib.values()):.1f} ("
+            + ", ".join(f"{kind} {n}" for kind, n in per_mib.items())
+            + ")"
+        )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0

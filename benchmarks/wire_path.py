@@ -7,7 +7,11 @@
   writes into the socket (recv_into one reusable buffer);
 - records: the AEAD record layer alone, sealing 512 KiB write batches (joined and sealed
   into new buffers, or sealed from their chunks into one reused buffer as the session's
-  writer does) and opening them in 256 KiB reads.
+  writer does) and opening them in 256 KiB reads;
+- control: one have at a time from a session's writer to another session's reader, both
+  authenticated and encrypted, in one trio loop (a swarm's most frequent event: a small
+  message that is one write, one wake-up and one read), CPU µs and trio task steps per
+  message.
 
 CPU is that of the trio thread (``time.thread_time``: user and system), per MiB.
 
@@ -15,7 +19,8 @@ CPU is that of the trio thread (``time.thread_time``: user and system), per MiB.
 
 JSON keys: ``send_ms_per_mib`` ({"sendfile"|"read": {block KiB: ms}}),
 ``receive_ms_per_mib``, ``seal_ms_per_mib``, ``seal_reused_ms_per_mib``,
-``open_ms_per_mib`` (best of the runs).
+``open_ms_per_mib``, ``control_us_per_message`` (best of the runs),
+``control_steps_per_message``.
 """
 
 from __future__ import annotations
@@ -33,10 +38,19 @@ from pathlib import Path
 import trio
 from rich.table import Table
 
+from p2pimage.auth.tokens import SigningKey, TokenIssuer, local_authenticator
 from p2pimage.metainfo.torrent import create_metainfo_from_file
 from p2pimage.storage.pieces import PieceStorage
+from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.swarm.session import PeerSession, make_connection, new_peer_id
-from p2pimage.wire import MAX_BLOCK_LENGTH_LIMIT, NEED_DATA, HandshakeReceived, Piece, Role
+from p2pimage.wire import (
+    MAX_BLOCK_LENGTH_LIMIT,
+    NEED_DATA,
+    Extended,
+    HandshakeReceived,
+    Piece,
+    Role,
+)
 from p2pimage.wire import PeerConnection as Connection
 from p2pimage.wire._crypto import RecordReader, RecordWriter, sealed_length
 
@@ -140,6 +154,64 @@ async def _receive(total: int, block: int = 128 * 1024) -> float:
     return 1000 * cpu / (total / MIB)
 
 
+class _Steps(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def _control(count: int) -> tuple[float, float]:
+    """(CPU µs, task steps) per have sent alone from one encrypted session to another,
+    the next only once the last has been read (the driving task's own wake-up counted)."""
+    issuer = TokenIssuer([SigningKey.generate()], issuer="bench", lifetime_s=3600)
+    auth = [local_authenticator(issuer, subject=f"n{i}", cluster="c") for i in range(2)]
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with listener:
+        ours = await trio.open_tcp_stream(*listener.socket.getsockname()[:2])
+        theirs = await listener.accept()
+    sessions = []
+    for stream, role, a in ((ours, Role.INITIATOR, auth[0]), (theirs, Role.RESPONDER, auth[1])):
+        conn = make_connection(
+            role,
+            peer_id=a.peer_id(),
+            info_hash=bytes(20) if a is auth[0] else None,
+            authenticator=a,
+        )
+        conn.num_pieces = 1 << 16
+        # Limited as a node's links are (never low enough to hold a have back).
+        sessions.append(
+            PeerSession(
+                stream,
+                conn,
+                address=("127.0.0.1", 0),
+                upload=RateLimiter(1 << 30),
+                download=RateLimiter(1 << 30),
+            )
+        )
+    sender, receiver = sessions
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.handshake)
+        await receiver.handshake(accept=lambda info_hash: True)
+    steps = _Steps()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sender.run_writer)
+        await trio.sleep(0.05)
+        trio.lowlevel.add_instrument(steps)
+        cpu0 = time.thread_time()
+        for index in range(count):
+            sender.send_have(index % (1 << 16))
+            (message,) = await receiver.receive_batch()
+            assert isinstance(message, Extended)
+        cpu = time.thread_time() - cpu0
+        trio.lowlevel.remove_instrument(steps)
+        nursery.cancel_scope.cancel()
+    for session in sessions:
+        await session.aclose()
+    return 1e6 * cpu / count, steps.steps / count
+
+
 def _records(total: int) -> tuple[float, float, float]:
     """(seal, seal into a reused buffer, open) ms per MiB. Each sealed batch of the first
     is joined and sealed into new buffers, both dropped before the next batch: what the
@@ -193,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                         send[mode][kib] = min(send[mode].get(kib, ms), ms)
     receive = min(trio.run(_receive, total) for _ in range(runs))
     records = [_records(total) for _ in range(runs)]
+    control = [trio.run(_control, 2_000 if args.quick else 20_000) for _ in range(runs)]
     report = {
         "mib": total / MIB,
         "runs": runs,
@@ -201,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         "seal_ms_per_mib": round(min(r[0] for r in records), 3),
         "seal_reused_ms_per_mib": round(min(r[1] for r in records), 3),
         "open_ms_per_mib": round(min(r[2] for r in records), 3),
+        "control_us_per_message": round(min(c[0] for c in control), 1),
+        "control_steps_per_message": round(min(c[1] for c in control), 2),
     }
     table = Table(title=f"peer data path, CPU ms per MiB of the trio thread ({runs} run(s), best)")
     table.add_column("part")
@@ -212,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     table.add_row("seal (512 KiB batches)", f"{report['seal_ms_per_mib']}", *[""] * 4)
     table.add_row("seal into a reused buffer", f"{report['seal_reused_ms_per_mib']}", *[""] * 4)
     table.add_row("open (256 KiB reads)", f"{report['open_ms_per_mib']}", *[""] * 4)
+    control_row = (
+        f"{report['control_us_per_message']} µs, {report['control_steps_per_message']} task steps"
+    )
+    table.add_row("a have, session to session", control_row, *[""] * 4)
     print_table(table)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -695,3 +695,46 @@ def test_a_token_seen_again_skips_its_signature_but_not_its_claims(
     assert decodes == 0
     fresh.verify(three[0], now=NOW)
     assert decodes == 1
+
+
+def test_a_cached_token_is_reused_but_refused_once_expired_revoked_or_out_of_scope(
+    node_key: NodeKey,
+) -> None:
+    """A token whose claims passed is kept as its NodeToken (a node meets the same peer
+    token on every connection with that peer): seen again it is the same object, with
+    its cnf key object made once. Each use still checks the time, the cluster and the
+    scope; a kid gone from the key set (a revoked signing key) is refused before the
+    cache; a token that failed a claim check fails again (a failure never becomes a
+    success by being cached)."""
+    key = SigningKey.generate()
+    issuer = TokenIssuer([key], issuer="sidecar-test")
+    verifier = verifier_for(issuer)
+    scoped = issuer.issue(
+        subject="n", cluster="prod", node_jwk=node_key.public_jwk(), now=NOW, scope=["aa" * 20]
+    )
+    first = verifier.verify(scoped, now=NOW, cluster="prod", info_hash=b"\xaa" * 20)
+    again = verifier.verify(scoped, now=NOW + 60, cluster="prod", info_hash=b"\xaa" * 20)
+    assert again is first
+    assert first.proof_key() is again.proof_key()
+    for now, cluster, info_hash, reason in [
+        (first.expires_at + DEFAULT_LEEWAY_S + 1, "prod", None, "expired"),
+        (NOW - DEFAULT_LEEWAY_S - 1, "prod", None, "not_yet_valid"),
+        (NOW, "other", None, "wrong_cluster"),
+        (NOW, "prod", b"\xbb" * 20, "out_of_scope"),
+    ]:
+        with pytest.raises(AuthError) as caught:
+            verifier.verify(scoped, now=now, cluster=cluster, info_hash=info_hash)
+        assert caught.value.reason == reason
+    assert verifier.verify(scoped, now=NOW, cluster="prod") is first  # still valid now
+    # The signing key is revoked: the sidecar's JWKS no longer lists its kid.
+    verifier.keys = KeySet.from_jwks(TokenIssuer([SigningKey.generate()], issuer="x").jwks())
+    with pytest.raises(AuthError) as caught:
+        verifier.verify(scoped, now=NOW, cluster="prod")
+    assert caught.value.reason == "unknown_kid"
+    # A token that failed a claim check is refused at every use.
+    wrong = key.sign_jwt(_claims(node_key, aud="registry"))
+    verifier.keys = KeySet.from_jwks(issuer.jwks())
+    for _ in range(3):
+        with pytest.raises(AuthError) as caught:
+            verifier.verify(wrong, now=NOW)
+        assert caught.value.reason == "wrong_audience"

@@ -69,6 +69,22 @@ async def test_unlimited_limiter_never_waits() -> None:
     assert limiter.total == 1000 << 20
 
 
+def test_acquire_says_whether_it_slept() -> None:
+    """A writer that was held back has yielded already and skips its yield after the
+    send: acquire tells it so (issue #15, task steps per batch)."""
+
+    async def main() -> None:
+        limiter = RateLimiter(1000, burst=500)
+        assert await limiter.acquire(500) is False  # the burst at hand
+        before = trio.current_time()
+        assert await limiter.acquire(250) is True
+        assert trio.current_time() - before == pytest.approx(0.25)
+        assert await limiter.acquire(1, first=True) is True  # (the debt: 1 ms)
+        assert await RateLimiter(None).acquire(10**9) is False
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
 def test_acquires_are_served_in_arrival_order() -> None:
     clock = trio.testing.MockClock(autojump_threshold=0)
     finished: dict[str, float] = {}

@@ -23,7 +23,7 @@ from p2pimage.metainfo.torrent import MIN_PIECES, create_metainfo_from_file
 from p2pimage.oci.registry import RegistryClient
 from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm, SwarmSettings
-from p2pimage.swarm.node import PeerNode, open_peer_node
+from p2pimage.swarm.node import PeerNode, _connect, open_peer_node
 from p2pimage.swarm.origin import OriginReader
 from p2pimage.swarm.picker import PickerSettings
 from p2pimage.swarm.ratelimit import RateLimiter
@@ -383,10 +383,12 @@ async def test_a_peer_that_dialled_us_is_not_dialled_again_at_every_tracker_answ
     """A peer that dialled us is known by an ephemeral source port, the tracker lists its
     listen address: the first dial there stops after the 68-byte handshake (already
     connected), and the swarm remembers whose address it is, so later tracker answers
-    dial it no more while it stays connected."""
+    dial it no more while it stays connected. (b names no listen port, as a client
+    without BEP 10's ``p``; with it, not even the first dial happens: the next test.)"""
     blob, meta = make_blob(tmp_path, 1 * MIB)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
     async with nodes(2, issuer) as (a, b):
+        b.port = 0  # (what its handshakes advertise: nothing)
         swarm_a = await a.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
         swarm_b = await b.add_swarm(meta, tmp_path / "b")
         dials: list[tuple[str, int]] = []
@@ -408,6 +410,69 @@ async def test_a_peer_that_dialled_us_is_not_dialled_again_at_every_tracker_answ
                     await trio.sleep(0.01)
         assert dials == [b.listen_address]  # the first answer's dial only
         assert list(swarm_a.peers) == [b.peer_id]
+
+
+async def test_a_peer_that_dialled_us_and_named_its_listen_port_is_never_dialled(
+    tmp_path: Path,
+) -> None:
+    """BEP 10's ``p``: a peer that dialled us names the port it listens on, so the
+    tracker's listing of it (its listen address) is known as a connected peer before
+    any dial: neither a tracker answer (``add_peers``) nor the deferred side's dial of a
+    mutual pair (``dial_defer_s``, the peer connecting during the wait) opens a
+    connection to it. Before, each cost a TCP connection and the 68-byte handshakes."""
+    blob, meta = make_blob(tmp_path, 1 * MIB)
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    async with nodes(2, issuer) as (a, b):
+        # a is the side of the pair that defers (its address orders higher).
+        if a.listen_address < b.listen_address:
+            a, b = b, a
+        settings = SwarmSettings(dial_defer_s=1.0)
+        swarm_a = await a.add_swarm(
+            meta, tmp_path, storage=PieceStorage.open_complete(blob, meta), settings=settings
+        )
+        swarm_b = await b.add_swarm(meta, tmp_path / "b")
+        dials: list[tuple[str, int]] = []
+        dial = a.dial
+
+        async def counted(address: tuple[str, int], *args: Any, **kwargs: Any) -> Any:
+            dials.append(address)
+            return await dial(address, *args, **kwargs)
+
+        a.dial = counted  # type: ignore[method-assign]
+        swarm_a.add_peers([b.listen_address], mutual=True)  # waits 0.5-1 s, then dials
+        assert swarm_a._dialing == {b.listen_address}
+        swarm_b.add_peers([a.listen_address])  # b dials a meanwhile
+        with trio.fail_after(10):
+            while swarm_a._dialing:
+                await trio.sleep(0.01)
+        assert b.peer_id in swarm_a.peers
+        swarm_a.add_peers([b.listen_address])  # a later tracker answer
+        assert not swarm_a._dialing
+        assert dials == []
+        assert list(swarm_a.peers) == [b.peer_id]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+async def test_a_dial_reaches_ip_literals_directly_and_names_through_the_resolver(
+    host: str,
+) -> None:
+    """``PeerNode.dial``'s connect: an IPv4 or IPv6 literal (every tracker answer) is
+    connected without open_tcp_stream, a host name still resolves; both arrive."""
+    if host == "::1":
+        try:
+            listeners = await trio.open_tcp_listeners(0, host="::1")
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+    else:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    listener = listeners[0]
+    port = listener.socket.getsockname()[1]
+    async with listener:
+        stream = await _connect(host, port)
+        async with stream, await listener.accept() as accepted:
+            await stream.send_all(b"ping")
+            assert await accepted.receive_some(4) == b"ping"
+            assert stream.socket.getpeername()[1] == port
 
 
 async def test_request_queue_follows_the_swarm_picker_settings(
@@ -555,12 +620,14 @@ async def test_two_nodes_dialing_each_other_keep_the_same_one_connection(
     assert sha256_file(swarm.storage.path) == meta.sha256
 
 
-async def test_the_deferred_dial_of_a_pair_stops_before_the_key_exchange(
+async def test_the_deferred_dial_of_a_pair_is_not_made(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Both nodes know each other: the one whose address orders higher dials later, finds
-    the peer id of the other's connection in the 68-byte handshake, and stops there (no
-    second key exchange, no token checks); one connection remains, both sides agree."""
+    """Both nodes know each other: the one whose address orders higher waits, meanwhile
+    the other's connection arrives naming its listen port (BEP 10's ``p``), and the
+    deferred dial is skipped (no connection at all; a peer that names no port is found
+    in the 68-byte handshake instead: the dial stops there, before the key exchange);
+    one connection remains, both sides agree."""
     blob, meta = make_blob(tmp_path, 1 * MIB)
     issuer = TokenIssuer([SigningKey.generate()], issuer="test")
     settings = SwarmSettings(dial_defer_s=1.0)
@@ -575,15 +642,16 @@ async def test_the_deferred_dial_of_a_pair_stops_before_the_key_exchange(
         swarm.add_peers([seeder.listen_address], mutual=True)
 
         def stopped() -> list[str]:
-            return [m for r in caplog.records if "already connected" in (m := r.getMessage())]
+            return [m for r in caplog.records if "connected to it already" in (m := r.getMessage())]
 
         with trio.fail_after(30):
             await swarm.complete.wait()
             while not stopped():
                 await trio.sleep(0.05)
         assert len(seeding.peers) == len(swarm.peers) == 1
-        # Only the late node's dial (to the node with the lower address) stopped.
-        assert stopped() == [f"dial {early} failed: already connected to this peer"]
+        # Only the late node's dial (to the node with the lower address) was skipped.
+        assert stopped() == [f"dial {early} skipped: connected to it already"]
+        assert not [r for r in caplog.records if "already connected" in r.getMessage()]
     assert sha256_file(swarm.storage.path) == meta.sha256
 
 
@@ -1231,8 +1299,14 @@ async def test_data_path_socket_calls_move_every_byte_and_keep_trio_semantics() 
         assert await _recv_into(d.socket, buffer) == 5
         await _recv_into(d.socket, buffer)  # nothing more: waits until cancelled
     assert scope.cancelled_caught and bytes(buffer[:5]) == b"ready"
+    # wait_first (the last read came back short): a wait, cancellable, then the bytes.
+    with trio.move_on_after(0.05) as scope:
+        await _recv_into(d.socket, buffer, wait_first=True)
+    assert scope.cancelled_caught
+    await _send_all(c.socket, b"again", yielded=True)
+    assert await _recv_into(d.socket, buffer, wait_first=True) == 5
     await c.aclose()
-    assert await _recv_into(d.socket, buffer) == 0
+    assert await _recv_into(d.socket, buffer, wait_first=True) == 0
     await d.aclose()
     with pytest.raises(OSError):
         await _send_all(d.socket, b"after close")
@@ -1240,6 +1314,51 @@ async def test_data_path_socket_calls_move_every_byte_and_keep_trio_semantics() 
         await _recv_into(d.socket, buffer)
     await a.aclose()
     await b.aclose()
+
+
+async def test_a_control_message_wakes_the_writer_once_and_is_read_in_one_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Wake-ups and system calls per control message (issue #15): the writer, woken by
+    a have, writes it without a second yield; the reader, whose last read emptied the
+    socket, waits until it is readable before reading, so no read fails with EAGAIN
+    first (half of a swarm's reads did)."""
+    session, peer, stream = await _open_session_pair(haves_on_b=True, tcp=True)
+    receiver = PeerSession(stream, peer, address=("127.0.0.1", 2))
+    reads = 0
+    readv = os.readv
+
+    def counting_readv(fd: int, buffers: Any) -> int:
+        nonlocal reads
+        reads += 1
+        return readv(fd, buffers)
+
+    monkeypatch.setattr(os, "readv", counting_readv)
+    writer_steps = 0
+
+    class WriterSteps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            nonlocal writer_steps
+            writer_steps += task.name == "writer"
+
+    count = 40
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run_writer, name="writer")
+        await trio.sleep(0.05)
+        instrument = WriterSteps()
+        trio.lowlevel.add_instrument(instrument)
+        try:
+            for index in range(count):
+                session.send_have(index)
+                with trio.fail_after(5):
+                    messages = await receiver.receive_batch()
+                assert messages == [Extended(LOCAL_HAVES_ID, build_haves_payload([index]))]
+        finally:
+            trio.lowlevel.remove_instrument(instrument)
+        nursery.cancel_scope.cancel()
+    # One step and one read per message (two each before), plus the first read's try.
+    assert writer_steps <= count + 1
+    assert count <= reads <= count + 1
 
 
 @pytest.mark.parametrize("size", [20, CONTROL_READ_MAX + 1], ids=["control read", "bulk read"])

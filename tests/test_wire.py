@@ -24,6 +24,7 @@ from p2pimage.metainfo.bencoding import bencode
 from p2pimage.wire import (
     BLOCK_LENGTH,
     BLOCK_LENGTH_KEY,
+    LISTEN_PORT_KEY,
     MAX_BLOCK_LENGTH_LIMIT,
     NEED_DATA,
     Bitfield,
@@ -769,6 +770,38 @@ def test_an_offered_block_length_is_clamped_to_what_the_wire_allows(
     drain(ours)
     assert ours.is_open
     assert ours.peer_max_block_length == seen
+
+
+@pytest.mark.parametrize("auth", [True, False], ids=["authenticated", "open"])
+def test_the_listen_port_travels_in_the_extended_handshake(auth: bool) -> None:
+    """BEP 10's ``p``: a side names the port it listens on (the accepting side uses it
+    to recognise a peer that dialled it); a side that names none sends no ``p``."""
+    a, b = initiator(auth, listen_port=6881), responder(auth)
+    seen: dict[str, list[ExtendedHandshake]] = {"a": [], "b": []}
+    for _ in range(6):
+        for ours, theirs, name in ((b, a, "b"), (a, b, "a")):
+            if data := theirs.data_to_send():
+                ours.receive_data(data)
+            seen[name] += [e for e in drain(ours) if isinstance(e, ExtendedHandshake)]
+    assert a.is_open and b.is_open
+    assert [e.listen_port for e in seen["b"]] == [6881]
+    assert [e.listen_port for e in seen["a"]] == [None]
+
+
+@pytest.mark.parametrize("offered", [0, 65536, -1, 2**40, b"6881", [6881]], ids=repr)
+def test_a_listen_port_that_is_no_port_is_ignored_not_refused(offered: object) -> None:
+    ours = initiator(False)
+    peer_handshake = build_handshake(INFO_HASH, ID_R, extensions=True)
+    payload = bencode({b"m": {}, LISTEN_PORT_KEY: offered})  # type: ignore[dict-item]
+    ours.receive_data(peer_handshake + build_extended(0, payload))
+    extended = [e for e in drain(ours) if isinstance(e, ExtendedHandshake)]
+    assert ours.is_open
+    assert len(extended) == 1 and extended[0].listen_port is None
+
+
+def test_a_bad_own_listen_port_is_the_callers_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        initiator(False, listen_port=70000)
 
 
 # --- p2pimage_haves -----------------------------------------------------------------------

@@ -413,6 +413,30 @@ def test_records_sealed_and_opened_in_place_match_one_shot_aead(
     assert reader.pending == len(stream) - sum(len(r) + RECORD_OVERHEAD for r in kept)
 
 
+def test_a_read_of_exactly_one_record_opens_as_a_split_one_does() -> None:
+    """The one-record paths (a control batch sealed in one AEAD call, a read that holds
+    exactly one record opened without buffering): the same records and plaintext as the
+    general paths, whatever the buffer type, with the counter kept across both paths, and
+    a record altered in transit refused (issue #15: most of a node's writes and reads)."""
+    key = bytes(range(32))
+    writer = RecordWriter(key)
+    payloads = [b"a" * 45, bytes(MAX_RECORD_PLAINTEXT), b"b" * 7, b"c" * (MAX_RECORD_PLAINTEXT + 9)]
+    records = [writer.seal(p) for p in payloads]
+    records.append(writer.seal(memoryview(b"d" * 20)))  # (the general path)
+    assert [len(r) for r in records] == [sealed_length(len(p)) for p in [*payloads, b"d" * 20]]
+    whole, split = RecordReader(key), RecordReader(key)
+    for record, plain in zip(records, [*payloads, b"d" * 20], strict=True):
+        for kind in range(3):
+            assert RecordReader(key).feed(_as(kind, bytes(records[0]))) == payloads[0]
+        assert whole.feed(memoryview(bytes(record))) == plain  # exactly one or two records
+        assert split.feed(record[:3]) + split.feed(record[3:]) == plain
+        assert whole.pending == split.pending == 0
+    tampered = bytearray(RecordWriter(key).seal(b"x" * 30))
+    tampered[10] ^= 1
+    with pytest.raises(RemoteProtocolError, match="authentication"):
+        RecordReader(key).feed(tampered)
+
+
 def _as(kind: int, data: bytes) -> bytes | bytearray | memoryview:
     return (data, bytearray(data), memoryview(data))[kind]
 

@@ -478,10 +478,12 @@ class TokenVerifier:
         self.issuer = issuer
         self.audience = audience
         self.leeway_s = leeway_s
-        # token -> (the key that verified its signature, its claims); see
-        # VERIFIED_TOKEN_CACHE. An entry counts only while the key set still maps the
-        # token's kid to that same key object (a new key set never reuses one).
-        self._verified: dict[str, tuple[object, dict[str, Any]]] = {}
+        # token -> (the key that verified its signature, its claims, the NodeToken once
+        # its time-independent claims passed); see VERIFIED_TOKEN_CACHE. An entry counts
+        # only while the key set still maps the token's kid to that same key object (a
+        # new key set never reuses one). What depends on the time or the caller (exp,
+        # nbf, cluster, scope) is checked at every use.
+        self._verified: dict[str, tuple[object, dict[str, Any], NodeToken | None]] = {}
 
     def verify(
         self,
@@ -510,6 +512,8 @@ class TokenVerifier:
             raise AuthError("bad_algorithm", f"key {kid} is {key_alg}, token says {alg}")
         cached = self._verified.get(token)
         if cached is not None and cached[0] is key:
+            if cached[2] is not None:
+                return self._check_use(cached[2], now=now, cluster=cluster, info_hash=info_hash)
             return self._check_claims(
                 token, cached[1], now=now, cluster=cluster, info_hash=info_hash
             )
@@ -533,7 +537,7 @@ class TokenVerifier:
             raise AuthError("malformed", str(exc)) from None
         if len(self._verified) >= VERIFIED_TOKEN_CACHE:
             del self._verified[next(iter(self._verified))]
-        self._verified[token] = (key, claims)
+        self._verified[token] = (key, claims, None)
         return self._check_claims(token, claims, now=now, cluster=cluster, info_hash=info_hash)
 
     @staticmethod
@@ -569,10 +573,7 @@ class TokenVerifier:
         if self.issuer is not None and iss != self.issuer:
             raise AuthError("wrong_issuer", f"issuer {iss!r}")
         exp, nbf, iat = need("exp", int), need("nbf", int), need("iat", int)
-        if now > exp + self.leeway_s:
-            raise AuthError("expired", f"token expired at {exp}")
-        if now < nbf - self.leeway_s:
-            raise AuthError("not_yet_valid", f"token valid from {nbf}")
+        self._check_time(exp, nbf, now)
         sub, token_cluster, jti = need("sub", str), need("cluster", str), need("jti", str)
         cnf = claims.get("cnf")
         jwk = cnf.get("jwk") if isinstance(cnf, dict) else None
@@ -581,8 +582,6 @@ class TokenVerifier:
         _, node_alg = _key_from_jwk(jwk)
         if node_alg != "EdDSA":
             raise AuthError("missing_cnf", "cnf.jwk must be an Ed25519 key")
-        if cluster is not None and token_cluster != cluster:
-            raise AuthError("wrong_cluster", f"token is for cluster {token_cluster!r}")
         zone = claims.get("zone")
         if zone is not None and not isinstance(zone, str):
             raise AuthError("missing_claim", "zone must be a string")
@@ -607,6 +606,27 @@ class TokenVerifier:
             zone=zone,
             scope=scope,
         )
+        entry = self._verified.get(raw)
+        if entry is not None and entry[1] is claims:
+            # Every check that does not depend on the time or the caller passed: the
+            # next use of this token checks only those (_check_use).
+            self._verified[raw] = (entry[0], claims, token)
+        return self._check_use(token, now=now, cluster=cluster, info_hash=info_hash)
+
+    def _check_time(self, exp: int, nbf: int, now: float) -> None:
+        if now > exp + self.leeway_s:
+            raise AuthError("expired", f"token expired at {exp}")
+        if now < nbf - self.leeway_s:
+            raise AuthError("not_yet_valid", f"token valid from {nbf}")
+
+    def _check_use(
+        self, token: NodeToken, *, now: float, cluster: str | None, info_hash: bytes | None
+    ) -> NodeToken:
+        """The checks that depend on the time and the caller, on a token whose other
+        claims passed (the whole check of a cached token)."""
+        self._check_time(token.expires_at, token.not_before, now)
+        if cluster is not None and token.cluster != cluster:
+            raise AuthError("wrong_cluster", f"token is for cluster {token.cluster!r}")
         if info_hash is not None and not token.covers(info_hash):
             raise AuthError("out_of_scope", f"token does not cover {info_hash.hex()}")
         return token
@@ -683,7 +703,8 @@ class PeerAuthenticator:
         verified = self.verifier.verify(
             token, now=self._clock(), cluster=self.cluster, info_hash=info_hash
         )
-        verify_jwk_signature(verified.cnf_jwk, signature, transcript)
+        # The cnf key object, made once per token (a verified token is cached).
+        _verify_with_key(verified.proof_key()[0], signature, transcript)
         if not verified.binds_peer_id(peer_id):
             raise AuthError("wrong_peer_id", "the peer id is not the one its token binds")
         return verified

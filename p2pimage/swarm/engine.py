@@ -570,6 +570,11 @@ class Swarm:
                 )
                 if delay:
                     await trio.sleep(delay)
+                    if self._peer_at.get(address, b"") in self.peers:
+                        # It dialled us meanwhile and named this listen address (BEP
+                        # 10's "p"): no connection, no handshake to find that out.
+                        log.debug("dial %s skipped: connected to it already", address)
+                        return
                 # A peer already connected (it dialed us meanwhile) is not dialed twice.
                 session, info = await self._dialer.dial(
                     address, self.info_hash, unwanted=partial(self._named, address)
@@ -593,10 +598,15 @@ class Swarm:
     def _named(self, address: tuple[str, int], peer_id: bytes) -> bool:
         """The peer at ``address`` named ``peer_id`` in its handshake: remember it, and
         say whether that peer is connected already (the dial then stops)."""
+        self._remember(address, peer_id)
+        return peer_id in self.peers
+
+    def _remember(self, address: tuple[str, int], peer_id: bytes) -> None:
+        """``address`` (a listen address) is the peer ``peer_id``'s: while that peer is
+        connected, tracker answers naming ``address`` dial nothing."""
         if len(self._peer_at) >= MAX_KNOWN_ADDRESSES and address not in self._peer_at:
             self._peer_at.clear()  # (a bound; what is forgotten costs one dial each)
         self._peer_at[address] = peer_id
-        return peer_id in self.peers
 
     async def adopt(self, session: PeerSession, info: SessionInfo) -> None:
         """Take over an accepted session (called by the node's listener)."""
@@ -629,6 +639,13 @@ class Swarm:
         )
         self.peers[key] = peer
         self.stats.peers_connected = len(self.peers)
+        listen_port = info.extended.listen_port if info.extended is not None else None
+        if listen_port is not None and session.conn.our_role is Role.RESPONDER:
+            # A peer that dialled us comes from an ephemeral port; the tracker lists it
+            # at the address it listens on. Only an authenticated peer gets here, and
+            # what it names can only be an address on its own IP (at worst it spares
+            # us a dial of its own host while it stays connected).
+            self._remember((session.address[0], listen_port), key)
         self._stir()
         reason = "done"
         try:

@@ -8,8 +8,10 @@ one upload and one download limiter shared by every peer session of every swarm.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import math
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -211,6 +213,7 @@ class PeerNode:
             authenticator=self.authenticator,
             max_block_length=self.max_block_length,
             encrypt=self.encrypt,
+            listen_port=self.port or None,
         )
         return PeerSession(
             stream,
@@ -239,7 +242,7 @@ class PeerNode:
             # a moment, and the connection would end at once (and be dialed again).
             raise PeerClosed("our token has expired")
         try:
-            stream = await trio.open_tcp_stream(*address)
+            stream = await _connect(*address)
         except OSError as exc:
             raise PeerClosed(f"connect failed: {exc}") from None
         self.connections += 1
@@ -340,6 +343,28 @@ class PeerNode:
                 await trio.aclose_forcefully(stream)
             else:
                 await session.aclose("internal error")
+
+
+async def _connect(host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to ``host``, the one address a tracker or a peer list names.
+
+    An IP literal (every tracker answer: compact peers) is connected directly; other
+    names go through ``trio.open_tcp_stream`` (a resolver thread, happy eyeballs). Its
+    way for a literal costs a nursery, a task and a numeric getaddrinfo per dial: ~120 µs
+    of ~290 µs for connect and accept on loopback (docs/benchmarks.md, "Connection
+    set-up")."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return await trio.open_tcp_stream(host, port)
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        await sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
 
 
 async def _first_bytes(stream: trio.SocketStream) -> bytes:

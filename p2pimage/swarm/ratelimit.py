@@ -98,8 +98,9 @@ class RateLimiter:
     def limited(self) -> bool:
         return self.rate is not None
 
-    async def acquire(self, amount: int, *, first: bool = False) -> None:
-        """Wait until ``amount`` bytes may pass; callers are served in arrival order,
+    async def acquire(self, amount: int, *, first: bool = False) -> bool:
+        """Wait until ``amount`` bytes may pass; True if the caller slept (yielded to the
+        scheduler), False if the bytes passed at once. Callers are served in arrival order,
         except that a caller with ``first`` waits only for its own bytes
         (:meth:`TokenBucket.reserve_first`).
 
@@ -112,14 +113,14 @@ class RateLimiter:
         """
         self.total += amount
         if self.rate is None:
-            return
+            return False
         bucket = self._bucket
         now = trio.current_time()
         if bucket is None:
             bucket = self._bucket = TokenBucket(self.rate, self._burst, now=now)
         wait = bucket.reserve_first(amount, now) if first else bucket.reserve(amount, now)
         if wait <= 0 or not math.isfinite(wait):
-            return
+            return False
         try:
             passed = bucket.first_bytes
             await trio.sleep(wait)
@@ -130,3 +131,4 @@ class RateLimiter:
         except trio.Cancelled:
             bucket.refund(amount, trio.current_time())
             raise
+        return True

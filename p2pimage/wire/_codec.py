@@ -77,6 +77,10 @@ PLAIN_KEY: Final = b"p2pimage_plain"
 # BLOCK_LENGTH. Two p2pimage peers then request whole pieces up to this size, one
 # message, one storage write and one hash per piece instead of one per 16 KiB.
 BLOCK_LENGTH_KEY: Final = b"p2pimage_block"
+# BEP 10's "p": the TCP port the sender listens on. A connection's source port is
+# ephemeral; with this the accepting side knows the address the tracker lists for the
+# peer, and does not dial a peer it is already connected to (libtorrent sends it too).
+LISTEN_PORT_KEY: Final = b"p"
 # BEP 10 extension between p2pimage peers: many haves in one message, its payload the
 # piece indexes as u32 big-endian. Every node tells every peer about every piece it
 # verifies (pieces x peers haves per node: a million at 32 nodes and 1,024 pieces), so
@@ -248,8 +252,11 @@ def build_extended_handshake(
     kx: bytes | None = None,
     plain: bool = False,
     max_block: int | None = None,
+    listen_port: int | None = None,
 ) -> bytes:
     payload: dict[bytes, Bencodable] = {b"m": dict(extensions)}
+    if listen_port is not None:
+        payload[LISTEN_PORT_KEY] = listen_port
     if client is not None:
         payload[b"v"] = client
     if reqq is not None:

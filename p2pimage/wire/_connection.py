@@ -18,7 +18,14 @@ from p2pimage.errors import LocalProtocolError, ProtocolVersionError, RemoteProt
 from p2pimage.metainfo.bencoding import bdecode
 
 from . import _codec as c
-from ._crypto import RecordReader, RecordWriter, derive_keys, kx_public_key, sealed_length
+from ._crypto import (
+    RecordReader,
+    RecordWriter,
+    derive_keys,
+    kx_private_key,
+    kx_public_key,
+    sealed_length,
+)
 from ._events import (
     NEED_DATA,
     Bitfield,
@@ -134,6 +141,7 @@ class PeerConnection:
         max_block_length: int = c.BLOCK_LENGTH,
         max_extended_length: int = c.DEFAULT_MAX_EXTENDED_LENGTH,
         max_receive_buffer: int = c.DEFAULT_MAX_RECEIVE_BUFFER,
+        listen_port: int | None = None,
     ) -> None:
         if not isinstance(role, Role):
             raise LocalProtocolError("role must be Role.INITIATOR or Role.RESPONDER")
@@ -166,6 +174,8 @@ class PeerConnection:
             raise LocalProtocolError(f"max_block_length must be in 1..{c.MAX_BLOCK_LENGTH_LIMIT}")
         if max_extended_length < 1024:
             raise LocalProtocolError("max_extended_length must be at least 1 KiB")
+        if listen_port is not None and not 0 < listen_port <= 0xFFFF:
+            raise LocalProtocolError(f"bad listen port {listen_port!r}")
         local_ext = dict(extensions or {})
         for name, ext_id in local_ext.items():
             if not isinstance(name, bytes) or not isinstance(ext_id, int):
@@ -187,8 +197,8 @@ class PeerConnection:
         self.max_receive_buffer: Final = max(max_receive_buffer, 2 * c.MAX_BITFIELD_LENGTH)
         self._auth = authenticator
         self._nonce = nonce
-        self._kx_key = kx_key
-        self._kx_public = kx_public_key(kx_key) if kx_key is not None else None
+        self._kx_key = kx_private_key(kx_key) if kx_key is not None else None
+        self._kx_public = kx_public_key(self._kx_key) if self._kx_key is not None else None
         self._encrypt = encrypt and authenticator is not None
         self._peer_kx: bytes | None = None
         self._context: bytes | None = None  # handshake_context(), once both keys are known
@@ -198,6 +208,7 @@ class PeerConnection:
         self._reader: RecordReader | None = None
         self._client = client
         self._reqq = reqq
+        self._listen_port = listen_port
         self._local_ext = local_ext
         self._local_ext_ids = frozenset(local_ext.values())
 
@@ -493,6 +504,7 @@ class PeerConnection:
             kx=self._kx_public,
             plain=self._auth is not None and not self._encrypt,
             max_block=self.max_block_length if self.max_block_length > c.BLOCK_LENGTH else None,
+            listen_port=self._listen_port,
         )
 
     # --- input ----------------------------------------------------------------------------
@@ -834,11 +846,18 @@ class PeerConnection:
                 extensions[name] = ext_id
         client = payload.get(b"v")
         reqq = payload.get(b"reqq")
+        port = payload.get(c.LISTEN_PORT_KEY)
         event = ExtendedHandshake(
             extensions=extensions,
             client=client if isinstance(client, bytes) else None,
             reqq=reqq if isinstance(reqq, int) and reqq > 0 else None,
             payload=payload,
+            # Advisory (BEP 10): a value that is no TCP port is ignored, not refused.
+            listen_port=(
+                port
+                if isinstance(port, int) and not isinstance(port, bool) and 0 < port <= 0xFFFF
+                else None
+            ),
         )
         self._peer_ext = dict(extensions)
         if event.reqq is not None:

@@ -61,31 +61,34 @@ def sealed_length(size: int) -> int:
     return size + -(-size // MAX_RECORD_PLAINTEXT) * RECORD_OVERHEAD
 
 
-def kx_public_key(private: bytes) -> bytes:
-    """The X25519 public key of a 32-byte private key (from a CSPRNG, one per connection)."""
+def kx_private_key(private: bytes) -> X25519PrivateKey:
+    """The X25519 key object of a 32-byte private key (from a CSPRNG, one per connection):
+    made once per connection, for its public key and then its exchange (~30 µs each
+    time it is made from bytes)."""
     if not isinstance(private, bytes) or len(private) != KX_LENGTH:
         raise LocalProtocolError("the key-exchange key must be 32 random bytes")
-    return (
-        X25519PrivateKey.from_private_bytes(private)
-        .public_key()
-        .public_bytes(Encoding.Raw, PublicFormat.Raw)
-    )
+    return X25519PrivateKey.from_private_bytes(private)
+
+
+def kx_public_key(private: bytes | X25519PrivateKey) -> bytes:
+    """The X25519 public key of a 32-byte private key, or of its key object."""
+    key = private if isinstance(private, X25519PrivateKey) else kx_private_key(private)
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def derive_keys(
     *,
     our_role: Role,
-    private: bytes,
+    private: bytes | X25519PrivateKey,
     peer_public: bytes,
     context: bytes,
 ) -> tuple[bytes, bytes]:
     """(send key, receive key) for ``our_role``; ``context`` is
     :func:`~p2pimage.wire._codec.handshake_context`. A peer key of low order (an all-zero
     shared secret) raises :class:`RemoteProtocolError`."""
+    key = private if isinstance(private, X25519PrivateKey) else kx_private_key(private)
     try:
-        shared = X25519PrivateKey.from_private_bytes(private).exchange(
-            X25519PublicKey.from_public_bytes(peer_public)
-        )
+        shared = key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError:
         raise RemoteProtocolError("peer's key-exchange key is invalid") from None
     if shared == bytes(len(shared)):
@@ -111,6 +114,15 @@ class RecordWriter:
 
     def seal(self, data: bytes | bytearray | memoryview) -> bytearray:
         """The records of ``data``, in one new buffer."""
+        size = len(data)
+        if 0 < size <= MAX_RECORD_PLAINTEXT and type(data) is not memoryview:
+            # One record (a batch of control messages, most of a node's writes): one AEAD
+            # call on ``data`` as it is, not the chunk-by-chunk in-place path.
+            header = _LEN.pack(size + TAG_LENGTH)
+            out = bytearray(header)
+            out += self._aead.encrypt(_NONCE.pack(self._counter), data, header)
+            self._counter += 1
+            return out
         view = memoryview(data).cast("B")
         out = bytearray(sealed_length(len(view)))
         self.seal_into(out, (view,))
@@ -203,6 +215,20 @@ class RecordReader:
         """Add received bytes (copied: the caller may reuse ``data``'s buffer); return
         the plaintext of every record now complete."""
         raw = self._raw
+        if not raw and self._limit is None and len(data) > 4:
+            # Exactly one whole record (a read of control messages, most of a node's
+            # reads): opened from ``data`` itself, without passing through the buffer.
+            length = _LEN.unpack_from(data)[0]
+            if len(data) == 4 + length and TAG_LENGTH < length <= MAX_RECORD_PLAINTEXT + TAG_LENGTH:
+                with memoryview(data) as view:
+                    try:
+                        plain = self._aead.decrypt(_NONCE.pack(self._counter), view[4:], view[:4])
+                    except InvalidTag:
+                        raise RemoteProtocolError(
+                            "encrypted record failed authentication"
+                        ) from None
+                self._counter += 1
+                return plain
         raw += data
         out: list[bytes] = []
         pos = 0

@@ -98,13 +98,16 @@ class ExtendedHandshake:
     """The peer's BEP 10 extended handshake (message 20, extended id 0).
 
     ``extensions`` maps extension names to the ids the peer wants them sent with;
-    ``payload`` is the whole decoded dictionary (``metadata_size``, ``yourip``...).
+    ``listen_port`` is BEP 10's ``p`` (the TCP port the peer listens on; ``None`` when
+    absent or not a port); ``payload`` is the whole decoded dictionary
+    (``metadata_size``, ``yourip``...).
     """
 
     extensions: dict[bytes, int]
     client: bytes | None = None
     reqq: int | None = None
     payload: dict[bytes, Any] = field(default_factory=dict)
+    listen_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
