@@ -78,9 +78,10 @@ _DIGEST = "sha256:" + "0" * 64
 
 
 def _tracker_config() -> PolicyConfig:
-    # The daemon's defaults, except ``min interval``: 1 s lets a node short of peers come
-    # back after AnnounceSettings.hungry_interval_s (as a tracker configured for cold starts).
-    return PolicyConfig(min_interval_s=1)
+    # The daemon's defaults (until 2026-11-29 23:59 ``min interval`` 1 s here, against the
+    # daemon's 5 s; the daemon's is 2 s now: docs/benchmarks.md, "The tail at 500-5,000
+    # nodes").
+    return PolicyConfig()
 
 
 @dataclass

@@ -86,7 +86,11 @@ class PolicyConfig:
     """
 
     interval_s: int = 30
-    min_interval_s: int = 5
+    # The soonest a node short of peers comes back for more (AnnounceSchedule: hungry
+    # until its dial target). 5 s was too late for a cold start: at 500 simulated nodes
+    # the last ones, stuck with 8-15 peers, finished at 1.45x the bound; 1.22x at 2 s
+    # (docs/benchmarks.md, "The tail at 500-5,000 nodes").
+    min_interval_s: int = 2
     fetcher_interval_s: int = 5
     peer_timeout_s: float = 60.0
     origin_ratio: float = 0.1

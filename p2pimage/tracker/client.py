@@ -329,8 +329,8 @@ class AnnounceSettings:
     # a cold start the first nodes fill up to ``max_peers`` and refuse the rest, and at
     # 500 simulated nodes most ended with 12-15 peers, some with 8, and the ones with
     # fewest peers, served in turn with 15-40 others at each, finished last (1.42x the
-    # bound; 1.22x with 20, with a tracker ``min interval`` of 1 s; at 5 s, the tracker's
-    # default, neither helps: docs/benchmarks.md, "The tail at 500-5,000 nodes").
+    # bound; 1.22x with 20, with a tracker ``min interval`` of 1-3 s, PolicyConfig's 2 s;
+    # at 5 s neither helps: docs/benchmarks.md, "The tail at 500-5,000 nodes").
     want_peers: int | None = None
     # After a failed announce, wait this long (doubling up to the maximum).
     retry_s: float = 1.0
