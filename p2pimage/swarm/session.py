@@ -681,25 +681,21 @@ async def _recv_into(
     """``await sock.recv_into(buffer)``, at less cost; 0 at EOF. With ``wait_first``,
     wait until the socket is readable before the first read (one system call instead
     of two when no bytes are there yet)."""
-    if wait_first and sock.fileno() >= 0:
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                return os.readv(sock.fileno(), (buffer,))
-            except BlockingIOError:
-                continue
-    await trio.lowlevel.checkpoint_if_cancelled()
-    try:
-        n = os.readv(sock.fileno(), (buffer,))
-    except BlockingIOError:
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            try:
-                return os.readv(sock.fileno(), (buffer,))
-            except BlockingIOError:
-                continue
-    await trio.lowlevel.cancel_shielded_checkpoint()
-    return n
+    if not wait_first or sock.fileno() < 0:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            n = os.readv(sock.fileno(), (buffer,))
+        except BlockingIOError:
+            pass  # (nothing there yet: wait below)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return n
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            return os.readv(sock.fileno(), (buffer,))
+        except BlockingIOError:
+            continue
 
 
 async def _send_all(
