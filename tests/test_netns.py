@@ -105,9 +105,13 @@ def test_error_inside_and_during_setup_tears_down(
     assert calls and not _ours(_namespaces(), calls[0]) and not _ours(_root_links(), calls[0])
 
 
+# The owner handles Ctrl-C as an interactive Python does: a test run started in the
+# background (`(cmd &)` in a non-interactive shell) has SIGINT ignored, and a child
+# inherits that: the holder would sleep through the Ctrl-C.
 _HOLDER = """
-import sys, time
+import signal, sys, time
 from daemons.testbed.netns import topology
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with topology(2, up=1e6, down=1e6, registry_rate=1e6) as t:
     print(t.tag, flush=True)
     time.sleep(120)
