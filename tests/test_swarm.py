@@ -377,6 +377,19 @@ async def test_stream_gathers_pieces_into_larger_chunks_after_the_first(
         assert all(len(c) >= gather for c in chunks[3:-1])
 
 
+def _record_dials(node: PeerNode) -> list[tuple[str, int]]:
+    """The addresses ``node`` dials from now on, in order (its dials still go through)."""
+    dials: list[tuple[str, int]] = []
+    dial = node.dial
+
+    async def counted(address: tuple[str, int], *args: Any, **kwargs: Any) -> Any:
+        dials.append(address)
+        return await dial(address, *args, **kwargs)
+
+    node.dial = counted  # type: ignore[method-assign]
+    return dials
+
+
 async def test_a_peer_that_dialled_us_is_not_dialled_again_at_every_tracker_answer(
     tmp_path: Path,
 ) -> None:
@@ -391,14 +404,7 @@ async def test_a_peer_that_dialled_us_is_not_dialled_again_at_every_tracker_answ
         b.port = 0  # (what its handshakes advertise: nothing)
         swarm_a = await a.add_swarm(meta, tmp_path, storage=PieceStorage.open_complete(blob, meta))
         swarm_b = await b.add_swarm(meta, tmp_path / "b")
-        dials: list[tuple[str, int]] = []
-        dial = a.dial
-
-        async def counted(address: tuple[str, int], *args: Any, **kwargs: Any) -> Any:
-            dials.append(address)
-            return await dial(address, *args, **kwargs)
-
-        a.dial = counted  # type: ignore[method-assign]
+        dials = _record_dials(a)
         swarm_b.add_peers([a.listen_address])
         with trio.fail_after(10):
             while b.peer_id not in swarm_a.peers:
@@ -431,14 +437,7 @@ async def test_a_peer_that_dialled_us_and_named_its_listen_port_is_never_dialled
             meta, tmp_path, storage=PieceStorage.open_complete(blob, meta), settings=settings
         )
         swarm_b = await b.add_swarm(meta, tmp_path / "b")
-        dials: list[tuple[str, int]] = []
-        dial = a.dial
-
-        async def counted(address: tuple[str, int], *args: Any, **kwargs: Any) -> Any:
-            dials.append(address)
-            return await dial(address, *args, **kwargs)
-
-        a.dial = counted  # type: ignore[method-assign]
+        dials = _record_dials(a)
         swarm_a.add_peers([b.listen_address], mutual=True)  # waits 0.5-1 s, then dials
         assert swarm_a._dialing == {b.listen_address}
         swarm_b.add_peers([a.listen_address])  # b dials a meanwhile
