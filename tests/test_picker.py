@@ -655,7 +655,6 @@ def test_peers_without_is_peer_has_for_each(
         pp.peers_without(n, asked)
 
 
-
 @given(st.integers(1, 1100), st.data())
 def test_peers_have_is_peer_have_for_each(n: int, data: st.DataObject) -> None:
     """A batch of HAVEs leaves the state one ``peer_have`` each would: the peers' pieces,
