@@ -314,15 +314,6 @@ def _simulate(p: SimParams) -> SimResult:
 
     nodes = [make_node(i) for i in range(p.nodes)]
     pickers = [node.picker for node in nodes]
-    # The haves each node has received and not yet given its picker: per sender (in the
-    # order of its first), the pieces as a bitset in the picker's order (piece 0 the
-    # most significant bit). A node's picker takes them in one batch (``peers_have``:
-    # the same state as one ``peer_have`` each, in order) before anything reads it
-    # (``fresh``): the results are those of telling it at once, a have costs a dict
-    # update here, and the receiver's picker is touched once per batch (at 5,000 nodes
-    # it is out of the cache at every have).
-    pending: list[dict[int, int]] = [{} for _ in nodes]
-    piece_bit = [1 << (pieces - 1 - i) for i in range(pieces)]
     # Every node's ``have`` again, in one array (node k's piece i at k * pieces + i): the
     # have broadcast's check touches one cache line, not a node object and its bytearray.
     holds = bytearray(p.nodes * pieces)
@@ -343,32 +334,6 @@ def _simulate(p: SimParams) -> SimResult:
     dirty: set[int] = set()
 
     # ------------------------------------------------------------------ the engine's calls
-
-    def fresh(k: int) -> PiecePicker[int]:
-        """Node ``k``'s picker, told every have it has received. Every call that reads
-        its peers' pieces or its availability (``pick``, ``peers_without``, ``peer_has``,
-        ``availability``, ``peer_piece_count``) or may add or drop a peer (``update_rate``,
-        ``peer_bitfield``, ``peer_lost``) goes through here; ``block_received``,
-        ``we_have``, ``is_finished``, ``pipeline_depth`` and the priorities read neither."""
-        haves = pending[k]
-        if haves:
-            pickers[k].peers_have(haves)
-            haves.clear()
-        return pickers[k]
-
-    def peers_without(node: _Node, piece: int) -> list[int]:
-        """``fresh(node.index).peers_without(piece, node.neighbors)`` without giving the
-        picker its haves: the peers it does not know to have ``piece`` and that have not
-        told it since (each node does this for each piece it gets; the batches stay
-        long, a step's worth)."""
-        me = node.index
-        without = pickers[me].peers_without(piece, node.neighbors)
-        told = pending[me]
-        if told:
-            bit = piece_bit[piece]
-            get = told.get
-            return [k for k in without if not get(k, 0) & bit]
-        return without
 
     def rechoke(node: _Node) -> None:
         stats = [
@@ -394,7 +359,7 @@ def _simulate(p: SimParams) -> SimResult:
         node.queue = deque(t for t in node.queue if t.dst != k)
         other = nodes[k]
         other.out.pop(node.index, None)
-        fresh(k).peer_choked(node.index)
+        other.picker.peer_choked(node.index)
         dirty.add(k)
 
     def bitfield(node: _Node) -> bytes | None:
@@ -422,7 +387,7 @@ def _simulate(p: SimParams) -> SimResult:
         for x, y in ((na, nb), (nb, na)):
             bits = bitfield(y)
             if bits is not None:
-                fresh(x.index).peer_bitfield(y.index, bits)
+                x.picker.peer_bitfield(y.index, bits)
         rechoke(na)
         rechoke(nb)
         dirty.add(a)
@@ -435,7 +400,7 @@ def _simulate(p: SimParams) -> SimResult:
         node.rate.pop(k, None)
         node.depth.pop(k, None)
         node.last_data.pop(k, None)
-        fresh(node.index).peer_lost(k)
+        node.picker.peer_lost(k)
         node.queue = deque(t for t in node.queue if t.dst != k)
         node.unchoked.discard(k)
         nodes[k].unchoking.discard(node.index)
@@ -473,8 +438,7 @@ def _simulate(p: SimParams) -> SimResult:
         nonlocal haves
         haves += 1
         target = nodes[dst]
-        mine = pending[dst]
-        mine[src.index] = mine.get(src.index, 0) | piece_bit[piece]
+        target.picker.peer_have(src.index, piece)
         told = target.reveal.peer_has(piece)
         if told is not None:
             show_to_all(target, piece, told)
@@ -486,21 +450,20 @@ def _simulate(p: SimParams) -> SimResult:
         the need order (``SwarmSettings.upload_order``), only those not known to have it."""
         nonlocal haves, shows
         shows += 1
-        me, bit = node.index, piece_bit[piece]
+        me, picker = node.index, node.picker
         shown_before = shows
         to_all = upload_order.mode == "need"  # as the engine: Swarm._announce
-        for k in list(node.neighbors) if to_all else peers_without(node, piece):
+        for k in list(node.neighbors) if to_all else picker.peers_without(piece, node.neighbors):
             # A have that reached ``node`` meanwhile (a hidden piece shown on by a peer
             # it told, in a nested show_to_all) may say that ``k`` has the piece: then
             # ``k`` is not told.
-            if k == told or (not to_all and shows != shown_before and fresh(me).peer_has(k, piece)):
+            if k == told or (not to_all and shows != shown_before and picker.peer_has(k, piece)):
                 continue
             haves += 1
             # tell(node, k, piece), inlined: the model's commonest event. At 5,000 nodes
-            # it waits on memory: it leaves the have in ``pending`` and reads the held
-            # flag from ``holds``, not through ``k``'s node object.
-            mine = pending[k]
-            mine[me] = mine.get(me, 0) | bit
+            # it waits on memory: it reads the picker from a list and the held flag from
+            # ``holds``, not through ``k``'s node object.
+            pickers[k].peer_have(me, piece)
             # Only an origin fetcher ever hides a piece (RevealPolicy.reveal, on an
             # origin read): nobody else's reveal policy need be asked.
             if k in fetchers:
@@ -526,7 +489,7 @@ def _simulate(p: SimParams) -> SimResult:
             node.num_have += 1
         cancel(node, node.picker.we_have(piece))
         if from_origin:
-            candidates = peers_without(node, piece)
+            candidates = node.picker.peers_without(piece, node.neighbors)
             target = node.reveal.reveal(piece, candidates, now)
             if target is not None:
                 tell(node, target, piece)
@@ -554,7 +517,7 @@ def _simulate(p: SimParams) -> SimResult:
     def need_key(node: _Node, held: dict[int, int], t: _Transfer) -> tuple[int, float]:
         count = held.get(t.dst)
         if count is None:
-            count = held[t.dst] = fresh(node.index).peer_piece_count(t.dst)
+            count = held[t.dst] = node.picker.peer_piece_count(t.dst)
         return upload_order.key(count, t.ready, now)
 
     def backlog(node: _Node, peer: int) -> float:
@@ -576,8 +539,7 @@ def _simulate(p: SimParams) -> SimResult:
     def refill(node: _Node) -> None:
         if node.done_at is not None:
             return
-        me, out, depth = node.index, node.out, node.depth
-        picker = fresh(me)  # nothing below tells it a have
+        me, picker, out, depth = node.index, node.picker, node.out, node.depth
         unchoking = node.unchoking
         room: int | None = None  # blocks the fetcher's downlink leaves (Swarm._refill)
         if node.share is not None:
@@ -641,7 +603,7 @@ def _simulate(p: SimParams) -> SimResult:
         assert node.origin is not None
         step = node.origin.next_request(
             lambda i: node.have[i] == 1,
-            lambda i: fresh(node.index).availability(i) > 0,
+            lambda i: node.picker.availability(i) > 0,
             piece_size,
             MAX_REQUEST_BYTES,
         )
@@ -662,7 +624,7 @@ def _simulate(p: SimParams) -> SimResult:
             if node.partial < size:
                 return
             node.partial -= size
-            held = fresh(node.index).availability(index) > 0
+            held = node.picker.availability(index) > 0
             have = node.have[index] == 1
             if not node.origin.piece_arrived(index, have=have, held_by_peer=held):
                 give_back(node, node.origin.shrink(index))
@@ -853,7 +815,7 @@ def _simulate(p: SimParams) -> SimResult:
                     r = node.rate.get(k, 0.0)
                     r += alpha * (node.recv.get(k, 0.0) / elapsed - r)
                     node.rate[k] = r
-                    fresh(node.index).update_rate(k, r)
+                    node.picker.update_rate(k, r)
                     node.depth[k] = node.picker.pipeline_depth(k)
                 node.recv.clear()
                 for k in [

@@ -655,34 +655,6 @@ def test_peers_without_is_peer_has_for_each(
         pp.peers_without(n, asked)
 
 
-@given(st.integers(1, 1100), st.data())
-def test_peers_have_is_peer_have_for_each(n: int, data: st.DataObject) -> None:
-    """A batch of HAVEs leaves the state one ``peer_have`` each would: the peers' pieces,
-    the availability (whatever the counts already were) and the order peers were added."""
-    one, batch = PiecePicker[str](n, BS, n * BS), PiecePicker[str](n, BS, n * BS)
-    names = [f"p{i}" for i in range(12)]
-    for _ in range(data.draw(st.integers(1, 4))):
-        if data.draw(st.booleans()):
-            lost = data.draw(st.sampled_from(names))
-            one.peer_lost(lost)
-            batch.peer_lost(lost)
-        # Often few distinct pieces, so that counts carry across several bit-planes.
-        index = st.integers(0, n - 1) | st.integers(0, min(n - 1, 2))
-        haves = data.draw(st.lists(st.tuples(st.sampled_from(names), index), max_size=40))
-        masks: dict[str, int] = {}
-        for peer, index in haves:
-            one.peer_have(peer, index)
-            masks[peer] = masks.get(peer, 0) | 1 << (n - 1 - index)
-        batch.peers_have(masks)
-        assert batch.peers == one.peers
-        for i in range(n):
-            assert batch.availability(i) == one.availability(i)
-            assert [batch.peer_has(k, i) for k in names] == [one.peer_has(k, i) for k in names]
-    batch.check_invariants()
-    with pytest.raises(LocalProtocolError):
-        batch.peers_have({"p0": 1 << n})
-
-
 # ---------------------------------------------------------------- whole downloads
 
 

@@ -35,7 +35,7 @@ import functools
 import heapq
 import math
 import random
-from collections.abc import Collection, Hashable, Mapping
+from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
@@ -372,56 +372,6 @@ class PiecePicker(Generic[P]):
                 planes[k] = p ^ bit
                 bit &= p
                 k += 1
-
-    def peers_have(self, pieces: Mapping[P, int]) -> None:
-        """HAVEs from many peers at once: each peer's announced pieces as one bitset
-        (piece 0 the most significant of ``num_pieces`` bits, a bitfield message's order
-        read as one number). The same state as :meth:`peer_have` for each of them, in
-        the mapping's order (a new peer is added in that order), in fewer big-int
-        operations: the availability grows by one addition of the batch's own count
-        planes. For the simulator, which gives a node the haves it received in one
-        batch before it next reads the picker."""
-        peers, full = self._peers, self._full
-        batch: list[int] = []  # the new pieces' counts, as bit-planes
-        for peer, mask in pieces.items():
-            if mask & ~full or mask < 0:
-                raise LocalProtocolError(f"a piece set of more than {self.num_pieces} pieces")
-            ps = peers.get(peer)
-            if ps is None:
-                ps = peers[peer] = _Peer(peer, self._slow_start)
-            new = mask & ~ps.bits
-            if not new:
-                continue
-            ps.bits |= new
-            k = 0  # batch += new, by ripple carry
-            while new:
-                if k == len(batch):
-                    batch.append(new)
-                    break
-                p = batch[k]
-                batch[k] = p ^ new
-                new &= p
-                k += 1
-        if batch:
-            self._avail_add_planes(batch)
-
-    def _avail_add_planes(self, add: list[int]) -> None:
-        """Availability += the counts whose bit-planes are ``add`` (least significant
-        first)."""
-        planes = self._planes
-        carry = 0
-        k = 0
-        while k < len(add) or carry:
-            b = add[k] if k < len(add) else 0
-            if k == len(planes):
-                planes.append(b ^ carry)
-                carry &= b
-            else:
-                p = planes[k]
-                pb = p ^ b
-                planes[k] = pb ^ carry
-                carry = (p & b) | (carry & pb)
-            k += 1
 
     def peer_have_all(self, peer: P) -> None:
         """The peer has every piece (BEP 6 HAVE ALL, or a seed)."""
