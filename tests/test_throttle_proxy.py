@@ -104,9 +104,12 @@ async def test_readers_share_the_cap_slice_by_slice(
                 reads.start_soon(read, http, me)
         nursery.cancel_scope.cancel()
     assert received == [len(blob), len(blob)]
-    # A slice each in turn (82 KiB at 4 MiB/s), plus the burst and one socket read:
-    # well under the 1 MiB one reader was ahead by when chunks were paid whole.
-    assert lead <= 2 * proxy.slice + BURST + 64 * 1024 <= MIB // 2, lead
+    # A slice each in turn (82 KiB at 4 MiB/s), plus the burst and one socket read, is
+    # ~360 KiB; the readers' own scheduling adds to what they see (367 and 443 KiB in
+    # two runs beside another test run, on main too), so the bound is half of the 1 MiB
+    # one reader was ahead by when chunks were paid whole.
+    assert 2 * proxy.slice + BURST + 64 * 1024 <= MIB // 2
+    assert lead <= MIB // 2, lead
 
 
 def test_slices_stay_short_for_few_readers_and_grow_for_many() -> None:
