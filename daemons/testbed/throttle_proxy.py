@@ -3,8 +3,9 @@ in the local cluster demo.
 
 Every byte the upstream (the registry) sends to any client passes one token bucket, so
 the cap holds for the registry as a whole, as a real uplink would, and not per reader.
-Its readers share the cap as flows share a real link: each gets its part every few tens
-of milliseconds (:data:`SLICE_S`), never a whole chunk's worth of the link at a time.
+Its readers share the cap as flows share a real link: each gets its part in turn, in
+slices of a few tens of milliseconds of the link (:func:`slice_bytes`), never a whole
+chunk's worth of the link at a time while few readers share it.
 Bytes sent upstream (requests) are not limited.
 """
 
@@ -19,7 +20,7 @@ import trio
 
 from p2pimage.swarm.ratelimit import RateLimiter
 
-__all__ = ["ThrottleProxy"]
+__all__ = ["ThrottleProxy", "slice_bytes"]
 
 log = logging.getLogger("p2pimage.throttle")
 
@@ -37,6 +38,14 @@ CHUNK = 1024 * 1024
 # cap's overshoot stays the burst.
 SLICE_S = 0.02
 MIN_SLICE = 16 * 1024
+# Slices grow with the readers beyond this many. Each slice is a wake-up of the relay
+# (50 a second at SLICE_S): with k readers a reader's turn comes every k slices, so at
+# 16 readers (the demo's direct pulls: 8 skopeo clients, 2 layers each) a reader waited
+# 320 ms between turns anyway, and the 1,600 wake-ups of 20 ms slices cost the harness
+# 0.25-0.45 CPU-s more than 1 MiB chunks (docs/benchmarks.md, "The cluster demo's
+# direct pulls"). Up to 2 * FAIR_READERS - 1 readers (the origin fetchers of a 16- or
+# 32-node swarm: 2 or 4) the slice stays SLICE_S of the cap.
+FAIR_READERS = 4
 # The bucket's burst: the cap's short-term overshoot.
 BURST = 128 * 1024
 # Linux: the registry's bytes go from socket to socket through a pipe in the kernel
@@ -45,16 +54,33 @@ BURST = 128 * 1024
 SPLICE = hasattr(os, "splice")
 
 
+def slice_bytes(rate: float | None, readers: int) -> int:
+    """Bytes paid for and sent on at a time while ``readers`` readers share ``rate``
+    (bytes/s; None: uncapped, whole chunks): :data:`SLICE_S` of the cap (at least
+    :data:`MIN_SLICE`), times ``readers // FAIR_READERS`` from ``2 * FAIR_READERS``
+    readers on, at most :data:`CHUNK`."""
+    if rate is None:
+        return CHUNK
+    base = max(MIN_SLICE, int(rate * SLICE_S))
+    return min(CHUNK, base * max(1, readers // FAIR_READERS))
+
+
 class ThrottleProxy:
     """Relays ``127.0.0.1:<port>`` to ``upstream`` with ``rate`` bytes/s downstream."""
 
     def __init__(self, upstream: tuple[str, int], rate: float | None, host: str = "127.0.0.1"):
         self.upstream = upstream
         self.limiter = RateLimiter(rate, burst=BURST if rate else None)
-        self.slice = CHUNK if rate is None else min(CHUNK, max(MIN_SLICE, int(rate * SLICE_S)))
+        self.rate = rate
+        self.readers = 0  # connections with registry bytes waiting to be paid and sent
         self.host = host
         self.port = 0
         self.bytes_down = 0
+
+    @property
+    def slice(self) -> int:
+        """Bytes paid for and sent on at a time now (:func:`slice_bytes`)."""
+        return slice_bytes(self.rate, self.readers)
 
     @property
     def url(self) -> str:
@@ -85,11 +111,17 @@ class ThrottleProxy:
                                 await dst.send_all(data)
                                 continue
                             view = memoryview(data)
-                            for at in range(0, len(view), self.slice):
-                                part = view[at : at + self.slice]
-                                await self.limiter.acquire(len(part))
-                                self.bytes_down += len(part)
-                                await dst.send_all(part)
+                            at = 0
+                            self.readers += 1
+                            try:
+                                while at < len(view):
+                                    part = view[at : at + self.slice]
+                                    at += len(part)
+                                    await self.limiter.acquire(len(part))
+                                    self.bytes_down += len(part)
+                                    await dst.send_all(part)
+                            finally:
+                                self.readers -= 1
                     await dst.send_eof()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     nursery.cancel_scope.cancel()
@@ -118,16 +150,20 @@ class ThrottleProxy:
                     continue
                 if n == 0:
                     return
-                while n:
-                    part = min(n, self.slice)
-                    await self.limiter.acquire(part)
-                    self.bytes_down += part
-                    n -= part
-                    while part:
-                        try:
-                            part -= os.splice(pipe_r, fd_out, part, flags=flags)
-                        except BlockingIOError:
-                            await trio.lowlevel.wait_writable(s_out)
+                self.readers += 1
+                try:
+                    while n:
+                        part = min(n, self.slice)
+                        await self.limiter.acquire(part)
+                        self.bytes_down += part
+                        n -= part
+                        while part:
+                            try:
+                                part -= os.splice(pipe_r, fd_out, part, flags=flags)
+                            except BlockingIOError:
+                                await trio.lowlevel.wait_writable(s_out)
+                finally:
+                    self.readers -= 1
                 await trio.lowlevel.checkpoint()
         finally:
             os.close(pipe_r)
