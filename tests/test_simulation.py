@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
 from benchmarks._sim import SimParams, arrival_order, simulate
-from benchmarks.simulate import main
+from benchmarks.simulate import HUGE_PAGES_ENV, _run, _run_apart, main
 from p2pimage.metainfo.torrent import choose_piece_length
 from p2pimage.swarm.engine import SwarmSettings
 
@@ -145,6 +146,19 @@ def test_the_layer_is_cut_as_the_sidecar_cuts_it_unless_told(tmp_path: Path) -> 
     assert json.loads(out.read_text())["runs"][0]["pieces"] == sidecar
     assert main(["--nodes", "8", "--size-mib", "8", "--pieces", "16", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["runs"][0]["pieces"] == 16
+
+
+def test_a_scale_run_apart_with_huge_pages_gives_the_same_result() -> None:
+    """``benchmarks.simulate`` runs each scale run in a fresh process with the C
+    library's allocator and transparent huge pages (``HUGE_PAGES_ENV``): the same
+    figures as in this process, and this process's environment left as it was."""
+    before = {key: os.environ.get(key) for key in HUGE_PAGES_ENV}
+    params = SimParams(nodes=12, size=8 * 1024 * 1024, seed=2, timeline=True)
+    apart, here = _run_apart(params), _run(params)
+    for key in ("wall_s", "cpu_s"):
+        del apart[key], here[key]
+    assert apart == here
+    assert {key: os.environ.get(key) for key in HUGE_PAGES_ENV} == before
 
 
 def test_serving_the_neediest_first_pulls_the_last_nodes_in() -> None:
