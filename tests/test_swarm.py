@@ -816,69 +816,6 @@ async def test_the_have_of_a_rare_piece_waits_rare_have_delay_s_not_have_delay_s
             assert waited < 0.3
 
 
-async def test_a_rare_have_to_a_busy_peer_waits_for_its_next_batch_and_flushes_only_the_due(
-    tmp_path: Path,
-) -> None:
-    """A rare piece's have goes after ``rare_have_delay_s`` to a peer that asks nothing
-    of us and serves us nothing, but waits ``have_delay_s`` (or the next batch, a piece
-    or a request, which carries it) to a peer with pieces flowing on the connection;
-    and the flush of the first does not send the second's haves along."""
-    blob, meta = make_blob(tmp_path, 4 * MIB, piece_length=256 * 1024)  # 16 pieces
-    data = blob.read_bytes()
-
-    def piece(i: int) -> bytes:
-        return data[meta.piece_offset(i) :][: meta.piece_size(i)]
-
-    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
-    settings = SwarmSettings(
-        have_delay_s=5.0,
-        rare_have_delay_s=0.05,
-        reveal_origin_pieces=False,
-        interest_grace_s=60.0,  # both stay interested in the holder after catching up
-    )
-    auth = [local_authenticator(issuer, subject=f"node-{i}", cluster="prod") for i in range(3)]
-    async with (
-        open_peer_node(authenticator=auth[0]) as holder,
-        # The busy peer serves the holder a 256 KiB piece at 8 KiB/s beyond its 64 KiB
-        # burst: the holder's request stays outstanding for the whole test.
-        open_peer_node(authenticator=auth[1], upload_rate=8 * 1024) as busy,
-        open_peer_node(authenticator=auth[2]) as idle,
-    ):
-        h = await holder.add_swarm(meta, tmp_path / "holder", settings=settings)
-        b = await busy.add_swarm(meta, tmp_path / "busy", settings=settings)
-        w = await idle.add_swarm(meta, tmp_path / "idle", settings=settings)
-        b.add_peers([holder.listen_address])
-        w.add_peers([holder.listen_address])
-        with trio.fail_after(10):
-            while len(h.peers) != 2 or not b.peers or not w.peers:
-                await trio.sleep(0.05)
-        assert await h.accept_origin_piece(1, piece(1))  # both fetch it: interested in h
-        with trio.fail_after(10):
-            while not (b.has_piece(1) and w.has_piece(1)):
-                await trio.sleep(0.02)
-        assert await b.accept_origin_piece(0, piece(0))  # h asks b for it: pieces flow
-        with trio.fail_after(10):
-            while not h.peers[busy.peer_id].outstanding:
-                await trio.sleep(0.02)
-        seen_b, seen_w = h.peers[busy.peer_id], h.peers[idle.peer_id]
-        assert seen_b.peer_interested and seen_w.peer_interested
-        assert not seen_w.outstanding and not seen_w.uploads
-        start = trio.current_time()
-        assert await h.accept_origin_piece(2, piece(2))  # held by none of h's peers: rare
-        with trio.fail_after(5):
-            while not w.picker.peer_has(holder.peer_id, 2):
-                await trio.sleep(0.01)
-        assert trio.current_time() - start < settings.have_delay_s - 2
-        await trio.sleep(0.5)
-        # The idle peer's flush left the busy peer's have waiting for its next batch.
-        assert not b.picker.peer_has(holder.peer_id, 2)
-        assert seen_b.session.haves_waiting and seen_b.outstanding
-        with trio.fail_after(settings.have_delay_s + 5):
-            while not b.picker.peer_has(holder.peer_id, 2):
-                await trio.sleep(0.05)
-        assert trio.current_time() - start >= settings.have_delay_s - 0.1
-
-
 async def test_a_peer_asked_after_an_idle_spell_is_not_taken_for_a_staller(
     tmp_path: Path,
 ) -> None:

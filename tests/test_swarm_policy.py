@@ -308,17 +308,16 @@ def test_upload_order_refuses_unknown_modes() -> None:
     interested=st.booleans(),
     missing=st.integers(0, 600),
     holders=st.integers(0, 40),
-    busy=st.booleans(),
 )
 def test_a_have_waits_only_for_an_interested_peer_far_from_its_end_and_less_for_a_rare_piece(
-    delay: float, rare_delay: float, interested: bool, missing: int, holders: int, busy: bool
+    delay: float, rare_delay: float, interested: bool, missing: int, holders: int
 ) -> None:
     policy = HavePolicy(delay, rare_delay_s=rare_delay)
-    wait = policy.wait_s(interested=interested, missing=missing, holders=holders, busy=busy)
+    wait = policy.wait_s(interested=interested, missing=missing, holders=holders)
     if not (delay > 0 and interested and missing > 8):
         assert wait == 0.0
-    elif holders > 1 or busy:
-        assert wait == delay  # (busy: it rides on the next piece or request either way)
+    elif holders > 1:
+        assert wait == delay
     else:
         assert wait == min(rare_delay, delay)  # never longer than a common piece's
 
@@ -334,10 +333,6 @@ def test_a_fresh_piece_is_told_at_once_or_soon_and_a_common_one_waits() -> None:
     assert soon.wait_s(interested=True, missing=200, holders=1) == 0.03
     assert soon.wait_s(interested=True, missing=200, holders=2) == 0.25
     assert soon.wait_s(interested=True, missing=8, holders=0) == 0.0  # its last pieces
-    # Pieces flow on the connection: even a rare piece's have waits for the next batch.
-    assert soon.wait_s(interested=True, missing=200, holders=1, busy=True) == 0.25
-    assert soon.wait_s(interested=True, missing=8, holders=1, busy=True) == 0.0
-    assert soon.wait_s(interested=False, missing=200, holders=1, busy=True) == 0.0
 
 
 MIB = 1024 * 1024

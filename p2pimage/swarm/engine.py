@@ -327,9 +327,6 @@ class _Peer:
     # Interested, but the peer has had nothing we need since then (InterestPolicy):
     # nothing to request; the tick decides when to say not interested.
     idle_since: float | None = None
-    # When this peer's deferred haves are due (_haves_loop; inf: none wait, or they
-    # left with a batch before).
-    haves_due_at: float = math.inf
 
 
 class Swarm:
@@ -986,17 +983,12 @@ class Swarm:
             interested=peer.peer_interested,
             missing=self.picker.peer_missing(peer.key),
             holders=holders,
-            busy=bool(peer.uploads or peer.outstanding or peer.session.queued_pieces),
         )
         if wait <= 0:
             peer.session.send_have(index)
             return
-        due = trio.current_time() + wait
-        if not peer.session.haves_waiting:
-            peer.haves_due_at = due  # (an earlier due left with a batch meanwhile)
-        elif due < peer.haves_due_at:
-            peer.haves_due_at = due
         peer.session.send_have(index, defer=True)
+        due = trio.current_time() + wait
         if due < self._haves_flush_at:
             self._haves_flush_at = due
             self._haves_flush_moved.set()
@@ -1243,26 +1235,16 @@ class Swarm:
             self._quiet_wait.set()
 
     async def _haves_loop(self) -> None:
-        """When the earliest deferred have is due (:meth:`_send_have`), send the haves
-        deferred to each peer whose own earliest one is due; asleep while none wait (an
-        idle seed never wakes). A peer whose haves wait longer (a busy connection: they
-        leave with its next batch) is not woken for another peer's rare piece."""
+        """When the earliest deferred have is due (:meth:`_send_have`), send every have
+        deferred so far; asleep while none are (an idle seed never wakes)."""
         while True:
             with trio.move_on_at(self._haves_flush_at):
                 await self._haves_flush_moved.wait()
                 self._haves_flush_moved = trio.Event()
                 continue  # deferred haves, or one due sooner
-            now = trio.current_time()
-            later = math.inf
+            self._haves_flush_at = math.inf
             for peer in self.peers.values():
-                if not peer.session.haves_waiting:
-                    peer.haves_due_at = math.inf  # (they left with a batch)
-                elif peer.haves_due_at <= now:
-                    peer.haves_due_at = math.inf
-                    peer.session.flush_haves()
-                elif peer.haves_due_at < later:
-                    later = peer.haves_due_at
-            self._haves_flush_at = later
+                peer.session.flush_haves()
 
     def _tick_peer(
         self, peer: _Peer, now: float, elapsed: float, drain_s: float, outstanding: int

@@ -151,13 +151,6 @@ class HavePolicy:
     only ``rare_delay_s``, enough to leave with the haves of the next piece or two
     (one write for several pieces) and short next to a hop's transfer. A piece that
     other peers can serve already changes little by waiting.
-
-    Except on a ``busy`` connection, where pieces flow (the peer has requests waiting
-    at our uploader, or we at its): there the next batch to the peer, a piece or the
-    request that follows each piece received, comes within a piece's time and carries
-    the have anyway, so even a rare piece's have waits ``delay_s`` for it rather than
-    being a write (and a wake-up of the peer's reader) of its own. A peer that asks
-    nothing of us and serves us nothing hears of a rare piece first.
     """
 
     delay_s: float
@@ -165,13 +158,12 @@ class HavePolicy:
     rare_holders: int = 1
     rare_delay_s: float = 0.0
 
-    def wait_s(self, *, interested: bool, missing: int, holders: int, busy: bool = False) -> float:
+    def wait_s(self, *, interested: bool, missing: int, holders: int) -> float:
         """How long a have of a piece ``holders`` of our peers hold, to a peer that lacks
-        ``missing`` pieces, may wait (0: at once); ``busy``: pieces flow on the
-        connection (either way), so a batch to the peer is due soon."""
+        ``missing`` pieces, may wait (0: at once)."""
         if self.delay_s <= 0 or not interested or missing <= self.tail_pieces:
             return 0.0
-        if holders <= self.rare_holders and not busy:
+        if holders <= self.rare_holders:
             return min(self.rare_delay_s, self.delay_s)
         return self.delay_s
 

@@ -446,16 +446,6 @@ class PeerSession:
             self._haves_due = True
             self._wakeup.set()
 
-    @property
-    def haves_waiting(self) -> bool:
-        """Whether deferred haves wait for the next batch (or :meth:`flush_haves`)."""
-        return bool(self._haves)
-
-    @property
-    def queued_pieces(self) -> int:
-        """Piece messages queued and not yet in a batch being written."""
-        return self._outbox_pieces
-
     def flush_haves(self) -> None:
         """Send the deferred haves now (wake the writer if any wait)."""
         if self._haves:
