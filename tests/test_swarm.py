@@ -816,6 +816,59 @@ async def test_the_have_of_a_rare_piece_waits_rare_have_delay_s_not_have_delay_s
             assert waited < 0.3
 
 
+async def test_a_rare_piece_is_told_soon_to_rare_have_fanout_peers_and_later_to_the_rest(
+    tmp_path: Path,
+) -> None:
+    """Of the peers that lack a piece no other peer holds, ``rare_have_fanout`` hear of it
+    after ``rare_have_delay_s``; the others as of a common piece, after ``have_delay_s``:
+    the haves loop flushes each peer's haves when its own are due, not every peer's
+    when the first is."""
+    blob, meta = make_blob(tmp_path, 4 * MIB)  # 256 pieces
+    data = blob.read_bytes()
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(
+        have_delay_s=4.0,
+        rare_have_delay_s=0.05,
+        rare_have_fanout=1,
+        reveal_origin_pieces=False,
+        interest_grace_s=60.0,  # the watchers stay interested after catching up
+    )
+    async with nodes(4, issuer) as (holder, *watchers):
+        source = await holder.add_swarm(meta, tmp_path / "holder", settings=settings)
+        swarms = [
+            await w.add_swarm(meta, tmp_path / f"watcher-{i}", settings=settings)
+            for i, w in enumerate(watchers)
+        ]
+        for swarm in swarms:  # each watcher knows the holder only
+            swarm.add_peers([holder.listen_address])
+        with trio.fail_after(10):
+            while len(source.peers) != 3 or not all(s.peers for s in swarms):
+                await trio.sleep(0.05)
+        assert await source.accept_origin_piece(0, data[: meta.piece_size(0)])
+        with trio.fail_after(10):  # told at once (not interested yet), asked, fetched
+            while not all(s.has_piece(0) for s in swarms):
+                await trio.sleep(0.02)
+        assert all(p.peer_interested for p in source.peers.values())
+        await trio.sleep(0.2)
+        start = trio.current_time()
+        piece = data[meta.piece_offset(1) :][: meta.piece_size(1)]
+        assert await source.accept_origin_piece(1, piece)  # no peer of the holder has it
+
+        def told() -> int:
+            return sum(s.picker.peer_has(holder.peer_id, 1) for s in swarms)
+
+        with trio.fail_after(10):
+            while not told():
+                await trio.sleep(0.01)
+        assert trio.current_time() - start < settings.have_delay_s - 2
+        await trio.sleep(1.0)
+        assert told() == 1  # the first told's flush did not send the others' haves
+        with trio.fail_after(settings.have_delay_s + 5):
+            while told() < 3:
+                await trio.sleep(0.05)
+        assert trio.current_time() - start >= settings.have_delay_s - 0.1
+
+
 async def test_a_peer_asked_after_an_idle_spell_is_not_taken_for_a_staller(
     tmp_path: Path,
 ) -> None:

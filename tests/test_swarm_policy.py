@@ -3,6 +3,7 @@ simulator both call."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -308,18 +309,47 @@ def test_upload_order_refuses_unknown_modes() -> None:
     interested=st.booleans(),
     missing=st.integers(0, 600),
     holders=st.integers(0, 40),
+    first=st.booleans(),
 )
 def test_a_have_waits_only_for_an_interested_peer_far_from_its_end_and_less_for_a_rare_piece(
-    delay: float, rare_delay: float, interested: bool, missing: int, holders: int
+    delay: float, rare_delay: float, interested: bool, missing: int, holders: int, first: bool
 ) -> None:
     policy = HavePolicy(delay, rare_delay_s=rare_delay)
-    wait = policy.wait_s(interested=interested, missing=missing, holders=holders)
+    wait = policy.wait_s(interested=interested, missing=missing, holders=holders, first=first)
     if not (delay > 0 and interested and missing > 8):
         assert wait == 0.0
-    elif holders > 1:
-        assert wait == delay
+    elif holders > 1 or not first:
+        assert wait == delay  # (not among a rare piece's first told: as a common piece)
     else:
         assert wait == min(rare_delay, delay)  # never longer than a common piece's
+
+
+@given(
+    fanout=st.one_of(st.none(), st.integers(1, 8)),
+    peers=st.integers(0, 40),
+    holders=st.integers(0, 5),
+    seed=st.integers(0, 2**32),
+)
+def test_a_rare_piece_is_told_first_to_at_most_fanout_peers_and_a_common_one_to_all(
+    fanout: int | None, peers: int, holders: int, seed: int
+) -> None:
+    policy = HavePolicy(0.25, rare_delay_s=0.03, rare_fanout=fanout)
+    keys = [f"peer-{i}" for i in range(peers)]
+    first = policy.first_told(keys, holders, random.Random(seed))
+    if fanout is None or holders > 1 or peers <= fanout:
+        assert list(first) == keys
+    else:
+        assert len(first) == fanout and len(set(first)) == fanout and set(first) <= set(keys)
+        # Chosen at random: another draw picks others (over enough peers and draws).
+        draws = {
+            frozenset(policy.first_told(keys, holders, random.Random(seed + k))) for k in range(20)
+        }
+        assert len(draws) > 1 or math.comb(peers, fanout) == 1
+
+
+def test_rare_fanout_must_be_positive() -> None:
+    with pytest.raises(LocalProtocolError):
+        HavePolicy(0.25, rare_fanout=0)
 
 
 def test_a_fresh_piece_is_told_at_once_or_soon_and_a_common_one_waits() -> None:
@@ -333,6 +363,10 @@ def test_a_fresh_piece_is_told_at_once_or_soon_and_a_common_one_waits() -> None:
     assert soon.wait_s(interested=True, missing=200, holders=1) == 0.03
     assert soon.wait_s(interested=True, missing=200, holders=2) == 0.25
     assert soon.wait_s(interested=True, missing=8, holders=0) == 0.0  # its last pieces
+    # Not among a rare piece's first told: it waits as a common piece's have.
+    assert soon.wait_s(interested=True, missing=200, holders=1, first=False) == 0.25
+    assert soon.wait_s(interested=True, missing=8, holders=1, first=False) == 0.0
+    assert soon.wait_s(interested=False, missing=200, holders=1, first=False) == 0.0
 
 
 MIB = 1024 * 1024

@@ -175,6 +175,11 @@ class SwarmSettings:
     # wake-up of every peer's reader (most of a node's system calls). 0: at once.
     # Measurements: docs/benchmarks.md, "Rare haves, coalesced".
     rare_have_delay_s: float = 0.03
+    # How many of the peers lacking a rare piece hear of it after rare_have_delay_s
+    # (HavePolicy.first_told, at random); the others as of a common piece (have_delay_s,
+    # or sooner with the next batch to them). None: all of them. Measurements:
+    # docs/benchmarks.md, "Rare haves to a few peers first".
+    rare_have_fanout: int | None = 4
     # A quiet swarm (complete, nothing requested either way, nobody interested, no byte
     # moved in the last tick: a seeding swarm on an idle node) ticks this seldom
     # instead, and at once again on any peer's message or a new peer. Its tick then only
@@ -327,6 +332,9 @@ class _Peer:
     # Interested, but the peer has had nothing we need since then (InterestPolicy):
     # nothing to request; the tick decides when to say not interested.
     idle_since: float | None = None
+    # When this peer's deferred haves are due (_haves_loop; inf: none wait, or they
+    # left with a batch before).
+    haves_due_at: float = math.inf
 
 
 class Swarm:
@@ -375,7 +383,9 @@ class Swarm:
         self.timeouts = PeerTimeouts(self.settings.request_timeout_s, self.settings.stall_timeout_s)
         self.upload_order = UploadOrder(self.settings.upload_order)
         self.have_policy = HavePolicy(
-            self.settings.have_delay_s, rare_delay_s=self.settings.rare_have_delay_s
+            self.settings.have_delay_s,
+            rare_delay_s=self.settings.rare_have_delay_s,
+            rare_fanout=self.settings.rare_have_fanout,
         )
         self.origin_share = OriginShare(self._download_limiter.rate)
         self._upload_wakeup = trio.Event()  # a request arrived
@@ -941,9 +951,12 @@ class Swarm:
         """A hidden origin piece is shown to every peer but ``told``, which knows it."""
         to_all = self.upload_order.mode == "need"
         holders = self.picker.availability(index)  # for HavePolicy
-        for peer in self.peers.values():
-            if peer.key != told and (to_all or not self.picker.peer_has(peer.key, index)):
-                self._send_have(peer, index, holders)  # (with the batch's other haves)
+        others = [
+            peer.key
+            for peer in self.peers.values()
+            if peer.key != told and (to_all or not self.picker.peer_has(peer.key, index))
+        ]
+        self._send_haves(others, index, holders)  # (with the batch's other haves)
 
     def _piece_verified(self, index: int) -> None:
         self._record_verified(index)
@@ -970,25 +983,47 @@ class Swarm:
     def _announce(self, index: int) -> None:
         to_all = self.upload_order.mode == "need"
         holders = self.picker.availability(index)  # for HavePolicy
-        for peer in self.peers.values():
+        told = [
+            peer.key
+            for peer in self.peers.values()
             # A peer that announced the piece itself does not need it for picking, but
             # with the need order its uploader orders requesters by what they hold.
-            if to_all or not self.picker.peer_has(peer.key, index):
-                self._send_have(peer, index, holders)
+            if to_all or not self.picker.peer_has(peer.key, index)
+        ]
+        self._send_haves(told, index, holders)
 
-    def _send_have(self, peer: _Peer, index: int, holders: int) -> None:
+    def _send_haves(self, told: list[bytes], index: int, holders: int) -> None:
+        """Haves of ``index`` to the peers ``told`` (:meth:`_send_have`), the first of a
+        rare piece chosen by :meth:`HavePolicy.first_told`."""
+        first = self.have_policy.first_told(told, holders, self._rng)
+        if first is not told:
+            chosen = set(first)
+            for key in told:
+                self._send_have(self.peers[key], index, holders, first=key in chosen)
+            return
+        for key in told:
+            self._send_have(self.peers[key], index, holders)
+
+    def _send_have(self, peer: _Peer, index: int, holders: int, *, first: bool = True) -> None:
         """A have for ``peer``: deferred by as long as :class:`HavePolicy` lets it wait
-        (``holders``: how many of our peers hold it), with the haves deferred before it."""
+        (``holders``: how many of our peers hold it; ``first``: one of the first told of
+        a rare piece), with the haves deferred before it. Each peer's deferred haves
+        leave with its next batch, or when its own earliest is due (:meth:`_haves_loop`)."""
         wait = self.have_policy.wait_s(
             interested=peer.peer_interested,
             missing=self.picker.peer_missing(peer.key),
             holders=holders,
+            first=first,
         )
         if wait <= 0:
             peer.session.send_have(index)
             return
-        peer.session.send_have(index, defer=True)
         due = trio.current_time() + wait
+        if not peer.session.haves_waiting:
+            peer.haves_due_at = due  # (an earlier due left with a batch meanwhile)
+        elif due < peer.haves_due_at:
+            peer.haves_due_at = due
+        peer.session.send_have(index, defer=True)
         if due < self._haves_flush_at:
             self._haves_flush_at = due
             self._haves_flush_moved.set()
@@ -1235,16 +1270,26 @@ class Swarm:
             self._quiet_wait.set()
 
     async def _haves_loop(self) -> None:
-        """When the earliest deferred have is due (:meth:`_send_have`), send every have
-        deferred so far; asleep while none are (an idle seed never wakes)."""
+        """When the earliest deferred have is due (:meth:`_send_have`), send the haves
+        deferred to each peer whose own earliest one is due (a peer whose haves may wait
+        longer is not woken for another peer's rare piece); asleep while none wait (an
+        idle seed never wakes)."""
         while True:
             with trio.move_on_at(self._haves_flush_at):
                 await self._haves_flush_moved.wait()
                 self._haves_flush_moved = trio.Event()
                 continue  # deferred haves, or one due sooner
-            self._haves_flush_at = math.inf
+            now = trio.current_time()
+            later = math.inf
             for peer in self.peers.values():
-                peer.session.flush_haves()
+                if not peer.session.haves_waiting:
+                    peer.haves_due_at = math.inf  # (they left with a batch)
+                elif peer.haves_due_at <= now:
+                    peer.haves_due_at = math.inf
+                    peer.session.flush_haves()
+                elif peer.haves_due_at < later:
+                    later = peer.haves_due_at
+            self._haves_flush_at = later
 
     def _tick_peer(
         self, peer: _Peer, now: float, elapsed: float, drain_s: float, outstanding: int

@@ -151,19 +151,42 @@ class HavePolicy:
     only ``rare_delay_s``, enough to leave with the haves of the next piece or two
     (one write for several pieces) and short next to a hop's transfer. A piece that
     other peers can serve already changes little by waiting.
+
+    Only ``rare_fanout`` of the peers that lack a rare piece hear of it that soon
+    (:meth:`first_told`, chosen at random); the others as of a common piece. A holder's
+    uplink serves a few requesters of its newest piece at a time anyway, and each of
+    them tells its own peers soon after: the piece still spreads hop by hop, fanning
+    out, while each rare piece costs a few writes and reader wake-ups instead of one
+    per peer (most of a node's small writes were these haves: docs/benchmarks.md,
+    "Rare haves to a few peers first"). None: every peer hears of it soon.
     """
 
     delay_s: float
     tail_pieces: int = 8
     rare_holders: int = 1
     rare_delay_s: float = 0.0
+    rare_fanout: int | None = None
 
-    def wait_s(self, *, interested: bool, missing: int, holders: int) -> float:
+    def __post_init__(self) -> None:
+        if self.rare_fanout is not None and self.rare_fanout < 1:
+            raise LocalProtocolError("rare_fanout must be at least 1 (None: every peer)")
+
+    def first_told(self, peers: Sequence[K], holders: int, rng: random.Random) -> Sequence[K]:
+        """Of ``peers``, the peers to tell about a piece ``holders`` of our peers hold
+        as soon as a rare piece (``first=True`` in :meth:`wait_s`): all of them for a
+        common piece, at most ``rare_fanout`` at random for a rare one."""
+        fanout = self.rare_fanout
+        if fanout is None or holders > self.rare_holders or len(peers) <= fanout:
+            return peers
+        return rng.sample(peers, fanout)
+
+    def wait_s(self, *, interested: bool, missing: int, holders: int, first: bool = True) -> float:
         """How long a have of a piece ``holders`` of our peers hold, to a peer that lacks
-        ``missing`` pieces, may wait (0: at once)."""
+        ``missing`` pieces, may wait (0: at once); ``first``: the peer is one of the
+        piece's :meth:`first_told` (else a rare piece's have waits as a common one's)."""
         if self.delay_s <= 0 or not interested or missing <= self.tail_pieces:
             return 0.0
-        if holders <= self.rare_holders:
+        if holders <= self.rare_holders and first:
             return min(self.rare_delay_s, self.delay_s)
         return self.delay_s
 

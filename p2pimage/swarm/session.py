@@ -446,6 +446,11 @@ class PeerSession:
             self._haves_due = True
             self._wakeup.set()
 
+    @property
+    def haves_waiting(self) -> bool:
+        """Whether deferred haves wait for the next batch (or :meth:`flush_haves`)."""
+        return bool(self._haves)
+
     def flush_haves(self) -> None:
         """Send the deferred haves now (wake the writer if any wait)."""
         if self._haves:
