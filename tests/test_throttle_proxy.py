@@ -28,20 +28,20 @@ from p2pimage.oci.registry import RegistryClient
 MIB = 1024 * 1024
 
 
-@pytest.mark.parametrize("splice", [True, False], ids=["splice", "plain"])
-async def test_readers_share_the_cap_and_get_every_byte(
-    registry: Any, splice: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if splice and not hasattr(os, "splice"):
-        pytest.skip("os.splice is Linux only")
-    monkeypatch.setattr(throttle_proxy, "SPLICE", splice)
-    blob = os.urandom(3 * MIB)
+async def _relayed_blob(registry: Any, size: int, rate: int) -> tuple[ThrottleProxy, str]:
+    """A random blob of ``size`` bytes pushed to ``registry``, and a relay to it capped
+    at ``rate`` (not yet running): the relay and the blob's digest."""
     async with RegistryClient(registry.url) as client:
-        digest = await client.push_blob("test/relay", blob)
+        digest = await client.push_blob("test/relay", os.urandom(size))
     host, port = registry.url.removeprefix("http://").rsplit(":", 1)
-    rate = 4 * MIB
-    proxy = ThrottleProxy((host, int(port)), rate)
-    readers = 4
+    return ThrottleProxy((host, int(port)), rate), digest
+
+
+async def _read_in_parallel(
+    proxy: ThrottleProxy, digest: str, readers: int
+) -> tuple[list[str], float]:
+    """Run ``proxy`` and read blob ``digest`` through it ``readers`` times at once:
+    the digest of each read's bytes, and how long they took together."""
     got: list[str] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(proxy.run)
@@ -56,16 +56,33 @@ async def test_readers_share_the_cap_and_get_every_byte(
             got.append(f"sha256:{sha.hexdigest()}")
 
         start = trio.current_time()
-        async with httpx.AsyncClient(timeout=30) as http, trio.open_nursery() as reads:
+        limits = httpx.Limits(max_connections=readers)
+        async with (
+            httpx.AsyncClient(timeout=30, limits=limits) as http,
+            trio.open_nursery() as reads,
+        ):
             for _ in range(readers):
                 reads.start_soon(read, http)
         took = trio.current_time() - start
         nursery.cancel_scope.cancel()
+    return got, took
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "plain"])
+async def test_readers_share_the_cap_and_get_every_byte(
+    registry: Any, splice: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if splice and not hasattr(os, "splice"):
+        pytest.skip("os.splice is Linux only")
+    monkeypatch.setattr(throttle_proxy, "SPLICE", splice)
+    size, rate, readers = 3 * MIB, 4 * MIB, 4
+    proxy, digest = await _relayed_blob(registry, size, rate)
+    got, took = await _read_in_parallel(proxy, digest, readers)
     assert got == [digest] * readers
-    assert proxy.bytes_down >= readers * len(blob)  # (and the HTTP headers)
+    assert proxy.bytes_down >= readers * size  # (and the HTTP headers)
     # Never faster than the cap allows beyond its burst: 12 MiB at 4 MiB/s.
-    assert took >= (readers * len(blob) - BURST) / rate
-    assert took < 4 * readers * len(blob) / rate  # and no stall
+    assert took >= (readers * size - BURST) / rate
+    assert took < 4 * readers * size / rate  # and no stall
 
 
 @pytest.mark.parametrize("splice", [True, False], ids=["splice", "plain"])
@@ -78,11 +95,8 @@ async def test_readers_share_the_cap_slice_by_slice(
     if splice and not hasattr(os, "splice"):
         pytest.skip("os.splice is Linux only")
     monkeypatch.setattr(throttle_proxy, "SPLICE", splice)
-    blob = os.urandom(3 * MIB)
-    async with RegistryClient(registry.url) as client:
-        digest = await client.push_blob("test/relay", blob)
-    host, port = registry.url.removeprefix("http://").rsplit(":", 1)
-    proxy = ThrottleProxy((host, int(port)), 4 * MIB)
+    size = 3 * MIB
+    proxy, digest = await _relayed_blob(registry, size, 4 * MIB)
     assert proxy.slice < throttle_proxy.CHUNK
     received = [0, 0]
     lead = 0  # the most one reader was ahead of the other while both were reading
@@ -96,14 +110,14 @@ async def test_readers_share_the_cap_slice_by_slice(
                 assert response.status_code == 200
                 async for chunk in response.aiter_bytes():
                     received[me] += len(chunk)
-                    if 0 < received[1 - me] < len(blob) and received[me] < len(blob):
+                    if 0 < received[1 - me] < size and received[me] < size:
                         lead = max(lead, abs(received[0] - received[1]))
 
         async with httpx.AsyncClient(timeout=30) as http, trio.open_nursery() as reads:
             for me in (0, 1):
                 reads.start_soon(read, http, me)
         nursery.cancel_scope.cancel()
-    assert received == [len(blob), len(blob)]
+    assert received == [size, size]
     # A slice each in turn (82 KiB at 4 MiB/s), plus the burst and one socket read, is
     # ~360 KiB; the readers' own scheduling adds to what they see (367 and 443 KiB in
     # two runs beside another test run, on main too), so the bound is half of the 1 MiB
@@ -134,12 +148,8 @@ async def test_many_readers_cost_fewer_slices_and_still_share_the_cap(
     if splice and not hasattr(os, "splice"):
         pytest.skip("os.splice is Linux only")
     monkeypatch.setattr(throttle_proxy, "SPLICE", splice)
-    blob = os.urandom(MIB // 2)
-    async with RegistryClient(registry.url) as client:
-        digest = await client.push_blob("test/relay", blob)
-    host, port = registry.url.removeprefix("http://").rsplit(":", 1)
-    rate = 4 * MIB
-    proxy = ThrottleProxy((host, int(port)), rate)
+    size, rate = MIB // 2, 4 * MIB
+    proxy, digest = await _relayed_blob(registry, size, rate)
     paid: list[int] = []
     acquire = proxy.limiter.acquire
 
@@ -149,30 +159,8 @@ async def test_many_readers_cost_fewer_slices_and_still_share_the_cap(
 
     monkeypatch.setattr(proxy.limiter, "acquire", counting_acquire)
     readers = 4 * FAIR_READERS
-    got: list[str] = []
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        url = f"{proxy.url}/v2/test/relay/blobs/{digest}"
-
-        async def read(http: httpx.AsyncClient) -> None:
-            sha = hashlib.sha256()
-            async with http.stream("GET", url) as response:
-                assert response.status_code == 200
-                async for chunk in response.aiter_bytes():
-                    sha.update(chunk)
-            got.append(f"sha256:{sha.hexdigest()}")
-
-        start = trio.current_time()
-        limits = httpx.Limits(max_connections=readers)
-        async with (
-            httpx.AsyncClient(timeout=30, limits=limits) as http,
-            trio.open_nursery() as reads,
-        ):
-            for _ in range(readers):
-                reads.start_soon(read, http)
-        took = trio.current_time() - start
-        nursery.cancel_scope.cancel()
-    total = readers * len(blob)
+    got, took = await _read_in_parallel(proxy, digest, readers)
+    total = readers * size
     assert got == [digest] * readers
     assert took >= (total - BURST) / rate  # 8 MiB at 4 MiB/s: the cap holds
     # Paid in slices larger than a few readers' (20 ms of the cap) while most readers
