@@ -86,6 +86,10 @@ def _run_apart(params: SimParams) -> dict[str, Any]:
     interpreter chooses its allocator as it starts); its memory goes back at the end."""
     saved = {key: os.environ.get(key) for key in HUGE_PAGES_ENV}
     os.environ.update(HUGE_PAGES_ENV)
+    if saved["GLIBC_TUNABLES"]:  # the caller's own tunables stay, ours added
+        os.environ["GLIBC_TUNABLES"] = (
+            f"{saved['GLIBC_TUNABLES']}:{HUGE_PAGES_ENV['GLIBC_TUNABLES']}"
+        )
     try:
         pool = multiprocessing.get_context("spawn").Pool(1)  # its process starts here
     finally:
