@@ -37,6 +37,7 @@ from __future__ import annotations
 import gc
 import math
 import random
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, count
@@ -157,7 +158,7 @@ class _Node:
     unchoking: set[int] = field(default_factory=set)
     # Uploads waiting, per requester (in the order its requests were queued; a requester
     # with none has no entry): the whole queue, in order, is theirs merged by ``seq``.
-    queues: dict[int, list[_Transfer]] = field(default_factory=dict)
+    queues: dict[int, deque[_Transfer]] = field(default_factory=dict)
     # When each requester was last served (a block of its started): arrival order's
     # ``waiting_since`` for a requester with more requests queued (Swarm._uploader).
     served: dict[int, float] = field(default_factory=dict)
@@ -267,27 +268,27 @@ def _later_turns(
                 yield mine[turn]
 
 
-def _queue(queues: dict[int, list[_Transfer]]) -> list[_Transfer]:
+def _queue(queues: dict[int, deque[_Transfer]]) -> list[_Transfer]:
     """An uploader's whole queue (its ``_Node.queues``), in the order it was queued."""
     return sorted(chain.from_iterable(queues.values()), key=_seq)
 
 
-def _enqueue(queues: dict[int, list[_Transfer]], dst: int, requests: Iterable[_Transfer]) -> None:
+def _enqueue(queues: dict[int, deque[_Transfer]], dst: int, requests: Iterable[_Transfer]) -> None:
     """Queue ``dst``'s new ``requests`` (numbered later than every one queued): ``dst``
     moves to the end of ``queues``, which stays ordered by each one's last request."""
     mine = queues.pop(dst, None)
     if mine is None:
-        mine = []
+        mine = deque()
     mine.extend(requests)
     queues[dst] = mine
 
 
-def _dequeue(queues: dict[int, list[_Transfer]], t: _Transfer) -> None:
+def _dequeue(queues: dict[int, deque[_Transfer]], t: _Transfer) -> None:
     """Take ``t`` (queued) out of ``queues``, keeping them ordered by each requester's
     last request (:func:`arrival_turns` needs that order)."""
     mine = queues[t.dst]
     if mine[0] is t:
-        del mine[0]
+        mine.popleft()
         if not mine:
             del queues[t.dst]
         return
@@ -300,7 +301,7 @@ def _dequeue(queues: dict[int, list[_Transfer]], t: _Transfer) -> None:
 
 
 def arrival_turns(
-    queues: dict[int, list[_Transfer]],
+    queues: dict[int, deque[_Transfer]],
     served: dict[int, float],
     now: float,
     room: Sequence[float],
@@ -340,7 +341,7 @@ def arrival_turns(
 
 
 def _turns_after_heads(
-    queues: dict[int, list[_Transfer]],
+    queues: dict[int, deque[_Transfer]],
     served: dict[int, float],
     now: float,
     room: Sequence[float],
@@ -350,7 +351,7 @@ def _turns_after_heads(
     :func:`_later_turns`) it orders the requesters once the first turn is over, by
     ``served`` as it is then."""
     get = served.get
-    waiting: list[tuple[float, int, int, list[_Transfer]]] = []
+    waiting: list[tuple[float, int, int, deque[_Transfer]]] = []
     for dst, mine in queues.items():
         n = len(mine)
         if n == 1 or room[dst] <= 0:

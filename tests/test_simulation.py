@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -251,7 +252,7 @@ def test_the_simulators_per_requester_queues_give_arrival_orders_order(
     ]
     queued[-1] = (queued[-1][0], False)  # a queue keeps one at least
     starts = {n for n, (*_, start) in enumerate(requests) if start}
-    queues: dict[int, list[_Transfer]] = {}
+    queues: dict[int, deque[_Transfer]] = {}
     for t, _ in queued:
         _enqueue(queues, t.dst, [t])
     for t, gone in reversed(queued) if backwards else queued:
