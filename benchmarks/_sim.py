@@ -68,8 +68,6 @@ __all__ = ["SimParams", "SimResult", "arrival_order", "simulate"]
 _left = attrgetter("left")
 _dst = attrgetter("dst")
 _seq = attrgetter("seq")
-_first = itemgetter(0)
-_second = itemgetter(1)
 _first_two = itemgetter(0, 1)
 # A node's pieces held (one byte each, 0 or 1) as the digits "0" and "1".
 _BINARY_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
@@ -301,10 +299,7 @@ def _dequeue(queues: dict[int, deque[_Transfer]], t: _Transfer) -> None:
 
 
 def arrival_turns(
-    queues: dict[int, deque[_Transfer]],
-    served: dict[int, float],
-    now: float,
-    room: Sequence[float],
+    queues: dict[int, deque[_Transfer]], served: dict[int, float], now: float
 ) -> Iterable[_Transfer]:
     """:func:`arrival_order` of the queue that ``queues`` make up, in O(requesters) per
     call plus the blocks taken, not O(queue) (the simulator's): each requester's
@@ -312,39 +307,17 @@ def arrival_turns(
     ordered by their last request (:func:`_enqueue`, :func:`_dequeue`). Ties go as in
     :func:`arrival_order`: in the first turn to the requester whose last request came
     latest (``heads`` keyed by the reversed queue), in the later turns to the one whose
-    first waiting request after its head came first. The requesters with no ``room``
-    (their downlink's, this step: the uploader would skip their blocks) are left out
-    without reading their requests (cache misses at scale)."""
+    first waiting request after its head came first."""
     get = served.get
-    # (since, head), the blocks started apart: two sorts by a float, in C (a key function
-    # per head cost twice as much).
-    waiting: list[tuple[float, _Transfer]] = []
-    started: list[tuple[float, _Transfer]] = []
-    for dst, mine in reversed(queues.items()):
-        if room[dst] <= 0:
-            continue
-        t = mine[0]
-        ready = t.ready
-        if ready <= now:
-            since = get(dst, -1.0)
-            if ready > since:
-                since = ready
-            if t.left == t.length:
-                waiting.append((since, t))
-            else:
-                started.append((since, t))
-    waiting.sort(key=_first)
-    if started:
-        started.sort(key=_first)
-        waiting[:0] = started
-    return chain(map(_second, waiting), _turns_after_heads(queues, served, now, room))
+    first = sorted(
+        (t for mine in reversed(queues.values()) if (t := mine[0]).ready <= now),
+        key=lambda t: (t.left == t.length, max(get(t.dst, -1.0), t.ready)),
+    )
+    return chain(first, _turns_after_heads(queues, served, now))
 
 
 def _turns_after_heads(
-    queues: dict[int, deque[_Transfer]],
-    served: dict[int, float],
-    now: float,
-    room: Sequence[float],
+    queues: dict[int, deque[_Transfer]], served: dict[int, float], now: float
 ) -> Iterator[_Transfer]:
     """:func:`_later_turns` for :func:`arrival_turns`: each requester's next ready
     request looked up only when its turn comes. A generator, so that (as
@@ -354,8 +327,6 @@ def _turns_after_heads(
     waiting: list[tuple[float, int, int, deque[_Transfer]]] = []
     for dst, mine in queues.items():
         n = len(mine)
-        if n == 1 or room[dst] <= 0:
-            continue
         j = 1
         while j < n and mine[j].ready > now:
             j += 1
@@ -880,7 +851,7 @@ def _simulate(p: SimParams) -> SimResult:
                 # One requester: its ready requests in order (arrival_order's, as is).
                 order = next(iter(queues.values()))
             else:
-                order = arrival_turns(queues, node.served, now, down_left)
+                order = arrival_turns(queues, node.served, now)
             for t in order:
                 if budget <= 0:
                     break

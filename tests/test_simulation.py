@@ -200,19 +200,18 @@ def test_arrival_order_serves_requesters_in_turn_not_by_requests_queued() -> Non
 
 
 # A queue: per request, in the order queued, its requester, when it arrives, whether it
-# has left the queue since (finished, cancelled), whether it is partly sent and whether
-# the uploader starts it when it comes to it; then when each requester was last served
-# (absent: never), which requesters' downlinks are full this step, and whether the
-# requests left last to first. Ties are the point: the times are few.
+# has left the queue since (finished, cancelled) and whether it is partly sent; then when
+# each requester was last served (absent: never), which blocks the uploader starts as it
+# goes, and whether the requests left last to first. Ties are the point: the times are few.
 _times = st.sampled_from([0.0, 0.0, 0.0, 0.5, 1.0, 1.5])
 _queue_cases = st.tuples(
     st.lists(
-        st.tuples(st.integers(0, 5), _times, st.booleans(), st.booleans(), st.booleans()),
+        st.tuples(st.integers(0, 5), _times, st.booleans(), st.booleans()),
         min_size=1,
         max_size=40,
     ),
     st.dictionaries(st.integers(0, 5), _times, max_size=3),
-    st.sets(st.integers(0, 5), max_size=2),
+    st.lists(st.booleans(), max_size=60),
     st.booleans(),
 )
 
@@ -223,35 +222,33 @@ _queue_cases = st.tuples(
 @example(
     (
         [
-            (1, 0.0, False, False, False),
-            (2, 0.0, False, False, False),
-            (1, 0.0, True, False, False),
-            (3, 0.0, False, False, False),
+            (1, 0.0, False, False),
+            (2, 0.0, False, False),
+            (1, 0.0, True, False),
+            (3, 0.0, False, False),
         ],
         {},
-        set(),
+        [],
         False,
     )
 )
 def test_the_simulators_per_requester_queues_give_arrival_orders_order(
-    case: tuple[list[tuple[int, float, bool, bool, bool]], dict[int, float], set[int], bool],
+    case: tuple[list[tuple[int, float, bool, bool]], dict[int, float], list[bool], bool],
 ) -> None:
     """The simulator keeps each uploader's queue per requester (``_Node.queues``) and
     works out the arrival order from the requesters' heads (``arrival_turns``), not from
-    the whole queue: the blocks served, in order, ties included (the times are step
-    times, ties are common), are those of :func:`arrival_order` on the same queue, also
-    while the blocks started during the step move ``served`` (the later turns are
-    ordered after the first) and while some requesters' downlinks are full."""
+    the whole queue: the order, ties included (the times are step times, ties are
+    common), is :func:`arrival_order`'s on the same queue, also while blocks started
+    during the step move ``served`` (the later turns are ordered after the first)."""
     from benchmarks._sim import _dequeue, _enqueue, _queue, _Transfer, arrival_turns
 
-    requests, served, full, backwards = case
+    requests, served, starts, backwards = case
     now = 1.0
     queued = [
         (_Transfer(0, dst, 0, 0, 10, 4.0 if partly else 10, ready, seq=n), gone)
-        for n, (dst, ready, gone, partly, _) in enumerate(requests)
+        for n, (dst, ready, gone, partly) in enumerate(requests)
     ]
     queued[-1] = (queued[-1][0], False)  # a queue keeps one at least
-    starts = {n for n, (*_, start) in enumerate(requests) if start}
     queues: dict[int, deque[_Transfer]] = {}
     for t, _ in queued:
         _enqueue(queues, t.dst, [t])
@@ -260,23 +257,20 @@ def test_the_simulators_per_requester_queues_give_arrival_orders_order(
             _dequeue(queues, t)
     queue = [t for t, gone in queued if not gone]
     assert _queue(queues) == queue
-    room = [0.0 if dst in full else 1.0 for dst in range(6)]
 
     def served_in(
         order_of: Callable[[dict[int, float]], Iterable[_Transfer]],
     ) -> list[_Transfer]:
-        """What the simulator's uploader does with the order: it skips a block not
-        arrived yet or for a full downlink; a block it starts stamps its requester."""
+        """The order, a block at a time, with the step's ``served`` updates: the
+        blocks the uploader starts (``starts``, by position) stamp their requester."""
         stamps, taken = dict(served), []
-        for t in order_of(stamps):
-            if t.ready > now or room[t.dst] <= 0:
-                continue
+        for n, t in enumerate(order_of(stamps)):
             taken.append(t)
-            if t.seq in starts and t.left == t.length:
+            if n < len(starts) and starts[n] and t.left == t.length:
                 stamps[t.dst] = now
         return taken
 
     expected = served_in(lambda stamps: arrival_order(queue, stamps, now))
-    assert served_in(lambda stamps: arrival_turns(queues, stamps, now, room)) == expected
+    assert served_in(lambda stamps: arrival_turns(queues, stamps, now)) == expected
     if len(queues) == 1:  # the simulator takes a single requester's queue as it is
-        assert served_in(lambda _: next(iter(queues.values()))) == expected
+        assert [t for t in next(iter(queues.values())) if t.ready <= now] == expected
