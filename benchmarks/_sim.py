@@ -40,8 +40,8 @@ import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import chain, count
-from operator import attrgetter, itemgetter
+from itertools import chain
+from operator import attrgetter
 
 from p2pimage.bound import direct_pull_time, kumar_ross_bound
 from p2pimage.metainfo.torrent import choose_piece_length
@@ -67,8 +67,6 @@ __all__ = ["SimParams", "SimResult", "arrival_order", "simulate"]
 
 _left = attrgetter("left")
 _dst = attrgetter("dst")
-_seq = attrgetter("seq")
-_first_two = itemgetter(0, 1)
 # A node's pieces held (one byte each, 0 or 1) as the digits "0" and "1".
 _BINARY_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
 
@@ -139,7 +137,6 @@ class _Transfer:
     length: int
     left: float
     ready: float = 0.0  # when the request reaches the uploader
-    seq: int = 0  # the simulator numbers its requests in the order they are queued
 
 
 @dataclass(eq=False, slots=True)
@@ -154,9 +151,7 @@ class _Node:
     # Peers that let us request (whose ``unchoked`` holds us), mirrored so that a refill
     # need not touch every neighbour's node (a cache miss each at 5,000 nodes).
     unchoking: set[int] = field(default_factory=set)
-    # Uploads waiting, per requester (in the order its requests were queued; a requester
-    # with none has no entry): the whole queue, in order, is theirs merged by ``seq``.
-    queues: dict[int, deque[_Transfer]] = field(default_factory=dict)
+    queue: deque[_Transfer] = field(default_factory=deque)  # uploads, in order
     # When each requester was last served (a block of its started): arrival order's
     # ``waiting_since`` for a requester with more requests queued (Swarm._uploader).
     served: dict[int, float] = field(default_factory=dict)
@@ -203,9 +198,7 @@ def _timeline_row(
         "idle_in_transit": round(acc["idle_in_transit"] / (steps * n), 3),
         "held": round(sum(node.num_have for node in nodes) / (n * pieces), 3),
         "in_swarm": union.bit_count() / pieces,
-        "queued_mib": round(
-            sum(sum(map(_left, _queue(node.queues))) for node in nodes) / n / 2**20, 2
-        ),
+        "queued_mib": round(sum(sum(map(_left, node.queue)) for node in nodes) / n / 2**20, 2),
         "in_flight": round(
             sum(sum(node.out.values()) for node in leechers) / max(1, len(leechers)), 1
         ),
@@ -264,87 +257,6 @@ def _later_turns(
         for mine in turns:
             if len(mine) > turn:
                 yield mine[turn]
-
-
-def _queue(queues: dict[int, deque[_Transfer]]) -> list[_Transfer]:
-    """An uploader's whole queue (its ``_Node.queues``), in the order it was queued."""
-    return sorted(chain.from_iterable(queues.values()), key=_seq)
-
-
-def _enqueue(queues: dict[int, deque[_Transfer]], dst: int, requests: Iterable[_Transfer]) -> None:
-    """Queue ``dst``'s new ``requests`` (numbered later than every one queued): ``dst``
-    moves to the end of ``queues``, which stays ordered by each one's last request."""
-    mine = queues.pop(dst, None)
-    if mine is None:
-        mine = deque()
-    mine.extend(requests)
-    queues[dst] = mine
-
-
-def _dequeue(queues: dict[int, deque[_Transfer]], t: _Transfer) -> None:
-    """Take ``t`` (queued) out of ``queues``, keeping them ordered by each requester's
-    last request (:func:`arrival_turns` needs that order)."""
-    mine = queues[t.dst]
-    if mine[0] is t:
-        mine.popleft()
-        if not mine:
-            del queues[t.dst]
-        return
-    last = mine[-1] is t
-    mine.remove(t)
-    if last:  # rare (a cancel; a later block finished before a head not yet arrived)
-        by_last = sorted(queues.items(), key=lambda item: item[1][-1].seq)
-        queues.clear()
-        queues.update(by_last)
-
-
-def arrival_turns(
-    queues: dict[int, deque[_Transfer]], served: dict[int, float], now: float
-) -> Iterable[_Transfer]:
-    """:func:`arrival_order` of the queue that ``queues`` make up, in O(requesters) per
-    call plus the blocks taken, not O(queue) (the simulator's): each requester's
-    requests in the order queued, numbered by ``seq`` in that order, and the requesters
-    ordered by their last request (:func:`_enqueue`, :func:`_dequeue`). Ties go as in
-    :func:`arrival_order`: in the first turn to the requester whose last request came
-    latest (``heads`` keyed by the reversed queue), in the later turns to the one whose
-    first waiting request after its head came first."""
-    get = served.get
-    first = sorted(
-        (t for mine in reversed(queues.values()) if (t := mine[0]).ready <= now),
-        key=lambda t: (t.left == t.length, max(get(t.dst, -1.0), t.ready)),
-    )
-    return chain(first, _turns_after_heads(queues, served, now))
-
-
-def _turns_after_heads(
-    queues: dict[int, deque[_Transfer]], served: dict[int, float], now: float
-) -> Iterator[_Transfer]:
-    """:func:`_later_turns` for :func:`arrival_turns`: each requester's next ready
-    request looked up only when its turn comes. A generator, so that (as
-    :func:`_later_turns`) it orders the requesters once the first turn is over, by
-    ``served`` as it is then."""
-    get = served.get
-    waiting: list[tuple[float, int, int, deque[_Transfer]]] = []
-    for dst, mine in queues.items():
-        n = len(mine)
-        j = 1
-        while j < n and mine[j].ready > now:
-            j += 1
-        if j < n:
-            waiting.append((max(get(dst, -1.0), mine[0].ready), mine[j].seq, j, mine))
-    waiting.sort(key=_first_two)  # they differ in ``seq``
-    turn = [(j, mine) for _, _, j, mine in waiting]
-    while turn:
-        after = []
-        for j, mine in turn:
-            yield mine[j]
-            n = len(mine)
-            j += 1
-            while j < n and mine[j].ready > now:
-                j += 1
-            if j < n:
-                after.append((j, mine))
-        turn = after
 
 
 def simulate(p: SimParams) -> SimResult:
@@ -420,7 +332,6 @@ def _simulate(p: SimParams) -> SimResult:
     shows = 0  # show_to_all calls (a nested one may tell a node what it is telling)
     now = 0.0
     dirty: set[int] = set()
-    seqs = count()  # numbers the requests in the order they are queued (_Transfer.seq)
 
     # ------------------------------------------------------------------ the engine's calls
 
@@ -445,7 +356,7 @@ def _simulate(p: SimParams) -> SimResult:
 
     def choked(node: _Node, k: int) -> None:
         """``node`` chokes ``k``: the requests ``k`` queued at it are dropped (BEP 3)."""
-        node.queues.pop(k, None)
+        node.queue = deque(t for t in node.queue if t.dst != k)
         other = nodes[k]
         other.out.pop(node.index, None)
         other.picker.peer_choked(node.index)
@@ -490,7 +401,7 @@ def _simulate(p: SimParams) -> SimResult:
         node.depth.pop(k, None)
         node.last_data.pop(k, None)
         node.picker.peer_lost(k)
-        node.queues.pop(k, None)
+        node.queue = deque(t for t in node.queue if t.dst != k)
         node.unchoked.discard(k)
         nodes[k].unchoking.discard(node.index)
         for index in node.reveal.peer_lost(k):
@@ -503,7 +414,7 @@ def _simulate(p: SimParams) -> SimResult:
         for k in list(node.neighbors):
             lose(nodes[k], node.index)
         node.neighbors.clear()
-        node.queues.clear()
+        node.queue.clear()
 
     def ban(node: _Node, k: int) -> None:
         """``node`` drops and bans ``k`` (``Swarm.ban``: no block within the stall timeout)."""
@@ -563,12 +474,11 @@ def _simulate(p: SimParams) -> SimResult:
                 dirty.add(k)
 
     def cancel(node: _Node, cancels: list[tuple[int, BlockRequest]]) -> None:
-        me = node.index
         for peer, block in cancels:
-            queues = nodes[peer].queues
-            for t in queues.get(me, ()):
-                if t.piece == block.index and t.begin == block.begin:
-                    _dequeue(queues, t)
+            queue = nodes[peer].queue
+            for t in queue:
+                if t.dst == node.index and t.piece == block.index and t.begin == block.begin:
+                    queue.remove(t)
                     node.out[peer] -= 1
                     break
 
@@ -620,10 +530,10 @@ def _simulate(p: SimParams) -> SimResult:
         if per_peer is None:
             per_peer = backlogs[node.index] = {}
             get, t_now = per_peer.get, now
-            for dst, mine in node.queues.items():
-                for t in mine:
-                    if t.ready <= t_now:
-                        per_peer[dst] = get(dst, 0.0) + t.left
+            for t in node.queue:
+                if t.ready <= t_now:
+                    dst = t.dst
+                    per_peer[dst] = get(dst, 0.0) + t.left
         return per_peer.get(peer, 0.0)
 
     def refill(node: _Node) -> None:
@@ -661,13 +571,8 @@ def _simulate(p: SimParams) -> SimResult:
                     # a spell with nothing to ask of this peer is no stall.
                     node.last_data[peer] = (now, node.received)
                 ready = now + backlog(node, peer) / p.up if p.requests_behind_uploads else now
-                _enqueue(
-                    src.queues,
-                    me,
-                    (
-                        _Transfer(peer, me, b.index, b.begin, b.length, b.length, ready, next(seqs))
-                        for b in blocks
-                    ),
+                src.queue.extend(
+                    _Transfer(peer, me, b.index, b.begin, b.length, b.length, ready) for b in blocks
                 )
                 out[peer] = out.get(peer, 0) + len(blocks)
 
@@ -835,23 +740,20 @@ def _simulate(p: SimParams) -> SimResult:
         # Uplinks and downlinks.
         up_step = p.up * p.dt
         for node in nodes:
-            queues = node.queues
-            if not queues:
+            if not node.queue:
                 continue
             budget = up_step
             finished = []
             me = node.index
-            order: Iterable[_Transfer]
-            if by_need:
-                # The neediest requester first (the engine's Swarm._uploader asks
-                # UploadOrder at each block it serves); each one's requests in order.
-                held: dict[int, int] = {}
-                order = sorted(_queue(queues), key=lambda t: need_key(node, held, t))
-            elif len(queues) == 1:
-                # One requester: its ready requests in order (arrival_order's, as is).
-                order = next(iter(queues.values()))
-            else:
-                order = arrival_turns(queues, node.served, now)
+            order: Iterable[_Transfer] = node.queue
+            if len(node.queue) > 1:
+                if by_need:
+                    # The neediest requester first (the engine's Swarm._uploader asks
+                    # UploadOrder at each block it serves); each one's requests in order.
+                    held: dict[int, int] = {}
+                    order = sorted(node.queue, key=lambda t: need_key(node, held, t))
+                else:
+                    order = arrival_order(node.queue, node.served, now)
             for t in order:
                 if budget <= 0:
                     break
@@ -878,10 +780,10 @@ def _simulate(p: SimParams) -> SimResult:
                     finished.append(t)
             if timeline is not None:
                 acc["up"] += up_step - budget
-                if budget > 1e-9 and any(t.ready > now for mine in queues.values() for t in mine):
+                if budget > 1e-9 and any(t.ready > now for t in node.queue):
                     acc["idle_in_transit"] += 1
             for t in finished:
-                _dequeue(queues, t)
+                node.queue.remove(t)
                 dst = nodes[t.dst]
                 dst.out[node.index] -= 1
                 dst.recv[node.index] = dst.recv.get(node.index, 0.0) + t.length

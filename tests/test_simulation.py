@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
-from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
 
 from benchmarks._sim import SimParams, arrival_order, simulate
 from benchmarks.simulate import HUGE_PAGES_ENV, _run, _run_apart, main
@@ -197,80 +192,3 @@ def test_arrival_order_serves_requesters_in_turn_not_by_requests_queued() -> Non
     # Requester 1, served at 0.5, waits since then: behind 2 and 3, which came earlier.
     order = list(arrival_order(queue, served={1: 0.5}, now=1.0))
     assert order == [started, short, later, deep[0], deep[1], deep[2]]
-
-
-# A queue: per request, in the order queued, its requester, when it arrives, whether it
-# has left the queue since (finished, cancelled) and whether it is partly sent; then when
-# each requester was last served (absent: never), which blocks the uploader starts as it
-# goes, and whether the requests left last to first. Ties are the point: the times are few.
-_times = st.sampled_from([0.0, 0.0, 0.0, 0.5, 1.0, 1.5])
-_queue_cases = st.tuples(
-    st.lists(
-        st.tuples(st.integers(0, 5), _times, st.booleans(), st.booleans()),
-        min_size=1,
-        max_size=40,
-    ),
-    st.dictionaries(st.integers(0, 5), _times, max_size=3),
-    st.lists(st.booleans(), max_size=60),
-    st.booleans(),
-)
-
-
-@settings(max_examples=500)
-@given(_queue_cases)
-# Requester 1's last request leaves: it goes behind 2 in the first turn's ties.
-@example(
-    (
-        [
-            (1, 0.0, False, False),
-            (2, 0.0, False, False),
-            (1, 0.0, True, False),
-            (3, 0.0, False, False),
-        ],
-        {},
-        [],
-        False,
-    )
-)
-def test_the_simulators_per_requester_queues_give_arrival_orders_order(
-    case: tuple[list[tuple[int, float, bool, bool]], dict[int, float], list[bool], bool],
-) -> None:
-    """The simulator keeps each uploader's queue per requester (``_Node.queues``) and
-    works out the arrival order from the requesters' heads (``arrival_turns``), not from
-    the whole queue: the order, ties included (the times are step times, ties are
-    common), is :func:`arrival_order`'s on the same queue, also while blocks started
-    during the step move ``served`` (the later turns are ordered after the first)."""
-    from benchmarks._sim import _dequeue, _enqueue, _queue, _Transfer, arrival_turns
-
-    requests, served, starts, backwards = case
-    now = 1.0
-    queued = [
-        (_Transfer(0, dst, 0, 0, 10, 4.0 if partly else 10, ready, seq=n), gone)
-        for n, (dst, ready, gone, partly) in enumerate(requests)
-    ]
-    queued[-1] = (queued[-1][0], False)  # a queue keeps one at least
-    queues: dict[int, deque[_Transfer]] = {}
-    for t, _ in queued:
-        _enqueue(queues, t.dst, [t])
-    for t, gone in reversed(queued) if backwards else queued:
-        if gone:
-            _dequeue(queues, t)
-    queue = [t for t, gone in queued if not gone]
-    assert _queue(queues) == queue
-
-    def served_in(
-        order_of: Callable[[dict[int, float]], Iterable[_Transfer]],
-    ) -> list[_Transfer]:
-        """The order, a block at a time, with the step's ``served`` updates: the
-        blocks the uploader starts (``starts``, by position) stamp their requester."""
-        stamps, taken = dict(served), []
-        for n, t in enumerate(order_of(stamps)):
-            taken.append(t)
-            if n < len(starts) and starts[n] and t.left == t.length:
-                stamps[t.dst] = now
-        return taken
-
-    expected = served_in(lambda stamps: arrival_order(queue, stamps, now))
-    assert served_in(lambda stamps: arrival_turns(queues, stamps, now)) == expected
-    if len(queues) == 1:  # the simulator takes a single requester's queue as it is
-        assert [t for t in next(iter(queues.values())) if t.ready <= now] == expected
