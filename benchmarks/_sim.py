@@ -312,7 +312,13 @@ def _simulate(p: SimParams) -> SimResult:
             have=bytearray(pieces),
         )
 
-    nodes = [make_node(i) for i in range(p.nodes)]
+    # One int object per node, allocated together and used for every mention of the node
+    # (dict keys, sets, transfers): a peer key computed afresh (an announce's port minus
+    # the base) would be a new object, scattered in memory, and each dict lookup with it
+    # would compare the two objects' values (cache misses at 5,000 nodes) instead of
+    # finding the same object.
+    ids = list(range(p.nodes))
+    nodes = [make_node(i) for i in ids]
     pickers = [node.picker for node in nodes]
     # Every node's ``have`` again, in one array (node k's piece i at k * pieces + i): the
     # have broadcast's check touches one cache line, not a node object and its bytearray.
@@ -662,7 +668,7 @@ def _simulate(p: SimParams) -> SimResult:
         )
         out = policy.announce(swarm, req, host=_HOST, now=now, registry_url=_REGISTRY)
         node.last_announce = now
-        add_peers(node, [port - _PORT0 for _, port in out.peers])
+        add_peers(node, [ids[port - _PORT0] for _, port in out.peers])
         current = node.origin if node.reading else None
         follow = follow_origin(current, url if current is not None else None, out.origin)
         if current is not None and follow.action == "shrink":
@@ -705,7 +711,7 @@ def _simulate(p: SimParams) -> SimResult:
         from benchmarks.swarm import origin_plan
 
         for node in nodes:
-            others = [k for k in range(p.nodes) if k != node.index]
+            others = [k for k in ids if k != node.index]
             rng.shuffle(others)
             add_peers(node, others)
         for index, first, end in origin_plan(pieces, p.nodes):

@@ -25,7 +25,7 @@ from p2pimage.storage.pieces import PieceStorage
 from p2pimage.swarm.engine import Swarm, SwarmSettings
 from p2pimage.swarm.node import PeerNode, _connect, open_peer_node
 from p2pimage.swarm.origin import OriginReader
-from p2pimage.swarm.picker import PickerSettings
+from p2pimage.swarm.picker import PickerSettings, PiecePicker
 from p2pimage.swarm.ratelimit import RateLimiter
 from p2pimage.swarm.session import (
     CONTROL_READ_MAX,
@@ -504,14 +504,15 @@ async def test_request_queue_follows_the_swarm_picker_settings(
         swarm = await leecher.add_swarm(meta, tmp_path / "leecher", settings=settings)
         picker = swarm.picker
         picks: list[tuple[int, int]] = []  # (depth, outstanding after the pick)
-        real_pick = picker.pick
+        real_pick = PiecePicker.pick  # the class's (a picker has slots, no instance dict)
 
-        def recording_pick(peer: Any, count: int, now: float) -> Any:
-            blocks = real_pick(peer, count, now)
-            picks.append((picker.pipeline_depth(peer), picker.outstanding_count(peer)))
+        def recording_pick(self: PiecePicker[Any], peer: Any, count: int, now: float) -> Any:
+            blocks = real_pick(self, peer, count, now)
+            if self is picker:
+                picks.append((picker.pipeline_depth(peer), picker.outstanding_count(peer)))
             return blocks
 
-        monkeypatch.setattr(picker, "pick", recording_pick)
+        monkeypatch.setattr(PiecePicker, "pick", recording_pick)
         swarm.add_peers([s.listen_address])
         with trio.fail_after(30):
             await swarm.complete.wait()
