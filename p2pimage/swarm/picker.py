@@ -1018,6 +1018,8 @@ class PiecePicker(Generic[P]):
                     assert self._peers.get(r.peer.key) is r.peer
                 assert len({id(r.peer) for r in reqs or ()}) == len(reqs or ()), (i, b)
         assert list(self._bitsets) == list(self._peers), "bitsets and peers differ"
+        for _, _, index, block, req in self._expiry:  # the live flag, as _mark_late reads it
+            assert req.live == (req.peer.requests.get((index, block)) is req), (index, block)
         total = sum(len(ps.requests) for ps in self._peers.values())
         assert total == self._outstanding, (total, self._outstanding)
         for ps in self._peers.values():  # slow start lasts until a rate is measured
