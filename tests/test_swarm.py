@@ -870,6 +870,36 @@ async def test_a_rare_piece_is_told_soon_to_rare_have_fanout_peers_and_later_to_
         assert trio.current_time() - start >= settings.have_delay_s - 0.1
 
 
+@pytest.mark.parametrize("order", ["arrival", "need"])
+async def test_a_have_goes_only_to_peers_not_known_to_hold_the_piece(
+    tmp_path: Path, order: str
+) -> None:
+    """A verified piece is announced to the peers not known to hold it; under the need
+    order to every peer (its uploader orders requesters by what they hold)."""
+    blob, meta = make_blob(tmp_path, 4 * MIB)  # 256 pieces
+    data = blob.read_bytes()
+    issuer = TokenIssuer([SigningKey.generate()], issuer="test")
+    settings = SwarmSettings(have_delay_s=0.0, reveal_origin_pieces=False, upload_order=order)
+    async with nodes(2, issuer) as (a, b):
+        first = await a.add_swarm(meta, tmp_path / "a", settings=settings)
+        second = await b.add_swarm(meta, tmp_path / "b", settings=settings)
+        first.add_peers([b.listen_address])
+        with trio.fail_after(10):
+            while b.peer_id not in first.peers or a.peer_id not in second.peers:
+                await trio.sleep(0.05)
+        assert await second.accept_origin_piece(0, data[: meta.piece_size(0)])
+        with trio.fail_after(10):  # b told a of piece 0; a fetched it from b
+            while not first.has_piece(0):
+                await first.wait_changed()
+        assert first.picker.peer_has(b.peer_id, 0)
+        piece = data[meta.piece_offset(1) :][: meta.piece_size(1)]
+        assert await first.accept_origin_piece(1, piece)  # b lacks it: told
+        with trio.fail_after(10):  # haves arrive in order: piece 0's, if sent, came first
+            while not second.picker.peer_has(a.peer_id, 1):
+                await trio.sleep(0.01)
+        assert second.picker.peer_has(a.peer_id, 0) == (order == "need")
+
+
 async def test_a_peer_asked_after_an_idle_spell_is_not_taken_for_a_staller(
     tmp_path: Path,
 ) -> None:
