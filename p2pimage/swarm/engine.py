@@ -949,14 +949,7 @@ class Swarm:
 
     def _show_to_all(self, index: int, told: bytes) -> None:
         """A hidden origin piece is shown to every peer but ``told``, which knows it."""
-        to_all = self.upload_order.mode == "need"
-        holders = self.picker.availability(index)  # for HavePolicy
-        others = [
-            peer.key
-            for peer in self.peers.values()
-            if peer.key != told and (to_all or not self.picker.peer_has(peer.key, index))
-        ]
-        self._send_haves(others, index, holders)  # (with the batch's other haves)
+        self._announce(index, but=told)  # (with the batch's other haves)
 
     def _piece_verified(self, index: int) -> None:
         self._record_verified(index)
@@ -980,29 +973,25 @@ class Swarm:
         self._changed.set()
         self._changed = trio.Event()
 
-    def _announce(self, index: int) -> None:
-        to_all = self.upload_order.mode == "need"
+    def _announce(self, index: int, but: bytes | None = None) -> None:
+        """Haves of ``index`` to our peers (but ``but``) not known to hold it; to all of
+        them under the need order: a peer that announced the piece itself does not need
+        it for picking, but the need order's uploader orders requesters by what they
+        hold."""
         holders = self.picker.availability(index)  # for HavePolicy
-        told = [
-            peer.key
-            for peer in self.peers.values()
-            # A peer that announced the piece itself does not need it for picking, but
-            # with the need order its uploader orders requesters by what they hold.
-            if to_all or not self.picker.peer_has(peer.key, index)
-        ]
-        self._send_haves(told, index, holders)
+        keys = [key for key in self.peers if key != but]
+        if self.upload_order.mode != "need":
+            keys = self.picker.peers_without(index, keys)
+        self._send_haves(keys, index, holders)
 
     def _send_haves(self, told: list[bytes], index: int, holders: int) -> None:
         """Haves of ``index`` to the peers ``told`` (:meth:`_send_have`), the first of a
         rare piece chosen by :meth:`HavePolicy.first_told`."""
         first = self.have_policy.first_told(told, holders, self._rng)
-        if first is not told:
-            chosen = set(first)
-            for key in told:
-                self._send_have(self.peers[key], index, holders, first=key in chosen)
-            return
+        chosen = None if first is told else set(first)  # None: every one of them
         for key in told:
-            self._send_have(self.peers[key], index, holders)
+            first_told = chosen is None or key in chosen
+            self._send_have(self.peers[key], index, holders, first=first_told)
 
     def _send_have(self, peer: _Peer, index: int, holders: int, *, first: bool = True) -> None:
         """A have for ``peer``: deferred by as long as :class:`HavePolicy` lets it wait
